@@ -1,0 +1,27 @@
+"""lfm2vl: a self-contained PyTorch engine for Liquid AI's LFM2-VL vision-language models.
+
+    engine = lfm2vl.load("LiquidAI/LFM2-VL-450M")          # or a local folder
+    engine.generate([{"role": "user", "content": [{"type": "image", "image": "photo.jpg"},
+                                                  {"type": "text", "text": "What is in this image?"}]}])
+
+Exports are resolved lazily so `import lfm2vl` (and the CLI's --help) stays fast.
+"""
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load": "lfm2vl.engine",
+    "Engine": "lfm2vl.engine",
+    "Processor": "lfm2vl.processor",
+    "Lfm2VlConfig": "lfm2vl.config",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lfm2vl' has no attribute {name!r}")
+
+
+__all__ = list(_EXPORTS)
