@@ -1,0 +1,202 @@
+"""SigLIP2 NaFlex vision tower (SPEC §4), mirroring transformers 5.24 `Siglip2VisionModel` as LFM2-VL uses it.
+
+Module paths equal the checkpoint keys under `model.vision_tower.`: `embeddings.{patch_embedding, position_embedding}`,
+`encoder.layers.{j}.{layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2, mlp.{fc1, fc2}}`, `post_layernorm`.
+
+Notable features:
+- no wasted work on padding: the valid patches of all units are packed into one (P, Dv) matrix, so every linear,
+  LayerNorm and MLP runs on real patches only; attention runs per group of units with the same patch count as one
+  dense, unmasked SDPA batch (tiles are all 32x32, a thumbnail is its own group). This equals transformers' padded,
+  key-masked computation (masked keys get exactly zero weight) up to float rounding.
+- only `num_layers_used` encoder layers are built (`vision_feature_layer`, SPEC §1.2); post_layernorm still applies.
+- the 16x16 position grid is resized per unit with bilinear + antialias (align_corners=False) in float32, and the
+  resized grids are cached per (h, w, dtype, device) until the table's weights change.
+"""
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lfm2vl.config import VisionConfig
+
+_ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}  # hidden_act -> F.gelu(approximate=...)
+
+
+class VisionEmbeddings(nn.Module):
+    """Patch linear + per-unit resized position grid."""
+
+    _CACHE_SIZE = 32
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        p = config.patch_size
+        self.grid = int(config.num_patches ** 0.5)
+        self.patch_embedding = nn.Linear(config.num_channels * p * p, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)
+        self._pos_cache: OrderedDict = OrderedDict()
+        self._pos_stamp: tuple | None = None
+
+    def _resize(self, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+        table = self.position_embedding.weight
+        grid = table.float().reshape(self.grid, self.grid, -1).permute(2, 0, 1)[None]  # (1, Dv, G, G)
+        out = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        return out[0].flatten(1).t().to(dtype)  # (h*w, Dv), row-major over (row, col)
+
+    def positions(self, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+        """Position embeddings (h*w, Dv) for an h x w patch grid (cached while the table is unchanged)."""
+        table = self.position_embedding.weight
+        if torch.is_grad_enabled() and table.requires_grad:
+            return self._resize(h, w, dtype)  # keep the autograd graph: never serve a cached tensor
+        try:
+            version = table._version
+        except RuntimeError:  # inference tensors carry no version counter
+            version = None
+        ref = self._pos_stamp[0]() if self._pos_stamp is not None else None
+        if version is None or ref is not table or self._pos_stamp[1] != version:
+            self._pos_cache.clear()
+            self._pos_stamp = (weakref.ref(table), version) if version is not None else None
+        key = (h, w, dtype, table.device)
+        hit = self._pos_cache.get(key)
+        if hit is None:
+            hit = self._resize(h, w, dtype)
+            if self._pos_stamp is not None:
+                self._pos_cache[key] = hit
+                while len(self._pos_cache) > self._CACHE_SIZE:
+                    self._pos_cache.popitem(last=False)
+        else:
+            self._pos_cache.move_to_end(key)
+        return hit
+
+    def forward(self, patches: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
+        """patches (P, 3*p*p) packed valid patches of units with grids `shapes`, in order -> (P, Dv)."""
+        x = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))
+        pos = [self.positions(h, w, x.dtype) for h, w in shapes]
+        return x + (pos[0] if len(pos) == 1 else torch.cat(pos))
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head attention over packed units, one dense SDPA per group of equal-length units."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        D = config.hidden_size
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.q_proj, self.k_proj = nn.Linear(D, D), nn.Linear(D, D)
+        self.v_proj, self.out_proj = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
+        """x (P, Dv); groups: (start row, units, patches per unit) covering x in order."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        outs = []
+        for start, n, L in groups:
+            end = start + n * L
+            qg, kg, vg = (t[start:end].view(n, L, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qg, kg, vg)  # (n, H, L, Dh); scale = Dh^-0.5 as in SigLIP2
+            outs.append(o.transpose(1, 2).reshape(n * L, -1))  # (n*L, Dv)
+        return self.out_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        if config.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"vision hidden_act {config.hidden_act!r} is not supported; "
+                             f"expected one of {sorted(_ACTIVATIONS)}")
+        self.approximate = _ACTIVATIONS[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        D, eps = config.hidden_size, config.layer_norm_eps
+        self.layer_norm1, self.layer_norm2 = nn.LayerNorm(D, eps=eps), nn.LayerNorm(D, eps=eps)
+        self.self_attn, self.mlp = Attention(config), MLP(config)
+
+    def forward(self, x: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), groups)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        # vision_feature_layer: layers beyond num_layers_used are never run (the loader drops their weights)
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers_used))
+
+    def forward(self, x: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, groups)
+        return x
+
+
+class VisionTower(nn.Module):
+    """SigLIP2 NaFlex encoder: forward(pixel_values, pixel_attention_mask, spatial_shapes) -> list of (h*w, Dv)."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = VisionEmbeddings(config)
+        self.encoder = Encoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor,
+                spatial_shapes: torch.Tensor) -> list[torch.Tensor]:
+        """pixel_values (N, L, 3*p*p); pixel_attention_mask (N, L), 1 = real patch; spatial_shapes (N, 2) = (h, w).
+
+        Returns one (h*w, Dv) tensor per unit, in unit order: post_layernorm output of its valid patches, row-major.
+        """
+        shapes = self._check(pixel_values, pixel_attention_mask, spatial_shapes)
+        # Pack units ordered by patch count so each attention group is one contiguous run of rows.
+        order = sorted(range(len(shapes)), key=lambda u: shapes[u][0] * shapes[u][1])
+        lengths = [shapes[u][0] * shapes[u][1] for u in order]
+        if len(order) == 1 and lengths[0] == pixel_values.shape[1]:
+            patches = pixel_values[0]
+        else:
+            patches = torch.cat([pixel_values[u, :n] for u, n in zip(order, lengths)])  # (P, 3*p*p)
+        groups, start = [], 0
+        for L in lengths:
+            if groups and groups[-1][2] == L:
+                groups[-1] = (groups[-1][0], groups[-1][1] + 1, L)
+            else:
+                groups.append((start, 1, L))
+            start += L
+        x = self.embeddings(patches, [shapes[u] for u in order])
+        x = self.post_layernorm(self.encoder(x, groups))  # (P, Dv)
+        out: list[torch.Tensor] = [None] * len(order)  # type: ignore[list-item]
+        for u, piece in zip(order, torch.split(x, lengths)):
+            out[u] = piece
+        return out
+
+    def _check(self, pixel_values: torch.Tensor, mask: torch.Tensor, spatial_shapes: torch.Tensor) -> list[tuple]:
+        p, c = self.config.patch_size, self.config.num_channels
+        if pixel_values.dim() != 3 or pixel_values.shape[-1] != c * p * p:
+            raise ValueError(f"pixel_values must be (units, patches, {c * p * p}); got {tuple(pixel_values.shape)}")
+        N, L = pixel_values.shape[:2]
+        if N == 0:
+            raise ValueError("pixel_values holds no image units")
+        if tuple(mask.shape) != (N, L):
+            raise ValueError(f"pixel_attention_mask must be {(N, L)} to match pixel_values; got {tuple(mask.shape)}")
+        if tuple(spatial_shapes.shape) != (N, 2):
+            raise ValueError(f"spatial_shapes must be {(N, 2)}; got {tuple(spatial_shapes.shape)}")
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+        for u, (h, w) in enumerate(shapes):
+            if h <= 0 or w <= 0 or h * w > L:
+                raise ValueError(f"unit {u}: spatial_shapes ({h}, {w}) needs 1..{L} patches, got {h * w}")
+        # The valid patches must be exactly the first h*w rows (the processor's layout, SPEC §4).
+        n = spatial_shapes.to(mask.device).prod(-1)
+        expected = torch.arange(L, device=mask.device)[None] < n[:, None]
+        if not torch.equal(mask.bool(), expected):
+            bad = (mask.bool() != expected).any(-1).nonzero()[0].item()
+            raise ValueError(f"pixel_attention_mask of unit {bad} does not mark exactly its first h*w="
+                             f"{shapes[bad][0] * shapes[bad][1]} patches (spatial_shapes {shapes[bad]}); "
+                             f"it marks {int(mask[bad].bool().sum())}")
+        return shapes
