@@ -1,0 +1,9 @@
+"""Generation: sampling, streaming detokenization, stop strings, the continuous-batching loop and a reference.
+
+    sampling.py   SamplingParams + pure logit filters composed into a per-request Sampler
+    detok.py      StreamDetokenizer: incremental text that never splits a character
+    stops.py      StopMatcher: user stop strings, partial matches held back while streaming
+    batch.py      BatchGenerator: the one decode loop (prefill into free rows, batched decode, prefix reuse)
+    reference.py  cache-free greedy generator used as the fast path's oracle
+    chat.py       Chat: a conversation that keeps its cache between turns
+"""

@@ -1,0 +1,190 @@
+"""Token sampling: pure functions on logits, composed once per request into a `Sampler`.
+
+Semantics follow transformers 5.24 `generation/logits_process.py` and the order `generate` applies them in:
+repetition penalty (prompt + generated tokens, `RepetitionPenaltyLogitsProcessor`) -> temperature -> top_k ->
+top_p -> min_p. OpenAI's presence/frequency penalties (generated tokens only, as vLLM does) are applied with the
+repetition penalty, before temperature. Temperature 0 means greedy: argmax of the penalised logits, seed ignored.
+Sampling draws with a per-request seeded `torch.Generator` through the exponential race
+(argmax(p / E), E ~ Exp(1)), which needs no host sync (gpt-fast's `multinomial_sample_one_no_sync`).
+All math runs in float32, like transformers' `generate`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling options. Defaults are the LFM2-VL model card's (temperature 0.1, min_p 0.15,
+    repetition_penalty 1.05)."""
+
+    temperature: float = 0.1
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.15  # 0 = off
+    repetition_penalty: float = 1.05  # 1 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    logprobs: bool = False  # report the chosen token's logprob (under the model's raw distribution)
+    top_logprobs: int = 0  # also report the n most likely tokens and their logprobs
+
+    def __post_init__(self):
+        def bad(name, value, expected):
+            raise ValueError(f"{name}={value!r} is invalid; expected {expected}")
+
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            bad("temperature", self.temperature, "a number >= 0 (0 = greedy)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", self.top_k, "an integer >= 0 (0 = off)")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            bad("top_p", self.top_p, "a number in (0, 1] (1 = off)")
+        if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
+            bad("min_p", self.min_p, "a number in [0, 1] (0 = off)")
+        if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
+            bad("repetition_penalty", self.repetition_penalty, "a number > 0 (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and -2 <= v <= 2):
+                bad(name, v, "a number in [-2, 2] (0 = off)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            bad("seed", self.seed, "an integer or None")
+        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) or not (
+                0 <= self.top_logprobs <= 20):
+            bad("top_logprobs", self.top_logprobs, "an integer in [0, 20]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# ---- pure filters on logits (..., V); each returns a new tensor ----
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor: tokens in `seen` (bool, ..., V) get logit/penalty if the
+    logit is positive, logit*penalty if negative."""
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI: logit - presence * [count > 0] - frequency * count, over generated tokens."""
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts.to(logits.dtype)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits / temperature
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits (ties with the k-th are kept, as in transformers)."""
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus: drop the least likely tokens whose cumulative probability is <= 1 - p; keep at least one."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cum <= (1 - p)
+    remove_sorted[..., -1:] = False
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the top token's probability; keep the top one."""
+    probs = logits.softmax(dim=-1)
+    threshold = min_p * probs.amax(dim=-1, keepdim=True)
+    remove = probs < threshold
+    remove.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw one token per row from softmax(logits) without a host sync: argmax(p / E), E ~ Exp(1)."""
+    probs = logits.softmax(dim=-1)
+    e = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_(min=1e-30)
+    return (probs / e).argmax(dim=-1)
+
+
+# ---- per-request composition ----
+
+class Sampler:
+    """The filters of one request, composed once, plus its state: penalty counts and a seeded generator.
+
+    `__call__(logits (V,))` returns the next token as a 0-d long tensor on the logits' device (no sync);
+    `observe(token)` records a generated token for the penalties."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: torch.Tensor | list[int] | None = None,
+                 device: torch.device | str = "cpu"):
+        self.params = params
+        device = torch.device(device)
+        self.seen = None  # prompt + generated tokens (repetition penalty)
+        self.counts = None  # generated tokens only (presence / frequency)
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            if prompt_ids is not None and len(prompt_ids):
+                ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
+                self.seen[ids[ids < vocab_size]] = True
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        filters = []
+        if self.seen is not None:
+            filters.append(lambda x: apply_repetition_penalty(x, self.seen, params.repetition_penalty))
+        if self.counts is not None:
+            filters.append(lambda x: apply_presence_frequency(x, self.counts, params.presence_penalty,
+                                                              params.frequency_penalty))
+        self.generator = None
+        if not params.greedy:
+            if params.temperature != 1.0:
+                filters.append(lambda x: apply_temperature(x, params.temperature))
+            if params.top_k:
+                filters.append(lambda x: apply_top_k(x, params.top_k))
+            if params.top_p < 1.0:
+                filters.append(lambda x: apply_top_p(x, params.top_p))
+            if params.min_p:
+                filters.append(lambda x: apply_min_p(x, params.min_p))
+            self.generator = torch.Generator(device=device)
+            if params.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(params.seed)
+        self.filters = filters
+
+    def process(self, logits: torch.Tensor) -> torch.Tensor:
+        """The filtered float32 logits the token is drawn from."""
+        x = logits.float()
+        for f in self.filters:
+            x = f(x)
+        return x
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        x = self.process(logits)
+        if self.generator is None:
+            return x.argmax(dim=-1)
+        return sample_from_logits(x, self.generator)
+
+    def observe(self, token: torch.Tensor) -> None:
+        if self.seen is not None:
+            self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
+
+
+def token_logprobs(logits: torch.Tensor, token: torch.Tensor, top_n: int = 0):
+    """log p(token) under the raw model distribution, and the top_n (logprobs, ids); tensors, no sync."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(-1, token.reshape(*lp.shape[:-1], 1)).squeeze(-1)
+    if top_n:
+        top = torch.topk(lp, top_n, dim=-1)
+        return chosen, top.values, top.indices
+    return chosen, None, None
