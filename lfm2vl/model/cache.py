@@ -1,0 +1,89 @@
+"""HybridCache: static preallocated state for LFM2's mixed conv / attention layers (SPEC §3).
+
+- attention layer i: K and V buffers (B, Hkv, S_max, Dh), holding keys after k-norm and RoPE;
+- conv layer i: the last K-1 columns of the conv input u = B*x, shape (B, D, K-1) (only K-1 ever reach an output);
+- `lengths` (B,): tokens stored per row. The caller owns it: forward_cached never advances it (explicit positions).
+A `CacheView` binds the cache to one forward call: which rows, their start positions, the key mask.
+Decode (T == 1) keeps every shape static (no .item(), no data-dependent branching), so it can be compiled.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import TextConfig
+
+
+class HybridCache:
+    def __init__(self, cfg: TextConfig, batch_size: int, max_seq_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        if batch_size < 1 or max_seq_len < 1:
+            raise ValueError(f"cache needs batch_size >= 1 and max_seq_len >= 1, got {batch_size}, {max_seq_len}")
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        kv_shape = (batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
+        conv_shape = (batch_size, cfg.hidden_size, cfg.conv_L_cache - 1)
+        attn = [t == "full_attention" for t in cfg.layer_types]
+        self.k = [torch.zeros(kv_shape, dtype=dtype, device=device) if a else None for a in attn]
+        self.v = [torch.zeros(kv_shape, dtype=dtype, device=device) if a else None for a in attn]
+        self.conv = [None if a else torch.zeros(conv_shape, dtype=dtype, device=device) for a in attn]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
+        """Zero the given rows (all rows by default) and their lengths."""
+        sel = slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
+        for t in self.k + self.v + self.conv:
+            if t is not None:
+                t[sel] = 0
+        self.lengths[sel] = 0
+
+    def view(self, start_pos: torch.Tensor, T: int, rows: torch.Tensor | None = None) -> "CacheView":
+        return CacheView(self, start_pos, T, rows)
+
+
+class CacheView:
+    """One forward's access to the cache: rows `rows` (None = all), tokens at start_pos[r] .. start_pos[r]+T-1."""
+
+    def __init__(self, cache: HybridCache, start_pos: torch.Tensor, T: int, rows: torch.Tensor | None):
+        self.cache, self.rows, self.T = cache, rows, T
+        b = cache.batch_size if rows is None else rows.shape[0]
+        if start_pos.shape != (b,):
+            raise ValueError(f"start_pos must have shape ({b},) for {b} cache rows, got {tuple(start_pos.shape)}")
+        self.start_pos = start_pos
+        dev = start_pos.device
+        offs = torch.arange(T, device=dev)
+        self.positions = start_pos[:, None] + offs  # (b, T)
+        if T == 1:
+            self.kv_len = cache.max_seq_len  # static shape for decode
+        else:
+            # prefill: attend over the used prefix only (one host sync per chunk is fine here)
+            self.kv_len = int(start_pos.max()) + T
+            if self.kv_len > cache.max_seq_len:
+                raise ValueError(f"prefill would reach position {self.kv_len} but the cache holds "
+                                 f"max_seq_len={cache.max_seq_len} tokens")
+        keys = torch.arange(self.kv_len, device=dev)
+        self.mask = (keys[None, None, :] <= self.positions[:, :, None])[:, None]  # (b, 1, T, S)
+        self._fresh = (start_pos > 0)[:, None, None]  # rows starting at 0 begin with an empty conv state
+
+    def kv_update(self, i: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (b, Hkv, T, Dh) at their positions; return the keys/values to attend over (b, Hkv, S, Dh)."""
+        kc, vc = self.cache.k[i], self.cache.v[i]
+        r = torch.arange(kc.shape[0], device=kc.device) if self.rows is None else self.rows
+        idx = (r[:, None], slice(None), self.positions)  # advanced dims first: target (b, T, Hkv, Dh)
+        kc[idx] = k.transpose(1, 2).to(kc.dtype)
+        vc[idx] = v.transpose(1, 2).to(vc.dtype)
+        if self.rows is not None:
+            kc, vc = kc[self.rows], vc[self.rows]
+        if self.T > 1:
+            kc, vc = kc[:, :, :self.kv_len], vc[:, :, :self.kv_len]
+        return kc, vc
+
+    def conv_extend(self, i: int, u: torch.Tensor) -> torch.Tensor:
+        """Prepend the stored conv state to u (b, D, T) and store the new last K-1 columns."""
+        sc = self.cache.conv[i]
+        state = sc if self.rows is None else sc[self.rows]
+        u_ext = torch.cat([(state * self._fresh).to(u.dtype), u], dim=-1)  # (b, D, K-1+T)
+        new = u_ext[:, :, -sc.shape[-1]:].to(sc.dtype)
+        if self.rows is None:
+            sc.copy_(new)
+        else:
+            sc[self.rows] = new
+        return u_ext
