@@ -1,0 +1,162 @@
+"""Chat templates: render a checkpoint's Jinja template the way transformers does, and the training render.
+
+transformers compiles templates in jinja2's ImmutableSandboxedEnvironment with trim_blocks and lstrip_blocks,
+the loopcontrols extension and a `{% generation %}` tag, a `tojson` filter that does not HTML-escape, and the
+globals raise_exception, strftime_now, dict and namespace; it passes messages, tools, documents,
+add_generation_prompt and the tokenizer's named special tokens (bos_token, eos_token, ...). We reproduce that
+environment so any checkpoint template renders byte-identically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, Mapping
+
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+class _GenerationTag(Extension):
+    """`{% generation %}...{% endgeneration %}` renders its body unchanged (templates mark assistant text with it)."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller):
+        return caller()
+
+
+class _Namespace(jinja2.utils.Namespace):
+    """jinja's namespace, refusing underscore names (no reaching CPython internals from a template)."""
+
+    def __init__(*args, **kwargs):
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore names, got {name!r}")
+
+
+class _Dict:
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+def _raise(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=16)
+def compile_template(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt),
+                       dict=_Dict(), namespace=_Namespace)
+    return env.from_string(source)
+
+
+def plain(value: Any) -> Any:
+    """What the template may see: JSON-like data only; other objects (images, arrays) become "<TypeName>"."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    for base in (str, bool, int, float):
+        if isinstance(value, base):
+            return base(value)
+    if isinstance(value, Mapping):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(plain(v) for v in value)
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy scalar
+        return plain(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return plain(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+def normalize_messages(messages) -> list[dict]:
+    """Message objects -> dicts without None-valued keys, reasoning aliased under every name templates read."""
+    out = []
+    for m in getattr(messages, "messages", messages):
+        if callable(getattr(m, "model_dump", None)):
+            m = m.model_dump()
+        elif dataclasses.is_dataclass(m) and not isinstance(m, type):
+            m = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)}
+        if not isinstance(m, Mapping):
+            raise ValueError(f"chat messages must be dicts with 'role' and 'content', got {m!r}")
+        m = {k: v for k, v in m.items() if v is not None}
+        reasoning = next((m[k] for k in REASONING_FIELDS if m.get(k) is not None), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
+
+
+def render(template: str, messages, special_tokens: Mapping[str, str], add_generation_prompt: bool = False,
+           tools=None, documents=None, **kwargs) -> str:
+    """Render one conversation exactly as transformers' apply_chat_template(tokenize=False) does."""
+    if template is None:
+        raise ValueError("this checkpoint has no chat template (chat_template.jinja or tokenizer_config.json)")
+    msgs = normalize_messages(messages)
+    if not msgs:
+        raise ValueError("cannot apply the chat template to an empty conversation")
+    if tools is not None:
+        for t in tools:
+            if not isinstance(t, Mapping):
+                raise ValueError(f"tools must be JSON-schema dicts, got {type(t).__name__}")
+    variables = {**special_tokens, **kwargs}
+    return compile_template(template).render(
+        messages=plain(msgs), tools=plain(tools), documents=plain(documents),
+        add_generation_prompt=add_generation_prompt, **plain(variables))
+
+
+def assistant_spans(template: str, messages, special_tokens: Mapping[str, str], **kwargs) -> tuple[str, list]:
+    """The full rendered conversation and the character spans of every assistant turn.
+
+    A turn's span is what rendering messages[:i+1] adds after rendering messages[:i] with the generation prompt,
+    without trailing whitespace: the reply and its end-of-turn token, not the role header. Works for any template
+    that renders conversations as a growing prefix (the LFM2 templates do); otherwise it raises.
+    """
+    msgs = normalize_messages(messages)
+    full = render(template, msgs, special_tokens, add_generation_prompt=False, **kwargs)
+    spans = []
+    for i, m in enumerate(msgs):
+        if m.get("role") != "assistant":
+            continue
+        before = render(template, msgs[:i], special_tokens, add_generation_prompt=True, **kwargs) if i else ""
+        upto = render(template, msgs[: i + 1], special_tokens, add_generation_prompt=False, **kwargs)
+        if not upto.startswith(before) or not full.startswith(upto):
+            raise ValueError("the chat template does not render the conversation as a growing prefix, so assistant "
+                             f"turn {i} cannot be located for the loss mask")
+        end = len(upto.rstrip())
+        spans.append((len(before), max(end, len(before))))
+    return full, spans

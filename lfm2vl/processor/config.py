@@ -1,0 +1,115 @@
+"""Processor settings: the image knobs, their defaults, and how they are read from a checkpoint folder.
+
+Defaults are `Lfm2VlImageProcessor`'s class attributes (SPEC §6). A checkpoint may spread the values over three
+files; later sources win: top-level fields of config.json (old repos) < preprocessor_config.json (flat) <
+processor_config.json (flat fields of custom-era repos) < processor_config.json["image_processor"] (LFM2.5).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+KNOBS = ("min_image_tokens", "max_image_tokens", "do_image_splitting", "min_tiles", "max_tiles", "use_thumbnail",
+         "max_pixels_tolerance", "tile_size", "resample")
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """Everything that decides how an image becomes units and patches. Field names are the checkpoint's keys."""
+    min_image_tokens: int = 64
+    max_image_tokens: int = 256
+    do_image_splitting: bool = True
+    min_tiles: int = 2
+    max_tiles: int = 10
+    use_thumbnail: bool = True
+    max_pixels_tolerance: float = 2.0
+    tile_size: int = 512
+    resample: int = 2
+    encoder_patch_size: int = 16
+    downsample_factor: int = 2
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    def with_knobs(self, **knobs) -> "ImageOptions":
+        """A copy with per-call knobs applied (None means keep), validated."""
+        unknown = set(knobs) - set(KNOBS)
+        if unknown:
+            raise ValueError(f"unknown image option(s) {sorted(unknown)}; the knobs are {list(KNOBS)}")
+        opts = replace(self, **{k: v for k, v in knobs.items() if v is not None})
+        opts.validate()
+        return opts
+
+    @property
+    def max_num_patches(self) -> int:
+        """Rows per unit after padding, recomputed as the reference does (a JSON max_num_patches is ignored)."""
+        tile = (self.tile_size // self.encoder_patch_size) ** 2 if self.do_image_splitting else 0
+        return max(self.max_image_tokens * self.downsample_factor ** 2, tile)
+
+    def validate(self) -> None:
+        def need(ok: bool, name: str, what: str):
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range: expected {what}")
+        for name in ("do_image_splitting", "use_thumbnail", "do_rescale", "do_normalize"):
+            need(isinstance(getattr(self, name), bool), name, "a bool")
+        for name in ("min_image_tokens", "max_image_tokens", "min_tiles", "max_tiles", "tile_size", "resample",
+                     "encoder_patch_size", "downsample_factor"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool), name, "an int")
+        need(self.encoder_patch_size >= 1, "encoder_patch_size", ">= 1")
+        need(self.downsample_factor >= 1, "downsample_factor", ">= 1")
+        need(self.min_image_tokens >= 1, "min_image_tokens", ">= 1")
+        need(self.max_image_tokens >= self.min_image_tokens, "max_image_tokens",
+             f">= min_image_tokens ({self.min_image_tokens})")
+        need(self.min_tiles >= 1, "min_tiles", ">= 1")
+        need(self.max_tiles >= self.min_tiles, "max_tiles", f">= min_tiles ({self.min_tiles})")
+        need(self.max_tiles <= 100, "max_tiles", "<= 100 (the vocabulary has row/column markers up to 10x10)")
+        f = self.encoder_patch_size * self.downsample_factor
+        need(self.tile_size >= f and self.tile_size % f == 0, "tile_size", f"a positive multiple of {f}")
+        need(isinstance(self.max_pixels_tolerance, (int, float)) and not isinstance(self.max_pixels_tolerance, bool)
+             and self.max_pixels_tolerance > 0, "max_pixels_tolerance", "a number > 0")
+        need(self.resample in (0, 2, 3), "resample", "0 (nearest), 2 (bilinear) or 3 (bicubic)")
+        need(len(self.image_mean) == 3 and len(self.image_std) == 3, "image_mean", "3 values (and 3 for image_std)")
+
+
+@dataclass(frozen=True)
+class ProcessorSettings:
+    image: ImageOptions = field(default_factory=ImageOptions)
+    use_image_special_tokens: bool = True
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _pick(src: dict) -> dict:
+    names = {f.name for f in fields(ImageOptions)}
+    out = {k: v for k, v in src.items() if k in names and v is not None}
+    for k in ("image_mean", "image_std"):
+        if k in out:
+            v = out[k]
+            out[k] = tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * 3))
+    if "max_pixels_tolerance" in out:
+        out["max_pixels_tolerance"] = float(out["max_pixels_tolerance"])
+    return out
+
+
+def load_settings(folder: str | Path) -> ProcessorSettings:
+    """Merge the processor fields of a checkpoint folder (see the module docstring for the order)."""
+    folder = Path(folder)
+    config = _read(folder / "config.json")
+    pre = _read(folder / "preprocessor_config.json")
+    proc = _read(folder / "processor_config.json")
+    merged: dict = {}
+    for src in (config, pre, proc, proc.get("image_processor") or {}):
+        merged.update(_pick(src))
+    special = True
+    for src in (config, pre, proc):
+        if src.get("use_image_special_tokens") is not None:
+            special = bool(src["use_image_special_tokens"])
+    opts = replace(ImageOptions(), **merged)
+    opts.validate()
+    return ProcessorSettings(image=opts, use_image_special_tokens=special)

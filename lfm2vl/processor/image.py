@@ -1,0 +1,151 @@
+"""Image side of the LFM2-VL processor: size rules, tile grid, uint8 resize, patchify (SPEC §6).
+
+Every function mirrors one step of transformers' `Lfm2VlImageProcessor` (torchvision backend) and is pure:
+it takes sizes or a uint8 (3, H, W) tensor and returns sizes or tensors. `plan_image` decides the layout of one
+image (single unit, or a grid of tiles plus an optional thumbnail); `image_units` produces the uint8 units;
+`to_patches` turns units into the padded patch rows the vision tower reads.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+# PIL resampling codes -> torch interpolate modes. torchvision maps PIL NEAREST to "nearest-exact".
+RESAMPLE_MODES = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
+
+
+def round_by_factor(n: float, factor: int) -> int:
+    """Closest multiple of `factor`; Python's round, so halves go to even (400/32 = 12.5 -> 12 -> 384)."""
+    return round(n / factor) * factor
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(new_h, new_w): multiples of `factor` with min_pixels <= area <= max_pixels, aspect kept.
+
+    Mirrors `Lfm2VlImageProcessor.smart_resize` (which returns (w, h); we return (h, w)): round first; if the area is
+    too big shrink with floor, if too small grow with ceil.
+    """
+    h = max(factor, round_by_factor(height, factor))
+    w = max(factor, round_by_factor(width, factor))
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def is_too_large(height: int, width: int, patch: int, factor: int, max_pixels: int, tolerance: float) -> bool:
+    """True when the image should be tiled. The floor is one *patch* (16), not factor (32), as in the reference."""
+    h = max(patch, round_by_factor(height, factor))
+    w = max(patch, round_by_factor(width, factor))
+    return h * w > max_pixels * tolerance
+
+
+@lru_cache(maxsize=64)
+def target_ratios(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
+    """All (cols, rows) grids with min_tiles <= cols*rows <= max_tiles, stably sorted by area (reference order)."""
+    grids = [(w, h) for n in range(min_tiles, max_tiles + 1)
+             for w in range(1, n + 1) for h in range(1, n + 1) if min_tiles <= w * h <= max_tiles]
+    # Same construction as the reference (list -> set -> stable sort by area): equal-area grids keep the set's
+    # iteration order, which decides exact aspect ties between them.
+    return tuple(sorted(set(grids), key=lambda r: r[0] * r[1]))
+
+
+def tile_grid(height: int, width: int, min_tiles: int, max_tiles: int, tile_size: int) -> tuple[int, int]:
+    """(cols, rows) whose aspect is closest to width/height; on an exact tie a later (larger) grid wins iff the
+    image area exceeds half the grid's pixel area. Mirrors `find_closest_aspect_ratio`."""
+    aspect = width / height
+    best_diff, best = float("inf"), (1, 1)
+    for cols, rows in target_ratios(min_tiles, max_tiles):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best_diff, best = diff, (cols, rows)
+        elif diff == best_diff and width * height > 0.5 * tile_size * tile_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """How one image becomes units: `rows` x `cols` tiles of tile_size (1x1 = a single resized unit) plus an
+    optional thumbnail; `size` = smart_resize (h, w) used for the single unit or the thumbnail."""
+    rows: int
+    cols: int
+    tiled: bool
+    thumbnail: bool
+    size: tuple[int, int]
+    tile_size: int
+
+    def unit_sizes(self) -> list[tuple[int, int]]:
+        """Pixel (h, w) of every unit in order: tiles row-major, then the thumbnail."""
+        if not self.tiled:
+            return [self.size]
+        units = [(self.tile_size, self.tile_size)] * (self.rows * self.cols)
+        return units + ([self.size] if self.thumbnail else [])
+
+
+def plan_image(height: int, width: int, o) -> ImageLayout:
+    """Layout of an image of height x width pixels under the options `o` (an ImageOptions)."""
+    factor = o.encoder_patch_size * o.downsample_factor
+    px = o.encoder_patch_size ** 2 * o.downsample_factor ** 2
+    max_pixels, min_pixels = o.max_image_tokens * px, o.min_image_tokens * px
+    size = smart_resize(height, width, factor, min_pixels, max_pixels)
+    min_tiles, max_tiles = (o.min_tiles, o.max_tiles) if o.do_image_splitting else (1, 1)
+    splitting = not (min_tiles == max_tiles == 1)
+    if splitting and is_too_large(height, width, o.encoder_patch_size, factor, max_pixels, o.max_pixels_tolerance):
+        cols, rows = tile_grid(height, width, min_tiles, max_tiles, o.tile_size)
+        thumb = o.use_thumbnail and cols * rows != 1
+        return ImageLayout(rows, cols, True, thumb, size, o.tile_size)
+    return ImageLayout(1, 1, False, False, size, o.tile_size)
+
+
+def resize_u8(image: torch.Tensor, size: tuple[int, int], resample: int = 2) -> torch.Tensor:
+    """Resize a uint8 (C, H, W) tensor to (h, w) in uint8, antialiased: torchvision's tensor `resize` on CPU,
+    which calls torch's native uint8 kernels (the result is rounded back to uint8 inside the kernel)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    mode = RESAMPLE_MODES[resample]
+    kwargs = {} if mode == "nearest-exact" else {"align_corners": False, "antialias": True}
+    return F.interpolate(image[None], size=list(size), mode=mode, **kwargs)[0]
+
+
+def image_units(image: torch.Tensor, layout: ImageLayout, resample: int = 2) -> list[torch.Tensor]:
+    """The uint8 (3, h, w) units of one image: grid tiles cut from one resize to (rows*T, cols*T), row-major,
+    then the thumbnail resized from the original; or the single smart-resized image."""
+    if not layout.tiled:
+        return [resize_u8(image, layout.size, resample)]
+    t = layout.tile_size
+    big = resize_u8(image, (layout.rows * t, layout.cols * t), resample)
+    units = [big[:, r * t:(r + 1) * t, c * t:(c + 1) * t] for r in range(layout.rows) for c in range(layout.cols)]
+    if layout.thumbnail:
+        units.append(resize_u8(image, layout.size, resample))
+    return units
+
+
+def normalize(unit: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, h, w) -> float32 (x - mean) / std with the reference's fused constants (mean*255, std*255)."""
+    return (unit.to(torch.float32) - mean[:, None, None]) / std[:, None, None]
+
+
+def to_patches(x: torch.Tensor, patch: int, num_patches: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """float (C, h, w) -> (num_patches, patch*patch*C) rows in (py, px, c) order, zero-padded, the int32 mask of
+    real rows, and the (h/patch, w/patch) grid."""
+    c, h, w = x.shape
+    gh, gw = h // patch, w // patch
+    if gh * gw > num_patches:
+        raise ValueError(f"an image unit of {h}x{w} pixels has {gh * gw} patches, more than max_num_patches="
+                         f"{num_patches}; the aspect ratio is too extreme for these settings")
+    rows = x.reshape(c, gh, patch, gw, patch).permute(1, 3, 2, 4, 0).reshape(gh * gw, patch * patch * c)
+    out = torch.zeros(num_patches, patch * patch * c, dtype=x.dtype)
+    out[: gh * gw] = rows
+    mask = torch.zeros(num_patches, dtype=torch.int32)
+    mask[: gh * gw] = 1
+    return out, mask, (gh, gw)

@@ -1,0 +1,152 @@
+"""Image loading: whatever a user has (PIL, numpy, torch, path, URL, data: URI, base64, raw bytes) -> uint8 RGB.
+
+Output is always a contiguous uint8 torch tensor (3, H, W). Files are opened the way transformers' `load_image`
+does (EXIF orientation applied); PIL images, arrays and tensors are taken as given (transformers does not
+transpose them either). Every mode becomes RGB; alpha is composited onto white, as transformers'
+`convert_to_rgb` does. Deliberate differences, each a case where the reference gives garbage or crashes:
+16-bit images are scaled to 8 bits (PIL's convert clips them to 255), float arrays are read as [0, 1].
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Same default as PIL: larger images are refused as possible decompression bombs.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+URL_TIMEOUT_S = 30.0
+
+
+def load_image(image, max_pixels: int | None = None) -> torch.Tensor:
+    """Any supported image input -> uint8 (3, H, W) RGB tensor. Raises ValueError with the reason otherwise."""
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if isinstance(image, Image.Image):
+        out = _pil_to_rgb(image)
+    elif isinstance(image, np.ndarray):
+        out = _array_to_rgb(torch.from_numpy(np.ascontiguousarray(image)))
+    elif isinstance(image, torch.Tensor):
+        out = _array_to_rgb(image.detach().cpu())
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        out = _pil_to_rgb(_open(bytes(image), "raw bytes", limit), exif=True)
+    elif isinstance(image, (str, os.PathLike)):
+        out = _pil_to_rgb(_open_source(image, limit), exif=True)
+    else:
+        raise ValueError(f"unsupported image input of type {type(image).__name__}: expected a PIL image, numpy "
+                         "array, torch tensor, path, URL, data: URI, base64 string or raw bytes")
+    if out.shape[1] == 0 or out.shape[2] == 0:
+        raise ValueError(f"zero-sized image ({out.shape[2]}x{out.shape[1]} pixels)")
+    if out.shape[1] * out.shape[2] > limit:
+        raise ValueError(f"image of {out.shape[2]}x{out.shape[1]} pixels exceeds the limit of {limit} pixels "
+                         "(possible decompression bomb)")
+    return out.contiguous()
+
+
+def _open_source(src, limit: int) -> Image.Image:
+    s = os.fspath(src)
+    if s.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(s, timeout=URL_TIMEOUT_S) as r:
+                data = r.read()
+        except OSError as e:
+            raise ValueError(f"could not fetch image URL {s!r}: {e}") from e
+        return _open(data, s, limit)
+    if isinstance(src, Path) or os.path.isfile(s):
+        if not os.path.isfile(s):
+            raise ValueError(f"image file not found: {s}")
+        return _open(Path(s).read_bytes(), s, limit)
+    payload = s.split(",", 1)[1] if s.startswith("data:") else s
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"image string is not an existing file, an http(s) URL, a data: URI or base64 data: "
+                         f"{s[:80]!r}") from e
+    if not data:
+        raise ValueError(f"image string is neither a file, an http(s) URL, nor base64 data: {s[:80]!r}")
+    return _open(data, "data URI" if s.startswith("data:") else "base64 string", limit)
+
+
+def _open(data: bytes, name: str, limit: int) -> Image.Image:
+    if not data:
+        raise ValueError(f"empty image file: {name}")
+    try:
+        im = Image.open(io.BytesIO(data))  # lazy: only the header is read here
+    except UnidentifiedImageError as e:
+        raise ValueError(f"unsupported or corrupt image format: {name}") from e
+    w, h = im.size
+    if w * h > limit:
+        raise ValueError(f"image {name} is {w}x{h} = {w * h} pixels, over the limit of {limit} "
+                         "(possible decompression bomb)")
+    try:
+        im.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"truncated or corrupt image file: {name} ({e})") from e
+    return im
+
+
+def _pil_to_rgb(im: Image.Image, exif: bool = False) -> torch.Tensor:
+    if exif:
+        im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im).astype(np.float64)
+        if im.mode == "I" and a.max(initial=0) <= 255:
+            a8 = a  # 8-bit data stored as 32-bit ints
+        else:
+            a8 = np.clip(a, 0, 65535) / 257.0
+        return _array_to_rgb(torch.from_numpy(np.rint(a8).astype(np.uint8)))
+    if im.mode == "F":
+        return _array_to_rgb(torch.from_numpy(np.asarray(im, dtype=np.float32)))
+    if "A" in im.getbands() or im.info.get("transparency") is not None:
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    rgb = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+def _array_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """(H, W), (H, W, C) or (C, H, W) with C in 1..4 -> uint8 (3, H, W). The channel axis is inferred as
+    transformers does: first if it has 1, 3 or 4 entries, else last."""
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"an image array needs 2 or 3 dimensions, got shape {tuple(x.shape)}")
+    if x.shape[0] in (1, 3, 4):
+        pass
+    elif x.shape[-1] in (1, 2, 3, 4):
+        x = x.permute(2, 0, 1)
+    elif x.shape[0] == 2:
+        pass
+    else:
+        raise ValueError(f"cannot find the channel axis of an image of shape {tuple(x.shape)} (expected 1-4 channels)")
+    x = _to_uint8(x)
+    c = x.shape[0]
+    if c in (2, 4):  # alpha over white, with torchvision's float math so arrays match transformers exactly
+        f = x.to(torch.float32) * (1.0 / 255)
+        color, alpha = f[:-1], f[-1:]
+        x = (color * alpha + (1 - alpha)).mul(256.0 - 1e-3).to(torch.uint8)
+        c -= 1
+    if c == 1:
+        x = x.expand(3, -1, -1)
+    return x.contiguous()
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.uint8:
+        return x
+    if x.dtype == torch.bool:
+        return x.to(torch.uint8) * 255
+    if x.is_floating_point():
+        if x.numel() and (x.min() < 0 or x.max() > 1):
+            raise ValueError(f"float image values must lie in [0, 1], got [{x.min().item()}, {x.max().item()}]")
+        return (x.to(torch.float64) * 255).round().to(torch.uint8)
+    if x.dtype in (torch.uint16, torch.int32, torch.int64, torch.int16) and x.numel() and x.max() > 255:
+        return (x.to(torch.float64).clamp(0, 65535) / 257.0).round().to(torch.uint8)
+    if x.numel() and x.min() < 0:
+        raise ValueError("integer image values must be non-negative")
+    return x.to(torch.uint8)

@@ -1,0 +1,288 @@
+"""`Processor`: prompts and images -> the tensors LFM2-VL takes, exactly as transformers' Lfm2VlProcessor.
+
+    proc = Processor.from_pretrained("LiquidAI/LFM2-VL-450M")          # or a local folder
+    text = proc.apply_chat_template(messages, add_generation_prompt=True)
+    batch = proc(text=text, images=[image], max_image_tokens=256)       # knobs per call
+    batch["input_ids"], batch["pixel_values"], ...
+
+Outputs (same names, shapes and dtypes as transformers): input_ids / attention_mask (B, T) int64, padded with the
+pad id on the tokenizer's padding side (right, as in transformers); pixel_values (N, max_num_patches, 3*p*p) float32,
+pixel_attention_mask (N, max_num_patches) int32 and spatial_shapes (N, 2) int64 over all units of all images.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from lfm2vl.processor import chat
+from lfm2vl.processor.config import KNOBS, ProcessorSettings, load_settings
+from lfm2vl.processor.image import ImageLayout, image_units, normalize, plan_image, to_patches
+from lfm2vl.processor.io import load_image
+from lfm2vl.processor.tokenizer import Tokenizer
+from lfm2vl.processor.tokens import ImageTokens, expand_image, layout_token_counts
+
+CONFIG_PATTERNS = ["*.json", "*.jinja", "*.txt", "*.model"]
+
+
+class BatchFeature(dict):
+    """A dict of tensors with `.to(device)` and attribute access."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError as e:
+            raise AttributeError(name) from e
+
+    def to(self, device=None, dtype=None) -> "BatchFeature":
+        out = BatchFeature()
+        for k, v in self.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else None)
+            out[k] = v
+        return out
+
+
+def resolve_folder(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a hub id fetched (config and tokenizer files only) via huggingface_hub's
+    cache. Offline with nothing cached raises a ValueError saying so."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    if p.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
+        raise ValueError(f"{name_or_path!r} is neither a checkpoint folder nor a hub id like 'LiquidAI/LFM2-VL-450M'")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=CONFIG_PATTERNS,
+                                      local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=CONFIG_PATTERNS))
+    except Exception as e:
+        raise ValueError(f"could not get {name_or_path!r}: it is not in the local huggingface_hub cache and "
+                         f"downloading failed ({type(e).__name__}: {e}). Offline, pass a local folder or "
+                         "download it first.") from e
+
+
+def collect_images(messages) -> list:
+    """Images of a conversation in order, from content parts {"type": "image", "image"|"url"|"path": ...}."""
+    out = []
+    for m in chat.normalize_messages(messages):
+        content = m.get("content")
+        if isinstance(content, (list, tuple)):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image":
+                    src = next((part[k] for k in ("image", "url", "path", "base64") if part.get(k) is not None), None)
+                    if src is not None:
+                        out.append(src)
+    return out
+
+
+class Processor:
+    """Tokenizer + chat template + image processing of one checkpoint. `settings.image` holds the default knobs;
+    every call may override them: min_image_tokens, max_image_tokens, do_image_splitting, min_tiles, max_tiles,
+    use_thumbnail, max_pixels_tolerance, tile_size, resample."""
+
+    def __init__(self, tokenizer: Tokenizer, settings: ProcessorSettings | None = None,
+                 chat_template: str | None = None):
+        self.tokenizer = tokenizer
+        self.settings = settings or ProcessorSettings()
+        self.settings.image.validate()
+        self.chat_template = chat_template if chat_template is not None else tokenizer.chat_template
+        t = tokenizer
+        self.marks = ImageTokens(
+            image=t.attr_token("image_token", "<image>"),
+            start=t.attr_token("image_start_token", "<|image_start|>"),
+            end=t.attr_token("image_end_token", "<|image_end|>"),
+            thumbnail=t.attr_token("image_thumbnail_token", "<|img_thumbnail|>"))
+        self.image_token_id = t.token_to_id(self.marks.image)
+        if self.image_token_id is None:
+            raise ValueError(f"the tokenizer has no image token {self.marks.image!r}")
+        self.padding_side = t.padding_side
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None, **knobs) -> "Processor":
+        folder = resolve_folder(name_or_path, revision)
+        settings = load_settings(folder)
+        if knobs:
+            settings = replace(settings, image=settings.image.with_knobs(**knobs))
+        return cls(Tokenizer.from_folder(folder), settings)
+
+    # ---- image side -------------------------------------------------------------------------------------------
+    def options(self, **knobs):
+        return self.settings.image.with_knobs(**knobs) if knobs else self.settings.image
+
+    def image_layout(self, width: int, height: int, **knobs) -> ImageLayout:
+        if width < 1 or height < 1:
+            raise ValueError(f"zero-sized image ({width}x{height} pixels)")
+        return plan_image(height, width, self.options(**knobs))
+
+    def num_image_tokens(self, width: int, height: int, include_markers: bool = False, **knobs) -> int:
+        """`<image>` placeholders (= vision features) an image of width x height takes; with include_markers, the
+        total ids its expansion takes (start/end, tile and thumbnail markers)."""
+        o = self.options(**knobs)
+        layout = plan_image(height, width, o) if width >= 1 and height >= 1 else self.image_layout(width, height)
+        n = sum(layout_token_counts(layout, o.encoder_patch_size, o.downsample_factor))
+        if include_markers:
+            text = expand_image(layout, o.encoder_patch_size, o.downsample_factor, self.marks,
+                                self.settings.use_image_special_tokens)
+            n = len(self.tokenizer.encode(text))
+        return n
+
+    def process_images(self, images: list, **knobs) -> tuple[dict, list[ImageLayout]]:
+        """Flat list of images -> pixel tensors over all their units, and each image's layout."""
+        o = self.options(**knobs)
+        mean = torch.tensor(o.image_mean, dtype=torch.float32)
+        std = torch.tensor(o.image_std, dtype=torch.float32)
+        if o.do_rescale and o.do_normalize:  # the reference folds 1/rescale_factor into mean and std
+            mean, std = mean * (1.0 / o.rescale_factor), std * (1.0 / o.rescale_factor)
+        pv, masks, shapes, layouts = [], [], [], []
+        for img in images:
+            x = load_image(img)
+            layout = plan_image(x.shape[1], x.shape[2], o)
+            layouts.append(layout)
+            for unit in image_units(x, layout, o.resample):
+                if o.do_normalize:
+                    f = normalize(unit, mean, std)
+                else:
+                    f = unit.to(torch.float32) * (o.rescale_factor if o.do_rescale else 1.0)
+                rows, mask, grid = to_patches(f, o.encoder_patch_size, o.max_num_patches)
+                pv.append(rows)
+                masks.append(mask)
+                shapes.append(grid)
+        return {"pixel_values": torch.stack(pv), "pixel_attention_mask": torch.stack(masks),
+                "spatial_shapes": torch.tensor(shapes, dtype=torch.int64)}, layouts
+
+    # ---- text side --------------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False,
+                            tools=None, documents=None, chat_template: str | None = None, **kwargs):
+        """The rendered prompt (a string), as transformers renders it. A list of conversations gives a list.
+        tokenize=True returns the processor output for the prompt and the conversation's images instead."""
+        knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in KNOBS}
+        template = chat_template or self.chat_template
+        batched = isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], (list, tuple))
+        convs = list(messages) if batched else [messages]
+        texts = [chat.render(template, c, self.tokenizer.special_tokens, add_generation_prompt, tools, documents,
+                             **kwargs) for c in convs]
+        if not tokenize:
+            return texts if batched else texts[0]
+        images = [collect_images(c) for c in convs]
+        return self(text=texts, images=images if any(images) else None, **knobs)
+
+    def expand(self, text: str, layouts: list[ImageLayout], **knobs) -> str:
+        """Replace each image sentinel of `text` by its expansion, in order."""
+        o = self.options(**knobs)
+        pieces = text.split(self.marks.image)
+        if len(pieces) - 1 != len(layouts):
+            raise ValueError(f"the prompt has {len(pieces) - 1} {self.marks.image} sentinels but {len(layouts)} "
+                             "images were given for it")
+        out = [pieces[0]]
+        for layout, piece in zip(layouts, pieces[1:]):
+            out.append(self._expansion(layout, o))
+            out.append(piece)
+        return "".join(out)
+
+    def _expansion(self, layout: ImageLayout, o) -> str:
+        special = self.settings.use_image_special_tokens
+        if special and layout.tiled:
+            for r in range(1, layout.rows + 1):
+                for c in range(1, layout.cols + 1):
+                    if self.tokenizer.token_to_id(self.marks.tile(r, c)) is None:
+                        raise ValueError(f"a {layout.rows}x{layout.cols} tile grid needs the marker "
+                                         f"{self.marks.tile(r, c)!r}, which the vocabulary lacks; lower max_tiles")
+        return expand_image(layout, o.encoder_patch_size, o.downsample_factor, self.marks, special)
+
+    def __call__(self, text=None, images=None, return_tensors: str | None = "pt", padding_side: str | None = None,
+                 **knobs) -> BatchFeature:
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' (torch tensors) is supported")
+        if text is None:
+            raise ValueError("text is required; minimal text for an image is the sentinel " + self.marks.image)
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("text must be a string or a non-empty list of strings")
+        per_sample = self._group_images(texts, images)
+        out = BatchFeature()
+        flat = [im for group in per_sample for im in group]
+        layouts: list[ImageLayout] = []
+        if flat:
+            pixels, layouts = self.process_images(flat, **knobs)
+        else:
+            self.options(**knobs)  # validate knobs even without images
+        it = iter(layouts)
+        expanded = [self.expand(t, [next(it) for _ in group], **knobs) for t, group in zip(texts, per_sample)]
+        ids = self.tokenizer.encode_batch(expanded)
+        out.update(self._pad(ids, padding_side or self.padding_side))
+        if flat:
+            out.update(pixels)
+        return out
+
+    def _group_images(self, texts: list[str], images) -> list[list]:
+        counts = [t.count(self.marks.image) for t in texts]
+        if images is None:
+            if any(counts):
+                raise ValueError(f"the prompts have {counts} {self.marks.image} sentinels but no images were given")
+            return [[] for _ in texts]
+        if isinstance(images, (list, tuple)) and images and all(isinstance(g, (list, tuple)) for g in images):
+            groups = [list(g) for g in images]
+            if len(groups) != len(texts):
+                raise ValueError(f"got {len(groups)} image lists for {len(texts)} prompts")
+        else:
+            flat = list(images) if isinstance(images, (list, tuple)) else [images]
+            if len(flat) != sum(counts):
+                raise ValueError(f"the prompts have {sum(counts)} {self.marks.image} sentinels in total but "
+                                 f"{len(flat)} images were given")
+            groups, i = [], 0
+            for c in counts:
+                groups.append(flat[i:i + c])
+                i += c
+        for n, (c, g) in enumerate(zip(counts, groups)):
+            if c != len(g):
+                raise ValueError(f"prompt {n} has {c} {self.marks.image} sentinels but {len(g)} images were given")
+        return groups
+
+    def _pad(self, ids: list[list[int]], side: str) -> dict:
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side={side!r}: expected 'left' or 'right'")
+        n = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(ids), n), pad, dtype=torch.int64)
+        mask = torch.zeros((len(ids), n), dtype=torch.int64)
+        for i, x in enumerate(ids):
+            sl = slice(0, len(x)) if side == "right" else slice(n - len(x), n)
+            input_ids[i, sl] = torch.tensor(x, dtype=torch.int64)
+            mask[i, sl] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def render_for_training(self, messages, images=None, tools=None, **knobs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, loss_mask) for one conversation: 1-D int64 ids of the rendered conversation (images expanded; the
+        images come from the messages' image parts unless given) and a bool mask, True exactly on the tokens of
+        the assistant turns (reply and end-of-turn token; not the role header, not other roles)."""
+        text, spans = chat.assistant_spans(self.chat_template, messages, self.tokenizer.special_tokens,
+                                           tools=tools)
+        imgs = collect_images(messages) if images is None else list(images)
+        if text.count(self.marks.image) != len(imgs):
+            raise ValueError(f"the conversation renders {text.count(self.marks.image)} {self.marks.image} sentinels "
+                             f"but has {len(imgs)} images")
+        layouts = self.process_images(imgs, **knobs)[1] if imgs else []
+        o = self.options(**knobs)
+        # Expand piecewise, moving span boundaries by the length each expansion adds before them.
+        pieces = text.split(self.marks.image)
+        out, shifts, pos = [pieces[0]], [], len(pieces[0])
+        for layout, piece in zip(layouts, pieces[1:]):
+            e = self._expansion(layout, o)
+            shifts.append((pos, len(e) - len(self.marks.image)))
+            out += [e, piece]
+            pos += len(self.marks.image) + len(piece)
+        full = "".join(out)
+
+        def moved(p):
+            return p + sum(d for at, d in shifts if at < p)
+        spans = [(moved(a), moved(b)) for a, b in spans]
+        enc = self.tokenizer.backend.encode(full, add_special_tokens=False)
+        mask = [any(s < e and a < b and s < b and e > a for a, b in spans) for s, e in enc.offsets]
+        return torch.tensor(enc.ids, dtype=torch.int64), torch.tensor(mask, dtype=torch.bool)

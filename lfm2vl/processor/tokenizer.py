@@ -1,0 +1,101 @@
+"""A thin wrapper over `tokenizers.Tokenizer` with the checkpoint's special tokens and chat template.
+
+Special tokens and their ids come from the tokenizer files (tokenizer.json, tokenizer_config.json,
+special_tokens_map.json); eos ids from generation_config.json as well. Nothing is hard-coded, since
+LFM2.5-VL-3B's ids differ from the 450M/1.6B ones. Text is always encoded without added special tokens:
+BOS comes from the chat template, as in transformers' processor.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+# The named special tokens transformers passes to chat templates (`special_tokens_map`).
+TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _content(v):
+    return v.get("content") if isinstance(v, dict) else v
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+class Tokenizer:
+    """encode/decode plus special tokens: `bos_token(_id)`, `eos_token(_id)`, `pad_token(_id)`, `eos_token_ids`
+    (every id that ends generation), `special_tokens` (the names templates see), `chat_template`."""
+
+    def __init__(self, tok: _HFTokenizer, config: dict | None = None, generation_config: dict | None = None,
+                 chat_template: str | None = None):
+        self.backend = tok
+        cfg = dict(config or {})
+        self.config = cfg
+        self.special_tokens = {k: str(_content(cfg[k])) for k in TEMPLATE_TOKENS if cfg.get(k) is not None}
+        self.bos_token = self.special_tokens.get("bos_token")
+        self.eos_token = self.special_tokens.get("eos_token")
+        self.pad_token = self.special_tokens.get("pad_token")
+        self.bos_token_id = self.token_to_id(self.bos_token)
+        self.eos_token_id = self.token_to_id(self.eos_token)
+        self.pad_token_id = self.token_to_id(self.pad_token)
+        gen = generation_config or {}
+        eos = gen.get("eos_token_id")
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if self.eos_token_id is not None and self.eos_token_id not in eos:
+            eos.append(self.eos_token_id)
+        self.eos_token_ids: list[int] = eos
+        if self.pad_token_id is None and gen.get("pad_token_id") is not None:
+            self.pad_token_id = int(gen["pad_token_id"])
+        self.padding_side = cfg.get("padding_side", "right")
+        self.chat_template = chat_template
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Tokenizer":
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ValueError(f"no tokenizer.json in {folder}")
+        cfg = _read(folder / "tokenizer_config.json")
+        for k, v in _read(folder / "special_tokens_map.json").items():
+            if not cfg.get(k):  # tokenizer_config wins, as in transformers
+                cfg[k] = _content(v)
+        return cls(_HFTokenizer.from_file(str(path)), cfg, _read(folder / "generation_config.json"),
+                   load_chat_template(folder, cfg))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.backend.id_to_token(i)
+
+    def attr_token(self, name: str, default: str) -> str:
+        """A named token from tokenizer_config (e.g. image_token), else transformers' literal fallback."""
+        v = self.config.get(name) or (self.config.get("extra_special_tokens") or {}).get(name)
+        return str(_content(v)) if v else default
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def load_chat_template(folder: Path, tokenizer_config: dict) -> str | None:
+    """chat_template.jinja, else chat_template.json, else tokenizer_config.json's field (a string, or named
+    templates of which 'default' is used)."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    t = _read(folder / "chat_template.json").get("chat_template") or tokenizer_config.get("chat_template")
+    if isinstance(t, list):
+        named = {d.get("name"): d.get("template") for d in t}
+        t = named.get("default") or next(iter(named.values()), None)
+    return t
