@@ -1,0 +1,241 @@
+"""FastAPI routes of the OpenAI-compatible server: /v1/chat/completions, /v1/models, /health.
+
+A request is validated (schemas.py), its images are decoded and the prompt is prepared by the engine in a worker
+thread (so a bad request fails with a 400 before anything streams), then it is handed to the scheduler thread.
+Streaming answers are server-sent events: a role chunk, content chunks, a finish chunk, an optional usage chunk,
+then `data: [DONE]`. If the client goes away (stream or not), the generation is cancelled and its row freed.
+A pure-ASGI guard in front checks the API key (401) and the body size (413) before the body is parsed.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import translate
+from .errors import APIError, install_handlers
+from .media import MediaPolicy
+from .scheduler import Scheduler, SchedulerError
+from .schemas import ChatCompletion, ChatCompletionRequest
+
+log = logging.getLogger("lfm2vl.serve")
+
+
+@dataclass
+class ServerSettings:
+    model_id: str                       # the name clients put in "model"
+    aliases: tuple[str, ...] = ()        # other accepted names (e.g. the --model path as typed)
+    api_key: str | None = None
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_images: int = 8
+    default_max_tokens: int = 1024       # when the client sets neither max_tokens nor max_completion_tokens
+    context_len: int = 4096              # prompt + completion tokens per request (the cache row length)
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+
+
+def prompt_length(request) -> int:
+    """Number of prompt tokens of an engine Request (the engine's field name, with fallbacks)."""
+    for name in ("prompt_tokens", "prompt_len", "num_prompt_tokens"):
+        value = getattr(request, name, None)
+        if isinstance(value, int):
+            return value
+    for name in ("prompt_ids", "input_ids", "ids", "token_ids"):
+        value = getattr(request, name, None)
+        if value is not None:
+            return int(value.shape[-1]) if hasattr(value, "shape") else len(value)
+    raise TypeError(f"cannot find the prompt length of {type(request).__name__}")
+
+
+def create_app(engine, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        yield
+        scheduler.stop()
+
+    app = FastAPI(title="lfm2vl", summary="OpenAI-compatible LFM2-VL server", lifespan=lifespan)
+    install_handlers(app)
+    app.add_middleware(_Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    created_at = int(time.time())
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.model_id, **scheduler.stats()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": created_at,
+                                            "owned_by": "lfm2vl", "context_length": settings.context_len}]}
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        if body.model != settings.model_id and body.model not in settings.aliases:
+            raise APIError(404, f"The model `{body.model}` does not exist; this server serves `{settings.model_id}`.",
+                           param="model", code="model_not_found")
+        req, n_prompt = await run_in_threadpool(_prepare, engine, body, settings)
+        ticket = scheduler.submit(req)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_sse(scheduler, ticket, cid, created, body.model, n_prompt, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _collect(scheduler, ticket, request, cid, created, body.model, n_prompt)
+
+    return app
+
+
+def _prepare(engine, body: ChatCompletionRequest, settings: ServerSettings):
+    """Decode images, let the engine build the Request, and check it fits the context. Runs in a worker thread."""
+    messages, opts = translate.to_engine(body, settings.media, settings.max_images)
+    asked = translate.requested_max_tokens(body)
+    opts["max_new_tokens"] = asked if asked is not None else settings.default_max_tokens
+    try:
+        req = engine.prepare(messages, **opts)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from None
+    n_prompt, ctx = prompt_length(req), settings.context_len
+    if n_prompt >= ctx:
+        raise APIError(400, f"The prompt has {n_prompt} tokens, but this server's context holds {ctx} tokens "
+                            "(prompt and completion together); shorten the messages or use fewer/smaller images.",
+                       param="messages", code="context_length_exceeded")
+    room = ctx - n_prompt
+    if asked is not None and asked > room:
+        raise APIError(400, f"This server's context holds {ctx} tokens, but {n_prompt + asked} were requested "
+                            f"({n_prompt} in the prompt, {asked} for the completion); lower max_tokens to at most "
+                            f"{room}.", param="max_tokens", code="context_length_exceeded")
+    if opts["max_new_tokens"] > room:  # the server default does not fit: shrink it to the room left
+        opts["max_new_tokens"] = room
+        if dataclasses.is_dataclass(req) and any(f.name == "max_new_tokens" for f in dataclasses.fields(req)):
+            req = dataclasses.replace(req, max_new_tokens=room)
+        else:
+            req = engine.prepare(messages, **opts)
+    return req, n_prompt
+
+
+def _raise_for(item) -> None:
+    if isinstance(item, ValueError):
+        raise APIError(400, str(item), param="messages")
+    if isinstance(item, Exception):
+        raise APIError(503 if "shutting down" in str(item) else 500, f"Generation failed: {item}.",
+                       type="server_error")
+
+
+async def _collect(scheduler: Scheduler, ticket, request: Request, cid, created, model, n_prompt):
+    pieces, n_out, logprobs = [], 0, []
+    next_check = time.monotonic() + 0.25
+    try:
+        while True:
+            if time.monotonic() >= next_check:  # nobody reads a non-streamed answer: look for the client now and then
+                next_check = time.monotonic() + 0.25
+                if await request.is_disconnected():
+                    log.info("client gone before %s finished; cancelled", cid)
+                    return JSONResponse({}, status_code=499)
+            try:
+                item = await asyncio.wait_for(ticket.events.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                continue
+            _raise_for(item)
+            if item.token_id is not None:
+                n_out += 1
+            pieces.append(item.text or "")
+            if item.logprob is not None:
+                logprobs.append((item.text or "", float(item.logprob)))
+            if item.finish_reason is not None:
+                return translate.completion(cid, created, model, "".join(pieces), item.finish_reason,
+                                            translate.usage(n_prompt, n_out), logprobs or None)
+    finally:
+        scheduler.cancel(ticket)
+
+
+def _sse_line(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+
+
+async def _sse(scheduler: Scheduler, ticket, cid, created, model, n_prompt, include_usage):
+    n_out = 0
+    try:
+        yield _sse_line(translate.chunk(cid, created, model, {"role": "assistant", "content": ""},
+                                        with_usage_field=include_usage))
+        while True:
+            item = await ticket.events.get()
+            try:
+                _raise_for(item)
+            except APIError as e:
+                yield _sse_line(e.body())
+                return
+            if item.token_id is not None:
+                n_out += 1
+            lp = [(item.text or "", float(item.logprob))] if item.logprob is not None else None
+            if item.text:
+                yield _sse_line(translate.chunk(cid, created, model, {"content": item.text},
+                                                with_usage_field=include_usage, logprobs=lp))
+            if item.finish_reason is not None:
+                yield _sse_line(translate.chunk(cid, created, model, {}, item.finish_reason,
+                                                with_usage_field=include_usage))
+                if include_usage:
+                    yield _sse_line(translate.chunk(cid, created, model, None, use=translate.usage(n_prompt, n_out)))
+                yield b"data: [DONE]\n\n"
+                return
+    finally:  # also runs when Starlette cancels the stream because the client disconnected
+        if not ticket.done:
+            log.info("stream %s ended early (client gone); cancelled", cid)
+        scheduler.cancel(ticket)
+
+
+class _Guard:
+    """Pure-ASGI checks before any parsing: API key (401) on /v1/*, body size (413) from the header or while read.
+
+    Pure ASGI rather than BaseHTTPMiddleware so streaming responses and disconnect detection pass through untouched.
+    """
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.api_key is not None and scope["path"].startswith("/v1"):
+            auth = headers.get("authorization", "")
+            if not auth:
+                return await APIError(401, "Missing API key: send the header `Authorization: Bearer <key>`.",
+                                      code="invalid_api_key").response()(scope, receive, send)
+            token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+                return await APIError(401, "Incorrect API key provided.",
+                                      code="invalid_api_key").response()(scope, receive, send)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            return await _too_large(int(length), self.max_body)(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():  # no or a lying Content-Length: count while the body is read
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:  # an HTTPException passes FastAPI's body reader unchanged -> 413
+                    raise StarletteHTTPException(413, _too_large_message(seen, self.max_body))
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _too_large_message(size: int, limit: int) -> str:
+    return f"The request body is over {limit} bytes (got at least {size}); send smaller or fewer images."
+
+
+def _too_large(size: int, limit: int) -> JSONResponse:
+    return APIError(413, _too_large_message(size, limit), code="request_too_large").response()

@@ -1,0 +1,126 @@
+"""`lfm2vl serve`: load a model and serve it over an OpenAI-compatible HTTP API.
+
+    lfm2vl serve --model LiquidAI/LFM2-VL-450M [--host 127.0.0.1] [--port 8000] [--api-key K] [--max-batch 16]
+    python -m lfm2vl.serve.cli ...   (the same)
+
+The socket is bound before uvicorn starts, so `--port 0` picks a free port and the startup line prints the real
+address. Ctrl-C stops accepting connections, lets running answers finish for a few seconds, then stops the
+scheduler thread and exits with status 0.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lfm2vl serve", description="OpenAI-compatible server for LFM2-VL models.")
+    p.add_argument("--model", default="LiquidAI/LFM2-VL-450M", help="local checkpoint folder or hub id")
+    p.add_argument("--served-model-name", default=None,
+                   help="the name clients use in 'model' (default: the folder name of --model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--api-key", default=os.environ.get("LFM2VL_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1/* (default: $LFM2VL_API_KEY, else no key)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the engine's choice)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the engine's choice)")
+    g = p.add_argument_group("batching")
+    g.add_argument("--max-batch", type=int, default=16, help="rows decoded together (concurrent requests)")
+    g.add_argument("--max-seq-len", type=int, default=4096, help="context per request: prompt + completion tokens")
+    g.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens prefilled per step, so a long prompt does not stall running answers")
+    g.add_argument("--max-tokens", type=int, default=1024, help="completion tokens when a request sets no max_tokens")
+    m = p.add_argument_group("requests and images")
+    m.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (413 above)")
+    m.add_argument("--max-images", type=int, default=8, help="images per request")
+    m.add_argument("--max-image-pixels", type=int, default=32 * 1024 * 1024, help="width*height per image")
+    m.add_argument("--max-image-mb", type=float, default=20.0, help="encoded bytes per image")
+    m.add_argument("--no-remote-images", action="store_true", help="refuse http(s) image URLs")
+    m.add_argument("--remote-timeout", type=float, default=10.0, help="seconds allowed for one image fetch")
+    m.add_argument("--allowed-media-dir", default=None,
+                   help="allow local image paths (and file:// URLs), only inside this folder")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _check(args) -> str | None:
+    for name in ("max_batch", "max_seq_len", "prefill_chunk", "max_tokens", "max_images", "max_image_pixels"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+    if not 0 <= args.port <= 65535:
+        return f"--port must be in 0..65535, got {args.port}"
+    if args.allowed_media_dir is not None and not os.path.isdir(args.allowed_media_dir):
+        return f"--allowed-media-dir {args.allowed_media_dir!r} is not a folder"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    problem = _check(args)
+    if problem:
+        print(f"lfm2vl serve: {problem}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        import uvicorn
+
+        from .app import ServerSettings, create_app
+        from .media import MediaPolicy
+        from .scheduler import Scheduler
+    except ImportError as e:
+        print(f"lfm2vl serve needs the server extra ({e.name} is missing): pip install 'lfm2vl[serve]'",
+              file=sys.stderr)
+        return 1
+
+    import lfm2vl
+
+    print(f"lfm2vl serve: loading {args.model} ...", flush=True)
+    try:
+        engine = lfm2vl.load(args.model, dtype=args.dtype, device=args.device)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"lfm2vl serve: could not load {args.model}: {e}", file=sys.stderr)
+        return 1
+
+    scheduler = Scheduler(engine, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                          prefill_chunk=args.prefill_chunk)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model)) or args.model
+    settings = ServerSettings(
+        model_id=name, aliases=tuple({args.model} - {name}), api_key=args.api_key,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_images=args.max_images,
+        default_max_tokens=args.max_tokens, context_len=args.max_seq_len,
+        media=MediaPolicy(allow_remote=not args.no_remote_images, allowed_dir=args.allowed_media_dir,
+                          max_bytes=int(args.max_image_mb * 1024 * 1024), max_pixels=args.max_image_pixels,
+                          fetch_timeout_s=args.remote_timeout))
+    app = create_app(engine, scheduler, settings)
+
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        print(f"lfm2vl serve: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if not self.should_exit:
+                key = "on" if args.api_key else "off"
+                print(f"lfm2vl serve: model {name} ({args.model}) at http://{shown}:{port}/v1 "
+                      f"(max batch {args.max_batch}, context {args.max_seq_len}, API key {key}); Ctrl-C stops",
+                      flush=True)
+
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5, access_log=False)
+    _Server(config).run(sockets=[sock])
+    print("lfm2vl serve: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

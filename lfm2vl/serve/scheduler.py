@@ -1,0 +1,154 @@
+"""The scheduler: one thread owns the model and its BatchGenerator (continuous batching).
+
+HTTP handlers never touch the model. They submit prepared requests and read events from a per-request asyncio
+queue. The thread loops: take new requests and cancellations from its inbox, then run one `BatchGenerator.step()`
+(which prefills a chunk of waiting requests into free rows and runs one batched decode step over the running rows),
+then hand each event to its request's queue on the event loop. Requests therefore join and leave the batch between
+decode steps; a cancelled request (client gone) frees its row at the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+log = logging.getLogger("lfm2vl.serve")
+
+
+class SchedulerError(RuntimeError):
+    """The generator failed or the server is shutting down; the request cannot complete."""
+
+
+@dataclass
+class Ticket:
+    """One submitted request as the HTTP side sees it: events arrive on `events` (Event, or SchedulerError)."""
+
+    request: Any
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    rid: Any = None
+    done: bool = False
+    cancelled: bool = False
+
+
+def _default_generator(engine, **kw):
+    from lfm2vl.generate.batch import BatchGenerator
+
+    return BatchGenerator(engine, **kw)
+
+
+class Scheduler:
+    def __init__(self, engine, *, max_batch: int = 16, max_seq_len: int | None = None, prefill_chunk: int = 512,
+                 make_generator: Callable | None = None):
+        make = make_generator or _default_generator
+        self._make = lambda: make(engine, max_batch=max_batch, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk)
+        self.gen = self._make()
+        self.max_batch = max_batch
+        self._inbox: queue.Queue = queue.Queue()
+        self._tickets: dict[Any, Ticket] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lfm2vl-scheduler", daemon=True)
+        self.steps = 0
+
+    # ---- called from the event loop -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout)
+
+    def submit(self, request) -> Ticket:
+        if self._stop.is_set():
+            raise SchedulerError("the server is shutting down")
+        ticket = Ticket(request=request, loop=asyncio.get_running_loop())
+        self._inbox.put(("add", ticket))
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        if not ticket.done and not ticket.cancelled:
+            ticket.cancelled = True
+            self._inbox.put(("cancel", ticket))
+
+    def stats(self) -> dict:
+        return {"active_requests": len(self._tickets), "queued": self._inbox.qsize(), "max_batch": self.max_batch,
+                "steps": self.steps}
+
+    # ---- the scheduler thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._drain(block=not self.gen.has_work())
+                if self._stop.is_set():
+                    break
+                if self.gen.has_work():
+                    events = self.gen.step()
+                    self.steps += 1
+                    for ev in events:
+                        self._dispatch(ev)
+            except Exception as e:  # a model failure must not kill the thread: fail the batch, start afresh
+                log.exception("generation step failed; failing %d active request(s)", len(self._tickets))
+                self._fail_all(SchedulerError(f"generation failed: {type(e).__name__}"))
+                try:
+                    self.gen = self._make()
+                except Exception:
+                    log.exception("could not rebuild the batch generator")
+                    self._stop.set()
+        self._fail_all(SchedulerError("the server is shutting down"))
+        while True:  # requests that arrived after the stop
+            try:
+                kind, ticket = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                self._send(ticket, SchedulerError("the server is shutting down"))
+
+    def _drain(self, block: bool) -> None:
+        while True:
+            try:
+                kind, ticket = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if kind == "add" and not ticket.cancelled:
+                try:
+                    ticket.rid = self.gen.add(ticket.request)
+                except Exception as e:
+                    log.warning("request rejected by the batch generator: %s", e)
+                    ticket.done = True
+                    self._send(ticket, e if isinstance(e, ValueError) else SchedulerError(str(e)))
+                    continue
+                self._tickets[ticket.rid] = ticket
+            elif kind == "cancel" and ticket.rid in self._tickets:
+                del self._tickets[ticket.rid]
+                self.gen.cancel(ticket.rid)
+
+    def _dispatch(self, ev) -> None:
+        ticket = self._tickets.get(ev.rid)
+        if ticket is None:
+            return  # cancelled between steps
+        if ev.finish_reason is not None:
+            ticket.done = True
+            del self._tickets[ev.rid]
+        self._send(ticket, ev)
+
+    def _fail_all(self, err: Exception) -> None:
+        for rid, ticket in list(self._tickets.items()):
+            ticket.done = True
+            self._send(ticket, err)
+            try:
+                self.gen.cancel(rid)
+            except Exception:
+                pass  # the generator is being replaced anyway
+        self._tickets.clear()
+
+    @staticmethod
+    def _send(ticket: Ticket, item) -> None:
+        try:
+            ticket.loop.call_soon_threadsafe(ticket.events.put_nowait, item)
+        except RuntimeError:
+            pass  # the event loop is closed: nobody is listening any more

@@ -1,0 +1,159 @@
+"""Pydantic models of the OpenAI chat-completions API subset lfm2vl serves.
+
+Requests are validated here (types, ranges, n == 1, at most 4 stop strings); anything that fails becomes a 400 in
+OpenAI's error shape (errors.py). Unknown top-level fields that OpenAI clients commonly send (`user`, `metadata`,
+`store`, ...) are accepted and ignored; features lfm2vl does not have (tools, audio, n > 1, logit_bias) are refused
+clearly rather than silently ignored. Responses are plain dicts built in translate.py; their models live here only
+for the OpenAPI schema.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Strict):
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _bare_string(cls, v):
+        return {"url": v} if isinstance(v, str) else v  # some clients send the URL itself
+
+
+Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # `name` and friends are accepted and ignored
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Part] | None = None
+
+    @model_validator(mode="after")
+    def _content(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        if self.role != "user" and isinstance(self.content, list):
+            if any(p.type != "text" for p in self.content):
+                raise ValueError(f"image_url parts are only allowed in user messages, not in {self.role} messages")
+        return self
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    n: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    # lfm2vl extras (vLLM spells them the same way)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    min_image_tokens: int | None = Field(default=None, ge=1)
+    max_image_tokens: int | None = Field(default=None, ge=1)
+    do_image_splitting: bool | None = None
+    # OpenAI features lfm2vl does not offer: accepted only when empty so that clients sending defaults still work
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+    logit_bias: dict | None = None
+    modalities: list[str] | None = None
+    audio: dict | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, v):
+        if v is not None and v != 1:
+            raise ValueError(f"n={v} is not supported: lfm2vl returns exactly one choice per request (n must be 1)")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [v] if isinstance(v, str) else v
+        if stops is not None:
+            if len(stops) > 4:
+                raise ValueError(f"at most 4 stop sequences are allowed, got {len(stops)}")
+            if any(s == "" for s in stops):
+                raise ValueError("stop sequences must not be empty strings")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v):
+        if v:
+            raise ValueError("top_logprobs is not supported (only logprobs of the chosen tokens)")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name in ("tools", "tool_choice", "logit_bias", "audio"):
+            value = getattr(self, name)
+            if value and value != "none":
+                raise ValueError(f"{name} is not supported by lfm2vl")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError("response_format other than {'type': 'text'} is not supported by lfm2vl")
+        if self.modalities and set(self.modalities) != {"text"}:
+            raise ValueError("only the 'text' output modality is supported")
+        if self.min_image_tokens and self.max_image_tokens and self.min_image_tokens > self.max_image_tokens:
+            raise ValueError(f"min_image_tokens={self.min_image_tokens} exceeds max_image_tokens={self.max_image_tokens}")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: ResponseMessage
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: dict | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None

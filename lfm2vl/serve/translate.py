@@ -1,0 +1,94 @@
+"""Translation between OpenAI's chat-completions JSON and the engine.
+
+- `to_engine(body, policy, max_images)`: messages with text and image_url parts -> engine messages (images decoded
+  to PIL, see media.py) and engine options (OpenAI names -> engine names; unset fields keep the engine's defaults,
+  which follow the model card);
+- `completion(...)`, `chunk(...)`: response bodies exactly as OpenAI shapes them (usage, finish_reason, the
+  streamed `chat.completion.chunk` objects and the final usage chunk).
+"""
+from __future__ import annotations
+
+from .errors import APIError
+from .media import MediaPolicy, load_image
+from .schemas import ChatCompletionRequest
+
+# OpenAI field -> engine option, for the options passed through unchanged when the client sets them
+_PASS_THROUGH = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "seed", "min_image_tokens", "max_image_tokens", "do_image_splitting")
+
+
+def count_images(body: ChatCompletionRequest) -> int:
+    return sum(1 for m in body.messages if isinstance(m.content, list) for p in m.content if p.type == "image_url")
+
+
+def to_engine(body: ChatCompletionRequest, policy: MediaPolicy, max_images: int) -> tuple[list[dict], dict]:
+    """(engine messages, engine options). Blocking (image decoding, maybe a fetch): run it in a worker thread."""
+    n_images = count_images(body)
+    if n_images > max_images:
+        raise APIError(400, f"The request has {n_images} images; this server accepts at most {max_images} per "
+                            "request (--max-images).", param="messages", code="too_many_images")
+    messages = []
+    for i, msg in enumerate(body.messages):
+        role = "system" if msg.role == "developer" else msg.role
+        if msg.content is None or isinstance(msg.content, str):
+            messages.append({"role": role, "content": msg.content or ""})
+            continue
+        if role != "user":  # text parts only (checked by the schema): the engine's templates expect a string
+            messages.append({"role": role, "content": "".join(p.text for p in msg.content)})
+            continue
+        parts = []
+        for j, part in enumerate(msg.content):
+            if part.type == "text":
+                parts.append({"type": "text", "text": part.text})
+            else:
+                image = load_image(part.image_url.url, policy, f"messages[{i}].content[{j}]")
+                parts.append({"type": "image", "image": image})
+        messages.append({"role": role, "content": parts})
+    return messages, options(body)
+
+
+def options(body: ChatCompletionRequest) -> dict:
+    opts = {name: getattr(body, name) for name in _PASS_THROUGH if getattr(body, name) is not None}
+    if body.stop is not None:
+        opts["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
+    if body.logprobs:
+        opts["logprobs"] = True
+    return opts
+
+
+def requested_max_tokens(body: ChatCompletionRequest) -> int | None:
+    return body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def logprobs_block(items: list[tuple[str, float]] | None) -> dict | None:
+    if items is None:
+        return None
+    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
+                        for t, lp in items]}
+
+
+def completion(cid: str, created: int, model: str, text: str, finish_reason: str, use: dict,
+               logprobs: list[tuple[str, float]] | None = None) -> dict:
+    return {"id": cid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": logprobs_block(logprobs), "finish_reason": finish_reason}],
+            "usage": use, "system_fingerprint": None}
+
+
+def chunk(cid: str, created: int, model: str, delta: dict | None, finish_reason: str | None = None,
+          use: dict | None = None, with_usage_field: bool = False,
+          logprobs: list[tuple[str, float]] | None = None) -> dict:
+    """One `chat.completion.chunk`; delta None = the usage-only chunk (empty choices), as OpenAI sends it last."""
+    out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+           "system_fingerprint": None, "choices": []}
+    if delta is not None:
+        out["choices"] = [{"index": 0, "delta": delta, "logprobs": logprobs_block(logprobs),
+                           "finish_reason": finish_reason}]
+    if with_usage_field or use is not None:
+        out["usage"] = use  # null on every chunk but the last when include_usage is set
+    return out
