@@ -63,6 +63,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no penalties: an argmax over raw logits (batched across rows)."""
+        return (self.greedy and self.repetition_penalty == 1.0 and not self.presence_penalty
+                and not self.frequency_penalty)
+
 
 # ---- pure filters on logits (..., V); each returns a new tensor ----
 
@@ -125,9 +131,12 @@ class Sampler:
     `observe(token)` records a generated token for the penalties."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: torch.Tensor | list[int] | None = None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", eos_ids: tuple[int, ...] = (), min_new_tokens: int = 0):
         self.params = params
         device = torch.device(device)
+        # transformers' MinNewTokensLengthLogitsProcessor: eos logits are -inf until min_new_tokens were generated
+        self.n_generated, self.min_new_tokens = 0, min_new_tokens
+        self.eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device) if min_new_tokens else None
         self.seen = None  # prompt + generated tokens (repetition penalty)
         self.counts = None  # generated tokens only (presence / frequency)
         if params.repetition_penalty != 1.0:
@@ -159,10 +168,18 @@ class Sampler:
             else:
                 self.generator.manual_seed(params.seed)
         self.filters = filters
+        self.trivial = self.generator is None and not filters  # argmax of the raw logits while eos is allowed
+
+    @property
+    def plain(self) -> bool:
+        """This step is a plain argmax of the raw logits (the caller may batch it across rows)."""
+        return self.trivial and (self.eos is None or self.n_generated >= self.min_new_tokens)
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """The filtered float32 logits the token is drawn from."""
         x = logits.float()
+        if self.eos is not None and self.n_generated < self.min_new_tokens:
+            x = x.index_fill(-1, self.eos, NEG_INF)
         for f in self.filters:
             x = f(x)
         return x
@@ -174,6 +191,7 @@ class Sampler:
         return sample_from_logits(x, self.generator)
 
     def observe(self, token: torch.Tensor) -> None:
+        self.n_generated += 1
         if self.seen is not None:
             self.seen[token] = True
         if self.counts is not None:

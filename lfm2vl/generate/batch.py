@@ -1,0 +1,379 @@
+"""BatchGenerator: the one generation loop (continuous batching over a shared HybridCache).
+
+Every path (Engine.generate / stream / chat, batched generate, the server) drives this loop:
+- `add(request)` queues a request; `step()` admits queued requests into free cache rows, prefills them in chunks
+  (at most `prefill_chunk` tokens per step over all rows, the conv state carried across chunks), then runs ONE
+  batched decode step over the running rows, each at its own position. Requests join and leave between steps.
+- Images are encoded once, at admission; decode embeds the new token only.
+- Prefix reuse: a finished request leaves its tokens in its row. A new request placed in that row skips the
+  longest common token prefix (same image pixels included) that ends at a point where the row's conv state is
+  known: the end of the row's content, or a snapshot taken at the end of an earlier prompt. Conv layers keep a
+  rolling state, so an arbitrary prefix cannot be resumed; attention K/V can.
+- Each row samples with its own Sampler (composed once per request); rows that are plain greedy share one argmax.
+  One host sync per step (the new token ids), needed for detokenizing and stop checks.
+"""
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..processor.tokens import unit_tokens
+from .detok import StreamDetokenizer
+from .request import Event, Request, Result
+from .sampling import Sampler, token_logprobs
+from .stops import StopMatcher
+
+DEFAULT_CAPACITY = 4096  # initial cache length per row; grows (by doubling) up to max_position_embeddings
+MAX_SNAPSHOTS = 8  # conv-state snapshots kept per row (prompt ends of earlier requests)
+
+
+@dataclass
+class _Row:
+    """What one cache row holds: the tokens whose state is stored, the image units among them, and conv-state
+    snapshots {position: [state per conv layer]} taken at the end of earlier prompts."""
+
+    tokens: list[int] = field(default_factory=list)
+    units: list[tuple[tuple[int, int], torch.Tensor]] = field(default_factory=list)  # ((h, w), valid patches)
+    snaps: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    active: "_Active | None" = None
+    last_used: int = 0
+
+
+@dataclass
+class _Active:
+    rid: int
+    req: Request
+    sampler: Sampler
+    detok: StreamDetokenizer
+    stops: StopMatcher
+    slot: int = -1
+    embeds: torch.Tensor | None = None  # (1, T, D) prompt embeddings still to prefill
+    offset: int = 0  # next index into `embeds`
+    cached: int = 0  # reused prompt tokens
+    next_token: torch.Tensor | None = None  # sampled, not yet fed (0-d, on device)
+    next_id: int = -1  # the same token on the host
+    generated: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    t_add: float = 0.0
+    t_first: float = 0.0
+    prefill_s: float = 0.0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.embeds is not None
+
+
+class BatchGenerator:
+    def __init__(self, engine, max_batch: int = 16, max_seq_len: int | None = None, prefill_chunk: int = 512):
+        """engine: anything with .model (make_cache / embed / image_features / forward_cached), .config
+        (Lfm2VlConfig) and .tokenizer (decode). max_seq_len: fixed cache length per row (default: starts at
+        4096 and grows up to the model's context)."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.model, self.tokenizer, self.config = engine.model, engine.tokenizer, engine.config
+        tc = self.config.text_config
+        self.max_context, self.vocab_size = tc.max_position_embeddings, tc.vocab_size
+        self.image_token_id, self.factor = self.config.image_token_id, self.config.downsample_factor
+        self.device = next(self.model.parameters()).device
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.fixed = max_seq_len is not None
+        if self.fixed and not 1 <= max_seq_len <= self.max_context:
+            raise ValueError(f"max_seq_len={max_seq_len} must be in [1, {self.max_context}] (the model's context)")
+        self.cache = self.model.make_cache(max_batch, max_seq_len or min(DEFAULT_CAPACITY, self.max_context))
+        self.rows = [_Row() for _ in range(max_batch)]
+        self.pending: deque[_Active] = deque()
+        self.actives: dict[int, _Active] = {}
+        self._next_rid = 0
+        self._clock = 0
+
+    # ---- public API -------------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.cache.max_seq_len
+
+    def add(self, req: Request) -> int:
+        """Queue a request; returns its id. Raises ValueError if it can never fit."""
+        n = len(req.input_ids)
+        limit = self.capacity if self.fixed else self.max_context
+        if n >= limit:
+            raise ValueError(f"the prompt has {n} tokens but the context holds {limit} "
+                             f"(prompt plus at least one new token must fit)")
+        bad = [i for i in req.input_ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        self._check_images(req)
+        rid = self._next_rid
+        self._next_rid += 1
+        sampler = Sampler(req.params, self.vocab_size, req.input_ids, self.device, req.eos_ids, req.min_new_tokens)
+        act = _Active(rid, req, sampler, StreamDetokenizer(self.tokenizer), StopMatcher(req.stop),
+                      t_add=time.perf_counter())
+        self.pending.append(act)
+        self.actives[rid] = act
+        return rid
+
+    def cancel(self, rid: int) -> None:
+        """Drop a request; its row becomes free (its content stays reusable)."""
+        act = self.actives.pop(rid, None)
+        if act is None:
+            return
+        if act in self.pending:
+            self.pending.remove(act)
+        elif act.slot >= 0:
+            self.rows[act.slot].active = None
+
+    def has_work(self) -> bool:
+        return bool(self.actives)
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit queued requests into free rows, prefill up to `prefill_chunk` tokens, then one decode step."""
+        events: list[Event] = []
+        self._admit()
+        self._prefill(events)
+        self._decode(events)
+        return events
+
+    def run(self, rids=None) -> dict[int, Result]:
+        """Step until the given requests (default: all) finished; returns their Results."""
+        want = set(self.actives) if rids is None else set(rids)
+        out = {}
+        while want - set(out):
+            for ev in self.step():
+                if ev.result is not None:
+                    out[ev.rid] = ev.result
+        return out
+
+    # ---- admission and prefix reuse ---------------------------------------------------------------------------
+    def _check_images(self, req: Request) -> None:
+        n_img = sum(1 for i in req.input_ids if i == self.image_token_id)
+        counts = self._unit_counts(req)
+        if n_img != sum(counts):
+            raise ValueError(f"the prompt has {n_img} <image> tokens but its pixel inputs give {sum(counts)} "
+                             f"features ({len(counts)} image units); prompt and images disagree")
+
+    def _unit_counts(self, req: Request) -> list[int]:
+        if req.spatial_shapes is None:
+            return []
+        return [unit_tokens(int(h), int(w), self.factor) for h, w in req.spatial_shapes.tolist()]
+
+    def _admit(self) -> None:
+        while self.pending:
+            free = [i for i, r in enumerate(self.rows) if r.active is None]
+            if not free:
+                return
+            act = self.pending.popleft()
+            t0 = time.perf_counter()
+            ids = act.req.input_ids
+            if not self.fixed and len(ids) + 1 > self.capacity:
+                self._grow(len(ids) + 1)
+            units = self._units(act.req)
+            best = max(free, key=lambda s: (self._reuse_point(self.rows[s], ids, units)[0], -self.rows[s].last_used
+                                            if self.rows[s].tokens else 1))
+            p, snap = self._reuse_point(self.rows[best], ids, units)
+            self._place(act, best, p, snap, units)
+            act.prefill_s += time.perf_counter() - t0
+
+    def _units(self, req: Request) -> list[tuple[int, int, tuple[int, int], torch.Tensor]]:
+        """Per image unit: (first token position, token count, (h, w) patches, valid patch rows)."""
+        counts = self._unit_counts(req)
+        if not counts:
+            return []
+        pos = [i for i, t in enumerate(req.input_ids) if t == self.image_token_id]
+        out, c = [], 0
+        for u, (n, (h, w)) in enumerate(zip(counts, req.spatial_shapes.tolist())):
+            out.append((pos[c], n, (int(h), int(w)), req.pixel_values[u, :int(h) * int(w)]))
+            c += n
+        return out
+
+    def _reuse_point(self, row: _Row, ids: list[int], units) -> tuple[int, list[torch.Tensor] | None]:
+        """Longest reusable prefix of `ids` in `row` -> (length p, conv snapshot to restore or None)."""
+        if row.active is not None or not row.tokens:
+            return 0, None
+        n = min(len(row.tokens), len(ids) - 1)  # at least one prompt token is prefilled to get logits
+        L = 0
+        while L < n and row.tokens[L] == ids[L]:
+            L += 1
+        for u, (start, _, hw, px) in enumerate(units):  # same placeholder tokens, but are they the same pixels?
+            if start >= L:
+                break
+            old = row.units[u] if u < len(row.units) else None
+            if old is None or old[0] != hw or not torch.equal(old[1], px.to(old[1].device, old[1].dtype)):
+                L = start
+                break
+        if len(row.tokens) <= L:
+            return len(row.tokens), None
+        p = max((s for s in row.snaps if s <= L), default=0)
+        return p, (row.snaps[p] if p else None)
+
+    def _place(self, act: _Active, slot: int, p: int, snap, units) -> None:
+        row, req = self.rows[slot], act.req
+        self._clock += 1
+        row.active, row.last_used, act.slot, act.cached = act, self._clock, slot, p
+        if snap is not None:
+            for state, saved in zip((c for c in self.cache.conv if c is not None), snap):
+                state[slot] = saved
+        row.tokens = row.tokens[:p]
+        row.snaps = {s: v for s, v in row.snaps.items() if s <= p}
+        row.units = [(hw, px.to(self.device)) for _, _, hw, px in units]
+        self.cache.lengths[slot] = p
+        ids = torch.tensor([req.input_ids[p:]], dtype=torch.long, device=self.device)
+        act.embeds = self.model.embed(ids, self._features(req, units, p))
+        act.offset = 0
+
+    def _features(self, req: Request, units, p: int) -> torch.Tensor | None:
+        """Image features of the placeholder tokens at positions >= p (units entirely before p are not encoded)."""
+        first = next((u for u, (s, n, _, _) in enumerate(units) if s + n > p), None)
+        if first is None:
+            return None
+        sel = slice(first, len(units))
+        feats = self.model.image_features(req.pixel_values[sel].to(self.device),
+                                          req.pixel_attention_mask[sel].to(self.device),
+                                          req.spatial_shapes[sel].to(self.device))
+        return feats[max(0, p - units[first][0]):]  # a unit split by p: keep the tokens after p
+
+    def _grow(self, needed: int) -> None:
+        """Reallocate the cache with room for `needed` tokens per row, keeping every row's content."""
+        cap = min(self.max_context, max(needed, 2 * self.capacity))
+        new = self.model.make_cache(self.max_batch, cap)
+        old_len = self.capacity
+        for dst, src in zip(new.k + new.v, self.cache.k + self.cache.v):
+            if src is not None:
+                dst[:, :, :old_len] = src
+        for dst, src in zip(new.conv, self.cache.conv):
+            if src is not None:
+                dst.copy_(src)
+        new.lengths.copy_(self.cache.lengths)
+        self.cache = new
+
+    # ---- prefill ----------------------------------------------------------------------------------------------
+    def _rows_arg(self, slots: list[int]) -> torch.Tensor | None:
+        """None when the call covers every row in order (no gather of the cache), else the row indices."""
+        if slots == list(range(self.max_batch)):
+            return None
+        return torch.tensor(slots, dtype=torch.long, device=self.device)
+
+    def _prefill(self, events: list[Event]) -> None:
+        budget = self.prefill_chunk
+        for act in [a for a in self.actives.values() if a.slot >= 0 and a.prefilling]:
+            if budget <= 0:
+                break
+            t0 = time.perf_counter()
+            row, ids = self.rows[act.slot], act.req.input_ids
+            total = act.embeds.shape[1]
+            logits = None
+            while budget > 0 and act.offset < total:
+                n = min(budget, total - act.offset)
+                pos = len(row.tokens)
+                start = torch.tensor([pos], dtype=torch.long, device=self.device)
+                logits = self.model.forward_cached(act.embeds[:, act.offset:act.offset + n], self.cache, start,
+                                                   rows=self._rows_arg([act.slot]), last_only=True)
+                self.cache.lengths[act.slot] = pos + n
+                row.tokens.extend(ids[pos:pos + n])
+                act.offset += n
+                budget -= n
+            if act.offset == total:
+                act.embeds = None
+                self._snapshot(row, act.slot)
+                tok = act.sampler(logits[0])
+                t = int(tok)
+                act.t_first = time.perf_counter()
+                act.prefill_s += act.t_first - t0
+                self._emit(act, tok, t, logits[0], events)
+            else:
+                act.prefill_s += time.perf_counter() - t0
+
+    def _snapshot(self, row: _Row, slot: int) -> None:
+        row.snaps[len(row.tokens)] = [c[slot].clone() for c in self.cache.conv if c is not None]
+        while len(row.snaps) > MAX_SNAPSHOTS:
+            del row.snaps[min(row.snaps)]
+
+    # ---- decode -----------------------------------------------------------------------------------------------
+    def _decode(self, events: list[Event]) -> None:
+        acts = sorted((a for a in self.actives.values() if a.slot >= 0 and not a.prefilling
+                       and a.next_token is not None), key=lambda a: a.slot)
+        if not acts:
+            return
+        need = max(len(self.rows[a.slot].tokens) for a in acts) + 1
+        if need > self.capacity and not self.fixed and self.capacity < self.max_context:
+            self._grow(need)
+        slots = [a.slot for a in acts]
+        ids = torch.stack([a.next_token for a in acts])[:, None]  # (b, 1)
+        rows = self._rows_arg(slots)
+        start = self.cache.lengths if rows is None else self.cache.lengths[rows]
+        logits = self.model.forward_cached(self.model.embed(ids), self.cache, start, rows=rows, last_only=True)
+        if rows is None:
+            self.cache.lengths += 1
+        else:
+            self.cache.lengths[rows] += 1
+        for a in acts:
+            self.rows[a.slot].tokens.append(a.next_id)
+        plain = [i for i, a in enumerate(acts) if a.sampler.plain]
+        toks = [None] * len(acts)
+        if plain:
+            am = logits[plain].argmax(dim=-1)
+            for j, i in enumerate(plain):
+                toks[i] = am[j]
+        for i, a in enumerate(acts):
+            if toks[i] is None:
+                toks[i] = a.sampler(logits[i])
+        host = torch.stack(toks).tolist()  # the step's one host sync
+        for i, a in enumerate(acts):
+            self._emit(a, toks[i], host[i], logits[i], events)
+
+    # ---- per-token bookkeeping --------------------------------------------------------------------------------
+    def _emit(self, act: _Active, tok: torch.Tensor, t: int, logits: torch.Tensor, events: list[Event]) -> None:
+        act.sampler.observe(tok)
+        p = act.req.params
+        lp = top = None
+        if p.logprobs or p.top_logprobs:
+            chosen, tv, ti = token_logprobs(logits, tok, p.top_logprobs)
+            lp = float(chosen)
+            top = list(zip(ti.tolist(), tv.tolist())) if tv is not None else None
+            act.logprobs.append(lp)
+            if top is not None:
+                act.top_logprobs.append(top)
+        act.next_token, act.next_id = tok, t
+        act.generated.append(t)
+        reason = None
+        if t in act.req.eos_ids:
+            text, hit = act.stops.feed(act.detok.flush())
+            reason = "stop"
+        else:
+            text, hit = act.stops.feed(act.detok.add(t))
+            if hit:
+                reason = "stop"
+            elif (act.req.max_new_tokens is not None and len(act.generated) >= act.req.max_new_tokens) or \
+                    len(self.rows[act.slot].tokens) >= self._limit():  # no room to feed this token
+                more, hit = act.stops.feed(act.detok.flush())
+                text += more
+                reason = "stop" if hit else "length"
+        if reason is not None and not hit:
+            text += act.stops.flush()
+        act.text.append(text)
+        ev = Event(act.rid, t, text, reason, lp, top)
+        if reason is not None:
+            ev.result = self._finish(act, reason)
+        events.append(ev)
+
+    def _limit(self) -> int:
+        return self.capacity if self.fixed else self.max_context
+
+    def _finish(self, act: _Active, reason: str) -> Result:
+        now = time.perf_counter()
+        self.rows[act.slot].active = None
+        self.actives.pop(act.rid, None)
+        p = act.req.params
+        return Result(
+            text="".join(act.text), token_ids=list(act.generated), finish_reason=reason,
+            prompt_tokens=len(act.req.input_ids), completion_tokens=len(act.generated), cached_tokens=act.cached,
+            logprobs=list(act.logprobs) if (p.logprobs or p.top_logprobs) else None,
+            top_logprobs=list(act.top_logprobs) if p.top_logprobs else None,
+            ttft_s=act.t_first - act.t_add, prefill_s=act.prefill_s, decode_s=now - act.t_first)

@@ -1,0 +1,82 @@
+"""What goes into the BatchGenerator (Request) and what comes out (Event per token, Result per finished request)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling import SamplingParams
+
+
+@dataclass
+class Request:
+    """A prepared prompt: token ids (image placeholders expanded), the pixel inputs of its images, sampling
+    options and stop conditions. Built by `Engine.prepare`."""
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None = None  # (units, L, 3*p*p)
+    pixel_attention_mask: torch.Tensor | None = None  # (units, L)
+    spatial_shapes: torch.Tensor | None = None  # (units, 2) patch grid (h, w)
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int | None = 512  # None: until the context is full
+    min_new_tokens: int = 0  # eos is suppressed until this many tokens were generated (transformers semantics)
+    stop: list[str] = field(default_factory=list)
+    eos_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.input_ids, torch.Tensor):
+            self.input_ids = self.input_ids.flatten().tolist()
+        self.input_ids = [int(i) for i in self.input_ids]
+        if not self.input_ids:
+            raise ValueError("the prompt is empty (0 tokens); give at least one token")
+        if self.max_new_tokens is not None and (isinstance(self.max_new_tokens, bool) or
+                                                not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is invalid; expected an integer >= 1 or None")
+        if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens={self.min_new_tokens!r} is invalid; expected an integer >= 0")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.eos_ids = tuple(int(i) for i in self.eos_ids)
+        if self.pixel_values is not None and (self.pixel_attention_mask is None or self.spatial_shapes is None):
+            raise ValueError("pixel_values needs pixel_attention_mask and spatial_shapes as well")
+
+
+@dataclass
+class Result:
+    """One finished generation. token_ids are the new tokens only (an eos token that ended it included)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (eos or a stop string) or "length" (max_new_tokens or the context is full)
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose cache was reused instead of prefilled
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    ttft_s: float = 0.0  # from add() to the first token
+    prefill_s: float = 0.0  # image encoding + prompt prefill
+    decode_s: float = 0.0  # from the first token to the last
+
+    @property
+    def prefill_tps(self) -> float:
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return (self.completion_tokens - 1) / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass
+class Event:
+    """One generated token of one request. `text` is the newly completed text (may be ""); the last event of a
+    request has its finish_reason and the whole Result."""
+
+    rid: int
+    token_id: int | None
+    text: str
+    finish_reason: str | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    result: Result | None = None
