@@ -72,7 +72,10 @@ def decode_image(data: bytes, policy: MediaPolicy, where: str) -> Image.Image:
         return img.convert("RGB")
     except APIError:
         raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # PIL's own guard fires in open() for extreme sizes
+        raise APIError(400, f"{where}: image is too large to decode ({e}).", param=where,
+                       code="image_too_large") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise APIError(400, f"{where}: the image could not be decoded ({type(e).__name__}: {e}).",
                        param=where, code="invalid_image") from None
 
@@ -126,7 +129,7 @@ def _fetch(url: str, policy: MediaPolicy, where: str) -> bytes:
                 if time.monotonic() > deadline:
                     raise APIError(400, f"{where}: fetching the image took longer than {policy.fetch_timeout_s:g} s.",
                                    param=where, code="image_fetch_timeout")
-                chunk = resp.read(65536)
+                chunk = resp.read1(65536)  # returns what has arrived, so a trickling server meets the deadline
                 if not chunk:
                     break
                 total += len(chunk)
