@@ -124,6 +124,14 @@ def _prepare(engine, body: ChatCompletionRequest, settings: ServerSettings):
     return req, n_prompt
 
 
+def _usage(last_event, n_prompt: int, n_out: int) -> dict:
+    """Usage from the finished request's Result when the generator attaches one (with reused prompt tokens)."""
+    result = getattr(last_event, "result", None)
+    if result is None:
+        return translate.usage(n_prompt, n_out)
+    return translate.usage(result.prompt_tokens, result.completion_tokens, getattr(result, "cached_tokens", None))
+
+
 def _raise_for(item) -> None:
     if isinstance(item, ValueError):
         raise APIError(400, str(item), param="messages")
@@ -154,7 +162,7 @@ async def _collect(scheduler: Scheduler, ticket, request: Request, cid, created,
                 logprobs.append((item.text or "", float(item.logprob)))
             if item.finish_reason is not None:
                 return translate.completion(cid, created, model, "".join(pieces), item.finish_reason,
-                                            translate.usage(n_prompt, n_out), logprobs or None)
+                                            _usage(item, n_prompt, n_out), logprobs or None)
     finally:
         scheduler.cancel(ticket)
 
@@ -185,7 +193,7 @@ async def _sse(scheduler: Scheduler, ticket, cid, created, model, n_prompt, incl
                 yield _sse_line(translate.chunk(cid, created, model, {}, item.finish_reason,
                                                 with_usage_field=include_usage))
                 if include_usage:
-                    yield _sse_line(translate.chunk(cid, created, model, None, use=translate.usage(n_prompt, n_out)))
+                    yield _sse_line(translate.chunk(cid, created, model, None, use=_usage(item, n_prompt, n_out)))
                 yield b"data: [DONE]\n\n"
                 return
     finally:  # also runs when Starlette cancels the stream because the client disconnected
