@@ -1,0 +1,141 @@
+"""Native CPU kernels for the decode step: multithreaded GEMV / small-M GEMM over bf16, fp32 and int8 weights.
+
+- `gemv.cpp` is compiled once per machine with the system `g++ -O3 -march=native -fopenmp` (no ninja, no Python
+  headers: a plain shared library called through ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/.
+- It links the same libgomp as torch (torch is imported first, the loader reuses its libgomp.so.1), so its
+  threads are torch's intra-op threads (`torch.set_num_threads` applies) and no second pool competes.
+- `available()` is False, and callers fall back to F.linear, when LFM2VL_NO_KERNELS=1, the CPU is not x86-64,
+  or the compiler is missing or fails. A failure is reported once as a warning, never raised.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+_SRC = Path(__file__).with_name("gemv.cpp")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2}
+_DT = {torch.float32: 0, torch.bfloat16: 1}
+_lib = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LFM2VL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lfm2vl")
+    return Path(root) / "kernels"
+
+
+def _cpu_id() -> str:
+    # -march=native bakes the CPU in: a different CPU (or compiler) must get its own build
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+        return "".join(lines)
+    except OSError:
+        return platform.processor()
+
+
+def _build() -> Path:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++) on PATH")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(_SRC.read_bytes() + " ".join(_FLAGS).encode() + version.encode()
+                         + _cpu_id().encode()).hexdigest()[:16]
+    out = _cache_dir() / key / "libgemv.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # build into a temporary name, then rename: concurrent first uses never load a half-written library
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    proc = subprocess.run([cxx, *_FLAGS, str(_SRC), "-o", tmp], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(f"compiling {_SRC.name} failed:\n{proc.stderr[-2000:]}")
+    os.replace(tmp, out)
+    return out
+
+
+def _load():
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("LFM2VL_NO_KERNELS", "0") not in ("", "0"):
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        warnings.warn(f"lfm2vl: native kernels unavailable, using torch ({e})", RuntimeWarning, stacklevel=3)
+        return None
+    p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.lfm2vl_linear.argtypes = [i, p, p, p, p, p, i64, i64, i64, i, i, i]
+    lib.lfm2vl_linear.restype = None
+    lib.lfm2vl_isa.restype = ctypes.c_int
+    lib.lfm2vl_cpu_isa.restype = ctypes.c_int
+    lib.lfm2vl_set_isa.argtypes = [ctypes.c_int]
+    _lib = lib
+    return _lib
+
+
+def available() -> bool:
+    """True when the native library is built and loaded (and not disabled by LFM2VL_NO_KERNELS=1)."""
+    return _load() is not None
+
+
+def isa() -> int:
+    """Instruction set in use: 3 AVX512-BF16, 2 AVX512F, 1 AVX2+FMA, 0 scalar; -1 without kernels."""
+    lib = _load()
+    return -1 if lib is None else lib.lfm2vl_isa()
+
+
+def set_isa(cap: int) -> None:
+    """Cap the instruction set (tests use it to exercise the AVX2 and scalar fallbacks on an AVX512 CPU)."""
+    lib = _load()
+    if lib is not None:
+        lib.lfm2vl_set_isa(int(cap))
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear(x, weight)` runs natively for these dtypes/devices (callers otherwise use F.linear)."""
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype in _DT
+            and weight.dtype in _KIND and available())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           scale: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight * scale[:, None], bias) with fp32 accumulation; the output has x's dtype.
+
+    x (..., K) fp32/bf16; weight (N, K) bf16/fp32/int8 (int8 needs `scale` (N,) fp32); bias (N,) or None.
+    The caller checks `supports()` first. Kept lean: it runs ~100 times per decoded token.
+    """
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"linear: x has {x.shape[-1]} features but weight is {tuple(weight.shape)}")
+    kind = _KIND[weight.dtype]
+    if kind == 2 and (scale is None or scale.dtype != torch.float32 or scale.numel() != N):
+        raise ValueError(f"linear: int8 weight {tuple(weight.shape)} needs a float32 scale of {N} values")
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    y = x.new_empty(x.shape[:-1] + (N,))
+    dt = _DT[x.dtype]
+    _lib.lfm2vl_linear(kind, weight.data_ptr(), None if scale is None else scale.data_ptr(), x.data_ptr(),
+                       y.data_ptr(), None if bias is None else bias.data_ptr(), x.numel() // K, N, K, dt, dt,
+                       torch.get_num_threads())
+    return y

@@ -1,0 +1,306 @@
+// Fast CPU matrix-vector / small-M matrix products for the decode step of lfm2vl.
+//
+// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), i.e. F.linear(x, W, bias), with fp32 accumulation.
+// Weights: bf16, fp32, or int8 with one fp32 scale per output row (symmetric, weight-only).
+// Activations x: fp32 or bf16 (dtype code 0 = fp32, 1 = bf16); output y likewise (bf16 rounded to nearest even).
+//
+// Why: torch's CPU GEMV runs on one core at 15-20 GB/s; a decode step of a 450M model is mostly these products,
+// so the step is bound by how fast the weights stream from memory. Here the output rows are split over the
+// OpenMP threads (the process shares torch's libgomp, so no second thread pool competes with torch's).
+//
+// Instruction sets, picked at run time (capped by lfm2vl_set_isa for tests):
+//   3 = AVX512-BF16 (_mm512_dpbf16_ps for bf16 x bf16), 2 = AVX512F, 1 = AVX2+FMA, 0 = scalar.
+// Each ISA path lives in a function with a target attribute, so the file compiles on any x86-64 gcc.
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+#include <stdlib.h>
+#include <math.h>
+
+#define T_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#define T_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define T_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+static int g_isa_cap = 3;
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even, as torch's .to(bfloat16)
+    return (uint16_t)(u >> 16);
+}
+
+static inline void store_out(void* y, int ydt, int64_t idx, float v) {
+    if (ydt == 1) ((uint16_t*)y)[idx] = f32_to_bf16(v);
+    else ((float*)y)[idx] = v;
+}
+
+static int cpu_isa() {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
+        if (__builtin_cpu_supports("avx512bf16")) return 3;
+        return 2;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+    return 0;
+}
+
+static int active_isa() {
+    static int isa = -1;
+    if (isa < 0) isa = cpu_isa();
+    return isa < g_isa_cap ? isa : g_isa_cap;
+}
+
+// Rows [n0, n1) of thread `t` of `nt`, in blocks of 4 so the 4-row tiles stay whole.
+static inline void split_rows(int64_t N, int t, int nt, int64_t* n0, int64_t* n1) {
+    int64_t blocks = (N + 3) / 4;
+    int64_t per = blocks / nt, rem = blocks % nt;
+    int64_t b0 = t * per + (t < rem ? t : rem);
+    int64_t b1 = b0 + per + (t < rem ? 1 : 0);
+    *n0 = b0 * 4 < N ? b0 * 4 : N;
+    *n1 = b1 * 4 < N ? b1 * 4 : N;
+}
+
+// ---------------------------------------------------------------- scalar reference paths (any CPU)
+static void bf16w_scalar(const uint16_t* W, const float* X, void* Y, const float* bias, int64_t M, int64_t n0,
+                         int64_t n1, int64_t N, int64_t K, int ydt) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = n0; n < n1; n++) {
+            float acc = 0.f;
+            const uint16_t* w = W + n * K;
+            const float* x = X + m * K;
+            for (int64_t k = 0; k < K; k++) acc += bf16_to_f32(w[k]) * x[k];
+            store_out(Y, ydt, m * N + n, acc + (bias ? bias[n] : 0.f));
+        }
+}
+
+static void f32w_scalar(const float* W, const float* X, void* Y, const float* bias, int64_t M, int64_t n0,
+                        int64_t n1, int64_t N, int64_t K, int ydt) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = n0; n < n1; n++) {
+            float acc = 0.f;
+            for (int64_t k = 0; k < K; k++) acc += W[n * K + k] * X[m * K + k];
+            store_out(Y, ydt, m * N + n, acc + (bias ? bias[n] : 0.f));
+        }
+}
+
+static void i8w_scalar(const int8_t* W, const float* S, const float* X, void* Y, const float* bias, int64_t M,
+                       int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = n0; n < n1; n++) {
+            float acc = 0.f;
+            for (int64_t k = 0; k < K; k++) acc += (float)W[n * K + k] * X[m * K + k];
+            store_out(Y, ydt, m * N + n, acc * S[n] + (bias ? bias[n] : 0.f));
+        }
+}
+
+// ---------------------------------------------------------------- AVX2 paths
+T_AVX2 static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+T_AVX2 static inline __m256 load8_bf16_avx2(const uint16_t* p) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+T_AVX2 static inline __m256 load8_i8_avx2(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+
+// One generic AVX2 body: `kind` 0 = bf16 weights, 1 = fp32 weights, 2 = int8 weights; x is fp32 here.
+T_AVX2 static void gemv_avx2(int kind, const void* Wv, const float* S, const float* X, void* Y, const float* bias,
+                             int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt) {
+    int64_t K8 = K & ~(int64_t)7;
+    for (int64_t m = 0; m < M; m++) {
+        const float* x = X + m * K;
+        for (int64_t n = n0; n < n1; n++) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            int64_t k = 0;
+            for (; k + 16 <= K8; k += 16) {
+                __m256 w0, w1;
+                if (kind == 0) {
+                    const uint16_t* w = (const uint16_t*)Wv + n * K + k;
+                    w0 = load8_bf16_avx2(w); w1 = load8_bf16_avx2(w + 8);
+                } else if (kind == 1) {
+                    const float* w = (const float*)Wv + n * K + k;
+                    w0 = _mm256_loadu_ps(w); w1 = _mm256_loadu_ps(w + 8);
+                } else {
+                    const int8_t* w = (const int8_t*)Wv + n * K + k;
+                    w0 = load8_i8_avx2(w); w1 = load8_i8_avx2(w + 8);
+                }
+                a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), a0);
+                a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), a1);
+            }
+            float acc = hsum256(_mm256_add_ps(a0, a1));
+            for (; k < K; k++) {
+                float w;
+                if (kind == 0) w = bf16_to_f32(((const uint16_t*)Wv)[n * K + k]);
+                else if (kind == 1) w = ((const float*)Wv)[n * K + k];
+                else w = (float)((const int8_t*)Wv)[n * K + k];
+                acc += w * x[k];
+            }
+            if (kind == 2) acc *= S[n];
+            store_out(Y, ydt, m * N + n, acc + (bias ? bias[n] : 0.f));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- AVX512 paths
+// Tiles of 4 weight rows x up to 4 activation rows: each weight vector loaded once feeds MR accumulators.
+
+// bf16 weights x bf16 activations with dpbf16 (each step: 32 products summed pairwise into 16 fp32 lanes).
+template <int MR>
+T_AVX512BF16 static void tile_bf16_dp(const uint16_t* W, const uint16_t* X, void* Y, const float* bias, int64_t n,
+                                      int64_t rows, int64_t m0, int64_t N, int64_t K, int ydt) {
+    __m512 acc[4][MR];
+    for (int r = 0; r < 4; r++)
+        for (int j = 0; j < MR; j++) acc[r][j] = _mm512_setzero_ps();
+    const uint16_t* w[4];
+    for (int r = 0; r < 4; r++) w[r] = W + (n + (r < rows ? r : 0)) * K;
+    for (int64_t k = 0; k < K; k += 32) {
+        __mmask32 mk = K - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (K - k)) - 1u);
+        __m512bh xv[MR];
+        for (int j = 0; j < MR; j++)
+            xv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mk, X + (m0 + j) * K + k);
+        for (int r = 0; r < 4; r++) {
+            __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mk, w[r] + k);
+            for (int j = 0; j < MR; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv, xv[j]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < MR; j++)
+            store_out(Y, ydt, (m0 + j) * N + n + r, _mm512_reduce_add_ps(acc[r][j]) + (bias ? bias[n + r] : 0.f));
+}
+
+// Weights of any kind widened to fp32 x fp32 activations (kind 0 bf16, 1 fp32, 2 int8 with row scales).
+template <int MR, int KIND>
+T_AVX512 static void tile_f32(const void* Wv, const float* S, const float* X, void* Y, const float* bias, int64_t n,
+                              int64_t rows, int64_t m0, int64_t N, int64_t K, int ydt) {
+    __m512 acc[4][MR];
+    for (int r = 0; r < 4; r++)
+        for (int j = 0; j < MR; j++) acc[r][j] = _mm512_setzero_ps();
+    int64_t rr[4];
+    for (int r = 0; r < 4; r++) rr[r] = (n + (r < rows ? r : 0)) * K;
+    for (int64_t k = 0; k < K; k += 16) {
+        __mmask16 mk = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+        __m512 xv[MR];
+        for (int j = 0; j < MR; j++) xv[j] = _mm512_maskz_loadu_ps(mk, X + (m0 + j) * K + k);
+        for (int r = 0; r < 4; r++) {
+            __m512 wv;
+            if (KIND == 0) {
+                __m256i h = _mm256_maskz_loadu_epi16(mk, (const uint16_t*)Wv + rr[r] + k);
+                wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+            } else if (KIND == 1) {
+                wv = _mm512_maskz_loadu_ps(mk, (const float*)Wv + rr[r] + k);
+            } else {
+                __m128i b = _mm_maskz_loadu_epi8(mk, (const int8_t*)Wv + rr[r] + k);
+                wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+            }
+            for (int j = 0; j < MR; j++) acc[r][j] = _mm512_fmadd_ps(wv, xv[j], acc[r][j]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < MR; j++) {
+            float v = _mm512_reduce_add_ps(acc[r][j]);
+            if (KIND == 2) v *= S[n + r];
+            store_out(Y, ydt, (m0 + j) * N + n + r, v + (bias ? bias[n + r] : 0.f));
+        }
+}
+
+template <int KIND>
+T_AVX512 static void rows_f32(const void* W, const float* S, const float* X, void* Y, const float* bias, int64_t M,
+                              int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt) {
+    for (int64_t n = n0; n < n1; n += 4) {
+        int64_t rows = n1 - n < 4 ? n1 - n : 4;
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) tile_f32<4, KIND>(W, S, X, Y, bias, n, rows, m, N, K, ydt);
+        for (; m + 2 <= M; m += 2) tile_f32<2, KIND>(W, S, X, Y, bias, n, rows, m, N, K, ydt);
+        for (; m < M; m++) tile_f32<1, KIND>(W, S, X, Y, bias, n, rows, m, N, K, ydt);
+    }
+}
+
+T_AVX512BF16 static void rows_bf16_dp(const uint16_t* W, const uint16_t* X, void* Y, const float* bias, int64_t M,
+                                      int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt) {
+    for (int64_t n = n0; n < n1; n += 4) {
+        int64_t rows = n1 - n < 4 ? n1 - n : 4;
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) tile_bf16_dp<4>(W, X, Y, bias, n, rows, m, N, K, ydt);
+        for (; m + 2 <= M; m += 2) tile_bf16_dp<2>(W, X, Y, bias, n, rows, m, N, K, ydt);
+        for (; m < M; m++) tile_bf16_dp<1>(W, X, Y, bias, n, rows, m, N, K, ydt);
+    }
+}
+
+// ---------------------------------------------------------------- dispatch
+// x as fp32 for the widening paths: a bf16 x is widened once (exact) into a scratch buffer.
+static float* x_as_f32(const void* X, int xdt, int64_t MK, float** owned) {
+    *owned = NULL;
+    if (xdt == 0) return (float*)X;
+    float* buf = (float*)malloc(sizeof(float) * (size_t)MK);
+    const uint16_t* h = (const uint16_t*)X;
+    for (int64_t i = 0; i < MK; i++) buf[i] = bf16_to_f32(h[i]);
+    *owned = buf;
+    return buf;
+}
+
+static int pick_threads(int64_t bytes, int nt) {
+    if (nt <= 0) nt = omp_get_max_threads();
+    // tiny products are not worth waking the other threads
+    if (bytes < (int64_t)64 * 1024) nt = 1;
+    return nt < 1 ? 1 : nt;
+}
+
+extern "C" {
+
+int lfm2vl_isa(void) { return active_isa(); }
+int lfm2vl_cpu_isa(void) { return cpu_isa(); }
+void lfm2vl_set_isa(int cap) { g_isa_cap = cap; }
+
+// kind: 0 bf16 weights, 1 fp32 weights, 2 int8 weights (+ row scales S). xdt/ydt: 0 fp32, 1 bf16.
+// threads <= 0: OpenMP's default for the calling thread (the caller passes torch.get_num_threads()).
+void lfm2vl_linear(int kind, const void* W, const float* S, const void* X, void* Y, const float* bias, int64_t M,
+                   int64_t N, int64_t K, int xdt, int ydt, int threads) {
+    int isa = active_isa();
+    int64_t wbytes = N * K * (kind == 1 ? 4 : kind == 0 ? 2 : 1);
+    int nt = pick_threads(wbytes, threads);
+    bool dp = (kind == 0 && xdt == 1 && isa >= 3);
+    float* owned = NULL;
+    const float* Xf = dp ? NULL : x_as_f32(X, xdt, M * K, &owned);
+#pragma omp parallel num_threads(nt)
+    {
+        int64_t n0, n1;
+        split_rows(N, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
+        if (n0 < n1) {
+            if (dp) {
+                rows_bf16_dp((const uint16_t*)W, (const uint16_t*)X, Y, bias, M, n0, n1, N, K, ydt);
+            } else if (isa >= 2) {
+                if (kind == 0) rows_f32<0>(W, S, Xf, Y, bias, M, n0, n1, N, K, ydt);
+                else if (kind == 1) rows_f32<1>(W, S, Xf, Y, bias, M, n0, n1, N, K, ydt);
+                else rows_f32<2>(W, S, Xf, Y, bias, M, n0, n1, N, K, ydt);
+            } else if (isa == 1) {
+                gemv_avx2(kind, W, S, Xf, Y, bias, M, n0, n1, N, K, ydt);
+            } else if (kind == 0) {
+                bf16w_scalar((const uint16_t*)W, Xf, Y, bias, M, n0, n1, N, K, ydt);
+            } else if (kind == 1) {
+                f32w_scalar((const float*)W, Xf, Y, bias, M, n0, n1, N, K, ydt);
+            } else {
+                i8w_scalar((const int8_t*)W, S, Xf, Y, bias, M, n0, n1, N, K, ydt);
+            }
+        }
+    }
+    free(owned);
+}
+
+}  // extern "C"

@@ -1,0 +1,138 @@
+"""Fast CPU linears for decoding: a module swap onto lfm2vl's native GEMV kernels, and weight-only int8.
+
+- `FastLinear` (an nn.Linear: same parameters, same state_dict keys) calls the native kernel when the input has
+  few rows (a decode step) and F.linear otherwise (prefill), or when autograd needs a backward.
+- `Int8Linear`: symmetric per-output-channel int8 weights + fp32 scales; decode through the kernel, prefill through
+  F.linear over the dequantized weight (so both paths compute x @ (q * s)^T).
+- `optimize_for_cpu(model, ...)`: the one call the engine makes after loading. Touches only the language model's
+  linears (and optionally the output head), never the vision tower or projector (their inputs are prefill-size).
+- Everything degrades to plain torch: with LFM2VL_NO_KERNELS=1, no compiler, a non-x86 CPU or a non-CPU device,
+  the swapped modules compute F.linear exactly as before.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lfm2vl import kernels
+
+MAX_ROWS = 8  # up to this many input rows the weight-streaming kernel beats torch's GEMM (scripts/bench_gemv.py)
+
+
+def _use_kernel(x: torch.Tensor, weight: torch.Tensor, max_elems: int) -> bool:
+    if x.numel() > max_elems or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    # the kernel has no backward: training (grad enabled and something requires grad) keeps F.linear
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear whose few-row forward runs the native multithreaded GEMV (same math, fp32 accumulation)."""
+
+    max_rows: int = MAX_ROWS
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, max_rows: int = MAX_ROWS) -> "FastLinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = lin.in_features, lin.out_features
+        new.weight = lin.weight  # the same Parameter: tying (lm_head = embed_tokens) survives the swap
+        new.bias = lin.bias
+        new.max_rows = max_rows
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_kernel(x, self.weight, self.max_rows * self.in_features):
+            return kernels.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def quantize_weight_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: returns q (N, K) int8 in [-127, 127] and scale (N,) fp32 with w ≈ q * scale[:, None]."""
+    wf = w.detach().float()
+    amax = wf.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear: y = x @ (q * scale)^T + bias, computed in x's dtype with fp32 accumulation."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, max_rows: int = MAX_ROWS):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale)
+        self.bias = bias
+        self.max_rows = max_rows
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, max_rows: int = MAX_ROWS) -> "Int8Linear":
+        q, s = quantize_weight_int8(lin.weight)
+        bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        return cls(q, s, bias, max_rows)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.weight.float() * self.scale[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.available() and _use_kernel(x, self.weight, self.max_rows * self.in_features):
+            return kernels.linear(x, self.weight, self.bias, self.scale)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def _head_and_lm(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    lm = model.model.language_model if hasattr(model, "model") and hasattr(model.model, "language_model") else model
+    return lm, getattr(model, "lm_head", None)
+
+
+def _swap(root: nn.Module, make) -> int:
+    n = 0
+    for name, child in list(root.named_children()):
+        if type(child) is nn.Linear or type(child) is FastLinear:
+            setattr(root, name, make(child))
+            n += 1
+        else:
+            n += _swap(child, make)
+    return n
+
+
+def quantize_int8(model: nn.Module, quantize_head: bool = False, max_rows: int = MAX_ROWS) -> int:
+    """Replace the language model's nn.Linear layers (and the output head if asked) by Int8Linear; returns the count.
+
+    The vision tower and projector stay in their dtype. A tied head keeps sharing nothing with the embedding once
+    quantized (the embedding table stays bf16/fp32 for lookups). Idempotent.
+    """
+    lm, head = _head_and_lm(model)
+    n = _swap(lm, lambda lin: Int8Linear.from_linear(lin, max_rows))
+    if quantize_head and isinstance(head, nn.Linear):
+        model.lm_head = Int8Linear.from_linear(head, max_rows)
+        n += 1
+    return n
+
+
+def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool = False,
+                     max_rows: int = MAX_ROWS) -> nn.Module:
+    """Prepare a loaded Lfm2VlModel for fast CPU decoding, in place; returns the model.
+
+    bf16/fp32 (int8=False): the language model's linears and the output head become FastLinear (results equal
+    F.linear within float rounding). int8=True: weight-only int8 for the language model (and the head if
+    quantize_head). Without the native kernels (LFM2VL_NO_KERNELS=1, no compiler) only the int8 swap happens
+    and it computes through torch; the bf16/fp32 path is left untouched.
+    """
+    lm, head = _head_and_lm(model)
+    if int8:
+        quantize_int8(model, quantize_head=quantize_head, max_rows=max_rows)
+    if not kernels.available():
+        return model
+    _swap(lm, lambda lin: FastLinear.from_linear(lin, max_rows))
+    head = getattr(model, "lm_head", None)
+    if type(head) is nn.Linear:
+        model.lm_head = FastLinear.from_linear(head, max_rows)
+    return model

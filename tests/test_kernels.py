@@ -1,0 +1,234 @@
+"""Native GEMV kernels (lfm2vl/kernels) and the quant module swap (lfm2vl/quant.py) against F.linear.
+
+Every instruction-set path the CPU has (AVX512-BF16, AVX512F, AVX2, scalar) is checked against F.linear computed
+in fp32; int8 against F.linear over the dequantized weight. The torch fallback (LFM2VL_NO_KERNELS=1, or no
+compiler) runs in subprocesses so the switch is the real one, read at first use.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lfm2vl import kernels
+from lfm2vl.quant import FastLinear, Int8Linear, optimize_for_cpu, quantize_int8, quantize_weight_int8
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_kernels = pytest.mark.skipif(os.environ.get("LFM2VL_NO_KERNELS", "0") not in ("", "0"),
+                                   reason="kernels disabled by LFM2VL_NO_KERNELS (the fallback tests still run)")
+SHAPES = [(1024, 1024), (67, 100), (515, 1056), (9, 33), (130, 4608)]
+
+
+@pytest.fixture
+def isa_cap(request):
+    kernels.set_isa(request.param)
+    yield request.param
+    kernels.set_isa(3)
+
+
+def _tol(ref: torch.Tensor, K: int, out_dtype: torch.dtype) -> torch.Tensor:
+    if out_dtype == torch.bfloat16:  # one rounding of the output to bf16 (8 significant bits)
+        return ref.abs() * 2.0 ** -7 + 1e-3
+    return ref.abs() * 1e-5 + 1e-6 * K
+
+
+@needs_kernels
+def test_kernels_build_and_detect_cpu():
+    assert kernels.available(), "the kernels must build on the CI machine (g++ is there)"
+    assert kernels.isa() >= 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa_cap", [3, 2, 1, 0], indirect=True)
+@pytest.mark.parametrize("wdt,xdt", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                     (torch.float32, torch.float32), (torch.float32, torch.bfloat16)])
+def test_float_weights_match_fp32_linear(isa_cap, wdt, xdt):
+    if kernels.isa() < isa_cap:
+        pytest.skip(f"CPU lacks ISA level {isa_cap}")
+    g = torch.Generator().manual_seed(isa_cap)
+    for (N, K) in SHAPES:
+        for M in (1, 2, 3, 5, 9):
+            W = torch.randn(N, K, generator=g).to(wdt)
+            x = torch.randn(M, K, generator=g).to(xdt)
+            bias = torch.randn(N, generator=g) if N % 2 else None
+            y = kernels.linear(x, W, bias)
+            assert y.dtype == xdt and y.shape == (M, N)
+            ref = F.linear(x.float(), W.float(), bias)
+            err = (y.float() - ref).abs()
+            assert (err <= _tol(ref, K, xdt)).all(), f"{(N, K, M)} max err {err.max():.3g}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa_cap", [3, 2, 1, 0], indirect=True)
+@pytest.mark.parametrize("xdt", [torch.bfloat16, torch.float32])
+def test_int8_matches_dequantized_linear(isa_cap, xdt):
+    if kernels.isa() < isa_cap:
+        pytest.skip(f"CPU lacks ISA level {isa_cap}")
+    g = torch.Generator().manual_seed(10 + isa_cap)
+    for (N, K) in SHAPES:
+        q, s = quantize_weight_int8(torch.randn(N, K, generator=g))
+        for M in (1, 4, 7):
+            x = torch.randn(M, K, generator=g).to(xdt)
+            y = kernels.linear(x, q, None, s)
+            ref = F.linear(x.float(), q.float() * s[:, None])
+            err = (y.float() - ref).abs()
+            assert (err <= _tol(ref, K, xdt)).all(), f"{(N, K, M)} max err {err.max():.3g}"
+
+
+@needs_kernels
+def test_bf16_close_to_torch_bf16_linear_and_batched_shapes():
+    """Against torch's own bf16 F.linear: at most one bf16 rounding step apart; (B, T, K) inputs keep their shape."""
+    W = torch.randn(3072, 1024).bfloat16()
+    x = torch.randn(2, 1, 1024).bfloat16()
+    y = kernels.linear(x, W)
+    ref = F.linear(x, W)
+    assert y.shape == ref.shape == (2, 1, 3072)
+    assert ((y.float() - ref.float()).abs() <= ref.float().abs() * 2.0 ** -7 + 1e-3).all()
+    x_nc = torch.randn(1024, 3).bfloat16().t()[:1]  # non-contiguous input
+    assert torch.allclose(kernels.linear(x_nc, W).float(), F.linear(x_nc.float(), W.float()), rtol=1e-2, atol=1e-1)
+
+
+@needs_kernels
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="features"):
+        kernels.linear(torch.randn(1, 10), torch.randn(4, 12))
+    with pytest.raises(ValueError, match="scale"):
+        kernels.linear(torch.randn(1, 12), torch.zeros(4, 12, dtype=torch.int8))
+
+
+def test_quantize_weight_int8_roundtrip():
+    w = torch.randn(33, 70)
+    w[3] = 0.0  # an all-zero row must not divide by zero
+    q, s = quantize_weight_int8(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and q.abs().max() <= 127
+    assert ((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-7).all()
+    assert (q[3] == 0).all()
+
+
+class _Toy(nn.Module):
+    """The module layout optimize_for_cpu expects: model.{language_model, vision_tower}, lm_head tied to embed."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.language_model = nn.Module()
+        lm = self.model.language_model
+        lm.embed_tokens = nn.Embedding(300, 64)
+        lm.layers = nn.ModuleList([nn.Sequential(nn.Linear(64, 192, bias=False), nn.SiLU(),
+                                                 nn.Linear(192, 64, bias=False)) for _ in range(2)])
+        self.model.vision_tower = nn.Sequential(nn.Linear(64, 64))
+        self.lm_head = nn.Linear(64, 300, bias=False)
+        self.lm_head.weight = lm.embed_tokens.weight
+        self.to(dtype)
+
+    def forward(self, ids):
+        h = self.model.language_model.embed_tokens(ids)
+        for layer in self.model.language_model.layers:
+            h = h + layer(h)
+        return self.lm_head(h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_optimize_for_cpu_keeps_results_and_tying(dtype):
+    torch.manual_seed(0)
+    model = _Toy(dtype).eval()
+    ids_decode, ids_prefill = torch.tensor([[5]]), torch.randint(0, 300, (1, 40))
+    with torch.inference_mode():
+        ref_d, ref_p = model(ids_decode), model(ids_prefill)
+    keys = set(model.state_dict())
+    optimize_for_cpu(model)
+    assert set(model.state_dict()) == keys
+    assert type(model.model.vision_tower[0]) is nn.Linear  # the vision tower is never touched
+    if kernels.available():
+        assert isinstance(model.lm_head, FastLinear)
+        assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    with torch.inference_mode():
+        out_d, out_p = model(ids_decode), model(ids_prefill)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_d, ref_d, **tol)
+    torch.testing.assert_close(out_p, ref_p, rtol=0, atol=0)  # prefill-size inputs keep using F.linear exactly
+    # autograd still works (the kernel has no backward; training falls back to F.linear)
+    model(ids_decode).float().sum().backward()
+    assert model.model.language_model.layers[0][0].weight.grad is not None
+
+
+def test_quantize_int8_decode_and_prefill_agree():
+    torch.manual_seed(1)
+    model = _Toy(torch.bfloat16).eval()
+    n = quantize_int8(model, quantize_head=True)
+    assert n == 5 and isinstance(model.lm_head, Int8Linear)
+    assert type(model.model.vision_tower[0]) is nn.Linear
+    lin = model.model.language_model.layers[0][0]
+    x = torch.randn(1, 64).bfloat16()
+    with torch.inference_mode():
+        dec = lin(x)                          # kernel path (or torch without kernels)
+        pre = lin(x.expand(20, 64))[:1]       # F.linear over the dequantized weight
+    ref = F.linear(x.float(), lin.dequantize())
+    if kernels.available():  # the kernel: fp32 math on the exact int8 * scale weight, one bf16 output rounding
+        assert ((dec.float() - ref).abs() <= ref.abs() * 2.0 ** -7 + 1e-3).all()
+    else:  # plain torch: F.linear over the weight dequantized to bf16
+        assert torch.equal(dec, F.linear(x, lin.dequantize(torch.bfloat16)))
+    # prefill dequantizes to bf16 (one more rounding per weight): bf16-level agreement
+    torch.testing.assert_close(pre.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    e = dict(os.environ, PYTHONPATH=REPO, **env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=e,
+                          timeout=300)
+
+
+def test_fallback_without_kernels_is_plain_torch():
+    code = """
+        import torch, torch.nn as nn, torch.nn.functional as F
+        from lfm2vl import kernels
+        from lfm2vl.quant import optimize_for_cpu, FastLinear, Int8Linear
+        assert not kernels.available() and kernels.isa() == -1
+        m = nn.Module(); m.model = nn.Module(); m.model.language_model = nn.Sequential(nn.Linear(16, 32))
+        m.lm_head = nn.Linear(32, 8)
+        x = torch.randn(1, 16)
+        ref = m.lm_head(m.model.language_model(x))
+        optimize_for_cpu(m)
+        assert type(m.lm_head) is nn.Linear and type(m.model.language_model[0]) is nn.Linear
+        assert torch.equal(m.lm_head(m.model.language_model(x)), ref)
+        optimize_for_cpu(m, int8=True)
+        assert isinstance(m.model.language_model[0], Int8Linear)
+        y = m.model.language_model(x)
+        assert torch.allclose(y, F.linear(x, m.model.language_model[0].dequantize(), m.model.language_model[0].bias))
+        print("OK")
+    """
+    r = _run(code, LFM2VL_NO_KERNELS="1")
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr
+
+
+def test_missing_compiler_falls_back_with_a_warning(tmp_path):
+    code = """
+        import warnings
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            from lfm2vl import kernels
+            assert not kernels.available()
+        assert any("native kernels unavailable" in str(x.message) for x in w), [str(x.message) for x in w]
+        print("OK")
+    """
+    r = _run(code, LFM2VL_CACHE=str(tmp_path), CXX="/nonexistent/g++", LFM2VL_NO_KERNELS="0")
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr
+
+
+@needs_kernels
+def test_fresh_build_into_empty_cache(tmp_path):
+    code = """
+        import torch
+        from lfm2vl import kernels
+        assert kernels.available()
+        W = torch.randn(64, 96).bfloat16(); x = torch.randn(1, 96).bfloat16()
+        assert torch.allclose(kernels.linear(x, W).float(), (x.float() @ W.float().T), rtol=1e-2, atol=1e-1)
+        print("OK")
+    """
+    r = _run(code, LFM2VL_CACHE=str(tmp_path))
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr
+    assert list(tmp_path.glob("kernels/*/libgemv.so"))
