@@ -103,8 +103,9 @@ def _prepare(engine, body: ChatCompletionRequest, settings: ServerSettings):
     opts["max_new_tokens"] = asked if asked is not None else settings.default_max_tokens
     try:
         req = engine.prepare(messages, **opts)
-    except ValueError as e:
-        raise APIError(400, str(e), param="messages") from None
+    except ValueError as e:  # the engine's own checks (e.g. the model's context): its message names the values
+        code = "context_length_exceeded" if "context" in str(e) else None
+        raise APIError(400, str(e)[:1].upper() + str(e)[1:], param="messages", code=code) from None
     n_prompt, ctx = prompt_length(req), settings.context_len
     if n_prompt >= ctx:
         raise APIError(400, f"The prompt has {n_prompt} tokens, but this server's context holds {ctx} tokens "

@@ -117,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
 
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5, access_log=False)
-    _Server(config).run(sockets=[sock])
+    try:
+        _Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the Ctrl-C it handled, after its clean shutdown
     print("lfm2vl serve: stopped", flush=True)
     return 0
 

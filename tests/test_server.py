@@ -1,0 +1,291 @@
+"""End to end: a real `lfm2vl serve` process on a free port, a tiny random checkpoint, the official openai client.
+
+One server per module (started once; ~5 s). Greedy answers are compared with the engine run in this process on the
+same checkpoint, and concurrent answers with the same requests served alone. Every error the server promises is
+exercised, then the server must still answer, and Ctrl-C (SIGINT) must stop it cleanly.
+"""
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+import lfm2vl
+from checkpoints import cached_checkpoint
+from server_util import image_data_url, image_part, post_raw, sse_events
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-lfm2vl-test"
+MODEL = "tiny-vl"
+CONTEXT = 1024
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return cached_checkpoint(tmp_path_factory, "450m")[0]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "stderr.log"
+    cmd = [sys.executable, "-m", "lfm2vl.serve.cli", "--model", str(checkpoint), "--served-model-name", MODEL,
+           "--port", "0", "--api-key", KEY, "--dtype", "float32", "--max-batch", "16", "--max-seq-len", str(CONTEXT),
+           "--prefill-chunk", "64", "--max-images", "2", "--max-image-pixels", str(640 * 480), "--max-body-mb", "1",
+           "--no-remote-images", "--log-level", "warning"]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    url = None
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        lines.append(line)
+        if " at http://" in line:
+            url = line.split(" at ")[1].split()[0].removesuffix("/v1")
+            break
+        assert time.time() < deadline
+    assert url is not None, f"server did not start: {''.join(lines)}\n{log.read_text()}"
+    assert MODEL in lines[-1] and str(checkpoint) in lines[-1]  # startup names the model and the address
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    proc.url, proc.lines, proc.log = url, lines, log
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    return lfm2vl.load(str(checkpoint), dtype="float32")
+
+
+def _alone(engine, messages, **options):
+    """The engine's answer in this process, for the server's messages in the engine's format."""
+    return engine.generate(messages, temperature=0, **options)
+
+
+IMG = image_data_url(96, 64)
+VISION_MSG = [{"role": "user", "content": [image_part(IMG), {"type": "text", "text": "What is in this image?"}]}]
+VISION_MSG_ENGINE = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMG}},
+                                                  {"type": "text", "text": "What is in this image?"}]}]
+
+
+def test_models_and_health(server, client):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["model"] == MODEL
+
+
+def test_plain_answer_with_image_equals_engine(client, engine):
+    r = client.chat.completions.create(model=MODEL, messages=VISION_MSG, max_tokens=24, temperature=0)
+    ref = _alone(engine, VISION_MSG_ENGINE, max_new_tokens=24)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == ref.text
+    assert choice.finish_reason == ref.finish_reason
+    assert r.usage.prompt_tokens == ref.prompt_tokens > 64  # the image's tokens are counted
+    assert r.usage.completion_tokens == ref.completion_tokens and r.usage.total_tokens == ref.prompt_tokens + \
+        ref.completion_tokens
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == MODEL
+
+
+def test_streamed_answer_with_image(server, client, engine):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=VISION_MSG, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    ref = _alone(engine, VISION_MSG_ENGINE, max_new_tokens=24)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [ref.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == ref.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == ref.completion_tokens
+    body = {"model": MODEL, "messages": VISION_MSG, "max_tokens": 6, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:  # raw SSE framing
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r.iter_lines())
+    assert events[-1] == "[DONE]" and all(e["object"] == "chat.completion.chunk" for e in events[:-1])
+
+
+def test_multi_turn(client, engine):
+    messages = [{"role": "system", "content": "You are a helpful multimodal assistant by Liquid AI."},
+                {"role": "user", "content": [image_part(IMG), {"type": "text", "text": "Describe it."}]},
+                {"role": "assistant", "content": "A red mat with a cat."},
+                {"role": "user", "content": "What colour is the mat?"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    engine_msgs = [messages[0], {"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMG}},
+                                                             {"type": "text", "text": "Describe it."}]},
+                   *messages[2:]]
+    ref = _alone(engine, engine_msgs, max_new_tokens=16)
+    assert r.choices[0].message.content == ref.text and r.usage.prompt_tokens == ref.prompt_tokens
+
+
+def test_stop_strings(client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Count: 1 2 3 4 5 6 7 8 9 10"}], temperature=0)
+    text = client.chat.completions.create(max_tokens=40, **kw).choices[0].message.content
+    clean = [i for i in range(2, len(text) - 2) if "\ufffd" not in text[i:i + 2]]
+    assert clean, f"answer too short to pick a stop string from: {text!r}"
+    stop = text[clean[len(clean) // 2]:clean[len(clean) // 2] + 2]
+    want = text[:text.find(stop)]
+    r = client.chat.completions.create(max_tokens=40, stop=[stop, "\x00never"], **kw)
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == want
+    streamed = client.chat.completions.create(max_tokens=40, stop=stop, stream=True, **kw)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == want
+
+
+def test_max_completion_tokens_and_length(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}],
+                                       max_completion_tokens=3, temperature=0,
+                                       extra_body={"repetition_penalty": 1.0, "top_k": 0})
+    assert r.usage.completion_tokens <= 3
+    assert r.choices[0].finish_reason == ("length" if r.usage.completion_tokens == 3 else "stop")
+
+
+def test_seed_reproducible(client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=24,
+              temperature=1.0, top_p=0.95, extra_body={"min_p": 0.0})
+    a = client.chat.completions.create(seed=11, **kw).choices[0].message.content
+    b = client.chat.completions.create(seed=11, **kw).choices[0].message.content
+    c = client.chat.completions.create(seed=12, **kw).choices[0].message.content
+    assert a == b and a != c
+
+
+def test_16_concurrent_streams_equal_alone(client):
+    def request(i):
+        content = f"Request {i}: the quick brown fox jumps over the lazy dog {i * 7}."
+        if i % 4 == 0:
+            content = [image_part(image_data_url(40 + 8 * i, 64, color=(i * 15, 80, 200))),
+                       {"type": "text", "text": content}]
+        return dict(model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=12 + 2 * i,
+                    temperature=0)
+
+    def streamed(i):
+        return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True,
+                                                                                               **request(i))
+                       if c.choices)
+
+    alone = [client.chat.completions.create(**request(i)).choices[0].message.content for i in range(16)]
+    with cf.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(streamed, range(16)))
+    for i in range(16):
+        assert together[i] == alone[i], f"request {i} differs when batched"
+
+
+def test_client_disconnect_frees_row(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 900, "stream": True,
+            "temperature": 0}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(8):
+            next(lines)
+        assert httpx.get(server.url + "/health").json()["active_requests"] == 1
+    deadline = time.time() + 10
+    while httpx.get(server.url + "/health").json()["active_requests"]:
+        assert time.time() < deadline, "the abandoned stream was not cancelled"
+        time.sleep(0.05)
+
+
+# ---- errors: one test each ------------------------------------------------------------------------------------
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and "Traceback" not in r.text
+    return err
+
+
+def _post(server, body, key=KEY):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return post_raw(server.url, raw, {"Authorization": f"Bearer {key}"} if key else {})
+
+
+def _user(*parts, **extra):
+    return {"model": MODEL, "messages": [{"role": "user", "content": list(parts)}], "max_tokens": 4, **extra}
+
+
+TEXT = {"type": "text", "text": "hi"}
+
+
+def test_error_invalid_json(server):
+    assert "not valid JSON" in _error(_post(server, b'{"model": "tiny-vl", "messages": [{"role": '), 400)["message"]
+
+
+def test_error_schema(server, client):
+    err = _error(_post(server, _user(TEXT, top_p=1.5)), 400)
+    assert err["param"] == "top_p"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=2)
+    assert "n must be 1" in str(e.value)
+
+
+def test_error_undecodable_image(server):
+    jpeg = base64.b64decode(image_data_url(64, 64, "JPEG").split(",")[1])
+    bad = image_part("data:image/jpeg;base64," + base64.b64encode(jpeg[:200]).decode())  # a truncated JPEG
+    err = _error(_post(server, _user(TEXT, image_part(IMG), bad)), 400)
+    assert err["param"] == "messages[0].content[2]" and "could not be decoded" in err["message"]
+
+
+def test_error_prompt_longer_than_context(server):
+    words = " ".join(f"w{i}" for i in range(400))  # ~1700 tokens: over the server's context, within the model's
+    err = _error(_post(server, _user({"type": "text", "text": words})), 400)
+    assert err["code"] == "context_length_exceeded" and f"holds {CONTEXT} tokens" in err["message"]
+    assert int(err["message"].split("The prompt has ")[1].split()[0]) > CONTEXT
+    words = " ".join(f"w{i}" for i in range(1500))  # ~6400 tokens: over the model's own context (4096)
+    err = _error(_post(server, _user({"type": "text", "text": words})), 400)
+    assert err["code"] == "context_length_exceeded" and "4096" in err["message"]
+    assert int(err["message"].split("prompt has ")[1].split()[0]) > 4096
+
+
+def test_error_unknown_model(server):
+    err = _error(_post(server, {**_user(TEXT), "model": "gpt-4o"}), 404)
+    assert err["code"] == "model_not_found"
+
+
+def test_error_body_too_large(server):
+    _error(_post(server, _user({"type": "text", "text": "z" * (1024 * 1024 + 10)})), 413)
+
+
+def test_error_too_many_images(server):
+    small = image_part(image_data_url(16, 16))
+    assert _error(_post(server, _user(small, small, small, TEXT)), 400)["code"] == "too_many_images"
+
+
+def test_error_too_many_pixels(server):
+    err = _error(_post(server, _user(image_part(image_data_url(700, 500)), TEXT)), 400)
+    assert err["code"] == "image_too_large" and err["param"] == "messages[0].content[0]"
+
+
+def test_error_api_key(server):
+    assert _error(_post(server, _user(TEXT), key=None), 401)["code"] == "invalid_api_key"
+    assert _error(_post(server, _user(TEXT), key="sk-wrong"), 401)["code"] == "invalid_api_key"
+    wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+
+
+def test_zz_still_answers_then_ctrl_c(server, client):
+    r = client.chat.completions.create(model=MODEL, messages=VISION_MSG, max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    server.send_signal(signal.SIGINT)
+    assert server.wait(30) == 0
+    time.sleep(0.2)
+    assert any("stopped" in line for line in server.lines)
+    assert "Traceback" not in server.log.read_text()
