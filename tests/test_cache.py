@@ -1,0 +1,135 @@
+"""HybridCache invariants of `Lfm2VlModel.forward_cached` (float32, tiny random checkpoints).
+
+- full no-cache forward == prefill + N single-token decode steps (last-position logits);
+- chunked prefill (conv state carried across chunks) == one-shot prefill;
+- a prefill of rows [k] into a batch-4 cache == a batch-1 run, other rows untouched;
+- batched decode with different per-row lengths == separate runs; a reused row starts clean.
+The no-cache forward itself is checked against transformers in test_model_parity.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpoints import cached_checkpoint, make_pixels, image_placeholder
+from lfm2vl.loading import load_model
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=["450m", "2.5"])
+def model(request, tmp_path_factory):
+    folder, _ = cached_checkpoint(tmp_path_factory, request.param)
+    return load_model(folder, dtype=torch.float32)[0]
+
+
+def _prompt(model, n_text=20, seed=0, with_image=True):
+    """(ids (1, T), embeds (1, T, D)) of a chat-like prompt, optionally with one 16x24-patch image."""
+    g = torch.Generator().manual_seed(seed)
+    words = lambda n: torch.randint(510, 1000, (n,), generator=g).tolist()  # noqa: E731
+    if not with_image:
+        ids = torch.tensor([[1, 6] + words(n_text)])
+        return ids, model.embed(ids)
+    shapes = [(16, 24)]
+    pv, pm, ss = make_pixels(shapes, seed)
+    ids = torch.tensor([[1, 6] + words(3) + image_placeholder(shapes) + words(n_text)])
+    return ids, model.embed(ids, model.image_features(pv, pm, ss))
+
+
+def _step(model, cache, tokens, rows=None):
+    """One decode step for `rows` (default all) with next tokens (b,); advances their lengths."""
+    sel = slice(None) if rows is None else rows
+    start = cache.lengths[sel].clone()
+    logits = model.forward_cached(model.embed(tokens[:, None]), cache, start, rows=rows)
+    cache.lengths[sel] += 1
+    return logits
+
+
+@torch.no_grad()
+def test_prefill_then_decode_equals_full_forward(model):
+    ids, emb = _prompt(model)
+    new = torch.randint(510, 1000, (1, 8), generator=torch.Generator().manual_seed(1))
+    full_ids = torch.cat([ids, new], 1)
+    h = model.model.language_model(torch.cat([emb, model.embed(new)], 1), torch.arange(full_ids.shape[1])[None])
+    full = model.lm_head(h)[0]
+    P = ids.shape[1]
+    cache = model.make_cache(1, P + 16)
+    out = model.forward_cached(emb, cache, torch.zeros(1, dtype=torch.long))
+    cache.lengths += P
+    assert (out[0] - full[P - 1]).abs().max() <= TOL
+    for t in range(new.shape[1]):
+        out = _step(model, cache, new[:, t])
+        assert (out[0] - full[P + t]).abs().max() <= TOL, f"decode step {t}"
+    assert int(cache.lengths) == full_ids.shape[1]
+
+
+@torch.no_grad()
+def test_chunked_prefill_equals_one_shot(model):
+    _, emb = _prompt(model, n_text=30)
+    T = emb.shape[1]
+    one = model.make_cache(1, T + 4)
+    ref = model.forward_cached(emb, one, torch.zeros(1, dtype=torch.long), last_only=False)
+    chunked = model.make_cache(1, T + 4)
+    outs = []
+    for s in range(0, T, 7):  # uneven chunks, the last one shorter than the conv kernel is possible
+        outs.append(model.forward_cached(emb[:, s:s + 7], chunked, torch.tensor([s]), last_only=False))
+    assert (torch.cat(outs, 1) - ref).abs().max() <= TOL
+    for a, b in zip(one.conv + one.k + one.v, chunked.conv + chunked.k + chunked.v):
+        if a is not None:
+            assert (a - b).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_row_subset_prefill_into_big_cache(model):
+    _, emb = _prompt(model, seed=3)
+    T = emb.shape[1]
+    small = model.make_cache(1, 64 + T)
+    ref = model.forward_cached(emb, small, torch.zeros(1, dtype=torch.long), last_only=False)
+    big = model.make_cache(4, 64 + T)
+    rows = torch.tensor([2])
+    out = model.forward_cached(emb, big, torch.zeros(1, dtype=torch.long), rows=rows, last_only=False)
+    assert (out - ref).abs().max() <= TOL
+    for a, b in zip(small.conv + small.k, big.conv + big.k):
+        if a is not None:
+            assert (b[2:3] - a).abs().max() <= 1e-5
+            assert b[[0, 1, 3]].abs().max() == 0, "rows outside `rows` must stay untouched"
+    small.lengths += T
+    big.lengths[2] += T
+    tok = torch.tensor([777])
+    assert (_step(model, big, tok, rows=rows) - _step(model, small, tok)).abs().max() <= TOL
+
+
+@torch.no_grad()
+def test_batched_decode_with_different_lengths_equals_separate_runs(model):
+    prompts = [_prompt(model, n_text=n, seed=10 + n, with_image=n != 9)[1] for n in (5, 17, 9)]
+    steps = torch.randint(510, 1000, (3, 6), generator=torch.Generator().manual_seed(2))
+    cache = model.make_cache(3, 128)
+    # stale content first: row 1 held a longer sequence before; reset lengths only, prefill must start clean
+    junk = torch.randn(1, 40, prompts[0].shape[-1])
+    model.forward_cached(junk, cache, torch.zeros(1, dtype=torch.long), rows=torch.tensor([1]))
+    for r, emb in enumerate(prompts):
+        model.forward_cached(emb, cache, torch.zeros(1, dtype=torch.long), rows=torch.tensor([r]))
+        cache.lengths[r] = emb.shape[1]
+    batched = torch.stack([_step(model, cache, steps[:, t]) for t in range(steps.shape[1])], 1)  # (3, 6, V)
+    for r, emb in enumerate(prompts):
+        one = model.make_cache(1, 128)
+        model.forward_cached(emb, one, torch.zeros(1, dtype=torch.long))
+        one.lengths += emb.shape[1]
+        alone = torch.cat([_step(model, one, steps[r:r + 1, t]) for t in range(steps.shape[1])])
+        assert (batched[r] - alone).abs().max() <= TOL, f"row {r}"
+
+
+@torch.no_grad()
+def test_reset_and_bad_start_pos(model):
+    cache = model.make_cache(2, 16)
+    _, emb = _prompt(model, n_text=10, with_image=False)
+    with pytest.raises(ValueError, match="max_seq_len=16"):
+        model.forward_cached(emb.expand(2, -1, -1), cache, torch.tensor([0, 8]))
+    with pytest.raises(ValueError, match=r"start_pos must have shape \(2,\)"):
+        model.forward_cached(emb.expand(2, -1, -1), cache, torch.tensor([0]))
+    model.forward_cached(emb.expand(2, -1, -1), cache, torch.zeros(2, dtype=torch.long))
+    cache.lengths += emb.shape[1]
+    cache.reset([1])
+    assert int(cache.lengths[1]) == 0 and int(cache.lengths[0]) == emb.shape[1]
+    assert all(t[1].abs().max() == 0 for t in cache.conv + cache.k if t is not None)
+    assert any(t[0].abs().max() > 0 for t in cache.conv if t is not None)
