@@ -1,0 +1,199 @@
+"""lfm2vl.loading: folders, shards, hub ids, key remapping, dtypes and every error a user can run into."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoints import cached_checkpoint
+from lfm2vl.config import ConfigError, Lfm2VlConfig
+from lfm2vl.loading import LoadError, load_model, remap_hf_keys
+
+EMB = "model.language_model.embed_tokens.weight"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return cached_checkpoint(tmp_path_factory, "450m")[0]
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_weights(folder: Path, edit) -> None:
+    f = folder / "model.safetensors"
+    sd = load_file(str(f))
+    edit(sd)
+    save_file(sd, str(f), metadata={"format": "pt"})
+
+
+# ---- successful loads --------------------------------------------------------------------------------------------
+def test_tied_float32_load(ckpt):
+    model, config, folder = load_model(ckpt, dtype=torch.float32)
+    assert folder == ckpt and config.tie_word_embeddings
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    assert not model.training
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype,want", [(None, torch.bfloat16), ("float16", torch.float16),
+                                        ("bf16", torch.bfloat16), (torch.float32, torch.float32)])
+def test_dtypes(ckpt, dtype, want):
+    model, _, _ = load_model(ckpt, dtype=dtype, device="cpu")
+    assert {p.dtype for p in model.parameters()} == {want}
+    out = model(torch.tensor([[1, 6, 600, 601]]))
+    assert out.dtype == want and torch.isfinite(out.float()).all()
+
+
+def test_bad_dtype(ckpt):
+    with pytest.raises(LoadError, match="dtype 'int8' is not supported"):
+        load_model(ckpt, dtype="int8")
+
+
+def test_custom_era_layout_drops_unused_vision_layer(tmp_path_factory):
+    folder, hf = cached_checkpoint(tmp_path_factory, "1.6b")
+    raw = load_file(str(folder / "model.safetensors"))
+    n = hf.config.vision_config.num_hidden_layers
+    assert any(k.startswith(f"model.vision_tower.vision_model.encoder.layers.{n}.") for k in raw)
+    model, config, _ = load_model(folder, dtype=torch.float32)
+    assert config.model_type == "lfm2-vl" and config.vision_config.num_layers_used == n
+    assert len(model.model.vision_tower.encoder.layers) == n
+    got = model.model.vision_tower.encoder.layers[0].mlp.fc1.weight
+    assert torch.equal(got, raw["model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"])
+
+
+def test_remap_hf_keys_is_exact(tmp_path_factory):
+    folder, _ = cached_checkpoint(tmp_path_factory, "1.6b")
+    config = Lfm2VlConfig.from_file(folder)
+    raw = load_file(str(folder / "model.safetensors"))
+    out = remap_hf_keys(raw, config)
+    n = config.vision_config.num_layers_used
+    dropped = {k for k in raw if f"encoder.layers.{n}." in k or k.endswith("position_ids")}
+    assert len(dropped) == 16 + 1  # one SigLIP layer (16 tensors) + the old position_ids buffer
+    assert len(out) == len(raw) - len(dropped) + 1  # + lm_head.weight = embedding (tied)
+    assert out["lm_head.weight"] is out[EMB]
+    assert not any("vision_model" in k for k in out)
+    legacy = {"language_model.model.embed_tokens.weight": raw[EMB], "vision_tower.vision_model.post_layernorm.bias":
+              torch.zeros(1), "multi_modal_projector.linear_1.bias": torch.zeros(1)}
+    assert set(remap_hf_keys(legacy, config)) == {EMB, "lm_head.weight", "model.vision_tower.post_layernorm.bias",
+                                                   "model.multi_modal_projector.linear_1.bias"}
+
+
+def test_sharded_untied(tmp_path_factory):
+    folder, hf = cached_checkpoint(tmp_path_factory, "untied")
+    assert (folder / "model.safetensors.index.json").exists()
+    assert len(list(folder.glob("model-*.safetensors"))) > 1
+    model, config, _ = load_model(folder, dtype=torch.float32)
+    assert not config.tie_word_embeddings
+    assert model.lm_head.weight is not model.model.language_model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, hf.lm_head.weight)
+
+
+def test_hub_id_from_local_cache(ckpt, tmp_path):
+    """A hub id resolves through huggingface_hub's cache (offline, pre-populated cache; no network)."""
+    snap = tmp_path / "hub" / "models--someone--tiny-vl" / "snapshots" / ("a" * 40)
+    shutil.copytree(ckpt, snap)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("a" * 40)
+    out = _run_isolated("someone/tiny-vl", tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith(str(snap)), out.stdout
+
+
+# ---- errors ------------------------------------------------------------------------------------------------------
+def test_missing_tensor(ckpt, tmp_path):
+    f = _copy(ckpt, tmp_path / "c")
+    _edit_weights(f, lambda sd: sd.pop("model.language_model.layers.2.self_attn.k_layernorm.weight"))
+    with pytest.raises(LoadError, match=r"missing tensors: model\.language_model\.layers\.2\.self_attn\.k_layernorm"):
+        load_model(f)
+
+
+def test_unexpected_tensor(ckpt, tmp_path):
+    f = _copy(ckpt, tmp_path / "c")
+    _edit_weights(f, lambda sd: sd.update({"model.language_model.layers.0.extra.weight": torch.zeros(3)}))
+    with pytest.raises(LoadError, match=r"unexpected tensors: model\.language_model\.layers\.0\.extra\.weight"):
+        load_model(f)
+
+
+def test_wrong_shape(ckpt, tmp_path):
+    f = _copy(ckpt, tmp_path / "c")
+    key = "model.language_model.layers.0.feed_forward.w1.weight"
+    _edit_weights(f, lambda sd: sd.update({key: torch.zeros(7, 64)}))
+    with pytest.raises(LoadError, match=rf"mis-shaped tensors: {key}: checkpoint \(7, 64\), config expects \(256, 64\)"):
+        load_model(f)
+
+
+def test_untied_config_without_lm_head(ckpt, tmp_path):
+    f = _copy(ckpt, tmp_path / "c")
+    cfg = json.loads((f / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (f / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match=r"missing tensors \(tie_word_embeddings is false.*lm_head\.weight"):
+        load_model(f)
+
+
+def test_unknown_model_type(ckpt, tmp_path):
+    f = _copy(ckpt, tmp_path / "c")
+    cfg = json.loads((f / "config.json").read_text())
+    cfg["model_type"] = "llava"
+    (f / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="model_type 'llava'"):
+        load_model(f)
+
+
+def test_only_pickle_checkpoint(ckpt, tmp_path):
+    f = _copy(ckpt, tmp_path / "c")
+    (f / "model.safetensors").unlink()
+    (f / "pytorch_model.bin").write_bytes(b"\x80\x04 would be unpickled by torch.load: never")
+    with pytest.raises(LoadError, match=r"only pickle checkpoints \(pytorch_model\.bin\).*never unpickles"):
+        load_model(f)
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated"])
+def test_corrupt_safetensors(ckpt, tmp_path, how):
+    f = _copy(ckpt, tmp_path / "c")
+    w = f / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(b"this is not a safetensors file" if how == "garbage" else data[: len(data) // 2])
+    with pytest.raises(LoadError, match=r"model\.safetensors is not a valid safetensors file"):
+        load_model(f)
+
+
+def test_missing_shard(tmp_path_factory, tmp_path):
+    folder, _ = cached_checkpoint(tmp_path_factory, "untied")
+    f = _copy(folder, tmp_path / "c")
+    next(f.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(LoadError, match=r"lists shards that are not in .*model-00002-of"):
+        load_model(f)
+
+
+def test_nonexistent_path(tmp_path):
+    with pytest.raises(LoadError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(LoadError, match="does not exist"):
+        load_model("./relative/missing-folder")
+
+
+def test_offline_uncached_hub_id(tmp_path):
+    out = _run_isolated("LiquidAI/LFM2-VL-450M", tmp_path)
+    assert out.returncode == 1
+    msg = out.stderr.strip().splitlines()[-1]
+    assert "LoadError" in msg and "'LiquidAI/LFM2-VL-450M'" in msg and "HF_HUB_OFFLINE" in msg
+    assert "--local-dir" in msg and "local folder" in msg
+
+
+def _run_isolated(hub_id: str, hf_home: Path):
+    """huggingface_hub reads HF_HUB_OFFLINE / HF_HOME at import time: run in a fresh interpreter."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}
+    code = ("import sys\nfrom lfm2vl.loading import resolve_folder\n"
+            f"print(resolve_folder({hub_id!r}))\n")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
