@@ -4,8 +4,8 @@
   few rows (a decode step) and F.linear otherwise (prefill), or when autograd needs a backward.
 - `Int8Linear`: symmetric per-output-channel int8 weights + fp32 scales; decode through the kernel, prefill through
   F.linear over the dequantized weight (so both paths compute x @ (q * s)^T).
-- `optimize_for_cpu(model, ...)`: the one call the engine makes after loading. Touches only the language model's
-  linears (and optionally the output head), never the vision tower or projector (their inputs are prefill-size).
+- `use_fast_linears(model)` / `quantize_int8(model)`: swap the language model's linears (and the output head),
+  never the vision tower or projector (their inputs are prefill-size). `lfm2vl.speed.optimize_for_cpu` calls them.
 - Everything degrades to plain torch: with LFM2VL_NO_KERNELS=1, no compiler, a non-x86 CPU or a non-CPU device,
   the swapped modules compute F.linear exactly as before.
 """
@@ -111,26 +111,21 @@ def quantize_int8(model: nn.Module, quantize_head: bool = False, max_rows: int =
     """
     lm, head = _head_and_lm(model)
     n = _swap(lm, lambda lin: Int8Linear.from_linear(lin, max_rows))
-    if quantize_head and isinstance(head, nn.Linear):
+    if quantize_head and type(head) in (nn.Linear, FastLinear):
         model.lm_head = Int8Linear.from_linear(head, max_rows)
         n += 1
     return n
 
 
-def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool = False,
-                     max_rows: int = MAX_ROWS) -> nn.Module:
-    """Prepare a loaded Lfm2VlModel for fast CPU decoding, in place; returns the model.
+def use_fast_linears(model: nn.Module, max_rows: int = MAX_ROWS) -> nn.Module:
+    """The language model's nn.Linear layers and the output head become FastLinear, in place; returns the model.
 
-    bf16/fp32 (int8=False): the language model's linears and the output head become FastLinear (results equal
-    F.linear within float rounding). int8=True: weight-only int8 for the language model (and the head if
-    quantize_head). Without the native kernels (LFM2VL_NO_KERNELS=1, no compiler) only the int8 swap happens
-    and it computes through torch; the bf16/fp32 path is left untouched.
+    Results equal F.linear within float rounding (fp32 accumulation). Without the native kernels
+    (LFM2VL_NO_KERNELS=1, no compiler, not x86-64) nothing is swapped. Int8Linear layers are left as they are.
     """
-    lm, head = _head_and_lm(model)
-    if int8:
-        quantize_int8(model, quantize_head=quantize_head, max_rows=max_rows)
     if not kernels.available():
         return model
+    lm, _ = _head_and_lm(model)
     _swap(lm, lambda lin: FastLinear.from_linear(lin, max_rows))
     head = getattr(model, "lm_head", None)
     if type(head) is nn.Linear:

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lfm2vl import kernels
-from lfm2vl.quant import FastLinear, Int8Linear, optimize_for_cpu, quantize_int8, quantize_weight_int8
+from lfm2vl.quant import FastLinear, Int8Linear, quantize_int8, quantize_weight_int8, use_fast_linears
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_kernels = pytest.mark.skipif(os.environ.get("LFM2VL_NO_KERNELS", "0") not in ("", "0"),
@@ -110,7 +110,7 @@ def test_quantize_weight_int8_roundtrip():
 
 
 class _Toy(nn.Module):
-    """The module layout optimize_for_cpu expects: model.{language_model, vision_tower}, lm_head tied to embed."""
+    """The module layout quant.py expects: model.{language_model, vision_tower}, lm_head tied to embed."""
 
     def __init__(self, dtype):
         super().__init__()
@@ -133,14 +133,14 @@ class _Toy(nn.Module):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_optimize_for_cpu_keeps_results_and_tying(dtype):
+def test_fast_linears_keep_results_and_tying(dtype):
     torch.manual_seed(0)
     model = _Toy(dtype).eval()
     ids_decode, ids_prefill = torch.tensor([[5]]), torch.randint(0, 300, (1, 40))
     with torch.inference_mode():
         ref_d, ref_p = model(ids_decode), model(ids_prefill)
     keys = set(model.state_dict())
-    optimize_for_cpu(model)
+    use_fast_linears(model)
     assert set(model.state_dict()) == keys
     assert type(model.model.vision_tower[0]) is nn.Linear  # the vision tower is never touched
     if kernels.available():
@@ -186,16 +186,16 @@ def test_fallback_without_kernels_is_plain_torch():
     code = """
         import torch, torch.nn as nn, torch.nn.functional as F
         from lfm2vl import kernels
-        from lfm2vl.quant import optimize_for_cpu, FastLinear, Int8Linear
+        from lfm2vl.quant import use_fast_linears, quantize_int8, Int8Linear
         assert not kernels.available() and kernels.isa() == -1
         m = nn.Module(); m.model = nn.Module(); m.model.language_model = nn.Sequential(nn.Linear(16, 32))
         m.lm_head = nn.Linear(32, 8)
         x = torch.randn(1, 16)
         ref = m.lm_head(m.model.language_model(x))
-        optimize_for_cpu(m)
+        use_fast_linears(m)
         assert type(m.lm_head) is nn.Linear and type(m.model.language_model[0]) is nn.Linear
         assert torch.equal(m.lm_head(m.model.language_model(x)), ref)
-        optimize_for_cpu(m, int8=True)
+        quantize_int8(m)
         assert isinstance(m.model.language_model[0], Int8Linear)
         y = m.model.language_model(x)
         assert torch.allclose(y, F.linear(x, m.model.language_model[0].dequantize(), m.model.language_model[0].bias))

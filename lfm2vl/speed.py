@@ -1,0 +1,99 @@
+"""CPU speed-ups for a loaded Lfm2VlModel, applied by one call: `optimize_for_cpu(model)`.
+
+Module swaps that keep parameters, state_dict keys and results (within float rounding), issue #6:
+- linears of the language model and the output head -> `quant.FastLinear` (native multithreaded GEMV for
+  decode-size inputs), or `quant.Int8Linear` with int8=True (weight-only int8, opt-in);
+- `ShortConv` -> `FastShortConv`: the depthwise causal conv as K shifted multiply-adds in fp32. torch's bf16
+  `F.conv1d` for groups=D goes through oneDNN and costs ~50 ms per call on this CPU (a decode step has 10);
+- `Attention` -> `FastAttention`: a decode step attends over the filled prefix of the static cache only
+  (one host read of the lengths, free on CPU), not all max_seq_len slots behind a mask.
+Nothing here runs on other devices: a CUDA model is returned unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model.text import Attention, ShortConv
+from .model.rope import apply_rope
+from .quant import quantize_int8, use_fast_linears
+
+
+def causal_depthwise_conv(u_ext: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Valid depthwise conv: u_ext (B, D, K-1+T), weight (D, 1, K) -> (B, D, T) in u_ext's dtype, fp32 math."""
+    K = weight.shape[-1]
+    T = u_ext.shape[-1] - K + 1
+    w = weight[:, 0].float()  # (D, K)
+    uf = u_ext.float()
+    y = uf[..., 0:T] * w[:, 0:1]
+    for j in range(1, K):
+        y = y + uf[..., j:j + T] * w[:, j:j + 1]
+    if bias is not None:
+        y = y + bias.float()[:, None]
+    return y.to(u_ext.dtype)
+
+
+class FastShortConv(ShortConv):
+    """ShortConv with the conv as shifted multiply-adds (same parameters, same math as model/text.py)."""
+
+    def forward(self, x, pad_mask=None, cache=None, layer_idx: int = 0):
+        if pad_mask is not None:
+            x = x * pad_mask[:, :, None].to(x.dtype)
+        Bg, Cg, xs = self.in_proj(x).transpose(1, 2).chunk(3, dim=1)  # each (B, D, T)
+        u = Bg * xs
+        K = self.conv.kernel_size[0]
+        u_ext = cache.conv_extend(layer_idx, u) if cache is not None else F.pad(u, (K - 1, 0))
+        y = causal_depthwise_conv(u_ext, self.conv.weight, self.conv.bias)  # (B, D, T)
+        return self.out_proj((Cg * y).transpose(1, 2))
+
+
+class FastAttention(Attention):
+    """Attention whose decode step reads only the filled part of the static K/V cache."""
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer_idx: int = 0):
+        B, T, _ = x.shape
+        q = self.q_layernorm(self.q_proj(x).view(B, T, self.H, self.Dh)).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_layernorm(self.k_proj(x).view(B, T, self.Hkv, self.Dh)).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = self.v_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.kv_update(layer_idx, k, v)  # (B, Hkv, S, Dh)
+            if T == 1:
+                n = int(cache.start_pos.max()) + 1  # keys beyond every row's position are masked anyway
+                k, v = k[:, :, :n], v[:, :, :n]
+                mask = None if B == 1 else mask[..., :n]  # one row: all n keys are visible
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+                return self.out_proj(o.transpose(1, 2).reshape(B, T, self.H * self.Dh))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, self.H * self.Dh))
+
+
+def _swap_class(root: nn.Module, base: type, fast: type) -> int:
+    n = 0
+    for m in root.modules():
+        if type(m) is base:
+            m.__class__ = fast  # same instance, parameters and hooks; only forward changes
+            n += 1
+    return n
+
+
+def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool = False) -> nn.Module:
+    """Make a loaded Lfm2VlModel decode fast on CPU, in place; returns it. Call once after loading.
+
+    int8=True: weight-only int8 for the language model's linears (and the output head if quantize_head); pass the
+    cache dtype explicitly to make_cache then (a quantized head no longer carries the activation dtype).
+    """
+    try:
+        dev = next(model.parameters()).device
+    except StopIteration:
+        return model
+    if dev.type != "cpu":
+        return model
+    lm = model.model.language_model
+    _swap_class(lm, ShortConv, FastShortConv)
+    _swap_class(lm, Attention, FastAttention)
+    if int8:
+        quantize_int8(model, quantize_head=quantize_head)
+    use_fast_linears(model)
+    return model

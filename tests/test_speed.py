@@ -1,0 +1,88 @@
+"""lfm2vl.speed.optimize_for_cpu keeps the model's results: cached prefill + decode logits of an optimized copy equal
+the plain model's (fp32 tightly, bf16 within bf16 rounding), for one row and for two rows of different lengths,
+with and without the native kernels; int8 stays close to the float model."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lfm2vl.config import Lfm2VlConfig
+from lfm2vl.model.lfm2vl import Lfm2VlModel
+from lfm2vl.speed import FastAttention, FastShortConv, causal_depthwise_conv, optimize_for_cpu
+from tokenizer_build import FIXTURE
+
+
+def tiny_model(dtype=torch.float32, seed=0) -> Lfm2VlModel:
+    d = json.loads((FIXTURE / "config.json").read_text())
+    d["text_config"].update(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
+                            num_hidden_layers=5, vocab_size=512,
+                            layer_types=["conv", "full_attention", "conv", "conv", "full_attention"])
+    d["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    d["projector_hidden_size"] = 48
+    torch.manual_seed(seed)
+    model = Lfm2VlModel(Lfm2VlConfig.from_hf(d))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() > 1 and "embed" not in n:
+                p.normal_(0, 0.8 / p.shape[-1] ** 0.5)
+    return model.to(dtype).eval()
+
+
+def run_cached(model, prompts: list[list[int]], steps: int) -> torch.Tensor:
+    """Prefill each row alone into its slot, then `steps` batched greedy decode steps; returns all logits."""
+    B = len(prompts)
+    cache = model.make_cache(B, 64, dtype=model.model.language_model.embed_tokens.weight.dtype)
+    out, last = [], []
+    with torch.inference_mode():
+        for r, ids in enumerate(prompts):
+            lg = model.forward_cached(model.embed(torch.tensor([ids])), cache, torch.tensor([0]),
+                                      rows=torch.tensor([r]))
+            out.append(lg.float())
+            last.append(lg.argmax(-1))
+        pos = torch.tensor([len(p) for p in prompts])
+        tok = torch.cat(last)[:, None]
+        for _ in range(steps):
+            lg = model.forward_cached(model.embed(tok), cache, pos)
+            out.append(lg.float())
+            tok, pos = lg.argmax(-1)[:, None], pos + 1
+    return torch.cat([o.reshape(-1, o.shape[-1]) for o in out])
+
+
+@pytest.mark.parametrize("u_len,K", [(3, 3), (40, 3), (9, 4)])
+def test_causal_depthwise_conv_equals_conv1d(u_len, K):
+    u = torch.randn(2, 16, u_len)
+    w, b = torch.randn(16, 1, K), torch.randn(16)
+    torch.testing.assert_close(causal_depthwise_conv(u, w, b), F.conv1d(u, w, b, groups=16), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_optimized_model_matches_plain_model(dtype):
+    plain = tiny_model(dtype)
+    fast = optimize_for_cpu(copy.deepcopy(plain))
+    lm = fast.model.language_model
+    assert isinstance(lm.layers[0].conv, FastShortConv) and isinstance(lm.layers[1].self_attn, FastAttention)
+    assert set(fast.state_dict()) == set(plain.state_dict())
+    prompts = [[1, 6, 20, 30, 40, 7, 6, 50, 60], [1, 6, 99, 98, 97, 96, 95, 94, 93, 92, 91, 90, 89, 7, 6]]
+    for rows in ([prompts[0]], prompts):
+        ref, got = run_cached(plain, rows, 6), run_cached(fast, rows, 6)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        else:  # bf16: different summation order, one bf16 rounding apart per op
+            cos = F.cosine_similarity(got, ref, dim=-1)
+            assert cos.min() > 0.999, cos.min()
+    # the no-cache forward (prefill-size) is unchanged too
+    ids = torch.tensor([prompts[1]])
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(ids), plain(ids), rtol=1e-4 if dtype == torch.float32 else 2e-2,
+                                   atol=1e-4 if dtype == torch.float32 else 5e-2)
+
+
+def test_int8_model_stays_close_to_float():
+    plain = tiny_model(torch.bfloat16, seed=3)
+    q = optimize_for_cpu(copy.deepcopy(plain), int8=True, quantize_head=True)
+    prompts = [[1, 6, 20, 30, 40, 7, 6, 50, 60, 70, 80]]
+    ref, got = run_cached(plain, prompts, 4), run_cached(q, prompts, 4)
+    cos = F.cosine_similarity(got, ref, dim=-1)
+    assert cos.min() > 0.99, cos
