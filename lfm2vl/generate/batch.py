@@ -27,7 +27,8 @@ from .request import Event, Request, Result
 from .sampling import Sampler, token_logprobs
 from .stops import StopMatcher
 
-DEFAULT_CAPACITY = 4096  # initial cache length per row; grows (by doubling) up to max_position_embeddings
+DEFAULT_CAPACITY = 256  # initial cache length per row; grows to fit requests, up to max_position_embeddings
+CAPACITY_STEP = 256  # capacities are multiples of this (few distinct shapes for compiled decode steps)
 MAX_SNAPSHOTS = 8  # conv-state snapshots kept per row (prompt ends of earlier requests)
 
 
@@ -72,8 +73,8 @@ class _Active:
 class BatchGenerator:
     def __init__(self, engine, max_batch: int = 16, max_seq_len: int | None = None, prefill_chunk: int = 512):
         """engine: anything with .model (make_cache / embed / image_features / forward_cached), .config
-        (Lfm2VlConfig) and .tokenizer (decode). max_seq_len: fixed cache length per row (default: starts at
-        4096 and grows up to the model's context)."""
+        (Lfm2VlConfig) and .tokenizer (decode). max_seq_len: fixed cache length per row (default: sized to the
+        requests, growing up to the model's context; decode attends over the whole capacity, so it stays small)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk < 1:
@@ -172,8 +173,10 @@ class BatchGenerator:
             act = self.pending.popleft()
             t0 = time.perf_counter()
             ids = act.req.input_ids
-            if not self.fixed and len(ids) + 1 > self.capacity:
-                self._grow(len(ids) + 1)
+            if not self.fixed:
+                want = len(ids) + (act.req.max_new_tokens or 1)
+                if want > self.capacity:
+                    self._grow(want)
             units = self._units(act.req)
             best = max(free, key=lambda s: (self._reuse_point(self.rows[s], ids, units)[0], -self.rows[s].last_used
                                             if self.rows[s].tokens else 1))
@@ -241,7 +244,8 @@ class BatchGenerator:
 
     def _grow(self, needed: int) -> None:
         """Reallocate the cache with room for `needed` tokens per row, keeping every row's content."""
-        cap = min(self.max_context, max(needed, 2 * self.capacity))
+        cap = max(needed, min(2 * self.capacity, needed + 4 * CAPACITY_STEP))
+        cap = min(self.max_context, -(-cap // CAPACITY_STEP) * CAPACITY_STEP)
         new = self.model.make_cache(self.max_batch, cap)
         old_len = self.capacity
         for dst, src in zip(new.k + new.v, self.cache.k + self.cache.v):

@@ -1,0 +1,233 @@
+"""Engine: what `lfm2vl.load` returns. Model + config + processor + tokenizer, and the generation API.
+
+    engine = lfm2vl.load("LiquidAI/LFM2-VL-450M")
+    res = engine.generate([{"role": "user", "content": [{"type": "image", "image": "cat.jpg"},
+                                                        {"type": "text", "text": "What is this?"}]}])
+    res.text, res.token_ids, res.finish_reason, res.prompt_tokens, res.completion_tokens, res.decode_tps
+    for piece in engine.stream("Describe it.", images=["cat.jpg"]): print(piece, end="")
+    chat = engine.chat(); chat.send("Hi"); chat.send("And this?", images=["dog.png"])
+
+Every call goes through the one loop in generate/batch.py (BatchGenerator). Single requests share a warm one-row
+generator, so a prompt that extends an earlier one (same images) reuses its cache. A list of conversations runs
+as one continuous batch; each row's output equals running it alone.
+Messages follow the OpenAI / transformers format: content is a string or a list of parts {"type": "text"},
+{"type": "image", "image" | "url" | "path": ...} or {"type": "image_url", "image_url": {"url": ...}}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .generate.batch import BatchGenerator
+from .generate.request import Event, Request, Result
+from .generate.sampling import SamplingParams
+from .processor.config import KNOBS
+
+DEFAULT_MODEL = "LiquidAI/LFM2-VL-450M"
+SAMPLING_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+REQUEST_OPTIONS = ("max_new_tokens", "min_new_tokens", "stop")
+IMAGE_KEYS = ("image", "url", "path", "base64")
+
+
+def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None,
+         progress: Callable[[int, int], None] | None = None) -> "Engine":
+    """Load a checkpoint folder or hub id -> Engine. dtype defaults to bfloat16, device to cpu."""
+    from .loading import load_model
+    from .processor import Processor
+
+    kw = {"progress": progress} if progress is not None else {}
+    m, config, folder = load_model(model, dtype=dtype, device=device, **kw)
+    return Engine(m, config, Processor.from_pretrained(folder))
+
+
+class Engine:
+    def __init__(self, model, config, processor, *, prefill_chunk: int = 512):
+        self.model, self.config, self.processor = model, config, processor
+        self.tokenizer = processor.tokenizer
+        eos = list(getattr(self.tokenizer, "eos_token_ids", None) or [])
+        if not eos:  # fall back to the model config's eos (an int or a list)
+            e = config.text_config.eos_token_id
+            eos = [] if e is None else ([e] if isinstance(e, int) else list(e))
+        self.eos_ids = tuple(int(i) for i in eos)
+        self.prefill_chunk = prefill_chunk
+        self._single: BatchGenerator | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def reset(self) -> None:
+        """Forget the warm cache kept between single calls."""
+        self._single = None
+
+    # ---- preparing requests -----------------------------------------------------------------------------------
+    def prepare(self, messages, images=None, **options) -> Request:
+        """A conversation (or a prompt string plus images) and options -> Request. Raises ValueError on bad input."""
+        sampling, request, knobs = split_options(options)
+        msgs, imgs = to_messages(messages, images)
+        text = self.processor.apply_chat_template(msgs, add_generation_prompt=True)
+        batch = self.processor(text=text, images=imgs or None, **knobs)
+        ids = batch["input_ids"][0].tolist()
+        limit = self.config.text_config.max_position_embeddings
+        if len(ids) >= limit:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the model's context is {limit} tokens")
+        return Request(ids, batch.get("pixel_values"), batch.get("pixel_attention_mask"),
+                       batch.get("spatial_shapes"), params=SamplingParams(**sampling), eos_ids=self.eos_ids,
+                       **request)
+
+    # ---- generation -------------------------------------------------------------------------------------------
+    def generate(self, messages, images=None, **options) -> Result | list[Result]:
+        """One conversation -> Result; a list of conversations (or of prompt strings) -> list of Results, run as
+        one continuous batch (`max_batch` rows at a time, default 16)."""
+        if is_batch(messages):
+            if images is not None:
+                raise ValueError("for a batch, put the images inside each conversation's messages")
+            max_batch = options.pop("max_batch", 16)
+            reqs = [self.prepare(m, **options) for m in messages]
+            gen = BatchGenerator(self, max_batch=min(max_batch, len(reqs)), prefill_chunk=self.prefill_chunk)
+            rids = [gen.add(r) for r in reqs]
+            out = gen.run(rids)
+            return [out[r] for r in rids]
+        return self._run_single(self.prepare(messages, images, **options), None)
+
+    def stream(self, messages, images=None, **options) -> "Stream":
+        """An iterator of text pieces (never splitting a character); `.result` holds the Result afterwards."""
+        return Stream(self._single_gen(), self.prepare(messages, images, **options))
+
+    def chat(self, system: str | None = None, **options):
+        """A conversation that keeps its cache between turns (see generate/chat.py)."""
+        from .generate.chat import Chat
+
+        return Chat(self, system, **options)
+
+    def _single_gen(self) -> BatchGenerator:
+        if self._single is None:
+            self._single = BatchGenerator(self, max_batch=1, prefill_chunk=self.prefill_chunk)
+        return self._single
+
+    def _run_single(self, req: Request, gen: BatchGenerator | None) -> Result:
+        gen = gen or self._single_gen()
+        rid = gen.add(req)
+        return gen.run([rid])[rid]
+
+
+class Stream:
+    """Iterates the text pieces of one request on a BatchGenerator; cancels it if abandoned early."""
+
+    def __init__(self, gen: BatchGenerator, req: Request, on_done: Callable[[Result], None] | None = None):
+        self.gen, self.req, self.on_done = gen, req, on_done
+        self.result: Result | None = None
+        self.events: list[Event] = []
+
+    def __iter__(self) -> Iterator[str]:
+        rid = self.gen.add(self.req)
+        try:
+            while self.result is None:
+                for ev in self.gen.step():
+                    if ev.rid != rid:
+                        continue
+                    self.events.append(ev)
+                    if ev.result is not None:
+                        self.result = ev.result
+                    if ev.text:
+                        yield ev.text
+        finally:
+            if self.result is None:
+                self.gen.cancel(rid)
+        if self.on_done is not None:
+            self.on_done(self.result)
+
+
+# ---- options and messages -------------------------------------------------------------------------------------
+def split_options(options: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """Engine options -> (SamplingParams fields, Request fields, processor knobs); unknown names are an error."""
+    sampling, request, knobs = {}, {}, {}
+    for k, v in options.items():
+        if k in SAMPLING_OPTIONS:
+            if v is not None:
+                sampling[k] = v
+        elif k in REQUEST_OPTIONS:
+            request[k] = v
+        elif k in KNOBS:
+            knobs[k] = v
+        else:
+            raise ValueError(f"unknown option {k!r}; valid options: {', '.join(SAMPLING_OPTIONS + REQUEST_OPTIONS + KNOBS)}")
+    if request.get("stop") is None:
+        request.pop("stop", None)
+    return sampling, request, knobs
+
+
+def is_batch(messages) -> bool:
+    """A list of conversations (lists of messages) or of prompt strings."""
+    return isinstance(messages, (list, tuple)) and len(messages) > 0 and all(
+        isinstance(m, (list, tuple, str)) for m in messages)
+
+
+def to_messages(messages, images=None) -> tuple[list[dict], list]:
+    """Normalise a prompt string or a message list -> (messages whose image parts are {"type": "image"}, images in
+    order). `images` given with a prompt string go before its text; given with messages that have no image parts,
+    they go at the start of the last user message."""
+    extra = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a prompt string or a non-empty list of {'role', 'content'} dicts")
+    out, found = [], []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {m!r:.80}")
+        content = m.get("content")
+        if content is None or isinstance(content, str):
+            out.append({**m, "content": content or ""})
+            continue
+        if not isinstance(content, (list, tuple)):
+            raise ValueError(f"messages[{i}].content must be a string or a list of parts, got "
+                             f"{type(content).__name__}")
+        parts = []
+        for j, part in enumerate(content):
+            if isinstance(part, str):
+                parts.append({"type": "text", "text": part})
+                continue
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                parts.append({"type": "text", "text": str(part.get("text", ""))})
+            elif kind in ("image", "image_url"):
+                found.append(_image_source(part, f"messages[{i}].content[{j}]"))
+                parts.append({"type": "image"})
+            else:
+                raise ValueError(f"messages[{i}].content[{j}] has type {kind!r}; expected 'text', 'image' or "
+                                 f"'image_url'")
+        out.append({**m, "content": parts})
+    if extra:
+        if found:
+            raise ValueError("images were passed both inside the messages and as `images`; use one of the two")
+        users = [i for i, m in enumerate(out) if m["role"] == "user"]
+        if not users:
+            raise ValueError("`images` needs a user message to attach to")
+        last = out[users[-1]]
+        text = last["content"] if isinstance(last["content"], str) else None
+        parts = [{"type": "image"} for _ in extra]
+        parts += [{"type": "text", "text": text}] if text is not None else list(last["content"])
+        out[users[-1]] = {**last, "content": parts}
+        found = extra
+    return out, found
+
+
+def _image_source(part: dict, where: str):
+    if part.get("type") == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if not url:
+            raise ValueError(f"{where} is an image_url part without a url")
+        return url
+    src = next((part[k] for k in IMAGE_KEYS if part.get(k) is not None), None)
+    if src is None:
+        raise ValueError(f"{where} is an image part without an image; give one of {IMAGE_KEYS}")
+    return src

@@ -1,0 +1,59 @@
+"""Chat: a multi-turn conversation that keeps its cache between turns.
+
+Each turn renders the whole conversation with the checkpoint's chat template (so the prompt is exactly what a
+fresh run would see) and hands it to the conversation's own one-row BatchGenerator. The generator finds the
+longest prefix already in the cache (earlier turns, their images included) and prefills only the rest, so images
+are encoded once per conversation. If the re-tokenized reply differs from the generated tokens, reuse falls back
+to the end of the previous prompt (a conv-state snapshot), never to a wrong state.
+"""
+from __future__ import annotations
+
+from .batch import BatchGenerator
+from .request import Result
+
+
+class Chat:
+    def __init__(self, engine, system: str | None = None, **options):
+        """options: defaults for every turn (sampling, stop, max_new_tokens, image knobs)."""
+        from ..engine import split_options
+
+        split_options(options)  # reject unknown names now, not at the first turn
+        self.engine, self.options = engine, options
+        self.system = system
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.gen = BatchGenerator(engine, max_batch=1, prefill_chunk=engine.prefill_chunk)
+        self.last: Result | None = None
+
+    def reset(self, system: str | None = None) -> None:
+        """Start over (the cache stays: a new conversation with the same start still reuses it)."""
+        self.system = system if system is not None else self.system
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.last = None
+
+    def send(self, text: str, images=None, **options) -> Result:
+        """Add a user turn and generate the reply (appended to the conversation)."""
+        stream = self.stream(text, images, **options)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def stream(self, text: str, images=None, **options):
+        """Like send, but an iterator of text pieces; the reply is appended when the iterator is exhausted."""
+        from ..engine import Stream
+
+        user = self._user_message(text, images)
+        req = self.engine.prepare(self.messages + [user], **{**self.options, **options})
+
+        def done(result: Result) -> None:
+            self.messages += [user, {"role": "assistant", "content": result.text}]
+            self.last = result
+
+        return Stream(self.gen, req, on_done=done)
+
+    @staticmethod
+    def _user_message(text: str, images) -> dict:
+        imgs = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
+        if not imgs:
+            return {"role": "user", "content": text}
+        return {"role": "user", "content": [{"type": "image", "image": im} for im in imgs] +
+                [{"type": "text", "text": text}]}
