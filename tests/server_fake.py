@@ -36,8 +36,15 @@ class Event:
     logprob: float | None = None
 
 
+class _CharTokenizer:
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join(chr(i) for i in ids)
+
+
 class FakeEngine:
     """Renders messages to characters; `<image>` counts as 16 tokens."""
+
+    tokenizer = _CharTokenizer()
 
     def __init__(self, step_delay_s: float = 0.0):
         self.step_delay_s = step_delay_s
@@ -47,7 +54,7 @@ class FakeEngine:
     def prepare(self, messages, **options) -> FakeRequest:
         known = {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "seed", "stop", "logprobs", "min_image_tokens", "max_image_tokens",
-                 "do_image_splitting"}
+                 "do_image_splitting", "top_logprobs", "min_new_tokens"}
         unknown = set(options) - known
         if unknown:
             raise TypeError(f"unknown options {sorted(unknown)}")

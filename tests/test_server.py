@@ -158,6 +158,19 @@ def test_max_completion_tokens_and_length(client):
     assert r.choices[0].finish_reason == ("length" if r.usage.completion_tokens == 3 else "stop")
 
 
+def test_logprobs(client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Say something."}], max_tokens=8, temperature=0,
+              logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(**kw)
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == r.usage.completion_tokens
+    for e in entries:  # greedy: the chosen token is the most likely one
+        assert len(e.top_logprobs) == 3 and e.logprob <= 0 and abs(e.top_logprobs[0].logprob - e.logprob) < 1e-5
+        assert e.token == e.top_logprobs[0].token
+    streamed = [c for c in client.chat.completions.create(stream=True, **kw) if c.choices and c.choices[0].logprobs]
+    assert [e.token for c in streamed for e in c.choices[0].logprobs.content] == [e.token for e in entries]
+
+
 def test_seed_reproducible(client):
     kw = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=24,
               temperature=1.0, top_p=0.95, extra_body={"min_p": 0.0})

@@ -133,6 +133,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def http_url():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.handle_error = lambda request, address: None  # the client hanging up on /slow.png is expected
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()

@@ -78,20 +78,24 @@ def create_app(engine, scheduler: Scheduler, settings: ServerSettings) -> FastAP
         return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": created_at,
                                             "owned_by": "lfm2vl", "context_length": settings.context_len}]}
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion)
+    # `responses` documents the shape without filtering the dict through it (that would drop e.g. usage details)
+    @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletion}})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         if body.model != settings.model_id and body.model not in settings.aliases:
             raise APIError(404, f"The model `{body.model}` does not exist; this server serves `{settings.model_id}`.",
                            param="model", code="model_not_found")
         req, n_prompt = await run_in_threadpool(_prepare, engine, body, settings)
-        ticket = scheduler.submit(req)
+        try:
+            ticket = scheduler.submit(req)
+        except SchedulerError as e:
+            raise APIError(503, f"The server cannot take requests: {e}.", type="server_error") from None
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(scheduler, ticket, cid, created, body.model, n_prompt, include_usage),
+            return StreamingResponse(_sse(engine, scheduler, ticket, cid, created, body.model, n_prompt, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _collect(scheduler, ticket, request, cid, created, body.model, n_prompt)
+        return await _collect(engine, scheduler, ticket, request, cid, created, body.model, n_prompt)
 
     return app
 
@@ -115,7 +119,8 @@ def _prepare(engine, body: ChatCompletionRequest, settings: ServerSettings):
     if asked is not None and asked > room:
         raise APIError(400, f"This server's context holds {ctx} tokens, but {n_prompt + asked} were requested "
                             f"({n_prompt} in the prompt, {asked} for the completion); lower max_tokens to at most "
-                            f"{room}.", param="max_tokens", code="context_length_exceeded")
+                            f"{room}.", code="context_length_exceeded",
+                       param="max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
     if opts["max_new_tokens"] > room:  # the server default does not fit: shrink it to the room left
         opts["max_new_tokens"] = room
         if dataclasses.is_dataclass(req) and any(f.name == "max_new_tokens" for f in dataclasses.fields(req)):
@@ -123,6 +128,13 @@ def _prepare(engine, body: ChatCompletionRequest, settings: ServerSettings):
         else:
             req = engine.prepare(messages, **opts)
     return req, n_prompt
+
+
+def _token_text(engine):
+    tokenizer = getattr(engine, "tokenizer", None)
+    if tokenizer is None:
+        return lambda tid: ""
+    return lambda tid: tokenizer.decode([tid])
 
 
 def _usage(last_event, n_prompt: int, n_out: int) -> dict:
@@ -141,8 +153,9 @@ def _raise_for(item) -> None:
                        type="server_error")
 
 
-async def _collect(scheduler: Scheduler, ticket, request: Request, cid, created, model, n_prompt):
+async def _collect(engine, scheduler: Scheduler, ticket, request: Request, cid, created, model, n_prompt):
     pieces, n_out, logprobs = [], 0, []
+    token_text = _token_text(engine)
     next_check = time.monotonic() + 0.25
     try:
         while True:
@@ -159,8 +172,9 @@ async def _collect(scheduler: Scheduler, ticket, request: Request, cid, created,
             if item.token_id is not None:
                 n_out += 1
             pieces.append(item.text or "")
-            if item.logprob is not None:
-                logprobs.append((item.text or "", float(item.logprob)))
+            if item.logprob is not None and item.token_id is not None:
+                logprobs.append(translate.logprob_entry(item.token_id, float(item.logprob),
+                                                        getattr(item, "top_logprobs", None), token_text))
             if item.finish_reason is not None:
                 return translate.completion(cid, created, model, "".join(pieces), item.finish_reason,
                                             _usage(item, n_prompt, n_out), logprobs or None)
@@ -172,8 +186,9 @@ def _sse_line(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
 
 
-async def _sse(scheduler: Scheduler, ticket, cid, created, model, n_prompt, include_usage):
-    n_out = 0
+async def _sse(engine, scheduler: Scheduler, ticket, cid, created, model, n_prompt, include_usage):
+    n_out, pending_lp = 0, []  # logprobs of tokens whose text is held back ride on the next chunk
+    token_text = _token_text(engine)
     try:
         yield _sse_line(translate.chunk(cid, created, model, {"role": "assistant", "content": ""},
                                         with_usage_field=include_usage))
@@ -186,13 +201,16 @@ async def _sse(scheduler: Scheduler, ticket, cid, created, model, n_prompt, incl
                 return
             if item.token_id is not None:
                 n_out += 1
-            lp = [(item.text or "", float(item.logprob))] if item.logprob is not None else None
+            if item.logprob is not None and item.token_id is not None:
+                pending_lp.append(translate.logprob_entry(item.token_id, float(item.logprob),
+                                                          getattr(item, "top_logprobs", None), token_text))
             if item.text:
                 yield _sse_line(translate.chunk(cid, created, model, {"content": item.text},
-                                                with_usage_field=include_usage, logprobs=lp))
+                                                with_usage_field=include_usage, logprobs=pending_lp or None))
+                pending_lp = []
             if item.finish_reason is not None:
                 yield _sse_line(translate.chunk(cid, created, model, {}, item.finish_reason,
-                                                with_usage_field=include_usage))
+                                                with_usage_field=include_usage, logprobs=pending_lp or None))
                 if include_usage:
                     yield _sse_line(translate.chunk(cid, created, model, None, use=_usage(item, n_prompt, n_out)))
                 yield b"data: [DONE]\n\n"

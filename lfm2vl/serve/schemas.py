@@ -3,7 +3,7 @@
 Requests are validated here (types, ranges, n == 1, at most 4 stop strings); anything that fails becomes a 400 in
 OpenAI's error shape (errors.py). Unknown top-level fields that OpenAI clients commonly send (`user`, `metadata`,
 `store`, ...) are accepted and ignored; features lfm2vl does not have (tools, audio, n > 1, logit_bias) are refused
-clearly rather than silently ignored. Responses are plain dicts built in translate.py; their models live here only
+clearly rather than silently ignored. Extras beyond OpenAI's fields use vLLM's names. Responses are plain dicts built in translate.py; their models live here only
 for the OpenAPI schema.
 """
 from __future__ import annotations
@@ -75,7 +75,8 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     n: int | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    min_tokens: int | None = Field(default=None, ge=0)  # extra (vLLM's name): eos is ignored before this many
     # lfm2vl extras (vLLM spells them the same way)
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -109,12 +110,6 @@ class ChatCompletionRequest(BaseModel):
                 raise ValueError("stop sequences must not be empty strings")
         return v
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _top_logprobs(cls, v):
-        if v:
-            raise ValueError("top_logprobs is not supported (only logprobs of the chosen tokens)")
-        return v
 
     @model_validator(mode="after")
     def _unsupported(self):
@@ -126,6 +121,8 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("response_format other than {'type': 'text'} is not supported by lfm2vl")
         if self.modalities and set(self.modalities) != {"text"}:
             raise ValueError("only the 'text' output modality is supported")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         if self.min_image_tokens and self.max_image_tokens and self.min_image_tokens > self.max_image_tokens:
             raise ValueError(f"min_image_tokens={self.min_image_tokens} exceeds max_image_tokens={self.max_image_tokens}")
         return self

@@ -53,6 +53,10 @@ def options(body: ChatCompletionRequest) -> dict:
         opts["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
     if body.logprobs:
         opts["logprobs"] = True
+        if body.top_logprobs:
+            opts["top_logprobs"] = body.top_logprobs
+    if body.min_tokens:
+        opts["min_new_tokens"] = body.min_tokens
     return opts
 
 
@@ -68,15 +72,21 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None 
     return out
 
 
-def logprobs_block(items: list[tuple[str, float]] | None) -> dict | None:
-    if items is None:
-        return None
-    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-                        for t, lp in items]}
+def logprob_entry(token_id: int, logprob: float, top: list[tuple[int, float]] | None, token_text) -> dict:
+    """OpenAI's per-token logprobs item; `token_text(id)` decodes one token id."""
+    def item(tid, lp):
+        text = token_text(tid)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {**item(token_id, logprob), "top_logprobs": [item(t, lp) for t, lp in (top or [])]}
+
+
+def logprobs_block(entries: list[dict] | None) -> dict | None:
+    return None if entries is None else {"content": entries}
 
 
 def completion(cid: str, created: int, model: str, text: str, finish_reason: str, use: dict,
-               logprobs: list[tuple[str, float]] | None = None) -> dict:
+               logprobs: list[dict] | None = None) -> dict:
     return {"id": cid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "logprobs": logprobs_block(logprobs), "finish_reason": finish_reason}],
@@ -85,7 +95,7 @@ def completion(cid: str, created: int, model: str, text: str, finish_reason: str
 
 def chunk(cid: str, created: int, model: str, delta: dict | None, finish_reason: str | None = None,
           use: dict | None = None, with_usage_field: bool = False,
-          logprobs: list[tuple[str, float]] | None = None) -> dict:
+          logprobs: list[dict] | None = None) -> dict:
     """One `chat.completion.chunk`; delta None = the usage-only chunk (empty choices), as OpenAI sends it last."""
     out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
            "system_fingerprint": None, "choices": []}
