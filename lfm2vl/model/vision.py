@@ -24,6 +24,30 @@ from torch import nn
 from lfm2vl.config import VisionConfig
 
 _ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}  # hidden_act -> F.gelu(approximate=...)
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def fast_linear(layer: nn.Module, x: torch.Tensor, gelu: str | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`layer(x)`, then optional GELU (approximate="tanh"/"none"), then `+ residual`, fused where possible.
+
+    On CPU, float32/bfloat16 nn.Linear runs through oneDNN with the bias, GELU and residual add fused: torch's own
+    float32 GEMM is MKL, which takes a slow path on AMD CPUs (about 2.5x slower at vision shapes), and the fusion saves
+    passes over the big activations. oneDNN has no autograd, so training falls back to plain torch.
+    """
+    w = layer.weight if type(layer) is nn.Linear else None  # wrapped layers (LoRA, int8) keep their own forward
+    if (_ONEDNN and w is not None and x.device.type == "cpu" and x.dtype == w.dtype
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                                  or (layer.bias is not None and layer.bias.requires_grad)))):
+        if residual is not None and gelu is None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, layer.bias, "add")
+        y = torch.ops.mkldnn._linear_pointwise(x, w, layer.bias, "none" if gelu is None else "gelu", [],
+                                               "" if gelu is None else gelu)
+    else:
+        y = layer(x)
+        y = y if gelu is None else F.gelu(y, approximate=gelu)
+    return y if residual is None else y + residual
 
 
 class VisionEmbeddings(nn.Module):
@@ -73,9 +97,9 @@ class VisionEmbeddings(nn.Module):
 
     def forward(self, patches: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
         """patches (P, 3*p*p) packed valid patches of units with grids `shapes`, in order -> (P, Dv)."""
-        x = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))
-        pos = [self.positions(h, w, x.dtype) for h, w in shapes]
-        return x + (pos[0] if len(pos) == 1 else torch.cat(pos))
+        dtype = self.patch_embedding.weight.dtype
+        pos = [self.positions(h, w, dtype) for h, w in shapes]
+        return fast_linear(self.patch_embedding, patches.to(dtype), residual=pos[0] if len(pos) == 1 else torch.cat(pos))
 
 
 class Attention(nn.Module):
@@ -88,16 +112,16 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj = nn.Linear(D, D), nn.Linear(D, D)
         self.v_proj, self.out_proj = nn.Linear(D, D), nn.Linear(D, D)
 
-    def forward(self, x: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
-        """x (P, Dv); groups: (start row, units, patches per unit) covering x in order."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    def forward(self, x: torch.Tensor, groups: list[tuple[int, int, int]], residual: torch.Tensor) -> torch.Tensor:
+        """x (P, Dv); groups: (start row, units, patches per unit) covering x in order; returns residual + attn."""
+        q, k, v = fast_linear(self.q_proj, x), fast_linear(self.k_proj, x), fast_linear(self.v_proj, x)
         outs = []
         for start, n, L in groups:
             end = start + n * L
             qg, kg, vg = (t[start:end].view(n, L, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
             o = F.scaled_dot_product_attention(qg, kg, vg)  # (n, H, L, Dh); scale = Dh^-0.5 as in SigLIP2
             outs.append(o.transpose(1, 2).reshape(n * L, -1))  # (n*L, Dv)
-        return self.out_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
+        return fast_linear(self.out_proj, outs[0] if len(outs) == 1 else torch.cat(outs), residual=residual)
 
 
 class MLP(nn.Module):
@@ -110,8 +134,9 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Returns residual + fc2(gelu(fc1(x)))."""
+        return fast_linear(self.fc2, fast_linear(self.fc1, x, gelu=self.approximate), residual=residual)
 
 
 class EncoderLayer(nn.Module):
@@ -122,8 +147,8 @@ class EncoderLayer(nn.Module):
         self.self_attn, self.mlp = Attention(config), MLP(config)
 
     def forward(self, x: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), groups)
-        return x + self.mlp(self.layer_norm2(x))
+        x = self.self_attn(self.layer_norm1(x), groups, residual=x)
+        return self.mlp(self.layer_norm2(x), residual=x)
 
 
 class Encoder(nn.Module):
