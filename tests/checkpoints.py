@@ -75,7 +75,9 @@ def hf_config(layout: str):
     if layout == "full_450m":
         d = json.loads((FIXTURE / "config.json").read_text())
         d["model_type"] = "lfm2_vl"  # the fixture is custom-code era; transformers reads the same fields natively
-        return Lfm2VlConfig(**{k: v for k, v in d.items() if k not in ("auto_map", "architectures")})
+        for sub in ("text_config", "vision_config"):
+            d[sub] = {k: v for k, v in d[sub].items() if k not in ("torch_dtype", "dtype")}
+        return Lfm2VlConfig(**{k: v for k, v in d.items() if k not in ("auto_map", "architectures", "torch_dtype")})
     t, v, top = SPECS[layout]
     text = {**_TEXT, **t, "model_type": "lfm2"}
     text["num_hidden_layers"] = len(text["layer_types"])
@@ -115,7 +117,8 @@ def build_hf_model(layout: str, seed: int = 0):
     """The oracle: transformers' Lfm2VlForConditionalGeneration (float32, eval) with the layout's random weights."""
     from transformers import Lfm2VlForConditionalGeneration
 
-    model = Lfm2VlForConditionalGeneration(hf_config(layout)).eval()
+    # .float(): a config carrying dtype "bfloat16" (the published one) would otherwise build a bf16 oracle
+    model = Lfm2VlForConditionalGeneration(hf_config(layout)).float().eval()
     _reinit(model, seed)
     if model.config.tie_word_embeddings:
         assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
@@ -134,6 +137,13 @@ def make_checkpoint_with_oracle(folder, layout: str, seed: int = 0):
     model = build_hf_model(layout, seed)
     if layout == "1.6b":
         _write_custom_era(folder, model, seed)
+    elif layout == "full_450m":  # stored in bfloat16 like the published file; the oracle holds the same values
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.bfloat16().float())
+        sd = {k: v.bfloat16().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(folder)
     else:
         shard = "300KB" if layout == "untied" else "10GB"
         model.save_pretrained(folder, max_shard_size=shard)

@@ -100,3 +100,24 @@ def test_feature_count_mismatch_is_a_clear_error(setup):
     ids[0, (ids[0] == model.config.image_token_id).nonzero()[0]] = 600  # one placeholder fewer
     with pytest.raises(ValueError, match=r"95 <image> tokens .* 96 features"):
         model(ids, inp["pixel_values"], inp["pixel_attention_mask"], inp["spatial_shapes"])
+
+
+@pytest.mark.slow
+def test_full_450m_random_weights(tmp_path_factory):
+    """The published LFM2-VL-450M shapes (random weights, stored in bf16 like the real file), float32 parity."""
+    from checkpoints import make_checkpoint_with_oracle
+
+    folder, hf = make_checkpoint_with_oracle(tmp_path_factory.mktemp("full_450m"), "full_450m")
+    model, config, _ = load_model(folder, dtype=torch.float32)
+    assert sum(p.numel() for p in model.parameters()) == 450_822_656
+    cases = prompt_cases(config.text_config.vocab_size, seed=5)
+    for name in ("text", "small_image", "tiled_thumbnail", "batch_left_padded"):
+        inp = cases[name]
+        with torch.no_grad():
+            ours = model(**inp)
+        ref = oracle_logits(hf, inp)
+        keep = valid_positions(inp)
+        diff = (ours - ref).abs()[keep].max().item()
+        print(f"[parity fp32] layout=full_450m case={name} T={inp['input_ids'].shape[1]} max|dlogit|={diff:.2e} "
+              f"(logit std {ref[keep].std():.2f})")
+        assert diff <= TOL, f"full 450M {name}: max |logit diff| {diff:.3e}"
