@@ -4,10 +4,11 @@ Module paths equal the checkpoint keys under `model.vision_tower.`: `embeddings.
 `encoder.layers.{j}.{layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2, mlp.{fc1, fc2}}`, `post_layernorm`.
 
 Notable features:
-- no wasted work on padding: the valid patches of all units are packed into one (P, Dv) matrix, so every linear,
-  LayerNorm and MLP runs on real patches only; attention runs per group of units with the same patch count as one
-  dense, unmasked SDPA batch (tiles are all 32x32, a thumbnail is its own group). This equals transformers' padded,
-  key-masked computation (masked keys get exactly zero weight) up to float rounding.
+- no wasted work on padding: units are grouped by patch count L (tiles are all 32x32, a thumbnail is its own group)
+  and each group runs through the whole encoder as one dense (n*L, Dv) batch of real patches only, attention being
+  one unmasked SDPA over (n, H, L, Dh). Nothing crosses units except inside attention, so this equals transformers'
+  padded, key-masked computation (masked keys get exactly zero weight) up to float rounding.
+- on CPU the linears run through oneDNN with bias, GELU and residual add fused (`fast_linear`).
 - only `num_layers_used` encoder layers are built (`vision_feature_layer`, SPEC §1.2); post_layernorm still applies.
 - the 16x16 position grid is resized per unit with bilinear + antialias (align_corners=False) in float32, and the
   resized grids are cached per (h, w, dtype, device) until the table's weights change.
@@ -96,14 +97,14 @@ class VisionEmbeddings(nn.Module):
         return hit
 
     def forward(self, patches: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
-        """patches (P, 3*p*p) packed valid patches of units with grids `shapes`, in order -> (P, Dv)."""
+        """patches (n*L, 3*p*p): the valid patches of n units with grids `shapes` (h*w = L each) -> (n*L, Dv)."""
         dtype = self.patch_embedding.weight.dtype
         pos = [self.positions(h, w, dtype) for h, w in shapes]
         return fast_linear(self.patch_embedding, patches.to(dtype), residual=pos[0] if len(pos) == 1 else torch.cat(pos))
 
 
 class Attention(nn.Module):
-    """Bidirectional multi-head attention over packed units, one dense SDPA per group of equal-length units."""
+    """Bidirectional multi-head attention within each of n units of L real patches: one dense, unmasked SDPA."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -112,16 +113,12 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj = nn.Linear(D, D), nn.Linear(D, D)
         self.v_proj, self.out_proj = nn.Linear(D, D), nn.Linear(D, D)
 
-    def forward(self, x: torch.Tensor, groups: list[tuple[int, int, int]], residual: torch.Tensor) -> torch.Tensor:
-        """x (P, Dv); groups: (start row, units, patches per unit) covering x in order; returns residual + attn."""
-        q, k, v = fast_linear(self.q_proj, x), fast_linear(self.k_proj, x), fast_linear(self.v_proj, x)
-        outs = []
-        for start, n, L in groups:
-            end = start + n * L
-            qg, kg, vg = (t[start:end].view(n, L, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-            o = F.scaled_dot_product_attention(qg, kg, vg)  # (n, H, L, Dh); scale = Dh^-0.5 as in SigLIP2
-            outs.append(o.transpose(1, 2).reshape(n * L, -1))  # (n*L, Dv)
-        return fast_linear(self.out_proj, outs[0] if len(outs) == 1 else torch.cat(outs), residual=residual)
+    def forward(self, x: torch.Tensor, n: int, residual: torch.Tensor) -> torch.Tensor:
+        """x (n*L, Dv) -> residual + out_proj(attention)."""
+        shape = (n, x.shape[0] // n, self.num_heads, self.head_dim)
+        q, k, v = (fast_linear(f, x).view(shape).transpose(1, 2) for f in (self.q_proj, self.k_proj, self.v_proj))
+        o = F.scaled_dot_product_attention(q, k, v)  # (n, H, L, Dh); scale Dh^-0.5 as in SigLIP2
+        return fast_linear(self.out_proj, o.transpose(1, 2).reshape(x.shape), residual=residual)  # (n*L, Dv)
 
 
 class MLP(nn.Module):
@@ -146,8 +143,8 @@ class EncoderLayer(nn.Module):
         self.layer_norm1, self.layer_norm2 = nn.LayerNorm(D, eps=eps), nn.LayerNorm(D, eps=eps)
         self.self_attn, self.mlp = Attention(config), MLP(config)
 
-    def forward(self, x: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
-        x = self.self_attn(self.layer_norm1(x), groups, residual=x)
+    def forward(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        x = self.self_attn(self.layer_norm1(x), n, residual=x)
         return self.mlp(self.layer_norm2(x), residual=x)
 
 
@@ -157,9 +154,9 @@ class Encoder(nn.Module):
         # vision_feature_layer: layers beyond num_layers_used are never run (the loader drops their weights)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers_used))
 
-    def forward(self, x: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, n: int) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x, groups)
+            x = layer(x, n)
         return x
 
 
@@ -180,25 +177,20 @@ class VisionTower(nn.Module):
         Returns one (h*w, Dv) tensor per unit, in unit order: post_layernorm output of its valid patches, row-major.
         """
         shapes = self._check(pixel_values, pixel_attention_mask, spatial_shapes)
-        # Pack units ordered by patch count so each attention group is one contiguous run of rows.
-        order = sorted(range(len(shapes)), key=lambda u: shapes[u][0] * shapes[u][1])
-        lengths = [shapes[u][0] * shapes[u][1] for u in order]
-        if len(order) == 1 and lengths[0] == pixel_values.shape[1]:
-            patches = pixel_values[0]
-        else:
-            patches = torch.cat([pixel_values[u, :n] for u, n in zip(order, lengths)])  # (P, 3*p*p)
-        groups, start = [], 0
-        for L in lengths:
-            if groups and groups[-1][2] == L:
-                groups[-1] = (groups[-1][0], groups[-1][1] + 1, L)
+        groups: dict[int, list[int]] = {}  # patch count -> units; each group runs as one dense batch, no padding
+        for u, (h, w) in enumerate(shapes):
+            groups.setdefault(h * w, []).append(u)
+        out: list[torch.Tensor] = [None] * len(shapes)  # type: ignore[list-item]
+        for L, units in groups.items():
+            n = len(units)
+            if units[-1] - units[0] == n - 1:  # adjacent units (tiles): a view, no gather
+                patches = pixel_values[units[0]:units[-1] + 1, :L]
             else:
-                groups.append((start, 1, L))
-            start += L
-        x = self.embeddings(patches, [shapes[u] for u in order])
-        x = self.post_layernorm(self.encoder(x, groups))  # (P, Dv)
-        out: list[torch.Tensor] = [None] * len(order)  # type: ignore[list-item]
-        for u, piece in zip(order, torch.split(x, lengths)):
-            out[u] = piece
+                patches = pixel_values[units, :L]
+            x = self.embeddings(patches.reshape(n * L, -1), [shapes[u] for u in units])  # (n*L, Dv)
+            x = self.post_layernorm(self.encoder(x, n)).view(n, L, -1)
+            for u, piece in zip(units, x):
+                out[u] = piece
         return out
 
     def _check(self, pixel_values: torch.Tensor, mask: torch.Tensor, spatial_shapes: torch.Tensor) -> list[tuple]:
