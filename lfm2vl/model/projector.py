@@ -9,10 +9,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lfm2vl.config import Lfm2VlConfig
+from lfm2vl.model.vision import fast_linear
 
 
 def pixel_unshuffle(x: torch.Tensor, h: int, w: int, factor: int = 2) -> torch.Tensor:
@@ -46,7 +46,7 @@ class Projector(nn.Module):
         """feats (n, f*f*Dv) unshuffled tokens -> (n, D_text)."""
         if self.layer_norm is not None:
             feats = self.layer_norm(feats)
-        return self.linear_2(F.gelu(self.linear_1(feats)))
+        return fast_linear(self.linear_2, fast_linear(self.linear_1, feats, gelu="none"))  # exact erf-GELU
 
 
 def image_features(tower: nn.Module, projector: Projector, pixel_values: torch.Tensor,
