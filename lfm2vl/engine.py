@@ -32,14 +32,21 @@ REQUEST_OPTIONS = ("max_new_tokens", "min_new_tokens", "stop")
 IMAGE_KEYS = ("image", "url", "path", "base64")
 
 
-def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None,
-         progress: Callable[[int, int], None] | None = None) -> "Engine":
-    """Load a checkpoint folder or hub id -> Engine. dtype defaults to bfloat16, device to cpu."""
+def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None, optimize: bool = True,
+         int8: bool = False, progress: Callable[[int, int], None] | None = None) -> "Engine":
+    """Load a checkpoint folder or hub id -> Engine. dtype defaults to bfloat16, device to cpu.
+
+    optimize: on CPU, swap in the fast decode modules of speed.py (same parameters and results within float
+    rounding); int8: weight-only int8 linears in the language model (opt-in, changes results slightly)."""
     from .loading import load_model
     from .processor import Processor
 
     kw = {"progress": progress} if progress is not None else {}
     m, config, folder = load_model(model, dtype=dtype, device=device, **kw)
+    if optimize or int8:
+        from .speed import optimize_for_cpu
+
+        optimize_for_cpu(m, int8=int8)
     return Engine(m, config, Processor.from_pretrained(folder))
 
 
@@ -61,7 +68,8 @@ class Engine:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """Activation (and cache) dtype: the token embedding's."""
+        return self.model.model.language_model.embed_tokens.weight.dtype
 
     def reset(self) -> None:
         """Forget the warm cache kept between single calls."""

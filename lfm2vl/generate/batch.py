@@ -84,11 +84,13 @@ class BatchGenerator:
         self.max_context, self.vocab_size = tc.max_position_embeddings, tc.vocab_size
         self.image_token_id, self.factor = self.config.image_token_id, self.config.downsample_factor
         self.device = next(self.model.parameters()).device
+        self.dtype = getattr(engine, "dtype", None)  # the cache's; an int8 output head does not carry it
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.fixed = max_seq_len is not None
         if self.fixed and not 1 <= max_seq_len <= self.max_context:
             raise ValueError(f"max_seq_len={max_seq_len} must be in [1, {self.max_context}] (the model's context)")
-        self.cache = self.model.make_cache(max_batch, max_seq_len or min(DEFAULT_CAPACITY, self.max_context))
+        self.cache = self.model.make_cache(max_batch, max_seq_len or min(DEFAULT_CAPACITY, self.max_context),
+                                          dtype=self.dtype, device=self.device)
         self.rows = [_Row() for _ in range(max_batch)]
         self.pending: deque[_Active] = deque()
         self.actives: dict[int, _Active] = {}
@@ -246,7 +248,7 @@ class BatchGenerator:
         """Reallocate the cache with room for `needed` tokens per row, keeping every row's content."""
         cap = max(needed, min(2 * self.capacity, needed + 4 * CAPACITY_STEP))
         cap = min(self.max_context, -(-cap // CAPACITY_STEP) * CAPACITY_STEP)
-        new = self.model.make_cache(self.max_batch, cap)
+        new = self.model.make_cache(self.max_batch, cap, dtype=self.dtype, device=self.device)
         old_len = self.capacity
         for dst, src in zip(new.k + new.v, self.cache.k + self.cache.v):
             if src is not None:
