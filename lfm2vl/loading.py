@@ -36,16 +36,17 @@ class LoadError(ValueError):
     """A checkpoint lfm2vl cannot load (what is wrong and how to fix it is in the message)."""
 
 
-def load_model(path_or_hub_id: str | os.PathLike, *, dtype=None, device=None):
+def load_model(path_or_hub_id: str | os.PathLike, *, dtype=None, device=None, progress=None):
     """Load a checkpoint -> (model in eval mode, Lfm2VlConfig, resolved folder Path).
 
     dtype: torch dtype or "float32"/"bfloat16"/"float16" (default bfloat16); device: "cpu", "cuda", ... (default cpu).
+    progress: optional callback(bytes_read, total_bytes) while the weights are read (the CLI's progress bar).
     """
     dtype = _dtype(dtype)
     device = torch.device(device or "cpu")
     folder = resolve_folder(path_or_hub_id)
     config = Lfm2VlConfig.from_file(folder)
-    raw = read_safetensors(folder, dtype, device)
+    raw = read_safetensors(folder, dtype, device, progress)
     with torch.device("meta"):
         model = Lfm2VlModel(config)
     sd = remap_hf_keys(raw, config)
@@ -112,22 +113,30 @@ def _weight_files(folder: Path) -> list[Path]:
     raise LoadError(f"{folder} has no *.safetensors weights")
 
 
-def read_safetensors(folder: Path, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+def read_safetensors(folder: Path, dtype: torch.dtype, device: torch.device,
+                     progress=None) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint (memory-mapped reads), floating ones cast to dtype, on device."""
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
-    for f in _weight_files(folder):
+    files = _weight_files(folder)
+    total, done = sum(f.stat().st_size for f in files), 0
+    for f in files:
         try:
             with safe_open(str(f), framework="pt", device="cpu") as sf:
                 for k in sf.keys():
                     t = sf.get_tensor(k)
                     out[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                    if progress is not None:
+                        done += t.numel() * t.element_size()
+                        progress(min(done, total), total)
         except LoadError:
             raise
         except Exception as e:  # safetensors raises its own error types for bad headers / truncated data
             raise LoadError(f"{f} is not a valid safetensors file ({type(e).__name__}: {e}); "
                             f"re-download or re-save it") from None
+    if progress is not None:
+        progress(total, total)
     return out
 
 
