@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require `Authorization: Bearer KEY` on /v1/* (default: $LFM2VL_API_KEY, else no key)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the engine's choice)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the engine's choice)")
+    p.add_argument("--int8", action="store_true", help="weight-only int8 language-model linears on CPU (faster, "
+                   "results change slightly)")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=16, help="rows decoded together (concurrent requests)")
     g.add_argument("--max-seq-len", type=int, default=4096, help="context per request: prompt + completion tokens")
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"lfm2vl serve: loading {args.model} ...", flush=True)
     try:
-        engine = lfm2vl.load(args.model, dtype=args.dtype, device=args.device)
+        engine = lfm2vl.load(args.model, dtype=args.dtype, device=args.device, **({"int8": True} if args.int8 else {}))
     except Exception as e:  # offline without a copy, a broken folder...: one clear line, no traceback
         print(f"lfm2vl serve: could not load {args.model}: {e}", file=sys.stderr)
         return 1
