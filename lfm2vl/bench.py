@@ -1,0 +1,167 @@
+"""`lfm2vl bench`: CPU/GPU-free speed benchmark of lfm2vl beside transformers on the same weights and inputs.
+
+    lfm2vl bench                         # random weights at the published 450M shapes, bf16, 2 threads
+    lfm2vl bench --shape 1.6B --int8     # + weight-only int8 and its quality against bf16
+    lfm2vl bench --model ./LFM2-VL-450M  # a real checkpoint folder
+
+Measures preprocessing, vision encoding, prefill tokens/s, time to first token, decode tokens/s, load time and
+peak RSS for four scenarios (text-only 512-token prompt, one 512x512 image, one 1024x768 image tiled + thumbnail,
+two images). Each engine runs in a fresh subprocess (bench_worker.py) so its peak RSS is its own; transformers is
+measured when it is importable. Warm-up, then `--reps` runs, median reported. Prints a table with ratios and JSON.
+Random weights (bench_data.py) give the real shapes' timings; they say nothing about output quality beyond the
+int8-vs-bf16 agreement that --int8 reports.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .bench_data import SCENARIOS, SHAPES, random_checkpoint
+
+
+def _args(argv):
+    ap = argparse.ArgumentParser(prog="lfm2vl bench", description="Benchmark lfm2vl (and transformers) on CPU.")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--model", help="checkpoint folder (default: random weights at --shape)")
+    src.add_argument("--shape", default="450M", choices=SHAPES, help="published shape for random weights")
+    src.add_argument("--config", help="a config.json to build random weights from (e.g. a tiny one for tests)")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--int8", action="store_true", help="also run lfm2vl with weight-only int8 (+ quality check)")
+    ap.add_argument("--int8-head", action="store_true", help="quantize the tied output head too")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
+    ap.add_argument("--engines", default=None, help="comma list of ours,transformers (default: both if available)")
+    ap.add_argument("--no-optimize", action="store_true", help="lfm2vl without speed.optimize_for_cpu")
+    ap.add_argument("--cache-dir", default=None, help="where random checkpoints are kept (~/.cache/lfm2vl/bench)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per engine subprocess")
+    args = ap.parse_args(argv)
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    bad = sorted(set(args.scenarios) - set(SCENARIOS))
+    if bad:
+        ap.error(f"unknown scenario(s) {bad}; expected {', '.join(SCENARIOS)}")
+    if args.engines is None:
+        have_hf = importlib.util.find_spec("transformers") is not None
+        args.engines = ["ours"] + (["transformers"] if have_hf else [])
+    else:
+        args.engines = [e for e in args.engines.split(",") if e]
+        if set(args.engines) - {"ours", "transformers"}:
+            ap.error(f"--engines takes ours and/or transformers, got {args.engines}")
+    if args.reps < 1 or args.threads < 1 or args.new_tokens < 1:
+        ap.error("--reps, --threads and --new-tokens must be >= 1")
+    return args
+
+
+def _folder(args) -> Path:
+    if args.model:
+        folder = Path(args.model)
+        if not (folder / "config.json").is_file():
+            raise SystemExit(f"lfm2vl bench: {folder} has no config.json (expected a checkpoint folder)")
+        return folder
+    root = Path(args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lfm2vl", "bench"))
+    if args.config:
+        shape = Path(args.config)
+        tag = "config-" + hashlib.sha256(shape.read_bytes()).hexdigest()[:12]
+    else:
+        shape, tag = args.shape, args.shape
+    folder = root / f"random-{tag}-seed{args.seed}"
+    print(f"random weights ({tag}): {folder}", file=sys.stderr)
+    return random_checkpoint(shape, folder, seed=args.seed)
+
+
+def run_worker(spec: dict, timeout: float) -> dict:
+    """Run one engine in a fresh interpreter; returns its result dict or {"error": ...}."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    cmd = [sys.executable, "-m", "lfm2vl.bench_worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"engine": spec["engine"], "error": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT "):])
+    return {"engine": spec["engine"], "error": (proc.stderr or proc.stdout).strip()[-1500:]}
+
+
+def _fmt(v, spec=".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(results: dict[str, dict], scenarios: list[str]) -> str:
+    """Rows per scenario and engine; ratios are against the transformers row of the same dtype."""
+    hdr = (f"{'scenario':<12} {'engine':<20} {'tokens':>6} {'preproc s':>9} {'vision s':>8} {'prefill tok/s':>13} "
+           f"{'TTFT s':>7} {'decode tok/s':>12} | {'TTFT x':>6} {'decode x':>8}")
+    lines = [hdr, "-" * len(hdr)]
+    base = next((r for k, r in results.items() if k.startswith("transformers") and "error" not in r), None)
+    for sc in scenarios:
+        for label, r in results.items():
+            if "error" in r or r.get("engine") == "quality" or sc not in r.get("scenarios", {}):
+                continue
+            m = r["scenarios"][sc]
+            b = base["scenarios"].get(sc) if base else None
+            tx = b["ttft_s"] / m["ttft_s"] if b else None
+            dx = m["decode_tps"] / b["decode_tps"] if b else None
+            vision = m["vision_s"] if m["vision_s"] > 0 else None
+            lines.append(f"{sc:<12} {label:<20} {m['prompt_tokens']:>6} {m['preprocess_s']:>9.3f} "
+                         f"{_fmt(vision, '.3f'):>8} {m['prefill_tps']:>13.0f} {m['ttft_s']:>7.2f} "
+                         f"{m['decode_tps']:>12.1f} | {_fmt(tx):>6} {_fmt(dx):>8}")
+    lines.append("")
+    for label, r in results.items():
+        if "error" in r:
+            lines.append(f"{label}: FAILED: {r['error'].splitlines()[-1] if r['error'] else '?'}")
+        elif r.get("engine") == "quality":
+            for sc, q in r["scenarios"].items():
+                lines.append(f"int8 vs bf16 {sc:<12} logit cosine mean {q['logit_cosine_mean']:.4f} min "
+                             f"{q['logit_cosine_min']:.4f}, greedy agreement {q['greedy_agreement']:.3f} "
+                             f"({q['positions']} positions)")
+        else:
+            lines.append(f"{label:<20} load {r['load_s']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
+                         f"(after load {r['rss_after_load_mb']:.0f} MB)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
+    folder = _folder(args)
+    common = {"folder": str(folder), "dtype": args.dtype, "threads": args.threads, "reps": args.reps,
+              "warmup": args.warmup, "new_tokens": args.new_tokens, "scenarios": args.scenarios}
+    runs = []
+    if "ours" in args.engines:
+        runs.append((f"lfm2vl {args.dtype}", {**common, "engine": "ours", "optimize": not args.no_optimize}))
+        if args.int8:
+            runs.append(("lfm2vl int8", {**common, "dtype": "bf16", "engine": "ours", "int8": True,
+                                         "int8_head": args.int8_head}))
+    if "transformers" in args.engines:
+        runs.append((f"transformers {args.dtype}", {**common, "engine": "transformers"}))
+    if args.int8 and "ours" in args.engines:
+        runs.append(("int8 quality", {**common, "engine": "quality", "int8_head": args.int8_head,
+                                      "new_tokens": min(args.new_tokens, 16)}))
+    results = {}
+    for label, spec in runs:
+        print(f"running {label} ...", file=sys.stderr, flush=True)
+        results[label] = run_worker(spec, args.timeout)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"lfm2vl bench: {args.model or 'random ' + (args.config or args.shape)}, {args.dtype}, {args.threads} "
+          f"threads, {args.reps} reps (median), {args.new_tokens} decode steps, load average "
+          f"{_fmt(load)} (other processes on the CPU skew timings)")
+    print(table(results, args.scenarios))
+    payload = {"model": args.model or f"random-{args.config or args.shape}", "dtype": args.dtype, "threads": args.threads,
+               "reps": args.reps, "new_tokens": args.new_tokens, "load_average": load, "results": results}
+    print(json.dumps(payload))
+    if args.json:
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""One engine's measurements for `lfm2vl bench`, run in a fresh subprocess so its peak RSS is its own.
+
+    python -m lfm2vl.bench_worker '<json spec>'   ->  prints one line "BENCH_RESULT <json>"
+
+Engines: "ours" (lfm2vl: load_model + speed.optimize_for_cpu, then the same calls the engine makes: image_features,
+embed, chunked forward_cached prefill, greedy decode steps) and "transformers" (Lfm2VlForConditionalGeneration on
+the same checkpoint and the same processor outputs; transformers' own image processor needs torchvision, so the
+preprocessing figure is lfm2vl's for both). "quality" compares int8 against bf16 logits.
+Each scenario: `warmup` untimed runs, then `reps` timed runs; the median of each figure is reported.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .bench_data import scenario_inputs
+
+PREFILL_CHUNK = 512
+_DT = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process. VmHWM, not getrusage's ru_maxrss: the latter survives exec, so a
+    worker would inherit the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _median(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def _ours_run(model, batch: dict, pre_s: float, new_tokens: int, dtype) -> dict:
+    ids = batch["input_ids"]
+    T = ids.shape[1]
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        feats = None
+        if "pixel_values" in batch:
+            feats = model.image_features(batch["pixel_values"], batch["pixel_attention_mask"],
+                                         batch["spatial_shapes"])
+        t1 = time.perf_counter()
+        emb = model.embed(ids, feats)
+        cache = model.make_cache(1, T + new_tokens + 1, dtype=dtype)
+        for s in range(0, T, PREFILL_CHUNK):
+            logits = model.forward_cached(emb[:, s:s + PREFILL_CHUNK], cache, torch.tensor([s]))
+        tok = logits.argmax(-1, keepdim=True)  # (1, 1)
+        t2 = time.perf_counter()
+        for i in range(new_tokens):
+            logits = model.forward_cached(model.embed(tok), cache, torch.tensor([T + i]))
+            tok = logits.argmax(-1, keepdim=True)
+        t3 = time.perf_counter()
+    return {"preprocess_s": pre_s, "vision_s": t1 - t0, "prefill_s": t2 - t1, "prefill_tps": T / (t2 - t1),
+            "ttft_s": pre_s + t2 - t0, "decode_tps": new_tokens / (t3 - t2)}
+
+
+def _hf_run(model, batch: dict, pre_s: float, new_tokens: int, dtype) -> dict:
+    ids = batch["input_ids"]
+    T = ids.shape[1]
+    pix = {k: batch[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes") if k in batch}
+    if "pixel_values" in pix:
+        pix["pixel_values"] = pix["pixel_values"].to(dtype)
+    with torch.inference_mode():
+        vision_s = 0.0
+        if pix:
+            t = time.perf_counter()
+            model.model.get_image_features(**pix)
+            vision_s = time.perf_counter() - t
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **pix)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        t1 = time.perf_counter()
+        cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+        for _ in range(new_tokens):
+            out = model(input_ids=tok, cache=cache, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        t2 = time.perf_counter()
+    forward_s = t1 - t0
+    return {"preprocess_s": pre_s, "vision_s": vision_s, "prefill_s": forward_s - vision_s,
+            "prefill_tps": T / max(forward_s - vision_s, 1e-9), "ttft_s": pre_s + forward_s,
+            "decode_tps": new_tokens / (t2 - t1)}
+
+
+def _load(spec: dict):
+    dtype = _DT[spec["dtype"]]
+    t = time.perf_counter()
+    if spec["engine"] == "transformers":
+        from transformers import Lfm2VlForConditionalGeneration
+
+        model = Lfm2VlForConditionalGeneration.from_pretrained(spec["folder"], dtype=dtype).eval()
+        run = _hf_run
+    else:
+        from .loading import load_model
+        from .speed import optimize_for_cpu
+
+        model = load_model(spec["folder"], dtype=dtype)[0]
+        if spec.get("optimize", True):
+            optimize_for_cpu(model, int8=spec.get("int8", False), quantize_head=spec.get("int8_head", False))
+        run = _ours_run
+    return model, run, time.perf_counter() - t
+
+
+def measure(spec: dict) -> dict:
+    from .processor import Processor
+
+    torch.set_num_threads(spec["threads"])
+    dtype = _DT[spec["dtype"]]
+    model, run, load_s = _load(spec)
+    result = {"engine": spec["engine"], "load_s": load_s, "rss_after_load_mb": _peak_rss_mb(), "scenarios": {}}
+    processor = Processor.from_pretrained(spec["folder"])
+    for name in spec["scenarios"]:
+        runs = []
+        for i in range(spec["warmup"] + spec["reps"]):
+            batch, pre_s = scenario_inputs(processor, name)
+            r = run(model, batch, pre_s, spec["new_tokens"], dtype)
+            if i >= spec["warmup"]:
+                runs.append(r)
+        result["scenarios"][name] = {"prompt_tokens": int(batch["input_ids"].shape[1]), **_median(runs)}
+    result["peak_rss_mb"] = _peak_rss_mb()
+    return result
+
+
+def _decode_logits(model, emb: torch.Tensor, n: int, forced: list[int] | None = None):
+    """Prefill emb (1, T, D), then n decode steps feeding `forced` tokens (or the greedy ones) -> (n+1, V), tokens."""
+    T = emb.shape[1]
+    cache = model.make_cache(1, T + n + 1, dtype=emb.dtype)
+    for s in range(0, T, PREFILL_CHUNK):
+        logits = model.forward_cached(emb[:, s:s + PREFILL_CHUNK], cache, torch.tensor([s]))
+    rows, toks = [logits.float()], []
+    for i in range(n):
+        toks.append(int(logits.argmax(-1)) if forced is None else forced[i])
+        logits = model.forward_cached(model.embed(torch.tensor([[toks[-1]]])), cache, torch.tensor([T + i]))
+        rows.append(logits.float())
+    return torch.cat(rows), toks
+
+
+def quality(spec: dict) -> dict:
+    """int8 vs bf16 on the benchmark prompts: logit cosine at the prompt's last position and at each of the next
+    `new_tokens` positions, and how often the int8 argmax equals the bf16 one, teacher-forced on bf16's greedy text."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from .loading import load_model
+    from .processor import Processor
+    from .speed import optimize_for_cpu
+
+    torch.set_num_threads(spec["threads"])
+    ref = optimize_for_cpu(load_model(spec["folder"], dtype=torch.bfloat16)[0])
+    q = optimize_for_cpu(copy.deepcopy(ref), int8=True, quantize_head=spec.get("int8_head", False))
+    processor = Processor.from_pretrained(spec["folder"])
+    out = {}
+    for name in spec["scenarios"]:
+        batch, _ = scenario_inputs(processor, name)
+        with torch.inference_mode():
+            feats = None
+            if "pixel_values" in batch:
+                feats = ref.image_features(batch["pixel_values"], batch["pixel_attention_mask"],
+                                           batch["spatial_shapes"])
+            emb = ref.embed(batch["input_ids"], feats)  # the vision tower is not quantized: same embeddings
+            lr, toks = _decode_logits(ref, emb, spec["new_tokens"])
+            lq, _ = _decode_logits(q, emb, spec["new_tokens"], forced=toks)
+        cos = F.cosine_similarity(lr, lq, dim=-1)
+        out[name] = {"logit_cosine_mean": cos.mean().item(), "logit_cosine_min": cos.min().item(),
+                     "greedy_agreement": (lr.argmax(-1) == lq.argmax(-1)).float().mean().item(),
+                     "positions": int(lr.shape[0])}
+    return {"engine": "quality", "scenarios": out}
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    res = quality(spec) if spec["engine"] == "quality" else measure(spec)
+    print("BENCH_RESULT " + json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""`lfm2vl bench` smoke test on a tiny config: both engines (lfm2vl, transformers) and the int8 quality check run
+in their subprocesses and the table and JSON have the expected shape. No timing assertions (speed is measured by
+running the benchmark, not in tests)."""
+import json
+
+import pytest
+
+from lfm2vl import bench
+from lfm2vl.bench_data import CONFIGS, SCENARIOS, random_checkpoint, scenario_inputs
+
+
+def _tiny_config(path):
+    d = json.loads((CONFIGS / "450M.json").read_text())
+    d["text_config"].update(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
+                            num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], vocab_size=1024)
+    d["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    d["projector_hidden_size"] = 48
+    path.write_text(json.dumps(d))
+    return path
+
+
+def test_scenarios_have_the_promised_inputs(tmp_path):
+    from lfm2vl.processor import Processor
+
+    folder = random_checkpoint(_tiny_config(tmp_path / "c.json"), tmp_path / "ckpt")
+    proc = Processor.from_pretrained(folder)
+    shapes = {}
+    for name in SCENARIOS:
+        batch, seconds = scenario_inputs(proc, name)
+        assert seconds >= 0
+        shapes[name] = (batch["input_ids"].shape[1], 0 if "pixel_values" not in batch else batch["pixel_values"].shape[0])
+    assert shapes["text512"] == (512, 0)
+    assert shapes["img512"][1] == 1 and shapes["two_images"][1] == 2
+    assert shapes["img1024x768"][1] > 2  # tiles plus the thumbnail
+
+
+@pytest.mark.slow
+def test_bench_smoke_table_and_json(tmp_path, capsys):
+    cfg = _tiny_config(tmp_path / "tiny.json")
+    out_json = tmp_path / "res.json"
+    rc = bench.main(["--config", str(cfg), "--cache-dir", str(tmp_path / "cache"), "--reps", "1", "--warmup", "0",
+                     "--new-tokens", "2", "--scenarios", "text512,img512", "--int8", "--json", str(out_json)])
+    out = capsys.readouterr().out
+    payload = json.loads(out_json.read_text())
+    assert rc == 0, out
+    res = payload["results"]
+    assert set(res) == {"lfm2vl bf16", "lfm2vl int8", "transformers bf16", "int8 quality"}
+    for label in ("lfm2vl bf16", "lfm2vl int8", "transformers bf16"):
+        r = res[label]
+        assert "error" not in r, r
+        assert set(r["scenarios"]) == {"text512", "img512"}
+        for m in r["scenarios"].values():
+            assert set(m) >= {"prompt_tokens", "preprocess_s", "vision_s", "prefill_tps", "ttft_s", "decode_tps"}
+            assert m["ttft_s"] > 0 and m["decode_tps"] > 0
+        assert r["peak_rss_mb"] > 0 and r["load_s"] > 0
+    assert res["lfm2vl bf16"]["scenarios"]["text512"]["prompt_tokens"] == 512
+    q = res["int8 quality"]["scenarios"]["img512"]
+    assert -1 <= q["logit_cosine_min"] <= q["logit_cosine_mean"] <= 1 + 1e-6 and 0 <= q["greedy_agreement"] <= 1
+    # the table: a header, one row per scenario and engine with both ratio columns, and the JSON line
+    lines = out.splitlines()
+    assert any(ln.startswith("scenario") and "TTFT x" in ln for ln in lines)
+    rows = [ln for ln in lines if ln.startswith(("text512", "img512"))]
+    assert len(rows) == 6 and all(ln.count("|") == 1 for ln in rows)
+    assert json.loads(lines[-1])["results"].keys() == res.keys()
