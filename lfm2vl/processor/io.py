@@ -13,6 +13,7 @@ import binascii
 import io
 import os
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,11 @@ def _open(data: bytes, name: str, limit: int) -> Image.Image:
     if not data:
         raise ValueError(f"empty image file: {name}")
     try:
-        im = Image.open(io.BytesIO(data))  # lazy: only the header is read here
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check below decides
+            im = Image.open(io.BytesIO(data))  # lazy: only the header is read here
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image {name} is too large (possible decompression bomb): {e}") from e
     except UnidentifiedImageError as e:
         raise ValueError(f"unsupported or corrupt image format: {name}") from e
     w, h = im.size

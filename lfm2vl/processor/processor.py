@@ -45,7 +45,8 @@ class BatchFeature(dict):
         return out
 
 
-def resolve_folder(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+def resolve_folder(name_or_path: str | os.PathLike, revision: str | None = None, cache_dir: str | None = None,
+                   local_files_only: bool = False) -> Path:
     """A local folder as is; otherwise a hub id fetched (config and tokenizer files only) via huggingface_hub's
     cache. Offline with nothing cached raises a ValueError saying so."""
     p = Path(name_or_path)
@@ -56,11 +57,14 @@ def resolve_folder(name_or_path: str | os.PathLike, revision: str | None = None)
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=CONFIG_PATTERNS,
-                                      local_files_only=True))
-    except Exception:
-        pass
+                                      cache_dir=cache_dir, local_files_only=True))
+    except Exception as e:
+        if local_files_only:
+            raise ValueError(f"{name_or_path!r} is not in the local huggingface_hub cache "
+                             f"(local_files_only=True): {type(e).__name__}") from e
     try:
-        return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=CONFIG_PATTERNS))
+        return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=CONFIG_PATTERNS,
+                                      cache_dir=cache_dir))
     except Exception as e:
         raise ValueError(f"could not get {name_or_path!r}: it is not in the local huggingface_hub cache and "
                          f"downloading failed ({type(e).__name__}: {e}). Offline, pass a local folder or "
@@ -104,8 +108,11 @@ class Processor:
         self.padding_side = t.padding_side
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None, **knobs) -> "Processor":
-        folder = resolve_folder(name_or_path, revision)
+    def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None,
+                        cache_dir: str | None = None, local_files_only: bool = False, **knobs) -> "Processor":
+        """Load from a checkpoint folder or a hub id (only config/tokenizer files are fetched). Knobs given here
+        become this processor's defaults."""
+        folder = resolve_folder(name_or_path, revision, cache_dir, local_files_only)
         settings = load_settings(folder)
         if knobs:
             settings = replace(settings, image=settings.image.with_knobs(**knobs))
@@ -143,6 +150,7 @@ class Processor:
         for img in images:
             x = load_image(img)
             layout = plan_image(x.shape[1], x.shape[2], o)
+            self._check_markers(layout)
             layouts.append(layout)
             for unit in image_units(x, layout, o.resample):
                 if o.do_normalize:
@@ -185,15 +193,18 @@ class Processor:
             out.append(piece)
         return "".join(out)
 
-    def _expansion(self, layout: ImageLayout, o) -> str:
-        special = self.settings.use_image_special_tokens
-        if special and layout.tiled:
+    def _check_markers(self, layout: ImageLayout) -> None:
+        if self.settings.use_image_special_tokens and layout.tiled:
             for r in range(1, layout.rows + 1):
                 for c in range(1, layout.cols + 1):
                     if self.tokenizer.token_to_id(self.marks.tile(r, c)) is None:
                         raise ValueError(f"a {layout.rows}x{layout.cols} tile grid needs the marker "
                                          f"{self.marks.tile(r, c)!r}, which the vocabulary lacks; lower max_tiles")
-        return expand_image(layout, o.encoder_patch_size, o.downsample_factor, self.marks, special)
+
+    def _expansion(self, layout: ImageLayout, o) -> str:
+        self._check_markers(layout)
+        return expand_image(layout, o.encoder_patch_size, o.downsample_factor, self.marks,
+                            self.settings.use_image_special_tokens)
 
     def __call__(self, text=None, images=None, return_tensors: str | None = "pt", padding_side: str | None = None,
                  **knobs) -> BatchFeature:

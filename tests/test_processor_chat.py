@@ -1,0 +1,121 @@
+"""Chat templates and tokenization vs transformers (whose tokenizer side needs no torchvision, so this runs in
+.venv directly): rendered strings and token ids identical for the fixture template and an LFM2.5-style template
+with a system prompt, tools, tool calls, multi-turn and thinking; plus the training render's loss mask."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import processor_cases as pc
+from lfm2vl.processor import Processor
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city — «quoted»",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+IMG = {"type": "image"}
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello"}],
+    [{"role": "user", "content": [IMG, {"type": "text", "text": "What is in this image?"}]}],
+    [{"role": "system", "content": "You are a helpful multimodal assistant by Liquid AI."},
+     {"role": "user", "content": [{"type": "text", "text": "Compare "}, IMG, {"type": "text", "text": " and "}, IMG]},
+     {"role": "assistant", "content": "The first is a cat."},
+     {"role": "user", "content": "And the colors? Ünïcode 日本語 🙂"}],
+    [{"role": "user", "content": [{"type": "image", "image": "<not loaded>"}, {"type": "video"},
+                                  {"type": "text", "text": "odd parts"}]}],
+    [{"role": "user", "content": "Weather in Paris?"},
+     {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+         "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+     {"role": "tool", "content": "{\"temp\": 21}"},
+     {"role": "assistant", "content": "<think>It is warm.</think>It is 21 °C.", "tool_calls": None},
+     {"role": "user", "content": "Thanks"}],
+    [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "<think>hmm</think>A1"},
+     {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "<think>again</think>A2"}],
+]
+
+
+@pytest.fixture(scope="module", params=["fixture", "lfm25"])
+def pair(request, tmp_path_factory):
+    from transformers import AutoTokenizer
+    template = (pc.FIXTURE / "chat_template.jinja").read_text() if request.param == "fixture" \
+        else pc.LFM25_TEMPLATE.read_text()
+    folder = pc.write_checkpoint(tmp_path_factory.mktemp(request.param), "v25", template)
+    return Processor.from_pretrained(folder), AutoTokenizer.from_pretrained(str(folder)), request.param
+
+
+@pytest.mark.parametrize("i", range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("gen", [True, False])
+@pytest.mark.parametrize("tools", [None, TOOLS])
+def test_template_parity(pair, i, gen, tools):
+    ours, ref, _ = pair
+    conv = CONVERSATIONS[i]
+    kw = {"tools": tools} if tools else {}
+    expect = ref.apply_chat_template(conv, add_generation_prompt=gen, tokenize=False, **kw)
+    got = ours.apply_chat_template(conv, add_generation_prompt=gen, **kw)
+    assert got == expect
+    assert ours.tokenizer.encode(got) == ref(expect, add_special_tokens=False)["input_ids"]
+    if "<image>" not in got:
+        assert ours(text=got)["input_ids"][0].tolist() == ref(expect, add_special_tokens=False)["input_ids"]
+
+
+def test_template_kwargs_and_batches(pair):
+    ours, ref, name = pair
+    convs = [CONVERSATIONS[0], CONVERSATIONS[5]]
+    assert ours.apply_chat_template(convs, add_generation_prompt=True) == \
+        ref.apply_chat_template(convs, add_generation_prompt=True, tokenize=False)
+    if name == "lfm25":
+        kw = {"keep_past_thinking": True}
+        assert ours.apply_chat_template(CONVERSATIONS[5], **kw) == \
+            ref.apply_chat_template(CONVERSATIONS[5], tokenize=False, **kw)
+        with pytest.raises(Exception, match="Unknown role"):
+            ours.apply_chat_template([{"role": "robot", "content": "x"}])
+
+
+def test_sandbox_globals(tmp_path):
+    """strftime_now, raise_exception, namespace, tojson without HTML escaping, trim/lstrip blocks."""
+    from transformers import AutoTokenizer
+    template = ("{% set ns = namespace(n=0) %}\n  {% for m in messages %}{% set ns.n = ns.n + 1 %}"
+                "{{ m | tojson }}{% endfor %}\n{{ ns.n }}|{{ strftime_now('%Y') }}|{{ bos_token }}"
+                "{% if messages | length > 5 %}{{ raise_exception('too long') }}{% endif %}")
+    folder = pc.write_checkpoint(tmp_path, "v25", template)
+    ours, ref = Processor.from_pretrained(folder), AutoTokenizer.from_pretrained(str(folder))
+    conv = [{"role": "user", "content": "<b>&'\"é</b>"}]
+    assert ours.apply_chat_template(conv) == ref.apply_chat_template(conv, tokenize=False)
+    with pytest.raises(Exception, match="too long"):
+        ours.apply_chat_template(conv * 6)
+
+
+def test_render_for_training(pair):
+    ours, _, name = pair
+    conv = CONVERSATIONS[2] + [{"role": "assistant", "content": "Orange and white."}]
+    import numpy as np
+    images = [np.zeros((64, 64, 3), np.uint8), np.zeros((1000, 3000, 3), np.uint8)]
+    ids, mask = ours.render_for_training(conv, images=images)
+    full = ours(text=ours.apply_chat_template(conv), images=images)["input_ids"][0]
+    assert ids.tolist() == full.tolist()  # same ids as inference on the full conversation
+    tok = ours.tokenizer
+    learned = tok.decode(ids[mask].tolist())
+    assert learned == "The first is a cat.<|im_end|>Orange and white.<|im_end|>"
+    assert not mask[ids == ours.image_token_id].any()
+    runs = np.flatnonzero(np.diff(np.r_[0, mask.int().numpy(), 0]))  # two contiguous assistant runs
+    assert len(runs) == 4
+
+
+def test_render_for_training_text_only(pair):
+    ours, _, _ = pair
+    conv = CONVERSATIONS[0] + [{"role": "assistant", "content": "Hi there."}]
+    ids, mask = ours.render_for_training(conv)
+    assert ours.tokenizer.decode(ids[mask].tolist()) == "Hi there.<|im_end|>"
+    assert ids.tolist() == ours.tokenizer.encode(ours.apply_chat_template(conv))
+    with pytest.raises(ValueError, match="sentinels"):
+        ours.render_for_training(CONVERSATIONS[1] + [{"role": "assistant", "content": "x"}])
+
+
+def test_apply_chat_template_tokenize_with_images(pair):
+    import numpy as np
+    ours, _, _ = pair
+    conv = [{"role": "user", "content": [{"type": "image", "image": np.zeros((300, 200, 3), np.uint8)},
+                                         {"type": "text", "text": "hi"}]}]
+    out = ours.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, max_image_tokens=64)
+    assert out["pixel_values"].shape[0] == 1
+    assert int((out["input_ids"] == ours.image_token_id).sum()) == ours.num_image_tokens(200, 300, max_image_tokens=64)
