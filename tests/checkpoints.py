@@ -211,10 +211,8 @@ def make_pixels(shapes: list[tuple[int, int]], seed: int = 0):
 
 
 def unit_token_count(h: int, w: int, factor: int = 2) -> int:
-    try:
-        from lfm2vl.processor.tokens import unit_tokens
-    except ImportError:  # TODO: drop once lfm2vl/processor/tokens.py (H-proc) has landed
-        return math.ceil(h / factor) * math.ceil(w / factor)
+    from lfm2vl.processor.tokens import unit_tokens  # the one source of truth for the count
+
     return unit_tokens(h, w, factor)
 
 

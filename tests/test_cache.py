@@ -133,3 +133,14 @@ def test_reset_and_bad_start_pos(model):
     assert int(cache.lengths[1]) == 0 and int(cache.lengths[0]) == emb.shape[1]
     assert all(t[1].abs().max() == 0 for t in cache.conv + cache.k if t is not None)
     assert any(t[0].abs().max() > 0 for t in cache.conv if t is not None)
+
+
+@torch.no_grad()
+def test_decode_step_is_one_graph(model):
+    """T == 1 with per-row start positions traces as a single graph: no .item(), no data-dependent branches."""
+    cache = model.make_cache(2, 32)
+    cache.lengths[:] = torch.tensor([3, 5])
+    emb = model.embed(torch.tensor([[600], [601]]))
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(model.forward_cached)(emb, cache, cache.lengths.clone())
+    assert ex.graph_count == 1 and ex.graph_break_count == 0, ex.break_reasons

@@ -69,6 +69,9 @@ class Lfm2VlModel(nn.Module):
         """Logits (B, T, V) of the whole sequence, no cache."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len); got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
+                             f"shape {tuple(input_ids.shape)}")
         feats = None
         if pixel_values is not None:
             if pixel_attention_mask is None or spatial_shapes is None:
@@ -76,13 +79,10 @@ class Lfm2VlModel(nn.Module):
             feats = self.image_features(pixel_values, pixel_attention_mask, spatial_shapes)
         h = self.embed(input_ids, feats)
         B, T = input_ids.shape
-        if attention_mask is None:
+        if attention_mask is None or bool(attention_mask.all()):  # no padding: plain causal attention
             positions = torch.arange(T, device=h.device).expand(B, T)
             mask = pad_mask = None
         else:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
-                                 f"shape {tuple(input_ids.shape)}")
             positions, mask = padded_inputs(attention_mask)
             pad_mask = attention_mask
         h = self.model.language_model(h, positions, mask=mask, pad_mask=pad_mask)
