@@ -189,6 +189,13 @@ def test_error_schema(served):
     assert err["param"] == "n" and "n must be 1" in err["message"]
     _error(_post(served, {"messages": [{"role": "user", "content": "x"}]}), 400)
     _error(_post(served, [1, 2]), 400)
+    err = _error(post_raw(served.url, b'{"model": "fake-vl", "messages": [{"role": "user", "content": [{"type": '
+                                      b'"text", "text": "a\\ud800"}]}]}', {"Authorization": f"Bearer {KEY}"}), 400)
+    assert err["param"] == "messages[0].content[0].text" and "surrogate" in err["message"]
+    err = _error(_post(served, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "seed": 2**70}), 400)
+    assert err["param"] == "seed"
+    err = _error(_post(served, {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}), 400)
+    assert err["param"] == "messages[0].role"
 
 
 def test_error_n_via_openai_client(client):

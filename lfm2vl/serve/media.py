@@ -75,7 +75,7 @@ def decode_image(data: bytes, policy: MediaPolicy, where: str) -> Image.Image:
     except Image.DecompressionBombError as e:  # PIL's own guard fires in open() for extreme sizes
         raise APIError(400, f"{where}: image is too large to decode ({e}).", param=where,
                        code="image_too_large") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except Exception as e:  # decoders of damaged files raise many kinds (OSError, SyntaxError, struct.error, ...)
         raise APIError(400, f"{where}: the image could not be decoded ({type(e).__name__}: {e}).",
                        param=where, code="invalid_image") from None
 

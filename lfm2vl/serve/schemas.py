@@ -17,9 +17,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _utf8(s: str) -> str:
+    """JSON admits lone surrogates (\\ud800) that no tokenizer can encode: refuse them here with a 400."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text has an unpaired surrogate at index {e.start} and is not valid Unicode") from None
+    return s
+
+
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
+
+    _check = field_validator("text")(lambda cls, v: _utf8(v))
 
 
 class ImageURL(_Strict):
@@ -44,6 +55,11 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")  # `name` and friends are accepted and ignored
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[Part] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, v):
+        return _utf8(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _content(self):
@@ -70,7 +86,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator accepts
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     n: int | None = None
@@ -108,6 +124,8 @@ class ChatCompletionRequest(BaseModel):
                 raise ValueError(f"at most 4 stop sequences are allowed, got {len(stops)}")
             if any(s == "" for s in stops):
                 raise ValueError("stop sequences must not be empty strings")
+            for s in stops:
+                _utf8(s)
         return v
 
 
