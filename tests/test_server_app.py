@@ -289,3 +289,29 @@ def test_still_answers_after_errors(client):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "still there?"}],
                                        max_tokens=4)
     assert len(r.choices[0].message.content) > 0
+
+
+class _FlakyGenerator(FakeBatchGenerator):
+    """Raises inside step() while a request whose prompt contains BOOM is running (a model failure)."""
+
+    def step(self):
+        if any("BOOM" in "".join(map(chr, r.req.prompt_ids)) for r in [*self.running.values(), *self.waiting]):
+            raise RuntimeError("simulated kernel failure")
+        return super().step()
+
+
+def test_generation_failure_fails_the_batch_then_recovers():
+    engine = FakeEngine()
+    scheduler = Scheduler(engine, max_batch=4, make_generator=_FlakyGenerator)
+    with ThreadServer(create_app(engine, scheduler, ServerSettings(model_id=MODEL))) as server:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "BOOM"}], "max_tokens": 5}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+        err = _error(r, 500)
+        assert err["type"] == "server_error" and "simulated" not in r.text
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True}) as r:
+            events = sse_events(r.iter_lines())
+        assert "error" in events[-1]  # a stream that fails ends with an error event, in OpenAI's shape
+        body["messages"][0]["content"] = "fine"
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 200 and len(r.json()["choices"][0]["message"]["content"]) == 5
+        assert len(engine.generators) == 3  # a fresh generator after each failure

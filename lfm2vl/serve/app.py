@@ -149,7 +149,8 @@ def _raise_for(item) -> None:
     if isinstance(item, ValueError):
         raise APIError(400, str(item), param="messages")
     if isinstance(item, Exception):
-        raise APIError(503 if "shutting down" in str(item) else 500, f"Generation failed: {item}.",
+        text = str(item)
+        raise APIError(503 if "shutting down" in text else 500, f"{text[:1].upper()}{text[1:]}; it was logged.",
                        type="server_error")
 
 
