@@ -70,10 +70,10 @@ class CacheView:
         idx = (r[:, None], slice(None), self.positions)  # advanced dims first: target (b, T, Hkv, Dh)
         kc[idx] = k.transpose(1, 2).to(kc.dtype)
         vc[idx] = v.transpose(1, 2).to(vc.dtype)
-        if self.rows is not None:
-            kc, vc = kc[self.rows], vc[self.rows]
         if self.T > 1:
             kc, vc = kc[:, :, :self.kv_len], vc[:, :, :self.kv_len]
+        if self.rows is not None:
+            kc, vc = kc[self.rows], vc[self.rows]  # gathers a copy: slice first
         return kc, vc
 
     def conv_extend(self, i: int, u: torch.Tensor) -> torch.Tensor:
