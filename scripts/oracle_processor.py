@@ -52,6 +52,31 @@ def run_case(proc, case: dict, workdir: Path) -> dict:
     return pc.digest(out, proc.image_token_id, texts)
 
 
+def check_resize(n: int = 60) -> dict:
+    """Our uint8 resize (torch F.interpolate, no torchvision) vs torchvision's tensor resize, as transformers calls
+    it, on random sizes, all three resample modes, and both contiguous and channels-last inputs."""
+    import numpy as np
+    import torch
+    from torchvision.transforms.v2 import functional as tvF
+
+    from lfm2vl.processor.image import resize_u8
+    modes = {0: tvF.InterpolationMode.NEAREST_EXACT, 2: tvF.InterpolationMode.BILINEAR,
+             3: tvF.InterpolationMode.BICUBIC}
+    rs = np.random.RandomState(0)
+    bad = []
+    for i in range(n):
+        h, w = int(rs.randint(1, 600)), int(rs.randint(1, 600))
+        th, tw = int(rs.randint(1, 700)), int(rs.randint(1, 700))
+        mode = [0, 2, 3][i % 3]
+        img = torch.from_numpy(pc.make_array(w, h, i))  # (h, w, 3)
+        chw = img.permute(2, 0, 1).contiguous()
+        ref = tvF.resize(chw[None], [th, tw], interpolation=modes[mode], antialias=True)[0]
+        for x in (chw, img.permute(2, 0, 1)):
+            if not torch.equal(resize_u8(x, (th, tw), mode), ref):
+                bad.append([h, w, th, tw, mode])
+    return {"cases": n, "mismatches": bad}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", help="JSON list of cases (default: all of tests/processor_cases.py)")
@@ -78,7 +103,7 @@ def main(argv=None) -> int:
                 results[case["id"]] = {"error": f"{type(e).__name__}: {e}"[:300]}
     doc = {"meta": {"transformers": transformers.__version__, "torch": torch.__version__,
                     "torchvision": torchvision.__version__, "cases": len(results),
-                    "seconds": round(time.time() - t0, 1)},
+                    "seconds": round(time.time() - t0, 1), "resize_check": check_resize()},
            "cases": results}
     text = json.dumps(doc, indent=1, sort_keys=True)
     if args.out:

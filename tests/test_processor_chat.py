@@ -119,3 +119,14 @@ def test_apply_chat_template_tokenize_with_images(pair):
     out = ours.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, max_image_tokens=64)
     assert out["pixel_values"].shape[0] == 1
     assert int((out["input_ids"] == ours.image_token_id).sum()) == ours.num_image_tokens(200, 300, max_image_tokens=64)
+
+
+@pytest.mark.parametrize("last", [{"role": "assistant", "content": "The answer is "},
+                                  {"role": "assistant", "content": [{"type": "text", "text": "Partial"}]}])
+def test_continue_final_message(pair, last):
+    ours, ref, _ = pair
+    conv = CONVERSATIONS[0] + [last]
+    expect = ref.apply_chat_template(conv, continue_final_message=True, tokenize=False)
+    assert ours.apply_chat_template(conv, continue_final_message=True) == expect
+    with pytest.raises(ValueError):
+        ours.apply_chat_template(conv, continue_final_message=True, add_generation_prompt=True)

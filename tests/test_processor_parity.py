@@ -77,12 +77,21 @@ def test_live_oracle_runs(live_oracle):
     assert live_oracle["meta"]["cases"] == len(CASES) >= 200
 
 
+def test_resize_equals_torchvision(live_oracle):
+    """Our uint8 resize (torch only) equals torchvision's on random sizes and modes (checked in .venv-oracle,
+    where torchvision imports; the committed digests record the last run)."""
+    meta = (live_oracle if live_oracle and "failed" not in live_oracle
+            else json.loads(pc.ORACLE_DIGESTS.read_text()))["meta"]
+    assert meta["resize_check"]["cases"] >= 50 and meta["resize_check"]["mismatches"] == []
+
+
 def test_committed_digests_match_live_oracle(live_oracle):
     """The committed digests (the fallback) must be what the oracle produces today."""
     committed = json.loads(pc.ORACLE_DIGESTS.read_text())
     assert len(committed["cases"]) == len(CASES) >= 200
     if live_oracle is None or "failed" in live_oracle:
         return
+    assert committed["meta"]["resize_check"] == live_oracle["meta"]["resize_check"]
     stale = [k for k, v in live_oracle["cases"].items() if committed["cases"].get(k) != v]
     assert not stale, f"stale tests/data/processor_oracle.json for {stale[:10]}: run scripts/oracle_processor.py --write-digests"
 

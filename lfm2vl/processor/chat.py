@@ -20,6 +20,7 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
 class _GenerationTag(Extension):
@@ -122,8 +123,9 @@ def normalize_messages(messages) -> list[dict]:
 
 
 def render(template: str, messages, special_tokens: Mapping[str, str], add_generation_prompt: bool = False,
-           tools=None, documents=None, **kwargs) -> str:
-    """Render one conversation exactly as transformers' apply_chat_template(tokenize=False) does."""
+           tools=None, documents=None, continue_final_message: bool = False, **kwargs) -> str:
+    """Render one conversation exactly as transformers' apply_chat_template(tokenize=False) does, including
+    continue_final_message (the last message left open so generation continues it)."""
     if template is None:
         raise ValueError("this checkpoint has no chat template (chat_template.jinja or tokenizer_config.json)")
     msgs = normalize_messages(messages)
@@ -134,9 +136,30 @@ def render(template: str, messages, special_tokens: Mapping[str, str], add_gener
             if not isinstance(t, Mapping):
                 raise ValueError(f"tools must be JSON-schema dicts, got {type(t).__name__}")
     variables = {**special_tokens, **kwargs}
-    return compile_template(template).render(
-        messages=plain(msgs), tools=plain(tools), documents=plain(documents),
-        add_generation_prompt=add_generation_prompt, **plain(variables))
+    if not continue_final_message:
+        return compile_template(template).render(
+            messages=plain(msgs), tools=plain(tools), documents=plain(documents),
+            add_generation_prompt=add_generation_prompt, **plain(variables))
+    # Leave the last message open for the model to continue: mark its text, render, cut at the mark.
+    if add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
+    msgs = plain(msgs)
+    last = msgs[-1]
+    content = last.get("content")
+    if isinstance(content, str):
+        final, last["content"] = content, content + _CONTINUE_TAG
+    else:
+        part = next((p for p in reversed(content or []) if isinstance(p, dict) and "text" in p), None)
+        if part is None:
+            raise ValueError("continue_final_message is set but the final message has no text to continue")
+        final, part["text"] = part["text"], part["text"] + _CONTINUE_TAG
+    out = compile_template(template).render(messages=msgs, tools=plain(tools), documents=plain(documents),
+                                            add_generation_prompt=False, **plain(variables))
+    tag = _CONTINUE_TAG.strip()
+    if final.strip() not in out or tag not in out:
+        raise ValueError("continue_final_message is set but the template drops the final message's text")
+    at = out.rindex(tag)
+    return out[:at] if out[at: at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else out[:at].rstrip()
 
 
 def assistant_spans(template: str, messages, special_tokens: Mapping[str, str], **kwargs) -> tuple[str, list]:

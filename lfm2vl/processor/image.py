@@ -3,7 +3,7 @@
 Every function mirrors one step of transformers' `Lfm2VlImageProcessor` (torchvision backend) and is pure:
 it takes sizes or a uint8 (3, H, W) tensor and returns sizes or tensors. `plan_image` decides the layout of one
 image (single unit, or a grid of tiles plus an optional thumbnail); `image_units` produces the uint8 units;
-`to_patches` turns units into the padded patch rows the vision tower reads.
+`patchify_into` turns them into the padded patch rows the vision tower reads.
 """
 from __future__ import annotations
 
@@ -118,34 +118,40 @@ def resize_u8(image: torch.Tensor, size: tuple[int, int], resample: int = 2) -> 
 
 
 def image_units(image: torch.Tensor, layout: ImageLayout, resample: int = 2) -> list[torch.Tensor]:
-    """The uint8 (3, h, w) units of one image: grid tiles cut from one resize to (rows*T, cols*T), row-major,
-    then the thumbnail resized from the original; or the single smart-resized image."""
+    """The uint8 (3, h, w) units of one image as resized pieces: for a grid, ONE tensor holding all tiles (the
+    resize to (rows*T, cols*T); `patchify_into` cuts it), then the thumbnail resized from the original; otherwise
+    the single smart-resized image."""
     if not layout.tiled:
         return [resize_u8(image, layout.size, resample)]
     t = layout.tile_size
-    big = resize_u8(image, (layout.rows * t, layout.cols * t), resample)
-    units = [big[:, r * t:(r + 1) * t, c * t:(c + 1) * t] for r in range(layout.rows) for c in range(layout.cols)]
+    units = [resize_u8(image, (layout.rows * t, layout.cols * t), resample)]
     if layout.thumbnail:
         units.append(resize_u8(image, layout.size, resample))
     return units
 
 
-def normalize(unit: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (3, h, w) -> float32 (x - mean) / std with the reference's fused constants (mean*255, std*255)."""
-    return (unit.to(torch.float32) - mean[:, None, None]) / std[:, None, None]
+def patchify_into(out: torch.Tensor, mask: torch.Tensor, unit: torch.Tensor, tiles: tuple[int, int] | None,
+                  patch: int, mean: torch.Tensor, std: torch.Tensor, scale: float | None) -> list[tuple[int, int]]:
+    """Normalize a uint8 (3, H, W) piece and write its patch rows into out[0..n) (rows in (py, px, c) order, the
+    rest left zero) and mask; `tiles` = (rows, cols) cuts the piece into a grid of equal tiles first.
 
-
-def to_patches(x: torch.Tensor, patch: int, num_patches: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """float (C, h, w) -> (num_patches, patch*patch*C) rows in (py, px, c) order, zero-padded, the int32 mask of
-    real rows, and the (h/patch, w/patch) grid."""
-    c, h, w = x.shape
+    Normalization is the reference's float32 (x - mean) / std with its fused constants (mean, std already scaled
+    by 1/rescale_factor), or x * scale when normalization is off. Returns the (h, w) patch grid of every unit.
+    """
+    rows, cols = tiles or (1, 1)
+    h, w = unit.shape[1] // rows, unit.shape[2] // cols
     gh, gw = h // patch, w // patch
-    if gh * gw > num_patches:
-        raise ValueError(f"an image unit of {h}x{w} pixels has {gh * gw} patches, more than max_num_patches="
-                         f"{num_patches}; the aspect ratio is too extreme for these settings")
-    rows = x.reshape(c, gh, patch, gw, patch).permute(1, 3, 2, 4, 0).reshape(gh * gw, patch * patch * c)
-    out = torch.zeros(num_patches, patch * patch * c, dtype=x.dtype)
-    out[: gh * gw] = rows
-    mask = torch.zeros(num_patches, dtype=torch.int32)
-    mask[: gh * gw] = 1
-    return out, mask, (gh, gw)
+    n = gh * gw
+    if n > out.shape[1]:
+        raise ValueError(f"an image unit of {h}x{w} pixels has {n} patches, more than max_num_patches="
+                         f"{out.shape[1]}; the aspect ratio is too extreme for these settings")
+    # One pass: gather the uint8 patches into the float32 output, then normalize there in place.
+    src = unit.permute(1, 2, 0).reshape(rows, gh, patch, cols, gw, patch, 3).permute(0, 3, 1, 4, 2, 5, 6)
+    dst = out[: rows * cols, :n].view(rows, cols, gh, gw, patch, patch, 3)
+    dst.copy_(src)
+    if scale is None:
+        dst.sub_(mean).div_(std)
+    else:
+        dst.mul_(scale)
+    mask[: rows * cols, :n] = 1
+    return [(gh, gw)] * (rows * cols)

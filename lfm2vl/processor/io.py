@@ -1,6 +1,7 @@
 """Image loading: whatever a user has (PIL, numpy, torch, path, URL, data: URI, base64, raw bytes) -> uint8 RGB.
 
-Output is always a contiguous uint8 torch tensor (3, H, W). Files are opened the way transformers' `load_image`
+Output is always a uint8 torch tensor (3, H, W); it may be a channels-last view of an (H, W, 3) buffer, which
+the resize kernel reads without a transposing copy. Files are opened the way transformers' `load_image`
 does (EXIF orientation applied); PIL images, arrays and tensors are taken as given (transformers does not
 transpose them either). Every mode becomes RGB; alpha is composited onto white, as transformers'
 `convert_to_rgb` does. Deliberate differences, each a case where the reference gives garbage or crashes:
@@ -46,7 +47,7 @@ def load_image(image, max_pixels: int | None = None) -> torch.Tensor:
     if out.shape[1] * out.shape[2] > limit:
         raise ValueError(f"image of {out.shape[2]}x{out.shape[1]} pixels exceeds the limit of {limit} pixels "
                          "(possible decompression bomb)")
-    return out.contiguous()
+    return out
 
 
 def _open_source(src, limit: int) -> Image.Image:
@@ -110,8 +111,8 @@ def _pil_to_rgb(im: Image.Image, exif: bool = False) -> torch.Tensor:
     if "A" in im.getbands() or im.info.get("transparency") is not None:
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    rgb = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+    rgb = np.array(im if im.mode == "RGB" else im.convert("RGB"))  # one copy, writable
+    return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
 def _array_to_rgb(x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +139,7 @@ def _array_to_rgb(x: torch.Tensor) -> torch.Tensor:
         c -= 1
     if c == 1:
         x = x.expand(3, -1, -1)
-    return x.contiguous()
+    return x
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:

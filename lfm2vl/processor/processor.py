@@ -19,7 +19,7 @@ import torch
 
 from lfm2vl.processor import chat
 from lfm2vl.processor.config import KNOBS, ProcessorSettings, load_settings
-from lfm2vl.processor.image import ImageLayout, image_units, normalize, plan_image, to_patches
+from lfm2vl.processor.image import ImageLayout, image_units, patchify_into, plan_image
 from lfm2vl.processor.io import load_image
 from lfm2vl.processor.tokenizer import Tokenizer
 from lfm2vl.processor.tokens import ImageTokens, expand_image, layout_token_counts
@@ -146,27 +146,29 @@ class Processor:
         std = torch.tensor(o.image_std, dtype=torch.float32)
         if o.do_rescale and o.do_normalize:  # the reference folds 1/rescale_factor into mean and std
             mean, std = mean * (1.0 / o.rescale_factor), std * (1.0 / o.rescale_factor)
-        pv, masks, shapes, layouts = [], [], [], []
-        for img in images:
-            x = load_image(img)
-            layout = plan_image(x.shape[1], x.shape[2], o)
+        scale = None if o.do_normalize else (o.rescale_factor if o.do_rescale else 1.0)
+        loaded = [load_image(img) for img in images]
+        layouts = [plan_image(x.shape[1], x.shape[2], o) for x in loaded]
+        for layout in layouts:
             self._check_markers(layout)
-            layouts.append(layout)
-            for unit in image_units(x, layout, o.resample):
-                if o.do_normalize:
-                    f = normalize(unit, mean, std)
-                else:
-                    f = unit.to(torch.float32) * (o.rescale_factor if o.do_rescale else 1.0)
-                rows, mask, grid = to_patches(f, o.encoder_patch_size, o.max_num_patches)
-                pv.append(rows)
-                masks.append(mask)
-                shapes.append(grid)
-        return {"pixel_values": torch.stack(pv), "pixel_attention_mask": torch.stack(masks),
-                "spatial_shapes": torch.tensor(shapes, dtype=torch.int64)}, layouts
+        p = o.encoder_patch_size
+        n_units = sum(len(layout.unit_sizes()) for layout in layouts)
+        pv = torch.zeros(n_units, o.max_num_patches, 3 * p * p, dtype=torch.float32)
+        mask = torch.zeros(n_units, o.max_num_patches, dtype=torch.int32)
+        shapes, i = [], 0
+        for x, layout in zip(loaded, layouts):
+            for k, piece in enumerate(image_units(x, layout, o.resample)):
+                tiles = (layout.rows, layout.cols) if layout.tiled and k == 0 else None
+                grids = patchify_into(pv[i:], mask[i:], piece, tiles, p, mean, std, scale)
+                shapes += grids
+                i += len(grids)
+        return {"pixel_values": pv, "pixel_attention_mask": mask,
+                "spatial_shapes": torch.tensor(shapes, dtype=torch.int64).reshape(-1, 2)}, layouts
 
     # ---- text side --------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False,
-                            tools=None, documents=None, chat_template: str | None = None, **kwargs):
+                            tools=None, documents=None, chat_template: str | None = None,
+                            continue_final_message: bool = False, **kwargs):
         """The rendered prompt (a string), as transformers renders it. A list of conversations gives a list.
         tokenize=True returns the processor output for the prompt and the conversation's images instead."""
         knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in KNOBS}
@@ -174,7 +176,7 @@ class Processor:
         batched = isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], (list, tuple))
         convs = list(messages) if batched else [messages]
         texts = [chat.render(template, c, self.tokenizer.special_tokens, add_generation_prompt, tools, documents,
-                             **kwargs) for c in convs]
+                             continue_final_message, **kwargs) for c in convs]
         if not tokenize:
             return texts if batched else texts[0]
         images = [collect_images(c) for c in convs]
