@@ -8,6 +8,11 @@
 Outputs (same names, shapes and dtypes as transformers): input_ids / attention_mask (B, T) int64, padded with the
 pad id on the tokenizer's padding side (right, as in transformers); pixel_values (N, max_num_patches, 3*p*p) float32,
 pixel_attention_mask (N, max_num_patches) int32 and spatial_shapes (N, 2) int64 over all units of all images.
+
+Deliberate differences, where transformers raises or produces inputs its own model rejects: batches are padded
+without asking (transformers needs padding=True), a flat image list is shared out over the prompts by their
+sentinel counts (transformers expects one nested list per prompt), the min_tiles=1 placeholder count (tokens.py),
+and the input conversions listed in io.py. Everything else is bit-identical (tests/test_processor_parity.py).
 """
 from __future__ import annotations
 
