@@ -8,6 +8,7 @@ image (single unit, or a grid of tiles plus an optional thumbnail); `image_units
 from __future__ import annotations
 
 import math
+import platform
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -107,13 +108,27 @@ def plan_image(height: int, width: int, o) -> ImageLayout:
     return ImageLayout(1, 1, False, False, size, o.tile_size)
 
 
+def _native_uint8(mode: str) -> bool:
+    """torchvision resizes uint8 natively on CPU for bicubic always, for bilinear only where torch has its vector
+    uint8 kernel (AVX2/AVX512 or ARM); elsewhere it resizes in float32 and rounds. We follow the same rule."""
+    if mode != "bilinear":
+        return True
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
+
+
 def resize_u8(image: torch.Tensor, size: tuple[int, int], resample: int = 2) -> torch.Tensor:
-    """Resize a uint8 (C, H, W) tensor to (h, w) in uint8, antialiased: torchvision's tensor `resize` on CPU,
-    which calls torch's native uint8 kernels (the result is rounded back to uint8 inside the kernel)."""
+    """Resize a uint8 (C, H, W) tensor to (h, w) in uint8, antialiased, as torchvision's tensor `resize` does on
+    CPU: torch's uint8 kernels round inside; the float fallback rounds explicitly. Channels-last input is fine (and
+    saves the kernel a copy); results do not depend on the memory layout."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     mode = RESAMPLE_MODES[resample]
     kwargs = {} if mode == "nearest-exact" else {"align_corners": False, "antialias": True}
+    if image.device.type != "cpu" or not _native_uint8(mode):
+        out = F.interpolate(image[None].to(torch.float32), size=list(size), mode=mode, **kwargs)[0]
+        if mode == "bicubic":
+            out = out.clamp_(0, 255)
+        return out.round_().to(torch.uint8)
     return F.interpolate(image[None], size=list(size), mode=mode, **kwargs)[0]
 
 
