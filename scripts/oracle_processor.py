@@ -107,7 +107,8 @@ def main(argv=None) -> int:
                 results[case["id"]] = {"error": f"{type(e).__name__}: {e}"[:300]}
     doc = {"meta": {"transformers": transformers.__version__, "torch": torch.__version__,
                     "torchvision": torchvision.__version__, "cases": len(results),
-                    "seconds": round(time.time() - t0, 1), "resize_check": check_resize()},
+                    "seconds": round(time.time() - t0, 1), "resize_check": check_resize(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability()},
            "cases": results}
     text = json.dumps(doc, indent=1, sort_keys=True)
     if args.out:

@@ -243,3 +243,11 @@ def test_plan_matches_reference_formula_on_a_grid():
             assert lay.size == (hb, wb)
             too_large = max(16, round(h / 32) * 32) * max(16, round(w / 32) * 32) > 524288
             assert lay.tiled == too_large
+
+
+def test_positional_order_is_transformers(proc):
+    im = np.zeros((64, 64, 3), np.uint8)
+    a = proc(im, "<image>hi")
+    assert torch.equal(a["input_ids"], proc(text="<image>hi", images=im)["input_ids"])
+    with pytest.raises(ValueError, match="text is required"):
+        proc("<image>hi")

@@ -213,12 +213,15 @@ class Processor:
         return expand_image(layout, o.encoder_patch_size, o.downsample_factor, self.marks,
                             self.settings.use_image_special_tokens)
 
-    def __call__(self, text=None, images=None, return_tensors: str | None = "pt", padding_side: str | None = None,
+    def __call__(self, images=None, text=None, return_tensors: str | None = "pt", padding_side: str | None = None,
                  **knobs) -> BatchFeature:
+        """Prompts (a string or list of strings with image sentinels) and their images (one, a flat list, or one
+        list per prompt) -> BatchFeature. The argument order is transformers' (images first); pass keywords."""
         if return_tensors not in ("pt", None):
             raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' (torch tensors) is supported")
         if text is None:
-            raise ValueError("text is required; minimal text for an image is the sentinel " + self.marks.image)
+            raise ValueError("text is required (minimal text for an image is the sentinel " + self.marks.image +
+                             "); as in transformers the first positional argument is `images`, so pass text=...")
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("text must be a string or a non-empty list of strings")
