@@ -47,7 +47,7 @@ def run_case(proc, case: dict, workdir: Path) -> dict:
     else:
         texts = case["texts"]
     out = proc(text=texts, images=images if has_images else None, return_tensors="pt", padding=True,
-               do_convert_rgb=True, **case["knobs"])
+               do_convert_rgb=True, **case["knobs"], **case.get("call", {}))
     out = {k: v.numpy() for k, v in out.items()}
     return pc.digest(out, proc.image_token_id, texts)
 

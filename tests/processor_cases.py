@@ -224,6 +224,10 @@ def call_cases() -> list[dict]:
     add([[_img(700, 400, 308), _img(400, 700, 309)], []],
         texts=["<image> and <image>", "no image in this row at all"], tag="batch")
     add([[], []], texts=["only text", "more text here"], tag="text")
+    # transformers' per-call use_image_special_tokens (not an image knob).
+    for (w, h) in [(400, 300), (1600, 900)]:
+        add([[_img(w, h, 320)]], tag="nospecial")
+        cases[-1]["call"] = {"use_image_special_tokens": False}
     return cases
 
 

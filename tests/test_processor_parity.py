@@ -107,7 +107,7 @@ def _run_ours(proc: Processor, case: dict, workdir: Path) -> tuple[dict, list[st
         texts = [proc.apply_chat_template(case["messages"], add_generation_prompt=case["add_generation_prompt"])]
     else:
         texts = case["texts"]
-    out = proc(text=texts, images=images if any(images) else None, **case["knobs"])
+    out = proc(text=texts, images=images if any(images) else None, **case["knobs"], **case.get("call", {}))
     return out, texts, images
 
 

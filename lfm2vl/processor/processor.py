@@ -144,7 +144,7 @@ class Processor:
             n = len(self.tokenizer.encode(text))
         return n
 
-    def process_images(self, images: list, **knobs) -> tuple[dict, list[ImageLayout]]:
+    def process_images(self, images: list, special: bool | None = None, **knobs) -> tuple[dict, list[ImageLayout]]:
         """Flat list of images -> pixel tensors over all their units, and each image's layout."""
         o = self.options(**knobs)
         mean = torch.tensor(o.image_mean, dtype=torch.float32)
@@ -155,7 +155,7 @@ class Processor:
         loaded = [load_image(img) for img in images]
         layouts = [plan_image(x.shape[1], x.shape[2], o) for x in loaded]
         for layout in layouts:
-            self._check_markers(layout)
+            self._check_markers(layout, special)
         p = o.encoder_patch_size
         n_units = sum(len(layout.unit_sizes()) for layout in layouts)
         pv = torch.zeros(n_units, o.max_num_patches, 3 * p * p, dtype=torch.float32)
@@ -187,7 +187,7 @@ class Processor:
         images = [collect_images(c) for c in convs]
         return self(text=texts, images=images if any(images) else None, **knobs)
 
-    def expand(self, text: str, layouts: list[ImageLayout], **knobs) -> str:
+    def expand(self, text: str, layouts: list[ImageLayout], special: bool | None = None, **knobs) -> str:
         """Replace each image sentinel of `text` by its expansion, in order."""
         o = self.options(**knobs)
         pieces = text.split(self.marks.image)
@@ -196,25 +196,25 @@ class Processor:
                              "images were given for it")
         out = [pieces[0]]
         for layout, piece in zip(layouts, pieces[1:]):
-            out.append(self._expansion(layout, o))
+            out.append(self._expansion(layout, o, special))
             out.append(piece)
         return "".join(out)
 
-    def _check_markers(self, layout: ImageLayout) -> None:
-        if self.settings.use_image_special_tokens and layout.tiled:
+    def _check_markers(self, layout: ImageLayout, special: bool | None = None) -> None:
+        if (self.settings.use_image_special_tokens if special is None else special) and layout.tiled:
             for r in range(1, layout.rows + 1):
                 for c in range(1, layout.cols + 1):
                     if self.tokenizer.token_to_id(self.marks.tile(r, c)) is None:
                         raise ValueError(f"a {layout.rows}x{layout.cols} tile grid needs the marker "
                                          f"{self.marks.tile(r, c)!r}, which the vocabulary lacks; lower max_tiles")
 
-    def _expansion(self, layout: ImageLayout, o) -> str:
-        self._check_markers(layout)
-        return expand_image(layout, o.encoder_patch_size, o.downsample_factor, self.marks,
-                            self.settings.use_image_special_tokens)
+    def _expansion(self, layout: ImageLayout, o, special: bool | None = None) -> str:
+        special = self.settings.use_image_special_tokens if special is None else special
+        self._check_markers(layout, special)
+        return expand_image(layout, o.encoder_patch_size, o.downsample_factor, self.marks, special)
 
     def __call__(self, images=None, text=None, return_tensors: str | None = "pt", padding_side: str | None = None,
-                 **knobs) -> BatchFeature:
+                 use_image_special_tokens: bool | None = None, **knobs) -> BatchFeature:
         """Prompts (a string or list of strings with image sentinels) and their images (one, a flat list, or one
         list per prompt) -> BatchFeature. The argument order is transformers' (images first); pass keywords."""
         if return_tensors not in ("pt", None):
@@ -230,11 +230,12 @@ class Processor:
         flat = [im for group in per_sample for im in group]
         layouts: list[ImageLayout] = []
         if flat:
-            pixels, layouts = self.process_images(flat, **knobs)
+            pixels, layouts = self.process_images(flat, use_image_special_tokens, **knobs)
         else:
             self.options(**knobs)  # validate knobs even without images
         it = iter(layouts)
-        expanded = [self.expand(t, [next(it) for _ in group], **knobs) for t, group in zip(texts, per_sample)]
+        expanded = [self.expand(t, [next(it) for _ in group], use_image_special_tokens, **knobs)
+                    for t, group in zip(texts, per_sample)]
         ids = self.tokenizer.encode_batch(expanded)
         out.update(self._pad(ids, padding_side or self.padding_side))
         if flat:
