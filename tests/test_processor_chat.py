@@ -130,3 +130,15 @@ def test_continue_final_message(pair, last):
     assert ours.apply_chat_template(conv, continue_final_message=True) == expect
     with pytest.raises(ValueError):
         ours.apply_chat_template(conv, continue_final_message=True, add_generation_prompt=True)
+
+
+def test_render_for_training_with_past_thinking(pair):
+    ours, _, name = pair
+    conv = CONVERSATIONS[5]
+    if name == "lfm25":  # past reasoning is dropped from the prompt, so turns cannot be located one by one
+        with pytest.raises(ValueError, match="growing prefix"):
+            ours.render_for_training(conv)
+        ids, mask = ours.render_for_training(conv, keep_past_thinking=True)
+    else:
+        ids, mask = ours.render_for_training(conv)
+    assert ours.tokenizer.decode(ids[mask].tolist()) == "<think>hmm</think>A1<|im_end|><think>again</think>A2<|im_end|>"

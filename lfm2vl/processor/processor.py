@@ -280,12 +280,15 @@ class Processor:
         return {"input_ids": input_ids, "attention_mask": mask}
 
     # ---- training ---------------------------------------------------------------------------------------------
-    def render_for_training(self, messages, images=None, tools=None, **knobs) -> tuple[torch.Tensor, torch.Tensor]:
+    def render_for_training(self, messages, images=None, tools=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, loss_mask) for one conversation: 1-D int64 ids of the rendered conversation (images expanded; the
         images come from the messages' image parts unless given) and a bool mask, True exactly on the tokens of
-        the assistant turns (reply and end-of-turn token; not the role header, not other roles)."""
+        the assistant turns (reply and end-of-turn token; not the role header, not other roles). Image knobs and
+        template variables (e.g. keep_past_thinking=True for templates that drop past reasoning, which otherwise
+        cannot be located turn by turn) may be passed."""
+        knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in KNOBS}
         text, spans = chat.assistant_spans(self.chat_template, messages, self.tokenizer.special_tokens,
-                                           tools=tools)
+                                           tools=tools, **kwargs)
         imgs = collect_images(messages) if images is None else list(images)
         if text.count(self.marks.image) != len(imgs):
             raise ValueError(f"the conversation renders {text.count(self.marks.image)} {self.marks.image} sentinels "
