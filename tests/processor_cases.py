@@ -143,6 +143,12 @@ def _knobs(rng: random.Random) -> dict:
     return k
 
 
+def upright_size(spec: dict) -> tuple[int, int]:
+    """(width, height) the model sees: EXIF orientations 5-8 swap the stored sides."""
+    turned = spec.get("as") == "exif" and spec.get("orientation", 6) in (5, 6, 7, 8)
+    return (spec["h"], spec["w"]) if turned else (spec["w"], spec["h"])
+
+
 def _fits(case: dict) -> bool:
     """Cases where every unit fits max_num_patches (outside that the reference silently crops; we raise)."""
     from lfm2vl.processor.config import ImageOptions
@@ -152,7 +158,7 @@ def _fits(case: dict) -> bool:
                         **case["knobs"]})
     for group in case["images"]:
         for s in group:
-            w, h = (s["h"], s["w"]) if s.get("as") == "exif" and s.get("orientation", 6) in (5, 6, 7, 8) else (s["w"], s["h"])
+            w, h = upright_size(s)
             lay = plan_image(h, w, o)
             for uh, uw in lay.unit_sizes():
                 if (uh // o.encoder_patch_size) * (uw // o.encoder_patch_size) > o.max_num_patches:

@@ -156,6 +156,10 @@ def test_parity(case, expected, processors, workdir):
         assert ours[key]["shape"] == ref[key]["shape"], key
         assert ours[key]["sha"] == ref[key]["sha"], f"{key} differs"
     assert ours["n_image_tokens"] == ref["n_image_tokens"]
+    # The public budget helper predicts the reference's count without running anything.
+    sizes = [pc.upright_size(s) for g in case["images"] for s in g]
+    knobs = case["knobs"]
+    assert sum(proc.num_image_tokens(w, h, **knobs) for w, h in sizes) == ref["n_image_tokens"]
 
 
 def test_case_coverage():
