@@ -197,3 +197,28 @@ def _run_isolated(hub_id: str, hf_home: Path):
     code = ("import sys\nfrom lfm2vl.loading import resolve_folder\n"
             f"print(resolve_folder({hub_id!r}))\n")
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("name,overrides,count", [
+    ("LFM2.5-VL-450M", {}, 349),
+    ("LFM2.5-VL-1.6B", {"text": {"hidden_size": 2048, "block_ff_dim": 12288, "intermediate_size": 12288,
+                                 "num_attention_heads": 32},
+                        "vision": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+                                   "num_attention_heads": 16}}, 589)])
+def test_tensor_count_matches_published_headers(name, overrides, count):
+    """SPEC §8 / S3: the published LFM2.5-VL safetensors headers hold 349 (450M) and 589 (1.6B) tensors; the module
+    tree stores exactly as many under the file's key names (vision_model. prefix, tied head absent)."""
+    d = json.loads((Path(__file__).parent / "fixtures" / "LFM2-VL-450M" / "config.json").read_text())
+    d.update(model_type="lfm2_vl", projector_use_layernorm=False, projector_hidden_size=2048)
+    d["text_config"].update(overrides.get("text", {}))
+    d["vision_config"].update(overrides.get("vision", {}))
+    config = Lfm2VlConfig.from_hf(d)
+    from lfm2vl.model import Lfm2VlModel
+
+    with torch.device("meta"):
+        model = Lfm2VlModel(config)
+    ours = [k for k in model.state_dict() if k != "lm_head.weight"]
+    assert len(ours) == count, name
+    as_in_file = {k.replace("model.vision_tower.", "model.vision_tower.vision_model.", 1): v
+                  for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert set(remap_hf_keys(as_in_file, config)) == set(model.state_dict())
