@@ -44,6 +44,22 @@ def test_float32_logits_match_transformers(setup, case):
     assert diff <= TOL, f"{layout}/{case}: max |logit diff| {diff:.3e} > {TOL}"
 
 
+def test_public_engine_model_matches_transformers(setup, tmp_path_factory):
+    """The public surface: `lfm2vl.load(...).model(...)` (with the engine's CPU speed-ups applied) keeps parity."""
+    import lfm2vl
+
+    layout, _, cases, refs = setup
+    folder, _ = cached_checkpoint(tmp_path_factory, layout)
+    engine = lfm2vl.load(str(folder), dtype=torch.float32)
+    worst = 0.0
+    with torch.no_grad():
+        for name, inp in cases.items():
+            diff = (engine.model(**inp) - refs[name]).abs()[valid_positions(inp)].max().item()
+            worst = max(worst, diff)
+            assert diff <= TOL, f"{layout}/{name} via lfm2vl.load: max |logit diff| {diff:.3e}"
+    print(f"[parity fp32] layout={layout} lfm2vl.load(...).model, all cases: max|dlogit|={worst:.2e}")
+
+
 def test_left_padded_row_equals_unpadded_run(setup):
     """A left-padded batch row gives the same logits as that prompt alone (positions from the mask)."""
     layout, model, cases, _ = setup
