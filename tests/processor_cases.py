@@ -88,7 +88,9 @@ def make_image(spec: dict, workdir: Path):
     kind = spec.get("as", "pil")
     mode = spec.get("mode", "RGB")
     if kind == "np":
-        return arr
+        if mode == "RGBA":
+            return np.dstack([arr, make_array(spec["w"], spec["h"], spec["seed"] + 1)[..., 0]])
+        return arr[..., 0] if mode == "L" else arr
     if kind == "pt":
         import torch
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
@@ -219,6 +221,8 @@ def call_cases() -> list[dict]:
         add([[_img(900, 500, 210, **{"as": "exif", "orientation": orient})]], tag=f"exif{orient}")
     for mode in ("L", "RGBA", "P", "CMYK", "LA"):
         add([[_img(420, 300, 220, mode=mode)]], tag=mode)
+    for mode in ("L", "RGBA"):  # arrays: (H, W) grayscale, (H, W, 4) composited with transformers' float math
+        add([[_img(420, 300, 221, mode=mode, **{"as": "np"})]], tag=f"np{mode}")
     # Multi-image prompts and batches (flat per prompt, nested per sample, text-only rows).
     add([[_img(300, 200, 300), _img(1200, 900, 301), _img(50, 60, 302)]],
         texts=["First <image> then <image>, last <image>."], tag="multi")
