@@ -5,7 +5,10 @@ the resize kernel reads without a transposing copy. Files are opened the way tra
 does (EXIF orientation applied); PIL images, arrays and tensors are taken as given (transformers does not
 transpose them either). Every mode becomes RGB; alpha is composited onto white, as transformers'
 `convert_to_rgb` does. Deliberate differences, each a case where the reference gives garbage or crashes:
-16-bit images are scaled to 8 bits (PIL's convert clips them to 255), float arrays are read as [0, 1].
+16-bit images are scaled to 8 bits (PIL's convert clips them to 255), float arrays are read as [0, 1]. For file
+paths transformers decodes with torchvision, which drops alpha instead of compositing it; we composite on white for
+every input kind, so a transparent PNG gives the same pixels as a path, as bytes, or as a PIL image. Opaque RGB
+files (PNG, JPEG, EXIF-rotated JPEG) decode identically (tests/test_processor_parity.py).
 """
 from __future__ import annotations
 
