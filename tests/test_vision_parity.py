@@ -16,7 +16,7 @@ from transformers import Siglip2VisionConfig, Siglip2VisionModel  # noqa: E402
 
 from lfm2vl.config import Lfm2VlConfig, VisionConfig  # noqa: E402
 from lfm2vl.model.projector import Projector, image_features, pixel_unshuffle  # noqa: E402
-from lfm2vl.model.vision import VisionTower  # noqa: E402
+from lfm2vl.model.vision import VisionTower, fast_linear  # noqa: E402
 
 TOL = 1e-5
 VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, patch_size=16,
@@ -148,6 +148,54 @@ def test_position_embedding_gets_gradients():
         ours.zero_grad()
         ours(pv, mask, ss)[0].sum().backward()
         assert ours.embeddings.position_embedding.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("gelu", [None, "tanh", "none"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fast_linear_matches_plain_torch(gelu, with_residual):
+    g = torch.Generator().manual_seed(41)
+    layer = torch.nn.Linear(48, 96)
+    x, r = torch.randn(37, 48, generator=g), torch.randn(37, 96, generator=g)
+    want = layer(x)
+    want = want if gelu is None else torch.nn.functional.gelu(want, approximate=gelu)
+    want = want + r if with_residual else want
+    with torch.no_grad():
+        got = fast_linear(layer, x, gelu=gelu, residual=r if with_residual else None)
+    assert (got - want).abs().max().item() <= TOL
+
+    class Wrapped(torch.nn.Linear):  # e.g. a LoRA or int8 layer: its own forward must run
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    wrapped = Wrapped(48, 96)
+    wrapped.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        got = fast_linear(wrapped, x, gelu=gelu, residual=r if with_residual else None)
+    plain = wrapped(x)
+    plain = plain if gelu is None else torch.nn.functional.gelu(plain, approximate=gelu)
+    assert (got - (plain + r if with_residual else plain)).abs().max().item() <= TOL
+
+
+def test_autograd_path_equals_inference_path(pair):
+    """With gradients on, the tower runs plain torch ops; both paths must agree."""
+    _, ours = pair
+    pv, mask, ss = _inputs([(26, 36), (4, 6)], seed=42)
+    with torch.no_grad():
+        fast = ours(pv, mask, ss)
+    slow = ours(pv, mask, ss)
+    assert slow[0].requires_grad
+    assert max((a - b).abs().max().item() for a, b in zip(fast, slow)) <= TOL
+
+
+def test_float16_runs(pair):
+    ref, _ = pair
+    ours = _ours(ref).to(torch.float16)
+    pv, mask, ss = _inputs([(26, 36)], seed=43)
+    with torch.no_grad():
+        want = ref(pixel_values=pv, pixel_attention_mask=mask, spatial_shapes=ss).last_hidden_state
+        got = ours(pv.half(), mask, ss)
+    assert got[0].dtype == torch.float16
+    assert _max_diff(want, [t.float() for t in got], [(26, 36)]) <= 0.05
 
 
 def test_vision_feature_layer_drops_last_layer():
