@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import processor_cases as pc
 from lfm2vl.processor import Processor
@@ -99,6 +100,11 @@ def test_render_for_training(pair):
     assert not mask[ids == ours.image_token_id].any()
     runs = np.flatnonzero(np.diff(np.r_[0, mask.int().numpy(), 0]))  # two contiguous assistant runs
     assert len(runs) == 4
+    ids2, mask2, pixels = ours.render_for_training(conv, images=images, return_pixels=True)
+    assert torch.equal(ids2, ids) and torch.equal(mask2, mask)
+    ref = ours(text=ours.apply_chat_template(conv), images=images)
+    assert torch.equal(pixels["pixel_values"], ref["pixel_values"])
+    assert torch.equal(pixels["spatial_shapes"], ref["spatial_shapes"])
 
 
 def test_render_for_training_text_only(pair):

@@ -280,12 +280,13 @@ class Processor:
         return {"input_ids": input_ids, "attention_mask": mask}
 
     # ---- training ---------------------------------------------------------------------------------------------
-    def render_for_training(self, messages, images=None, tools=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def render_for_training(self, messages, images=None, tools=None, return_pixels: bool = False, **kwargs):
         """(ids, loss_mask) for one conversation: 1-D int64 ids of the rendered conversation (images expanded; the
         images come from the messages' image parts unless given) and a bool mask, True exactly on the tokens of
         the assistant turns (reply and end-of-turn token; not the role header, not other roles). Image knobs and
         template variables (e.g. keep_past_thinking=True for templates that drop past reasoning, which otherwise
-        cannot be located turn by turn) may be passed."""
+        cannot be located turn by turn) may be passed. return_pixels=True adds a third item: the dict of
+        pixel_values / pixel_attention_mask / spatial_shapes for the conversation's images (None without images)."""
         knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in KNOBS}
         text, spans = chat.assistant_spans(self.chat_template, messages, self.tokenizer.special_tokens,
                                            tools=tools, **kwargs)
@@ -293,8 +294,12 @@ class Processor:
         if text.count(self.marks.image) != len(imgs):
             raise ValueError(f"the conversation renders {text.count(self.marks.image)} {self.marks.image} sentinels "
                              f"but has {len(imgs)} images")
-        layouts = self.process_images(imgs, **knobs)[1] if imgs else []
         o = self.options(**knobs)
+        pixels = None
+        if imgs and return_pixels:
+            pixels, layouts = self.process_images(imgs, **knobs)
+        else:
+            layouts = [plan_image(x.shape[1], x.shape[2], o) for x in map(load_image, imgs)]
         # Expand piecewise, moving span boundaries by the length each expansion adds before them.
         pieces = text.split(self.marks.image)
         out, shifts, pos = [pieces[0]], [], len(pieces[0])
@@ -310,4 +315,5 @@ class Processor:
         spans = [(moved(a), moved(b)) for a, b in spans]
         enc = self.tokenizer.backend.encode(full, add_special_tokens=False)
         mask = [any(s < e and a < b and s < b and e > a for a, b in spans) for s, e in enc.offsets]
-        return torch.tensor(enc.ids, dtype=torch.int64), torch.tensor(mask, dtype=torch.bool)
+        ids, mask = torch.tensor(enc.ids, dtype=torch.int64), torch.tensor(mask, dtype=torch.bool)
+        return (ids, mask, pixels) if return_pixels else (ids, mask)
