@@ -27,7 +27,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--jpeg", action="store_true", help="pass a JPEG file path instead of a PIL image (includes decoding)")
     args = ap.parse_args()
-    import numpy as np
     import torch
     from PIL import Image
 

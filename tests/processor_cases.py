@@ -8,7 +8,6 @@ defaults, use_thumbnail true; "v1": the LFM2-VL-450M fixture, use_thumbnail fals
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
 import shutil

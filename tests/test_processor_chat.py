@@ -3,7 +3,6 @@
 with a system prompt, tools, tool calls, multi-turn and thinking; plus the training render's loss mask."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

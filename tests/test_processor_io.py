@@ -7,7 +7,6 @@ import io
 import struct
 import threading
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
