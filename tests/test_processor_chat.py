@@ -75,7 +75,8 @@ def test_sandbox_globals(tmp_path):
     """strftime_now, raise_exception, namespace, tojson without HTML escaping, trim/lstrip blocks."""
     from transformers import AutoTokenizer
     template = ("{% set ns = namespace(n=0) %}\n  {% for m in messages %}{% set ns.n = ns.n + 1 %}"
-                "{{ m | tojson }}{% endfor %}\n{{ ns.n }}|{{ strftime_now('%Y') }}|{{ bos_token }}"
+                "{{ m | tojson }}{% endfor %}\n{{ ns.n }}|{{ strftime_now('%Y') }}|{{ bos_token }}|{{ image_token }}"
+                "|{{ image_thumbnail }}|{{ pad_token }}"
                 "{% if messages | length > 5 %}{{ raise_exception('too long') }}{% endif %}")
     folder = pc.write_checkpoint(tmp_path, "v25", template)
     ours, ref = Processor.from_pretrained(folder), AutoTokenizer.from_pretrained(str(folder))
@@ -147,3 +148,17 @@ def test_render_for_training_with_past_thinking(pair):
     else:
         ids, mask = ours.render_for_training(conv)
     assert ours.tokenizer.decode(ids[mask].tolist()) == "<think>hmm</think>A1<|im_end|><think>again</think>A2<|im_end|>"
+
+
+def test_tokenizer_wrapper_matches_transformers(pair):
+    ours, ref, _ = pair
+    tok = ours.tokenizer
+    text = ours.apply_chat_template(CONVERSATIONS[2], add_generation_prompt=True) + "Héllo 日本語 🙂 done."
+    ids = tok.encode(text)
+    assert ids == ref(text, add_special_tokens=False)["input_ids"]
+    for skip in (False, True):
+        assert tok.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (ref.bos_token_id, ref.eos_token_id,
+                                                                      ref.pad_token_id)
+    assert tok.special_tokens == ref.special_tokens_map
+    assert tok.eos_token_ids == [7] and tok.vocab_size == len(ref)

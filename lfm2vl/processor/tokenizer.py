@@ -33,7 +33,7 @@ class Tokenizer:
         self.backend = tok
         cfg = dict(config or {})
         self.config = cfg
-        self.special_tokens = {k: str(_content(cfg[k])) for k in TEMPLATE_TOKENS if cfg.get(k) is not None}
+        self.special_tokens = named_special_tokens(cfg)
         self.bos_token = self.special_tokens.get("bos_token")
         self.eos_token = self.special_tokens.get("eos_token")
         self.pad_token = self.special_tokens.get("pad_token")
@@ -87,6 +87,19 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def named_special_tokens(cfg: dict) -> dict[str, str]:
+    """The named tokens transformers passes to chat templates (its `special_tokens_map`): the standard ones, the
+    named `extra_special_tokens`, and any other `*_token` string setting (e.g. image_token, image_start_token)."""
+    out = {k: str(_content(cfg[k])) for k in TEMPLATE_TOKENS if cfg.get(k) is not None}
+    extra = cfg.get("extra_special_tokens")
+    if isinstance(extra, dict):
+        out.update({k: str(_content(v)) for k, v in extra.items() if v is not None})
+    for k, v in cfg.items():
+        if k.endswith("_token") and k not in out and (isinstance(v, str) or (isinstance(v, dict) and "content" in v)):
+            out[k] = str(_content(v))
+    return out
 
 
 def load_chat_template(folder: Path, tokenizer_config: dict) -> str | None:
