@@ -3,6 +3,7 @@
 with a system prompt, tools, tool calls, multi-turn and thinking; plus the training render's loss mask."""
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -162,3 +163,19 @@ def test_tokenizer_wrapper_matches_transformers(pair):
                                                                       ref.pad_token_id)
     assert tok.special_tokens == ref.special_tokens_map
     assert tok.eos_token_ids == [7] and tok.vocab_size == len(ref)
+
+
+def test_named_templates_in_tokenizer_config(tmp_path):
+    """tokenizer_config.json may carry [{name, template}, ...]: 'tool_use' with tools, else 'default'."""
+    from transformers import AutoTokenizer
+    folder = pc.write_checkpoint(tmp_path, "v25")
+    (folder / "chat_template.jinja").unlink()
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = [{"name": "default", "template": "D{{ messages[0]['content'] }}"},
+                            {"name": "tool_use", "template": "T{{ tools | length }}{{ messages[0]['content'] }}"}]
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ours, ref = Processor.from_pretrained(folder), AutoTokenizer.from_pretrained(str(folder))
+    conv = [{"role": "user", "content": "x"}]
+    for kw in ({}, {"tools": TOOLS}):
+        assert ours.apply_chat_template(conv, **kw) == ref.apply_chat_template(conv, tokenize=False, **kw)
+    assert ours.apply_chat_template(conv, tools=TOOLS) == "T1x"

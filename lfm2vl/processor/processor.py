@@ -26,7 +26,7 @@ from lfm2vl.processor import chat
 from lfm2vl.processor.config import KNOBS, ProcessorSettings, load_settings
 from lfm2vl.processor.image import ImageLayout, image_units, patchify_into, plan_image
 from lfm2vl.processor.io import load_image
-from lfm2vl.processor.tokenizer import Tokenizer
+from lfm2vl.processor.tokenizer import Tokenizer, pick_template
 from lfm2vl.processor.tokens import ImageTokens, expand_image, layout_token_counts
 
 CONFIG_PATTERNS = ["*.json", "*.jinja", "*.txt", "*.model"]
@@ -177,7 +177,7 @@ class Processor:
         """The rendered prompt (a string), as transformers renders it. A list of conversations gives a list.
         tokenize=True returns the processor output for the prompt and the conversation's images instead."""
         knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in KNOBS}
-        template = chat_template or self.chat_template
+        template = pick_template(chat_template or self.chat_template, tools)
         batched = isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], (list, tuple))
         convs = list(messages) if batched else [messages]
         texts = [chat.render(template, c, self.tokenizer.special_tokens, add_generation_prompt, tools, documents,
@@ -288,7 +288,8 @@ class Processor:
         cannot be located turn by turn) may be passed. return_pixels=True adds a third item: the dict of
         pixel_values / pixel_attention_mask / spatial_shapes for the conversation's images (None without images)."""
         knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in KNOBS}
-        text, spans = chat.assistant_spans(self.chat_template, messages, self.tokenizer.special_tokens,
+        text, spans = chat.assistant_spans(pick_template(self.chat_template, tools), messages,
+                                           self.tokenizer.special_tokens,
                                            tools=tools, **kwargs)
         imgs = collect_images(messages) if images is None else list(images)
         if text.count(self.marks.image) != len(imgs):

@@ -29,7 +29,7 @@ class Tokenizer:
     (every id that ends generation), `special_tokens` (the names templates see), `chat_template`."""
 
     def __init__(self, tok: _HFTokenizer, config: dict | None = None, generation_config: dict | None = None,
-                 chat_template: str | None = None):
+                 chat_template: str | dict | None = None):
         self.backend = tok
         cfg = dict(config or {})
         self.config = cfg
@@ -102,13 +102,23 @@ def named_special_tokens(cfg: dict) -> dict[str, str]:
     return out
 
 
-def load_chat_template(folder: Path, tokenizer_config: dict) -> str | None:
-    """chat_template.jinja, else chat_template.json, else tokenizer_config.json's field (a string, or named
-    templates of which 'default' is used)."""
+def load_chat_template(folder: Path, tokenizer_config: dict) -> str | dict | None:
+    """chat_template.jinja, else chat_template.json, else tokenizer_config.json's field: a string, or named
+    templates (a dict name -> template; see `pick_template`)."""
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
     t = _read(folder / "chat_template.json").get("chat_template") or tokenizer_config.get("chat_template")
     if isinstance(t, list):
-        named = {d.get("name"): d.get("template") for d in t}
-        t = named.get("default") or next(iter(named.values()), None)
+        t = {d.get("name"): d.get("template") for d in t}
     return t
+
+
+def pick_template(template: str | dict | None, tools=None) -> str | None:
+    """transformers' choice among named templates: 'tool_use' when tools are given and it exists, else 'default'."""
+    if not isinstance(template, dict):
+        return template
+    if tools is not None and "tool_use" in template:
+        return template["tool_use"]
+    if "default" in template:
+        return template["default"]
+    raise ValueError(f"the checkpoint has named chat templates {sorted(template)} but none is called 'default'")
