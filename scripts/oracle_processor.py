@@ -25,7 +25,7 @@ import processor_cases as pc  # noqa: E402
 def build_reference(folder: Path, kind: str, template: str):
     from transformers import AutoTokenizer
     from transformers.models.lfm2_vl import Lfm2VlImageProcessor, Lfm2VlProcessor
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)  # no prompt about auto_map
     ip = Lfm2VlImageProcessor(**pc.reference_settings(kind))
     return Lfm2VlProcessor(ip, tok, chat_template=template)
 

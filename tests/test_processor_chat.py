@@ -41,7 +41,7 @@ def pair(request, tmp_path_factory):
     template = (pc.FIXTURE / "chat_template.jinja").read_text() if request.param == "fixture" \
         else pc.LFM25_TEMPLATE.read_text()
     folder = pc.write_checkpoint(tmp_path_factory.mktemp(request.param), "v25", template)
-    return Processor.from_pretrained(folder), AutoTokenizer.from_pretrained(str(folder)), request.param
+    return Processor.from_pretrained(folder), AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False), request.param
 
 
 @pytest.mark.parametrize("i", range(len(CONVERSATIONS)))
@@ -80,7 +80,7 @@ def test_sandbox_globals(tmp_path):
                 "|{{ image_thumbnail }}|{{ pad_token }}"
                 "{% if messages | length > 5 %}{{ raise_exception('too long') }}{% endif %}")
     folder = pc.write_checkpoint(tmp_path, "v25", template)
-    ours, ref = Processor.from_pretrained(folder), AutoTokenizer.from_pretrained(str(folder))
+    ours, ref = Processor.from_pretrained(folder), AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     conv = [{"role": "user", "content": "<b>&'\"é</b>"}]
     assert ours.apply_chat_template(conv) == ref.apply_chat_template(conv, tokenize=False)
     with pytest.raises(Exception, match="too long"):
@@ -174,7 +174,7 @@ def test_named_templates_in_tokenizer_config(tmp_path):
     cfg["chat_template"] = [{"name": "default", "template": "D{{ messages[0]['content'] }}"},
                             {"name": "tool_use", "template": "T{{ tools | length }}{{ messages[0]['content'] }}"}]
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
-    ours, ref = Processor.from_pretrained(folder), AutoTokenizer.from_pretrained(str(folder))
+    ours, ref = Processor.from_pretrained(folder), AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     conv = [{"role": "user", "content": "x"}]
     for kw in ({}, {"tools": TOOLS}):
         assert ours.apply_chat_template(conv, **kw) == ref.apply_chat_template(conv, tokenize=False, **kw)

@@ -34,7 +34,7 @@ def live_oracle(tmp_path_factory):
         return None
     out = tmp_path_factory.mktemp("oracle") / "digests.json"
     r = subprocess.run([python, str(ROOT / "scripts" / "oracle_processor.py"), "--out", str(out)],
-                       capture_output=True, text=True, timeout=1800)
+                       capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
     if r.returncode != 0 or not out.exists():
         return {"failed": r.stderr[-3000:]}
     return json.loads(out.read_text())
