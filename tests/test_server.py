@@ -298,7 +298,12 @@ def test_zz_still_answers_then_ctrl_c(server, client):
     r = client.chat.completions.create(model=MODEL, messages=VISION_MSG, max_tokens=4, temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length")
     server.send_signal(signal.SIGINT)
-    assert server.wait(30) == 0
+    try:
+        code = server.wait(30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the server did not exit within 30 s of Ctrl-C (SIGINT); stdout: "
+                    f"{''.join(server.lines)[-500:]!r}; stderr: {server.log.read_text()[-1500:]!r}")
+    assert code == 0
     time.sleep(0.2)
     assert any("stopped" in line for line in server.lines)
     assert "Traceback" not in server.log.read_text()
