@@ -137,15 +137,12 @@ class Stream:
     def __iter__(self) -> Iterator[str]:
         rid = self.gen.add(self.req)
         try:
-            while self.result is None:
-                for ev in self.gen.step():
-                    if ev.rid != rid:
-                        continue
-                    self.events.append(ev)
-                    if ev.result is not None:
-                        self.result = ev.result
-                    if ev.text:
-                        yield ev.text
+            for ev in self.gen.follow(rid):
+                self.events.append(ev)
+                if ev.result is not None:
+                    self.result = ev.result
+                if ev.text:
+                    yield ev.text
         finally:
             if self.result is None:
                 self.gen.cancel(rid)

@@ -189,3 +189,19 @@ def test_prefix_reuse_skips_prefill_and_image_encoding():
     # a different image with the same placeholders is not reused
     gen.run([gen.add(image_req(p2, 0.25, max_new_tokens=2))])
     assert e.model.encoded_units == 2
+
+
+def test_interleaved_followers_each_get_all_their_events():
+    e = mock_engine(script=SCRIPT)
+    gen = BatchGenerator(e, max_batch=2)
+    a, b = gen.add(req(max_new_tokens=5)), gen.add(req(max_new_tokens=8))
+    fa, fb = gen.follow(a), gen.follow(b)
+    got = {a: [], b: []}
+    for _ in range(3):  # alternate between the two iterators
+        got[a].append(next(fa))
+        got[b].append(next(fb))
+    got[a] += list(fa)
+    got[b] += list(fb)
+    assert [ev.token_id for ev in got[a]] == SCRIPT[:5] and got[a][-1].result.finish_reason == "length"
+    assert [ev.token_id for ev in got[b]] == SCRIPT[:8]
+    assert not gen._mail and not gen.has_work()

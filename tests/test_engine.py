@@ -229,3 +229,15 @@ def test_to_messages_places_images_before_prompt_text():
     assert imgs == ["a.png", "b.png"]
     assert msgs == [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
                                                  {"type": "text", "text": "Describe"}]}]
+
+
+def test_two_streams_interleaved_on_one_engine(engine):
+    engine.reset()
+    ref = [engine.generate(p, **GREEDY).text for p in ("One.", "Two.")]
+    it1, it2 = iter(engine.stream("One.", **GREEDY)), iter(engine.stream("Two.", **GREEDY))
+    a, b = [], []
+    for x, out in ((it1, a), (it2, b), (it1, a)):
+        out.append(next(x, ""))
+    a += list(it1)
+    b += list(it2)
+    assert ["".join(a), "".join(b)] == ref

@@ -18,6 +18,7 @@ import time
 from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -94,6 +95,7 @@ class BatchGenerator:
         self.rows = [_Row() for _ in range(max_batch)]
         self.pending: deque[_Active] = deque()
         self.actives: dict[int, _Active] = {}
+        self._mail: dict[int, deque[Event]] = {}  # events kept for run() / follow() callers
         self._next_rid = 0
         self._clock = 0
 
@@ -145,14 +147,50 @@ class BatchGenerator:
         return events
 
     def run(self, rids=None) -> dict[int, Result]:
-        """Step until the given requests (default: all) finished; returns their Results."""
-        want = set(self.actives) if rids is None else set(rids)
-        out = {}
-        while want - set(out):
-            for ev in self.step():
-                if ev.result is not None:
-                    out[ev.rid] = ev.result
-        return out
+        """Step until the given requests (default: all) finished; returns their Results (cancelled ones absent)."""
+        rids = list(self.actives) if rids is None else list(rids)
+        boxes = {r: self._mail.setdefault(r, deque()) for r in rids}
+        out: dict[int, Result] = {}
+        try:
+            while True:
+                for r, box in boxes.items():
+                    while box:
+                        ev = box.popleft()
+                        if ev.result is not None:
+                            out[r] = ev.result
+                if not any(r in self.actives for r in rids if r not in out):
+                    return out
+                self._pump()
+        finally:
+            for r in rids:
+                self._mail.pop(r, None)
+
+    def follow(self, rid: int) -> Iterator[Event]:
+        """The events of one request as they come, stepping the generator when needed. Events of other requests
+        followed (or run) at the same time are kept for them, so several streams can be interleaved. Events are
+        kept from this call on, even before the iterator is first advanced."""
+        return self._follow(rid, self._mail.setdefault(rid, deque()))
+
+    def _follow(self, rid: int, box: deque) -> Iterator[Event]:
+        try:
+            while True:
+                if box:
+                    ev = box.popleft()
+                    yield ev
+                    if ev.result is not None:
+                        return
+                elif rid in self.actives:
+                    self._pump()
+                else:
+                    return  # cancelled
+        finally:
+            self._mail.pop(rid, None)
+
+    def _pump(self) -> None:
+        for ev in self.step():
+            box = self._mail.get(ev.rid)
+            if box is not None:
+                box.append(ev)
 
     # ---- admission and prefix reuse ---------------------------------------------------------------------------
     def _check_images(self, req: Request) -> None:
