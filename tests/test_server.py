@@ -1,4 +1,4 @@
-"""End to end: a real `lfm2vl serve` process on a free port, a tiny random checkpoint, the official openai client.
+"""End to end: a real `python -m lfm2vl serve` process on a free port, a tiny random checkpoint, the official openai client.
 
 One server per module (started once; ~5 s). Greedy answers are compared with the engine run in this process on the
 same checkpoint, and concurrent answers with the same requests served alone. Every error the server promises is
@@ -39,7 +39,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "stderr.log"
-    cmd = [sys.executable, "-m", "lfm2vl.serve.cli", "--model", str(checkpoint), "--served-model-name", MODEL,
+    cmd = [sys.executable, "-m", "lfm2vl", "serve", "--model", str(checkpoint), "--served-model-name", MODEL,
            "--port", "0", "--api-key", KEY, "--dtype", "float32", "--max-batch", "16", "--max-seq-len", str(CONTEXT),
            "--prefill-chunk", "64", "--max-images", "2", "--max-image-pixels", str(640 * 480), "--max-body-mb", "1",
            "--no-remote-images", "--log-level", "warning"]

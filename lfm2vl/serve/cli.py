@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--api-key", default=os.environ.get("LFM2VL_API_KEY"),
                    help="require `Authorization: Bearer KEY` on /v1/* (default: $LFM2VL_API_KEY, else no key)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the engine's choice)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
+                   help="weights and activations (default: the engine's, bfloat16)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the engine's choice)")
     p.add_argument("--int8", action="store_true", help="weight-only int8 language-model linears on CPU (faster, "
                    "results change slightly)")
