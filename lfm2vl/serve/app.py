@@ -157,7 +157,7 @@ def _raise_for(item) -> None:
 async def _collect(engine, scheduler: Scheduler, ticket, request: Request, cid, created, model, n_prompt):
     pieces, n_out, logprobs = [], 0, []
     token_text = _token_text(engine)
-    next_check = time.monotonic() + 0.25
+    next_check, getter = time.monotonic() + 0.25, None
     try:
         while True:
             if time.monotonic() >= next_check:  # nobody reads a non-streamed answer: look for the client now and then
@@ -165,10 +165,12 @@ async def _collect(engine, scheduler: Scheduler, ticket, request: Request, cid, 
                 if await request.is_disconnected():
                     log.info("client gone before %s finished; cancelled", cid)
                     return JSONResponse({}, status_code=499)
-            try:
-                item = await asyncio.wait_for(ticket.events.get(), timeout=0.25)
-            except asyncio.TimeoutError:
+            # one get() task kept across timeouts: cancelling a get() that just won its item could drop the item
+            getter = getter or asyncio.ensure_future(ticket.events.get())
+            done, _ = await asyncio.wait({getter}, timeout=0.25)
+            if not done:
                 continue
+            item, getter = getter.result(), None
             _raise_for(item)
             if item.token_id is not None:
                 n_out += 1
@@ -180,6 +182,8 @@ async def _collect(engine, scheduler: Scheduler, ticket, request: Request, cid, 
                 return translate.completion(cid, created, model, "".join(pieces), item.finish_reason,
                                             _usage(item, n_prompt, n_out), logprobs or None)
     finally:
+        if getter is not None:
+            getter.cancel()
         scheduler.cancel(ticket)
 
 
