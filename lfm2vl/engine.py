@@ -33,11 +33,14 @@ IMAGE_KEYS = ("image", "url", "path", "base64")
 
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None, optimize: bool = True,
-         int8: bool = False, progress: Callable[[int, int], None] | None = None) -> "Engine":
+         int8: bool = False, compile: bool = False,
+         progress: Callable[[int, int], None] | None = None) -> "Engine":
     """Load a checkpoint folder or hub id -> Engine. dtype defaults to bfloat16, device to cpu.
 
     optimize: on CPU, swap in the fast decode modules of speed.py (same parameters and results within float
-    rounding); int8: weight-only int8 linears in the language model (opt-in, changes results slightly)."""
+    rounding); int8: weight-only int8 linears in the language model (opt-in, changes results slightly);
+    compile: torch.compile the static-shape decode step (opt-in; pair it with optimize=False, whose decode
+    attention reads the cache length on the host)."""
     from .loading import load_model
     from .processor import Processor
 
@@ -47,12 +50,14 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None, o
         from .speed import optimize_for_cpu
 
         optimize_for_cpu(m, int8=int8)
-    return Engine(m, config, Processor.from_pretrained(folder))
+    return Engine(m, config, Processor.from_pretrained(folder), compile=compile)
 
 
 class Engine:
-    def __init__(self, model, config, processor, *, prefill_chunk: int = 512):
+    def __init__(self, model, config, processor, *, prefill_chunk: int = 512, compile: bool = False):
         self.model, self.config, self.processor = model, config, processor
+        # The decode step (T == 1) has static shapes per (rows, cache capacity): compile it, not the prefill.
+        self.decode_forward = torch.compile(model.forward_cached, dynamic=False) if compile else None
         self.tokenizer = processor.tokenizer
         eos = list(getattr(self.tokenizer, "eos_token_ids", None) or [])
         if not eos:  # fall back to the model config's eos (an int or a list)

@@ -241,3 +241,12 @@ def test_two_streams_interleaved_on_one_engine(engine):
     a += list(it1)
     b += list(it2)
     assert ["".join(a), "".join(b)] == ref
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_greedy_tokens(folder):
+    eager = load(folder, dtype="float32", optimize=False)
+    compiled = load(folder, dtype="float32", optimize=False, compile=True)
+    assert compiled.decode_forward is not None
+    c = conv("What is in this image?", picture(384, 256))
+    assert compiled.generate(c, **GREEDY).token_ids == eager.generate(c, **GREEDY).token_ids

@@ -86,6 +86,7 @@ class BatchGenerator:
         self.image_token_id, self.factor = self.config.image_token_id, self.config.downsample_factor
         self.device = next(self.model.parameters()).device
         self.dtype = getattr(engine, "dtype", None)  # the cache's; an int8 output head does not carry it
+        self.decode_forward = getattr(engine, "decode_forward", None) or self.model.forward_cached
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.fixed = max_seq_len is not None
         if self.fixed and not 1 <= max_seq_len <= self.max_context:
@@ -352,7 +353,7 @@ class BatchGenerator:
         ids = torch.stack([a.next_token for a in acts])[:, None]  # (b, 1)
         rows = self._rows_arg(slots)
         start = self.cache.lengths if rows is None else self.cache.lengths[rows]
-        logits = self.model.forward_cached(self.model.embed(ids), self.cache, start, rows=rows, last_only=True)
+        logits = self.decode_forward(self.model.embed(ids), self.cache, start, rows=rows, last_only=True)
         if rows is None:
             self.cache.lengths += 1
         else:
