@@ -1,9 +1,9 @@
 """Native CPU kernels for the decode step: multithreaded GEMV / small-M GEMM over bf16, fp32 and int8 weights.
 
-- `gemv.cpp` is compiled once per machine with the system `g++ -O3 -march=native -fopenmp` (no ninja, no Python
-  headers: a plain shared library called through ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/.
-- It links the same libgomp as torch (torch is imported first, the loader reuses its libgomp.so.1), so its
-  threads are torch's intra-op threads (`torch.set_num_threads` applies) and no second pool competes.
+- `gemv.cpp` (+ `pool.h`) is compiled once per machine with the system `g++ -O3 -march=native` (no ninja, no
+  Python headers: a plain shared library called through ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/.
+- Threads: the caller plus `torch.get_num_threads() - 1` helpers of pool.h's own work-sharing pool (chunks from
+  an atomic counter, so a helper descheduled by another process never stalls a product).
 - `available()` is False, and callers fall back to F.linear, when LFM2VL_NO_KERNELS=1, the CPU is not x86-64,
   or the compiler is missing or fails. A failure is reported once as a warning, never raised.
 """
@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("gemv.cpp")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_HEADERS = [Path(__file__).with_name("pool.h")]
+_FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17"]
 _KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2}
 _DT = {torch.float32: 0, torch.bfloat16: 1}
 _lib = None
@@ -49,7 +50,7 @@ def _build() -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) on PATH")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(_SRC.read_bytes() + " ".join(_FLAGS).encode() + version.encode()
+    key = hashlib.sha256(_SRC.read_bytes() + b"".join(h.read_bytes() for h in _HEADERS) + " ".join(_FLAGS).encode() + version.encode()
                          + _cpu_id().encode()).hexdigest()[:16]
     out = _cache_dir() / key / "libgemv.so"
     if out.exists():
