@@ -232,3 +232,21 @@ def test_fresh_build_into_empty_cache(tmp_path):
     r = _run(code, LFM2VL_CACHE=str(tmp_path))
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr
     assert list(tmp_path.glob("kernels/*/libgemv.so"))
+
+
+@needs_kernels
+def test_process_exits_with_helpers_asleep():
+    """The pool's helper threads must not keep the interpreter from exiting (a destroyed condition variable with
+    sleeping waiters used to hang the exit)."""
+    code = """
+        import time, torch
+        from lfm2vl import kernels
+        torch.set_num_threads(2)
+        W = torch.randn(4096, 1024).bfloat16(); x = torch.randn(1, 1024).bfloat16()
+        for _ in range(5):
+            kernels.linear(x, W)
+        time.sleep(0.05)  # the helpers go to sleep on the condition variable
+        print("OK")
+    """
+    r = _run(code)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr

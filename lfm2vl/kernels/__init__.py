@@ -134,9 +134,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         weight = weight.contiguous()
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.float().contiguous()
+    lib = _lib if _lib is not None else _load()
+    if lib is None:
+        raise RuntimeError("lfm2vl native kernels are unavailable (check kernels.available() first)")
     y = x.new_empty(x.shape[:-1] + (N,))
     dt = _DT[x.dtype]
-    _lib.lfm2vl_linear(kind, weight.data_ptr(), None if scale is None else scale.data_ptr(), x.data_ptr(),
-                       y.data_ptr(), None if bias is None else bias.data_ptr(), x.numel() // K, N, K, dt, dt,
-                       torch.get_num_threads())
+    lib.lfm2vl_linear(kind, weight.data_ptr(), None if scale is None else scale.data_ptr(), x.data_ptr(),
+                      y.data_ptr(), None if bias is None else bias.data_ptr(), x.numel() // K, N, K, dt, dt,
+                      torch.get_num_threads())
     return y

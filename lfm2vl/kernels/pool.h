@@ -30,10 +30,12 @@ static std::atomic<uint64_t> counter{0};      // (generation << 32) | next chunk
 static std::atomic<int64_t> done{0};          // chunks finished in the current generation
 static std::atomic<int> sleepers{0};
 static std::atomic<bool> busy{false};
-static std::mutex mu;
-static std::condition_variable cv;
+// Never destroyed (leaked on purpose): at process exit, glibc's condition-variable destructor would wait for the
+// helpers still sleeping on it, and the process would hang instead of exiting.
+static std::mutex& mu = *new std::mutex;
+static std::condition_variable& cv = *new std::condition_variable;
 static int n_helpers = 0;
-static std::mutex spawn_mu;
+static std::mutex& spawn_mu = *new std::mutex;
 
 static inline uint32_t gen_of(uint64_t v) { return (uint32_t)(v >> 32); }
 
