@@ -292,6 +292,59 @@ static void linear_chunk(const void* ctx, int64_t chunk) {
     }
 }
 
+// ---- decode attention: one query per row over a (strided) K/V cache, fp32 math ---------------------------------
+// Chunk = one (row, kv head): its G = H / Hkv query heads share every key/value row read.
+struct AttnArgs {
+    const float* Q;     // (B, H, Dh) fp32, pre-scaled
+    const void* K;      // element (b, h, s, d) at b*sb + h*sh + s*ss + d; kvdt 0 fp32, 1 bf16
+    const void* V;
+    const uint8_t* mask;  // (B, n) 0/1 or NULL
+    float* O;           // (B, H, Dh) fp32
+    int64_t Hkv, G, n, Dh, sb, sh, ss;
+    int kvdt;
+};
+
+static inline float kv_at(const void* p, int dt, int64_t i) {
+    return dt == 1 ? bf16_to_f32(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+
+static void attn_chunk(const void* ctx, int64_t chunk) {
+    const AttnArgs& a = *(const AttnArgs*)ctx;
+    const int64_t b = chunk / a.Hkv, h = chunk % a.Hkv, G = a.G, n = a.n, Dh = a.Dh;
+    const float* q = a.Q + (b * a.Hkv + h) * G * Dh;  // G consecutive query heads
+    float* o = a.O + (b * a.Hkv + h) * G * Dh;
+    const int64_t base = b * a.sb + h * a.sh;
+    const uint8_t* m = a.mask ? a.mask + b * n : NULL;
+    float* sc = (float*)malloc(sizeof(float) * (G * n + Dh));
+    float* row = sc + G * n;
+    for (int64_t s = 0; s < n; s++) {
+        for (int64_t d = 0; d < Dh; d++) row[d] = kv_at(a.K, a.kvdt, base + s * a.ss + d);
+        for (int64_t g = 0; g < G; g++) {
+            float acc = 0.f;
+            for (int64_t d = 0; d < Dh; d++) acc += q[g * Dh + d] * row[d];
+            sc[g * n + s] = (m && !m[s]) ? -INFINITY : acc;
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        float* p = sc + g * n;
+        float mx = -INFINITY;
+        for (int64_t s = 0; s < n; s++) mx = p[s] > mx ? p[s] : mx;
+        float sum = 0.f;
+        for (int64_t s = 0; s < n; s++) { p[s] = mx == -INFINITY ? 0.f : expf(p[s] - mx); sum += p[s]; }
+        float inv = sum > 0.f ? 1.f / sum : 0.f;
+        for (int64_t s = 0; s < n; s++) p[s] *= inv;
+        for (int64_t d = 0; d < Dh; d++) o[g * Dh + d] = 0.f;
+    }
+    for (int64_t s = 0; s < n; s++) {
+        for (int64_t d = 0; d < Dh; d++) row[d] = kv_at(a.V, a.kvdt, base + s * a.ss + d);
+        for (int64_t g = 0; g < G; g++) {
+            const float w = sc[g * n + s];
+            for (int64_t d = 0; d < Dh; d++) o[g * Dh + d] += w * row[d];
+        }
+    }
+    free(sc);
+}
+
 extern "C" {
 
 int lfm2vl_isa(void) { return active_isa(); }
@@ -315,6 +368,14 @@ void lfm2vl_linear(int kind, const void* W, const float* S, const void* X, void*
     int64_t chunks = (N + a.rows_per_chunk - 1) / a.rows_per_chunk;
     pool_run(linear_chunk, &a, chunks, N * K * (kind == 1 ? 4 : kind == 0 ? 2 : 1) < 64 * 1024 ? 1 : threads);
     free(owned);
+}
+
+// Q (B, H, Dh) fp32 pre-scaled; K/V strided (see AttnArgs); mask (B, n) uint8 or NULL; O (B, H, Dh) fp32.
+void lfm2vl_attn_decode(const float* Q, const void* K, const void* V, const uint8_t* mask, float* O, int64_t B,
+                        int64_t H, int64_t Hkv, int64_t n, int64_t Dh, int64_t sb, int64_t sh, int64_t ss, int kvdt,
+                        int threads) {
+    AttnArgs a{Q, K, V, mask, O, Hkv, H / Hkv, n, Dh, sb, sh, ss, kvdt};
+    pool_run(attn_chunk, &a, B * Hkv, B * Hkv * n * Dh < 16 * 1024 ? 1 : threads);
 }
 
 }  // extern "C"
