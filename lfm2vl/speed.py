@@ -50,13 +50,17 @@ class FastShortConv(ShortConv):
         return self.out_proj((Cg * y).transpose(1, 2))
 
 
+def _native_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and k.dtype in (torch.float32, torch.bfloat16) and kernels.available()
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """One query per row: q (B, H, 1, Dh), k/v (B, Hkv, n, Dh), mask (B, 1, 1, n) bool or None -> (B, H, 1, Dh).
 
     Natively when the kernels are there: torch's flash-attention kernel for a single query costs ~1 ms per layer
     at 450M shapes (an OpenMP region that stalls beside the GEMV pool's threads) for ~0.05 ms of math.
     """
-    if q.device.type == "cpu" and k.dtype in (torch.float32, torch.bfloat16) and kernels.available():
+    if _native_attention(q, k):
         return kernels.attn_decode(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
@@ -70,6 +74,12 @@ class FastAttention(Attention):
         k = self.k_layernorm(self.k_proj(x).view(B, T, self.Hkv, self.Dh)).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None and T == 1 and _native_attention(q, cache.cache.k[layer_idx]):
+            kc, vc = cache.kv_write(layer_idx, k, v)  # every cache row: the kernel reads rows in place, no gather
+            n = int(cache.start_pos.max()) + 1
+            mask = None if B == 1 else mask[..., :n]
+            o = kernels.attn_decode(q, kc[:, :, :n], vc[:, :, :n], mask, cache.rows)
+            return self.out_proj(o.transpose(1, 2).reshape(B, T, self.H * self.Dh))
         if cache is not None:
             k, v = cache.kv_update(layer_idx, k, v)  # (B, Hkv, S, Dh)
             if T == 1:

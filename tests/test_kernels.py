@@ -111,6 +111,15 @@ def test_attn_decode_matches_sdpa(dtype, B):
         torch.testing.assert_close(out.float(), ref, **({} if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)))
     with pytest.raises(ValueError, match="attn_decode"):
         kernels.attn_decode(q, k, v.contiguous(), mask)
+    # rows: query row b reads cache row rows[b] in place (a 5-row cache, rows in any order)
+    big_k, big_v = (torch.randn(5, Hkv, S, Dh, generator=g).to(dtype) for _ in range(2))
+    rows = torch.tensor([4, 0, 2])[:B]
+    ref = F.scaled_dot_product_attention(q.float(), big_k[rows, :, :n].float(), big_v[rows, :, :n].float(),
+                                         attn_mask=mask, enable_gqa=True)
+    out = kernels.attn_decode(q, big_k[:, :, :n], big_v[:, :, :n], mask, rows)
+    torch.testing.assert_close(out.float(), ref, **({} if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)))
+    with pytest.raises(ValueError, match="rows"):
+        kernels.attn_decode(q, big_k[:, :, :n], big_v[:, :, :n], mask, rows + 5)
 
 
 @needs_kernels

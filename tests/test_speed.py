@@ -1,5 +1,6 @@
 """lfm2vl.speed.optimize_for_cpu keeps the model's results: cached prefill + decode logits of an optimized copy equal
-the plain model's (fp32 tightly, bf16 within bf16 rounding), for one row and for two rows of different lengths,
+the plain model's (fp32 tightly, bf16 within bf16 rounding), for one row and for two rows of different lengths
+(all cache rows, or a subset decoding in place),
 with and without the native kernels; int8 stays close to the float model."""
 import copy
 import json
@@ -30,21 +31,24 @@ def tiny_model(dtype=torch.float32, seed=0) -> Lfm2VlModel:
     return model.to(dtype).eval()
 
 
-def run_cached(model, prompts: list[list[int]], steps: int) -> torch.Tensor:
-    """Prefill each row alone into its slot, then `steps` batched greedy decode steps; returns all logits."""
+def run_cached(model, prompts: list[list[int]], steps: int, slots: list[int] | None = None) -> torch.Tensor:
+    """Prefill each row alone into its slot, then `steps` batched greedy decode steps; returns all logits.
+    slots: the cache rows the prompts use (decode passes them as `rows`); default 0..B-1 and rows=None."""
     B = len(prompts)
-    cache = model.make_cache(B, 64, dtype=model.model.language_model.embed_tokens.weight.dtype)
+    sel = None if slots is None else torch.tensor(slots)
+    slots = slots or list(range(B))
+    cache = model.make_cache(max(slots) + 1, 64, dtype=model.model.language_model.embed_tokens.weight.dtype)
     out, last = [], []
     with torch.inference_mode():
         for r, ids in enumerate(prompts):
             lg = model.forward_cached(model.embed(torch.tensor([ids])), cache, torch.tensor([0]),
-                                      rows=torch.tensor([r]))
+                                      rows=torch.tensor([slots[r]]))
             out.append(lg.float())
             last.append(lg.argmax(-1))
         pos = torch.tensor([len(p) for p in prompts])
         tok = torch.cat(last)[:, None]
         for _ in range(steps):
-            lg = model.forward_cached(model.embed(tok), cache, pos)
+            lg = model.forward_cached(model.embed(tok), cache, pos, rows=sel)
             out.append(lg.float())
             tok, pos = lg.argmax(-1)[:, None], pos + 1
     return torch.cat([o.reshape(-1, o.shape[-1]) for o in out])
@@ -65,8 +69,8 @@ def test_optimized_model_matches_plain_model(dtype):
     assert isinstance(lm.layers[0].conv, FastShortConv) and isinstance(lm.layers[1].self_attn, FastAttention)
     assert set(fast.state_dict()) == set(plain.state_dict())
     prompts = [[1, 6, 20, 30, 40, 7, 6, 50, 60], [1, 6, 99, 98, 97, 96, 95, 94, 93, 92, 91, 90, 89, 7, 6]]
-    for rows in ([prompts[0]], prompts):
-        ref, got = run_cached(plain, rows, 6), run_cached(fast, rows, 6)
+    for rows, slots in (([prompts[0]], None), (prompts, None), ([prompts[0]], [1]), (prompts, [2, 0])):
+        ref, got = run_cached(plain, rows, 6, slots), run_cached(fast, rows, 6, slots)
         if dtype == torch.float32:
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         else:  # bf16: different summation order, one bf16 rounding apart per op

@@ -84,7 +84,7 @@ def _load():
     p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.lfm2vl_linear.argtypes = [i, p, p, p, p, p, i64, i64, i64, i, i, i]
     lib.lfm2vl_linear.restype = None
-    lib.lfm2vl_attn_decode.argtypes = [p, p, p, p, p] + [i64] * 8 + [i, i]
+    lib.lfm2vl_attn_decode.argtypes = [p, p, p, p, p, p] + [i64] * 8 + [i, i]
     lib.lfm2vl_attn_decode.restype = None
     lib.lfm2vl_isa.restype = ctypes.c_int
     lib.lfm2vl_cpu_isa.restype = ctypes.c_int
@@ -147,11 +147,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y
 
 
-def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(Dh)) v for one query per row, fp32 math, on the pool's threads (no OpenMP region).
 
     q (B, H, 1, Dh); k, v (B, Hkv, n, Dh) fp32/bf16 views with contiguous last dim and equal strides (e.g. a
     slice of the static cache); mask (B, 1, 1, n) bool or None. Query head h reads kv head h // (H // Hkv).
+    rows (B,) long: query row b reads k[rows[b]] (no gathered copy of the cache); None: row b.
     Returns (B, H, 1, Dh) in q's dtype. The caller checks `available()` first.
     """
     B, H, _, Dh = q.shape
@@ -160,8 +162,14 @@ def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
         raise ValueError(f"attn_decode: unsupported k/v layout {tuple(k.shape)} {k.stride()} {k.dtype}")
     qf = (q.float() * Dh ** -0.5).contiguous()
     m = None if mask is None else mask.reshape(B, n).to(torch.uint8).contiguous()
+    if rows is not None:
+        if rows.shape != (B,) or int(rows.min()) < 0 or int(rows.max()) >= k.shape[0]:
+            raise ValueError(f"attn_decode: rows {rows.tolist()} must be {B} indices below {k.shape[0]}")
+        rows = rows.to(torch.int64).contiguous()
+    elif k.shape[0] != B:
+        raise ValueError(f"attn_decode: k has {k.shape[0]} rows for {B} queries and no rows given")
     o = torch.empty(B, H, 1, Dh)
     _lib.lfm2vl_attn_decode(qf.data_ptr(), k.data_ptr(), v.data_ptr(), None if m is None else m.data_ptr(),
-                            o.data_ptr(), B, H, Hkv, n, Dh, k.stride(0), k.stride(1), k.stride(2), _DT[k.dtype],
+                            None if rows is None else rows.data_ptr(), o.data_ptr(), B, H, Hkv, n, Dh, k.stride(0), k.stride(1), k.stride(2), _DT[k.dtype],
                             torch.get_num_threads())
     return o.to(q.dtype)

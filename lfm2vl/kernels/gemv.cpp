@@ -299,6 +299,7 @@ struct AttnArgs {
     const void* K;      // element (b, h, s, d) at b*sb + h*sh + s*ss + d; kvdt 0 fp32, 1 bf16
     const void* V;
     const uint8_t* mask;  // (B, n) 0/1 or NULL
+    const int64_t* rows;  // (B,) cache row of each query row, or NULL (row b)
     float* O;           // (B, H, Dh) fp32
     int64_t Hkv, G, n, Dh, sb, sh, ss;
     int kvdt;
@@ -313,7 +314,7 @@ static void attn_chunk(const void* ctx, int64_t chunk) {
     const int64_t b = chunk / a.Hkv, h = chunk % a.Hkv, G = a.G, n = a.n, Dh = a.Dh;
     const float* q = a.Q + (b * a.Hkv + h) * G * Dh;  // G consecutive query heads
     float* o = a.O + (b * a.Hkv + h) * G * Dh;
-    const int64_t base = b * a.sb + h * a.sh;
+    const int64_t base = (a.rows ? a.rows[b] : b) * a.sb + h * a.sh;
     const uint8_t* m = a.mask ? a.mask + b * n : NULL;
     float* sc = (float*)malloc(sizeof(float) * (G * n + Dh));
     float* row = sc + G * n;
@@ -370,11 +371,13 @@ void lfm2vl_linear(int kind, const void* W, const float* S, const void* X, void*
     free(owned);
 }
 
-// Q (B, H, Dh) fp32 pre-scaled; K/V strided (see AttnArgs); mask (B, n) uint8 or NULL; O (B, H, Dh) fp32.
-void lfm2vl_attn_decode(const float* Q, const void* K, const void* V, const uint8_t* mask, float* O, int64_t B,
+// Q (B, H, Dh) fp32 pre-scaled; K/V strided (see AttnArgs); mask (B, n) uint8 or NULL; rows (B,) or NULL;
+// O (B, H, Dh) fp32.
+void lfm2vl_attn_decode(const float* Q, const void* K, const void* V, const uint8_t* mask, const int64_t* rows,
+                        float* O, int64_t B,
                         int64_t H, int64_t Hkv, int64_t n, int64_t Dh, int64_t sb, int64_t sh, int64_t ss, int kvdt,
                         int threads) {
-    AttnArgs a{Q, K, V, mask, O, Hkv, H / Hkv, n, Dh, sb, sh, ss, kvdt};
+    AttnArgs a{Q, K, V, mask, rows, O, Hkv, H / Hkv, n, Dh, sb, sh, ss, kvdt};
     pool_run(attn_chunk, &a, B * Hkv, B * Hkv * n * Dh < 16 * 1024 ? 1 : threads);
 }
 

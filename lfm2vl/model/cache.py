@@ -63,13 +63,18 @@ class CacheView:
         self.mask = (keys[None, None, :] <= self.positions[:, :, None])[:, None]  # (b, 1, T, S)
         self._fresh = (start_pos > 0)[:, None, None]  # rows starting at 0 begin with an empty conv state
 
-    def kv_update(self, i: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (b, Hkv, T, Dh) at their positions; return the keys/values to attend over (b, Hkv, S, Dh)."""
+    def kv_write(self, i: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (b, Hkv, T, Dh) at their positions; return layer i's whole K/V buffers (all cache rows)."""
         kc, vc = self.cache.k[i], self.cache.v[i]
         r = torch.arange(kc.shape[0], device=kc.device) if self.rows is None else self.rows
         idx = (r[:, None], slice(None), self.positions)  # advanced dims first: target (b, T, Hkv, Dh)
         kc[idx] = k.transpose(1, 2).to(kc.dtype)
         vc[idx] = v.transpose(1, 2).to(vc.dtype)
+        return kc, vc
+
+    def kv_update(self, i: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (b, Hkv, T, Dh) at their positions; return the keys/values to attend over (b, Hkv, S, Dh)."""
+        kc, vc = self.kv_write(i, k, v)
         if self.T > 1:
             kc, vc = kc[:, :, :self.kv_len], vc[:, :, :self.kv_len]
         if self.rows is not None:
