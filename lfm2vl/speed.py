@@ -104,8 +104,8 @@ def _swap_class(root: nn.Module, base: type, fast: type) -> int:
 def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool = False) -> nn.Module:
     """Make a loaded Lfm2VlModel decode fast on CPU, in place; returns it. Call once after loading.
 
-    int8=True: weight-only int8 for the language model's linears (and the output head if quantize_head); pass the
-    cache dtype explicitly to make_cache then (a quantized head no longer carries the activation dtype).
+    int8=True: weight-only int8 for the language model's linears (and the output head if quantize_head; the
+    embedding stays float, so make_cache still picks the activation dtype by default).
     """
     try:
         dev = next(model.parameters()).device

@@ -86,6 +86,8 @@ def test_optimized_model_matches_plain_model(dtype):
 def test_int8_model_stays_close_to_float():
     plain = tiny_model(torch.bfloat16, seed=3)
     q = optimize_for_cpu(copy.deepcopy(plain), int8=True, quantize_head=True)
+    cache = q.make_cache(1, 8)  # default dtype: the activations' (bf16), not the int8 head's
+    assert cache.k[1].dtype == torch.bfloat16 and cache.conv[0].dtype == torch.bfloat16
     prompts = [[1, 6, 20, 30, 40, 7, 6, 50, 60, 70, 80]]
     ref, got = run_cached(plain, prompts, 4), run_cached(q, prompts, 4)
     cos = F.cosine_similarity(got, ref, dim=-1)

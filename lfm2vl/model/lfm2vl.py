@@ -90,7 +90,7 @@ class Lfm2VlModel(nn.Module):
 
     # ---- cached path --------------------------------------------------------------------------------------------
     def make_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> HybridCache:
-        w = self.lm_head.weight
+        w = self.model.language_model.embed_tokens.weight  # the activation dtype (an int8 head is not)
         return HybridCache(self.config.text_config, batch_size, max_seq_len,
                            dtype=dtype or w.dtype, device=device or w.device)
 
