@@ -18,7 +18,6 @@ from torch import nn
 
 from . import kernels
 from .model.text import Attention, ShortConv
-from .model.rope import apply_rope
 from .quant import quantize_int8, use_fast_linears
 
 
@@ -70,10 +69,7 @@ class FastAttention(Attention):
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer_idx: int = 0):
         B, T, _ = x.shape
-        q = self.q_layernorm(self.q_proj(x).view(B, T, self.H, self.Dh)).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.k_layernorm(self.k_proj(x).view(B, T, self.Hkv, self.Dh)).transpose(1, 2)  # (B, Hkv, T, Dh)
-        v = self.v_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.qkv(x, cos, sin)
         if cache is not None and T == 1 and _native_attention(q, cache.cache.k[layer_idx]):
             kc, vc = cache.kv_write(layer_idx, k, v)  # every cache row: the kernel reads rows in place, no gather
             n = int(cache.start_pos.max()) + 1

@@ -68,13 +68,18 @@ class Attention(nn.Module):
         self.q_layernorm = RMSNorm(Dh, cfg.norm_eps)
         self.k_layernorm = RMSNorm(Dh, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, layer_idx: int = 0):
-        """x (B, T, D); cos/sin (B, 1, T, Dh); mask (B, 1, T, S) bool or None (plain causal)."""
+    def qkv(self, x, cos, sin):
+        """Projections, per-head q/k RMSNorm, then RoPE: (B, H, T, Dh), (B, Hkv, T, Dh), (B, Hkv, T, Dh)."""
         B, T, _ = x.shape
         q = self.q_layernorm(self.q_proj(x).view(B, T, self.H, self.Dh)).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_layernorm(self.k_proj(x).view(B, T, self.Hkv, self.Dh)).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(B, T, self.Hkv, self.Dh).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer_idx: int = 0):
+        """x (B, T, D); cos/sin (B, 1, T, Dh); mask (B, 1, T, S) bool or None (plain causal)."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
         if cache is not None:
             k, v = cache.kv_update(layer_idx, k, v)  # (B, Hkv, S, Dh) incl. the past
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
