@@ -69,3 +69,11 @@ def sse_events(lines) -> list:
 def post_raw(url: str, content: bytes, headers: dict | None = None) -> httpx.Response:
     return httpx.post(url + "/v1/chat/completions", content=content,
                       headers={"Content-Type": "application/json", **(headers or {})}, timeout=30)
+
+
+def openai_error(r: httpx.Response, status: int) -> dict:
+    """Assert an error response has `status` and exactly OpenAI's error shape, with no traceback; return it."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and "Traceback" not in r.text
+    return err

@@ -24,6 +24,7 @@ import pytest
 import lfm2vl
 from checkpoints import cached_checkpoint
 from server_util import image_data_url, image_part, post_raw, sse_events
+from server_util import openai_error as _error
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-lfm2vl-test"
@@ -217,13 +218,6 @@ def test_client_disconnect_frees_row(server):
 
 
 # ---- errors: one test each ------------------------------------------------------------------------------------
-
-def _error(r: httpx.Response, status: int) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and "Traceback" not in r.text
-    return err
-
 
 def _post(server, body, key=KEY):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()

@@ -15,6 +15,7 @@ from lfm2vl.serve.media import MediaPolicy
 from lfm2vl.serve.scheduler import Scheduler
 from server_fake import FakeBatchGenerator, FakeEngine
 from server_util import ThreadServer, image_data_url, image_part, post_raw, sse_events
+from server_util import openai_error as _error
 
 KEY = "sk-test-key"
 MODEL = "fake-vl"
@@ -156,13 +157,6 @@ def test_disconnect_non_streaming_cancels(served):
 
 
 # ---- errors: one test each, OpenAI's shape and status ---------------------------------------------------------
-
-def _error(r: httpx.Response, status: int) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and "Traceback" not in r.text
-    return err
-
 
 def _post(served, body, key=KEY, **kw):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
