@@ -5,6 +5,9 @@ Module swaps that keep parameters, state_dict keys and results (within float rou
   decode-size inputs), or `quant.Int8Linear` with int8=True (weight-only int8, opt-in);
 - `ShortConv` -> `FastShortConv`: the depthwise causal conv as K shifted multiply-adds in fp32. torch's bf16
   `F.conv1d` for groups=D goes through oneDNN and costs ~50 ms per call on this CPU (a decode step has 10);
+- the decode step (T == 1) of the whole language model -> one native call (`kernels/decode.py`): the model becomes a
+  `FastLfm2VlModel` whose `forward_cached` takes that path while the modules still hold the tensors it was built
+  from, and the torch path otherwise (prefill, training, LoRA-wrapped or swapped layers);
 - `Attention` -> `FastAttention`: a decode step attends over the filled prefix of the static cache only
   (one host read of the lengths, free on CPU), not all max_seq_len slots behind a mask, with the native
   one-query kernel `kernels.attn_decode` (fp32 math on the GEMV pool's threads) instead of torch's SDPA.
@@ -17,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .kernels.decode import NativeDecoder
+from .model.lfm2vl import Lfm2VlModel
 from .model.text import Attention, ShortConv
 from .quant import quantize_int8, use_fast_linears
 
@@ -88,6 +93,19 @@ class FastAttention(Attention):
         return self.out_proj(o.transpose(1, 2).reshape(B, T, self.H * self.Dh))
 
 
+class FastLfm2VlModel(Lfm2VlModel):
+    """Lfm2VlModel whose single-token cached steps run natively (`native_decoder`, set by optimize_for_cpu)."""
+
+    native_decoder: NativeDecoder | None = None
+
+    def forward_cached(self, inputs_embeds, cache, start_pos, rows=None, last_only=True):
+        dec = self.native_decoder
+        if dec is not None and not torch.is_grad_enabled() and dec.supports(inputs_embeds, cache):
+            logits = dec(inputs_embeds, cache, start_pos, rows)
+            return logits if last_only else logits[:, None]
+        return super().forward_cached(inputs_embeds, cache, start_pos, rows, last_only)
+
+
 def _swap_class(root: nn.Module, base: type, fast: type) -> int:
     n = 0
     for m in root.modules():
@@ -115,4 +133,7 @@ def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool =
     if int8:
         quantize_int8(model, quantize_head=quantize_head)
     use_fast_linears(model)
+    if type(model) in (Lfm2VlModel, FastLfm2VlModel):
+        model.__class__ = FastLfm2VlModel
+        model.native_decoder = NativeDecoder.build(model)
     return model

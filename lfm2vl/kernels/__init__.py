@@ -1,6 +1,7 @@
 """Native CPU kernels for the decode step: multithreaded GEMV / small-M GEMM over bf16, fp32 and int8 weights.
 
-- `gemv.cpp` (+ `pool.h`) is compiled once per machine with the system `g++ -O3 -march=native` (no ninja, no
+- `gemv.cpp` (+ `pool.h`, `gemv.h`) and `decode.cpp` (the fused decode step, driven by `kernels/decode.py`) are
+  compiled once per machine with the system `g++ -O3 -march=native` (no ninja, no
   Python headers: a plain shared library called through ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/.
 - Threads: the caller plus `torch.get_num_threads() - 1` helpers of pool.h's own work-sharing pool (chunks from
   an atomic counter, so a helper descheduled by another process never stalls a product).
@@ -22,7 +23,8 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("gemv.cpp")
-_HEADERS = [Path(__file__).with_name("pool.h")]
+_SOURCES = [_SRC, Path(__file__).with_name("decode.cpp")]
+_HEADERS = [Path(__file__).with_name("pool.h"), Path(__file__).with_name("gemv.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17"]
 _KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2}
 _DT = {torch.float32: 0, torch.bfloat16: 1}
@@ -50,7 +52,7 @@ def _build() -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) on PATH")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(_SRC.read_bytes() + b"".join(h.read_bytes() for h in _HEADERS) + " ".join(_FLAGS).encode() + version.encode()
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in _SOURCES + _HEADERS) + " ".join(_FLAGS).encode() + version.encode()
                          + _cpu_id().encode()).hexdigest()[:16]
     out = _cache_dir() / key / "libgemv.so"
     if out.exists():
@@ -59,10 +61,10 @@ def _build() -> Path:
     # build into a temporary name, then rename: concurrent first uses never load a half-written library
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    proc = subprocess.run([cxx, *_FLAGS, str(_SRC), "-o", tmp], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([cxx, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         os.unlink(tmp)
-        raise RuntimeError(f"compiling {_SRC.name} failed:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"compiling {' '.join(f.name for f in _SOURCES)} failed:\n{proc.stderr[-2000:]}")
     os.replace(tmp, out)
     return out
 
@@ -86,6 +88,8 @@ def _load():
     lib.lfm2vl_linear.restype = None
     lib.lfm2vl_attn_decode.argtypes = [p, p, p, p, p, p] + [i64] * 8 + [i, i]
     lib.lfm2vl_attn_decode.restype = None
+    lib.lfm2vl_decode_step.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i]
+    lib.lfm2vl_decode_step.restype = None
     lib.lfm2vl_isa.restype = ctypes.c_int
     lib.lfm2vl_cpu_isa.restype = ctypes.c_int
     lib.lfm2vl_set_isa.argtypes = [ctypes.c_int]

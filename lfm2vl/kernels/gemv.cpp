@@ -14,6 +14,7 @@
 // Each ISA path lives in a function with a target attribute, so the file compiles on any x86-64 gcc.
 #include <immintrin.h>
 #include "pool.h"
+#include "gemv.h"
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
@@ -24,21 +25,6 @@
 #define T_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 static int g_isa_cap = 3;
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // quiet NaN
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even, as torch's .to(bfloat16)
-    return (uint16_t)(u >> 16);
-}
 
 static inline void store_out(void* y, int ydt, int64_t idx, float v) {
     if (ydt == 1) ((uint16_t*)y)[idx] = f32_to_bf16(v);
@@ -259,18 +245,6 @@ static float* x_as_f32(const void* X, int xdt, int64_t MK, float** owned) {
     return buf;
 }
 
-struct LinearArgs {
-    int kind, isa, ydt;
-    bool dp;
-    const void* W;
-    const float* S;
-    const void* X;
-    const float* Xf;
-    void* Y;
-    const float* bias;
-    int64_t M, N, K, rows_per_chunk;
-};
-
 static void linear_chunk(const void* ctx, int64_t chunk) {
     const LinearArgs& a = *(const LinearArgs*)ctx;
     int64_t n0 = chunk * a.rows_per_chunk;
@@ -292,6 +266,44 @@ static void linear_chunk(const void* ctx, int64_t chunk) {
     }
 }
 
+static int64_t weight_bytes(int kind) { return kind == 1 ? 4 : kind == 0 ? 2 : 1; }
+
+// Fill the dispatch fields of one product. Xf must be x as fp32 unless the bf16 dot-product path is taken.
+void linear_setup(LinearArgs& a, int kind, const void* W, const float* S, const void* X, const float* Xf,
+                         int xdt, void* Y, int ydt, const float* bias, int64_t M, int64_t N, int64_t K) {
+    a.kind = kind; a.isa = active_isa(); a.ydt = ydt;
+    a.dp = (kind == 0 && xdt == 1 && a.isa >= 3);
+    a.W = W; a.S = S; a.X = X; a.Xf = Xf; a.Y = Y; a.bias = bias; a.M = M; a.N = N; a.K = K;
+    // chunks of ~64 KiB of weights (whole 4-row tiles): small enough that a descheduled helper holds up little
+    int64_t row_bytes = K * weight_bytes(kind) * (M > 1 ? 2 : 1);
+    int64_t rows = ((int64_t)64 * 1024 / (row_bytes > 0 ? row_bytes : 1)) & ~(int64_t)3;
+    a.rows_per_chunk = rows < 4 ? 4 : rows;
+    a.chunks = (N + a.rows_per_chunk - 1) / a.rows_per_chunk;
+}
+
+// Several independent products (e.g. q, k and v of one token) as ONE pool job: one wake-up and one join for all.
+struct MultiArgs {
+    const LinearArgs* lin;
+    int n;
+};
+
+static void multi_chunk(const void* ctx, int64_t chunk) {
+    const MultiArgs& m = *(const MultiArgs*)ctx;
+    int i = 0;
+    while (chunk >= m.lin[i].chunks) chunk -= m.lin[i++].chunks;
+    linear_chunk(&m.lin[i], chunk);
+}
+
+void linear_many(const LinearArgs* lin, int n, int threads) {
+    MultiArgs m{lin, n};
+    int64_t chunks = 0, bytes = 0;
+    for (int i = 0; i < n; i++) {
+        chunks += lin[i].chunks;
+        bytes += lin[i].N * lin[i].K * weight_bytes(lin[i].kind);
+    }
+    pool_run(multi_chunk, &m, chunks, bytes < 64 * 1024 ? 1 : threads);
+}
+
 // ---- decode attention: one query per row over a (strided) K/V cache, fp32 math ---------------------------------
 // Chunk = one (row, kv head): its G = H / Hkv query heads share every key/value row read.
 struct AttnArgs {
@@ -303,6 +315,7 @@ struct AttnArgs {
     float* O;           // (B, H, Dh) fp32
     int64_t Hkv, G, n, Dh, sb, sh, ss;
     int kvdt;
+    const int64_t* lens;  // (B,) keys 0..lens[b]-1 of row b (instead of n and the mask), or NULL
 };
 
 static inline void kv_row(float* dst, const void* p, int dt, int64_t off, int64_t Dh) {
@@ -327,11 +340,12 @@ static inline float dot8(const float* a, const float* b, int64_t n) {
 
 static void attn_chunk(const void* ctx, int64_t chunk) {
     const AttnArgs& a = *(const AttnArgs*)ctx;
-    const int64_t b = chunk / a.Hkv, h = chunk % a.Hkv, G = a.G, n = a.n, Dh = a.Dh;
+    const int64_t b = chunk / a.Hkv, h = chunk % a.Hkv, G = a.G, Dh = a.Dh;
+    const int64_t n = a.lens ? a.lens[b] : a.n;
     const float* q = a.Q + (b * a.Hkv + h) * G * Dh;  // G consecutive query heads
     float* o = a.O + (b * a.Hkv + h) * G * Dh;
     const int64_t base = (a.rows ? a.rows[b] : b) * a.sb + h * a.sh;
-    const uint8_t* m = a.mask ? a.mask + b * n : NULL;
+    const uint8_t* m = a.mask ? a.mask + b * a.n : NULL;
     float* sc = (float*)malloc(sizeof(float) * (G * n + Dh));
     float* row = sc + G * n;
     for (int64_t s = 0; s < n; s++) {
@@ -358,6 +372,13 @@ static void attn_chunk(const void* ctx, int64_t chunk) {
     free(sc);
 }
 
+void attn_decode_run(const float* Q, const void* K, const void* V, const uint8_t* mask, const int64_t* rows,
+                     const int64_t* lens, float* O, int64_t B, int64_t H, int64_t Hkv, int64_t n, int64_t Dh,
+                     int64_t sb, int64_t sh, int64_t ss, int kvdt, int threads) {
+    AttnArgs a{Q, K, V, mask, rows, O, Hkv, H / Hkv, n, Dh, sb, sh, ss, kvdt, lens};
+    pool_run(attn_chunk, &a, B * Hkv, B * Hkv * n * Dh < 16 * 1024 ? 1 : threads);
+}
+
 extern "C" {
 
 int lfm2vl_isa(void) { return active_isa(); }
@@ -369,17 +390,11 @@ void lfm2vl_set_isa(int cap) { g_isa_cap = cap; }
 void lfm2vl_linear(int kind, const void* W, const float* S, const void* X, void* Y, const float* bias, int64_t M,
                    int64_t N, int64_t K, int xdt, int ydt, int threads) {
     LinearArgs a;
-    a.kind = kind; a.isa = active_isa(); a.ydt = ydt;
-    a.dp = (kind == 0 && xdt == 1 && a.isa >= 3);
     float* owned = NULL;
-    a.W = W; a.S = S; a.X = X; a.Y = Y; a.bias = bias; a.M = M; a.N = N; a.K = K;
-    a.Xf = a.dp ? NULL : x_as_f32(X, xdt, M * K, &owned);
-    // chunks of ~64 KiB of weights (whole 4-row tiles): small enough that a descheduled helper holds up little
-    int64_t row_bytes = K * (kind == 1 ? 4 : kind == 0 ? 2 : 1) * (M > 1 ? 2 : 1);
-    int64_t rows = ((int64_t)64 * 1024 / (row_bytes > 0 ? row_bytes : 1)) & ~(int64_t)3;
-    a.rows_per_chunk = rows < 4 ? 4 : rows;
-    int64_t chunks = (N + a.rows_per_chunk - 1) / a.rows_per_chunk;
-    pool_run(linear_chunk, &a, chunks, N * K * (kind == 1 ? 4 : kind == 0 ? 2 : 1) < 64 * 1024 ? 1 : threads);
+    bool dp = (kind == 0 && xdt == 1 && active_isa() >= 3);
+    const float* Xf = dp ? NULL : x_as_f32(X, xdt, M * K, &owned);
+    linear_setup(a, kind, W, S, X, Xf, xdt, Y, ydt, bias, M, N, K);
+    linear_many(&a, 1, threads);
     free(owned);
 }
 
@@ -389,8 +404,7 @@ void lfm2vl_attn_decode(const float* Q, const void* K, const void* V, const uint
                         float* O, int64_t B,
                         int64_t H, int64_t Hkv, int64_t n, int64_t Dh, int64_t sb, int64_t sh, int64_t ss, int kvdt,
                         int threads) {
-    AttnArgs a{Q, K, V, mask, rows, O, Hkv, H / Hkv, n, Dh, sb, sh, ss, kvdt};
-    pool_run(attn_chunk, &a, B * Hkv, B * Hkv * n * Dh < 16 * 1024 ? 1 : threads);
+    attn_decode_run(Q, K, V, mask, rows, NULL, O, B, H, Hkv, n, Dh, sb, sh, ss, kvdt, threads);
 }
 
 }  // extern "C"

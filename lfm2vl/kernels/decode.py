@@ -1,0 +1,185 @@
+"""The fused native decode step (`decode.cpp`): ctypes descriptors of a loaded language model, and the call.
+
+`NativeDecoder.build(model)` returns a decoder for a CPU Lfm2VlModel whose language-model linears are nn.Linear /
+FastLinear / Int8Linear and whose floats share one dtype (fp32 or bf16), or None when anything else is found
+(LoRA-wrapped layers, mixed dtypes, no kernels): callers then keep the torch path.
+`decoder(embeds, cache, start_pos, rows)` runs one T=1 step for every row and returns (b, V) logits, like
+`Lfm2VlModel.forward_cached(..., last_only=True)`. It writes the new K/V and conv state into the cache.
+
+The descriptors hold raw pointers into the model's tensors: the decoder keeps references to those tensors (so the
+memory stays valid) and `matches(model)` re-checks, per call, that the modules still hold the same tensors.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from . import _load, available
+from ..model.rope import rope_cos_sin
+
+_ACT = {torch.float32: 0, torch.bfloat16: 1}
+_KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2}
+_MAX_CONV_K, _MAX_HEAD_DIM = 16, 512  # decode.cpp's stack buffers
+
+
+class DLin(ctypes.Structure):
+    _fields_ = [("W", ctypes.c_void_p), ("S", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("N", ctypes.c_int64),
+                ("K", ctypes.c_int64), ("kind", ctypes.c_int64)]
+
+
+class DLayer(ctypes.Structure):
+    _fields_ = [("is_attn", ctypes.c_int64), ("op_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
+                ("mix", DLin * 4), ("ff", DLin * 3), ("conv_w", ctypes.c_void_p), ("conv_b", ctypes.c_void_p),
+                ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p)]
+
+
+class DModel(ctypes.Structure):
+    _fields_ = [("D", ctypes.c_int64), ("H", ctypes.c_int64), ("Hkv", ctypes.c_int64), ("Dh", ctypes.c_int64),
+                ("Kc", ctypes.c_int64), ("n_layers", ctypes.c_int64), ("act_dt", ctypes.c_int64),
+                ("eps", ctypes.c_double), ("final_norm", ctypes.c_void_p), ("head", DLin),
+                ("layers", ctypes.POINTER(DLayer))]
+
+
+class _Unsupported(Exception):
+    pass
+
+
+class NativeDecoder:
+    def __init__(self):
+        self._keep: list[torch.Tensor] = []  # every tensor a descriptor points into
+        self._checks: list[tuple[nn.Module, str, torch.Tensor]] = []  # (module, attribute, tensor it must hold)
+        self._cache_ptrs: dict[int, tuple] = {}
+
+    # ---- building ---------------------------------------------------------------------------------------------
+    def _ptr(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> int:
+        if t.device.type != "cpu" or (dtype is not None and t.dtype != dtype) or not t.is_contiguous():
+            raise _Unsupported(f"tensor {tuple(t.shape)} {t.dtype} on {t.device}")
+        self._keep.append(t)
+        return t.data_ptr()
+
+    def _tensor(self, module: nn.Module, attr: str, dtype: torch.dtype) -> int:
+        t = getattr(module, attr)
+        self._checks.append((module, attr, t))
+        return self._ptr(t.detach(), dtype)
+
+    def _sub(self, parent: nn.Module, name: str) -> nn.Module:
+        """parent.name, remembered: a later swap of that module (LoRA, quantization) disables the decoder."""
+        child = getattr(parent, name)
+        self._checks.append((parent, name, child))
+        return child
+
+    def _lin(self, parent: nn.Module, name: str) -> DLin:
+        from ..quant import FastLinear, Int8Linear  # quant imports kernels: import here, not at module load
+
+        lin = self._sub(parent, name)
+        if type(lin) not in (nn.Linear, FastLinear, Int8Linear):
+            raise _Unsupported(f"{type(lin).__name__} layer")
+        w = lin.weight
+        if w.dtype not in _KIND or w.dim() != 2:
+            raise _Unsupported(f"weight dtype {w.dtype}")
+        scale = None
+        if type(lin) is Int8Linear:
+            scale = self._tensor(lin, "scale", torch.float32)
+        bias = None
+        if lin.bias is not None:
+            self._checks.append((lin, "bias", lin.bias))
+            bias = self._ptr(lin.bias.detach().float().contiguous(), torch.float32)  # the kernel adds an fp32 bias
+        N, K = w.shape
+        return DLin(self._tensor(lin, "weight", w.dtype), scale, bias, N, K, _KIND[w.dtype])
+
+    @classmethod
+    def build(cls, model: nn.Module) -> "NativeDecoder | None":
+        """A decoder for `model` (an Lfm2VlModel on CPU), or None when its layers or dtypes are not supported."""
+        if not available():
+            return None
+        self = cls()
+        try:
+            self._describe(model)
+        except _Unsupported:
+            return None
+        self._lib = _load()
+        return self
+
+    def _describe(self, model: nn.Module) -> None:
+        lm = model.model.language_model
+        cfg = lm.config
+        act = lm.embed_tokens.weight.dtype
+        if act not in _ACT:
+            raise _Unsupported(f"activation dtype {act}")
+        if cfg.conv_L_cache > _MAX_CONV_K or cfg.head_dim > _MAX_HEAD_DIM or cfg.head_dim % 2:
+            raise _Unsupported("conv kernel or head size")
+        layers = (DLayer * len(lm.layers))()
+        for i in range(len(lm.layers)):
+            layer, d = self._sub(lm.layers, str(i)), layers[i]
+            d.op_norm = self._tensor(self._sub(layer, "operator_norm"), "weight", act)
+            d.ffn_norm = self._tensor(self._sub(layer, "ffn_norm"), "weight", act)
+            ff = self._sub(layer, "feed_forward")
+            for j, name in enumerate(("w1", "w3", "w2")):
+                d.ff[j] = self._lin(ff, name)
+            if layer.is_attention:
+                a = self._sub(layer, "self_attn")
+                d.is_attn = 1
+                for j, name in enumerate(("q_proj", "k_proj", "v_proj", "out_proj")):
+                    d.mix[j] = self._lin(a, name)
+                d.q_norm = self._tensor(self._sub(a, "q_layernorm"), "weight", act)
+                d.k_norm = self._tensor(self._sub(a, "k_layernorm"), "weight", act)
+            else:
+                c = self._sub(layer, "conv")
+                d.mix[0], d.mix[1] = self._lin(c, "in_proj"), self._lin(c, "out_proj")
+                conv = self._sub(c, "conv")
+                self._checks.append((conv, "weight", conv.weight))
+                d.conv_w = self._ptr(conv.weight.detach().reshape(cfg.hidden_size, -1), act)
+                if conv.bias is not None:
+                    d.conv_b = self._tensor(conv, "bias", act)
+        self.layers = layers
+        self.desc = DModel(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                           cfg.conv_L_cache, len(lm.layers), _ACT[act], cfg.norm_eps,
+                           self._tensor(self._sub(lm, "embedding_norm"), "weight", act), self._lin(model, "lm_head"),
+                           layers)
+        self.dtype, self.cfg, self.vocab = act, cfg, model.lm_head.weight.shape[0]
+
+    # ---- calling ----------------------------------------------------------------------------------------------
+    def matches(self) -> bool:
+        """The modules still hold the tensors the descriptors point into (no swap or reassignment since)."""
+        return all(getattr(m, a) is t for m, a, t in self._checks)
+
+    def _cache_array(self, cache):
+        flat = [t.data_ptr() if t is not None else None
+                for k, v, c in zip(cache.k, cache.v, cache.conv) for t in ((c, None) if k is None else (k, v))]
+        if self._cache_ptrs.get("flat") != flat:  # a new cache, or its buffers were replaced
+            self._cache_ptrs = {"flat": flat, "array": (ctypes.c_void_p * len(flat))(*flat)}
+        return self._cache_ptrs["array"]
+
+    def __deepcopy__(self, memo):
+        return None  # raw pointers into the original's tensors: a copied model rebuilds its own (optimize_for_cpu)
+
+    def supports(self, embeds: torch.Tensor, cache) -> bool:
+        return (embeds.dim() == 3 and embeds.shape[1] == 1 and embeds.dtype == self.dtype
+                and embeds.device.type == "cpu" and self.matches()
+                and all(t is None or (t.dtype == self.dtype and t.is_contiguous() and t.device.type == "cpu")
+                        for t in cache.k + cache.v + cache.conv))
+
+    def __call__(self, embeds: torch.Tensor, cache, start_pos: torch.Tensor,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+        B = embeds.shape[0]
+        n_rows = cache.batch_size if rows is None else rows.shape[0]
+        if start_pos.shape != (n_rows,) or B != n_rows:
+            raise ValueError(f"start_pos must have shape ({B},) for {B} rows, got {tuple(start_pos.shape)}")
+        pos = start_pos.to(torch.int64).contiguous()
+        if int(pos.max()) >= cache.max_seq_len or int(pos.min()) < 0:
+            raise ValueError(f"decode position {pos.tolist()} is outside the cache (max_seq_len="
+                             f"{cache.max_seq_len})")
+        if rows is not None:
+            rows = rows.to(torch.int64).contiguous()
+            if int(rows.min()) < 0 or int(rows.max()) >= cache.batch_size:
+                raise ValueError(f"rows {rows.tolist()} must be below the cache's {cache.batch_size} rows")
+        cos, sin = rope_cos_sin(pos[:, None], self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+        cos, sin = cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous()
+        h = embeds.reshape(B, -1).contiguous()
+        logits = torch.empty(B, self.vocab, dtype=self.dtype)
+        self._lib.lfm2vl_decode_step(ctypes.addressof(self.desc), self._cache_array(cache), cache.max_seq_len,
+                                     h.data_ptr(), None if rows is None else rows.data_ptr(), pos.data_ptr(),
+                                     cos.data_ptr(), sin.data_ptr(), logits.data_ptr(), B, torch.get_num_threads())
+        return logits

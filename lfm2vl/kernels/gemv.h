@@ -1,0 +1,46 @@
+// Internal interface between gemv.cpp (products, attention, the thread pool) and decode.cpp (the fused decode step).
+// Only gemv.cpp includes pool.h: a second copy of the pool's statics in another file would be a second pool.
+#pragma once
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even, as torch's .to(bfloat16)
+    return (uint16_t)(u >> 16);
+}
+
+// One product y = x W^T (+ bias): see linear_setup for the fields' meaning.
+struct LinearArgs {
+    int kind, isa, ydt;
+    bool dp;
+    const void* W;
+    const float* S;
+    const void* X;
+    const float* Xf;
+    void* Y;
+    const float* bias;
+    int64_t M, N, K, rows_per_chunk, chunks;
+};
+
+// kind 0 bf16 / 1 fp32 / 2 int8 (+ row scales S) weights; xdt/ydt 0 fp32, 1 bf16. Xf = x as fp32 (may be NULL when
+// kind == 0 and xdt == 1 on an AVX512-BF16 CPU: the dot-product path reads the bf16 x).
+void linear_setup(LinearArgs& a, int kind, const void* W, const float* S, const void* X, const float* Xf, int xdt,
+                  void* Y, int ydt, const float* bias, int64_t M, int64_t N, int64_t K);
+// Run n products as one job on the calling thread plus up to threads-1 pool helpers.
+void linear_many(const LinearArgs* lin, int n, int threads);
+// One query per row: see lfm2vl_attn_decode; lens (B,) or NULL gives row b its own key count.
+void attn_decode_run(const float* Q, const void* K, const void* V, const uint8_t* mask, const int64_t* rows,
+                     const int64_t* lens, float* O, int64_t B, int64_t H, int64_t Hkv, int64_t n, int64_t Dh,
+                     int64_t sb, int64_t sh, int64_t ss, int kvdt, int threads);
+// Active instruction set (see gemv.cpp): 3 AVX512-BF16, 2 AVX512F, 1 AVX2, 0 scalar.
+extern "C" int lfm2vl_isa(void);

@@ -1,0 +1,106 @@
+"""The fused native decode step (kernels/decode.cpp via speed.FastLfm2VlModel) computes what the torch path computes:
+fp32 within float rounding, bf16 and int8 with the same argmax and (near-)identical logits; one row, several rows,
+rows decoding in place in a larger cache, every instruction-set fallback; it steps aside (torch path, same results)
+when a layer is swapped after it was built; bad positions / rows are clear errors."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lfm2vl import kernels
+from lfm2vl.speed import FastLfm2VlModel, optimize_for_cpu
+from test_speed import run_cached, tiny_model
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable on this machine")
+PROMPTS = [[1, 6, 20, 30, 40, 7, 6, 50, 60], [1, 6, 99, 98, 97, 96, 95, 94, 93, 92, 91, 90, 89, 7, 6]]
+CASES = [([PROMPTS[0]], None), (PROMPTS, None), ([PROMPTS[0]], [1]), (PROMPTS, [2, 0])]
+
+
+def _pair(dtype, **kw):
+    fast = optimize_for_cpu(tiny_model(dtype, seed=kw.pop("seed", 0)), **kw)
+    assert isinstance(fast, FastLfm2VlModel) and fast.native_decoder is not None
+    torch_path = copy.deepcopy(fast)  # a deep copy drops the decoder: the same modules on the torch path
+    assert torch_path.native_decoder is None
+    return fast, torch_path
+
+
+def _close(got, ref, dtype):
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    else:  # same kernels and the same bf16 roundings: at most a rare last-bit flip in a norm
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+        assert F.cosine_similarity(got, ref, dim=-1).min() > 0.99999
+        assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_step_equals_torch_path(dtype):
+    fast, torch_path = _pair(dtype)
+    calls = []
+
+    class Counting:  # records the rows of each native call
+        def __init__(self, dec):
+            self.dec = dec
+
+        def supports(self, *a):
+            return self.dec.supports(*a)
+
+        def __call__(self, *a):
+            calls.append(a[0].shape[0])
+            return self.dec(*a)
+
+    fast.native_decoder = Counting(fast.native_decoder)
+    for prompts, slots in CASES:
+        _close(run_cached(fast, prompts, 6, slots), run_cached(torch_path, prompts, 6, slots), dtype)
+    assert calls and set(calls) == {1, 2}  # every decode step of every case took the native path
+
+
+def test_int8_native_step_equals_int8_torch_path():
+    fast, torch_path = _pair(torch.bfloat16, seed=3, int8=True, quantize_head=True)
+    for prompts, slots in CASES:
+        _close(run_cached(fast, prompts, 5, slots), run_cached(torch_path, prompts, 5, slots), torch.bfloat16)
+
+
+@pytest.mark.parametrize("isa", [2, 1, 0])
+def test_instruction_set_fallbacks(isa):
+    fast, torch_path = _pair(torch.float32)
+    try:
+        kernels.set_isa(isa)
+        _close(run_cached(fast, PROMPTS, 4, [2, 0]), run_cached(torch_path, PROMPTS, 4, [2, 0]), torch.float32)
+    finally:
+        kernels.set_isa(3)
+
+
+def test_swapped_layer_falls_back_to_torch():
+    fast, torch_path = _pair(torch.float32)
+
+    class Wrapped(nn.Module):  # e.g. a LoRA wrapper: the decoder cannot see inside it
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 0.5
+
+    for m in (fast, torch_path):
+        ff = m.model.language_model.layers[0].feed_forward
+        ff.w2 = Wrapped(ff.w2)
+    assert not fast.native_decoder.matches()
+    torch.testing.assert_close(run_cached(fast, PROMPTS, 3), run_cached(torch_path, PROMPTS, 3), rtol=0, atol=0)
+    # rebuilding with the wrapper in place: unsupported, so no decoder at all
+    assert optimize_for_cpu(fast).native_decoder is None
+
+
+def test_bad_position_and_rows_are_clear_errors():
+    fast, _ = _pair(torch.float32)
+    cache = fast.make_cache(2, 8)
+    emb = fast.embed(torch.tensor([[5], [6]]))
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="outside the cache"):
+            fast.forward_cached(emb, cache, torch.tensor([3, 8]))
+        with pytest.raises(ValueError, match="rows"):
+            fast.forward_cached(emb, cache, torch.tensor([3, 4]), rows=torch.tensor([0, 5]))
+        with pytest.raises(ValueError, match="start_pos"):
+            fast.forward_cached(emb, cache, torch.tensor([3]))
