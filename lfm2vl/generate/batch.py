@@ -25,7 +25,7 @@ import torch
 from ..processor.tokens import unit_tokens
 from .detok import StreamDetokenizer
 from .request import Event, Request, Result
-from .sampling import Sampler, token_logprobs
+from .sampling import Sampler, greedy_token, one_thread, token_logprobs
 from .stops import StopMatcher
 
 DEFAULT_CAPACITY = 256  # initial cache length per row; grows to fit requests, up to max_position_embeddings
@@ -327,11 +327,12 @@ class BatchGenerator:
             if act.offset == total:
                 act.embeds = None
                 self._snapshot(row, act.slot)
-                tok = act.sampler(logits[0])
-                t = int(tok)
-                act.t_first = time.perf_counter()
-                act.prefill_s += act.t_first - t0
-                self._emit(act, tok, t, logits[0], events)
+                with one_thread():
+                    tok = act.sampler(logits[0])
+                    t = int(tok)
+                    act.t_first = time.perf_counter()
+                    act.prefill_s += act.t_first - t0
+                    self._emit(act, tok, t, logits[0], events)
             else:
                 act.prefill_s += time.perf_counter() - t0
 
@@ -360,10 +361,14 @@ class BatchGenerator:
             self.cache.lengths[rows] += 1
         for a in acts:
             self.rows[a.slot].tokens.append(a.next_id)
+        with one_thread():
+            self._sample(acts, logits, events)
+
+    def _sample(self, acts: list[_Active], logits: torch.Tensor, events: list[Event]) -> None:
         plain = [i for i, a in enumerate(acts) if a.sampler.plain]
         toks = [None] * len(acts)
         if plain:
-            am = logits[plain].argmax(dim=-1)
+            am = greedy_token(logits[plain])
             for j, i in enumerate(plain):
                 toks[i] = am[j]
         for i, a in enumerate(acts):
