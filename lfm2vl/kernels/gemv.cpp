@@ -338,6 +338,45 @@ static inline float dot8(const float* a, const float* b, int64_t n) {
     return t;
 }
 
+// One key or value row as Dh/16 fp32 vectors (bf16 widened exactly).
+T_AVX512 static inline void kv_vecs(__m512* r, const void* p, int dt, int64_t off, int64_t nv) {
+    for (int64_t j = 0; j < nv; j++)
+        r[j] = dt == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                             (const __m256i*)((const uint16_t*)p + off + 16 * j))), 16))
+                       : _mm512_loadu_ps((const float*)p + off + 16 * j);
+}
+
+// scores sc[g * n + s] = q_g . k_s (AVX512, Dh a multiple of 16 up to 256)
+T_AVX512 static void attn_scores_avx512(const AttnArgs& a, const float* q, int64_t base, int64_t n, const uint8_t* m,
+                                        float* sc) {
+    const int64_t nv = a.Dh / 16, G = a.G;
+    __m512 kr[16];
+    for (int64_t s = 0; s < n; s++) {
+        kv_vecs(kr, a.K, a.kvdt, base + s * a.ss, nv);
+        for (int64_t g = 0; g < G; g++) {
+            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + g * a.Dh), kr[0]);
+            for (int64_t j = 1; j < nv; j++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * a.Dh + 16 * j), kr[j], acc);
+            sc[g * n + s] = (m && !m[s]) ? -INFINITY : _mm512_reduce_add_ps(acc);
+        }
+    }
+}
+
+// o_g += sum_s p[g * n + s] * v_s (o zeroed by the caller)
+T_AVX512 static void attn_values_avx512(const AttnArgs& a, const float* p, int64_t base, int64_t n, float* o) {
+    const int64_t nv = a.Dh / 16, G = a.G;
+    __m512 vr[16];
+    for (int64_t s = 0; s < n; s++) {
+        kv_vecs(vr, a.V, a.kvdt, base + s * a.ss, nv);
+        for (int64_t g = 0; g < G; g++) {
+            const __m512 w = _mm512_set1_ps(p[g * n + s]);
+            for (int64_t j = 0; j < nv; j++) {
+                float* dst = o + g * a.Dh + 16 * j;
+                _mm512_storeu_ps(dst, _mm512_fmadd_ps(w, vr[j], _mm512_loadu_ps(dst)));
+            }
+        }
+    }
+}
+
 static void attn_chunk(const void* ctx, int64_t chunk) {
     const AttnArgs& a = *(const AttnArgs*)ctx;
     const int64_t b = chunk / a.Hkv, h = chunk % a.Hkv, G = a.G, Dh = a.Dh;
@@ -346,11 +385,16 @@ static void attn_chunk(const void* ctx, int64_t chunk) {
     float* o = a.O + (b * a.Hkv + h) * G * Dh;
     const int64_t base = (a.rows ? a.rows[b] : b) * a.sb + h * a.sh;
     const uint8_t* m = a.mask ? a.mask + b * a.n : NULL;
+    const bool vec = active_isa() >= 2 && Dh % 16 == 0 && Dh <= 256;
     float* sc = (float*)malloc(sizeof(float) * (G * n + Dh));
     float* row = sc + G * n;
-    for (int64_t s = 0; s < n; s++) {
-        kv_row(row, a.K, a.kvdt, base + s * a.ss, Dh);
-        for (int64_t g = 0; g < G; g++) sc[g * n + s] = (m && !m[s]) ? -INFINITY : dot8(q + g * Dh, row, Dh);
+    if (vec) {
+        attn_scores_avx512(a, q, base, n, m, sc);
+    } else {
+        for (int64_t s = 0; s < n; s++) {
+            kv_row(row, a.K, a.kvdt, base + s * a.ss, Dh);
+            for (int64_t g = 0; g < G; g++) sc[g * n + s] = (m && !m[s]) ? -INFINITY : dot8(q + g * Dh, row, Dh);
+        }
     }
     for (int64_t g = 0; g < G; g++) {
         float* p = sc + g * n;
@@ -362,11 +406,15 @@ static void attn_chunk(const void* ctx, int64_t chunk) {
         for (int64_t s = 0; s < n; s++) p[s] *= inv;
         for (int64_t d = 0; d < Dh; d++) o[g * Dh + d] = 0.f;
     }
-    for (int64_t s = 0; s < n; s++) {
-        kv_row(row, a.V, a.kvdt, base + s * a.ss, Dh);
-        for (int64_t g = 0; g < G; g++) {
-            const float w = sc[g * n + s];
-            for (int64_t d = 0; d < Dh; d++) o[g * Dh + d] += w * row[d];
+    if (vec) {
+        attn_values_avx512(a, sc, base, n, o);
+    } else {
+        for (int64_t s = 0; s < n; s++) {
+            kv_row(row, a.V, a.kvdt, base + s * a.ss, Dh);
+            for (int64_t g = 0; g < G; g++) {
+                const float w = sc[g * n + s];
+                for (int64_t d = 0; d < Dh; d++) o[g * Dh + d] += w * row[d];
+            }
         }
     }
     free(sc);
