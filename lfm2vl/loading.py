@@ -3,8 +3,11 @@
 - Resolves a hub id through huggingface_hub's cache (`snapshot_download`, only the files lfm2vl needs; honours
   HF_HUB_OFFLINE). Offline and not cached: a LoadError naming the id and how to point at a local folder.
 - Reads safetensors only (single file or shards listed in model.safetensors.index.json); never unpickles.
-- Builds the module on the meta device, then `load_state_dict(strict=True, assign=True)`, so weights are not
-  allocated twice. All key differences between published layouts are handled in ONE place: `remap_hf_keys()`.
+- Builds the module on the meta device (skipping its random init), then `load_state_dict(strict=True, assign=True)`,
+  so weights are not allocated twice: float weights of the checkpoint's dtype stay memory-mapped from the file.
+- `release_mapped_pages(t)`: drop a no-longer-used mapped weight's pages from this process's resident memory
+  (int8 quantization calls it on the float weights it replaced).
+- All key differences between published layouts are handled in ONE place: `remap_hf_keys()`.
 - Before loading, names and shapes are compared with the model, so errors list every missing, unexpected or
   mis-shaped tensor instead of failing deep inside torch.
 Default dtype is bfloat16 (the published checkpoints' own dtype, and faster than float32 on CPU, issue #6);
@@ -12,12 +15,16 @@ pass dtype=torch.float32 for exact reference comparisons.
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .config import Lfm2VlConfig
 from .model.lfm2vl import Lfm2VlModel
@@ -47,7 +54,7 @@ def load_model(path_or_hub_id: str | os.PathLike, *, dtype=None, device=None, pr
     folder = resolve_folder(path_or_hub_id)
     config = Lfm2VlConfig.from_file(folder)
     raw = read_safetensors(folder, dtype, device, progress)
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipRandomInit():
         model = Lfm2VlModel(config)
     sd = remap_hf_keys(raw, config)
     check_state_dict(sd, model)
@@ -56,6 +63,22 @@ def load_model(path_or_hub_id: str | os.PathLike, *, dtype=None, device=None, pr
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not left, f"tensors left on the meta device after loading: {left}"
     return model.eval(), config, folder
+
+
+class _SkipRandomInit(TorchFunctionMode):
+    """Skips normal_/uniform_ on meta tensors while the module is built: assign-loading replaces every tensor anyway,
+    and torch's meta `normal_` (nn.Embedding's init) imports torch._dynamo: ~70 MB of resident memory and ~1 s."""
+
+    _SKIP = (torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.trunc_normal_,
+             torch.Tensor.normal_, torch.Tensor.uniform_)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._SKIP:
+            t = args[0] if args else kwargs.get("tensor")  # nn.init passes it by keyword
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                return t
+        return func(*args, **kwargs)
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -189,3 +212,43 @@ def check_state_dict(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> Non
 def _listing(items: list[str], limit: int = 20) -> str:
     more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
+
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+
+
+def release_mapped_pages(t: torch.Tensor) -> int:
+    """Drop the resident pages that lie wholly inside CPU tensor t's bytes, if they all map the checkpoint file
+    unmodified; returns the bytes released (0 when nothing was done). Linux only; a no-op elsewhere.
+
+    Why: weights are memory-mapped, and a mapped page stays in this process's RSS after it is read, even when no
+    tensor uses it anymore (int8 quantization reads the float weights once). MADV_DONTNEED unmaps them while the
+    page cache keeps them, so a later read (a reload) re-maps them from memory. It is data-safe only for pages that
+    still equal the file: a private page (the tensor was written in place, or it is not file-backed at all) would
+    be zeroed or reverted, so /proc/self/pagemap is checked first and then nothing is released.
+    """
+    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+        return 0
+    start = -(-t.data_ptr() // _PAGE) * _PAGE  # whole pages only: the neighbours' pages stay untouched
+    end = (t.data_ptr() + t.numel() * t.element_size()) // _PAGE * _PAGE
+    if end <= start:
+        return 0
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+        try:
+            n = (end - start) // _PAGE
+            entries = np.frombuffer(os.pread(fd, 8 * n, start // _PAGE * 8), dtype=np.uint64)
+        finally:
+            os.close(fd)
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    in_memory = (entries >> np.uint64(62)) & np.uint64(3)  # bit 63 present, bit 62 swapped out
+    file_or_shared = (entries >> np.uint64(61)) & np.uint64(1)
+    if len(entries) != n or bool(((in_memory > 0) & (file_or_shared == 0)).any()):
+        return 0  # a private (anonymous or copied-on-write) page: its content is not in the file
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    if libc.madvise(start, end - start, _MADV_DONTNEED) != 0:
+        return 0
+    return end - start

@@ -5,8 +5,9 @@ Module paths equal the checkpoint keys under `model.vision_tower.`: `embeddings.
 
 Notable features:
 - no wasted work on padding: units are grouped by patch count L (tiles are all 32x32, a thumbnail is its own group)
-  and each group runs through the whole encoder as one dense (n*L, Dv) batch of real patches only, attention being
-  one unmasked SDPA over (n, H, L, Dh). Nothing crosses units except inside attention, so this equals transformers'
+  and each group runs through the whole encoder as dense (n*L, Dv) batches of real patches only (n units at a time,
+  n*L <= `VisionTower.batch_patches` where possible, which bounds peak memory), attention being one unmasked SDPA
+  over (n, H, L, Dh). Nothing crosses units except inside attention, so this equals transformers'
   padded, key-masked computation (masked keys get exactly zero weight) up to float rounding.
 - on CPU the linears run through oneDNN with bias, GELU and residual add fused (`fast_linear`).
 - only `num_layers_used` encoder layers are built (`vision_feature_layer`, SPEC §1.2); post_layernorm still applies.
@@ -163,6 +164,10 @@ class Encoder(nn.Module):
 class VisionTower(nn.Module):
     """SigLIP2 NaFlex encoder: forward(pixel_values, pixel_attention_mask, spatial_shapes) -> list of (h*w, Dv)."""
 
+    # Units per encoder batch: as many as fit in this many patch rows (at least one). Results do not depend on it;
+    # it bounds the temporaries (the MLP's (rows, intermediate) activation is 4x the hidden state) and so peak memory.
+    batch_patches = 2048
+
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.config = config
@@ -181,16 +186,18 @@ class VisionTower(nn.Module):
         for u, (h, w) in enumerate(shapes):
             groups.setdefault(h * w, []).append(u)
         out: list[torch.Tensor] = [None] * len(shapes)  # type: ignore[list-item]
-        for L, units in groups.items():
-            n = len(units)
-            if units[-1] - units[0] == n - 1:  # adjacent units (tiles): a view, no gather
-                patches = pixel_values[units[0]:units[-1] + 1, :L]
-            else:
-                patches = pixel_values[units, :L]
-            x = self.embeddings(patches.reshape(n * L, -1), [shapes[u] for u in units])  # (n*L, Dv)
-            x = self.post_layernorm(self.encoder(x, n)).view(n, L, -1)
-            for u, piece in zip(units, x):
-                out[u] = piece
+        for L, group in groups.items():
+            step = max(1, self.batch_patches // L)
+            for units in (group[i:i + step] for i in range(0, len(group), step)):
+                n = len(units)
+                if units[-1] - units[0] == n - 1:  # adjacent units (tiles): a view, no gather
+                    patches = pixel_values[units[0]:units[-1] + 1, :L]
+                else:
+                    patches = pixel_values[units, :L]
+                x = self.embeddings(patches.reshape(n * L, -1), [shapes[u] for u in units])  # (n*L, Dv)
+                x = self.post_layernorm(self.encoder(x, n)).view(n, L, -1)
+                for u, piece in zip(units, x):
+                    out[u] = piece
         return out
 
     def _check(self, pixel_values: torch.Tensor, mask: torch.Tensor, spatial_shapes: torch.Tensor) -> list[tuple]:
