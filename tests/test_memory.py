@@ -1,0 +1,166 @@
+"""Memory behaviour of loading, vision encoding and int8 quantization (issue #6: peak RSS), with unchanged results.
+
+- the vision tower's unit batches (`VisionTower.batch_patches`) bound temporaries without changing any output;
+- int8 quantization works in row blocks (same q and scales as the whole-matrix formula, the source untouched) and
+  leaves no reference to, and no resident mapped page of, the float weights it replaced;
+- `release_mapped_pages` only drops pages that still equal the file (written or anonymous memory is kept);
+- building the model for loading skips the random init, whose meta `normal_` would import torch._dynamo.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lfm2vl.bench_data import random_checkpoint
+from lfm2vl.config import VisionConfig
+from lfm2vl.loading import load_model, release_mapped_pages
+from lfm2vl.model.vision import VisionTower
+from lfm2vl.quant import Int8Linear, quantize_weight_int8
+from lfm2vl.speed import optimize_for_cpu
+from tokenizer_build import FIXTURE
+
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+linux_only = pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="needs /proc/self/pagemap (Linux)")
+
+
+def _resident_pages(ptr: int, nbytes: int) -> int:
+    """How many whole pages inside [ptr, ptr + nbytes) are mapped in memory right now."""
+    start, end = -(-ptr // PAGE), (ptr + nbytes) // PAGE
+    if end <= start:
+        return 0
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        e = np.frombuffer(os.pread(fd, 8 * (end - start), start * 8), dtype=np.uint64)
+    finally:
+        os.close(fd)
+    return int(((e >> np.uint64(63)) & np.uint64(1)).sum())
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A small bf16 checkpoint written like `lfm2vl bench` writes its random ones (config from the 450M fixture)."""
+    d = json.loads((FIXTURE / "config.json").read_text())
+    d["text_config"].update(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2,
+                            num_hidden_layers=3, vocab_size=1024, layer_types=["conv", "full_attention", "conv"])
+    d["vision_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
+    d["projector_hidden_size"] = 96
+    root = tmp_path_factory.mktemp("memory")
+    (root / "tiny.json").write_text(json.dumps(d))
+    return random_checkpoint(root / "tiny.json", root / "ckpt")
+
+
+# ---- vision -------------------------------------------------------------------------------------------------------
+def test_vision_unit_batches_do_not_change_results():
+    torch.manual_seed(0)
+    cfg = VisionConfig.from_hf(dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                    patch_size=16, num_patches=256, num_channels=3, layer_norm_eps=1e-6,
+                                    hidden_act="gelu_pytorch_tanh", vision_use_head=False))
+    tower = VisionTower(cfg).eval()
+    with torch.no_grad():
+        for p in tower.parameters():
+            p.normal_(0, 0.3)
+    shapes = [(16, 16), (16, 16), (12, 20), (16, 16), (8, 8), (16, 16), (12, 20)]  # groups split and interleaved
+    L = 256
+    pv = torch.randn(len(shapes), L, 3 * 16 * 16)
+    mask = torch.zeros(len(shapes), L, dtype=torch.int32)
+    for i, (h, w) in enumerate(shapes):
+        mask[i, :h * w] = 1
+    ss = torch.tensor(shapes)
+    outs = {}
+    with torch.inference_mode():
+        for bp in (10 ** 9, 512, 1):  # one batch per group; two 256-patch units per batch; one unit per batch
+            tower.batch_patches = bp
+            outs[bp] = tower(pv, mask, ss)
+    for bp in (512, 1):
+        assert len(outs[bp]) == len(shapes)
+        for a, b in zip(outs[bp], outs[10 ** 9]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+# ---- int8 quantization --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K,block", [(37, 64, 1 << 10), (300, 96, 4096), (5, 16, 1 << 22)])
+def test_blockwise_quantization_equals_whole_matrix(dtype, N, K, block):
+    w = (torch.randn(N, K) * torch.rand(N, 1)).to(dtype)
+    w[3] = 0  # an all-zero row keeps scale 1
+    before = w.clone()
+    q, s = quantize_weight_int8(w, block_bytes=block)
+    wf = w.float()
+    amax = wf.abs().amax(dim=1)
+    s_ref = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q_ref = torch.round(wf / s_ref[:, None]).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s[3] == 1
+    assert torch.equal(w, before), "the source weight must not be modified (fp32 blocks are divided in place)"
+
+
+@linux_only
+def test_int8_model_keeps_no_float_copy_of_quantized_weights(ckpt):
+    model = load_model(ckpt, dtype=torch.bfloat16)[0]  # bf16 checkpoint, bf16 model: weights stay memory-mapped
+    lm = model.model.language_model
+    weights = [m.weight for m in lm.modules() if type(m) is nn.Linear]
+    assert weights
+    refs = [weakref.ref(w) for w in weights]
+    spans = [(w.data_ptr(), w.numel() * w.element_size()) for w in weights]
+    for w in weights:
+        float(w.detach().float().sum())  # read every page, as the quantization will
+    assert sum(_resident_pages(*s) for s in spans) > 0
+    del weights, w
+    optimize_for_cpu(model, int8=True)
+    gc.collect()
+    assert all(r() is None for r in refs), "an int8 model must not hold the float weights it replaced"
+    q = [m for m in lm.modules() if isinstance(m, Int8Linear)]
+    assert q and all(m.weight.dtype == torch.int8 for m in q)
+    maps = Path("/proc/self/maps").read_text()
+    assert str(ckpt / "model.safetensors") in maps, "the checkpoint is still mapped (embedding, vision tower)"
+    assert sum(_resident_pages(*s) for s in spans) == 0, "the replaced weights' pages must leave the RSS"
+    with torch.inference_mode():  # and the model still runs, the tied embedding re-reading its released rows
+        ids = torch.tensor([[1, 6, 20, 30, 40]])
+        cache = model.make_cache(1, 8)
+        logits = model.forward_cached(model.embed(ids), cache, torch.tensor([0]))
+    assert logits.shape == (1, 1024) and torch.isfinite(logits).all()
+
+
+@linux_only
+def test_release_mapped_pages_only_drops_pages_equal_to_the_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = {k: torch.randn(256, 1024, generator=g) for k in ("a", "b")}  # 1 MiB each
+    save_file(data, str(tmp_path / "w.safetensors"))
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        a, b = f.get_tensor("a"), f.get_tensor("b")
+    nbytes = a.numel() * 4
+    float(a.sum())
+    assert _resident_pages(a.data_ptr(), nbytes) > 0
+    assert release_mapped_pages(a) > 0
+    assert _resident_pages(a.data_ptr(), nbytes) == 0
+    assert torch.equal(a, data["a"])  # read back from the file
+
+    b[100, 0] = 5.0  # a written (copied-on-write) page: its content exists only in this process
+    assert release_mapped_pages(b) == 0
+    assert b[100, 0] == 5.0 and torch.equal(b[:100], data["b"][:100])
+
+    c = torch.randn(512, 1024, generator=g)  # anonymous memory: dropping it would zero it
+    c_copy = c.clone()
+    assert release_mapped_pages(c) == 0 and torch.equal(c, c_copy)
+    assert release_mapped_pages(torch.empty(0)) == 0
+
+
+# ---- loading ------------------------------------------------------------------------------------------------------
+def test_loading_does_not_import_dynamo(ckpt):
+    code = ("import sys; from lfm2vl.loading import load_model; m = load_model(sys.argv[1])[0]; "
+            "print(int('torch._dynamo' in sys.modules), sum(p.is_meta for p in m.parameters()))")
+    out = subprocess.run([sys.executable, "-c", code, str(ckpt)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "0"], out.stdout
