@@ -106,6 +106,14 @@ def test_blockwise_quantization_equals_whole_matrix(dtype, N, K, block):
     assert torch.equal(w, before), "the source weight must not be modified (fp32 blocks are divided in place)"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_rounds_once_like_the_fp32_formula(dtype):
+    lin = Int8Linear(*quantize_weight_int8(torch.randn(300, 128)), bias=None)
+    want = (lin.weight.float() * lin.scale[:, None]).to(dtype)
+    got = lin.dequantize(dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
 @linux_only
 def test_int8_model_keeps_no_float_copy_of_quantized_weights(ckpt):
     model = load_model(ckpt, dtype=torch.bfloat16)[0]  # bf16 checkpoint, bf16 model: weights stay memory-mapped
