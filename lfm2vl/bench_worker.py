@@ -149,8 +149,6 @@ def _decode_logits(model, emb: torch.Tensor, n: int, forced: list[int] | None = 
 def quality(spec: dict) -> dict:
     """int8 vs bf16 on the benchmark prompts: logit cosine at the prompt's last position and at each of the next
     `new_tokens` positions, and how often the int8 argmax equals the bf16 one, teacher-forced on bf16's greedy text."""
-    import copy
-
     import torch.nn.functional as F
 
     from .loading import load_model
@@ -159,7 +157,9 @@ def quality(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     ref = optimize_for_cpu(load_model(spec["folder"], dtype=torch.bfloat16)[0])
-    q = optimize_for_cpu(copy.deepcopy(ref), int8=True, quantize_head=spec.get("int8_head", False))
+    # a second load, not a deepcopy: both map the same file pages, and quantizing releases the float ones
+    q = optimize_for_cpu(load_model(spec["folder"], dtype=torch.bfloat16)[0], int8=True,
+                         quantize_head=spec.get("int8_head", False))
     processor = Processor.from_pretrained(spec["folder"])
     out = {}
     for name in spec["scenarios"]:
