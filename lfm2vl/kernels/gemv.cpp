@@ -392,6 +392,38 @@ T_AVX512 static void attn_scores_avx512(const AttnArgs& a, const float* q, int64
     }
 }
 
+// exp(x) for x <= 0 (softmax after subtracting the max), ~1 ulp: 2^n * poly(r), x = n ln2 + r, |r| <= ln2/2.
+// libm's expf per score was most of a long-context decode attention.
+T_AVX512 static inline __m512 exp_nonpos(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // exp(-104) is below the smallest float: 0 after scaling
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 split in two for an exact product
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+// p[s] = exp(p[s] - mx) over n scores; returns their sum
+T_AVX512 static float softmax_exp_avx512(float* p, int64_t n, float mx) {
+    const __m512 m = _mm512_set1_ps(mx);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n; s += 16) {
+        __mmask16 mk = n - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - s)) - 1u);
+        __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, p + s), m));
+        e = _mm512_maskz_mov_ps(mk, e);
+        _mm512_mask_storeu_ps(p + s, mk, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
 // o_g += sum_s p[g * n + s] * v_s (o zeroed by the caller)
 T_AVX512 static void attn_values_avx512(const AttnArgs& a, const float* p, int64_t base, int64_t n, float* o) {
     const int64_t nv = a.Dh / 16, G = a.G;
@@ -432,7 +464,11 @@ static void attn_chunk(const void* ctx, int64_t chunk) {
         float mx = -INFINITY;
         for (int64_t s = 0; s < n; s++) mx = p[s] > mx ? p[s] : mx;
         float sum = 0.f;
-        for (int64_t s = 0; s < n; s++) { p[s] = mx == -INFINITY ? 0.f : expf(p[s] - mx); sum += p[s]; }
+        if (vec && mx != -INFINITY) {
+            sum = softmax_exp_avx512(p, n, mx);
+        } else {
+            for (int64_t s = 0; s < n; s++) { p[s] = mx == -INFINITY ? 0.f : expf(p[s] - mx); sum += p[s]; }
+        }
         float inv = sum > 0.f ? 1.f / sum : 0.f;
         for (int64_t s = 0; s < n; s++) p[s] *= inv;
         for (int64_t d = 0; d < Dh; d++) o[g * Dh + d] = 0.f;
