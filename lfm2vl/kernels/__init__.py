@@ -1,9 +1,10 @@
 """Native CPU kernels for the decode step: multithreaded GEMV / small-M GEMM over bf16, fp32 and int8 weights.
 
-- `gemv.cpp` (+ `pool.h`, `gemv.h`) and `decode.cpp` (the fused decode step, driven by `kernels/decode.py`) are
-  compiled once per machine with the system `g++ -O3 -march=native` (no ninja, no
-  Python headers: a plain shared library called through ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/.
-- Threads: the caller plus `torch.get_num_threads() - 1` helpers of pool.h's own work-sharing pool (chunks from
+- `gemv.cpp` (products), `attn.cpp` (decode attention), `decode.cpp` (the fused decode step, driven by
+  `kernels/decode.py`) and `pool.cpp` (their thread pool), with `gemv.h` / `pool.h`, are compiled once per machine
+  with the system `g++ -O3 -march=native` (no ninja, no Python headers: a plain shared library called through
+  ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/.
+- Threads: the caller plus `torch.get_num_threads() - 1` helpers of pool.cpp's own work-sharing pool (chunks from
   an atomic counter, so a helper descheduled by another process never stalls a product).
 - `available()` is False, and callers fall back to F.linear, when LFM2VL_NO_KERNELS=1, the CPU is not x86-64,
   or the compiler is missing or fails. A failure is reported once as a warning, never raised.
@@ -23,8 +24,8 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("gemv.cpp")
-_SOURCES = [_SRC, Path(__file__).with_name("decode.cpp")]
-_HEADERS = [Path(__file__).with_name("pool.h"), Path(__file__).with_name("gemv.h")]
+_SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in ("attn.cpp", "decode.cpp", "pool.cpp")]
+_HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17"]
 _KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2}
 _DT = {torch.float32: 0, torch.bfloat16: 1}

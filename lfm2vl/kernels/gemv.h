@@ -1,8 +1,12 @@
-// Internal interface between gemv.cpp (products, attention, the thread pool) and decode.cpp (the fused decode step).
-// Only gemv.cpp includes pool.h: a second copy of the pool's statics in another file would be a second pool.
+// Internal interface between gemv.cpp (products), attn.cpp (decode attention) and decode.cpp (the fused step).
 #pragma once
 #include <stdint.h>
 #include <string.h>
+
+// Each ISA path lives in a function with a target attribute, so the files compile on any x86-64 gcc.
+#define T_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#define T_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define T_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;

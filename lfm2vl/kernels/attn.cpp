@@ -1,0 +1,185 @@
+// Decode attention for lfm2vl: one query per row over a (strided) K/V cache, fp32 math, on the GEMV pool's threads.
+//
+// Why native: torch's flash-attention kernel for a single query costs ~1 ms per layer at 450M shapes (an OpenMP
+// region that stalls beside the pool's threads) for ~0.05 ms of math. AVX512 scores / exp / value sums when the
+// head size is a multiple of 16, plain loops otherwise.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gemv.h"
+#include "pool.h"
+
+// ---- decode attention: one query per row over a (strided) K/V cache, fp32 math ---------------------------------
+// Chunk = one (row, kv head): its G = H / Hkv query heads share every key/value row read.
+struct AttnArgs {
+    const float* Q;     // (B, H, Dh) fp32, pre-scaled
+    const void* K;      // element (b, h, s, d) at b*sb + h*sh + s*ss + d; kvdt 0 fp32, 1 bf16
+    const void* V;
+    const uint8_t* mask;  // (B, n) 0/1 or NULL
+    const int64_t* rows;  // (B,) cache row of each query row, or NULL (row b)
+    float* O;           // (B, H, Dh) fp32
+    int64_t Hkv, G, n, Dh, sb, sh, ss;
+    int kvdt;
+    const int64_t* lens;  // (B,) keys 0..lens[b]-1 of row b (instead of n and the mask), or NULL
+};
+
+static inline void kv_row(float* dst, const void* p, int dt, int64_t off, int64_t Dh) {
+    if (dt == 1) {
+        const uint16_t* src = (const uint16_t*)p + off;
+        for (int64_t d = 0; d < Dh; d++) dst[d] = bf16_to_f32(src[d]);
+    } else {
+        memcpy(dst, (const float*)p + off, sizeof(float) * Dh);
+    }
+}
+
+// dot product with 8 independent partial sums (vectorizes without -ffast-math)
+static inline float dot8(const float* a, const float* b, int64_t n) {
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8)
+        for (int l = 0; l < 8; l++) acc[l] += a[d + l] * b[d + l];
+    float t = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; d < n; d++) t += a[d] * b[d];
+    return t;
+}
+
+// One key or value row as Dh/16 fp32 vectors (bf16 widened exactly).
+T_AVX512 static inline void kv_vecs(__m512* r, const void* p, int dt, int64_t off, int64_t nv) {
+    for (int64_t j = 0; j < nv; j++)
+        r[j] = dt == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                             (const __m256i*)((const uint16_t*)p + off + 16 * j))), 16))
+                       : _mm512_loadu_ps((const float*)p + off + 16 * j);
+}
+
+// scores sc[g * n + s] = q_g . k_s (AVX512, Dh a multiple of 16 up to 256)
+T_AVX512 static void attn_scores_avx512(const AttnArgs& a, const float* q, int64_t base, int64_t n, const uint8_t* m,
+                                        float* sc) {
+    const int64_t nv = a.Dh / 16, G = a.G;
+    __m512 kr[16];
+    for (int64_t s = 0; s < n; s++) {
+        kv_vecs(kr, a.K, a.kvdt, base + s * a.ss, nv);
+        for (int64_t g = 0; g < G; g++) {
+            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + g * a.Dh), kr[0]);
+            for (int64_t j = 1; j < nv; j++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * a.Dh + 16 * j), kr[j], acc);
+            sc[g * n + s] = (m && !m[s]) ? -INFINITY : _mm512_reduce_add_ps(acc);
+        }
+    }
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max), ~1 ulp: 2^n * poly(r), x = n ln2 + r, |r| <= ln2/2.
+// libm's expf per score was most of a long-context decode attention.
+T_AVX512 static inline __m512 exp_nonpos(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // exp(-104) is below the smallest float: 0 after scaling
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 split in two for an exact product
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+// p[s] = exp(p[s] - mx) over n scores; returns their sum
+T_AVX512 static float softmax_exp_avx512(float* p, int64_t n, float mx) {
+    const __m512 m = _mm512_set1_ps(mx);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n; s += 16) {
+        __mmask16 mk = n - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - s)) - 1u);
+        __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, p + s), m));
+        e = _mm512_maskz_mov_ps(mk, e);
+        _mm512_mask_storeu_ps(p + s, mk, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
+// o_g += sum_s p[g * n + s] * v_s (o zeroed by the caller)
+T_AVX512 static void attn_values_avx512(const AttnArgs& a, const float* p, int64_t base, int64_t n, float* o) {
+    const int64_t nv = a.Dh / 16, G = a.G;
+    __m512 vr[16];
+    for (int64_t s = 0; s < n; s++) {
+        kv_vecs(vr, a.V, a.kvdt, base + s * a.ss, nv);
+        for (int64_t g = 0; g < G; g++) {
+            const __m512 w = _mm512_set1_ps(p[g * n + s]);
+            for (int64_t j = 0; j < nv; j++) {
+                float* dst = o + g * a.Dh + 16 * j;
+                _mm512_storeu_ps(dst, _mm512_fmadd_ps(w, vr[j], _mm512_loadu_ps(dst)));
+            }
+        }
+    }
+}
+
+static void attn_chunk(const void* ctx, int64_t chunk) {
+    const AttnArgs& a = *(const AttnArgs*)ctx;
+    const int64_t b = chunk / a.Hkv, h = chunk % a.Hkv, G = a.G, Dh = a.Dh;
+    const int64_t n = a.lens ? a.lens[b] : a.n;
+    const float* q = a.Q + (b * a.Hkv + h) * G * Dh;  // G consecutive query heads
+    float* o = a.O + (b * a.Hkv + h) * G * Dh;
+    const int64_t base = (a.rows ? a.rows[b] : b) * a.sb + h * a.sh;
+    const uint8_t* m = a.mask ? a.mask + b * a.n : NULL;
+    const bool vec = lfm2vl_isa() >= 2 && Dh % 16 == 0 && Dh <= 256;
+    float* sc = (float*)malloc(sizeof(float) * (G * n + Dh));
+    float* row = sc + G * n;
+    if (vec) {
+        attn_scores_avx512(a, q, base, n, m, sc);
+    } else {
+        for (int64_t s = 0; s < n; s++) {
+            kv_row(row, a.K, a.kvdt, base + s * a.ss, Dh);
+            for (int64_t g = 0; g < G; g++) sc[g * n + s] = (m && !m[s]) ? -INFINITY : dot8(q + g * Dh, row, Dh);
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        float* p = sc + g * n;
+        float mx = -INFINITY;
+        for (int64_t s = 0; s < n; s++) mx = p[s] > mx ? p[s] : mx;
+        float sum = 0.f;
+        if (vec && mx != -INFINITY) {
+            sum = softmax_exp_avx512(p, n, mx);
+        } else {
+            for (int64_t s = 0; s < n; s++) { p[s] = mx == -INFINITY ? 0.f : expf(p[s] - mx); sum += p[s]; }
+        }
+        float inv = sum > 0.f ? 1.f / sum : 0.f;
+        for (int64_t s = 0; s < n; s++) p[s] *= inv;
+        for (int64_t d = 0; d < Dh; d++) o[g * Dh + d] = 0.f;
+    }
+    if (vec) {
+        attn_values_avx512(a, sc, base, n, o);
+    } else {
+        for (int64_t s = 0; s < n; s++) {
+            kv_row(row, a.V, a.kvdt, base + s * a.ss, Dh);
+            for (int64_t g = 0; g < G; g++) {
+                const float w = sc[g * n + s];
+                for (int64_t d = 0; d < Dh; d++) o[g * Dh + d] += w * row[d];
+            }
+        }
+    }
+    free(sc);
+}
+
+void attn_decode_run(const float* Q, const void* K, const void* V, const uint8_t* mask, const int64_t* rows,
+                     const int64_t* lens, float* O, int64_t B, int64_t H, int64_t Hkv, int64_t n, int64_t Dh,
+                     int64_t sb, int64_t sh, int64_t ss, int kvdt, int threads) {
+    AttnArgs a{Q, K, V, mask, rows, O, Hkv, H / Hkv, n, Dh, sb, sh, ss, kvdt, lens};
+    pool_run(attn_chunk, &a, B * Hkv, B * Hkv * n * Dh < 16 * 1024 ? 1 : threads);
+}
+
+extern "C" {
+
+// Q (B, H, Dh) fp32 pre-scaled; K/V strided (see AttnArgs); mask (B, n) uint8 or NULL; rows (B,) or NULL;
+// O (B, H, Dh) fp32.
+void lfm2vl_attn_decode(const float* Q, const void* K, const void* V, const uint8_t* mask, const int64_t* rows,
+                        float* O, int64_t B,
+                        int64_t H, int64_t Hkv, int64_t n, int64_t Dh, int64_t sb, int64_t sh, int64_t ss, int kvdt,
+                        int threads) {
+    attn_decode_run(Q, K, V, mask, rows, NULL, O, B, H, Hkv, n, Dh, sb, sh, ss, kvdt, threads);
+}
+
+}  // extern "C"

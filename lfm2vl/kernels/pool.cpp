@@ -1,0 +1,99 @@
+// The work-sharing thread pool of lfm2vl's kernels (see pool.h). One definition for the whole library: every
+// product and attention call of gemv.cpp, attn.cpp and decode.cpp shares these helper threads.
+#include "pool.h"
+#include <immintrin.h>
+#include <stdint.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
+
+namespace pool_detail {
+struct Job {
+    pool_fn fn;
+    const void* ctx;
+    int64_t total;
+    int helpers;  // helpers with index < helpers take part
+};
+static Job jobs[2];                           // indexed by generation parity
+static std::atomic<uint64_t> counter{0};      // (generation << 32) | next chunk
+static std::atomic<int64_t> done{0};          // chunks finished in the current generation
+static std::atomic<int> sleepers{0};
+static std::atomic<bool> busy{false};
+// Never destroyed (leaked on purpose): at process exit, glibc's condition-variable destructor would wait for the
+// helpers still sleeping on it, and the process would hang instead of exiting.
+static std::mutex& mu = *new std::mutex;
+static std::condition_variable& cv = *new std::condition_variable;
+static int n_helpers = 0;
+static std::mutex& spawn_mu = *new std::mutex;
+
+static inline uint32_t gen_of(uint64_t v) { return (uint32_t)(v >> 32); }
+
+// Claim and run chunks of generation `gen` until none is left (or a newer job replaced it).
+static void run_chunks(uint32_t gen, int helper) {
+    for (;;) {
+        uint64_t v = counter.load(std::memory_order_acquire);
+        if (gen_of(v) != gen) return;
+        Job j = jobs[gen & 1];  // stable while the counter still shows `gen` (see pool_run)
+        if (helper >= j.helpers) return;
+        if ((int64_t)(uint32_t)v >= j.total) return;
+        if (!counter.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) continue;
+        j.fn(j.ctx, (int64_t)(uint32_t)v);
+        done.fetch_add(1, std::memory_order_release);
+    }
+}
+
+static void helper_main(int index) {
+    uint32_t seen = gen_of(counter.load());
+    for (;;) {
+        auto t0 = std::chrono::steady_clock::now();
+        int spins = 0;
+        while (gen_of(counter.load(std::memory_order_acquire)) == seen) {
+            _mm_pause();
+            if (++spins % 256) continue;
+            if (std::chrono::steady_clock::now() - t0 < std::chrono::microseconds(200)) continue;
+            std::unique_lock<std::mutex> lk(mu);
+            sleepers.fetch_add(1);
+            cv.wait(lk, [&] { return gen_of(counter.load()) != seen; });
+            sleepers.fetch_sub(1);
+        }
+        seen = gen_of(counter.load(std::memory_order_acquire));
+        run_chunks(seen, index);
+    }
+}
+
+static void ensure_helpers(int n) {
+    if (n <= n_helpers) return;
+    std::lock_guard<std::mutex> lk(spawn_mu);
+    while (n_helpers < n) {
+        std::thread(helper_main, n_helpers).detach();
+        n_helpers++;
+    }
+}
+}  // namespace pool_detail
+
+void pool_run(pool_fn fn, const void* ctx, int64_t chunks, int threads) {
+    using namespace pool_detail;
+    bool expected = false;
+    if (threads <= 1 || chunks <= 1 || !busy.compare_exchange_strong(expected, true)) {
+        for (int64_t i = 0; i < chunks; i++) fn(ctx, i);
+        return;
+    }
+    ensure_helpers(threads - 1);
+    uint32_t gen = gen_of(counter.load()) + 1;
+    // Every chunk of the previous job is done, so no helper can still succeed in claiming one of it; a helper
+    // that read the previous slot stale fails its compare-exchange once the counter moves to `gen`.
+    jobs[gen & 1] = Job{fn, ctx, chunks, threads - 1};
+    done.store(0);
+    counter.store((uint64_t)gen << 32);  // seq_cst: pairs with the sleepers check below
+    if (sleepers.load() > 0) {
+        std::lock_guard<std::mutex> lk(mu);
+        cv.notify_all();
+    }
+    run_chunks(gen, -1);
+    while (done.load(std::memory_order_acquire) < chunks) _mm_pause();
+    busy.store(false, std::memory_order_release);
+}
