@@ -96,10 +96,9 @@ class Int8Linear(nn.Module):
         return cls(q, s, bias, max_rows)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        # computed in fp32 (int8 * fp32) and rounded once on write into `dtype`, like (q * s).to(dtype), without an
-        # fp32 (N, K) temporary (256 MB for a quantized 450M head)
-        out = torch.empty(self.weight.shape, dtype=dtype, device=self.weight.device)
-        return torch.mul(self.weight, self.scale[:, None], out=out)
+        # fp32 products rounded once to dtype. Three vectorized passes: torch.mul(q, s, out=<bf16>) gives the same
+        # values without the fp32 copy but runs a scalar mixed-dtype loop, 8x slower (16 vs 2 ms at 6656x1024)
+        return self.weight.float().mul_(self.scale[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.available() and _use_kernel(x, self.weight, self.max_rows * self.in_features):
