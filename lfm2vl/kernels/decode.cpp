@@ -53,6 +53,30 @@ struct DModel {
 
 namespace {
 
+// v rounded to bf16 and back, 16 lanes (round to nearest even, as f32_to_bf16; inputs here are finite)
+T_AVX512 static inline __m512 round_bf16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+// a[i] = silu(a[i]) * b[i] with torch's roundings (silu rounded, then the product): x / (1 + exp(-x)), exp(-x)
+// taken as exp(-|x|) so it never overflows (x < 0: x * e / (1 + e), the same value).
+T_AVX512 static void silu_mul_avx512(float* a, const float* b, int64_t n, bool bf16) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 mk = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+        __m512 x = _mm512_maskz_loadu_ps(mk, a + i);
+        __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+        __m512 num = _mm512_mask_mul_ps(x, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), x, e);
+        __m512 s = _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+        if (bf16) s = round_bf16(s);
+        __m512 y = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mk, b + i));
+        if (bf16) y = round_bf16(y);
+        _mm512_mask_storeu_ps(a + i, mk, y);
+    }
+}
+
 struct Step {
     const DModel& m;
     int dt;
@@ -190,9 +214,13 @@ void lfm2vl_decode_step(const DModel* mp, void* const* cache, int64_t S, const v
         float* upy[2] = {a.data(), b.data()};
         s.linears(up, upy, 2, x.data(), xb);
         const int64_t F = L.ff[0].N;
-        for (int64_t i = 0; i < B * F; i++) {
-            float g = a[i];
-            a[i] = s.rnd(s.rnd(g / (1.0f + expf(-g))) * b[i]);  // silu(w1 x) * w3 x
+        if (lfm2vl_isa() >= 2) {
+            silu_mul_avx512(a.data(), b.data(), B * F, s.dt == 1);
+        } else {
+            for (int64_t i = 0; i < B * F; i++) {
+                float g = a[i];
+                a[i] = s.rnd(s.rnd(g / (1.0f + expf(-g))) * b[i]);  // silu(w1 x) * w3 x
+            }
         }
         const DLin* down[1] = {&L.ff[2]};
         float* dy[1] = {b.data()};

@@ -7,7 +7,8 @@ FastLinear / Int8Linear and whose floats share one dtype (fp32 or bf16), or None
 `Lfm2VlModel.forward_cached(..., last_only=True)`. It writes the new K/V and conv state into the cache.
 
 The descriptors hold raw pointers into the model's tensors: the decoder keeps references to those tensors (so the
-memory stays valid) and `matches(model)` re-checks, per call, that the modules still hold the same tensors.
+memory stays valid) and `matches()` re-checks, after any module / parameter / buffer assignment in the process, that
+the modules still hold the same tensors (call `speed.optimize_for_cpu` again after swapping layers).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from . import _load, available
 from ..model.rope import rope_cos_sin
 
 _ACT = {torch.float32: 0, torch.bfloat16: 1}
+_KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2}
+_MAX_CONV_K, _MAX_HEAD_DIM = 16, 512  # decode.cpp's stack buffers
 _registrations = [0]  # counts module / parameter / buffer assignments anywhere in the process
 
 
@@ -32,8 +35,6 @@ for _hook in (nn.modules.module.register_module_module_registration_hook,
               nn.modules.module.register_module_parameter_registration_hook,
               nn.modules.module.register_module_buffer_registration_hook):
     _hook(_count_registration)
-_KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2}
-_MAX_CONV_K, _MAX_HEAD_DIM = 16, 512  # decode.cpp's stack buffers
 
 
 class DLin(ctypes.Structure):
@@ -62,7 +63,8 @@ class NativeDecoder:
     def __init__(self):
         self._keep: list[torch.Tensor] = []  # every tensor a descriptor points into
         self._checks: list[tuple[nn.Module, str, torch.Tensor]] = []  # (module, attribute, tensor it must hold)
-        self._cache_ptrs: dict[int, tuple] = {}
+        self._cache_flat: list | None = None  # the cache buffers' addresses the array below was built for
+        self._cache_arr = None
         self._checked_at = -1  # value of _registrations when matches() last passed
 
     # ---- building ---------------------------------------------------------------------------------------------
@@ -166,9 +168,9 @@ class NativeDecoder:
     def _cache_array(self, cache):
         flat = [t.data_ptr() if t is not None else None
                 for k, v, c in zip(cache.k, cache.v, cache.conv) for t in ((c, None) if k is None else (k, v))]
-        if self._cache_ptrs.get("flat") != flat:  # a new cache, or its buffers were replaced
-            self._cache_ptrs = {"flat": flat, "array": (ctypes.c_void_p * len(flat))(*flat)}
-        return self._cache_ptrs["array"]
+        if self._cache_flat != flat:  # a new cache, or its buffers were replaced
+            self._cache_flat, self._cache_arr = flat, (ctypes.c_void_p * len(flat))(*flat)
+        return self._cache_arr
 
     def __deepcopy__(self, memo):
         return None  # raw pointers into the original's tensors: a copied model rebuilds its own (optimize_for_cpu)

@@ -1,5 +1,6 @@
 // Internal interface between gemv.cpp (products), attn.cpp (decode attention) and decode.cpp (the fused step).
 #pragma once
+#include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -48,3 +49,21 @@ void attn_decode_run(const float* Q, const void* K, const void* V, const uint8_t
                      int64_t sb, int64_t sh, int64_t ss, int kvdt, int threads);
 // Active instruction set (see gemv.cpp): 3 AVX512-BF16, 2 AVX512F, 1 AVX2, 0 scalar.
 extern "C" int lfm2vl_isa(void);
+
+// exp(x) for x <= 0 (a softmax after subtracting the max, a sigmoid of -|x|), ~1 ulp: 2^n * poly(r), x = n ln2 + r,
+// |r| <= ln2/2. libm's scalar expf was most of a long-context decode attention.
+T_AVX512 static inline __m512 exp_nonpos(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // exp(-104) is below the smallest float: 0 after scaling
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 split in two for an exact product
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+}
