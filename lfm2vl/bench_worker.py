@@ -41,6 +41,14 @@ def _median(runs: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    """(1, V) -> (1, 1) next token, the way lfm2vl's engine picks it (both engines use it: it is not the model)."""
+    from .generate.sampling import greedy_token, one_thread
+
+    with one_thread():
+        return greedy_token(logits)[:, None]
+
+
 def _ours_run(model, batch: dict, pre_s: float, new_tokens: int, dtype) -> dict:
     ids = batch["input_ids"]
     T = ids.shape[1]
@@ -55,11 +63,11 @@ def _ours_run(model, batch: dict, pre_s: float, new_tokens: int, dtype) -> dict:
         cache = model.make_cache(1, T + new_tokens + 1, dtype=dtype)
         for s in range(0, T, PREFILL_CHUNK):
             logits = model.forward_cached(emb[:, s:s + PREFILL_CHUNK], cache, torch.tensor([s]))
-        tok = logits.argmax(-1, keepdim=True)  # (1, 1)
+        tok = _greedy(logits)  # (1, 1)
         t2 = time.perf_counter()
         for i in range(new_tokens):
             logits = model.forward_cached(model.embed(tok), cache, torch.tensor([T + i]))
-            tok = logits.argmax(-1, keepdim=True)
+            tok = _greedy(logits)
         t3 = time.perf_counter()
     return {"preprocess_s": pre_s, "vision_s": t1 - t0, "prefill_s": t2 - t1, "prefill_tps": T / (t2 - t1),
             "ttft_s": pre_s + t2 - t0, "decode_tps": new_tokens / (t3 - t2)}
@@ -79,13 +87,13 @@ def _hf_run(model, batch: dict, pre_s: float, new_tokens: int, dtype) -> dict:
             vision_s = time.perf_counter() - t
         t0 = time.perf_counter()
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **pix)
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        tok = _greedy(out.logits[:, -1])
         t1 = time.perf_counter()
         cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
         for _ in range(new_tokens):
             out = model(input_ids=tok, cache=cache, use_cache=True, logits_to_keep=1)
             cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            tok = _greedy(out.logits[:, -1])
         t2 = time.perf_counter()
     forward_s = t1 - t0
     return {"preprocess_s": pre_s, "vision_s": vision_s, "prefill_s": forward_s - vision_s,
