@@ -1,8 +1,9 @@
-"""`lfm2vl bench`: CPU/GPU-free speed benchmark of lfm2vl beside transformers on the same weights and inputs.
+"""`lfm2vl bench`: speed benchmark of lfm2vl beside transformers on the same weights and inputs.
 
     lfm2vl bench                         # random weights at the published 450M shapes, bf16, 2 threads
     lfm2vl bench --shape 1.6B --int8     # + weight-only int8 and its quality against bf16
     lfm2vl bench --model ./LFM2-VL-450M  # a real checkpoint folder
+    lfm2vl bench --device cuda --compile # on a GPU, the decode step compiled with CUDA graphs
 
 Measures preprocessing, vision encoding, prefill tokens/s, time to first token, decode tokens/s, load time and
 peak RSS for four scenarios (text-only 512-token prompt, one 512x512 image, one 1024x768 image tiled + thumbnail,
@@ -26,7 +27,7 @@ from .bench_data import SCENARIOS, SHAPES, random_checkpoint
 
 
 def _args(argv):
-    ap = argparse.ArgumentParser(prog="lfm2vl bench", description="Benchmark lfm2vl (and transformers) on CPU.")
+    ap = argparse.ArgumentParser(prog="lfm2vl bench", description="Benchmark lfm2vl (and transformers).")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", help="checkpoint folder (default: random weights at --shape)")
     src.add_argument("--shape", default="450M", choices=SHAPES, help="published shape for random weights")
@@ -35,6 +36,10 @@ def _args(argv):
     ap.add_argument("--int8", action="store_true", help="also run lfm2vl with weight-only int8 (+ quality check)")
     ap.add_argument("--int8-float-head", action="store_true",
                     help="with --int8, keep the output head in the float dtype (default: int8 like the rest)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU lfm2vl runs its plain torch path)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile lfm2vl's static-shape decode step (CUDA graphs on a GPU; pair with "
+                         "--no-optimize on CPU)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
@@ -126,19 +131,21 @@ def table(results: dict[str, dict], scenarios: list[str]) -> str:
                              f"{q['logit_cosine_min']:.4f}, greedy agreement {q['greedy_agreement']:.3f} "
                              f"({q['positions']} positions)")
         else:
+            gpu = f", peak GPU memory {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else ""
             lines.append(f"{label:<20} load {r['load_s']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
-                         f"(after load {r['rss_after_load_mb']:.0f} MB)")
+                         f"(after load {r['rss_after_load_mb']:.0f} MB){gpu}")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     args = _args(argv)
     folder = _folder(args)
-    common = {"folder": str(folder), "dtype": args.dtype, "threads": args.threads, "reps": args.reps,
-              "warmup": args.warmup, "new_tokens": args.new_tokens, "scenarios": args.scenarios}
+    common = {"folder": str(folder), "dtype": args.dtype, "device": args.device, "threads": args.threads,
+              "reps": args.reps, "warmup": args.warmup, "new_tokens": args.new_tokens, "scenarios": args.scenarios}
     runs = []
     if "ours" in args.engines:
-        runs.append((f"lfm2vl {args.dtype}", {**common, "engine": "ours", "optimize": not args.no_optimize}))
+        runs.append((f"lfm2vl {args.dtype}", {**common, "engine": "ours", "optimize": not args.no_optimize,
+                                               "compile": args.compile}))
         if args.int8:
             runs.append(("lfm2vl int8", {**common, "dtype": "bf16", "engine": "ours", "int8": True,
                                          "int8_head": not args.int8_float_head}))
@@ -152,11 +159,12 @@ def main(argv=None) -> int:
         print(f"running {label} ...", file=sys.stderr, flush=True)
         results[label] = run_worker(spec, args.timeout)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    print(f"lfm2vl bench: {args.model or 'random ' + (args.config or args.shape)}, {args.dtype}, {args.threads} "
-          f"threads, {args.reps} reps (median), {args.new_tokens} decode steps, load average "
+    print(f"lfm2vl bench: {args.model or 'random ' + (args.config or args.shape)}, {args.dtype}, {args.device}, "
+          f"{args.threads} threads, {args.reps} reps (median), {args.new_tokens} decode steps, load average "
           f"{_fmt(load)} (other processes on the CPU skew timings)")
     print(table(results, args.scenarios))
-    payload = {"model": args.model or f"random-{args.config or args.shape}", "dtype": args.dtype, "threads": args.threads,
+    payload = {"model": args.model or f"random-{args.config or args.shape}", "dtype": args.dtype,
+               "device": args.device, "threads": args.threads,
                "reps": args.reps, "new_tokens": args.new_tokens, "load_average": load, "results": results}
     print(json.dumps(payload))
     if args.json:

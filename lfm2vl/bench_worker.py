@@ -49,31 +49,43 @@ def _greedy(logits: torch.Tensor) -> torch.Tensor:
         return greedy_token(logits)[:, None]
 
 
+def _clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work is done (GPU kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _ours_run(model, batch: dict, pre_s: float, new_tokens: int, dtype) -> dict:
+    dev = model.lm_head.weight.device
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    decode = getattr(model, "bench_decode", None) or model.forward_cached  # compiled when --compile
     ids = batch["input_ids"]
     T = ids.shape[1]
     with torch.inference_mode():
-        t0 = time.perf_counter()
+        t0 = _clock(dev)
         feats = None
         if "pixel_values" in batch:
             feats = model.image_features(batch["pixel_values"], batch["pixel_attention_mask"],
                                          batch["spatial_shapes"])
-        t1 = time.perf_counter()
+        t1 = _clock(dev)
         emb = model.embed(ids, feats)
         cache = model.make_cache(1, T + new_tokens + 1, dtype=dtype)
         for s in range(0, T, PREFILL_CHUNK):
-            logits = model.forward_cached(emb[:, s:s + PREFILL_CHUNK], cache, torch.tensor([s]))
+            logits = model.forward_cached(emb[:, s:s + PREFILL_CHUNK], cache, torch.tensor([s], device=dev))
         tok = _greedy(logits)  # (1, 1)
-        t2 = time.perf_counter()
+        t2 = _clock(dev)
         for i in range(new_tokens):
-            logits = model.forward_cached(model.embed(tok), cache, torch.tensor([T + i]))
+            logits = decode(model.embed(tok), cache, torch.tensor([T + i], device=dev))
             tok = _greedy(logits)
-        t3 = time.perf_counter()
+        t3 = _clock(dev)
     return {"preprocess_s": pre_s, "vision_s": t1 - t0, "prefill_s": t2 - t1, "prefill_tps": T / (t2 - t1),
             "ttft_s": pre_s + t2 - t0, "decode_tps": new_tokens / (t3 - t2)}
 
 
 def _hf_run(model, batch: dict, pre_s: float, new_tokens: int, dtype) -> dict:
+    dev = model.device
+    batch = {k: v.to(dev) for k, v in batch.items()}
     ids = batch["input_ids"]
     T = ids.shape[1]
     pix = {k: batch[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes") if k in batch}
@@ -82,19 +94,19 @@ def _hf_run(model, batch: dict, pre_s: float, new_tokens: int, dtype) -> dict:
     with torch.inference_mode():
         vision_s = 0.0
         if pix:
-            t = time.perf_counter()
+            t = _clock(dev)
             model.model.get_image_features(**pix)
-            vision_s = time.perf_counter() - t
-        t0 = time.perf_counter()
+            vision_s = _clock(dev) - t
+        t0 = _clock(dev)
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **pix)
         tok = _greedy(out.logits[:, -1])
-        t1 = time.perf_counter()
+        t1 = _clock(dev)
         cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
         for _ in range(new_tokens):
             out = model(input_ids=tok, cache=cache, use_cache=True, logits_to_keep=1)
             cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
             tok = _greedy(out.logits[:, -1])
-        t2 = time.perf_counter()
+        t2 = _clock(dev)
     forward_s = t1 - t0
     return {"preprocess_s": pre_s, "vision_s": vision_s, "prefill_s": forward_s - vision_s,
             "prefill_tps": T / max(forward_s - vision_s, 1e-9), "ttft_s": pre_s + forward_s,
@@ -103,19 +115,23 @@ def _hf_run(model, batch: dict, pre_s: float, new_tokens: int, dtype) -> dict:
 
 def _load(spec: dict):
     dtype = _DT[spec["dtype"]]
+    device = torch.device(spec.get("device", "cpu"))
     t = time.perf_counter()
     if spec["engine"] == "transformers":
         from transformers import Lfm2VlForConditionalGeneration
 
-        model = Lfm2VlForConditionalGeneration.from_pretrained(spec["folder"], dtype=dtype).eval()
+        model = Lfm2VlForConditionalGeneration.from_pretrained(spec["folder"], dtype=dtype).to(device).eval()
         run = _hf_run
     else:
         from .loading import load_model
         from .speed import optimize_for_cpu
 
-        model = load_model(spec["folder"], dtype=dtype)[0]
-        if spec.get("optimize", True):
+        model = load_model(spec["folder"], dtype=dtype, device=device)[0]
+        if spec.get("optimize", True):  # a no-op off CPU
             optimize_for_cpu(model, int8=spec.get("int8", False), quantize_head=spec.get("int8_head", False))
+        if spec.get("compile"):  # the static-shape decode step; on CUDA "reduce-overhead" replays a CUDA graph
+            model.bench_decode = torch.compile(model.forward_cached, dynamic=False,
+                                               mode="reduce-overhead" if device.type == "cuda" else None)
         run = _ours_run
     return model, run, time.perf_counter() - t
 
@@ -137,6 +153,8 @@ def measure(spec: dict) -> dict:
                 runs.append(r)
         result["scenarios"][name] = {"prompt_tokens": int(batch["input_ids"].shape[1]), **_median(runs)}
     result["peak_rss_mb"] = _peak_rss_mb()
+    if torch.device(spec.get("device", "cpu")).type == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     return result
 
 
