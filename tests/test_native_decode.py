@@ -104,3 +104,13 @@ def test_bad_position_and_rows_are_clear_errors():
             fast.forward_cached(emb, cache, torch.tensor([3, 4]), rows=torch.tensor([0, 5]))
         with pytest.raises(ValueError, match="start_pos"):
             fast.forward_cached(emb, cache, torch.tensor([3]))
+
+
+def test_unusable_cache_or_input_keeps_the_torch_path():
+    fast, _ = _pair(torch.bfloat16)
+    dec = fast.native_decoder
+    emb = fast.embed(torch.tensor([[5]]))
+    assert dec.supports(emb, fast.make_cache(1, 8))
+    assert not dec.supports(emb, fast.make_cache(1, 8, dtype=torch.float32))  # cache in another dtype
+    assert not dec.supports(emb.float(), fast.make_cache(1, 8))  # embeddings in another dtype
+    assert not dec.supports(fast.embed(torch.tensor([[5, 6]])), fast.make_cache(1, 8))  # two tokens: prefill

@@ -166,10 +166,13 @@ class NativeDecoder:
         return True
 
     def _cache_array(self, cache):
+        """The cache buffers' addresses as a C array (rebuilt when the buffers change), or None if unusable."""
         flat = [t.data_ptr() if t is not None else None
                 for k, v, c in zip(cache.k, cache.v, cache.conv) for t in ((c, None) if k is None else (k, v))]
-        if self._cache_flat != flat:  # a new cache, or its buffers were replaced
-            self._cache_flat, self._cache_arr = flat, (ctypes.c_void_p * len(flat))(*flat)
+        if self._cache_flat != flat:  # a new cache, or its buffers were replaced: check them once
+            usable = all(t is None or (t.dtype == self.dtype and t.is_contiguous() and t.device.type == "cpu")
+                         for t in cache.k + cache.v + cache.conv)
+            self._cache_flat, self._cache_arr = flat, (ctypes.c_void_p * len(flat))(*flat) if usable else None
         return self._cache_arr
 
     def __deepcopy__(self, memo):
@@ -177,9 +180,7 @@ class NativeDecoder:
 
     def supports(self, embeds: torch.Tensor, cache) -> bool:
         return (embeds.dim() == 3 and embeds.shape[1] == 1 and embeds.dtype == self.dtype
-                and embeds.device.type == "cpu" and self.matches()
-                and all(t is None or (t.dtype == self.dtype and t.is_contiguous() and t.device.type == "cpu")
-                        for t in cache.k + cache.v + cache.conv))
+                and embeds.device.type == "cpu" and self.matches() and self._cache_array(cache) is not None)
 
     def __call__(self, embeds: torch.Tensor, cache, start_pos: torch.Tensor,
                  rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -188,13 +189,14 @@ class NativeDecoder:
         if start_pos.shape != (n_rows,) or B != n_rows:
             raise ValueError(f"start_pos must have shape ({B},) for {B} rows, got {tuple(start_pos.shape)}")
         pos = start_pos.to(torch.int64).contiguous()
-        if int(pos.max()) >= cache.max_seq_len or int(pos.min()) < 0:
-            raise ValueError(f"decode position {pos.tolist()} is outside the cache (max_seq_len="
-                             f"{cache.max_seq_len})")
+        host = pos.tolist()  # the native code indexes the cache with these: check them on the host
+        if max(host) >= cache.max_seq_len or min(host) < 0:
+            raise ValueError(f"decode position {host} is outside the cache (max_seq_len={cache.max_seq_len})")
         if rows is not None:
             rows = rows.to(torch.int64).contiguous()
-            if int(rows.min()) < 0 or int(rows.max()) >= cache.batch_size:
-                raise ValueError(f"rows {rows.tolist()} must be below the cache's {cache.batch_size} rows")
+            r = rows.tolist()
+            if min(r) < 0 or max(r) >= cache.batch_size:
+                raise ValueError(f"rows {r} must be below the cache's {cache.batch_size} rows")
         cos, sin = rope_cos_sin(pos[:, None], self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
         cos, sin = cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous()
         h = embeds.reshape(B, -1).contiguous()
