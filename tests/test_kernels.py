@@ -280,3 +280,24 @@ def test_process_exits_with_helpers_asleep():
     """
     r = _run(code)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr
+
+
+def test_int8_prefill_dequantizes_into_a_reused_buffer_with_the_same_values():
+    torch.manual_seed(2)
+    a = Int8Linear.from_linear(nn.Linear(64, 96).bfloat16())
+    b = Int8Linear.from_linear(nn.Linear(64, 96).bfloat16())  # same shape: shares the scratch buffer
+    x = torch.randn(40, 64).bfloat16()
+    with torch.inference_mode():
+        ya, yb = a(x), b(x)  # the second product reuses the buffer the first one read
+        want_a = F.linear(x, a.dequantize(torch.bfloat16), a.bias.bfloat16())
+        want_b = F.linear(x, b.dequantize(torch.bfloat16), b.bias.bfloat16())
+    assert torch.equal(ya, want_a) and torch.equal(yb, want_b)
+    if kernels.available():
+        out = torch.empty(96, 64)
+        assert torch.equal(kernels.dequantize_int8(a.weight, a.scale, out), a.dequantize(torch.float32))
+        with pytest.raises(ValueError, match="dequantize_int8"):
+            kernels.dequantize_int8(a.weight, a.scale, torch.empty(3, 3))
+    # with autograd on, the product never reads the shared buffer (backward would see it overwritten)
+    xg = torch.randn(40, 64, requires_grad=True)
+    a(xg).sum().backward()
+    assert xg.grad is not None

@@ -89,6 +89,8 @@ def _load():
     lib.lfm2vl_linear.restype = None
     lib.lfm2vl_attn_decode.argtypes = [p, p, p, p, p, p] + [i64] * 8 + [i, i]
     lib.lfm2vl_attn_decode.restype = None
+    lib.lfm2vl_dequant_int8.argtypes = [p, p, p, i64, i64, i, i]
+    lib.lfm2vl_dequant_int8.restype = None
     lib.lfm2vl_decode_step.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i]
     lib.lfm2vl_decode_step.restype = None
     lib.lfm2vl_isa.restype = ctypes.c_int
@@ -150,6 +152,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                       y.data_ptr(), None if bias is None else bias.data_ptr(), x.numel() // K, N, K, dt, dt,
                       torch.get_num_threads())
     return y
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (N, K) fp32/bf16 <- q (N, K) int8 * scale (N,) fp32: the fp32 product rounded once, as
+    `(q.float() * scale[:, None]).to(out.dtype)`, in one pass on the pool's threads. Returns out. The caller checks
+    `available()`."""
+    if (q.dtype != torch.int8 or q.dim() != 2 or scale.dtype != torch.float32 or scale.shape != (q.shape[0],)
+            or out.dtype not in _DT or out.shape != q.shape or not out.is_contiguous()):
+        raise ValueError(f"dequantize_int8: needs (N, K) int8, (N,) float32 scales and a contiguous (N, K) fp32/bf16 "
+                         f"output, got {tuple(q.shape)} {q.dtype}, {tuple(scale.shape)} {scale.dtype}, "
+                         f"{tuple(out.shape)} {out.dtype}")
+    q, scale = q.contiguous(), scale.contiguous()
+    _lib.lfm2vl_dequant_int8(q.data_ptr(), scale.data_ptr(), out.data_ptr(), q.shape[0], q.shape[1], _DT[out.dtype],
+                             torch.get_num_threads())
+    return out
 
 
 def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

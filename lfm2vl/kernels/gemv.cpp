@@ -332,9 +332,57 @@ void linear_many(const LinearArgs* lin, int n, int threads) {
     pool_run(multi_chunk, &m, chunks, bytes < 64 * 1024 ? 1 : threads);
 }
 
+// ---- int8 dequantization for prefill-size products: out[n, k] = q[n, k] * s[n] in fp32, rounded once to out's dtype
+struct DequantArgs {
+    const int8_t* q;
+    const float* s;
+    void* out;
+    int64_t N, K, rows_per_chunk;
+    int odt;
+};
+
+T_AVX512 static void dequant_rows_avx512(const DequantArgs& a, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+        const __m512 sc = _mm512_set1_ps(a.s[n]);
+        for (int64_t k = 0; k < a.K; k += 16) {
+            __mmask16 mk = a.K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (a.K - k)) - 1u);
+            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                _mm_maskz_loadu_epi8(mk, a.q + n * a.K + k))), sc);
+            if (a.odt == 1) {  // round to nearest even, keep the top 16 bits (finite values only here)
+                __m512i u = _mm512_castps_si512(v);
+                u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                          _mm512_set1_epi32(1)),
+                                                         _mm512_set1_epi32(0x7fff)));
+                _mm256_mask_storeu_epi16((uint16_t*)a.out + n * a.K + k, mk,
+                                         _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+            } else {
+                _mm512_mask_storeu_ps((float*)a.out + n * a.K + k, mk, v);
+            }
+        }
+    }
+}
+
+static void dequant_chunk(const void* ctx, int64_t chunk) {
+    const DequantArgs& a = *(const DequantArgs*)ctx;
+    const int64_t n0 = chunk * a.rows_per_chunk, n1 = n0 + a.rows_per_chunk < a.N ? n0 + a.rows_per_chunk : a.N;
+    if (active_isa() >= 2) {
+        dequant_rows_avx512(a, n0, n1);
+        return;
+    }
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t k = 0; k < a.K; k++) store_out(a.out, a.odt, n * a.K + k, (float)a.q[n * a.K + k] * a.s[n]);
+}
+
 extern "C" {
 
 int lfm2vl_isa(void) { return active_isa(); }
+
+// q (N, K) int8, s (N,) fp32 -> out (N, K) fp32 (odt 0) or bf16 (odt 1)
+void lfm2vl_dequant_int8(const int8_t* q, const float* s, void* out, int64_t N, int64_t K, int odt, int threads) {
+    int64_t rows = (int64_t)256 * 1024 / (K > 0 ? K : 1);
+    DequantArgs a{q, s, out, N, K, rows < 1 ? 1 : rows, odt};
+    pool_run(dequant_chunk, &a, (N + a.rows_per_chunk - 1) / a.rows_per_chunk, threads);
+}
 int lfm2vl_cpu_isa(void) { return cpu_isa(); }
 void lfm2vl_set_isa(int cap) { g_isa_cap = cap; }
 
