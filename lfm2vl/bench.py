@@ -65,6 +65,16 @@ def _args(argv):
             ap.error(f"--engines takes ours and/or transformers, got {args.engines}")
     if args.reps < 1 or args.threads < 1 or args.new_tokens < 1:
         ap.error("--reps, --threads and --new-tokens must be >= 1")
+    if args.device != "cpu":
+        import torch
+
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError as e:
+            ap.error(f"--device {args.device!r}: {e}")
+        if dev.type != "cuda" or not torch.cuda.is_available():
+            ap.error(f"--device {args.device!r}: expected cpu or an available cuda device "
+                     f"(torch.cuda.is_available() is {torch.cuda.is_available()})")
     return args
 
 

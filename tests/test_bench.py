@@ -62,3 +62,12 @@ def test_bench_smoke_table_and_json(tmp_path, capsys):
     rows = [ln for ln in lines if ln.startswith(("text512", "img512"))]
     assert len(rows) == 6 and all(ln.count("|") == 1 for ln in rows)
     assert json.loads(lines[-1])["results"].keys() == res.keys()
+
+
+def test_unusable_device_is_a_clear_error(capsys):
+    import torch
+
+    for device in ["nonsense"] + ([] if torch.cuda.is_available() else ["cuda"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--device", device])
+        assert f"--device '{device}'" in capsys.readouterr().err
