@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .bench_data import scenario_inputs
+from .generate.sampling import greedy_token, one_thread
 
 PREFILL_CHUNK = 512
 _DT = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -43,8 +44,6 @@ def _median(runs: list[dict]) -> dict:
 
 def _greedy(logits: torch.Tensor) -> torch.Tensor:
     """(1, V) -> (1, 1) next token, the way lfm2vl's engine picks it (both engines use it: it is not the model)."""
-    from .generate.sampling import greedy_token, one_thread
-
     with one_thread():
         return greedy_token(logits)[:, None]
 

@@ -55,18 +55,9 @@ class FastShortConv(ShortConv):
 
 
 def _native_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Decode attention natively: torch's flash-attention kernel for a single query costs ~1 ms per layer at 450M
+    shapes (an OpenMP region that stalls beside the GEMV pool's threads) for ~0.05 ms of math."""
     return q.device.type == "cpu" and k.dtype in (torch.float32, torch.bfloat16) and kernels.available()
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One query per row: q (B, H, 1, Dh), k/v (B, Hkv, n, Dh), mask (B, 1, 1, n) bool or None -> (B, H, 1, Dh).
-
-    Natively when the kernels are there: torch's flash-attention kernel for a single query costs ~1 ms per layer
-    at 450M shapes (an OpenMP region that stalls beside the GEMV pool's threads) for ~0.05 ms of math.
-    """
-    if _native_attention(q, k):
-        return kernels.attn_decode(q, k, v, mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 class FastAttention(Attention):
@@ -87,7 +78,7 @@ class FastAttention(Attention):
                 n = int(cache.start_pos.max()) + 1  # keys beyond every row's position are masked anyway
                 k, v = k[:, :, :n], v[:, :, :n]
                 mask = None if B == 1 else mask[..., :n]  # one row: all n keys are visible
-                o = decode_attention(q, k, v, mask)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
                 return self.out_proj(o.transpose(1, 2).reshape(B, T, self.H * self.Dh))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.out_proj(o.transpose(1, 2).reshape(B, T, self.H * self.Dh))
@@ -100,9 +91,10 @@ class FastLfm2VlModel(Lfm2VlModel):
 
     def forward_cached(self, inputs_embeds, cache, start_pos, rows=None, last_only=True):
         dec = self.native_decoder
-        if dec is not None and not torch.is_grad_enabled() and dec.supports(inputs_embeds, cache):
-            logits = dec(inputs_embeds, cache, start_pos, rows)
-            return logits if last_only else logits[:, None]
+        if dec is not None and not torch.is_grad_enabled():
+            logits = dec(inputs_embeds, cache, start_pos, rows)  # None: not a step it can take
+            if logits is not None:
+                return logits if last_only else logits[:, None]
         return super().forward_cached(inputs_embeds, cache, start_pos, rows, last_only)
 
 

@@ -53,8 +53,8 @@ def _build() -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) on PATH")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"".join(f.read_bytes() for f in _SOURCES + _HEADERS) + " ".join(_FLAGS).encode() + version.encode()
-                         + _cpu_id().encode()).hexdigest()[:16]
+    sources = b"".join(f.read_bytes() for f in _SOURCES + _HEADERS)
+    key = hashlib.sha256(sources + " ".join(_FLAGS).encode() + version.encode() + _cpu_id().encode()).hexdigest()[:16]
     out = _cache_dir() / key / "libgemv.so"
     if out.exists():
         return out
@@ -62,7 +62,8 @@ def _build() -> Path:
     # build into a temporary name, then rename: concurrent first uses never load a half-written library
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    proc = subprocess.run([cxx, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([cxx, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True,
+                          timeout=300)
     if proc.returncode != 0:
         os.unlink(tmp)
         raise RuntimeError(f"compiling {' '.join(f.name for f in _SOURCES)} failed:\n{proc.stderr[-2000:]}")
@@ -192,6 +193,6 @@ def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
         raise ValueError(f"attn_decode: k has {k.shape[0]} rows for {B} queries and no rows given")
     o = torch.empty(B, H, 1, Dh)
     _lib.lfm2vl_attn_decode(qf.data_ptr(), k.data_ptr(), v.data_ptr(), None if m is None else m.data_ptr(),
-                            None if rows is None else rows.data_ptr(), o.data_ptr(), B, H, Hkv, n, Dh, k.stride(0), k.stride(1), k.stride(2), _DT[k.dtype],
-                            torch.get_num_threads())
+                            None if rows is None else rows.data_ptr(), o.data_ptr(), B, H, Hkv, n, Dh, k.stride(0),
+                            k.stride(1), k.stride(2), _DT[k.dtype], torch.get_num_threads())
     return o.to(q.dtype)

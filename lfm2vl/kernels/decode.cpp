@@ -53,14 +53,6 @@ struct DModel {
 
 namespace {
 
-// v rounded to bf16 and back, 16 lanes (round to nearest even, as f32_to_bf16; inputs here are finite)
-T_AVX512 static inline __m512 round_bf16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
-}
-
 // a[i] = silu(a[i]) * b[i] with torch's roundings (silu rounded, then the product): x / (1 + exp(-x)), exp(-x)
 // taken as exp(-|x|) so it never overflows (x < 0: x * e / (1 + e), the same value).
 T_AVX512 static void silu_mul_avx512(float* a, const float* b, int64_t n, bool bf16) {

@@ -4,7 +4,8 @@
 FastLinear / Int8Linear and whose floats share one dtype (fp32 or bf16), or None when anything else is found
 (LoRA-wrapped layers, mixed dtypes, no kernels): callers then keep the torch path.
 `decoder(embeds, cache, start_pos, rows)` runs one T=1 step for every row and returns (b, V) logits, like
-`Lfm2VlModel.forward_cached(..., last_only=True)`. It writes the new K/V and conv state into the cache.
+`Lfm2VlModel.forward_cached(..., last_only=True)`, or None when it cannot take that step (the caller runs torch).
+It writes the new K/V and conv state into the cache.
 
 The descriptors hold raw pointers into the model's tensors: the decoder keeps references to those tensors (so the
 memory stays valid) and `matches()` re-checks, after any module / parameter / buffer assignment in the process, that
@@ -178,12 +179,16 @@ class NativeDecoder:
     def __deepcopy__(self, memo):
         return None  # raw pointers into the original's tensors: a copied model rebuilds its own (optimize_for_cpu)
 
-    def supports(self, embeds: torch.Tensor, cache) -> bool:
-        return (embeds.dim() == 3 and embeds.shape[1] == 1 and embeds.dtype == self.dtype
-                and embeds.device.type == "cpu" and self.matches() and self._cache_array(cache) is not None)
-
     def __call__(self, embeds: torch.Tensor, cache, start_pos: torch.Tensor,
-                 rows: torch.Tensor | None = None) -> torch.Tensor:
+                 rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(b, V) logits of one step, or None when this step is not one it takes (more than one token, another
+        dtype or device, a cache it cannot use, layers swapped since it was built): the caller runs torch then."""
+        if (embeds.dim() != 3 or embeds.shape[1] != 1 or embeds.dtype != self.dtype or embeds.device.type != "cpu"
+                or not self.matches()):
+            return None
+        caches = self._cache_array(cache)
+        if caches is None:
+            return None
         B = embeds.shape[0]
         n_rows = cache.batch_size if rows is None else rows.shape[0]
         if start_pos.shape != (n_rows,) or B != n_rows:
@@ -201,7 +206,7 @@ class NativeDecoder:
         cos, sin = cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous()
         h = embeds.reshape(B, -1).contiguous()
         logits = torch.empty(B, self.vocab, dtype=self.dtype)
-        self._lib.lfm2vl_decode_step(ctypes.addressof(self.desc), self._cache_array(cache), cache.max_seq_len,
+        self._lib.lfm2vl_decode_step(ctypes.addressof(self.desc), caches, cache.max_seq_len,
                                      h.data_ptr(), None if rows is None else rows.data_ptr(), pos.data_ptr(),
                                      cos.data_ptr(), sin.data_ptr(), logits.data_ptr(), B, torch.get_num_threads())
         return logits

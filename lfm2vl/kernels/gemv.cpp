@@ -144,14 +144,22 @@ static inline void prefetch_line(const char* p, const char* end) {
     if (p < end) _mm_prefetch(p, _MM_HINT_T0);
 }
 
+// out[j] = the sum of activation row j's U accumulators, all lanes
+template <int MR, int U>
+T_AVX512 static inline void sum_accumulators(__m512 (&acc)[MR][U], float* out) {
+    for (int j = 0; j < MR; j++) {
+        __m512 t = acc[j][0];
+        for (int u = 1; u < U; u++) t = _mm512_add_ps(t, acc[j][u]);
+        out[j] = _mm512_reduce_add_ps(t);
+    }
+}
+
 // bf16 weights x bf16 activations with dpbf16 (each step: 32 products summed pairwise into 16 fp32 lanes).
 template <int MR>
 T_AVX512BF16 static void row_bf16_dp(const uint16_t* w, const uint16_t* X, int64_t K, bool pf, const char* end,
                                      float* out) {
     constexpr int U = MR == 1 ? 4 : MR == 2 ? 2 : 1;
-    __m512 acc[MR][U];
-    for (int j = 0; j < MR; j++)
-        for (int u = 0; u < U; u++) acc[j][u] = _mm512_setzero_ps();
+    __m512 acc[MR][U] = {};
     int64_t k = 0;
     for (; k + 32 * U <= K; k += 32 * U) {
         if (pf)
@@ -168,11 +176,7 @@ T_AVX512BF16 static void row_bf16_dp(const uint16_t* w, const uint16_t* X, int64
         for (int j = 0; j < MR; j++)
             acc[j][0] = _mm512_dpbf16_ps(acc[j][0], wv, (__m512bh)_mm512_maskz_loadu_epi16(mk, X + j * K + k));
     }
-    for (int j = 0; j < MR; j++) {
-        __m512 t = acc[j][0];
-        for (int u = 1; u < U; u++) t = _mm512_add_ps(t, acc[j][u]);
-        out[j] = _mm512_reduce_add_ps(t);
-    }
+    sum_accumulators<MR, U>(acc, out);
 }
 
 // 16 weights of any kind widened to fp32 (kind 0 bf16, 1 fp32, 2 int8).
@@ -190,9 +194,7 @@ template <int MR, int KIND>
 T_AVX512 static void row_f32(const void* w, const float* X, int64_t K, bool pf, const char* end, float* out) {
     constexpr int U = MR == 1 ? 4 : MR == 2 ? 2 : 1;
     constexpr int ESZ = KIND == 1 ? 4 : KIND == 0 ? 2 : 1;
-    __m512 acc[MR][U];
-    for (int j = 0; j < MR; j++)
-        for (int u = 0; u < U; u++) acc[j][u] = _mm512_setzero_ps();
+    __m512 acc[MR][U] = {};
     int64_t k = 0;
     for (; k + 16 * U <= K; k += 16 * U) {
         if (pf)
@@ -209,11 +211,7 @@ T_AVX512 static void row_f32(const void* w, const float* X, int64_t K, bool pf, 
         __m512 wv = load_w16<KIND>(w, k, mk);
         for (int j = 0; j < MR; j++) acc[j][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, X + j * K + k), acc[j][0]);
     }
-    for (int j = 0; j < MR; j++) {
-        __m512 t = acc[j][0];
-        for (int u = 1; u < U; u++) t = _mm512_add_ps(t, acc[j][u]);
-        out[j] = _mm512_reduce_add_ps(t);
-    }
+    sum_accumulators<MR, U>(acc, out);
 }
 
 // Rows n0..n1-1 for all M activation rows, in groups of 4 / 2 / 1 activation rows per pass over a weight row.
@@ -346,15 +344,10 @@ T_AVX512 static void dequant_rows_avx512(const DequantArgs& a, int64_t n0, int64
         const __m512 sc = _mm512_set1_ps(a.s[n]);
         for (int64_t k = 0; k < a.K; k += 16) {
             __mmask16 mk = a.K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (a.K - k)) - 1u);
-            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                _mm_maskz_loadu_epi8(mk, a.q + n * a.K + k))), sc);
-            if (a.odt == 1) {  // round to nearest even, keep the top 16 bits (finite values only here)
-                __m512i u = _mm512_castps_si512(v);
-                u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16),
-                                                                          _mm512_set1_epi32(1)),
-                                                         _mm512_set1_epi32(0x7fff)));
-                _mm256_mask_storeu_epi16((uint16_t*)a.out + n * a.K + k, mk,
-                                         _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+            __m512 v = _mm512_mul_ps(load_w16<2>(a.q + n * a.K, k, mk), sc);
+            if (a.odt == 1) {  // the top 16 bits of the bf16-rounded value
+                _mm256_mask_storeu_epi16((uint16_t*)a.out + n * a.K + k, mk, _mm512_cvtepi32_epi16(
+                    _mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16)));
             } else {
                 _mm512_mask_storeu_ps((float*)a.out + n * a.K + k, mk, v);
             }
