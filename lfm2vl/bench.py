@@ -36,6 +36,8 @@ def _args(argv):
     ap.add_argument("--int8", action="store_true", help="also run lfm2vl with weight-only int8 (+ quality check)")
     ap.add_argument("--int8-float-head", action="store_true",
                     help="with --int8, keep the output head in the float dtype (default: int8 like the rest)")
+    ap.add_argument("--low-memory", action="store_true",
+                    help="also run lfm2vl with low_memory=True (idle weights dropped from RSS; memory.py)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU lfm2vl runs its plain torch path)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile lfm2vl's static-shape decode step (CUDA graphs on a GPU; pair with "
@@ -156,6 +158,9 @@ def main(argv=None) -> int:
     if "ours" in args.engines:
         runs.append((f"lfm2vl {args.dtype}", {**common, "engine": "ours", "optimize": not args.no_optimize,
                                                "compile": args.compile}))
+        if args.low_memory:
+            runs.append((f"lfm2vl {args.dtype} low-mem", {**common, "engine": "ours",
+                                                           "optimize": not args.no_optimize, "low_memory": True}))
         if args.int8:
             runs.append(("lfm2vl int8", {**common, "dtype": "bf16", "engine": "ours", "int8": True,
                                          "int8_head": not args.int8_float_head}))

@@ -128,6 +128,7 @@ def _load(spec: dict):
         model = load_model(spec["folder"], dtype=dtype, device=device)[0]
         if spec.get("optimize", True):  # a no-op off CPU
             optimize_for_cpu(model, int8=spec.get("int8", False), quantize_head=spec.get("int8_head", False))
+        model.low_memory = spec.get("low_memory", False)
         if spec.get("compile"):  # the static-shape decode step; on CUDA "reduce-overhead" replays a CUDA graph
             model.bench_decode = torch.compile(model.forward_cached, dynamic=False,
                                                mode="reduce-overhead" if device.type == "cuda" else None)

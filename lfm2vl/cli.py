@@ -36,6 +36,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--int8", action="store_true", help="weight-only int8 linears (CPU; slightly different results)")
     g.add_argument("--no-optimize", action="store_true", help="keep plain torch modules (no CPU fast paths)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
+    g.add_argument("--low-memory", action="store_true",
+                   help="keep the vision tower's and the language model's weights out of memory together (lower "
+                        "peak RSS, slower image requests)")
     g = p.add_argument_group("images (defaults from the checkpoint's processor files)")
     g.add_argument("--min-image-tokens", type=int, default=None)
     g.add_argument("--max-image-tokens", type=int, default=None)
@@ -104,7 +107,7 @@ def load_engine(args):
 
     try:
         return load(args.model, dtype=args.dtype, device=args.device, int8=args.int8, optimize=not args.no_optimize,
-                    compile=args.compile, progress=progress)
+                    compile=args.compile, low_memory=args.low_memory, progress=progress)
     except (LoadError, OSError, ValueError) as e:
         if not Path(args.model).exists() and str(e).startswith("could not get hub model"):
             raise CLIError(f"model {args.model!r} is not in the local Hugging Face cache and cannot be downloaded "

@@ -33,14 +33,15 @@ IMAGE_KEYS = ("image", "url", "path", "base64")
 
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None, optimize: bool = True,
-         int8: bool = False, compile: bool = False,
+         int8: bool = False, compile: bool = False, low_memory: bool = False,
          progress: Callable[[int, int], None] | None = None) -> "Engine":
     """Load a checkpoint folder or hub id -> Engine. dtype defaults to bfloat16, device to cpu.
 
     optimize: on CPU, swap in the fast decode modules of speed.py (same parameters and results within float
     rounding); int8: weight-only int8 linears in the language model (opt-in, changes results slightly);
     compile: torch.compile the static-shape decode step (opt-in; pair it with optimize=False, whose decode
-    attention reads the cache length on the host)."""
+    attention reads the cache length on the host); low_memory: the vision tower's and the language model's
+    memory-mapped weights never stay resident together (memory.py; lower peak RSS, slower image requests)."""
     from .loading import load_model
     from .processor import Processor
 
@@ -50,6 +51,7 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None, o
         from .speed import optimize_for_cpu
 
         optimize_for_cpu(m, int8=int8)
+    m.low_memory = bool(low_memory)
     return Engine(m, config, Processor.from_pretrained(folder), compile=compile)
 
 

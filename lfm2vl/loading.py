@@ -5,8 +5,7 @@
 - Reads safetensors only (single file or shards listed in model.safetensors.index.json); never unpickles.
 - Builds the module on the meta device (skipping its random init), then `load_state_dict(strict=True, assign=True)`,
   so weights are not allocated twice: float weights of the checkpoint's dtype stay memory-mapped from the file.
-- `release_mapped_pages(t)`: drop a no-longer-used mapped weight's pages from this process's resident memory
-  (int8 quantization calls it on the float weights it replaced).
+- What the mapping means for resident memory, and how pages are dropped again: memory.py.
 - All key differences between published layouts are handled in ONE place: `remap_hf_keys()`.
 - Before loading, names and shapes are compared with the model, so errors list every missing, unexpected or
   mis-shaped tensor instead of failing deep inside torch.
@@ -15,14 +14,11 @@ pass dtype=torch.float32 for exact reference comparisons.
 """
 from __future__ import annotations
 
-import ctypes
 import json
-import mmap
 import os
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -212,43 +208,3 @@ def check_state_dict(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> Non
 def _listing(items: list[str], limit: int = 20) -> str:
     more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
-
-
-_PAGE = mmap.PAGESIZE
-_MADV_DONTNEED = 4
-
-
-def release_mapped_pages(t: torch.Tensor) -> int:
-    """Drop the resident pages that lie wholly inside CPU tensor t's bytes, if they all map the checkpoint file
-    unmodified; returns the bytes released (0 when nothing was done). Linux only; a no-op elsewhere.
-
-    Why: weights are memory-mapped, and a mapped page stays in this process's RSS after it is read, even when no
-    tensor uses it anymore (int8 quantization reads the float weights once). MADV_DONTNEED unmaps them while the
-    page cache keeps them, so a later read (a reload) re-maps them from memory. It is data-safe only for pages that
-    still equal the file: a private page (the tensor was written in place, or it is not file-backed at all) would
-    be zeroed or reverted, so /proc/self/pagemap is checked first and then nothing is released.
-    """
-    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
-        return 0
-    start = -(-t.data_ptr() // _PAGE) * _PAGE  # whole pages only: the neighbours' pages stay untouched
-    end = (t.data_ptr() + t.numel() * t.element_size()) // _PAGE * _PAGE
-    if end <= start:
-        return 0
-    try:
-        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
-        try:
-            n = (end - start) // _PAGE
-            entries = np.frombuffer(os.pread(fd, 8 * n, start // _PAGE * 8), dtype=np.uint64)
-        finally:
-            os.close(fd)
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return 0
-    in_memory = (entries >> np.uint64(62)) & np.uint64(3)  # bit 63 present, bit 62 swapped out
-    file_or_shared = (entries >> np.uint64(61)) & np.uint64(1)
-    if len(entries) != n or bool(((in_memory > 0) & (file_or_shared == 0)).any()):
-        return 0  # a private (anonymous or copied-on-write) page: its content is not in the file
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    if libc.madvise(start, end - start, _MADV_DONTNEED) != 0:
-        return 0
-    return end - start

@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import ctypes
 import threading
 
 import torch
@@ -21,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lfm2vl import kernels
-from lfm2vl.loading import release_mapped_pages
+from lfm2vl.memory import release_mapped_pages, trim_heap
 
 MAX_ROWS = 8  # up to this many input rows the weight-streaming kernel beats torch's GEMM (scripts/bench_gemv.py)
 
@@ -74,7 +73,7 @@ def quantize_weight_int8(w: torch.Tensor, block_bytes: int = 1 << 22,
 
     Works through blocks of rows (~block_bytes of fp32 each): a whole-matrix fp32 copy would be 2x a bf16 weight,
     and glibc keeps such freed blocks in its heap (over 1 GB of RSS after quantizing the 450M model).
-    release_source: drop w's memory-mapped pages block by block once read (`loading.release_mapped_pages`).
+    release_source: drop w's memory-mapped pages block by block once read (`memory.release_mapped_pages`).
     """
     N, K = w.shape
     q = torch.empty(N, K, dtype=torch.int8, device=w.device)
@@ -158,21 +157,12 @@ def quantize_int8(model: nn.Module, quantize_head: bool = False, max_rows: int =
     if quantize_head and type(head) in (nn.Linear, FastLinear):
         model.lm_head = _quantized(head, max_rows)
         n += 1
-    _trim_heap()
+    trim_heap()  # the fp32 blocks were freed between the int8 weights (~70 MB of holes at 450M shapes)
     return n
 
 
-def _trim_heap() -> None:
-    """Return glibc's free heap pages to the OS: the quantization's fp32 blocks were freed between the int8
-    weights, and glibc keeps such holes (~70 MB at 450M shapes, depending on the threads). No-op without glibc."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _quantized(lin: nn.Linear, max_rows: int) -> Int8Linear:
-    """Int8Linear of lin; the float weight's memory-mapped pages leave the resident set (loading.py says why).
+    """Int8Linear of lin; the float weight's memory-mapped pages leave the resident set (memory.py says why).
     A tied head's pages are the embedding's: lookups map back only the rows they read."""
     return Int8Linear.from_linear(lin, max_rows, release_source=True)
 

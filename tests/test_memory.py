@@ -4,7 +4,8 @@
 - int8 quantization works in row blocks (same q and scales as the whole-matrix formula, the source untouched) and
   leaves no reference to, and no resident mapped page of, the float weights it replaced;
 - `release_mapped_pages` only drops pages that still equal the file (written or anonymous memory is kept);
-- building the model for loading skips the random init, whose meta `normal_` would import torch._dynamo.
+- building the model for loading skips the random init, whose meta `normal_` would import torch._dynamo;
+- low_memory: the language model's pages leave RSS while the tower runs and the tower's after it, with equal results.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from torch import nn
 
 from lfm2vl.bench_data import random_checkpoint
 from lfm2vl.config import VisionConfig
-from lfm2vl.loading import load_model, release_mapped_pages
+from lfm2vl.loading import load_model
+from lfm2vl.memory import release_mapped_pages
 from lfm2vl.model.vision import VisionTower
 from lfm2vl.quant import Int8Linear, quantize_weight_int8
 from lfm2vl.speed import optimize_for_cpu
@@ -172,3 +174,58 @@ def test_loading_does_not_import_dynamo(ckpt):
     out = subprocess.run([sys.executable, "-c", code, str(ckpt)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "0"], out.stdout
+
+
+# ---- low-memory mode ----------------------------------------------------------------------------------------------
+def _span_pages(weights) -> int:
+    return sum(_resident_pages(w.data_ptr(), w.numel() * w.element_size()) for w in weights)
+
+
+@linux_only
+def test_low_memory_keeps_the_tower_and_the_language_model_apart_with_equal_results(ckpt):
+    import lfm2vl
+    from PIL import Image
+
+    img = Image.fromarray((np.random.RandomState(0).rand(300, 420, 3) * 255).astype("uint8"))
+    msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is it?"}]}]
+    opts = dict(max_new_tokens=6, temperature=0, logprobs=True)
+    outs, seen = {}, {}
+    for low in (False, True):
+        engine = lfm2vl.load(ckpt, low_memory=low)
+        m = engine.model
+        tower = m.model.vision_tower
+        lm = [p for n, p in m.named_parameters() if not n.startswith(("model.vision_tower", "model.multi_modal"))]
+        vis = list(tower.parameters())
+        during = []  # resident language-model pages while the tower runs, per request
+        tower.post_layernorm.register_forward_hook(lambda *_: during.append(_span_pages(lm)))
+        outs[low] = [engine.generate(msgs, **opts) for _ in range(2)]  # the second request starts with all resident
+        engine.reset()
+        seen[low] = dict(during=during, vision_after=_span_pages(vis), lm_after=_span_pages(lm))
+        assert _span_pages(lm) > 0  # what a decode reads is resident again
+    for a, b in zip(outs[False], outs[True]):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+    assert seen[False]["during"][1] > 0 and seen[False]["vision_after"] > 0  # the default keeps both mapped in
+    assert seen[True]["during"] == [0, 0], "the language model's pages must leave RSS while the tower runs"
+    assert seen[True]["vision_after"] == 0, "the tower's pages must leave RSS after it ran"
+
+
+@linux_only
+def test_release_weights_returns_only_wholly_resident_weights_for_populate(tmp_path):
+    from lfm2vl.memory import populate, release_weights
+
+    g = torch.Generator().manual_seed(0)
+    save_file({"hot": torch.randn(512, 1024, generator=g), "table": torch.randn(4096, 1024, generator=g)},
+              str(tmp_path / "w.safetensors"))  # 2 MiB and 16 MiB
+    m = nn.Module()
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        m.register_buffer("hot", f.get_tensor("hot"))
+        m.register_buffer("table", f.get_tensor("table"))
+    float(m.hot.sum())  # wholly read, like a weight a decode step streams
+    float(m.table[7].sum() + m.table[3000].sum())  # two rows, like an embedding lookup
+    hot = release_weights(m)
+    assert [t.data_ptr() for t in hot] == [m.hot.data_ptr()]
+    assert _span_pages([m.hot]) == 0 and _span_pages([m.table]) == 0
+    populate(hot)
+    if tuple(int(x) for x in os.uname().release.split(".")[:2]) >= (5, 14):  # MADV_POPULATE_READ exists
+        assert _span_pages([m.hot]) == m.hot.numel() * 4 // PAGE - (m.hot.data_ptr() % PAGE > 0)
+    assert _span_pages([m.table]) == 0, "a table read a few rows at a time must not be mapped in whole"

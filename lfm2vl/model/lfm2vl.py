@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import Lfm2VlConfig
+from ..memory import populate, release_weights, trim_heap
 from .cache import HybridCache
 from .projector import Projector, image_features
 from .text import TextModel, padded_inputs
@@ -37,6 +38,7 @@ class Lfm2VlModel(nn.Module):
         tc = config.text_config
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
         self.tie_weights()
+        self.low_memory = False  # memory.py: keep the tower's and the language model's mapped pages apart
 
     def tie_weights(self) -> None:
         """Share lm_head with the token embedding when tie_word_embeddings (call again after assign-loading)."""
@@ -46,9 +48,18 @@ class Lfm2VlModel(nn.Module):
     # ---- pieces -------------------------------------------------------------------------------------------------
     def image_features(self, pixel_values, pixel_attention_mask, spatial_shapes) -> torch.Tensor:
         """(units, L, 3*p*p) pixels -> (sum over units of h/2*w/2, D_text), concatenated in unit order."""
-        dtype = self.model.vision_tower.embeddings.patch_embedding.weight.dtype
-        return image_features(self.model.vision_tower, self.model.multi_modal_projector, pixel_values.to(dtype),
-                              pixel_attention_mask, spatial_shapes, self.config.downsample_factor)
+        tower, projector = self.model.vision_tower, self.model.multi_modal_projector
+        if self.low_memory:
+            idle = release_weights(self, skip=(tower, projector))
+        dtype = tower.embeddings.patch_embedding.weight.dtype
+        feats = image_features(tower, projector, pixel_values.to(dtype), pixel_attention_mask, spatial_shapes,
+                               self.config.downsample_factor)
+        if self.low_memory:
+            release_weights(tower)
+            release_weights(projector)
+            trim_heap()  # the tower's temporaries
+            populate(idle)  # the prefill reads the language model next
+        return feats
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids -> (B, T, D) embeddings, image features scattered at image_token_id in batch-major order."""

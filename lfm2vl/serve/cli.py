@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the engine's choice)")
     p.add_argument("--int8", action="store_true", help="weight-only int8 language-model linears on CPU (faster, "
                    "results change slightly)")
+    p.add_argument("--low-memory", action="store_true", help="keep the vision tower's and the language model's "
+                   "weights out of memory together (lower peak RSS, slower image requests)")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=16, help="rows decoded together (concurrent requests)")
     g.add_argument("--max-seq-len", type=int, default=4096, help="context per request: prompt + completion tokens")
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"lfm2vl serve: loading {args.model} ...", flush=True)
     try:
-        engine = lfm2vl.load(args.model, dtype=args.dtype, device=args.device, **({"int8": True} if args.int8 else {}))
+        engine = lfm2vl.load(args.model, dtype=args.dtype, device=args.device, int8=args.int8,
+                             low_memory=args.low_memory)
     except Exception as e:  # offline without a copy, a broken folder...: one clear line, no traceback
         print(f"lfm2vl serve: could not load {args.model}: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,107 @@
+"""Resident-memory helpers: glibc heap trimming and the opt-in low-memory mode (issue #6: peak RSS).
+
+Float weights of the checkpoint's dtype stay memory-mapped from the file (loading.py), and every page this process has
+read stays in its resident set. A request with images reads the vision tower, then the language model, so both sit in
+RSS together: at the 450M shapes 172 MB + 708 MB on top of ~250 MB of torch and libraries, over 1.1 GB before any
+activation. `Lfm2VlModel.low_memory = True` (`lfm2vl.load(..., low_memory=True)`, `--low-memory`) keeps them apart:
+- before the tower runs, the language model's pages are dropped; after it, the tower's and projector's, and glibc's
+  free heap pages are returned (the tower's temporaries);
+- the page cache keeps the pages, so the next read re-maps them from memory (no disk read). That costs time on every
+  image request (`lfm2vl bench --low-memory` measures it), which is why it is opt-in.
+Only pages that still equal the file are dropped (`release_mapped_pages`); weights converted to another dtype,
+quantized or written in place are anonymous memory and stay.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+_MADV_POPULATE_READ = 22
+
+
+def release_mapped_pages(t: torch.Tensor) -> int:
+    """Drop the resident pages that lie wholly inside CPU tensor t's bytes, if they all map the checkpoint file
+    unmodified; returns the bytes released (0 when nothing was done). Linux only; a no-op elsewhere.
+
+    Why: weights are memory-mapped, and a mapped page stays in this process's RSS after it is read, even when no
+    tensor uses it for a while (int8 quantization reads the float weights once; the low-memory mode drops idle
+    weights). MADV_DONTNEED unmaps them while the page cache keeps them, so a later read re-maps them from memory
+    (it does not fault them in from disk unless the kernel has evicted them). It is data-safe only for pages that
+    still equal the file: a private page (the tensor was written in place, or it is not file-backed at all) would
+    be zeroed or reverted, so /proc/self/pagemap is checked first and then nothing is released.
+    """
+    return _release(t)[0]
+
+
+def _release(t: torch.Tensor) -> tuple[int, bool]:
+    """release_mapped_pages(t), and whether all of its pages were resident before."""
+    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+        return 0, False
+    start = -(-t.data_ptr() // _PAGE) * _PAGE  # whole pages only: the neighbours' pages stay untouched
+    end = (t.data_ptr() + t.numel() * t.element_size()) // _PAGE * _PAGE
+    if end <= start:
+        return 0, False
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+        try:
+            n = (end - start) // _PAGE
+            entries = np.frombuffer(os.pread(fd, 8 * n, start // _PAGE * 8), dtype=np.uint64)
+        finally:
+            os.close(fd)
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0, False
+    in_memory = (entries >> np.uint64(62)) & np.uint64(3)  # bit 63 present, bit 62 swapped out
+    file_or_shared = (entries >> np.uint64(61)) & np.uint64(1)
+    if len(entries) != n or bool(((in_memory > 0) & (file_or_shared == 0)).any()):
+        return 0, False  # a private (anonymous or copied-on-write) page: its content is not in the file
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    if libc.madvise(start, end - start, _MADV_DONTNEED) != 0:
+        return 0, False
+    return end - start, bool(in_memory.all())
+
+
+def trim_heap() -> None:
+    """Return glibc's free heap pages to the OS: freed temporaries leave holes that glibc keeps (tens of MB after a
+    vision pass or a quantization). No-op without glibc."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _tensors(module: nn.Module, skip: tuple[nn.Module, ...]):
+    """module's parameters and buffers, except those under the modules in `skip`; shared (tied) ones once."""
+    seen = {id(t) for m in skip for t in (*m.parameters(), *m.buffers())}
+    for t in (*module.parameters(), *module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            yield t.detach()
+
+
+def release_weights(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> list[torch.Tensor]:
+    """Drop the mapped pages of module's weights (parameters and buffers) outside `skip`. Returns the weights that
+    were wholly resident before (in use, so worth mapping back with `populate`), not e.g. an embedding table of
+    which only the looked-up rows were read."""
+    return [t for t in _tensors(module, skip) if _release(t)[1]]
+
+
+def populate(weights: list[torch.Tensor]) -> None:
+    """Map weights back in one MADV_POPULATE_READ per tensor (Linux 5.14+; else the first read faults them in):
+    0.06 s instead of 0.085 s of page faults for the 450M language model."""
+    try:
+        madvise = ctypes.CDLL(None).madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    for t in weights:
+        start = t.data_ptr() // _PAGE * _PAGE
+        if madvise(start, t.data_ptr() + t.numel() * t.element_size() - start, _MADV_POPULATE_READ) != 0:
+            return  # an older kernel: EINVAL for every tensor
