@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from .bench_data import scenario_inputs
-from .generate.sampling import greedy_token, one_thread
+from .generate.sampling import greedy_token
+from .threads import one_thread
 
 PREFILL_CHUNK = 512
 _DT = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -115,3 +115,39 @@ def test_unusable_cache_or_input_keeps_the_torch_path():
         assert dec(emb, fast.make_cache(1, 8, dtype=torch.float32), pos) is None  # cache in another dtype
         assert dec(emb.float(), fast.make_cache(1, 8), pos) is None  # embeddings in another dtype
         assert dec(fast.embed(torch.tensor([[5, 6]])), fast.make_cache(1, 8), pos) is None  # two tokens: prefill
+
+
+def test_step_runs_its_small_torch_ops_on_one_thread(monkeypatch):
+    """The RoPE angles of a multi-row step are computed with torch's intra-op threads off: MKL's cos/sin open an
+    OpenMP region from 128 elements (two rows), whose spinning workers then slow the native step (threads.py)."""
+    from lfm2vl.kernels import decode as native
+
+    fast, torch_path = _pair(torch.bfloat16)
+    seen, steps = [], []
+    rope = native.rope_cos_sin
+
+    def recording(*a, **kw):
+        seen.append(torch.get_num_threads())
+        return rope(*a, **kw)
+
+    class Threads:  # the thread count the native step itself is given
+        def __init__(self, lib):
+            self.lib = lib
+
+        def __getattr__(self, name):
+            return getattr(self.lib, name)
+
+        def lfm2vl_decode_step(self, *a):
+            steps.append(a[-1])
+            return self.lib.lfm2vl_decode_step(*a)
+
+    monkeypatch.setattr(native, "rope_cos_sin", recording)
+    fast.native_decoder._lib = Threads(fast.native_decoder._lib)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _close(run_cached(fast, PROMPTS, 3, None), run_cached(torch_path, PROMPTS, 3, None), torch.bfloat16)
+        assert seen == [1, 1, 1] and steps == [2, 2, 2]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -23,9 +23,10 @@ from typing import Iterator
 import torch
 
 from ..processor.tokens import unit_tokens
+from ..threads import one_thread
 from .detok import StreamDetokenizer
 from .request import Event, Request, Result
-from .sampling import Sampler, greedy_token, one_thread, token_logprobs
+from .sampling import Sampler, greedy_token, token_logprobs
 from .stops import StopMatcher
 
 DEFAULT_CAPACITY = 256  # initial cache length per row; grows to fit requests, up to max_position_embeddings

@@ -10,11 +10,11 @@ All math runs in float32, like transformers' `generate`.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
+
 
 NEG_INF = float("-inf")
 
@@ -69,22 +69,6 @@ class SamplingParams:
         """Greedy with no penalties: an argmax over raw logits (batched across rows)."""
         return (self.greedy and self.repetition_penalty == 1.0 and not self.presence_penalty
                 and not self.frequency_penalty)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run the enclosed torch ops on the calling thread only. Sampling makes a few passes over ~65k logits: on CPU
-    an OpenMP region costs more than that work, and stalls for a whole time slice when another process holds a core
-    (measured: a 0.5 ms sampling step took 30-100 ms on a busy 2-core machine with 2 threads)."""
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def greedy_token(logits: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import _load, available
 from ..model.rope import rope_cos_sin
+from ..threads import one_thread
 
 _ACT = {torch.float32: 0, torch.bfloat16: 1}
 _KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2}
@@ -202,11 +203,13 @@ class NativeDecoder:
             r = rows.tolist()
             if min(r) < 0 or max(r) >= cache.batch_size:
                 raise ValueError(f"rows {r} must be below the cache's {cache.batch_size} rows")
-        cos, sin = rope_cos_sin(pos[:, None], self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+        threads = torch.get_num_threads()
+        with one_thread():  # MKL's cos/sin go parallel from two rows on: spinning workers slow the step (threads.py)
+            cos, sin = rope_cos_sin(pos[:, None], self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
         cos, sin = cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous()
         h = embeds.reshape(B, -1).contiguous()
         logits = torch.empty(B, self.vocab, dtype=self.dtype)
         self._lib.lfm2vl_decode_step(ctypes.addressof(self.desc), caches, cache.max_seq_len,
                                      h.data_ptr(), None if rows is None else rows.data_ptr(), pos.data_ptr(),
-                                     cos.data_ptr(), sin.data_ptr(), logits.data_ptr(), B, torch.get_num_threads())
+                                     cos.data_ptr(), sin.data_ptr(), logits.data_ptr(), B, threads)
         return logits
