@@ -1,0 +1,92 @@
+"""Decode speed of lfm2vl beside llama.cpp, interleaved round by round (the machine's memory bandwidth drifts).
+
+    python scripts/bench_vs_llamacpp.py --llama-bench PATH/llama-bench --gguf-bf16 LM-bf16.gguf \
+        [--gguf-q8 LM-q8_0.gguf] [--model FOLDER] [--rounds 8]
+
+Each round: lfm2vl bf16 (a 512-token prompt, then `--new-tokens` greedy steps), llama-bench on the bf16 GGUF
+(`-p 0 -n N -d 512`: the same steps after the same depth), then lfm2vl int8 and llama-bench on the Q8_0 GGUF.
+Both use `--threads`. Medians, ranges and per-round ratios are printed, then JSON. llama.cpp and the GGUF files of
+the same checkpoint are yours to provide (llama.cpp's convert_hf_to_gguf.py; this project ships neither).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lfm2vl.generate.sampling import greedy_token
+from lfm2vl.loading import load_model
+from lfm2vl.speed import optimize_for_cpu
+from lfm2vl.threads import one_thread
+
+DEPTH = 512
+
+
+def ours(model, ids: torch.Tensor, n: int) -> float:
+    with torch.inference_mode():
+        cache = model.make_cache(1, DEPTH + n + 1, dtype=torch.bfloat16)
+        logits = model.forward_cached(model.embed(ids), cache, torch.tensor([0]))
+        tok = logits.float().argmax(-1)[:, None]
+        t = time.perf_counter()
+        for i in range(n):
+            logits = model.forward_cached(model.embed(tok), cache, torch.tensor([DEPTH + i]))
+            with one_thread():
+                tok = greedy_token(logits)[:, None]
+        return n / (time.perf_counter() - t)
+
+
+def llama(binary: str, gguf: str, n: int, threads: int) -> float:
+    cmd = [binary, "-m", gguf, "-t", str(threads), "-p", "0", "-n", str(n), "-d", str(DEPTH), "-r", "1", "-o", "json"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"llama-bench failed ({' '.join(cmd)}): {out.stderr.strip()[-500:]}")
+    return float(json.loads(out.stdout)[0]["avg_ts"])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--llama-bench", required=True, help="path to llama.cpp's llama-bench binary")
+    ap.add_argument("--gguf-bf16", required=True, help="the checkpoint's language model as a bf16 GGUF")
+    ap.add_argument("--gguf-q8", help="the same as Q8_0 (adds lfm2vl int8 beside it)")
+    ap.add_argument("--model", default=os.path.expanduser("~/.cache/lfm2vl/bench/random-450M-seed0"),
+                    help="the checkpoint folder the GGUFs were converted from (default: lfm2vl bench's random 450M)")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    for p in (args.llama_bench, args.gguf_bf16, args.gguf_q8, args.model):
+        if p is not None and not Path(p).exists():
+            ap.error(f"{p} does not exist")
+    torch.set_num_threads(args.threads)
+    pairs = [("lfm2vl bf16", False, "llama.cpp bf16", args.gguf_bf16)]
+    if args.gguf_q8:
+        pairs.append(("lfm2vl int8", True, "llama.cpp q8_0", args.gguf_q8))
+    models = {name: optimize_for_cpu(load_model(args.model, dtype=torch.bfloat16)[0], int8=int8)
+              for name, int8, _, _ in pairs}
+    ids = torch.randint(600, 60000, (1, DEPTH), generator=torch.Generator().manual_seed(0))
+    res: dict[str, list[float]] = {k: [] for a, _, b, _ in pairs for k in (a, b)}
+    for r in range(args.rounds):
+        for name, _, other, gguf in pairs:
+            res[name].append(ours(models[name], ids, args.new_tokens))
+            res[other].append(llama(args.llama_bench, gguf, args.new_tokens, args.threads))
+        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in res.items()), file=sys.stderr, flush=True)
+    print(f"decode tok/s at depth {DEPTH}, {args.new_tokens} steps, {args.threads} threads, {args.rounds} rounds")
+    print(f"{'engine':<16} {'median':>7} {'min':>7} {'max':>7}")
+    for k, v in res.items():
+        print(f"{k:<16} {statistics.median(v):>7.1f} {min(v):>7.1f} {max(v):>7.1f}")
+    for name, _, other, _ in pairs:
+        ratios = [a / b for a, b in zip(res[name], res[other])]
+        print(f"{name} / {other} per round: " + " ".join(f"{x:.2f}" for x in ratios))
+    print(json.dumps({"depth": DEPTH, "new_tokens": args.new_tokens, "threads": args.threads, "results": res}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
