@@ -1,13 +1,16 @@
-"""Fast CPU linears for decoding: a module swap onto lfm2vl's native GEMV kernels, and weight-only int8.
+"""Fast CPU linears for decoding: a module swap onto lfm2vl's native GEMV kernels, and weight-only int8 / int4.
 
 - `FastLinear` (an nn.Linear: same parameters, same state_dict keys) calls the native kernel when the input has
   few rows (a decode step) and F.linear otherwise (prefill), or when autograd needs a backward.
 - `Int8Linear`: symmetric per-output-channel int8 weights + fp32 scales; decode through the kernel, prefill through
   F.linear over the dequantized weight (so both paths compute x @ (q * s)^T).
-- `use_fast_linears(model)` / `quantize_int8(model)`: swap the language model's linears (and the output head),
+- `Int4Linear`: symmetric int4 in groups of 32 weights along a row (llama.cpp's Q4_0 rule), fp32 group scales,
+  two weights per byte; the same two paths.
+- `use_fast_linears(model)` / `quantize_weights(model, bits=8 | 4)`: swap the language model's
+  linears (and the output head),
   never the vision tower or projector (their inputs are prefill-size). `lfm2vl.speed.optimize_for_cpu` calls them.
   Quantizing streams each weight in row blocks and drops the float weight's mapped pages afterwards, so only the
-  int8 weights stay resident (not the bf16 ones, not an fp32 copy).
+  quantized weights stay resident (not the bf16 ones, not an fp32 copy).
 - Everything degrades to plain torch: with LFM2VL_NO_KERNELS=1, no compiler, a non-x86 CPU or a non-CPU device,
   the swapped modules compute F.linear exactly as before.
 """
@@ -94,6 +97,8 @@ def quantize_weight_int8(w: torch.Tensor, block_bytes: int = 1 << 22,
 class Int8Linear(nn.Module):
     """Weight-only int8 linear: y = x @ (q * scale)^T + bias, computed in x's dtype with fp32 accumulation."""
 
+    bits = 8
+
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, max_rows: int = MAX_ROWS):
         super().__init__()
         self.out_features, self.in_features = q.shape
@@ -114,6 +119,9 @@ class Int8Linear(nn.Module):
         # values without the fp32 copy but runs a scalar mixed-dtype loop, 8x slower (16 vs 2 ms at 6656x1024)
         return self.weight.float().mul_(self.scale[:, None]).to(dtype)
 
+    def _native_dequantize(self, out: torch.Tensor) -> torch.Tensor:
+        return kernels.dequantize_int8(self.weight, self.scale, out)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.available() and _use_kernel(x, self.weight, self.max_rows * self.in_features):
             return kernels.linear(x, self.weight, self.bias, self.scale)
@@ -122,12 +130,68 @@ class Int8Linear(nn.Module):
                 and kernels.available()):
             # prefill: dequantize into a reused per-thread buffer (same values as dequantize()). A fresh ~10 MB
             # weight per product costs ~2 ms of page faults; no autograd here, so nothing keeps the buffer alive
-            w = kernels.dequantize_int8(self.weight, self.scale, _scratch(self.weight.shape, x.dtype))
+            w = self._native_dequantize(_scratch(torch.Size((self.out_features, self.in_features)), x.dtype))
             return F.linear(x, w, bias)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.bits}-bit"
+
+
+def quantize_weight_int4(w: torch.Tensor, block_bytes: int = 1 << 22,
+                         release_source: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 in groups of G = 32 weights along each row: returns packed (N, K/2) uint8 and scale (N, K/G)
+    fp32 with w[n, G*g + i] ~ q * scale[n, g].
+
+    Per group (llama.cpp's Q4_0 rule): d = (the weight of largest magnitude) / -8 and q = clamp(round(w / d), -8, 7),
+    so the extreme maps to -8 exactly and all 16 levels are used; an all-zero group has d = 1. Stored as q + 8 in
+    nibbles: byte j of a group holds element j in its low nibble and element 16 + j in its high one (gemv.cpp).
+    Row blocks and release_source as in quantize_weight_int8.
+    """
+    N, K = w.shape
+    G = kernels.I4_GROUP
+    if K % G:
+        raise ValueError(f"int4 needs a row length that is a multiple of {G}, got a {N}x{K} weight")
+    packed = torch.empty(N, K // 2, dtype=torch.uint8, device=w.device)
+    scale = torch.empty(N, K // G, dtype=torch.float32, device=w.device)
+    rows = max(1, block_bytes // (4 * K))
+    with torch.no_grad():
+        for r in range(0, N, rows):
+            wf = w[r:r + rows].to(torch.float32, copy=True).view(-1, K // G, G)
+            extreme = wf.gather(-1, wf.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+            d = torch.where(extreme != 0, extreme / -8.0, torch.ones_like(extreme))
+            q = wf.div_(d[..., None]).round_().clamp_(-8, 7).add_(8).to(torch.uint8)  # (rows, K/G, G) in 0..15
+            packed[r:r + rows] = (q[..., :G // 2] | (q[..., G // 2:] << 4)).view(-1, K // 2)
+            scale[r:r + rows] = d
+            if release_source:
+                release_mapped_pages(w[max(0, r - rows):r + rows])
+    return packed, scale
+
+
+class Int4Linear(Int8Linear):
+    """Weight-only int4 linear (`quantize_weight_int4`'s format): `weight` (N, K/2) uint8, `scale` (N, K/32) fp32."""
+
+    bits = 4
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 max_rows: int = MAX_ROWS):
+        super().__init__(packed, scale, bias, max_rows)
+        self.in_features = packed.shape[1] * 2
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, max_rows: int = MAX_ROWS, release_source: bool = False) -> "Int4Linear":
+        q, s = quantize_weight_int4(lin.weight, release_source=release_source)
+        bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        return cls(q, s, bias, max_rows)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        N, G = self.out_features, kernels.I4_GROUP
+        b = self.weight.view(N, -1, G // 2)
+        q = torch.cat((b & 15, b >> 4), dim=-1).float().sub_(8)  # (N, K/G, G)
+        return q.mul_(self.scale[..., None]).view(N, self.in_features).to(dtype)
+
+    def _native_dequantize(self, out: torch.Tensor) -> torch.Tensor:
+        return kernels.dequantize_int4(self.weight, self.scale, out)
 
 
 def _head_and_lm(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
@@ -146,32 +210,36 @@ def _swap(root: nn.Module, make) -> int:
     return n
 
 
-def quantize_int8(model: nn.Module, quantize_head: bool = False, max_rows: int = MAX_ROWS) -> int:
-    """Replace the language model's nn.Linear layers (and the output head if asked) by Int8Linear; returns the count.
+def quantize_weights(model: nn.Module, bits: int = 8, quantize_head: bool = False, max_rows: int = MAX_ROWS) -> int:
+    """Replace the language model's nn.Linear layers (and the output head if asked) by Int8Linear, or with bits=4
+    by Int4Linear (a layer whose rows are not a multiple of 32 long gets Int8Linear); returns the count.
 
     The vision tower and projector stay in their dtype. A tied head keeps sharing nothing with the embedding once
     quantized (the embedding table stays bf16/fp32 for lookups). Idempotent.
     """
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
     lm, head = _head_and_lm(model)
-    n = _swap(lm, lambda lin: _quantized(lin, max_rows))
+    n = _swap(lm, lambda lin: _quantized(lin, max_rows, bits))
     if quantize_head and type(head) in (nn.Linear, FastLinear):
-        model.lm_head = _quantized(head, max_rows)
+        model.lm_head = _quantized(head, max_rows, bits)
         n += 1
-    trim_heap()  # the fp32 blocks were freed between the int8 weights (~70 MB of holes at 450M shapes)
+    trim_heap()  # the fp32 blocks were freed between the quantized weights (~70 MB of holes at 450M shapes)
     return n
 
 
-def _quantized(lin: nn.Linear, max_rows: int) -> Int8Linear:
-    """Int8Linear of lin; the float weight's memory-mapped pages leave the resident set (memory.py says why).
-    A tied head's pages are the embedding's: lookups map back only the rows they read."""
-    return Int8Linear.from_linear(lin, max_rows, release_source=True)
+def _quantized(lin: nn.Linear, max_rows: int, bits: int) -> Int8Linear:
+    """Int8Linear / Int4Linear of lin; the float weight's memory-mapped pages leave the resident set (memory.py says
+    why). A tied head's pages are the embedding's: lookups map back only the rows they read."""
+    cls = Int4Linear if bits == 4 and lin.in_features % kernels.I4_GROUP == 0 else Int8Linear
+    return cls.from_linear(lin, max_rows, release_source=True)
 
 
 def use_fast_linears(model: nn.Module, max_rows: int = MAX_ROWS) -> nn.Module:
     """The language model's nn.Linear layers and the output head become FastLinear, in place; returns the model.
 
     Results equal F.linear within float rounding (fp32 accumulation). Without the native kernels
-    (LFM2VL_NO_KERNELS=1, no compiler, not x86-64) nothing is swapped. Int8Linear layers are left as they are.
+    (LFM2VL_NO_KERNELS=1, no compiler, not x86-64) nothing is swapped. Quantized layers are left as they are.
     """
     if not kernels.available():
         return model

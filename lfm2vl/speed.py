@@ -2,7 +2,7 @@
 
 Module swaps that keep parameters, state_dict keys and results (within float rounding), issue #6:
 - linears of the language model and the output head -> `quant.FastLinear` (native multithreaded GEMV for
-  decode-size inputs), or `quant.Int8Linear` with int8=True (weight-only int8, opt-in);
+  decode-size inputs), or `quant.Int8Linear` / `Int4Linear` with int8=True / int4=True (weight-only, opt-in);
 - `ShortConv` -> `FastShortConv`: the depthwise causal conv as K shifted multiply-adds in fp32. torch's bf16
   `F.conv1d` for groups=D goes through oneDNN and costs ~50 ms per call on this CPU (a decode step has 10);
 - the decode step (T == 1) of the whole language model -> one native call (`kernels/decode.py`): the model becomes a
@@ -23,7 +23,7 @@ from . import kernels
 from .kernels.decode import NativeDecoder
 from .model.lfm2vl import Lfm2VlModel
 from .model.text import Attention, ShortConv
-from .quant import quantize_int8, use_fast_linears
+from .quant import quantize_weights, use_fast_linears
 
 
 def causal_depthwise_conv(u_ext: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -107,13 +107,16 @@ def _swap_class(root: nn.Module, base: type, fast: type) -> int:
     return n
 
 
-def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool = True) -> nn.Module:
+def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool = True,
+                     int4: bool = False) -> nn.Module:
     """Make a loaded Lfm2VlModel decode fast on CPU, in place; returns it. Call once after loading.
 
     int8=True: weight-only int8 for the language model's linears and, unless quantize_head=False, the output head
     (a tied head is ~19% of a 450M decode step's bytes; the embedding table stays float for lookups, so make_cache
-    still picks the activation dtype by default).
+    still picks the activation dtype by default). int4=True: the same with int4 (groups of 32 weights).
     """
+    if int8 and int4:
+        raise ValueError("int8 and int4 are exclusive: pick one weight format")
     try:
         dev = next(model.parameters()).device
     except StopIteration:
@@ -123,8 +126,8 @@ def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool =
     lm = model.model.language_model
     _swap_class(lm, ShortConv, FastShortConv)
     _swap_class(lm, Attention, FastAttention)
-    if int8:
-        quantize_int8(model, quantize_head=quantize_head)
+    if int8 or int4:
+        quantize_weights(model, bits=4 if int4 else 8, quantize_head=quantize_head)
     use_fast_linears(model)
     if type(model) in (Lfm2VlModel, FastLfm2VlModel):
         model.__class__ = FastLfm2VlModel

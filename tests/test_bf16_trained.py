@@ -1,4 +1,5 @@
-"""bfloat16 (and weight-only int8) vs float32 on a *trained* tiny model: same argmax on >= 99% (int8: 98%) of positions.
+"""bfloat16 (and weight-only int8 / int4) vs float32 on a *trained* tiny model: same argmax on >= 99% (int8: 98%,
+int4: 99%) of positions.
 
 Random weights give flat next-token distributions (top-2 gaps of ~0.2 logit), so a few percent of argmaxes flip
 under any bf16 run, transformers' included (tests/test_model_parity.py covers that case). A trained model is
@@ -10,6 +11,7 @@ import torch
 
 from checkpoints import build_hf_model, image_placeholder, make_pixels
 from lfm2vl.loading import load_model
+from lfm2vl.quant import Int8Linear
 from lfm2vl.speed import optimize_for_cpu
 from tokenizer_build import write_tokenizer_files
 
@@ -77,9 +79,19 @@ def test_bf16_argmax_on_a_trained_model(tmp_path):
     print(f"[bf16 trained] argmax agreement {rate:.4f} over {total} positions, max logit error {max_err:.3f}")
     assert rate >= 0.99, f"bf16 argmax agrees with float32 on {rate:.2%} of {total} positions"
 
-    # weight-only int8 (output head included), every position through the native single-token decode step, the
-    # path int8 exists for: image features from the float model, then one token at a time into the cache
-    q8 = optimize_for_cpu(load_model(tmp_path, dtype=torch.bfloat16)[0], int8=True)
+    # weight-only int8 and int4 (output head included), every position through the native single-token decode step,
+    # the path they exist for: image features from the float model, then one token at a time into the cache
+    for fmt, floor in (("int8", 0.98), ("int4", 0.99)):
+        rate, cos = _quantized_agreement(tmp_path, fmt, bf16, f32, perm, g)
+        print(f"[{fmt} trained] argmax agreement {rate:.4f}, logit cosine mean {cos.mean():.4f} min {cos.min():.4f}")
+        assert rate >= floor, f"{fmt} argmax agrees with float32 on {rate:.2%} of the positions"
+
+
+def _quantized_agreement(folder, fmt, bf16, f32, perm, g):
+    """Argmax agreement with float32 and the logit cosines of a `fmt`-quantized model decoding token by token."""
+    q = optimize_for_cpu(load_model(folder, dtype=torch.bfloat16)[0], **{fmt: True})
+    kinds = {type(m).__name__ for m in q.modules() if isinstance(m, Int8Linear)}
+    assert kinds == {"Int4Linear" if fmt == "int4" else "Int8Linear"}, kinds  # no layer kept another format
     agree = total = 0
     cos = []
     with torch.inference_mode():
@@ -93,16 +105,12 @@ def test_bf16_argmax_on_a_trained_model(tmp_path):
                 sel = slice(first, first + len(_units_per_row()[r]))
                 feats = bf16.image_features(inp["pixel_values"][sel].bfloat16(), inp["pixel_attention_mask"][sel],
                                             inp["spatial_shapes"][sel])
-                emb = q8.embed(ids, feats)
-                cache = q8.make_cache(1, ids.shape[1])
-                out = torch.stack([q8.forward_cached(emb[:, t:t + 1], cache, torch.tensor([t]))[0]
+                emb = q.embed(ids, feats)
+                cache = q.make_cache(1, ids.shape[1])
+                out = torch.stack([q.forward_cached(emb[:, t:t + 1], cache, torch.tensor([t]))[0]
                                    for t in range(ids.shape[1])]).float()
                 want = ref[r][valid]
                 agree += (want.argmax(-1) == out.argmax(-1)).sum().item()
                 total += len(want)
                 cos.append(torch.nn.functional.cosine_similarity(want, out, dim=-1))
-    rate = agree / total
-    cos = torch.cat(cos)
-    print(f"[int8 trained] argmax agreement {rate:.4f} over {total} positions, logit cosine mean "
-          f"{cos.mean():.4f} min {cos.min():.4f}")
-    assert rate >= 0.98, f"int8 argmax agrees with float32 on {rate:.2%} of {total} positions"
+    return agree / total, torch.cat(cos)

@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lfm2vl import kernels
-from lfm2vl.quant import FastLinear, Int8Linear, quantize_int8, quantize_weight_int8, use_fast_linears
+from lfm2vl.quant import (FastLinear, Int4Linear, Int8Linear, quantize_weight_int4, quantize_weight_int8,
+                          quantize_weights, use_fast_linears)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_kernels = pytest.mark.skipif(os.environ.get("LFM2VL_NO_KERNELS", "0") not in ("", "0"),
@@ -80,6 +81,55 @@ def test_int8_matches_dequantized_linear(isa_cap, xdt):
 
 
 @needs_kernels
+@pytest.mark.parametrize("isa_cap", [3, 2, 1, 0], indirect=True)
+@pytest.mark.parametrize("xdt", [torch.bfloat16, torch.float32])
+def test_int4_matches_dequantized_linear(isa_cap, xdt):
+    if kernels.isa() < isa_cap:
+        pytest.skip(f"CPU lacks ISA level {isa_cap}")
+    g = torch.Generator().manual_seed(20 + isa_cap)
+    for (N, K) in [(1, 32), (37, 64), (300, 96), (65, 1024)]:
+        lin = Int4Linear(*quantize_weight_int4(torch.randn(N, K, generator=g)), bias=None)
+        W = lin.dequantize(torch.float32)
+        bias = torch.randn(N, generator=g)
+        for M in (1, 4, 7):
+            x = torch.randn(M, K, generator=g).to(xdt)
+            y = kernels.linear(x, lin.weight, bias, lin.scale)
+            ref = F.linear(x.float(), W, bias)
+            err = (y.float() - ref).abs()
+            assert (err <= _tol(ref, K, xdt)).all(), f"{(N, K, M)} max err {err.max():.3g}"
+        for dt in (torch.float32, torch.bfloat16):  # prefill's native dequantization: the same values
+            assert torch.equal(kernels.dequantize_int4(lin.weight, lin.scale, torch.empty(N, K, dtype=dt)),
+                               W.to(dt))
+
+
+def test_quantize_weight_int4_format():
+    """Q4_0's rule per group of 32: d = extreme / -8, q = clamp(round(w / d), -8, 7) stored as q + 8; byte j of a
+    group packs element j (low nibble) and element 16 + j (high nibble)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 96, generator=g)
+    w[1, 32:64] = 0.0  # an all-zero group keeps scale 1
+    w[2, 5] = 9.0  # a positive extreme maps to -8 with a negative scale
+    packed, scale = quantize_weight_int4(w)
+    assert packed.shape == (5, 48) and packed.dtype == torch.uint8 and scale.shape == (5, 3)
+    assert scale[1, 1] == 1 and scale[2, 0] == -9.0 / 8
+    b = packed.view(5, 3, 16).long()  # (row, group, byte j)
+    q = torch.cat((b & 15, b >> 4), dim=-1) - 8  # (row, group, 32): elements j, then 16 + j
+    for r in range(5):
+        for grp in range(3):
+            chunk = w[r, 32 * grp:32 * grp + 32]
+            ext = chunk[chunk.abs().argmax()]
+            d = ext / -8 if ext != 0 else torch.tensor(1.0)
+            assert scale[r, grp] == d
+            assert torch.equal(q[r, grp], torch.round(chunk / d).clamp(-8, 7).long())
+    lin = Int4Linear(packed, scale, None)
+    assert lin.in_features == 96 and lin.out_features == 5
+    assert torch.equal(lin.dequantize(), (q.float() * scale[..., None]).view(5, 96))
+    assert (lin.dequantize() - w).abs().max() <= scale.abs().max() / 2 + 1e-6  # at most half a step off
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_weight_int4(torch.randn(4, 40))
+
+
+@needs_kernels
 def test_bf16_close_to_torch_bf16_linear_and_batched_shapes():
     """Against torch's own bf16 F.linear: at most one bf16 rounding step apart; (B, T, K) inputs keep their shape."""
     W = torch.randn(3072, 1024).bfloat16()
@@ -127,6 +177,10 @@ def test_bad_input_is_a_clear_error():
         kernels.linear(torch.randn(1, 10), torch.randn(4, 12))
     with pytest.raises(ValueError, match="scale"):
         kernels.linear(torch.randn(1, 12), torch.zeros(4, 12, dtype=torch.int8))
+    with pytest.raises(ValueError, match="int4 .* 8 values"):  # int4 (4, 64) needs (4, 2) group scales
+        kernels.linear(torch.randn(1, 64), torch.zeros(4, 32, dtype=torch.uint8), None, torch.ones(4))
+    with pytest.raises(ValueError, match="dequantize_int4"):
+        kernels.dequantize_int4(torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 2), torch.empty(4, 32))
 
 
 def test_quantize_weight_int8_roundtrip():
@@ -185,10 +239,10 @@ def test_fast_linears_keep_results_and_tying(dtype):
     assert model.model.language_model.layers[0][0].weight.grad is not None
 
 
-def test_quantize_int8_decode_and_prefill_agree():
+def test_quantize_weights_int8_decode_and_prefill_agree():
     torch.manual_seed(1)
     model = _Toy(torch.bfloat16).eval()
-    n = quantize_int8(model, quantize_head=True)
+    n = quantize_weights(model, quantize_head=True)
     assert n == 5 and isinstance(model.lm_head, Int8Linear)
     assert type(model.model.vision_tower[0]) is nn.Linear
     lin = model.model.language_model.layers[0][0]
@@ -215,7 +269,7 @@ def test_fallback_without_kernels_is_plain_torch():
     code = """
         import torch, torch.nn as nn, torch.nn.functional as F
         from lfm2vl import kernels
-        from lfm2vl.quant import use_fast_linears, quantize_int8, Int8Linear
+        from lfm2vl.quant import use_fast_linears, quantize_weights, Int8Linear
         assert not kernels.available() and kernels.isa() == -1
         m = nn.Module(); m.model = nn.Module(); m.model.language_model = nn.Sequential(nn.Linear(16, 32))
         m.lm_head = nn.Linear(32, 8)
@@ -224,7 +278,7 @@ def test_fallback_without_kernels_is_plain_torch():
         use_fast_linears(m)
         assert type(m.lm_head) is nn.Linear and type(m.model.language_model[0]) is nn.Linear
         assert torch.equal(m.lm_head(m.model.language_model(x)), ref)
-        quantize_int8(m)
+        quantize_weights(m)
         assert isinstance(m.model.language_model[0], Int8Linear)
         y = m.model.language_model(x)
         assert torch.allclose(y, F.linear(x, m.model.language_model[0].dequantize(), m.model.language_model[0].bias))

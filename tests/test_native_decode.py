@@ -57,8 +57,13 @@ def test_native_step_equals_torch_path(dtype):
     assert len(calls) == 6 * len(CASES) and set(calls) == {1, 2}
 
 
-def test_int8_native_step_equals_int8_torch_path():
-    fast, torch_path = _pair(torch.bfloat16, seed=3, int8=True, quantize_head=True)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_native_step_equals_quantized_torch_path(fmt):
+    from lfm2vl.quant import Int4Linear, Int8Linear
+
+    fast, torch_path = _pair(torch.bfloat16, seed=3, quantize_head=True, **{fmt: True})
+    want = Int4Linear if fmt == "int4" else Int8Linear
+    assert type(fast.lm_head) is want and type(fast.model.language_model.layers[0].feed_forward.w2) is want
     for prompts, slots in CASES:
         _close(run_cached(fast, prompts, 5, slots), run_cached(torch_path, prompts, 5, slots), torch.bfloat16)
 

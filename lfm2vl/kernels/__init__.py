@@ -27,7 +27,8 @@ _SRC = Path(__file__).with_name("gemv.cpp")
 _SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in ("attn.cpp", "decode.cpp", "pool.cpp")]
 _HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17"]
-_KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2}
+_KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
+I4_GROUP = 32  # int4 weights: one fp32 scale per this many weights of a row (gemv.cpp)
 _DT = {torch.float32: 0, torch.bfloat16: 1}
 _lib = None
 _tried = False
@@ -92,6 +93,8 @@ def _load():
     lib.lfm2vl_attn_decode.restype = None
     lib.lfm2vl_dequant_int8.argtypes = [p, p, p, i64, i64, i, i]
     lib.lfm2vl_dequant_int8.restype = None
+    lib.lfm2vl_dequant_int4.argtypes = [p, p, p, i64, i64, i, i]
+    lib.lfm2vl_dequant_int4.restype = None
     lib.lfm2vl_decode_step.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i]
     lib.lfm2vl_decode_step.restype = None
     lib.lfm2vl_isa.restype = ctypes.c_int
@@ -127,17 +130,24 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            scale: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight * scale[:, None], bias) with fp32 accumulation; the output has x's dtype.
+    """F.linear(x, dequantized weight, bias) with fp32 accumulation; the output has x's dtype.
 
-    x (..., K) fp32/bf16; weight (N, K) bf16/fp32/int8 (int8 needs `scale` (N,) fp32); bias (N,) or None.
+    x (..., K) fp32/bf16; weight (N, K) bf16/fp32/int8, or (N, K/2) uint8 packed int4; int8 needs `scale` (N,) fp32,
+    int4 (N, K/32) fp32 (quant.py has the formats); bias (N,) or None.
     The caller checks `supports()` first. Kept lean: it runs ~100 times per decoded token.
     """
     N, K = weight.shape
+    kind = _KIND[weight.dtype]
+    if kind == 3:
+        K *= 2
     if x.shape[-1] != K:
         raise ValueError(f"linear: x has {x.shape[-1]} features but weight is {tuple(weight.shape)}")
-    kind = _KIND[weight.dtype]
-    if kind == 2 and (scale is None or scale.dtype != torch.float32 or scale.numel() != N):
-        raise ValueError(f"linear: int8 weight {tuple(weight.shape)} needs a float32 scale of {N} values")
+    if kind >= 2:
+        n_scales = N if kind == 2 else N * (K // I4_GROUP)
+        if (scale is None or scale.dtype != torch.float32 or scale.numel() != n_scales
+                or (kind == 3 and K % I4_GROUP)):
+            raise ValueError(f"linear: {'int8' if kind == 2 else 'int4'} weight {tuple(weight.shape)} needs a float32 "
+                             f"scale of {n_scales} values" + (f" and K a multiple of {I4_GROUP}" if kind == 3 else ""))
     if not x.is_contiguous():
         x = x.contiguous()
     if not weight.is_contiguous():
@@ -166,6 +176,22 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> 
                          f"{tuple(out.shape)} {out.dtype}")
     q, scale = q.contiguous(), scale.contiguous()
     _lib.lfm2vl_dequant_int8(q.data_ptr(), scale.data_ptr(), out.data_ptr(), q.shape[0], q.shape[1], _DT[out.dtype],
+                             torch.get_num_threads())
+    return out
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (N, K) fp32/bf16 <- packed int4 q (N, K/2) uint8 with group scales (N, K/32) fp32 (quant.py's format):
+    each fp32 product rounded once to out's dtype, on the pool's threads. Returns out. The caller checks
+    `available()`."""
+    N, K = out.shape
+    if (q.dtype != torch.uint8 or q.shape != (N, K // 2) or K % I4_GROUP or scale.dtype != torch.float32
+            or scale.shape != (N, K // I4_GROUP) or out.dtype not in _DT or not out.is_contiguous()):
+        raise ValueError(f"dequantize_int4: needs (N, K/2) uint8, (N, K/{I4_GROUP}) float32 scales and a contiguous "
+                         f"(N, K) fp32/bf16 output, K a multiple of {I4_GROUP}; got {tuple(q.shape)} {q.dtype}, "
+                         f"{tuple(scale.shape)} {scale.dtype}, {tuple(out.shape)} {out.dtype}")
+    q, scale = q.contiguous(), scale.contiguous()
+    _lib.lfm2vl_dequant_int4(q.data_ptr(), scale.data_ptr(), out.data_ptr(), N, K, _DT[out.dtype],
                              torch.get_num_threads())
     return out
 

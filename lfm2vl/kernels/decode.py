@@ -23,7 +23,7 @@ from ..model.rope import rope_cos_sin
 from ..threads import one_thread
 
 _ACT = {torch.float32: 0, torch.bfloat16: 1}
-_KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2}
+_KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
 _MAX_CONV_K, _MAX_HEAD_DIM = 16, 512  # decode.cpp's stack buffers
 _registrations = [0]  # counts module / parameter / buffer assignments anywhere in the process
 
@@ -88,22 +88,22 @@ class NativeDecoder:
         return child
 
     def _lin(self, parent: nn.Module, name: str) -> DLin:
-        from ..quant import FastLinear, Int8Linear  # quant imports kernels: import here, not at module load
+        from ..quant import FastLinear, Int4Linear, Int8Linear  # quant imports kernels: import here, not at load
 
         lin = self._sub(parent, name)
-        if type(lin) not in (nn.Linear, FastLinear, Int8Linear):
+        if type(lin) not in (nn.Linear, FastLinear, Int8Linear, Int4Linear):
             raise _Unsupported(f"{type(lin).__name__} layer")
         w = lin.weight
         if w.dtype not in _KIND or w.dim() != 2:
             raise _Unsupported(f"weight dtype {w.dtype}")
         scale = None
-        if type(lin) is Int8Linear:
+        if isinstance(lin, Int8Linear):  # and Int4Linear
             scale = self._tensor(lin, "scale", torch.float32)
         bias = None
         if lin.bias is not None:
             self._checks.append((lin, "bias", lin.bias))
             bias = self._ptr(lin.bias.detach().float().contiguous(), torch.float32)  # the kernel adds an fp32 bias
-        N, K = w.shape
+        N, K = lin.out_features, lin.in_features  # int4 packs two weights per byte
         return DLin(self._tensor(lin, "weight", w.dtype), scale, bias, N, K, _KIND[w.dtype])
 
     @classmethod

@@ -1,7 +1,8 @@
 // Fast CPU matrix-vector / small-M matrix products for the decode step of lfm2vl.
 //
 // y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), i.e. F.linear(x, W, bias), with fp32 accumulation.
-// Weights: bf16, fp32, or int8 with one fp32 scale per output row (symmetric, weight-only).
+// Weights: bf16, fp32, int8 with one fp32 scale per output row, or int4 with one fp32 scale per 32 weights of a row
+// (symmetric, weight-only; layout at I4_GROUP below).
 // Activations x: fp32 or bf16 (dtype code 0 = fp32, 1 = bf16); output y likewise (bf16 rounded to nearest even).
 //
 // Why: torch's CPU GEMV runs on one core at 15-20 GB/s; a decode step of a 450M model is mostly these products,
@@ -77,6 +78,32 @@ static void i8w_scalar(const int8_t* W, const float* S, const float* X, void* Y,
         }
 }
 
+// int4 (kind 3): row n holds K/32 groups of 16 bytes; byte j of group g packs element 32g+j in its low nibble and
+// element 32g+16+j in its high nibble, each as q+8 (0..15). S is (N, K/32): w[n, 32g+i] = (nibble - 8) * S[n, g].
+// K is a multiple of I4_GROUP (the Python side checks).
+static const int64_t I4_GROUP = 32;
+
+static inline float i4_at(const uint8_t* row, int64_t k) {
+    const uint8_t b = row[k / 32 * 16 + k % 16];
+    return (float)((k % 32 < 16 ? b & 15 : b >> 4) - 8);
+}
+
+static void i4w_scalar(const uint8_t* W, const float* S, const float* X, void* Y, const float* bias, int64_t M,
+                       int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt) {
+    const int64_t G = K / I4_GROUP;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = n0; n < n1; n++) {
+            const uint8_t* row = W + n * (K / 2);
+            float acc = 0.f;
+            for (int64_t g = 0; g < G; g++) {
+                float part = 0.f;
+                for (int64_t i = 0; i < I4_GROUP; i++) part += i4_at(row, g * I4_GROUP + i) * X[m * K + g * I4_GROUP + i];
+                acc += part * S[n * G + g];
+            }
+            store_out(Y, ydt, m * N + n, acc + (bias ? bias[n] : 0.f));
+        }
+}
+
 // ---------------------------------------------------------------- AVX2 paths
 T_AVX2 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -128,6 +155,34 @@ T_AVX2 static void gemv_avx2(int kind, const void* Wv, const float* S, const flo
             }
             if (kind == 2) acc *= S[n];
             store_out(Y, ydt, m * N + n, acc + (bias ? bias[n] : 0.f));
+        }
+    }
+}
+
+T_AVX2 static inline __m256 i4_lanes_avx2(__m128i nibbles) {  // 8 nibbles (one per byte) -> 8 floats q - 8
+    return _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nibbles)), _mm256_set1_ps(8.f));
+}
+
+T_AVX2 static void gemv_i4_avx2(const uint8_t* W, const float* S, const float* X, void* Y, const float* bias,
+                                int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt) {
+    const int64_t G = K / I4_GROUP;
+    const __m128i low = _mm_set1_epi8(15);
+    for (int64_t m = 0; m < M; m++) {
+        const float* x = X + m * K;
+        for (int64_t n = n0; n < n1; n++) {
+            const uint8_t* row = W + n * (K / 2);
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t g = 0; g < G; g++) {
+                const __m128i b = _mm_loadu_si128((const __m128i*)(row + g * 16));
+                const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+                const float* xg = x + g * I4_GROUP;
+                __m256 t = _mm256_mul_ps(i4_lanes_avx2(lo), _mm256_loadu_ps(xg));
+                t = _mm256_fmadd_ps(i4_lanes_avx2(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xg + 8), t);
+                t = _mm256_fmadd_ps(i4_lanes_avx2(hi), _mm256_loadu_ps(xg + 16), t);
+                t = _mm256_fmadd_ps(i4_lanes_avx2(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xg + 24), t);
+                acc = _mm256_fmadd_ps(t, _mm256_set1_ps(S[n * G + g]), acc);
+            }
+            store_out(Y, ydt, m * N + n, hsum256(acc) + (bias ? bias[n] : 0.f));
         }
     }
 }
@@ -258,6 +313,60 @@ T_AVX512BF16 static void rows_bf16_dp(const uint16_t* W, const uint16_t* X, void
     }, nullptr, Y, bias, M, n0, n1, N, ydt);
 }
 
+// One int4 group (16 bytes) -> its 32 weights q - 8 as two fp32 vectors (elements 0..15, 16..31).
+T_AVX512 static inline void i4_group(const uint8_t* p, __m512& lo, __m512& hi) {
+    const __m128i b = _mm_loadu_si128((const __m128i*)p), low = _mm_set1_epi8(15);
+    const __m512 eight = _mm512_set1_ps(8.f);
+    lo = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low))), eight);
+    hi = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low))), eight);
+}
+
+// Group g's 32 products with each of the MR activation rows, into accumulators u (elements 0..15) and u + 1.
+template <int MR>
+T_AVX512 static inline void i4_group_fma(const uint8_t* w, float scale, const float* X, int64_t K, int64_t g,
+                                         __m512 (&acc)[MR][4], int u) {
+    const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + g * 16)));
+    const __m512 table = _mm512_mul_ps(levels, _mm512_set1_ps(scale));
+    const __m512 lo = _mm512_permutexvar_ps(b, table), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+    for (int j = 0; j < MR; j++) {
+        const float* x = X + j * K + g * I4_GROUP;
+        acc[j][u] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x), acc[j][u]);
+        acc[j][u + 1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), acc[j][u + 1]);
+    }
+}
+
+// int4 weights x fp32 activations. Each group's 16 weight levels (q - 8) * scale are one vector, and the nibbles
+// index it with a permute (VPERMPS reads only an index's low 4 bits, so the low nibble needs no masking): fewer
+// instructions per weight than widening, subtracting and scaling each nibble (the kernel is compute-bound here).
+// Two groups per iteration on four accumulators per row, so no chain waits on one FMA latency per group.
+template <int MR>
+T_AVX512 static void row_i4(const uint8_t* w, const float* s, const float* X, int64_t K, bool pf, const char* end,
+                            float* out) {
+    __m512 acc[MR][4] = {};
+    const int64_t G = K / I4_GROUP;
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2) {
+        if (pf && (g & 3) == 0) prefetch_line((const char*)(w + g * 16) + PF_BYTES, end);
+        i4_group_fma<MR>(w, s[g], X, K, g, acc, 0);
+        i4_group_fma<MR>(w, s[g + 1], X, K, g + 1, acc, 2);
+    }
+    if (g < G) i4_group_fma<MR>(w, s[g], X, K, g, acc, 0);
+    sum_accumulators<MR, 4>(acc, out);
+}
+
+T_AVX512 static void rows_i4(const uint8_t* W, const float* S, const float* X, void* Y, const float* bias, int64_t M,
+                             int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt) {
+    const int64_t G = K / I4_GROUP;
+    const char* end = (const char*)(W + n1 * (K / 2));
+    rows_generic([&](int64_t n, int64_t m, int g, bool pf, float* out) {
+        const uint8_t* w = W + n * (K / 2);
+        if (g == 4) row_i4<4>(w, S + n * G, X + m * K, K, pf, end, out);
+        else if (g == 2) row_i4<2>(w, S + n * G, X + m * K, K, pf, end, out);
+        else row_i4<1>(w, S + n * G, X + m * K, K, pf, end, out);
+    }, nullptr, Y, bias, M, n0, n1, N, ydt);
+}
+
 // ---------------------------------------------------------------- dispatch
 // x as fp32 for the widening paths: a bf16 x is widened once (exact) into a scratch buffer.
 static float* x_as_f32(const void* X, int xdt, int64_t MK, float** owned) {
@@ -276,6 +385,11 @@ static void linear_chunk(const void* ctx, int64_t chunk) {
     int64_t n1 = n0 + a.rows_per_chunk < a.N ? n0 + a.rows_per_chunk : a.N;
     if (a.dp) {
         rows_bf16_dp((const uint16_t*)a.W, (const uint16_t*)a.X, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
+    } else if (a.kind == 3) {
+        const uint8_t* W = (const uint8_t*)a.W;
+        if (a.isa >= 2) rows_i4(W, a.S, a.Xf, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
+        else if (a.isa == 1) gemv_i4_avx2(W, a.S, a.Xf, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
+        else i4w_scalar(W, a.S, a.Xf, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
     } else if (a.isa >= 2) {
         if (a.kind == 0) rows_f32<0>(a.W, a.S, a.Xf, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
         else if (a.kind == 1) rows_f32<1>(a.W, a.S, a.Xf, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
@@ -291,7 +405,10 @@ static void linear_chunk(const void* ctx, int64_t chunk) {
     }
 }
 
-static int64_t weight_bytes(int kind) { return kind == 1 ? 4 : kind == 0 ? 2 : 1; }
+// Bytes of one weight row (int4: the packed nibbles and the row's group scales).
+static int64_t row_weight_bytes(int kind, int64_t K) {
+    return kind == 3 ? K / 2 + K / I4_GROUP * 4 : K * (kind == 1 ? 4 : kind == 0 ? 2 : 1);
+}
 
 // Fill the dispatch fields of one product. Xf must be x as fp32 unless the bf16 dot-product path is taken.
 void linear_setup(LinearArgs& a, int kind, const void* W, const float* S, const void* X, const float* Xf,
@@ -301,7 +418,7 @@ void linear_setup(LinearArgs& a, int kind, const void* W, const float* S, const 
     a.W = W; a.S = S; a.X = X; a.Xf = Xf; a.Y = Y; a.bias = bias; a.M = M; a.N = N; a.K = K;
     // chunks of ~256 KiB of weights: long sequential streams, yet small enough that a descheduled helper holds up
     // little (its unclaimed chunks are taken by the caller)
-    int64_t row_bytes = K * weight_bytes(kind) * (M > 1 ? 2 : 1);
+    int64_t row_bytes = row_weight_bytes(kind, K) * (M > 1 ? 2 : 1);
     int64_t rows = (int64_t)256 * 1024 / (row_bytes > 0 ? row_bytes : 1);
     a.rows_per_chunk = rows < 4 ? 4 : rows;
     a.chunks = (N + a.rows_per_chunk - 1) / a.rows_per_chunk;
@@ -325,7 +442,7 @@ void linear_many(const LinearArgs* lin, int n, int threads) {
     int64_t chunks = 0, bytes = 0;
     for (int i = 0; i < n; i++) {
         chunks += lin[i].chunks;
-        bytes += lin[i].N * lin[i].K * weight_bytes(lin[i].kind);
+        bytes += lin[i].N * row_weight_bytes(lin[i].kind, lin[i].K);
     }
     pool_run(multi_chunk, &m, chunks, bytes < 64 * 1024 ? 1 : threads);
 }
@@ -366,9 +483,56 @@ static void dequant_chunk(const void* ctx, int64_t chunk) {
         for (int64_t k = 0; k < a.K; k++) store_out(a.out, a.odt, n * a.K + k, (float)a.q[n * a.K + k] * a.s[n]);
 }
 
+// ---- int4 dequantization: out[n, 32g+i] = (nibble - 8) * s[n, g] in fp32, rounded once to out's dtype
+struct DequantI4Args {
+    const uint8_t* q;
+    const float* s;
+    void* out;
+    int64_t N, K, rows_per_chunk;
+    int odt;
+};
+
+T_AVX512 static inline void store16(void* out, int odt, int64_t idx, __m512 v) {
+    if (odt == 1) _mm256_storeu_si256((__m256i*)((uint16_t*)out + idx), _mm512_cvtepi32_epi16(
+        _mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16)));
+    else _mm512_storeu_ps((float*)out + idx, v);
+}
+
+T_AVX512 static void dequant_i4_rows_avx512(const DequantI4Args& a, int64_t n0, int64_t n1) {
+    const int64_t G = a.K / I4_GROUP;
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t g = 0; g < G; g++) {
+            __m512 lo, hi;
+            i4_group(a.q + n * (a.K / 2) + g * 16, lo, hi);
+            const __m512 sc = _mm512_set1_ps(a.s[n * G + g]);
+            store16(a.out, a.odt, n * a.K + g * I4_GROUP, _mm512_mul_ps(lo, sc));
+            store16(a.out, a.odt, n * a.K + g * I4_GROUP + 16, _mm512_mul_ps(hi, sc));
+        }
+}
+
+static void dequant_i4_chunk(const void* ctx, int64_t chunk) {
+    const DequantI4Args& a = *(const DequantI4Args*)ctx;
+    const int64_t n0 = chunk * a.rows_per_chunk, n1 = n0 + a.rows_per_chunk < a.N ? n0 + a.rows_per_chunk : a.N;
+    if (active_isa() >= 2) {
+        dequant_i4_rows_avx512(a, n0, n1);
+        return;
+    }
+    const int64_t G = a.K / I4_GROUP;
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t k = 0; k < a.K; k++)
+            store_out(a.out, a.odt, n * a.K + k, i4_at(a.q + n * (a.K / 2), k) * a.s[n * G + k / I4_GROUP]);
+}
+
 extern "C" {
 
 int lfm2vl_isa(void) { return active_isa(); }
+
+// q (N, K/2) packed int4, s (N, K/32) fp32 -> out (N, K) fp32 (odt 0) or bf16 (odt 1)
+void lfm2vl_dequant_int4(const uint8_t* q, const float* s, void* out, int64_t N, int64_t K, int odt, int threads) {
+    int64_t rows = (int64_t)256 * 1024 / (K > 0 ? K : 1);
+    DequantI4Args a{q, s, out, N, K, rows < 1 ? 1 : rows, odt};
+    pool_run(dequant_i4_chunk, &a, (N + a.rows_per_chunk - 1) / a.rows_per_chunk, threads);
+}
 
 // q (N, K) int8, s (N,) fp32 -> out (N, K) fp32 (odt 0) or bf16 (odt 1)
 void lfm2vl_dequant_int8(const int8_t* q, const float* s, void* out, int64_t N, int64_t K, int odt, int threads) {
@@ -379,7 +543,8 @@ void lfm2vl_dequant_int8(const int8_t* q, const float* s, void* out, int64_t N, 
 int lfm2vl_cpu_isa(void) { return cpu_isa(); }
 void lfm2vl_set_isa(int cap) { g_isa_cap = cap; }
 
-// kind: 0 bf16 weights, 1 fp32 weights, 2 int8 weights (+ row scales S). xdt/ydt: 0 fp32, 1 bf16.
+// kind: 0 bf16 weights, 1 fp32 weights, 2 int8 weights (+ row scales S), 3 int4 weights (+ group scales S; K is
+// the unpacked width). xdt/ydt: 0 fp32, 1 bf16.
 // threads: how many threads may work on it (the caller passes torch.get_num_threads()).
 void lfm2vl_linear(int kind, const void* W, const float* S, const void* X, void* Y, const float* bias, int64_t M,
                    int64_t N, int64_t K, int xdt, int ydt, int threads) {

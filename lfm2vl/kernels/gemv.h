@@ -37,7 +37,8 @@ struct LinearArgs {
     int64_t M, N, K, rows_per_chunk, chunks;
 };
 
-// kind 0 bf16 / 1 fp32 / 2 int8 (+ row scales S) weights; xdt/ydt 0 fp32, 1 bf16. Xf = x as fp32 (may be NULL when
+// kind 0 bf16 / 1 fp32 / 2 int8 (+ row scales S) / 3 int4 (+ group scales S) weights; xdt/ydt 0 fp32, 1 bf16.
+// Xf = x as fp32 (may be NULL when
 // kind == 0 and xdt == 1 on an AVX512-BF16 CPU: the dot-product path reads the bf16 x).
 void linear_setup(LinearArgs& a, int kind, const void* W, const float* S, const void* X, const float* Xf, int xdt,
                   void* Y, int ydt, const float* bias, int64_t M, int64_t N, int64_t K);
