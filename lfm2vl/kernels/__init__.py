@@ -1,7 +1,8 @@
-"""Native CPU kernels for the decode step: multithreaded GEMV / small-M GEMM over bf16, fp32 and int8 weights.
+"""Native CPU kernels for the decode step: multithreaded GEMV / small-M GEMM over bf16, fp32, int8 and int4 weights.
 
 - `gemv.cpp` (products), `attn.cpp` (decode attention), `decode.cpp` (the fused decode step, driven by
-  `kernels/decode.py`) and `pool.cpp` (their thread pool), with `gemv.h` / `pool.h`, are compiled once per machine
+  `kernels/decode.py`), `dequant.cpp` (int8 / int4 weights expanded for prefill) and `pool.cpp` (their thread pool),
+  with `gemv.h` / `pool.h`, are compiled once per machine
   with the system `g++ -O3 -march=native` (no ninja, no Python headers: a plain shared library called through
   ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/.
 - Threads: the caller plus `torch.get_num_threads() - 1` helpers of pool.cpp's own work-sharing pool (chunks from
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("gemv.cpp")
-_SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in ("attn.cpp", "decode.cpp", "pool.cpp")]
+_SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in ("attn.cpp", "decode.cpp", "dequant.cpp", "pool.cpp")]
 _HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17"]
 _KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4

@@ -24,11 +24,6 @@
 
 static int g_isa_cap = 3;
 
-static inline void store_out(void* y, int ydt, int64_t idx, float v) {
-    if (ydt == 1) ((uint16_t*)y)[idx] = f32_to_bf16(v);
-    else ((float*)y)[idx] = v;
-}
-
 static int cpu_isa() {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
@@ -39,7 +34,7 @@ static int cpu_isa() {
     return 0;
 }
 
-static int active_isa() {
+int active_isa() {
     static int isa = -1;
     if (isa < 0) isa = cpu_isa();
     return isa < g_isa_cap ? isa : g_isa_cap;
@@ -76,16 +71,6 @@ static void i8w_scalar(const int8_t* W, const float* S, const float* X, void* Y,
             for (int64_t k = 0; k < K; k++) acc += (float)W[n * K + k] * X[m * K + k];
             store_out(Y, ydt, m * N + n, acc * S[n] + (bias ? bias[n] : 0.f));
         }
-}
-
-// int4 (kind 3): row n holds K/32 groups of 16 bytes; byte j of group g packs element 32g+j in its low nibble and
-// element 32g+16+j in its high nibble, each as q+8 (0..15). S is (N, K/32): w[n, 32g+i] = (nibble - 8) * S[n, g].
-// K is a multiple of I4_GROUP (the Python side checks).
-static const int64_t I4_GROUP = 32;
-
-static inline float i4_at(const uint8_t* row, int64_t k) {
-    const uint8_t b = row[k / 32 * 16 + k % 16];
-    return (float)((k % 32 < 16 ? b & 15 : b >> 4) - 8);
 }
 
 static void i4w_scalar(const uint8_t* W, const float* S, const float* X, void* Y, const float* bias, int64_t M,
@@ -313,14 +298,6 @@ T_AVX512BF16 static void rows_bf16_dp(const uint16_t* W, const uint16_t* X, void
     }, nullptr, Y, bias, M, n0, n1, N, ydt);
 }
 
-// One int4 group (16 bytes) -> its 32 weights q - 8 as two fp32 vectors (elements 0..15, 16..31).
-T_AVX512 static inline void i4_group(const uint8_t* p, __m512& lo, __m512& hi) {
-    const __m128i b = _mm_loadu_si128((const __m128i*)p), low = _mm_set1_epi8(15);
-    const __m512 eight = _mm512_set1_ps(8.f);
-    lo = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low))), eight);
-    hi = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low))), eight);
-}
-
 // Group g's 32 products with each of the MR activation rows, into accumulators u (elements 0..15) and u + 1.
 template <int MR>
 T_AVX512 static inline void i4_group_fma(const uint8_t* w, float scale, const float* X, int64_t K, int64_t g,
@@ -447,99 +424,10 @@ void linear_many(const LinearArgs* lin, int n, int threads) {
     pool_run(multi_chunk, &m, chunks, bytes < 64 * 1024 ? 1 : threads);
 }
 
-// ---- int8 dequantization for prefill-size products: out[n, k] = q[n, k] * s[n] in fp32, rounded once to out's dtype
-struct DequantArgs {
-    const int8_t* q;
-    const float* s;
-    void* out;
-    int64_t N, K, rows_per_chunk;
-    int odt;
-};
-
-T_AVX512 static void dequant_rows_avx512(const DequantArgs& a, int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; n++) {
-        const __m512 sc = _mm512_set1_ps(a.s[n]);
-        for (int64_t k = 0; k < a.K; k += 16) {
-            __mmask16 mk = a.K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (a.K - k)) - 1u);
-            __m512 v = _mm512_mul_ps(load_w16<2>(a.q + n * a.K, k, mk), sc);
-            if (a.odt == 1) {  // the top 16 bits of the bf16-rounded value
-                _mm256_mask_storeu_epi16((uint16_t*)a.out + n * a.K + k, mk, _mm512_cvtepi32_epi16(
-                    _mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16)));
-            } else {
-                _mm512_mask_storeu_ps((float*)a.out + n * a.K + k, mk, v);
-            }
-        }
-    }
-}
-
-static void dequant_chunk(const void* ctx, int64_t chunk) {
-    const DequantArgs& a = *(const DequantArgs*)ctx;
-    const int64_t n0 = chunk * a.rows_per_chunk, n1 = n0 + a.rows_per_chunk < a.N ? n0 + a.rows_per_chunk : a.N;
-    if (active_isa() >= 2) {
-        dequant_rows_avx512(a, n0, n1);
-        return;
-    }
-    for (int64_t n = n0; n < n1; n++)
-        for (int64_t k = 0; k < a.K; k++) store_out(a.out, a.odt, n * a.K + k, (float)a.q[n * a.K + k] * a.s[n]);
-}
-
-// ---- int4 dequantization: out[n, 32g+i] = (nibble - 8) * s[n, g] in fp32, rounded once to out's dtype
-struct DequantI4Args {
-    const uint8_t* q;
-    const float* s;
-    void* out;
-    int64_t N, K, rows_per_chunk;
-    int odt;
-};
-
-T_AVX512 static inline void store16(void* out, int odt, int64_t idx, __m512 v) {
-    if (odt == 1) _mm256_storeu_si256((__m256i*)((uint16_t*)out + idx), _mm512_cvtepi32_epi16(
-        _mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16)));
-    else _mm512_storeu_ps((float*)out + idx, v);
-}
-
-T_AVX512 static void dequant_i4_rows_avx512(const DequantI4Args& a, int64_t n0, int64_t n1) {
-    const int64_t G = a.K / I4_GROUP;
-    for (int64_t n = n0; n < n1; n++)
-        for (int64_t g = 0; g < G; g++) {
-            __m512 lo, hi;
-            i4_group(a.q + n * (a.K / 2) + g * 16, lo, hi);
-            const __m512 sc = _mm512_set1_ps(a.s[n * G + g]);
-            store16(a.out, a.odt, n * a.K + g * I4_GROUP, _mm512_mul_ps(lo, sc));
-            store16(a.out, a.odt, n * a.K + g * I4_GROUP + 16, _mm512_mul_ps(hi, sc));
-        }
-}
-
-static void dequant_i4_chunk(const void* ctx, int64_t chunk) {
-    const DequantI4Args& a = *(const DequantI4Args*)ctx;
-    const int64_t n0 = chunk * a.rows_per_chunk, n1 = n0 + a.rows_per_chunk < a.N ? n0 + a.rows_per_chunk : a.N;
-    if (active_isa() >= 2) {
-        dequant_i4_rows_avx512(a, n0, n1);
-        return;
-    }
-    const int64_t G = a.K / I4_GROUP;
-    for (int64_t n = n0; n < n1; n++)
-        for (int64_t k = 0; k < a.K; k++)
-            store_out(a.out, a.odt, n * a.K + k, i4_at(a.q + n * (a.K / 2), k) * a.s[n * G + k / I4_GROUP]);
-}
-
 extern "C" {
 
 int lfm2vl_isa(void) { return active_isa(); }
 
-// q (N, K/2) packed int4, s (N, K/32) fp32 -> out (N, K) fp32 (odt 0) or bf16 (odt 1)
-void lfm2vl_dequant_int4(const uint8_t* q, const float* s, void* out, int64_t N, int64_t K, int odt, int threads) {
-    int64_t rows = (int64_t)256 * 1024 / (K > 0 ? K : 1);
-    DequantI4Args a{q, s, out, N, K, rows < 1 ? 1 : rows, odt};
-    pool_run(dequant_i4_chunk, &a, (N + a.rows_per_chunk - 1) / a.rows_per_chunk, threads);
-}
-
-// q (N, K) int8, s (N,) fp32 -> out (N, K) fp32 (odt 0) or bf16 (odt 1)
-void lfm2vl_dequant_int8(const int8_t* q, const float* s, void* out, int64_t N, int64_t K, int odt, int threads) {
-    int64_t rows = (int64_t)256 * 1024 / (K > 0 ? K : 1);
-    DequantArgs a{q, s, out, N, K, rows < 1 ? 1 : rows, odt};
-    pool_run(dequant_chunk, &a, (N + a.rows_per_chunk - 1) / a.rows_per_chunk, threads);
-}
 int lfm2vl_cpu_isa(void) { return cpu_isa(); }
 void lfm2vl_set_isa(int cap) { g_isa_cap = cap; }
 

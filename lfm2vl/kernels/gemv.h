@@ -24,6 +24,33 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+// Store v at y[idx] as fp32 (ydt 0) or bf16 rounded to nearest even (ydt 1).
+static inline void store_out(void* y, int ydt, int64_t idx, float v) {
+    if (ydt == 1) ((uint16_t*)y)[idx] = f32_to_bf16(v);
+    else ((float*)y)[idx] = v;
+}
+
+// int4 (kind 3): row n holds K/32 groups of 16 bytes; byte j of group g packs element 32g+j in its low nibble and
+// element 32g+16+j in its high nibble, each as q+8 (0..15). S is (N, K/32): w[n, 32g+i] = (nibble - 8) * S[n, g].
+// K is a multiple of I4_GROUP (the Python side checks).
+static const int64_t I4_GROUP = 32;
+
+static inline float i4_at(const uint8_t* row, int64_t k) {
+    const uint8_t b = row[k / 32 * 16 + k % 16];
+    return (float)((k % 32 < 16 ? b & 15 : b >> 4) - 8);
+}
+
+// One int4 group (16 bytes) -> its 32 weights q - 8 as two fp32 vectors (elements 0..15, 16..31).
+T_AVX512 static inline void i4_group(const uint8_t* p, __m512& lo, __m512& hi) {
+    const __m128i b = _mm_loadu_si128((const __m128i*)p), low = _mm_set1_epi8(15);
+    const __m512 eight = _mm512_set1_ps(8.f);
+    lo = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low))), eight);
+    hi = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low))), eight);
+}
+
+// The instruction set in use (gemv.cpp): 3 AVX512-BF16, 2 AVX512F, 1 AVX2+FMA, 0 scalar.
+int active_isa();
+
 // One product y = x W^T (+ bias): see linear_setup for the fields' meaning.
 struct LinearArgs {
     int kind, isa, ydt;
