@@ -1,7 +1,7 @@
 """`lfm2vl bench`: speed benchmark of lfm2vl beside transformers on the same weights and inputs.
 
     lfm2vl bench                         # random weights at the published 450M shapes, bf16, 2 threads
-    lfm2vl bench --shape 1.6B --int8     # + weight-only int8 and its quality against bf16
+    lfm2vl bench --shape 1.6B --int8     # + weight-only int8 and its quality against bf16 (--int4 likewise)
     lfm2vl bench --model ./LFM2-VL-450M  # a real checkpoint folder
     lfm2vl bench --device cuda --compile # on a GPU, the decode step compiled with CUDA graphs
 
@@ -10,7 +10,7 @@ peak RSS for four scenarios (text-only 512-token prompt, one 512x512 image, one 
 two images). Each engine runs in a fresh subprocess (bench_worker.py) so its peak RSS is its own; transformers is
 measured when it is importable. Warm-up, then `--reps` runs, median reported. Prints a table with ratios and JSON.
 Random weights (bench_data.py) give the real shapes' timings; they say nothing about output quality beyond the
-int8-vs-bf16 agreement that --int8 reports.
+int8/int4-vs-bf16 agreement that --int8 / --int4 report.
 """
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ def _args(argv):
     src.add_argument("--config", help="a config.json to build random weights from (e.g. a tiny one for tests)")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--int8", action="store_true", help="also run lfm2vl with weight-only int8 (+ quality check)")
+    ap.add_argument("--int4", action="store_true", help="also run lfm2vl with weight-only int4 (+ quality check)")
     ap.add_argument("--int8-float-head", action="store_true",
-                    help="with --int8, keep the output head in the float dtype (default: int8 like the rest)")
+                    help="with --int8 / --int4, keep the output head in the float dtype (default: quantized too)")
     ap.add_argument("--low-memory", action="store_true",
                     help="also run lfm2vl with low_memory=True (idle weights dropped from RSS; memory.py)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU lfm2vl runs its plain torch path)")
@@ -139,7 +140,7 @@ def table(results: dict[str, dict], scenarios: list[str]) -> str:
             lines.append(f"{label}: FAILED: {r['error'].splitlines()[-1] if r['error'] else '?'}")
         elif r.get("engine") == "quality":
             for sc, q in r["scenarios"].items():
-                lines.append(f"int8 vs bf16 {sc:<12} logit cosine mean {q['logit_cosine_mean']:.4f} min "
+                lines.append(f"{r.get('format', 'int8')} vs bf16 {sc:<12} logit cosine mean {q['logit_cosine_mean']:.4f} min "
                              f"{q['logit_cosine_min']:.4f}, greedy agreement {q['greedy_agreement']:.3f} "
                              f"({q['positions']} positions)")
         else:
@@ -161,14 +162,17 @@ def main(argv=None) -> int:
         if args.low_memory:
             runs.append((f"lfm2vl {args.dtype} low-mem", {**common, "engine": "ours",
                                                            "optimize": not args.no_optimize, "low_memory": True}))
-        if args.int8:
-            runs.append(("lfm2vl int8", {**common, "dtype": "bf16", "engine": "ours", "int8": True,
-                                         "int8_head": not args.int8_float_head}))
+        for fmt in ("int8", "int4"):
+            if getattr(args, fmt):
+                runs.append((f"lfm2vl {fmt}", {**common, "dtype": "bf16", "engine": "ours", fmt: True,
+                                               "int8_head": not args.int8_float_head}))
     if "transformers" in args.engines:
         runs.append((f"transformers {args.dtype}", {**common, "engine": "transformers"}))
-    if args.int8 and "ours" in args.engines:
-        runs.append(("int8 quality", {**common, "engine": "quality", "int8_head": not args.int8_float_head,
-                                      "new_tokens": min(args.new_tokens, 16)}))
+    for fmt in ("int8", "int4"):
+        if getattr(args, fmt) and "ours" in args.engines:
+            runs.append((f"{fmt} quality", {**common, "engine": "quality", "format": fmt,
+                                            "int8_head": not args.int8_float_head,
+                                            "new_tokens": min(args.new_tokens, 16)}))
     results = {}
     for label, spec in runs:
         print(f"running {label} ...", file=sys.stderr, flush=True)

@@ -5,7 +5,7 @@
 Engines: "ours" (lfm2vl: load_model + speed.optimize_for_cpu, then the same calls the engine makes: image_features,
 embed, chunked forward_cached prefill, greedy decode steps) and "transformers" (Lfm2VlForConditionalGeneration on
 the same checkpoint and the same processor outputs; transformers' own image processor needs torchvision, so the
-preprocessing figure is lfm2vl's for both). "quality" compares int8 against bf16 logits.
+preprocessing figure is lfm2vl's for both). "quality" compares int8 or int4 against bf16 logits.
 Each scenario: `warmup` untimed runs, then `reps` timed runs; the median of each figure is reported.
 """
 from __future__ import annotations
@@ -128,7 +128,8 @@ def _load(spec: dict):
 
         model = load_model(spec["folder"], dtype=dtype, device=device)[0]
         if spec.get("optimize", True):  # a no-op off CPU
-            optimize_for_cpu(model, int8=spec.get("int8", False), quantize_head=spec.get("int8_head", False))
+            optimize_for_cpu(model, int8=spec.get("int8", False), int4=spec.get("int4", False),
+                             quantize_head=spec.get("int8_head", False))
         model.low_memory = spec.get("low_memory", False)
         if spec.get("compile"):  # the static-shape decode step; on CUDA "reduce-overhead" replays a CUDA graph
             model.bench_decode = torch.compile(model.forward_cached, dynamic=False,
@@ -174,8 +175,9 @@ def _decode_logits(model, emb: torch.Tensor, n: int, forced: list[int] | None = 
 
 
 def quality(spec: dict) -> dict:
-    """int8 vs bf16 on the benchmark prompts: logit cosine at the prompt's last position and at each of the next
-    `new_tokens` positions, and how often the int8 argmax equals the bf16 one, teacher-forced on bf16's greedy text."""
+    """int8 (or int4: spec["format"]) vs bf16 on the benchmark prompts: logit cosine at the prompt's last position and
+    at each of the next `new_tokens` positions, and how often the quantized argmax equals the bf16 one, teacher-forced
+    on bf16's greedy text."""
     import torch.nn.functional as F
 
     from .loading import load_model
@@ -185,7 +187,8 @@ def quality(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     ref = optimize_for_cpu(load_model(spec["folder"], dtype=torch.bfloat16)[0])
     # a second load, not a deepcopy: both map the same file pages, and quantizing releases the float ones
-    q = optimize_for_cpu(load_model(spec["folder"], dtype=torch.bfloat16)[0], int8=True,
+    fmt = spec.get("format", "int8")
+    q = optimize_for_cpu(load_model(spec["folder"], dtype=torch.bfloat16)[0], **{fmt: True},
                          quantize_head=spec.get("int8_head", False))
     processor = Processor.from_pretrained(spec["folder"])
     out = {}
@@ -203,7 +206,7 @@ def quality(spec: dict) -> dict:
         out[name] = {"logit_cosine_mean": cos.mean().item(), "logit_cosine_min": cos.min().item(),
                      "greedy_agreement": (lr.argmax(-1) == lq.argmax(-1)).float().mean().item(),
                      "positions": int(lr.shape[0])}
-    return {"engine": "quality", "scenarios": out}
+    return {"engine": "quality", "format": fmt, "scenarios": out}
 
 
 def main() -> None:

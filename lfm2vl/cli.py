@@ -33,7 +33,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="weights and activations (default: bfloat16)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cpu)")
-    g.add_argument("--int8", action="store_true", help="weight-only int8 linears (CPU; slightly different results)")
+    q = g.add_mutually_exclusive_group()
+    q.add_argument("--int8", action="store_true", help="weight-only int8 linears (CPU; slightly different results)")
+    q.add_argument("--int4", action="store_true", help="weight-only int4 linears, groups of 32 (CPU; smallest and "
+                   "fastest decode, results differ more than int8)")
     g.add_argument("--no-optimize", action="store_true", help="keep plain torch modules (no CPU fast paths)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
     g.add_argument("--low-memory", action="store_true",
@@ -106,8 +109,9 @@ def load_engine(args):
         bar.update(done - bar.n)
 
     try:
-        return load(args.model, dtype=args.dtype, device=args.device, int8=args.int8, optimize=not args.no_optimize,
-                    compile=args.compile, low_memory=args.low_memory, progress=progress)
+        return load(args.model, dtype=args.dtype, device=args.device, int8=args.int8, int4=args.int4,
+                    optimize=not args.no_optimize, compile=args.compile, low_memory=args.low_memory,
+                    progress=progress)
     except (LoadError, OSError, ValueError) as e:
         if not Path(args.model).exists() and str(e).startswith("could not get hub model"):
             raise CLIError(f"model {args.model!r} is not in the local Hugging Face cache and cannot be downloaded "

@@ -33,12 +33,13 @@ IMAGE_KEYS = ("image", "url", "path", "base64")
 
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None, optimize: bool = True,
-         int8: bool = False, compile: bool = False, low_memory: bool = False,
+         int8: bool = False, int4: bool = False, compile: bool = False, low_memory: bool = False,
          progress: Callable[[int, int], None] | None = None) -> "Engine":
     """Load a checkpoint folder or hub id -> Engine. dtype defaults to bfloat16, device to cpu.
 
     optimize: on CPU, swap in the fast decode modules of speed.py (same parameters and results within float
-    rounding); int8: weight-only int8 linears in the language model (opt-in, changes results slightly);
+    rounding); int8 / int4: weight-only int8 / int4 linears in the language model and the output head (opt-in,
+    changes results slightly; int4 in groups of 32 weights, the smallest and fastest decode);
     compile: torch.compile the static-shape decode step (opt-in; pair it with optimize=False, whose decode
     attention reads the cache length on the host); low_memory: the vision tower's and the language model's
     memory-mapped weights never stay resident together (memory.py; lower peak RSS, slower image requests)."""
@@ -47,10 +48,10 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None, o
 
     kw = {"progress": progress} if progress is not None else {}
     m, config, folder = load_model(model, dtype=dtype, device=device, **kw)
-    if optimize or int8:
+    if optimize or int8 or int4:
         from .speed import optimize_for_cpu
 
-        optimize_for_cpu(m, int8=int8)
+        optimize_for_cpu(m, int8=int8, int4=int4)
     m.low_memory = bool(low_memory)
     return Engine(m, config, Processor.from_pretrained(folder), compile=compile)
 

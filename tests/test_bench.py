@@ -1,4 +1,5 @@
-"""`lfm2vl bench` smoke test on a tiny config: both engines (lfm2vl, transformers) and the int8 quality check run
+"""`lfm2vl bench` smoke test on a tiny config: both engines (lfm2vl, transformers; lfm2vl also in low-memory mode,
+int8 and int4) and the int8 / int4 quality checks run
 in their subprocesses and the table and JSON have the expected shape. No timing assertions (speed is measured by
 running the benchmark, not in tests)."""
 import json
@@ -39,13 +40,15 @@ def test_bench_smoke_table_and_json(tmp_path, capsys):
     cfg = _tiny_config(tmp_path / "tiny.json")
     out_json = tmp_path / "res.json"
     rc = bench.main(["--config", str(cfg), "--cache-dir", str(tmp_path / "cache"), "--reps", "1", "--warmup", "0",
-                     "--new-tokens", "2", "--scenarios", "text512,img512", "--int8", "--json", str(out_json)])
+                     "--new-tokens", "2", "--scenarios", "text512,img512", "--int8", "--int4", "--low-memory",
+                     "--json", str(out_json)])
     out = capsys.readouterr().out
     payload = json.loads(out_json.read_text())
     assert rc == 0, out
     res = payload["results"]
-    assert set(res) == {"lfm2vl bf16", "lfm2vl int8", "transformers bf16", "int8 quality"}
-    for label in ("lfm2vl bf16", "lfm2vl int8", "transformers bf16"):
+    engines = ("lfm2vl bf16", "lfm2vl bf16 low-mem", "lfm2vl int8", "lfm2vl int4", "transformers bf16")
+    assert set(res) == {*engines, "int8 quality", "int4 quality"}
+    for label in engines:
         r = res[label]
         assert "error" not in r, r
         assert set(r["scenarios"]) == {"text512", "img512"}
@@ -54,13 +57,16 @@ def test_bench_smoke_table_and_json(tmp_path, capsys):
             assert m["ttft_s"] > 0 and m["decode_tps"] > 0
         assert r["peak_rss_mb"] > 0 and r["load_s"] > 0
     assert res["lfm2vl bf16"]["scenarios"]["text512"]["prompt_tokens"] == 512
-    q = res["int8 quality"]["scenarios"]["img512"]
-    assert -1 <= q["logit_cosine_min"] <= q["logit_cosine_mean"] <= 1 + 1e-6 and 0 <= q["greedy_agreement"] <= 1
+    for fmt in ("int8", "int4"):
+        assert res[f"{fmt} quality"]["format"] == fmt
+        q = res[f"{fmt} quality"]["scenarios"]["img512"]
+        assert -1 <= q["logit_cosine_min"] <= q["logit_cosine_mean"] <= 1 + 1e-6 and 0 <= q["greedy_agreement"] <= 1
     # the table: a header, one row per scenario and engine with both ratio columns, and the JSON line
     lines = out.splitlines()
     assert any(ln.startswith("scenario") and "TTFT x" in ln for ln in lines)
     rows = [ln for ln in lines if ln.startswith(("text512", "img512"))]
-    assert len(rows) == 6 and all(ln.count("|") == 1 for ln in rows)
+    assert len(rows) == 2 * len(engines) and all(ln.count("|") == 1 for ln in rows)
+    assert any(ln.startswith("int4 vs bf16 img512") for ln in lines)
     assert json.loads(lines[-1])["results"].keys() == res.keys()
 
 

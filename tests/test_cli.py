@@ -111,3 +111,22 @@ def test_help_and_delegated_subcommands():
             del sys.modules["lfm2vl.serve.cli"]
         else:
             sys.modules["lfm2vl.serve.cli"] = saved
+
+
+def test_int4_and_low_memory_flags_reach_the_engine(setup):
+    """--int4 / --low-memory give what lfm2vl.load(int4=True, low_memory=True) gives; --int8 with --int4 is a usage
+    error."""
+    from lfm2vl.engine import load
+
+    folder, img, d = setup
+    msgs = [{"role": "user", "content": [{"type": "image", "path": str(img)}, {"type": "text", "text": "Hi"}]}]
+    f = d / "m4.json"
+    f.write_text(json.dumps(msgs))
+    p = lfm2vl("generate", "--messages", f, "--json", "--model", folder, "--int4", "--low-memory",
+               "--max-new-tokens", "6", "--temperature", "0")
+    assert p.returncode == 0, p.stderr
+    eng = load(folder, int4=True, low_memory=True)
+    assert eng.model.low_memory and type(eng.model.lm_head).__name__ == "Int4Linear"
+    assert json.loads(p.stdout)["token_ids"] == eng.generate(msgs, temperature=0, max_new_tokens=6).token_ids
+    p = lfm2vl("generate", "--messages", f, "--model", folder, "--int8", "--int4")
+    assert p.returncode == 2 and "not allowed with argument" in p.stderr and "Traceback" not in p.stderr

@@ -2,7 +2,7 @@
 //
 // y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), i.e. F.linear(x, W, bias), with fp32 accumulation.
 // Weights: bf16, fp32, int8 with one fp32 scale per output row, or int4 with one fp32 scale per 32 weights of a row
-// (symmetric, weight-only; layout at I4_GROUP below).
+// (symmetric, weight-only; layout at I4_GROUP in gemv.h).
 // Activations x: fp32 or bf16 (dtype code 0 = fp32, 1 = bf16); output y likewise (bf16 rounded to nearest even).
 //
 // Why: torch's CPU GEMV runs on one core at 15-20 GB/s; a decode step of a 450M model is mostly these products,

@@ -28,8 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="weights and activations (default: the engine's, bfloat16)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the engine's choice)")
-    p.add_argument("--int8", action="store_true", help="weight-only int8 language-model linears on CPU (faster, "
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--int8", action="store_true", help="weight-only int8 language-model linears on CPU (faster, "
                    "results change slightly)")
+    q.add_argument("--int4", action="store_true", help="weight-only int4 language-model linears on CPU (smallest and "
+                   "fastest decode, results differ more than int8)")
     p.add_argument("--low-memory", action="store_true", help="keep the vision tower's and the language model's "
                    "weights out of memory together (lower peak RSS, slower image requests)")
     g = p.add_argument_group("batching")
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lfm2vl serve: loading {args.model} ...", flush=True)
     try:
         engine = lfm2vl.load(args.model, dtype=args.dtype, device=args.device, int8=args.int8,
-                             low_memory=args.low_memory)
+                             int4=args.int4, low_memory=args.low_memory)
     except Exception as e:  # offline without a copy, a broken folder...: one clear line, no traceback
         print(f"lfm2vl serve: could not load {args.model}: {e}", file=sys.stderr)
         return 1
