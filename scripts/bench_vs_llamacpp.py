@@ -1,10 +1,11 @@
 """Decode speed of lfm2vl beside llama.cpp, interleaved round by round (the machine's memory bandwidth drifts).
 
     python scripts/bench_vs_llamacpp.py --llama-bench PATH/llama-bench --gguf-bf16 LM-bf16.gguf \
-        [--gguf-q8 LM-q8_0.gguf] [--model FOLDER] [--rounds 8]
+        [--gguf-q8 LM-q8_0.gguf] [--gguf-q4 LM-q4_0.gguf] [--model FOLDER] [--rounds 8]
 
 Each round: lfm2vl bf16 (a 512-token prompt, then `--new-tokens` greedy steps), llama-bench on the bf16 GGUF
-(`-p 0 -n N -d 512`: the same steps after the same depth), then lfm2vl int8 and llama-bench on the Q8_0 GGUF.
+(`-p 0 -n N -d 512`: the same steps after the same depth), then lfm2vl int8 beside the Q8_0 GGUF and lfm2vl int4
+beside the Q4_0 one, when given.
 Both use `--threads`. Medians, ranges and per-round ratios are printed, then JSON. llama.cpp and the GGUF files of
 the same checkpoint are yours to provide (llama.cpp's convert_hf_to_gguf.py; this project ships neither).
 """
@@ -55,21 +56,24 @@ def main(argv=None) -> int:
     ap.add_argument("--llama-bench", required=True, help="path to llama.cpp's llama-bench binary")
     ap.add_argument("--gguf-bf16", required=True, help="the checkpoint's language model as a bf16 GGUF")
     ap.add_argument("--gguf-q8", help="the same as Q8_0 (adds lfm2vl int8 beside it)")
+    ap.add_argument("--gguf-q4", help="the same as Q4_0 (adds lfm2vl int4 beside it)")
     ap.add_argument("--model", default=os.path.expanduser("~/.cache/lfm2vl/bench/random-450M-seed0"),
                     help="the checkpoint folder the GGUFs were converted from (default: lfm2vl bench's random 450M)")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    for p in (args.llama_bench, args.gguf_bf16, args.gguf_q8, args.model):
+    for p in (args.llama_bench, args.gguf_bf16, args.gguf_q8, args.gguf_q4, args.model):
         if p is not None and not Path(p).exists():
             ap.error(f"{p} does not exist")
     torch.set_num_threads(args.threads)
-    pairs = [("lfm2vl bf16", False, "llama.cpp bf16", args.gguf_bf16)]
+    pairs = [("lfm2vl bf16", {}, "llama.cpp bf16", args.gguf_bf16)]
     if args.gguf_q8:
-        pairs.append(("lfm2vl int8", True, "llama.cpp q8_0", args.gguf_q8))
-    models = {name: optimize_for_cpu(load_model(args.model, dtype=torch.bfloat16)[0], int8=int8)
-              for name, int8, _, _ in pairs}
+        pairs.append(("lfm2vl int8", {"int8": True}, "llama.cpp q8_0", args.gguf_q8))
+    if args.gguf_q4:
+        pairs.append(("lfm2vl int4", {"int4": True}, "llama.cpp q4_0", args.gguf_q4))
+    models = {name: optimize_for_cpu(load_model(args.model, dtype=torch.bfloat16)[0], **fmt)
+              for name, fmt, _, _ in pairs}
     ids = torch.randint(600, 60000, (1, DEPTH), generator=torch.Generator().manual_seed(0))
     res: dict[str, list[float]] = {k: [] for a, _, b, _ in pairs for k in (a, b)}
     for r in range(args.rounds):
