@@ -98,6 +98,7 @@ class Int8Linear(nn.Module):
     """Weight-only int8 linear: y = x @ (q * scale)^T + bias, computed in x's dtype with fp32 accumulation."""
 
     bits = 8
+    quantize_weight = staticmethod(quantize_weight_int8)
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, max_rows: int = MAX_ROWS):
         super().__init__()
@@ -110,7 +111,7 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, lin: nn.Linear, max_rows: int = MAX_ROWS, release_source: bool = False) -> "Int8Linear":
         """release_source: lin's float weight is not used afterwards, so its mapped pages may leave the RSS."""
-        q, s = quantize_weight_int8(lin.weight, release_source=release_source)
+        q, s = cls.quantize_weight(lin.weight, release_source=release_source)
         bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
         return cls(q, s, bias, max_rows)
 
@@ -172,17 +173,12 @@ class Int4Linear(Int8Linear):
     """Weight-only int4 linear (`quantize_weight_int4`'s format): `weight` (N, K/2) uint8, `scale` (N, K/32) fp32."""
 
     bits = 4
+    quantize_weight = staticmethod(quantize_weight_int4)
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  max_rows: int = MAX_ROWS):
         super().__init__(packed, scale, bias, max_rows)
         self.in_features = packed.shape[1] * 2
-
-    @classmethod
-    def from_linear(cls, lin: nn.Linear, max_rows: int = MAX_ROWS, release_source: bool = False) -> "Int4Linear":
-        q, s = quantize_weight_int4(lin.weight, release_source=release_source)
-        bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
-        return cls(q, s, bias, max_rows)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         N, G = self.out_features, kernels.I4_GROUP

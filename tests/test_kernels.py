@@ -66,29 +66,16 @@ def test_float_weights_match_fp32_linear(isa_cap, wdt, xdt):
 @needs_kernels
 @pytest.mark.parametrize("isa_cap", [3, 2, 1, 0], indirect=True)
 @pytest.mark.parametrize("xdt", [torch.bfloat16, torch.float32])
-def test_int8_matches_dequantized_linear(isa_cap, xdt):
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_quantized_matches_dequantized_linear(isa_cap, xdt, cls):
+    """int8 and int4 products equal F.linear over the dequantized weight; prefill's native dequantization gives the
+    same values as the torch formula."""
     if kernels.isa() < isa_cap:
         pytest.skip(f"CPU lacks ISA level {isa_cap}")
     g = torch.Generator().manual_seed(10 + isa_cap)
-    for (N, K) in SHAPES:
-        q, s = quantize_weight_int8(torch.randn(N, K, generator=g))
-        for M in (1, 4, 7):
-            x = torch.randn(M, K, generator=g).to(xdt)
-            y = kernels.linear(x, q, None, s)
-            ref = F.linear(x.float(), q.float() * s[:, None])
-            err = (y.float() - ref).abs()
-            assert (err <= _tol(ref, K, xdt)).all(), f"{(N, K, M)} max err {err.max():.3g}"
-
-
-@needs_kernels
-@pytest.mark.parametrize("isa_cap", [3, 2, 1, 0], indirect=True)
-@pytest.mark.parametrize("xdt", [torch.bfloat16, torch.float32])
-def test_int4_matches_dequantized_linear(isa_cap, xdt):
-    if kernels.isa() < isa_cap:
-        pytest.skip(f"CPU lacks ISA level {isa_cap}")
-    g = torch.Generator().manual_seed(20 + isa_cap)
-    for (N, K) in [(1, 32), (37, 64), (300, 96), (65, 1024)]:
-        lin = Int4Linear(*quantize_weight_int4(torch.randn(N, K, generator=g)), bias=None)
+    shapes = SHAPES if cls is Int8Linear else [(1, 32), (37, 64), (300, 96), (65, 1024)]  # int4: K % 32 == 0
+    for (N, K) in shapes:
+        lin = cls(*cls.quantize_weight(torch.randn(N, K, generator=g)), bias=None)
         W = lin.dequantize(torch.float32)
         bias = torch.randn(N, generator=g)
         for M in (1, 4, 7):
@@ -97,9 +84,8 @@ def test_int4_matches_dequantized_linear(isa_cap, xdt):
             ref = F.linear(x.float(), W, bias)
             err = (y.float() - ref).abs()
             assert (err <= _tol(ref, K, xdt)).all(), f"{(N, K, M)} max err {err.max():.3g}"
-        for dt in (torch.float32, torch.bfloat16):  # prefill's native dequantization: the same values
-            assert torch.equal(kernels.dequantize_int4(lin.weight, lin.scale, torch.empty(N, K, dtype=dt)),
-                               W.to(dt))
+        for dt in (torch.float32, torch.bfloat16):
+            assert torch.equal(lin._native_dequantize(torch.empty(N, K, dtype=dt)), W.to(dt))
 
 
 def test_quantize_weight_int4_format():
