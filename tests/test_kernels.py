@@ -340,3 +340,15 @@ def test_int8_prefill_dequantizes_into_a_reused_buffer_with_the_same_values():
     xg = torch.randn(40, 64, requires_grad=True)
     a(xg).sum().backward()
     assert xg.grad is not None
+
+
+def test_int4_keeps_int8_for_rows_that_do_not_fill_whole_groups():
+    """bits=4 quantizes a layer whose rows are a multiple of 32 long to Int4Linear and any other to Int8Linear."""
+    m = nn.Module()
+    m.model = nn.Module()
+    m.model.language_model = nn.Sequential(nn.Linear(64, 8), nn.Linear(40, 8))
+    m.lm_head = nn.Linear(64, 100, bias=False)
+    assert quantize_weights(m, bits=4, quantize_head=True) == 3
+    assert [type(x) for x in m.model.language_model] == [Int4Linear, Int8Linear] and type(m.lm_head) is Int4Linear
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        quantize_weights(m, bits=3)
