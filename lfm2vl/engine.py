@@ -46,6 +46,13 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None, o
     from .loading import load_model
     from .processor import Processor
 
+    if int8 and int4:
+        raise ValueError("int8=True and int4=True are exclusive: pick one weight format")
+    cpu_only = [name for name, on in (("int8", int8), ("int4", int4), ("low_memory", low_memory)) if on]
+    if cpu_only and device is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"{' and '.join(cpu_only)} work on CPU only (native kernels, memory-mapped weights); "
+                         f"got device={str(device)!r}: drop {'them' if len(cpu_only) > 1 else 'it'} or use "
+                         f"device='cpu'")
     kw = {"progress": progress} if progress is not None else {}
     m, config, folder = load_model(model, dtype=dtype, device=device, **kw)
     if optimize or int8 or int4:

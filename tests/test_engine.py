@@ -250,3 +250,15 @@ def test_compiled_decode_step_gives_the_same_greedy_tokens(folder):
     assert compiled.decode_forward is not None
     c = conv("What is in this image?", picture(384, 256))
     assert compiled.generate(c, **GREEDY).token_ids == eager.generate(c, **GREEDY).token_ids
+
+
+def test_cpu_only_options_on_another_device_are_clear_errors():
+    """int8 / int4 / low_memory would silently do nothing off CPU: refused before anything is loaded."""
+    from lfm2vl.engine import load
+
+    with pytest.raises(ValueError, match="int4 work on CPU only.*device='cuda'"):
+        load("no/such-model", device="cuda", int4=True)
+    with pytest.raises(ValueError, match="int8 and low_memory work on CPU only"):
+        load("no/such-model", device="meta", int8=True, low_memory=True)
+    with pytest.raises(ValueError, match="exclusive"):
+        load("no/such-model", int8=True, int4=True)
