@@ -50,7 +50,8 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None, o
         raise ValueError("int8=True and int4=True are exclusive: pick one weight format")
     cpu_only = [name for name, on in (("int8", int8), ("int4", int4), ("low_memory", low_memory)) if on]
     if cpu_only and device is not None and torch.device(device).type != "cpu":
-        raise ValueError(f"{' and '.join(cpu_only)} work on CPU only (native kernels, memory-mapped weights); "
+        raise ValueError(f"{' and '.join(cpu_only)} work{'s' if len(cpu_only) == 1 else ''} on CPU only (native "
+                         f"kernels, memory-mapped weights); "
                          f"got device={str(device)!r}: drop {'them' if len(cpu_only) > 1 else 'it'} or use "
                          f"device='cpu'")
     kw = {"progress": progress} if progress is not None else {}

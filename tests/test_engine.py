@@ -256,7 +256,7 @@ def test_cpu_only_options_on_another_device_are_clear_errors():
     """int8 / int4 / low_memory would silently do nothing off CPU: refused before anything is loaded."""
     from lfm2vl.engine import load
 
-    with pytest.raises(ValueError, match="int4 work on CPU only.*device='cuda'"):
+    with pytest.raises(ValueError, match="int4 works on CPU only.*device='cuda'"):
         load("no/such-model", device="cuda", int4=True)
     with pytest.raises(ValueError, match="int8 and low_memory work on CPU only"):
         load("no/such-model", device="meta", int8=True, low_memory=True)
