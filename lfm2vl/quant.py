@@ -70,28 +70,42 @@ def _scratch(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     return buf
 
 
-def quantize_weight_int8(w: torch.Tensor, block_bytes: int = 1 << 22,
-                         release_source: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: returns q (N, K) int8 in [-127, 127] and scale (N,) fp32 with w ≈ q * scale[:, None].
-
-    Works through blocks of rows (~block_bytes of fp32 each): a whole-matrix fp32 copy would be 2x a bf16 weight,
-    and glibc keeps such freed blocks in its heap (over 1 GB of RSS after quantizing the 450M model).
-    release_source: drop w's memory-mapped pages block by block once read (`memory.release_mapped_pages`).
-    """
+def _quantize_blocks(w: torch.Tensor, bits: int, q: torch.Tensor, scale: torch.Tensor, torch_formula,
+                     block_bytes: int, release_source: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill q / scale from w one block of rows (~block_bytes of fp32) at a time: natively (`kernels.quantize`, the
+    same arithmetic) or with `torch_formula(fp32 rows) -> (q rows, scale rows)`. Blocks, because a whole-matrix fp32
+    copy would be 2x a bf16 weight and glibc keeps such freed blocks in its heap (over 1 GB of RSS after quantizing
+    the 450M model). release_source: drop w's memory-mapped pages block by block once read
+    (`memory.release_mapped_pages`)."""
     N, K = w.shape
-    q = torch.empty(N, K, dtype=torch.int8, device=w.device)
-    scale = torch.empty(N, dtype=torch.float32, device=w.device)
     rows = max(1, block_bytes // (4 * K))
+    native = (kernels.available() and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
+              and w.is_contiguous())
     with torch.no_grad():
         for r in range(0, N, rows):
-            wf = w[r:r + rows].to(torch.float32, copy=True)  # a copy even for fp32 w: it is divided in place
-            amax = wf.abs().amax(dim=1)
-            s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-            q[r:r + rows] = wf.div_(s[:, None]).round_().clamp_(-127, 127)  # integral values: exact in int8
-            scale[r:r + rows] = s
+            if native:
+                kernels.quantize(w[r:r + rows], bits, q[r:r + rows], scale[r:r + rows])
+            else:  # a copy even for fp32 w: the formulas divide in place
+                q[r:r + rows], scale[r:r + rows] = torch_formula(w[r:r + rows].to(torch.float32, copy=True))
             if release_source:  # from the previous block on: pages that straddle two blocks go at the second
                 release_mapped_pages(w[max(0, r - rows):r + rows])
     return q, scale
+
+
+def _int8_formula(wf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    amax = wf.abs().amax(dim=1)
+    s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return wf.div_(s[:, None]).round_().clamp_(-127, 127), s  # integral values: exact in int8
+
+
+def quantize_weight_int8(w: torch.Tensor, block_bytes: int = 1 << 22,
+                         release_source: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: returns q (N, K) int8 in [-127, 127] and scale (N,) fp32 with w ≈ q * scale[:, None]:
+    s = amax / 127 (1 for an all-zero row), q = clamp(round(w / s), -127, 127). Row blocks: `_quantize_blocks`."""
+    N, K = w.shape
+    q = torch.empty(N, K, dtype=torch.int8, device=w.device)
+    scale = torch.empty(N, dtype=torch.float32, device=w.device)
+    return _quantize_blocks(w, 8, q, scale, _int8_formula, block_bytes, release_source)
 
 
 class Int8Linear(nn.Module):
@@ -139,6 +153,15 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.bits}-bit"
 
 
+def _int4_formula(wf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    G = kernels.I4_GROUP
+    wf = wf.view(wf.shape[0], -1, G)
+    extreme = wf.gather(-1, wf.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+    d = torch.where(extreme != 0, extreme / -8.0, torch.ones_like(extreme))
+    q = wf.div_(d[..., None]).round_().clamp_(-8, 7).add_(8).to(torch.uint8)  # (rows, K/G, G) in 0..15
+    return (q[..., :G // 2] | (q[..., G // 2:] << 4)).view(wf.shape[0], -1), d
+
+
 def quantize_weight_int4(w: torch.Tensor, block_bytes: int = 1 << 22,
                          release_source: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int4 in groups of G = 32 weights along each row: returns packed (N, K/2) uint8 and scale (N, K/G)
@@ -146,8 +169,8 @@ def quantize_weight_int4(w: torch.Tensor, block_bytes: int = 1 << 22,
 
     Per group (llama.cpp's Q4_0 rule): d = (the weight of largest magnitude) / -8 and q = clamp(round(w / d), -8, 7),
     so the extreme maps to -8 exactly and all 16 levels are used; an all-zero group has d = 1. Stored as q + 8 in
-    nibbles: byte j of a group holds element j in its low nibble and element 16 + j in its high one (gemv.cpp).
-    Row blocks and release_source as in quantize_weight_int8.
+    nibbles: byte j of a group holds element j in its low nibble and element 16 + j in its high one (gemv.h).
+    Row blocks: `_quantize_blocks`.
     """
     N, K = w.shape
     G = kernels.I4_GROUP
@@ -155,18 +178,7 @@ def quantize_weight_int4(w: torch.Tensor, block_bytes: int = 1 << 22,
         raise ValueError(f"int4 needs a row length that is a multiple of {G}, got a {N}x{K} weight")
     packed = torch.empty(N, K // 2, dtype=torch.uint8, device=w.device)
     scale = torch.empty(N, K // G, dtype=torch.float32, device=w.device)
-    rows = max(1, block_bytes // (4 * K))
-    with torch.no_grad():
-        for r in range(0, N, rows):
-            wf = w[r:r + rows].to(torch.float32, copy=True).view(-1, K // G, G)
-            extreme = wf.gather(-1, wf.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
-            d = torch.where(extreme != 0, extreme / -8.0, torch.ones_like(extreme))
-            q = wf.div_(d[..., None]).round_().clamp_(-8, 7).add_(8).to(torch.uint8)  # (rows, K/G, G) in 0..15
-            packed[r:r + rows] = (q[..., :G // 2] | (q[..., G // 2:] << 4)).view(-1, K // 2)
-            scale[r:r + rows] = d
-            if release_source:
-                release_mapped_pages(w[max(0, r - rows):r + rows])
-    return packed, scale
+    return _quantize_blocks(w, 4, packed, scale, _int4_formula, block_bytes, release_source)
 
 
 class Int4Linear(Int8Linear):

@@ -352,3 +352,27 @@ def test_int4_keeps_int8_for_rows_that_do_not_fill_whole_groups():
     assert [type(x) for x in m.model.language_model] == [Int4Linear, Int8Linear] and type(m.lm_head) is Int4Linear
     with pytest.raises(ValueError, match="bits must be 8 or 4"):
         quantize_weights(m, bits=3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa_cap", [3, 1], indirect=True)  # the AVX512 rows, and the scalar ones
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fn", [quantize_weight_int8, quantize_weight_int4])
+def test_native_quantization_equals_the_torch_formula(monkeypatch, isa_cap, dtype, fn):
+    """Loading quantizes natively; the torch formula (no kernels) must give the very same q and scales: ties between
+    extremes (the first wins), zero rows and groups, negative extremes, several row blocks, rows not a multiple of
+    16 long (int8; the scalar rows)."""
+    from lfm2vl import quant
+
+    g = torch.Generator().manual_seed(1)
+    for K in ([1024, 70] if fn is quantize_weight_int8 else [1024, 96]):
+        w = (torch.randn(300, K, generator=g) * torch.rand(300, 1, generator=g)).to(dtype)
+        w[3] = 0
+        w[5, :64] = 0
+        w[7, 0], w[7, 1] = 4.0, -4.0  # a tie in magnitude: argmax's first index
+        w[9, 40] = -50.0
+        native = fn(w, block_bytes=1 << 18)
+        with monkeypatch.context() as mp:
+            mp.setattr(quant.kernels, "available", lambda: False)
+            reference = fn(w, block_bytes=1 << 18)
+        assert all(torch.equal(a, b) for a, b in zip(native, reference)), K

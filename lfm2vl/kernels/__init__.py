@@ -1,7 +1,7 @@
 """Native CPU kernels for the decode step: multithreaded GEMV / small-M GEMM over bf16, fp32, int8 and int4 weights.
 
 - `gemv.cpp` (products), `attn.cpp` (decode attention), `decode.cpp` (the fused decode step, driven by
-  `kernels/decode.py`), `dequant.cpp` (int8 / int4 weights expanded for prefill) and `pool.cpp` (their thread pool),
+  `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats: quantization at load, expansion for prefill) and `pool.cpp` (their thread pool),
   with `gemv.h` / `pool.h`, are compiled once per machine
   with the system `g++ -O3 -march=native` (no ninja, no Python headers: a plain shared library called through
   ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/.
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("gemv.cpp")
-_SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in ("attn.cpp", "decode.cpp", "dequant.cpp", "pool.cpp")]
+_SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in ("attn.cpp", "decode.cpp", "quantized.cpp", "pool.cpp")]
 _HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17"]
 _KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
@@ -96,6 +96,8 @@ def _load():
     lib.lfm2vl_dequant_int8.restype = None
     lib.lfm2vl_dequant_int4.argtypes = [p, p, p, i64, i64, i, i]
     lib.lfm2vl_dequant_int4.restype = None
+    lib.lfm2vl_quantize.argtypes = [i, p, i, p, p, i64, i64, i]
+    lib.lfm2vl_quantize.restype = None
     lib.lfm2vl_decode_step.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i]
     lib.lfm2vl_decode_step.restype = None
     lib.lfm2vl_isa.restype = ctypes.c_int
@@ -179,6 +181,14 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> 
     _lib.lfm2vl_dequant_int8(q.data_ptr(), scale.data_ptr(), out.data_ptr(), q.shape[0], q.shape[1], _DT[out.dtype],
                              torch.get_num_threads())
     return out
+
+
+def quantize(w: torch.Tensor, bits: int, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """Fill q / scale with quant.py's int8 (bits 8) or int4 (bits 4) format of w (N, K) fp32/bf16, contiguous: the
+    same values as its torch formula, on the pool's threads. The caller checks `available()` and the shapes."""
+    N, K = w.shape
+    _lib.lfm2vl_quantize(bits, w.data_ptr(), _DT[w.dtype], q.data_ptr(), scale.data_ptr(), N, K,
+                         torch.get_num_threads())
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,209 @@
+// The weight-only int8 and int4 formats of quant.py (Int8Linear / Int4Linear; int4 layout in gemv.h):
+// - quantization at load, one row block at a time (the Python side drops the float pages block by block), with
+//   exactly the torch formula's arithmetic: fp32 division by the scale, round half to even, clamp;
+// - dequantization for prefill-size products: the weight is expanded once into a reused buffer, then multiplied by
+//   torch's GEMM. Each value is the fp32 product of the level and its scale, rounded once to the output dtype.
+// Rows run on pool.cpp's threads.
+#include <immintrin.h>
+#include "pool.h"
+#include "gemv.h"
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+// One expansion job: q is int8 (N, K) with row scales s (N,), or packed int4 (N, K/2) with group scales s (N, K/32).
+struct DequantArgs {
+    int bits;
+    const void* q;
+    const float* s;
+    void* out;
+    int64_t N, K, rows_per_chunk;
+    int odt;
+};
+
+// 16 values (those under mask mk) at out[idx], as fp32 (odt 0) or the top 16 bits of the bf16-rounded value (odt 1).
+T_AVX512 static inline void store16(void* out, int odt, int64_t idx, __m512 v, __mmask16 mk) {
+    if (odt == 1) _mm256_mask_storeu_epi16((uint16_t*)out + idx, mk, _mm512_cvtepi32_epi16(
+        _mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16)));
+    else _mm512_mask_storeu_ps((float*)out + idx, mk, v);
+}
+
+// int8: out[n, k] = q[n, k] * s[n] in fp32, rounded once to out's dtype
+T_AVX512 static void int8_rows_avx512(const DequantArgs& a, int64_t n0, int64_t n1) {
+    const int8_t* q = (const int8_t*)a.q;
+    for (int64_t n = n0; n < n1; n++) {
+        const __m512 sc = _mm512_set1_ps(a.s[n]);
+        for (int64_t k = 0; k < a.K; k += 16) {
+            __mmask16 mk = a.K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (a.K - k)) - 1u);
+            __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, q + n * a.K + k)));
+            store16(a.out, a.odt, n * a.K + k, _mm512_mul_ps(w, sc), mk);
+        }
+    }
+}
+
+// int4: out[n, 32g+i] = (nibble - 8) * s[n, g] in fp32, rounded once to out's dtype
+T_AVX512 static void int4_rows_avx512(const DequantArgs& a, int64_t n0, int64_t n1) {
+    const uint8_t* q = (const uint8_t*)a.q;
+    const int64_t G = a.K / I4_GROUP;
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t g = 0; g < G; g++) {
+            __m512 lo, hi;
+            i4_group(q + n * (a.K / 2) + g * 16, lo, hi);
+            const __m512 sc = _mm512_set1_ps(a.s[n * G + g]);
+            store16(a.out, a.odt, n * a.K + g * I4_GROUP, _mm512_mul_ps(lo, sc), 0xffff);
+            store16(a.out, a.odt, n * a.K + g * I4_GROUP + 16, _mm512_mul_ps(hi, sc), 0xffff);
+        }
+}
+
+static float level(const DequantArgs& a, int64_t n, int64_t k) {
+    if (a.bits == 8) return (float)((const int8_t*)a.q)[n * a.K + k] * a.s[n];
+    return i4_at((const uint8_t*)a.q + n * (a.K / 2), k) * a.s[n * (a.K / I4_GROUP) + k / I4_GROUP];
+}
+
+static void dequant_chunk(const void* ctx, int64_t chunk) {
+    const DequantArgs& a = *(const DequantArgs*)ctx;
+    const int64_t n0 = chunk * a.rows_per_chunk, n1 = n0 + a.rows_per_chunk < a.N ? n0 + a.rows_per_chunk : a.N;
+    if (active_isa() >= 2) {
+        if (a.bits == 8) int8_rows_avx512(a, n0, n1);
+        else int4_rows_avx512(a, n0, n1);
+        return;
+    }
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t k = 0; k < a.K; k++) store_out(a.out, a.odt, n * a.K + k, level(a, n, k));
+}
+
+static void dequant(int bits, const void* q, const float* s, void* out, int64_t N, int64_t K, int odt, int threads) {
+    int64_t rows = (int64_t)256 * 1024 / (K > 0 ? K : 1);
+    DequantArgs a{bits, q, s, out, N, K, rows < 1 ? 1 : rows, odt};
+    pool_run(dequant_chunk, &a, (N + a.rows_per_chunk - 1) / a.rows_per_chunk, threads);
+}
+
+// ---- quantization. w row-major (N, K), fp32 (wdt 0) or bf16 (wdt 1).
+struct QuantArgs {
+    int bits, wdt;
+    const void* w;
+    void* q;
+    float* s;
+    int64_t N, K, rows_per_chunk;
+};
+
+static inline float weight_at(const QuantArgs& a, int64_t i) {
+    return a.wdt == 1 ? bf16_to_f32(((const uint16_t*)a.w)[i]) : ((const float*)a.w)[i];
+}
+
+// int8, per row: s = amax / 127 (1 for an all-zero row), q = clamp(round(w / s), -127, 127)
+static void quantize_int8_row(const QuantArgs& a, int64_t n, float* buf) {
+    float amax = 0.f;
+    for (int64_t k = 0; k < a.K; k++) {
+        buf[k] = weight_at(a, n * a.K + k);
+        amax = fmaxf(amax, fabsf(buf[k]));
+    }
+    const float s = amax > 0.f ? amax / 127.0f : 1.0f;
+    int8_t* q = (int8_t*)a.q + n * a.K;
+    for (int64_t k = 0; k < a.K; k++) q[k] = (int8_t)fminf(fmaxf(nearbyintf(buf[k] / s), -127.f), 127.f);
+    a.s[n] = s;
+}
+
+// int4, per group of 32: d = (the first weight of largest magnitude) / -8 (1 for an all-zero group),
+// q = clamp(round(w / d), -8, 7) + 8, packed as gemv.h describes
+static void quantize_int4_row(const QuantArgs& a, int64_t n, float* buf) {
+    const int64_t G = a.K / I4_GROUP;
+    uint8_t* row = (uint8_t*)a.q + n * (a.K / 2);
+    for (int64_t g = 0; g < G; g++) {
+        float ext = 0.f, mag = -1.f;
+        for (int64_t i = 0; i < I4_GROUP; i++) {
+            buf[i] = weight_at(a, n * a.K + g * I4_GROUP + i);
+            if (fabsf(buf[i]) > mag) { mag = fabsf(buf[i]); ext = buf[i]; }
+        }
+        const float d = ext != 0.f ? ext / -8.0f : 1.0f;
+        uint8_t lv[I4_GROUP];
+        for (int64_t i = 0; i < I4_GROUP; i++) lv[i] = (uint8_t)(fminf(fmaxf(nearbyintf(buf[i] / d), -8.f), 7.f) + 8.f);
+        for (int64_t j = 0; j < I4_GROUP / 2; j++) row[g * 16 + j] = (uint8_t)(lv[j] | (lv[j + 16] << 4));
+        a.s[n * G + g] = d;
+    }
+}
+
+// The same rows with AVX512: IEEE division and round-half-even (roundscale) as in the scalar code and torch.
+T_AVX512 static inline __m512 load16_f32(const QuantArgs& a, int64_t i) {
+    if (a.wdt == 1)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+            _mm256_loadu_si256((const __m256i*)((const uint16_t*)a.w + i))), 16));
+    return _mm512_loadu_ps((const float*)a.w + i);
+}
+
+T_AVX512 static inline __m512i levels(__m512 w, __m512 d, float lo, float hi) {
+    __m512 r = _mm512_roundscale_ps(_mm512_div_ps(w, d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(lo)), _mm512_set1_ps(hi)));
+}
+
+T_AVX512 static void quantize_int8_row_avx512(const QuantArgs& a, int64_t n) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < a.K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16_f32(a, n * a.K + k)));
+    const float m = _mm512_reduce_max_ps(amax);
+    const float s = m > 0.f ? m / 127.0f : 1.0f;
+    const __m512 d = _mm512_set1_ps(s);
+    int8_t* q = (int8_t*)a.q + n * a.K;
+    for (int64_t k = 0; k < a.K; k += 16)
+        _mm_storeu_si128((__m128i*)(q + k), _mm512_cvtepi32_epi8(levels(load16_f32(a, n * a.K + k), d, -127.f, 127.f)));
+    a.s[n] = s;
+}
+
+T_AVX512 static void quantize_int4_row_avx512(const QuantArgs& a, int64_t n) {
+    const int64_t G = a.K / I4_GROUP;
+    uint8_t* row = (uint8_t*)a.q + n * (a.K / 2);
+    for (int64_t g = 0; g < G; g++) {
+        const __m512 w0 = load16_f32(a, n * a.K + g * I4_GROUP), w1 = load16_f32(a, n * a.K + g * I4_GROUP + 16);
+        const __m512 m0 = _mm512_abs_ps(w0), m1 = _mm512_abs_ps(w1);
+        const float mag = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+        // the first element of that magnitude (torch's argmax), and its sign
+        const uint32_t hit = (uint32_t)_mm512_cmp_ps_mask(m0, _mm512_set1_ps(mag), _CMP_EQ_OQ)
+                             | ((uint32_t)_mm512_cmp_ps_mask(m1, _mm512_set1_ps(mag), _CMP_EQ_OQ) << 16);
+        const int i = __builtin_ctz(hit);
+        const float ext = weight_at(a, n * a.K + g * I4_GROUP + i);
+        const float dv = ext != 0.f ? ext / -8.0f : 1.0f;
+        const __m512 d = _mm512_set1_ps(dv);
+        const __m128i lo = _mm512_cvtepi32_epi8(_mm512_add_epi32(levels(w0, d, -8.f, 7.f), _mm512_set1_epi32(8)));
+        const __m128i hi = _mm512_cvtepi32_epi8(_mm512_add_epi32(levels(w1, d, -8.f, 7.f), _mm512_set1_epi32(8)));
+        _mm_storeu_si128((__m128i*)(row + g * 16), _mm_or_si128(lo, _mm_slli_epi16(hi, 4)));
+        a.s[n * G + g] = dv;
+    }
+}
+
+static void quantize_chunk(const void* ctx, int64_t chunk) {
+    const QuantArgs& a = *(const QuantArgs*)ctx;
+    const int64_t n0 = chunk * a.rows_per_chunk, n1 = n0 + a.rows_per_chunk < a.N ? n0 + a.rows_per_chunk : a.N;
+    if (active_isa() >= 2 && a.K % 16 == 0) {
+        for (int64_t n = n0; n < n1; n++) {
+            if (a.bits == 8) quantize_int8_row_avx512(a, n);
+            else quantize_int4_row_avx512(a, n);
+        }
+        return;
+    }
+    float* buf = (float*)malloc(sizeof(float) * (size_t)a.K);
+    for (int64_t n = n0; n < n1; n++) {
+        if (a.bits == 8) quantize_int8_row(a, n, buf);
+        else quantize_int4_row(a, n, buf);
+    }
+    free(buf);
+}
+
+extern "C" {
+
+// w (N, K) fp32 (wdt 0) or bf16 (wdt 1) -> int8 q (N, K) + s (N,), or (bits 4) packed q (N, K/2) + s (N, K/32)
+void lfm2vl_quantize(int bits, const void* w, int wdt, void* q, float* s, int64_t N, int64_t K, int threads) {
+    int64_t rows = (int64_t)64 * 1024 / (K > 0 ? K : 1);
+    QuantArgs a{bits, wdt, w, q, s, N, K, rows < 1 ? 1 : rows};
+    pool_run(quantize_chunk, &a, (N + a.rows_per_chunk - 1) / a.rows_per_chunk, threads);
+}
+
+// q (N, K) int8, s (N,) fp32 -> out (N, K) fp32 (odt 0) or bf16 (odt 1)
+void lfm2vl_dequant_int8(const int8_t* q, const float* s, void* out, int64_t N, int64_t K, int odt, int threads) {
+    dequant(8, q, s, out, N, K, odt, threads);
+}
+
+// q (N, K/2) packed int4, s (N, K/32) fp32 -> out (N, K) fp32 (odt 0) or bf16 (odt 1)
+void lfm2vl_dequant_int4(const uint8_t* q, const float* s, void* out, int64_t N, int64_t K, int odt, int threads) {
+    dequant(4, q, s, out, N, K, odt, threads);
+}
+
+}  // extern "C"
