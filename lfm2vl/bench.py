@@ -43,6 +43,10 @@ def _args(argv):
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile lfm2vl's static-shape decode step (CUDA graphs on a GPU; pair with "
                          "--no-optimize on CPU)")
+    ap.add_argument("--min-image-tokens", type=int, default=None, help="image-token budget of the image scenarios "
+                    "(default: the checkpoint's processor config)")
+    ap.add_argument("--max-image-tokens", type=int, default=None)
+    ap.add_argument("--no-image-splitting", action="store_true", help="no tiles: each image is one unit")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
@@ -68,6 +72,13 @@ def _args(argv):
             ap.error(f"--engines takes ours and/or transformers, got {args.engines}")
     if args.reps < 1 or args.threads < 1 or args.new_tokens < 1:
         ap.error("--reps, --threads and --new-tokens must be >= 1")
+    for opt in ("min_image_tokens", "max_image_tokens"):
+        if getattr(args, opt) is not None and getattr(args, opt) < 1:
+            ap.error(f"--{opt.replace('_', '-')} must be >= 1, got {getattr(args, opt)}")
+    args.image_knobs = {k: v for k, v in (("min_image_tokens", args.min_image_tokens),
+                                          ("max_image_tokens", args.max_image_tokens),
+                                          ("do_image_splitting", False if args.no_image_splitting else None))
+                        if v is not None}
     if args.device != "cpu":
         import torch
 
@@ -154,7 +165,8 @@ def main(argv=None) -> int:
     args = _args(argv)
     folder = _folder(args)
     common = {"folder": str(folder), "dtype": args.dtype, "device": args.device, "threads": args.threads,
-              "reps": args.reps, "warmup": args.warmup, "new_tokens": args.new_tokens, "scenarios": args.scenarios}
+              "reps": args.reps, "warmup": args.warmup, "new_tokens": args.new_tokens, "scenarios": args.scenarios,
+              "image_knobs": args.image_knobs}
     runs = []
     if "ours" in args.engines:
         runs.append((f"lfm2vl {args.dtype}", {**common, "engine": "ours", "optimize": not args.no_optimize,
@@ -180,11 +192,13 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"lfm2vl bench: {args.model or 'random ' + (args.config or args.shape)}, {args.dtype}, {args.device}, "
           f"{args.threads} threads, {args.reps} reps (median), {args.new_tokens} decode steps, load average "
-          f"{_fmt(load)} (other processes on the CPU skew timings)")
+          f"{_fmt(load)} (other processes on the CPU skew timings)"
+          + (f", image options {args.image_knobs}" if args.image_knobs else ""))
     print(table(results, args.scenarios))
     payload = {"model": args.model or f"random-{args.config or args.shape}", "dtype": args.dtype,
                "device": args.device, "threads": args.threads,
-               "reps": args.reps, "new_tokens": args.new_tokens, "load_average": load, "results": results}
+               "reps": args.reps, "new_tokens": args.new_tokens, "image_knobs": args.image_knobs,
+               "load_average": load, "results": results}
     print(json.dumps(payload))
     if args.json:
         Path(args.json).write_text(json.dumps(payload, indent=2))

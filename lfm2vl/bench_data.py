@@ -110,8 +110,9 @@ def test_image(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def scenario_inputs(processor, name: str) -> tuple[dict, float]:
-    """-> (processor batch: input_ids (1, T) + pixel inputs, seconds the processor took)."""
+def scenario_inputs(processor, name: str, image_knobs: dict | None = None) -> tuple[dict, float]:
+    """-> (processor batch: input_ids (1, T) + pixel inputs, seconds the processor took). image_knobs: processor
+    image options (min/max_image_tokens, do_image_splitting, ...) for the image scenarios, over their own."""
     question = "What is in this image? Describe it in detail."
     knobs: dict = {}
     if name == "text512":
@@ -124,6 +125,7 @@ def scenario_inputs(processor, name: str) -> tuple[dict, float]:
         msgs = [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": question}]}]
         if name == "img1024x768":
             knobs["use_thumbnail"] = True  # the issue's scenario: tiles plus a thumbnail
+        knobs.update(image_knobs or {})
     else:
         raise ValueError(f"unknown scenario {name!r}; expected one of {', '.join(SCENARIOS)}")
     t = time.perf_counter()

@@ -149,7 +149,7 @@ def measure(spec: dict) -> dict:
     for name in spec["scenarios"]:
         runs = []
         for i in range(spec["warmup"] + spec["reps"]):
-            batch, pre_s = scenario_inputs(processor, name)
+            batch, pre_s = scenario_inputs(processor, name, spec.get("image_knobs"))
             r = run(model, batch, pre_s, spec["new_tokens"], dtype)
             if i >= spec["warmup"]:
                 runs.append(r)
@@ -193,7 +193,7 @@ def quality(spec: dict) -> dict:
     processor = Processor.from_pretrained(spec["folder"])
     out = {}
     for name in spec["scenarios"]:
-        batch, _ = scenario_inputs(processor, name)
+        batch, _ = scenario_inputs(processor, name, spec.get("image_knobs"))
         with torch.inference_mode():
             feats = None
             if "pixel_values" in batch:

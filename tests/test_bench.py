@@ -33,6 +33,13 @@ def test_scenarios_have_the_promised_inputs(tmp_path):
     assert shapes["text512"] == (512, 0)
     assert shapes["img512"][1] == 1 and shapes["two_images"][1] == 2
     assert shapes["img1024x768"][1] > 2  # tiles plus the thumbnail
+    # the image-token budget knobs reach the processor: one unit without splitting, fewer tokens with a lower cap
+    one = scenario_inputs(proc, "img1024x768", {"do_image_splitting": False})[0]
+    assert one["pixel_values"].shape[0] == 1 and one["input_ids"].shape[1] < shapes["img1024x768"][0]
+    small = scenario_inputs(proc, "img512", {"max_image_tokens": 64, "min_image_tokens": 32,
+                                             "do_image_splitting": False})[0]
+    assert small["input_ids"].shape[1] <= shapes["img512"][0] - 256 + 64
+    assert scenario_inputs(proc, "text512", {"max_image_tokens": 64})[0]["input_ids"].shape[1] == 512
 
 
 @pytest.mark.slow
@@ -68,6 +75,12 @@ def test_bench_smoke_table_and_json(tmp_path, capsys):
     assert len(rows) == 2 * len(engines) and all(ln.count("|") == 1 for ln in rows)
     assert any(ln.startswith("int4 vs bf16 img512") for ln in lines)
     assert json.loads(lines[-1])["results"].keys() == res.keys()
+
+
+def test_bad_image_budget_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--max-image-tokens", "0"])
+    assert "--max-image-tokens must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_unusable_device_is_a_clear_error(capsys):
