@@ -376,3 +376,35 @@ def test_native_quantization_equals_the_torch_formula(monkeypatch, isa_cap, dtyp
             mp.setattr(quant.kernels, "available", lambda: False)
             reference = fn(w, block_bytes=1 << 18)
         assert all(torch.equal(a, b) for a, b in zip(native, reference)), K
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,H,L,Dh", [(1, 12, 1024, 64), (2, 4, 100, 72), (3, 2, 37, 64), (1, 3, 1, 16)])
+def test_attn_encoder_matches_sdpa(n, H, L, Dh):
+    """The vision tower's attention (no mask) within each of n units: as close to float32 math as torch's own bf16
+    flash kernel is; padded keys (L not a multiple of 32) get no weight."""
+    if kernels.isa() < 3:
+        pytest.skip("needs AVX512-BF16")
+    g = torch.Generator().manual_seed(L)
+    q, k, v = (torch.randn(n * L, H * Dh, generator=g).bfloat16() for _ in range(3))
+
+    def heads(t):
+        return t.view(n, L, H, Dh).transpose(1, 2)
+
+    ref = F.scaled_dot_product_attention(heads(q).float(), heads(k).float(), heads(v).float())
+    flash = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+    out = kernels.attn_encoder(q, k, v, n, H)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    err = (heads(out).float() - ref).abs().max()
+    assert err <= 1.5 * (flash.float() - ref).abs().max() + 2e-3, err
+
+
+@needs_kernels
+def test_attn_encoder_declines_what_it_does_not_support():
+    q = torch.randn(8, 2 * 33).bfloat16()
+    assert kernels.attn_encoder(q, q, q, 1, 2) is None  # odd head size
+    try:
+        kernels.set_isa(2)  # AVX512F without BF16 dot products
+        assert kernels.attn_encoder(torch.randn(8, 64).bfloat16(), *[torch.randn(8, 64).bfloat16()] * 2, 1, 1) is None
+    finally:
+        kernels.set_isa(3)

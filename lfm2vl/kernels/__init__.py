@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("gemv.cpp")
-_SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in ("attn.cpp", "decode.cpp", "quantized.cpp", "pool.cpp")]
+_SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in ("attn.cpp", "attn_encoder.cpp", "decode.cpp", "quantized.cpp", "pool.cpp")]
 _HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17"]
 _KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
@@ -96,6 +96,8 @@ def _load():
     lib.lfm2vl_dequant_int8.restype = None
     lib.lfm2vl_dequant_int4.argtypes = [p, p, p, i64, i64, i, i]
     lib.lfm2vl_dequant_int4.restype = None
+    lib.lfm2vl_attn_encoder.argtypes = [p, p, p, p, i64, i64, i64, i64, ctypes.c_float, i]
+    lib.lfm2vl_attn_encoder.restype = ctypes.c_int
     lib.lfm2vl_quantize.argtypes = [i, p, i, p, p, i64, i64, i]
     lib.lfm2vl_quantize.restype = None
     lib.lfm2vl_decode_step.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i]
@@ -205,6 +207,18 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> 
     _lib.lfm2vl_dequant_int4(q.data_ptr(), scale.data_ptr(), out.data_ptr(), N, K, _DT[out.dtype],
                              torch.get_num_threads())
     return out
+
+
+def attn_encoder(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, units: int, heads: int) -> torch.Tensor | None:
+    """Unmasked attention within each of `units` equal-length units: q, k, v (units*L, heads*Dh) bf16 contiguous
+    (the projections' outputs) -> (units*L, heads*Dh) bf16, scale Dh^-0.5; None when the CPU or shape is not
+    supported (no AVX512-BF16, Dh odd or > 128): the caller runs torch then. The caller checks `available()`."""
+    rows, D = q.shape
+    Dh, L = D // heads, rows // units
+    out = torch.empty_like(q)
+    rc = _lib.lfm2vl_attn_encoder(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), units, heads, L, Dh,
+                                  Dh ** -0.5, torch.get_num_threads())
+    return out if rc == 0 else None
 
 
 def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -9,7 +9,8 @@ Notable features:
   n*L <= `VisionTower.batch_patches` where possible, which bounds peak memory), attention being one unmasked SDPA
   over (n, H, L, Dh). Nothing crosses units except inside attention, so this equals transformers'
   padded, key-masked computation (masked keys get exactly zero weight) up to float rounding.
-- on CPU the linears run through oneDNN with bias, GELU and residual add fused (`fast_linear`).
+- on CPU the linears run through oneDNN with bias, GELU and residual add fused (`fast_linear`), and bf16 attention
+  through the native `kernels.attn_encoder` (AVX512-BF16; torch's SDPA otherwise).
 - only `num_layers_used` encoder layers are built (`vision_feature_layer`, SPEC §1.2); post_layernorm still applies.
 - the 16x16 position grid is resized per unit with bilinear + antialias (align_corners=False) in float32, and the
   resized grids are cached per (h, w, dtype, device) until the table's weights change.
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lfm2vl import kernels
 from lfm2vl.config import VisionConfig
 
 _ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}  # hidden_act -> F.gelu(approximate=...)
@@ -116,10 +118,17 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, n: int, residual: torch.Tensor) -> torch.Tensor:
         """x (n*L, Dv) -> residual + out_proj(attention)."""
-        shape = (n, x.shape[0] // n, self.num_heads, self.head_dim)
-        q, k, v = (fast_linear(f, x).view(shape).transpose(1, 2) for f in (self.q_proj, self.k_proj, self.v_proj))
-        o = F.scaled_dot_product_attention(q, k, v)  # (n, H, L, Dh); scale Dh^-0.5 as in SigLIP2
-        return fast_linear(self.out_proj, o.transpose(1, 2).reshape(x.shape), residual=residual)  # (n*L, Dv)
+        q, k, v = (fast_linear(f, x) for f in (self.q_proj, self.k_proj, self.v_proj))  # (n*L, Dv) each
+        o = None
+        if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+                and kernels.available()):  # 2.2-2.4x torch's flash kernel at the tower's shapes (attn_encoder.cpp)
+            o = kernels.attn_encoder(q.contiguous(), k.contiguous(), v.contiguous(), n, self.num_heads)
+        if o is None:
+            shape = (n, x.shape[0] // n, self.num_heads, self.head_dim)
+            q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(q, k, v)  # (n, H, L, Dh); scale Dh^-0.5 as in SigLIP2
+            o = o.transpose(1, 2).reshape(x.shape)
+        return fast_linear(self.out_proj, o, residual=residual)  # (n*L, Dv)
 
 
 class MLP(nn.Module):
