@@ -1,10 +1,10 @@
-"""Native CPU kernels for the decode step: multithreaded GEMV / small-M GEMM over bf16, fp32, int8 and int4 weights.
+"""Native CPU kernels: multithreaded GEMV / small-M GEMM over bf16, fp32, int8 and int4 weights, attention.
 
-- `gemv.cpp` (products), `attn.cpp` (decode attention), `decode.cpp` (the fused decode step, driven by
-  `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats: quantization at load, expansion for prefill) and `pool.cpp` (their thread pool),
-  with `gemv.h` / `pool.h`, are compiled once per machine
-  with the system `g++ -O3 -march=native` (no ninja, no Python headers: a plain shared library called through
-  ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/.
+- `gemv.cpp` (products), `attn.cpp` (decode attention), `attn_encoder.cpp` (the vision tower's attention),
+  `decode.cpp` (the fused decode step, driven by `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats:
+  quantization at load, expansion for prefill) and `pool.cpp` (their thread pool), with `gemv.h` / `pool.h`, are
+  compiled once per machine with the system `g++ -O3 -march=native` (no ninja, no Python headers: a plain shared
+  library called through ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/.
 - Threads: the caller plus `torch.get_num_threads() - 1` helpers of pool.cpp's own work-sharing pool (chunks from
   an atomic counter, so a helper descheduled by another process never stalls a product).
 - `available()` is False, and callers fall back to F.linear, when LFM2VL_NO_KERNELS=1, the CPU is not x86-64,
