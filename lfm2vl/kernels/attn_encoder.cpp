@@ -63,6 +63,7 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
     const uint32_t* vp = a.vp + uh * (a.Lp / 2) * a.Dp;
     float* s = (float*)aligned_alloc(64, sizeof(float) * QB * a.Lp);          // scores, then exponentials
     uint16_t* pr = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * QB * a.Lp);  // bf16 probabilities
+    if (rows < QB) memset(pr + rows * a.Lp, 0, sizeof(uint16_t) * (QB - rows) * a.Lp);  // read, never stored
     uint32_t qw[QB][64];  // each query's pairs (Dh <= 128)
     for (int r = 0; r < QB; r++)
         for (int64_t p = 0; p < a.Dh / 2; p++)
