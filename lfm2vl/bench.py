@@ -177,13 +177,13 @@ def main(argv=None) -> int:
         for fmt in ("int8", "int4"):
             if getattr(args, fmt):
                 runs.append((f"lfm2vl {fmt}", {**common, "dtype": "bf16", "engine": "ours", fmt: True,
-                                               "int8_head": not args.int8_float_head}))
+                                               "quantize_head": not args.int8_float_head}))
     if "transformers" in args.engines:
         runs.append((f"transformers {args.dtype}", {**common, "engine": "transformers"}))
     for fmt in ("int8", "int4"):
         if getattr(args, fmt) and "ours" in args.engines:
             runs.append((f"{fmt} quality", {**common, "engine": "quality", "format": fmt,
-                                            "int8_head": not args.int8_float_head,
+                                            "quantize_head": not args.int8_float_head,
                                             "new_tokens": min(args.new_tokens, 16)}))
     results = {}
     for label, spec in runs:

@@ -129,7 +129,7 @@ def _load(spec: dict):
         model = load_model(spec["folder"], dtype=dtype, device=device)[0]
         if spec.get("optimize", True):  # a no-op off CPU
             optimize_for_cpu(model, int8=spec.get("int8", False), int4=spec.get("int4", False),
-                             quantize_head=spec.get("int8_head", False))
+                             quantize_head=spec.get("quantize_head", True))
         model.low_memory = spec.get("low_memory", False)
         if spec.get("compile"):  # the static-shape decode step; on CUDA "reduce-overhead" replays a CUDA graph
             model.bench_decode = torch.compile(model.forward_cached, dynamic=False,
@@ -189,7 +189,7 @@ def quality(spec: dict) -> dict:
     # a second load, not a deepcopy: both map the same file pages, and quantizing releases the float ones
     fmt = spec.get("format", "int8")
     q = optimize_for_cpu(load_model(spec["folder"], dtype=torch.bfloat16)[0], **{fmt: True},
-                         quantize_head=spec.get("int8_head", False))
+                         quantize_head=spec.get("quantize_head", True))
     processor = Processor.from_pretrained(spec["folder"])
     out = {}
     for name in spec["scenarios"]:

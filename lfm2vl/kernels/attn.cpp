@@ -75,7 +75,7 @@ T_AVX512 static float softmax_exp_avx512(float* p, int64_t n, float mx) {
     const __m512 m = _mm512_set1_ps(mx);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t s = 0; s < n; s += 16) {
-        __mmask16 mk = n - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - s)) - 1u);
+        const __mmask16 mk = tail16(n - s);
         __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, p + s), m));
         e = _mm512_maskz_mov_ps(mk, e);
         _mm512_mask_storeu_ps(p + s, mk, e);

@@ -94,17 +94,14 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
         float* sr = s + r * a.Lp;
         __m512 mx = _mm512_set1_ps(-INFINITY);
         for (int64_t j = 0; j < a.Lp; j += 16) {
-            const __mmask16 mk = a.L - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (a.L - j > 0 ? a.L - j : 0)) - 1u);
-            mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_load_ps(sr + j));
+            mx = _mm512_mask_max_ps(mx, tail16(a.L - j), mx, _mm512_load_ps(sr + j));
         }
         const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
         __m512 tot = _mm512_setzero_ps();
         for (int64_t j = 0; j < a.Lp; j += 16) {
-            const __mmask16 mk = a.L - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (a.L - j > 0 ? a.L - j : 0)) - 1u);
-            const __m512 e = _mm512_maskz_mov_ps(mk, exp_nonpos(_mm512_sub_ps(_mm512_load_ps(sr + j), m)));
+            const __m512 e = _mm512_maskz_mov_ps(tail16(a.L - j), exp_nonpos(_mm512_sub_ps(_mm512_load_ps(sr + j), m)));
             tot = _mm512_add_ps(tot, e);
-            _mm256_store_si256((__m256i*)(pr + r * a.Lp + j),
-                               _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16(e)), 16)));
+            _mm256_store_si256((__m256i*)(pr + r * a.Lp + j), to_bf16x16(e));
         }
         sum[r] = _mm512_reduce_add_ps(tot);
     }
@@ -126,10 +123,8 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
         for (int r = 0; r < 4 && r0 + r < rows; r++) {
             uint16_t* o = a.out + (u * a.L + i0 + r0 + r) * (a.H * a.Dh) + h * a.Dh;
             for (int cc = 0; cc < NC; cc++) {
-                const int64_t d = cc * 16;
-                const __mmask16 mk = a.Dh - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (a.Dh - d)) - 1u);
-                _mm256_mask_storeu_epi16(o + d, mk, _mm512_cvtepi32_epi16(_mm512_srli_epi32(
-                    _mm512_castps_si512(round_bf16(_mm512_div_ps(acc[r][cc], _mm512_set1_ps(sum[r0 + r])))), 16)));
+                const __m512 y = _mm512_div_ps(acc[r][cc], _mm512_set1_ps(sum[r0 + r]));
+                _mm256_mask_storeu_epi16(o + cc * 16, tail16(a.Dh - cc * 16), to_bf16x16(y));
             }
         }
     }

@@ -58,7 +58,7 @@ namespace {
 // taken as exp(-|x|) so it never overflows (x < 0: x * e / (1 + e), the same value).
 T_AVX512 static void silu_mul_avx512(float* a, const float* b, int64_t n, bool bf16) {
     for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 mk = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+        const __mmask16 mk = tail16(n - i);
         __m512 x = _mm512_maskz_loadu_ps(mk, a + i);
         __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
         __m512 num = _mm512_mask_mul_ps(x, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), x, e);

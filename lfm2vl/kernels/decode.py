@@ -1,7 +1,7 @@
 """The fused native decode step (`decode.cpp`): ctypes descriptors of a loaded language model, and the call.
 
 `NativeDecoder.build(model)` returns a decoder for a CPU Lfm2VlModel whose language-model linears are nn.Linear /
-FastLinear / Int8Linear and whose floats share one dtype (fp32 or bf16), or None when anything else is found
+FastLinear / Int8Linear / Int4Linear and whose floats share one dtype (fp32 or bf16), or None when anything else is found
 (LoRA-wrapped layers, mixed dtypes, no kernels): callers then keep the torch path.
 `decoder(embeds, cache, start_pos, rows)` runs one T=1 step for every row and returns (b, V) logits, like
 `Lfm2VlModel.forward_cached(..., last_only=True)`, or None when it cannot take that step (the caller runs torch).
@@ -18,12 +18,11 @@ import ctypes
 import torch
 from torch import nn
 
-from . import _load, available
+from . import _KIND, _load, available
 from ..model.rope import rope_cos_sin
 from ..threads import one_thread
 
 _ACT = {torch.float32: 0, torch.bfloat16: 1}
-_KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
 _MAX_CONV_K, _MAX_HEAD_DIM = 16, 512  # decode.cpp's stack buffers
 _registrations = [0]  # counts module / parameter / buffer assignments anywhere in the process
 

@@ -247,7 +247,7 @@ T_AVX512 static void row_f32(const void* w, const float* X, int64_t K, bool pf, 
         }
     }
     for (; k < K; k += 16) {
-        __mmask16 mk = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+        const __mmask16 mk = tail16(K - k);
         __m512 wv = load_w16<KIND>(w, k, mk);
         for (int j = 0; j < MR; j++) acc[j][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, X + j * K + k), acc[j][0]);
     }
@@ -358,8 +358,8 @@ static float* x_as_f32(const void* X, int xdt, int64_t MK, float** owned) {
 
 static void linear_chunk(const void* ctx, int64_t chunk) {
     const LinearArgs& a = *(const LinearArgs*)ctx;
-    int64_t n0 = chunk * a.rows_per_chunk;
-    int64_t n1 = n0 + a.rows_per_chunk < a.N ? n0 + a.rows_per_chunk : a.N;
+    int64_t n0, n1;
+    chunk_rows(chunk, a.rows_per_chunk, a.N, &n0, &n1);
     if (a.dp) {
         rows_bf16_dp((const uint16_t*)a.W, (const uint16_t*)a.X, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
     } else if (a.kind == 3) {

@@ -103,3 +103,19 @@ T_AVX512 static inline __m512 round_bf16(__m512 v) {
     u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
     return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
 }
+
+// v rounded to bf16 (nearest even), packed to 16 bf16 values for a 256-bit store
+T_AVX512 static inline __m256i to_bf16x16(__m512 v) {
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16));
+}
+
+// The first `left` of 16 lanes (all 16 when left >= 16, none when left <= 0): the mask of a loop's tail.
+static inline __mmask16 tail16(int64_t left) {
+    return left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
+}
+
+// Rows [n0, n1) of chunk `chunk` when N rows are cut into chunks of `per` rows.
+static inline void chunk_rows(int64_t chunk, int64_t per, int64_t N, int64_t* n0, int64_t* n1) {
+    *n0 = chunk * per;
+    *n1 = *n0 + per < N ? *n0 + per : N;
+}

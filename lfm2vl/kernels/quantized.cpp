@@ -23,8 +23,7 @@ struct DequantArgs {
 
 // 16 values (those under mask mk) at out[idx], as fp32 (odt 0) or the top 16 bits of the bf16-rounded value (odt 1).
 T_AVX512 static inline void store16(void* out, int odt, int64_t idx, __m512 v, __mmask16 mk) {
-    if (odt == 1) _mm256_mask_storeu_epi16((uint16_t*)out + idx, mk, _mm512_cvtepi32_epi16(
-        _mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16)));
+    if (odt == 1) _mm256_mask_storeu_epi16((uint16_t*)out + idx, mk, to_bf16x16(v));
     else _mm512_mask_storeu_ps((float*)out + idx, mk, v);
 }
 
@@ -34,7 +33,7 @@ T_AVX512 static void int8_rows_avx512(const DequantArgs& a, int64_t n0, int64_t 
     for (int64_t n = n0; n < n1; n++) {
         const __m512 sc = _mm512_set1_ps(a.s[n]);
         for (int64_t k = 0; k < a.K; k += 16) {
-            __mmask16 mk = a.K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (a.K - k)) - 1u);
+            const __mmask16 mk = tail16(a.K - k);
             __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, q + n * a.K + k)));
             store16(a.out, a.odt, n * a.K + k, _mm512_mul_ps(w, sc), mk);
         }
@@ -62,7 +61,8 @@ static float level(const DequantArgs& a, int64_t n, int64_t k) {
 
 static void dequant_chunk(const void* ctx, int64_t chunk) {
     const DequantArgs& a = *(const DequantArgs*)ctx;
-    const int64_t n0 = chunk * a.rows_per_chunk, n1 = n0 + a.rows_per_chunk < a.N ? n0 + a.rows_per_chunk : a.N;
+    int64_t n0, n1;
+    chunk_rows(chunk, a.rows_per_chunk, a.N, &n0, &n1);
     if (active_isa() >= 2) {
         if (a.bits == 8) int8_rows_avx512(a, n0, n1);
         else int4_rows_avx512(a, n0, n1);
@@ -171,7 +171,8 @@ T_AVX512 static void quantize_int4_row_avx512(const QuantArgs& a, int64_t n) {
 
 static void quantize_chunk(const void* ctx, int64_t chunk) {
     const QuantArgs& a = *(const QuantArgs*)ctx;
-    const int64_t n0 = chunk * a.rows_per_chunk, n1 = n0 + a.rows_per_chunk < a.N ? n0 + a.rows_per_chunk : a.N;
+    int64_t n0, n1;
+    chunk_rows(chunk, a.rows_per_chunk, a.N, &n0, &n1);
     if (active_isa() >= 2 && a.K % 16 == 0) {
         for (int64_t n = n0; n < n1; n++) {
             if (a.bits == 8) quantize_int8_row_avx512(a, n);
