@@ -10,6 +10,8 @@ float32 and bfloat16 and we compare the argmax of every position, image and padd
 import torch
 
 from checkpoints import build_hf_model, image_placeholder, make_pixels
+from lfm2vl import kernels
+from lfm2vl.kernels import attn_many
 from lfm2vl.loading import load_model
 from lfm2vl.quant import Int8Linear
 from lfm2vl.speed import optimize_for_cpu
@@ -44,7 +46,7 @@ def _batch(perm, g, seed):
             "spatial_shapes": ss}
 
 
-def test_bf16_argmax_on_a_trained_model(tmp_path):
+def test_bf16_argmax_on_a_trained_model(tmp_path, monkeypatch):
     torch.manual_seed(0)
     hf = build_hf_model("450m", seed=0).train()
     g = torch.Generator().manual_seed(0)
@@ -82,16 +84,26 @@ def test_bf16_argmax_on_a_trained_model(tmp_path):
     # weight-only int8 and int4 (output head included), every position through the native single-token decode step,
     # the path they exist for: image features from the float model, then one token at a time into the cache
     for fmt, floor in (("int8", 0.98), ("int4", 0.99)):
-        rate, cos = _quantized_agreement(tmp_path, fmt, bf16, f32, perm, g)
+        q = optimize_for_cpu(load_model(tmp_path, dtype=torch.bfloat16)[0], **{fmt: True})
+        kinds = {type(m).__name__ for m in q.modules() if isinstance(m, Int8Linear)}
+        assert kinds == {"Int4Linear" if fmt == "int4" else "Int8Linear"}, kinds  # no layer kept another format
+        rate, cos = _cached_agreement(q, bf16, f32, perm, g, chunk=1)
         print(f"[{fmt} trained] argmax agreement {rate:.4f}, logit cosine mean {cos.mean():.4f} min {cos.min():.4f}")
         assert rate >= floor, f"{fmt} argmax agrees with float32 on {rate:.2%} of the positions"
 
+    # the CPU-optimized bf16 model prefilling through the cache in chunks of 16: native causal attention over each
+    # chunk's cached prefix (kernels.attn_many), conv state carried between chunks
+    fast = optimize_for_cpu(load_model(tmp_path, dtype=torch.bfloat16)[0])
+    native = []
+    monkeypatch.setattr(kernels, "attn_many", lambda *a, **k: native.append(1) or attn_many(*a, **k))
+    rate, cos = _cached_agreement(fast, bf16, f32, perm, g, chunk=16)
+    assert native or kernels.isa() < 3, "the chunked prefill did not take the native attention"
+    print(f"[bf16 chunked prefill] argmax agreement {rate:.4f}, logit cosine mean {cos.mean():.4f}")
+    assert rate >= 0.99, f"bf16 chunked prefill argmax agrees with float32 on {rate:.2%} of the positions"
 
-def _quantized_agreement(folder, fmt, bf16, f32, perm, g):
-    """Argmax agreement with float32 and the logit cosines of a `fmt`-quantized model decoding token by token."""
-    q = optimize_for_cpu(load_model(folder, dtype=torch.bfloat16)[0], **{fmt: True})
-    kinds = {type(m).__name__ for m in q.modules() if isinstance(m, Int8Linear)}
-    assert kinds == {"Int4Linear" if fmt == "int4" else "Int8Linear"}, kinds  # no layer kept another format
+
+def _cached_agreement(q, bf16, f32, perm, g, chunk):
+    """Argmax agreement with float32 and the logit cosines of model q filling its cache `chunk` tokens per call."""
     agree = total = 0
     cos = []
     with torch.inference_mode():
@@ -107,8 +119,8 @@ def _quantized_agreement(folder, fmt, bf16, f32, perm, g):
                                             inp["spatial_shapes"][sel])
                 emb = q.embed(ids, feats)
                 cache = q.make_cache(1, ids.shape[1])
-                out = torch.stack([q.forward_cached(emb[:, t:t + 1], cache, torch.tensor([t]))[0]
-                                   for t in range(ids.shape[1])]).float()
+                out = torch.cat([q.forward_cached(emb[:, t:t + chunk], cache, torch.tensor([t]), last_only=False)[0]
+                                 for t in range(0, ids.shape[1], chunk)]).float()
                 want = ref[r][valid]
                 agree += (want.argmax(-1) == out.argmax(-1)).sum().item()
                 total += len(want)

@@ -380,31 +380,56 @@ def test_native_quantization_equals_the_torch_formula(monkeypatch, isa_cap, dtyp
 
 @needs_kernels
 @pytest.mark.parametrize("n,H,L,Dh", [(1, 12, 1024, 64), (2, 4, 100, 72), (3, 2, 37, 64), (1, 3, 1, 16)])
-def test_attn_encoder_matches_sdpa(n, H, L, Dh):
+def test_attn_many_unmasked_matches_sdpa(n, H, L, Dh):
     """The vision tower's attention (no mask) within each of n units: as close to float32 math as torch's own bf16
     flash kernel is; padded keys (L not a multiple of 32) get no weight."""
     if kernels.isa() < 3:
         pytest.skip("needs AVX512-BF16")
     g = torch.Generator().manual_seed(L)
-    q, k, v = (torch.randn(n * L, H * Dh, generator=g).bfloat16() for _ in range(3))
-
-    def heads(t):
-        return t.view(n, L, H, Dh).transpose(1, 2)
-
-    ref = F.scaled_dot_product_attention(heads(q).float(), heads(k).float(), heads(v).float())
-    flash = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
-    out = kernels.attn_encoder(q, k, v, n, H)
-    assert out.dtype == torch.bfloat16 and out.shape == q.shape
-    err = (heads(out).float() - ref).abs().max()
+    q, k, v = (torch.randn(n * L, H * Dh, generator=g).bfloat16().view(n, L, H, Dh).transpose(1, 2) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    flash = F.scaled_dot_product_attention(q, k, v)
+    out = kernels.attn_many(q, k, v)
+    assert out.dtype == torch.bfloat16 and out.shape == (n, L, H * Dh)
+    err = (out.view(n, L, H, Dh).transpose(1, 2).float() - ref).abs().max()
     assert err <= 1.5 * (flash.float() - ref).abs().max() + 2e-3, err
 
 
 @needs_kernels
-def test_attn_encoder_declines_what_it_does_not_support():
-    q = torch.randn(8, 2 * 33).bfloat16()
-    assert kernels.attn_encoder(q, q, q, 1, 2) is None  # odd head size
+@pytest.mark.parametrize("starts,T,H,Hkv,Dh", [([0], 512, 16, 8, 64), ([300], 70, 4, 2, 64), ([0, 45, 5], 33, 6, 3, 72),
+                                               ([7], 1, 2, 1, 16)])
+def test_attn_many_causal_prefill_matches_masked_sdpa(starts, T, H, Hkv, Dh):
+    """A prefill chunk over a KV cache: query l of row b sees keys 0..starts[b]+l, read in place from cache-shaped
+    buffers (b, Hkv, S_max, Dh), GQA; as close to float32 math as torch's flash kernel with the same mask."""
+    if kernels.isa() < 3:
+        pytest.skip("needs AVX512-BF16")
+    g = torch.Generator().manual_seed(T)
+    n, S_max = len(starts), max(starts) + T + 9
+    kc, vc = (torch.randn(n, Hkv, S_max, Dh, generator=g).bfloat16() for _ in range(2))
+    q = torch.randn(n, T, H, Dh, generator=g).bfloat16().transpose(1, 2)  # (n, H, T, Dh), the projection's layout
+    S = max(starts) + T
+    k, v = kc[:, :, :S], vc[:, :, :S]  # the used prefix, as CacheView.kv_update slices it
+    pos = torch.tensor(starts)[:, None] + torch.arange(T)
+    mask = (torch.arange(S)[None, None, :] <= pos[:, :, None])[:, None]
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    flash = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    out = kernels.attn_many(q, k, v, [s + T for s in starts], causal=True)
+    assert out.shape == (n, T, H * Dh)
+    err = (out.view(n, T, H, Dh).transpose(1, 2).float() - ref).abs().max()
+    assert err <= 1.5 * (flash.float() - ref).abs().max() + 2e-3, err
+
+
+@needs_kernels
+def test_attn_many_declines_what_it_does_not_support():
+    q = torch.randn(1, 2, 8, 33).bfloat16()
+    assert kernels.attn_many(q, q, q) is None  # odd head size
+    with pytest.raises(ValueError, match="nkeys"):  # causal needs a key per query at least
+        kernels.attn_many(q, q, q, [4], causal=True)
+    with pytest.raises(ValueError, match="unsupported"):
+        kernels.attn_many(q.float(), q.float(), q.float())
     try:
         kernels.set_isa(2)  # AVX512F without BF16 dot products
-        assert kernels.attn_encoder(torch.randn(8, 64).bfloat16(), *[torch.randn(8, 64).bfloat16()] * 2, 1, 1) is None
+        x = torch.randn(1, 1, 8, 64).bfloat16()
+        assert kernels.attn_many(x, x, x) is None
     finally:
         kernels.set_isa(3)

@@ -1,6 +1,6 @@
 """Native CPU kernels: multithreaded GEMV / small-M GEMM over bf16, fp32, int8 and int4 weights, attention.
 
-- `gemv.cpp` (products), `attn.cpp` (decode attention), `attn_encoder.cpp` (the vision tower's attention),
+- `gemv.cpp` (products), `attn.cpp` (decode attention), `attn_many.cpp` (the vision tower's and the prefill's attention),
   `decode.cpp` (the fused decode step, driven by `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats:
   quantization at load, expansion for prefill) and `pool.cpp` (their thread pool), with `gemv.h` / `pool.h`, are
   compiled once per machine with the system `g++ -O3 -march=native` (no ninja, no Python headers: a plain shared
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("gemv.cpp")
-_SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in ("attn.cpp", "attn_encoder.cpp", "decode.cpp", "quantized.cpp", "pool.cpp")]
+_SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in ("attn.cpp", "attn_many.cpp", "decode.cpp", "quantized.cpp", "pool.cpp")]
 _HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17"]
 _KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
@@ -96,8 +96,8 @@ def _load():
     lib.lfm2vl_dequant_int8.restype = None
     lib.lfm2vl_dequant_int4.argtypes = [p, p, p, i64, i64, i, i]
     lib.lfm2vl_dequant_int4.restype = None
-    lib.lfm2vl_attn_encoder.argtypes = [p, p, p, p, i64, i64, i64, i64, ctypes.c_float, i]
-    lib.lfm2vl_attn_encoder.restype = ctypes.c_int
+    lib.lfm2vl_attn_many.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p, p, p, p, i, ctypes.c_float, i]
+    lib.lfm2vl_attn_many.restype = ctypes.c_int
     lib.lfm2vl_quantize.argtypes = [i, p, i, p, p, i64, i64, i]
     lib.lfm2vl_quantize.restype = None
     lib.lfm2vl_decode_step.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i]
@@ -209,15 +209,38 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> 
     return out
 
 
-def attn_encoder(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, units: int, heads: int) -> torch.Tensor | None:
-    """Unmasked attention within each of `units` equal-length units: q, k, v (units*L, heads*Dh) bf16 contiguous
-    (the projections' outputs) -> (units*L, heads*Dh) bf16, scale Dh^-0.5; None when the CPU or shape is not
-    supported (no AVX512-BF16, Dh odd or > 128): the caller runs torch then. The caller checks `available()`."""
-    rows, D = q.shape
-    Dh, L = D // heads, rows // units
-    out = torch.empty_like(q)
-    rc = _lib.lfm2vl_attn_encoder(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), units, heads, L, Dh,
-                                  Dh ** -0.5, torch.get_num_threads())
+def serves(x: torch.Tensor) -> bool:
+    """Whether the bf16 inference kernels (attn_many) may take activations x: bf16 on the CPU, no autograd, and the
+    library built."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and available()
+
+
+def attn_many(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nkeys: list[int] | None = None,
+              causal: bool = False) -> torch.Tensor | None:
+    """softmax(q k^T / sqrt(Dh)) v for many queries, bf16 (attn_many.cpp), for the vision tower (no mask) and the
+    prefill (causal: query l of unit u sees keys 0 .. nkeys[u] - L + l).
+
+    q (n, H, L, Dh), k and v (n, Hkv, S, Dh): bf16 views with a contiguous last dim (e.g. slices of the KV cache); query head h reads kv head h // (H // Hkv). nkeys: keys of each unit (default
+    S). Returns (n, L, H*Dh), or None when the CPU or shape is not supported (no AVX512-BF16, Dh odd or > 128):
+    the caller runs torch then (also without the library)."""
+    n, H, L, Dh = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if (k.shape != v.shape or k.shape[0] != n or k.shape[3] != Dh or any(t.stride(-1) != 1 for t in (q, k, v))
+            or {q.dtype, k.dtype, v.dtype} != {torch.bfloat16}):
+        raise ValueError(f"attn_many: unsupported q/k/v {tuple(q.shape)} {q.stride()} {q.dtype}, "
+                         f"{tuple(k.shape)} {k.stride()} {k.dtype}, {tuple(v.shape)} {v.stride()} {v.dtype}")
+    nkeys = [S] * n if nkeys is None else nkeys
+    if len(nkeys) != n or max(nkeys) > S or min(nkeys) < (L if causal else 1):
+        raise ValueError(f"attn_many: nkeys {nkeys} for {n} units of {L} queries and at most {S} keys")
+    lib = _load()
+    if lib is None:
+        return None
+    out = torch.empty(n, L, H * Dh, dtype=torch.bfloat16)
+    arr = ctypes.c_int64 * 3
+    rc = lib.lfm2vl_attn_many(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), n, H, Hkv, L, Dh,
+                              arr(*q.stride()[:3]), arr(*k.stride()[:3]), arr(*v.stride()[:3]),
+                              (ctypes.c_int64 * n)(*nkeys),
+                              int(causal), Dh ** -0.5, torch.get_num_threads())
     return out if rc == 0 else None
 
 

@@ -10,7 +10,7 @@ Notable features:
   over (n, H, L, Dh). Nothing crosses units except inside attention, so this equals transformers'
   padded, key-masked computation (masked keys get exactly zero weight) up to float rounding.
 - on CPU the linears run through oneDNN with bias, GELU and residual add fused (`fast_linear`), and bf16 attention
-  through the native `kernels.attn_encoder` (AVX512-BF16; torch's SDPA otherwise).
+  through the native `kernels.attn_many` (AVX512-BF16; torch's SDPA otherwise).
 - only `num_layers_used` encoder layers are built (`vision_feature_layer`, SPEC §1.2); post_layernorm still applies.
 - the 16x16 position grid is resized per unit with bilinear + antialias (align_corners=False) in float32, and the
   resized grids are cached per (h, w, dtype, device) until the table's weights change.
@@ -119,15 +119,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, n: int, residual: torch.Tensor) -> torch.Tensor:
         """x (n*L, Dv) -> residual + out_proj(attention)."""
         q, k, v = (fast_linear(f, x) for f in (self.q_proj, self.k_proj, self.v_proj))  # (n*L, Dv) each
+        shape = (n, x.shape[0] // n, self.num_heads, self.head_dim)
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # (n, H, L, Dh)
         o = None
-        if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
-                and kernels.available()):  # 2.2-2.4x torch's flash kernel at the tower's shapes (attn_encoder.cpp)
-            o = kernels.attn_encoder(q.contiguous(), k.contiguous(), v.contiguous(), n, self.num_heads)
+        if kernels.serves(x):  # 2.2-2.4x torch's flash kernel at the tower's shapes (attn_many.cpp)
+            o = kernels.attn_many(q, k, v)
         if o is None:
-            shape = (n, x.shape[0] // n, self.num_heads, self.head_dim)
-            q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
-            o = F.scaled_dot_product_attention(q, k, v)  # (n, H, L, Dh); scale Dh^-0.5 as in SigLIP2
-            o = o.transpose(1, 2).reshape(x.shape)
+            o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # scale Dh^-0.5 as in SigLIP2
+        o = o.reshape(x.shape)
         return fast_linear(self.out_proj, o, residual=residual)  # (n*L, Dv)
 
 
