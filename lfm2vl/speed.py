@@ -12,7 +12,9 @@ Module swaps that keep parameters, state_dict keys and results (within float rou
   (one host read of the lengths, free on CPU), not all max_seq_len slots behind a mask, with the native
   one-query kernel `kernels.attn_decode` (fp32 math on the GEMV pool's threads) instead of torch's SDPA; a bf16
   prefill chunk runs `kernels.attn_many` (causal over each row's prefix, torch flash's rounding points): torch's
-  flash kernel reaches ~180 GFLOP/s there and, given the cache's mask, also computes the masked keys.
+  flash kernel reaches ~180 GFLOP/s there and, given the cache's mask, also computes the masked keys;
+- `MLP` -> `FastMLP` and `RMSNorm` -> `FastRMSNorm`: SwiGLU and the norms as one native pass each for bf16
+  inference (`kernels.swiglu` / `kernels.rmsnorm`, torch's roundings), where torch runs 2 and ~8 ops.
 Nothing here runs on other devices: a CUDA model is returned unchanged.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 from . import kernels
 from .kernels.decode import NativeDecoder
 from .model.lfm2vl import Lfm2VlModel
-from .model.text import Attention, ShortConv
+from .model.text import MLP, Attention, RMSNorm, ShortConv
 from .quant import quantize_weights, use_fast_linears
 
 
@@ -92,6 +94,23 @@ class FastAttention(Attention):
         return self.out_proj(o)
 
 
+class FastMLP(MLP):
+    """SwiGLU with silu and the product in one native pass for bf16 inference (kernels.swiglu, same roundings)."""
+
+    def forward(self, x):
+        a, b = self.w1(x), self.w3(x)
+        g = kernels.swiglu(a, b) if kernels.serves(x) else None
+        return self.w2(F.silu(a) * b if g is None else g)
+
+
+class FastRMSNorm(RMSNorm):
+    """RMSNorm as one native pass for bf16 inference (kernels.rmsnorm, same roundings) instead of ~8 small ops."""
+
+    def forward(self, x):
+        y = kernels.rmsnorm(x, self.weight, self.eps) if kernels.serves(x) else None
+        return super().forward(x) if y is None else y
+
+
 class FastLfm2VlModel(Lfm2VlModel):
     """Lfm2VlModel whose single-token cached steps run natively (`native_decoder`, set by optimize_for_cpu)."""
 
@@ -134,6 +153,8 @@ def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool =
     lm = model.model.language_model
     _swap_class(lm, ShortConv, FastShortConv)
     _swap_class(lm, Attention, FastAttention)
+    _swap_class(lm, MLP, FastMLP)
+    _swap_class(lm, RMSNorm, FastRMSNorm)
     if int8 or int4:
         quantize_weights(model, bits=4 if int4 else 8, quantize_head=quantize_head)
     use_fast_linears(model)

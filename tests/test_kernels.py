@@ -433,3 +433,29 @@ def test_attn_many_declines_what_it_does_not_support():
         assert kernels.attn_many(x, x, x) is None
     finally:
         kernels.set_isa(3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(512, 4608), (3, 7, 33), (1, 1)])
+def test_swiglu_and_rmsnorm_equal_the_torch_ops(shape):
+    """The prefill's fused SwiGLU and RMSNorm round where model/text.py does: bf16 results equal torch's (an exp
+    1 ulp apart, or the norm's fp32 sum in another order, may flip a rare rounding: at most 1 in 10,000)."""
+    from lfm2vl.model.text import RMSNorm
+
+    if kernels.isa() < 2:
+        pytest.skip("needs AVX512")
+    g = torch.Generator().manual_seed(shape[-1])
+    a, b = (torch.randn(shape, generator=g).mul(4).bfloat16() for _ in range(2))
+    norm = RMSNorm(shape[-1], 1e-5).bfloat16()
+    norm.weight.data = torch.randn(shape[-1], generator=g).bfloat16()
+    with torch.no_grad():
+        pairs = [(kernels.swiglu(a, b), F.silu(a) * b), (kernels.rmsnorm(a, norm.weight, norm.eps), norm(a))]
+    for got, want in pairs:
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape
+        assert (got != want).float().mean() <= 1e-4
+        torch.testing.assert_close(got, want, rtol=2 ** -6, atol=1e-6)  # a flip: one bf16 step of silu, then *b
+    # what they do not take, the caller runs in torch
+    x = torch.randn(8, 64).bfloat16()
+    assert kernels.swiglu(x.float(), x.float()) is None and kernels.swiglu(x, x[:4]) is None
+    assert kernels.rmsnorm(x.t(), torch.ones(8).bfloat16(), 1e-5) is None  # not contiguous
+    assert kernels.rmsnorm(x, torch.ones(64), 1e-5) is None  # fp32 weight

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from lfm2vl.config import Lfm2VlConfig
 from lfm2vl.model.lfm2vl import Lfm2VlModel
-from lfm2vl.speed import FastAttention, FastShortConv, causal_depthwise_conv, optimize_for_cpu
+from lfm2vl.speed import (FastAttention, FastMLP, FastRMSNorm, FastShortConv, causal_depthwise_conv,
+                          optimize_for_cpu)
 from tokenizer_build import FIXTURE
 
 
@@ -67,6 +68,7 @@ def test_optimized_model_matches_plain_model(dtype):
     fast = optimize_for_cpu(copy.deepcopy(plain))
     lm = fast.model.language_model
     assert isinstance(lm.layers[0].conv, FastShortConv) and isinstance(lm.layers[1].self_attn, FastAttention)
+    assert isinstance(lm.layers[0].feed_forward, FastMLP) and isinstance(lm.layers[1].self_attn.q_layernorm, FastRMSNorm)
     assert set(fast.state_dict()) == set(plain.state_dict())
     prompts = [[1, 6, 20, 30, 40, 7, 6, 50, 60], [1, 6, 99, 98, 97, 96, 95, 94, 93, 92, 91, 90, 89, 7, 6]]
     for rows, slots in (([prompts[0]], None), (prompts, None), ([prompts[0]], [1]), (prompts, [2, 0])):

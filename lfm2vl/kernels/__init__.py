@@ -1,6 +1,7 @@
 """Native CPU kernels: multithreaded GEMV / small-M GEMM over bf16, fp32, int8 and int4 weights, attention.
 
 - `gemv.cpp` (products), `attn.cpp` (decode attention), `attn_many.cpp` (the vision tower's and the prefill's attention),
+  `prefill.cpp` (a bf16 prefill's SwiGLU and RMSNorm),
   `decode.cpp` (the fused decode step, driven by `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats:
   quantization at load, expansion for prefill) and `pool.cpp` (their thread pool), with `gemv.h` / `pool.h`, are
   compiled once per machine with the system `g++ -O3 -march=native` (no ninja, no Python headers: a plain shared
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("gemv.cpp")
-_SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in ("attn.cpp", "attn_many.cpp", "decode.cpp", "quantized.cpp", "pool.cpp")]
+_SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in ("attn.cpp", "attn_many.cpp", "prefill.cpp", "decode.cpp", "quantized.cpp", "pool.cpp")]
 _HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17"]
 _KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
@@ -98,6 +99,10 @@ def _load():
     lib.lfm2vl_dequant_int4.restype = None
     lib.lfm2vl_attn_many.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p, p, p, p, i, ctypes.c_float, i]
     lib.lfm2vl_attn_many.restype = ctypes.c_int
+    lib.lfm2vl_swiglu_bf16.argtypes = [p, p, p, i64, i]
+    lib.lfm2vl_swiglu_bf16.restype = ctypes.c_int
+    lib.lfm2vl_rmsnorm_bf16.argtypes = [p, p, p, i64, i64, ctypes.c_float, i]
+    lib.lfm2vl_rmsnorm_bf16.restype = ctypes.c_int
     lib.lfm2vl_quantize.argtypes = [i, p, i, p, p, i64, i64, i]
     lib.lfm2vl_quantize.restype = None
     lib.lfm2vl_decode_step.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i]
@@ -242,6 +247,31 @@ def attn_many(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nkeys: list[int
                               (ctypes.c_int64 * n)(*nkeys),
                               int(causal), Dh ** -0.5, torch.get_num_threads())
     return out if rc == 0 else None
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """silu(a) * b for bf16 a, b of one shape (prefill.cpp; torch's roundings: silu, then the product), or None
+    when the kernel cannot run (no AVX512, no library, other dtypes or layouts): the caller runs torch then."""
+    lib = _load()
+    if (lib is None or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or a.shape != b.shape
+            or not a.is_contiguous() or not b.is_contiguous()):
+        return None
+    out = torch.empty_like(a)
+    return out if lib.lfm2vl_swiglu_bf16(a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel(),
+                                         torch.get_num_threads()) == 0 else None
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """weight * bf16(x * rsqrt(mean(x^2, -1) + eps)) for bf16 x (..., n) and weight (n) (prefill.cpp; model/text.py's
+    RMSNorm and roundings), or None when the kernel cannot run: the caller runs torch then."""
+    lib = _load()
+    n = x.shape[-1]
+    if (lib is None or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or weight.shape != (n,)
+            or not x.is_contiguous() or not weight.is_contiguous() or x.numel() == 0):
+        return None
+    out = torch.empty_like(x)
+    return out if lib.lfm2vl_rmsnorm_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, eps,
+                                          torch.get_num_threads()) == 0 else None
 
 
 def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

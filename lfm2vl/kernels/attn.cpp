@@ -49,9 +49,7 @@ static inline float dot8(const float* a, const float* b, int64_t n) {
 // One key or value row as Dh/16 fp32 vectors (bf16 widened exactly).
 T_AVX512 static inline void kv_vecs(__m512* r, const void* p, int dt, int64_t off, int64_t nv) {
     for (int64_t j = 0; j < nv; j++)
-        r[j] = dt == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                             (const __m256i*)((const uint16_t*)p + off + 16 * j))), 16))
-                       : _mm512_loadu_ps((const float*)p + off + 16 * j);
+        r[j] = dt == 1 ? from_bf16x16((const uint16_t*)p + off + 16 * j) : _mm512_loadu_ps((const float*)p + off + 16 * j);
 }
 
 // scores sc[g * n + s] = q_g . k_s (AVX512, Dh a multiple of 16 up to 256)

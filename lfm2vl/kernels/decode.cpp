@@ -54,15 +54,11 @@ struct DModel {
 
 namespace {
 
-// a[i] = silu(a[i]) * b[i] with torch's roundings (silu rounded, then the product): x / (1 + exp(-x)), exp(-x)
-// taken as exp(-|x|) so it never overflows (x < 0: x * e / (1 + e), the same value).
+// a[i] = silu(a[i]) * b[i] with torch's roundings (silu rounded, then the product)
 T_AVX512 static void silu_mul_avx512(float* a, const float* b, int64_t n, bool bf16) {
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 mk = tail16(n - i);
-        __m512 x = _mm512_maskz_loadu_ps(mk, a + i);
-        __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
-        __m512 num = _mm512_mask_mul_ps(x, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), x, e);
-        __m512 s = _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+        __m512 s = silu16(_mm512_maskz_loadu_ps(mk, a + i));
         if (bf16) s = round_bf16(s);
         __m512 y = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mk, b + i));
         if (bf16) y = round_bf16(y);

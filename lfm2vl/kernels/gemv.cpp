@@ -222,9 +222,7 @@ T_AVX512BF16 static void row_bf16_dp(const uint16_t* w, const uint16_t* X, int64
 // 16 weights of any kind widened to fp32 (kind 0 bf16, 1 fp32, 2 int8).
 template <int KIND>
 T_AVX512 static inline __m512 load_w16(const void* w, int64_t k, __mmask16 mk) {
-    if (KIND == 0)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-            _mm256_maskz_loadu_epi16(mk, (const uint16_t*)w + k)), 16));
+    if (KIND == 0) return from_bf16x16((const uint16_t*)w + k, mk);
     if (KIND == 1) return _mm512_maskz_loadu_ps(mk, (const float*)w + k);
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, (const int8_t*)w + k)));
 }

@@ -96,6 +96,19 @@ T_AVX512 static inline __m512 exp_nonpos(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+// silu(x) = x / (1 + exp(-x)), with exp(-x) taken as exp(-|x|) so it never overflows (x < 0: x e / (1 + e), the
+// same value)
+T_AVX512 static inline __m512 silu16(__m512 x) {
+    const __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+    const __m512 num = _mm512_mask_mul_ps(x, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), x, e);
+    return _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+}
+
+// 16 bf16 values (the lanes of mask mk; the others 0) widened exactly to fp32
+T_AVX512 static inline __m512 from_bf16x16(const uint16_t* p, __mmask16 mk = 0xffff) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, p)), 16));
+}
+
 // v rounded to bf16 and back, 16 lanes (round to nearest even, as f32_to_bf16; inputs here are finite)
 T_AVX512 static inline __m512 round_bf16(__m512 v) {
     __m512i u = _mm512_castps_si512(v);

@@ -125,9 +125,7 @@ static void quantize_int4_row(const QuantArgs& a, int64_t n, float* buf) {
 
 // The same rows with AVX512: IEEE division and round-half-even (roundscale) as in the scalar code and torch.
 T_AVX512 static inline __m512 load16_f32(const QuantArgs& a, int64_t i) {
-    if (a.wdt == 1)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-            _mm256_loadu_si256((const __m256i*)((const uint16_t*)a.w + i))), 16));
+    if (a.wdt == 1) return from_bf16x16((const uint16_t*)a.w + i);
     return _mm512_loadu_ps((const float*)a.w + i);
 }
 
