@@ -3,11 +3,14 @@
 Float weights of the checkpoint's dtype stay memory-mapped from the file (loading.py), and every page this process has
 read stays in its resident set. A request with images reads the vision tower, then the language model, so both sit in
 RSS together: at the 450M shapes 172 MB + 708 MB on top of ~250 MB of torch and libraries, over 1.1 GB before any
-activation. `Lfm2VlModel.low_memory = True` (`lfm2vl.load(..., low_memory=True)`, `--low-memory`) keeps them apart:
-- before the tower runs, the language model's pages are dropped; after it, the tower's and projector's, and glibc's
-  free heap pages are returned (the tower's temporaries);
+activation. `Lfm2VlModel.low_memory = True` (`lfm2vl.load(..., low_memory=True)`, `--low-memory`) keeps the two from adding up:
+- before the tower runs, room for it (its weights and one encoder batch's activations) is made from the language
+  model's last-read weights (`release_tail`: the output head, then the last layers); after it, the tower's and
+  projector's pages are dropped, glibc's free heap pages returned (the tower's temporaries), and the dropped
+  language-model weights mapped back in one `populate`;
 - the page cache keeps the pages, so the next read re-maps them from memory (no disk read). That costs time on every
-  image request (`lfm2vl bench --low-memory` measures it), which is why it is opt-in.
+  image request (~40 ms at 450M for a 512x512 image; dropping the whole language model cost ~120 ms for the same
+  peak; `lfm2vl bench --low-memory` measures it), which is why it is opt-in.
 Only pages that still equal the file are dropped (`release_mapped_pages`); weights converted to another dtype,
 quantized or written in place are anonymous memory and stay.
 """
@@ -92,6 +95,21 @@ def release_weights(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> list
     were wholly resident before (in use, so worth mapping back with `populate`), not e.g. an embedding table of
     which only the looked-up rows were read."""
     return [t for t in _tensors(module, skip) if _release(t)[1]]
+
+
+def release_tail(weights: list[torch.Tensor], nbytes: int) -> list[torch.Tensor]:
+    """Drop the mapped pages of the last of `weights` (listed in the order a forward reads them) until at least
+    nbytes of resident pages are released. Returns the dropped weights that were wholly resident, in use order, for
+    `populate`. The last-read weights go first: the next forward reaches them last."""
+    hot, freed = [], 0
+    for t in reversed(weights):
+        if freed >= nbytes:
+            break
+        n, was_resident = _release(t.detach())
+        freed += n
+        if was_resident:
+            hot.append(t.detach())
+    return hot[::-1]
 
 
 def populate(weights: list[torch.Tensor]) -> None:

@@ -5,7 +5,8 @@
   leaves no reference to, and no resident mapped page of, the float weights it replaced;
 - `release_mapped_pages` only drops pages that still equal the file (written or anonymous memory is kept);
 - building the model for loading skips the random init, whose meta `normal_` would import torch._dynamo;
-- low_memory: the language model's pages leave RSS while the tower runs and the tower's after it, with equal results.
+- low_memory: the tower's room (its weights and activations) leaves RSS from the language model's last-read weights
+  while the tower runs, and the tower's pages after it, with equal results.
 """
 from __future__ import annotations
 
@@ -182,7 +183,7 @@ def _span_pages(weights) -> int:
 
 
 @linux_only
-def test_low_memory_keeps_the_tower_and_the_language_model_apart_with_equal_results(ckpt):
+def test_low_memory_makes_room_for_the_tower_from_the_language_models_tail_with_equal_results(ckpt):
     import lfm2vl
     from PIL import Image
 
@@ -194,18 +195,25 @@ def test_low_memory_keeps_the_tower_and_the_language_model_apart_with_equal_resu
         engine = lfm2vl.load(ckpt, low_memory=low)
         m = engine.model
         tower = m.model.vision_tower
-        lm = [p for n, p in m.named_parameters() if not n.startswith(("model.vision_tower", "model.multi_modal"))]
-        vis = list(tower.parameters())
-        during = []  # resident language-model pages while the tower runs, per request
-        tower.post_layernorm.register_forward_hook(lambda *_: during.append(_span_pages(lm)))
+        order = m._lm_weights_in_use_order()  # layers, final norm, output head (the tied embedding)
+        first, head = list(m.model.language_model.layers[0].parameters()), [m.lm_head.weight]
+        during = []  # resident language-model bytes, first layer's pages, head's pages while the tower runs
+        tower.post_layernorm.register_forward_hook(
+            lambda *_: during.append((_span_pages(order) * PAGE, _span_pages(first), _span_pages(head))))
         outs[low] = [engine.generate(msgs, **opts) for _ in range(2)]  # the second request starts with all resident
         engine.reset()
-        seen[low] = dict(during=during, vision_after=_span_pages(vis), lm_after=_span_pages(lm))
-        assert _span_pages(lm) > 0  # what a decode reads is resident again
+        seen[low] = dict(during=during, vision_after=_span_pages(tower.parameters()), lm_after=_span_pages(order))
+        assert seen[low]["lm_after"] > 0  # what a decode reads is resident again
+    total = sum(t.numel() * t.element_size() for t in order)
     for a, b in zip(outs[False], outs[True]):
         assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
-    assert seen[False]["during"][1] > 0 and seen[False]["vision_after"] > 0  # the default keeps both mapped in
-    assert seen[True]["during"] == [0, 0], "the language model's pages must leave RSS while the tower runs"
+    assert seen[False]["during"][1][2] > 0 and seen[False]["vision_after"] > 0  # the default keeps both mapped in
+    room = m._tower_room()
+    assert 0 < room < total  # this checkpoint: the room is part of the language model, not all of it
+    for lm_bytes, first_pages, head_pages in seen[True]["during"]:
+        assert lm_bytes <= total - room, "the tower's room must leave RSS while the tower runs"
+        assert head_pages == 0, "the last-read weights (the output head) go first"
+    assert seen[True]["during"][1][1] > 0, "the first layer, read first by the prefill, stays"
     assert seen[True]["vision_after"] == 0, "the tower's pages must leave RSS after it ran"
 
 
@@ -229,3 +237,19 @@ def test_release_weights_returns_only_wholly_resident_weights_for_populate(tmp_p
     if tuple(int(x) for x in os.uname().release.split(".")[:2]) >= (5, 14):  # MADV_POPULATE_READ exists
         assert _span_pages([m.hot]) == m.hot.numel() * 4 // PAGE - (m.hot.data_ptr() % PAGE > 0)
     assert _span_pages([m.table]) == 0, "a table read a few rows at a time must not be mapped in whole"
+
+
+@linux_only
+def test_release_tail_drops_the_last_read_weights_until_the_room_is_made(tmp_path):
+    from lfm2vl.memory import release_tail
+
+    g = torch.Generator().manual_seed(1)
+    save_file({f"w{i}": torch.randn(256, 1024, generator=g) for i in range(4)}, str(tmp_path / "w.safetensors"))
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        ws = [f.get_tensor(f"w{i}") for i in range(4)]  # 1 MiB each, in use order
+    for w in ws:
+        float(w.sum())
+    hot = release_tail(ws, 3 * 2 ** 19)  # 1.5 MiB: the last two weights go, the first two stay
+    assert [t.data_ptr() for t in hot] == [ws[2].data_ptr(), ws[3].data_ptr()]  # use order, for populate
+    assert [_span_pages([w]) > 0 for w in ws] == [True, True, False, False]
+    assert release_tail(ws, 0) == [] and _span_pages(ws[:2]) > 0
