@@ -459,3 +459,8 @@ def test_swiglu_and_rmsnorm_equal_the_torch_ops(shape):
     assert kernels.swiglu(x.float(), x.float()) is None and kernels.swiglu(x, x[:4]) is None
     assert kernels.rmsnorm(x.t(), torch.ones(8).bfloat16(), 1e-5) is None  # not contiguous
     assert kernels.rmsnorm(x, torch.ones(64), 1e-5) is None  # fp32 weight
+    try:
+        kernels.set_isa(1)  # AVX2: no AVX512 version
+        assert kernels.swiglu(x, x) is None and kernels.rmsnorm(x, torch.ones(64).bfloat16(), 1e-5) is None
+    finally:
+        kernels.set_isa(3)
