@@ -4,7 +4,8 @@ Module swaps that keep parameters, state_dict keys and results (within float rou
 - linears of the language model and the output head -> `quant.FastLinear` (native multithreaded GEMV for
   decode-size inputs), or `quant.Int8Linear` / `Int4Linear` with int8=True / int4=True (weight-only, opt-in);
 - `ShortConv` -> `FastShortConv`: the depthwise causal conv as K shifted multiply-adds in fp32. torch's bf16
-  `F.conv1d` for groups=D goes through oneDNN and costs ~50 ms per call on this CPU (a decode step has 10);
+  `F.conv1d` for groups=D goes through oneDNN and costs ~50 ms per call on this CPU (a decode step has 10); for
+  bf16 inference the whole middle (gates, conv, state) is one native pass (`kernels.short_conv`);
 - the decode step (T == 1) of the whole language model -> one native call (`kernels/decode.py`): the model becomes a
   `FastLfm2VlModel` whose `forward_cached` takes that path while the modules still hold the tensors it was built
   from, and the torch path otherwise (prefill, training, LoRA-wrapped or swapped layers);
@@ -50,9 +51,18 @@ class FastShortConv(ShortConv):
     def forward(self, x, pad_mask=None, cache=None, layer_idx: int = 0):
         if pad_mask is not None:
             x = x * pad_mask[:, :, None].to(x.dtype)
-        Bg, Cg, xs = self.in_proj(x).transpose(1, 2).chunk(3, dim=1)  # each (B, D, T)
-        u = Bg * xs
+        p = self.in_proj(x)  # (B, T, 3D)
         K = self.conv.kernel_size[0]
+        if kernels.serves(p):  # the middle as one native pass (kernels/prefill.cpp), same roundings
+            state = (cache.conv_state(layer_idx) if cache is not None
+                     else torch.zeros(p.shape[0], p.shape[-1] // 3, K - 1, dtype=p.dtype))
+            done = kernels.short_conv(p, state.to(p.dtype), self.conv.weight, self.conv.bias)
+            if done is not None:
+                if cache is not None:
+                    cache.conv_store(layer_idx, done[1])
+                return self.out_proj(done[0])
+        Bg, Cg, xs = p.transpose(1, 2).chunk(3, dim=1)  # each (B, D, T)
+        u = Bg * xs
         u_ext = cache.conv_extend(layer_idx, u) if cache is not None else F.pad(u, (K - 1, 0))
         y = causal_depthwise_conv(u_ext, self.conv.weight, self.conv.bias)  # (B, D, T)
         return self.out_proj((Cg * y).transpose(1, 2))

@@ -94,3 +94,39 @@ def test_int8_model_stays_close_to_float():
     ref, got = run_cached(plain, prompts, 4), run_cached(q, prompts, 4)
     cos = F.cosine_similarity(got, ref, dim=-1)
     assert cos.min() > 0.99, cos
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_native_short_conv_equals_the_torch_path(monkeypatch, bias):
+    """The conv block's middle as one native pass (kernels.short_conv, bf16) gives the torch path's output and conv
+    state bit for bit: fresh and continued rows, gathered cache rows, chunks shorter than the state, a bias."""
+    from lfm2vl import kernels
+
+    if kernels.isa() < 2:
+        pytest.skip("needs the AVX512 kernels")
+    conv = optimize_for_cpu(tiny_model(torch.bfloat16)).model.language_model.layers[0].conv
+    if bias:
+        conv.conv.bias = torch.nn.Parameter(torch.randn(conv.conv.weight.shape[0]).bfloat16())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, 64, generator=g).bfloat16()
+    native, calls = kernels.short_conv, []
+    for T, starts, rows, n in ((40, [0, 0], None, 2), (1, [5, 9], None, 2), (2, [7, 3], [2, 0], 3),
+                               (40, [13, 0], [1, 2], 3)):
+        got = {}
+        for mode in ("native", "torch"):
+            monkeypatch.setattr(kernels, "short_conv",
+                                (lambda *a: calls.append(1) or native(*a)) if mode == "native" else lambda *a: None)
+            cache = tiny_model(torch.bfloat16).make_cache(n, 64)
+            for c in cache.conv:
+                if c is not None:
+                    c.copy_(torch.randn(c.shape, generator=torch.Generator().manual_seed(1)))
+            with torch.inference_mode():
+                view = cache.view(torch.tensor(starts), T, None if rows is None else torch.tensor(rows))
+                got[mode] = (conv(x[:, :T], None, view, 0), cache.conv[0].clone())
+        assert torch.equal(got["native"][0], got["torch"][0]) and torch.equal(got["native"][1], got["torch"][1])
+    with torch.inference_mode():  # no cache: a zero state
+        monkeypatch.setattr(kernels, "short_conv", native)
+        y = conv(x, None, None, 0)
+        monkeypatch.setattr(kernels, "short_conv", lambda *a: None)
+        assert torch.equal(y, conv(x, None, None, 0))
+    assert len(calls) == 4

@@ -1,7 +1,7 @@
 """Native CPU kernels: multithreaded GEMV / small-M GEMM over bf16, fp32, int8 and int4 weights, attention.
 
 - `gemv.cpp` (products), `attn.cpp` (decode attention), `attn_many.cpp` (the vision tower's and the prefill's attention),
-  `prefill.cpp` (a bf16 prefill's SwiGLU and RMSNorm),
+  `prefill.cpp` (a bf16 prefill's SwiGLU, RMSNorm and short-conv middle),
   `decode.cpp` (the fused decode step, driven by `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats:
   quantization at load, expansion for prefill) and `pool.cpp` (their thread pool), with `gemv.h` / `pool.h`, are
   compiled once per machine with the system `g++ -O3 -march=native` (no ninja, no Python headers: a plain shared
@@ -103,6 +103,8 @@ def _load():
     lib.lfm2vl_swiglu_bf16.restype = ctypes.c_int
     lib.lfm2vl_rmsnorm_bf16.argtypes = [p, p, p, i64, i64, ctypes.c_float, i]
     lib.lfm2vl_rmsnorm_bf16.restype = ctypes.c_int
+    lib.lfm2vl_short_conv_bf16.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i]
+    lib.lfm2vl_short_conv_bf16.restype = ctypes.c_int
     lib.lfm2vl_quantize.argtypes = [i, p, i, p, p, i64, i64, i]
     lib.lfm2vl_quantize.restype = None
     lib.lfm2vl_decode_step.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i]
@@ -272,6 +274,27 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor |
     out = torch.empty_like(x)
     return out if lib.lfm2vl_rmsnorm_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, eps,
                                           torch.get_num_threads()) == 0 else None
+
+
+def short_conv(p: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The gated short convolution between in_proj and out_proj (prefill.cpp; speed.FastShortConv's roundings):
+    p (B, T, 3D) bf16 in_proj output (B gate, C gate, x), state (B, D, K-1) bf16 conv inputs before it (zeros for
+    a fresh row), weight (D, 1, K) / bias (D) of the depthwise conv -> out (B, T, D) = C * conv(B * x) and the next
+    state (B, D, K-1), both bf16; None when the kernel cannot run (the caller runs torch then)."""
+    lib = _load()
+    B, T, D3 = p.shape
+    D, K = D3 // 3, weight.shape[-1]
+    if (lib is None or p.dtype != torch.bfloat16 or state.dtype != torch.bfloat16 or not p.is_contiguous()
+            or state.shape != (B, D, K - 1) or weight.shape != (D, 1, K)):
+        return None
+    state = state.contiguous()
+    w = weight.reshape(D, K).float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    out = torch.empty(B, T, D, dtype=torch.bfloat16)
+    tail = torch.empty(B, D, K - 1, dtype=torch.bfloat16)
+    rc = lib.lfm2vl_short_conv_bf16(p.data_ptr(), state.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(),
+                                    out.data_ptr(), tail.data_ptr(), B, T, D, K, torch.get_num_threads())
+    return (out, tail) if rc == 0 else None
 
 
 def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

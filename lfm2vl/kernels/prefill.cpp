@@ -1,9 +1,12 @@
-// Elementwise parts of a bf16 prefill, fused, on the pool's threads: the feed-forward's SwiGLU and RMSNorm.
+// Elementwise parts of a bf16 prefill, fused, on the pool's threads: the feed-forward's SwiGLU, RMSNorm, and the
+// middle of the gated short convolution (gates, causal depthwise conv, conv state).
 //
-// Why: at a 512-token chunk torch runs SwiGLU as silu then mul, two passes over (T, ff_dim) bf16 that took ~2.6 ms
-// per layer (9% of a 450M prefill), and RMSNorm as ~8 small fp32 ops. Same roundings as model/text.py: silu
-// rounded to bf16, then the product; the norm's x * rsqrt(mean(x^2) + eps) in fp32 rounded to bf16, then times the
-// weight, rounded. Only the order of the mean's fp32 sum differs from torch.
+// Why: torch runs SwiGLU as silu then mul (two passes over (T, ff_dim)), RMSNorm as ~8 small fp32 ops, and the
+// conv block's middle as ~12 ops over transposed (D, T) views: 3.5 ms per conv layer at a 512-token chunk, 8% of
+// a 450M prefill. Same roundings as model/text.py and speed.py: silu rounded to bf16, then the product; the norm's
+// x * rsqrt(mean(x^2) + eps) in fp32 rounded, then times the weight, rounded; u = B*x rounded, the conv as fp32
+// products summed tap by tap (no fused multiply-add), rounded, then times C, rounded. Only the order of the norm's
+// fp32 sum differs from torch.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -59,9 +62,64 @@ T_AVX512 void rmsnorm(const void* ctx, int64_t c) {
     }
 }
 
+struct ConvArgs {
+    const uint16_t* p;      // (B, T, 3D) in_proj output: B gate, C gate, x
+    const uint16_t* state;  // (B, D, K-1) the conv inputs before this chunk (zeros for a fresh row)
+    const float* w;         // (D, K) taps; the last multiplies the current token
+    const float* bias;      // (D) or NULL
+    uint16_t* out;          // (B, T, D) C * conv(u)
+    uint16_t* tail;         // (B, D, K-1) the last K-1 conv inputs: the next state
+    int64_t B, T, D, K;
+};
+
+// one chunk per (row, 16 channels): u = B*x for each token, a window of the last K inputs, taps summed in order
+T_AVX512 void short_conv(const void* ctx, int64_t c) {
+    const ConvArgs& a = *(const ConvArgs*)ctx;
+    const int64_t blocks = (a.D + 15) / 16, b = c / blocks, d0 = (c % blocks) * 16, K = a.K;
+    const __mmask16 mk = tail16(a.D - d0);
+    __m512 win[8], w[8];  // win[j]: conv input K-1-j tokens back (K <= 8)
+    for (int64_t j = 0; j < K; j++) {
+        alignas(64) float tap[16] = {0};
+        for (int64_t i = 0; i < 16 && d0 + i < a.D; i++) tap[i] = a.w[(d0 + i) * K + j];
+        w[j] = _mm512_load_ps(tap);
+    }
+    for (int64_t j = 0; j < K - 1; j++) {  // the stored state: column j is K-1-j tokens back
+        alignas(64) float st[16] = {0};
+        for (int64_t i = 0; i < 16 && d0 + i < a.D; i++)
+            st[i] = bf16_to_f32(a.state[(b * a.D + d0 + i) * (K - 1) + j]);
+        win[j] = _mm512_load_ps(st);
+    }
+    const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(mk, a.bias + d0) : _mm512_setzero_ps();
+    for (int64_t t = 0; t < a.T; t++) {
+        const uint16_t* row = a.p + (b * a.T + t) * 3 * a.D + d0;
+        win[K - 1] = round_bf16(_mm512_mul_ps(from_bf16x16(row, mk), from_bf16x16(row + 2 * a.D, mk)));  // u = B*x
+        __m512 y = _mm512_mul_ps(win[0], w[0]);
+        for (int64_t j = 1; j < K; j++) y = _mm512_add_ps(y, _mm512_mul_ps(win[j], w[j]));
+        if (a.bias) y = _mm512_add_ps(y, bias);
+        const __m512 out = _mm512_mul_ps(from_bf16x16(row + a.D, mk), round_bf16(y));  // C * conv(u)
+        _mm256_mask_storeu_epi16(a.out + (b * a.T + t) * a.D + d0, mk, to_bf16x16(out));
+        for (int64_t j = 0; j < K - 1; j++) win[j] = win[j + 1];
+    }
+    for (int64_t j = 0; j < K - 1; j++) {  // win[0..K-2] now hold the last K-1 conv inputs, oldest first
+        alignas(64) float v[16];
+        _mm512_store_ps(v, win[j]);
+        for (int64_t i = 0; i < 16 && d0 + i < a.D; i++) a.tail[(b * a.D + d0 + i) * (K - 1) + j] = f32_to_bf16(v[i]);
+    }
+}
+
 }  // namespace
 
 extern "C" {
+
+// The gated short convolution's middle for a bf16 prefill (see ConvArgs). Returns 0, or -1 without AVX512 or with
+// K > 8.
+int lfm2vl_short_conv_bf16(const uint16_t* p, const uint16_t* state, const float* w, const float* bias, uint16_t* out,
+                           uint16_t* tail, int64_t B, int64_t T, int64_t D, int64_t K, int threads) {
+    if (active_isa() < 2 || K < 1 || K > 8) return -1;
+    ConvArgs a{p, state, w, bias, out, tail, B, T, D, K};
+    pool_run(short_conv, &a, B * ((D + 15) / 16), threads);
+    return 0;
+}
 
 // out = silu(a) * b over n bf16 values. Returns 0, or -1 without AVX512.
 int lfm2vl_swiglu_bf16(const uint16_t* a, const uint16_t* b, uint16_t* out, int64_t n, int threads) {

@@ -81,14 +81,21 @@ class CacheView:
             kc, vc = kc[self.rows], vc[self.rows]  # gathers a copy: slice first
         return kc, vc
 
+    def conv_state(self, i: int) -> torch.Tensor:
+        """Layer i's stored conv inputs for these rows (b, D, K-1); zeros for rows starting at position 0."""
+        sc = self.cache.conv[i]
+        return (sc if self.rows is None else sc[self.rows]) * self._fresh
+
+    def conv_store(self, i: int, state: torch.Tensor) -> None:
+        """Write these rows' next conv state (b, D, K-1)."""
+        sc = self.cache.conv[i]
+        if self.rows is None:
+            sc.copy_(state)
+        else:
+            sc[self.rows] = state.to(sc.dtype)
+
     def conv_extend(self, i: int, u: torch.Tensor) -> torch.Tensor:
         """Prepend the stored conv state to u (b, D, T) and store the new last K-1 columns."""
-        sc = self.cache.conv[i]
-        state = sc if self.rows is None else sc[self.rows]
-        u_ext = torch.cat([(state * self._fresh).to(u.dtype), u], dim=-1)  # (b, D, K-1+T)
-        new = u_ext[:, :, -sc.shape[-1]:].to(sc.dtype)
-        if self.rows is None:
-            sc.copy_(new)
-        else:
-            sc[self.rows] = new
+        u_ext = torch.cat([self.conv_state(i).to(u.dtype), u], dim=-1)  # (b, D, K-1+T)
+        self.conv_store(i, u_ext[:, :, -self.cache.conv[i].shape[-1]:])
         return u_ext
