@@ -5,12 +5,13 @@ read stays in its resident set. A request with images reads the vision tower, th
 RSS together: at the 450M shapes 172 MB + 708 MB on top of ~250 MB of torch and libraries, over 1.1 GB before any
 activation. `Lfm2VlModel.low_memory = True` (`lfm2vl.load(..., low_memory=True)`, `--low-memory`) keeps the two from adding up:
 - before the tower runs, room for it (its weights and one encoder batch's activations) is made from the language
-  model's last-read weights (`release_tail`: the output head, then the last layers); after it, the tower's and
-  projector's pages are dropped, glibc's free heap pages returned (the tower's temporaries), and the dropped
-  language-model weights mapped back in one `populate`;
+  model's last-read weights (`release_tail`: the output head, then the last layers), and the tower is mapped in;
+  after it, the tower's and projector's pages are dropped, glibc's free heap pages returned (the tower's
+  temporaries), and the dropped language-model weights mapped back, each in one `populate`;
 - the page cache keeps the pages, so the next read re-maps them from memory (no disk read). That costs time on every
-  image request (~40 ms at 450M for a 512x512 image; dropping the whole language model cost ~120 ms for the same
-  peak; `lfm2vl bench --low-memory` measures it), which is why it is opt-in.
+  image request: 60-90 ms at 450M (drop 232 MB of the language model 14 ms, map the tower 10-20, drop it 12, map
+  the language model back 22); dropping the whole language model cost 115-140 ms for the same peak. Hence opt-in
+  (`lfm2vl bench --low-memory` measures it).
 Only pages that still equal the file are dropped (`release_mapped_pages`); weights converted to another dtype,
 quantized or written in place are anonymous memory and stay.
 """

@@ -70,6 +70,7 @@ class Lfm2VlModel(nn.Module):
         tower, projector = self.model.vision_tower, self.model.multi_modal_projector
         if self.low_memory:
             idle = release_tail(self._lm_weights_in_use_order(), self._tower_room())
+            populate([t for m in (tower, projector) for t in (*m.parameters(), *m.buffers())])  # dropped last time
         dtype = tower.embeddings.patch_embedding.weight.dtype
         feats = image_features(tower, projector, pixel_values.to(dtype), pixel_attention_mask, spatial_shapes,
                                self.config.downsample_factor)
