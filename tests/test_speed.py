@@ -130,3 +130,19 @@ def test_native_short_conv_equals_the_torch_path(monkeypatch, bias):
         monkeypatch.setattr(kernels, "short_conv", lambda *a: None)
         assert torch.equal(y, conv(x, None, None, 0))
     assert len(calls) == 4
+
+
+def test_import_sets_a_passive_openmp_wait_policy_before_torch_loads():
+    """`import lfm2vl` makes OpenMP workers sleep after torch's regions (they spun on the native kernels' core),
+    before torch loads libgomp, and leaves a value the user set alone."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys, os, lfm2vl; print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["False", "PASSIVE"], out.stderr
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert out.stdout.split() == ["False", "ACTIVE"], out.stderr
