@@ -155,9 +155,9 @@ def table(results: dict[str, dict], scenarios: list[str]) -> str:
                              f"{q['logit_cosine_min']:.4f}, greedy agreement {q['greedy_agreement']:.3f} "
                              f"({q['positions']} positions)")
         else:
-            gpu = f", peak GPU memory {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else ""
+            gpu = f", peak GPU memory {r['peak_gpu_mb']:.0f} MiB" if "peak_gpu_mb" in r else ""
             lines.append(f"{label:<20} load {r['load_s']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MiB "
-                         f"(after load {r['rss_after_load_mb']:.0f} MB){gpu}")
+                         f"(after load {r['rss_after_load_mb']:.0f} MiB){gpu}")
     return "\n".join(lines)
 
 
