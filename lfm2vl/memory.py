@@ -82,34 +82,36 @@ def trim_heap() -> None:
         pass
 
 
-def _tensors(module: nn.Module, skip: tuple[nn.Module, ...]):
-    """module's parameters and buffers, except those under the modules in `skip`; shared (tied) ones once."""
-    seen = {id(t) for m in skip for t in (*m.parameters(), *m.buffers())}
-    for t in (*module.parameters(), *module.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            yield t.detach()
+def weights(*modules: nn.Module) -> list[torch.Tensor]:
+    """The parameters and buffers of `modules`, in module order, shared (tied) ones once, detached."""
+    seen, out = set(), []
+    for m in modules:
+        for t in (*m.parameters(), *m.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append(t.detach())
+    return out
 
 
-def release_weights(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> list[torch.Tensor]:
-    """Drop the mapped pages of module's weights (parameters and buffers) outside `skip`. Returns the weights that
-    were wholly resident before (in use, so worth mapping back with `populate`), not e.g. an embedding table of
-    which only the looked-up rows were read."""
-    return [t for t in _tensors(module, skip) if _release(t)[1]]
+def release_weights(*modules: nn.Module) -> list[torch.Tensor]:
+    """Drop the mapped pages of the modules' weights (parameters and buffers). Returns the weights that were wholly
+    resident before (in use, so worth mapping back with `populate`), not e.g. an embedding table of which only the
+    looked-up rows were read."""
+    return [t for t in weights(*modules) if _release(t)[1]]
 
 
-def release_tail(weights: list[torch.Tensor], nbytes: int) -> list[torch.Tensor]:
-    """Drop the mapped pages of the last of `weights` (listed in the order a forward reads them) until at least
+def release_tail(tensors: list[torch.Tensor], nbytes: int) -> list[torch.Tensor]:
+    """Drop the mapped pages of the last of `tensors` (weights listed in the order a forward reads them) until at least
     nbytes of resident pages are released. Returns the dropped weights that were wholly resident, in use order, for
     `populate`. The last-read weights go first: the next forward reaches them last."""
     hot, freed = [], 0
-    for t in reversed(weights):
+    for t in reversed(tensors):
         if freed >= nbytes:
             break
-        n, was_resident = _release(t.detach())
+        n, was_resident = _release(t)
         freed += n
         if was_resident:
-            hot.append(t.detach())
+            hot.append(t)
     return hot[::-1]
 
 

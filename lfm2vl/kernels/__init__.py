@@ -217,8 +217,8 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> 
 
 
 def serves(x: torch.Tensor) -> bool:
-    """Whether the bf16 inference kernels (attn_many) may take activations x: bf16 on the CPU, no autograd, and the
-    library built."""
+    """Whether the bf16 inference kernels (attn_many, swiglu, rmsnorm, short_conv) may take activations x: bf16 on
+    the CPU, no autograd, and the library built."""
     return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and available()
 
 
@@ -227,9 +227,10 @@ def attn_many(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nkeys: list[int
     """softmax(q k^T / sqrt(Dh)) v for many queries, bf16 (attn_many.cpp), for the vision tower (no mask) and the
     prefill (causal: query l of unit u sees keys 0 .. nkeys[u] - L + l).
 
-    q (n, H, L, Dh), k and v (n, Hkv, S, Dh): bf16 views with a contiguous last dim (e.g. slices of the KV cache); query head h reads kv head h // (H // Hkv). nkeys: keys of each unit (default
-    S). Returns (n, L, H*Dh), or None when the CPU or shape is not supported (no AVX512-BF16, Dh odd or > 128):
-    the caller runs torch then (also without the library)."""
+    q (n, H, L, Dh), k and v (n, Hkv, S, Dh): bf16 views with a contiguous last dim (e.g. slices of the KV cache);
+    query head h reads kv head h // (H // Hkv). nkeys: keys of each unit (default S). Returns (n, L, H*Dh), or None
+    when the CPU or shape is not supported (no AVX512-BF16, Dh odd or > 128) or the library is missing: the caller
+    runs torch then."""
     n, H, L, Dh = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if (k.shape != v.shape or k.shape[0] != n or k.shape[3] != Dh or any(t.stride(-1) != 1 for t in (q, k, v))
