@@ -92,16 +92,24 @@ class Engine:
         self._single = None
 
     # ---- preparing requests -----------------------------------------------------------------------------------
-    def prepare(self, messages, images=None, **options) -> Request:
-        """A conversation (or a prompt string plus images) and options -> Request. Raises ValueError on bad input."""
+    def prepare(self, messages, images=None, *, context: int | None = None, **options) -> Request:
+        """A conversation (or a prompt string plus images) and options -> Request. Raises ValueError on bad input.
+
+        context: the most tokens the prompt may take (default: the model's context). A text too long for it is
+        refused from its length in characters, before it is rendered or tokenized."""
         sampling, request, knobs = split_options(options)
         msgs, imgs = to_messages(messages, images)
+        limit = self.config.text_config.max_position_embeddings if context is None else context
+        what = "the model's context" if context is None else "the context"
+        chars, per_token = text_chars(msgs), self.tokenizer.max_token_chars
+        if chars > 2 * limit * per_token:  # 2x slack for normalizers that merge characters
+            raise ValueError(f"the messages have {chars} characters of text, far more than {what} of {limit} tokens "
+                             "holds")
         text = self.processor.apply_chat_template(msgs, add_generation_prompt=True)
-        batch = self.processor(text=text, images=imgs or None, **knobs)
+        batch = self.processor(text=text, images=imgs or None, pad_patches=False, **knobs)
         ids = batch["input_ids"][0].tolist()
-        limit = self.config.text_config.max_position_embeddings
         if len(ids) >= limit:
-            raise ValueError(f"the prompt has {len(ids)} tokens but the model's context is {limit} tokens")
+            raise ValueError(f"the prompt has {len(ids)} tokens but {what} holds {limit} tokens")
         return Request(ids, batch.get("pixel_values"), batch.get("pixel_attention_mask"),
                        batch.get("spatial_shapes"), params=SamplingParams(**sampling), eos_ids=self.eos_ids,
                        **request)
@@ -239,6 +247,15 @@ def to_messages(messages, images=None) -> tuple[list[dict], list]:
         out[users[-1]] = {**last, "content": parts}
         found = extra
     return out, found
+
+
+def text_chars(messages: list[dict]) -> int:
+    """Characters of text in normalised messages (string contents and text parts)."""
+    n = 0
+    for m in messages:
+        content = m["content"]
+        n += len(content) if isinstance(content, str) else sum(len(p.get("text", "")) for p in content)
+    return n
 
 
 def _image_source(part: dict, where: str):

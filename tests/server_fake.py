@@ -51,7 +51,7 @@ class FakeEngine:
         self.generators: list[FakeBatchGenerator] = []
         self.prepared: list[dict] = []
 
-    def prepare(self, messages, **options) -> FakeRequest:
+    def prepare(self, messages, context: int | None = None, **options) -> FakeRequest:
         known = {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "seed", "stop", "logprobs", "min_image_tokens", "max_image_tokens",
                  "do_image_splitting", "top_logprobs", "min_new_tokens"}

@@ -77,3 +77,53 @@ def openai_error(r: httpx.Response, status: int) -> dict:
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and "Traceback" not in r.text
     return err
+
+
+class ServerProcess:
+    """`python -m lfm2vl serve ARGS --port 0` in a child process; `.url` once its startup line is read."""
+
+    def __init__(self, args: list[str], log_path, timeout_s: float = 120):
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parent.parent
+        self.log_path = log_path
+        with open(log_path, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "lfm2vl", "serve", "--port", "0", *args],
+                                         stdout=subprocess.PIPE, stderr=err, text=True, cwd=root,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: list[str] = []
+        self.url = None
+        deadline = time.time() + timeout_s
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if " at http://" in line:
+                self.url = line.split(" at ")[1].split()[0].removesuffix("/v1")
+                break
+            assert time.time() < deadline, "server did not start in time"
+        if self.url is None:
+            self.stop()
+            raise AssertionError(f"server did not start: {''.join(self.lines)}\n{open(log_path).read()}")
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+
+    def memory_mib(self) -> dict[str, float]:
+        """The process's VmRSS (resident now) and VmHWM (peak resident) in MiB."""
+        out = {}
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(value.split()[0]) / 1024
+        return out
+
+    def reset_peak(self) -> None:
+        """Start VmHWM afresh from the current resident size (Linux: clear_refs 5)."""
+        with open(f"/proc/{self.proc.pid}/clear_refs", "w") as f:
+            f.write("5")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

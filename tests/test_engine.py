@@ -262,3 +262,29 @@ def test_cpu_only_options_on_another_device_are_clear_errors():
         load("no/such-model", device="meta", int8=True, low_memory=True)
     with pytest.raises(ValueError, match="exclusive"):
         load("no/such-model", int8=True, int4=True)
+
+
+def test_prepared_pixels_are_as_wide_as_the_largest_unit_not_the_budget(engine):
+    req = engine.prepare(conv("hi", picture(64, 48)), max_image_tokens=256)
+    assert req.pixel_values.shape[1] == int(req.pixel_attention_mask.sum(1).max()) < 256 * 4
+
+
+def test_pixels_as_wide_as_the_unit_give_the_same_answer_as_the_padded_ones(engine):
+    msgs = conv("hi", picture(64, 48))
+    req = engine.prepare(msgs, **GREEDY)
+    padded = engine.processor(text=engine.processor.apply_chat_template(msgs, add_generation_prompt=True),
+                              images=[picture(64, 48)])
+    assert padded["pixel_values"].shape[1] > req.pixel_values.shape[1]
+    out = engine.model.image_features(req.pixel_values, req.pixel_attention_mask, req.spatial_shapes)
+    ref = engine.model.image_features(padded["pixel_values"], padded["pixel_attention_mask"],
+                                      padded["spatial_shapes"])
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_a_text_far_over_the_context_is_refused_before_tokenizing(engine, monkeypatch):
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized")
+
+    monkeypatch.setattr(engine.processor.tokenizer, "encode_batch", no_tokenizing)
+    with pytest.raises(ValueError, match="3000000 characters of text, far more than the context of 512 tokens"):
+        engine.prepare("abc " * 750_000, context=512)

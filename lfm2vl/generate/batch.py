@@ -14,6 +14,7 @@ Every path (Engine.generate / stream / chat, batched generate, the server) drive
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from bisect import bisect_left
 from collections import deque
@@ -40,7 +41,7 @@ class _Row:
     snapshots {position: [state per conv layer]} taken at the end of earlier prompts."""
 
     tokens: list[int] = field(default_factory=list)
-    units: list[tuple[tuple[int, int], torch.Tensor]] = field(default_factory=list)  # ((h, w), valid patches)
+    units: list[tuple[tuple[int, int], bytes]] = field(default_factory=list)  # ((h, w), digest of the patches)
     snaps: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     active: "_Active | None" = None
     last_used: int = 0
@@ -70,6 +71,14 @@ class _Active:
     @property
     def prefilling(self) -> bool:
         return self.embeds is not None
+
+
+def _digest(pixels: torch.Tensor) -> bytes:
+    """A content hash of one unit's patch rows (dtype and shape included)."""
+    t = pixels.detach().to("cpu").contiguous()
+    h = hashlib.blake2b(f"{t.dtype}{tuple(t.shape)}".encode(), digest_size=16)
+    h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+    return h.digest()
 
 
 class BatchGenerator:
@@ -226,15 +235,16 @@ class BatchGenerator:
             self._place(act, best, p, snap, units)
             act.prefill_s += time.perf_counter() - t0
 
-    def _units(self, req: Request) -> list[tuple[int, int, tuple[int, int], torch.Tensor]]:
-        """Per image unit: (first token position, token count, (h, w) patches, valid patch rows)."""
+    def _units(self, req: Request) -> list[tuple[int, int, tuple[int, int], bytes]]:
+        """Per image unit: (first token position, token count, (h, w) patches, digest of its valid patch rows).
+        Rows keep the digests, not the pixels, so a finished request's pixel tensors are freed with it."""
         counts = self._unit_counts(req)
         if not counts:
             return []
         pos = [i for i, t in enumerate(req.input_ids) if t == self.image_token_id]
         out, c = [], 0
         for u, (n, (h, w)) in enumerate(zip(counts, req.spatial_shapes.tolist())):
-            out.append((pos[c], n, (int(h), int(w)), req.pixel_values[u, :int(h) * int(w)]))
+            out.append((pos[c], n, (int(h), int(w)), _digest(req.pixel_values[u, :int(h) * int(w)])))
             c += n
         return out
 
@@ -246,11 +256,10 @@ class BatchGenerator:
         L = 0
         while L < n and row.tokens[L] == ids[L]:
             L += 1
-        for u, (start, _, hw, px) in enumerate(units):  # same placeholder tokens, but are they the same pixels?
+        for u, (start, _, hw, digest) in enumerate(units):  # same placeholder tokens, but the same pixels?
             if start >= L:
                 break
-            old = row.units[u] if u < len(row.units) else None
-            if old is None or old[0] != hw or not torch.equal(old[1], px.to(old[1].device, old[1].dtype)):
+            if u >= len(row.units) or row.units[u] != (hw, digest):
                 L = start
                 break
         if len(row.tokens) <= L:
@@ -267,7 +276,7 @@ class BatchGenerator:
                 state[slot] = saved
         row.tokens = row.tokens[:p]
         row.snaps = {s: v for s, v in row.snaps.items() if s <= p}
-        row.units = [(hw, px.to(self.device)) for _, _, hw, px in units]
+        row.units = [(hw, digest) for _, _, hw, digest in units]
         self.cache.lengths[slot] = p
         ids = torch.tensor([req.input_ids[p:]], dtype=torch.long, device=self.device)
         act.embeds = self.model.embed(ids, self._features(req, units, p))

@@ -144,8 +144,10 @@ class Processor:
             n = len(self.tokenizer.encode(text))
         return n
 
-    def process_images(self, images: list, special: bool | None = None, **knobs) -> tuple[dict, list[ImageLayout]]:
-        """Flat list of images -> pixel tensors over all their units, and each image's layout."""
+    def process_images(self, images: list, special: bool | None = None, pad_patches: bool = True,
+                       **knobs) -> tuple[dict, list[ImageLayout]]:
+        """Flat list of images -> pixel tensors over all their units, and each image's layout. The patch axis is
+        max_num_patches long (transformers' shape), or with pad_patches=False as long as the largest unit needs."""
         o = self.options(**knobs)
         mean = torch.tensor(o.image_mean, dtype=torch.float32)
         std = torch.tensor(o.image_std, dtype=torch.float32)
@@ -157,9 +159,12 @@ class Processor:
         for layout in layouts:
             self._check_markers(layout, special)
         p = o.encoder_patch_size
-        n_units = sum(len(layout.unit_sizes()) for layout in layouts)
-        pv = torch.zeros(n_units, o.max_num_patches, 3 * p * p, dtype=torch.float32)
-        mask = torch.zeros(n_units, o.max_num_patches, dtype=torch.int32)
+        sizes = [hw for layout in layouts for hw in layout.unit_sizes()]
+        width = o.max_num_patches
+        if not pad_patches:  # an oversized unit still meets patchify's check against max_num_patches
+            width = min(width, max((h // p) * (w // p) for h, w in sizes))
+        pv = torch.zeros(len(sizes), width, 3 * p * p, dtype=torch.float32)
+        mask = torch.zeros(len(sizes), width, dtype=torch.int32)
         shapes, i = [], 0
         for x, layout in zip(loaded, layouts):
             for k, piece in enumerate(image_units(x, layout, o.resample)):
@@ -214,9 +219,11 @@ class Processor:
         return expand_image(layout, o.encoder_patch_size, o.downsample_factor, self.marks, special)
 
     def __call__(self, images=None, text=None, return_tensors: str | None = "pt", padding_side: str | None = None,
-                 use_image_special_tokens: bool | None = None, **knobs) -> BatchFeature:
+                 use_image_special_tokens: bool | None = None, pad_patches: bool = True, **knobs) -> BatchFeature:
         """Prompts (a string or list of strings with image sentinels) and their images (one, a flat list, or one
-        list per prompt) -> BatchFeature. The argument order is transformers' (images first); pass keywords."""
+        list per prompt) -> BatchFeature. The argument order is transformers' (images first); pass keywords.
+        pad_patches=False sizes pixel_values by the largest image unit instead of the token budget (the model
+        reads only real patches, so its output is the same)."""
         if return_tensors not in ("pt", None):
             raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' (torch tensors) is supported")
         if text is None:
@@ -230,7 +237,7 @@ class Processor:
         flat = [im for group in per_sample for im in group]
         layouts: list[ImageLayout] = []
         if flat:
-            pixels, layouts = self.process_images(flat, use_image_special_tokens, **knobs)
+            pixels, layouts = self.process_images(flat, use_image_special_tokens, pad_patches, **knobs)
         else:
             self.options(**knobs)  # validate knobs even without images
         it = iter(layouts)

@@ -50,6 +50,7 @@ class Tokenizer:
             self.pad_token_id = int(gen["pad_token_id"])
         self.padding_side = cfg.get("padding_side", "right")
         self.chat_template = chat_template
+        self._max_token_chars: int | None = None
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "Tokenizer":
@@ -67,6 +68,15 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (an upper bound over the vocabulary's strings): a text of n
+        characters takes at least n / max_token_chars tokens, a bound that costs nothing to check."""
+        if self._max_token_chars is None:
+            vocab = self.backend.get_vocab(with_added_tokens=True)
+            self._max_token_chars = max((len(t) for t in vocab), default=1)
+        return self._max_token_chars
 
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)

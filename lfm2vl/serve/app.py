@@ -36,11 +36,12 @@ log = logging.getLogger("lfm2vl.serve")
 class ServerSettings:
     model_id: str                       # the name clients put in "model"
     aliases: tuple[str, ...] = ()        # other accepted names (e.g. the --model path as typed)
-    api_key: str | None = None
+    api_key: str | None = None           # None or "" = no key
     max_body_bytes: int = 32 * 1024 * 1024
     max_images: int = 8
     default_max_tokens: int = 1024       # when the client sets neither max_tokens nor max_completion_tokens
     context_len: int = 4096              # prompt + completion tokens per request (the cache row length)
+    max_image_tokens: int = 256          # ceiling of the per-request image-token knobs: the checkpoint's own budget
     media: MediaPolicy = field(default_factory=MediaPolicy)
 
 
@@ -66,17 +67,28 @@ def create_app(engine, scheduler: Scheduler, settings: ServerSettings) -> FastAP
 
     app = FastAPI(title="lfm2vl", summary="OpenAI-compatible LFM2-VL server", lifespan=lifespan)
     install_handlers(app)
-    app.add_middleware(_Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(_Guard, api_key=settings.api_key or None, max_body_bytes=settings.max_body_bytes,
+                       after=scheduler.touch)
     created_at = int(time.time())
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": settings.model_id, **scheduler.stats()}
 
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": created_at, "owned_by": "lfm2vl",
+                "context_length": settings.context_len}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": created_at,
-                                            "owned_by": "lfm2vl", "context_length": settings.context_len}]}
+        return {"object": "list", "data": [model_card(settings.model_id)]}
+
+    @app.get("/v1/models/{model:path}")  # ids may contain slashes (hub ids)
+    async def model(model: str):
+        if model != settings.model_id and model not in settings.aliases:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{settings.model_id}`.",
+                           param="model", code="model_not_found")
+        return model_card(model)
 
     # `responses` documents the shape without filtering the dict through it (that would drop e.g. usage details)
     @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletion}})
@@ -89,6 +101,7 @@ def create_app(engine, scheduler: Scheduler, settings: ServerSettings) -> FastAP
             ticket = scheduler.submit(req)
         except SchedulerError as e:
             raise APIError(503, f"The server cannot take requests: {e}.", type="server_error") from None
+        del req  # the scheduler owns it now: its pixel tensors go when the generation ends
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -102,11 +115,12 @@ def create_app(engine, scheduler: Scheduler, settings: ServerSettings) -> FastAP
 
 def _prepare(engine, body: ChatCompletionRequest, settings: ServerSettings):
     """Decode images, let the engine build the Request, and check it fits the context. Runs in a worker thread."""
+    translate.check_image_budget(body, settings.max_image_tokens)
     messages, opts = translate.to_engine(body, settings.media, settings.max_images)
     asked = translate.requested_max_tokens(body)
     opts["max_new_tokens"] = asked if asked is not None else settings.default_max_tokens
     try:
-        req = engine.prepare(messages, **opts)
+        req = engine.prepare(messages, context=settings.context_len, **opts)
     except ValueError as e:  # the engine's own checks (e.g. the model's context): its message names the values
         code = "context_length_exceeded" if "context" in str(e) else None
         raise APIError(400, str(e)[:1].upper() + str(e)[1:], param="messages", code=code) from None
@@ -126,7 +140,7 @@ def _prepare(engine, body: ChatCompletionRequest, settings: ServerSettings):
         if dataclasses.is_dataclass(req) and any(f.name == "max_new_tokens" for f in dataclasses.fields(req)):
             req = dataclasses.replace(req, max_new_tokens=room)
         else:
-            req = engine.prepare(messages, **opts)
+            req = engine.prepare(messages, context=settings.context_len, **opts)
     return req, n_prompt
 
 
@@ -227,13 +241,14 @@ async def _sse(engine, scheduler: Scheduler, ticket, cid, created, model, n_prom
 
 
 class _Guard:
-    """Pure-ASGI checks before any parsing: API key (401) on /v1/*, body size (413) from the header or while read.
+    """Pure-ASGI checks before any parsing: API key (401) on /v1/*, body size (413) from the header or while read;
+    `after()` runs when a request to /v1/* has ended, however it ended.
 
     Pure ASGI rather than BaseHTTPMiddleware so streaming responses and disconnect detection pass through untouched.
     """
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, after=None):
+        self.app, self.api_key, self.max_body, self.after = app, api_key, max_body_bytes, after
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -262,7 +277,11 @@ class _Guard:
                     raise StarletteHTTPException(413, _too_large_message(seen, self.max_body))
             return message
 
-        await self.app(scope, limited_receive, send)
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            if self.after is not None and scope["path"].startswith("/v1"):
+                self.after()
 
 
 def _too_large_message(size: int, limit: int) -> str:

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import socket
 import sys
+
+
+DEFAULT_CONTEXT = 4096  # tokens per request (prompt + completion) unless --max-seq-len or the model says less
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the name clients use in 'model' (default: the folder name of --model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    p.add_argument("--api-key", default=os.environ.get("LFM2VL_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on /v1/* (default: $LFM2VL_API_KEY, else no key)")
+    p.add_argument("--api-key", default=os.environ.get("LFM2VL_API_KEY") or None,
+                   help="require `Authorization: Bearer KEY` on /v1/* (default: $LFM2VL_API_KEY if set and not "
+                        "empty, else no key)")
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="weights and activations (default: the engine's, bfloat16)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the engine's choice)")
@@ -37,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "weights out of memory together (lower peak RSS, slower image requests)")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=16, help="rows decoded together (concurrent requests)")
-    g.add_argument("--max-seq-len", type=int, default=4096, help="context per request: prompt + completion tokens")
+    g.add_argument("--max-seq-len", type=int, default=None,
+                   help=f"context per request: prompt + completion tokens (default: {DEFAULT_CONTEXT}, or the model's "
+                        "context if it is shorter)")
     g.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per step, so a long prompt does not stall running answers")
     g.add_argument("--max-tokens", type=int, default=1024, help="completion tokens when a request sets no max_tokens")
@@ -55,9 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(args) -> str | None:
+    """The flag values that can be checked before the model loads; returns the problem, or None."""
     for name in ("max_batch", "max_seq_len", "prefill_chunk", "max_tokens", "max_images", "max_image_pixels"):
-        if getattr(args, name) < 1:
-            return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be at least 1, got {value}"
+    for name in ("max_body_mb", "max_image_mb", "remote_timeout"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            return f"--{name.replace('_', '-')} must be a positive number, got {value}"
+    if args.api_key is not None and not args.api_key.strip():
+        return "--api-key is empty; give a key, or leave the flag out to serve without one"
     if not 0 <= args.port <= 65535:
         return f"--port must be in 0..65535, got {args.port}"
     if args.allowed_media_dir is not None and not os.path.isdir(args.allowed_media_dir):
@@ -65,12 +80,45 @@ def _check(args) -> str | None:
     return None
 
 
+def _fit(args, engine) -> str | None:
+    """Fix the row length to the model and check the cache fits in memory; returns the problem, or None."""
+    context = engine.config.text_config.max_position_embeddings
+    if args.max_seq_len is None:
+        args.max_seq_len = min(DEFAULT_CONTEXT, context)
+    elif args.max_seq_len > context:
+        return f"--max-seq-len {args.max_seq_len} is longer than the model's context ({context} tokens)"
+    need = cache_bytes(engine, args.max_batch, args.max_seq_len)
+    have = physical_memory()
+    if have and need > have // 2:
+        return (f"--max-batch {args.max_batch} rows of --max-seq-len {args.max_seq_len} tokens need a "
+                f"{need / 2**30:.1f} GiB cache, over half of this machine's {have / 2**30:.1f} GiB of memory; "
+                "lower --max-batch or --max-seq-len")
+    return None
+
+
+def cache_bytes(engine, rows: int, seq_len: int) -> int:
+    """Bytes of the KV and conv cache the scheduler allocates for `rows` rows of `seq_len` tokens."""
+    tc = engine.config.text_config
+    n_attn = sum(t == "full_attention" for t in tc.layer_types)
+    item = engine.dtype.itemsize
+    kv = 2 * n_attn * tc.num_key_value_heads * seq_len * tc.head_dim
+    conv = (len(tc.layer_types) - n_attn) * tc.hidden_size * (tc.conv_L_cache - 1)
+    return rows * (kv + conv) * item
+
+
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     problem = _check(args)
     if problem:
-        print(f"lfm2vl serve: {problem}", file=sys.stderr)
-        return 2
+        parser.error(problem)  # usage and one line, exit 2, like argparse's own errors
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         import uvicorn
@@ -92,14 +140,22 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # offline without a copy, a broken folder...: one clear line, no traceback
         print(f"lfm2vl serve: could not load {args.model}: {e}", file=sys.stderr)
         return 1
+    problem = _fit(args, engine)
+    if problem:
+        parser.error(problem)
 
-    scheduler = Scheduler(engine, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                          prefill_chunk=args.prefill_chunk)
+    try:
+        scheduler = Scheduler(engine, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                              prefill_chunk=args.prefill_chunk)
+    except (ValueError, RuntimeError, MemoryError) as e:  # e.g. the cache does not fit after all
+        print(f"lfm2vl serve: cannot allocate the batch cache: {e}", file=sys.stderr)
+        return 1
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model)) or args.model
     settings = ServerSettings(
         model_id=name, aliases=tuple({args.model} - {name}), api_key=args.api_key,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_images=args.max_images,
         default_max_tokens=args.max_tokens, context_len=args.max_seq_len,
+        max_image_tokens=engine.processor.settings.image.max_image_tokens,
         media=MediaPolicy(allow_remote=not args.no_remote_images, allowed_dir=args.allowed_media_dir,
                           max_bytes=int(args.max_image_mb * 1024 * 1024), max_pixels=args.max_image_pixels,
                           fetch_timeout_s=args.remote_timeout))

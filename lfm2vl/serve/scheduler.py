@@ -4,7 +4,9 @@ HTTP handlers never touch the model. They submit prepared requests and read even
 queue. The thread loops: take new requests and cancellations from its inbox, then run one `BatchGenerator.step()`
 (which prefills a chunk of waiting requests into free rows and runs one batched decode step over the running rows),
 then hand each event to its request's queue on the event loop. Requests therefore join and leave the batch between
-decode steps; a cancelled request (client gone) frees its row at the next step.
+decode steps; a cancelled request (client gone) frees its row at the next step. After half a second with nothing
+to do, the thread returns the heap memory that the finished requests freed (their images, pixel tensors and
+activations) to the OS, so the server's resident memory falls back near its idle level after a large request.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from lfm2vl.memory import trim_heap
 
 log = logging.getLogger("lfm2vl.serve")
 
@@ -52,6 +56,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lfm2vl-scheduler", daemon=True)
         self.steps = 0
+        self._worked = False  # memory was used since the heap was last trimmed
 
     # ---- called from the event loop -------------------------------------------------------------------------
     def start(self) -> None:
@@ -74,6 +79,10 @@ class Scheduler:
             ticket.cancelled = True
             self._inbox.put(("cancel", ticket))
 
+    def touch(self) -> None:
+        """An HTTP request ended (answered, refused or failed): trim the heap at the next idle moment."""
+        self._inbox.put(("touch", None))
+
     def stats(self) -> dict:
         return {"active_requests": len(self._tickets), "queued": self._inbox.qsize(), "max_batch": self.max_batch,
                 "steps": self.steps}
@@ -82,10 +91,15 @@ class Scheduler:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self._drain(block=not self.gen.has_work())
+                idle = not self.gen.has_work()
+                got = self._drain(block=idle)
                 if self._stop.is_set():
                     break
+                if idle and not got and self._worked:
+                    trim_heap()
+                    self._worked = False
                 if self.gen.has_work():
+                    self._worked = True
                     events = self.gen.step()
                     self.steps += 1
                     for ev in events:
@@ -107,16 +121,21 @@ class Scheduler:
             if kind == "add":
                 self._send(ticket, SchedulerError("the server is shutting down"))
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, block: bool) -> bool:
+        """Take what the inbox holds (waiting up to half a second for a first item when `block`); True if any."""
+        got = False
         while True:
             try:
                 kind, ticket = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
             except queue.Empty:
-                return
-            block = False
-            if kind == "add" and not ticket.cancelled:
+                return got
+            block, got = False, True
+            if kind == "touch":
+                self._worked = True
+            elif kind == "add" and not ticket.cancelled:
+                request, ticket.request = ticket.request, None  # the generator holds it only while it runs
                 try:
-                    ticket.rid = self.gen.add(ticket.request)
+                    ticket.rid = self.gen.add(request)
                 except Exception as e:
                     log.warning("request rejected by the batch generator: %s", e)
                     ticket.done = True

@@ -21,6 +21,16 @@ def count_images(body: ChatCompletionRequest) -> int:
     return sum(1 for m in body.messages if isinstance(m.content, list) for p in m.content if p.type == "image_url")
 
 
+def check_image_budget(body: ChatCompletionRequest, ceiling: int) -> None:
+    """The image-token knobs stay within the checkpoint's budget: beyond it, padding and vision work grow with the
+    number asked for, not with the image, so one request could take the server's memory."""
+    for name in ("min_image_tokens", "max_image_tokens"):
+        value = getattr(body, name)
+        if value is not None and not 1 <= value <= ceiling:
+            raise APIError(400, f"{name}={value} is out of range: this model takes 1 to {ceiling} image tokens per "
+                                "image or tile.", param=name, code="invalid_value")
+
+
 def to_engine(body: ChatCompletionRequest, policy: MediaPolicy, max_images: int) -> tuple[list[dict], dict]:
     """(engine messages, engine options). Blocking (image decoding, maybe a fetch): run it in a worker thread."""
     n_images = count_images(body)
