@@ -29,6 +29,9 @@ from .processor.config import KNOBS
 DEFAULT_MODEL = "LiquidAI/LFM2-VL-450M"
 SAMPLING_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 REQUEST_OPTIONS = ("max_new_tokens", "min_new_tokens", "stop")
+# parse_special=True: special-token strings in message text (<|im_start|>, <image>, ...) become control tokens, as
+# in transformers; by default (False) they are plain text, so client text cannot forge turns or image slots.
+PROMPT_OPTIONS = ("parse_special",)
 IMAGE_KEYS = ("image", "url", "path", "base64")
 
 
@@ -94,10 +97,12 @@ class Engine:
     # ---- preparing requests -----------------------------------------------------------------------------------
     def prepare(self, messages, images=None, *, context: int | None = None, **options) -> Request:
         """A conversation (or a prompt string plus images) and options -> Request. Raises ValueError on bad input.
+        Special-token strings in the messages are tokenized as plain text unless parse_special=True.
 
         context: the most tokens the prompt may take (default: the model's context). A text too long for it is
         refused from its length in characters, before it is rendered or tokenized."""
         sampling, request, knobs = split_options(options)
+        escape = not options.get("parse_special", False)
         msgs, imgs = to_messages(messages, images)
         limit = self.config.text_config.max_position_embeddings if context is None else context
         what = "the model's context" if context is None else "the context"
@@ -105,8 +110,8 @@ class Engine:
         if chars > 2 * limit * per_token:  # 2x slack for normalizers that merge characters
             raise ValueError(f"the messages have {chars} characters of text, far more than {what} of {limit} tokens "
                              "holds")
-        text = self.processor.apply_chat_template(msgs, add_generation_prompt=True)
-        batch = self.processor(text=text, images=imgs or None, pad_patches=False, **knobs)
+        text = self.processor.apply_chat_template(msgs, add_generation_prompt=True, escape_special=escape)
+        batch = self.processor(text=text, images=imgs or None, escaped=escape, pad_patches=False, **knobs)
         ids = batch["input_ids"][0].tolist()
         if len(ids) >= limit:
             raise ValueError(f"the prompt has {len(ids)} tokens but {what} holds {limit} tokens")
@@ -176,7 +181,8 @@ class Stream:
 
 # ---- options and messages -------------------------------------------------------------------------------------
 def split_options(options: dict[str, Any]) -> tuple[dict, dict, dict]:
-    """Engine options -> (SamplingParams fields, Request fields, processor knobs); unknown names are an error."""
+    """Engine options -> (SamplingParams fields, Request fields, processor knobs); unknown names are an error.
+    Prompt options (PROMPT_OPTIONS) are only checked here: Engine.prepare reads them."""
     sampling, request, knobs = {}, {}, {}
     for k, v in options.items():
         if k in SAMPLING_OPTIONS:
@@ -186,8 +192,12 @@ def split_options(options: dict[str, Any]) -> tuple[dict, dict, dict]:
             request[k] = v
         elif k in KNOBS:
             knobs[k] = v
+        elif k in PROMPT_OPTIONS:  # read by Engine.prepare
+            if not isinstance(v, bool):
+                raise ValueError(f"{k} must be True or False, got {v!r}")
         else:
-            raise ValueError(f"unknown option {k!r}; valid options: {', '.join(SAMPLING_OPTIONS + REQUEST_OPTIONS + KNOBS)}")
+            valid = SAMPLING_OPTIONS + REQUEST_OPTIONS + PROMPT_OPTIONS + KNOBS
+            raise ValueError(f"unknown option {k!r}; valid options: {', '.join(valid)}")
     if request.get("stop") is None:
         request.pop("stop", None)
     return sampling, request, knobs

@@ -12,7 +12,7 @@ import dataclasses
 import json
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jinja2
 from jinja2 import nodes
@@ -123,9 +123,11 @@ def normalize_messages(messages) -> list[dict]:
 
 
 def render(template: str, messages, special_tokens: Mapping[str, str], add_generation_prompt: bool = False,
-           tools=None, documents=None, continue_final_message: bool = False, **kwargs) -> str:
+           tools=None, documents=None, continue_final_message: bool = False,
+           escape: Callable[[Any], Any] | None = None, **kwargs) -> str:
     """Render one conversation exactly as transformers' apply_chat_template(tokenize=False) does, including
-    continue_final_message (the last message left open so generation continues it)."""
+    continue_final_message (the last message left open so generation continues it). `escape`, when given, is
+    applied to the messages, tools and documents (the client's data) before rendering (see escape.py)."""
     if template is None:
         raise ValueError("this checkpoint has no chat template (chat_template.jinja or tokenizer_config.json)")
     msgs = normalize_messages(messages)
@@ -136,14 +138,16 @@ def render(template: str, messages, special_tokens: Mapping[str, str], add_gener
             if not isinstance(t, Mapping):
                 raise ValueError(f"tools must be JSON-schema dicts, got {type(t).__name__}")
     variables = {**special_tokens, **kwargs}
+    msgs, tools, documents = plain(msgs), plain(tools), plain(documents)
+    if escape is not None:
+        msgs, tools, documents = escape(msgs), escape(tools), escape(documents)
     if not continue_final_message:
         return compile_template(template).render(
-            messages=plain(msgs), tools=plain(tools), documents=plain(documents),
+            messages=msgs, tools=tools, documents=documents,
             add_generation_prompt=add_generation_prompt, **plain(variables))
     # Leave the last message open for the model to continue: mark its text, render, cut at the mark.
     if add_generation_prompt:
         raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
-    msgs = plain(msgs)
     last = msgs[-1]
     content = last.get("content")
     if isinstance(content, str):
@@ -153,7 +157,7 @@ def render(template: str, messages, special_tokens: Mapping[str, str], add_gener
         if part is None:
             raise ValueError("continue_final_message is set but the final message has no text to continue")
         final, part["text"] = part["text"], part["text"] + _CONTINUE_TAG
-    out = compile_template(template).render(messages=msgs, tools=plain(tools), documents=plain(documents),
+    out = compile_template(template).render(messages=msgs, tools=tools, documents=documents,
                                             add_generation_prompt=False, **plain(variables))
     tag = _CONTINUE_TAG.strip()
     if final.strip() not in out or tag not in out:

@@ -24,6 +24,7 @@ import torch
 
 from lfm2vl.processor import chat
 from lfm2vl.processor.config import KNOBS, ProcessorSettings, load_settings
+from lfm2vl.processor.escape import Escaper
 from lfm2vl.processor.image import ImageLayout, image_units, patchify_into, plan_image
 from lfm2vl.processor.io import load_image
 from lfm2vl.processor.tokenizer import Tokenizer, pick_template
@@ -110,6 +111,9 @@ class Processor:
         self.image_token_id = t.token_to_id(self.marks.image)
         if self.image_token_id is None:
             raise ValueError(f"the tokenizer has no image token {self.marks.image!r}")
+        special = t.special_ids
+        marks = (self.marks.image, self.marks.start, self.marks.end, self.marks.thumbnail)
+        self.escaper = Escaper([*special, *marks], special)
         self.padding_side = t.padding_side
 
     @classmethod
@@ -178,19 +182,25 @@ class Processor:
     # ---- text side --------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False,
                             tools=None, documents=None, chat_template: str | None = None,
-                            continue_final_message: bool = False, **kwargs):
+                            continue_final_message: bool = False, escape_special: bool = False, **kwargs):
         """The rendered prompt (a string), as transformers renders it. A list of conversations gives a list.
-        tokenize=True returns the processor output for the prompt and the conversation's images instead."""
+        tokenize=True returns the processor output for the prompt and the conversation's images instead.
+
+        escape_special=True keeps special-token strings (<|im_start|>, <image>, ...) inside the messages, tools and
+        documents plain text: they are replaced by private-use placeholders (escape.py), so the rendered string is
+        meant for `processor(text=..., escaped=True)`, which tokenizes them as ordinary text; only the template's
+        own markers and the image expansion become control tokens. Use it for untrusted (client) content."""
         knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in KNOBS}
         template = pick_template(chat_template or self.chat_template, tools)
         batched = isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], (list, tuple))
         convs = list(messages) if batched else [messages]
+        escape = self.escaper.escape_data if escape_special else None
         texts = [chat.render(template, c, self.tokenizer.special_tokens, add_generation_prompt, tools, documents,
-                             continue_final_message, **kwargs) for c in convs]
+                             continue_final_message, escape=escape, **kwargs) for c in convs]
         if not tokenize:
             return texts if batched else texts[0]
         images = [collect_images(c) for c in convs]
-        return self(text=texts, images=images if any(images) else None, **knobs)
+        return self(text=texts, images=images if any(images) else None, escaped=escape_special, **knobs)
 
     def expand(self, text: str, layouts: list[ImageLayout], special: bool | None = None, **knobs) -> str:
         """Replace each image sentinel of `text` by its expansion, in order."""
@@ -219,9 +229,12 @@ class Processor:
         return expand_image(layout, o.encoder_patch_size, o.downsample_factor, self.marks, special)
 
     def __call__(self, images=None, text=None, return_tensors: str | None = "pt", padding_side: str | None = None,
-                 use_image_special_tokens: bool | None = None, pad_patches: bool = True, **knobs) -> BatchFeature:
+                 use_image_special_tokens: bool | None = None, escaped: bool = False, pad_patches: bool = True,
+                 **knobs) -> BatchFeature:
         """Prompts (a string or list of strings with image sentinels) and their images (one, a flat list, or one
         list per prompt) -> BatchFeature. The argument order is transformers' (images first); pass keywords.
+        As in transformers, special-token strings in the text are control tokens; escaped=True is for prompts
+        from apply_chat_template(escape_special=True), whose escaped strings are tokenized as ordinary text.
         pad_patches=False sizes pixel_values by the largest image unit instead of the token budget (the model
         reads only real patches, so its output is the same)."""
         if return_tensors not in ("pt", None):
@@ -243,7 +256,11 @@ class Processor:
         it = iter(layouts)
         expanded = [self.expand(t, [next(it) for _ in group], use_image_special_tokens, **knobs)
                     for t, group in zip(texts, per_sample)]
-        ids = self.tokenizer.encode_batch(expanded)
+        if escaped:
+            tok = self.tokenizer
+            ids = [self.escaper.encode(t, tok.encode, tok.encode_plain) for t in expanded]
+        else:
+            ids = self.tokenizer.encode_batch(expanded)
         out.update(self._pad(ids, padding_side or self.padding_side))
         if flat:
             out.update(pixels)

@@ -51,6 +51,7 @@ class Tokenizer:
         self.padding_side = cfg.get("padding_side", "right")
         self.chat_template = chat_template
         self._max_token_chars: int | None = None
+        self._plain: _HFTokenizer | None = None
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "Tokenizer":
@@ -94,6 +95,20 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """The added tokens marked special (string -> id): the ones encode() turns into control tokens."""
+        return {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Like encode, but special-token strings in `text` are split like ordinary text (transformers'
+        split_special_tokens=True). Uses a copy of the backend, so encode() is never affected, even across threads."""
+        if self._plain is None:
+            plain = _HFTokenizer.from_str(self.backend.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
