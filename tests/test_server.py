@@ -43,7 +43,7 @@ def server(checkpoint, tmp_path_factory):
     cmd = [sys.executable, "-m", "lfm2vl", "serve", "--model", str(checkpoint), "--served-model-name", MODEL,
            "--port", "0", "--api-key", KEY, "--dtype", "float32", "--max-batch", "16", "--max-seq-len", str(CONTEXT),
            "--prefill-chunk", "64", "--max-images", "2", "--max-image-pixels", str(640 * 480), "--max-body-mb", "1",
-           "--no-remote-images", "--log-level", "warning"]
+           "--log-level", "warning"]
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -278,6 +278,11 @@ def test_error_too_many_images(server):
 def test_error_too_many_pixels(server):
     err = _error(_post(server, _user(image_part(image_data_url(700, 500)), TEXT)), 400)
     assert err["code"] == "image_too_large" and err["param"] == "messages[0].content[0]"
+
+
+def test_error_remote_images_off_by_default(server):
+    err = _error(_post(server, _user(image_part("http://127.0.0.1:9/cat.png"), TEXT)), 400)
+    assert err["code"] == "remote_images_disabled" and "--allow-remote-images" in err["message"]
 
 
 def test_error_api_key(server):

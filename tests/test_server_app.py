@@ -27,7 +27,7 @@ def served():
     scheduler = Scheduler(engine, max_batch=8, max_seq_len=4096, prefill_chunk=64, make_generator=FakeBatchGenerator)
     settings = ServerSettings(model_id=MODEL, api_key=KEY, max_body_bytes=200_000, max_images=3,
                               default_max_tokens=40, context_len=600,
-                              media=MediaPolicy(allow_remote=False, max_pixels=512 * 512))
+                              media=MediaPolicy(max_pixels=512 * 512))
     with ThreadServer(create_app(engine, scheduler, settings)) as server:
         server.engine, server.scheduler = engine, scheduler
         yield server
@@ -256,8 +256,8 @@ def test_error_api_key(served):
 
 
 def test_error_remote_images_disabled_and_local_paths(served):
-    err = _error(_post(served, _user(image_part("http://127.0.0.1:9/x.png"))), 400)
-    assert err["code"] == "remote_images_disabled"
+    err = _error(_post(served, _user(image_part("http://127.0.0.1:9/x.png"))), 400)  # off by default
+    assert err["code"] == "remote_images_disabled" and "--allow-remote-images" in err["message"]
     err = _error(_post(served, _user(image_part("/etc/passwd"))), 400)
     assert err["code"] == "local_images_disabled"
 

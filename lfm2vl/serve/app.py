@@ -1,7 +1,9 @@
 """FastAPI routes of the OpenAI-compatible server: /v1/chat/completions, /v1/models, /health.
 
-A request is validated (schemas.py), its images are decoded and the prompt is prepared by the engine in a worker
-thread (so a bad request fails with a 400 before anything streams), then it is handed to the scheduler thread.
+A request is validated (schemas.py), its remote images (if the server allows them) are fetched on the media pool's
+own threads (so slow image servers never hold the threads that serve other requests), its images are decoded and the
+prompt is prepared by the engine in a worker thread (so a bad request fails with a 400 before anything streams),
+then it is handed to the scheduler thread.
 Streaming answers are server-sent events: a role chunk, content chunks, a finish chunk, an optional usage chunk,
 then `data: [DONE]`. If the client goes away (stream or not), the generation is cancelled and its row freed.
 A pure-ASGI guard in front checks the API key (401) and the body size (413) before the body is parsed.
@@ -25,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import translate
 from .errors import APIError, install_handlers
-from .media import MediaPolicy
+from .media import FetchPool, MediaPolicy
 from .scheduler import Scheduler, SchedulerError
 from .schemas import ChatCompletion, ChatCompletionRequest
 
@@ -59,11 +61,14 @@ def prompt_length(request) -> int:
 
 
 def create_app(engine, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
+    fetcher = FetchPool(settings.media)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         scheduler.start()
         yield
         scheduler.stop()
+        fetcher.close()
 
     app = FastAPI(title="lfm2vl", summary="OpenAI-compatible LFM2-VL server", lifespan=lifespan)
     install_handlers(app)
@@ -96,7 +101,9 @@ def create_app(engine, scheduler: Scheduler, settings: ServerSettings) -> FastAP
         if body.model != settings.model_id and body.model not in settings.aliases:
             raise APIError(404, f"The model `{body.model}` does not exist; this server serves `{settings.model_id}`.",
                            param="model", code="model_not_found")
-        req, n_prompt = await run_in_threadpool(_prepare, engine, body, settings)
+        translate.check_image_count(body, settings.max_images)  # before anything is fetched
+        fetched = await fetcher.fetch_all(translate.remote_images(body))
+        req, n_prompt = await run_in_threadpool(_prepare, engine, body, settings, fetched)
         try:
             ticket = scheduler.submit(req)
         except SchedulerError as e:
@@ -113,10 +120,11 @@ def create_app(engine, scheduler: Scheduler, settings: ServerSettings) -> FastAP
     return app
 
 
-def _prepare(engine, body: ChatCompletionRequest, settings: ServerSettings):
-    """Decode images, let the engine build the Request, and check it fits the context. Runs in a worker thread."""
+def _prepare(engine, body: ChatCompletionRequest, settings: ServerSettings, fetched: dict | None = None):
+    """Decode images (remote ones `fetched` beforehand), let the engine build the Request, and check it fits the
+    context. Runs in a worker thread."""
     translate.check_image_budget(body, settings.max_image_tokens)
-    messages, opts = translate.to_engine(body, settings.media, settings.max_images)
+    messages, opts = translate.to_engine(body, settings.media, settings.max_images, fetched)
     asked = translate.requested_max_tokens(body)
     opts["max_new_tokens"] = asked if asked is not None else settings.default_max_tokens
     try:

@@ -3,6 +3,9 @@
     lfm2vl serve --model LiquidAI/LFM2-VL-450M [--host 127.0.0.1] [--port 8000] [--api-key K] [--max-batch 16]
     python -m lfm2vl.serve.cli ...   (the same)
 
+Clients send images as data: URLs; http(s) image URLs are fetched only with --allow-remote-images (then only from
+public addresses, within --remote-timeout; see media.py), local files only under --allowed-media-dir.
+
 The socket is bound before uvicorn starts, so `--port 0` picks a free port and the startup line prints the real
 address. Ctrl-C stops accepting connections, lets running answers finish for a few seconds, then stops the
 scheduler thread and exits with status 0.
@@ -53,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-images", type=int, default=8, help="images per request")
     m.add_argument("--max-image-pixels", type=int, default=32 * 1024 * 1024, help="width*height per image")
     m.add_argument("--max-image-mb", type=float, default=20.0, help="encoded bytes per image")
-    m.add_argument("--no-remote-images", action="store_true", help="refuse http(s) image URLs")
-    m.add_argument("--remote-timeout", type=float, default=10.0, help="seconds allowed for one image fetch")
+    m.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (off by default: clients send data: URLs). Only public addresses "
+                   "are fetched (checked after DNS and after every redirect; no loopback, private, link-local or "
+                   "metadata addresses), and every failure gives the client the same short error")
+    m.add_argument("--remote-timeout", type=float, default=10.0,
+                   help="seconds allowed for a request's remote images, all of DNS, connect, TLS, redirects and body")
     m.add_argument("--allowed-media-dir", default=None,
                    help="allow local image paths (and file:// URLs), only inside this folder")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -113,6 +120,15 @@ def physical_memory() -> int:
         return 0
 
 
+def media_policy(args):
+    """The MediaPolicy the flags ask for (a testing-only knob like `allowed_networks` has no flag)."""
+    from .media import MediaPolicy
+
+    return MediaPolicy(allow_remote=args.allow_remote_images, allowed_dir=args.allowed_media_dir,
+                       max_bytes=int(args.max_image_mb * 1024 * 1024), max_pixels=args.max_image_pixels,
+                       fetch_timeout_s=args.remote_timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -124,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
 
         from .app import ServerSettings, create_app
-        from .media import MediaPolicy
         from .scheduler import Scheduler
     except ImportError as e:
         print(f"lfm2vl serve needs the server extra ({e.name} is missing): pip install 'lfm2vl[serve]'",
@@ -156,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_images=args.max_images,
         default_max_tokens=args.max_tokens, context_len=args.max_seq_len,
         max_image_tokens=engine.processor.settings.image.max_image_tokens,
-        media=MediaPolicy(allow_remote=not args.no_remote_images, allowed_dir=args.allowed_media_dir,
-                          max_bytes=int(args.max_image_mb * 1024 * 1024), max_pixels=args.max_image_pixels,
-                          fetch_timeout_s=args.remote_timeout))
+        media=media_policy(args))
     app = create_app(engine, scheduler, settings)
 
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET

@@ -2,8 +2,12 @@
 
 Accepted sources:
 - `data:image/{png,jpeg,webp,gif};base64,...` URLs (the common case for API clients);
-- `http(s)://` URLs, fetched with a byte limit and a total time limit (off with `--no-remote-images`); only http(s)
-  handlers are installed, so a redirect cannot reach file:// or ftp://;
+- `http(s)://` URLs only when the server runs with `--allow-remote-images` (off by default). Then remote.py fetches
+  them: only public addresses (checked after DNS, on the address actually connected to, again after every redirect),
+  a byte limit, and one deadline covering DNS, connect, TLS, redirects and body. The server fetches them on a pool
+  of its own (FetchPool), so a slow image server never holds the threads that serve other requests. Every failure
+  of a remote image, whatever its cause (refused address, connection, HTTP status, time, size, not an image), is one
+  uniform error, so a client learns nothing about the server's network; the reason goes to the server's log;
 - local files (`file://` URLs or plain paths) only when `--allowed-media-dir` is set, and only inside it: the path is
   resolved with symlinks followed and must stay under the resolved folder.
 Every image is checked for format (PNG, JPEG, WebP, GIF; GIF/animated: first frame) and pixel count before it is
@@ -12,19 +16,23 @@ decoded, so a decompression bomb is refused from its header. Every failure is an
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
+import logging
 import os
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from PIL import Image
 
+from . import remote
 from .errors import APIError
+
+log = logging.getLogger("lfm2vl.serve")
 
 FORMATS = {"PNG", "JPEG", "WEBP", "GIF"}
 MIME_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif"}
@@ -32,20 +40,25 @@ MIME_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif"}
 
 @dataclass
 class MediaPolicy:
-    allow_remote: bool = True
+    allow_remote: bool = False          # http(s) image URLs (--allow-remote-images)
     allowed_dir: str | None = None   # local files only under this folder; None = no local files
     max_bytes: int = 20 * 1024 * 1024  # per image, encoded
     max_pixels: int = 32 * 1024 * 1024  # per image, width * height
-    fetch_timeout_s: float = 10.0  # total time for one remote fetch
+    fetch_timeout_s: float = 10.0  # one deadline for a request's remote images: DNS, connect, TLS, redirects, body
+    fetch_workers: int = 16        # threads of the server's own fetch pool (remote images fetched at once)
+    max_redirects: int = 5
+    # networks whose addresses count as public: for tests that stand a local server in for an outside one; never
+    # set from the command line or a request
+    allowed_networks: tuple[str, ...] = ()
 
 
 def load_image(url: str, policy: MediaPolicy, where: str) -> Image.Image:
     """Resolve one image_url to an RGB image; `where` (e.g. 'messages[0].content[1]') names the part in errors."""
-    scheme = urllib.parse.urlsplit(url).scheme.lower() if ":" in url[:12] else ""
+    scheme = _scheme(url)
     if scheme == "data":
         data = _from_data_url(url, policy, where)
     elif scheme in ("http", "https"):
-        data = _fetch(url, policy, where)
+        return decode_remote(fetch_remote(url, policy, where), policy, where)
     elif scheme == "file" or scheme == "" or (len(scheme) == 1 and os.name == "nt"):
         data = _read_local(url, policy, where)
     else:
@@ -103,53 +116,75 @@ def _from_data_url(url: str, policy: MediaPolicy, where: str) -> bytes:
                        code="invalid_image") from None
 
 
-def _opener() -> urllib.request.OpenerDirector:
-    opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(),
-                    urllib.request.HTTPRedirectHandler(), urllib.request.HTTPDefaultErrorHandler(),
-                    urllib.request.HTTPErrorProcessor()):
-        opener.add_handler(handler)
-    return opener
+def _scheme(url: str) -> str:
+    return urllib.parse.urlsplit(url).scheme.lower() if ":" in url[:12] else ""
 
 
-def _fetch(url: str, policy: MediaPolicy, where: str) -> bytes:
+def is_remote(url: str) -> bool:
+    return _scheme(url) in ("http", "https")
+
+
+def fetch_remote(url: str, policy: MediaPolicy, where: str, deadline: float | None = None) -> bytes:
+    """The bytes behind an http(s) image URL; any failure is the one uniform APIError, its reason logged here."""
     if not policy.allow_remote:
-        raise APIError(400, f"{where}: remote image URLs are disabled on this server (--no-remote-images); send the "
-                            "image as a data: URL.", param=where, code="remote_images_disabled")
-    deadline = time.monotonic() + policy.fetch_timeout_s
-    request = urllib.request.Request(url, headers={"User-Agent": "lfm2vl-server", "Accept": "image/*"})
+        raise APIError(400, f"{where}: remote image URLs are disabled on this server; send the image as a data: URL, "
+                            "or start the server with --allow-remote-images.", param=where,
+                       code="remote_images_disabled")
+    if deadline is None:
+        deadline = time.monotonic() + policy.fetch_timeout_s
     try:
-        with _opener().open(request, timeout=policy.fetch_timeout_s) as resp:
-            size = resp.headers.get("Content-Length")
-            if size is not None and size.isdigit() and int(size) > policy.max_bytes:
-                raise APIError(400, f"{where}: remote image is {size} bytes, over the limit of {policy.max_bytes}.",
-                               param=where, code="image_too_large")
-            chunks, total = [], 0
-            while True:
-                if time.monotonic() > deadline:
-                    raise APIError(400, f"{where}: fetching the image took longer than {policy.fetch_timeout_s:g} s.",
-                                   param=where, code="image_fetch_timeout")
-                chunk = resp.read1(65536)  # returns what has arrived, so a trickling server meets the deadline
-                if not chunk:
-                    break
-                total += len(chunk)
-                if total > policy.max_bytes:
-                    raise APIError(400, f"{where}: remote image is over the limit of {policy.max_bytes} bytes.",
-                                   param=where, code="image_too_large")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except APIError:
-        raise
-    except urllib.error.HTTPError as e:
-        raise APIError(400, f"{where}: fetching the image failed with HTTP {e.code}.", param=where,
-                       code="image_fetch_failed") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        if isinstance(reason, TimeoutError) or isinstance(e, TimeoutError):
-            raise APIError(400, f"{where}: fetching the image took longer than {policy.fetch_timeout_s:g} s.",
-                           param=where, code="image_fetch_timeout") from None
-        raise APIError(400, f"{where}: the image could not be fetched ({reason}).", param=where,
-                       code="image_fetch_failed") from None
+        return remote.fetch(url, deadline=deadline, max_bytes=policy.max_bytes, max_redirects=policy.max_redirects,
+                            allowed_networks=policy.allowed_networks)
+    except remote.FetchError as e:
+        log.warning("%s: image URL not fetched: %s", where, e)
+        raise fetch_failed(where) from None
+    except Exception:  # not foreseen: the client still learns nothing, the log gets the traceback
+        log.warning("%s: image URL not fetched", where, exc_info=True)
+        raise fetch_failed(where) from None
+
+
+def decode_remote(data: bytes, policy: MediaPolicy, where: str) -> Image.Image:
+    """decode_image for fetched bytes: a refusal is the uniform fetch error too (its reason logged here)."""
+    try:
+        return decode_image(data, policy, where)
+    except APIError as e:
+        log.warning("%s: fetched image refused: %s", where, e.message)
+        raise fetch_failed(where) from None
+
+
+def fetch_failed(where: str) -> APIError:
+    """The one error for every failed remote image, so a client learns nothing about what the server can reach."""
+    return APIError(400, f"{where}: the image URL could not be fetched.", param=where, code="image_fetch_failed")
+
+
+class FetchPool:
+    """Fetches the remote images of requests on threads of its own (`policy.fetch_workers`), so slow image servers
+    never hold the threads that serve other requests. One deadline per request covers its images, from the moment
+    they are queued."""
+
+    def __init__(self, policy: MediaPolicy):
+        self.policy = policy
+        self._pool = ThreadPoolExecutor(max_workers=policy.fetch_workers, thread_name_prefix="lfm2vl-fetch")
+
+    async def fetch_all(self, parts: list[tuple[str, str]]) -> dict[str, bytes | APIError]:
+        """{where: bytes or the APIError to raise} for (where, url) pairs; nothing is fetched when remote images are
+        off (load_image then refuses them in order)."""
+        if not parts or not self.policy.allow_remote:
+            return {}
+        deadline = time.monotonic() + self.policy.fetch_timeout_s
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(*(loop.run_in_executor(self._pool, self._outcome, url, where, deadline)
+                                         for where, url in parts))
+        return {where: result for (where, _), result in zip(parts, results)}
+
+    def _outcome(self, url: str, where: str, deadline: float) -> bytes | APIError:
+        try:
+            return fetch_remote(url, self.policy, where, deadline)
+        except APIError as e:
+            return e
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _read_local(url: str, policy: MediaPolicy, where: str) -> bytes:

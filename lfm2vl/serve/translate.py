@@ -1,15 +1,15 @@
 """Translation between OpenAI's chat-completions JSON and the engine.
 
-- `to_engine(body, policy, max_images)`: messages with text and image_url parts -> engine messages (images decoded
-  to PIL, see media.py) and engine options (OpenAI names -> engine names; unset fields keep the engine's defaults,
-  which follow the model card);
+- `to_engine(body, policy, max_images, fetched)`: messages with text and image_url parts -> engine messages (images
+  decoded to PIL, see media.py; remote images come already fetched, see `remote_images`) and engine options (OpenAI
+  names -> engine names; unset fields keep the engine's defaults, which follow the model card);
 - `completion(...)`, `chunk(...)`: response bodies exactly as OpenAI shapes them (usage, finish_reason, the
   streamed `chat.completion.chunk` objects and the final usage chunk).
 """
 from __future__ import annotations
 
 from .errors import APIError
-from .media import MediaPolicy, load_image
+from .media import MediaPolicy, decode_remote, is_remote, load_image
 from .schemas import ChatCompletionRequest
 
 # OpenAI field -> engine option, for the options passed through unchanged when the client sets them
@@ -31,12 +31,27 @@ def check_image_budget(body: ChatCompletionRequest, ceiling: int) -> None:
                                 "image or tile.", param=name, code="invalid_value")
 
 
-def to_engine(body: ChatCompletionRequest, policy: MediaPolicy, max_images: int) -> tuple[list[dict], dict]:
-    """(engine messages, engine options). Blocking (image decoding, maybe a fetch): run it in a worker thread."""
+def check_image_count(body: ChatCompletionRequest, max_images: int) -> None:
     n_images = count_images(body)
     if n_images > max_images:
         raise APIError(400, f"The request has {n_images} images; this server accepts at most {max_images} per "
                             "request (--max-images).", param="messages", code="too_many_images")
+
+
+def remote_images(body: ChatCompletionRequest) -> list[tuple[str, str]]:
+    """(where, url) of the http(s) image parts, `where` as to_engine names them."""
+    return [(f"messages[{i}].content[{j}]", p.image_url.url) for i, m in enumerate(body.messages)
+            if isinstance(m.content, list) for j, p in enumerate(m.content)
+            if p.type == "image_url" and is_remote(p.image_url.url)]
+
+
+def to_engine(body: ChatCompletionRequest, policy: MediaPolicy, max_images: int,
+              fetched: dict | None = None) -> tuple[list[dict], dict]:
+    """(engine messages, engine options). `fetched` holds the outcome of remote images fetched beforehand
+    ({where: bytes or APIError}, see media.FetchPool); one not there is fetched here. Blocking (image decoding, maybe
+    a fetch): run it in a worker thread."""
+    check_image_count(body, max_images)
+    fetched = fetched or {}
     messages = []
     for i, msg in enumerate(body.messages):
         role = "system" if msg.role == "developer" else msg.role
@@ -51,7 +66,13 @@ def to_engine(body: ChatCompletionRequest, policy: MediaPolicy, max_images: int)
             if part.type == "text":
                 parts.append({"type": "text", "text": part.text})
             else:
-                image = load_image(part.image_url.url, policy, f"messages[{i}].content[{j}]")
+                where = f"messages[{i}].content[{j}]"
+                if where not in fetched:
+                    image = load_image(part.image_url.url, policy, where)
+                elif isinstance(fetched[where], APIError):
+                    raise fetched[where]
+                else:
+                    image = decode_remote(fetched[where], policy, where)
                 parts.append({"type": "image", "image": image})
         messages.append({"role": role, "content": parts})
     return messages, options(body)
