@@ -25,14 +25,26 @@ from pathlib import Path
 
 from .bench_data import SCENARIOS, SHAPES, random_checkpoint
 
+DTYPES = {"bfloat16": "bf16", "float32": "fp32"}  # --dtype -> the short name of table labels and worker specs
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32"}
 
-def _args(argv):
-    ap = argparse.ArgumentParser(prog="lfm2vl bench", description="Benchmark lfm2vl (and transformers).")
+
+def _dtype_arg(text: str) -> str:
+    return DTYPE_ALIASES.get(text, text)  # argparse then checks it against the long names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="lfm2vl bench", description="Benchmark lfm2vl (and transformers).",
+                                 formatter_class=HelpFormatter)
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--model", help="checkpoint folder (default: random weights at --shape)")
+    src.add_argument("--model", default=None, help="checkpoint folder (default: random weights at --shape)")
     src.add_argument("--shape", default="450M", choices=SHAPES, help="published shape for random weights")
-    src.add_argument("--config", help="a config.json to build random weights from (e.g. a tiny one for tests)")
-    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    src.add_argument("--config", default=None,
+                     help="a config.json to build random weights from, e.g. a tiny one for tests (default: none)")
+    ap.add_argument("--dtype", default="bfloat16", type=_dtype_arg, choices=tuple(DTYPES),
+                    help="weights and activations (bf16 and fp32 are accepted too)")
     ap.add_argument("--int8", action="store_true", help="also run lfm2vl with weight-only int8 (+ quality check)")
     ap.add_argument("--int4", action="store_true", help="also run lfm2vl with weight-only int4 (+ quality check)")
     ap.add_argument("--int8-float-head", action="store_true",
@@ -45,20 +57,28 @@ def _args(argv):
                          "--no-optimize on CPU)")
     ap.add_argument("--min-image-tokens", type=int, default=None, help="image-token budget of the image scenarios "
                     "(default: the checkpoint's processor config)")
-    ap.add_argument("--max-image-tokens", type=int, default=None)
+    ap.add_argument("--max-image-tokens", type=int, default=None,
+                    help="(default: the checkpoint's processor config)")
     ap.add_argument("--no-image-splitting", action="store_true", help="no tiles: each image is one unit")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (OMP_NUM_THREADS) per engine")
+    ap.add_argument("--reps", type=int, default=3, help="timed runs per scenario (the median is reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs per scenario first")
     ap.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
     ap.add_argument("--engines", default=None, help="comma list of ours,transformers (default: both if available)")
     ap.add_argument("--no-optimize", action="store_true", help="lfm2vl without speed.optimize_for_cpu")
-    ap.add_argument("--cache-dir", default=None, help="where random checkpoints are kept (~/.cache/lfm2vl/bench)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--cache-dir", default=None,
+                    help="where random checkpoints are kept (default: ~/.cache/lfm2vl/bench)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    ap.add_argument("--json", default=None, help="also write the results to this file (default: no file)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per engine subprocess")
+    return ap
+
+
+def _args(argv):
+    ap = build_parser()
     args = ap.parse_args(argv)
+    args.short_dtype = DTYPES[args.dtype]
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     bad = sorted(set(args.scenarios) - set(SCENARIOS))
     if bad:
@@ -164,22 +184,23 @@ def table(results: dict[str, dict], scenarios: list[str]) -> str:
 def main(argv=None) -> int:
     args = _args(argv)
     folder = _folder(args)
-    common = {"folder": str(folder), "dtype": args.dtype, "device": args.device, "threads": args.threads,
+    short = args.short_dtype
+    common = {"folder": str(folder), "dtype": short, "device": args.device, "threads": args.threads,
               "reps": args.reps, "warmup": args.warmup, "new_tokens": args.new_tokens, "scenarios": args.scenarios,
               "image_knobs": args.image_knobs}
     runs = []
     if "ours" in args.engines:
-        runs.append((f"lfm2vl {args.dtype}", {**common, "engine": "ours", "optimize": not args.no_optimize,
-                                               "compile": args.compile}))
+        runs.append((f"lfm2vl {short}", {**common, "engine": "ours", "optimize": not args.no_optimize,
+                                          "compile": args.compile}))
         if args.low_memory:
-            runs.append((f"lfm2vl {args.dtype} low-mem", {**common, "engine": "ours",
-                                                           "optimize": not args.no_optimize, "low_memory": True}))
+            runs.append((f"lfm2vl {short} low-mem", {**common, "engine": "ours",
+                                                      "optimize": not args.no_optimize, "low_memory": True}))
         for fmt in ("int8", "int4"):
             if getattr(args, fmt):
                 runs.append((f"lfm2vl {fmt}", {**common, "dtype": "bf16", "engine": "ours", fmt: True,
                                                "quantize_head": not args.int8_float_head}))
     if "transformers" in args.engines:
-        runs.append((f"transformers {args.dtype}", {**common, "engine": "transformers"}))
+        runs.append((f"transformers {short}", {**common, "engine": "transformers"}))
     for fmt in ("int8", "int4"):
         if getattr(args, fmt) and "ours" in args.engines:
             runs.append((f"{fmt} quality", {**common, "engine": "quality", "format": fmt,
@@ -195,7 +216,7 @@ def main(argv=None) -> int:
           f"{_fmt(load)} (other processes on the CPU skew timings)"
           + (f", image options {args.image_knobs}" if args.image_knobs else ""))
     print(table(results, args.scenarios))
-    payload = {"model": args.model or f"random-{args.config or args.shape}", "dtype": args.dtype,
+    payload = {"model": args.model or f"random-{args.config or args.shape}", "dtype": short,
                "device": args.device, "threads": args.threads,
                "reps": args.reps, "new_tokens": args.new_tokens, "image_knobs": args.image_knobs,
                "load_average": load, "results": results}

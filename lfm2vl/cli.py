@@ -4,16 +4,20 @@
     lfm2vl chat [--image IMAGE] [--system TEXT]       interactive: /image PATH, /reset, /quit
     lfm2vl generate --messages FILE.json [--json]     one conversation (or a list of them) from a file
     lfm2vl serve ...  /  lfm2vl bench ...             dispatched to lfm2vl.serve.cli / lfm2vl.bench (imported lazily)
+    lfm2vl --version
 
 Common options: --model (folder or hub id, default LiquidAI/LFM2-VL-450M), --dtype, --device, the image knobs and
-the sampling options (defaults from the model card). Errors the user can fix (no weights offline, a missing image,
-bad JSON) print one sentence and exit with status 1, without a traceback.
+the sampling options (defaults from the model card). Option values, the device, local image paths and the
+messages are checked before the model loads. Errors the user can fix (a bad option value, no weights offline, a
+missing image, bad JSON) print one line and exit with status 1 (2 for option errors), without a traceback.
+In `chat`, Ctrl-C stops the answer being written and returns to the prompt; Ctrl-C or Ctrl-D at the prompt ends.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -25,14 +29,65 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default; options whose default is None, off or empty state theirs in the
+    help text itself (where the value comes from), so nothing says "(default: None)"."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or d is False or d == [] or action.help is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def version() -> str:
+    """The installed distribution's version, else the package's own."""
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
+    try:
+        return dist_version("lfm2vl")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+# ---- option values: checked while parsing, worded with the flag the user typed -----------------------------------
+def _number(parse, check):
+    """An argparse type: parse the text (argparse reports unparsable text), then check(value) -> problem or None."""
+    def convert(text: str):
+        value = parse(text)
+        problem = check(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(f"{text} is invalid; {problem}")
+        return value
+
+    convert.__name__ = parse.__name__  # argparse says "invalid int value: 'x'"
+    return convert
+
+
+def sampling_type(name: str, parse):
+    """The argparse type of a sampling option: SamplingParams' own rule (generate/sampling.py RULES)."""
+    def check(value):
+        from .generate.sampling import option_problem
+
+        return option_problem(name, value)
+
+    return _number(parse, check)
+
+
+positive_int = _number(int, lambda v: None if v >= 1 else "expected an integer >= 1")
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     from .engine import DEFAULT_MODEL
+    from .generate.sampling import SamplingParams as S
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or hub id (default: %(default)s)")
-    g.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
-                   help="weights and activations (default: bfloat16)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cpu)")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or hub id")
+    g.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16",
+                   help="weights and activations")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (the N-th GPU) or mps")
     q = g.add_mutually_exclusive_group()
     q.add_argument("--int8", action="store_true", help="weight-only int8 linears (CPU; slightly different results)")
     q.add_argument("--int4", action="store_true", help="weight-only int4 linears, groups of 32 (CPU; smallest and "
@@ -43,37 +98,49 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="keep the vision tower's and the language model's weights out of memory together (lower "
                         "peak RSS, slower image requests)")
     g = p.add_argument_group("images (defaults from the checkpoint's processor files)")
-    g.add_argument("--min-image-tokens", type=int, default=None)
-    g.add_argument("--max-image-tokens", type=int, default=None)
-    g.add_argument("--no-image-splitting", action="store_true", help="never cut large images into tiles")
+    g.add_argument("--min-image-tokens", metavar="N", type=positive_int, default=None,
+                   help="fewest image tokens per image or tile (default: the checkpoint's)")
+    g.add_argument("--max-image-tokens", metavar="N", type=positive_int, default=None,
+                   help="most image tokens per image or tile (default: the checkpoint's)")
+    g.add_argument("--no-image-splitting", action="store_true",
+                   help="never cut large images into tiles (default: the checkpoint's setting)")
     g = p.add_argument_group("sampling (defaults from the model card)")
-    g.add_argument("--max-new-tokens", type=int, default=512)
-    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: 0.1)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--min-p", type=float, default=None, help="(default: 0.15)")
-    g.add_argument("--repetition-penalty", type=float, default=None, help="(default: 1.05)")
-    g.add_argument("--presence-penalty", type=float, default=None)
-    g.add_argument("--frequency-penalty", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--max-new-tokens", metavar="N", type=positive_int, default=512, help="most tokens to generate")
+    for name, parse, metavar, what in (("temperature", float, "T", "0 = greedy"), ("top_k", int, "K", "0 = off"),
+                                       ("top_p", float, "P", "1 = off"), ("min_p", float, "P", "0 = off"),
+                                       ("repetition_penalty", float, "X", "1 = off"),
+                                       ("presence_penalty", float, "X", "-2 to 2, 0 = off"),
+                                       ("frequency_penalty", float, "X", "-2 to 2, 0 = off")):
+        g.add_argument("--" + name.replace("_", "-"), metavar=metavar, type=sampling_type(name, parse), default=None,
+                       help=f"{what} (default: {getattr(S, name)})")
+    g.add_argument("--seed", metavar="N", type=sampling_type("seed", int), default=None,
+                   help="sampling seed, -2**63 to 2**64-1 (default: a random one)")
+    g.add_argument("--stop", metavar="TEXT", action="append", default=None,
+                   help="stop string, repeatable (default: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lfm2vl", description="Run Liquid AI's LFM2-VL vision-language models.")
+    fmt = HelpFormatter
+    p = argparse.ArgumentParser(prog="lfm2vl", description="Run Liquid AI's LFM2-VL vision-language models.",
+                                formatter_class=fmt)
+    p.add_argument("--version", action="version", version=f"lfm2vl {version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    d = sub.add_parser("describe", help="answer a prompt about one or more images (streamed)")
+    d = sub.add_parser("describe", help="answer a prompt about one or more images (streamed)", formatter_class=fmt)
     d.add_argument("images", nargs="+", metavar="IMAGE", help="image path or URL")
-    d.add_argument("--prompt", default=DEFAULT_PROMPT, help="(default: %(default)r)")
+    d.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question about the images")
     add_common(d)
-    c = sub.add_parser("chat", help="interactive conversation (/image PATH, /reset, /quit)")
-    c.add_argument("--image", action="append", default=[], help="attach an image to the first message")
-    c.add_argument("--system", default=None, help="system prompt")
+    c = sub.add_parser("chat", help="interactive conversation (/image PATH, /reset, /quit)", formatter_class=fmt)
+    c.add_argument("--image", action="append", default=[],
+                   help="attach an image to the first message, repeatable (default: none)")
+    c.add_argument("--system", default=None, help="system prompt (default: none)")
     add_common(c)
-    g = sub.add_parser("generate", help="generate for the conversation(s) in a JSON file")
+    g = sub.add_parser("generate", help="generate for the conversation(s) in a JSON file", formatter_class=fmt)
     g.add_argument("--messages", required=True, metavar="FILE.json",
                    help="a list of messages, or a list of such lists (a batch); '-' reads stdin")
-    g.add_argument("--json", action="store_true", help="print the result(s) as JSON")
+    g.add_argument("--json", action="store_true", help="print the result(s) as JSON (default: the text only)")
+    g.add_argument("--continue-final-message", action="store_true",
+                   help="continue the final assistant message instead of starting a new reply (default: a new "
+                        "assistant turn)")
     add_common(g)
     sub.add_parser("serve", help="OpenAI-compatible HTTP server (lfm2vl serve --help)", add_help=False)
     sub.add_parser("bench", help="speed benchmark (lfm2vl bench --help)", add_help=False)
@@ -90,6 +157,47 @@ def options(args) -> dict:
     if args.no_image_splitting:
         opts["do_image_splitting"] = False
     return {k: v for k, v in opts.items() if v is not None}
+
+
+def flag_wording(message: str) -> str:
+    """An engine error names options as keywords (max_image_tokens=10); the user typed --max-image-tokens 10."""
+    names = ("max_new_tokens", "min_image_tokens", "max_image_tokens", "do_image_splitting", "temperature", "top_k",
+             "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
+             "continue_final_message")
+    return re.sub(r"\b(%s)=" % "|".join(names), lambda m: "--" + m.group(1).replace("_", "-") + " ", message)
+
+
+# ---- checks before the model loads -------------------------------------------------------------------------------
+def is_remote(image: str) -> bool:
+    return "://" in image or image.startswith("data:")
+
+
+def image_problem(image: str) -> str | None:
+    """Why a local image argument cannot be read (None if it is a file, or a URL, which is not checked here)."""
+    if is_remote(image):
+        return None
+    p = Path(image)
+    if p.is_dir():
+        return f"image {image!r} is a folder, not an image file"
+    if not p.is_file():
+        return f"image {image!r} does not exist"
+    return None
+
+
+def check_images(images: list[str]) -> None:
+    for im in images:
+        problem = image_problem(im)
+        if problem is not None:
+            raise CLIError(problem)
+
+
+def check_device(args) -> None:
+    from .loading import LoadError, check_device as check
+
+    try:
+        check(args.device)
+    except LoadError as e:
+        raise CLIError(str(e)) from None
 
 
 def load_engine(args):
@@ -115,7 +223,7 @@ def load_engine(args):
     except (LoadError, OSError, ValueError) as e:
         if not Path(args.model).exists() and str(e).startswith("could not get hub model"):
             raise CLIError(f"model {args.model!r} is not in the local Hugging Face cache and cannot be downloaded "
-                           f"(offline?); fetch it where there is network access with `huggingface-cli download "
+                           f"(offline?); fetch it where there is network access with `hf download "
                            f"{args.model} --local-dir DIR` and run with --model DIR") from None
         raise CLIError(f"cannot load model {args.model!r}: {str(e).splitlines()[0]}") from None
     finally:
@@ -131,16 +239,33 @@ def stream_to(out, stream) -> None:
     out.flush()
 
 
+def stream_to(out, stream) -> None:
+    """Write the pieces as they come, then a newline, also when stopped early (Ctrl-C, an error), so that what
+    follows starts on a fresh line; closing the iterator at once cancels the request."""
+    it = iter(stream)
+    try:
+        for piece in it:
+            out.write(piece)
+            out.flush()
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+        out.write("\n")
+        out.flush()
+
+
 def cmd_describe(args) -> int:
-    for im in args.images:
-        if "://" not in im and not im.startswith("data:") and not Path(im).is_file():
-            raise CLIError(f"image {im!r} does not exist")
+    check_images(args.images)
+    check_device(args)
     engine = load_engine(args)
     stream_to(sys.stdout, engine.stream(args.prompt, images=args.images, **options(args)))
     return 0
 
 
 def cmd_generate(args) -> int:
+    from .engine import conversation
+
     try:
         text = sys.stdin.read() if args.messages == "-" else Path(args.messages).read_text()
     except OSError as e:
@@ -151,12 +276,20 @@ def cmd_generate(args) -> int:
         raise CLIError(f"{args.messages} is not valid JSON ({e})") from None
     if isinstance(messages, dict) and "messages" in messages:  # an OpenAI request body
         messages = messages["messages"]
-    engine = load_engine(args)
     batch = isinstance(messages, list) and bool(messages) and all(isinstance(m, list) for m in messages)
+    cont = args.continue_final_message
+    for k, conv in enumerate(messages if batch else [messages]):  # the messages' shape, before the model loads
+        try:
+            conversation(conv, continue_final_message=cont)
+        except ValueError as e:
+            raise CLIError(f"{args.messages}: {'conversation %d: ' % (k + 1) if batch else ''}{e}") from None
+    check_device(args)
+    engine = load_engine(args)
+    opts = {**options(args), **({"continue_final_message": True} if cont else {})}
     if not args.json and not batch:
-        stream_to(sys.stdout, engine.stream(messages, **options(args)))
+        stream_to(sys.stdout, engine.stream(messages, **opts))
         return 0
-    results = engine.generate(messages, **options(args))
+    results = engine.generate(messages, **opts)
     results = results if batch else [results]
     if args.json:
         rows = [result_dict(r) for r in results]
@@ -174,26 +307,42 @@ def result_dict(r) -> dict:
             "decode_tps": round(r.decode_tps, 3)}
 
 
-CHAT_HELP = "Commands: /image PATH (attach to your next message), /reset, /quit"
+CHAT_HELP = ("Commands: /image PATH (attach to your next message), /reset, /quit. Ctrl-C stops an answer; "
+             "Ctrl-C or Ctrl-D at the prompt ends the chat.")
+
+
+def enable_line_editing() -> None:
+    """Line editing and history for input() on a terminal, where the readline module exists (not everywhere)."""
+    try:
+        import readline  # noqa: F401  (importing it is what makes input() use it)
+    except ImportError:
+        pass
 
 
 def cmd_chat(args) -> int:
+    check_images(args.image)
+    check_device(args)
     engine = load_engine(args)
     chat = engine.chat(system=args.system, **options(args))
     pending = list(args.image)
     interactive = sys.stdin.isatty()
+    if interactive:
+        enable_line_editing()
     print(CHAT_HELP, file=sys.stderr)
     while True:
-        if interactive:
-            print("> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        line = line.strip()
+        try:
+            line = input("> " if interactive else "").strip()
+        except EOFError:  # Ctrl-D (or the end of piped input)
+            if interactive:
+                print()  # the shell prompt starts on a fresh line
+            return 0
+        except KeyboardInterrupt:  # Ctrl-C at the prompt ends the chat
+            print()
+            return 0
         if not line:
             continue
         if line in ("/quit", "/exit"):
-            break
+            return 0
         if line == "/reset":
             chat.reset()
             pending = []
@@ -201,8 +350,9 @@ def cmd_chat(args) -> int:
             continue
         if line.startswith("/image"):
             path = line[len("/image"):].strip()
-            if not path or ("://" not in path and not Path(path).is_file()):
-                print(f"(no such image: {path!r})" if path else "(usage: /image PATH)", file=sys.stderr)
+            problem = image_problem(path) if path else "usage: /image PATH"
+            if problem is not None:
+                print(f"({problem})", file=sys.stderr)
             else:
                 pending.append(path)
                 print(f"(attached {path})", file=sys.stderr)
@@ -210,12 +360,16 @@ def cmd_chat(args) -> int:
         if line.startswith("/"):
             print(f"(unknown command {line.split()[0]}; {CHAT_HELP})", file=sys.stderr)
             continue
+        turns = len(chat.messages)
         try:
             stream_to(sys.stdout, chat.stream(line, images=pending or None))
         except ValueError as e:  # e.g. an unreadable image: report it and keep the conversation going
-            print(f"(error: {e})", file=sys.stderr)
+            print(f"(error: {flag_wording(str(e))})", file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C while answering: stop this answer, back to the prompt
+            kept = len(chat.messages) > turns
+            print("(stopped; the answer so far stays in the conversation)" if kept else "(stopped)",
+                  file=sys.stderr)
         pending = []
-    return 0
 
 
 COMMANDS = {"describe": cmd_describe, "chat": cmd_chat, "generate": cmd_generate}
@@ -236,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lfm2vl: error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:  # bad input the engine rejected (options, messages, images)
-        print(f"lfm2vl: error: {e}", file=sys.stderr)
+        print(f"lfm2vl: error: {flag_wording(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)

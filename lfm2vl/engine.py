@@ -11,7 +11,10 @@ Every call goes through the one loop in generate/batch.py (BatchGenerator). Sing
 generator, so a prompt that extends an earlier one (same images) reuses its cache. A list of conversations runs
 as one continuous batch; each row's output equals running it alone.
 Messages follow the OpenAI / transformers format: content is a string or a list of parts {"type": "text"},
-{"type": "image", "image" | "url" | "path": ...} or {"type": "image_url", "image_url": {"url": ...}}.
+{"type": "image", "image" | "url" | "path": ...} or {"type": "image_url", "image_url": {"url": ...}}; roles are
+system, developer (= system), user and assistant (processor/chat.py ROLES).
+A conversation that ends in an assistant message is a closed turn: the prompt opens a new assistant turn after it,
+unless continue_final_message=True, which leaves that message open for the model to continue.
 """
 from __future__ import annotations
 
@@ -24,14 +27,16 @@ import torch
 from .generate.batch import BatchGenerator
 from .generate.request import Event, Request, Result
 from .generate.sampling import SamplingParams
+from .processor.chat import check_role
 from .processor.config import KNOBS
 
 DEFAULT_MODEL = "LiquidAI/LFM2-VL-450M"
 SAMPLING_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 REQUEST_OPTIONS = ("max_new_tokens", "min_new_tokens", "stop")
+# How the conversation becomes a prompt. continue_final_message=True leaves the final assistant message open.
 # parse_special=True: special-token strings in message text (<|im_start|>, <image>, ...) become control tokens, as
 # in transformers; by default (False) they are plain text, so client text cannot forge turns or image slots.
-PROMPT_OPTIONS = ("parse_special",)
+PROMPT_OPTIONS = ("continue_final_message", "parse_special")
 IMAGE_KEYS = ("image", "url", "path", "base64")
 
 
@@ -46,17 +51,18 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None, o
     compile: torch.compile the static-shape decode step (opt-in; pair it with optimize=False, whose decode
     attention reads the cache length on the host); low_memory: the vision tower's and the language model's
     memory-mapped weights never stay resident together (memory.py; lower peak RSS, slower image requests)."""
-    from .loading import load_model
+    from .loading import check_device, load_model, parse_device
     from .processor import Processor
 
     if int8 and int4:
         raise ValueError("int8=True and int4=True are exclusive: pick one weight format")
     cpu_only = [name for name, on in (("int8", int8), ("int4", int4), ("low_memory", low_memory)) if on]
-    if cpu_only and device is not None and torch.device(device).type != "cpu":
+    if cpu_only and parse_device(device).type != "cpu":
         raise ValueError(f"{' and '.join(cpu_only)} work{'s' if len(cpu_only) == 1 else ''} on CPU only (native "
                          f"kernels, memory-mapped weights); "
                          f"got device={str(device)!r}: drop {'them' if len(cpu_only) > 1 else 'it'} or use "
                          f"device='cpu'")
+    check_device(device)  # an unknown name or a missing GPU: said before anything is read
     kw = {"progress": progress} if progress is not None else {}
     m, config, folder = load_model(model, dtype=dtype, device=device, **kw)
     if optimize or int8 or int4:
@@ -97,21 +103,27 @@ class Engine:
     # ---- preparing requests -----------------------------------------------------------------------------------
     def prepare(self, messages, images=None, *, context: int | None = None, **options) -> Request:
         """A conversation (or a prompt string plus images) and options -> Request. Raises ValueError on bad input.
-        Special-token strings in the messages are tokenized as plain text unless parse_special=True.
 
+        The prompt ends with a new assistant turn (the generation prompt), also after a conversation that ends in
+        an assistant message. continue_final_message=True instead leaves the final assistant message open (no
+        end-of-turn token after its text, no generation prompt) so that the reply continues it. Special-token
+        strings in the messages are tokenized as plain text unless parse_special=True.
         context: the most tokens the prompt may take (default: the model's context). A text too long for it is
         refused from its length in characters, before it is rendered or tokenized."""
-        sampling, request, knobs = split_options(options)
-        escape = not options.get("parse_special", False)
-        msgs, imgs = to_messages(messages, images)
+        sampling, request, knobs, prompt = split_options(options)
+        cont = prompt.get("continue_final_message", False)
+        escape = not prompt.get("parse_special", False)
+        msgs, imgs = conversation(messages, images, continue_final_message=cont)
         limit = self.config.text_config.max_position_embeddings if context is None else context
         what = "the model's context" if context is None else "the context"
         chars, per_token = text_chars(msgs), self.tokenizer.max_token_chars
         if chars > 2 * limit * per_token:  # 2x slack for normalizers that merge characters
             raise ValueError(f"the messages have {chars} characters of text, far more than {what} of {limit} tokens "
                              "holds")
-        text = self.processor.apply_chat_template(msgs, add_generation_prompt=True, escape_special=escape)
-        batch = self.processor(text=text, images=imgs or None, escaped=escape, pad_patches=False, **knobs)
+        text = self.processor.apply_chat_template(msgs, add_generation_prompt=not cont, continue_final_message=cont,
+                                                  escape_special=escape)
+        batch = self.processor(text=text, images=load_images(imgs) or None, escaped=escape, pad_patches=False,
+                               **knobs)
         ids = batch["input_ids"][0].tolist()
         if len(ids) >= limit:
             raise ValueError(f"the prompt has {len(ids)} tokens but {what} holds {limit} tokens")
@@ -122,12 +134,18 @@ class Engine:
     # ---- generation -------------------------------------------------------------------------------------------
     def generate(self, messages, images=None, **options) -> Result | list[Result]:
         """One conversation -> Result; a list of conversations (or of prompt strings) -> list of Results, run as
-        one continuous batch (`max_batch` rows at a time, default 16)."""
+        one continuous batch (`max_batch` rows at a time, default 16). The reply is a new assistant turn, also
+        after a final assistant message, unless continue_final_message=True (see prepare)."""
         if is_batch(messages):
             if images is not None:
                 raise ValueError("for a batch, put the images inside each conversation's messages")
             max_batch = options.pop("max_batch", 16)
-            reqs = [self.prepare(m, **options) for m in messages]
+            reqs = []
+            for k, m in enumerate(messages):
+                try:
+                    reqs.append(self.prepare(m, **options))
+                except ValueError as e:
+                    raise ValueError(f"conversation {k + 1} of {len(messages)}: {e}") from None
             gen = BatchGenerator(self, max_batch=min(max_batch, len(reqs)), prefill_chunk=self.prefill_chunk)
             rids = [gen.add(r) for r in reqs]
             out = gen.run(rids)
@@ -135,7 +153,8 @@ class Engine:
         return self._run_single(self.prepare(messages, images, **options), None)
 
     def stream(self, messages, images=None, **options) -> "Stream":
-        """An iterator of text pieces (never splitting a character); `.result` holds the Result afterwards."""
+        """An iterator of text pieces (never splitting a character); `.result` holds the Result afterwards. Options
+        and the prompt as in generate."""
         return Stream(self._single_gen(), self.prepare(messages, images, **options))
 
     def chat(self, system: str | None = None, **options):
@@ -156,12 +175,20 @@ class Engine:
 
 
 class Stream:
-    """Iterates the text pieces of one request on a BatchGenerator; cancels it if abandoned early."""
+    """Iterates the text pieces of one request on a BatchGenerator; cancels it if abandoned early (closed, or an
+    exception such as Ctrl-C's KeyboardInterrupt). on_done(result) runs when it finishes; on_stop(text so far)
+    when it is cancelled after it started."""
 
-    def __init__(self, gen: BatchGenerator, req: Request, on_done: Callable[[Result], None] | None = None):
-        self.gen, self.req, self.on_done = gen, req, on_done
+    def __init__(self, gen: BatchGenerator, req: Request, on_done: Callable[[Result], None] | None = None,
+                 on_stop: Callable[[str], None] | None = None):
+        self.gen, self.req, self.on_done, self.on_stop = gen, req, on_done, on_stop
         self.result: Result | None = None
         self.events: list[Event] = []
+
+    @property
+    def text(self) -> str:
+        """The text streamed so far."""
+        return "".join(ev.text for ev in self.events)
 
     def __iter__(self) -> Iterator[str]:
         rid = self.gen.add(self.req)
@@ -175,15 +202,17 @@ class Stream:
         finally:
             if self.result is None:
                 self.gen.cancel(rid)
+                if self.on_stop is not None:
+                    self.on_stop(self.text)
         if self.on_done is not None:
             self.on_done(self.result)
 
 
 # ---- options and messages -------------------------------------------------------------------------------------
-def split_options(options: dict[str, Any]) -> tuple[dict, dict, dict]:
-    """Engine options -> (SamplingParams fields, Request fields, processor knobs); unknown names are an error.
-    Prompt options (PROMPT_OPTIONS) are only checked here: Engine.prepare reads them."""
-    sampling, request, knobs = {}, {}, {}
+def split_options(options: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
+    """Engine options -> (SamplingParams fields, Request fields, processor knobs, prompt options); unknown names
+    are an error."""
+    sampling, request, knobs, prompt = {}, {}, {}, {}
     for k, v in options.items():
         if k in SAMPLING_OPTIONS:
             if v is not None:
@@ -192,15 +221,16 @@ def split_options(options: dict[str, Any]) -> tuple[dict, dict, dict]:
             request[k] = v
         elif k in KNOBS:
             knobs[k] = v
-        elif k in PROMPT_OPTIONS:  # read by Engine.prepare
+        elif k in PROMPT_OPTIONS:
             if not isinstance(v, bool):
-                raise ValueError(f"{k} must be True or False, got {v!r}")
+                raise ValueError(f"{k}={v!r} is invalid; expected True or False")
+            prompt[k] = v
         else:
-            valid = SAMPLING_OPTIONS + REQUEST_OPTIONS + PROMPT_OPTIONS + KNOBS
-            raise ValueError(f"unknown option {k!r}; valid options: {', '.join(valid)}")
+            raise ValueError(f"unknown option {k!r}; valid options: "
+                             f"{', '.join(SAMPLING_OPTIONS + REQUEST_OPTIONS + PROMPT_OPTIONS + KNOBS)}")
     if request.get("stop") is None:
         request.pop("stop", None)
-    return sampling, request, knobs
+    return sampling, request, knobs, prompt
 
 
 def is_batch(messages) -> bool:
@@ -212,7 +242,8 @@ def is_batch(messages) -> bool:
 def to_messages(messages, images=None) -> tuple[list[dict], list]:
     """Normalise a prompt string or a message list -> (messages whose image parts are {"type": "image"}, images in
     order). `images` given with a prompt string go before its text; given with messages that have no image parts,
-    they go at the start of the last user message."""
+    they go at the start of the last user message. Roles are checked (processor/chat.py check_role: developer
+    becomes system); every malformed message or part is a ValueError naming it (messages[i].content[j])."""
     extra = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
@@ -222,28 +253,38 @@ def to_messages(messages, images=None) -> tuple[list[dict], list]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m:
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {m!r:.80}")
+        role = check_role(m["role"], f"messages[{i}]")
         content = m.get("content")
         if content is None or isinstance(content, str):
-            out.append({**m, "content": content or ""})
+            out.append({**m, "role": role, "content": content or ""})
             continue
         if not isinstance(content, (list, tuple)):
             raise ValueError(f"messages[{i}].content must be a string or a list of parts, got "
                              f"{type(content).__name__}")
         parts = []
         for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
             if isinstance(part, str):
                 parts.append({"type": "text", "text": part})
                 continue
-            kind = part.get("type") if isinstance(part, dict) else None
+            if not isinstance(part, dict):
+                raise ValueError(f"{where} must be a string or a dict part like {{'type': 'text', 'text': ...}}, "
+                                 f"got {type(part).__name__}")
+            kind = part.get("type")
             if kind == "text":
-                parts.append({"type": "text", "text": str(part.get("text", ""))})
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise ValueError(f"{where} is a text part whose 'text' must be a string, got "
+                                     f"{type(text).__name__}")
+                parts.append({"type": "text", "text": text})
             elif kind in ("image", "image_url"):
-                found.append(_image_source(part, f"messages[{i}].content[{j}]"))
+                found.append(_image_source(part, where))
                 parts.append({"type": "image"})
+            elif "type" not in part:
+                raise ValueError(f"{where} has no 'type'; expected 'text', 'image' or 'image_url'")
             else:
-                raise ValueError(f"messages[{i}].content[{j}] has type {kind!r}; expected 'text', 'image' or "
-                                 f"'image_url'")
-        out.append({**m, "content": parts})
+                raise ValueError(f"{where} has type {kind!r}; expected 'text', 'image' or 'image_url'")
+        out.append({**m, "role": role, "content": parts})
     if extra:
         if found:
             raise ValueError("images were passed both inside the messages and as `images`; use one of the two")
@@ -268,14 +309,42 @@ def text_chars(messages: list[dict]) -> int:
     return n
 
 
+def conversation(messages, images=None, continue_final_message: bool = False) -> tuple[list[dict], list]:
+    """to_messages, plus the check that a conversation to continue ends with an assistant message. Needs no
+    model: the CLI runs it before loading one."""
+    msgs, imgs = to_messages(messages, images)
+    if continue_final_message and msgs[-1]["role"] != "assistant":
+        raise ValueError(f"continue_final_message=True continues the final assistant message, but the "
+                         f"conversation ends with a {msgs[-1]['role']} message")
+    return msgs, imgs
+
+
 def _image_source(part: dict, where: str):
     if part.get("type") == "image_url":
         url = part.get("image_url")
         url = url.get("url") if isinstance(url, dict) else url
         if not url:
             raise ValueError(f"{where} is an image_url part without a url")
+        if not isinstance(url, str):
+            raise ValueError(f"{where} has an image_url whose url must be a string, got {type(url).__name__}")
         return url
     src = next((part[k] for k in IMAGE_KEYS if part.get(k) is not None), None)
     if src is None:
         raise ValueError(f"{where} is an image part without an image; give one of {IMAGE_KEYS}")
     return src
+
+
+def load_images(images: list) -> list:
+    """Decode every image up front, so that an error among several names the bad one by its position ("image 2 of
+    3: ..."); load_image's message names a file or URL itself."""
+    from .processor.io import load_image
+
+    out = []
+    for k, im in enumerate(images):
+        try:
+            out.append(load_image(im))
+        except ValueError as e:
+            if len(images) == 1:
+                raise
+            raise ValueError(f"image {k + 1} of {len(images)}: {e}") from None
+    return out

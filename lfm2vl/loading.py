@@ -46,7 +46,7 @@ def load_model(path_or_hub_id: str | os.PathLike, *, dtype=None, device=None, pr
     progress: optional callback(bytes_read, total_bytes) while the weights are read (the CLI's progress bar).
     """
     dtype = _dtype(dtype)
-    device = torch.device(device or "cpu")
+    device = check_device(device)
     folder = resolve_folder(path_or_hub_id)
     config = Lfm2VlConfig.from_file(folder)
     raw = read_safetensors(folder, dtype, device, progress)
@@ -77,6 +77,46 @@ class _SkipRandomInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+DEVICE_FORMS = "cpu, cuda, cuda:N (the N-th GPU) or mps"
+
+
+def parse_device(device) -> torch.device:
+    """None (= cpu), a device name or a torch.device -> torch.device; a name torch does not know is a LoadError."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise LoadError(f"device must be a name like {DEVICE_FORMS}, got {type(device).__name__} {device!r}")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError):
+        raise LoadError(f"device {device!r} is not a known device; use {DEVICE_FORMS}") from None
+
+
+def check_device(device) -> torch.device:
+    """parse_device, then a LoadError if this machine cannot run on it (no CUDA, no such GPU, no MPS)."""
+    dev = parse_device(device)
+    name = str(device)
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LoadError(f"device {name!r}: CUDA is not available (no usable NVIDIA GPU, or torch "
+                            f"{torch.__version__} was built without CUDA); use device 'cpu'")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise LoadError(f"device {name!r}: this machine has {n} CUDA device{'s' if n != 1 else ''} "
+                            f"(cuda:0 to cuda:{n - 1})")
+        return dev
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise LoadError(f"device {name!r}: Apple's MPS backend is not available on this machine; use device "
+                            "'cpu'")
+        return dev
+    raise LoadError(f"device {name!r} is not supported; use {DEVICE_FORMS}")
+
+
 def _dtype(dtype) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16
@@ -105,7 +145,7 @@ def resolve_folder(path_or_hub_id: str | os.PathLike) -> Path:
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
         why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
         raise LoadError(f"could not get hub model {s!r} ({why}). Download it where you have network access "
-                        f"(`huggingface-cli download {s} --local-dir DIR`) and pass the local folder DIR "
+                        f"(`hf download {s} --local-dir DIR`) and pass the local folder DIR "
                         f"instead of the id") from None
 
 

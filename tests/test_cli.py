@@ -130,3 +130,198 @@ def test_int4_and_low_memory_flags_reach_the_engine(setup):
     assert json.loads(p.stdout)["token_ids"] == eng.generate(msgs, temperature=0, max_new_tokens=6).token_ids
     p = lfm2vl("generate", "--messages", f, "--model", folder, "--int8", "--int4")
     assert p.returncode == 2 and "not allowed with argument" in p.stderr and "Traceback" not in p.stderr
+
+
+# ---- checks before the model loads, and their wording ------------------------------------------------------------
+def run_main(capsys, *argv):
+    """cli.main in-process -> (status, stdout, stderr); argparse's exit becomes its status."""
+    from lfm2vl import cli
+
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--max-new-tokens", "-1", "expected an integer >= 1"),
+    ("--temperature", "nan", "must be a finite number"),
+    ("--top-p", "inf", "must be a finite number"),
+    ("--seed", str(2**70), "expected an integer in [-2**63, 2**64 - 1]"),
+    ("--min-image-tokens", "0", "expected an integer >= 1"),
+])
+def test_bad_option_value_is_a_usage_error_naming_the_flag(capsys, tmp_path, setup, flag, value, says):
+    """Checked while parsing (the model folder does not even exist), worded with the flag the user typed."""
+    _, img, _ = setup
+    rc, _, err = run_main(capsys, "describe", img, "--model", tmp_path / "no-model", flag, value)
+    assert rc == 2 and f"argument {flag}: {value} is invalid; {says}" in err
+    assert flag[2:].replace("-", "_") + "=" not in err  # not the Python keyword
+
+
+def test_describe_a_folder_says_it_is_not_an_image_file(capsys, tmp_path):
+    rc, _, err = run_main(capsys, "describe", tmp_path, "--model", tmp_path / "no-model")
+    assert rc == 1 and err == f"lfm2vl: error: image {str(tmp_path)!r} is a folder, not an image file\n"
+
+
+@pytest.mark.parametrize("device, cuda, says", [
+    ("bogus", False, "device 'bogus' is not a known device; use cpu, cuda, cuda:N (the N-th GPU) or mps"),
+    ("cuda", False, "device 'cuda': CUDA is not available"),
+])
+def test_device_error_is_one_line_before_loading(capsys, monkeypatch, tmp_path, setup, device, cuda, says):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    _, img, _ = setup
+    rc, _, err = run_main(capsys, "describe", img, "--model", tmp_path / "no-model", "--device", device)
+    assert rc == 1 and len(err.splitlines()) == 1 and err.startswith(f"lfm2vl: error: {says}")
+
+
+def test_generate_checks_roles_before_loading(capsys, tmp_path):
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps([{"role": "robot", "content": "hi"}]))
+    rc, _, err = run_main(capsys, "generate", "--messages", f, "--model", tmp_path / "no-model")
+    assert rc == 1 and len(err.splitlines()) == 1
+    assert "messages[0] has role 'robot'; expected one of 'system', 'developer', 'user', 'assistant'" in err
+
+
+def test_generate_continue_final_message(setup):
+    """--continue-final-message gives what engine.generate(..., continue_final_message=True) gives."""
+    folder, _, d = setup
+    msgs = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon a"}]
+    f = d / "cont.json"
+    f.write_text(json.dumps(msgs))
+    p = lfm2vl("generate", "--messages", f, "--json", "--continue-final-message", "--model", folder, *FAST)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["token_ids"] == engine_text(folder, msgs, continue_final_message=True).token_ids
+
+
+def test_offline_hint_names_the_hf_command(tmp_path, setup):
+    _, img, _ = setup
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    p = lfm2vl("describe", img, env=env)
+    assert p.returncode == 1 and "`hf download LiquidAI/LFM2-VL-450M --local-dir DIR`" in p.stderr
+
+
+def test_version_flag(capsys):
+    from importlib.metadata import version
+
+    rc, out, _ = run_main(capsys, "--version")
+    assert rc == 0 and out == f"lfm2vl {version('lfm2vl')}\n"
+
+
+def option_helps(parser) -> dict[str, str]:
+    """Each option's help text as printed by --help (wrapped lines joined)."""
+    import re
+
+    out, cur = {}, None
+    for line in parser.format_help().splitlines():
+        m = re.match(r"  (-\S+)", line)
+        if m:
+            cur = m.group(1)
+            out[cur] = line
+        elif cur and line.startswith("   "):
+            out[cur] += " " + line.strip()
+        else:
+            cur = None
+    return out
+
+
+def test_every_option_that_takes_a_value_shows_its_default():
+    from lfm2vl import bench, cli
+
+    parsers = [bench.build_parser()]
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    parsers += [sub.choices[name] for name in ("describe", "chat", "generate")]
+    for parser in parsers:
+        helps = option_helps(parser)
+        for action in parser._actions:
+            if action.option_strings and action.nargs != 0 and not action.required:
+                text = helps[action.option_strings[0]]
+                assert "(default: " in text, (parser.prog, text)
+
+
+def test_bench_takes_the_long_dtype_names():
+    from lfm2vl import bench
+
+    parser = bench.build_parser()
+    assert [parser.parse_args(["--dtype", d]).dtype for d in ("bfloat16", "float32", "bf16", "fp32")] == [
+        "bfloat16", "float32", "bfloat16", "float32"]
+    assert "--dtype {bfloat16,float32}" in parser.format_help()
+
+
+# ---- chat: Ctrl-C and Ctrl-D ---------------------------------------------------------------------------------------
+class FakeStdin:
+    """Lines for input(), then an item that is an exception to raise (KeyboardInterrupt = Ctrl-C), else EOF."""
+
+    def __init__(self, *items, tty=False):
+        self.items, self.tty = list(items), tty
+
+    def isatty(self):
+        return self.tty
+
+    def readline(self):
+        item = self.items.pop(0) if self.items else ""
+        if isinstance(item, BaseException) or (isinstance(item, type) and issubclass(item, BaseException)):
+            raise item
+        return item
+
+
+class FakeChat:
+    """Streams "Hel" then a Ctrl-C for a message starting with "stop", else "ok"."""
+
+    def __init__(self):
+        self.messages, self.sent = [], []
+
+    def stream(self, text, images=None):
+        self.sent.append(text)
+
+        def pieces():
+            yield "Hel"
+            if text.startswith("stop"):
+                raise KeyboardInterrupt
+            yield "lo"
+
+        return pieces()
+
+
+@pytest.fixture
+def fake_chat(monkeypatch):
+    from lfm2vl import cli
+
+    chat = FakeChat()
+    engine = type("FakeEngine", (), {"chat": lambda self, system=None, **o: chat})()
+    monkeypatch.setattr(cli, "load_engine", lambda args: engine)
+    monkeypatch.setattr(cli, "enable_line_editing", lambda: None, raising=False)
+    return chat
+
+
+def test_chat_ctrl_c_while_answering_returns_to_the_prompt(capsys, monkeypatch, fake_chat):
+    monkeypatch.setattr(sys, "stdin", FakeStdin("stop now\n", "next\n"))
+    rc, out, err = run_main(capsys, "chat")
+    assert rc == 0 and fake_chat.sent == ["stop now", "next"]
+    assert out == "Hel\nHello\n" and "(stopped" in err
+
+
+def test_chat_ctrl_c_at_the_prompt_exits_0_on_a_fresh_line(capsys, monkeypatch, fake_chat):
+    monkeypatch.setattr(sys, "stdin", FakeStdin("hi\n", KeyboardInterrupt))
+    rc, out, _ = run_main(capsys, "chat")
+    assert rc == 0 and out == "Hello\n\n"
+
+
+def test_chat_ctrl_d_on_a_terminal_ends_the_prompt_line(capsys, monkeypatch, fake_chat):
+    monkeypatch.setattr(sys, "stdin", FakeStdin(tty=True))
+    rc, out, _ = run_main(capsys, "chat")
+    assert rc == 0 and out == "> \n"
+
+
+def test_chat_image_is_checked_before_loading(capsys, monkeypatch, tmp_path):
+    from lfm2vl import cli
+
+    def no_load(args):
+        raise AssertionError("the model was loaded before the image was checked")
+
+    monkeypatch.setattr(cli, "load_engine", no_load)
+    rc, _, err = run_main(capsys, "chat", "--image", tmp_path / "missing.png")
+    assert rc == 1 and err == f"lfm2vl: error: image {str(tmp_path / 'missing.png')!r} does not exist\n"

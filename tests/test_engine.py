@@ -1,5 +1,6 @@
 """Engine on a tiny random checkpoint: batch == one at a time, chunked prefill == one shot, multi-turn cache reuse ==
 a fresh run (images not re-encoded), streaming, seeds, message formats, defaults, clear errors."""
+import dataclasses
 import json
 
 import numpy as np
@@ -288,3 +289,115 @@ def test_a_text_far_over_the_context_is_refused_before_tokenizing(engine, monkey
     monkeypatch.setattr(engine.processor.tokenizer, "encode_batch", no_tokenizing)
     with pytest.raises(ValueError, match="3000000 characters of text, far more than the context of 512 tokens"):
         engine.prepare("abc " * 750_000, context=512)
+
+
+# ---- roles, parts and option values ------------------------------------------------------------------------------
+@pytest.mark.parametrize("role", [5, None, "robot"])
+def test_role_outside_the_rule_is_a_value_error_naming_it(role):
+    with pytest.raises(ValueError) as e:
+        to_messages([{"role": "user", "content": "hi"}, {"role": role, "content": "x"}])
+    assert str(e.value).startswith(f"messages[1] has role {role!r}; expected one of 'system', 'developer', 'user', "
+                                   "'assistant'")
+
+
+def test_developer_role_is_rendered_as_system(engine):
+    as_developer = engine.prepare([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    as_system = engine.prepare([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert as_developer.input_ids == as_system.input_ids
+
+
+@pytest.mark.parametrize("part, says", [
+    (5, "messages[0].content[0] must be a string or a dict part like {'type': 'text', 'text': ...}, got int"),
+    ({"type": "text", "text": 5}, "messages[0].content[0] is a text part whose 'text' must be a string, got int"),
+    ({"type": "text"}, "messages[0].content[0] is a text part whose 'text' must be a string, got NoneType"),
+    ({"text": "hi"}, "messages[0].content[0] has no 'type'"),
+    ({"type": "image_url", "image_url": {"url": 5}}, "messages[0].content[0] has an image_url whose url must be a "
+                                                     "string, got int"),
+])
+def test_malformed_part_is_a_value_error_naming_it(part, says):
+    with pytest.raises(ValueError) as e:
+        to_messages([{"role": "user", "content": [part]}])
+    assert str(e.value).startswith(says)
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                                  "frequency_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_float_option_must_be_a_finite_number(engine, name, value):
+    with pytest.raises(ValueError, match=rf"^{name}={value!r} is invalid; must be a finite number$"):
+        engine.prepare("hi", **{name: value})
+
+
+@pytest.mark.parametrize("seed", [2**64, -2**63 - 1, 2**70])
+def test_seed_outside_what_manual_seed_accepts_is_rejected_by_prepare(engine, seed):
+    with pytest.raises(ValueError, match=r"seed=.* is invalid; expected an integer in \[-2\*\*63, 2\*\*64 - 1\]"):
+        engine.prepare("hi", seed=seed)
+
+
+def test_undecodable_image_is_named_by_its_position(engine):
+    import io
+
+    buf = io.BytesIO()
+    picture(40, 30).save(buf, "JPEG")
+    header_only = buf.getvalue()[:30]  # PIL's open raises OSError("Truncated File Read") on it
+    with pytest.raises(ValueError) as e:
+        engine.prepare(conv("x", picture(40, 30), header_only))
+    assert str(e.value).startswith("image 2 of 2: ") and " at 0x" not in str(e.value)
+
+
+# ---- continuing a final assistant message ------------------------------------------------------------------------
+def test_continue_final_message_prompt_is_the_transformers_rendering(engine, folder):
+    from transformers import AutoTokenizer
+
+    convo = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon a"}]
+    ref = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(convo, continue_final_message=True,
+                                                                         tokenize=True, return_dict=False)
+    ids = engine.prepare(convo, continue_final_message=True).input_ids
+    assert ids == list(ref)
+    assert engine.tokenizer.decode(ids).endswith("<|im_start|>assistant\nOnce upon a")
+
+
+def test_continue_final_message_needs_a_final_assistant_message(engine):
+    with pytest.raises(ValueError, match="continue_final_message=True continues the final assistant message, but the "
+                                         "conversation ends with a user message"):
+        engine.prepare("hi", continue_final_message=True)
+
+
+# ---- stopping early ----------------------------------------------------------------------------------------------
+def test_chat_reply_stopped_early_stays_in_the_conversation(engine):
+    chat = engine.chat(**dict(GREEDY, max_new_tokens=40, min_new_tokens=40))
+    stream = chat.stream("Tell me a story.")
+    it = iter(stream)
+    shown = "".join(next(it) for _ in range(3))
+    it.close()
+    assert chat.messages == [{"role": "user", "content": "Tell me a story."},
+                             {"role": "assistant", "content": shown}]
+
+
+def test_request_after_a_step_cut_by_ctrl_c_equals_a_fresh_run(engine):
+    """KeyboardInterrupt right after a decode forward (the conv state has advanced, the row's tokens not yet) while
+    streaming: a request extending what the row holds still gets the tokens of a fresh run."""
+    from lfm2vl.engine import Stream
+    from lfm2vl.generate.batch import BatchGenerator
+
+    opts = dict(GREEDY, max_new_tokens=20, min_new_tokens=20)
+    tokens = engine.generate("Tell me a story.", **opts).token_ids
+    gen = BatchGenerator(engine, max_batch=1)
+    forward, calls = gen.decode_forward, []
+
+    def interrupted(*a, **k):
+        out = forward(*a, **k)
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return out
+
+    gen.decode_forward = interrupted
+    req = engine.prepare("Tell me a story.", **opts)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in Stream(gen, req):
+            pass
+    gen.decode_forward = forward
+    longer = dataclasses.replace(req, input_ids=req.input_ids + tokens[:8])
+    fresh = BatchGenerator(engine, max_batch=1)
+    assert gen.run([rid := gen.add(longer)])[rid].token_ids == fresh.run([f := fresh.add(longer)])[f].token_ids

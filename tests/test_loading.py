@@ -222,3 +222,41 @@ def test_tensor_count_matches_published_headers(name, overrides, count):
     as_in_file = {k.replace("model.vision_tower.", "model.vision_tower.vision_model.", 1): v
                   for k, v in model.state_dict().items() if k != "lm_head.weight"}
     assert set(remap_hf_keys(as_in_file, config)) == set(model.state_dict())
+
+
+# ---- devices: checked before anything is read --------------------------------------------------------------------
+def _no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def _one_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+@pytest.mark.parametrize("device, machine, says", [
+    ("bogus", _no_cuda, r"device 'bogus' is not a known device; use cpu, cuda, cuda:N \(the N-th GPU\) or mps"),
+    ("cuda", _no_cuda, r"device 'cuda': CUDA is not available"),
+    ("cuda:3", _one_gpu, r"device 'cuda:3': this machine has 1 CUDA device \(cuda:0 to cuda:0\)"),
+    ("meta", _no_cuda, r"device 'meta' is not supported; use cpu, cuda, cuda:N"),
+])
+def test_load_model_device_error(monkeypatch, tmp_path, device, machine, says):
+    """Said before the checkpoint is looked at (the folder does not exist)."""
+    machine(monkeypatch)
+    with pytest.raises(LoadError, match=says):
+        load_model(tmp_path / "missing", device=device)
+
+
+@pytest.mark.parametrize("device, says", [("bogus", "is not a known device"), ("cuda", "CUDA is not available")])
+def test_lfm2vl_load_device_error(monkeypatch, tmp_path, device, says):
+    """The public lfm2vl.load gives the same errors, before loading anything."""
+    import lfm2vl
+
+    _no_cuda(monkeypatch)
+    with pytest.raises(ValueError, match=says):
+        lfm2vl.load(tmp_path / "missing", device=device)
+
+
+def test_offline_hint_names_the_hf_command(tmp_path):
+    out = _run_isolated("LiquidAI/LFM2-VL-450M", tmp_path)
+    assert "(`hf download LiquidAI/LFM2-VL-450M --local-dir DIR`)" in out.stderr

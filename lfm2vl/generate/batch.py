@@ -11,6 +11,8 @@ Every path (Engine.generate / stream / chat, batched generate, the server) drive
   rolling state, so an arbitrary prefix cannot be resumed; attention K/V can.
 - Each row samples with its own Sampler (composed once per request); rows that are plain greedy share one argmax.
   One host sync per step (the new token ids), needed for detokenizing and stop checks.
+- A step cut short by an exception (Ctrl-C's KeyboardInterrupt, a failing forward) may leave a row's conv state
+  ahead of its tokens: the requests it was running are dropped and their rows roll back to their last snapshot.
 """
 from __future__ import annotations
 
@@ -152,10 +154,32 @@ class BatchGenerator:
     def step(self) -> list[Event]:
         """Admit queued requests into free rows, prefill up to `prefill_chunk` tokens, then one decode step."""
         events: list[Event] = []
-        self._admit()
-        self._prefill(events)
-        self._decode(events)
+        try:
+            self._admit()
+            self._prefill(events)
+            self._decode(events)
+        except BaseException:
+            self._abort_step()
+            raise
         return events
+
+    def _abort_step(self) -> None:
+        """After an exception inside step(): drop the requests taken out of the queue (their rows' states are
+        unknown) and roll each of their rows back to its last conv-state snapshot, whose tokens' K/V are intact
+        (a forward writes only past the row's tokens), so later requests reuse only known state."""
+        for act in list(self.actives.values()):
+            if act.slot < 0:
+                if act not in self.pending:  # taken from the queue, never placed
+                    self.actives.pop(act.rid)
+                continue
+            self.actives.pop(act.rid)
+            row = self.rows[act.slot]
+            row.active = None
+            p = max(row.snaps, default=0)
+            row.tokens = row.tokens[:p]
+            if p:
+                for state, saved in zip((c for c in self.cache.conv if c is not None), row.snaps[p]):
+                    state[act.slot] = saved
 
     def run(self, rids=None) -> dict[int, Result]:
         """Step until the given requests (default: all) finished; returns their Results (cancelled ones absent)."""

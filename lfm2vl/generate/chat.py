@@ -5,6 +5,9 @@ fresh run would see) and hands it to the conversation's own one-row BatchGenerat
 longest prefix already in the cache (earlier turns, their images included) and prefills only the rest, so images
 are encoded once per conversation. If the re-tokenized reply differs from the generated tokens, reuse falls back
 to the end of the previous prompt (a conv-state snapshot), never to a wrong state.
+
+A reply cut short (Ctrl-C's KeyboardInterrupt, a stream closed early) is kept as far as it was streamed, with its
+user message, so the conversation holds what the user saw; a turn stopped before any reply text is dropped.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ class Chat:
         return stream.result
 
     def stream(self, text: str, images=None, **options):
-        """Like send, but an iterator of text pieces; the reply is appended when the iterator is exhausted."""
+        """Like send, but an iterator of text pieces; the reply is appended when the iterator is exhausted, or as far
+        as it got when the iterator stops early (nothing is appended if it stops before any text)."""
         from ..engine import Stream
 
         user = self._user_message(text, images)
@@ -48,7 +52,11 @@ class Chat:
             self.messages += [user, {"role": "assistant", "content": result.text}]
             self.last = result
 
-        return Stream(self.gen, req, on_done=done)
+        def stopped(partial: str) -> None:
+            if partial:
+                self.messages += [user, {"role": "assistant", "content": partial}]
+
+        return Stream(self.gen, req, on_done=done, on_stop=stopped)
 
     @staticmethod
     def _user_message(text: str, images) -> dict:

@@ -17,12 +17,39 @@ import torch
 
 
 NEG_INF = float("-inf")
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed accepts (negative seeds wrap modulo 2**64)
+
+# option -> (int or float, the valid values, what is expected); seed may also be None
+RULES = {
+    "temperature": (float, lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_k": (int, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    "top_p": (float, lambda v: 0 < v <= 1, "a number in (0, 1] (1 = off)"),
+    "min_p": (float, lambda v: 0 <= v <= 1, "a number in [0, 1] (0 = off)"),
+    "repetition_penalty": (float, lambda v: v > 0, "a number > 0 (1 = off)"),
+    "presence_penalty": (float, lambda v: -2 <= v <= 2, "a number in [-2, 2] (0 = off)"),
+    "frequency_penalty": (float, lambda v: -2 <= v <= 2, "a number in [-2, 2] (0 = off)"),
+    "seed": (int, lambda v: SEED_RANGE[0] <= v <= SEED_RANGE[1],
+             "an integer in [-2**63, 2**64 - 1] (what torch.Generator.manual_seed accepts)"),
+    "top_logprobs": (int, lambda v: 0 <= v <= 20, "an integer in [0, 20]"),
+}
+
+
+def option_problem(name: str, value) -> str | None:
+    """What is wrong with `value` for the sampling option `name` (e.g. "must be a finite number"), or None."""
+    kind, valid, expected = RULES[name]
+    if value is None and name == "seed":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        return f"expected {expected}"
+    if kind is float and not math.isfinite(value):
+        return "must be a finite number"
+    return None if valid(value) else f"expected {expected}"
 
 
 @dataclass
 class SamplingParams:
     """Per-request sampling options. Defaults are the LFM2-VL model card's (temperature 0.1, min_p 0.15,
-    repetition_penalty 1.05)."""
+    repetition_penalty 1.05). Invalid values raise ValueError naming the option (rules: RULES)."""
 
     temperature: float = 0.1
     top_k: int = 0  # 0 = off
@@ -36,29 +63,11 @@ class SamplingParams:
     top_logprobs: int = 0  # also report the n most likely tokens and their logprobs
 
     def __post_init__(self):
-        def bad(name, value, expected):
-            raise ValueError(f"{name}={value!r} is invalid; expected {expected}")
-
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature >= 0):
-            bad("temperature", self.temperature, "a number >= 0 (0 = greedy)")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            bad("top_k", self.top_k, "an integer >= 0 (0 = off)")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            bad("top_p", self.top_p, "a number in (0, 1] (1 = off)")
-        if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
-            bad("min_p", self.min_p, "a number in [0, 1] (0 = off)")
-        if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
-            bad("repetition_penalty", self.repetition_penalty, "a number > 0 (1 = off)")
-        for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and -2 <= v <= 2):
-                bad(name, v, "a number in [-2, 2] (0 = off)")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            bad("seed", self.seed, "an integer or None")
-        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) or not (
-                0 <= self.top_logprobs <= 20):
-            bad("top_logprobs", self.top_logprobs, "an integer in [0, 20]")
+        for name in RULES:
+            value = getattr(self, name)
+            problem = option_problem(name, value)
+            if problem is not None:
+                raise ValueError(f"{name}={value!r} is invalid; {problem}")
 
     @property
     def greedy(self) -> bool:

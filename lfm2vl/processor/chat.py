@@ -20,6 +20,10 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+# The message roles lfm2vl accepts (the engine's messages and the server's); "developer" (OpenAI's newer name for
+# the system prompt) is rendered as "system".
+ROLES = ("system", "developer", "user", "assistant")
+ROLE_ALIASES = {"developer": "system"}
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
@@ -102,6 +106,15 @@ def plain(value: Any) -> Any:
     if callable(getattr(value, "model_dump", None)):
         return plain(value.model_dump())
     return f"<{type(value).__name__}>"
+
+
+def check_role(role, where: str = "message") -> str:
+    """A message role -> the role the template sees (developer -> system); anything else is a ValueError naming
+    the bad value and the valid roles. `where` names the message in the error (e.g. "messages[2]")."""
+    if not isinstance(role, str) or role not in ROLES:
+        raise ValueError(f"{where} has role {role!r}; expected one of {', '.join(map(repr, ROLES))} (developer is "
+                         "treated as system)")
+    return ROLE_ALIASES.get(role, role)
 
 
 def normalize_messages(messages) -> list[dict]:

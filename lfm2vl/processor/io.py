@@ -16,6 +16,7 @@ import base64
 import binascii
 import io
 import os
+import re
 import urllib.request
 import warnings
 from pathlib import Path
@@ -30,7 +31,8 @@ URL_TIMEOUT_S = 30.0
 
 
 def load_image(image, max_pixels: int | None = None) -> torch.Tensor:
-    """Any supported image input -> uint8 (3, H, W) RGB tensor. Raises ValueError with the reason otherwise."""
+    """Any supported image input -> uint8 (3, H, W) RGB tensor. Raises ValueError with the reason otherwise; an
+    encoded image is named by its path or URL (or as raw bytes / base64 data), never by a Python object."""
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if isinstance(image, Image.Image):
         out = _pil_to_rgb(image)
@@ -39,9 +41,9 @@ def load_image(image, max_pixels: int | None = None) -> torch.Tensor:
     elif isinstance(image, torch.Tensor):
         out = _array_to_rgb(image.detach().cpu())
     elif isinstance(image, (bytes, bytearray, memoryview)):
-        out = _pil_to_rgb(_open(bytes(image), "raw bytes", limit), exif=True)
+        out = _decoded(_open(bytes(image), "raw bytes", limit), "raw bytes")
     elif isinstance(image, (str, os.PathLike)):
-        out = _pil_to_rgb(_open_source(image, limit), exif=True)
+        out = _decoded(*_open_source(image, limit))
     else:
         raise ValueError(f"unsupported image input of type {type(image).__name__}: expected a PIL image, numpy "
                          "array, torch tensor, path, URL, data: URI, base64 string or raw bytes")
@@ -53,7 +55,8 @@ def load_image(image, max_pixels: int | None = None) -> torch.Tensor:
     return out
 
 
-def _open_source(src, limit: int) -> Image.Image:
+def _open_source(src, limit: int) -> tuple[Image.Image, str]:
+    """A path, URL, data: URI or base64 string -> (opened image, its name for errors)."""
     s = os.fspath(src)
     if s.startswith(("http://", "https://")):
         try:
@@ -61,11 +64,13 @@ def _open_source(src, limit: int) -> Image.Image:
                 data = r.read()
         except OSError as e:
             raise ValueError(f"could not fetch image URL {s!r}: {e}") from e
-        return _open(data, s, limit)
-    if isinstance(src, Path) or os.path.isfile(s):
+        return _open(data, s, limit), s
+    if isinstance(src, Path) or os.path.isfile(s) or os.path.isdir(s):
+        if os.path.isdir(s):
+            raise ValueError(f"{s} is a folder, not an image file")
         if not os.path.isfile(s):
             raise ValueError(f"image file not found: {s}")
-        return _open(Path(s).read_bytes(), s, limit)
+        return _open(Path(s).read_bytes(), s, limit), s
     payload = s.split(",", 1)[1] if s.startswith("data:") else s
     try:
         data = base64.b64decode("".join(payload.split()), validate=True)
@@ -74,7 +79,8 @@ def _open_source(src, limit: int) -> Image.Image:
                          f"{s[:80]!r}") from e
     if not data:
         raise ValueError(f"image string is neither a file, an http(s) URL, nor base64 data: {s[:80]!r}")
-    return _open(data, "data URI" if s.startswith("data:") else "base64 string", limit)
+    name = "data URI" if s.startswith("data:") else "base64 string"
+    return _open(data, name, limit), name
 
 
 def _open(data: bytes, name: str, limit: int) -> Image.Image:
@@ -86,17 +92,35 @@ def _open(data: bytes, name: str, limit: int) -> Image.Image:
             im = Image.open(io.BytesIO(data))  # lazy: only the header is read here
     except Image.DecompressionBombError as e:
         raise ValueError(f"image {name} is too large (possible decompression bomb): {e}") from e
-    except UnidentifiedImageError as e:
+    except UnidentifiedImageError as e:  # its message shows the BytesIO object, not the image
         raise ValueError(f"unsupported or corrupt image format: {name}") from e
+    except Exception as e:  # decoders of damaged headers raise OSError, SyntaxError, struct.error, ...
+        raise ValueError(f"unsupported or corrupt image file: {name}{error_detail(e)}") from e
     w, h = im.size
     if w * h > limit:
         raise ValueError(f"image {name} is {w}x{h} = {w * h} pixels, over the limit of {limit} "
                          "(possible decompression bomb)")
     try:
         im.load()
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"truncated or corrupt image file: {name} ({e})") from e
+    except Exception as e:
+        raise ValueError(f"truncated or corrupt image file: {name}{error_detail(e)}") from e
     return im
+
+
+def error_detail(e: Exception) -> str:
+    """ " (the decoder's message)", without object reprs such as <_io.BytesIO object at 0x...>."""
+    msg = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e)).strip()
+    return f" ({msg})" if msg else ""
+
+
+def _decoded(im: Image.Image, name: str) -> torch.Tensor:
+    """An opened file's pixels as RGB, EXIF orientation applied; a decoder failure names the image."""
+    try:
+        return _pil_to_rgb(im, exif=True)
+    except ValueError as e:
+        raise ValueError(f"image {name}: {e}") from e
+    except Exception as e:
+        raise ValueError(f"truncated or corrupt image file: {name}{error_detail(e)}") from e
 
 
 def _pil_to_rgb(im: Image.Image, exif: bool = False) -> torch.Tensor:
