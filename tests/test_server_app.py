@@ -192,6 +192,28 @@ def test_error_schema(served):
     assert err["param"] == "messages[0].role"
 
 
+@pytest.mark.parametrize("value", [b"NaN", b"Infinity", b"-Infinity"])
+def test_error_non_finite_number(served, value):
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "x"}], "temperature": %s}' % (MODEL.encode(),
+                                                                                                   value)
+    err = _error(_post(served, body), 400)
+    assert err["param"] == "temperature" and "finite number" in err["message"]
+
+
+def test_the_server_takes_the_engines_roles():
+    from typing import get_args
+
+    from lfm2vl.processor.chat import ROLES
+    from lfm2vl.serve.schemas import Message
+
+    assert set(get_args(Message.model_fields["role"].annotation)) == set(ROLES)
+
+
+def test_error_image_that_is_no_image_names_no_object(served):
+    err = _error(_post(served, _user(image_part("data:image/png;base64,aGVsbG8gd29ybGQ="))), 400)
+    assert "could not be decoded" in err["message"] and " at 0x" not in err["message"]
+
+
 def test_error_n_via_openai_client(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=3)

@@ -24,11 +24,14 @@ DEFAULT_CONTEXT = 4096  # tokens per request (prompt + completion) unless --max-
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lfm2vl serve", description="OpenAI-compatible server for LFM2-VL models.")
+    from lfm2vl.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="lfm2vl serve", description="OpenAI-compatible server for LFM2-VL models.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default="LiquidAI/LFM2-VL-450M", help="local checkpoint folder or hub id")
     p.add_argument("--served-model-name", default=None,
                    help="the name clients use in 'model' (default: the folder name of --model)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--api-key", default=os.environ.get("LFM2VL_API_KEY") or None,
                    help="require `Authorization: Bearer KEY` on /v1/* (default: $LFM2VL_API_KEY if set and not "
@@ -64,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds allowed for a request's remote images, all of DNS, connect, TLS, redirects and body")
     m.add_argument("--allowed-media-dir", default=None,
                    help="allow local image paths (and file:// URLs), only inside this folder")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="server log detail")
     return p
 
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from lfm2vl.processor.io import error_detail
+
 from . import remote
 from .errors import APIError
 
@@ -89,7 +91,7 @@ def decode_image(data: bytes, policy: MediaPolicy, where: str) -> Image.Image:
         raise APIError(400, f"{where}: image is too large to decode ({e}).", param=where,
                        code="image_too_large") from None
     except Exception as e:  # decoders of damaged files raise many kinds (OSError, SyntaxError, struct.error, ...)
-        raise APIError(400, f"{where}: the image could not be decoded ({type(e).__name__}: {e}).",
+        raise APIError(400, f"{where}: the image could not be decoded{error_detail(e)}.",
                        param=where, code="invalid_image") from None
 
 

@@ -76,7 +76,7 @@ class StreamOptions(_Strict):
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # NaN / Infinity: "should be a finite number"
     model: str
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
