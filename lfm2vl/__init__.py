@@ -6,15 +6,10 @@
 
 Exports are resolved lazily so `import lfm2vl` (and the CLI's --help) stays fast.
 
-OpenMP workers sleep as soon as a torch parallel region ends (OMP_WAIT_POLICY=PASSIVE, unless the environment sets
-it): by default libgomp spins them for milliseconds, on the core where the native kernels' helper thread (kernels/
-pool.cpp) runs next, so each native attention after a torch GEMM ran 25-50% slower (vision -7..-17% with it).
-It takes effect only if torch is not imported yet: the `lfm2vl` command and `import lfm2vl` first get it.
+Importing lfm2vl changes nothing in the process's environment (os.environ), so programs it starts run as their
+users run them. The native kernels run their products on the OpenMP team of the runtime torch loaded
+(kernels/pool.cpp), so the order in which torch and lfm2vl are imported does not matter.
 """
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp, which reads it once
-
 __version__ = "0.1.0"
 
 _EXPORTS = {

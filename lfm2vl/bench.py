@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --int8 / --int4, keep the output head in the float dtype (default: quantized too)")
     ap.add_argument("--low-memory", action="store_true",
                     help="also run lfm2vl with low_memory=True (idle weights dropped from RSS; memory.py)")
+    ap.add_argument("--torch-first", action="store_true",
+                    help="also run lfm2vl in a process that imports torch before lfm2vl")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU lfm2vl runs its plain torch path)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile lfm2vl's static-shape decode step (CUDA graphs on a GPU; pair with "
@@ -129,12 +131,17 @@ def _folder(args) -> Path:
     return random_checkpoint(shape, folder, seed=args.seed)
 
 
+# Runs the worker with torch imported before lfm2vl (a program that imports torch itself first).
+TORCH_FIRST = "import sys, runpy, torch; runpy.run_module('lfm2vl.bench_worker', run_name='__main__')"
+
+
 def run_worker(spec: dict, timeout: float) -> dict:
-    """Run one engine in a fresh interpreter; returns its result dict or {"error": ...}."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
-    cmd = [sys.executable, "-m", "lfm2vl.bench_worker", json.dumps(spec)]
+    """Run one engine in a fresh interpreter with the user's environment unchanged (each engine as its users run
+    it; the worker sets the thread count through torch); returns its result dict or {"error": ...}."""
+    start = ["-c", TORCH_FIRST] if spec.get("torch_first") else ["-m", "lfm2vl.bench_worker"]
+    cmd = [sys.executable, *start, json.dumps(spec)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"engine": spec["engine"], "error": f"timed out after {timeout:.0f} s"}
     for line in proc.stdout.splitlines():
@@ -192,6 +199,9 @@ def main(argv=None) -> int:
     if "ours" in args.engines:
         runs.append((f"lfm2vl {short}", {**common, "engine": "ours", "optimize": not args.no_optimize,
                                           "compile": args.compile}))
+        if args.torch_first:
+            runs.append((f"lfm2vl {short} torch 1st", {**common, "engine": "ours", "optimize": not args.no_optimize,
+                                                        "torch_first": True}))
         if args.low_memory:
             runs.append((f"lfm2vl {short} low-mem", {**common, "engine": "ours",
                                                       "optimize": not args.no_optimize, "low_memory": True}))

@@ -47,13 +47,14 @@ def test_bench_smoke_table_and_json(tmp_path, capsys):
     cfg = _tiny_config(tmp_path / "tiny.json")
     out_json = tmp_path / "res.json"
     rc = bench.main(["--config", str(cfg), "--cache-dir", str(tmp_path / "cache"), "--reps", "1", "--warmup", "0",
-                     "--new-tokens", "2", "--scenarios", "text512,img512", "--int8", "--int4", "--low-memory",
+                     "--new-tokens", "2", "--scenarios", "text512,img512", "--int8", "--int4", "--low-memory", "--torch-first",
                      "--json", str(out_json)])
     out = capsys.readouterr().out
     payload = json.loads(out_json.read_text())
     assert rc == 0, out
     res = payload["results"]
-    engines = ("lfm2vl bf16", "lfm2vl bf16 low-mem", "lfm2vl int8", "lfm2vl int4", "transformers bf16")
+    engines = ("lfm2vl bf16", "lfm2vl bf16 torch 1st", "lfm2vl bf16 low-mem", "lfm2vl int8", "lfm2vl int4",
+               "transformers bf16")
     assert set(res) == {*engines, "int8 quality", "int4 quality"}
     for label in engines:
         r = res[label]
@@ -90,3 +91,39 @@ def test_unusable_device_is_a_clear_error(capsys):
         with pytest.raises(SystemExit):
             bench.main(["--device", device])
         assert f"--device '{device}'" in capsys.readouterr().err
+
+
+def _captured_env(monkeypatch, module, call):
+    """The `env` a subprocess.run call inside `call()` was given (None: the parent's environment, unchanged)."""
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen["env"] = kwargs.get("env")
+        raise SystemExit("stop here")
+
+    monkeypatch.setattr(module.subprocess, "run", fake_run)
+    with pytest.raises(SystemExit):
+        call()
+    return seen
+
+
+def test_other_engines_start_with_the_users_environment(monkeypatch):
+    import os
+
+    import lfm2vl.engine  # noqa: F401  (whatever importing lfm2vl does has happened)
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    seen = _captured_env(monkeypatch, bench, lambda: bench.run_worker({"engine": "transformers", "threads": 2}, 10))
+    assert seen == {"env": None} and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_llama_cpp_starts_with_the_users_environment(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_vs_llamacpp.py"
+    spec = importlib.util.spec_from_file_location("bench_vs_llamacpp", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen = _captured_env(monkeypatch, script, lambda: script.llama("llama-bench", "m.gguf", 8, 2))
+    assert seen == {"env": None}
