@@ -6,9 +6,8 @@
 
 Exports are resolved lazily so `import lfm2vl` (and the CLI's --help) stays fast.
 
-Importing lfm2vl changes nothing in the process's environment (os.environ), so programs it starts run as their
-users run them. The native kernels run their products on the OpenMP team of the runtime torch loaded
-(kernels/pool.cpp), so the order in which torch and lfm2vl are imported does not matter.
+Importing lfm2vl changes nothing in the process's environment (os.environ): programs it starts run as their users
+run them, and it runs the same whether torch or lfm2vl is imported first.
 """
 __version__ = "0.1.0"
 

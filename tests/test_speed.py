@@ -150,32 +150,3 @@ def test_using_lfm2vl_leaves_the_environment_as_it_found_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.stdout.strip().splitlines()[-1] == "[true, null]", out.stderr[-2000:]
-
-
-def test_native_products_run_on_torchs_openmp_team():
-    """With torch's OpenMP runtime loaded, the kernels' products run as its parallel regions (whose threads spin
-    for the next region after torch's own ops, instead of holding the cores a second pool would need)."""
-    from lfm2vl import kernels
-
-    assert kernels.uses_openmp()
-
-
-def test_both_thread_pools_give_identical_products():
-    """LFM2VL_POOL=own (the kernels' own helper threads) splits the work into the same chunks: bit-equal results."""
-    import subprocess
-    import sys
-
-    code = ("import torch, lfm2vl.kernels as k; g = torch.Generator().manual_seed(0)\n"
-            "x = torch.randn(3, 512, generator=g).bfloat16(); w = torch.randn(1536, 512, generator=g).bfloat16()\n"
-            "q = torch.randn(1, 4, 96, 64, generator=g).bfloat16(); kv = torch.randn(1, 2, 96, 64, generator=g)\n"
-            "y = torch.cat([k.linear(x, w).flatten().float(), k.attn_many(q, kv.bfloat16(), kv.bfloat16()).flatten()"
-            ".float()])\n"
-            "print(k.uses_openmp(), y.double().sum().item(), y.abs().double().sum().item())")
-    outs = {}
-    for mode in ("", "own"):
-        env = {**os.environ, "LFM2VL_POOL": mode}
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        outs[mode] = out.stdout.split()
-    assert outs[""][0] == "True" and outs["own"][0] == "False"
-    assert outs[""][1:] == outs["own"][1:]

@@ -109,19 +109,11 @@ def _load():
     lib.lfm2vl_quantize.restype = None
     lib.lfm2vl_decode_step.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i]
     lib.lfm2vl_decode_step.restype = None
-    lib.pool_uses_openmp.restype = ctypes.c_int
     lib.lfm2vl_isa.restype = ctypes.c_int
     lib.lfm2vl_cpu_isa.restype = ctypes.c_int
     lib.lfm2vl_set_isa.argtypes = [ctypes.c_int]
     _lib = lib
     return _lib
-
-
-def uses_openmp() -> bool:
-    """True when the kernels' products run on the OpenMP team of the runtime torch loaded (pool.cpp), False on the
-    kernels' own helper threads (no OpenMP runtime loaded, or LFM2VL_POOL=own)."""
-    lib = _load()
-    return bool(lib is not None and lib.pool_uses_openmp())
 
 
 def available() -> bool:

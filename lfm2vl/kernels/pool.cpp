@@ -4,10 +4,6 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-#include <dlfcn.h>
-#include <stdlib.h>
-#include <string.h>
-
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -79,53 +75,8 @@ static void ensure_helpers(int n) {
 }
 }  // namespace pool_detail
 
-// The OpenMP runtime torch already loaded (libgomp on Linux wheels; LLVM's and Intel's export the same entry),
-// found without linking to it. When there is one, products run as a parallel region of its team: the threads that
-// just ran torch's ops wait for their next region by spinning, so they take this one at once, instead of holding
-// the cores that the pool's own helpers would need (which cost a native call after a torch op 25-50%).
-namespace omp_team {
-typedef void (*gomp_parallel_fn)(void (*)(void*), void*, unsigned, unsigned);
-static gomp_parallel_fn parallel = nullptr;
-static std::once_flag found;
-
-static void find() {
-    const char* mode = getenv("LFM2VL_POOL");
-    if (mode && strcmp(mode, "own") == 0) return;  // the pool's own helper threads (A/B comparisons)
-    for (const char* name : {"libgomp.so.1", "libomp.so", "libiomp5.so"}) {
-        void* h = dlopen(name, RTLD_LAZY | RTLD_NOLOAD);  // only a runtime that is already loaded
-        if (h) {
-            parallel = (gomp_parallel_fn)dlsym(h, "GOMP_parallel");
-            if (parallel) return;
-        }
-    }
-}
-
-struct Region {
-    pool_fn fn;
-    const void* ctx;
-    int64_t chunks;
-    std::atomic<int64_t> next{0};
-};
-
-static void member(void* p) {  // every thread of the team, the caller included, claims chunks until none is left
-    Region* r = (Region*)p;
-    for (int64_t i; (i = r->next.fetch_add(1, std::memory_order_relaxed)) < r->chunks;) r->fn(r->ctx, i);
-}
-}  // namespace omp_team
-
-int pool_uses_openmp() {
-    std::call_once(omp_team::found, omp_team::find);
-    return omp_team::parallel != nullptr;
-}
-
 void pool_run(pool_fn fn, const void* ctx, int64_t chunks, int threads) {
     using namespace pool_detail;
-    if (threads > 1 && chunks > 1 && pool_uses_openmp()) {
-        omp_team::Region r;
-        r.fn = fn, r.ctx = ctx, r.chunks = chunks;
-        omp_team::parallel(omp_team::member, &r, (unsigned)(threads < chunks ? threads : chunks), 0);
-        return;
-    }
     bool expected = false;
     if (threads <= 1 || chunks <= 1 || !busy.compare_exchange_strong(expected, true)) {
         for (int64_t i = 0; i < chunks; i++) fn(ctx, i);

@@ -12,6 +12,3 @@
 typedef void (*pool_fn)(const void* ctx, int64_t chunk);
 
 void pool_run(pool_fn fn, const void* ctx, int64_t chunks, int threads);
-
-// 1 when products run on the OpenMP runtime's team (see pool.cpp), 0 on the pool's own helper threads.
-extern "C" int pool_uses_openmp();
