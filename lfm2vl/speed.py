@@ -12,8 +12,9 @@ Module swaps that keep parameters, state_dict keys and results (within float rou
 - `Attention` -> `FastAttention`: a decode step attends over the filled prefix of the static cache only
   (one host read of the lengths, free on CPU), not all max_seq_len slots behind a mask, with the native
   one-query kernel `kernels.attn_decode` (fp32 math on the GEMV pool's threads) instead of torch's SDPA; a bf16
-  prefill chunk runs `kernels.attn_many` (causal over each row's prefix, torch flash's rounding points): torch's
-  flash kernel reaches ~180 GFLOP/s there and, given the cache's mask, also computes the masked keys;
+  prefill chunk runs `kernels.attn_many` (causal over each row's prefix, torch flash's rounding points) where it
+  beats torch (`kernels.attention_wins`: CPUs without AMX, whose flash kernel, given the cache's mask, also
+  computes the masked keys);
 - `MLP` -> `FastMLP` and `RMSNorm` -> `FastRMSNorm`: SwiGLU and the norms as one native pass each for bf16
   inference (`kernels.swiglu` / `kernels.rmsnorm`, torch's roundings), where torch runs 2 and ~8 ops.
 Nothing here runs on other devices: a CUDA model is returned unchanged.
@@ -95,7 +96,8 @@ class FastAttention(Attention):
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
                 return self.out_proj(o.transpose(1, 2).reshape(B, T, self.H * self.Dh))
         o = None
-        if (cache is not None or mask is None) and kernels.serves(x) and k.dtype == x.dtype:
+        native = kernels.serves(x) and k.dtype == x.dtype and kernels.attention_wins()
+        if native and (cache is not None or mask is None):
             # the mask is causal over each row's prefix (a CacheView's, or none): prefill natively
             o = kernels.attn_many(q, k, v, None if cache is None else (cache.start_pos + T).tolist(), causal=True)
         if o is None:

@@ -150,3 +150,21 @@ def test_using_lfm2vl_leaves_the_environment_as_it_found_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.stdout.strip().splitlines()[-1] == "[true, null]", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_bf16_attention_over_many_queries_is_native_only_without_amx(monkeypatch, amx):
+    """attn_many's AVX512-BF16 products lose to oneDNN's AMX tiles: with AMX-BF16 the vision tower and the prefill
+    keep torch's SDPA; without it they take the native kernel (where the CPU runs it)."""
+    from lfm2vl import kernels
+
+    calls = []
+    native = kernels.attn_many
+    monkeypatch.setattr(kernels, "amx", lambda: amx)
+    monkeypatch.setattr(kernels, "attn_many", lambda *a, **k: calls.append(1) or native(*a, **k))
+    model = optimize_for_cpu(tiny_model(torch.bfloat16))
+    run_cached(model, [list(range(5, 25))], steps=0)
+    with torch.inference_mode():
+        model.model.vision_tower(torch.randn(1, 16, 3 * 16 * 16).bfloat16(), torch.ones(1, 16, dtype=torch.int32),
+                                 torch.tensor([[4, 4]]))
+    assert len(calls) == (0 if amx or kernels.isa() < 3 else 3)  # 2 attention layers, 1 vision layer

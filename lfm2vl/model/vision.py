@@ -10,7 +10,7 @@ Notable features:
   over (n, H, L, Dh). Nothing crosses units except inside attention, so this equals transformers'
   padded, key-masked computation (masked keys get exactly zero weight) up to float rounding.
 - on CPU the linears run through oneDNN with bias, GELU and residual add fused (`fast_linear`), and bf16 attention
-  through the native `kernels.attn_many` (AVX512-BF16; torch's SDPA otherwise).
+  through the native `kernels.attn_many` where it beats torch's SDPA (AVX512-BF16 CPUs without AMX).
 - only `num_layers_used` encoder layers are built (`vision_feature_layer`, SPEC §1.2); post_layernorm still applies.
 - the 16x16 position grid is resized per unit with bilinear + antialias (align_corners=False) in float32, and the
   resized grids are cached per (h, w, dtype, device) until the table's weights change.
@@ -122,7 +122,7 @@ class Attention(nn.Module):
         shape = (n, x.shape[0] // n, self.num_heads, self.head_dim)
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # (n, H, L, Dh)
         o = None
-        if kernels.serves(x):  # 2.2-2.4x torch's flash kernel at the tower's shapes (attn_many.cpp)
+        if kernels.serves(x) and kernels.attention_wins():  # without AMX: 2.2-2.4x torch's flash kernel here
             o = kernels.attn_many(q, k, v)
         if o is None:
             o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # scale Dh^-0.5 as in SigLIP2
