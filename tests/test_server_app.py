@@ -2,6 +2,7 @@
 SSE framing and every error path. The end-to-end proof on a real checkpoint is tests/test_server.py."""
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
 import json
 import time
@@ -58,8 +59,9 @@ def test_plain_answer_usage_and_image(served, client):
     req = served.engine.prepare(prepared["messages"], **{k: v for k, v in prepared.items() if k != "messages"})
     assert r.choices[0].message.content == _gen(served).expected(req)
     assert r.choices[0].finish_reason == "length" and r.choices[0].message.role == "assistant"
-    assert r.usage.prompt_tokens == len(req.prompt_ids) and r.usage.completion_tokens == 12
+    assert r.usage.prompt_tokens == len(req.input_ids) and r.usage.completion_tokens == 12
     assert r.usage.total_tokens == r.usage.prompt_tokens + 12
+    assert r.usage.prompt_tokens_details.cached_tokens == 0  # the usage is the Result's, reused tokens included
 
 
 def test_stream_framing_equals_plain(served, client):
@@ -175,6 +177,8 @@ def test_error_invalid_json(served):
 def test_error_schema(served):
     err = _error(_post(served, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 9}), 400)
     assert err["param"] == "temperature" and "2" in err["message"]
+    err = _error(_post(served, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_p": 1.5}), 400)
+    assert err["param"] == "top_p"
     err = _error(_post(served, {"model": MODEL, "messages": []}), 400)
     assert err["param"] == "messages"
     err = _error(_post(served, {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "video"}]}]}), 400)
@@ -225,6 +229,10 @@ def test_error_undecodable_image(served):
     bad = image_part("data:image/png;base64," + "iVBORw0KGgoAAAANSUhEUg" + "A" * 40)
     err = _error(_post(served, _user({"type": "text", "text": "a"}, good, bad)), 400)
     assert err["param"] == "messages[0].content[2]" and "messages[0].content[2]" in err["message"]
+    jpeg = base64.b64decode(image_data_url(64, 64, "JPEG").split(",")[1])
+    truncated = image_part("data:image/jpeg;base64," + base64.b64encode(jpeg[:200]).decode())
+    err = _error(_post(served, _user({"type": "text", "text": "a"}, good, truncated)), 400)
+    assert err["param"] == "messages[0].content[2]" and "could not be decoded" in err["message"]
     err = _error(_post(served, _user(image_part("data:image/png;base64,@@@not base64@@@"))), 400)
     assert err["param"] == "messages[0].content[0]"
     err = _error(_post(served, _user(image_part("data:text/plain;base64,aGVsbG8="))), 400)
@@ -311,7 +319,7 @@ class _FlakyGenerator(FakeBatchGenerator):
     """Raises inside step() while a request whose prompt contains BOOM is running (a model failure)."""
 
     def step(self):
-        if any("BOOM" in "".join(map(chr, r.req.prompt_ids)) for r in [*self.running.values(), *self.waiting]):
+        if any("BOOM" in "".join(map(chr, r.req.input_ids)) for r in [*self.running.values(), *self.waiting]):
             raise RuntimeError("simulated kernel failure")
         return super().step()
 

@@ -74,7 +74,7 @@ class Event:
     request has its finish_reason and the whole Result."""
 
     rid: int
-    token_id: int | None
+    token_id: int
     text: str
     finish_reason: str | None = None
     logprob: float | None = None

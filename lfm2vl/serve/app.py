@@ -19,6 +19,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -28,8 +29,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import translate
 from .errors import APIError, install_handlers
 from .media import FetchPool, MediaPolicy
-from .scheduler import Scheduler, SchedulerError
+from .scheduler import Scheduler, SchedulerError, Ticket
 from .schemas import ChatCompletion, ChatCompletionRequest
+
+if TYPE_CHECKING:  # annotations only: the caller brings the engine, whose modules load with the model
+    from lfm2vl.engine import Engine
+    from lfm2vl.generate.request import Event, Request as EngineRequest, Result
 
 log = logging.getLogger("lfm2vl.serve")
 
@@ -47,20 +52,7 @@ class ServerSettings:
     media: MediaPolicy = field(default_factory=MediaPolicy)
 
 
-def prompt_length(request) -> int:
-    """Number of prompt tokens of an engine Request (the engine's field name, with fallbacks)."""
-    for name in ("prompt_tokens", "prompt_len", "num_prompt_tokens"):
-        value = getattr(request, name, None)
-        if isinstance(value, int):
-            return value
-    for name in ("prompt_ids", "input_ids", "ids", "token_ids"):
-        value = getattr(request, name, None)
-        if value is not None:
-            return int(value.shape[-1]) if hasattr(value, "shape") else len(value)
-    raise TypeError(f"cannot find the prompt length of {type(request).__name__}")
-
-
-def create_app(engine, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
+def create_app(engine: Engine, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:
     fetcher = FetchPool(settings.media)
 
     @asynccontextmanager
@@ -103,7 +95,7 @@ def create_app(engine, scheduler: Scheduler, settings: ServerSettings) -> FastAP
                            param="model", code="model_not_found")
         translate.check_image_count(body, settings.max_images)  # before anything is fetched
         fetched = await fetcher.fetch_all(translate.remote_images(body))
-        req, n_prompt = await run_in_threadpool(_prepare, engine, body, settings, fetched)
+        req = await run_in_threadpool(_prepare, engine, body, settings, fetched)
         try:
             ticket = scheduler.submit(req)
         except SchedulerError as e:
@@ -112,15 +104,16 @@ def create_app(engine, scheduler: Scheduler, settings: ServerSettings) -> FastAP
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(engine, scheduler, ticket, cid, created, body.model, n_prompt, include_usage),
+            return StreamingResponse(_sse(engine, scheduler, ticket, cid, created, body.model, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _collect(engine, scheduler, ticket, request, cid, created, body.model, n_prompt)
+        return await _collect(engine, scheduler, ticket, request, cid, created, body.model)
 
     return app
 
 
-def _prepare(engine, body: ChatCompletionRequest, settings: ServerSettings, fetched: dict | None = None):
+def _prepare(engine: Engine, body: ChatCompletionRequest, settings: ServerSettings,
+             fetched: dict | None = None) -> EngineRequest:
     """Decode images (remote ones `fetched` beforehand), let the engine build the Request, and check it fits the
     context. Runs in a worker thread."""
     translate.check_image_budget(body, settings.max_image_tokens)
@@ -132,7 +125,7 @@ def _prepare(engine, body: ChatCompletionRequest, settings: ServerSettings, fetc
     except ValueError as e:  # the engine's own checks (e.g. the model's context): its message names the values
         code = "context_length_exceeded" if "context" in str(e) else None
         raise APIError(400, str(e)[:1].upper() + str(e)[1:], param="messages", code=code) from None
-    n_prompt, ctx = prompt_length(req), settings.context_len
+    n_prompt, ctx = len(req.input_ids), settings.context_len
     if n_prompt >= ctx:
         raise APIError(400, f"The prompt has {n_prompt} tokens, but this server's context holds {ctx} tokens "
                             "(prompt and completion together); shorten the messages or use fewer/smaller images.",
@@ -144,30 +137,24 @@ def _prepare(engine, body: ChatCompletionRequest, settings: ServerSettings, fetc
                             f"{room}.", code="context_length_exceeded",
                        param="max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
     if opts["max_new_tokens"] > room:  # the server default does not fit: shrink it to the room left
-        opts["max_new_tokens"] = room
-        if dataclasses.is_dataclass(req) and any(f.name == "max_new_tokens" for f in dataclasses.fields(req)):
-            req = dataclasses.replace(req, max_new_tokens=room)
-        else:
-            req = engine.prepare(messages, context=settings.context_len, **opts)
-    return req, n_prompt
+        req = dataclasses.replace(req, max_new_tokens=room)
+    return req
 
 
-def _token_text(engine):
-    tokenizer = getattr(engine, "tokenizer", None)
-    if tokenizer is None:
-        return lambda tid: ""
-    return lambda tid: tokenizer.decode([tid])
+def _token_text(engine: Engine):
+    return lambda tid: engine.tokenizer.decode([tid])
 
 
-def _usage(last_event, n_prompt: int, n_out: int) -> dict:
-    """Usage from the finished request's Result when the generator attaches one (with reused prompt tokens)."""
-    result = getattr(last_event, "result", None)
-    if result is None:
-        return translate.usage(n_prompt, n_out)
-    return translate.usage(result.prompt_tokens, result.completion_tokens, getattr(result, "cached_tokens", None))
+def _usage(result: Result) -> dict:
+    """Usage from the finished request's Result (with the prompt tokens whose cache was reused)."""
+    return translate.usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
 
 
-def _raise_for(item) -> None:
+def _logprob_entry(event: Event, token_text) -> dict:
+    return translate.logprob_entry(event.token_id, event.logprob, event.top_logprobs, token_text)
+
+
+def _raise_for(item: Event | Exception) -> None:
     if isinstance(item, ValueError):
         raise APIError(400, str(item), param="messages")
     if isinstance(item, Exception):
@@ -176,8 +163,8 @@ def _raise_for(item) -> None:
                        type="server_error")
 
 
-async def _collect(engine, scheduler: Scheduler, ticket, request: Request, cid, created, model, n_prompt):
-    pieces, n_out, logprobs = [], 0, []
+async def _collect(engine: Engine, scheduler: Scheduler, ticket: Ticket, request: Request, cid, created, model):
+    pieces, logprobs = [], []
     token_text = _token_text(engine)
     next_check, getter = time.monotonic() + 0.25, None
     try:
@@ -194,15 +181,12 @@ async def _collect(engine, scheduler: Scheduler, ticket, request: Request, cid, 
                 continue
             item, getter = getter.result(), None
             _raise_for(item)
-            if item.token_id is not None:
-                n_out += 1
-            pieces.append(item.text or "")
-            if item.logprob is not None and item.token_id is not None:
-                logprobs.append(translate.logprob_entry(item.token_id, float(item.logprob),
-                                                        getattr(item, "top_logprobs", None), token_text))
+            pieces.append(item.text)
+            if item.logprob is not None:
+                logprobs.append(_logprob_entry(item, token_text))
             if item.finish_reason is not None:
                 return translate.completion(cid, created, model, "".join(pieces), item.finish_reason,
-                                            _usage(item, n_prompt, n_out), logprobs or None)
+                                            _usage(item.result), logprobs or None)
     finally:
         if getter is not None:
             getter.cancel()
@@ -213,8 +197,8 @@ def _sse_line(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
 
 
-async def _sse(engine, scheduler: Scheduler, ticket, cid, created, model, n_prompt, include_usage):
-    n_out, pending_lp = 0, []  # logprobs of tokens whose text is held back ride on the next chunk
+async def _sse(engine: Engine, scheduler: Scheduler, ticket: Ticket, cid, created, model, include_usage):
+    pending_lp = []  # logprobs of tokens whose text is held back ride on the next chunk
     token_text = _token_text(engine)
     try:
         yield _sse_line(translate.chunk(cid, created, model, {"role": "assistant", "content": ""},
@@ -226,11 +210,8 @@ async def _sse(engine, scheduler: Scheduler, ticket, cid, created, model, n_prom
             except APIError as e:
                 yield _sse_line(e.body())
                 return
-            if item.token_id is not None:
-                n_out += 1
-            if item.logprob is not None and item.token_id is not None:
-                pending_lp.append(translate.logprob_entry(item.token_id, float(item.logprob),
-                                                          getattr(item, "top_logprobs", None), token_text))
+            if item.logprob is not None:
+                pending_lp.append(_logprob_entry(item, token_text))
             if item.text:
                 yield _sse_line(translate.chunk(cid, created, model, {"content": item.text},
                                                 with_usage_field=include_usage, logprobs=pending_lp or None))
@@ -239,7 +220,7 @@ async def _sse(engine, scheduler: Scheduler, ticket, cid, created, model, n_prom
                 yield _sse_line(translate.chunk(cid, created, model, {}, item.finish_reason,
                                                 with_usage_field=include_usage, logprobs=pending_lp or None))
                 if include_usage:
-                    yield _sse_line(translate.chunk(cid, created, model, None, use=_usage(item, n_prompt, n_out)))
+                    yield _sse_line(translate.chunk(cid, created, model, None, use=_usage(item.result)))
                 yield b"data: [DONE]\n\n"
                 return
     finally:  # also runs when Starlette cancels the stream because the client disconnected

@@ -15,9 +15,14 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from lfm2vl.memory import trim_heap
+
+if TYPE_CHECKING:  # annotations only: the caller brings the engine, whose modules load with the model
+    from lfm2vl.engine import Engine
+    from lfm2vl.generate.batch import BatchGenerator
+    from lfm2vl.generate.request import Event, Request
 
 log = logging.getLogger("lfm2vl.serve")
 
@@ -30,29 +35,29 @@ class SchedulerError(RuntimeError):
 class Ticket:
     """One submitted request as the HTTP side sees it: events arrive on `events` (Event, or SchedulerError)."""
 
-    request: Any
+    request: Request | None  # None once the generator holds it
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    rid: Any = None
+    events: asyncio.Queue[Event | Exception] = field(default_factory=asyncio.Queue)
+    rid: int | None = None
     done: bool = False
     cancelled: bool = False
 
 
-def _default_generator(engine, **kw):
+def _default_generator(engine: Engine, **kw) -> BatchGenerator:
     from lfm2vl.generate.batch import BatchGenerator
 
     return BatchGenerator(engine, **kw)
 
 
 class Scheduler:
-    def __init__(self, engine, *, max_batch: int = 16, max_seq_len: int | None = None, prefill_chunk: int = 512,
-                 make_generator: Callable | None = None):
+    def __init__(self, engine: Engine, *, max_batch: int = 16, max_seq_len: int | None = None,
+                 prefill_chunk: int = 512, make_generator: Callable[..., BatchGenerator] | None = None):
         make = make_generator or _default_generator
         self._make = lambda: make(engine, max_batch=max_batch, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk)
         self.gen = self._make()
         self.max_batch = max_batch
         self._inbox: queue.Queue = queue.Queue()
-        self._tickets: dict[Any, Ticket] = {}
+        self._tickets: dict[int, Ticket] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lfm2vl-scheduler", daemon=True)
         self.steps = 0
@@ -67,7 +72,7 @@ class Scheduler:
         self._inbox.put(("wake", None))
         self._thread.join(timeout)
 
-    def submit(self, request) -> Ticket:
+    def submit(self, request: Request) -> Ticket:
         if self._stop.is_set():
             raise SchedulerError("the server is shutting down")
         ticket = Ticket(request=request, loop=asyncio.get_running_loop())
@@ -146,7 +151,7 @@ class Scheduler:
                 del self._tickets[ticket.rid]
                 self.gen.cancel(ticket.rid)
 
-    def _dispatch(self, ev) -> None:
+    def _dispatch(self, ev: Event) -> None:
         ticket = self._tickets.get(ev.rid)
         if ticket is None:
             return  # cancelled between steps
@@ -166,7 +171,7 @@ class Scheduler:
         self._tickets.clear()
 
     @staticmethod
-    def _send(ticket: Ticket, item) -> None:
+    def _send(ticket: Ticket, item: Event | Exception) -> None:
         try:
             ticket.loop.call_soon_threadsafe(ticket.events.put_nowait, item)
         except RuntimeError:
