@@ -20,7 +20,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "LFM2-VL-450M"
 ORACLE_DIGESTS = Path(__file__).parent / "data" / "processor_oracle.json"
 LFM25_TEMPLATE = Path(__file__).parent / "fixtures" / "lfm25_chat_template.jinja"
 
-# LFM2.5-VL-style settings (processor_config.json["image_processor"], SPEC §6).
+# LFM2.5-VL-style settings (processor_config.json["image_processor"]).
 V25_IMAGE_PROCESSOR = {
     "image_processor_type": "Lfm2VlImageProcessor", "do_image_splitting": True, "min_tiles": 2, "max_tiles": 10,
     "use_thumbnail": True, "min_image_tokens": 64, "max_image_tokens": 256, "encoder_patch_size": 16,
@@ -180,7 +180,7 @@ def call_cases() -> list[dict]:
         if _fits(c):
             cases.append(c)
 
-    # SPEC §6.2 worked examples and edge sizes, default knobs, both checkpoints.
+    # Worked examples (test_processor.py) and edge sizes, default knobs, both checkpoints.
     named = [(384, 256), (256, 384), (512, 512), (1000, 3000), (3000, 1000), (1024, 768), (800, 1200), (64, 64),
              (1, 1), (10, 4000), (4000, 10), (4000, 100), (100, 4000), (3000, 3000), (4000, 3000), (3000, 4000),
              (2, 3), (31, 33), (400, 720), (720, 400), (1920, 1080), (640, 640), (752, 688), (1536, 1536)]

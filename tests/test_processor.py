@@ -1,4 +1,4 @@
-"""lfm2vl.Processor: size rules, token counts (SPEC §6.2 table), the min_tiles=1 fix, knobs, errors, padding,
+"""lfm2vl.Processor: size rules, token counts (worked examples), the min_tiles=1 fix, knobs, errors, padding,
 loading from folders and the hub cache. Parity with transformers is in test_processor_parity.py."""
 from __future__ import annotations
 
@@ -32,13 +32,13 @@ def test_round_by_factor_is_bankers():
     assert smart_resize(256, 384, 32, 64 * 1024, 256 * 1024) == (256, 384)
 
 
-# SPEC §6.2: (W, H) -> (image tokens, total ids of the expansion), LFM2.5 defaults.
-SPEC_TABLE = [((384, 256), 96, 98), ((256, 384), 96, 98), ((512, 512), 256, 258), ((1000, 3000), 1011, 1017),
+# Worked examples: (W, H) -> (image tokens, total ids of the expansion), LFM2.5 defaults.
+WORKED_EXAMPLES = [((384, 256), 96, 98), ((256, 384), 96, 98), ((512, 512), 256, 258), ((1000, 3000), 1011, 1017),
               ((3000, 1000), 1011, 1017), ((1024, 768), 1770, 1779), ((800, 1200), 1783, 1792), ((64, 64), 64, 66)]
 
 
-@pytest.mark.parametrize("size,n_img,n_total", SPEC_TABLE)
-def test_spec_worked_examples(proc, size, n_img, n_total):
+@pytest.mark.parametrize("size,n_img,n_total", WORKED_EXAMPLES)
+def test_worked_examples(proc, size, n_img, n_total):
     assert proc.num_image_tokens(*size) == n_img
     assert proc.num_image_tokens(*size, include_markers=True) == n_total
     ids = proc(text="<image>", images=[np.zeros((size[1], size[0], 3), np.uint8)])["input_ids"]
@@ -62,7 +62,7 @@ def test_grid_choice():
 
 
 def test_min_tiles_1_fix(proc):
-    """SPEC §6.2: 752x688 with min_tiles=1 is 'too large' yet gets a 1x1 grid, i.e. one 512x512 tile (256
+    """752x688 with min_tiles=1 is 'too large' yet gets a 1x1 grid, i.e. one 512x512 tile (256
     features). transformers expands it to 240 placeholders (smart_resize's 480x512), so its own model fails;
     we count the unit we produce. The committed oracle digests show the reference's inconsistency."""
     out = proc(text="<image>", images=[np.zeros((688, 752, 3), np.uint8)], min_tiles=1)
@@ -227,7 +227,8 @@ def test_hub_id_from_cache_and_offline_error(tmp_path, monkeypatch):
 
 
 def test_plan_matches_reference_formula_on_a_grid():
-    """Brute-force the size rules against a literal transcription of SPEC §6 on many sizes (no images needed)."""
+    """Brute-force the size rules against a literal transcription of transformers' formulas on many sizes (no images
+    needed)."""
     o = ImageOptions()
     for w in range(1, 3000, 37):
         for h in (1, 7, 100, 333, 512, 700, 1024, 2999):

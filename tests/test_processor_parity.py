@@ -7,7 +7,7 @@ the two must exist: nothing is skipped.
 
 Compared per case: input_ids, attention_mask, pixel_attention_mask, spatial_shapes (exact) and pixel_values (as
 uint8 levels, each value within 1e-6 of its level). The only allowed difference is the documented min_tiles=1 fix
-(SPEC §6.2): there the reference's placeholder count disagrees with its own units, and ours agrees.
+(processor/tokens.py): there the reference's placeholder count disagrees with its own units, and ours agrees.
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def _run_ours(proc: Processor, case: dict, workdir: Path) -> tuple[dict, list[st
 
 
 def _one_by_one_grid(proc: Processor, images, knobs) -> bool:
-    """Whether an image takes the min_tiles=1 path of SPEC §6.2 (a 'too large' image given a 1x1 grid)."""
+    """Whether an image takes the min_tiles=1 path (a 'too large' image given a 1x1 grid)."""
     from lfm2vl.processor.io import load_image
     for group in images:
         for im in group:
@@ -161,7 +161,8 @@ def test_parity(case, expected, processors, workdir):
 
 
 def test_case_coverage():
-    """The case list covers what the issue asks for."""
+    """The case list covers extreme sizes, every image knob (both values of the switches), multi-image groups,
+    batches of texts, and chats with a system prompt and several user turns."""
     calls = [c for c in CASES if c["kind"] == "call"]
     sizes = {(s["w"], s["h"]) for c in CASES for g in c["images"] for s in g}
     assert {(1, 1), (10, 4000), (3000, 3000), (4000, 3000)} <= sizes
