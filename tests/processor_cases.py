@@ -2,8 +2,9 @@
 
 Only numpy, PIL and lfm2vl's pure layout code are used here, so both environments build byte-identical inputs:
 images are integer-only functions of a seed (gradients, shapes, noise), so no float or BLAS differences can creep
-in. Each case: prompts, per-prompt image specs, per-call knobs, and which checkpoint settings ("v25": LFM2.5
-defaults, use_thumbnail true; "v1": the LFM2-VL-450M fixture, use_thumbnail false). Chat cases also carry messages.
+in. Each case: prompts, per-prompt image specs, per-call knobs (other call arguments under "call"), and which
+checkpoint settings ("v25": LFM2.5 defaults, use_thumbnail true; "v1": the LFM2-VL-450M fixture, use_thumbnail
+false). Chat cases also carry messages.
 """
 from __future__ import annotations
 
@@ -237,6 +238,19 @@ def call_cases() -> list[dict]:
     for (w, h) in [(400, 300), (1600, 900)]:
         add([[_img(w, h, 320)]], tag="nospecial")
         cases[-1]["call"] = {"use_image_special_tokens": False}
+    # transformers' text arguments: padding, truncation, max_length, return_tensors (the reference is called with
+    # padding=True and return_tensors="pt" unless a case says otherwise).
+    unequal = [[_img(64, 64, 330)], [_img(64, 64, 331)]], ["<image>Short.", "<image>A longer second prompt here."]
+    equal = [[_img(64, 64, 332)], [_img(64, 64, 333)]], ["<image>Same.", "<image>Same."]  # equal lengths
+    for call in ({"padding": "longest"}, {"padding": False}, {"padding": "max_length", "max_length": 160},
+                 {"padding": True, "truncation": False}, {"return_tensors": "np"}):
+        add(*unequal, tag="textargs")
+        cases[-1]["call"] = call
+    for call in ({"padding": False}, {"padding": "do_not_pad", "truncation": None}):
+        add(*equal, tag="textargs")
+        cases[-1]["call"] = call
+    add([[_img(300, 200, 334)]], tag="textargs")
+    cases[-1]["call"] = {"padding": False}
     return cases
 
 
