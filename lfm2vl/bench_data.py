@@ -1,9 +1,9 @@
 """Inputs for `lfm2vl bench`: random-weight checkpoints at the published shapes, a small tokenizer, test images.
 
 - `random_checkpoint(shape, folder)`: config from lfm2vl/bench_configs/<shape>.json (450M is the published file;
-  1.6B and 3B follow SPEC §1's tables), random bf16 weights saved as model.safetensors under the checkpoint's
-  own key names, processor files, and a byte-level BPE tokenizer.json (vocab 1024) whose special tokens sit at
-  LFM2-VL's real ids. Random weights: timings are those of the real shapes; generated text is meaningless.
+  1.6B and 3B follow the published models' dimensions), random bf16 weights saved as model.safetensors under the
+  checkpoint's own key names, processor files, and a byte-level BPE tokenizer.json (vocab 1024) whose special tokens
+  sit at LFM2-VL's real ids. Random weights: timings are those of the real shapes; generated text is meaningless.
 - `scenario_inputs(processor, name)`: the prompts the benchmark times (text-only 512 tokens, one 512x512 image,
   one 1024x768 image tiled + thumbnail, two images), built with lfm2vl's processor.
 """
@@ -124,7 +124,7 @@ def scenario_inputs(processor, name: str, image_knobs: dict | None = None) -> tu
         images = [test_image(w, h, i) for i, (w, h) in enumerate(sizes)]
         msgs = [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": question}]}]
         if name == "img1024x768":
-            knobs["use_thumbnail"] = True  # the issue's scenario: tiles plus a thumbnail
+            knobs["use_thumbnail"] = True  # the tiled scenario: tiles plus a thumbnail
         knobs.update(image_knobs or {})
     else:
         raise ValueError(f"unknown scenario {name!r}; expected one of {', '.join(SCENARIOS)}")

@@ -1,6 +1,6 @@
 """Model configuration: three dataclasses built from a checkpoint's config.json.
 
-Field names are the Hugging Face config.json keys. Every published layout is accepted (SPEC §1, §10.18):
+Field names are the Hugging Face config.json keys. Every published layout is accepted:
 - custom-code era: model_type "lfm2-vl", `image_token_index`, text `block_ff_dim`, `tie_embedding`,
   `full_attn_idxs`, top-level `rope_theta`, processor fields at the top level;
 - transformers-native `lfm2_vl`: `layer_types`, `rope_parameters`, nested configs;
@@ -77,7 +77,7 @@ class TextConfig:
     def from_hf(cls, d: dict) -> "TextConfig":
         where = "text_config"
         d = dict(d)
-        # legacy aliases (custom-code era), SPEC §1.1
+        # legacy aliases (custom-code era)
         if "block_ff_dim" in d:
             d["intermediate_size"] = d["block_ff_dim"]
         n_layers = _require(d, "num_hidden_layers", where)
@@ -102,7 +102,7 @@ class TextConfig:
 
 def effective_ff_dim(intermediate_size: int, auto_adjust: bool, multiplier: float | None,
                      multiple_of: int) -> int:
-    """SwiGLU width actually built (SPEC §1.1): 6656 -> 4608, 12288 -> 8192; unchanged without auto-adjust."""
+    """SwiGLU width actually built: 6656 -> 4608, 12288 -> 8192; unchanged without auto-adjust."""
     if not auto_adjust:
         return intermediate_size
     f = int(2 * intermediate_size / 3)

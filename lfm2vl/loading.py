@@ -9,7 +9,7 @@
 - All key differences between published layouts are handled in ONE place: `remap_hf_keys()`.
 - Before loading, names and shapes are compared with the model, so errors list every missing, unexpected or
   mis-shaped tensor instead of failing deep inside torch.
-Default dtype is bfloat16 (the published checkpoints' own dtype, and faster than float32 on CPU, issue #6);
+Default dtype is bfloat16 (the published checkpoints' own dtype, and faster than float32 on CPU);
 pass dtype=torch.float32 for exact reference comparisons.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def load_model(path_or_hub_id: str | os.PathLike, *, dtype=None, device=None, pr
 
 class _SkipRandomInit(TorchFunctionMode):
     """Skips normal_/uniform_ on meta tensors while the module is built: assign-loading replaces every tensor anyway,
-    and torch's meta `normal_` (nn.Embedding's init) imports torch._dynamo: ~70 MB of resident memory and ~1 s."""
+    and torch's meta `normal_` (nn.Embedding's init) imports torch._dynamo, which costs resident memory and time."""
 
     _SKIP = (torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.trunc_normal_,
              torch.Tensor.normal_, torch.Tensor.uniform_)

@@ -1,4 +1,4 @@
-"""Resident-memory helpers: glibc heap trimming and the opt-in low-memory mode (issue #6: peak RSS).
+"""Resident-memory helpers: glibc heap trimming and the opt-in low-memory mode (peak RSS).
 
 Float weights of the checkpoint's dtype stay memory-mapped from the file (loading.py), and every page this process has
 read stays in its resident set. A request with images reads the vision tower, then the language model, so both sit in
@@ -9,9 +9,8 @@ activation. `Lfm2VlModel.low_memory = True` (`lfm2vl.load(..., low_memory=True)`
   after it, the tower's and projector's pages are dropped, glibc's free heap pages returned (the tower's
   temporaries), and the dropped language-model weights mapped back, each in one `populate`;
 - the page cache keeps the pages, so the next read re-maps them from memory (no disk read). That costs time on every
-  image request: 60-90 ms at 450M (drop 232 MB of the language model 14 ms, map the tower 10-20, drop it 12, map
-  the language model back 22); dropping the whole language model cost 115-140 ms for the same peak. Hence opt-in
-  (`lfm2vl bench --low-memory` measures it).
+  image request (dropping and re-mapping pages around the tower; dropping only the tail of the language model costs
+  less than dropping all of it, for the same peak). Hence opt-in (`lfm2vl bench --low-memory` measures it).
 Only pages that still equal the file are dropped (`release_mapped_pages`); weights converted to another dtype,
 quantized or written in place are anonymous memory and stay.
 """
@@ -117,7 +116,7 @@ def release_tail(tensors: list[torch.Tensor], nbytes: int) -> list[torch.Tensor]
 
 def populate(weights: list[torch.Tensor]) -> None:
     """Map weights back in one MADV_POPULATE_READ per tensor (Linux 5.14+; else the first read faults them in):
-    0.06 s instead of 0.085 s of page faults for the 450M language model."""
+    one call per tensor costs less than a page fault per page."""
     if not sys.platform.startswith("linux"):  # the advice number is Linux's
         return
     try:

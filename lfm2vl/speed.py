@@ -1,10 +1,10 @@
 """CPU speed-ups for a loaded Lfm2VlModel, applied by one call: `optimize_for_cpu(model)`.
 
-Module swaps that keep parameters, state_dict keys and results (within float rounding), issue #6:
+Module swaps that keep parameters, state_dict keys and results (within float rounding):
 - linears of the language model and the output head -> `quant.FastLinear` (native multithreaded GEMV for
   decode-size inputs), or `quant.Int8Linear` / `Int4Linear` with int8=True / int4=True (weight-only, opt-in);
 - `ShortConv` -> `FastShortConv`: the depthwise causal conv as K shifted multiply-adds in fp32. torch's bf16
-  `F.conv1d` for groups=D goes through oneDNN and costs ~50 ms per call on this CPU (a decode step has 10); for
+  `F.conv1d` for groups=D goes through oneDNN, which is slow for so small a conv (a decode step has 10); for
   bf16 inference the whole middle (gates, conv, state) is one native pass (`kernels.short_conv`);
 - the decode step (T == 1) of the whole language model -> one native call (`kernels/decode.py`): the model becomes a
   `FastLfm2VlModel` whose `forward_cached` takes that path while the modules still hold the tensors it was built
@@ -70,8 +70,8 @@ class FastShortConv(ShortConv):
 
 
 def _native_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Decode attention natively: torch's flash-attention kernel for a single query costs ~1 ms per layer at 450M
-    shapes (an OpenMP region that stalls beside the GEMV pool's threads) for ~0.05 ms of math."""
+    """Decode attention natively: torch's flash-attention kernel for a single query spends far longer than its math
+    (an OpenMP region that stalls beside the GEMV pool's threads)."""
     return q.device.type == "cpu" and k.dtype in (torch.float32, torch.bfloat16) and kernels.available()
 
 

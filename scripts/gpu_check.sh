@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU checks of issue #6, as ONE short script for a lent GPU machine (the `device` tool copies the working tree;
+# The GPU checks, as ONE short script for a lent GPU machine (the `device` tool copies the working tree;
 # the machine has torch + transformers, no internet). Writes its outputs under $OUT (or ./gpu_out).
 #   CUDA parity vs transformers (tiny checkpoint), then lfm2vl bench on CUDA at the 450M shapes: eager lfm2vl and
 #   transformers, then lfm2vl with the decode step compiled (CUDA graphs).

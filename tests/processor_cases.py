@@ -2,8 +2,9 @@
 
 Only numpy, PIL and lfm2vl's pure layout code are used here, so both environments build byte-identical inputs:
 images are integer-only functions of a seed (gradients, shapes, noise), so no float or BLAS differences can creep
-in. Each case: prompts, per-prompt image specs, per-call knobs, and which checkpoint settings ("v25": LFM2.5
-defaults, use_thumbnail true; "v1": the LFM2-VL-450M fixture, use_thumbnail false). Chat cases also carry messages.
+in. Each case: prompts, per-prompt image specs, per-call knobs (other call arguments under "call"), and which
+checkpoint settings ("v25": LFM2.5 defaults, use_thumbnail true; "v1": the LFM2-VL-450M fixture, use_thumbnail
+false). Chat cases also carry messages.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "LFM2-VL-450M"
 ORACLE_DIGESTS = Path(__file__).parent / "data" / "processor_oracle.json"
 LFM25_TEMPLATE = Path(__file__).parent / "fixtures" / "lfm25_chat_template.jinja"
 
-# LFM2.5-VL-style settings (processor_config.json["image_processor"], SPEC §6).
+# LFM2.5-VL-style settings (processor_config.json["image_processor"]).
 V25_IMAGE_PROCESSOR = {
     "image_processor_type": "Lfm2VlImageProcessor", "do_image_splitting": True, "min_tiles": 2, "max_tiles": 10,
     "use_thumbnail": True, "min_image_tokens": 64, "max_image_tokens": 256, "encoder_patch_size": 16,
@@ -180,7 +181,7 @@ def call_cases() -> list[dict]:
         if _fits(c):
             cases.append(c)
 
-    # SPEC §6.2 worked examples and edge sizes, default knobs, both checkpoints.
+    # Worked examples (test_processor.py) and edge sizes, default knobs, both checkpoints.
     named = [(384, 256), (256, 384), (512, 512), (1000, 3000), (3000, 1000), (1024, 768), (800, 1200), (64, 64),
              (1, 1), (10, 4000), (4000, 10), (4000, 100), (100, 4000), (3000, 3000), (4000, 3000), (3000, 4000),
              (2, 3), (31, 33), (400, 720), (720, 400), (1920, 1080), (640, 640), (752, 688), (1536, 1536)]
@@ -237,6 +238,19 @@ def call_cases() -> list[dict]:
     for (w, h) in [(400, 300), (1600, 900)]:
         add([[_img(w, h, 320)]], tag="nospecial")
         cases[-1]["call"] = {"use_image_special_tokens": False}
+    # transformers' text arguments: padding, truncation, max_length, return_tensors (the reference is called with
+    # padding=True and return_tensors="pt" unless a case says otherwise).
+    unequal = [[_img(64, 64, 330)], [_img(64, 64, 331)]], ["<image>Short.", "<image>A longer second prompt here."]
+    equal = [[_img(64, 64, 332)], [_img(64, 64, 333)]], ["<image>Same.", "<image>Same."]  # equal lengths
+    for call in ({"padding": "longest"}, {"padding": False}, {"padding": "max_length", "max_length": 160},
+                 {"padding": True, "truncation": False}, {"return_tensors": "np"}):
+        add(*unequal, tag="textargs")
+        cases[-1]["call"] = call
+    for call in ({"padding": False}, {"padding": "do_not_pad", "truncation": None}):
+        add(*equal, tag="textargs")
+        cases[-1]["call"] = call
+    add([[_img(300, 200, 334)]], tag="textargs")
+    cases[-1]["call"] = {"padding": False}
     return cases
 
 

@@ -9,7 +9,8 @@ from lfm2vl.config import Lfm2VlConfig
 from lfm2vl.model import Lfm2VlModel
 from tokenizer_build import FIXTURE
 
-# counted by hand from SPEC §8 (text 354,483,968 + vision 85,843,200 + projector 10,495,488); tied head counted once
+# counted by hand from the published shapes (text 354,483,968 + vision 85,843,200 + projector 10,495,488);
+# tied head counted once
 PARAMS_450M = 450_822_656
 
 

@@ -206,7 +206,7 @@ def _run_isolated(hub_id: str, hf_home: Path):
                         "vision": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
                                    "num_attention_heads": 16}}, 589)])
 def test_tensor_count_matches_published_headers(name, overrides, count):
-    """SPEC §8 / S3: the published LFM2.5-VL safetensors headers hold 349 (450M) and 589 (1.6B) tensors; the module
+    """The published LFM2.5-VL safetensors headers hold 349 (450M) and 589 (1.6B) tensors; the module
     tree stores exactly as many under the file's key names (vision_model. prefix, tied head absent)."""
     d = json.loads((Path(__file__).parent / "fixtures" / "LFM2-VL-450M" / "config.json").read_text())
     d.update(model_type="lfm2_vl", projector_use_layernorm=False, projector_hidden_size=2048)

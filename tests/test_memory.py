@@ -1,4 +1,4 @@
-"""Memory behaviour of loading, vision encoding and int8 quantization (issue #6: peak RSS), with unchanged results.
+"""Memory behaviour of loading, vision encoding and int8 quantization (peak RSS), with unchanged results.
 
 - the vision tower's unit batches (`VisionTower.batch_patches`) bound temporaries without changing any output;
 - int8 quantization works in row blocks (same q and scales as the whole-matrix formula, the source untouched) and

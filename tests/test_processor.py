@@ -1,4 +1,4 @@
-"""lfm2vl.Processor: size rules, token counts (SPEC §6.2 table), the min_tiles=1 fix, knobs, errors, padding,
+"""lfm2vl.Processor: size rules, token counts (worked examples), the min_tiles=1 fix, knobs, errors, padding,
 loading from folders and the hub cache. Parity with transformers is in test_processor_parity.py."""
 from __future__ import annotations
 
@@ -32,20 +32,20 @@ def test_round_by_factor_is_bankers():
     assert smart_resize(256, 384, 32, 64 * 1024, 256 * 1024) == (256, 384)
 
 
-# SPEC §6.2: (W, H) -> (image tokens, total ids of the expansion), LFM2.5 defaults.
-SPEC_TABLE = [((384, 256), 96, 98), ((256, 384), 96, 98), ((512, 512), 256, 258), ((1000, 3000), 1011, 1017),
-              ((3000, 1000), 1011, 1017), ((1024, 768), 1770, 1779), ((800, 1200), 1783, 1792), ((64, 64), 64, 66)]
+# Worked examples: (W, H) -> (image tokens, total ids of the expansion), LFM2.5 defaults.
+WORKED_EXAMPLES = [((384, 256), 96, 98), ((256, 384), 96, 98), ((512, 512), 256, 258), ((1000, 3000), 1011, 1017),
+                   ((3000, 1000), 1011, 1017), ((1024, 768), 1770, 1779), ((800, 1200), 1783, 1792), ((64, 64), 64, 66)]
 
 
-@pytest.mark.parametrize("size,n_img,n_total", SPEC_TABLE)
-def test_spec_worked_examples(proc, size, n_img, n_total):
+@pytest.mark.parametrize("size,n_img,n_total", WORKED_EXAMPLES)
+def test_worked_examples(proc, size, n_img, n_total):
     assert proc.num_image_tokens(*size) == n_img
     assert proc.num_image_tokens(*size, include_markers=True) == n_total
     ids = proc(text="<image>", images=[np.zeros((size[1], size[0], 3), np.uint8)])["input_ids"]
     assert ids.shape == (1, n_total) and int((ids == proc.image_token_id).sum()) == n_img
 
 
-def test_spec_other_settings(proc, proc_v1):
+def test_other_settings(proc, proc_v1):
     assert proc.num_image_tokens(1000, 3000, use_thumbnail=False) == 768
     assert proc_v1.num_image_tokens(1000, 3000) == 768  # v1 450M ships use_thumbnail false
     assert proc.num_image_tokens(640, 640, max_pixels_tolerance=1.5) == 1280
@@ -62,7 +62,7 @@ def test_grid_choice():
 
 
 def test_min_tiles_1_fix(proc):
-    """SPEC §6.2: 752x688 with min_tiles=1 is 'too large' yet gets a 1x1 grid, i.e. one 512x512 tile (256
+    """752x688 with min_tiles=1 is 'too large' yet gets a 1x1 grid, i.e. one 512x512 tile (256
     features). transformers expands it to 240 placeholders (smart_resize's 480x512), so its own model fails;
     we count the unit we produce. The committed oracle digests show the reference's inconsistency."""
     out = proc(text="<image>", images=[np.zeros((688, 752, 3), np.uint8)], min_tiles=1)
@@ -227,7 +227,8 @@ def test_hub_id_from_cache_and_offline_error(tmp_path, monkeypatch):
 
 
 def test_plan_matches_reference_formula_on_a_grid():
-    """Brute-force the size rules against a literal transcription of SPEC §6 on many sizes (no images needed)."""
+    """Brute-force the size rules against a literal transcription of transformers' formulas on many sizes (no images
+    needed)."""
     o = ImageOptions()
     for w in range(1, 3000, 37):
         for h in (1, 7, 100, 333, 512, 700, 1024, 2999):
@@ -251,3 +252,88 @@ def test_positional_order_is_transformers(proc):
     assert torch.equal(a["input_ids"], proc(text="<image>hi", images=im)["input_ids"])
     with pytest.raises(ValueError, match="text is required"):
         proc("<image>hi")
+
+
+# ---- transformers' text arguments ----------------------------------------------------------------------------
+BATCH = ["<image>x", "y<image> much longer text here"]
+
+
+def _batch_images():
+    return [np.zeros((512, 512, 3), np.uint8), np.zeros((64, 64, 3), np.uint8)]  # 256 and 64 image tokens
+
+
+@pytest.mark.parametrize("padding", [True, "longest"])
+def test_padding_longest_is_the_default(proc, padding):
+    out = proc(text=BATCH, images=_batch_images(), padding=padding)
+    default = proc(text=BATCH, images=_batch_images())
+    assert out.keys() == default.keys() and all(torch.equal(out[k], default[k]) for k in out)
+
+
+@pytest.mark.parametrize("padding", [False, "do_not_pad"])
+def test_no_padding_keeps_equal_lengths(proc, padding):
+    ims = [np.zeros((64, 64, 3), np.uint8)] * 2
+    out = proc(text=["<image>a", "<image>b"], images=ims, padding=padding)
+    single = proc(text="<image>a", images=ims[:1], padding=padding)
+    assert out["attention_mask"].all() and single["attention_mask"].all()
+    assert torch.equal(out["input_ids"][:1], single["input_ids"])
+
+
+@pytest.mark.parametrize("padding", [False, "do_not_pad"])
+def test_no_padding_with_unequal_lengths_is_a_clear_error(proc, padding):
+    with pytest.raises(ValueError, match=rf"padding={padding!r}: the prompts are \[\d+, \d+\] tokens long"):
+        proc(text=BATCH, images=_batch_images(), padding=padding)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_max_length_pads_to_it(proc, side):
+    longest = proc(text=BATCH, images=_batch_images(), padding_side=side)
+    n = longest["input_ids"].shape[1]
+    out = proc(text=BATCH, images=_batch_images(), padding="max_length", max_length=n + 7, padding_side=side)
+    assert out["input_ids"].shape == (2, n + 7)
+    real = out["attention_mask"].bool()
+    assert (real.sum(1) == longest["attention_mask"].sum(1)).all()
+    assert (out["input_ids"][~real] == proc.tokenizer.pad_token_id).all()
+    for i in range(2):
+        assert torch.equal(out["input_ids"][i][real[i]], longest["input_ids"][i][longest["attention_mask"][i] == 1])
+    pad_cols = slice(n, n + 7) if side == "right" else slice(0, 7)
+    assert not real[:, pad_cols].any()
+
+
+def test_prompt_longer_than_max_length_is_a_clear_error(proc):
+    with pytest.raises(ValueError, match=r"a prompt is \d+ tokens long, over max_length=10"):
+        proc(text=BATCH, images=_batch_images(), padding="max_length", max_length=10)
+
+
+@pytest.mark.parametrize("truncation", [False, None, "do_not_truncate"])
+def test_truncation_off_is_accepted(proc, truncation):
+    out = proc(text=BATCH, images=_batch_images(), padding=True, truncation=truncation)
+    assert torch.equal(out["input_ids"], proc(text=BATCH, images=_batch_images())["input_ids"])
+
+
+@pytest.mark.parametrize("truncation", [True, "longest_first", "only_first"])
+def test_truncation_is_a_clear_error(proc, truncation):
+    with pytest.raises(ValueError, match=rf"truncation={truncation!r} is not supported: cutting a prompt"):
+        proc(text=BATCH, images=_batch_images(), truncation=truncation)
+
+
+def test_return_tensors_np(proc):
+    out = proc(text=BATCH, images=_batch_images(), return_tensors="np", padding=True)
+    pt = proc(text=BATCH, images=_batch_images())
+    assert out.keys() == pt.keys()
+    for k, v in out.items():
+        assert isinstance(v, np.ndarray) and v.dtype == pt[k].numpy().dtype and np.array_equal(v, pt[k].numpy()), k
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"padding": "max_length"}, "padding='max_length' needs max_length"),
+    ({"padding": "max_length", "max_length": 0}, "max_length=0: expected an int >= 1"),
+    ({"padding": "max_length", "max_length": 64.0}, "max_length=64.0: expected an int >= 1"),
+    ({"max_length": 64}, "max_length=64 applies only with padding='max_length'"),
+    ({"padding": False, "max_length": 64}, "max_length=64 applies only with padding='max_length'"),
+    ({"padding": "maximum"}, "padding='maximum': expected True or 'longest'"),
+    ({"padding": 1}, "padding=1: expected True or 'longest'"),
+    ({"return_tensors": "tf"}, "return_tensors='tf': expected 'pt' .* or 'np'"),
+])
+def test_unsupported_text_arguments_are_named(proc, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        proc(text="<image>", images=[np.zeros((8, 8, 3), np.uint8)], **kwargs)

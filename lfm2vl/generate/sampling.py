@@ -81,7 +81,7 @@ class SamplingParams:
 
 
 def greedy_token(logits: torch.Tensor) -> torch.Tensor:
-    """argmax over the last dim; bf16/fp16 logits are widened first (exact; torch's bf16 argmax is ~5x slower)."""
+    """argmax over the last dim; bf16/fp16 logits are widened first (exact; torch's bf16 argmax is slower)."""
     return logits.float().argmax(dim=-1)
 
 
@@ -135,7 +135,7 @@ def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None) 
     probs = logits.softmax(dim=-1)
     if probs.dim() == 1 and probs.device.type == "cpu":
         # race over the tokens that can win only: after temperature/min_p that is a handful, and drawing 65536
-        # exponentials costs ~1 ms a step on CPU (a host sync is free here)
+        # exponentials every step would cost far more than the race itself (the host sync is free on CPU)
         support = probs.nonzero().squeeze(-1)
         e = torch.empty(support.shape, dtype=probs.dtype).exponential_(1.0, generator=generator).clamp_(min=1e-30)
         return support[(probs[support] / e).argmax()]

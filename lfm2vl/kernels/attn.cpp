@@ -1,8 +1,8 @@
 // Decode attention for lfm2vl: one query per row over a (strided) K/V cache, fp32 math, on the GEMV pool's threads.
 //
-// Why native: torch's flash-attention kernel for a single query costs ~1 ms per layer at 450M shapes (an OpenMP
-// region that stalls beside the pool's threads) for ~0.05 ms of math. AVX512 scores / exp / value sums when the
-// head size is a multiple of 16, plain loops otherwise.
+// Why native: torch's flash-attention kernel for a single query spends far longer than its math (an OpenMP region
+// that stalls beside the pool's threads). AVX512 scores / exp / value sums when the head size is a multiple of 16,
+// plain loops otherwise.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>

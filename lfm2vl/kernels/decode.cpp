@@ -1,8 +1,8 @@
-// One whole decode step of the LFM2 language model (T = 1, B rows) in native code, issue #6.
+// One whole decode step of the LFM2 language model (T = 1, B rows) in native code.
 //
 // Why: at 450M shapes a decode step reads ~700 MB of weights in ~100 products, but the torch path also runs ~700
-// small ops (norms, gates, conv taps, RoPE, residuals) and ~100 Python calls between them: ~5 ms of a ~24 ms step,
-// during which the pool's helper thread idles. Here the products of one layer that read the same input (q/k/v;
+// small ops (norms, gates, conv taps, RoPE, residuals) and ~100 Python calls between them, a large share of the
+// step during which the pool's helper thread idles. Here the products of one layer that read the same input (q/k/v;
 // w1/w3) run as one pool job and everything in between is a few loops over D values.
 //
 // Same math as model/text.py + speed.py with the activation dtype's rounding at the same points: with bf16

@@ -5,7 +5,7 @@
 // (symmetric, weight-only; layout at I4_GROUP in gemv.h).
 // Activations x: fp32 or bf16 (dtype code 0 = fp32, 1 = bf16); output y likewise (bf16 rounded to nearest even).
 //
-// Why: torch's CPU GEMV runs on one core at 15-20 GB/s; a decode step of a 450M model is mostly these products,
+// Why: torch's CPU GEMV runs on one core; a decode step of a 450M model is mostly these products,
 // so the step is bound by how fast the weights stream from memory. Here the output rows are cut into chunks that
 // the calling thread and pool.cpp's helper threads claim from one atomic counter. Unlike an OpenMP team barrier,
 // the caller never waits for a helper that the OS has descheduled: it takes the remaining chunks itself.
@@ -174,8 +174,8 @@ T_AVX2 static void gemv_i4_avx2(const uint8_t* W, const float* S, const float* X
 
 // ---------------------------------------------------------------- AVX512 paths
 // One weight row at a time, so each thread reads ONE sequential stream (its chunk of rows), with a software prefetch
-// PF_BYTES ahead that stops at the chunk's end. Measured on the 2-core Zen 5 against a plain sequential read of the
-// same bytes: 1.0-1.1x its speed, where tiles of 4 interleaved row streams reached 0.8x. The k loop is split over
+// PF_BYTES ahead that stops at the chunk's end: one stream per thread keeps pace with a plain sequential read of the
+// same bytes, where tiles of interleaved row streams fall behind it. The k loop is split over
 // U accumulators per activation row (U * MR independent dependency chains); a row re-read for the next group of
 // activation rows comes from L1.
 static const int64_t PF_BYTES = 2048;

@@ -2,8 +2,8 @@
 // middle of the gated short convolution (gates, causal depthwise conv, conv state).
 //
 // Why: torch runs SwiGLU as silu then mul (two passes over (T, ff_dim)), RMSNorm as ~8 small fp32 ops, and the
-// conv block's middle as ~12 ops over transposed (D, T) views: 3.5 ms per conv layer at a 512-token chunk, 8% of
-// a 450M prefill. Same roundings as model/text.py and speed.py: silu rounded to bf16, then the product; the norm's
+// conv block's middle as ~12 ops over transposed (D, T) views, each a pass over memory.
+// Same roundings as model/text.py and speed.py: silu rounded to bf16, then the product; the norm's
 // x * rsqrt(mean(x^2) + eps) in fp32 rounded, then times the weight, rounded; u = B*x rounded, the conv as fp32
 // products summed tap by tap (no fused multiply-add), rounded, then times C, rounded. Only the order of the norm's
 // fp32 sum differs from torch.

@@ -1,4 +1,4 @@
-"""HybridCache: static preallocated state for LFM2's mixed conv / attention layers (SPEC §3).
+"""HybridCache: static preallocated state for LFM2's mixed conv / attention layers.
 
 - attention layer i: K and V buffers (B, Hkv, S_max, Dh), holding keys after k-norm and RoPE;
 - conv layer i: the last K-1 columns of the conv input u = B*x, shape (B, D, K-1) (only K-1 ever reach an output);

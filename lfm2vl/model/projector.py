@@ -1,4 +1,4 @@
-"""Pixel-unshuffle projector (SPEC §5), mirroring transformers 5.24 `Lfm2VlMultiModalProjector` + `get_image_features`.
+"""Pixel-unshuffle projector, mirroring transformers 5.24 `Lfm2VlMultiModalProjector` + `get_image_features`.
 
 - `pixel_unshuffle`: each factor x factor block of a unit's (h, w) patch grid becomes one token whose feature is the
   block's patches concatenated row-major (row offset slow, column offset fast); tokens are row-major over the
@@ -16,7 +16,7 @@ from lfm2vl.model.vision import fast_linear
 
 
 def pixel_unshuffle(x: torch.Tensor, h: int, w: int, factor: int = 2) -> torch.Tensor:
-    """x (h*w, Dv) row-major patch features -> (h/f * w/f, f*f*Dv) tokens, SPEC §5 order."""
+    """x (h*w, Dv) row-major patch features -> (h/f * w/f, f*f*Dv) tokens in the order above."""
     if h % factor or w % factor:
         raise ValueError(f"patch grid {h}x{w} is not divisible by downsample_factor {factor}; the processor must "
                          f"produce grids that are multiples of the factor")
@@ -36,7 +36,7 @@ class Projector(nn.Module):
             raise ValueError(f"projector_hidden_act {config.projector_hidden_act!r} is not supported; "
                              f"LFM2-VL uses 'gelu' (exact erf)")
         d_in = config.vision_config.hidden_size * config.downsample_factor ** 2
-        # nn.LayerNorm's default eps 1e-5, not the vision tower's 1e-6 (SPEC §10.8)
+        # nn.LayerNorm's default eps 1e-5 (as transformers builds it), not the vision tower's 1e-6
         self.layer_norm = nn.LayerNorm(d_in) if config.projector_use_layernorm else None
         self.linear_1 = nn.Linear(d_in, config.projector_hidden_size, bias=config.projector_bias)
         self.linear_2 = nn.Linear(config.projector_hidden_size, config.text_config.hidden_size,

@@ -1,4 +1,4 @@
-"""Rotary position embedding, NeoX / rotate-half layout (SPEC §2), as used by the LFM2 attention layers.
+"""Rotary position embedding, NeoX / rotate-half layout, as used by the LFM2 attention layers.
 
 cos/sin are computed in float32 from explicit integer positions and cast to the activation dtype, like
 transformers 5.24's `Lfm2RotaryEmbedding`. Nothing is cached in a buffer, so the module tree holds no

@@ -1,7 +1,7 @@
-"""LFM2 hybrid text backbone (gated short convolutions + GQA attention), SPEC §2.
+"""LFM2 hybrid text backbone (gated short convolutions + GQA attention).
 
 Mirrors transformers 5.24 `models/lfm2/modeling_lfm2.py`; parameter names equal the checkpoint keys under
-`model.language_model.`. Notable points (SPEC §10):
+`model.language_model.`. Notable points:
 - RMSNorm: normalise in fp32, cast back, then multiply by the weight (no 1+w offset).
 - ShortConv: in_proj chunks in the order B, C, x; conv input u = B*x; causal depthwise kernel whose last tap
   multiplies the current token; output gated by C; no activation.

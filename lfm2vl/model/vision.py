@@ -1,4 +1,4 @@
-"""SigLIP2 NaFlex vision tower (SPEC §4), mirroring transformers 5.24 `Siglip2VisionModel` as LFM2-VL uses it.
+"""SigLIP2 NaFlex vision tower, mirroring transformers 5.24 `Siglip2VisionModel` as LFM2-VL uses it.
 
 Module paths equal the checkpoint keys under `model.vision_tower.`: `embeddings.{patch_embedding, position_embedding}`,
 `encoder.layers.{j}.{layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2, mlp.{fc1, fc2}}`, `post_layernorm`.
@@ -11,7 +11,7 @@ Notable features:
   padded, key-masked computation (masked keys get exactly zero weight) up to float rounding.
 - on CPU the linears run through oneDNN with bias, GELU and residual add fused (`fast_linear`), and bf16 attention
   through the native `kernels.attn_many` where it beats torch's SDPA (AVX512-BF16 CPUs without AMX).
-- only `num_layers_used` encoder layers are built (`vision_feature_layer`, SPEC §1.2); post_layernorm still applies.
+- only `num_layers_used` encoder layers are built (`vision_feature_layer`); post_layernorm still applies.
 - the 16x16 position grid is resized per unit with bilinear + antialias (align_corners=False) in float32, and the
   resized grids are cached per (h, w, dtype, device) until the table's weights change.
 """
@@ -36,8 +36,8 @@ def fast_linear(layer: nn.Module, x: torch.Tensor, gelu: str | None = None,
     """`layer(x)`, then optional GELU (approximate="tanh"/"none"), then `+ residual`, fused where possible.
 
     On CPU, float32/bfloat16 nn.Linear runs through oneDNN with the bias, GELU and residual add fused: torch's own
-    float32 GEMM is MKL, which takes a slow path on AMD CPUs (about 2.5x slower at vision shapes), and the fusion saves
-    passes over the big activations. oneDNN has no autograd, so training falls back to plain torch.
+    float32 GEMM is MKL, which takes a slow path on AMD CPUs, and the fusion saves passes over the big activations.
+    oneDNN has no autograd, so training falls back to plain torch.
     """
     w = layer.weight if type(layer) is nn.Linear else None  # wrapped layers (LoRA, int8) keep their own forward
     if (_ONEDNN and w is not None and x.device.type == "cpu" and x.dtype == w.dtype
@@ -122,7 +122,7 @@ class Attention(nn.Module):
         shape = (n, x.shape[0] // n, self.num_heads, self.head_dim)
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # (n, H, L, Dh)
         o = None
-        if kernels.serves(x) and kernels.attention_wins():  # without AMX: 2.2-2.4x torch's flash kernel here
+        if kernels.serves(x) and kernels.attention_wins():  # without AMX it beats torch's flash kernel here
             o = kernels.attn_many(q, k, v)
         if o is None:
             o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # scale Dh^-0.5 as in SigLIP2
@@ -223,7 +223,7 @@ class VisionTower(nn.Module):
         for u, (h, w) in enumerate(shapes):
             if h <= 0 or w <= 0 or h * w > L:
                 raise ValueError(f"unit {u}: spatial_shapes ({h}, {w}) needs 1..{L} patches, got {h * w}")
-        # The valid patches must be exactly the first h*w rows (the processor's layout, SPEC §4).
+        # The valid patches must be exactly the first h*w rows (the processor's layout).
         n = spatial_shapes.to(mask.device).prod(-1)
         expected = torch.arange(L, device=mask.device)[None] < n[:, None]
         if not torch.equal(mask.bool(), expected):

@@ -1,6 +1,6 @@
 """Processor settings: the image knobs, their defaults, and how they are read from a checkpoint folder.
 
-Defaults are `Lfm2VlImageProcessor`'s class attributes (SPEC §6). A checkpoint may spread the values over three
+Defaults are `Lfm2VlImageProcessor`'s class attributes. A checkpoint may spread the values over three
 files; later sources win: top-level fields of config.json (old repos) < preprocessor_config.json (flat) <
 processor_config.json (flat fields of custom-era repos) < processor_config.json["image_processor"] (LFM2.5).
 """

@@ -1,4 +1,4 @@
-"""Image side of the LFM2-VL processor: size rules, tile grid, uint8 resize, patchify (SPEC §6).
+"""Image side of the LFM2-VL processor: size rules, tile grid, uint8 resize, patchify.
 
 Every function mirrors one step of transformers' `Lfm2VlImageProcessor` (torchvision backend) and is pure:
 it takes sizes or a uint8 (3, H, W) tensor and returns sizes or tensors. `plan_image` decides the layout of one

@@ -10,9 +10,11 @@ pad id on the tokenizer's padding side (right, as in transformers); pixel_values
 pixel_attention_mask (N, max_num_patches) int32 and spatial_shapes (N, 2) int64 over all units of all images.
 
 Deliberate differences, where transformers raises or produces inputs its own model rejects: batches are padded
-without asking (transformers needs padding=True), a flat image list is shared out over the prompts by their
-sentinel counts (transformers expects one nested list per prompt), the min_tiles=1 placeholder count (tokens.py),
-and the input conversions listed in io.py. Everything else is bit-identical (tests/test_processor_parity.py).
+without asking (transformers needs padding=True), nothing is ever truncated (a cut prompt would lose image tokens
+its pixel inputs still carry, so truncation=True and a prompt longer than max_length are errors), a flat image list
+is shared out over the prompts by their sentinel counts (transformers expects one nested list per prompt), the
+min_tiles=1 placeholder count (tokens.py), and the input conversions listed in io.py. Everything else is
+bit-identical (tests/test_processor_parity.py).
 """
 from __future__ import annotations
 
@@ -89,6 +91,49 @@ def collect_images(messages) -> list:
                     if src is not None:
                         out.append(src)
     return out
+
+
+PAD_LONGEST = (True, "longest")
+PAD_NONE = (False, "do_not_pad")
+NO_TRUNCATION = (False, None, "do_not_truncate")
+
+
+def _one_of(value, options) -> bool:
+    """value is one of options: bools and None by identity (so 1 is not True), strings by equality (which also
+    admits transformers' str enums such as PaddingStrategy.LONGEST)."""
+    return any(value is o or (isinstance(o, str) and isinstance(value, str) and value == o) for o in options)
+
+
+def check_text_options(padding, truncation, max_length) -> None:
+    """transformers' padding / truncation / max_length arguments: a ValueError for what lfm2vl cannot honour."""
+    if not _one_of(padding, (*PAD_LONGEST, *PAD_NONE, "max_length")):
+        raise ValueError(f"padding={padding!r}: expected True or 'longest' (pad to the longest prompt), False or "
+                         "'do_not_pad', or 'max_length' (with max_length)")
+    if not _one_of(truncation, NO_TRUNCATION):
+        raise ValueError(f"truncation={truncation!r} is not supported: cutting a prompt would drop image tokens "
+                         "that its pixel inputs still carry; shorten the prompt or lower max_image_tokens instead")
+    if _one_of(padding, ("max_length",)):
+        if max_length is None:
+            raise ValueError("padding='max_length' needs max_length (the length to pad every prompt to)")
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+            raise ValueError(f"max_length={max_length!r}: expected an int >= 1")
+    elif max_length is not None:
+        raise ValueError(f"max_length={max_length!r} applies only with padding='max_length' (lfm2vl never "
+                         f"truncates); got padding={padding!r}")
+
+
+def padded_length(ids: list[list[int]], padding, max_length: int | None) -> int:
+    """The common length of the padded rows, for options that passed check_text_options."""
+    lengths = [len(x) for x in ids]
+    if _one_of(padding, ("max_length",)):
+        if max(lengths) > max_length:
+            raise ValueError(f"a prompt is {max(lengths)} tokens long, over max_length={max_length} (lfm2vl never "
+                             "truncates: raise max_length or shorten the prompt)")
+        return max_length
+    if _one_of(padding, PAD_NONE) and len(set(lengths)) > 1:
+        raise ValueError(f"padding={padding!r}: the prompts are {lengths} tokens long and tensors need equal "
+                         "lengths; pass padding=True to pad them to the longest")
+    return max(lengths)
 
 
 class Processor:
@@ -230,15 +275,23 @@ class Processor:
 
     def __call__(self, images=None, text=None, return_tensors: str | None = "pt", padding_side: str | None = None,
                  use_image_special_tokens: bool | None = None, escaped: bool = False, pad_patches: bool = True,
+                 padding: bool | str = True, truncation: bool | str | None = None, max_length: int | None = None,
                  **knobs) -> BatchFeature:
         """Prompts (a string or list of strings with image sentinels) and their images (one, a flat list, or one
         list per prompt) -> BatchFeature. The argument order is transformers' (images first); pass keywords.
         As in transformers, special-token strings in the text are control tokens; escaped=True is for prompts
         from apply_chat_template(escape_special=True), whose escaped strings are tokenized as ordinary text.
         pad_patches=False sizes pixel_values by the largest image unit instead of the token budget (the model
-        reads only real patches, so its output is the same)."""
-        if return_tensors not in ("pt", None):
-            raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' (torch tensors) is supported")
+        reads only real patches, so its output is the same).
+
+        transformers' text arguments: padding True / "longest" (the default here) pads to the longest prompt,
+        False / "do_not_pad" leaves prompts as they are (prompts of different lengths are then an error, since
+        tensors need equal lengths), "max_length" pads to `max_length`. truncation may only be off (False, None,
+        "do_not_truncate"). return_tensors "pt" (or None) gives torch tensors, "np" numpy arrays."""
+        if return_tensors not in ("pt", "np", None):
+            raise ValueError(f"return_tensors={return_tensors!r}: expected 'pt' (torch tensors) or 'np' (numpy "
+                             "arrays)")
+        check_text_options(padding, truncation, max_length)
         if text is None:
             raise ValueError("text is required (minimal text for an image is the sentinel " + self.marks.image +
                              "); as in transformers the first positional argument is `images`, so pass text=...")
@@ -261,9 +314,12 @@ class Processor:
             ids = [self.escaper.encode(t, tok.encode, tok.encode_plain) for t in expanded]
         else:
             ids = self.tokenizer.encode_batch(expanded)
-        out.update(self._pad(ids, padding_side or self.padding_side))
+        out.update(self._pad(ids, padding_side or self.padding_side, padded_length(ids, padding, max_length)))
         if flat:
             out.update(pixels)
+        if return_tensors == "np":
+            for k, v in out.items():
+                out[k] = v.numpy()
         return out
 
     def _group_images(self, texts: list[str], images) -> list[list]:
@@ -290,10 +346,10 @@ class Processor:
                 raise ValueError(f"prompt {n} has {c} {self.marks.image} sentinels but {len(g)} images were given")
         return groups
 
-    def _pad(self, ids: list[list[int]], side: str) -> dict:
+    def _pad(self, ids: list[list[int]], side: str, n: int) -> dict:
+        """Rows of ids -> (B, n) input_ids and attention_mask, padded with the pad id on `side`."""
         if side not in ("left", "right"):
             raise ValueError(f"padding_side={side!r}: expected 'left' or 'right'")
-        n = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(ids), n), pad, dtype=torch.int64)
         mask = torch.zeros((len(ids), n), dtype=torch.int64)

@@ -1,10 +1,11 @@
 """Image-token counts and placeholder expansion: the ONE place that says how many `<image>` tokens a unit takes.
 
-The model imports `unit_tokens` to check its feature count, so text and features can never disagree. Counts are
-taken from the units the image side actually produces. This deliberately differs from transformers in one case
-(SPEC §6.2): with min_tiles=1 a "too large" image can get a 1x1 grid, i.e. one tile_size x tile_size unit, for which
-the reference counts smart_resize's size (e.g. 752x688 -> 240 placeholders for 256 features, and the model then
-fails). We count the tile (256), the same expansion the reference uses for any single unit.
+The batch generator (generate/batch.py) imports `unit_tokens` to check a request's `<image>` count against the
+features its pixel inputs give, so text and features can never disagree. Counts are taken from the units the image
+side actually produces. This deliberately differs from transformers in one case: with min_tiles=1 a "too large"
+image can get a 1x1 grid, i.e. one tile_size x tile_size unit, for which the reference counts smart_resize's size
+(e.g. 752x688 -> 240 placeholders for 256 features, and the model then fails). We count the tile (256), the same
+expansion the reference uses for any single unit.
 """
 from __future__ import annotations
 
