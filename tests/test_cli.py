@@ -15,7 +15,7 @@ FAST = ["--max-new-tokens", "6", "--temperature", "0", "--dtype", "float32"]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    folder = cached_checkpoint(tmp_path_factory, "450m")[0]
+    folder = cached_checkpoint(tmp_path_factory, "tiny-lfm2vl")[0]
     d = tmp_path_factory.mktemp("cli")
     img = d / "pic.png"
     Image.fromarray((np.random.RandomState(0).rand(200, 300, 3) * 255).astype("uint8")).save(img)

@@ -21,7 +21,7 @@ EMB = "model.language_model.embed_tokens.weight"
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return cached_checkpoint(tmp_path_factory, "450m")[0]
+    return cached_checkpoint(tmp_path_factory, "tiny-lfm2vl")[0]
 
 
 def _copy(src: Path, dst: Path) -> Path:

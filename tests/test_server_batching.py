@@ -39,7 +39,7 @@ class RecordingGenerator(BatchGenerator):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    folder = cached_checkpoint(tmp_path_factory, "450m")[0]
+    folder = cached_checkpoint(tmp_path_factory, "tiny-lfm2vl")[0]
     engine = lfm2vl.load(str(folder), dtype="float32")
     scheduler = Scheduler(engine, max_batch=4, max_seq_len=2048, prefill_chunk=CHUNK,
                           make_generator=RecordingGenerator)

@@ -29,7 +29,7 @@ def controls(ids):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return cached_checkpoint(tmp_path_factory, "450m")[0]
+    return cached_checkpoint(tmp_path_factory, "tiny-lfm2vl")[0]
 
 
 @pytest.fixture(scope="module")

@@ -143,7 +143,7 @@ def test_using_lfm2vl_leaves_the_environment_as_it_found_it(tmp_path):
 
     from checkpoints import make_checkpoint
 
-    folder = make_checkpoint(tmp_path / "ckpt", "450m")
+    folder = make_checkpoint(tmp_path / "ckpt", "tiny-lfm2vl")
     code = ("import os, json; before = dict(os.environ); import lfm2vl\n"
             f"e = lfm2vl.load({str(folder)!r}); e.generate('hi', max_new_tokens=2)\n"
             "print(json.dumps([before == dict(os.environ), before.get('OMP_WAIT_POLICY')]))")
