@@ -96,8 +96,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint folder to serve")
-    src.add_argument("--tiny", nargs="?", const="450m", metavar="LAYOUT",
-                     help="serve a random checkpoint built by tests/checkpoints.py (layout: 450m, full_450m, ...)")
+    src.add_argument("--tiny", nargs="?", const="tiny-lfm2vl", metavar="LAYOUT",
+                     help="serve a random checkpoint built by tests/checkpoints.py "
+                          "(layout: tiny-lfm2vl, full_450m, ...)")
     src.add_argument("--url", help="benchmark a running server")
     p.add_argument("--served-name", default="bench", help="model name to send with --url")
     p.add_argument("--requests", type=int, default=16, help="requests per run")

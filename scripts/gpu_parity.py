@@ -3,7 +3,7 @@ image, a tiled image) and greedy generation (the static-cache decode loop, eager
 
 For a lent GPU machine (scripts/gpu_check.sh runs it); needs torch with CUDA and transformers. Prints one line per
 check and exits 1 if any fails. Not part of the CPU test suite (CI has no GPU).
-    python scripts/gpu_parity.py [--layout 450m] [--device cpu]
+    python scripts/gpu_parity.py [--layout tiny-lfm2vl] [--device cpu]
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _inputs(units, dev):
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layout", default="450m")
+    ap.add_argument("--layout", default="tiny-lfm2vl")
     ap.add_argument("--device", default="cuda", help="cuda (what it is for); cpu to try the script itself")
     args = ap.parse_args()
     dev = torch.device(args.device)

@@ -4,14 +4,17 @@
 weights (re-initialised with a large spread so parity tests are sensitive: linears std 1.5/sqrt(fan_in), norms 1±0.1,
 biases 0.1), saves it with save_pretrained (safetensors) or, for the custom-code-era layouts, writes config.json and
 model.safetensors by hand, and adds tokenizer + processor files. Layouts:
-- "450m":     v1-like, projector LayerNorm, tied, transformers-native save (stripped vision keys), custom-era processor files
-- "1.6b":     custom-code layout written by hand: model_type "lfm2-vl", image_token_index, block_ff_dim, full_attn_idxs,
-              top-level rope_theta, `vision_model.` key prefix, N+1 vision layers (the last one random and unused) and
-              `vision_feature_layer: -2`, plus an old position_ids buffer. The oracle runs N vision layers.
-- "2.5":      LFM2.5-like: no projector LayerNorm, block_auto_adjust_ff_dim false, nested processor_config.json
-- "untied":   tie_word_embeddings false (lm_head stored), saved in several shards with model.safetensors.index.json
-- "vocab65k": vocab_size 65536
-- "full_450m": the published LFM2-VL-450M shapes (tests/fixtures config) with random weights (slow tests only)
+- "tiny-lfm2vl":  LFM2-VL-like (v1): projector LayerNorm, tied, transformers-native save (stripped vision keys),
+                  custom-era processor files
+- "1.6b":         custom-code layout written by hand: model_type "lfm2-vl", image_token_index, block_ff_dim,
+                  full_attn_idxs, top-level rope_theta, `vision_model.` key prefix, N+1 vision layers (the last one
+                  random and unused) and `vision_feature_layer: -2`, plus an old position_ids buffer. The oracle runs
+                  N vision layers.
+- "tiny-lfm25vl": LFM2.5-VL-like: no projector LayerNorm, block_auto_adjust_ff_dim false, nested processor_config.json
+- "untied":       tie_word_embeddings false (lm_head stored), saved in several shards with model.safetensors.index.json
+- "vocab65k":     vocab_size 65536
+- "full_450m":    the published LFM2-VL-450M shapes (tests/fixtures config) with random weights (slow tests only)
+All but "full_450m" are tiny (text width 64, a few layers): their names say whose layout they copy, not a size.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from safetensors.torch import save_file
 
 from tokenizer_build import FIXTURE, write_tokenizer_files
 
-LAYOUTS = ("450m", "1.6b", "2.5", "untied", "vocab65k")
+LAYOUTS = ("tiny-lfm2vl", "1.6b", "tiny-lfm25vl", "untied", "vocab65k")
 IMAGE_TOKEN = 396
 PATCH_DIM = 3 * 16 * 16
 MAX_PATCHES = 1024
@@ -45,12 +48,12 @@ C, A = "conv", "full_attention"
 
 # layout -> (text overrides, vision overrides, top-level overrides)
 SPECS = {
-    "450m": ({"layer_types": [C, C, A, C, A, C]}, {}, {"projector_hidden_size": 48}),
+    "tiny-lfm2vl": ({"layer_types": [C, C, A, C, A, C]}, {}, {"projector_hidden_size": 48}),
     "1.6b": ({"layer_types": [C, A, C, A], "num_key_value_heads": 1},
              {"hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 2}, {"projector_hidden_size": 40}),
-    "2.5": ({"layer_types": [C, C, A, C, A], "block_auto_adjust_ff_dim": False, "intermediate_size": 160},
-            {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4},
-            {"projector_hidden_size": 64, "projector_use_layernorm": False}),
+    "tiny-lfm25vl": ({"layer_types": [C, C, A, C, A], "block_auto_adjust_ff_dim": False, "intermediate_size": 160},
+                     {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4},
+                     {"projector_hidden_size": 64, "projector_use_layernorm": False}),
     "untied": ({"layer_types": [A, C, C, A]}, {}, {"projector_hidden_size": 48, "tie_word_embeddings": False}),
     "vocab65k": ({"layer_types": [C, A, C, A], "vocab_size": 65536}, {}, {"projector_hidden_size": 48}),
 }
@@ -148,7 +151,7 @@ def make_checkpoint_with_oracle(folder, layout: str, seed: int = 0):
         shard = "300KB" if layout == "untied" else "10GB"
         model.save_pretrained(folder, max_shard_size=shard)
     write_tokenizer_files(folder)
-    if layout in ("450m", "1.6b", "full_450m"):
+    if layout in ("tiny-lfm2vl", "1.6b", "full_450m"):
         for name in ("processor_config.json", "preprocessor_config.json"):
             shutil.copy(FIXTURE / name, folder / name)
     else:

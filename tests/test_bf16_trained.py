@@ -48,7 +48,7 @@ def _batch(perm, g, seed):
 
 def test_bf16_argmax_on_a_trained_model(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    hf = build_hf_model("450m", seed=0).train()
+    hf = build_hf_model("tiny-lfm2vl", seed=0).train()
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(WORDS[1] - WORDS[0], generator=g)
     opt = torch.optim.AdamW(hf.parameters(), lr=3e-3)

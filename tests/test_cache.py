@@ -17,7 +17,7 @@ from lfm2vl.loading import load_model
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=["450m", "2.5"])
+@pytest.fixture(scope="module", params=["tiny-lfm2vl", "tiny-lfm25vl"])
 def model(request, tmp_path_factory):
     folder, _ = cached_checkpoint(tmp_path_factory, request.param)
     return load_model(folder, dtype=torch.float32)[0]

@@ -8,18 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from checkpoints import cached_checkpoint
-
 FAST = ["--max-new-tokens", "6", "--temperature", "0", "--dtype", "float32"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    folder = cached_checkpoint(tmp_path_factory, "450m")[0]
-    d = tmp_path_factory.mktemp("cli")
-    img = d / "pic.png"
-    Image.fromarray((np.random.RandomState(0).rand(200, 300, 3) * 255).astype("uint8")).save(img)
-    return folder, img, d
+def img(tmp_path_factory):
+    """A 300x200 random PNG file."""
+    path = tmp_path_factory.mktemp("cli") / "pic.png"
+    Image.fromarray((np.random.RandomState(0).rand(200, 300, 3) * 255).astype("uint8")).save(path)
+    return path
 
 
 def lfm2vl(*args, stdin=None, env=None, timeout=180):
@@ -28,51 +25,47 @@ def lfm2vl(*args, stdin=None, env=None, timeout=180):
                           text=True, env=e, timeout=timeout)
 
 
-def engine_text(folder, messages, **opts):
-    from lfm2vl.engine import load
+def engine_text(engine, messages, **opts):
+    """What the engine answers with the CLI's FAST options, from a fresh state like a new CLI process."""
+    engine.reset()
+    return engine.generate(messages, temperature=0, max_new_tokens=6, **opts)
 
-    return load(folder, dtype="float32").generate(messages, temperature=0, max_new_tokens=6, **opts)
 
-
-def test_describe_streams_the_answer(setup):
-    folder, img, _ = setup
-    p = lfm2vl("describe", img, "--prompt", "What is this?", "--model", folder, *FAST)
+def test_describe_streams_the_answer(tiny_checkpoint, tiny_engine, img):
+    p = lfm2vl("describe", img, "--prompt", "What is this?", "--model", tiny_checkpoint, *FAST)
     assert p.returncode == 0, p.stderr
-    expected = engine_text(folder, [{"role": "user", "content": [{"type": "image", "path": str(img)},
-                                                                 {"type": "text", "text": "What is this?"}]}])
+    expected = engine_text(tiny_engine, [{"role": "user", "content": [{"type": "image", "path": str(img)},
+                                                                      {"type": "text", "text": "What is this?"}]}])
     assert p.stdout == expected.text + "\n"
     assert "Traceback" not in p.stderr
 
 
-def test_generate_json(setup):
-    folder, img, d = setup
+def test_generate_json(tiny_checkpoint, tiny_engine, img, tmp_path):
     msgs = [{"role": "user", "content": [{"type": "image", "path": str(img)}, {"type": "text", "text": "Hi"}]}]
-    f = d / "m.json"
+    f = tmp_path / "m.json"
     f.write_text(json.dumps(msgs))
-    p = lfm2vl("generate", "--messages", f, "--json", "--model", folder, *FAST)
+    p = lfm2vl("generate", "--messages", f, "--json", "--model", tiny_checkpoint, *FAST)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
-    ref = engine_text(folder, msgs)
+    ref = engine_text(tiny_engine, msgs)
     assert out["token_ids"] == ref.token_ids and out["text"] == ref.text
     assert out["finish_reason"] in ("stop", "length") and out["completion_tokens"] == len(ref.token_ids)
     assert out["prompt_tokens"] == ref.prompt_tokens and out["decode_tps"] >= 0
 
 
-def test_chat_through_stdin(setup):
-    folder, img, _ = setup
+def test_chat_through_stdin(tiny_checkpoint, tiny_engine, img):
     script = f"Hello\n/image {img}\nWhat is it?\n/reset\n/bogus\nHello\n/quit\nnever sent\n"
-    p = lfm2vl("chat", "--model", folder, *FAST, stdin=script)
+    p = lfm2vl("chat", "--model", tiny_checkpoint, *FAST, stdin=script)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
-    first = engine_text(folder, "Hello")
+    first = engine_text(tiny_engine, "Hello")
     assert len(lines) >= 3
     assert p.stdout.startswith(first.text + "\n")
     assert p.stdout.endswith(first.text + "\n")  # after /reset the same first turn gives the same answer
     assert "attached" in p.stderr and "reset" in p.stderr and "unknown command" in p.stderr
 
 
-def test_offline_without_weights_is_one_clear_line(tmp_path, setup):
-    _, img, _ = setup
+def test_offline_without_weights_is_one_clear_line(tmp_path, img):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
     p = lfm2vl("describe", img, env=env)
     assert p.returncode != 0
@@ -81,13 +74,12 @@ def test_offline_without_weights_is_one_clear_line(tmp_path, setup):
     assert len(err) == 1 and "--model" in err[0] and "LiquidAI/LFM2-VL-450M" in err[0]
 
 
-def test_user_errors_exit_nonzero_without_traceback(setup):
-    folder, _, d = setup
-    p = lfm2vl("describe", d / "missing.png", "--model", folder)
+def test_user_errors_exit_nonzero_without_traceback(tiny_checkpoint, tmp_path):
+    p = lfm2vl("describe", tmp_path / "missing.png", "--model", tiny_checkpoint)
     assert p.returncode == 1 and "does not exist" in p.stderr and "Traceback" not in p.stderr
-    bad = d / "bad.json"
+    bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    p = lfm2vl("generate", "--messages", bad, "--model", folder)
+    p = lfm2vl("generate", "--messages", bad, "--model", tiny_checkpoint)
     assert p.returncode == 1 and "not valid JSON" in p.stderr and "Traceback" not in p.stderr
 
 
@@ -113,22 +105,21 @@ def test_help_and_delegated_subcommands():
             sys.modules["lfm2vl.serve.cli"] = saved
 
 
-def test_int4_and_low_memory_flags_reach_the_engine(setup):
+def test_int4_and_low_memory_flags_reach_the_engine(tiny_checkpoint, img, tmp_path):
     """--int4 / --low-memory give what lfm2vl.load(int4=True, low_memory=True) gives; --int8 with --int4 is a usage
     error."""
     from lfm2vl.engine import load
 
-    folder, img, d = setup
     msgs = [{"role": "user", "content": [{"type": "image", "path": str(img)}, {"type": "text", "text": "Hi"}]}]
-    f = d / "m4.json"
+    f = tmp_path / "m4.json"
     f.write_text(json.dumps(msgs))
-    p = lfm2vl("generate", "--messages", f, "--json", "--model", folder, "--int4", "--low-memory",
+    p = lfm2vl("generate", "--messages", f, "--json", "--model", tiny_checkpoint, "--int4", "--low-memory",
                "--max-new-tokens", "6", "--temperature", "0")
     assert p.returncode == 0, p.stderr
-    eng = load(folder, int4=True, low_memory=True)
+    eng = load(tiny_checkpoint, int4=True, low_memory=True)
     assert eng.model.low_memory and type(eng.model.lm_head).__name__ == "Int4Linear"
     assert json.loads(p.stdout)["token_ids"] == eng.generate(msgs, temperature=0, max_new_tokens=6).token_ids
-    p = lfm2vl("generate", "--messages", f, "--model", folder, "--int8", "--int4")
+    p = lfm2vl("generate", "--messages", f, "--model", tiny_checkpoint, "--int8", "--int4")
     assert p.returncode == 2 and "not allowed with argument" in p.stderr and "Traceback" not in p.stderr
 
 
@@ -152,9 +143,8 @@ def run_main(capsys, *argv):
     ("--seed", str(2**70), "expected an integer in [-2**63, 2**64 - 1]"),
     ("--min-image-tokens", "0", "expected an integer >= 1"),
 ])
-def test_bad_option_value_is_a_usage_error_naming_the_flag(capsys, tmp_path, setup, flag, value, says):
+def test_bad_option_value_is_a_usage_error_naming_the_flag(capsys, tmp_path, img, flag, value, says):
     """Checked while parsing (the model folder does not even exist), worded with the flag the user typed."""
-    _, img, _ = setup
     rc, _, err = run_main(capsys, "describe", img, "--model", tmp_path / "no-model", flag, value)
     assert rc == 2 and f"argument {flag}: {value} is invalid; {says}" in err
     assert flag[2:].replace("-", "_") + "=" not in err  # not the Python keyword
@@ -169,11 +159,10 @@ def test_describe_a_folder_says_it_is_not_an_image_file(capsys, tmp_path):
     ("bogus", False, "device 'bogus' is not a known device; use cpu, cuda, cuda:N (the N-th GPU) or mps"),
     ("cuda", False, "device 'cuda': CUDA is not available"),
 ])
-def test_device_error_is_one_line_before_loading(capsys, monkeypatch, tmp_path, setup, device, cuda, says):
+def test_device_error_is_one_line_before_loading(capsys, monkeypatch, tmp_path, img, device, cuda, says):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    _, img, _ = setup
     rc, _, err = run_main(capsys, "describe", img, "--model", tmp_path / "no-model", "--device", device)
     assert rc == 1 and len(err.splitlines()) == 1 and err.startswith(f"lfm2vl: error: {says}")
 
@@ -186,19 +175,17 @@ def test_generate_checks_roles_before_loading(capsys, tmp_path):
     assert "messages[0] has role 'robot'; expected one of 'system', 'developer', 'user', 'assistant'" in err
 
 
-def test_generate_continue_final_message(setup):
+def test_generate_continue_final_message(tiny_checkpoint, tiny_engine, tmp_path):
     """--continue-final-message gives what engine.generate(..., continue_final_message=True) gives."""
-    folder, _, d = setup
     msgs = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon a"}]
-    f = d / "cont.json"
+    f = tmp_path / "cont.json"
     f.write_text(json.dumps(msgs))
-    p = lfm2vl("generate", "--messages", f, "--json", "--continue-final-message", "--model", folder, *FAST)
+    p = lfm2vl("generate", "--messages", f, "--json", "--continue-final-message", "--model", tiny_checkpoint, *FAST)
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["token_ids"] == engine_text(folder, msgs, continue_final_message=True).token_ids
+    assert json.loads(p.stdout)["token_ids"] == engine_text(tiny_engine, msgs, continue_final_message=True).token_ids
 
 
-def test_offline_hint_names_the_hf_command(tmp_path, setup):
-    _, img, _ = setup
+def test_offline_hint_names_the_hf_command(tmp_path, img):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
     p = lfm2vl("describe", img, env=env)
     assert p.returncode == 1 and "`hf download LiquidAI/LFM2-VL-450M --local-dir DIR`" in p.stderr

@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from checkpoints import cached_checkpoint
 from lfm2vl.engine import load, to_messages
 from lfm2vl.generate.sampling import SamplingParams
 
@@ -18,16 +17,6 @@ GREEDY = dict(temperature=0, repetition_penalty=1.0, min_new_tokens=12, max_new_
 def picture(w, h, seed=0):
     rng = np.random.RandomState(seed)
     return Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8"))
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return cached_checkpoint(tmp_path_factory, "450m")[0]
-
-
-@pytest.fixture(scope="module")
-def engine(folder):
-    return load(folder, dtype="float32")
 
 
 def count_encoded_units(engine):
@@ -48,49 +37,49 @@ def conv(text, *images):
              [{"type": "text", "text": text}]}]
 
 
-def test_defaults_follow_the_model_card_and_checkpoint(engine):
+def test_defaults_follow_the_model_card_and_checkpoint(tiny_engine):
     p = SamplingParams()
     assert (p.temperature, p.min_p, p.repetition_penalty) == (0.1, 0.15, 1.05)
-    assert engine.eos_ids == (7,)
-    assert engine.processor.settings.image.use_thumbnail is False  # from the checkpoint's processor files
-    req = engine.prepare("hi")
+    assert tiny_engine.eos_ids == (7,)
+    assert tiny_engine.processor.settings.image.use_thumbnail is False  # from the checkpoint's processor files
+    req = tiny_engine.prepare("hi")
     assert req.params.temperature == 0.1 and req.eos_ids == (7,)
 
 
-def test_eos_list_from_generation_config(folder, tmp_path):
+def test_eos_list_from_generation_config(tiny_checkpoint, tmp_path):
     import shutil
 
     f = tmp_path / "ckpt"
-    shutil.copytree(folder, f)
+    shutil.copytree(tiny_checkpoint, f)
     (f / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 2], "bos_token_id": 1}))
     assert set(load(f, dtype="float32").eos_ids) == {7, 2}
 
 
-def test_batch_equals_one_at_a_time(engine):
+def test_batch_equals_one_at_a_time(tiny_engine):
     convs = [conv("What is in this image?", picture(384, 256)), "Tell me a story.",
              conv("Compare", picture(256, 256, 1), picture(320, 200, 2)), "Short."]
     opts = [dict(GREEDY), dict(GREEDY, max_new_tokens=5), dict(temperature=0.9, seed=3, max_new_tokens=9),
             dict(GREEDY, stop=["e"])]
-    batch = engine.generate(convs, **GREEDY, max_batch=3)
+    batch = tiny_engine.generate(convs, **GREEDY, max_batch=3)
     for c, r in zip(convs, batch):
-        engine.reset()
-        alone = engine.generate(c, **GREEDY)
+        tiny_engine.reset()
+        alone = tiny_engine.generate(c, **GREEDY)
         assert (r.token_ids, r.text, r.finish_reason) == (alone.token_ids, alone.text, alone.finish_reason)
     # mixed options per request go through prepare + the BatchGenerator directly
     from lfm2vl.generate.batch import BatchGenerator
 
-    gen = BatchGenerator(engine, max_batch=4)
-    rids = [gen.add(engine.prepare(c, **o)) for c, o in zip(convs, opts)]
+    gen = BatchGenerator(tiny_engine, max_batch=4)
+    rids = [gen.add(tiny_engine.prepare(c, **o)) for c, o in zip(convs, opts)]
     out = gen.run(rids)
     for c, o, rid in zip(convs, opts, rids):
-        engine.reset()
-        assert out[rid].token_ids == engine.generate(c, **o).token_ids
+        tiny_engine.reset()
+        assert out[rid].token_ids == tiny_engine.generate(c, **o).token_ids
 
 
-def test_chunked_prefill_equals_one_shot(folder):
+def test_chunked_prefill_equals_one_shot(tiny_checkpoint):
     c = conv("What is in this image? Describe it in detail.", picture(500, 300))
-    e1 = load(folder, dtype="float32")
-    e2 = load(folder, dtype="float32")
+    e1 = load(tiny_checkpoint, dtype="float32")
+    e2 = load(tiny_checkpoint, dtype="float32")
     e2.prefill_chunk = 7  # many chunks, one crossing the image tokens
     r1, r2 = e1.generate(c, **GREEDY), e2.generate(c, **GREEDY)
     assert r1.prompt_tokens > 7 * 10
@@ -103,8 +92,8 @@ def test_chunked_prefill_equals_one_shot(folder):
     np.testing.assert_allclose(a[0].logprobs, b[0].logprobs, atol=1e-4)
 
 
-def test_second_turn_reuses_cache_and_equals_fresh_run(folder):
-    engine = load(folder, dtype="float32")
+def test_second_turn_reuses_cache_and_equals_fresh_run(tiny_checkpoint):
+    engine = load(tiny_checkpoint, dtype="float32")
     calls, restore = count_encoded_units(engine)
     chat = engine.chat(system="You are a helpful multimodal assistant by Liquid AI.", **GREEDY)
     r1 = chat.send("What is in this image?", images=[picture(384, 256)])
@@ -113,18 +102,18 @@ def test_second_turn_reuses_cache_and_equals_fresh_run(folder):
     assert sum(calls) == 1, "the image of turn 1 was encoded again"
     assert r2.cached_tokens >= r1.prompt_tokens  # at least the whole first prompt was reused
     restore()
-    fresh = load(folder, dtype="float32").generate(chat.messages[:-1], **GREEDY)
+    fresh = load(tiny_checkpoint, dtype="float32").generate(chat.messages[:-1], **GREEDY)
     assert r2.token_ids == fresh.token_ids and r2.prompt_tokens == fresh.prompt_tokens
     # a third turn with a new image: only the new image is encoded
     calls2, _ = count_encoded_units(engine)
     r3 = chat.send("Now this one?", images=[picture(256, 256, 5)])
     assert sum(calls2) == 1 and r3.cached_tokens >= r2.prompt_tokens
-    fresh3 = load(folder, dtype="float32").generate(chat.messages[:-1], **GREEDY)
+    fresh3 = load(tiny_checkpoint, dtype="float32").generate(chat.messages[:-1], **GREEDY)
     assert r3.token_ids == fresh3.token_ids
 
 
-def test_chat_stream_and_reset(engine):
-    chat = engine.chat(**GREEDY)
+def test_chat_stream_and_reset(tiny_engine):
+    chat = tiny_engine.chat(**GREEDY)
     s = chat.stream("Hello!")
     pieces = list(s)
     assert "".join(pieces) == s.result.text and chat.messages[-1] == {"role": "assistant", "content": s.result.text}
@@ -132,21 +121,21 @@ def test_chat_stream_and_reset(engine):
     assert chat.messages == []
 
 
-def test_stream_equals_generate_and_never_splits(engine):
+def test_stream_equals_generate_and_never_splits(tiny_engine):
     c = conv("Describe.", picture(300, 300))
-    engine.reset()
-    res = engine.generate(c, **GREEDY)
-    engine.reset()
-    s = engine.stream(c, **GREEDY)
+    tiny_engine.reset()
+    res = tiny_engine.generate(c, **GREEDY)
+    tiny_engine.reset()
+    s = tiny_engine.stream(c, **GREEDY)
     pieces = list(s)
     assert "".join(pieces) == res.text == s.result.text
     # random weights emit invalid byte sequences (U+FFFD in the decoded text itself); splitting is tested on
     # real multi-byte text in test_detok.py. Here: the pieces add up to the one-shot decode.
-    assert res.text == engine.tokenizer.decode(res.token_ids, skip_special_tokens=True)
+    assert res.text == tiny_engine.tokenizer.decode(res.token_ids, skip_special_tokens=True)
 
 
-def test_abandoned_stream_is_cancelled(engine):
-    s = engine.stream("Tell me a story.", **dict(GREEDY, max_new_tokens=40, min_new_tokens=40))
+def test_abandoned_stream_is_cancelled(tiny_engine):
+    s = tiny_engine.stream("Tell me a story.", **dict(GREEDY, max_new_tokens=40, min_new_tokens=40))
     for i, _ in enumerate(s):
         if i == 2:
             break
@@ -154,37 +143,37 @@ def test_abandoned_stream_is_cancelled(engine):
     import gc
 
     gc.collect()  # closes the abandoned generator, which cancels its request
-    assert not engine._single_gen().has_work()
-    res = engine.generate("Hi", **GREEDY)
+    assert not tiny_engine._single_gen().has_work()
+    res = tiny_engine.generate("Hi", **GREEDY)
     assert res.completion_tokens == 12
 
 
-def test_seed_reproducible_and_temperature_zero_ignores_seed(engine):
-    run = lambda **o: engine.generate("Write a poem.", max_new_tokens=16, min_new_tokens=16, **o)
+def test_seed_reproducible_and_temperature_zero_ignores_seed(tiny_engine):
+    run = lambda **o: tiny_engine.generate("Write a poem.", max_new_tokens=16, min_new_tokens=16, **o)
     a, b, c = run(temperature=1.0, seed=1), run(temperature=1.0, seed=1), run(temperature=1.0, seed=2)
     assert a.text == b.text and a.token_ids == b.token_ids and a.token_ids != c.token_ids
     assert run(temperature=0, seed=1).token_ids == run(temperature=0, seed=2).token_ids
 
 
-def test_result_fields_and_timings(engine):
-    r = engine.generate("Hi", **GREEDY, logprobs=True)
+def test_result_fields_and_timings(tiny_engine):
+    r = tiny_engine.generate("Hi", **GREEDY, logprobs=True)
     assert r.finish_reason == "length" and r.completion_tokens == len(r.token_ids) == 12
-    assert r.prompt_tokens == len(engine.prepare("Hi").input_ids)
+    assert r.prompt_tokens == len(tiny_engine.prepare("Hi").input_ids)
     assert r.ttft_s > 0 and r.decode_s > 0 and r.decode_tps > 0 and r.prefill_tps > 0
     assert len(r.logprobs) == 12 and all(lp <= 0 for lp in r.logprobs)
 
 
-def test_max_new_tokens_and_stop_string(engine):
-    r = engine.generate("Hi", temperature=0, max_new_tokens=3)
+def test_max_new_tokens_and_stop_string(tiny_engine):
+    r = tiny_engine.generate("Hi", temperature=0, max_new_tokens=3)
     assert r.completion_tokens <= 3
-    full = engine.generate("Hi", **GREEDY)
+    full = tiny_engine.generate("Hi", **GREEDY)
     piece = full.text[2:4]
     if piece.strip():
-        r = engine.generate("Hi", **GREEDY, stop=[piece])
+        r = tiny_engine.generate("Hi", **GREEDY, stop=[piece])
         assert r.finish_reason == "stop" and piece not in r.text and full.text.startswith(r.text)
 
 
-def test_message_formats_give_the_same_prompt(engine, tmp_path):
+def test_message_formats_give_the_same_prompt(tiny_engine, tmp_path):
     img = picture(200, 150)
     path = tmp_path / "x.png"
     img.save(path)
@@ -195,17 +184,17 @@ def test_message_formats_give_the_same_prompt(engine, tmp_path):
         [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(path)}},
                                       {"type": "text", "text": "What?"}]}],
     ]
-    reqs = [engine.prepare(f) for f in forms]
-    reqs.append(engine.prepare("What?", images=[str(path)]))
+    reqs = [tiny_engine.prepare(f) for f in forms]
+    reqs.append(tiny_engine.prepare("What?", images=[str(path)]))
     for r in reqs[1:]:
         assert r.input_ids == reqs[0].input_ids
         assert torch.equal(r.pixel_values, reqs[0].pixel_values)
 
 
-def test_image_knobs_change_the_prompt(engine):
+def test_image_knobs_change_the_prompt(tiny_engine):
     img = picture(1024, 768)
-    small = engine.prepare(conv("x", img), do_image_splitting=False, max_image_tokens=64)
-    big = engine.prepare(conv("x", img))
+    small = tiny_engine.prepare(conv("x", img), do_image_splitting=False, max_image_tokens=64)
+    big = tiny_engine.prepare(conv("x", img))
     assert len(small.input_ids) < len(big.input_ids)
 
 
@@ -220,9 +209,9 @@ def test_image_knobs_change_the_prompt(engine):
     (lambda e: e.prepare("x " * 5000), "context"),
     (lambda e: e.prepare(conv("x", picture(10, 10)), images=[picture(10, 10)]), "both"),
 ])
-def test_bad_input_raises_clear_value_error(engine, call, match):
+def test_bad_input_raises_clear_value_error(tiny_engine, call, match):
     with pytest.raises(ValueError, match=match):
-        call(engine)
+        call(tiny_engine)
 
 
 def test_to_messages_places_images_before_prompt_text():
@@ -232,10 +221,10 @@ def test_to_messages_places_images_before_prompt_text():
                                                  {"type": "text", "text": "Describe"}]}]
 
 
-def test_two_streams_interleaved_on_one_engine(engine):
-    engine.reset()
-    ref = [engine.generate(p, **GREEDY).text for p in ("One.", "Two.")]
-    it1, it2 = iter(engine.stream("One.", **GREEDY)), iter(engine.stream("Two.", **GREEDY))
+def test_two_streams_interleaved_on_one_engine(tiny_engine):
+    tiny_engine.reset()
+    ref = [tiny_engine.generate(p, **GREEDY).text for p in ("One.", "Two.")]
+    it1, it2 = iter(tiny_engine.stream("One.", **GREEDY)), iter(tiny_engine.stream("Two.", **GREEDY))
     a, b = [], []
     for x, out in ((it1, a), (it2, b), (it1, a)):
         out.append(next(x, ""))
@@ -245,9 +234,9 @@ def test_two_streams_interleaved_on_one_engine(engine):
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_gives_the_same_greedy_tokens(folder):
-    eager = load(folder, dtype="float32", optimize=False)
-    compiled = load(folder, dtype="float32", optimize=False, compile=True)
+def test_compiled_decode_step_gives_the_same_greedy_tokens(tiny_checkpoint):
+    eager = load(tiny_checkpoint, dtype="float32", optimize=False)
+    compiled = load(tiny_checkpoint, dtype="float32", optimize=False, compile=True)
     assert compiled.decode_forward is not None
     c = conv("What is in this image?", picture(384, 256))
     assert compiled.generate(c, **GREEDY).token_ids == eager.generate(c, **GREEDY).token_ids
@@ -265,30 +254,30 @@ def test_cpu_only_options_on_another_device_are_clear_errors():
         load("no/such-model", int8=True, int4=True)
 
 
-def test_prepared_pixels_are_as_wide_as_the_largest_unit_not_the_budget(engine):
-    req = engine.prepare(conv("hi", picture(64, 48)), max_image_tokens=256)
+def test_prepared_pixels_are_as_wide_as_the_largest_unit_not_the_budget(tiny_engine):
+    req = tiny_engine.prepare(conv("hi", picture(64, 48)), max_image_tokens=256)
     assert req.pixel_values.shape[1] == int(req.pixel_attention_mask.sum(1).max()) < 256 * 4
 
 
-def test_pixels_as_wide_as_the_unit_give_the_same_answer_as_the_padded_ones(engine):
+def test_pixels_as_wide_as_the_unit_give_the_same_answer_as_the_padded_ones(tiny_engine):
     msgs = conv("hi", picture(64, 48))
-    req = engine.prepare(msgs, **GREEDY)
-    padded = engine.processor(text=engine.processor.apply_chat_template(msgs, add_generation_prompt=True),
+    req = tiny_engine.prepare(msgs, **GREEDY)
+    padded = tiny_engine.processor(text=tiny_engine.processor.apply_chat_template(msgs, add_generation_prompt=True),
                               images=[picture(64, 48)])
     assert padded["pixel_values"].shape[1] > req.pixel_values.shape[1]
-    out = engine.model.image_features(req.pixel_values, req.pixel_attention_mask, req.spatial_shapes)
-    ref = engine.model.image_features(padded["pixel_values"], padded["pixel_attention_mask"],
+    out = tiny_engine.model.image_features(req.pixel_values, req.pixel_attention_mask, req.spatial_shapes)
+    ref = tiny_engine.model.image_features(padded["pixel_values"], padded["pixel_attention_mask"],
                                       padded["spatial_shapes"])
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
-def test_a_text_far_over_the_context_is_refused_before_tokenizing(engine, monkeypatch):
+def test_a_text_far_over_the_context_is_refused_before_tokenizing(tiny_engine, monkeypatch):
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized")
 
-    monkeypatch.setattr(engine.processor.tokenizer, "encode_batch", no_tokenizing)
+    monkeypatch.setattr(tiny_engine.processor.tokenizer, "encode_batch", no_tokenizing)
     with pytest.raises(ValueError, match="3000000 characters of text, far more than the context of 512 tokens"):
-        engine.prepare("abc " * 750_000, context=512)
+        tiny_engine.prepare("abc " * 750_000, context=512)
 
 
 # ---- roles, parts and option values ------------------------------------------------------------------------------
@@ -300,9 +289,10 @@ def test_role_outside_the_rule_is_a_value_error_naming_it(role):
                                    "'assistant'")
 
 
-def test_developer_role_is_rendered_as_system(engine):
-    as_developer = engine.prepare([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
-    as_system = engine.prepare([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+def test_developer_role_is_rendered_as_system(tiny_engine):
+    as_developer = tiny_engine.prepare([{"role": "developer", "content": "Be brief."},
+                                        {"role": "user", "content": "Hi"}])
+    as_system = tiny_engine.prepare([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     assert as_developer.input_ids == as_system.input_ids
 
 
@@ -323,49 +313,49 @@ def test_malformed_part_is_a_value_error_naming_it(part, says):
 @pytest.mark.parametrize("name", ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                                   "frequency_penalty"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_float_option_must_be_a_finite_number(engine, name, value):
+def test_non_finite_float_option_must_be_a_finite_number(tiny_engine, name, value):
     with pytest.raises(ValueError, match=rf"^{name}={value!r} is invalid; must be a finite number$"):
-        engine.prepare("hi", **{name: value})
+        tiny_engine.prepare("hi", **{name: value})
 
 
 @pytest.mark.parametrize("seed", [2**64, -2**63 - 1, 2**70])
-def test_seed_outside_what_manual_seed_accepts_is_rejected_by_prepare(engine, seed):
+def test_seed_outside_what_manual_seed_accepts_is_rejected_by_prepare(tiny_engine, seed):
     with pytest.raises(ValueError, match=r"seed=.* is invalid; expected an integer in \[-2\*\*63, 2\*\*64 - 1\]"):
-        engine.prepare("hi", seed=seed)
+        tiny_engine.prepare("hi", seed=seed)
 
 
-def test_undecodable_image_is_named_by_its_position(engine):
+def test_undecodable_image_is_named_by_its_position(tiny_engine):
     import io
 
     buf = io.BytesIO()
     picture(40, 30).save(buf, "JPEG")
     header_only = buf.getvalue()[:30]  # PIL's open raises OSError("Truncated File Read") on it
     with pytest.raises(ValueError) as e:
-        engine.prepare(conv("x", picture(40, 30), header_only))
+        tiny_engine.prepare(conv("x", picture(40, 30), header_only))
     assert str(e.value).startswith("image 2 of 2: ") and " at 0x" not in str(e.value)
 
 
 # ---- continuing a final assistant message ------------------------------------------------------------------------
-def test_continue_final_message_prompt_is_the_transformers_rendering(engine, folder):
+def test_continue_final_message_prompt_is_the_transformers_rendering(tiny_engine, tiny_checkpoint):
     from transformers import AutoTokenizer
 
     convo = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon a"}]
-    ref = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(convo, continue_final_message=True,
+    ref = AutoTokenizer.from_pretrained(str(tiny_checkpoint)).apply_chat_template(convo, continue_final_message=True,
                                                                          tokenize=True, return_dict=False)
-    ids = engine.prepare(convo, continue_final_message=True).input_ids
+    ids = tiny_engine.prepare(convo, continue_final_message=True).input_ids
     assert ids == list(ref)
-    assert engine.tokenizer.decode(ids).endswith("<|im_start|>assistant\nOnce upon a")
+    assert tiny_engine.tokenizer.decode(ids).endswith("<|im_start|>assistant\nOnce upon a")
 
 
-def test_continue_final_message_needs_a_final_assistant_message(engine):
+def test_continue_final_message_needs_a_final_assistant_message(tiny_engine):
     with pytest.raises(ValueError, match="continue_final_message=True continues the final assistant message, but the "
                                          "conversation ends with a user message"):
-        engine.prepare("hi", continue_final_message=True)
+        tiny_engine.prepare("hi", continue_final_message=True)
 
 
 # ---- stopping early ----------------------------------------------------------------------------------------------
-def test_chat_reply_stopped_early_stays_in_the_conversation(engine):
-    chat = engine.chat(**dict(GREEDY, max_new_tokens=40, min_new_tokens=40))
+def test_chat_reply_stopped_early_stays_in_the_conversation(tiny_engine):
+    chat = tiny_engine.chat(**dict(GREEDY, max_new_tokens=40, min_new_tokens=40))
     stream = chat.stream("Tell me a story.")
     it = iter(stream)
     shown = "".join(next(it) for _ in range(3))
@@ -374,15 +364,15 @@ def test_chat_reply_stopped_early_stays_in_the_conversation(engine):
                              {"role": "assistant", "content": shown}]
 
 
-def test_request_after_a_step_cut_by_ctrl_c_equals_a_fresh_run(engine):
+def test_request_after_a_step_cut_by_ctrl_c_equals_a_fresh_run(tiny_engine):
     """KeyboardInterrupt right after a decode forward (the conv state has advanced, the row's tokens not yet) while
     streaming: a request extending what the row holds still gets the tokens of a fresh run."""
     from lfm2vl.engine import Stream
     from lfm2vl.generate.batch import BatchGenerator
 
     opts = dict(GREEDY, max_new_tokens=20, min_new_tokens=20)
-    tokens = engine.generate("Tell me a story.", **opts).token_ids
-    gen = BatchGenerator(engine, max_batch=1)
+    tokens = tiny_engine.generate("Tell me a story.", **opts).token_ids
+    gen = BatchGenerator(tiny_engine, max_batch=1)
     forward, calls = gen.decode_forward, []
 
     def interrupted(*a, **k):
@@ -393,11 +383,11 @@ def test_request_after_a_step_cut_by_ctrl_c_equals_a_fresh_run(engine):
         return out
 
     gen.decode_forward = interrupted
-    req = engine.prepare("Tell me a story.", **opts)
+    req = tiny_engine.prepare("Tell me a story.", **opts)
     with pytest.raises(KeyboardInterrupt):
         for _ in Stream(gen, req):
             pass
     gen.decode_forward = forward
     longer = dataclasses.replace(req, input_ids=req.input_ids + tokens[:8])
-    fresh = BatchGenerator(engine, max_batch=1)
+    fresh = BatchGenerator(tiny_engine, max_batch=1)
     assert gen.run([rid := gen.add(longer)])[rid].token_ids == fresh.run([f := fresh.add(longer)])[f].token_ids

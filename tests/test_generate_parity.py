@@ -58,7 +58,7 @@ def hf_generate(hf, kw):
     return out[:, kw["input_ids"].shape[1]:].tolist()
 
 
-@pytest.fixture(scope="module", params=["450m", "2.5"])
+@pytest.fixture(scope="module", params=["tiny-lfm2vl", "tiny-lfm25vl"])
 def pair(request, tmp_path_factory):
     from transformers import Lfm2VlForConditionalGeneration
 

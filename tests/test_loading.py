@@ -19,11 +19,6 @@ from lfm2vl.loading import LoadError, load_model, remap_hf_keys
 EMB = "model.language_model.embed_tokens.weight"
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return cached_checkpoint(tmp_path_factory, "450m")[0]
-
-
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -37,9 +32,9 @@ def _edit_weights(folder: Path, edit) -> None:
 
 
 # ---- successful loads --------------------------------------------------------------------------------------------
-def test_tied_float32_load(ckpt):
-    model, config, folder = load_model(ckpt, dtype=torch.float32)
-    assert folder == ckpt and config.tie_word_embeddings
+def test_tied_float32_load(tiny_checkpoint):
+    model, config, folder = load_model(tiny_checkpoint, dtype=torch.float32)
+    assert folder == tiny_checkpoint and config.tie_word_embeddings
     assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
     assert not model.training
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
@@ -47,16 +42,16 @@ def test_tied_float32_load(ckpt):
 
 @pytest.mark.parametrize("dtype,want", [(None, torch.bfloat16), ("float16", torch.float16),
                                         ("bf16", torch.bfloat16), (torch.float32, torch.float32)])
-def test_dtypes(ckpt, dtype, want):
-    model, _, _ = load_model(ckpt, dtype=dtype, device="cpu")
+def test_dtypes(tiny_checkpoint, dtype, want):
+    model, _, _ = load_model(tiny_checkpoint, dtype=dtype, device="cpu")
     assert {p.dtype for p in model.parameters()} == {want}
     out = model(torch.tensor([[1, 6, 600, 601]]))
     assert out.dtype == want and torch.isfinite(out.float()).all()
 
 
-def test_bad_dtype(ckpt):
+def test_bad_dtype(tiny_checkpoint):
     with pytest.raises(LoadError, match="dtype 'int8' is not supported"):
-        load_model(ckpt, dtype="int8")
+        load_model(tiny_checkpoint, dtype="int8")
 
 
 def test_custom_era_layout_drops_unused_vision_layer(tmp_path_factory):
@@ -98,10 +93,10 @@ def test_sharded_untied(tmp_path_factory):
     assert torch.equal(model.lm_head.weight, hf.lm_head.weight)
 
 
-def test_hub_id_from_local_cache(ckpt, tmp_path):
+def test_hub_id_from_local_cache(tiny_checkpoint, tmp_path):
     """A hub id resolves through huggingface_hub's cache (offline, pre-populated cache; no network)."""
     snap = tmp_path / "hub" / "models--someone--tiny-vl" / "snapshots" / ("a" * 40)
-    shutil.copytree(ckpt, snap)
+    shutil.copytree(tiny_checkpoint, snap)
     (snap.parent.parent / "refs").mkdir()
     (snap.parent.parent / "refs" / "main").write_text("a" * 40)
     out = _run_isolated("someone/tiny-vl", tmp_path)
@@ -110,30 +105,30 @@ def test_hub_id_from_local_cache(ckpt, tmp_path):
 
 
 # ---- errors ------------------------------------------------------------------------------------------------------
-def test_missing_tensor(ckpt, tmp_path):
-    f = _copy(ckpt, tmp_path / "c")
+def test_missing_tensor(tiny_checkpoint, tmp_path):
+    f = _copy(tiny_checkpoint, tmp_path / "c")
     _edit_weights(f, lambda sd: sd.pop("model.language_model.layers.2.self_attn.k_layernorm.weight"))
     with pytest.raises(LoadError, match=r"missing tensors: model\.language_model\.layers\.2\.self_attn\.k_layernorm"):
         load_model(f)
 
 
-def test_unexpected_tensor(ckpt, tmp_path):
-    f = _copy(ckpt, tmp_path / "c")
+def test_unexpected_tensor(tiny_checkpoint, tmp_path):
+    f = _copy(tiny_checkpoint, tmp_path / "c")
     _edit_weights(f, lambda sd: sd.update({"model.language_model.layers.0.extra.weight": torch.zeros(3)}))
     with pytest.raises(LoadError, match=r"unexpected tensors: model\.language_model\.layers\.0\.extra\.weight"):
         load_model(f)
 
 
-def test_wrong_shape(ckpt, tmp_path):
-    f = _copy(ckpt, tmp_path / "c")
+def test_wrong_shape(tiny_checkpoint, tmp_path):
+    f = _copy(tiny_checkpoint, tmp_path / "c")
     key = "model.language_model.layers.0.feed_forward.w1.weight"
     _edit_weights(f, lambda sd: sd.update({key: torch.zeros(7, 64)}))
     with pytest.raises(LoadError, match=rf"mis-shaped tensors: {key}: checkpoint \(7, 64\), config expects \(256, 64\)"):
         load_model(f)
 
 
-def test_untied_config_without_lm_head(ckpt, tmp_path):
-    f = _copy(ckpt, tmp_path / "c")
+def test_untied_config_without_lm_head(tiny_checkpoint, tmp_path):
+    f = _copy(tiny_checkpoint, tmp_path / "c")
     cfg = json.loads((f / "config.json").read_text())
     cfg["tie_word_embeddings"] = False
     (f / "config.json").write_text(json.dumps(cfg))
@@ -141,8 +136,8 @@ def test_untied_config_without_lm_head(ckpt, tmp_path):
         load_model(f)
 
 
-def test_unknown_model_type(ckpt, tmp_path):
-    f = _copy(ckpt, tmp_path / "c")
+def test_unknown_model_type(tiny_checkpoint, tmp_path):
+    f = _copy(tiny_checkpoint, tmp_path / "c")
     cfg = json.loads((f / "config.json").read_text())
     cfg["model_type"] = "llava"
     (f / "config.json").write_text(json.dumps(cfg))
@@ -150,8 +145,8 @@ def test_unknown_model_type(ckpt, tmp_path):
         load_model(f)
 
 
-def test_only_pickle_checkpoint(ckpt, tmp_path):
-    f = _copy(ckpt, tmp_path / "c")
+def test_only_pickle_checkpoint(tiny_checkpoint, tmp_path):
+    f = _copy(tiny_checkpoint, tmp_path / "c")
     (f / "model.safetensors").unlink()
     (f / "pytorch_model.bin").write_bytes(b"\x80\x04 would be unpickled by torch.load: never")
     with pytest.raises(LoadError, match=r"only pickle checkpoints \(pytorch_model\.bin\).*never unpickles"):
@@ -159,8 +154,8 @@ def test_only_pickle_checkpoint(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("how", ["garbage", "truncated"])
-def test_corrupt_safetensors(ckpt, tmp_path, how):
-    f = _copy(ckpt, tmp_path / "c")
+def test_corrupt_safetensors(tiny_checkpoint, tmp_path, how):
+    f = _copy(tiny_checkpoint, tmp_path / "c")
     w = f / "model.safetensors"
     data = w.read_bytes()
     w.write_bytes(b"this is not a safetensors file" if how == "garbage" else data[: len(data) // 2])

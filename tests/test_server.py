@@ -35,7 +35,7 @@ CONTEXT = 1024
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return cached_checkpoint(tmp_path_factory, "450m")[0]
+    return cached_checkpoint(tmp_path_factory, "tiny-lfm2vl")[0]
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,6 @@ import threading
 import httpx
 import pytest
 
-import lfm2vl
-from checkpoints import cached_checkpoint
 from lfm2vl.generate.batch import BatchGenerator
 from lfm2vl.serve.app import ServerSettings, create_app
 from lfm2vl.serve.scheduler import Scheduler
@@ -38,12 +36,10 @@ class RecordingGenerator(BatchGenerator):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    folder = cached_checkpoint(tmp_path_factory, "450m")[0]
-    engine = lfm2vl.load(str(folder), dtype="float32")
-    scheduler = Scheduler(engine, max_batch=4, max_seq_len=2048, prefill_chunk=CHUNK,
-                          make_generator=RecordingGenerator)
-    with ThreadServer(create_app(engine, scheduler, ServerSettings(model_id="m", context_len=2048))) as server:
+def served(tiny_engine):
+    scheduler = Scheduler(tiny_engine, max_batch=4, max_seq_len=2048, prefill_chunk=CHUNK,
+                               make_generator=RecordingGenerator)
+    with ThreadServer(create_app(tiny_engine, scheduler, ServerSettings(model_id="m", context_len=2048))) as server:
         server.scheduler = scheduler
         yield server
 

@@ -26,7 +26,7 @@ MODEL = "tiny-vl"
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return cached_checkpoint(tmp_path_factory, "450m")[0]
+    return cached_checkpoint(tmp_path_factory, "tiny-lfm2vl")[0]
 
 
 @pytest.fixture(scope="module")

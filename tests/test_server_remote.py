@@ -53,7 +53,7 @@ class _Internal(http.server.ThreadingHTTPServer):
 
 
 def test_allow_remote_images_refuses_internal_addresses(tmp_path_factory, tmp_path):
-    checkpoint = cached_checkpoint(tmp_path_factory, "450m")[0]
+    checkpoint = cached_checkpoint(tmp_path_factory, "tiny-lfm2vl")[0]
     internal = _Internal()
     port = internal.server_address[1]
     log = tmp_path / "stderr.log"

@@ -134,18 +134,15 @@ def test_native_short_conv_equals_the_torch_path(monkeypatch, bias):
     assert len(calls) == 5  # every native run above took the kernel
 
 
-def test_using_lfm2vl_leaves_the_environment_as_it_found_it(tmp_path):
+def test_using_lfm2vl_leaves_the_environment_as_it_found_it(tiny_checkpoint):
     """Loading and running a model (kernels, OpenMP team and all) changes no environment variable, so programs that
     lfm2vl starts (other engines in benchmarks) see the user's environment."""
     import os
     import subprocess
     import sys
 
-    from checkpoints import make_checkpoint
-
-    folder = make_checkpoint(tmp_path / "ckpt", "450m")
     code = ("import os, json; before = dict(os.environ); import lfm2vl\n"
-            f"e = lfm2vl.load({str(folder)!r}); e.generate('hi', max_new_tokens=2)\n"
+            f"e = lfm2vl.load({str(tiny_checkpoint)!r}); e.generate('hi', max_new_tokens=2)\n"
             "print(json.dumps([before == dict(os.environ), before.get('OMP_WAIT_POLICY')]))")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

@@ -1,0 +1,22 @@
+"""Fixtures shared by the test files: the tiny random checkpoint most tests run on, and a float32 engine on it."""
+from __future__ import annotations
+
+import pytest
+
+from checkpoints import cached_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Folder of the "tiny-lfm2vl" random checkpoint, built once per session. Read-only: a test that edits files
+    copies the folder first."""
+    return cached_checkpoint(tmp_path_factory, "tiny-lfm2vl")[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_checkpoint):
+    """A float32 engine on tiny_checkpoint, one per test file: tests in a file may reset or patch it, other files
+    never see that."""
+    from lfm2vl.engine import load
+
+    return load(tiny_checkpoint, dtype="float32")
