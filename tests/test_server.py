@@ -24,7 +24,7 @@ import pytest
 
 import lfm2vl
 from checkpoints import cached_checkpoint
-from server_util import image_data_url, image_part, post_raw, sse_events
+from server_util import ServerProcess, image_data_url, image_part, post_raw, sse_events
 from server_util import openai_error as _error
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,16 +246,28 @@ def test_api_key_flag_requires_the_key(server):
     assert _error(_post(server, _user(TEXT), key="sk-wrong"), 401)["code"] == "invalid_api_key"
 
 
-def test_zz_still_answers_then_ctrl_c(server, client):
+def test_still_answers_after_a_refused_request(server, client):
+    _error(_post(server, _user({"type": "text", "text": " ".join(f"w{i}" for i in range(1500))})), 400)
     r = client.chat.completions.create(model=MODEL, messages=VISION_MSG, max_tokens=4, temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length")
-    server.send_signal(signal.SIGINT)
+
+
+def test_ctrl_c_stops_the_server_cleanly(checkpoint, tmp_path):
+    srv = ServerProcess(["--model", str(checkpoint), "--dtype", "float32", "--log-level", "warning"],
+                        tmp_path / "stderr.log")
     try:
-        code = server.wait(30)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the server did not exit within 30 s of Ctrl-C (SIGINT); stdout: "
-                    f"{''.join(server.lines)[-500:]!r}; stderr: {server.log.read_text()[-1500:]!r}")
-    assert code == 0
-    time.sleep(0.2)
-    assert any("stopped" in line for line in server.lines)
-    assert "Traceback" not in server.log.read_text()
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=120,
+                       json={"model": checkpoint.name, "messages": VISION_MSG, "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200, r.text
+        srv.proc.send_signal(signal.SIGINT)
+        try:
+            code = srv.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the server did not exit within 30 s of Ctrl-C (SIGINT); stdout: "
+                        f"{''.join(srv.lines)[-500:]!r}; stderr: {(tmp_path / 'stderr.log').read_text()[-1500:]!r}")
+        assert code == 0
+        time.sleep(0.2)
+        assert any("stopped" in line for line in srv.lines)
+        assert "Traceback" not in (tmp_path / "stderr.log").read_text()
+    finally:
+        srv.stop()
