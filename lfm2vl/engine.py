@@ -18,25 +18,19 @@ unless continue_final_message=True, which leaves that message open for the model
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 import torch
 
 from .generate.batch import BatchGenerator
-from .generate.request import Event, Request, Result
+from .generate.options import PROMPT_OPTIONS, REQUEST_OPTIONS, SAMPLING_OPTIONS, split_options  # noqa: F401
+from .generate.request import Request, Result
 from .generate.sampling import SamplingParams
+from .generate.stream import Stream
 from .processor.chat import check_role
-from .processor.config import KNOBS
 
 DEFAULT_MODEL = "LiquidAI/LFM2-VL-450M"
-SAMPLING_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingParams))
-REQUEST_OPTIONS = ("max_new_tokens", "min_new_tokens", "stop")
-# How the conversation becomes a prompt. continue_final_message=True leaves the final assistant message open.
-# parse_special=True: special-token strings in message text (<|im_start|>, <image>, ...) become control tokens, as
-# in transformers; by default (False) they are plain text, so client text cannot forge turns or image slots.
-PROMPT_OPTIONS = ("continue_final_message", "parse_special")
 IMAGE_KEYS = ("image", "url", "path", "base64")
 
 
@@ -45,12 +39,12 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None, o
          progress: Callable[[int, int], None] | None = None) -> "Engine":
     """Load a checkpoint folder or hub id -> Engine. dtype defaults to bfloat16, device to cpu.
 
-    optimize: on CPU, swap in the fast decode modules of speed.py (same parameters and results within float
+    optimize: on CPU, swap in the fast modules of cpu/speed.py (same parameters and results within float
     rounding); int8 / int4: weight-only int8 / int4 linears in the language model and the output head (opt-in,
     changes results slightly; int4 in groups of 32 weights, the smallest and fastest decode);
     compile: torch.compile the static-shape decode step (opt-in; pair it with optimize=False, whose decode
     attention reads the cache length on the host); low_memory: the vision tower's and the language model's
-    memory-mapped weights never stay resident together (memory.py; lower peak RSS, slower image requests)."""
+    memory-mapped weights never stay resident together (cpu/lowmem.py; lower peak RSS, slower image requests)."""
     from .loading import check_device, load_model, parse_device
     from .processor import Processor
 
@@ -66,10 +60,13 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None, o
     kw = {"progress": progress} if progress is not None else {}
     m, config, folder = load_model(model, dtype=dtype, device=device, **kw)
     if optimize or int8 or int4:
-        from .speed import optimize_for_cpu
+        from .cpu.speed import optimize_for_cpu
 
         optimize_for_cpu(m, int8=int8, int4=int4)
-    m.low_memory = bool(low_memory)
+    if low_memory:
+        from .cpu.lowmem import set_low_memory
+
+        set_low_memory(m)
     return Engine(m, config, Processor.from_pretrained(folder), compile=compile)
 
 
@@ -174,65 +171,7 @@ class Engine:
         return gen.run([rid])[rid]
 
 
-class Stream:
-    """Iterates the text pieces of one request on a BatchGenerator; cancels it if abandoned early (closed, or an
-    exception such as Ctrl-C's KeyboardInterrupt). on_done(result) runs when it finishes; on_stop(text so far)
-    when it is cancelled after it started."""
-
-    def __init__(self, gen: BatchGenerator, req: Request, on_done: Callable[[Result], None] | None = None,
-                 on_stop: Callable[[str], None] | None = None):
-        self.gen, self.req, self.on_done, self.on_stop = gen, req, on_done, on_stop
-        self.result: Result | None = None
-        self.events: list[Event] = []
-
-    @property
-    def text(self) -> str:
-        """The text streamed so far."""
-        return "".join(ev.text for ev in self.events)
-
-    def __iter__(self) -> Iterator[str]:
-        rid = self.gen.add(self.req)
-        try:
-            for ev in self.gen.follow(rid):
-                self.events.append(ev)
-                if ev.result is not None:
-                    self.result = ev.result
-                if ev.text:
-                    yield ev.text
-        finally:
-            if self.result is None:
-                self.gen.cancel(rid)
-                if self.on_stop is not None:
-                    self.on_stop(self.text)
-        if self.on_done is not None:
-            self.on_done(self.result)
-
-
 # ---- options and messages -------------------------------------------------------------------------------------
-def split_options(options: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
-    """Engine options -> (SamplingParams fields, Request fields, processor knobs, prompt options); unknown names
-    are an error."""
-    sampling, request, knobs, prompt = {}, {}, {}, {}
-    for k, v in options.items():
-        if k in SAMPLING_OPTIONS:
-            if v is not None:
-                sampling[k] = v
-        elif k in REQUEST_OPTIONS:
-            request[k] = v
-        elif k in KNOBS:
-            knobs[k] = v
-        elif k in PROMPT_OPTIONS:
-            if not isinstance(v, bool):
-                raise ValueError(f"{k}={v!r} is invalid; expected True or False")
-            prompt[k] = v
-        else:
-            raise ValueError(f"unknown option {k!r}; valid options: "
-                             f"{', '.join(SAMPLING_OPTIONS + REQUEST_OPTIONS + PROMPT_OPTIONS + KNOBS)}")
-    if request.get("stop") is None:
-        request.pop("stop", None)
-    return sampling, request, knobs, prompt
-
-
 def is_batch(messages) -> bool:
     """A list of conversations (lists of messages) or of prompt strings."""
     return isinstance(messages, (list, tuple)) and len(messages) > 0 and all(

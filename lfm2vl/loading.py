@@ -5,7 +5,7 @@
 - Reads safetensors only (single file or shards listed in model.safetensors.index.json); never unpickles.
 - Builds the module on the meta device (skipping its random init), then `load_state_dict(strict=True, assign=True)`,
   so weights are not allocated twice: float weights of the checkpoint's dtype stay memory-mapped from the file.
-- What the mapping means for resident memory, and how pages are dropped again: memory.py.
+- What the mapping means for resident memory, and how pages are dropped again: cpu/memory.py.
 - All key differences between published layouts are handled in ONE place: `remap_hf_keys()`.
 - Before loading, names and shapes are compared with the model, so errors list every missing, unexpected or
   mis-shaped tensor instead of failing deep inside torch.

@@ -13,8 +13,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lfm2vl import kernels
-from lfm2vl.quant import quantize_weight_int8
+from lfm2vl.cpu import kernels
+from lfm2vl.cpu.quant import quantize_weight_int8
 
 SHAPES = [(1024, 1024), (3072, 1024), (4608, 1024), (1024, 4608), (65536, 1024)]
 ROTATE_BYTES = 256 << 20

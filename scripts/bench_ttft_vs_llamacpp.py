@@ -8,7 +8,7 @@ lfm2vl: `lfm2vl.load(FOLDER)` (bf16, the CPU path), then per round a fresh cache
 first token. llama.cpp: `llama-mtmd-cli -n 1 --temp 0` as its users run it (its own default environment, the
 given thread count), timed from its own log: the "prompt eval time" of llama_perf, which covers the image's
 encoding and the evaluation of all prompt tokens (text and image); model loading is excluded on both sides, and
-lfm2vl's figure also holds its image preprocessing. The image is bench_data's test image at --size, the same file for
+lfm2vl's figure also holds its image preprocessing. The image is bench.data's test image at --size, the same file for
 both. Medians and ranges are printed, then JSON. The GGUFs are yours to make (llama.cpp's convert_hf_to_gguf.py).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import lfm2vl
-from lfm2vl.bench_data import test_image
+from lfm2vl.bench.data import test_image
 
 PROMPT = "Describe this image."
 

@@ -24,8 +24,8 @@ import torch
 
 from lfm2vl.generate.sampling import greedy_token
 from lfm2vl.loading import load_model
-from lfm2vl.speed import optimize_for_cpu
-from lfm2vl.threads import one_thread
+from lfm2vl.cpu.speed import optimize_for_cpu
+from lfm2vl.cpu.threads import one_thread
 
 DEPTH = 512
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lfm2vl import bench
-from lfm2vl.bench_data import CONFIGS, SCENARIOS, random_checkpoint, scenario_inputs
+from lfm2vl.bench.data import CONFIGS, SCENARIOS, random_checkpoint, scenario_inputs
 
 
 def _tiny_config(path):

@@ -10,11 +10,11 @@ float32 and bfloat16 and we compare the argmax of every position, image and padd
 import torch
 
 from checkpoints import build_hf_model, image_placeholder, make_pixels
-from lfm2vl import kernels
-from lfm2vl.kernels import attn_many
+from lfm2vl.cpu import kernels
+from lfm2vl.cpu.kernels import attn_many
+from lfm2vl.cpu.quant import Int8Linear
+from lfm2vl.cpu.speed import optimize_for_cpu
 from lfm2vl.loading import load_model
-from lfm2vl.quant import Int8Linear
-from lfm2vl.speed import optimize_for_cpu
 from tokenizer_build import write_tokenizer_files
 
 WORDS = (510, 1024)  # ordinary vocabulary ids of the tiny tokenizer

@@ -1,4 +1,4 @@
-"""Native GEMV kernels (lfm2vl/kernels) and the quant module swap (lfm2vl/quant.py) against F.linear.
+"""Native GEMV kernels (lfm2vl/cpu/kernels) and the quant module swap (lfm2vl/cpu/quant.py) against F.linear.
 
 Every instruction-set path the CPU has (AVX512-BF16, AVX512F, AVX2, scalar) is checked against F.linear computed
 in fp32; int8 against F.linear over the dequantized weight. The torch fallback (LFM2VL_NO_KERNELS=1, or no
@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lfm2vl import kernels
-from lfm2vl.quant import (FastLinear, Int4Linear, Int8Linear, quantize_weight_int4, quantize_weight_int8,
-                          quantize_weights, use_fast_linears)
+from lfm2vl.cpu import kernels
+from lfm2vl.cpu.quant import (FastLinear, Int4Linear, Int8Linear, quantize_weight_int4, quantize_weight_int8,
+                              quantize_weights, use_fast_linears)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_kernels = pytest.mark.skipif(os.environ.get("LFM2VL_NO_KERNELS", "0") not in ("", "0"),
@@ -254,8 +254,8 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 def test_fallback_without_kernels_is_plain_torch():
     code = """
         import torch, torch.nn as nn, torch.nn.functional as F
-        from lfm2vl import kernels
-        from lfm2vl.quant import use_fast_linears, quantize_weights, Int8Linear
+        from lfm2vl.cpu import kernels
+        from lfm2vl.cpu.quant import use_fast_linears, quantize_weights, Int8Linear
         assert not kernels.available() and kernels.isa() == -1
         m = nn.Module(); m.model = nn.Module(); m.model.language_model = nn.Sequential(nn.Linear(16, 32))
         m.lm_head = nn.Linear(32, 8)
@@ -279,7 +279,7 @@ def test_missing_compiler_falls_back_with_a_warning(tmp_path):
         import warnings
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            from lfm2vl import kernels
+            from lfm2vl.cpu import kernels
             assert not kernels.available()
         assert any("native kernels unavailable" in str(x.message) for x in w), [str(x.message) for x in w]
         print("OK")
@@ -292,7 +292,7 @@ def test_missing_compiler_falls_back_with_a_warning(tmp_path):
 def test_fresh_build_into_empty_cache(tmp_path):
     code = """
         import torch
-        from lfm2vl import kernels
+        from lfm2vl.cpu import kernels
         assert kernels.available()
         W = torch.randn(64, 96).bfloat16(); x = torch.randn(1, 96).bfloat16()
         assert torch.allclose(kernels.linear(x, W).float(), (x.float() @ W.float().T), rtol=1e-2, atol=1e-1)
@@ -309,7 +309,7 @@ def test_process_exits_with_helpers_asleep():
     sleeping waiters used to hang the exit)."""
     code = """
         import time, torch
-        from lfm2vl import kernels
+        from lfm2vl.cpu import kernels
         torch.set_num_threads(2)
         W = torch.randn(4096, 1024).bfloat16(); x = torch.randn(1, 1024).bfloat16()
         for _ in range(5):
@@ -362,7 +362,7 @@ def test_native_quantization_equals_the_torch_formula(monkeypatch, isa_cap, dtyp
     """Loading quantizes natively; the torch formula (no kernels) must give the very same q and scales: ties between
     extremes (the first wins), zero rows and groups, negative extremes, several row blocks, rows not a multiple of
     16 long (int8; the scalar rows)."""
-    from lfm2vl import quant
+    from lfm2vl.cpu import quant
 
     g = torch.Generator().manual_seed(1)
     for K in ([1024, 70] if fn is quantize_weight_int8 else [1024, 96]):

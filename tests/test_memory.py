@@ -25,13 +25,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lfm2vl.bench_data import random_checkpoint
+from lfm2vl.bench.data import random_checkpoint
 from lfm2vl.config import VisionConfig
+from lfm2vl.cpu.memory import release_mapped_pages
+from lfm2vl.cpu.quant import Int8Linear, quantize_weight_int8
+from lfm2vl.cpu.speed import optimize_for_cpu
 from lfm2vl.loading import load_model
-from lfm2vl.memory import release_mapped_pages
 from lfm2vl.model.vision import VisionTower
-from lfm2vl.quant import Int8Linear, quantize_weight_int8
-from lfm2vl.speed import optimize_for_cpu
 from tokenizer_build import FIXTURE
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -219,7 +219,7 @@ def test_low_memory_makes_room_for_the_tower_from_the_language_models_tail_with_
 
 @linux_only
 def test_release_weights_returns_only_wholly_resident_weights_for_populate(tmp_path):
-    from lfm2vl.memory import populate, release_weights
+    from lfm2vl.cpu.memory import populate, release_weights
 
     g = torch.Generator().manual_seed(0)
     save_file({"hot": torch.randn(512, 1024, generator=g), "table": torch.randn(4096, 1024, generator=g)},
@@ -241,7 +241,7 @@ def test_release_weights_returns_only_wholly_resident_weights_for_populate(tmp_p
 
 @linux_only
 def test_release_tail_drops_the_last_read_weights_until_the_room_is_made(tmp_path):
-    from lfm2vl.memory import release_tail
+    from lfm2vl.cpu.memory import release_tail
 
     g = torch.Generator().manual_seed(1)
     save_file({f"w{i}": torch.randn(256, 1024, generator=g) for i in range(4)}, str(tmp_path / "w.safetensors"))

@@ -1,4 +1,4 @@
-"""The fused native decode step (kernels/decode.cpp via speed.FastLfm2VlModel) computes what the torch path computes:
+"""The fused native decode step (cpu/kernels/decode.cpp via cpu.speed.FastLfm2VlModel) computes what the torch path computes:
 fp32 within float rounding, bf16 and int8 with the same argmax and (near-)identical logits; one row, several rows,
 rows decoding in place in a larger cache, every instruction-set fallback; it steps aside (torch path, same results)
 when a layer is swapped after it was built; bad positions / rows are clear errors."""
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lfm2vl import kernels
-from lfm2vl.speed import FastLfm2VlModel, optimize_for_cpu
+from lfm2vl.cpu import kernels
+from lfm2vl.cpu.speed import FastLfm2VlModel, optimize_for_cpu
 from test_speed import run_cached, tiny_model
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable on this machine")
@@ -59,7 +59,7 @@ def test_native_step_equals_torch_path(dtype):
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_quantized_native_step_equals_quantized_torch_path(fmt):
-    from lfm2vl.quant import Int4Linear, Int8Linear
+    from lfm2vl.cpu.quant import Int4Linear, Int8Linear
 
     fast, torch_path = _pair(torch.bfloat16, seed=3, quantize_head=True, **{fmt: True})
     want = Int4Linear if fmt == "int4" else Int8Linear
@@ -125,11 +125,11 @@ def test_unusable_cache_or_input_keeps_the_torch_path():
 def test_step_runs_its_small_torch_ops_on_one_thread(monkeypatch):
     """The RoPE angles of a multi-row step are computed with torch's intra-op threads off: MKL's cos/sin open an
     OpenMP region from 128 elements (two rows), whose spinning workers then slow the native step (threads.py)."""
-    from lfm2vl.kernels import decode as native
+    from lfm2vl.cpu import speed
 
     fast, torch_path = _pair(torch.bfloat16)
     seen, steps = [], []
-    rope = native.rope_cos_sin
+    rope = speed.rope_cos_sin
 
     def recording(*a, **kw):
         seen.append(torch.get_num_threads())
@@ -146,7 +146,7 @@ def test_step_runs_its_small_torch_ops_on_one_thread(monkeypatch):
             steps.append(a[-1])
             return self.lib.lfm2vl_decode_step(*a)
 
-    monkeypatch.setattr(native, "rope_cos_sin", recording)
+    monkeypatch.setattr(speed, "rope_cos_sin", recording)
     fast.native_decoder._lib = Threads(fast.native_decoder._lib)
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -1,4 +1,4 @@
-"""lfm2vl.speed.optimize_for_cpu keeps the model's results: cached prefill + decode logits of an optimized copy equal
+"""lfm2vl.cpu.speed.optimize_for_cpu keeps the model's results: cached prefill + decode logits of an optimized copy equal
 the plain model's (fp32 tightly, bf16 within bf16 rounding), for one row and for two rows of different lengths
 (all cache rows, or a subset decoding in place),
 with and without the native kernels; int8 stays close to the float model."""
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from lfm2vl.config import Lfm2VlConfig
 from lfm2vl.model.lfm2vl import Lfm2VlModel
-from lfm2vl.speed import (FastAttention, FastMLP, FastRMSNorm, FastShortConv, causal_depthwise_conv,
-                          optimize_for_cpu)
+from lfm2vl.cpu.speed import (FastAttention, FastMLP, FastRMSNorm, FastShortConv, causal_depthwise_conv,
+                              optimize_for_cpu)
 from tokenizer_build import FIXTURE
 
 
@@ -102,7 +102,7 @@ def test_int8_model_stays_close_to_float():
 def test_native_short_conv_equals_the_torch_path(monkeypatch, bias):
     """The conv block's middle as one native pass (kernels.short_conv, bf16) gives the torch path's output and conv
     state bit for bit: fresh and continued rows, gathered cache rows, chunks shorter than the state, a bias."""
-    from lfm2vl import kernels
+    from lfm2vl.cpu import kernels
 
     if kernels.isa() < 2:
         pytest.skip("needs the AVX512 kernels")
@@ -153,7 +153,7 @@ def test_using_lfm2vl_leaves_the_environment_as_it_found_it(tiny_checkpoint):
 def test_bf16_attention_over_many_queries_is_native_only_without_amx(monkeypatch, amx):
     """attn_many's AVX512-BF16 products lose to oneDNN's AMX tiles: with AMX-BF16 the vision tower and the prefill
     keep torch's SDPA; without it they take the native kernel (where the CPU runs it)."""
-    from lfm2vl import kernels
+    from lfm2vl.cpu import kernels
 
     calls = []
     native = kernels.attn_many

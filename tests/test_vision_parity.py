@@ -16,7 +16,8 @@ from transformers import Siglip2VisionConfig, Siglip2VisionModel  # noqa: E402
 
 from lfm2vl.config import Lfm2VlConfig, VisionConfig  # noqa: E402
 from lfm2vl.model.projector import Projector, image_features, pixel_unshuffle  # noqa: E402
-from lfm2vl.model.vision import VisionTower, fast_linear  # noqa: E402
+from lfm2vl.cpu.vision import FastVisionEmbeddings, fast_linear, use_fast_vision  # noqa: E402
+from lfm2vl.model.vision import VisionTower  # noqa: E402
 
 TOL = 1e-5
 VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, patch_size=16,
@@ -45,9 +46,12 @@ def _oracle(num_layers: int = 3, seed: int = 0) -> Siglip2VisionModel:
     return m
 
 
-def _ours(oracle: torch.nn.Module, **overrides) -> VisionTower:
+def _ours(oracle: torch.nn.Module, fast: bool = True, **overrides) -> VisionTower:
+    """Our tower with the oracle's weights; fast: with the CPU layer's modules (what lfm2vl.load runs on CPU)."""
     tower = VisionTower(VisionConfig.from_hf({**VISION, **overrides})).eval()
     tower.load_state_dict(oracle.state_dict(), strict=True)
+    if fast:
+        assert use_fast_vision(tower) > 0 and type(tower.embeddings) is FastVisionEmbeddings
     return tower
 
 
@@ -96,6 +100,19 @@ def test_padding_content_is_ignored(pair):
     with torch.no_grad():
         ga, gb = ours(a, mask, ss), ours(b, mask, ss)
     assert all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
+def test_reference_tower_matches_transformers():
+    """The plain PyTorch tower (model/vision.py, no CPU layer swapped in) matches transformers as well."""
+    ref = _oracle(seed=9)
+    ours = _ours(ref, fast=False)
+    assert type(ours.embeddings).__module__ == "lfm2vl.model.vision"
+    shapes = [(26, 36), (16, 16)]
+    pv, mask, ss = _inputs(shapes, seed=9)
+    with torch.no_grad():
+        want = ref(pixel_values=pv, pixel_attention_mask=mask, spatial_shapes=ss).last_hidden_state
+        got = ours(pv, mask, ss)
+    assert _max_diff(want, got, shapes) <= TOL
 
 
 def test_shorter_padded_length_and_unit_order(pair):

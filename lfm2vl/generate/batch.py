@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 
 from ..processor.tokens import unit_tokens
-from ..threads import one_thread
+from ..cpu.threads import one_thread
 from .detok import StreamDetokenizer
 from .request import Event, Request, Result
 from .sampling import Sampler, greedy_token, token_logprobs

@@ -12,14 +12,14 @@ user message, so the conversation holds what the user saw; a turn stopped before
 from __future__ import annotations
 
 from .batch import BatchGenerator
+from .options import split_options
 from .request import Result
+from .stream import Stream
 
 
 class Chat:
     def __init__(self, engine, system: str | None = None, **options):
         """options: defaults for every turn (sampling, stop, max_new_tokens, image knobs)."""
-        from ..engine import split_options
-
         split_options(options)  # reject unknown names now, not at the first turn
         self.engine, self.options = engine, options
         self.system = system
@@ -43,8 +43,6 @@ class Chat:
     def stream(self, text: str, images=None, **options):
         """Like send, but an iterator of text pieces; the reply is appended when the iterator is exhausted, or as far
         as it got when the iterator stops early (nothing is appended if it stops before any text)."""
-        from ..engine import Stream
-
         user = self._user_message(text, images)
         req = self.engine.prepare(self.messages + [user], **{**self.options, **options})
 

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from ..config import Lfm2VlConfig
-from ..memory import populate, release_tail, release_weights, trim_heap, weights
 from .cache import HybridCache
 from .projector import Projector, image_features
 from .text import TextModel, padded_inputs
@@ -38,7 +37,6 @@ class Lfm2VlModel(nn.Module):
         tc = config.text_config
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
         self.tie_weights()
-        self.low_memory = False  # memory.py: room for the tower from the language model's last-read weights
 
     def tie_weights(self) -> None:
         """Share lm_head with the token embedding when tie_word_embeddings (call again after assign-loading)."""
@@ -46,33 +44,12 @@ class Lfm2VlModel(nn.Module):
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
     # ---- pieces -------------------------------------------------------------------------------------------------
-    def _lm_weights_in_use_order(self) -> list[torch.Tensor]:
-        """The language model's weights in the order a prefill reads them: layers, final norm, output head (quantized
-        ones are anonymous memory: never dropped)."""
-        lm = self.model.language_model
-        return weights(*lm.layers, lm.embedding_norm, self.lm_head)
-
-    def _tower_room(self) -> int:
-        """Bytes the vision pass adds to RSS: the tower's and projector's weights, and the activations of one
-        encoder batch (a dozen (batch_patches, width) bf16 buffers, width up to the MLP's)."""
-        tower, vc = self.model.vision_tower, self.config.vision_config
-        held = sum(t.numel() * t.element_size() for t in weights(tower, self.model.multi_modal_projector))
-        return held + 2 * tower.batch_patches * (vc.intermediate_size + 4 * vc.hidden_size) * 2
-
     def image_features(self, pixel_values, pixel_attention_mask, spatial_shapes) -> torch.Tensor:
         """(units, L, 3*p*p) pixels -> (sum over units of h/2*w/2, D_text), concatenated in unit order."""
         tower, projector = self.model.vision_tower, self.model.multi_modal_projector
-        if self.low_memory:
-            idle = release_tail(self._lm_weights_in_use_order(), self._tower_room())
-            populate(weights(tower, projector))  # dropped after the last image
         dtype = tower.embeddings.patch_embedding.weight.dtype
-        feats = image_features(tower, projector, pixel_values.to(dtype), pixel_attention_mask, spatial_shapes,
-                               self.config.downsample_factor)
-        if self.low_memory:
-            release_weights(tower, projector)
-            trim_heap()  # the tower's temporaries
-            populate(idle)  # the prefill reads the language model next
-        return feats
+        return image_features(tower, projector, pixel_values.to(dtype), pixel_attention_mask, spatial_shapes,
+                              self.config.downsample_factor)
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids -> (B, T, D) embeddings, image features scattered at image_token_id in batch-major order."""

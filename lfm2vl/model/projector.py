@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lfm2vl.config import Lfm2VlConfig
-from lfm2vl.model.vision import fast_linear
+from ..config import Lfm2VlConfig
+from .linear import linear
 
 
 def pixel_unshuffle(x: torch.Tensor, h: int, w: int, factor: int = 2) -> torch.Tensor:
@@ -30,6 +30,8 @@ def pixel_unshuffle(x: torch.Tensor, h: int, w: int, factor: int = 2) -> torch.T
 class Projector(nn.Module):
     """`model.multi_modal_projector`: {layer_norm (if projector_use_layernorm), linear_1, linear_2}."""
 
+    linear = staticmethod(linear)
+
     def __init__(self, config: Lfm2VlConfig):
         super().__init__()
         if config.projector_hidden_act != "gelu":
@@ -46,7 +48,7 @@ class Projector(nn.Module):
         """feats (n, f*f*Dv) unshuffled tokens -> (n, D_text)."""
         if self.layer_norm is not None:
             feats = self.layer_norm(feats)
-        return fast_linear(self.linear_2, fast_linear(self.linear_1, feats, gelu="none"))  # exact erf-GELU
+        return self.linear(self.linear_2, self.linear(self.linear_1, feats, gelu="none"))  # exact erf-GELU
 
 
 def image_features(tower: nn.Module, projector: Projector, pixel_values: torch.Tensor,

@@ -9,55 +9,27 @@ Notable features:
   n*L <= `VisionTower.batch_patches` where possible, which bounds peak memory), attention being one unmasked SDPA
   over (n, H, L, Dh). Nothing crosses units except inside attention, so this equals transformers'
   padded, key-masked computation (masked keys get exactly zero weight) up to float rounding.
-- on CPU the linears run through oneDNN with bias, GELU and residual add fused (`fast_linear`), and bf16 attention
-  through the native `kernels.attn_many` where it beats torch's SDPA (AVX512-BF16 CPUs without AMX).
+- plain PyTorch (F.linear, SDPA): on CPU, `optimize_for_cpu` swaps in subclasses (lfm2vl/cpu/vision.py) whose
+  linears fuse bias, GELU and residual add in oneDNN, whose bf16 attention runs natively where that beats torch's
+  SDPA, and whose position grids are cached.
 - only `num_layers_used` encoder layers are built (`vision_feature_layer`); post_layernorm still applies.
-- the 16x16 position grid is resized per unit with bilinear + antialias (align_corners=False) in float32, and the
-  resized grids are cached per (h, w, dtype, device) until the table's weights change.
+- the 16x16 position grid is resized per unit with bilinear + antialias (align_corners=False) in float32.
 """
 from __future__ import annotations
-
-import weakref
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lfm2vl import kernels
-from lfm2vl.config import VisionConfig
+from ..config import VisionConfig
+from .linear import linear
 
 _ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}  # hidden_act -> F.gelu(approximate=...)
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def fast_linear(layer: nn.Module, x: torch.Tensor, gelu: str | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`layer(x)`, then optional GELU (approximate="tanh"/"none"), then `+ residual`, fused where possible.
-
-    On CPU, float32/bfloat16 nn.Linear runs through oneDNN with the bias, GELU and residual add fused: torch's own
-    float32 GEMM is MKL, which takes a slow path on AMD CPUs, and the fusion saves passes over the big activations.
-    oneDNN has no autograd, so training falls back to plain torch.
-    """
-    w = layer.weight if type(layer) is nn.Linear else None  # wrapped layers (LoRA, int8) keep their own forward
-    if (_ONEDNN and w is not None and x.device.type == "cpu" and x.dtype == w.dtype
-            and x.dtype in (torch.float32, torch.bfloat16)
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
-                                                  or (layer.bias is not None and layer.bias.requires_grad)))):
-        if residual is not None and gelu is None:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, layer.bias, "add")
-        y = torch.ops.mkldnn._linear_pointwise(x, w, layer.bias, "none" if gelu is None else "gelu", [],
-                                               "" if gelu is None else gelu)
-    else:
-        y = layer(x)
-        y = y if gelu is None else F.gelu(y, approximate=gelu)
-    return y if residual is None else y + residual
-
 
 class VisionEmbeddings(nn.Module):
     """Patch linear + per-unit resized position grid."""
 
-    _CACHE_SIZE = 32
+    linear = staticmethod(linear)
 
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -65,8 +37,6 @@ class VisionEmbeddings(nn.Module):
         self.grid = int(config.num_patches ** 0.5)
         self.patch_embedding = nn.Linear(config.num_channels * p * p, config.hidden_size)
         self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)
-        self._pos_cache: OrderedDict = OrderedDict()
-        self._pos_stamp: tuple | None = None
 
     def _resize(self, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
         table = self.position_embedding.weight
@@ -75,39 +45,20 @@ class VisionEmbeddings(nn.Module):
         return out[0].flatten(1).t().to(dtype)  # (h*w, Dv), row-major over (row, col)
 
     def positions(self, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
-        """Position embeddings (h*w, Dv) for an h x w patch grid (cached while the table is unchanged)."""
-        table = self.position_embedding.weight
-        if torch.is_grad_enabled() and table.requires_grad:
-            return self._resize(h, w, dtype)  # keep the autograd graph: never serve a cached tensor
-        try:
-            version = table._version
-        except RuntimeError:  # inference tensors carry no version counter
-            version = None
-        ref = self._pos_stamp[0]() if self._pos_stamp is not None else None
-        if version is None or ref is not table or self._pos_stamp[1] != version:
-            self._pos_cache.clear()
-            self._pos_stamp = (weakref.ref(table), version) if version is not None else None
-        key = (h, w, dtype, table.device)
-        hit = self._pos_cache.get(key)
-        if hit is None:
-            hit = self._resize(h, w, dtype)
-            if self._pos_stamp is not None:
-                self._pos_cache[key] = hit
-                while len(self._pos_cache) > self._CACHE_SIZE:
-                    self._pos_cache.popitem(last=False)
-        else:
-            self._pos_cache.move_to_end(key)
-        return hit
+        """Position embeddings (h*w, Dv) for an h x w patch grid."""
+        return self._resize(h, w, dtype)
 
     def forward(self, patches: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
         """patches (n*L, 3*p*p): the valid patches of n units with grids `shapes` (h*w = L each) -> (n*L, Dv)."""
         dtype = self.patch_embedding.weight.dtype
         pos = [self.positions(h, w, dtype) for h, w in shapes]
-        return fast_linear(self.patch_embedding, patches.to(dtype), residual=pos[0] if len(pos) == 1 else torch.cat(pos))
+        return self.linear(self.patch_embedding, patches.to(dtype), residual=pos[0] if len(pos) == 1 else torch.cat(pos))
 
 
 class Attention(nn.Module):
     """Bidirectional multi-head attention within each of n units of L real patches: one dense, unmasked SDPA."""
+
+    linear = staticmethod(linear)
 
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -118,19 +69,20 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, n: int, residual: torch.Tensor) -> torch.Tensor:
         """x (n*L, Dv) -> residual + out_proj(attention)."""
-        q, k, v = (fast_linear(f, x) for f in (self.q_proj, self.k_proj, self.v_proj))  # (n*L, Dv) each
+        q, k, v = (self.linear(f, x) for f in (self.q_proj, self.k_proj, self.v_proj))  # (n*L, Dv) each
         shape = (n, x.shape[0] // n, self.num_heads, self.head_dim)
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # (n, H, L, Dh)
-        o = None
-        if kernels.serves(x) and kernels.attention_wins():  # without AMX it beats torch's flash kernel here
-            o = kernels.attn_many(q, k, v)
-        if o is None:
-            o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # scale Dh^-0.5 as in SigLIP2
-        o = o.reshape(x.shape)
-        return fast_linear(self.out_proj, o, residual=residual)  # (n*L, Dv)
+        o = self.attend(q, k, v).reshape(x.shape)
+        return self.linear(self.out_proj, o, residual=residual)  # (n*L, Dv)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v (n, H, L, Dh) -> attention output laid out (n, L, H, Dh) (any view that reshapes so)."""
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # scale Dh^-0.5 as in SigLIP2
 
 
 class MLP(nn.Module):
+    linear = staticmethod(linear)
+
     def __init__(self, config: VisionConfig):
         super().__init__()
         if config.hidden_act not in _ACTIVATIONS:
@@ -142,7 +94,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Returns residual + fc2(gelu(fc1(x)))."""
-        return fast_linear(self.fc2, fast_linear(self.fc1, x, gelu=self.approximate), residual=residual)
+        return self.linear(self.fc2, self.linear(self.fc1, x, gelu=self.approximate), residual=residual)
 
 
 class EncoderLayer(nn.Module):

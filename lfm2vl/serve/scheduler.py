@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from lfm2vl.memory import trim_heap
+from lfm2vl.cpu.memory import trim_heap
 
 if TYPE_CHECKING:  # annotations only: the caller brings the engine, whose modules load with the model
     from lfm2vl.engine import Engine

@@ -1,6 +1,6 @@
 """Inputs for `lfm2vl bench`: random-weight checkpoints at the published shapes, a small tokenizer, test images.
 
-- `random_checkpoint(shape, folder)`: config from lfm2vl/bench_configs/<shape>.json (450M is the published file;
+- `random_checkpoint(shape, folder)`: config from lfm2vl/bench/configs/<shape>.json (450M is the published file;
   1.6B and 3B follow the published models' dimensions), random bf16 weights saved as model.safetensors under the
   checkpoint's own key names, processor files, and a byte-level BPE tokenizer.json (vocab 1024) whose special tokens
   sit at LFM2-VL's real ids. Random weights: timings are those of the real shapes; generated text is meaningless.
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-CONFIGS = Path(__file__).with_name("bench_configs")
+CONFIGS = Path(__file__).with_name("configs")
 SHAPES = ("450M", "1.6B", "3B")
 SCENARIOS = ("text512", "img512", "img1024x768", "two_images")
 N_FIXED = 501  # ids 0..500 hold LFM2-VL's control tokens
@@ -72,8 +72,8 @@ def random_checkpoint(shape: str | Path, folder: Path, seed: int = 0) -> Path:
     """Write a random checkpoint to `folder` (kept and reused if complete). shape: one of SHAPES or a config.json."""
     from safetensors.torch import save_file
 
-    from .config import Lfm2VlConfig
-    from .model.lfm2vl import Lfm2VlModel
+    from ..config import Lfm2VlConfig
+    from ..model.lfm2vl import Lfm2VlModel
 
     if str(shape) in SHAPES:
         config_file = CONFIGS / f"{shape}.json"

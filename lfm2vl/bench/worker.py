@@ -1,8 +1,8 @@
 """One engine's measurements for `lfm2vl bench`, run in a fresh subprocess so its peak RSS is its own.
 
-    python -m lfm2vl.bench_worker '<json spec>'   ->  prints one line "BENCH_RESULT <json>"
+    python -m lfm2vl.bench.worker '<json spec>'   ->  prints one line "BENCH_RESULT <json>"
 
-Engines: "ours" (lfm2vl: load_model + speed.optimize_for_cpu, then the same calls the engine makes: image_features,
+Engines: "ours" (lfm2vl: load_model + cpu.speed.optimize_for_cpu, then the same calls the engine makes: image_features,
 embed, chunked forward_cached prefill, greedy decode steps) and "transformers" (Lfm2VlForConditionalGeneration on
 the same checkpoint and the same processor outputs; transformers' own image processor needs torchvision, so the
 preprocessing figure is lfm2vl's for both). "quality" compares int8 or int4 against bf16 logits.
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .bench_data import scenario_inputs
-from .generate.sampling import greedy_token
-from .threads import one_thread
+from ..cpu.threads import one_thread
+from ..generate.sampling import greedy_token
+from .data import scenario_inputs
 
 PREFILL_CHUNK = 512
 _DT = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -123,14 +123,16 @@ def _load(spec: dict):
         model = Lfm2VlForConditionalGeneration.from_pretrained(spec["folder"], dtype=dtype).to(device).eval()
         run = _hf_run
     else:
-        from .loading import load_model
-        from .speed import optimize_for_cpu
+        from ..cpu.lowmem import set_low_memory
+        from ..cpu.speed import optimize_for_cpu
+        from ..loading import load_model
 
         model = load_model(spec["folder"], dtype=dtype, device=device)[0]
         if spec.get("optimize", True):  # a no-op off CPU
             optimize_for_cpu(model, int8=spec.get("int8", False), int4=spec.get("int4", False),
                              quantize_head=spec.get("quantize_head", True))
-        model.low_memory = spec.get("low_memory", False)
+        if spec.get("low_memory"):
+            set_low_memory(model)
         if spec.get("compile"):  # the static-shape decode step; on CUDA "reduce-overhead" replays a CUDA graph
             model.bench_decode = torch.compile(model.forward_cached, dynamic=False,
                                                mode="reduce-overhead" if device.type == "cuda" else None)
@@ -139,7 +141,7 @@ def _load(spec: dict):
 
 
 def measure(spec: dict) -> dict:
-    from .processor import Processor
+    from ..processor import Processor
 
     torch.set_num_threads(spec["threads"])
     dtype = _DT[spec["dtype"]]
@@ -180,9 +182,9 @@ def quality(spec: dict) -> dict:
     on bf16's greedy text."""
     import torch.nn.functional as F
 
-    from .loading import load_model
-    from .processor import Processor
-    from .speed import optimize_for_cpu
+    from ..cpu.speed import optimize_for_cpu
+    from ..loading import load_model
+    from ..processor import Processor
 
     torch.set_num_threads(spec["threads"])
     ref = optimize_for_cpu(load_model(spec["folder"], dtype=torch.bfloat16)[0])

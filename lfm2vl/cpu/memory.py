@@ -3,7 +3,7 @@
 Float weights of the checkpoint's dtype stay memory-mapped from the file (loading.py), and every page this process has
 read stays in its resident set. A request with images reads the vision tower, then the language model, so both sit in
 RSS together: at the 450M shapes 172 MB + 708 MB on top of ~250 MB of torch and libraries, over 1.1 GB before any
-activation. `Lfm2VlModel.low_memory = True` (`lfm2vl.load(..., low_memory=True)`, `--low-memory`) keeps the two from adding up:
+activation. The low-memory mode (lowmem.py: `lfm2vl.load(..., low_memory=True)`, `--low-memory`) keeps the two from adding up:
 - before the tower runs, room for it (its weights and one encoder batch's activations) is made from the language
   model's last-read weights (`release_tail`: the output head, then the last layers), and the tower is mapped in;
   after it, the tower's and projector's pages are dropped, glibc's free heap pages returned (the tower's

@@ -8,7 +8,7 @@
   two weights per byte; the same two paths.
 - `use_fast_linears(model)` / `quantize_weights(model, bits=8 | 4)`: swap the language model's
   linears (and the output head),
-  never the vision tower or projector (their inputs are prefill-size). `lfm2vl.speed.optimize_for_cpu` calls them.
+  never the vision tower or projector (their inputs are prefill-size). `lfm2vl.cpu.speed.optimize_for_cpu` calls them.
   Quantizing streams each weight in row blocks and drops the float weight's mapped pages afterwards, so only the
   quantized weights stay resident (not the bf16 ones, not an fp32 copy).
 - Everything degrades to plain torch: with LFM2VL_NO_KERNELS=1, no compiler, a non-x86 CPU or a non-CPU device,
@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lfm2vl import kernels
-from lfm2vl.memory import release_mapped_pages, trim_heap
+from . import kernels
+from .memory import release_mapped_pages, trim_heap
 
 MAX_ROWS = 8  # up to this many input rows the weight-streaming kernel beats torch's GEMM (scripts/bench_gemv.py)
 

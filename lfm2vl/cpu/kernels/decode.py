@@ -1,15 +1,18 @@
 """The fused native decode step (`decode.cpp`): ctypes descriptors of a loaded language model, and the call.
 
-`NativeDecoder.build(model)` returns a decoder for a CPU Lfm2VlModel whose language-model linears are nn.Linear /
-FastLinear / Int8Linear / Int4Linear and whose floats share one dtype (fp32 or bf16), or None when anything else is found
-(LoRA-wrapped layers, mixed dtypes, no kernels): callers then keep the torch path.
+`NativeDecoder.build(model, linears, scaled, rope)` returns a decoder for a CPU Lfm2VlModel whose language-model linears
+are of the `linears` types (those of the `scaled` types carry a `scale`: int8 / int4) and whose floats share one dtype
+(fp32 or bf16), or None when anything else is found (LoRA-wrapped layers, mixed dtypes, no kernels): callers then keep
+the torch path. `rope(positions)` gives the step's RoPE cos and sin. The CPU layer (speed.py) passes all three, so
+this package imports nothing else of lfm2vl.
 `decoder(embeds, cache, start_pos, rows)` runs one T=1 step for every row and returns (b, V) logits, like
 `Lfm2VlModel.forward_cached(..., last_only=True)`, or None when it cannot take that step (the caller runs torch).
 It writes the new K/V and conv state into the cache.
 
 The descriptors hold raw pointers into the model's tensors: the decoder keeps references to those tensors (so the
 memory stays valid) and `matches()` re-checks, after any module / parameter / buffer assignment in the process, that
-the modules still hold the same tensors (call `speed.optimize_for_cpu` again after swapping layers).
+the modules still hold the same tensors (call `optimize_for_cpu` again after swapping layers); the registration hooks
+that count those assignments are installed by the first `build`.
 """
 from __future__ import annotations
 
@@ -19,23 +22,25 @@ import torch
 from torch import nn
 
 from . import _KIND, _load, available
-from ..model.rope import rope_cos_sin
-from ..threads import one_thread
 
 _ACT = {torch.float32: 0, torch.bfloat16: 1}
 _MAX_CONV_K, _MAX_HEAD_DIM = 16, 512  # decode.cpp's stack buffers
 _registrations = [0]  # counts module / parameter / buffer assignments anywhere in the process
+_hooks: list = []  # the process-wide registration hooks, once installed
 
 
 def _count_registration(*args) -> None:
     _registrations[0] += 1
 
 
-# `matches()` runs every step, too often for a full check of ~300 attributes: that check runs only after an assignment
-for _hook in (nn.modules.module.register_module_module_registration_hook,
-              nn.modules.module.register_module_parameter_registration_hook,
-              nn.modules.module.register_module_buffer_registration_hook):
-    _hook(_count_registration)
+def _count_registrations() -> None:
+    """Install the process-wide hooks that count assignments (once). `matches()` runs every step, too often for a
+    full check of ~300 attributes: that check runs only after an assignment."""
+    if not _hooks:
+        _hooks.extend(hook(_count_registration) for hook in (
+            nn.modules.module.register_module_module_registration_hook,
+            nn.modules.module.register_module_parameter_registration_hook,
+            nn.modules.module.register_module_buffer_registration_hook))
 
 
 class DLin(ctypes.Structure):
@@ -61,7 +66,8 @@ class _Unsupported(Exception):
 
 
 class NativeDecoder:
-    def __init__(self):
+    def __init__(self, linears: tuple[type, ...] = (nn.Linear,), scaled: tuple[type, ...] = (), rope=None):
+        self._linears, self._scaled, self._rope = linears, scaled, rope
         self._keep: list[torch.Tensor] = []  # every tensor a descriptor points into
         self._checks: list[tuple[nn.Module, str, torch.Tensor]] = []  # (module, attribute, tensor it must hold)
         self._cache_flat: list | None = None  # the cache buffers' addresses the array below was built for
@@ -87,16 +93,14 @@ class NativeDecoder:
         return child
 
     def _lin(self, parent: nn.Module, name: str) -> DLin:
-        from ..quant import FastLinear, Int4Linear, Int8Linear  # quant imports kernels: import here, not at load
-
         lin = self._sub(parent, name)
-        if type(lin) not in (nn.Linear, FastLinear, Int8Linear, Int4Linear):
+        if type(lin) not in self._linears:
             raise _Unsupported(f"{type(lin).__name__} layer")
         w = lin.weight
         if w.dtype not in _KIND or w.dim() != 2:
             raise _Unsupported(f"weight dtype {w.dtype}")
         scale = None
-        if isinstance(lin, Int8Linear):  # and Int4Linear
+        if isinstance(lin, self._scaled):
             scale = self._tensor(lin, "scale", torch.float32)
         bias = None
         if lin.bias is not None:
@@ -106,11 +110,15 @@ class NativeDecoder:
         return DLin(self._tensor(lin, "weight", w.dtype), scale, bias, N, K, _KIND[w.dtype])
 
     @classmethod
-    def build(cls, model: nn.Module) -> "NativeDecoder | None":
-        """A decoder for `model` (an Lfm2VlModel on CPU), or None when its layers or dtypes are not supported."""
+    def build(cls, model: nn.Module, linears: tuple[type, ...], scaled: tuple[type, ...],
+              rope) -> "NativeDecoder | None":
+        """A decoder for `model` (an Lfm2VlModel on CPU), or None when its layers or dtypes are not supported.
+        linears: the accepted linear layer types; scaled: those among them with a `scale` (quantized weights);
+        rope: positions (b,) int64 -> RoPE cos, sin in the activation dtype, b rows of head_dim values each."""
         if not available():
             return None
-        self = cls()
+        _count_registrations()
+        self = cls(linears, scaled, rope)
         try:
             self._describe(model)
         except _Unsupported:
@@ -203,8 +211,7 @@ class NativeDecoder:
             if min(r) < 0 or max(r) >= cache.batch_size:
                 raise ValueError(f"rows {r} must be below the cache's {cache.batch_size} rows")
         threads = torch.get_num_threads()
-        with one_thread():  # MKL's cos/sin go parallel from two rows on: spinning workers slow the step (threads.py)
-            cos, sin = rope_cos_sin(pos[:, None], self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+        cos, sin = self._rope(pos)
         cos, sin = cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous()
         h = embeds.reshape(B, -1).contiguous()
         logits = torch.empty(B, self.vocab, dtype=self.dtype)

@@ -7,9 +7,9 @@
 
 Measures preprocessing, vision encoding, prefill tokens/s, time to first token, decode tokens/s, load time and
 peak RSS for four scenarios (text-only 512-token prompt, one 512x512 image, one 1024x768 image tiled + thumbnail,
-two images). Each engine runs in a fresh subprocess (bench_worker.py) so its peak RSS is its own; transformers is
+two images). Each engine runs in a fresh subprocess (bench/worker.py) so its peak RSS is its own; transformers is
 measured when it is importable. Warm-up, then `--reps` runs, median reported. Prints a table with ratios and JSON.
-Random weights (bench_data.py) give the real shapes' timings; they say nothing about output quality beyond the
+Random weights (bench/data.py) give the real shapes' timings; they say nothing about output quality beyond the
 int8/int4-vs-bf16 agreement that --int8 / --int4 report.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .bench_data import SCENARIOS, SHAPES, random_checkpoint
+from .data import SCENARIOS, SHAPES, random_checkpoint
 
 DTYPES = {"bfloat16": "bf16", "float32": "fp32"}  # --dtype -> the short name of table labels and worker specs
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32"}
@@ -34,7 +34,7 @@ def _dtype_arg(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import HelpFormatter
+    from ..cli import HelpFormatter
 
     ap = argparse.ArgumentParser(prog="lfm2vl bench", description="Benchmark lfm2vl (and transformers).",
                                  formatter_class=HelpFormatter)
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--int8-float-head", action="store_true",
                     help="with --int8 / --int4, keep the output head in the float dtype (default: quantized too)")
     ap.add_argument("--low-memory", action="store_true",
-                    help="also run lfm2vl with low_memory=True (idle weights dropped from RSS; memory.py)")
+                    help="also run lfm2vl with low_memory=True (idle weights dropped from RSS; cpu/lowmem.py)")
     ap.add_argument("--torch-first", action="store_true",
                     help="also run lfm2vl in a process that imports torch before lfm2vl")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU lfm2vl runs its plain torch path)")
@@ -132,13 +132,13 @@ def _folder(args) -> Path:
 
 
 # Runs the worker with torch imported before lfm2vl (a program that imports torch itself first).
-TORCH_FIRST = "import sys, runpy, torch; runpy.run_module('lfm2vl.bench_worker', run_name='__main__')"
+TORCH_FIRST = "import sys, runpy, torch; runpy.run_module('lfm2vl.bench.worker', run_name='__main__')"
 
 
 def run_worker(spec: dict, timeout: float) -> dict:
     """Run one engine in a fresh interpreter with the user's environment unchanged (each engine as its users run
     it; the worker sets the thread count through torch); returns its result dict or {"error": ...}."""
-    start = ["-c", TORCH_FIRST] if spec.get("torch_first") else ["-m", "lfm2vl.bench_worker"]
+    start = ["-c", TORCH_FIRST] if spec.get("torch_first") else ["-m", "lfm2vl.bench.worker"]
     cmd = [sys.executable, *start, json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

@@ -6,7 +6,7 @@ Module swaps that keep parameters, state_dict keys and results (within float rou
 - `ShortConv` -> `FastShortConv`: the depthwise causal conv as K shifted multiply-adds in fp32. torch's bf16
   `F.conv1d` for groups=D goes through oneDNN, which is slow for so small a conv (a decode step has 10); for
   bf16 inference the whole middle (gates, conv, state) is one native pass (`kernels.short_conv`);
-- the decode step (T == 1) of the whole language model -> one native call (`kernels/decode.py`): the model becomes a
+- the decode step (T == 1) of the whole language model -> one native call (`cpu/kernels/decode.py`): the model becomes a
   `FastLfm2VlModel` whose `forward_cached` takes that path while the modules still hold the tensors it was built
   from, and the torch path otherwise (prefill, training, LoRA-wrapped or swapped layers);
 - `Attention` -> `FastAttention`: a decode step attends over the filled prefix of the static cache only
@@ -16,7 +16,9 @@ Module swaps that keep parameters, state_dict keys and results (within float rou
   beats torch (`kernels.attention_wins`: CPUs without AMX, whose flash kernel, given the cache's mask, also
   computes the masked keys);
 - `MLP` -> `FastMLP` and `RMSNorm` -> `FastRMSNorm`: SwiGLU and the norms as one native pass each for bf16
-  inference (`kernels.swiglu` / `kernels.rmsnorm`, torch's roundings), where torch runs 2 and ~8 ops.
+  inference (`kernels.swiglu` / `kernels.rmsnorm`, torch's roundings), where torch runs 2 and ~8 ops;
+- the vision tower's and projector's modules -> vision.py's subclasses (oneDNN fused linears, native attention,
+  cached position grids).
 Nothing here runs on other devices: a CUDA model is returned unchanged.
 """
 from __future__ import annotations
@@ -25,11 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.lfm2vl import Lfm2VlModel
+from ..model.rope import rope_cos_sin
+from ..model.text import MLP, Attention, RMSNorm, ShortConv
 from . import kernels
 from .kernels.decode import NativeDecoder
-from .model.lfm2vl import Lfm2VlModel
-from .model.text import MLP, Attention, RMSNorm, ShortConv
-from .quant import quantize_weights, use_fast_linears
+from .lowmem import LowMemoryModel
+from .quant import FastLinear, Int4Linear, Int8Linear, quantize_weights, use_fast_linears
+from .threads import one_thread
+from .vision import use_fast_vision
 
 
 def causal_depthwise_conv(u_ext: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -123,8 +129,9 @@ class FastRMSNorm(RMSNorm):
         return super().forward(x) if y is None else y
 
 
-class FastLfm2VlModel(Lfm2VlModel):
-    """Lfm2VlModel whose single-token cached steps run natively (`native_decoder`, set by optimize_for_cpu)."""
+class FastLfm2VlModel(LowMemoryModel):
+    """Lfm2VlModel whose single-token cached steps run natively (`native_decoder`, set by optimize_for_cpu); it
+    keeps the low-memory mode (lowmem.py)."""
 
     native_decoder: NativeDecoder | None = None
 
@@ -170,7 +177,21 @@ def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool =
     if int8 or int4:
         quantize_weights(model, bits=4 if int4 else 8, quantize_head=quantize_head)
     use_fast_linears(model)
-    if type(model) in (Lfm2VlModel, FastLfm2VlModel):
+    use_fast_vision(model.model)
+    if type(model) in (Lfm2VlModel, LowMemoryModel, FastLfm2VlModel):
         model.__class__ = FastLfm2VlModel
-        model.native_decoder = NativeDecoder.build(model)
+        model.native_decoder = NativeDecoder.build(model, linears=(nn.Linear, FastLinear, Int8Linear, Int4Linear),
+                                                   scaled=(Int8Linear,), rope=_decode_rope(model))
     return model
+
+
+def _decode_rope(model: nn.Module):
+    """positions (b,) -> RoPE cos, sin (b, 1, 1, Dh) of the language model, for the native decode step."""
+    lm = model.model.language_model
+    cfg, dtype = lm.config, lm.embed_tokens.weight.dtype
+
+    def rope(pos: torch.Tensor):
+        with one_thread():  # MKL's cos/sin go parallel from two rows on: spinning workers slow the step (threads.py)
+            return rope_cos_sin(pos[:, None], cfg.head_dim, cfg.rope_theta, dtype)
+
+    return rope

@@ -1,0 +1,116 @@
+"""CPU subclasses of the vision tower's and projector's modules (model/vision.py, model/projector.py stay plain).
+
+Same parameters, state_dict keys and results within float rounding; `use_fast_vision(model)` swaps them in place:
+- the linears run through oneDNN with the bias, GELU and residual add fused (`fast_linear`);
+- bf16 attention runs the native `kernels.attn_many` where it beats torch's SDPA (AVX512-BF16 CPUs without AMX);
+- the resized position grids are cached per (h, w, dtype, device) until the table's weights change.
+"""
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import vision
+from ..model.projector import Projector
+from . import kernels
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def fast_linear(layer: nn.Module, x: torch.Tensor, gelu: str | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`layer(x)`, then optional GELU (approximate="tanh"/"none"), then `+ residual`, fused where possible.
+
+    On CPU, float32/bfloat16 nn.Linear runs through oneDNN with the bias, GELU and residual add fused: torch's own
+    float32 GEMM is MKL, which takes a slow path on AMD CPUs, and the fusion saves passes over the big activations.
+    oneDNN has no autograd, so training falls back to plain torch.
+    """
+    w = layer.weight if type(layer) is nn.Linear else None  # wrapped layers (LoRA, int8) keep their own forward
+    if (_ONEDNN and w is not None and x.device.type == "cpu" and x.dtype == w.dtype
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                                  or (layer.bias is not None and layer.bias.requires_grad)))):
+        if residual is not None and gelu is None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, layer.bias, "add")
+        y = torch.ops.mkldnn._linear_pointwise(x, w, layer.bias, "none" if gelu is None else "gelu", [],
+                                               "" if gelu is None else gelu)
+    else:
+        y = layer(x)
+        y = y if gelu is None else F.gelu(y, approximate=gelu)
+    return y if residual is None else y + residual
+
+
+class FastVisionEmbeddings(vision.VisionEmbeddings):
+    """Fused patch linear; resized position grids cached while the table is unchanged."""
+
+    linear = staticmethod(fast_linear)
+    _CACHE_SIZE = 32
+    _pos_cache: OrderedDict | None = None  # set per instance at the first call (the class is swapped in, no init)
+    _pos_stamp: tuple | None = None
+
+    def positions(self, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+        """Position embeddings (h*w, Dv) for an h x w patch grid (cached while the table is unchanged)."""
+        table = self.position_embedding.weight
+        if torch.is_grad_enabled() and table.requires_grad:
+            return self._resize(h, w, dtype)  # keep the autograd graph: never serve a cached tensor
+        if self._pos_cache is None:
+            self._pos_cache = OrderedDict()
+        try:
+            version = table._version
+        except RuntimeError:  # inference tensors carry no version counter
+            version = None
+        ref = self._pos_stamp[0]() if self._pos_stamp is not None else None
+        if version is None or ref is not table or self._pos_stamp[1] != version:
+            self._pos_cache.clear()
+            self._pos_stamp = (weakref.ref(table), version) if version is not None else None
+        key = (h, w, dtype, table.device)
+        hit = self._pos_cache.get(key)
+        if hit is None:
+            hit = self._resize(h, w, dtype)
+            if self._pos_stamp is not None:
+                self._pos_cache[key] = hit
+                while len(self._pos_cache) > self._CACHE_SIZE:
+                    self._pos_cache.popitem(last=False)
+        else:
+            self._pos_cache.move_to_end(key)
+        return hit
+
+
+class FastVisionAttention(vision.Attention):
+    """Fused linears; bf16 attention natively where it beats torch's SDPA."""
+
+    linear = staticmethod(fast_linear)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if kernels.serves(q) and kernels.attention_wins():  # without AMX it beats torch's flash kernel here
+            o = kernels.attn_many(q, k, v)
+            if o is not None:
+                return o
+        return super().attend(q, k, v)
+
+
+class FastVisionMLP(vision.MLP):
+    linear = staticmethod(fast_linear)
+
+
+class FastProjector(Projector):
+    linear = staticmethod(fast_linear)
+
+
+SWAPS = ((vision.VisionEmbeddings, FastVisionEmbeddings), (vision.Attention, FastVisionAttention),
+         (vision.MLP, FastVisionMLP), (Projector, FastProjector))
+
+
+def use_fast_vision(root: nn.Module) -> int:
+    """Swap the reference vision / projector modules under `root` for the classes above, in place; returns how many."""
+    n = 0
+    for m in root.modules():
+        for base, fast in SWAPS:
+            if type(m) is base:
+                m.__class__ = fast  # same instance, parameters and hooks; only forward changes
+                n += 1
+    return n

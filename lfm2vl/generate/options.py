@@ -1,0 +1,39 @@
+"""Engine options: the names a generate / stream / chat call takes, split by who consumes them."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..processor.config import KNOBS
+from .sampling import SamplingParams
+
+SAMPLING_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+REQUEST_OPTIONS = ("max_new_tokens", "min_new_tokens", "stop")
+# How the conversation becomes a prompt. continue_final_message=True leaves the final assistant message open.
+# parse_special=True: special-token strings in message text (<|im_start|>, <image>, ...) become control tokens, as
+# in transformers; by default (False) they are plain text, so client text cannot forge turns or image slots.
+PROMPT_OPTIONS = ("continue_final_message", "parse_special")
+
+
+def split_options(options: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
+    """Engine options -> (SamplingParams fields, Request fields, processor knobs, prompt options); unknown names
+    are an error."""
+    sampling, request, knobs, prompt = {}, {}, {}, {}
+    for k, v in options.items():
+        if k in SAMPLING_OPTIONS:
+            if v is not None:
+                sampling[k] = v
+        elif k in REQUEST_OPTIONS:
+            request[k] = v
+        elif k in KNOBS:
+            knobs[k] = v
+        elif k in PROMPT_OPTIONS:
+            if not isinstance(v, bool):
+                raise ValueError(f"{k}={v!r} is invalid; expected True or False")
+            prompt[k] = v
+        else:
+            raise ValueError(f"unknown option {k!r}; valid options: "
+                             f"{', '.join(SAMPLING_OPTIONS + REQUEST_OPTIONS + PROMPT_OPTIONS + KNOBS)}")
+    if request.get("stop") is None:
+        request.pop("stop", None)
+    return sampling, request, knobs, prompt
