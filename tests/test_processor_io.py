@@ -148,3 +148,21 @@ def test_processor_surfaces_loading_errors(tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match="empty image file"):
         p(text="<image>", images=[str(tmp_path / "empty.jpg")])
+
+
+def test_decode_image_bytes_checks_format_and_size_before_decoding():
+    """The one decoder of encoded images (the server's too): a refused format or size is a typed ValueError, raised
+    from the header alone."""
+    from lfm2vl.processor.io import ImageFormatError, ImageTooLargeError, decode_image_bytes
+
+    bmp = io.BytesIO()
+    Image.fromarray(RGB).save(bmp, format="BMP")
+    with pytest.raises(ImageFormatError, match="format BMP, not one of GIF, PNG"):
+        decode_image_bytes(bmp.getvalue(), formats={"PNG", "GIF"})
+    with pytest.raises(ImageTooLargeError, match="3000x3000 = 9000000 pixels, over the limit of 1000"):
+        decode_image_bytes(_huge_png_header(3000, 3000), max_pixels=1000)  # the header lies: there are no pixels
+    frames = [Image.new("RGB", (4, 4), c) for c in [(255, 0, 0), (0, 255, 0)]]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    im = decode_image_bytes(gif.getvalue(), formats={"GIF"})
+    assert im.format == "GIF" and im.convert("RGB").getpixel((0, 0)) == (255, 0, 0)

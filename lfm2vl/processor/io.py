@@ -9,6 +9,11 @@ transpose them either). Every mode becomes RGB; alpha is composited onto white, 
 paths transformers decodes with torchvision, which drops alpha instead of compositing it; we composite on white for
 every input kind, so a transparent PNG gives the same pixels as a path, as bytes, or as a PIL image. Opaque RGB
 files (PNG, JPEG, EXIF-rotated JPEG) decode identically (tests/test_processor_parity.py).
+
+Encoded bytes (files, URLs, data: URIs, base64, raw bytes) are decoded by `decode_image_bytes`, the one decoder
+of image files in lfm2vl: the server's image_url parts go through it too (serve/media.py, with its own formats and
+pixel limit). It checks format and pixel count from the header before decoding, so a decompression bomb is refused
+unread.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import os
 import re
 import urllib.request
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +47,7 @@ def load_image(image, max_pixels: int | None = None) -> torch.Tensor:
     elif isinstance(image, torch.Tensor):
         out = _array_to_rgb(image.detach().cpu())
     elif isinstance(image, (bytes, bytearray, memoryview)):
-        out = _decoded(_open(bytes(image), "raw bytes", limit), "raw bytes")
+        out = _decoded(decode_image_bytes(bytes(image), "raw bytes", limit), "raw bytes")
     elif isinstance(image, (str, os.PathLike)):
         out = _decoded(*_open_source(image, limit))
     else:
@@ -64,13 +70,13 @@ def _open_source(src, limit: int) -> tuple[Image.Image, str]:
                 data = r.read()
         except OSError as e:
             raise ValueError(f"could not fetch image URL {s!r}: {e}") from e
-        return _open(data, s, limit), s
+        return decode_image_bytes(data, s, limit), s
     if isinstance(src, Path) or os.path.isfile(s) or os.path.isdir(s):
         if os.path.isdir(s):
             raise ValueError(f"{s} is a folder, not an image file")
         if not os.path.isfile(s):
             raise ValueError(f"image file not found: {s}")
-        return _open(Path(s).read_bytes(), s, limit), s
+        return decode_image_bytes(Path(s).read_bytes(), s, limit), s
     payload = s.split(",", 1)[1] if s.startswith("data:") else s
     try:
         data = base64.b64decode("".join(payload.split()), validate=True)
@@ -80,30 +86,54 @@ def _open_source(src, limit: int) -> tuple[Image.Image, str]:
     if not data:
         raise ValueError(f"image string is neither a file, an http(s) URL, nor base64 data: {s[:80]!r}")
     name = "data URI" if s.startswith("data:") else "base64 string"
-    return _open(data, name, limit), name
+    return decode_image_bytes(data, name, limit), name
 
 
-def _open(data: bytes, name: str, limit: int) -> Image.Image:
+class ImageFormatError(ValueError):
+    """Encoded image bytes in a format the caller does not accept."""
+
+
+class ImageTooLargeError(ValueError):
+    """An image over the pixel limit, refused from its header before its pixels are decoded (a possible
+    decompression bomb)."""
+
+
+def decode_image_bytes(data: bytes, name: str | None = None, max_pixels: int | None = None,
+                       formats: Collection[str] | None = None) -> Image.Image:
+    """Encoded image bytes -> the decoded PIL image (its first frame), in the file's own mode.
+
+    Checked from the header before any pixel is decoded: the format (one of `formats`, PIL's names such as "PNG";
+    None: any PIL reads), the pixel count (at most `max_pixels`, default MAX_IMAGE_PIXELS) and a non-empty size.
+    Conversion to RGB is the caller's: load_image applies EXIF orientation and composites alpha on white. Raises
+    ImageFormatError, ImageTooLargeError, or ValueError for empty, unreadable or truncated data; `name` (a path,
+    URL, "raw bytes", ...) names the image in the message."""
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    image, at = (f"image {name}", f": {name}") if name else ("image", "")
     if not data:
-        raise ValueError(f"empty image file: {name}")
+        raise ValueError(f"empty image file{at}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check below decides
             im = Image.open(io.BytesIO(data))  # lazy: only the header is read here
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"image {name} is too large (possible decompression bomb): {e}") from e
+    except Image.DecompressionBombError as e:  # PIL's own guard, for sizes far over its default limit
+        raise ImageTooLargeError(f"{image} is too large (possible decompression bomb): {e}") from e
     except UnidentifiedImageError as e:  # its message shows the BytesIO object, not the image
-        raise ValueError(f"unsupported or corrupt image format: {name}") from e
+        raise ValueError(f"unsupported or corrupt image format{at}") from e
     except Exception as e:  # decoders of damaged headers raise OSError, SyntaxError, struct.error, ...
-        raise ValueError(f"unsupported or corrupt image file: {name}{error_detail(e)}") from e
+        raise ValueError(f"unsupported or corrupt image file{at}{error_detail(e)}") from e
+    if formats is not None and im.format not in formats:
+        raise ImageFormatError(f"{image} is in format {im.format}, not one of {', '.join(sorted(formats))}")
     w, h = im.size
     if w * h > limit:
-        raise ValueError(f"image {name} is {w}x{h} = {w * h} pixels, over the limit of {limit} "
-                         "(possible decompression bomb)")
+        raise ImageTooLargeError(f"{image} is {w}x{h} = {w * h} pixels, over the limit of {limit} "
+                                 "(possible decompression bomb)")
+    if w < 1 or h < 1:
+        raise ValueError(f"{image} has an empty size {w}x{h}")
     try:
+        im.seek(0)  # animated GIF/WebP: the first frame
         im.load()
     except Exception as e:
-        raise ValueError(f"truncated or corrupt image file: {name}{error_detail(e)}") from e
+        raise ValueError(f"truncated or corrupt image file{at}{error_detail(e)}") from e
     return im
 
 

@@ -11,7 +11,8 @@ Accepted sources:
 - local files (`file://` URLs or plain paths) only when `--allowed-media-dir` is set, and only inside it: the path is
   resolved with symlinks followed and must stay under the resolved folder.
 Every image is checked for format (PNG, JPEG, WebP, GIF; GIF/animated: first frame) and pixel count before it is
-decoded, so a decompression bomb is refused from its header. Every failure is an APIError 400 naming the part
+decoded, so a decompression bomb is refused from its header (processor/io.py's decode_image_bytes, the engine's own
+decoder, does both). Every failure is an APIError 400 naming the part
 (`messages[i].content[j]`).
 """
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import logging
 import os
 import time
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from lfm2vl.processor.io import error_detail
+from lfm2vl.processor.io import ImageFormatError, ImageTooLargeError, decode_image_bytes, error_detail
 
 from . import remote
 from .errors import APIError
@@ -70,29 +70,25 @@ def load_image(url: str, policy: MediaPolicy, where: str) -> Image.Image:
 
 
 def decode_image(data: bytes, policy: MediaPolicy, where: str) -> Image.Image:
+    """Image bytes -> RGB image, under the policy's formats and pixel limit (processor/io.py's decoder, which checks
+    both from the header before decoding); a refusal is an APIError 400 naming the part."""
     try:
-        img = Image.open(io.BytesIO(data))
-        fmt = img.format
-        if fmt not in FORMATS:
-            raise APIError(400, f"{where}: image format {fmt} is not supported (PNG, JPEG, WebP or GIF).",
-                           param=where, code="invalid_image_format")
-        w, h = img.size
-        if w * h > policy.max_pixels:
-            raise APIError(400, f"{where}: image is {w}x{h} = {w * h} pixels, over the limit of {policy.max_pixels}.",
-                           param=where, code="image_too_large")
-        if w < 1 or h < 1:
-            raise APIError(400, f"{where}: image has an empty size {w}x{h}.", param=where, code="invalid_image")
-        img.seek(0)  # animated GIF/WebP: the first frame
-        img.load()
-        return img.convert("RGB")
-    except APIError:
-        raise
-    except Image.DecompressionBombError as e:  # PIL's own guard fires in open() for extreme sizes
-        raise APIError(400, f"{where}: image is too large to decode ({e}).", param=where,
-                       code="image_too_large") from None
-    except Exception as e:  # decoders of damaged files raise many kinds (OSError, SyntaxError, struct.error, ...)
+        return decode_image_bytes(data, max_pixels=policy.max_pixels, formats=FORMATS).convert("RGB")
+    except ImageFormatError as e:
+        raise APIError(400, f"{where}: {e}.", param=where, code="invalid_image_format") from None
+    except ImageTooLargeError as e:
+        raise APIError(400, f"{where}: {_sentence(e)}", param=where, code="image_too_large") from None
+    except ValueError as e:
+        raise APIError(400, f"{where}: the image could not be decoded: {_sentence(e)}", param=where,
+                       code="invalid_image") from None
+    except Exception as e:  # the RGB conversion of a damaged image
         raise APIError(400, f"{where}: the image could not be decoded{error_detail(e)}.",
                        param=where, code="invalid_image") from None
+
+
+def _sentence(e: Exception) -> str:
+    """The message ending in one full stop (PIL's own messages bring theirs)."""
+    return str(e).rstrip(".") + "."
 
 
 def _from_data_url(url: str, policy: MediaPolicy, where: str) -> bytes:
