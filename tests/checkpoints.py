@@ -13,7 +13,7 @@ model.safetensors by hand, and adds tokenizer + processor files. Layouts:
 - "tiny-lfm25vl": LFM2.5-VL-like: no projector LayerNorm, block_auto_adjust_ff_dim false, nested processor_config.json
 - "untied":       tie_word_embeddings false (lm_head stored), saved in several shards with model.safetensors.index.json
 - "vocab65k":     vocab_size 65536
-- "full_450m":    the published LFM2-VL-450M shapes (tests/fixtures config) with random weights (slow tests only)
+- "full_450m":    the published LFM2-VL-450M shapes (the benchmark's 450M.json) with random weights (slow tests only)
 All but "full_450m" are tiny (text width 64, a few layers): their names say whose layout they copy, not a size.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tokenizer_build import FIXTURE, write_tokenizer_files
+from tokenizer_build import FIXTURE, FIXTURE_CONFIG, write_tokenizer_files
 
 LAYOUTS = ("tiny-lfm2vl", "1.6b", "tiny-lfm25vl", "untied", "vocab65k")
 IMAGE_TOKEN = 396
@@ -76,7 +76,7 @@ def hf_config(layout: str):
     from transformers import Lfm2VlConfig
 
     if layout == "full_450m":
-        d = json.loads((FIXTURE / "config.json").read_text())
+        d = json.loads(FIXTURE_CONFIG.read_text())
         d["model_type"] = "lfm2_vl"  # the fixture is custom-code era; transformers reads the same fields natively
         for sub in ("text_config", "vision_config"):
             d[sub] = {k: v for k, v in d[sub].items() if k not in ("torch_dtype", "dtype")}
@@ -172,7 +172,7 @@ def _write_custom_era(folder: Path, model, seed: int) -> None:
         sd[k.replace(f"{pre}0.", f"{pre}{n}.")] = torch.randn(sd[k].shape, generator=g)
     sd["model.vision_tower.vision_model.embeddings.position_ids"] = torch.arange(vc.num_patches)[None]
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    fixture = json.loads((FIXTURE / "config.json").read_text())
+    fixture = json.loads(FIXTURE_CONFIG.read_text())
     top_proc = {k: v for k, v in fixture.items() if k in (
         "do_image_splitting", "encoder_patch_size", "max_image_tokens", "max_num_patches", "max_pixels_tolerance",
         "max_tiles", "min_image_tokens", "min_tiles", "tile_size", "use_image_special_tokens", "use_thumbnail")}

@@ -17,7 +17,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-FIXTURE = Path(__file__).parent / "fixtures" / "LFM2-VL-450M"
+from lfm2vl.bench.data import CONFIGS
+
+# The published LFM2-VL-450M files, as the benchmark ships them (tests/tokenizer_build.py names them too).
+FIXTURE = CONFIGS / "processor"
+FIXTURE_CONFIG = CONFIGS / "450M.json"
 ORACLE_DIGESTS = Path(__file__).parent / "data" / "processor_oracle.json"
 LFM25_TEMPLATE = Path(__file__).parent / "fixtures" / "lfm25_chat_template.jinja"
 
@@ -41,7 +45,8 @@ def write_checkpoint(folder: Path, kind: str, template: str | None = None) -> Pa
     folder = Path(folder)
     write_tokenizer_files(folder)
     if kind == "v1":
-        for n in ("config.json", "preprocessor_config.json", "processor_config.json"):
+        shutil.copy(FIXTURE_CONFIG, folder / "config.json")
+        for n in ("preprocessor_config.json", "processor_config.json"):
             shutil.copy(FIXTURE / n, folder / n)
     else:
         cfg = {"image_processor": V25_IMAGE_PROCESSOR, "processor_class": "Lfm2VlProcessor",

@@ -1,4 +1,4 @@
-"""Config parsing against the published LFM2-VL-450M config.json (tests/fixtures) and the test layouts."""
+"""Config parsing against the published LFM2-VL-450M config.json (lfm2vl/bench/configs/450M.json) and the test layouts."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from checkpoints import LAYOUTS, cached_checkpoint, hf_config
 from lfm2vl.config import Lfm2VlConfig
 from lfm2vl.model import Lfm2VlModel
-from tokenizer_build import FIXTURE
+from tokenizer_build import FIXTURE_CONFIG
 
 # counted by hand from the published shapes (text 354,483,968 + vision 85,843,200 + projector 10,495,488);
 # tied head counted once
@@ -15,7 +15,7 @@ PARAMS_450M = 450_822_656
 
 
 def test_published_450m_shapes():
-    c = Lfm2VlConfig.from_file(FIXTURE / "config.json")
+    c = Lfm2VlConfig.from_file(FIXTURE_CONFIG)
     t, v = c.text_config, c.vision_config
     assert c.model_type == "lfm2-vl" and c.image_token_id == 396 and c.tie_word_embeddings
     assert (t.vocab_size, t.hidden_size, t.num_hidden_layers) == (65536, 1024, 16)
@@ -29,7 +29,7 @@ def test_published_450m_shapes():
 
 
 def test_published_450m_parameter_count():
-    c = Lfm2VlConfig.from_file(FIXTURE / "config.json")
+    c = Lfm2VlConfig.from_file(FIXTURE_CONFIG)
     with torch.device("meta"):
         model = Lfm2VlModel(c)
     n = sum(p.numel() for p in model.parameters())

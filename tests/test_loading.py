@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints import cached_checkpoint
+from tokenizer_build import FIXTURE_CONFIG
 from lfm2vl.config import ConfigError, Lfm2VlConfig
 from lfm2vl.loading import LoadError, load_model, remap_hf_keys
 
@@ -203,7 +204,7 @@ def _run_isolated(hub_id: str, hf_home: Path):
 def test_tensor_count_matches_published_headers(name, overrides, count):
     """The published LFM2.5-VL safetensors headers hold 349 (450M) and 589 (1.6B) tensors; the module
     tree stores exactly as many under the file's key names (vision_model. prefix, tied head absent)."""
-    d = json.loads((Path(__file__).parent / "fixtures" / "LFM2-VL-450M" / "config.json").read_text())
+    d = json.loads(FIXTURE_CONFIG.read_text())
     d.update(model_type="lfm2_vl", projector_use_layernorm=False, projector_hidden_size=2048)
     d["text_config"].update(overrides.get("text", {}))
     d["vision_config"].update(overrides.get("vision", {}))

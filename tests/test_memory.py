@@ -32,7 +32,7 @@ from lfm2vl.cpu.quant import Int8Linear, quantize_weight_int8
 from lfm2vl.cpu.speed import optimize_for_cpu
 from lfm2vl.loading import load_model
 from lfm2vl.model.vision import VisionTower
-from tokenizer_build import FIXTURE
+from tokenizer_build import FIXTURE_CONFIG
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 linux_only = pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="needs /proc/self/pagemap (Linux)")
@@ -54,7 +54,7 @@ def _resident_pages(ptr: int, nbytes: int) -> int:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A small bf16 checkpoint written like `lfm2vl bench` writes its random ones (config from the 450M fixture)."""
-    d = json.loads((FIXTURE / "config.json").read_text())
+    d = json.loads(FIXTURE_CONFIG.read_text())
     d["text_config"].update(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2,
                             num_hidden_layers=3, vocab_size=1024, layer_types=["conv", "full_attention", "conv"])
     d["vision_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)

@@ -15,11 +15,11 @@ from lfm2vl.config import Lfm2VlConfig
 from lfm2vl.model.lfm2vl import Lfm2VlModel
 from lfm2vl.cpu.speed import (FastAttention, FastMLP, FastRMSNorm, FastShortConv, causal_depthwise_conv,
                               optimize_for_cpu)
-from tokenizer_build import FIXTURE
+from tokenizer_build import FIXTURE_CONFIG
 
 
 def tiny_model(dtype=torch.float32, seed=0) -> Lfm2VlModel:
-    d = json.loads((FIXTURE / "config.json").read_text())
+    d = json.loads(FIXTURE_CONFIG.read_text())
     d["text_config"].update(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
                             num_hidden_layers=5, vocab_size=512,
                             layer_types=["conv", "full_attention", "conv", "conv", "full_attention"])

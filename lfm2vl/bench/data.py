@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-CONFIGS = Path(__file__).with_name("configs")
+CONFIGS = Path(__file__).with_name("configs")  # shapes, and the published 450M files (also the tests' fixtures)
 SHAPES = ("450M", "1.6B", "3B")
 SCENARIOS = ("text512", "img512", "img1024x768", "two_images")
 N_FIXED = 501  # ids 0..500 hold LFM2-VL's control tokens
@@ -31,14 +33,24 @@ CORPUS = [
 ]
 
 
-def _special_tokens() -> list[str]:
+def _special_tokens() -> tuple[dict[int, dict], list[str]]:
+    """(LFM2-VL's added tokens by id, the tokens of ids 0..500 in id order); the two ids the published
+    tokenizer_config.json does not list get filler strings."""
     dec = json.loads((CONFIGS / "processor" / "tokenizer_config.json").read_text())["added_tokens_decoder"]
     dec = {int(k): v for k, v in dec.items()}
     return dec, [dec[i]["content"] if i in dec else f"<|filler_{i}|>" for i in range(N_FIXED)]
 
 
-def build_tokenizer(vocab_size: int = 1024):
-    """A byte-level BPE tokenizer trained on a tiny corpus, with LFM2-VL's special tokens at their real ids."""
+def build_tokenizer(vocab_size: int = 1024, corpus: Sequence[str] = CORPUS):
+    """A byte-level BPE tokenizer trained on a tiny corpus (the benchmark's by default; the tests pass their own),
+    with LFM2-VL's special tokens at their real ids. Trained once per (vocab_size, corpus)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(_trained(vocab_size, tuple(corpus)))
+
+
+@lru_cache(maxsize=4)
+def _trained(vocab_size: int, corpus: tuple[str, ...]) -> str:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     dec, specials = _special_tokens()
@@ -47,13 +59,14 @@ def build_tokenizer(vocab_size: int = 1024):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 8, trainer=trainer)
+    tok.train_from_iterator(list(corpus) * 8, trainer=trainer)  # the trainer gives `specials` ids 0..500 in order
+    # Registered as added tokens too, so the text "<image>" splits out as one token, as in the real file.
     tok.add_special_tokens([AddedToken(v["content"], special=True, normalized=False)
                             for v in dec.values() if v["special"]])
     tok.add_tokens([AddedToken(v["content"], special=False, normalized=False)
                     for v in dec.values() if not v["special"]])
-    assert tok.token_to_id("<image>") == 396, "special tokens must keep LFM2-VL's ids"
-    return tok
+    assert all(tok.token_to_id(t) == i for i, t in enumerate(specials)), "special tokens must keep LFM2-VL's ids"
+    return tok.to_str()
 
 
 def _init(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
