@@ -148,23 +148,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options(args) -> dict:
-    """Engine options from the parsed arguments (unset ones keep the engine's defaults)."""
-    opts = {"max_new_tokens": args.max_new_tokens, "min_image_tokens": args.min_image_tokens,
-            "max_image_tokens": args.max_image_tokens}
-    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "seed", "stop"):
-        opts[name] = getattr(args, name)
+    """Engine options from the parsed arguments (unset ones keep the engine's defaults): every flag named after an
+    engine option, except the prompt options, which the command that has them passes itself."""
+    from .generate.options import ENGINE_OPTIONS, PROMPT_OPTIONS
+
+    opts = {name: getattr(args, name, None) for name in ENGINE_OPTIONS if name not in PROMPT_OPTIONS}
     if args.no_image_splitting:
         opts["do_image_splitting"] = False
     return {k: v for k, v in opts.items() if v is not None}
 
 
+# The engine options whose errors the CLI words as flags (tests check that they are engine options).
+FLAG_WORDED = ("max_new_tokens", "min_image_tokens", "max_image_tokens", "do_image_splitting", "temperature",
+               "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
+               "continue_final_message")
+
+
 def flag_wording(message: str) -> str:
     """An engine error names options as keywords (max_image_tokens=10); the user typed --max-image-tokens 10."""
-    names = ("max_new_tokens", "min_image_tokens", "max_image_tokens", "do_image_splitting", "temperature", "top_k",
-             "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
-             "continue_final_message")
-    return re.sub(r"\b(%s)=" % "|".join(names), lambda m: "--" + m.group(1).replace("_", "-") + " ", message)
+    return re.sub(r"\b(%s)=" % "|".join(FLAG_WORDED), lambda m: "--" + m.group(1).replace("_", "-") + " ", message)
 
 
 # ---- checks before the model loads -------------------------------------------------------------------------------
@@ -264,7 +266,7 @@ def cmd_describe(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .engine import conversation
+    from .processor.messages import conversation, is_batch
 
     try:
         text = sys.stdin.read() if args.messages == "-" else Path(args.messages).read_text()
@@ -276,7 +278,7 @@ def cmd_generate(args) -> int:
         raise CLIError(f"{args.messages} is not valid JSON ({e})") from None
     if isinstance(messages, dict) and "messages" in messages:  # an OpenAI request body
         messages = messages["messages"]
-    batch = isinstance(messages, list) and bool(messages) and all(isinstance(m, list) for m in messages)
+    batch = is_batch(messages)
     cont = args.continue_final_message
     for k, conv in enumerate(messages if batch else [messages]):  # the messages' shape, before the model loads
         try:

@@ -12,7 +12,7 @@ generator, so a prompt that extends an earlier one (same images) reuses its cach
 as one continuous batch; each row's output equals running it alone.
 Messages follow the OpenAI / transformers format: content is a string or a list of parts {"type": "text"},
 {"type": "image", "image" | "url" | "path": ...} or {"type": "image_url", "image_url": {"url": ...}}; roles are
-system, developer (= system), user and assistant (processor/chat.py ROLES).
+system, developer (= system), user and assistant (processor/chat.py ROLES). processor/messages.py normalises them.
 A conversation that ends in an assistant message is a closed turn: the prompt opens a new assistant turn after it,
 unless continue_final_message=True, which leaves that message open for the model to continue.
 """
@@ -24,14 +24,15 @@ from typing import Callable
 import torch
 
 from .generate.batch import BatchGenerator
-from .generate.options import PROMPT_OPTIONS, REQUEST_OPTIONS, SAMPLING_OPTIONS, split_options  # noqa: F401
+from .generate.options import (MAX_BATCH, PREFILL_CHUNK, PROMPT_OPTIONS, REQUEST_OPTIONS,  # noqa: F401
+                               SAMPLING_OPTIONS, split_options)
 from .generate.request import Request, Result
 from .generate.sampling import SamplingParams
 from .generate.stream import Stream
-from .processor.chat import check_role
+# The message handling lives in processor/messages.py; its names stay importable from here.
+from .processor.messages import IMAGE_KEYS, conversation, is_batch, text_chars, to_messages  # noqa: F401
 
 DEFAULT_MODEL = "LiquidAI/LFM2-VL-450M"
-IMAGE_KEYS = ("image", "url", "path", "base64")
 
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None, optimize: bool = True,
@@ -71,7 +72,7 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None, o
 
 
 class Engine:
-    def __init__(self, model, config, processor, *, prefill_chunk: int = 512, compile: bool = False):
+    def __init__(self, model, config, processor, *, prefill_chunk: int = PREFILL_CHUNK, compile: bool = False):
         self.model, self.config, self.processor = model, config, processor
         # The decode step (T == 1) has static shapes per (rows, cache capacity): compile it, not the prefill.
         self.decode_forward = torch.compile(model.forward_cached, dynamic=False) if compile else None
@@ -136,7 +137,7 @@ class Engine:
         if is_batch(messages):
             if images is not None:
                 raise ValueError("for a batch, put the images inside each conversation's messages")
-            max_batch = options.pop("max_batch", 16)
+            max_batch = options.pop("max_batch", MAX_BATCH)
             reqs = []
             for k, m in enumerate(messages):
                 try:
@@ -169,108 +170,6 @@ class Engine:
         gen = gen or self._single_gen()
         rid = gen.add(req)
         return gen.run([rid])[rid]
-
-
-# ---- options and messages -------------------------------------------------------------------------------------
-def is_batch(messages) -> bool:
-    """A list of conversations (lists of messages) or of prompt strings."""
-    return isinstance(messages, (list, tuple)) and len(messages) > 0 and all(
-        isinstance(m, (list, tuple, str)) for m in messages)
-
-
-def to_messages(messages, images=None) -> tuple[list[dict], list]:
-    """Normalise a prompt string or a message list -> (messages whose image parts are {"type": "image"}, images in
-    order). `images` given with a prompt string go before its text; given with messages that have no image parts,
-    they go at the start of the last user message. Roles are checked (processor/chat.py check_role: developer
-    becomes system); every malformed message or part is a ValueError naming it (messages[i].content[j])."""
-    extra = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("messages must be a prompt string or a non-empty list of {'role', 'content'} dicts")
-    out, found = [], []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m:
-            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {m!r:.80}")
-        role = check_role(m["role"], f"messages[{i}]")
-        content = m.get("content")
-        if content is None or isinstance(content, str):
-            out.append({**m, "role": role, "content": content or ""})
-            continue
-        if not isinstance(content, (list, tuple)):
-            raise ValueError(f"messages[{i}].content must be a string or a list of parts, got "
-                             f"{type(content).__name__}")
-        parts = []
-        for j, part in enumerate(content):
-            where = f"messages[{i}].content[{j}]"
-            if isinstance(part, str):
-                parts.append({"type": "text", "text": part})
-                continue
-            if not isinstance(part, dict):
-                raise ValueError(f"{where} must be a string or a dict part like {{'type': 'text', 'text': ...}}, "
-                                 f"got {type(part).__name__}")
-            kind = part.get("type")
-            if kind == "text":
-                text = part.get("text")
-                if not isinstance(text, str):
-                    raise ValueError(f"{where} is a text part whose 'text' must be a string, got "
-                                     f"{type(text).__name__}")
-                parts.append({"type": "text", "text": text})
-            elif kind in ("image", "image_url"):
-                found.append(_image_source(part, where))
-                parts.append({"type": "image"})
-            elif "type" not in part:
-                raise ValueError(f"{where} has no 'type'; expected 'text', 'image' or 'image_url'")
-            else:
-                raise ValueError(f"{where} has type {kind!r}; expected 'text', 'image' or 'image_url'")
-        out.append({**m, "role": role, "content": parts})
-    if extra:
-        if found:
-            raise ValueError("images were passed both inside the messages and as `images`; use one of the two")
-        users = [i for i, m in enumerate(out) if m["role"] == "user"]
-        if not users:
-            raise ValueError("`images` needs a user message to attach to")
-        last = out[users[-1]]
-        text = last["content"] if isinstance(last["content"], str) else None
-        parts = [{"type": "image"} for _ in extra]
-        parts += [{"type": "text", "text": text}] if text is not None else list(last["content"])
-        out[users[-1]] = {**last, "content": parts}
-        found = extra
-    return out, found
-
-
-def text_chars(messages: list[dict]) -> int:
-    """Characters of text in normalised messages (string contents and text parts)."""
-    n = 0
-    for m in messages:
-        content = m["content"]
-        n += len(content) if isinstance(content, str) else sum(len(p.get("text", "")) for p in content)
-    return n
-
-
-def conversation(messages, images=None, continue_final_message: bool = False) -> tuple[list[dict], list]:
-    """to_messages, plus the check that a conversation to continue ends with an assistant message. Needs no
-    model: the CLI runs it before loading one."""
-    msgs, imgs = to_messages(messages, images)
-    if continue_final_message and msgs[-1]["role"] != "assistant":
-        raise ValueError(f"continue_final_message=True continues the final assistant message, but the "
-                         f"conversation ends with a {msgs[-1]['role']} message")
-    return msgs, imgs
-
-
-def _image_source(part: dict, where: str):
-    if part.get("type") == "image_url":
-        url = part.get("image_url")
-        url = url.get("url") if isinstance(url, dict) else url
-        if not url:
-            raise ValueError(f"{where} is an image_url part without a url")
-        if not isinstance(url, str):
-            raise ValueError(f"{where} has an image_url whose url must be a string, got {type(url).__name__}")
-        return url
-    src = next((part[k] for k in IMAGE_KEYS if part.get(k) is not None), None)
-    if src is None:
-        raise ValueError(f"{where} is an image part without an image; give one of {IMAGE_KEYS}")
-    return src
 
 
 def load_images(images: list) -> list:

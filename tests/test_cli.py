@@ -175,6 +175,25 @@ def test_generate_checks_roles_before_loading(capsys, tmp_path):
     assert "messages[0] has role 'robot'; expected one of 'system', 'developer', 'user', 'assistant'" in err
 
 
+def test_generate_reads_a_batch_as_the_engine_does(capsys, tmp_path):
+    """A list of prompt strings and conversations is a batch to the CLI as to engine.generate, checked conversation
+    by conversation before loading."""
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps(["Describe it.", [{"role": "robot", "content": "hi"}]]))
+    rc, _, err = run_main(capsys, "generate", "--messages", f, "--model", tmp_path / "no-model")
+    assert rc == 1 and len(err.splitlines()) == 1
+    assert f"{f}: conversation 2: messages[0] has role 'robot'" in err
+
+
+def test_flag_wording_rewrites_only_engine_option_names():
+    from lfm2vl import cli
+    from lfm2vl.generate.options import ENGINE_OPTIONS
+
+    names = cli.FLAG_WORDED
+    assert set(names) <= set(ENGINE_OPTIONS)
+    assert cli.flag_wording("top_k=-1 is invalid") == "--top-k -1 is invalid"
+
+
 def test_generate_continue_final_message(tiny_checkpoint, tiny_engine, tmp_path):
     """--continue-final-message gives what engine.generate(..., continue_final_message=True) gives."""
     msgs = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon a"}]

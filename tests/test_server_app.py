@@ -213,6 +213,31 @@ def test_the_server_takes_the_engines_roles():
     assert set(get_args(Message.model_fields["role"].annotation)) == set(ROLES)
 
 
+def test_pass_through_fields_are_engine_options():
+    """Every request field the server passes on unchanged is a request field and an engine option of that name."""
+    from lfm2vl.generate.options import ENGINE_OPTIONS
+    from lfm2vl.serve import translate
+    from lfm2vl.serve.schemas import ChatCompletionRequest
+
+    names = set(translate._PASS_THROUGH)
+    assert names <= set(ENGINE_OPTIONS) and names <= set(ChatCompletionRequest.model_fields)
+
+
+def test_batching_defaults_have_one_home():
+    """The engine, the scheduler and `lfm2vl serve` default to generate/options.py's MAX_BATCH and PREFILL_CHUNK."""
+    import inspect
+
+    from lfm2vl.engine import Engine
+    from lfm2vl.generate.options import MAX_BATCH, PREFILL_CHUNK
+    from lfm2vl.serve.cli import build_parser
+
+    sched = inspect.signature(Scheduler).parameters
+    assert (sched["max_batch"].default, sched["prefill_chunk"].default) == (MAX_BATCH, PREFILL_CHUNK)
+    assert inspect.signature(Engine).parameters["prefill_chunk"].default == PREFILL_CHUNK
+    args = build_parser().parse_args([])
+    assert (args.max_batch, args.prefill_chunk) == (MAX_BATCH, PREFILL_CHUNK)
+
+
 def test_error_image_that_is_no_image_names_no_object(served):
     err = _error(_post(served, _user(image_part("data:image/png;base64,aGVsbG8gd29ybGQ="))), 400)
     assert "could not be decoded" in err["message"] and " at 0x" not in err["message"]

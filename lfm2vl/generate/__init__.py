@@ -4,7 +4,8 @@
     detok.py      StreamDetokenizer: incremental text that never splits a character
     stops.py      StopMatcher: user stop strings, partial matches held back while streaming
     batch.py      BatchGenerator: the one decode loop (prefill into free rows, batched decode, prefix reuse)
-    options.py    split_options: engine options -> sampling, request, processor and prompt options
+    options.py    the engine's option names, split_options (-> sampling, request, processor and prompt
+                  options) and the batching defaults MAX_BATCH, PREFILL_CHUNK
     stream.py     Stream: the text pieces of one request as an iterator
     reference.py  cache-free greedy generator used as the fast path's oracle
     chat.py       Chat: a conversation that keeps its cache between turns

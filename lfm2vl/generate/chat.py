@@ -11,6 +11,7 @@ user message, so the conversation holds what the user saw; a turn stopped before
 """
 from __future__ import annotations
 
+from ..processor.messages import image_list
 from .batch import BatchGenerator
 from .options import split_options
 from .request import Result
@@ -58,7 +59,7 @@ class Chat:
 
     @staticmethod
     def _user_message(text: str, images) -> dict:
-        imgs = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
+        imgs = image_list(images)
         if not imgs:
             return {"role": "user", "content": text}
         return {"role": "user", "content": [{"type": "image", "image": im} for im in imgs] +

@@ -13,6 +13,13 @@ REQUEST_OPTIONS = ("max_new_tokens", "min_new_tokens", "stop")
 # parse_special=True: special-token strings in message text (<|im_start|>, <image>, ...) become control tokens, as
 # in transformers; by default (False) they are plain text, so client text cannot forge turns or image slots.
 PROMPT_OPTIONS = ("continue_final_message", "parse_special")
+# Every option name a generate / stream / chat call takes.
+ENGINE_OPTIONS = SAMPLING_OPTIONS + REQUEST_OPTIONS + PROMPT_OPTIONS + KNOBS
+
+# Batching defaults shared by the engine, the server and the batch loop: rows decoded together, and prompt tokens
+# prefilled per step (so a long prompt does not stall the rows already answering).
+MAX_BATCH = 16
+PREFILL_CHUNK = 512
 
 
 def split_options(options: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
@@ -32,8 +39,7 @@ def split_options(options: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
                 raise ValueError(f"{k}={v!r} is invalid; expected True or False")
             prompt[k] = v
         else:
-            raise ValueError(f"unknown option {k!r}; valid options: "
-                             f"{', '.join(SAMPLING_OPTIONS + REQUEST_OPTIONS + PROMPT_OPTIONS + KNOBS)}")
+            raise ValueError(f"unknown option {k!r}; valid options: {', '.join(ENGINE_OPTIONS)}")
     if request.get("stop") is None:
         request.pop("stop", None)
     return sampling, request, knobs, prompt

@@ -29,6 +29,7 @@ from lfm2vl.processor.config import KNOBS, ProcessorSettings, load_settings
 from lfm2vl.processor.escape import Escaper
 from lfm2vl.processor.image import ImageLayout, image_units, patchify_into, plan_image
 from lfm2vl.processor.io import load_image
+from lfm2vl.processor.messages import collect_images
 from lfm2vl.processor.tokenizer import Tokenizer, pick_template
 from lfm2vl.processor.tokens import ImageTokens, expand_image, layout_token_counts
 
@@ -77,20 +78,6 @@ def resolve_folder(name_or_path: str | os.PathLike, revision: str | None = None,
         raise ValueError(f"could not get {name_or_path!r}: it is not in the local huggingface_hub cache and "
                          f"downloading failed ({type(e).__name__}: {e}). Offline, pass a local folder or "
                          "download it first.") from e
-
-
-def collect_images(messages) -> list:
-    """Images of a conversation in order, from content parts {"type": "image", "image"|"url"|"path": ...}."""
-    out = []
-    for m in chat.normalize_messages(messages):
-        content = m.get("content")
-        if isinstance(content, (list, tuple)):
-            for part in content:
-                if isinstance(part, dict) and part.get("type") == "image":
-                    src = next((part[k] for k in ("image", "url", "path", "base64") if part.get(k) is not None), None)
-                    if src is not None:
-                        out.append(src)
-    return out
 
 
 PAD_LONGEST = (True, "longest")

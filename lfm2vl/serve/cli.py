@@ -25,6 +25,7 @@ DEFAULT_CONTEXT = 4096  # tokens per request (prompt + completion) unless --max-
 
 def build_parser() -> argparse.ArgumentParser:
     from lfm2vl.cli import HelpFormatter
+    from lfm2vl.generate.options import MAX_BATCH, PREFILL_CHUNK
 
     p = argparse.ArgumentParser(prog="lfm2vl serve", description="OpenAI-compatible server for LFM2-VL models.",
                                 formatter_class=HelpFormatter)
@@ -47,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low-memory", action="store_true", help="keep the vision tower's and the language model's "
                    "weights out of memory together (lower peak RSS, slower image requests)")
     g = p.add_argument_group("batching")
-    g.add_argument("--max-batch", type=int, default=16, help="rows decoded together (concurrent requests)")
+    g.add_argument("--max-batch", type=int, default=MAX_BATCH, help="rows decoded together (concurrent requests)")
     g.add_argument("--max-seq-len", type=int, default=None,
                    help=f"context per request: prompt + completion tokens (default: {DEFAULT_CONTEXT}, or the model's "
                         "context if it is shorter)")
-    g.add_argument("--prefill-chunk", type=int, default=512,
+    g.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
                    help="prompt tokens prefilled per step, so a long prompt does not stall running answers")
     g.add_argument("--max-tokens", type=int, default=1024, help="completion tokens when a request sets no max_tokens")
     m = p.add_argument_group("requests and images")

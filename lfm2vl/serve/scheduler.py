@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from lfm2vl.cpu.memory import trim_heap
+from lfm2vl.generate.options import MAX_BATCH, PREFILL_CHUNK
 
 if TYPE_CHECKING:  # annotations only: the caller brings the engine, whose modules load with the model
     from lfm2vl.engine import Engine
@@ -50,8 +51,8 @@ def _default_generator(engine: Engine, **kw) -> BatchGenerator:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, *, max_batch: int = 16, max_seq_len: int | None = None,
-                 prefill_chunk: int = 512, make_generator: Callable[..., BatchGenerator] | None = None):
+    def __init__(self, engine: Engine, *, max_batch: int = MAX_BATCH, max_seq_len: int | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK, make_generator: Callable[..., BatchGenerator] | None = None):
         make = make_generator or _default_generator
         self._make = lambda: make(engine, max_batch=max_batch, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk)
         self.gen = self._make()

@@ -8,11 +8,14 @@
 """
 from __future__ import annotations
 
+from lfm2vl.processor.chat import check_role
+
 from .errors import APIError
 from .media import MediaPolicy, decode_remote, is_remote, load_image
 from .schemas import ChatCompletionRequest
 
-# OpenAI field -> engine option, for the options passed through unchanged when the client sets them
+# OpenAI fields passed through unchanged when the client sets them: each is the engine option of the same name
+# (tests/test_server_app.py checks them against generate/options.py ENGINE_OPTIONS)
 _PASS_THROUGH = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "seed", "min_image_tokens", "max_image_tokens", "do_image_splitting")
 
@@ -54,7 +57,7 @@ def to_engine(body: ChatCompletionRequest, policy: MediaPolicy, max_images: int,
     fetched = fetched or {}
     messages = []
     for i, msg in enumerate(body.messages):
-        role = "system" if msg.role == "developer" else msg.role
+        role = check_role(msg.role, f"messages[{i}]")  # developer -> system
         if msg.content is None or isinstance(msg.content, str):
             messages.append({"role": role, "content": msg.content or ""})
             continue
