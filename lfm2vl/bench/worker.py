@@ -3,13 +3,15 @@
     python -m lfm2vl.bench.worker '<json spec>'   ->  prints one line "BENCH_RESULT <json>"
 
 Engines: "ours" (lfm2vl: load_model + cpu.speed.optimize_for_cpu, then the same calls the engine makes: image_features,
-embed, chunked forward_cached prefill, greedy decode steps) and "transformers" (Lfm2VlForConditionalGeneration on
-the same checkpoint and the same processor outputs; transformers' own image processor needs torchvision, so the
-preprocessing figure is lfm2vl's for both). "quality" compares int8 or int4 against bf16 logits.
+embed, generate/steps.py's chunked prefill and greedy decode steps, the decode step compiled as the engine compiles
+it when --compile) and "transformers" (Lfm2VlForConditionalGeneration on the same checkpoint and the same processor
+outputs; transformers' own image processor needs torchvision, so the preprocessing figure is lfm2vl's for both).
+"quality" compares int8 or int4 against bf16 logits.
 Each scenario: `warmup` untimed runs, then `reps` timed runs; the median of each figure is reported.
 """
 from __future__ import annotations
 
+import functools
 import json
 import resource
 import statistics
@@ -21,6 +23,7 @@ import torch
 
 from ..cpu.threads import one_thread
 from ..generate.sampling import greedy_token
+from ..generate.steps import compiled_decode, decode_step, prefill
 from .data import scenario_inputs
 
 PREFILL_CHUNK = 512
@@ -56,10 +59,10 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _ours_run(model, batch: dict, pre_s: float, new_tokens: int, dtype) -> dict:
+def _ours_run(model, batch: dict, pre_s: float, new_tokens: int, dtype, forward=None) -> dict:
+    """forward: the decode step's forward (compiled_decode's when --compile; default model.forward_cached)."""
     dev = model.lm_head.weight.device
     batch = {k: v.to(dev) for k, v in batch.items()}
-    decode = getattr(model, "bench_decode", None) or model.forward_cached  # compiled when --compile
     ids = batch["input_ids"]
     T = ids.shape[1]
     with torch.inference_mode():
@@ -71,13 +74,10 @@ def _ours_run(model, batch: dict, pre_s: float, new_tokens: int, dtype) -> dict:
         t1 = _clock(dev)
         emb = model.embed(ids, feats)
         cache = model.make_cache(1, T + new_tokens + 1, dtype=dtype)
-        for s in range(0, T, PREFILL_CHUNK):
-            logits = model.forward_cached(emb[:, s:s + PREFILL_CHUNK], cache, torch.tensor([s], device=dev))
-        tok = _greedy(logits)  # (1, 1)
+        tok = _greedy(prefill(model, cache, emb, None, 0, PREFILL_CHUNK))  # (1, 1)
         t2 = _clock(dev)
-        for i in range(new_tokens):
-            logits = decode(model.embed(tok), cache, torch.tensor([T + i], device=dev))
-            tok = _greedy(logits)
+        for _ in range(new_tokens):
+            tok = _greedy(decode_step(model, cache, tok, forward=forward))
         t3 = _clock(dev)
     return {"preprocess_s": pre_s, "vision_s": t1 - t0, "prefill_s": t2 - t1, "prefill_tps": T / (t2 - t1),
             "ttft_s": pre_s + t2 - t0, "decode_tps": new_tokens / (t3 - t2)}
@@ -133,10 +133,10 @@ def _load(spec: dict):
                              quantize_head=spec.get("quantize_head", True))
         if spec.get("low_memory"):
             set_low_memory(model)
-        if spec.get("compile"):  # the static-shape decode step; on CUDA "reduce-overhead" replays a CUDA graph
-            model.bench_decode = torch.compile(model.forward_cached, dynamic=False,
-                                               mode="reduce-overhead" if device.type == "cuda" else None)
         run = _ours_run
+        if spec.get("compile"):  # the engine's compiled decode step; on CUDA "reduce-overhead" replays a CUDA graph
+            forward = compiled_decode(model, mode="reduce-overhead" if device.type == "cuda" else None)
+            run = functools.partial(_ours_run, forward=forward)
     return model, run, time.perf_counter() - t
 
 
@@ -164,14 +164,12 @@ def measure(spec: dict) -> dict:
 
 def _decode_logits(model, emb: torch.Tensor, n: int, forced: list[int] | None = None):
     """Prefill emb (1, T, D), then n decode steps feeding `forced` tokens (or the greedy ones) -> (n+1, V), tokens."""
-    T = emb.shape[1]
-    cache = model.make_cache(1, T + n + 1, dtype=emb.dtype)
-    for s in range(0, T, PREFILL_CHUNK):
-        logits = model.forward_cached(emb[:, s:s + PREFILL_CHUNK], cache, torch.tensor([s]))
+    cache = model.make_cache(1, emb.shape[1] + n + 1, dtype=emb.dtype)
+    logits = prefill(model, cache, emb, None, 0, PREFILL_CHUNK)
     rows, toks = [logits.float()], []
     for i in range(n):
         toks.append(int(logits.argmax(-1)) if forced is None else forced[i])
-        logits = model.forward_cached(model.embed(torch.tensor([[toks[-1]]])), cache, torch.tensor([T + i]))
+        logits = decode_step(model, cache, torch.tensor([[toks[-1]]]))
         rows.append(logits.float())
     return torch.cat(rows), toks
 
