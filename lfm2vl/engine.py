@@ -28,6 +28,7 @@ from .generate.options import (MAX_BATCH, PREFILL_CHUNK, PROMPT_OPTIONS, REQUEST
                                SAMPLING_OPTIONS, split_options)
 from .generate.request import Request, Result
 from .generate.sampling import SamplingParams
+from .generate.steps import compiled_decode
 from .generate.stream import Stream
 # The message handling lives in processor/messages.py; its names stay importable from here.
 from .processor.messages import IMAGE_KEYS, conversation, is_batch, text_chars, to_messages  # noqa: F401
@@ -75,7 +76,7 @@ class Engine:
     def __init__(self, model, config, processor, *, prefill_chunk: int = PREFILL_CHUNK, compile: bool = False):
         self.model, self.config, self.processor = model, config, processor
         # The decode step (T == 1) has static shapes per (rows, cache capacity): compile it, not the prefill.
-        self.decode_forward = torch.compile(model.forward_cached, dynamic=False) if compile else None
+        self.decode_forward = compiled_decode(model) if compile else None
         self.tokenizer = processor.tokenizer
         eos = list(getattr(self.tokenizer, "eos_token_ids", None) or [])
         if not eos:  # fall back to the model config's eos (an int or a list)

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from ..cpu.threads import one_thread
+from ..generate.options import PREFILL_CHUNK
 from ..generate.sampling import greedy_token
 from ..generate.steps import compiled_decode, decode_step, prefill
 from .data import scenario_inputs
 
-PREFILL_CHUNK = 512
 _DT = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 

@@ -3,7 +3,11 @@
     sampling.py   SamplingParams + pure logit filters composed into a per-request Sampler
     detok.py      StreamDetokenizer: incremental text that never splits a character
     stops.py      StopMatcher: user stop strings, partial matches held back while streaming
-    batch.py      BatchGenerator: the one decode loop (prefill into free rows, batched decode, prefix reuse)
+    batch.py      BatchGenerator: the one decode loop (admission into free rows, chunked prefill, batched decode)
+    steps.py      prefill / decode_step / compiled_decode: the model steps, shared with the benchmark
+    rows.py       the cache rows: prefix reuse, conv snapshots, growth
+    units.py      image units: pixel digests, token counts, features from a position on
+    active.py     one running request's state: sampling, detokenising, stops, its Result
     options.py    the engine's option names, split_options (-> sampling, request, processor and prompt
                   options) and the batching defaults MAX_BATCH, PREFILL_CHUNK
     stream.py     Stream: the text pieces of one request as an iterator

@@ -23,6 +23,7 @@ import torch
 from ..cpu.threads import one_thread
 from .active import Active, sample_rows
 from .detok import StreamDetokenizer
+from .options import MAX_BATCH, PREFILL_CHUNK
 from .request import Event, Request, Result
 from .rows import RowCache
 from .sampling import Sampler
@@ -34,7 +35,8 @@ DEFAULT_CAPACITY = 256  # initial cache length per row; grows to fit requests, u
 
 
 class BatchGenerator:
-    def __init__(self, engine, max_batch: int = 16, max_seq_len: int | None = None, prefill_chunk: int = 512):
+    def __init__(self, engine, max_batch: int = MAX_BATCH, max_seq_len: int | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
         """engine: anything with .model (make_cache / embed / image_features / forward_cached), .config
         (Lfm2VlConfig) and .tokenizer (decode). max_seq_len: fixed cache length per row (default: sized to the
         requests, growing up to the model's context; decode attends over the whole capacity, so it stays small)."""
