@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lfm2vl.bench.data import CONFIGS
+# a path, not an import: the oracle environment reads this module too, and must not import lfm2vl (or torch)
+CONFIGS = Path(__file__).resolve().parent.parent / "lfm2vl" / "bench" / "configs"
 
 # The published LFM2-VL-450M files, as the benchmark ships them (tests/tokenizer_build.py names them too).
 FIXTURE = CONFIGS / "processor"
