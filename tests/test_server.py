@@ -10,62 +10,33 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import os
 import signal
 import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 import lfm2vl
-from checkpoints import cached_checkpoint
 from server_util import ServerProcess, image_data_url, image_part, post_raw, sse_events
 from server_util import openai_error as _error
 
-ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-lfm2vl-test"
 MODEL = "tiny-vl"
 CONTEXT = 1024
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return cached_checkpoint(tmp_path_factory, "tiny-lfm2vl")[0]
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "stderr.log"
-    cmd = [sys.executable, "-m", "lfm2vl", "serve", "--model", str(checkpoint), "--served-model-name", MODEL,
-           "--port", "0", "--api-key", KEY, "--dtype", "float32", "--max-batch", "16", "--max-seq-len", str(CONTEXT),
-           "--prefill-chunk", "64", "--max-images", "2", "--max-image-pixels", str(640 * 480), "--max-body-mb", "1",
-           "--log-level", "warning"]
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: list[str] = []
-    url = None
-    deadline = time.time() + 120
-    for line in proc.stdout:
-        lines.append(line)
-        if " at http://" in line:
-            url = line.split(" at ")[1].split()[0].removesuffix("/v1")
-            break
-        assert time.time() < deadline
-    assert url is not None, f"server did not start: {''.join(lines)}\n{log.read_text()}"
-    assert MODEL in lines[-1] and str(checkpoint) in lines[-1]  # startup names the model and the address
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    proc.url, proc.lines, proc.log = url, lines, log
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+def server(tiny_checkpoint, tmp_path_factory):
+    srv = ServerProcess(["--model", str(tiny_checkpoint), "--served-model-name", MODEL, "--api-key", KEY,
+                         "--dtype", "float32", "--max-batch", "16", "--max-seq-len", str(CONTEXT),
+                         "--prefill-chunk", "64", "--max-images", "2", "--max-image-pixels", str(640 * 480),
+                         "--max-body-mb", "1", "--log-level", "warning"],
+                        tmp_path_factory.mktemp("serve") / "stderr.log")
+    assert MODEL in srv.lines[-1] and str(tiny_checkpoint) in srv.lines[-1]  # startup names the model and the address
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +45,8 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def engine(checkpoint):
-    return lfm2vl.load(str(checkpoint), dtype="float32")
+def engine(tiny_checkpoint):
+    return lfm2vl.load(str(tiny_checkpoint), dtype="float32")
 
 
 def _alone(engine, messages, **options):
@@ -252,12 +223,12 @@ def test_still_answers_after_a_refused_request(server, client):
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
-def test_ctrl_c_stops_the_server_cleanly(checkpoint, tmp_path):
-    srv = ServerProcess(["--model", str(checkpoint), "--dtype", "float32", "--log-level", "warning"],
+def test_ctrl_c_stops_the_server_cleanly(tiny_checkpoint, tmp_path):
+    srv = ServerProcess(["--model", str(tiny_checkpoint), "--dtype", "float32", "--log-level", "warning"],
                         tmp_path / "stderr.log")
     try:
         r = httpx.post(srv.url + "/v1/chat/completions", timeout=120,
-                       json={"model": checkpoint.name, "messages": VISION_MSG, "max_tokens": 4, "temperature": 0})
+                       json={"model": tiny_checkpoint.name, "messages": VISION_MSG, "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200, r.text
         srv.proc.send_signal(signal.SIGINT)
         try:

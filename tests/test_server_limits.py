@@ -17,7 +17,6 @@ import httpx
 import pytest
 from PIL import Image
 
-from checkpoints import cached_checkpoint
 from server_util import ServerProcess, image_data_url, image_part, openai_error, post_raw
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,14 +24,9 @@ MODEL = "tiny-vl"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return cached_checkpoint(tmp_path_factory, "tiny-lfm2vl")[0]
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
+def server(tiny_checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve_limits") / "stderr.log"
-    srv = ServerProcess(["--model", str(checkpoint), "--served-model-name", MODEL, "--dtype", "float32",
+    srv = ServerProcess(["--model", str(tiny_checkpoint), "--served-model-name", MODEL, "--dtype", "float32",
                          "--max-body-mb", "40", "--log-level", "warning"], log)
     yield srv
     srv.stop()
@@ -55,9 +49,9 @@ def _settled_rss(server: ServerProcess, seconds: float = 3.0) -> float:
 
 
 # ---- start-up ---------------------------------------------------------------------------------------------------
-def test_a_model_with_a_short_context_serves_with_its_own_context(checkpoint, tmp_path):
+def test_a_model_with_a_short_context_serves_with_its_own_context(tiny_checkpoint, tmp_path):
     short = tmp_path / "short"
-    shutil.copytree(checkpoint, short)
+    shutil.copytree(tiny_checkpoint, short)
     config = json.loads((short / "config.json").read_text())
     config["text_config"]["max_position_embeddings"] = 2048
     (short / "config.json").write_text(json.dumps(config))
@@ -85,14 +79,14 @@ def test_a_bad_flag_is_one_line_and_exit_2_before_loading(flag, value, words):
     (["--max-batch", "100000"], "--max-batch 100000 rows of --max-seq-len 4096 tokens need a"),
     (["--max-seq-len", "8192"], "--max-seq-len 8192 is longer than the model's context (4096 tokens)"),
 ])
-def test_a_flag_the_model_cannot_take_is_one_line_and_exit_2(checkpoint, flags, words):
-    done = _serve(["--model", str(checkpoint), *flags])
+def test_a_flag_the_model_cannot_take_is_one_line_and_exit_2(tiny_checkpoint, flags, words):
+    done = _serve(["--model", str(tiny_checkpoint), *flags])
     assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr
 
 
-def test_an_empty_api_key_in_the_environment_means_no_key(checkpoint, tmp_path, monkeypatch):
+def test_an_empty_api_key_in_the_environment_means_no_key(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("LFM2VL_API_KEY", "")
-    srv = ServerProcess(["--model", str(checkpoint), "--served-model-name", MODEL, "--dtype", "float32",
+    srv = ServerProcess(["--model", str(tiny_checkpoint), "--served-model-name", MODEL, "--dtype", "float32",
                          "--log-level", "warning"], tmp_path / "log")
     try:
         assert "API key off" in srv.lines[-1]
@@ -134,8 +128,8 @@ def test_a_huge_text_is_refused_quickly_without_tokenizing_it(server):
 
 
 @pytest.fixture
-def fresh_server(checkpoint, tmp_path):
-    srv = ServerProcess(["--model", str(checkpoint), "--served-model-name", MODEL, "--dtype", "float32",
+def fresh_server(tiny_checkpoint, tmp_path):
+    srv = ServerProcess(["--model", str(tiny_checkpoint), "--served-model-name", MODEL, "--dtype", "float32",
                          "--log-level", "warning"], tmp_path / "log")
     yield srv
     srv.stop()
