@@ -60,6 +60,8 @@ class FakeEngine:
             else:
                 text += content
             text += "|"
+        if context is not None and len(text) >= context:  # the engine's check, in the engine's words
+            raise ValueError(f"the prompt has {len(text)} tokens but the context holds {context} tokens")
         return Request([ord(c) for c in text], params=SamplingParams(**sampling), **request)
 
 

@@ -125,11 +125,7 @@ def _prepare(engine: Engine, body: ChatCompletionRequest, settings: ServerSettin
     except ValueError as e:  # the engine's own checks (e.g. the model's context): its message names the values
         code = "context_length_exceeded" if "context" in str(e) else None
         raise APIError(400, str(e)[:1].upper() + str(e)[1:], param="messages", code=code) from None
-    n_prompt, ctx = len(req.input_ids), settings.context_len
-    if n_prompt >= ctx:
-        raise APIError(400, f"The prompt has {n_prompt} tokens, but this server's context holds {ctx} tokens "
-                            "(prompt and completion together); shorten the messages or use fewer/smaller images.",
-                       param="messages", code="context_length_exceeded")
+    n_prompt, ctx = len(req.input_ids), settings.context_len  # the engine refused a prompt that fills ctx
     room = ctx - n_prompt
     if asked is not None and asked > room:
         raise APIError(400, f"This server's context holds {ctx} tokens, but {n_prompt + asked} were requested "
