@@ -17,6 +17,7 @@ _EXPORTS = {
     "Processor": "lfm2vl.processor",
     "Lfm2VlConfig": "lfm2vl.config",
 }
+_SUBPACKAGES = ("finetune",)  # callable packages: lfm2vl.finetune(...) runs a fine-tuning
 
 
 def __getattr__(name):
@@ -24,7 +25,11 @@ def __getattr__(name):
         import importlib
 
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"lfm2vl.{name}")
     raise AttributeError(f"module 'lfm2vl' has no attribute {name!r}")
 
 
-__all__ = list(_EXPORTS)
+__all__ = list(_EXPORTS) + list(_SUBPACKAGES)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates the two environments the tests use (idempotent):
-#   .venv         torch 2.13.0 (CPU) first, then lfm2vl with its serve and test extras (transformers 5.24 as the model oracle)
+#   .venv         torch 2.13.0 (CPU) first, then lfm2vl with its serve, train and test extras (transformers 5.24 as the model oracle)
 #   .venv-oracle  torch 2.14.1 + torchvision 0.29.1 + transformers 5.24: transformers' image processor needs torchvision,
 #                 which does not import beside torch 2.13.0; the processor parity tests call into it as a subprocess.
 set -euo pipefail
@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e ".[serve,test]"
+.venv/bin/pip install -q -e ".[serve,train,test]"
 if [ "${LFM2VL_SKIP_ORACLE_ENV:-0}" != 1 ]; then
   if [ ! -x .venv-oracle/bin/python ]; then
     "$PY" -m venv .venv-oracle

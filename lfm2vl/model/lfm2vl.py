@@ -4,8 +4,9 @@ Mirrors transformers 5.24 `Lfm2VlForConditionalGeneration`; children are named s
 checkpoint keys: `model.language_model`, `model.vision_tower`, `model.multi_modal_projector`, `lm_head`.
 Two entry points:
 - `forward(input_ids, pixel_values, pixel_attention_mask, spatial_shapes, attention_mask)`: no cache, logits of the
-  whole sequence (B, T, V); inputs as transformers' Lfm2VlProcessor returns them; left padding via attention_mask
-  (positions = cumsum(mask)-1, padded inputs zeroed before the convs, causal + padding mask).
+  whole sequence (B, T, V); inputs as transformers' Lfm2VlProcessor returns them; left or right padding via
+  attention_mask (positions = cumsum(mask)-1, padded inputs zeroed before the convs, causal + padding mask).
+  `hidden_states(...)` is the same without the output head.
 - `forward_cached(inputs_embeds, cache, start_pos, rows, last_only)`: explicit positions into a HybridCache (prefill in
   chunks or one static-shape decode step); the caller advances `cache.lengths`.
 """
@@ -68,6 +69,13 @@ class Lfm2VlModel(nn.Module):
     def forward(self, input_ids, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None,
                 attention_mask=None) -> torch.Tensor:
         """Logits (B, T, V) of the whole sequence, no cache."""
+        return self.lm_head(self.hidden_states(input_ids, pixel_values, pixel_attention_mask, spatial_shapes,
+                                               attention_mask))
+
+    def hidden_states(self, input_ids, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None,
+                      attention_mask=None) -> torch.Tensor:
+        """Final hidden states (B, T, D) of the whole sequence, no cache: `forward` without the output head, so a
+        caller (the training loss) can apply the head at the positions it needs only."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len); got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -86,8 +94,7 @@ class Lfm2VlModel(nn.Module):
         else:
             positions, mask = padded_inputs(attention_mask)
             pad_mask = attention_mask
-        h = self.model.language_model(h, positions, mask=mask, pad_mask=pad_mask)
-        return self.lm_head(h)
+        return self.model.language_model(h, positions, mask=mask, pad_mask=pad_mask)
 
     # ---- cached path --------------------------------------------------------------------------------------------
     def make_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> HybridCache:
