@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -90,6 +91,43 @@ def test_jsonl_image_sources_load(processor, tmp_path):
         assert torch.equal(s.ids, samples[0].ids) and torch.equal(s.loss_mask, samples[0].loss_mask)
     pixels = [collate([s], processor, **KNOBS).pixel_values for s in samples]
     assert all(torch.equal(p, pixels[0]) for p in pixels)
+
+
+def test_http_image_is_fetched_once_and_kept_as_bytes(processor, tmp_path):
+    """An http URL (a server this test starts on 127.0.0.1) is fetched while checking; the sample keeps the bytes,
+    so batches never fetch again, and its pixels equal the same image read from a file."""
+    import functools
+    import http.server
+    import threading
+
+    png(tmp_path / "web.png", (40, 40), (30, 200, 30))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/web.png"
+        rows = [conv({"type": "image_url", "image_url": {"url": url}}), conv({"type": "image", "path": "web.png"})]
+        samples, _ = load_samples(write_jsonl(tmp_path / "t.jsonl", rows), processor, 4096, **KNOBS)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert samples[0].images == ((tmp_path / "web.png").read_bytes(),)
+    a, b = (collate([s], processor, **KNOBS) for s in samples)  # the server is gone: bytes, not the URL
+    assert torch.equal(a.pixel_values, b.pixel_values) and torch.equal(a.input_ids, b.input_ids)
+
+
+def test_unknown_image_knob_is_an_error(processor, tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [conv(answer="x")])
+    with pytest.raises(ValueError, match="unknown image option"):
+        load_samples(path, processor, 4096, max_image_token=16)
+
+
+def test_datasets_missing_gives_the_install_hint(processor, tmp_path, monkeypatch):
+    (tmp_path / "data.parquet").write_bytes(b"")
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(DataError, match=r"pip install 'lfm2vl\[train\]'"):
+        load_samples(tmp_path / "data.parquet", processor, 4096)
 
 
 def trl_rows(tmp_path):
@@ -182,7 +220,6 @@ def test_each_bad_row_is_reported_with_its_line_and_reason(processor, tmp_path):
     assert msg.startswith(f"{len(rows) - 1} bad rows in ")
     lines = msg.splitlines()[1:]
     assert len(lines) == len(rows) - 1
-    import re
     for line, (n, (_, reason)) in zip(lines, [(n, r) for n, r in enumerate(rows, 1) if r[1]]):
         assert line.startswith(f"  train.jsonl line {n}: "), line
         assert re.search(reason, line), (reason, line)
