@@ -23,6 +23,8 @@ from functools import partial
 from pathlib import Path
 from typing import Iterator
 
+from jinja2 import TemplateError
+
 from lfm2vl.finetune.batches import Sample
 from lfm2vl.processor.image import plan_image
 from lfm2vl.processor.io import fetch_url, load_image
@@ -176,24 +178,25 @@ def check_row(row: Row, processor, max_seq_len: int, knobs: dict) -> Sample:
     messages, sources = to_messages(row.messages, list(row.images) or None)
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant message: nothing to train on")
-    sources = [_resolve(s, row.folder) for s in sources]
-    sources = [fetch_url(s) if isinstance(s, str) and s.startswith(("http://", "https://")) else s
-               for s in sources]
-    pixels, units = [], 0
+    pixels, units, kept = [], 0, []
     o = processor.options(**knobs)
     for k, src in enumerate(sources):
+        src = _resolve(src, row.folder)
         try:
+            if isinstance(src, str) and src.startswith(("http://", "https://")):
+                src = fetch_url(src)  # once: batches read the bytes, never the network
             x = load_image(src)
         except ValueError as e:
             raise ValueError(f"image {k + 1}: {e}") from e
         units += len(plan_image(x.shape[1], x.shape[2], o).unit_sizes())
         pixels.append(x)
+        kept.append(src)
     ids, mask = processor.render_for_training(messages, images=pixels, **knobs)
     if len(ids) > max_seq_len:
         raise ValueError(f"{len(ids)} tokens, over max_seq_len={max_seq_len} (shorten it, raise --max-seq-len or "
                          "lower --max-image-tokens)")
-    keep = row.reload if row.reload is not None else tuple(sources)
-    return Sample(row.where, ids, mask, len(sources), units, keep)
+    keep = row.reload if row.reload is not None else tuple(kept)
+    return Sample(row.where, ids, mask, len(kept), units, keep)
 
 
 def load_samples(path: str | os.PathLike, processor, max_seq_len: int, skip_bad: bool = False,
@@ -208,7 +211,7 @@ def load_samples(path: str | os.PathLike, processor, max_seq_len: int, skip_bad:
     for row in read_rows(path):
         try:
             samples.append(check_row(row, processor, max_seq_len, knobs))
-        except ValueError as e:
+        except (ValueError, TemplateError) as e:  # TemplateError: the chat template's raise_exception
             bad.append(f"{row.where}: {e}")
     if bad and not skip_bad:
         raise DataError(_listing(f"{len(bad)} bad row{'s' if len(bad) > 1 else ''} in {path} (fix them or skip "
