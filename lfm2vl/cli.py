@@ -226,22 +226,22 @@ def load_engine(args):
                        leave=False)
         bar.update(done - bar.n)
 
-    try:
-        with adapter_warnings():
+    with adapter_warnings():  # printed once the progress bar is closed
+        try:
             return load(args.model, dtype=args.dtype, device=args.device, int8=args.int8, int4=args.int4,
                         optimize=not args.no_optimize, compile=args.compile, low_memory=args.low_memory,
                         adapter=args.adapter, progress=progress)
-    except AdapterError as e:
-        raise CLIError(str(e)) from None
-    except (LoadError, OSError, ValueError) as e:
-        if not Path(args.model).exists() and str(e).startswith("could not get hub model"):
-            raise CLIError(f"model {args.model!r} is not in the local Hugging Face cache and cannot be downloaded "
-                           f"(offline?); fetch it where there is network access with `hf download "
-                           f"{args.model} --local-dir DIR` and run with --model DIR") from None
-        raise CLIError(f"cannot load model {args.model!r}: {str(e).splitlines()[0]}") from None
-    finally:
-        if bar is not None:
-            bar.close()
+        except AdapterError as e:
+            raise CLIError(str(e)) from None
+        except (LoadError, OSError, ValueError) as e:
+            if not Path(args.model).exists() and str(e).startswith("could not get hub model"):
+                raise CLIError(f"model {args.model!r} is not in the local Hugging Face cache and cannot be "
+                               f"downloaded (offline?); fetch it where there is network access with `hf download "
+                               f"{args.model} --local-dir DIR` and run with --model DIR") from None
+            raise CLIError(f"cannot load model {args.model!r}: {str(e).splitlines()[0]}") from None
+        finally:
+            if bar is not None:
+                bar.close()
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .lora import LoraLinear, _shared_weights, lora_modules, merged_weight
+from .lora import LoraLinear, _shared_weights, lora_modules, merged_weight, replace_weight
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -295,9 +295,10 @@ def _warn_unmatched(model: nn.Module, config: dict, where: str) -> None:
         return
     unmatched = [x for x in t if not any(p == x or p.endswith("." + x) for p in paths)]
     if unmatched:
-        warnings.warn(f"{where}: target_modules {', '.join(unmatched)} match no module of this model, so the adapter "
-                      f"trained nothing there (this model's linear layers: {', '.join(_linear_names(model))})",
-                      AdapterWarning, stacklevel=3)
+        one = len(unmatched) == 1
+        warnings.warn(f"{where}: target module name{'' if one else 's'} {', '.join(unmatched)} match{'es' if one else ''} "
+                      f"no module of this model, so the adapter trained nothing there (this model's linear layers: "
+                      f"{', '.join(_linear_names(model))})", AdapterWarning, stacklevel=3)
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -335,7 +336,7 @@ def apply_adapter(model: nn.Module, config: dict, tensors: dict[str, torch.Tenso
     for path, (a, b, scaling) in updates.items():
         lin = modules[path]
         if merge:
-            lin.weight = nn.Parameter(merged_weight(lin.weight, a, b, scaling), requires_grad=lin.weight.requires_grad)
+            replace_weight(lin, merged_weight(lin.weight, a, b, scaling))
             continue
         r = a.shape[0]
         LoraLinear.wrap(lin, r, 1.0, dropout, rslora)

@@ -102,9 +102,11 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..cli import HelpFormatter
+
     p = argparse.ArgumentParser(prog="lfm2vl merge", description="Merge a LoRA adapter (PEFT's format) into a "
                                 "checkpoint and write the result as a Hugging Face checkpoint folder.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="base checkpoint folder or hub id the adapter was trained on")
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (adapter_config.json, "
                    "adapter_model.safetensors)")
