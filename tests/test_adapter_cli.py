@@ -169,3 +169,15 @@ def test_bad_adapter_input_is_one_line_without_traceback(tiny_checkpoint, adapte
 
     assert re.search(expected, lines[0]), lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["serve", "bench"])
+def test_serve_and_bench_refuse_a_missing_adapter_before_loading(tmp_path, command, capsys):
+    if command == "serve":
+        from lfm2vl.serve.cli import main as run
+    else:
+        from lfm2vl.bench import _args as run
+    with pytest.raises(SystemExit) as e:
+        run(["--adapter", str(tmp_path / "nope")])
+    assert e.value.code == 2
+    assert "--adapter" in capsys.readouterr().err
