@@ -1,8 +1,9 @@
 """`TrainOptions`: the one home of every fine-tuning option, its default and its check.
 
 The Python API (`lfm2vl.finetune(**options)`) and the CLI (`lfm2vl finetune`, flags = field names with '-') are
-both built from this dataclass. Values that depend on the mode are None here and resolved by `resolved()`:
-lr (2e-4 for LoRA, 5e-5 for full SFT) and freeze_vision (on for LoRA, off for full SFT).
+both built from this dataclass. Values that depend on the mode are None here: lr (2e-4 for LoRA, 5e-5 for full
+SFT; filled in by `resolved()`) and freeze_vision (on for LoRA unless the targets include the vision tower, off for
+full SFT; decided by loop.py).
 `check()` returns the first problem as one sentence naming the option, or None.
 """
 from __future__ import annotations
@@ -79,10 +80,9 @@ class TrainOptions:
         return not self.full
 
     def resolved(self) -> "TrainOptions":
-        """A copy with the mode-dependent defaults filled in."""
-        return dataclasses.replace(
-            self, lr=self.lr if self.lr is not None else (LR_FULL if self.full else LR_LORA),
-            freeze_vision=self.freeze_vision if self.freeze_vision is not None else not self.full)
+        """A copy with the learning rate's mode-dependent default filled in. freeze_vision=None stays None: the
+        trainer turns it on for LoRA unless the targets include the vision tower, and off for full SFT."""
+        return dataclasses.replace(self, lr=self.lr if self.lr is not None else (LR_FULL if self.full else LR_LORA))
 
     def knobs(self) -> dict:
         """The image options that are set, as processor keywords."""
