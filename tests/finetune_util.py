@@ -83,3 +83,26 @@ def reference_batch(processor, convs) -> tuple[SimpleNamespace, torch.Tensor]:
     batch = SimpleNamespace(input_ids=input_ids, attention_mask=attention, labels=labels,
                             n_tokens=int((labels != IGNORE).sum()), **pv)
     return batch, hf_labels
+
+
+def one_thread():
+    """Context: torch on one thread (the test machine's cores are shared; tiny models run fastest on one)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(n)
+    return ctx()
+
+
+def losses(folder: Path) -> list[float]:
+    """Training losses of a run's metrics.jsonl, by step."""
+    rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    return [r["loss"] for r in rows]
