@@ -10,7 +10,8 @@ float32 and the forward runs under bf16 autocast (as lfm2vl's trainer and a tran
 run). Each step: forward, loss, backward, optimizer step. `warmup` untimed steps, then `steps` timed ones.
 
 - "ours": lfm2vl's trainer pieces: loading.load_model, finetune.lora.add_lora, finetune.recompute (gradient
-  checkpointing), finetune.loss.loss_sum (the output head only at the trained positions).
+  checkpointing of the text layers, the frozen vision tower run without autograd), finetune.loss.loss_sum (the
+  output head only at the trained positions).
 - "transformers": as its users run it: Lfm2VlForConditionalGeneration.from_pretrained, gradient checkpointing
   enabled on the model, peft.get_peft_model with the same targets, the model's own loss (labels -100 outside the
   answer), torch.optim.AdamW.
@@ -91,18 +92,19 @@ def _ours(spec: dict, inputs: dict):
 
     from ..finetune.lora import add_lora, lora_parameters
     from ..finetune.loss import loss_sum
-    from ..finetune.recompute import enable_recompute
+    from ..finetune.recompute import checkpoint_layers, freeze_vision_tower
     from ..loading import load_model
 
     dtype = _DT[spec["dtype"]]
     model = load_model(spec["folder"], dtype=dtype)[0]
     model.requires_grad_(False)
     add_lora(model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], targets=spec["targets"])
-    params = lora_parameters(model)
-    for p in params:
-        p.data = p.data.float()  # trainable weights in float32 (the base stays in `dtype`)
+    params = lora_parameters(model)  # float32; the base stays in `dtype`
+    vision_trains = spec["targets"] == "all"
+    if not vision_trains:
+        freeze_vision_tower(model)
     if spec["gradient_checkpointing"]:
-        enable_recompute(model)
+        checkpoint_layers(model, vision=vision_trains)
     model.train()
     opt = torch.optim.AdamW(params, lr=2e-4)
     batch = SimpleNamespace(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
