@@ -4,6 +4,7 @@
     lfm2vl chat [--image IMAGE] [--system TEXT]       interactive: /image PATH, /reset, /quit
     lfm2vl generate --messages FILE.json [--json]     one conversation (or a list of them) from a file
     lfm2vl serve ...  /  lfm2vl bench ...             dispatched to lfm2vl.serve.cli / lfm2vl.bench (imported lazily)
+    lfm2vl finetune ...                               dispatched to lfm2vl.finetune.cli (imported lazily)
     lfm2vl --version
 
 Common options: --model (folder or hub id, default LiquidAI/LFM2-VL-450M), --dtype, --device, the image knobs and
@@ -21,7 +22,7 @@ import re
 import sys
 from pathlib import Path
 
-DELEGATED = {"serve": "lfm2vl.serve.cli", "bench": "lfm2vl.bench"}
+DELEGATED = {"serve": "lfm2vl.serve.cli", "bench": "lfm2vl.bench", "finetune": "lfm2vl.finetune.cli"}
 DEFAULT_PROMPT = "Describe this image."
 
 
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(g)
     sub.add_parser("serve", help="OpenAI-compatible HTTP server (lfm2vl serve --help)", add_help=False)
     sub.add_parser("bench", help="speed benchmark (lfm2vl bench --help)", add_help=False)
+    sub.add_parser("finetune", help="fine-tune on image conversations: LoRA or full (lfm2vl finetune --help)",
+                   add_help=False)
     return p
 
 

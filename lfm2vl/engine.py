@@ -38,6 +38,7 @@ DEFAULT_MODEL = "LiquidAI/LFM2-VL-450M"
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None, optimize: bool = True,
          int8: bool = False, int4: bool = False, compile: bool = False, low_memory: bool = False,
+         adapter: str | os.PathLike | None = None,
          progress: Callable[[int, int], None] | None = None) -> "Engine":
     """Load a checkpoint folder or hub id -> Engine. dtype defaults to bfloat16, device to cpu.
 
@@ -46,7 +47,9 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None, o
     changes results slightly; int4 in groups of 32 weights, the smallest and fastest decode);
     compile: torch.compile the static-shape decode step (opt-in; pair it with optimize=False, whose decode
     attention reads the cache length on the host); low_memory: the vision tower's and the language model's
-    memory-mapped weights never stay resident together (cpu/lowmem.py; lower peak RSS, slower image requests)."""
+    memory-mapped weights never stay resident together (cpu/lowmem.py; lower peak RSS, slower image requests);
+    adapter: a LoRA adapter folder (PEFT's format, from `lfm2vl finetune` or PEFT), merged into the weights
+    before the CPU speed-ups, so generation runs as fast as with the base model."""
     from .loading import check_device, load_model, parse_device
     from .processor import Processor
 
@@ -60,7 +63,15 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None, o
                          f"device='cpu'")
     check_device(device)  # an unknown name or a missing GPU: said before anything is read
     kw = {"progress": progress} if progress is not None else {}
+    if adapter is not None:
+        from .finetune.adapter import read_adapter
+
+        adapter_files = read_adapter(adapter)  # a bad adapter folder is said before the model is read
     m, config, folder = load_model(model, dtype=dtype, device=device, **kw)
+    if adapter is not None:
+        from .finetune.adapter import apply_adapter
+
+        apply_adapter(m, *adapter_files, where=f"adapter {adapter}")
     if optimize or int8 or int4:
         from .cpu.speed import optimize_for_cpu
 

@@ -47,3 +47,15 @@ def test_chat_turn_attaches_images_as_the_engine_does():
 ])
 def test_is_batch(messages, batch):
     assert is_batch(messages) is batch
+
+
+def test_images_fill_image_parts_without_an_image():
+    """TRL's dataset layout: {"type": "image"} parts with no image take the `images` given, in order; a count
+    mismatch is an error naming both counts."""
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a"}, {"type": "image"}]}]
+    msgs, imgs = to_messages(conv, images=["x.png", "y.png"])
+    assert imgs == ["x.png", "y.png"] and msgs[0]["content"][0] == {"type": "image"}
+    with pytest.raises(ValueError, match="2 image parts without an image but 1 images"):
+        to_messages(conv, images=["x.png"])
+    with pytest.raises(ValueError, match="image part without an image"):
+        to_messages(conv)

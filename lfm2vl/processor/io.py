@@ -65,12 +65,7 @@ def _open_source(src, limit: int) -> tuple[Image.Image, str]:
     """A path, URL, data: URI or base64 string -> (opened image, its name for errors)."""
     s = os.fspath(src)
     if s.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(s, timeout=URL_TIMEOUT_S) as r:
-                data = r.read()
-        except OSError as e:
-            raise ValueError(f"could not fetch image URL {s!r}: {e}") from e
-        return decode_image_bytes(data, s, limit), s
+        return decode_image_bytes(fetch_url(s), s, limit), s
     if isinstance(src, Path) or os.path.isfile(s) or os.path.isdir(s):
         if os.path.isdir(s):
             raise ValueError(f"{s} is a folder, not an image file")
@@ -87,6 +82,15 @@ def _open_source(src, limit: int) -> tuple[Image.Image, str]:
         raise ValueError(f"image string is neither a file, an http(s) URL, nor base64 data: {s[:80]!r}")
     name = "data URI" if s.startswith("data:") else "base64 string"
     return decode_image_bytes(data, name, limit), name
+
+
+def fetch_url(url: str, timeout: float = URL_TIMEOUT_S) -> bytes:
+    """The bytes at an http(s) URL; an unreachable URL or a timeout is a ValueError naming it."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.read()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not fetch image URL {url!r}: {e}") from e
 
 
 class ImageFormatError(ValueError):

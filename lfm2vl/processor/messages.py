@@ -13,6 +13,7 @@ from lfm2vl.processor import chat
 
 # The keys of an {"type": "image"} part that hold its image, in the order they are looked up.
 IMAGE_KEYS = ("image", "url", "path", "base64")
+_TAKE = object()  # marks an image part without an image, filled from to_messages' `images`
 
 
 def image_list(images) -> list:
@@ -47,7 +48,8 @@ def is_batch(messages) -> bool:
 
 def to_messages(messages, images=None) -> tuple[list[dict], list]:
     """Normalise a prompt string or a message list -> (messages whose image parts are {"type": "image"}, images in
-    order). `images` given with a prompt string go before its text; given with messages that have no image parts,
+    order). `images` given with a prompt string go before its text; given with messages whose image parts have no
+    image (TRL's dataset layout), they fill those parts in order; given with messages that have no image parts,
     they go at the start of the last user message. Roles are checked (processor/chat.py check_role: developer
     becomes system); every malformed message or part is a ValueError naming it (messages[i].content[j])."""
     extra = image_list(images)
@@ -83,6 +85,9 @@ def to_messages(messages, images=None) -> tuple[list[dict], list]:
                     raise ValueError(f"{where} is a text part whose 'text' must be a string, got "
                                      f"{type(text).__name__}")
                 parts.append({"type": "text", "text": text})
+            elif kind == "image" and part_image(part) is None and extra:
+                found.append(_TAKE)  # a placeholder (TRL's layout): takes the next of `images`
+                parts.append({"type": "image"})
             elif kind in ("image", "image_url"):
                 found.append(image_source(part, where))
                 parts.append({"type": "image"})
@@ -91,6 +96,13 @@ def to_messages(messages, images=None) -> tuple[list[dict], list]:
             else:
                 raise ValueError(f"{where} has type {kind!r}; expected 'text', 'image' or 'image_url'")
         out.append({**m, "role": role, "content": parts})
+    if _TAKE in found:
+        n = found.count(_TAKE)
+        if n != len(extra):
+            raise ValueError(f"the messages have {n} image parts without an image but {len(extra)} images were "
+                             "given to fill them")
+        it = iter(extra)
+        return out, [next(it) if src is _TAKE else src for src in found]
     if extra:
         if found:
             raise ValueError("images were passed both inside the messages and as `images`; use one of the two")

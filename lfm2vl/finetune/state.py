@@ -1,0 +1,170 @@
+"""Training-state checkpoints: written atomically, the last good one kept, refused for another model or data.
+
+Layout: OUTPUT/checkpoints/step-0000012/ with
+  trainable.safetensors  the trained parameters (LoRA matrices, or every trained weight of a full SFT)
+  state.pt               optimizer and scheduler state dicts and the RNG states (python, numpy, torch, cuda);
+                         tensors, numbers and lists only, read back with torch.load(weights_only=True)
+  state.json             step, epoch, the data order's state, the run's options and the model/data fingerprint
+A checkpoint is written into a temporary folder beside it, then renamed into place (os.replace: atomic on one file
+system), and only then are older checkpoints removed: a crash or a full disk while writing leaves the previous
+checkpoint as it was. Folders whose name starts with '.' (temporaries) are never read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FOLDER = "checkpoints"
+_STEP = re.compile(r"step-(\d+)")
+
+
+class StateError(ValueError):
+    """A checkpoint that cannot be resumed (missing, unreadable, or from another model, data or setup)."""
+
+
+def save(output: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: dict, scheduler: dict,
+         meta: dict) -> Path:
+    """Write the checkpoint of `step` under output/checkpoints; returns its folder."""
+    from safetensors.torch import save_file
+
+    root = Path(output) / FOLDER
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".step-{step:07d}.tmp{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()},
+                  str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer, "scheduler": scheduler, "rng": rng_state()}, tmp / "state.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=1))
+        _fsync_folder(tmp)
+        if final.exists():  # the same step saved again (e.g. Ctrl-C right after a scheduled save): same content
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in root.iterdir():  # the new one is in place: older ones and stale temporaries go
+        if old != final and (old.name.startswith(".step-") or _step_of(old) is not None):
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_folder(folder: Path) -> None:
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _step_of(p: Path) -> int | None:
+    m = _STEP.fullmatch(p.name)
+    return int(m.group(1)) if m and p.is_dir() else None
+
+
+def find(path: str | os.PathLike) -> Path:
+    """The checkpoint folder for --resume PATH: PATH itself (a step-N folder), or the newest checkpoint of a run's
+    output folder (PATH/checkpoints/step-N) or of a checkpoints folder."""
+    p = Path(path)
+    if (p / "state.json").is_file():
+        return p
+    for root in (p / FOLDER, p):
+        steps = sorted((s, d) for d in root.iterdir() if (s := _step_of(d)) is not None) if root.is_dir() else []
+        steps = [(s, d) for s, d in steps if (d / "state.json").is_file()]
+        if steps:
+            return steps[-1][1]
+    if not p.exists():
+        raise StateError(f"--resume {path}: no such folder")
+    raise StateError(f"--resume {path}: no checkpoint there (expected a run's output folder with {FOLDER}/step-N, "
+                     f"or a step-N folder with state.json)")
+
+
+def load(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """-> (meta from state.json, trainable tensors, {"optimizer", "scheduler", "rng"})."""
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+        tensors = load_file(str(folder / "trainable.safetensors"))
+        rest = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise StateError(f"checkpoint {folder} cannot be read ({type(e).__name__}: {e})") from None
+    return meta, tensors, rest
+
+
+def check_compatible(meta: dict, fingerprint: dict, options: dict, structural) -> None:
+    """Refuse to resume a checkpoint of another model, other data or another training setup."""
+    old = meta.get("fingerprint", {})
+    for what, hint in (("model", "--model"), ("data", "--data")):
+        if old.get(what) != fingerprint.get(what):
+            raise StateError(f"the checkpoint was trained on a different {what} than {hint} "
+                             f"{options.get(what)!r} (it used {meta.get('options', {}).get(what)!r}); resume with "
+                             f"the same {what}, or start a new run without --resume")
+    saved = meta.get("options", {})
+    diff = [f"{k} ({saved.get(k)!r} there, {options.get(k)!r} now)" for k in structural
+            if k in saved and saved.get(k) != options.get(k)]
+    if old.get("world_size", 1) != fingerprint.get("world_size", 1):
+        diff.append(f"number of processes ({old.get('world_size', 1)} there, {fingerprint.get('world_size', 1)} now)")
+    if diff:
+        raise StateError("the checkpoint was made with other settings: " + ", ".join(diff) +
+                         "; resume with the same ones")
+
+
+# ---- fingerprints ------------------------------------------------------------------------------------------------
+def model_fingerprint(folder: Path) -> str:
+    """config.json and, for each weight file, its name, size and first and last MiB (cheap for multi-GB files,
+    different for any other checkpoint in practice)."""
+    h = hashlib.sha256()
+    folder = Path(folder)
+    h.update((folder / "config.json").read_bytes())
+    for f in sorted(folder.glob("*.safetensors")):
+        if f.name.startswith("adapter_"):
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def data_fingerprint(samples) -> str:
+    """The token ids, loss masks and image-unit counts of the samples, in order: what is trained on."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(s.ids.numpy().tobytes())
+        h.update(s.loss_mask.numpy().tobytes())
+        h.update(str(getattr(s, "n_units", 0)).encode())
+    return h.hexdigest()
+
+
+# ---- RNG ---------------------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      cached],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,126 @@
+"""Bad input to `lfm2vl finetune` gets one clear line (option values: argparse, status 2; the rest: status 1), and a
+checkpoint write that fails leaves the last good checkpoint."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import lfm2vl
+from finetune_util import one_thread, write_jsonl
+from lfm2vl.finetune import state
+from lfm2vl.finetune.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    return write_jsonl(folder, 2, images=False), write_jsonl(folder, 3, images=False, name="other.jsonl")
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+@pytest.mark.parametrize("flag,value,expect", [("--lora-r", "0", "expected an integer >= 1"),
+                                               ("--lr", "0", "expected a number > 0"),
+                                               ("--lr", "-0.001", "expected a number > 0"),
+                                               ("--warmup", "2.5", "whole number of steps"),
+                                               ("--lora-dropout", "1", "[0, 1)")])
+def test_bad_option_values_are_usage_errors(flag, value, expect, capsys, tmp_path):
+    code, err = _run(["--data", "x.jsonl", "--output", str(tmp_path), flag, value], capsys)
+    assert code == 2
+    assert err.startswith("usage: lfm2vl finetune") and f"argument {flag}: {value} is invalid" in err
+    assert expect in err.strip().splitlines()[-1]
+
+
+def test_python_api_rejects_bad_values(tmp_path):
+    for kw, word in (({"lora_r": 0}, "lora_r"), ({"lr": 0.0}, "lr"), ({"lora_rank": 4}, "unknown option")):
+        with pytest.raises(ValueError, match=word):
+            lfm2vl.finetune(data="x.jsonl", output=str(tmp_path), **kw)
+
+
+def test_non_empty_output_needs_overwrite(tiny_checkpoint, data, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep")
+    code, err = _run(["--model", str(tiny_checkpoint), "--data", str(data[0]), "--output", str(tmp_path)], capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert "is not empty; pass --overwrite" in err
+
+
+def test_unknown_target_names(tiny_checkpoint, data, tmp_path, capsys):
+    code, err = _run(["--model", str(tiny_checkpoint), "--data", str(data[0]), "--output", str(tmp_path / "o"),
+                      "--targets", "q_proj,gate_proj", "--dtype", "float32", "--no-progress"], capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert "gate_proj" in err and "q_proj," not in err.split("gate_proj")[0][-10:]
+
+
+def test_data_with_no_valid_row(tiny_checkpoint, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n")
+    code, err = _run(["--model", str(tiny_checkpoint), "--data", str(bad), "--output", str(tmp_path / "o"),
+                      "--skip-bad", "--dtype", "float32", "--no-progress"], capsys)
+    assert code == 1 and "no valid row in" in err.splitlines()[0] and "line 1" in err
+
+
+def test_resume_refuses_another_model_or_data(tiny_checkpoint, data, tmp_path, capsys, monkeypatch):
+    """A checkpoint resumes only with the model and data it was trained on."""
+    from lfm2vl.finetune import report
+
+    out = tmp_path / "run"
+    real = report.Report.step
+
+    def crash(self, step, *a, **kw):  # the run dies during step 2, after step 1's checkpoint
+        real(self, step, *a, **kw)
+        if step == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(report.Report, "step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        lfm2vl.finetune(model=str(tiny_checkpoint), data=str(data[0]), output=str(out), max_steps=3, batch_size=1,
+                        dtype="float32", progress=False, save_every=1)
+    monkeypatch.undo()
+    assert state.find(out).name == "step-0000001"
+    other_model = tmp_path / "other_model"
+    shutil.copytree(tiny_checkpoint, other_model)
+    cfg = json.loads((other_model / "config.json").read_text())
+    cfg["text_config"]["norm_eps"] = 1e-6
+    (other_model / "config.json").write_text(json.dumps(cfg))
+    rest = ["--output", str(out), "--max-steps", "3", "--save-every", "1", "--batch-size", "1", "--dtype", "float32",
+            "--no-progress", "--resume", str(out)]
+    code, err = _run(["--model", str(other_model), "--data", str(data[0]), *rest], capsys)
+    assert code == 1 and "different model" in err and err.count("\n") == 1
+    code, err = _run(["--model", str(tiny_checkpoint), "--data", str(data[1]), *rest], capsys)
+    assert code == 1 and "different data" in err and err.count("\n") == 1
+    code, err = _run(["--model", str(tiny_checkpoint), "--data", str(data[0]), *rest], capsys)
+    assert code == 0, err  # the same model and data resume
+
+
+def test_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
+    """A crash while writing step 2's checkpoint (the disk fills up) leaves step 1's complete checkpoint, which
+    is what --resume finds, and no half-written folder."""
+    w = {"a": torch.arange(4.0)}
+    state.save(tmp_path, 1, w, {"state": {}, "param_groups": []}, {"x": 1}, {"epoch": 0})
+
+    def full_disk(obj, f, *a, **kw):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        state.save(tmp_path, 2, {"a": torch.arange(4.0) * 2}, {}, {}, {"epoch": 0})
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / state.FOLDER).iterdir()] == ["step-0000001"]
+    folder = state.find(tmp_path)
+    meta, tensors, rest = state.load(folder)
+    assert meta["step"] == 1 and torch.equal(tensors["a"], torch.arange(4.0)) and rest["scheduler"] == {"x": 1}
