@@ -5,6 +5,7 @@
     lfm2vl generate --messages FILE.json [--json]     one conversation (or a list of them) from a file
     lfm2vl serve ...  /  lfm2vl bench ...             dispatched to lfm2vl.serve.cli / lfm2vl.bench (imported lazily)
     lfm2vl finetune ...                               dispatched to lfm2vl.finetune.cli (imported lazily)
+    lfm2vl merge --model M --adapter DIR --output OUT write the checkpoint with a LoRA adapter merged (finetune/merge.py)
     lfm2vl --version
 
 Common options: --model (folder or hub id, default LiquidAI/LFM2-VL-450M), --dtype, --device, the image knobs and
@@ -16,13 +17,16 @@ In `chat`, Ctrl-C stops the answer being written and returns to the prompt; Ctrl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 
-DELEGATED = {"serve": "lfm2vl.serve.cli", "bench": "lfm2vl.bench", "finetune": "lfm2vl.finetune.cli"}
+DELEGATED = {"serve": "lfm2vl.serve.cli", "bench": "lfm2vl.bench", "finetune": "lfm2vl.finetune.cli",
+             "merge": "lfm2vl.finetune.merge"}
 DEFAULT_PROMPT = "Describe this image."
 
 
@@ -89,6 +93,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16",
                    help="weights and activations")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (the N-th GPU) or mps")
+    g.add_argument("--adapter", metavar="DIR", default=None,
+                   help="LoRA adapter folder (PEFT's format, e.g. from `lfm2vl finetune`), merged into the weights "
+                        "at load (default: none)")
     q = g.add_mutually_exclusive_group()
     q.add_argument("--int8", action="store_true", help="weight-only int8 linears (CPU; slightly different results)")
     q.add_argument("--int4", action="store_true", help="weight-only int4 linears, groups of 32 (CPU; smallest and "
@@ -147,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="speed benchmark (lfm2vl bench --help)", add_help=False)
     sub.add_parser("finetune", help="fine-tune on image conversations: LoRA or full (lfm2vl finetune --help)",
                    add_help=False)
+    sub.add_parser("merge", help="merge a LoRA adapter into a checkpoint (lfm2vl merge --help)", add_help=False)
     return p
 
 
@@ -210,6 +218,7 @@ def load_engine(args):
     from tqdm import tqdm
 
     from .engine import load
+    from .finetune.adapter import AdapterError
     from .loading import LoadError
 
     bar = None
@@ -221,27 +230,40 @@ def load_engine(args):
                        leave=False)
         bar.update(done - bar.n)
 
-    try:
-        return load(args.model, dtype=args.dtype, device=args.device, int8=args.int8, int4=args.int4,
-                    optimize=not args.no_optimize, compile=args.compile, low_memory=args.low_memory,
-                    progress=progress)
-    except (LoadError, OSError, ValueError) as e:
-        if not Path(args.model).exists() and str(e).startswith("could not get hub model"):
-            raise CLIError(f"model {args.model!r} is not in the local Hugging Face cache and cannot be downloaded "
-                           f"(offline?); fetch it where there is network access with `hf download "
-                           f"{args.model} --local-dir DIR` and run with --model DIR") from None
-        raise CLIError(f"cannot load model {args.model!r}: {str(e).splitlines()[0]}") from None
-    finally:
-        if bar is not None:
-            bar.close()
+    with adapter_warnings():  # printed once the progress bar is closed
+        try:
+            return load(args.model, dtype=args.dtype, device=args.device, int8=args.int8, int4=args.int4,
+                        optimize=not args.no_optimize, compile=args.compile, low_memory=args.low_memory,
+                        adapter=args.adapter, progress=progress)
+        except AdapterError as e:
+            raise CLIError(str(e)) from None
+        except (LoadError, OSError, ValueError) as e:
+            if not Path(args.model).exists() and str(e).startswith("could not get hub model"):
+                raise CLIError(f"model {args.model!r} is not in the local Hugging Face cache and cannot be "
+                               f"downloaded (offline?); fetch it where there is network access with `hf download "
+                               f"{args.model} --local-dir DIR` and run with --model DIR") from None
+            raise CLIError(f"cannot load model {args.model!r}: {str(e).splitlines()[0]}") from None
+        finally:
+            if bar is not None:
+                bar.close()
 
 
-def stream_to(out, stream) -> None:
-    for piece in stream:
-        out.write(piece)
-        out.flush()
-    out.write("\n")
-    out.flush()
+@contextlib.contextmanager
+def adapter_warnings(prog: str = "lfm2vl"):
+    """Print an adapter's warnings (target names that match nothing ...) as one line each, not Python's
+    file:line format."""
+    from .finetune.adapter import AdapterWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", AdapterWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                if issubclass(w.category, AdapterWarning):
+                    print(f"{prog}: warning: {w.message}", file=sys.stderr)
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def stream_to(out, stream) -> None:

@@ -170,7 +170,7 @@ def test_adapter_written_by_peft_loads_with_the_same_logits(tiny_checkpoint, cas
     if variant == "notebook_names":
         with pytest.warns(UserWarning, match="match no module of this model") as rec:
             paths = load_adapter(model, tmp_path / "peft", merge=False)
-        named = str(rec[0].message).split("target_modules ")[1].split(" match no module")[0].split(", ")
+        named = str(rec[0].message).split("target module names ")[1].split(" match no module")[0].split(", ")
         assert sorted(named) == ["down_proj", "gate_proj", "o_proj", "up_proj"]
     else:
         paths = load_adapter(model, tmp_path / "peft", merge=False)

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--shape", default="450M", choices=SHAPES, help="published shape for random weights")
     src.add_argument("--config", default=None,
                      help="a config.json to build random weights from, e.g. a tiny one for tests (default: none)")
+    ap.add_argument("--adapter", metavar="DIR", default=None,
+                    help="LoRA adapter folder merged into the weights at load, by every engine (transformers: "
+                         "peft's merge_and_unload; its base is --model's checkpoint) (default: none)")
     ap.add_argument("--dtype", default="bfloat16", type=_dtype_arg, choices=tuple(DTYPES),
                     help="weights and activations (bf16 and fp32 are accepted too)")
     ap.add_argument("--int8", action="store_true", help="also run lfm2vl with weight-only int8 (+ quality check)")
@@ -115,6 +118,13 @@ def _args(argv):
         args.engines = [e for e in args.engines.split(",") if e]
         if set(args.engines) - {"ours", "transformers"}:
             ap.error(f"--engines takes ours and/or transformers, got {args.engines}")
+    if args.adapter is not None:
+        from ..finetune.adapter import AdapterError, read_adapter
+
+        try:
+            read_adapter(args.adapter)  # a bad folder is said before any engine starts
+        except AdapterError as e:
+            ap.error(f"--adapter: {e}")
     if args.reps < 1 or args.threads < 1 or args.new_tokens < 1:
         ap.error("--reps, --threads and --new-tokens must be >= 1")
     if args.warmup < 0:
@@ -252,7 +262,7 @@ def main(argv=None) -> int:
     short = args.short_dtype
     common = {"folder": str(folder), "dtype": short, "device": args.device, "threads": args.threads,
               "reps": args.reps, "warmup": args.warmup, "new_tokens": args.new_tokens, "scenarios": args.scenarios,
-              "image_knobs": args.image_knobs}
+              "image_knobs": args.image_knobs, "adapter": args.adapter}
     runs = []
     if "ours" in args.engines:
         runs.append((f"lfm2vl {short}", {**common, "engine": "ours", "optimize": not args.no_optimize,

@@ -113,6 +113,15 @@ def _hf_run(model, batch: dict, pre_s: float, new_tokens: int, dtype) -> dict:
             "decode_tps": new_tokens / (t2 - t1)}
 
 
+def _with_adapter(model, spec: dict):
+    """The model with spec["adapter"] merged into its weights (as lfm2vl.load(..., adapter=) does), if given."""
+    if spec.get("adapter"):
+        from ..finetune.adapter import load_adapter
+
+        load_adapter(model, spec["adapter"])
+    return model
+
+
 def _load(spec: dict):
     dtype = _DT[spec["dtype"]]
     device = torch.device(spec.get("device", "cpu"))
@@ -121,13 +130,17 @@ def _load(spec: dict):
         from transformers import Lfm2VlForConditionalGeneration
 
         model = Lfm2VlForConditionalGeneration.from_pretrained(spec["folder"], dtype=dtype).to(device).eval()
+        if spec.get("adapter"):
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, spec["adapter"]).merge_and_unload().eval()
         run = _hf_run
     else:
         from ..cpu.lowmem import set_low_memory
         from ..cpu.speed import optimize_for_cpu
         from ..loading import load_model
 
-        model = load_model(spec["folder"], dtype=dtype, device=device)[0]
+        model = _with_adapter(load_model(spec["folder"], dtype=dtype, device=device)[0], spec)
         if spec.get("optimize", True):  # a no-op off CPU
             optimize_for_cpu(model, int8=spec.get("int8", False), int4=spec.get("int4", False),
                              quantize_head=spec.get("quantize_head", True))
@@ -185,10 +198,10 @@ def quality(spec: dict) -> dict:
     from ..processor import Processor
 
     torch.set_num_threads(spec["threads"])
-    ref = optimize_for_cpu(load_model(spec["folder"], dtype=torch.bfloat16)[0])
+    ref = optimize_for_cpu(_with_adapter(load_model(spec["folder"], dtype=torch.bfloat16)[0], spec))
     # a second load, not a deepcopy: both map the same file pages, and quantizing releases the float ones
     fmt = spec.get("format", "int8")
-    q = optimize_for_cpu(load_model(spec["folder"], dtype=torch.bfloat16)[0], **{fmt: True},
+    q = optimize_for_cpu(_with_adapter(load_model(spec["folder"], dtype=torch.bfloat16)[0], spec), **{fmt: True},
                          quantize_head=spec.get("quantize_head", True))
     processor = Processor.from_pretrained(spec["folder"])
     out = {}

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .lora import LoraLinear, lora_modules, merged_weight
+from .lora import LoraLinear, _shared_weights, lora_modules, merged_weight, replace_weight
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -52,6 +52,10 @@ _UNSUPPORTED = {
 
 class AdapterError(ValueError):
     """An adapter folder lfm2vl cannot use with this model (what is wrong is in the message)."""
+
+
+class AdapterWarning(UserWarning):
+    """Something about an adapter the user should know that does not stop it from loading."""
 
 
 # ---- writing -------------------------------------------------------------------------------------------------------
@@ -92,7 +96,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
 
 
 def target_regex(paths: list[str]) -> str:
-    """A regular expression that re.fullmatches exactly `paths`: paths that differ only in their first layer index
+    r"""A regular expression that re.fullmatches exactly `paths`: paths that differ only in their first layer index
     and their last component share one alternative, e.g.
     `model\.language_model\.layers\.(?:0|1|3)\.conv\.(?:in_proj|out_proj)`."""
     by_index: dict[tuple[str, str], list[str]] = {}  # (path before the index, after it up to the last dot) -> indices
@@ -109,9 +113,8 @@ def target_regex(paths: list[str]) -> str:
         if idx == ("",):  # no layer index: the path itself
             alts.append(re.escape(head))
             continue
-        tail = _alternation(lasts)
-        alts.append(f"{re.escape(head)}\\.{_alternation(list(idx))}\\.{re.escape(middle) + chr(92) + '.' if middle else ''}"
-                    f"{tail}")
+        parts = [re.escape(head), _alternation(list(idx))] + ([re.escape(middle)] if middle else [])
+        alts.append(r"\.".join(parts + [_alternation(lasts)]))
     return alts[0] if len(alts) == 1 else _alternation(alts, escape=False)
 
 
@@ -253,6 +256,11 @@ def adapter_updates(model: nn.Module, config: dict, tensors: dict[str, torch.Ten
         problems.append(f"weights for modules this model does not have: {_listing(sorted(set(absent)))}")
     if not_linear:
         problems.append(f"weights for modules that are not linear layers: {_listing(sorted(set(not_linear)))}")
+    shared = _shared_weights(model)
+    tied = [f"{p} (its weight is also {', '.join(x for x in shared[id(modules[p].weight)] if x != p)})"
+            for p in pairs if len(shared.get(id(modules[p].weight), ())) > 1]
+    if tied:
+        problems.append(f"weights for layers that share their weight with another module: {_listing(tied)}")
     half = [p for p, ab in pairs.items() if len(ab) != 2]
     if half:
         problems.append(f"modules with only one of lora_A / lora_B: {_listing(half)}")
@@ -282,13 +290,15 @@ def _warn_unmatched(model: nn.Module, config: dict, where: str) -> None:
     paths = [n for n, _ in model.named_modules() if n]
     if isinstance(t, str):
         if not any(re.fullmatch(t, p) for p in paths):
-            warnings.warn(f"{where}: target_modules {t!r} matches no module of this model", stacklevel=3)
+            warnings.warn(f"{where}: target_modules {t!r} matches no module of this model", AdapterWarning,
+                          stacklevel=3)
         return
     unmatched = [x for x in t if not any(p == x or p.endswith("." + x) for p in paths)]
     if unmatched:
-        warnings.warn(f"{where}: target_modules {', '.join(unmatched)} match no module of this model, so the adapter "
-                      f"trained nothing there (this model's linear layers: {', '.join(_linear_names(model))})",
-                      stacklevel=3)
+        one = len(unmatched) == 1
+        warnings.warn(f"{where}: target module name{'' if one else 's'} {', '.join(unmatched)} match{'es' if one else ''} "
+                      f"no module of this model, so the adapter trained nothing there (this model's linear layers: "
+                      f"{', '.join(_linear_names(model))})", AdapterWarning, stacklevel=3)
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -326,7 +336,7 @@ def apply_adapter(model: nn.Module, config: dict, tensors: dict[str, torch.Tenso
     for path, (a, b, scaling) in updates.items():
         lin = modules[path]
         if merge:
-            lin.weight = nn.Parameter(merged_weight(lin.weight, a, b, scaling), requires_grad=lin.weight.requires_grad)
+            replace_weight(lin, merged_weight(lin.weight, a, b, scaling))
             continue
         r = a.shape[0]
         LoraLinear.wrap(lin, r, 1.0, dropout, rslora)

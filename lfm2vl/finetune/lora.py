@@ -86,7 +86,7 @@ class LoraLinear(nn.Linear):
         for name in ("r", "lora_alpha", "use_rslora", "scaling"):
             self.__dict__.pop(name, None)
         self.__class__ = nn.Linear
-        self.weight = nn.Parameter(merged, requires_grad=w.requires_grad)
+        replace_weight(self, merged)
         return self
 
     def extra_repr(self) -> str:
@@ -99,6 +99,17 @@ def merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tens
     memory-mapped base weight is never written."""
     delta = (lora_b.float().to(weight.device) @ lora_a.float().to(weight.device)) * scaling
     return (weight.detach().float() + delta).to(weight.dtype)
+
+
+def replace_weight(lin: nn.Linear, new: torch.Tensor) -> None:
+    """Give `lin` the weight `new` (same requires_grad). The old weight's memory-mapped pages leave the resident set
+    (cpu/memory.py), so a merged model holds each adapted weight once, not its file pages beside the merged copy."""
+    old = lin.weight
+    lin.weight = nn.Parameter(new, requires_grad=old.requires_grad)
+    if old.device.type == "cpu":
+        from ..cpu.memory import release_mapped_pages
+
+        release_mapped_pages(old.detach())
 
 
 def _split(targets) -> list[str]:

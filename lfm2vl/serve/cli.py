@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "results change slightly)")
     q.add_argument("--int4", action="store_true", help="weight-only int4 language-model linears on CPU (smallest and "
                    "fastest decode, results differ more than int8)")
+    p.add_argument("--adapter", metavar="DIR", default=None,
+                   help="LoRA adapter folder (PEFT's format, e.g. from `lfm2vl finetune`), merged into the weights at "
+                        "load (default: none)")
     p.add_argument("--low-memory", action="store_true", help="keep the vision tower's and the language model's "
                    "weights out of memory together (lower peak RSS, slower image requests)")
     g = p.add_argument_group("batching")
@@ -87,6 +90,8 @@ def _check(args) -> str | None:
         return "--api-key is empty; give a key, or leave the flag out to serve without one"
     if not 0 <= args.port <= 65535:
         return f"--port must be in 0..65535, got {args.port}"
+    if args.adapter is not None and not os.path.isdir(args.adapter):
+        return f"--adapter {args.adapter!r} is not a folder"
     if args.allowed_media_dir is not None and not os.path.isdir(args.allowed_media_dir):
         return f"--allowed-media-dir {args.allowed_media_dir!r} is not a folder"
     return None
@@ -154,9 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     import lfm2vl
 
     print(f"lfm2vl serve: loading {args.model} ...", flush=True)
+    from ..cli import adapter_warnings
+
     try:
-        engine = lfm2vl.load(args.model, dtype=args.dtype, device=args.device, int8=args.int8,
-                             int4=args.int4, low_memory=args.low_memory)
+        with adapter_warnings("lfm2vl serve"):
+            engine = lfm2vl.load(args.model, dtype=args.dtype, device=args.device, int8=args.int8,
+                                 int4=args.int4, low_memory=args.low_memory, adapter=args.adapter)
     except Exception as e:  # offline without a copy, a broken folder...: one clear line, no traceback
         print(f"lfm2vl serve: could not load {args.model}: {e}", file=sys.stderr)
         return 1
