@@ -1,6 +1,7 @@
 """Learning on real data: a tiny LFM2-VL-shaped model trained from scratch by `lfm2vl finetune --full` on easy-vqa's
 colour questions (scripts/easyvqa_learn.py: conversion to JSONL, model, training, greedy evaluation) names the
-colour of unseen test images far more often than any model that ignores the image could."""
+colour of unseen test images far more often than a model that ignores the image (answering from the question
+text alone) does."""
 import importlib.util
 from pathlib import Path
 
@@ -25,6 +26,6 @@ def test_easyvqa_colour_accuracy_beats_any_image_blind_answer(tmp_path):
                     lr=3e-3, batch_size=16, types=("color",), threads=1, progress=False)
     acc, base = res["accuracy"]["color"], res["chance"]["color"]
     assert acc["n"] >= 300 and res["train_summary"].get("steps") == 400, res
-    # blind: the best answer per question text, chosen on the test split itself (at most ~0.3 here: 8 colours)
-    assert base["blind"] < 0.35 and base["accuracy"] < 0.2, base
-    assert acc["accuracy"] >= base["blind"] + 0.15, (acc, base, res["samples"])
+    # text_only: each question text answered with its most frequent training answer (what ignoring the image gives)
+    assert base["text_only"] < 0.25 and base["accuracy"] < 0.25, base
+    assert acc["accuracy"] >= base["text_only"] + 0.2, (acc, base, res["samples"])
