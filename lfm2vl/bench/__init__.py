@@ -73,10 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-image-splitting", action="store_true", help="no tiles: each image is one unit")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (OMP_NUM_THREADS) per engine")
     ap.add_argument("--reps", type=int, default=None,
-                    help="timed runs per scenario, or timed steps with --train (the median is reported; default 3, "
-                         "5 with --train)")
+                    help="timed runs per scenario, or timed steps with --train; the median is reported "
+                         "(default: 3, 5 with --train)")
     ap.add_argument("--warmup", type=int, default=None,
-                    help="untimed runs per scenario first, or untimed steps with --train (default 1, 2 with --train)")
+                    help="untimed runs per scenario first, or untimed steps with --train (default: 1, 2 with --train)")
     ap.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
     ap.add_argument("--engines", default=None, help="comma list of ours,transformers (default: both if available)")
