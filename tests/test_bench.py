@@ -127,3 +127,29 @@ def test_llama_cpp_starts_with_the_users_environment(monkeypatch):
     spec.loader.exec_module(script)
     seen = _captured_env(monkeypatch, script, lambda: script.llama("llama-bench", "m.gguf", 8, 2))
     assert seen == {"env": None}
+
+
+@pytest.mark.slow
+def test_bench_train_smoke_table_and_json(tmp_path, capsys):
+    """--train: both engines train the same LoRA on the same batch (same trainable parameter count, same first loss:
+    the same model, inputs and loss); the table has one row per engine with both ratio columns."""
+    cfg = _tiny_config(tmp_path / "tiny.json")
+    out_json = tmp_path / "res.json"
+    rc = bench.main(["--config", str(cfg), "--cache-dir", str(tmp_path / "cache"), "--train", "--reps", "1",
+                     "--warmup", "1", "--batch-size", "2", "--image-size", "128", "--answer-tokens", "8",
+                     "--json", str(out_json)])
+    out = capsys.readouterr().out
+    payload = json.loads(out_json.read_text())
+    assert rc == 0, out
+    res = payload["results"]
+    assert set(res) == {"lfm2vl bf16", "transformers+peft bf16"}
+    ours, hf = res["lfm2vl bf16"], res["transformers+peft bf16"]
+    for r in (ours, hf):
+        assert r["samples_per_s"] > 0 and r["peak_rss_mb"] > 0 and len(r["step_times"]) == 1
+        assert len(r["losses"]) == 2 and r["trained_tokens"] == 2 * 9  # 8 answer tokens + the end-of-turn token
+    assert ours["trainable_params"] == hf["trainable_params"] > 0
+    assert ours["seq_len"] == hf["seq_len"]
+    assert abs(ours["losses"][0] - hf["losses"][0]) < 0.05 * hf["losses"][0]  # bf16: the same loss up to rounding
+    rows = [ln for ln in out.splitlines() if ln.startswith(("lfm2vl bf16", "transformers+peft bf16"))]
+    assert len(rows) == 2 and all(ln.count("|") == 1 for ln in rows)
+    assert json.loads(out.splitlines()[-1])["mode"] == "train"

@@ -11,6 +11,12 @@ two images). Each engine runs in a fresh subprocess (bench/worker.py) so its pea
 measured when it is importable. Warm-up, then `--reps` runs, median reported. Prints a table with ratios and JSON.
 Random weights (bench/data.py) give the real shapes' timings; they say nothing about output quality beyond the
 int8/int4-vs-bf16 agreement that --int8 / --int4 report.
+
+    lfm2vl bench --train                 # LoRA training samples/s and peak RSS, lfm2vl beside transformers + peft
+
+--train measures training steps instead (bench/train.py): a batch of --batch-size conversations (one 512x512 image,
+a question and a 64-token answer each), LoRA on the "text" targets, gradient checkpointing, AdamW; --warmup
+untimed steps, then --reps timed steps (median step time reported).
 """
 from __future__ import annotations
 
@@ -66,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="(default: the checkpoint's processor config)")
     ap.add_argument("--no-image-splitting", action="store_true", help="no tiles: each image is one unit")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (OMP_NUM_THREADS) per engine")
-    ap.add_argument("--reps", type=int, default=3, help="timed runs per scenario (the median is reported)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed runs per scenario first")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="timed runs per scenario, or timed steps with --train; the median is reported "
+                         "(default: 3, 5 with --train)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed runs per scenario first, or untimed steps with --train (default: 1, 2 with --train)")
     ap.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
     ap.add_argument("--engines", default=None, help="comma list of ours,transformers (default: both if available)")
@@ -75,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-dir", default=None,
                     help="where random checkpoints are kept (default: ~/.cache/lfm2vl/bench)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    train = ap.add_argument_group("training (--train)")
+    train.add_argument("--train", action="store_true",
+                       help="measure LoRA training steps (samples/s, peak RSS) instead of inference")
+    train.add_argument("--batch-size", type=int, default=4, help="conversations per step")
+    train.add_argument("--answer-tokens", type=int, default=64, help="trained answer tokens per conversation")
+    train.add_argument("--image-size", type=int, default=512, help="side of each conversation's square image")
+    train.add_argument("--targets", default="text", choices=("text", "text+projector", "all"),
+                       help="LoRA targets preset (the same modules on both engines)")
+    train.add_argument("--no-gradient-checkpointing", action="store_true", help="keep all activations instead")
     ap.add_argument("--json", default=None, help="also write the results to this file (default: no file)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per engine subprocess")
     return ap
@@ -84,12 +102,17 @@ def _args(argv):
     ap = build_parser()
     args = ap.parse_args(argv)
     args.short_dtype = DTYPES[args.dtype]
+    if args.reps is None:
+        args.reps = 5 if args.train else 3
+    if args.warmup is None:
+        args.warmup = 2 if args.train else 1
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     bad = sorted(set(args.scenarios) - set(SCENARIOS))
     if bad:
         ap.error(f"unknown scenario(s) {bad}; expected {', '.join(SCENARIOS)}")
     if args.engines is None:
-        have_hf = importlib.util.find_spec("transformers") is not None
+        needs = ("transformers", "peft") if args.train else ("transformers",)
+        have_hf = all(importlib.util.find_spec(m) is not None for m in needs)
         args.engines = ["ours"] + (["transformers"] if have_hf else [])
     else:
         args.engines = [e for e in args.engines.split(",") if e]
@@ -104,6 +127,11 @@ def _args(argv):
             ap.error(f"--adapter: {e}")
     if args.reps < 1 or args.threads < 1 or args.new_tokens < 1:
         ap.error("--reps, --threads and --new-tokens must be >= 1")
+    if args.warmup < 0:
+        ap.error(f"--warmup must be >= 0, got {args.warmup}")
+    for opt in ("batch_size", "answer_tokens", "image_size"):
+        if getattr(args, opt) < 1:
+            ap.error(f"--{opt.replace('_', '-')} must be >= 1, got {getattr(args, opt)}")
     for opt in ("min_image_tokens", "max_image_tokens"):
         if getattr(args, opt) is not None and getattr(args, opt) < 1:
             ap.error(f"--{opt.replace('_', '-')} must be >= 1, got {getattr(args, opt)}")
@@ -148,7 +176,7 @@ TORCH_FIRST = "import sys, runpy, torch; runpy.run_module('lfm2vl.bench.worker',
 def run_worker(spec: dict, timeout: float) -> dict:
     """Run one engine in a fresh interpreter with the user's environment unchanged (each engine as its users run
     it; the worker sets the thread count through torch); returns its result dict or {"error": ...}."""
-    start = ["-c", TORCH_FIRST] if spec.get("torch_first") else ["-m", "lfm2vl.bench.worker"]
+    start = ["-c", TORCH_FIRST] if spec.get("torch_first") else ["-m", spec.get("module", "lfm2vl.bench.worker")]
     cmd = [sys.executable, *start, json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -198,9 +226,39 @@ def table(results: dict[str, dict], scenarios: list[str]) -> str:
     return "\n".join(lines)
 
 
+def train_main(args, folder: Path) -> int:
+    from . import train
+
+    common = {"folder": str(folder), "dtype": args.short_dtype, "threads": args.threads, "steps": args.reps,
+              "warmup": args.warmup, "batch_size": args.batch_size, "answer_tokens": args.answer_tokens,
+              "image_size": args.image_size, "image_knobs": args.image_knobs, "targets": args.targets,
+              "gradient_checkpointing": not args.no_gradient_checkpointing, "module": "lfm2vl.bench.train"}
+    labels = {"ours": f"lfm2vl {args.short_dtype}", "transformers": f"transformers+peft {args.short_dtype}"}
+    results = {}
+    for engine in args.engines:
+        print(f"running {labels[engine]} (training) ...", file=sys.stderr, flush=True)
+        results[labels[engine]] = run_worker({**common, "engine": engine}, args.timeout)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"lfm2vl bench --train: {args.model or 'random ' + (args.config or args.shape)}, {args.dtype}, "
+          f"{args.threads} threads, batch {args.batch_size} x (one {args.image_size}x{args.image_size} image + "
+          f"{args.answer_tokens}-token answer), LoRA r {train.LORA['r']} on {args.targets!r}, gradient checkpointing "
+          f"{'off' if args.no_gradient_checkpointing else 'on'}, {args.warmup} warm-up + {args.reps} timed steps "
+          f"(median), load average {_fmt(load)} (other processes on the CPU skew timings)")
+    print(train.table(results))
+    payload = {"model": args.model or f"random-{args.config or args.shape}", "mode": "train",
+               **{k: v for k, v in common.items() if k not in ("folder", "module")}, "load_average": load,
+               "results": results}
+    print(json.dumps(payload))
+    if args.json:
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
 def main(argv=None) -> int:
     args = _args(argv)
     folder = _folder(args)
+    if args.train:
+        return train_main(args, folder)
     short = args.short_dtype
     common = {"folder": str(folder), "dtype": short, "device": args.device, "threads": args.threads,
               "reps": args.reps, "warmup": args.warmup, "new_tokens": args.new_tokens, "scenarios": args.scenarios,

@@ -81,8 +81,11 @@ def _init(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor
     return torch.randn(shape, generator=g) * (gain / fan_in ** 0.5)
 
 
-def random_checkpoint(shape: str | Path, folder: Path, seed: int = 0) -> Path:
-    """Write a random checkpoint to `folder` (kept and reused if complete). shape: one of SHAPES or a config.json."""
+def random_checkpoint(shape: str | Path, folder: Path, seed: int = 0, corpus: Sequence[str] | None = None,
+                      vocab_size: int = 1024, processor_config: dict | None = None) -> Path:
+    """Write a random checkpoint to `folder` (kept and reused if complete). shape: one of SHAPES or a config.json.
+    corpus / vocab_size: what the tokenizer is trained on (default: the benchmark's corpus); processor_config:
+    fields written over the published processor_config.json (image knobs such as max_image_tokens)."""
     from safetensors.torch import save_file
 
     from ..config import Lfm2VlConfig
@@ -110,7 +113,10 @@ def random_checkpoint(shape: str | Path, folder: Path, seed: int = 0) -> Path:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     for f in (CONFIGS / "processor").iterdir():
         shutil.copyfile(f, folder / f.name)
-    build_tokenizer().save(str(folder / "tokenizer.json"))
+    if processor_config:
+        proc = json.loads((folder / "processor_config.json").read_text())
+        (folder / "processor_config.json").write_text(json.dumps({**proc, **processor_config}, indent=2))
+    build_tokenizer(vocab_size, corpus or CORPUS).save(str(folder / "tokenizer.json"))
     return folder
 
 

@@ -69,7 +69,9 @@ class LoraLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         a = self.lora_A.weight
-        delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls cast x themselves
+            x = x.to(a.dtype)
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x)))
         return y + (delta * self.scaling).to(y.dtype)
 
     @property
