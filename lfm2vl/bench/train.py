@@ -90,6 +90,7 @@ def _ours(spec: dict, inputs: dict):
     """-> (step function, number of trainable parameters)."""
     from types import SimpleNamespace
 
+    from ..cpu.dropout import use_fast_dropout
     from ..finetune.lora import add_lora, lora_parameters
     from ..finetune.loss import loss_sum
     from ..finetune.recompute import checkpoint_layers, freeze_vision_tower
@@ -99,6 +100,7 @@ def _ours(spec: dict, inputs: dict):
     model = load_model(spec["folder"], dtype=dtype)[0]
     model.requires_grad_(False)
     add_lora(model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], targets=spec["targets"])
+    use_fast_dropout(model)  # as the trainer does on the CPU
     params = lora_parameters(model)  # float32; the base stays in `dtype`
     vision_trains = spec["targets"] == "all"
     if not vision_trains:

@@ -194,6 +194,10 @@ class Trainer:
             from .lora import add_lora, lora_parameters
 
             paths = add_lora(model, o.lora_r, o.lora_alpha, o.lora_dropout, o.targets)
+            if self.dist.device.type == "cpu":
+                from ..cpu.dropout import use_fast_dropout
+
+                use_fast_dropout(model)  # the masks hashed from seeds of torch's generator: one native pass each
             vision_trained = any(p.startswith("model.vision_tower.") for p in paths)
             params = lora_parameters(model)
             for p in params:

@@ -71,8 +71,9 @@ class LoraLinear(nn.Linear):
         a = self.lora_A.weight
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls cast x themselves
             x = x.to(a.dtype)
-        delta = self.lora_B(self.lora_A(self.lora_dropout(x)))
-        return y + (delta * self.scaling).to(y.dtype)
+        # scaling on the rank-r intermediate (B, T, r), not on the (B, T, out) product: the same value, a smaller pass
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)
+        return y + delta.to(y.dtype)
 
     @property
     def dropout(self) -> float:

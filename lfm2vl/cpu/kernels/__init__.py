@@ -3,7 +3,8 @@
 - `gemv.cpp` (products), `attn.cpp` (decode attention), `attn_many.cpp` (the vision tower's and the prefill's attention),
   `prefill.cpp` (a bf16 prefill's SwiGLU, RMSNorm and short-conv middle),
   `decode.cpp` (the fused decode step, driven by `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats:
-  quantization at load, expansion for prefill) and `pool.cpp` (their thread pool), with `gemv.h` / `pool.h`, are
+  quantization at load, expansion for prefill), `dropout.cpp` (training's dropout, mask hashed from a seed) and
+  `pool.cpp` (their thread pool), with `gemv.h` / `pool.h`, are
   compiled once per machine with the system `g++ -O3 -march=native` (no ninja, no Python headers: a plain shared
   library called through ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/.
 - Threads: the caller plus `torch.get_num_threads() - 1` helpers of pool.cpp's own work-sharing pool (chunks from
@@ -27,7 +28,8 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("gemv.cpp")
-_SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in ("attn.cpp", "attn_many.cpp", "prefill.cpp", "decode.cpp", "quantized.cpp", "pool.cpp")]
+_SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in ("attn.cpp", "attn_many.cpp", "prefill.cpp", "decode.cpp", "quantized.cpp", "dropout.cpp",
+                                                         "pool.cpp")]
 _HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17"]
 _KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
@@ -110,6 +112,8 @@ def _load():
     lib.lfm2vl_quantize.restype = None
     lib.lfm2vl_decode_step.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i]
     lib.lfm2vl_decode_step.restype = None
+    lib.lfm2vl_dropout.argtypes = [p, p, i64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, i, i]
+    lib.lfm2vl_dropout.restype = None
     lib.lfm2vl_isa.restype = ctypes.c_int
     lib.lfm2vl_cpu_isa.restype = ctypes.c_int
     lib.lfm2vl_set_isa.argtypes = [ctypes.c_int]
@@ -342,3 +346,21 @@ def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
                             None if rows is None else rows.data_ptr(), o.data_ptr(), B, H, Hkv, n, Dh, k.stride(0),
                             k.stride(1), k.stride(2), _DT[k.dtype], torch.get_num_threads())
     return o.to(q.dtype)
+
+
+DROPOUT_BITS = 24  # dropout.cpp keeps an element when 24 bits of its hash reach round(p * 2^24)
+
+
+def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """x * keep / (1 - p) for a contiguous fp32 / bf16 CPU tensor x (a new tensor of x's shape and dtype), the keep
+    mask a hash of (seed, element index) with P(keep) = 1 - p (dropout.cpp): the same seed gives the same mask, so
+    the backward pass applies it to the gradient by calling this again. bf16: the fp32 product rounded once.
+    The caller checks `available()`."""
+    if x.device.type != "cpu" or x.dtype not in _DT or not x.is_contiguous() or not 0 <= p < 1:
+        raise ValueError(f"dropout: needs a contiguous fp32/bf16 CPU tensor and 0 <= p < 1, got {x.dtype} on "
+                         f"{x.device}, contiguous={x.is_contiguous()}, p={p}")
+    y = torch.empty_like(x)
+    threshold = min(round(p * (1 << DROPOUT_BITS)), (1 << DROPOUT_BITS) - 1)
+    _lib.lfm2vl_dropout(x.data_ptr(), y.data_ptr(), x.numel(), seed & (2 ** 64 - 1), threshold, 1.0 / (1.0 - p),
+                        int(x.dtype == torch.bfloat16), torch.get_num_threads())
+    return y
