@@ -6,6 +6,7 @@
     lfm2vl serve ...  /  lfm2vl bench ...             dispatched to lfm2vl.serve.cli / lfm2vl.bench (imported lazily)
     lfm2vl finetune ...                               dispatched to lfm2vl.finetune.cli (imported lazily)
     lfm2vl merge --model M --adapter DIR --output OUT write the checkpoint with a LoRA adapter merged (finetune/merge.py)
+    lfm2vl eval ...                                   dispatched to lfm2vl.eval.cli (benchmark predictions and scores)
     lfm2vl --version
 
 Common options: --model (folder or hub id, default LiquidAI/LFM2-VL-450M), --dtype, --device, the image knobs and
@@ -26,7 +27,7 @@ import warnings
 from pathlib import Path
 
 DELEGATED = {"serve": "lfm2vl.serve.cli", "bench": "lfm2vl.bench", "finetune": "lfm2vl.finetune.cli",
-             "merge": "lfm2vl.finetune.merge"}
+             "merge": "lfm2vl.finetune.merge", "eval": "lfm2vl.eval.cli"}
 DEFAULT_PROMPT = "Describe this image."
 
 
@@ -155,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("finetune", help="fine-tune on image conversations: LoRA or full (lfm2vl finetune --help)",
                    add_help=False)
     sub.add_parser("merge", help="merge a LoRA adapter into a checkpoint (lfm2vl merge --help)", add_help=False)
+    sub.add_parser("eval", help="benchmark scores: predictions for a VLMEvalKit TSV, local or via a server "
+                   "(lfm2vl eval --help)", add_help=False)
     return p
 
 

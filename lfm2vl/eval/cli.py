@@ -1,0 +1,325 @@
+"""`lfm2vl eval`: predictions for a benchmark file (local model or any OpenAI-compatible server), then its scores.
+
+    lfm2vl eval --model M (--data FILE.tsv | --data DIR --benchmark NAME) --output PRED.tsv [...]
+    lfm2vl eval score PRED.tsv --benchmark NAME [--json]      rescore a predictions file (no model)
+    lfm2vl eval merge SHARD.tsv... --output PRED.tsv           join the shards of a --shard run
+
+Under torchrun (RANK / WORLD_SIZE set) each rank predicts its shard into PRED.shardIofN.tsv; rank 0 then merges
+them into PRED.tsv and scores it. Errors the user can fix (a missing file, an unknown benchmark, a bad option, an
+unreachable server) print one line and exit with status 1 (2 for option errors), without a traceback; Ctrl-C saves
+the predictions made so far and exits with status 130 (the same command resumes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..cli import CLIError, HelpFormatter, positive_int
+
+PROG = "lfm2vl eval"
+SUBCOMMANDS = ("score", "merge")
+
+
+def shard_type(text: str) -> tuple[int, int]:
+    from .run import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--shard ")) from None
+
+
+shard_type.__name__ = "shard"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, formatter_class=HelpFormatter,
+        description="Evaluate a model on a benchmark file in VLMEvalKit's TSV layout: greedy predictions (the input "
+                    "rows plus `prediction`, resumable), then the scores by the benchmark's published rules (a "
+                    "short table, and JSON beside the predictions). Also: `lfm2vl eval score PRED.tsv --benchmark "
+                    "NAME [--json]` rescores a predictions file; `lfm2vl eval merge SHARD.tsv... --output PRED.tsv` "
+                    "joins shards.")
+    g = p.add_argument_group("data and result")
+    g.add_argument("--data", required=True, metavar="PATH",
+                   help="a benchmark TSV (a file named after a benchmark selects its rules), or a folder holding "
+                        "NAME.tsv with --benchmark NAME")
+    g.add_argument("--benchmark", metavar="NAME", default=None,
+                   help="benchmark rules, as VLMEvalKit spells them (MMStar, MMBench_DEV_EN, POPE, ...) "
+                        "(default: from the file name)")
+    g.add_argument("--output", required=True, metavar="PRED.tsv",
+                   help="predictions file; an existing one is resumed (its rows are skipped); the scores go to "
+                        "PRED.scores.json")
+    g.add_argument("--limit", metavar="N", type=positive_int, default=None, help="only the first N rows (default: all)")
+    g.add_argument("--shard", metavar="i/n", type=shard_type, default=None,
+                   help="predict shard i of n (0 <= i < n; contiguous slices; join with `lfm2vl eval merge`) "
+                        "(default: all rows, or the torchrun rank's shard)")
+    g.add_argument("--json", action="store_true", help="print only the scores JSON (default: a short table)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("generation (greedy, no repetition penalty, as VLMEvalKit)")
+    g.add_argument("--max-new-tokens", metavar="N", type=positive_int, default=1024,
+                   help="most tokens per answer (capped by the model's context)")
+    g.add_argument("--batch-size", metavar="N", type=positive_int, default=16,
+                   help="rows decoded together (with --server: requests in flight)")
+    g = p.add_argument_group("local model")
+    from ..engine import DEFAULT_MODEL
+
+    g.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or hub id")
+    g.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16",
+                   help="weights and activations")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (under torchrun, cuda takes "
+                   "cuda:LOCAL_RANK)")
+    g.add_argument("--adapter", metavar="DIR", default=None,
+                   help="LoRA adapter folder (PEFT's format), merged into the weights at load (default: none)")
+    q = g.add_mutually_exclusive_group()
+    q.add_argument("--int8", action="store_true", help="weight-only int8 linears (CPU)")
+    q.add_argument("--int4", action="store_true", help="weight-only int4 linears, groups of 32 (CPU)")
+    g.add_argument("--no-optimize", action="store_true", help="keep plain torch modules (no CPU fast paths)")
+    g = p.add_argument_group("OpenAI-compatible server instead of a local model")
+    g.add_argument("--server", metavar="URL", default=None,
+                   help="base URL of a /v1/chat/completions endpoint (lfm2vl serve, vLLM, ...) (default: none)")
+    g.add_argument("--api-key", metavar="KEY", default=None,
+                   help="bearer token for --server (default: $OPENAI_API_KEY, else none)")
+    g.add_argument("--served-model", metavar="NAME", default=None,
+                   help="model name sent to --server (default: the first of its /v1/models)")
+    g.add_argument("--timeout", metavar="S", type=positive_int, default=600,
+                   help="seconds to wait for one answer from --server")
+    return p
+
+
+def score_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"{PROG} score", formatter_class=HelpFormatter,
+                                description="Score a predictions file (VLMEvalKit's layout: the benchmark's "
+                                            "columns plus `prediction`, from any source) without a model.")
+    p.add_argument("predictions", metavar="PRED.tsv", help="predictions file")
+    p.add_argument("--benchmark", metavar="NAME", default=None,
+                   help="benchmark rules (default: from the file name)")
+    p.add_argument("--json", action="store_true", help="print only the scores JSON (default: a short table)")
+    return p
+
+
+def merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"{PROG} merge", formatter_class=HelpFormatter,
+                                description="Join the predictions files of a sharded run (--shard i/n) in the "
+                                            "order given into one file.")
+    p.add_argument("shards", nargs="+", metavar="SHARD.tsv", help="shard predictions files, in shard order")
+    p.add_argument("--output", required=True, metavar="PRED.tsv", help="the joined predictions file")
+    return p
+
+
+# ---- pieces --------------------------------------------------------------------------------------------------------
+def resolve_data(data: str, name: str | None):
+    """(--data, --benchmark) -> (benchmark, TSV path)."""
+    from .benchmarks import benchmark_for
+
+    path = Path(data)
+    if path.is_dir():
+        if name is None:
+            raise CLIError(f"--data {data} is a folder: name the benchmark with --benchmark NAME (its file is "
+                           "NAME.tsv)")
+        path = path / f"{name}.tsv"
+    if not path.is_file():
+        raise CLIError(f"benchmark file not found: {path}")
+    try:
+        return benchmark_for(path, name), path
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def scores_path(predictions: str | os.PathLike) -> Path:
+    p = Path(predictions)
+    return p.with_name(p.name.removesuffix(".tsv") + ".scores.json")
+
+
+def read_rows_or_fail(path):
+    from .tsv import read_rows
+
+    try:
+        return read_rows(path)
+    except (ValueError, KeyError, OSError) as e:
+        raise CLIError(f"cannot read {path}: {e}" if isinstance(e, OSError) else str(e)) from None
+
+
+def compute_scores(benchmark, rows, predictions) -> dict:
+    from .run import is_failed
+    from .scoring import score
+
+    try:
+        scores = score(benchmark, rows, predictions)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    scores.setdefault("failed_rows", sum(map(is_failed, predictions)))
+    return scores
+
+
+def table(scores: dict) -> str:
+    """The scores as a short table: the headline numbers, then one line per breakdown entry."""
+    def fmt(v):
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = [f"{k:<24} {fmt(v)}" for k, v in scores.items() if not isinstance(v, (dict, list))]
+    for k, v in scores.items():
+        if isinstance(v, dict) and v:
+            lines.append(f"{k}:")
+            for name, val in v.items():
+                val = val.get("overall", val.get("accuracy", val)) if isinstance(val, dict) else val
+                lines.append(f"  {str(name):<22} {fmt(val) if not isinstance(val, dict) else json.dumps(val)}")
+    return "\n".join(lines)
+
+
+def report(scores: dict, as_json: bool, out=None) -> None:
+    out = out or sys.stdout
+    print(json.dumps(scores, indent=1, ensure_ascii=False) if as_json else table(scores), file=out)
+
+
+def merge_files(shards: list[str], output: str) -> tuple[list, list]:
+    from .tsv import read_predictions, write_predictions
+
+    rows, preds, seen = [], [], {}
+    for s in shards:
+        if not Path(s).is_file():
+            raise CLIError(f"predictions file not found: {s}")
+        r, p = read_predictions(s)
+        for row in r:
+            if row.index in seen:
+                raise CLIError(f"index {row.index} is in both {seen[row.index]} and {s}")
+            seen[row.index] = s
+        rows += r
+        preds += p
+    write_predictions(output, rows, preds)
+    return rows, preds
+
+
+# ---- commands ------------------------------------------------------------------------------------------------------
+def cmd_score(argv: list[str]) -> int:
+    args = score_parser().parse_args(argv)
+    path = Path(args.predictions)
+    if not path.is_file():
+        raise CLIError(f"predictions file not found: {path}")
+    from .benchmarks import benchmark_for
+    from .tsv import read_predictions
+
+    try:
+        bench = benchmark_for(path, args.benchmark)
+        rows, preds = read_predictions(path)
+    except (ValueError, KeyError) as e:
+        raise CLIError(str(e)) from None
+    report(compute_scores(bench, rows, preds), args.json)
+    return 0
+
+
+def cmd_merge(argv: list[str]) -> int:
+    args = merge_parser().parse_args(argv)
+    rows, preds = merge_files(args.shards, args.output)
+    print(f"{len(rows)} rows from {len(args.shards)} files -> {args.output}", file=sys.stderr)
+    return 0
+
+
+def torchrun_rank() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def cmd_run(argv: list[str]) -> int:
+    from . import run
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rank, world = torchrun_rank()
+    if world > 1 and args.shard is not None:
+        parser.error("--shard and torchrun are exclusive: under torchrun each rank takes its own shard")
+    bench, data = resolve_data(args.data, args.benchmark)
+    output = Path(args.output)
+    if world > 1:
+        shard = (rank, world)
+        out = output.with_name(f"{output.name.removesuffix('.tsv')}.shard{rank}of{world}.tsv")
+    else:
+        shard, out = args.shard or (0, 1), output
+    rows = run.select_rows(read_rows_or_fail(data), args.limit, shard)
+    try:
+        preds = run.Predictions(out, rows)
+    except (run.RunError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    show = not args.no_progress and rank == 0
+    if preds.todo():
+        predictor = make_predictor(args, bench, world)
+        try:
+            run.run_rows(predictor, preds, progress=show, desc=bench.name)
+        except run.RunError as e:
+            raise CLIError(f"{e} ({len(preds.by_index)} of {len(rows)} rows saved in {out}; the same command "
+                           "resumes)") from None
+        except KeyboardInterrupt:
+            print(f"\n{PROG}: interrupted; {len(preds.by_index)} of {len(rows)} rows saved in {out} (the same "
+                  "command resumes)", file=sys.stderr)
+            return 130
+        finally:
+            close = getattr(predictor, "close", None)
+            if close is not None:
+                close()
+    if preds.failed:
+        print(f"{PROG}: {preds.failed} of {len(rows)} rows failed (their prediction starts with "
+              f"{run.FAILED.strip()!r}; a rerun of the same command tries them again)", file=sys.stderr)
+    if world > 1:
+        barrier()
+        if rank != 0:
+            return 0
+        shards = [output.with_name(f"{output.name.removesuffix('.tsv')}.shard{r}of{world}.tsv") for r in range(world)]
+        rows, predictions = merge_files([str(s) for s in shards], str(output))
+    else:
+        predictions = preds.predictions()
+    scores = compute_scores(bench, rows, predictions)
+    scores_path(output).write_text(json.dumps(scores, indent=1, ensure_ascii=False) + "\n")
+    report(scores, args.json)
+    if not args.json:
+        print(f"predictions: {output}\nscores: {scores_path(output)}", file=sys.stderr)
+    return 0
+
+
+def make_predictor(args, bench, world: int):
+    from . import run
+
+    if args.server:
+        try:
+            key = args.api_key or os.environ.get("OPENAI_API_KEY")
+            return run.ServerPredictor(args.server, bench, api_key=key, model=args.served_model,
+                                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                       timeout_s=args.timeout)
+        except run.RunError as e:
+            raise CLIError(str(e)) from None
+    from ..cli import check_device, load_engine
+
+    if world > 1 and args.device == "cuda":
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    args.compile = args.low_memory = False
+    check_device(args)
+    engine = load_engine(args)
+    return run.LocalPredictor(engine, bench, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+
+
+def barrier() -> None:
+    """Wait for every torchrun rank (gloo over the rendezvous torchrun set up; no time limit worth hitting)."""
+    import datetime
+
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend="gloo", timeout=datetime.timedelta(days=7))
+    tdist.barrier()
+    tdist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = {"score": cmd_score, "merge": cmd_merge}.get(argv[0] if argv else "", None)
+    try:
+        return command(argv[1:]) if command else cmd_run(argv)
+    except CLIError as e:
+        if torchrun_rank()[0] == 0:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
