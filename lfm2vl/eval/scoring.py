@@ -59,7 +59,7 @@ def score_mcq(benchmark, rows, predictions, circular: bool | None = None) -> dic
     mains = [rows[members[0]] for members in groups.values()]
     group_hits = [all(hits[p] for p in members) for members in groups.values()]
     return _accuracy_result(benchmark, mains, group_hits, _failed(predictions), circular=True,
-                            groups=len(groups), vanilla=vanilla, rows=len(rows))
+                            groups=len(groups), vanilla=vanilla, copies=len(rows))
 
 
 def score_yes_no(benchmark, rows, predictions) -> dict:
