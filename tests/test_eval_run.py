@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from lfm2vl.cli import main
-from lfm2vl.eval.run import FAILED
+from lfm2vl.eval.tsv import FAILED_PREFIX as FAILED
 from server_util import ServerProcess
 
 ROWS = 5
@@ -98,7 +98,7 @@ def test_bad_row_is_recorded_and_counted(tiny_checkpoint, tmp_path, reference, c
     assert got[1][1].startswith(FAILED) and got[1][0] == "101"
     assert [p for k, p in enumerate(got) if k != 1] == [p for k, p in enumerate(predictions(reference)) if k != 1]
     assert "1 of 5 rows failed" in capsys.readouterr().err
-    assert json.loads((tmp_path / "pred.scores.json").read_text())["failed_rows"] == 1
+    assert json.loads((tmp_path / "pred.scores.json").read_text())["failed"] == 1
 
 
 def test_server_gives_the_local_predictions(tiny_checkpoint, data, reference, tmp_path):
@@ -117,8 +117,8 @@ def test_unreachable_server_is_one_line(data, tmp_path, capsys):
     out = tmp_path / "pred.tsv"
     assert main(["eval", "--server", f"http://127.0.0.1:{free_port()}", "--data", data, "--output", str(out),
                  *FAST]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("lfm2vl eval: error: cannot reach the server") and err.count("\n") == 1
+    err = capsys.readouterr().err.splitlines()  # the MD5 warning (not the release file), then the error
+    assert err[-1].startswith("lfm2vl eval: error: cannot reach the server") and "Traceback" not in "\n".join(err)
 
 
 def test_shards_merged_equal_the_unsharded_run(tiny_checkpoint, data, reference, tmp_path):
@@ -153,3 +153,16 @@ def test_bad_input_is_one_line(data, tmp_path, capsys, args, rc, says):
     assert status == rc
     err = capsys.readouterr().err.strip().splitlines()
     assert says in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_generated_suite_end_to_end(tiny_checkpoint, tmp_path, capsys):
+    """`eval make-suite` writes a suite; `eval --data DIR --benchmark NAME --json` predicts it and prints only the
+    scores by its rules."""
+    assert main(["eval", "make-suite", "scenes-pope", "--out", str(tmp_path), "--n", "6"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "pred.tsv"
+    assert main(["eval", "--model", str(tiny_checkpoint), "--data", str(tmp_path), "--benchmark", "scenes-pope",
+                 "--output", str(out), "--json", *FAST]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores == json.loads((tmp_path / "pred.scores.json").read_text())
+    assert scores["n"] == len(read_tsv(out)) == 6 and scores["kind"] == "pope"

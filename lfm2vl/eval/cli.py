@@ -3,6 +3,7 @@
     lfm2vl eval --model M (--data FILE.tsv | --data DIR --benchmark NAME) --output PRED.tsv [...]
     lfm2vl eval score PRED.tsv --benchmark NAME [--json]      rescore a predictions file (no model)
     lfm2vl eval merge SHARD.tsv... --output PRED.tsv           join the shards of a --shard run
+    lfm2vl eval make-suite NAME --out DIR [--seed S] [--n N]   write an offline suite (suites.py)
 
 Under torchrun (RANK / WORLD_SIZE set) each rank predicts its shard into PRED.shardIofN.tsv; rank 0 then merges
 them into PRED.tsv and scores it. Errors the user can fix (a missing file, an unknown benchmark, a bad option, an
@@ -20,7 +21,6 @@ from pathlib import Path
 from ..cli import CLIError, HelpFormatter, positive_int
 
 PROG = "lfm2vl eval"
-SUBCOMMANDS = ("score", "merge")
 
 
 def shard_type(text: str) -> tuple[int, int]:
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "rows plus `prediction`, resumable), then the scores by the benchmark's published rules (a "
                     "short table, and JSON beside the predictions). Also: `lfm2vl eval score PRED.tsv --benchmark "
                     "NAME [--json]` rescores a predictions file; `lfm2vl eval merge SHARD.tsv... --output PRED.tsv` "
-                    "joins shards.")
+                    "joins shards; `lfm2vl eval make-suite NAME --out DIR` writes an offline suite (no download).")
     g = p.add_argument_group("data and result")
     g.add_argument("--data", required=True, metavar="PATH",
                    help="a benchmark TSV (a file named after a benchmark selects its rules), or a folder holding "
@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predict shard i of n (0 <= i < n; contiguous slices; join with `lfm2vl eval merge`) "
                         "(default: all rows, or the torchrun rank's shard)")
     g.add_argument("--json", action="store_true", help="print only the scores JSON (default: a short table)")
+    g.add_argument("--vanilla", action="store_true",
+                   help="MMBench: score every copy on its own instead of circular groups")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("generation (greedy, no repetition penalty, as VLMEvalKit)")
     g.add_argument("--max-new-tokens", metavar="N", type=positive_int, default=1024,
@@ -98,6 +100,8 @@ def score_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", metavar="NAME", default=None,
                    help="benchmark rules (default: from the file name)")
     p.add_argument("--json", action="store_true", help="print only the scores JSON (default: a short table)")
+    p.add_argument("--vanilla", action="store_true",
+                   help="MMBench: score every copy on its own instead of circular groups")
     return p
 
 
@@ -143,16 +147,21 @@ def read_rows_or_fail(path):
         raise CLIError(f"cannot read {path}: {e}" if isinstance(e, OSError) else str(e)) from None
 
 
-def compute_scores(benchmark, rows, predictions) -> dict:
-    from .run import is_failed
+def compute_scores(benchmark, rows, predictions, vanilla: bool = False) -> dict:
     from .scoring import score
 
     try:
-        scores = score(benchmark, rows, predictions)
+        return score(benchmark, rows, predictions, circular=False if vanilla else None)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    scores.setdefault("failed_rows", sum(map(is_failed, predictions)))
-    return scores
+
+
+def warn_md5(path, benchmark) -> None:
+    from .benchmarks import md5_warning
+
+    message = md5_warning(path, benchmark)
+    if message:
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 def table(scores: dict) -> str:
@@ -207,7 +216,7 @@ def cmd_score(argv: list[str]) -> int:
         rows, preds = read_predictions(path)
     except (ValueError, KeyError) as e:
         raise CLIError(str(e)) from None
-    report(compute_scores(bench, rows, preds), args.json)
+    report(compute_scores(bench, rows, preds, args.vanilla), args.json)
     return 0
 
 
@@ -237,6 +246,8 @@ def cmd_run(argv: list[str]) -> int:
         out = output.with_name(f"{output.name.removesuffix('.tsv')}.shard{rank}of{world}.tsv")
     else:
         shard, out = args.shard or (0, 1), output
+    if rank == 0:
+        warn_md5(data, bench)
     rows = run.select_rows(read_rows_or_fail(data), args.limit, shard)
     try:
         preds = run.Predictions(out, rows)
@@ -269,7 +280,7 @@ def cmd_run(argv: list[str]) -> int:
         rows, predictions = merge_files([str(s) for s in shards], str(output))
     else:
         predictions = preds.predictions()
-    scores = compute_scores(bench, rows, predictions)
+    scores = compute_scores(bench, rows, predictions, args.vanilla)
     scores_path(output).write_text(json.dumps(scores, indent=1, ensure_ascii=False) + "\n")
     report(scores, args.json)
     if not args.json:
@@ -310,9 +321,15 @@ def barrier() -> None:
     tdist.destroy_process_group()
 
 
+def cmd_make_suite(argv: list[str]) -> int:
+    from .suites import main as make_suite_main
+
+    return make_suite_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = {"score": cmd_score, "merge": cmd_merge}.get(argv[0] if argv else "", None)
+    command = {"score": cmd_score, "merge": cmd_merge, "make-suite": cmd_make_suite}.get(argv[0] if argv else "")
     try:
         return command(argv[1:]) if command else cmd_run(argv)
     except CLIError as e:

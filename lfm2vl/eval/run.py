@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from .prompts import build_messages
-from .tsv import read_predictions, write_predictions
-
-FAILED = "Failed to obtain answer: "  # prefix of a failed row's prediction (VLMEvalKit's failure wording)
+from .tsv import FAILED_PREFIX as FAILED, read_predictions, write_predictions
 # Greedy decoding, no penalties: VLMEvalKit's setting for LFM2-VL.
 GREEDY = {"temperature": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 PREPARED_AHEAD = 2  # rows prepared (images decoded, prompts tokenized) per batch row, ahead of the decoder
@@ -209,6 +207,8 @@ def image_data_url(image) -> str:
 
 def openai_messages(messages: list[dict]) -> list[dict]:
     """Our messages -> OpenAI's: image parts become image_url parts with data: URLs."""
+    from ..processor.messages import IMAGE_KEYS
+
     out = []
     for m in messages:
         content = m["content"]
@@ -216,7 +216,7 @@ def openai_messages(messages: list[dict]) -> list[dict]:
             parts = []
             for p in content:
                 if p.get("type") == "image":
-                    src = next(p[k] for k in ("image", "url", "path") if k in p)
+                    src = next(p[k] for k in IMAGE_KEYS if p.get(k) is not None)
                     parts.append({"type": "image_url", "image_url": {"url": image_data_url(src)}})
                 else:
                     parts.append(p)
