@@ -5,17 +5,17 @@ columns every row keeps `scene` (the JSON description, a list of them for multi-
 is asked), so the answer can be recomputed from the description alone. Rows of one scene after the first reuse its
 image by index (VLMEvalKit's short-string reference).
 
-- scenes-pope    existence questions, one yes and one no per scene and split; the split (also the category) names how
+- synth-pope     existence questions, one yes and one no per scene and split; the split (also the category) names how
                  the absent object was chosen: random (any absent colour/shape), popular (among the suite's most
                  frequent objects), adversarial (shares the colour or the shape of an object in the scene).
-- scenes-mmbench counting, colour, relative position and size as 4-option questions, each in 4 circular copies
+- synth-mc       counting, colour, relative position and size as 4-option questions, each in 4 circular copies
                  (index + k * 1e6, options rotated by k, the answer letter following the answer's text).
-- scenes-ocr     short rendered strings to read (words, digit strings, random letters; OCRBench's category names).
-- scenes-blink   multi-image questions (image = list literal of base64 PNGs): which image holds more shapes, which
+- synth-ocr      short rendered strings to read (words, digit strings, random letters; OCRBench's category names).
+- synth-multi    multi-image questions (image = list literal of base64 PNGs): which image holds more shapes, which
                  image contains a named object.
-- scenes-ifeval  a question about the scene plus rule-checked constraints, stored as JSON in `constraints`:
-                 {"kind": "exact_words", "n": N} (exactly N words), {"kind": "starts_with", "text": T},
-                 {"kind": "ends_with", "text": T}, {"kind": "lowercase"} (no upper-case letters).
+- synth-ifeval   a question about the scene plus one or two rule-checked constraints, in MM-IFEval's `constraints`
+                 layout (JSON list of {"key", "value", "judge": {"method": "rule_based", "verify_funcs": [{"func",
+                 "params"}]}}): exactly N words, starts with / ends with a given text, no commas.
 """
 from __future__ import annotations
 
@@ -244,23 +244,30 @@ def blink(rng: random.Random, n: int) -> list[dict]:
 
 # ---- instruction following ------------------------------------------------------------------------------------------
 
+def _rule(key, value, func, *params):
+    return {"key": key, "value": value,
+            "judge": {"method": "rule_based", "verify_funcs": [{"func": func, "params": list(params)}]}}
+
+
 def _constraint(rng, kind):
+    """(constraint in MM-IFEval's layout, the sentence that asks for it)."""
     if kind == "exact_words":
         n = rng.randint(3, 8)
-        return {"kind": kind, "n": n}, f"Answer in exactly {n} words."
+        sentence = f"Answer in exactly {n} words."
+        return _rule("length", sentence, "check_whether_response_word_count_in_range", n, n), sentence
     if kind == "starts_with":
         text = rng.choice(STARTS)
-        return {"kind": kind, "text": text}, f'Start your answer with "{text}".'
+        sentence = f'Start your answer with "{text}".'
+        return _rule("format", sentence, "check_whether_whole_response_begin_with_certain_substring", text), sentence
     if kind == "ends_with":
         text = rng.choice(ENDS)
-        return {"kind": kind, "text": text}, f'End your answer with "{text}".'
-    return {"kind": "lowercase"}, "Use only lowercase letters."
+        sentence = f'End your answer with "{text}".'
+        return _rule("format", sentence, "check_whether_whole_response_end_with_certain_substring", text), sentence
+    sentence = "Do not use any commas."
+    return _rule("format", sentence, "check_whether_whole_response_not_contain_certain_substrings", [","]), sentence
 
 
-IF_KINDS = ("exact_words", "starts_with", "ends_with", "lowercase")
-# Pairs that can hold together (the start and end texts have capitals, so neither goes with lowercase).
-IF_PAIRS = {"exact_words": ("starts_with", "ends_with", "lowercase"), "starts_with": ("exact_words", "ends_with"),
-            "ends_with": ("exact_words", "starts_with"), "lowercase": ("exact_words",)}
+IF_KINDS = ("exact_words", "starts_with", "ends_with", "no_commas")
 
 
 def ifeval(rng: random.Random, n: int) -> list[dict]:
@@ -270,7 +277,7 @@ def ifeval(rng: random.Random, n: int) -> list[dict]:
         scene, query, question, options = (_count_item if i % 2 == 0 else _color_item)(rng)
         kinds = [IF_KINDS[i % len(IF_KINDS)]]
         if rng.random() < 0.5:
-            kinds.append(rng.choice(IF_PAIRS[kinds[0]]))
+            kinds.append(rng.choice([k for k in IF_KINDS if k != kinds[0]]))
         constraints, sentences = zip(*(_constraint(rng, k) for k in kinds))
         rows.append({"index": i, "image": _b64(render(scene)),
                      "question": " ".join((question,) + sentences), "answer": options[0], "category": "C-Level",

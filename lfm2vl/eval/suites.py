@@ -4,9 +4,10 @@
     lfm2vl eval make-suite NAME --out DIR [--seed S] [--n N] (add_make_suite_parser / cmd_make_suite)
 
 Suites (scoring rules in brackets): easy-vqa-yesno [POPE], easy-vqa-mc [multiple choice] (easyvqa_suites.py);
-scenes-pope [POPE], scenes-mmbench [MMBench circular], scenes-ocr [OCRBench], scenes-blink [multiple choice],
-scenes-ifeval [MM-IFEval rule-checked part] (scene_suites.py). Groups: easy-vqa, scenes, all.
-n counts questions (scenes-pope rounds up to a multiple of 6; scenes-mmbench writes 4 circular copies of each);
+synth-pope [POPE], synth-mc [MMBench circular], synth-ocr [OCRBench], synth-multi [multiple choice, several images
+per row], synth-ifeval [MM-IFEval's rule-checked part] (scene_suites.py); the names are benchmarks.py's, so a file
+keeps its rules. Groups: easy-vqa, synth, all.
+n counts questions (synth-pope rounds up to a multiple of 6; synth-mc writes 4 circular copies of each);
 without it a suite has its default size (the easy-vqa ones: the whole test split).
 """
 from __future__ import annotations
@@ -23,13 +24,13 @@ from . import easyvqa_suites, scene_suites
 SUITES = {  # name -> (builder(rng, n), default n)
     "easy-vqa-yesno": (easyvqa_suites.yesno, None),
     "easy-vqa-mc": (easyvqa_suites.multiple_choice, None),
-    "scenes-pope": (scene_suites.pope, 300),
-    "scenes-mmbench": (scene_suites.mmbench, 100),
-    "scenes-ocr": (scene_suites.ocr, 100),
-    "scenes-blink": (scene_suites.blink, 100),
-    "scenes-ifeval": (scene_suites.ifeval, 60),
+    "synth-pope": (scene_suites.pope, 300),
+    "synth-mc": (scene_suites.mmbench, 100),
+    "synth-ocr": (scene_suites.ocr, 100),
+    "synth-multi": (scene_suites.blink, 100),
+    "synth-ifeval": (scene_suites.ifeval, 60),
 }
-GROUPS = {"easy-vqa": ["easy-vqa-yesno", "easy-vqa-mc"], "scenes": [k for k in SUITES if k.startswith("scenes-")],
+GROUPS = {"easy-vqa": ["easy-vqa-yesno", "easy-vqa-mc"], "synth": [k for k in SUITES if k.startswith("synth-")],
           "all": list(SUITES)}
 # VLMEvalKit's columns first, in its order; the suites' own columns (constraints, image_id, query, scene) after.
 COLUMNS = ("index", "image", "question", "hint", *"ABCD", "answer", "category", "l2-category", "split", "constraints",
