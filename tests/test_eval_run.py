@@ -158,10 +158,10 @@ def test_bad_input_is_one_line(data, tmp_path, capsys, args, rc, says):
 def test_generated_suite_end_to_end(tiny_checkpoint, tmp_path, capsys):
     """`eval make-suite` writes a suite; `eval --data DIR --benchmark NAME --json` predicts it and prints only the
     scores by its rules."""
-    assert main(["eval", "make-suite", "scenes-pope", "--out", str(tmp_path), "--n", "6"]) == 0
+    assert main(["eval", "make-suite", "synth-pope", "--out", str(tmp_path), "--n", "6"]) == 0
     capsys.readouterr()
     out = tmp_path / "pred.tsv"
-    assert main(["eval", "--model", str(tiny_checkpoint), "--data", str(tmp_path), "--benchmark", "scenes-pope",
+    assert main(["eval", "--model", str(tiny_checkpoint), "--data", str(tmp_path), "--benchmark", "synth-pope",
                  "--output", str(out), "--json", *FAST]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert scores == json.loads((tmp_path / "pred.scores.json").read_text())
