@@ -8,8 +8,8 @@
 
 Under torchrun (RANK / WORLD_SIZE set) each rank predicts its shard into PRED.shardIofN.tsv; rank 0 then merges
 them into PRED.tsv and scores it. Errors the user can fix (a missing file, an unknown benchmark, a bad option, an
-unreachable server or judge) print one line and exit with status 1 (2 for option errors), without a traceback; Ctrl-C saves
-the predictions made so far and exits with status 130 (the same command resumes).
+unreachable server or judge) print one line and exit with status 1 (2 for option errors), without a traceback;
+Ctrl-C saves the predictions made so far and exits with status 130 (the same command resumes).
 """
 from __future__ import annotations
 
