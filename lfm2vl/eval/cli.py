@@ -2,13 +2,14 @@
 
     lfm2vl eval --model M (--data FILE.tsv | --data DIR --benchmark NAME) --output PRED.tsv [...]
     lfm2vl eval score PRED.tsv --benchmark NAME [--json]      rescore a predictions file (no model)
+      (both take --judge URL [--judge-model NAME] [--judge-api-key KEY]: MM-IFEval's constraints no rule checks)
     lfm2vl eval merge SHARD.tsv... --output PRED.tsv           join the shards of a --shard run
     lfm2vl eval make-suite NAME --out DIR [--seed S] [--n N]   write an offline suite (suites.py)
 
 Under torchrun (RANK / WORLD_SIZE set) each rank predicts its shard into PRED.shardIofN.tsv; rank 0 then merges
 them into PRED.tsv and scores it. Errors the user can fix (a missing file, an unknown benchmark, a bad option, an
-unreachable server) print one line and exit with status 1 (2 for option errors), without a traceback; Ctrl-C saves
-the predictions made so far and exits with status 130 (the same command resumes).
+unreachable server or judge) print one line and exit with status 1 (2 for option errors), without a traceback;
+Ctrl-C saves the predictions made so far and exits with status 130 (the same command resumes).
 """
 from __future__ import annotations
 
@@ -89,7 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model name sent to --server (default: the first of its /v1/models)")
     g.add_argument("--timeout", metavar="S", type=positive_int, default=600,
                    help="seconds to wait for one answer from --server")
+    add_judge_options(p)
     return p
+
+
+def add_judge_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("MM-IFEval judge (an OpenAI-compatible model for the constraints no rule checks)")
+    g.add_argument("--judge", metavar="URL", default=None,
+                   help="base URL of a /v1/chat/completions endpoint asked, per constraint, whether the response "
+                        "satisfies it (default: none; the score covers the rule-checked constraints and is partial)")
+    g.add_argument("--judge-model", metavar="NAME", default=None,
+                   help="model name sent to --judge (default: the first of its /v1/models)")
+    g.add_argument("--judge-api-key", metavar="KEY", default=None, help="bearer token for --judge (default: none)")
 
 
 def score_parser() -> argparse.ArgumentParser:
@@ -102,6 +114,7 @@ def score_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print only the scores JSON (default: a short table)")
     p.add_argument("--vanilla", action="store_true",
                    help="MMBench: score every copy on its own instead of circular groups")
+    add_judge_options(p)
     return p
 
 
@@ -147,13 +160,29 @@ def read_rows_or_fail(path):
         raise CLIError(f"cannot read {path}: {e}" if isinstance(e, OSError) else str(e)) from None
 
 
-def compute_scores(benchmark, rows, predictions, vanilla: bool = False) -> dict:
+def make_judge(args, benchmark):
+    """The judge of --judge for MM-IFEval, or None (a warning when another benchmark's rules ignore it)."""
+    from .judge import Judge
+
+    if not getattr(args, "judge", None):
+        return None
+    if benchmark.kind != "ifeval":
+        print(f"{PROG}: warning: --judge serves MM-IFEval's rules only; {benchmark.name} ignores it", file=sys.stderr)
+        return None
+    return Judge(args.judge, model=args.judge_model, api_key=args.judge_api_key)
+
+
+def compute_scores(benchmark, rows, predictions, vanilla: bool = False, judge=None) -> dict:
+    from .judge import JudgeError
     from .scoring import score
 
     try:
-        return score(benchmark, rows, predictions, circular=False if vanilla else None)
-    except ValueError as e:
+        return score(benchmark, rows, predictions, circular=False if vanilla else None, judge=judge)
+    except (ValueError, JudgeError) as e:
         raise CLIError(str(e)) from None
+    finally:
+        if judge is not None:
+            judge.close()
 
 
 def warn_md5(path, benchmark) -> None:
@@ -216,7 +245,7 @@ def cmd_score(argv: list[str]) -> int:
         rows, preds = read_predictions(path)
     except (ValueError, KeyError) as e:
         raise CLIError(str(e)) from None
-    report(compute_scores(bench, rows, preds, args.vanilla), args.json)
+    report(compute_scores(bench, rows, preds, args.vanilla, make_judge(args, bench)), args.json)
     return 0
 
 
@@ -280,7 +309,7 @@ def cmd_run(argv: list[str]) -> int:
         rows, predictions = merge_files([str(s) for s in shards], str(output))
     else:
         predictions = preds.predictions()
-    scores = compute_scores(bench, rows, predictions, args.vanilla)
+    scores = compute_scores(bench, rows, predictions, args.vanilla, make_judge(args, bench))
     scores_path(output).write_text(json.dumps(scores, indent=1, ensure_ascii=False) + "\n")
     report(scores, args.json)
     if not args.json:

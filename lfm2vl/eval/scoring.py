@@ -1,10 +1,10 @@
 """score(benchmark, rows, predictions) -> the scores dict for a benchmark's kind.
 
 Every result has "benchmark", "kind", "overall" (the published unit: percent accuracy; MMBench circular percent;
-POPE F1 x 100; OCRBench total of hits, out of 1000 on the full file; MM-IFEval percent of rule-checked constraints
-met, marked partial), "n" (rows scored), "failed" (rows whose prediction is missing or marks a failed row), and
-breakdowns "categories", "l2_categories", "splits" (name -> number in the headline's unit), plus kind-specific
-numbers. A prediction of None counts as failed.
+POPE F1 x 100; OCRBench total of hits, out of 1000 on the full file; MM-IFEval percent of constraints met: the
+rule-checked ones, plus the rest with a judge model; marked partial while some go unchecked), "n" (rows scored),
+"failed" (rows whose prediction is missing or marks a failed row), and breakdowns "categories", "l2_categories",
+"splits" (name -> number in the headline's unit), plus kind-specific numbers. A prediction of None counts as failed.
 """
 from __future__ import annotations
 
@@ -95,32 +95,58 @@ def score_ocrbench(benchmark, rows, predictions) -> dict:
             "splits": _percent_by(rows, hits, "split")}
 
 
-def score_rules(benchmark, rows, predictions) -> dict:
+def score_rules(benchmark, rows, predictions, judge=None) -> dict:
+    """MM-IFEval: the rule-checked constraints; with `judge` (judge.Judge) also every other constraint, asked of
+    the judge model (a malformed verdict counts as unsatisfied and as a judge failure). Without a judge, or with
+    constraints left unchecked, the result is marked partial."""
     _check(benchmark, rows, predictions, needs_answer=False)
-    row_scores, checked, unchecked, kept = [], 0, 0, []
+    plans, asks = [], []  # per row: (row, [rule verdicts], [indices into asks]); asks: judge items
     for r, p in zip(rows, predictions):
         if r.raw.get("infer_type", "main") not in ("main", ""):
             continue
         items = score_ifeval.parse_constraints(r.raw.get("constraints"), r.where())
-        rule = [c for c in items if score_ifeval.checkable(c)]
-        unchecked += len(items) - len(rule)
-        if not rule:
+        rule = [score_ifeval.check(c, p) for c in items if score_ifeval.checkable(c)]
+        others = [c for c in items if not score_ifeval.checkable(c)]
+        judged = []
+        if judge is not None:
+            for c in others:
+                judged.append(len(asks))
+                asks.append((r.question or "", str(c.get("value", c.get("key", ""))), p))
+        plans.append((r, rule, judged, len(others) - len(judged)))
+    pending = [i for i, (_, _, p) in enumerate(asks) if not score_mc.is_failed(p)]
+    verdicts: list = [False] * len(asks)  # a failed prediction satisfies nothing: no need to ask
+    if pending:
+        for i, v in zip(pending, judge.verdicts([(q, c, str(p)) for q, c, p in (asks[i] for i in pending)])):
+            verdicts[i] = v
+    row_scores, kept, checked, judged_n, unchecked = [], [], 0, 0, 0
+    for r, rule, judged, left in plans:
+        unchecked += left
+        if not rule and not judged:
             continue
         checked += len(rule)
-        row_scores.append(sum(score_ifeval.check(c, p) for c in rule) / len(rule))
+        judged_n += len(judged)
+        met = sum(rule) + sum(verdicts[i] is True for i in judged)
+        row_scores.append(met / (len(rule) + len(judged)))
         kept.append(r)
+    failures = sum(v is None for v in verdicts)
+    partial = judge is None or unchecked > 0
+    note = ("rule-checked constraints only; not comparable with published MM-IFEval numbers" if judge is None else
+            "rule-checked constraints plus the judge's verdicts on the rest (judge prompt and model differ from "
+            "VLMEvalKit's: close to, not the same as, published MM-IFEval numbers)")
     return {"benchmark": benchmark.name, "kind": benchmark.kind,
             "overall": 100 * sum(row_scores) / len(row_scores) if row_scores else 0.0,
-            "n": len(row_scores), "failed": _failed(predictions), "partial": True,
-            "note": "rule-checked constraints only; not comparable with published MM-IFEval numbers",
-            "constraints_checked": checked, "constraints_unchecked": unchecked,
+            "n": len(row_scores), "failed": _failed(predictions), "partial": partial, "note": note,
+            "constraints_checked": checked, "constraints_judged": judged_n, "constraints_unchecked": unchecked,
+            "judge_failures": failures, "judge": None if judge is None else {"url": judge.url, "model": judge.model},
             "categories": _percent_by(kept, row_scores, "category"),
             "l2_categories": _percent_by(kept, row_scores, "l2_category"),
             "splits": _percent_by(kept, row_scores, "split")}
 
 
-def score(benchmark: Benchmark, rows: list[Row], predictions: list, circular: bool | None = None) -> dict:
-    """Score predictions (aligned with rows) by the benchmark's rules; `circular` overrides MMBench's default."""
+def score(benchmark: Benchmark, rows: list[Row], predictions: list, circular: bool | None = None,
+          judge=None) -> dict:
+    """Score predictions (aligned with rows) by the benchmark's rules; `circular` overrides MMBench's default;
+    `judge` (judge.Judge) checks MM-IFEval's constraints that no rule checks."""
     if benchmark.kind in ("mc", "mmbench"):
         return score_mcq(benchmark, rows, predictions, circular)
     if benchmark.kind == "pope":
@@ -128,5 +154,5 @@ def score(benchmark: Benchmark, rows: list[Row], predictions: list, circular: bo
     if benchmark.kind == "ocr":
         return score_ocrbench(benchmark, rows, predictions)
     if benchmark.kind == "ifeval":
-        return score_rules(benchmark, rows, predictions)
+        return score_rules(benchmark, rows, predictions, judge)
     raise ValueError(f"no scorer for kind {benchmark.kind!r}")
