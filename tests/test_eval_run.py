@@ -10,6 +10,7 @@ import base64
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,11 +142,12 @@ def test_score_json_prints_only_the_scores(reference, capsys):
 
 @pytest.mark.parametrize("args, rc, says", [
     (["--data", "DATA", "--benchmark", "NoSuchBench"], 1, "NoSuchBench"),
+    (["--data", "FOLDER", "--benchmark", "NoSuchBench"], 1, "unknown benchmark 'NoSuchBench': expected one of MMStar"),
     (["--data", "missing.tsv"], 1, "not found: missing.tsv"),
     (["--data", "DATA", "--shard", "2/2"], 2, "--shard: 2/2 is invalid"),
 ])
 def test_bad_input_is_one_line(data, tmp_path, capsys, args, rc, says):
-    args = [data if a == "DATA" else a for a in args]
+    args = [data if a == "DATA" else str(Path(data).parent) if a == "FOLDER" else a for a in args]
     try:
         status = main(["eval", *args, "--output", str(tmp_path / "p.tsv"), "--model", "unused"])
     except SystemExit as e:  # argparse's option errors

@@ -129,9 +129,14 @@ def merge_parser() -> argparse.ArgumentParser:
 
 # ---- pieces --------------------------------------------------------------------------------------------------------
 def resolve_data(data: str, name: str | None):
-    """(--data, --benchmark) -> (benchmark, TSV path)."""
-    from .benchmarks import benchmark_for
+    """(--data, --benchmark) -> (benchmark, TSV path). An unknown --benchmark is named before any file is looked at."""
+    from .benchmarks import benchmark_for, get_benchmark
 
+    if name is not None:
+        try:
+            get_benchmark(name)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
     path = Path(data)
     if path.is_dir():
         if name is None:
