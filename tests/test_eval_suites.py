@@ -182,7 +182,6 @@ def test_answers_as_predictions_score_full_marks_and_always_yes_the_pope_baselin
 
 @pytest.fixture(scope="module")
 def easy(tmp_path_factory):
-    pytest.importorskip("easy_vqa")
     out = tmp_path_factory.mktemp("easy")
     return {p.stem: (p, read_rows(p)) for p in suites.make_suite("easy-vqa", out, seed=0)}
 
@@ -218,7 +217,6 @@ def test_easy_vqa_multiple_choice_file_has_four_options_from_its_answer_list(eas
 
 
 def test_n_limits_the_easy_vqa_files_and_keeps_yes_no_balanced(tmp_path):
-    pytest.importorskip("easy_vqa")
     yes_no, mc = suites.make_suite("easy-vqa", tmp_path, seed=1, n=40)
     assert Counter(r.answer for r in read_rows(yes_no)) == {"Yes": 20, "No": 20}
     assert len(read_rows(mc)) == 40

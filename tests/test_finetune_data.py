@@ -162,7 +162,7 @@ def same_samples(a, b, processor):
 def test_trl_layout_from_datasets_equals_jsonl(processor, tmp_path):
     """A save_to_disk folder (plain and as a DatasetDict's train split) and a parquet file in TRL's layout give the
     same samples and batches as the equivalent JSONL, and name rows "<name> row i"."""
-    datasets = pytest.importorskip("datasets")
+    import datasets
     ds_rows, jsonl = trl_rows(tmp_path)
     features = datasets.Features({"messages": [{"role": datasets.Value("string"), "content": [
         {"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
@@ -182,7 +182,7 @@ def test_trl_layout_from_datasets_equals_jsonl(processor, tmp_path):
 
 
 def test_dataset_without_train_split_is_an_error(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     ds = datasets.Dataset.from_dict({"messages": [[{"role": "user", "content": "a"}]]})
     datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "d"))
     with pytest.raises(DataError, match=r"splits \['test'\] but no 'train' split"):
@@ -351,7 +351,7 @@ def test_collate_pixels_equal_the_processor_and_the_model_accepts_the_batch(proc
 
 def test_sample_reloads_dataset_images_lazily(processor, tmp_path):
     """A dataset row's sample keeps a reader of its row, not decoded images."""
-    datasets = pytest.importorskip("datasets")
+    import datasets
     ds_rows, _ = trl_rows(tmp_path)
     datasets.Dataset.from_dict(ds_rows).save_to_disk(str(tmp_path / "saved"))
     samples, _ = load_samples(tmp_path / "saved", processor, 4096, **KNOBS)

@@ -9,15 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-from transformers import Lfm2VlConfig as HfLfm2VlConfig  # noqa: E402
-from transformers import Lfm2VlModel as HfLfm2VlModel  # noqa: E402
-from transformers import Siglip2VisionConfig, Siglip2VisionModel  # noqa: E402
+from transformers import Lfm2VlConfig as HfLfm2VlConfig
+from transformers import Lfm2VlModel as HfLfm2VlModel
+from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
-from lfm2vl.config import Lfm2VlConfig, VisionConfig  # noqa: E402
-from lfm2vl.model.projector import Projector, image_features, pixel_unshuffle  # noqa: E402
-from lfm2vl.cpu.vision import FastVisionEmbeddings, fast_linear, use_fast_vision  # noqa: E402
-from lfm2vl.model.vision import VisionTower  # noqa: E402
+from lfm2vl.config import Lfm2VlConfig, VisionConfig
+from lfm2vl.model.projector import Projector, image_features, pixel_unshuffle
+from lfm2vl.cpu.vision import FastVisionEmbeddings, fast_linear, use_fast_vision
+from lfm2vl.model.vision import VisionTower
 
 TOL = 1e-5
 VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, patch_size=16,
