@@ -48,36 +48,18 @@ def parse_verdict(text: str | None) -> bool | None:
 class Judge:
     def __init__(self, url: str, *, model: str | None = None, api_key: str | None = None,
                  timeout_s: float = 120.0, workers: int = 8):
-        import httpx
+        from .endpoint import Endpoint
 
         self.url, self.workers = url, workers
-        base = url.rstrip("/").removesuffix("/chat/completions").removesuffix("/v1")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(timeout_s, connect=10.0))
+        self.endpoint = Endpoint(url, api_key=api_key, timeout_s=timeout_s, what="judge", error=JudgeError)
+        self.client = self.endpoint.client
         self._model = model
 
     @property
     def model(self) -> str:
         if self._model is None:
-            self._model = self._first_model()
+            self._model = self.endpoint.first_model("--judge-model")
         return self._model
-
-    def _unreachable(self, e: Exception) -> JudgeError:
-        return JudgeError(f"cannot reach the judge at {self.url}: {e}")
-
-    def _first_model(self) -> str:
-        import httpx
-
-        try:
-            r = self.client.get("/v1/models")
-        except httpx.TransportError as e:
-            raise self._unreachable(e) from None
-        try:
-            r.raise_for_status()
-            return r.json()["data"][0]["id"]
-        except Exception:  # noqa: BLE001 - any odd answer: ask for the name
-            raise JudgeError(f"the judge at {self.url} did not list a model at /v1/models (HTTP {r.status_code}); "
-                             "pass --judge-model NAME") from None
 
     def ask(self, question: str, constraint: str, response: str) -> bool | None:
         import httpx
@@ -91,7 +73,7 @@ class Judge:
             except httpx.TimeoutException:
                 return None  # a judge too slow for one item: that verdict is missing
             except httpx.TransportError as e:
-                raise self._unreachable(e) from None
+                raise self.endpoint.unreachable(e) from None
             if r.status_code < 500 or attempt == 2:
                 break
         if r.status_code != 200:

@@ -231,32 +231,14 @@ class ServerPredictor:
 
     def __init__(self, url: str, benchmark, *, api_key: str | None = None, model: str | None = None,
                  max_new_tokens: int = 1024, batch_size: int = 16, timeout_s: float = 600.0):
-        import httpx
+        from .endpoint import Endpoint
 
-        base = url.rstrip("/").removesuffix("/chat/completions").removesuffix("/v1")
         self.url, self.benchmark, self.max_new_tokens, self.batch_size = url, benchmark, max_new_tokens, batch_size
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(timeout_s, connect=10.0),
-                                   limits=httpx.Limits(max_connections=batch_size))
+        self.endpoint = Endpoint(url, api_key=api_key, timeout_s=timeout_s, connections=batch_size, what="server",
+                                 error=RunError)
+        self.client = self.endpoint.client
         self.extras = {"repetition_penalty": 1.0}  # vLLM and lfm2vl serve take it; dropped if the server refuses
-        self.model = model or self._first_model()
-
-    def _unreachable(self, e: Exception) -> RunError:
-        return RunError(f"cannot reach the server at {self.url}: {e}")
-
-    def _first_model(self) -> str:
-        import httpx
-
-        try:
-            r = self.client.get("/v1/models")
-        except httpx.TransportError as e:
-            raise self._unreachable(e) from None
-        try:
-            r.raise_for_status()
-            return r.json()["data"][0]["id"]
-        except Exception:  # noqa: BLE001 - any odd answer: ask for the name
-            raise RunError(f"{self.url}/v1/models did not list a model (HTTP {r.status_code}); pass "
-                           "--served-model NAME") from None
+        self.model = model or self.endpoint.first_model("--served-model")
 
     def complete(self, messages: list[dict]) -> str:
         import httpx
@@ -269,7 +251,7 @@ class ServerPredictor:
             except httpx.TimeoutException as e:
                 raise ValueError(f"the server did not answer in time ({type(e).__name__})") from None
             except httpx.TransportError as e:
-                raise self._unreachable(e) from None
+                raise self.endpoint.unreachable(e) from None
             if r.status_code == 400 and self.extras and "repetition_penalty" in r.text:
                 self.extras = {}  # a server without the extra: plain OpenAI parameters
                 continue
