@@ -20,3 +20,12 @@ def tiny_engine(tiny_checkpoint):
     from lfm2vl.engine import load
 
     return load(tiny_checkpoint, dtype="float32")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (tiny models on shared cores run fastest on one)."""
+    from finetune_util import one_thread
+
+    with one_thread():
+        yield

@@ -2,6 +2,7 @@
 from the processor's training render (independent of the trainer's own collate)."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -85,19 +86,15 @@ def reference_batch(processor, convs) -> tuple[SimpleNamespace, torch.Tensor]:
     return batch, hf_labels
 
 
+@contextlib.contextmanager
 def one_thread():
     """Context: torch on one thread (the test machine's cores are shared; tiny models run fastest on one)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        n = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(n)
-    return ctx()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def losses(folder: Path) -> list[float]:

@@ -9,15 +9,12 @@ import pytest
 import torch
 
 import lfm2vl
-from finetune_util import one_thread, write_jsonl
+from finetune_util import write_jsonl
 from lfm2vl.finetune import state
 from lfm2vl.finetune.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

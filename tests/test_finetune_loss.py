@@ -4,17 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune_util import conversations, one_thread, reference_batch
+from finetune_util import conversations, reference_batch
 from lfm2vl.finetune import recompute
 from lfm2vl.finetune.loss import loss_sum
 from lfm2vl.loading import load_model
 from lfm2vl.processor import Processor
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

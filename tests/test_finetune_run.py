@@ -9,17 +9,14 @@ import pytest
 import torch
 
 import lfm2vl
-from finetune_util import losses, one_thread, write_jsonl
+from finetune_util import losses, write_jsonl
 from lfm2vl.finetune import report, state
 from lfm2vl.loading import load_model
 
 BASE = dict(dtype="float32", progress=False, batch_size=2, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

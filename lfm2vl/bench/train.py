@@ -55,31 +55,26 @@ def _answer(tokenizer, n_tokens: int, offset: int) -> str:
 
 def train_inputs(processor, batch_size: int = 4, answer_tokens: int = 64, image_size: int = 512,
                  image_knobs: dict | None = None) -> dict:
-    """The benchmark's batch: input_ids / attention_mask (B, T) right-padded, `trained` (B, T) bool (True on the
-    tokens the loss predicts: the answers and their end-of-turn tokens), pixel_values / pixel_attention_mask /
-    spatial_shapes of one image per conversation."""
+    """The benchmark's batch, as each engine's users build it: "ours" is the Batch of lfm2vl's trainer (its row
+    check and collate: next-token labels, unpadded patches); "hf" the keyword arguments of transformers' forward
+    (the same ids and mask, labels unshifted since transformers shifts them itself, patches padded as its processor
+    returns them)."""
+    from ..finetune.batches import IGNORE, collate
+    from ..finetune.data import Row, check_row
+
     knobs = dict(image_knobs or {})
-    rows = []
     images = [test_image(image_size, image_size, seed=i) for i in range(batch_size)]
+    samples = []
     for i, img in enumerate(images):
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
                 {"role": "assistant", "content": _answer(processor.tokenizer, answer_tokens, offset=5 * i)}]
-        rows.append(processor.render_for_training(msgs, images=[img], **knobs))
-    T = max(len(ids) for ids, _ in rows)
-    input_ids = torch.zeros(batch_size, T, dtype=torch.int64)
-    attention_mask = torch.zeros(batch_size, T, dtype=torch.int64)
-    trained = torch.zeros(batch_size, T, dtype=torch.bool)
-    for i, (ids, mask) in enumerate(rows):
-        input_ids[i, :len(ids)], attention_mask[i, :len(ids)], trained[i, :len(ids)] = ids, 1, mask
+        samples.append(check_row(Row(f"bench row {i}", msgs, [img]), processor, 1 << 30, knobs))
+    batch = collate(samples, processor, **knobs)
+    hf_labels = torch.full_like(batch.labels, IGNORE)
+    hf_labels[:, 1:] = batch.labels[:, :-1]
     pixels, _ = processor.process_images(images, **knobs)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "trained": trained, **pixels}
-
-
-def shifted_labels(input_ids: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
-    """Next-token targets (B, T): labels[:, t] = input_ids[:, t + 1] where that token is trained, else -100."""
-    labels = torch.full_like(input_ids, -100)
-    labels[:, :-1] = torch.where(trained[:, 1:], input_ids[:, 1:], -100)
-    return labels
+    hf = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": hf_labels, **pixels}
+    return {"ours": batch, "hf": hf}
 
 
 def _autocast(dtype):
@@ -88,8 +83,6 @@ def _autocast(dtype):
 
 def _ours(spec: dict, inputs: dict):
     """-> (step function, number of trainable parameters)."""
-    from types import SimpleNamespace
-
     from ..cpu.dropout import use_fast_dropout
     from ..finetune.lora import add_lora, lora_parameters
     from ..finetune.loss import loss_sum
@@ -109,11 +102,7 @@ def _ours(spec: dict, inputs: dict):
         checkpoint_layers(model, vision=vision_trains)
     model.train()
     opt = torch.optim.AdamW(params, lr=2e-4)
-    batch = SimpleNamespace(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                            labels=shifted_labels(inputs["input_ids"], inputs["trained"]),
-                            pixel_values=inputs["pixel_values"].to(dtype),
-                            pixel_attention_mask=inputs["pixel_attention_mask"],
-                            spatial_shapes=inputs["spatial_shapes"], n_tokens=int(inputs["trained"].sum()))
+    batch = inputs["ours"].to("cpu", dtype)
 
     def step() -> float:
         with _autocast(dtype):
@@ -142,10 +131,7 @@ def _transformers(spec: dict, inputs: dict):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
-    labels = torch.where(inputs["trained"], inputs["input_ids"], -100)  # transformers shifts them itself
-    kw = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "labels": labels,
-          "pixel_values": inputs["pixel_values"].to(dtype), "pixel_attention_mask": inputs["pixel_attention_mask"],
-          "spatial_shapes": inputs["spatial_shapes"]}
+    kw = {**inputs["hf"], "pixel_values": inputs["hf"]["pixel_values"].to(dtype)}
 
     def step() -> float:
         with _autocast(dtype):
@@ -180,7 +166,7 @@ def measure(spec: dict) -> dict:
     return {"engine": spec["engine"], "load_s": load_s, "rss_after_load_mb": rss_load, "peak_rss_mb": _peak_rss_mb(),
             "s_per_step": s_step, "samples_per_s": spec["batch_size"] / s_step, "step_times": times,
             "losses": losses, "trainable_params": n_trainable, "batch_size": spec["batch_size"],
-            "seq_len": int(inputs["input_ids"].shape[1]), "trained_tokens": int(inputs["trained"].sum())}
+            "seq_len": int(inputs["ours"].input_ids.shape[1]), "trained_tokens": inputs["ours"].n_tokens}
 
 
 def table(results: dict[str, dict]) -> str:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100
+from .batches import IGNORE
 
 
 def loss_sum(model, batch) -> tuple[torch.Tensor, int]:
