@@ -150,6 +150,26 @@ def test_describe_without_model_uses_the_env_variable(tiny_checkpoint, img, tmp_
     assert p.stdout.strip() and NOTE not in p.stderr
 
 
+def test_serve_names_the_bundled_model_bundled(tiny_checkpoint, monkeypatch):
+    from lfm2vl.serve.cli import served_names
+
+    monkeypatch.setattr(resolve, "BUNDLED", tiny_checkpoint)
+    assert served_names(resolve.model_label(resolve.bundled_model()), None) == ("bundled", ())
+
+
+def test_serve_without_model_serves_the_env_variable_model(tiny_checkpoint, tmp_path, monkeypatch):
+    import httpx
+    from server_util import ServerProcess
+
+    monkeypatch.setenv("LFM2VL_MODEL", str(tiny_checkpoint))  # the server process inherits it
+    server = ServerProcess(["--max-batch", "1", "--log-level", "warning"], tmp_path / "server.log")
+    try:
+        ids = [m["id"] for m in httpx.get(server.url + "/v1/models", timeout=30).json()["data"]]
+    finally:
+        server.stop()
+    assert ids == [tiny_checkpoint.name]
+
+
 def test_bundled_model_names_the_problem_when_the_folder_is_empty(monkeypatch, tmp_path):
     import lfm2vl
 

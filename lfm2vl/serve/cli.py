@@ -136,6 +136,13 @@ def physical_memory() -> int:
         return 0
 
 
+def served_names(label: str, override: str | None) -> tuple[str, tuple[str, ...]]:
+    """(the name /v1/models lists, other names requests may use): --served-model-name, else the model's folder name
+    (`bundled` for the bundled demo model; LFM2-VL-450M for LiquidAI/LFM2-VL-450M, which stays an alias)."""
+    name = override or os.path.basename(os.path.normpath(label)) or label
+    return name, tuple({label} - {name})
+
+
 def media_policy(args):
     """The MediaPolicy the flags ask for (a testing-only knob like `allowed_networks` has no flag)."""
     from .media import MediaPolicy
@@ -191,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, MemoryError) as e:  # e.g. the cache does not fit after all
         print(f"lfm2vl serve: cannot allocate the batch cache: {e}", file=sys.stderr)
         return 1
-    name = args.served_model_name or os.path.basename(os.path.normpath(label)) or label
+    name, aliases = served_names(label, args.served_model_name)
     settings = ServerSettings(
-        model_id=name, aliases=tuple({label} - {name}), api_key=args.api_key,
+        model_id=name, aliases=aliases, api_key=args.api_key,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_images=args.max_images,
         default_max_tokens=args.max_tokens, context_len=args.max_seq_len,
         max_image_tokens=engine.processor.settings.image.max_image_tokens,
