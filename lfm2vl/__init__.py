@@ -1,6 +1,7 @@
 """lfm2vl: a self-contained PyTorch engine for Liquid AI's LFM2-VL vision-language models.
 
-    engine = lfm2vl.load("LiquidAI/LFM2-VL-450M")          # or a local folder
+    engine = lfm2vl.load("LiquidAI/LFM2-VL-450M")          # or a local folder, or "bundled" (the demo model)
+    engine = lfm2vl.load()      # $LFM2VL_MODEL, else LiquidAI/LFM2-VL-450M if cached or reachable, else bundled
     engine.generate([{"role": "user", "content": [{"type": "image", "image": "photo.jpg"},
                                                   {"type": "text", "text": "What is in this image?"}]}])
 
@@ -16,6 +17,7 @@ _EXPORTS = {
     "Engine": "lfm2vl.engine",
     "Processor": "lfm2vl.processor",
     "Lfm2VlConfig": "lfm2vl.config",
+    "bundled_model": "lfm2vl.resolve",
 }
 _SUBPACKAGES = ("finetune",)  # callable packages: lfm2vl.finetune(...) runs a fine-tuning
 

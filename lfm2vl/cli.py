@@ -9,8 +9,9 @@
     lfm2vl eval ...                                   dispatched to lfm2vl.eval.cli (benchmark predictions and scores)
     lfm2vl --version
 
-Common options: --model (folder or hub id, default LiquidAI/LFM2-VL-450M), --dtype, --device, the image knobs and
-the sampling options (defaults from the model card). Option values, the device, local image paths and the
+Common options: --model (folder, hub id or `bundled`; default: $LFM2VL_MODEL, else LiquidAI/LFM2-VL-450M when it is
+cached or the hub is reachable, else the bundled demo model with a one-line note; see resolve.py), --dtype, --device,
+the image knobs and the sampling options (defaults from the model card). Option values, the device, local image paths and the
 messages are checked before the model loads. Errors the user can fix (a bad option value, no weights offline, a
 missing image, bad JSON) print one line and exit with status 1 (2 for option errors), without a traceback.
 In `chat`, Ctrl-C stops the answer being written and returns to the prompt; Ctrl-C or Ctrl-D at the prompt ends.
@@ -86,11 +87,11 @@ positive_int = _number(int, lambda v: None if v >= 1 else "expected an integer >
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
-    from .engine import DEFAULT_MODEL
     from .generate.sampling import SamplingParams as S
+    from .resolve import ORDER_HELP
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or hub id")
+    g.add_argument("--model", default=None, help=ORDER_HELP)
     g.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16",
                    help="weights and activations")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (the N-th GPU) or mps")
@@ -216,14 +217,30 @@ def check_device(args) -> None:
         raise CLIError(str(e)) from None
 
 
-def load_engine(args):
-    """Load with a progress bar over the weight bytes; user-fixable load errors become a CLIError."""
+def resolve(args, prog: str = "lfm2vl"):
+    """args.model after the default rules (resolve.py), the fallback note printed as one line; a missing bundled
+    model is a CLIError."""
+    from .loading import LoadError
+    from .resolve import resolve_model, stderr_announcer
+
+    try:
+        return resolve_model(args.model, announce=stderr_announcer(prog))
+    except LoadError as e:
+        raise CLIError(str(e)) from None
+
+
+def load_engine(args, prog: str = "lfm2vl"):
+    """Resolve the model, then load it with a progress bar over the weight bytes; user-fixable load errors become a
+    CLIError."""
     from tqdm import tqdm
 
     from .engine import load
     from .finetune.adapter import AdapterError
     from .loading import LoadError
+    from .resolve import model_label
 
+    model = resolve(args, prog)
+    shown = model_label(model)
     bar = None
 
     def progress(done: int, total: int) -> None:
@@ -235,17 +252,17 @@ def load_engine(args):
 
     with adapter_warnings():  # printed once the progress bar is closed
         try:
-            return load(args.model, dtype=args.dtype, device=args.device, int8=args.int8, int4=args.int4,
+            return load(model, dtype=args.dtype, device=args.device, int8=args.int8, int4=args.int4,
                         optimize=not args.no_optimize, compile=args.compile, low_memory=args.low_memory,
                         adapter=args.adapter, progress=progress)
         except AdapterError as e:
             raise CLIError(str(e)) from None
         except (LoadError, OSError, ValueError) as e:
-            if not Path(args.model).exists() and str(e).startswith("could not get hub model"):
-                raise CLIError(f"model {args.model!r} is not in the local Hugging Face cache and cannot be "
+            if not Path(model).exists() and str(e).startswith("could not get hub model"):
+                raise CLIError(f"model {shown!r} is not in the local Hugging Face cache and cannot be "
                                f"downloaded (offline?); fetch it where there is network access with `hf download "
-                               f"{args.model} --local-dir DIR` and run with --model DIR") from None
-            raise CLIError(f"cannot load model {args.model!r}: {str(e).splitlines()[0]}") from None
+                               f"{shown} --local-dir DIR` and run with --model DIR") from None
+            raise CLIError(f"cannot load model {shown!r}: {str(e).splitlines()[0]}") from None
         finally:
             if bar is not None:
                 bar.close()

@@ -1,6 +1,7 @@
 """Engine: what `lfm2vl.load` returns. Model + config + processor + tokenizer, and the generation API.
 
-    engine = lfm2vl.load("LiquidAI/LFM2-VL-450M")
+    engine = lfm2vl.load()          # the default model (resolve.py: $LFM2VL_MODEL, LiquidAI/LFM2-VL-450M or bundled)
+    engine = lfm2vl.load("LiquidAI/LFM2-VL-450M")                 # or a folder, or "bundled"
     res = engine.generate([{"role": "user", "content": [{"type": "image", "image": "cat.jpg"},
                                                         {"type": "text", "text": "What is this?"}]}])
     res.text, res.token_ids, res.finish_reason, res.prompt_tokens, res.completion_tokens, res.decode_tps
@@ -33,14 +34,16 @@ from .generate.stream import Stream
 # The message handling lives in processor/messages.py; its names stay importable from here.
 from .processor.messages import IMAGE_KEYS, conversation, is_batch, text_chars, to_messages  # noqa: F401
 
-DEFAULT_MODEL = "LiquidAI/LFM2-VL-450M"
 
-
-def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None, optimize: bool = True,
+def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, optimize: bool = True,
          int8: bool = False, int4: bool = False, compile: bool = False, low_memory: bool = False,
          adapter: str | os.PathLike | None = None,
          progress: Callable[[int, int], None] | None = None) -> "Engine":
     """Load a checkpoint folder or hub id -> Engine. dtype defaults to bfloat16, device to cpu.
+
+    model: a folder, a hub id or "bundled" (the demo model shipped in the package); None applies the default rules
+    of resolve.py ($LFM2VL_MODEL, else LiquidAI/LFM2-VL-450M when cached or the hub is reachable, else the bundled
+    model with a BundledModelWarning).
 
     optimize: on CPU, swap in the fast modules of cpu/speed.py (same parameters and results within float
     rounding); int8 / int4: weight-only int8 / int4 linears in the language model and the output head (opt-in,
@@ -62,6 +65,9 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, *, dtype=None, device=None, o
                          f"got device={str(device)!r}: drop {'them' if len(cpu_only) > 1 else 'it'} or use "
                          f"device='cpu'")
     check_device(device)  # an unknown name or a missing GPU: said before anything is read
+    from .resolve import resolve_model
+
+    model = resolve_model(model)
     kw = {"progress": progress} if progress is not None else {}
     if adapter is not None:
         from .finetune.adapter import read_adapter

@@ -24,8 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from .config import Lfm2VlConfig
 from .model.lfm2vl import Lfm2VlModel
-
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+from .resolve import HUB_PATTERNS
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 # Llava-style prefixes of transformers < 4.52 (checkpoint key prefix -> ours)

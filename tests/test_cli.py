@@ -67,7 +67,7 @@ def test_chat_through_stdin(tiny_checkpoint, tiny_engine, img):
 
 def test_offline_without_weights_is_one_clear_line(tmp_path, img):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
-    p = lfm2vl("describe", img, env=env)
+    p = lfm2vl("describe", img, "--model", "LiquidAI/LFM2-VL-450M", env=env)
     assert p.returncode != 0
     assert "Traceback" not in p.stderr
     err = [line for line in p.stderr.splitlines() if line.startswith("lfm2vl: error")]
@@ -206,7 +206,7 @@ def test_generate_continue_final_message(tiny_checkpoint, tiny_engine, tmp_path)
 
 def test_offline_hint_names_the_hf_command(tmp_path, img):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
-    p = lfm2vl("describe", img, env=env)
+    p = lfm2vl("describe", img, "--model", "LiquidAI/LFM2-VL-450M", env=env)
     assert p.returncode == 1 and "`hf download LiquidAI/LFM2-VL-450M --local-dir DIR`" in p.stderr
 
 

@@ -1,11 +1,12 @@
 """`lfm2vl eval`: predictions for a benchmark file (local model or any OpenAI-compatible server), then its scores.
 
-    lfm2vl eval --model M (--data FILE.tsv | --data DIR --benchmark NAME) --output PRED.tsv [...]
+    lfm2vl eval [--model M] (--data FILE.tsv | --data DIR --benchmark NAME) --output PRED.tsv [...]
     lfm2vl eval score PRED.tsv --benchmark NAME [--json]      rescore a predictions file (no model)
       (both take --judge URL [--judge-model NAME] [--judge-api-key KEY]: MM-IFEval's constraints no rule checks)
     lfm2vl eval merge SHARD.tsv... --output PRED.tsv           join the shards of a --shard run
     lfm2vl eval make-suite NAME --out DIR [--seed S] [--n N]   write an offline suite (suites.py)
 
+Without --model (and without --server) the local model follows resolve.py's default rules.
 Under torchrun (RANK / WORLD_SIZE set) each rank predicts its shard into PRED.shardIofN.tsv; rank 0 then merges
 them into PRED.tsv and scores it. Errors the user can fix (a missing file, an unknown benchmark, a bad option, an
 unreachable server or judge) print one line and exit with status 1 (2 for option errors), without a traceback;
@@ -68,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", metavar="N", type=positive_int, default=16,
                    help="rows decoded together (with --server: requests in flight)")
     g = p.add_argument_group("local model")
-    from ..engine import DEFAULT_MODEL
+    from ..resolve import ORDER_HELP
 
-    g.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or hub id")
+    g.add_argument("--model", default=None, help=ORDER_HELP)
     g.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16",
                    help="weights and activations")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (under torchrun, cuda takes "
@@ -339,7 +340,7 @@ def make_predictor(args, bench, world: int):
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     args.compile = args.low_memory = False
     check_device(args)
-    engine = load_engine(args)
+    engine = load_engine(args, PROG)
     return run.LocalPredictor(engine, bench, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
 
 

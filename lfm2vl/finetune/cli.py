@@ -15,6 +15,7 @@ import shlex
 import sys
 
 from ..cli import HelpFormatter, _number, positive_int
+from ..resolve import ORDER_HELP
 from .options import DTYPES, TrainOptions
 
 D = TrainOptions()  # the defaults shown in --help
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "full checkpoint. Loss on the assistant turns only. Data-parallel under torchrun: "
                     "`torchrun --nproc-per-node N -m lfm2vl finetune ...`.")
     g = p.add_argument_group("model, data and result")
-    g.add_argument("--model", default=D.model, help="base checkpoint folder or hub id")
+    g.add_argument("--model", default=None, help="base " + ORDER_HELP)
     g.add_argument("--data", required=True, metavar="PATH",
                    help="training data: JSONL ({\"messages\": [...]} per line) or a Hugging Face dataset on disk "
                         "(save_to_disk folder, parquet file or folder) with messages and images columns")
@@ -150,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(flag_wording(problem))
     main_rank = os.environ.get("RANK", "0") == "0"
     from . import loop
+    from ..resolve import resolve_model, stderr_announcer
 
     try:
+        opts["model"] = str(resolve_model(opts["model"], announce=stderr_announcer("lfm2vl finetune")))
         summary = loop.finetune(**opts)
     except KeyboardInterrupt:
         if main_rank:

@@ -19,6 +19,7 @@ a second Ctrl-C stops at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import shutil
 import signal
@@ -45,6 +46,9 @@ def finetune(**options) -> dict:
     from ..loading import check_device
 
     check_device(opts.device)
+    from ..resolve import resolve_model
+
+    opts = dataclasses.replace(opts, model=str(resolve_model(opts.model)))  # the CLI has resolved it already
     d = distmod.setup(opts.device)
     try:
         return Trainer(opts.resolved(), d).run()

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-COPIED = ["*.json", "*.jinja", "*.txt"]  # what lfm2vl reads beside the weights (loading.HUB_PATTERNS)
+COPIED = ["*.json", "*.jinja", "*.txt"]  # what lfm2vl reads beside the weights (resolve.HUB_PATTERNS)
 SKIPPED = ["model.safetensors.index.json", "adapter_config.json"]
 
 

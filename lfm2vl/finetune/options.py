@@ -1,7 +1,8 @@
 """`TrainOptions`: the one home of every fine-tuning option, its default and its check.
 
 The Python API (`lfm2vl.finetune(**options)`) and the CLI (`lfm2vl finetune`, flags = field names with '-') are
-both built from this dataclass. Values that depend on the mode are None here: lr (2e-4 for LoRA, 5e-5 for full
+both built from this dataclass. model=None follows the default rules of resolve.py ($LFM2VL_MODEL, else
+LiquidAI/LFM2-VL-450M when cached or reachable, else the bundled demo model). Values that depend on the mode are None here: lr (2e-4 for LoRA, 5e-5 for full
 SFT; filled in by `resolved()`) and freeze_vision (on for LoRA unless the targets include the vision tower, off for
 full SFT; decided by loop.py).
 `check()` returns the first problem as one sentence naming the option, or None.
@@ -12,7 +13,6 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 
-DEFAULT_MODEL = "LiquidAI/LFM2-VL-450M"
 LR_LORA, LR_FULL = 2e-4, 5e-5
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -24,7 +24,7 @@ STRUCTURAL = ("full", "lora_r", "lora_alpha", "lora_dropout", "targets", "freeze
 @dataclass
 class TrainOptions:
     # what and where
-    model: str = DEFAULT_MODEL                # checkpoint folder or hub id
+    model: str | None = None                  # checkpoint folder, hub id or "bundled"; None: resolve.py's rules
     data: str | None = None                   # training data: JSONL file or Hugging Face dataset on disk (required)
     eval_data: str | None = None              # evaluation data, same formats
     output: str | None = None                 # result folder (required)

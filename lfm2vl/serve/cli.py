@@ -1,7 +1,10 @@
 """`lfm2vl serve`: load a model and serve it over an OpenAI-compatible HTTP API.
 
-    lfm2vl serve --model LiquidAI/LFM2-VL-450M [--host 127.0.0.1] [--port 8000] [--api-key K] [--max-batch 16]
+    lfm2vl serve [--model M] [--host 127.0.0.1] [--port 8000] [--api-key K] [--max-batch 16]
     python -m lfm2vl.serve.cli ...   (the same)
+
+Without --model the model follows resolve.py's default rules ($LFM2VL_MODEL, LiquidAI/LFM2-VL-450M when it is cached
+or the hub is reachable, else the bundled demo model, served as `bundled`).
 
 Clients send images as data: URLs; http(s) image URLs are fetched only with --allow-remote-images (then only from
 public addresses, within --remote-timeout; see media.py), local files only under --allowed-media-dir.
@@ -29,9 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="lfm2vl serve", description="OpenAI-compatible server for LFM2-VL models.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--model", default="LiquidAI/LFM2-VL-450M", help="local checkpoint folder or hub id")
+    from lfm2vl.resolve import ORDER_HELP
+
+    p.add_argument("--model", default=None, help=ORDER_HELP)
     p.add_argument("--served-model-name", default=None,
-                   help="the name clients use in 'model' (default: the folder name of --model)")
+                   help="the name clients use in 'model' (default: the folder name of the model, `bundled` for the "
+                        "bundled demo model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--api-key", default=os.environ.get("LFM2VL_API_KEY") or None,
@@ -130,6 +136,13 @@ def physical_memory() -> int:
         return 0
 
 
+def served_names(label: str, override: str | None) -> tuple[str, tuple[str, ...]]:
+    """(the name /v1/models lists, other names requests may use): --served-model-name, else the model's folder name
+    (`bundled` for the bundled demo model; LFM2-VL-450M for LiquidAI/LFM2-VL-450M, which stays an alias)."""
+    name = override or os.path.basename(os.path.normpath(label)) or label
+    return name, tuple({label} - {name})
+
+
 def media_policy(args):
     """The MediaPolicy the flags ask for (a testing-only knob like `allowed_networks` has no flag)."""
     from .media import MediaPolicy
@@ -158,15 +171,22 @@ def main(argv: list[str] | None = None) -> int:
 
     import lfm2vl
 
-    print(f"lfm2vl serve: loading {args.model} ...", flush=True)
     from ..cli import adapter_warnings
+    from ..resolve import model_label, resolve_model, stderr_announcer
 
     try:
+        model = resolve_model(args.model, announce=stderr_announcer("lfm2vl serve"))
+    except ValueError as e:  # the bundled model is missing from this installation
+        print(f"lfm2vl serve: {e}", file=sys.stderr)
+        return 1
+    label = model_label(model)
+    print(f"lfm2vl serve: loading {label} ...", flush=True)
+    try:
         with adapter_warnings("lfm2vl serve"):
-            engine = lfm2vl.load(args.model, dtype=args.dtype, device=args.device, int8=args.int8,
+            engine = lfm2vl.load(model, dtype=args.dtype, device=args.device, int8=args.int8,
                                  int4=args.int4, low_memory=args.low_memory, adapter=args.adapter)
     except Exception as e:  # offline without a copy, a broken folder...: one clear line, no traceback
-        print(f"lfm2vl serve: could not load {args.model}: {e}", file=sys.stderr)
+        print(f"lfm2vl serve: could not load {label}: {e}", file=sys.stderr)
         return 1
     problem = _fit(args, engine)
     if problem:
@@ -178,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, MemoryError) as e:  # e.g. the cache does not fit after all
         print(f"lfm2vl serve: cannot allocate the batch cache: {e}", file=sys.stderr)
         return 1
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.model)) or args.model
+    name, aliases = served_names(label, args.served_model_name)
     settings = ServerSettings(
-        model_id=name, aliases=tuple({args.model} - {name}), api_key=args.api_key,
+        model_id=name, aliases=aliases, api_key=args.api_key,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_images=args.max_images,
         default_max_tokens=args.max_tokens, context_len=args.max_seq_len,
         max_image_tokens=engine.processor.settings.image.max_image_tokens,
@@ -203,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             await super().startup(sockets=sockets)
             if not self.should_exit:
                 key = "on" if args.api_key else "off"
-                print(f"lfm2vl serve: model {name} ({args.model}) at http://{shown}:{port}/v1 "
+                print(f"lfm2vl serve: model {name} ({label}) at http://{shown}:{port}/v1 "
                       f"(max batch {args.max_batch}, context {args.max_seq_len}, API key {key}); Ctrl-C stops",
                       flush=True)
 
