@@ -249,6 +249,20 @@ def test_ocrbench_case_and_formula_spaces():
     assert res["groups"]["Scene Text-centric VQA"] == 1
 
 
+def test_exact_scorer_ignores_case_spaces_and_a_final_full_stop_only():
+    rows = [row(0, answer="circle", category="shape"), row(1, answer="yes", category="yes/no"),
+            row(2, answer="teal", category="color"), row(3, answer="no", category="yes/no")]
+    preds = [" Circle.", "yes, it is", "teal", FAILED_PREFIX + " timeout"]
+    res = score(get_benchmark("easy-vqa-open"), rows, preds)
+    assert res["overall"] == 50 and res["failed"] == 1
+    assert res["categories"] == {"color": 100, "shape": 100, "yes/no": 0}
+
+
+def test_open_suite_prompt_is_the_question_alone():
+    assert prompt_text(get_benchmark("easy-vqa-open"), row(question="what shape is present?")) == \
+        "what shape is present?"
+
+
 # ---- MM-IFEval ----
 
 def test_ifeval_rule_checked_constraints_are_partial():

@@ -216,8 +216,20 @@ def test_easy_vqa_multiple_choice_file_has_four_options_from_its_answer_list(eas
     assert Counter(r.answer for r in rows).keys() == {"A", "B", "C", "D"}
 
 
+def test_easy_vqa_open_file_is_every_test_question_as_the_package_asks_it(easy):
+    import easy_vqa
+
+    texts, answers, image_ids = easy_vqa.get_test_questions()
+    _, rows = easy["easy-vqa-open"]
+    assert [(r.question, r.answer, int(r.raw["image_id"])) for r in rows] == list(zip(texts, answers, image_ids))
+    kinds = {"yes": "yes/no", "no": "yes/no", "circle": "shape", "rectangle": "shape", "triangle": "shape"}
+    assert [r.category for r in rows] == [kinds.get(a, "color") for a in answers]
+    assert Counter(r.category for r in rows)["yes/no"] == 7136  # the package's README: 7,136 yes/no test questions
+
+
 def test_n_limits_the_easy_vqa_files_and_keeps_yes_no_balanced(tmp_path):
-    yes_no, mc = suites.make_suite("easy-vqa", tmp_path, seed=1, n=40)
+    open_, yes_no, mc = suites.make_suite("easy-vqa", tmp_path, seed=1, n=40)
+    assert len(read_rows(open_)) == 40
     assert Counter(r.answer for r in read_rows(yes_no)) == {"Yes": 20, "No": 20}
     assert len(read_rows(mc)) == 40
 

@@ -11,8 +11,9 @@ import os
 from dataclasses import dataclass
 
 # Scorer kinds: "mc" multiple choice (vanilla), "mmbench" multiple choice scored circularly, "pope" yes/no with F1,
-# "ocr" OCRBench substring matching, "ifeval" rule-checked instruction following.
-KINDS = ("mc", "mmbench", "pope", "ocr", "ifeval")
+# "ocr" OCRBench substring matching, "ifeval" rule-checked instruction following, "exact" open questions whose answer
+# is one word or phrase (the prediction, case and a final full stop aside, must equal it).
+KINDS = ("mc", "mmbench", "pope", "ocr", "ifeval", "exact")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ _ALL = [
     Benchmark("OCRBench", "ocr", md5="e953d98a987cc6e26ef717b61260b778"),
     Benchmark("MM-IFEval", "ifeval", suffix=False, md5="973bb839961a449565073a5ee70ae7a6"),
     # Offline suites (written by `lfm2vl eval make-suite`), scored by the rules of the benchmark they imitate.
+    Benchmark("easy-vqa-open", "exact", suffix=False, official=False),
     Benchmark("easy-vqa-yesno", "pope", official=False),
     Benchmark("easy-vqa-mc", "mc", official=False),
     Benchmark("synth-pope", "pope", official=False),

@@ -1,5 +1,7 @@
 """The easy-vqa suites (PyPI `easy-vqa`, MIT): its test split as rows in VLMEvalKit's TSV layout.
 
+- easy-vqa-open: every test question as easy-vqa asks it (lower case, no instruction suffix), answered with one word
+  (a shape, a colour, yes or no) and scored by exact match: the package's own task. Category: shape, color or yes/no.
 - easy-vqa-yesno: the yes/no questions, balanced (every "no" question and as many "yes" ones, drawn with the seed;
   with n, n // 2 of each), answers Yes / No (POPE rules). The category is the question's kind: "color" or "shape",
   with ",negated" for the negated questions ("is there not a ...", "is no ... present") - comma-joined, as POPE
@@ -43,7 +45,7 @@ def _test_split():
     return ev, list(zip(texts, answers, image_ids)), ev.get_test_image_paths()
 
 
-def _rows(items, paths, extra):
+def _rows(items, paths, extra, capitalize: bool = True):
     rows, first = [], {}
     for index, (text, answer, image_id) in enumerate(items):
         if image_id in first:
@@ -51,11 +53,24 @@ def _rows(items, paths, extra):
         else:
             first[image_id] = index
             image = base64.b64encode(Path(paths[image_id]).read_bytes()).decode("ascii")
-        row = {"index": index, "image": image, "question": _cap(text)}
+        row = {"index": index, "image": image, "question": _cap(text) if capitalize else text}
         row.update(extra(text, answer))
         row["image_id"] = image_id
         rows.append(row)
     return rows
+
+
+def open_questions(rng: random.Random, n: int | None) -> list[dict]:
+    _, items, paths = _test_split()
+    if n is not None and n < len(items):
+        keep = set(rng.sample(range(len(items)), n))
+        items = [it for i, it in enumerate(items) if i in keep]
+
+    def extra(text, answer):
+        kind = "yes/no" if answer in ("yes", "no") else "shape" if answer in SHAPE_WORDS else "color"
+        return {"answer": answer, "category": kind}
+
+    return _rows(items, paths, extra, capitalize=False)
 
 
 def yesno(rng: random.Random, n: int | None) -> list[dict]:

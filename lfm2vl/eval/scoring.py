@@ -1,6 +1,6 @@
 """score(benchmark, rows, predictions) -> the scores dict for a benchmark's kind.
 
-Every result has "benchmark", "kind", "overall" (the published unit: percent accuracy; MMBench circular percent;
+Every result has "benchmark", "kind", "overall" (the published unit: percent accuracy (exact match for open questions); MMBench circular percent;
 POPE F1 x 100; OCRBench total of hits, out of 1000 on the full file; MM-IFEval percent of constraints met: the
 rule-checked ones, plus the rest with a judge model; marked partial while some go unchecked), "n" (rows scored),
 "failed" (rows whose prediction is missing or marks a failed row), and breakdowns "categories", "l2_categories",
@@ -95,6 +95,18 @@ def score_ocrbench(benchmark, rows, predictions) -> dict:
             "splits": _percent_by(rows, hits, "split")}
 
 
+def normalize_answer(text) -> str:
+    """An open answer as the exact scorer compares it: stripped, lower case, without a final full stop."""
+    return str(text).strip().lower().rstrip(".").strip()
+
+
+def score_exact(benchmark, rows, predictions) -> dict:
+    _check(benchmark, rows, predictions)
+    hits = [not score_mc.is_failed(p) and normalize_answer(p) == normalize_answer(r.answer)
+            for r, p in zip(rows, predictions)]
+    return _accuracy_result(benchmark, rows, hits, _failed(predictions))
+
+
 def score_rules(benchmark, rows, predictions, judge=None) -> dict:
     """MM-IFEval: the rule-checked constraints; with `judge` (judge.Judge) also every other constraint, asked of
     the judge model (a malformed verdict counts as unsatisfied and as a judge failure). Without a judge, or with
@@ -155,4 +167,6 @@ def score(benchmark: Benchmark, rows: list[Row], predictions: list, circular: bo
         return score_ocrbench(benchmark, rows, predictions)
     if benchmark.kind == "ifeval":
         return score_rules(benchmark, rows, predictions, judge)
+    if benchmark.kind == "exact":
+        return score_exact(benchmark, rows, predictions)
     raise ValueError(f"no scorer for kind {benchmark.kind!r}")

@@ -22,6 +22,7 @@ from pathlib import Path
 from . import easyvqa_suites, scene_suites
 
 SUITES = {  # name -> (builder(rng, n), default n)
+    "easy-vqa-open": (easyvqa_suites.open_questions, None),
     "easy-vqa-yesno": (easyvqa_suites.yesno, None),
     "easy-vqa-mc": (easyvqa_suites.multiple_choice, None),
     "synth-pope": (scene_suites.pope, 300),
@@ -30,7 +31,7 @@ SUITES = {  # name -> (builder(rng, n), default n)
     "synth-multi": (scene_suites.blink, 100),
     "synth-ifeval": (scene_suites.ifeval, 60),
 }
-GROUPS = {"easy-vqa": ["easy-vqa-yesno", "easy-vqa-mc"], "synth": [k for k in SUITES if k.startswith("synth-")],
+GROUPS = {"easy-vqa": ["easy-vqa-open", "easy-vqa-yesno", "easy-vqa-mc"], "synth": [k for k in SUITES if k.startswith("synth-")],
           "all": list(SUITES)}
 # VLMEvalKit's columns first, in its order; the suites' own columns (constraints, image_id, query, scene) after.
 COLUMNS = ("index", "image", "question", "hint", *"ABCD", "answer", "category", "l2-category", "split", "constraints",
