@@ -127,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stages", default=None, help="comma list of stage names to run (default: all)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N rows of each suite only")
     args = ap.parse_args(argv)
     out = Path(args.output)
     work = out / "work"
@@ -145,7 +146,41 @@ def main(argv=None) -> int:
         print(f"stage {name}: {time.perf_counter() - t:.0f} s, final loss "
               f"{summaries[name].get('train_loss')}", flush=True)
     (work / "summaries.json").write_text(json.dumps(summaries, indent=2, default=str))
+    write_info(work, args.seed, (time.perf_counter() - t0) / 60)
+    if not args.stages:
+        import default_model_card
+
+        default_model_card.finish(out, limit=args.eval_limit)
     return 0
+
+
+def write_info(work: Path, seed: int, minutes: float) -> dict:
+    """work/info.json: what the model card says about the architecture and the training."""
+    from safetensors.torch import load_file
+
+    n_params = sum(t.numel() for t in load_file(str(work / "base" / "model.safetensors")).values())
+    (d_text, layers, ff), (d_vis, n_vis, h_vis, ff_vis) = ARCH["text"], ARCH["vision"]
+    stages = "\n".join(f"{i + 1}. {name}: {describe_parts(parts)}; {epochs} epoch{'s' * (epochs > 1)}, peak lr {lr:g}"
+                       for i, (name, parts, epochs, lr) in enumerate(STAGES))
+    info = {"parameters": n_params, "seed": seed, "train_minutes": minutes, "stage_names": [s[0] for s in STAGES],
+            "text": f"hidden {d_text}, {len(layers)} layers ({layers.count(C)} gated short-convolution, "
+                    f"{layers.count(A)} GQA attention: 4 heads, 2 KV heads), SwiGLU MLP {ff}",
+            "vision": f"hidden {d_vis}, {n_vis} layers, {h_vis} heads, MLP {ff_vis}, 16x16 patches",
+            "projector": ARCH["projector"], "vocab": ARCH["vocab"],
+            "image_tokens": f"{IMAGE_KNOBS['min_image_tokens']}-{IMAGE_KNOBS['max_image_tokens']}",
+            "stages": stages}
+    (work / "info.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+PART_NAMES = {"text": "text-only rows", "single_captions": "captions of drawn single shapes",
+              "scene_captions": "scene captions (x questions asked of the suites' builders)",
+              "single": "drawn single shapes (10% captions)", "scenes": "scene questions",
+              "easyvqa": "easy-vqa training pictures (all their questions, and captions)"}
+
+
+def describe_parts(parts: dict) -> str:
+    return ", ".join(f"{v:,} {PART_NAMES[k]}" for k, v in parts.items())
 
 
 if __name__ == "__main__":
