@@ -24,7 +24,13 @@ from pathlib import Path
 EASY = ("easy-vqa-open", "easy-vqa-yesno", "easy-vqa-mc")
 SYNTH = ("synth-pope", "synth-mc", "synth-ocr", "synth-multi", "synth-ifeval")
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-          "processor_config.json", "preprocessor_config.json", "generation_config.json")
+          "generation_config.json")
+# transformers' own Lfm2VlImageProcessor settings (the LFM2.5-VL checkpoints' layout: processor_config.json with an
+# "image_processor" object), with the image knobs of the run's config.
+IMAGE_PROCESSOR = {"image_processor_type": "Lfm2VlImageProcessor", "min_tiles": 2, "max_tiles": 10,
+                   "use_thumbnail": True, "encoder_patch_size": 16, "tile_size": 512, "max_pixels_tolerance": 2.0,
+                   "downsample_factor": 2, "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
+                   "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 REFERENCE_CNN = 87.6  # easy-vqa's own reference model (CNN + LSTM question encoder), per its README
 
 
@@ -39,6 +45,8 @@ def export(checkpoint: Path, out: Path) -> Path:
     sd = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(str(checkpoint / "model.safetensors")).items()}
     save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((checkpoint / "config.json").read_text())
+    config.pop("auto_map", None)  # the architecture is in transformers itself: no remote code is shipped
+    config["model_type"] = "lfm2_vl"
     config["torch_dtype"] = "bfloat16"
     for sub in ("text_config", "vision_config"):
         config[sub]["torch_dtype"] = "bfloat16"
@@ -46,6 +54,14 @@ def export(checkpoint: Path, out: Path) -> Path:
     for name in COPIED:
         if (checkpoint / name).is_file():
             shutil.copyfile(checkpoint / name, tmp / name)
+            if name.endswith(".json"):
+                d = json.loads((tmp / name).read_text())
+                if d.pop("auto_map", None) is not None:
+                    (tmp / name).write_text(json.dumps(d, indent=2) + "\n")
+    knobs = {k: config[k] for k in ("do_image_splitting", "min_image_tokens", "max_image_tokens")}
+    processor = {"image_processor": {**IMAGE_PROCESSOR, **knobs}, "processor_class": "Lfm2VlProcessor",
+                 "use_image_special_tokens": True}
+    (tmp / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

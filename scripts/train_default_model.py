@@ -60,7 +60,8 @@ def model_config() -> dict:
                             vocab_size=ARCH["vocab"], torch_dtype="float32", _name_or_path="lfm2vl-bundled")
     d["vision_config"].update(hidden_size=d_vis, intermediate_size=ff_vis, num_hidden_layers=n_vis,
                               num_attention_heads=h_vis, torch_dtype="float32")
-    d.update(projector_hidden_size=ARCH["projector"], torch_dtype="float32", **IMAGE_KNOBS)
+    d.pop("auto_map")  # transformers has the architecture built in (model_type lfm2_vl): no remote code
+    d.update(projector_hidden_size=ARCH["projector"], torch_dtype="float32", model_type="lfm2_vl", **IMAGE_KNOBS)
     return d
 
 
