@@ -5,7 +5,7 @@ plot its training, and write its model card.
 
 - export: the last stage's checkpoint as bfloat16 safetensors (config's torch_dtype too) with its tokenizer,
   processor, chat template and generation config files, written to a temporary folder and renamed into place.
-- evaluate: the easy-vqa suites (easy-vqa's test split: open questions scored by exact match, yes/no, multiple
+- run_evaluation: the easy-vqa suites (easy-vqa's test split: open questions scored by exact match, yes/no, multiple
   choice) and the synth suites (seed 0; the training data used other seeds), each with `lfm2vl eval` in a
   subprocess, greedy as VLMEvalKit decodes.
 - training.png: every stage's training loss (one curve, stages marked) and the scores as bars.
@@ -68,7 +68,7 @@ def export(checkpoint: Path, out: Path) -> Path:
     return out
 
 
-def evaluate(model: Path, work: Path, suites=EASY + SYNTH, limit: int | None = None) -> dict[str, dict]:
+def run_evaluation(model: Path, work: Path, suites=EASY + SYNTH, limit: int | None = None) -> dict[str, dict]:
     """{suite: scores dict} from `lfm2vl eval` on each suite (files made once under work/suites)."""
     data, preds = work / "suites", work / "eval"
     preds.mkdir(parents=True, exist_ok=True)
@@ -212,16 +212,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Export, evaluate and describe a finished training run.")
     ap.add_argument("run", help="the --output folder of scripts/train_default_model.py")
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N rows of each suite only")
+    ap.add_argument("--no-eval", action="store_true", help="export and describe the model without evaluating it")
     args = ap.parse_args(argv)
-    finish(Path(args.run), limit=args.limit)
+    finish(Path(args.run), limit=args.limit, evaluate=not args.no_eval)
     return 0
 
 
-def finish(run: Path, limit: int | None = None) -> dict:
+def finish(run: Path, limit: int | None = None, evaluate: bool = True) -> dict:
     work = run / "work"
     info = json.loads((work / "info.json").read_text())
     model = export(work / info["stage_names"][-1], run / "model")
-    scores = evaluate(model, work, limit=limit)
+    scores = run_evaluation(model, work, limit=limit) if evaluate else {}
     (work / "scores.json").write_text(json.dumps(scores, indent=2))
     plot(model / "training.png", losses(work, info["stage_names"]), scores)
     (model / "README.md").write_text(card(model, scores, info))

@@ -232,7 +232,7 @@ def scene_caption(scene: dict) -> str:
     if "text" in scene:
         return f'The text "{scene["text"]}".'
     objs = sorted(scene["objects"], key=lambda o: (o["y"] // scenes.CELL, o["x"]))
-    names = [f"a {scenes.describe(o)}" for o in objs]
+    names = [f"{'an' if o['color'][0] in 'aeiou' else 'a'} {scenes.describe(o)}" for o in objs]
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     if len(objs) == 1:
         return f"There is one shape: {listed}."

@@ -129,6 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default=None, help="comma list of stage names to run (default: all)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N rows of each suite only")
+    ap.add_argument("--no-eval", action="store_true", help="export and describe the model without evaluating it")
     args = ap.parse_args(argv)
     out = Path(args.output)
     work = out / "work"
@@ -145,13 +146,13 @@ def main(argv=None) -> int:
         summaries[name] = run_stage(model, data, work / name, epochs, lr, args.seed, not args.no_progress)
         model = work / name
         print(f"stage {name}: {time.perf_counter() - t:.0f} s, final loss "
-              f"{summaries[name].get('train_loss')}", flush=True)
+              f"{summaries[name].get('final_loss')}", flush=True)
     (work / "summaries.json").write_text(json.dumps(summaries, indent=2, default=str))
     write_info(work, args.seed, (time.perf_counter() - t0) / 60)
     if not args.stages:
         import default_model_card
 
-        default_model_card.finish(out, limit=args.eval_limit)
+        default_model_card.finish(out, limit=args.eval_limit, evaluate=not args.no_eval)
     return 0
 
 
