@@ -91,6 +91,14 @@ def test_full_sft_result_loads_in_transformers_and_lfm2vl(tiny_checkpoint, data,
     assert (got - old).abs().max().item() > 1e-3  # training changed the weights that were written
 
 
+def test_full_sft_from_a_previous_result_keeps_its_own_metrics(tiny_checkpoint, data, tmp_path):
+    """Stages chained (each run's base is the previous result): every result keeps its own metrics.jsonl."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for base, out, steps in ((tiny_checkpoint, first, 2), (first, second, 3)):
+        lfm2vl.finetune(**BASE, model=str(base), data=str(data[1]), output=str(out), full=True, max_steps=steps)
+    assert len(losses(second)) == 3 and len(losses(first)) == 2
+
+
 def test_training_reduces_the_loss_on_a_memorisation_task(tiny_checkpoint, data, tmp_path):
     """Two conversations, many steps: the loss falls far below where it started (a learning signal)."""
     s = lfm2vl.finetune(**BASE, model=str(tiny_checkpoint), data=str(data[1]), output=str(tmp_path / "m"),

@@ -15,8 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .report import METRICS, PLOT
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
-NOT_COPIED = ("model.safetensors.index.json",)
+# Not copied from the base folder: its weight index, and a previous run's metrics and loss curve when the base is
+# itself a training result (this run writes its own).
+NOT_COPIED = ("model.safetensors.index.json", METRICS, PLOT)
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
