@@ -1,7 +1,7 @@
 """Constrained decoding: a JSON schema, any JSON object, a regular expression, a choice among strings or a Lark
 grammar limits which tokens a row may sample, so its answer always follows the constraint.
 
-The grammar engine is llguidance (PyPI `llguidance`, the `structured` extra; imported when a constraint is used).
+The grammar engine is llguidance (PyPI `llguidance`, a dependency; imported only when a constraint is used).
 Measured against xgrammar with scripts/bench_grammar.py on a 65,536-token byte-level BPE vocabulary: both compute a
 token mask in microseconds per step (xgrammar's precomputed masks are a few microseconds faster, far below 1% of a
 450M decode step either way), but llguidance compiles a ten-field schema about 20x faster (no per-grammar mask
@@ -35,7 +35,7 @@ import torch
 
 CONSTRAINT_OPTIONS = ("json_schema", "json_object", "regex", "choices", "grammar")
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-INSTALL_HINT = "constrained decoding needs the llguidance package: pip install 'lfm2vl[structured]'"
+INSTALL_HINT = "constrained decoding needs the llguidance package: pip install llguidance"
 
 
 def _llguidance():
@@ -135,9 +135,10 @@ def grammar_for(kind: str, text: str) -> str:
 
 
 def _one_line(msg: str) -> str:
-    """llguidance's message without its source excerpt (the lines after the first)."""
-    first = msg.strip().splitlines()[0] if msg.strip() else msg
-    return re.sub(r"^at \d+\(\d+\): ", "", first)
+    """llguidance's message on one line, without the grammar excerpt and caret lines it quotes."""
+    lines = [ln.strip() for ln in msg.strip().splitlines()]
+    keep = [ln for ln in lines if ln and set(ln) != {"^"} and not re.match(r"\d+ \|", ln)]
+    return re.sub(r"^at \d+\(\d+\): ", "", " ".join(keep))
 
 
 _LLTOK: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
