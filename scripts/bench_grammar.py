@@ -5,7 +5,9 @@
 A byte-level BPE tokenizer of 65,536 tokens (LFM2-VL's control tokens at ids 0..500, as in lfm2vl/bench/data.py)
 is trained on generated English and JSON text; a JSON schema of ten fields (nested object, enum, array, number
 ranges, pattern, nullable) is compiled by each engine (first time and again, cached), then the token mask is
-computed at every step along a valid answer's tokens. Printed: a table and the same figures as JSON.
+computed at every step along a valid answer's tokens. The "lfm2vl row" line is what a constrained row costs in
+lfm2vl's loop (generate/constraints.py: mask, masking the logits, sampling, advancing). Printed: a table and the
+same figures as JSON.
 Timings are wall-clock on this machine and move with its load.
 """
 from __future__ import annotations
@@ -137,6 +139,41 @@ def bench_xgrammar(tok, answer_ids: list[int]) -> dict:
     return dict(tokenizer_s=tokenizer_s, compile_first_s=first, compile_cached_s=cached, steps=steps)
 
 
+def bench_lfm2vl(tok, answer_ids: list[int]) -> dict:
+    """What a constrained row adds per step in lfm2vl's loop: TokenMatcher's mask, masking a float32 row of 65,536
+    logits and sampling from it (temperature 0.7), and advancing; against the same sampling of a free row."""
+    import torch
+
+    from lfm2vl.generate.constraints import Constraint, TokenMatcher
+    from lfm2vl.generate.sampling import Sampler, SamplingParams
+
+    t = time.perf_counter()
+    TokenMatcher(Constraint.from_options(regex="a"), tok, VOCAB, (7,))  # builds the tokenizer's LLTokenizer once
+    tokenizer_s = time.perf_counter() - t
+    t = time.perf_counter()
+    c = Constraint.from_options(json_schema=SCHEMA)
+    m = TokenMatcher(c, tok, VOCAB, (7,))
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    c = Constraint.from_options(json_schema=SCHEMA)
+    m = TokenMatcher(c, tok, VOCAB, (7,))
+    cached = time.perf_counter() - t
+    logits = torch.randn(VOCAB)
+    params = SamplingParams(temperature=0.7, seed=0)
+    free, constrained = Sampler(params, VOCAB), Sampler(params, VOCAB, matcher=m)
+    steps, base = [], []
+    for tid in answer_ids:
+        t = time.perf_counter()
+        free(logits)
+        base.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        constrained(logits)
+        m.advance(tid)  # along the valid answer, whatever was drawn
+        steps.append(time.perf_counter() - t)
+    return dict(tokenizer_s=tokenizer_s, compile_first_s=first, compile_cached_s=cached, steps=steps,
+                free_sampling_median_ms=1e3 * statistics.median(base))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="also write the figures to this file")
@@ -148,7 +185,8 @@ def main():
     ids = tok.encode(text, add_special_tokens=False).ids + [7]
     print(f"answer: {len(ids) - 1} tokens + eos")
     rows = {}
-    for name, fn in (("llguidance", bench_llguidance), ("xgrammar", bench_xgrammar)):
+    for name, fn in (("llguidance", bench_llguidance), ("xgrammar", bench_xgrammar),
+                     ("lfm2vl row", bench_lfm2vl)):
         r = fn(tok, ids)
         st = r.pop("steps")
         rows[name] = {**r, "mask_median_ms": 1e3 * statistics.median(st), "mask_p90_ms": 1e3 * pct(st, 0.9),
@@ -159,6 +197,10 @@ def main():
         print(f"{name:<12}{1e3 * r['tokenizer_s']:>14.1f}{1e3 * r['compile_first_s']:>12.2f}"
               f"{1e3 * r['compile_cached_s']:>11.3f}{r['mask_median_ms']:>13.3f}{r['mask_p90_ms']:>13.3f}"
               f"{r['mask_max_ms']:>13.3f}")
+    print("lfm2vl row: its mask columns time a whole constrained step (TokenMatcher mask, masking, sampling a 65,536 "
+          "row; forced tokens skip sampling), compile = Constraint + "
+          f"TokenMatcher; a free row's sampling alone: "
+          f"{rows['lfm2vl row']['free_sampling_median_ms']:.3f} ms")
     print(json.dumps(rows, indent=2))
     if args.json:
         with open(args.json, "w") as f:
