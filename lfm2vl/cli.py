@@ -156,11 +156,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("structured output (at most one)")
     g = g.add_mutually_exclusive_group()
     g.add_argument("--json-schema", metavar="FILE", dest="json_schema", type=schema_file, default=None,
-                   help="the answer is JSON valid under the JSON schema in FILE")
+                   help="the answer is JSON valid under the JSON schema in FILE (default: free text)")
     g.add_argument("--regex", metavar="PATTERN", type=regex_type, default=None,
-                   help="the answer matches the regular expression")
+                   help="the answer matches the regular expression (default: none)")
     g.add_argument("--choice", metavar="TEXT", dest="choices", action="append", default=None,
-                   help="the answer is one of these strings, repeatable")
+                   help="the answer is one of these strings, repeatable (default: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
