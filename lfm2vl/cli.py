@@ -86,6 +86,32 @@ def sampling_type(name: str, parse):
 positive_int = _number(int, lambda v: None if v >= 1 else "expected an integer >= 1")
 
 
+def schema_file(path: str) -> str:
+    """--json-schema FILE: the schema's JSON text, checked (and compiled) while parsing."""
+    from .generate.constraints import Constraint
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        Constraint.from_options(json_schema=text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{path}: {e}") from None
+    return text
+
+
+def regex_type(value: str) -> str:
+    """--regex: a pattern the grammar engine accepts, checked while parsing."""
+    from .generate.constraints import Constraint
+
+    try:
+        Constraint.from_options(regex=value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     from .generate.sampling import SamplingParams as S
     from .resolve import ORDER_HELP
@@ -127,6 +153,14 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="sampling seed, -2**63 to 2**64-1 (default: a random one)")
     g.add_argument("--stop", metavar="TEXT", action="append", default=None,
                    help="stop string, repeatable (default: none)")
+    g = p.add_argument_group("structured output (at most one)")
+    g = g.add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="FILE", dest="json_schema", type=schema_file, default=None,
+                   help="the answer is JSON valid under the JSON schema in FILE (default: free text)")
+    g.add_argument("--regex", metavar="PATTERN", type=regex_type, default=None,
+                   help="the answer matches the regular expression (default: none)")
+    g.add_argument("--choice", metavar="TEXT", dest="choices", action="append", default=None,
+                   help="the answer is one of these strings, repeatable (default: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:

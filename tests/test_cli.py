@@ -331,3 +331,29 @@ def test_chat_image_is_checked_before_loading(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "load_engine", no_load)
     rc, _, err = run_main(capsys, "chat", "--image", tmp_path / "missing.png")
     assert rc == 1 and err == f"lfm2vl: error: image {str(tmp_path / 'missing.png')!r} does not exist\n"
+
+
+# ---- structured output flags --------------------------------------------------------------------------------------
+def test_constraint_flags_shape_the_answer(tiny_checkpoint, tmp_path, img):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    f = tmp_path / "schema.json"
+    f.write_text(json.dumps(schema))
+    common = ["--model", tiny_checkpoint, "--max-new-tokens", "60", "--temperature", "0", "--dtype", "float32"]
+    p = lfm2vl("describe", img, "--prompt", "n?", "--json-schema", f, *common)
+    assert p.returncode == 0, p.stderr
+    assert set(json.loads(p.stdout)) == {"n"}
+    p = lfm2vl("describe", img, "--prompt", "pick", "--choice", "left", "--choice", "right", *common)
+    assert p.returncode == 0 and p.stdout.strip() in ("left", "right"), p.stderr
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--regex", "a(b", "regex is invalid"),
+    ("--json-schema", "SCHEMA", "json_schema is invalid: Invalid type: strin"),
+    ("--json-schema", "MISSING", "cannot read"),
+])
+def test_bad_constraint_flag_is_a_usage_error(capsys, tmp_path, img, flag, value, says):
+    (tmp_path / "bad.json").write_text('{"type": "strin"}')
+    value = {"SCHEMA": tmp_path / "bad.json", "MISSING": tmp_path / "missing.json"}.get(value, value)
+    rc, _, err = run_main(capsys, "describe", img, "--model", tmp_path / "no-model", flag, value)
+    assert rc == 2 and f"argument {flag}: " in err and says in err, err

@@ -41,7 +41,7 @@ class Active:
     def emit(self, tok: torch.Tensor, t: int, logits: torch.Tensor, full: bool) -> Event:
         """Record the sampled token `tok` (`t` on the host) drawn from `logits`; full: the row has no room to feed
         it. Returns its Event, with a finish_reason when the request ends here (the caller adds the Result)."""
-        self.sampler.observe(tok)
+        self.sampler.observe(tok, t)
         p = self.req.params
         lp = top = None
         if p.logprobs or p.top_logprobs:
@@ -78,7 +78,18 @@ class Active:
             prompt_tokens=len(self.req.input_ids), completion_tokens=len(self.generated), cached_tokens=self.cached,
             logprobs=list(self.logprobs) if (p.logprobs or p.top_logprobs) else None,
             top_logprobs=list(self.top_logprobs) if p.top_logprobs else None,
-            ttft_s=self.t_first - self.t_add, prefill_s=self.prefill_s, decode_s=now - self.t_first)
+            ttft_s=self.t_first - self.t_add, prefill_s=self.prefill_s, decode_s=now - self.t_first,
+            parsed=self.parsed(reason))
+
+    def parsed(self, reason: str):
+        """The constrained answer as an object once its grammar completed it (constraints.Constraint.parse)."""
+        c, m = self.req.constraint, self.sampler.matcher
+        if c is None or m is None or reason != "stop" or not m.is_finished():
+            return None
+        try:
+            return c.parse("".join(self.text))
+        except ValueError:
+            return None
 
 
 def sample_rows(acts: list[Active], logits: torch.Tensor) -> list[tuple[torch.Tensor, int]]:

@@ -8,6 +8,7 @@ Every path (Engine.generate / stream / chat, batched generate, the server) drive
 - The model calls are steps.prefill and steps.decode_step; the rows (prefix reuse, conv snapshots, cache growth)
   are rows.RowCache's; a request's own state and per-token bookkeeping are active.Active's.
 - Each row samples with its own Sampler (composed once per request); rows that are plain greedy share one argmax.
+  A constrained row's Sampler masks its logits with the row's grammar (constraints.py); other rows pay nothing.
   One host sync per step (the new token ids), needed for detokenizing and stop checks.
 - A step cut short by an exception (Ctrl-C's KeyboardInterrupt, a failing forward) may leave a row's conv state
   ahead of its tokens: the requests it was running are dropped and their rows roll back to their last snapshot.
@@ -80,7 +81,13 @@ class BatchGenerator:
         check_images(req, self.image_token_id, self.factor)
         rid = self._next_rid
         self._next_rid += 1
-        sampler = Sampler(req.params, self.vocab_size, req.input_ids, self.device, req.eos_ids, req.min_new_tokens)
+        matcher = None
+        if req.constraint is not None:
+            from .constraints import TokenMatcher
+
+            matcher = TokenMatcher(req.constraint, self.tokenizer, self.vocab_size, req.eos_ids)
+        sampler = Sampler(req.params, self.vocab_size, req.input_ids, self.device, req.eos_ids, req.min_new_tokens,
+                          matcher)
         act = Active(rid, req, sampler, StreamDetokenizer(self.tokenizer), StopMatcher(req.stop),
                      t_add=time.perf_counter())
         self.pending.append(act)

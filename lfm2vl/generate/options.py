@@ -5,6 +5,7 @@ import dataclasses
 from typing import Any
 
 from ..processor.config import KNOBS
+from .constraints import CONSTRAINT_OPTIONS, Constraint
 from .sampling import SamplingParams
 
 SAMPLING_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingParams))
@@ -14,7 +15,9 @@ REQUEST_OPTIONS = ("max_new_tokens", "min_new_tokens", "stop")
 # in transformers; by default (False) they are plain text, so client text cannot forge turns or image slots.
 PROMPT_OPTIONS = ("continue_final_message", "parse_special")
 # Every option name a generate / stream / chat call takes.
-ENGINE_OPTIONS = SAMPLING_OPTIONS + REQUEST_OPTIONS + PROMPT_OPTIONS + KNOBS
+# What the answer must follow (constraints.py): json_schema (a dict, its JSON text or a pydantic class), json_object
+# (True), regex, choices (a list of strings), grammar (Lark / GBNF); at most one. They become Request.constraint.
+ENGINE_OPTIONS = SAMPLING_OPTIONS + REQUEST_OPTIONS + CONSTRAINT_OPTIONS + PROMPT_OPTIONS + KNOBS
 
 # Batching defaults shared by the engine, the server and the batch loop: rows decoded together, and prompt tokens
 # prefilled per step (so a long prompt does not stall the rows already answering).
@@ -24,14 +27,16 @@ PREFILL_CHUNK = 512
 
 def split_options(options: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
     """Engine options -> (SamplingParams fields, Request fields, processor knobs, prompt options); unknown names
-    are an error."""
-    sampling, request, knobs, prompt = {}, {}, {}, {}
+    are an error. The constraint options become the Request's `constraint`, compiled and checked here."""
+    sampling, request, knobs, prompt, constraint = {}, {}, {}, {}, {}
     for k, v in options.items():
         if k in SAMPLING_OPTIONS:
             if v is not None:
                 sampling[k] = v
         elif k in REQUEST_OPTIONS:
             request[k] = v
+        elif k in CONSTRAINT_OPTIONS:
+            constraint[k] = v
         elif k in KNOBS:
             knobs[k] = v
         elif k in PROMPT_OPTIONS:
@@ -40,6 +45,9 @@ def split_options(options: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
             prompt[k] = v
         else:
             raise ValueError(f"unknown option {k!r}; valid options: {', '.join(ENGINE_OPTIONS)}")
+    c = Constraint.from_options(**constraint)
+    if c is not None:
+        request["constraint"] = c
     if request.get("stop") is None:
         request.pop("stop", None)
     return sampling, request, knobs, prompt

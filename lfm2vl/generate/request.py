@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from .constraints import Constraint
 from .sampling import SamplingParams
 
 
@@ -22,6 +24,7 @@ class Request:
     min_new_tokens: int = 0  # eos is suppressed until this many tokens were generated (transformers semantics)
     stop: list[str] = field(default_factory=list)
     eos_ids: tuple[int, ...] = ()
+    constraint: Constraint | None = None  # the answer follows this grammar (constraints.py)
 
     def __post_init__(self):
         if isinstance(self.input_ids, torch.Tensor):
@@ -40,6 +43,8 @@ class Request:
         self.eos_ids = tuple(int(i) for i in self.eos_ids)
         if self.pixel_values is not None and (self.pixel_attention_mask is None or self.spatial_shapes is None):
             raise ValueError("pixel_values needs pixel_attention_mask and spatial_shapes as well")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise ValueError(f"constraint={self.constraint!r} is invalid; expected a Constraint")
 
 
 @dataclass
@@ -57,6 +62,10 @@ class Result:
     ttft_s: float = 0.0  # from add() to the first token
     prefill_s: float = 0.0  # image encoding + prompt prefill
     decode_s: float = 0.0  # from the first token to the last
+    # a constrained answer that its grammar completed, as an object: the pydantic instance of a json_schema given
+    # as a pydantic class, the JSON value of a json_schema / json_object, the text of a regex / choices / grammar;
+    # None when unconstrained or cut short (finish_reason "length" or a stop string)
+    parsed: Any = None
 
     @property
     def prefill_tps(self) -> float:

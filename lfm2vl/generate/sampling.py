@@ -3,7 +3,9 @@
 Semantics follow transformers 5.24 `generation/logits_process.py` and the order `generate` applies them in:
 repetition penalty (prompt + generated tokens, `RepetitionPenaltyLogitsProcessor`) -> temperature -> top_k ->
 top_p -> min_p. OpenAI's presence/frequency penalties (generated tokens only, as vLLM does) are applied with the
-repetition penalty, before temperature. Temperature 0 means greedy: argmax of the penalised logits, seed ignored.
+repetition penalty, before temperature. A constrained row's grammar mask (constraints.py) comes right after the
+penalties, so no later filter can bring back a token the grammar forbids; a token the grammar forces is taken
+without sampling. Temperature 0 means greedy: argmax of the penalised logits, seed ignored.
 Sampling draws with a per-request seeded `torch.Generator` through the exponential race
 (argmax(p / E), E ~ Exp(1)), which needs no host sync (gpt-fast's `multinomial_sample_one_no_sync`).
 All math runs in float32, like transformers' `generate`.
@@ -149,12 +151,16 @@ class Sampler:
     """The filters of one request, composed once, plus its state: penalty counts and a seeded generator.
 
     `__call__(logits (V,))` returns the next token as a 0-d long tensor on the logits' device (no sync);
-    `observe(token)` records a generated token for the penalties."""
+    `observe(token, token_id)` records a generated token for the penalties and the constraint.
+    matcher: the row's constraints.TokenMatcher (None: unconstrained, no cost)."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: torch.Tensor | list[int] | None = None,
-                 device: torch.device | str = "cpu", eos_ids: tuple[int, ...] = (), min_new_tokens: int = 0):
+                 device: torch.device | str = "cpu", eos_ids: tuple[int, ...] = (), min_new_tokens: int = 0,
+                 matcher=None):
         self.params = params
+        self.matcher = matcher
         device = torch.device(device)
+        self.device = device
         # transformers' MinNewTokensLengthLogitsProcessor: eos logits are -inf until min_new_tokens were generated
         self.n_generated, self.min_new_tokens = 0, min_new_tokens
         self.eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device) if min_new_tokens else None
@@ -173,6 +179,8 @@ class Sampler:
         if self.counts is not None:
             filters.append(lambda x: apply_presence_frequency(x, self.counts, params.presence_penalty,
                                                               params.frequency_penalty))
+        if matcher is not None:
+            filters.append(matcher.apply)
         self.generator = None
         if not params.greedy:
             if params.temperature != 1.0:
@@ -206,13 +214,20 @@ class Sampler:
         return x
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.matcher is not None:
+            forced = self.matcher.forced()  # also wins over min_new_tokens' eos suppression
+            if forced is not None:
+                return torch.tensor(forced, dtype=torch.long, device=logits.device)
         x = self.process(logits)
         if self.generator is None:
             return x.argmax(dim=-1)  # float32 already
         return sample_from_logits(x, self.generator)
 
-    def observe(self, token: torch.Tensor) -> None:
+    def observe(self, token: torch.Tensor, token_id: int | None = None) -> None:
+        """token: the sampled token on the device; token_id: the same on the host (needed by a constraint)."""
         self.n_generated += 1
+        if self.matcher is not None:
+            self.matcher.advance(int(token) if token_id is None else token_id)
         if self.seen is not None:
             self.seen[token] = True
         if self.counts is not None:
