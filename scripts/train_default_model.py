@@ -39,11 +39,11 @@ ARCH = dict(text=(256, [C, C, A, C, C, A], 1024), vision=(192, 4, 3, 768), proje
 IMAGE_KNOBS = {"do_image_splitting": False, "min_image_tokens": 16, "max_image_tokens": 64}
 # (name, data parts, epochs, learning rate). Data parts at --scale 1: counts of rows per source.
 STAGES = [
-    ("1-text-captions", dict(text=6000, single_captions=6000, scene_captions=1500), 1, 1e-3),
-    ("2a-joint", dict(text=3000, single=3000, scenes=600), 1, 1e-3),
-    ("2b-joint", dict(text=1500, single=4500, scenes=900), 1, 1e-3),
-    ("2c-joint", dict(text=600, single=5400, scenes=1200), 1, 7e-4),
-    ("3-sft", dict(text=500, easyvqa=4000, single=6000, scenes=1500), 2, 5e-4),
+    ("1-text-captions", dict(text=4000, single_captions=24000, scene_captions=1500), 1, 1e-4),
+    ("2a-joint", dict(text=2500, single=2500, scenes=500), 1, 8e-5),
+    ("2b-joint", dict(text=1250, single=3750, scenes=700), 1, 8e-5),
+    ("2c-joint", dict(text=500, single=4500, scenes=900), 1, 8e-5),
+    ("3-sft", dict(text=500, easyvqa=4000, single=6000, scenes=1500), 1, 6e-5),
 ]
 TURNS = 6  # questions per conversation about one picture
 BATCH = 16
@@ -117,7 +117,7 @@ def run_stage(model: Path, data: Path, out: Path, epochs: int, lr: float, seed: 
     import lfm2vl
 
     return lfm2vl.finetune(model=str(model), data=str(data), output=str(out), full=True, epochs=epochs, lr=lr,
-                           batch_size=BATCH, warmup=0.05, weight_decay=0.01, seed=seed, dtype="float32",
+                           batch_size=BATCH, warmup=0.05, weight_decay=0.01, seed=seed, dtype="auto",
                            gradient_checkpointing=False, overwrite=True, max_seq_len=1024, progress=progress)
 
 
