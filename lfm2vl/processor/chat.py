@@ -19,10 +19,12 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from . import tools as tool_format
+
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 # The message roles lfm2vl accepts (the engine's messages and the server's); "developer" (OpenAI's newer name for
-# the system prompt) is rendered as "system".
-ROLES = ("system", "developer", "user", "assistant")
+# the system prompt) is rendered as "system"; "tool" holds a tool's result (tools.py).
+ROLES = ("system", "developer", "user", "assistant", "tool")
 ROLE_ALIASES = {"developer": "system"}
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
@@ -154,6 +156,9 @@ def render(template: str, messages, special_tokens: Mapping[str, str], add_gener
     msgs, tools, documents = plain(msgs), plain(tools), plain(documents)
     if escape is not None:
         msgs, tools, documents = escape(msgs), escape(tools), escape(documents)
+    if tools or any(m.get("tool_calls") is not None or m.get("role") == "tool" for m in msgs):
+        # LFM2's tool format (tools.py), written after escaping so its markers are control tokens
+        msgs, tools = tool_format.prepare(template, msgs, tools, special_tokens)
     if not continue_final_message:
         return compile_template(template).render(
             messages=msgs, tools=tools, documents=documents,
