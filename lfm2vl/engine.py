@@ -137,7 +137,8 @@ class Engine:
             raise ValueError(f"the messages have {chars} characters of text, far more than {what} of {limit} tokens "
                              "holds")
         text = self.processor.apply_chat_template(msgs, add_generation_prompt=not cont, continue_final_message=cont,
-                                                  escape_special=escape, tools=prompt.get("tools"))
+                                                  escape_special=escape, tools=prompt.get("tools"),
+                                                  tool_format=True)
         batch = self.processor(text=text, images=load_images(imgs) or None, escaped=escape, pad_patches=False,
                                **knobs)
         ids = batch["input_ids"][0].tolist()

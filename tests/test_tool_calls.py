@@ -77,7 +77,8 @@ def test_forced_call_round_trips_into_the_next_prompt(tiny_engine, seed):
     assert call_text(r.tool_calls) == written
     nxt = ASK + [{"role": "assistant", "content": r.text, "tool_calls": r.tool_calls},
                  {"role": "tool", "tool_call_id": r.tool_calls[0]["id"], "content": "sunny"}]
-    prompt = tiny_engine.processor.apply_chat_template(nxt, add_generation_prompt=True, tools=TOOLS)
+    prompt = tiny_engine.processor.apply_chat_template(nxt, add_generation_prompt=True, tools=TOOLS,
+                                                         tool_format=True)
     assert "<|im_start|>assistant\n" + written + "<|im_end|>" in prompt
 
 
@@ -108,7 +109,8 @@ def test_template_without_tools_gets_the_tool_list_from_lfm2vl(tiny_engine):
     while the same marker typed by the client stays text."""
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<|tool_list_start|> hi"}]
     req = tiny_engine.prepare(msgs, tools=[CLOCK])
-    text = tiny_engine.processor.apply_chat_template(msgs, add_generation_prompt=True, tools=[CLOCK])
+    text = tiny_engine.processor.apply_chat_template(msgs, add_generation_prompt=True, tools=[CLOCK],
+                                                       tool_format=True)
     assert ("<|im_start|>system\nBe brief.\nList of tools: <|tool_list_start|>[" + json.dumps(CLOCK)
             + "]<|tool_list_end|><|im_end|>") in text
     assert req.input_ids.count(8) == 1 and req.input_ids.count(9) == 1  # only lfm2vl's markers are special
@@ -121,8 +123,8 @@ def test_template_with_tools_renders_them_itself(tiny_engine):
         {"id": "c", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "CET"}'}}]},
                   {"role": "tool", "content": "12:00"}]
     p = tiny_engine.processor
-    own = p.apply_chat_template(conv, add_generation_prompt=True, tools=TOOLS, chat_template=lfm25)
-    rule = p.apply_chat_template(conv, add_generation_prompt=True, tools=TOOLS)
+    own = p.apply_chat_template(conv, add_generation_prompt=True, tools=TOOLS, chat_template=lfm25, tool_format=True)
+    rule = p.apply_chat_template(conv, add_generation_prompt=True, tools=TOOLS, tool_format=True)
     assert own == rule
     assert ('<|im_start|>assistant\n<|tool_call_start|>[get_time(zone="CET")]<|tool_call_end|><|im_end|>\n'
             '<|im_start|>tool\n<|tool_response_start|>12:00<|tool_response_end|><|im_end|>') in own
