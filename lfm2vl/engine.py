@@ -13,7 +13,8 @@ generator, so a prompt that extends an earlier one (same images) reuses its cach
 as one continuous batch; each row's output equals running it alone.
 Messages follow the OpenAI / transformers format: content is a string or a list of parts {"type": "text"},
 {"type": "image", "image" | "url" | "path": ...} or {"type": "image_url", "image_url": {"url": ...}}; roles are
-system, developer (= system), user and assistant (processor/chat.py ROLES). processor/messages.py normalises them.
+system, developer (= system), user, assistant and tool (processor/chat.py ROLES); `tools=` / `tool_choice=` use
+LFM2's tool-call format (processor/tools.py, generate/toolcall.py). processor/messages.py normalises them.
 A conversation that ends in an assistant message is a closed turn: the prompt opens a new assistant turn after it,
 unless continue_final_message=True, which leaves that message open for the model to continue.
 """
@@ -137,7 +138,8 @@ class Engine:
             raise ValueError(f"the messages have {chars} characters of text, far more than {what} of {limit} tokens "
                              "holds")
         text = self.processor.apply_chat_template(msgs, add_generation_prompt=not cont, continue_final_message=cont,
-                                                  escape_special=escape)
+                                                  escape_special=escape, tools=prompt.get("tools"),
+                                                  tool_format=True)
         batch = self.processor(text=text, images=load_images(imgs) or None, escaped=escape, pad_patches=False,
                                **knobs)
         ids = batch["input_ids"][0].tolist()

@@ -192,7 +192,7 @@ def test_error_schema(served):
     assert err["param"] == "messages[0].content[0].text" and "surrogate" in err["message"]
     err = _error(_post(served, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "seed": 2**70}), 400)
     assert err["param"] == "seed"
-    err = _error(_post(served, {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}), 400)
+    err = _error(_post(served, {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}), 400)
     assert err["param"] == "messages[0].role"
 
 
@@ -318,8 +318,8 @@ def test_error_remote_images_disabled_and_local_paths(served):
 
 
 def test_error_unsupported_feature_and_route(served):
-    body = {**_user({"type": "text", "text": "x"}), "tools": [{"type": "function", "function": {"name": "f"}}]}
-    assert "tools" in _error(_post(served, body), 400)["message"]
+    body = {**_user({"type": "text", "text": "x"}), "logit_bias": {"1": 5}}
+    assert "logit_bias" in _error(_post(served, body), 400)["message"]
     _error(httpx.get(served.url + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"}), 404)
     _error(httpx.get(served.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}), 405)
 

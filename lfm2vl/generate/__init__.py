@@ -10,6 +10,8 @@
     active.py     one running request's state: sampling, detokenising, stops, its Result
     options.py    the engine's option names, split_options (-> sampling, request, processor and prompt
                   options) and the batching defaults MAX_BATCH, PREFILL_CHUNK
+    constraints.py  Constraint / TokenMatcher: JSON schema, regex, choices, Lark grammars (llguidance)
+    toolcall.py   tools / tool_choice -> prompt tools and a call grammar; the answer -> OpenAI tool_calls
     stream.py     Stream: the text pieces of one request as an iterator
     reference.py  cache-free greedy generator used as the fast path's oracle
     chat.py       Chat: a conversation that keeps its cache between turns

@@ -11,6 +11,7 @@ from .detok import StreamDetokenizer
 from .request import Event, Request, Result
 from .sampling import Sampler, greedy_token, token_logprobs
 from .stops import StopMatcher
+from .toolcall import split_answer
 
 
 @dataclass
@@ -73,13 +74,18 @@ class Active:
     def result(self, reason: str) -> Result:
         now = time.perf_counter()
         p = self.req.params
+        text, calls = "".join(self.text), None
+        if self.req.parse_tool_calls and reason == "stop":
+            found = split_answer(self.generated, self.detok.tokenizer, self.req.eos_ids)
+            if found is not None:
+                (text, calls), reason = found, "tool_calls"
         return Result(
-            text="".join(self.text), token_ids=list(self.generated), finish_reason=reason,
+            text=text, token_ids=list(self.generated), finish_reason=reason, tool_calls=calls,
             prompt_tokens=len(self.req.input_ids), completion_tokens=len(self.generated), cached_tokens=self.cached,
             logprobs=list(self.logprobs) if (p.logprobs or p.top_logprobs) else None,
             top_logprobs=list(self.top_logprobs) if p.top_logprobs else None,
             ttft_s=self.t_first - self.t_add, prefill_s=self.prefill_s, decode_s=now - self.t_first,
-            parsed=self.parsed(reason))
+            parsed=self.parsed(reason) if calls is None else None)
 
     def parsed(self, reason: str):
         """The constrained answer as an object once its grammar completed it (constraints.Constraint.parse)."""

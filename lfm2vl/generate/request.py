@@ -25,6 +25,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     eos_ids: tuple[int, ...] = ()
     constraint: Constraint | None = None  # the answer follows this grammar (constraints.py)
+    parse_tool_calls: bool = False  # a tool call in the answer becomes Result.tool_calls (toolcall.py)
 
     def __post_init__(self):
         if isinstance(self.input_ids, torch.Tensor):
@@ -53,7 +54,9 @@ class Result:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (eos or a stop string) or "length" (max_new_tokens or the context is full)
+    # "stop" (eos or a stop string), "length" (max_new_tokens or the context is full), or "tool_calls" (the answer
+    # is a tool call, parsed into tool_calls)
+    finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose cache was reused instead of prefilled
@@ -66,6 +69,9 @@ class Result:
     # as a pydantic class, the JSON value of a json_schema / json_object, the text of a regex / choices / grammar;
     # None when unconstrained or cut short (finish_reason "length" or a stop string)
     parsed: Any = None
+    # the tool calls of the answer in OpenAI's shape ([{"id", "type": "function", "function": {"name",
+    # "arguments": JSON text}}]) when tools were given and it called them; `text` is then the text around the call
+    tool_calls: list[dict] | None = None
 
     @property
     def prefill_tps(self) -> float:

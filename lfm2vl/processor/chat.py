@@ -19,10 +19,12 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from . import tools as lfm2_tools
+
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 # The message roles lfm2vl accepts (the engine's messages and the server's); "developer" (OpenAI's newer name for
-# the system prompt) is rendered as "system".
-ROLES = ("system", "developer", "user", "assistant")
+# the system prompt) is rendered as "system"; "tool" holds a tool's result (tools.py).
+ROLES = ("system", "developer", "user", "assistant", "tool")
 ROLE_ALIASES = {"developer": "system"}
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
@@ -137,10 +139,12 @@ def normalize_messages(messages) -> list[dict]:
 
 def render(template: str, messages, special_tokens: Mapping[str, str], add_generation_prompt: bool = False,
            tools=None, documents=None, continue_final_message: bool = False,
-           escape: Callable[[Any], Any] | None = None, **kwargs) -> str:
+           escape: Callable[[Any], Any] | None = None, tool_format: bool = False, **kwargs) -> str:
     """Render one conversation exactly as transformers' apply_chat_template(tokenize=False) does, including
     continue_final_message (the last message left open so generation continues it). `escape`, when given, is
-    applied to the messages, tools and documents (the client's data) before rendering (see escape.py)."""
+    applied to the messages, tools and documents (the client's data) before rendering (see escape.py).
+    tool_format=True (the engine's prompts) applies LFM2's tool format first (tools.py): assistant tool_calls as the
+    model's call text, and the tool list and tool-response markers where the template does not write them."""
     if template is None:
         raise ValueError("this checkpoint has no chat template (chat_template.jinja or tokenizer_config.json)")
     msgs = normalize_messages(messages)
@@ -154,6 +158,9 @@ def render(template: str, messages, special_tokens: Mapping[str, str], add_gener
     msgs, tools, documents = plain(msgs), plain(tools), plain(documents)
     if escape is not None:
         msgs, tools, documents = escape(msgs), escape(tools), escape(documents)
+    if tool_format and (tools or any(m.get("tool_calls") is not None or m.get("role") == "tool" for m in msgs)):
+        # LFM2's tool format (tools.py), written after escaping so its markers are control tokens
+        msgs, tools = lfm2_tools.prepare(template, msgs, tools, special_tokens)
     if not continue_final_message:
         return compile_template(template).render(
             messages=msgs, tools=tools, documents=documents,

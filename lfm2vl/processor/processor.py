@@ -214,21 +214,25 @@ class Processor:
     # ---- text side --------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False,
                             tools=None, documents=None, chat_template: str | None = None,
-                            continue_final_message: bool = False, escape_special: bool = False, **kwargs):
+                            continue_final_message: bool = False, escape_special: bool = False,
+                            tool_format: bool = False, **kwargs):
         """The rendered prompt (a string), as transformers renders it. A list of conversations gives a list.
         tokenize=True returns the processor output for the prompt and the conversation's images instead.
 
         escape_special=True keeps special-token strings (<|im_start|>, <image>, ...) inside the messages, tools and
         documents plain text: they are replaced by private-use placeholders (escape.py), so the rendered string is
         meant for `processor(text=..., escaped=True)`, which tokenizes them as ordinary text; only the template's
-        own markers and the image expansion become control tokens. Use it for untrusted (client) content."""
+        own markers and the image expansion become control tokens. Use it for untrusted (client) content.
+        tool_format=True applies LFM2's tool format (tools.py) as the engine does; by default the template alone
+        renders tools and tool calls, as in transformers."""
         knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in KNOBS}
         template = pick_template(chat_template or self.chat_template, tools)
         batched = isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], (list, tuple))
         convs = list(messages) if batched else [messages]
         escape = self.escaper.escape_data if escape_special else None
         texts = [chat.render(template, c, self.tokenizer.special_tokens, add_generation_prompt, tools, documents,
-                             continue_final_message, escape=escape, **kwargs) for c in convs]
+                             continue_final_message, escape=escape, tool_format=tool_format, **kwargs)
+                 for c in convs]
         if not tokenize:
             return texts if batched else texts[0]
         images = [collect_images(c) for c in convs]

@@ -5,7 +5,9 @@ own threads (so slow image servers never hold the threads that serve other reque
 prompt is prepared by the engine in a worker thread (so a bad request fails with a 400 before anything streams),
 then it is handed to the scheduler thread.
 Streaming answers are server-sent events: a role chunk, content chunks, a finish chunk, an optional usage chunk,
-then `data: [DONE]`. If the client goes away (stream or not), the generation is cancelled and its row freed.
+then `data: [DONE]`. With tools, the text from a `<|tool_call_start|>` token on is held back; when the answer ends
+it goes out as tool-call deltas (one chunk per call, OpenAI's shape) with finish_reason "tool_calls", or as content
+if it did not parse as a call. If the client goes away (stream or not), the generation is cancelled and its row freed.
 A pure-ASGI guard in front checks the API key (401) and the body size (413) before the body is parsed.
 """
 from __future__ import annotations
@@ -104,7 +106,9 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServerSettings) -
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(engine, scheduler, ticket, cid, created, body.model, include_usage),
+            hold_from = _call_start(engine) if body.tools and body.tool_choice != "none" else None
+            return StreamingResponse(_sse(engine, scheduler, ticket, cid, created, body.model, include_usage,
+                                          hold_from),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _collect(engine, scheduler, ticket, request, cid, created, body.model)
@@ -135,6 +139,13 @@ def _prepare(engine: Engine, body: ChatCompletionRequest, settings: ServerSettin
     if opts["max_new_tokens"] > room:  # the server default does not fit: shrink it to the room left
         req = dataclasses.replace(req, max_new_tokens=room)
     return req
+
+
+def _call_start(engine: Engine) -> int | None:
+    """The id of the token that opens a tool call (None: the tokenizer has none)."""
+    from lfm2vl.processor.tools import TOOL_CALL
+
+    return engine.tokenizer.token_to_id(TOOL_CALL[0])
 
 
 def _token_text(engine: Engine):
@@ -181,8 +192,12 @@ async def _collect(engine: Engine, scheduler: Scheduler, ticket: Ticket, request
             if item.logprob is not None:
                 logprobs.append(_logprob_entry(item, token_text))
             if item.finish_reason is not None:
+                result = item.result
+                if result.tool_calls:
+                    return translate.completion(cid, created, model, result.text, "tool_calls", _usage(result),
+                                                logprobs or None, tool_calls=result.tool_calls)
                 return translate.completion(cid, created, model, "".join(pieces), item.finish_reason,
-                                            _usage(item.result), logprobs or None)
+                                            _usage(result), logprobs or None)
     finally:
         if getter is not None:
             getter.cancel()
@@ -193,8 +208,11 @@ def _sse_line(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
 
 
-async def _sse(engine: Engine, scheduler: Scheduler, ticket: Ticket, cid, created, model, include_usage):
+async def _sse(engine: Engine, scheduler: Scheduler, ticket: Ticket, cid, created, model, include_usage,
+               hold_from: int | None = None):
+    """hold_from: the token id from which text is held back as a possible tool call (None: never)."""
     pending_lp = []  # logprobs of tokens whose text is held back ride on the next chunk
+    held: list[str] | None = None  # text since a tool call opened
     token_text = _token_text(engine)
     try:
         yield _sse_line(translate.chunk(cid, created, model, {"role": "assistant", "content": ""},
@@ -208,12 +226,26 @@ async def _sse(engine: Engine, scheduler: Scheduler, ticket: Ticket, cid, create
                 return
             if item.logprob is not None:
                 pending_lp.append(_logprob_entry(item, token_text))
-            if item.text:
+            if hold_from is not None and item.token_id == hold_from and held is None:
+                held = []
+            if held is not None:
+                held.append(item.text)
+            elif item.text:
                 yield _sse_line(translate.chunk(cid, created, model, {"content": item.text},
                                                 with_usage_field=include_usage, logprobs=pending_lp or None))
                 pending_lp = []
             if item.finish_reason is not None:
-                yield _sse_line(translate.chunk(cid, created, model, {}, item.finish_reason,
+                reason, calls = item.finish_reason, item.result.tool_calls
+                if calls:
+                    reason = "tool_calls"
+                    for i, call in enumerate(calls):
+                        yield _sse_line(translate.chunk(cid, created, model, {"tool_calls": [{"index": i, **call}]},
+                                                        with_usage_field=include_usage))
+                elif held:  # not a call after all: the text goes out as it is
+                    yield _sse_line(translate.chunk(cid, created, model, {"content": "".join(held)},
+                                                    with_usage_field=include_usage, logprobs=pending_lp or None))
+                    pending_lp = []
+                yield _sse_line(translate.chunk(cid, created, model, {}, reason,
                                                 with_usage_field=include_usage, logprobs=pending_lp or None))
                 if include_usage:
                     yield _sse_line(translate.chunk(cid, created, model, None, use=_usage(item.result)))

@@ -1,9 +1,10 @@
 """Pydantic models of the OpenAI chat-completions API subset lfm2vl serves.
 
-Requests are validated here (types, ranges, n == 1, at most 4 stop strings); anything that fails becomes a 400 in
-OpenAI's error shape (errors.py). Unknown top-level fields that OpenAI clients commonly send (`user`, `metadata`,
-`store`, ...) are accepted and ignored; features lfm2vl does not have (tools, audio, n > 1, logit_bias) are refused
-clearly rather than silently ignored. Extras beyond OpenAI's fields use vLLM's names. Responses are plain dicts built in translate.py; their models live here only
+Requests are validated here (types, ranges, n == 1, at most 4 stop strings, the shape of response_format and
+tools); anything that fails becomes a 400 in OpenAI's error shape (errors.py). Unknown top-level fields that OpenAI
+clients commonly send (`user`, `metadata`, `store`, ...) are accepted and ignored; features lfm2vl does not have
+(audio, n > 1, logit_bias) are refused clearly rather than silently ignored. Extras beyond OpenAI's fields use
+vLLM's names (guided_json, guided_regex, guided_choice, guided_grammar, ...). Responses are plain dicts built in translate.py; their models live here only
 for the OpenAPI schema.
 """
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lfm2vl.processor.tools import check_tools
 
 
 class _Strict(BaseModel):
@@ -51,10 +54,25 @@ class ImagePart(_Strict):
 Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1)
+    arguments: str = "{}"  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")  # `name` and friends are accepted and ignored
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[Part] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # the call a tool message answers
 
     @field_validator("content")
     @classmethod
@@ -65,6 +83,8 @@ class Message(BaseModel):
     def _content(self):
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls are only allowed in assistant messages, not in {self.role} messages")
         if self.role != "user" and isinstance(self.content, list):
             if any(p.type != "text" for p in self.content):
                 raise ValueError(f"image_url parts are only allowed in user messages, not in {self.role} messages")
@@ -100,10 +120,16 @@ class ChatCompletionRequest(BaseModel):
     min_image_tokens: int | None = Field(default=None, ge=1)
     max_image_tokens: int | None = Field(default=None, ge=1)
     do_image_splitting: bool | None = None
-    # OpenAI features lfm2vl does not offer: accepted only when empty so that clients sending defaults still work
+    # tools (LFM2's tool-call format, processor/tools.py) and structured output (generate/constraints.py)
     tools: list | None = None
     tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict | None = None
+    guided_json: dict | str | None = None  # extras, vLLM's names: constrain the answer like response_format does
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # OpenAI features lfm2vl does not offer: accepted only when empty so that clients sending defaults still work
     logit_bias: dict | None = None
     modalities: list[str] | None = None
     audio: dict | None = None
@@ -129,14 +155,34 @@ class ChatCompletionRequest(BaseModel):
         return v
 
 
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v):
+        if v is not None:
+            check_tools(v)  # ValueError naming tools[i]...
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v):
+        if v is None:
+            return v
+        kind = v.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"type={kind!r} is invalid; expected 'text', 'json_object' or 'json_schema'")
+        if kind == "json_schema":
+            spec = v.get("json_schema")
+            if not isinstance(spec, dict):
+                raise ValueError("type 'json_schema' needs json_schema: {'name': ..., 'schema': {...}}")
+            if not isinstance(spec.get("schema", {}), dict):
+                raise ValueError("json_schema.schema must be a JSON schema object")
+        return v
+
     @model_validator(mode="after")
     def _unsupported(self):
-        for name in ("tools", "tool_choice", "logit_bias", "audio"):
-            value = getattr(self, name)
-            if value and value != "none":
+        for name in ("logit_bias", "audio"):
+            if getattr(self, name):
                 raise ValueError(f"{name} is not supported by lfm2vl")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format other than {'type': 'text'} is not supported by lfm2vl")
         if self.modalities and set(self.modalities) != {"text"}:
             raise ValueError("only the 'text' output modality is supported")
         if self.top_logprobs and not self.logprobs:
@@ -154,13 +200,14 @@ class Usage(BaseModel):
 
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class Choice(BaseModel):
     index: int
     message: ResponseMessage
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
     logprobs: dict | None = None
 
 

@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+from lfm2vl.generate.constraints import Constraint
+from lfm2vl.generate.toolcall import tool_options
 from lfm2vl.processor.chat import check_role
 
 from .errors import APIError
@@ -58,11 +60,16 @@ def to_engine(body: ChatCompletionRequest, policy: MediaPolicy, max_images: int,
     messages = []
     for i, msg in enumerate(body.messages):
         role = check_role(msg.role, f"messages[{i}]")  # developer -> system
+        extra = {}
+        if msg.tool_calls:  # written back as the model's call text by the chat template render
+            extra["tool_calls"] = [c.model_dump() for c in msg.tool_calls]
+        if msg.tool_call_id is not None:
+            extra["tool_call_id"] = msg.tool_call_id
         if msg.content is None or isinstance(msg.content, str):
-            messages.append({"role": role, "content": msg.content or ""})
+            messages.append({"role": role, "content": msg.content or "", **extra})
             continue
         if role != "user":  # text parts only (checked by the schema): the engine's templates expect a string
-            messages.append({"role": role, "content": "".join(p.text for p in msg.content)})
+            messages.append({"role": role, "content": "".join(p.text for p in msg.content), **extra})
             continue
         parts = []
         for j, part in enumerate(msg.content):
@@ -91,7 +98,56 @@ def options(body: ChatCompletionRequest) -> dict:
             opts["top_logprobs"] = body.top_logprobs
     if body.min_tokens:
         opts["min_new_tokens"] = body.min_tokens
+    opts.update(structured(body))
     return opts
+
+
+def structured(body: ChatCompletionRequest) -> dict:
+    """The engine options of response_format, the guided_* extras and the tools, checked here so that a bad one is
+    a 400 naming its field (the engine compiles each grammar once: these checks fill its cache)."""
+    given = {}  # field -> (engine option, value)
+    rf = body.response_format or {}
+    if rf.get("type") == "json_schema":
+        given["response_format.json_schema.schema"] = ("json_schema", rf["json_schema"].get("schema", {}))
+    elif rf.get("type") == "json_object":
+        given["response_format"] = ("json_object", True)
+    for name, option in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choices"),
+                         ("guided_grammar", "grammar")):
+        if getattr(body, name) is not None:
+            given[name] = (option, getattr(body, name))
+    if len(given) > 1:
+        raise APIError(400, f"{' and '.join(given)} each constrain the answer; give one of them.",
+                       param=list(given)[1], code="invalid_value")
+    opts = {option: value for option, value in given.values()}
+    for where, (option, value) in given.items():
+        try:
+            Constraint.from_options(**{option: value})
+        except ValueError as e:
+            raise APIError(400, f"{where} is invalid: {_detail(str(e), option)}", param=where,
+                           code="invalid_value") from None
+    tooling = {k: getattr(body, k) for k in ("tools", "tool_choice", "parallel_tool_calls")
+               if getattr(body, k) is not None}
+    if tooling:
+        if body.tools is None and tooling.get("tool_choice") in ("none", None):
+            return opts  # clients that send tool_choice "none" without tools
+        try:
+            _, forced, _ = tool_options(**tooling)
+        except ValueError as e:
+            param = "tool_choice" if str(e).startswith("tool_choice") else "tools"
+            raise APIError(400, str(e), param=param, code="invalid_value") from None
+        if forced is not None and given:
+            raise APIError(400, f"tool_choice={body.tool_choice!r} forces a tool call, which excludes "
+                                f"{list(given)[0]}; give one of the two.", param="tool_choice", code="invalid_value")
+        opts.update(tooling)
+    return opts
+
+
+def _detail(message: str, option: str) -> str:
+    """The engine's reason without its own option name ("json_schema is invalid: X" -> "X")."""
+    for lead in (f"{option} is invalid: ", f"{option}="):
+        if message.startswith(lead) and lead.endswith(": "):
+            return message[len(lead):]
+    return message
 
 
 def requested_max_tokens(body: ChatCompletionRequest) -> int | None:
@@ -120,9 +176,12 @@ def logprobs_block(entries: list[dict] | None) -> dict | None:
 
 
 def completion(cid: str, created: int, model: str, text: str, finish_reason: str, use: dict,
-               logprobs: list[dict] | None = None) -> dict:
+               logprobs: list[dict] | None = None, tool_calls: list[dict] | None = None) -> dict:
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message = {"role": "assistant", "content": text or None, "tool_calls": tool_calls}
     return {"id": cid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+            "choices": [{"index": 0, "message": message,
                          "logprobs": logprobs_block(logprobs), "finish_reason": finish_reason}],
             "usage": use, "system_fingerprint": None}
 
