@@ -182,7 +182,7 @@ def write_info(work: Path, seed: int, minutes: float) -> dict:
 
 
 PART_NAMES = {"text": "text-only rows", "single_captions": "captions of drawn single shapes",
-              "scene_captions": "scene captions (x questions asked of the suites' builders)",
+              "scene_captions": "scene captions (of the scenes behind that many suite questions)",
               "single": "drawn single shapes (10% captions)", "scenes": "scene questions",
               "easyvqa": "easy-vqa training pictures (all their questions, and captions)"}
 
