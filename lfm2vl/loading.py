@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from .config import Lfm2VlConfig
 from .model.lfm2vl import Lfm2VlModel
-from .resolve import HUB_PATTERNS
+from .resolve import HUB_PATTERNS, LoadError  # noqa: F401  (LoadError is raised here and imported from here)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 # Llava-style prefixes of transformers < 4.52 (checkpoint key prefix -> ours)
@@ -32,10 +32,6 @@ _LEGACY_PREFIXES = [("language_model.model.", "model.language_model."), ("langua
                     ("vision_tower.", "model.vision_tower."),
                     ("multi_modal_projector.", "model.multi_modal_projector.")]
 _EMBED = "model.language_model.embed_tokens.weight"
-
-
-class LoadError(ValueError):
-    """A checkpoint lfm2vl cannot load (what is wrong and how to fix it is in the message)."""
 
 
 def load_model(path_or_hub_id: str | os.PathLike, *, dtype=None, device=None, progress=None):

@@ -36,6 +36,11 @@ ORDER_HELP = (f"checkpoint folder, hub id, or '{BUNDLED_NAME}' (the bundled demo
               f"set, else {DEFAULT_HUB_MODEL} when it is cached or the hub is reachable, else the bundled demo model)")
 
 
+class LoadError(ValueError):
+    """A checkpoint lfm2vl cannot load (what is wrong and how to fix it is in the message). Defined here, beside
+    the rules that pick the model, so resolving needs no torch; loading.py raises it too."""
+
+
 class BundledModelWarning(UserWarning):
     """The default model is not available, so the bundled demo model answers (Python API; the CLIs print a line)."""
 
@@ -45,8 +50,6 @@ def bundled_model() -> Path:
     folder = BUNDLED
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         return folder
-    from .loading import LoadError
-
     raise LoadError(f"the bundled model is missing from this installation (no config.json and *.safetensors in "
                     f"{folder}); reinstall lfm2vl, or name a model: a checkpoint folder or a hub id like "
                     f"{DEFAULT_HUB_MODEL} (--model, model=, or ${ENV_VAR})")

@@ -160,7 +160,7 @@ def render(template: str, messages, special_tokens: Mapping[str, str], add_gener
         msgs, tools, documents = escape(msgs), escape(tools), escape(documents)
     if tool_format and (tools or any(m.get("tool_calls") is not None or m.get("role") == "tool" for m in msgs)):
         # LFM2's tool format (tools.py), written after escaping so its markers are control tokens
-        msgs, tools = lfm2_tools.prepare(template, msgs, tools, special_tokens)
+        msgs, tools = lfm2_tools.prepare(compile_template(template), msgs, tools, special_tokens)
     if not continue_final_message:
         return compile_template(template).render(
             messages=msgs, tools=tools, documents=documents,

@@ -184,18 +184,17 @@ def call_text(tool_calls, where: str = "tool_calls") -> str:
 
 
 # ---- the template's input ------------------------------------------------------------------------------------
-def _probe(template: str, special_tokens: Mapping[str, str], **kw) -> str:
-    from .chat import compile_template
-
+def _probe(template, special_tokens: Mapping[str, str], **kw) -> str:
     try:
-        return compile_template(template).render(add_generation_prompt=False, **{**special_tokens, **kw})
+        return template.render(add_generation_prompt=False, **{**special_tokens, **kw})
     except Exception:  # a template that refuses the probe does not do it
         return ""
 
 
 @lru_cache(maxsize=16)
-def _template_does(template: str, special: tuple) -> tuple[bool, bool]:
-    """(renders `tools`, wraps tool responses) for a template, found by rendering two probe conversations."""
+def _template_does(template, special: tuple) -> tuple[bool, bool]:
+    """(renders `tools`, wraps tool responses) for a compiled template, found by rendering two probe
+    conversations."""
     tok = dict(special)
     user = [{"role": "user", "content": "hi"}]
     lists = _PROBE in _probe(template, tok, messages=user, tools=[{"name": _PROBE}])
@@ -210,10 +209,11 @@ def tool_list_line(tools) -> str:
     return "List of tools: " + TOOL_LIST[0] + "[" + ", ".join(items) + "]" + TOOL_LIST[1]
 
 
-def prepare(template: str, messages: list[dict], tools, special_tokens: Mapping[str, str]):
+def prepare(template, messages: list[dict], tools, special_tokens: Mapping[str, str]):
     """(messages, tools) as the template should get them: assistant tool_calls become the model's call text after
     the content; tool responses are wrapped and the tool list goes into the system turn unless the template does
-    it. Messages are plain dicts (chat.normalize_messages), already escaped."""
+    it. `template` is the compiled Jinja template (chat.compile_template); messages are plain dicts
+    (chat.normalize_messages), already escaped."""
     lists, wraps = _template_does(template, tuple(sorted((k, v) for k, v in special_tokens.items()
                                                           if isinstance(v, str))))
     out = []
