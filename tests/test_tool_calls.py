@@ -146,3 +146,19 @@ def test_bad_tools_are_value_errors_naming_the_field(tiny_engine, options, words
     with pytest.raises(ValueError) as e:
         tiny_engine.generate(ASK, max_new_tokens=2, **options)
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_chat_keeps_tool_calls_and_answers_after_a_tool_result(tiny_engine):
+    """engine.chat: the call stays in the history (rendered back as the model's call text) and a tool result turn
+    leads to the next reply."""
+    chat = tiny_engine.chat(tools=[WEATHER], **OPTS)
+    first = chat.send("Weather in Paris?", tool_choice="required", parallel_tool_calls=False, seed=0)
+    check_calls(first, {"get_weather"})
+    assert chat.messages[-1]["tool_calls"] == first.tool_calls
+    second = chat.send_tool_result('{"temperature": 21}', tool_call_id=first.tool_calls[0]["id"], max_new_tokens=4)
+    assert second.completion_tokens >= 1
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "tool", "assistant"]
+    prompt = tiny_engine.tokenizer.decode(list(tiny_engine.prepare(chat.messages[:3]).input_ids),
+                                          skip_special_tokens=False)
+    assert model_text(tiny_engine, first) in prompt and "<|tool_response_start|>" in prompt
+

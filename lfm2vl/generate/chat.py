@@ -8,6 +8,8 @@ to the end of the previous prompt (a conv-state snapshot), never to a wrong stat
 
 A reply cut short (Ctrl-C's KeyboardInterrupt, a stream closed early) is kept as far as it was streamed, with its
 user message, so the conversation holds what the user saw; a turn stopped before any reply text is dropped.
+With tools (options tools= / tool_choice=), a reply that calls them keeps its tool_calls in the conversation, and
+`send_tool_result` adds a tool's answer and generates the model's next reply.
 """
 from __future__ import annotations
 
@@ -41,14 +43,27 @@ class Chat:
             pass
         return stream.result
 
+    def send_tool_result(self, content: str, tool_call_id: str | None = None, **options) -> Result:
+        """Add a tool's result (a `tool` turn answering the last reply's call) and generate the next reply."""
+        stream = self._turn({"role": "tool", "content": content, **({"tool_call_id": tool_call_id}
+                                                                      if tool_call_id else {})}, options)
+        for _ in stream:
+            pass
+        return stream.result
+
     def stream(self, text: str, images=None, **options):
         """Like send, but an iterator of text pieces; the reply is appended when the iterator is exhausted, or as far
         as it got when the iterator stops early (nothing is appended if it stops before any text)."""
-        user = self._user_message(text, images)
+        return self._turn(self._user_message(text, images), options)
+
+    def _turn(self, user: dict, options: dict) -> Stream:
         req = self.engine.prepare(self.messages + [user], **{**self.options, **options})
 
         def done(result: Result) -> None:
-            self.messages += [user, {"role": "assistant", "content": result.text}]
+            reply = {"role": "assistant", "content": result.text}
+            if result.tool_calls:
+                reply["tool_calls"] = result.tool_calls
+            self.messages += [user, reply]
             self.last = result
 
         def stopped(partial: str) -> None:
