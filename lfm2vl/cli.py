@@ -101,6 +101,32 @@ def schema_file(path: str) -> str:
     return text
 
 
+def tools_file(path: str) -> list:
+    """--tools FILE: a JSON list of tools (OpenAI's function-tool shape), checked while parsing."""
+    from .processor.tools import check_tools
+
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{path} is not JSON: {e}") from None
+    try:
+        check_tools(tools)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{path}: {e}") from None
+    return tools
+
+
+def tool_choice_type(value: str):
+    """--tool-choice: auto, none, required, or a function's name (that function is called)."""
+    if value in ("auto", "none", "required"):
+        return value
+    if not value.isidentifier():
+        raise argparse.ArgumentTypeError(f"{value!r} is invalid; expected auto, none, required or a function name")
+    return {"type": "function", "function": {"name": value}}
+
+
 def regex_type(value: str) -> str:
     """--regex: a pattern the grammar engine accepts, checked while parsing."""
     from .generate.constraints import Constraint
@@ -161,6 +187,13 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="the answer matches the regular expression (default: none)")
     g.add_argument("--choice", metavar="TEXT", dest="choices", action="append", default=None,
                    help="the answer is one of these strings, repeatable (default: none)")
+    g = p.add_argument_group("tools (LFM2's tool-call format)")
+    g.add_argument("--tools", metavar="FILE", type=tools_file, default=None,
+                   help="a JSON list of function tools the model may call (default: none)")
+    g.add_argument("--tool-choice", metavar="CHOICE", dest="tool_choice", type=tool_choice_type, default=None,
+                   help="auto, none, required, or a function name to call (default: auto when --tools is given)")
+    g.add_argument("--no-parallel-tool-calls", dest="parallel_tool_calls", action="store_const", const=False,
+                   default=None, help="at most one call per reply (default: several may follow each other)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -388,8 +421,8 @@ def result_dict(r) -> dict:
             "decode_tps": round(r.decode_tps, 3)}
 
 
-CHAT_HELP = ("Commands: /image PATH (attach to your next message), /reset, /quit. Ctrl-C stops an answer; "
-             "Ctrl-C or Ctrl-D at the prompt ends the chat.")
+CHAT_HELP = ("Commands: /image PATH (attach to your next message), /tool RESULT (answer the model's tool call), "
+             "/reset, /quit. Ctrl-C stops an answer; Ctrl-C or Ctrl-D at the prompt ends the chat.")
 
 
 def enable_line_editing() -> None:
@@ -398,6 +431,13 @@ def enable_line_editing() -> None:
         import readline  # noqa: F401  (importing it is what makes input() use it)
     except ImportError:
         pass
+
+
+def report_tool_calls(result) -> None:
+    """After a reply that called tools: each call on stderr, and how to answer it."""
+    for call in (result.tool_calls or []) if result is not None else []:
+        fn = call["function"]
+        print(f"(tool call {call['id']}: {fn['name']} {fn['arguments']}; answer with /tool RESULT)", file=sys.stderr)
 
 
 def cmd_chat(args) -> int:
@@ -438,12 +478,26 @@ def cmd_chat(args) -> int:
                 pending.append(path)
                 print(f"(attached {path})", file=sys.stderr)
             continue
+        if line.startswith("/tool"):
+            calls = chat.last.tool_calls if chat.last is not None else None
+            if not calls or not line[len("/tool"):].strip():
+                print("(usage: /tool RESULT, after the model called a tool)", file=sys.stderr)
+                continue
+            try:
+                reply = chat.send_tool_result(line[len("/tool"):].strip(), tool_call_id=calls[-1]["id"])
+            except ValueError as e:
+                print(f"(error: {flag_wording(str(e))})", file=sys.stderr)
+                continue
+            print(reply.text, flush=True)
+            report_tool_calls(chat.last)
+            continue
         if line.startswith("/"):
             print(f"(unknown command {line.split()[0]}; {CHAT_HELP})", file=sys.stderr)
             continue
         turns = len(chat.messages)
         try:
             stream_to(sys.stdout, chat.stream(line, images=pending or None))
+            report_tool_calls(chat.last)
         except ValueError as e:  # e.g. an unreadable image: report it and keep the conversation going
             print(f"(error: {flag_wording(str(e))})", file=sys.stderr)
         except KeyboardInterrupt:  # Ctrl-C while answering: stop this answer, back to the prompt

@@ -279,6 +279,7 @@ class FakeChat:
 
     def __init__(self):
         self.messages, self.sent = [], []
+        self.last = None  # the last finished reply (Chat.last): none here, so no tool calls to report
 
     def stream(self, text, images=None):
         self.sent.append(text)
@@ -357,3 +358,28 @@ def test_bad_constraint_flag_is_a_usage_error(capsys, tmp_path, img, flag, value
     value = {"SCHEMA": tmp_path / "bad.json", "MISSING": tmp_path / "missing.json"}.get(value, value)
     rc, _, err = run_main(capsys, "describe", img, "--model", tmp_path / "no-model", flag, value)
     assert rc == 2 and f"argument {flag}: " in err and says in err, err
+
+
+# ---- tools -----------------------------------------------------------------------------------------------------------
+CLOCK = [{"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 8}}, "required": ["zone"],
+    "additionalProperties": False}}}]
+
+
+def test_chat_with_tools_reports_the_call_and_answers_a_tool_result(tiny_checkpoint, tmp_path):
+    f = tmp_path / "tools.json"
+    f.write_text(json.dumps(CLOCK))
+    p = lfm2vl("chat", "--model", tiny_checkpoint, "--tools", f, "--tool-choice", "get_time", "--no-parallel-tool-calls", "--max-new-tokens",
+               "60", "--temperature", "0", "--dtype", "float32", stdin="What time is it?\n/tool 12:00\n")
+    assert p.returncode == 0, p.stderr
+    calls = [ln for ln in p.stderr.splitlines() if ln.startswith("(tool call call_")]
+    assert calls and "get_time" in calls[0] and "/tool RESULT" in calls[0], p.stderr
+    assert "usage: /tool" not in p.stderr and "error" not in p.stderr
+
+
+def test_bad_tools_file_is_a_usage_error(capsys, tmp_path, img):
+    (tmp_path / "tools.json").write_text('[{"type": "function", "function": {"parameters": {}}}]')
+    rc, _, err = run_main(capsys, "describe", img, "--model", tmp_path / "no-model", "--tools",
+                          tmp_path / "tools.json")
+    assert rc == 2 and "argument --tools: " in err and "name" in err, err
+
