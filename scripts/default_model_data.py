@@ -18,6 +18,7 @@ tower runs once for all of them.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -243,18 +244,17 @@ SUITE_BUILDERS = {"synth-pope": scene_suites.pope, "synth-mc": scene_suites.mmbe
                   "synth-multi": scene_suites.blink}
 
 
-def suite_rows(store: ImageStore, name: str, seed: int, n: int, turns: int, captions: bool) -> list[dict]:
+def suite_rows(store: ImageStore, name: str, seed: int, n: int, turns: int, captions: bool,
+               questions: bool = True) -> list[dict]:
     """Rows of an offline suite's builder with a training seed, as conversations asked exactly as `lfm2vl eval`
     asks them (the answer: Yes / No, an option letter, or the text). A picture's questions are packed `turns` to a
-    conversation; with captions, each single picture also gets a caption row."""
+    conversation (questions=False leaves them out); with captions, each single picture also gets a caption row."""
     records = SUITE_BUILDERS[name](random.Random(f"train:{name}:{seed}"), n)
     benchmark = get_benchmark(name)
     rows_by_scene: dict[str, list] = {}
     scene_of: dict[str, dict] = {}
     for rec, row in zip(records, rows_from_records([{k: str(v) for k, v in r.items()} for r in records],
                                                    f"{name}.tsv")):
-        import base64
-
         paths = [store.add(base64.b64decode(b)) for b in row.images]
         key = "|".join(paths)
         scene_of[key] = json.loads(rec["scene"])
@@ -263,8 +263,9 @@ def suite_rows(store: ImageStore, name: str, seed: int, n: int, turns: int, capt
     out = []
     for key, qas in rows_by_scene.items():
         paths = key.split("|")
-        rng.shuffle(qas)
-        out += [conversation(paths, part) for part in chunks(qas, turns)]
+        rng.shuffle(qas)  # also without questions: the caption prompts drawn next stay the same
+        if questions:
+            out += [conversation(paths, part) for part in chunks(qas, turns)]
         if captions and len(paths) == 1:
             out.append(conversation(paths, [(rng.choice(CAPTION_PROMPTS), scene_caption(scene_of[key]))]))
     return out

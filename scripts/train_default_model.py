@@ -83,13 +83,10 @@ def stage_data(work: Path, name: str, parts: dict, seed: int, scale: float) -> P
         k = n.get("scene_captions", 0) or n["scenes"]
         captions_only = "scene_captions" in n
         for suite, share in (("synth-pope", 0.4), ("synth-mc", 0.3), ("synth-ocr", 0.2), ("synth-multi", 0.1)):
-            if captions_only and suite in ("synth-multi",):
-                continue
-            suite_rows = D.suite_rows(store, suite, seed, max(1, round(k * share)), TURNS, captions=True)
-            if captions_only:
-                suite_rows = [r for r in suite_rows if len(r["messages"]) == 2
-                              and r["messages"][0]["content"][-1]["text"] in D.CAPTION_PROMPTS]
-            rows += suite_rows
+            if captions_only and suite == "synth-multi":
+                continue  # multi-image rows have no captions
+            rows += D.suite_rows(store, suite, seed, max(1, round(k * share)), TURNS, captions=True,
+                                 questions=not captions_only)
     if "easyvqa" in n:
         rows += D.easyvqa_rows(store, rng, TURNS, captions=True, qa=True, limit=n["easyvqa"])
     return D.write_jsonl(work / "data" / f"{name}.jsonl", rows, rng)

@@ -93,6 +93,30 @@ def test_transformers_gives_the_same_greedy_answers_on_50_test_questions(tmp_pat
     assert sum(a.strip() == truth for a, (_, _, truth) in zip(ours, cases)) >= 40  # real answers, not garbage
 
 
+def test_training_questions_follow_easy_vqa_answer_rules():
+    """The training data's easy-vqa-style questions are answered by the package's own rules: the template rules
+    reproduce every answer of its training split, and drawn questions agree with them."""
+    import random
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import default_model_data as D
+
+    by_image, _ = D.easyvqa_train()
+    checked = 0
+    for qas in by_image.values():
+        color = next((a for _, a in qas if a in D.EASY_COLORS), None)
+        shape = next((a for _, a in qas if a in D.EASY_SHAPES), None)
+        if color and shape:
+            assert all(D.easy_answer(q, color, shape) == a for q, a in qas)
+            checked += len(qas)
+    assert checked > 20000
+    rng = random.Random(0)
+    for _ in range(500):
+        color, shape = rng.choice(list(D.EASY_COLORS)), rng.choice(D.EASY_SHAPES)
+        q, a = D.easy_question(rng, color, shape)
+        assert D.easy_answer(q, color, shape) == a
+
+
 def test_training_script_runs_end_to_end_and_writes_a_loadable_model(tmp_path):
     import lfm2vl
 
