@@ -4,33 +4,18 @@ tool_choice (OpenAI's values): "auto" (the default with tools: free text; a call
 "none" (the answer is text, never parsed as a call), "required" (the grammar forces
 `<|tool_call_start|>[` one or more calls of the listed functions `]<|tool_call_end|>`), or
 {"type": "function", "function": {"name": N}} (the same, calls of N only).
-The forced forms are a Lark grammar for llguidance (constraints.py): each call is the function's name literal and
-its keyword arguments in the order of the schema's properties, required ones always present, optional ones
-maybe; each value follows its property's schema written as a Python literal: enum / const as alternatives; string
-(minLength / maxLength), integer, number, boolean, null, arrays (items, minItems / maxItems) and objects
-(properties, required) by type; anyOf / oneOf and type lists as alternatives. Other keywords (minimum, pattern,
-format, $ref, ...) are not enforced: such a value is any literal of its type, or any literal at all.
-Numbers are written so they read back unchanged (no exponent, at most 4 decimals), strings with the escapes
-json.dumps writes, so a forced call's text survives parse -> OpenAI -> render exactly (processor/tools.py).
+The forced forms are a grammar (callgrammar.py) whose calls are valid against their functions' schemas and whose
+text survives parse -> OpenAI -> render exactly (processor/tools.py).
 """
 from __future__ import annotations
 
-import json
-from typing import Any, Mapping
+from typing import Mapping
 
-from ..processor.tools import TOOL_CALL, check_tools, parse_calls, py_literal, to_openai
+from ..processor.tools import TOOL_CALL, check_tools, parse_calls, to_openai
+from .callgrammar import call_grammar
 from .constraints import Constraint
 
 TOOL_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls")
-
-_TERMINALS = r"""
-STRING: /"([^"\\\x00-\x1f]|\\["\\bfnrt])*"/
-INT: /0|-?[1-9][0-9]{0,14}/
-NUMBER: /0|-?[1-9][0-9]{0,14}|-?(0|[1-9][0-9]{0,8})\.[0-9]{0,3}[1-9]/
-any_value: STRING | NUMBER | "True" | "False" | "None" | any_list | any_dict
-any_list: "[" (any_value (", " any_value)*)? "]"
-any_dict: "{" (STRING ": " any_value (", " STRING ": " any_value)*)? "}"
-"""
 
 
 def check_tool_choice(tool_choice, fns: list[dict]) -> tuple[str, list[str]]:
@@ -58,126 +43,6 @@ def check_tool_choice(tool_choice, fns: list[dict]) -> tuple[str, list[str]]:
         raise ValueError(f"tool_choice names the function {name!r}, which is not among the tools "
                          f"({', '.join(known) or 'none given'})")
     return "forced", [name]
-
-
-class _Grammar:
-    """Builds the Lark rules of the forced call list; one rule per schema node."""
-
-    def __init__(self):
-        self.rules: list[str] = []
-        self.n = 0
-
-    def rule(self, body: str) -> str:
-        self.n += 1
-        name = f"r{self.n}"
-        self.rules.append(f"{name}: {body}")
-        return name
-
-    def value(self, schema: Any) -> str:
-        if not isinstance(schema, Mapping):
-            return "any_value"
-        if "const" in schema:
-            return self._alts([schema["const"]])
-        if isinstance(schema.get("enum"), list) and schema["enum"]:
-            return self._alts(schema["enum"])
-        for key in ("anyOf", "oneOf"):
-            if isinstance(schema.get(key), list) and schema[key]:
-                return self.rule(" | ".join(self.value(s) for s in schema[key]))
-        t = schema.get("type")
-        if isinstance(t, list) and t:
-            return self.rule(" | ".join(self.value({**schema, "type": x}) for x in t))
-        if t == "string":
-            lo, hi = schema.get("minLength"), schema.get("maxLength")
-            if isinstance(lo, int) or isinstance(hi, int):
-                lo = lo if isinstance(lo, int) and lo >= 0 else 0
-                hi = f"{hi}" if isinstance(hi, int) and hi >= lo else ""
-                return self.rule(f'/"([^"\\\\\\x00-\\x1f]|\\\\["\\\\bfnrt]){{{lo},{hi}}}"/')
-            return "STRING"
-        if t == "integer":
-            return "INT"
-        if t == "number":
-            return "NUMBER"
-        if t == "boolean":
-            return self.rule('"True" | "False"')
-        if t == "null":
-            return '"None"'
-        if t == "array":
-            item = self.value(schema.get("items"))
-            lo = schema.get("minItems") if isinstance(schema.get("minItems"), int) else 0
-            hi = schema.get("maxItems") if isinstance(schema.get("maxItems"), int) else None
-            return self.rule(self._repeat(item, lo, hi))
-        if t == "object" or "properties" in schema:
-            return self.rule('"{" ' + self.fields(schema, lambda k: json.dumps(json.dumps(k) + ": ")) + ' "}"')
-        return "any_value"
-
-    def _alts(self, values: list) -> str:
-        try:
-            texts = list(dict.fromkeys(py_literal(v) for v in values))
-        except ValueError:
-            return "any_value"
-        return self.rule(" | ".join(json.dumps(t) for t in texts))
-
-    @staticmethod
-    def _repeat(item: str, lo: int, hi: int | None) -> str:
-        """`[` lo..hi items `]` separated by ", "."""
-        if hi is not None and hi < lo:
-            hi = lo
-        if hi == 0:
-            return '"[" "]"'
-        rest = f'(", " {item})'
-        more = (f"{rest}~{max(lo - 1, 0)}..{hi - 1}" if hi is not None else
-                (f"{rest}~{lo - 1}" + f" {rest}*" if lo > 1 else f"{rest}*"))
-        body = f"{item} {more}"
-        return f'"[" {body} "]"' if lo >= 1 else f'"[" ({body})? "]"'
-
-    def fields(self, schema: Mapping, key_literal) -> str:
-        """Keyword arguments (or dict entries) of an object schema, in property order, separated by ", ": required
-        ones always, optional ones maybe. An object without properties takes none (arguments) or any (dicts)."""
-        props = schema.get("properties") or {}
-        required = set(schema.get("required") or [])
-        items = [(k, key_literal(k) + " " + self.value(v)) for k, v in props.items()]
-        if not items:
-            return "" if key_literal is _kwarg else '(STRING ": " any_value (", " STRING ": " any_value)*)?'
-        # first: the entries from one on, the first written without ", " before it; rest: each with ", " before
-        # it; None past the end (nothing). A rule whose entries are all optional may be empty.
-        first = rest = None
-        nullable = True  # every entry after this one is optional
-        for k, kv in reversed(items):
-            tail = f"{kv} {rest}" if rest else kv
-            if k in required:
-                rest, first = self.rule(f'", " {tail}'), self.rule(tail)
-                nullable = False
-            elif rest is None:
-                rest, first = self.rule(f'(", " {kv})?'), self.rule(f"({kv})?")
-            else:
-                opt = "?" if nullable else ""
-                rest, first = (self.rule(f'((", " {tail}) | {rest}){opt}'),
-                               self.rule(f"(({tail}) | {first}){opt}"))
-        return first
-
-
-def _kwarg(k: str) -> str:
-    return json.dumps(f"{k}=")
-
-
-def call_grammar(fns: list[dict], names: list[str], parallel: bool = True) -> str:
-    """The Lark grammar of `<|tool_call_start|>[` calls of `names` `]<|tool_call_end|>` (fns: check_tools); one
-    call only unless `parallel`."""
-    g = _Grammar()
-    by_name = {f["name"]: f for f in fns}
-    calls = []
-    for name in names:
-        params = by_name[name].get("parameters") or {}
-        bad = [k for k in (params.get("properties") or {}) if not k.isidentifier()]
-        if bad:
-            raise ValueError(f"the parameter {bad[0]!r} of the function {name!r} cannot be a keyword argument; "
-                             "LFM2's call format needs Python identifiers")
-        args = g.fields(params, _kwarg)
-        calls.append(g.rule(json.dumps(f"{name}(") + (f" {args}" if args else "") + ' ")"'))
-    call = g.rule(" | ".join(calls))
-    more = f' (", " {call})*' if parallel else ""
-    start = f'start: {TOOL_CALL[0]} "[" {call}{more} "]" {TOOL_CALL[1]}'
-    return "\n".join([start, *g.rules]) + _TERMINALS
 
 
 def tool_options(tools=None, tool_choice=None, parallel_tool_calls=None) -> tuple[list | None, Constraint | None, bool]:
