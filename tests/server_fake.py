@@ -39,8 +39,9 @@ class FakeEngine:
 
     tokenizer = _CharTokenizer()
 
-    def __init__(self, step_delay_s: float = 0.0):
+    def __init__(self, step_delay_s: float = 0.0, reply: str | None = None):
         self.step_delay_s = step_delay_s
+        self.reply = reply  # when set, every answer is this text (repeated up to max_tokens), one character a step
         self.generators: list[FakeBatchGenerator] = []
         self.prepared: list[dict] = []
 
@@ -133,7 +134,9 @@ class FakeBatchGenerator:
 
     def _decode(self, row: _Row) -> Event:
         pos = len(row.out)
-        if row.rng is not None:
+        if self.engine.reply:
+            ch = self.engine.reply[pos % len(self.engine.reply)]
+        elif row.rng is not None:
             ch = row.rng.choice(ALPHABET)
         else:
             key = bytes(str(row.req.input_ids), "ascii") + pos.to_bytes(4, "little")

@@ -72,6 +72,22 @@ def test_plain_answer_with_image_equals_engine(client, engine):
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == MODEL
 
 
+def test_usage_counts_image_tokens_and_timings_come_in_llamacpp_names(server, client, engine):
+    r = client.chat.completions.create(model=MODEL, messages=VISION_MSG, max_tokens=8, temperature=0)
+    ids = engine.prepare(VISION_MSG_ENGINE).input_ids
+    assert r.usage.prompt_tokens_details.image_tokens == ids.count(engine.model.config.image_token_id) > 0
+    t = r.model_extra["timings"]
+    assert t["prompt_n"] == r.usage.prompt_tokens - r.usage.prompt_tokens_details.cached_tokens
+    assert t["predicted_n"] == r.usage.completion_tokens == 8
+    assert t["ttft_ms"] > 0 and t["prompt_ms"] > 0 and t["predicted_ms"] > 0 and t["predicted_per_second"] > 0
+    body = {"model": MODEL, "messages": VISION_MSG, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as resp:
+        events = sse_events(resp.iter_lines())
+    final = [e for e in events[:-1] if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert len(final) == 1 and final[0]["timings"]["predicted_n"] == 4  # timings ride on the finish chunk
+
+
 def test_streamed_answer_with_image(server, client, engine):
     chunks = list(client.chat.completions.create(model=MODEL, messages=VISION_MSG, max_tokens=24, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))

@@ -25,6 +25,7 @@ class Active:
     embeds: torch.Tensor | None = None  # (1, T, D) prompt embeddings still to prefill
     offset: int = 0  # next index into `embeds`
     cached: int = 0  # reused prompt tokens
+    image_tokens: int = 0  # prompt tokens that carry image embeddings
     next_token: torch.Tensor | None = None  # sampled, not yet fed (0-d, on device)
     next_id: int = -1  # the same token on the host
     generated: list[int] = field(default_factory=list)
@@ -82,6 +83,7 @@ class Active:
         return Result(
             text=text, token_ids=list(self.generated), finish_reason=reason, tool_calls=calls,
             prompt_tokens=len(self.req.input_ids), completion_tokens=len(self.generated), cached_tokens=self.cached,
+            image_tokens=self.image_tokens,
             logprobs=list(self.logprobs) if (p.logprobs or p.top_logprobs) else None,
             top_logprobs=list(self.top_logprobs) if p.top_logprobs else None,
             ttft_s=self.t_first - self.t_add, prefill_s=self.prefill_s, decode_s=now - self.t_first,

@@ -89,7 +89,7 @@ class BatchGenerator:
         sampler = Sampler(req.params, self.vocab_size, req.input_ids, self.device, req.eos_ids, req.min_new_tokens,
                           matcher)
         act = Active(rid, req, sampler, StreamDetokenizer(self.tokenizer), StopMatcher(req.stop),
-                     t_add=time.perf_counter())
+                     t_add=time.perf_counter(), image_tokens=req.input_ids.count(self.image_token_id))
         self.pending.append(act)
         self.actives[rid] = act
         return rid

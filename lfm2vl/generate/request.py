@@ -60,6 +60,7 @@ class Result:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose cache was reused instead of prefilled
+    image_tokens: int = 0  # prompt tokens that carry image embeddings
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     ttft_s: float = 0.0  # from add() to the first token

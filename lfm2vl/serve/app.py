@@ -1,4 +1,5 @@
-"""FastAPI routes of the OpenAI-compatible server: /v1/chat/completions, /v1/models, /health.
+"""FastAPI routes of the OpenAI-compatible server: /v1/chat/completions, /v1/models, /health (and the chat page at /,
+page.py).
 
 A request is validated (schemas.py), its remote images (if the server allows them) are fetched on the media pool's
 own threads (so slow image servers never hold the threads that serve other requests), its images are decoded and the
@@ -31,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import translate
 from .errors import APIError, install_handlers
 from .media import FetchPool, MediaPolicy
+from .page import add_page
 from .scheduler import Scheduler, SchedulerError, Ticket
 from .schemas import ChatCompletion, ChatCompletionRequest
 
@@ -51,6 +53,8 @@ class ServerSettings:
     default_max_tokens: int = 1024       # when the client sets neither max_tokens nor max_completion_tokens
     context_len: int = 4096              # prompt + completion tokens per request (the cache row length)
     max_image_tokens: int = 256          # ceiling of the per-request image-token knobs: the checkpoint's own budget
+    min_image_tokens: int = 1            # the checkpoint's own floor (the page keeps min <= max)
+    ui: bool = True                      # the chat page at / (page.py)
     media: MediaPolicy = field(default_factory=MediaPolicy)
 
 
@@ -69,6 +73,9 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServerSettings) -
     app.add_middleware(_Guard, api_key=settings.api_key or None, max_body_bytes=settings.max_body_bytes,
                        after=scheduler.touch)
     created_at = int(time.time())
+
+    if settings.ui:
+        add_page(app, settings)
 
     @app.get("/health")
     async def health():
@@ -154,7 +161,12 @@ def _token_text(engine: Engine):
 
 def _usage(result: Result) -> dict:
     """Usage from the finished request's Result (with the prompt tokens whose cache was reused)."""
-    return translate.usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
+    return translate.usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens, result.image_tokens)
+
+
+def _timings(result: Result) -> dict:
+    return translate.timings(result.prompt_tokens - result.cached_tokens, result.prefill_s, result.ttft_s,
+                             result.completion_tokens, result.decode_s)
 
 
 def _logprob_entry(event: Event, token_text) -> dict:
@@ -195,9 +207,10 @@ async def _collect(engine: Engine, scheduler: Scheduler, ticket: Ticket, request
                 result = item.result
                 if result.tool_calls:
                     return translate.completion(cid, created, model, result.text, "tool_calls", _usage(result),
-                                                logprobs or None, tool_calls=result.tool_calls)
+                                                logprobs or None, tool_calls=result.tool_calls,
+                                                timing=_timings(result))
                 return translate.completion(cid, created, model, "".join(pieces), item.finish_reason,
-                                            _usage(result), logprobs or None)
+                                            _usage(result), logprobs or None, timing=_timings(result))
     finally:
         if getter is not None:
             getter.cancel()
@@ -245,8 +258,8 @@ async def _sse(engine: Engine, scheduler: Scheduler, ticket: Ticket, cid, create
                     yield _sse_line(translate.chunk(cid, created, model, {"content": "".join(held)},
                                                     with_usage_field=include_usage, logprobs=pending_lp or None))
                     pending_lp = []
-                yield _sse_line(translate.chunk(cid, created, model, {}, reason,
-                                                with_usage_field=include_usage, logprobs=pending_lp or None))
+                yield _sse_line(translate.chunk(cid, created, model, {}, reason, with_usage_field=include_usage,
+                                                logprobs=pending_lp or None, timing=_timings(item.result)))
                 if include_usage:
                     yield _sse_line(translate.chunk(cid, created, model, None, use=_usage(item.result)))
                 yield b"data: [DONE]\n\n"

@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds allowed for a request's remote images, all of DNS, connect, TLS, redirects and body")
     m.add_argument("--allowed-media-dir", default=None,
                    help="allow local image paths (and file:// URLs), only inside this folder")
+    p.add_argument("--no-ui", action="store_true", help="no chat page at / (the API only)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="server log detail")
     return p
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_images=args.max_images,
         default_max_tokens=args.max_tokens, context_len=args.max_seq_len,
         max_image_tokens=engine.processor.settings.image.max_image_tokens,
+        min_image_tokens=engine.processor.settings.image.min_image_tokens, ui=not args.no_ui,
         media=media_policy(args))
     app = create_app(engine, scheduler, settings)
 

@@ -154,12 +154,30 @@ def requested_max_tokens(body: ChatCompletionRequest) -> int | None:
     return body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None,
+          image_tokens: int | None = None) -> dict:
     out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
            "total_tokens": prompt_tokens + completion_tokens}
+    details = {}
     if cached_tokens is not None:  # prompt tokens whose cache was reused (OpenAI reports them the same way)
-        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+        details["cached_tokens"] = cached_tokens
+    if image_tokens is not None:  # prompt tokens that carry image embeddings
+        details["image_tokens"] = image_tokens
+    if details:
+        out["prompt_tokens_details"] = details
     return out
+
+
+def timings(prefilled: int, prefill_s: float, ttft_s: float, completion_tokens: int, decode_s: float) -> dict:
+    """How long the answer took, in llama.cpp's server field names (its web page and clients read them): the prompt
+    tokens prefilled (cached ones not counted) and their time, the completion tokens and the decode time (first
+    token to last, so its rate counts the tokens after the first), and the time to the first token."""
+    def rate(n, s):
+        return round(n / s, 2) if s > 0 else 0.0
+
+    return {"prompt_n": prefilled, "prompt_ms": round(prefill_s * 1e3, 2),
+            "prompt_per_second": rate(prefilled, prefill_s), "predicted_n": completion_tokens, "predicted_ms": round(decode_s * 1e3, 2),
+            "predicted_per_second": rate(max(completion_tokens - 1, 0), decode_s), "ttft_ms": round(ttft_s * 1e3, 2)}
 
 
 def logprob_entry(token_id: int, logprob: float, top: list[tuple[int, float]] | None, token_text) -> dict:
@@ -176,20 +194,22 @@ def logprobs_block(entries: list[dict] | None) -> dict | None:
 
 
 def completion(cid: str, created: int, model: str, text: str, finish_reason: str, use: dict,
-               logprobs: list[dict] | None = None, tool_calls: list[dict] | None = None) -> dict:
+               logprobs: list[dict] | None = None, tool_calls: list[dict] | None = None,
+               timing: dict | None = None) -> dict:
     message = {"role": "assistant", "content": text}
     if tool_calls:
         message = {"role": "assistant", "content": text or None, "tool_calls": tool_calls}
     return {"id": cid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": message,
                          "logprobs": logprobs_block(logprobs), "finish_reason": finish_reason}],
-            "usage": use, "system_fingerprint": None}
+            "usage": use, "system_fingerprint": None, **({"timings": timing} if timing else {})}
 
 
 def chunk(cid: str, created: int, model: str, delta: dict | None, finish_reason: str | None = None,
           use: dict | None = None, with_usage_field: bool = False,
-          logprobs: list[dict] | None = None) -> dict:
-    """One `chat.completion.chunk`; delta None = the usage-only chunk (empty choices), as OpenAI sends it last."""
+          logprobs: list[dict] | None = None, timing: dict | None = None) -> dict:
+    """One `chat.completion.chunk`; delta None = the usage-only chunk (empty choices), as OpenAI sends it last;
+    `timing` rides on the finish chunk (as llama.cpp's server sends it)."""
     out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
            "system_fingerprint": None, "choices": []}
     if delta is not None:
@@ -197,4 +217,6 @@ def chunk(cid: str, created: int, model: str, delta: dict | None, finish_reason:
                            "finish_reason": finish_reason}]
     if with_usage_field or use is not None:
         out["usage"] = use  # null on every chunk but the last when include_usage is set
+    if timing is not None:
+        out["timings"] = timing
     return out
