@@ -305,3 +305,26 @@ def test_page_headers_and_no_ui():
     with ThreadServer(app) as srv:
         assert httpx.get(srv.url + "/").status_code == 404
         assert httpx.get(srv.url + "/ui/page.js").status_code == 404
+
+
+def test_settings_reach_the_request_and_new_chat_starts_over(browser, tmp_path):
+    with fake_server(reply="fine") as srv:
+        open_page(browser, srv.url)
+        knob(browser, "max-image-tokens", "32")
+        by_id(browser, "splitting").click()  # off
+        knob(browser, "temperature", "0.7")
+        knob(browser, "max-tokens", "12")
+        attach(browser, png_file(tmp_path, "a.png"))
+        ask(browser, "one")
+        finished(browser, 1)
+        sent = srv.engine.prepared[-1]
+        assert sent["max_image_tokens"] == 32 and sent["min_image_tokens"] == 1 and sent["do_image_splitting"] is False
+        assert sent["temperature"] == 0.7 and sent["max_new_tokens"] == 12
+        ask(browser, "two")
+        finished(browser, 2)
+        assert [m["role"] for m in srv.engine.prepared[-1]["messages"]] == ["user", "assistant", "user"]
+        by_id(browser, "new-chat").click()
+        assert not browser.find_elements("css selector", ".msg")
+        ask(browser, "three")
+        finished(browser, 1)
+        assert [m["role"] for m in srv.engine.prepared[-1]["messages"]] == ["user"]
