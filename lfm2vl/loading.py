@@ -45,8 +45,7 @@ def load_model(path_or_hub_id: str | os.PathLike, *, dtype=None, device=None, pr
     folder = resolve_folder(path_or_hub_id)
     config = Lfm2VlConfig.from_file(folder)
     raw = read_safetensors(folder, dtype, device, progress)
-    with torch.device("meta"), _SkipRandomInit():
-        model = Lfm2VlModel(config)
+    model = meta_model(config)
     sd = remap_hf_keys(raw, config)
     check_state_dict(sd, model)
     model.load_state_dict(sd, strict=True, assign=True)
@@ -54,6 +53,12 @@ def load_model(path_or_hub_id: str | os.PathLike, *, dtype=None, device=None, pr
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not left, f"tensors left on the meta device after loading: {left}"
     return model.eval(), config, folder
+
+
+def meta_model(config: Lfm2VlConfig) -> Lfm2VlModel:
+    """The model's modules on the meta device: shapes without memory (load_model assigns the weights)."""
+    with torch.device("meta"), _SkipRandomInit():
+        return Lfm2VlModel(config)
 
 
 class _SkipRandomInit(TorchFunctionMode):

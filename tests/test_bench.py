@@ -5,6 +5,7 @@ running the benchmark, not in tests)."""
 import json
 
 import pytest
+import torch
 
 from lfm2vl import bench
 from lfm2vl.bench.data import CONFIGS, SCENARIOS, random_checkpoint, scenario_inputs
@@ -72,8 +73,18 @@ def test_bench_smoke_table_and_json(tmp_path, capsys):
     # the table: a header, one row per scenario and engine with both ratio columns, and the JSON line
     lines = out.splitlines()
     assert any(ln.startswith("scenario") and "TTFT x" in ln for ln in lines)
-    rows = [ln for ln in lines if ln.startswith(("text512", "img512"))]
+    rows = [ln for ln in lines if ln.startswith(("text512", "img512")) and "|" in ln]
     assert len(rows) == 2 * len(engines) and all(ln.count("|") == 1 for ln in rows)
+    # the shares: the machine measured in the run, every timed scenario as GB/s and GFLOP/s and shares of it
+    machine = payload["machine"]
+    assert machine["read_gbps"] > 0 and machine["gemm_gflops"] > 0 and machine["gemm_dtype"] == "bf16"
+    assert any(ln.startswith("machine: read bandwidth") for ln in lines)
+    for label in engines:
+        for sc, m in res[label]["scenarios"].items():
+            assert m["decode_gbps"] > 0 and m["decode_bw_pct"] == pytest.approx(
+                100 * m["decode_gbps"] / machine["read_gbps"])
+            assert m["prefill_gflops"] > 0 and m["prefill_gemm_pct"] > 0
+            assert (m["vision_gflops"] is None) == (sc == "text512") and m["patches"] == (0 if sc == "text512" else 1024)
     assert any(ln.startswith("int4 vs bf16 img512") for ln in lines)
     assert json.loads(lines[-1])["results"].keys() == res.keys()
 
@@ -153,3 +164,49 @@ def test_bench_train_smoke_table_and_json(tmp_path, capsys):
     rows = [ln for ln in out.splitlines() if ln.startswith(("lfm2vl bf16", "transformers+peft bf16"))]
     assert len(rows) == 2 and all(ln.count("|") == 1 for ln in rows)
     assert json.loads(out.splitlines()[-1])["mode"] == "train"
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_decode_bytes_equal_the_weights_a_decode_step_reads(tiny_checkpoint, fmt):
+    """work.py's count against the tensors of the loaded (and quantized) model: the language model without its
+    embedding table, plus the output head."""
+    from lfm2vl.bench.work import model_work
+    from lfm2vl.cpu.speed import optimize_for_cpu
+    from lfm2vl.loading import load_model
+
+    model = load_model(tiny_checkpoint, dtype="bfloat16")[0]
+    if fmt != "bf16":
+        optimize_for_cpu(model, **{fmt: True})
+    lm = model.model.language_model
+    seen, total = set(), 0
+    for mod in (lm, model.lm_head):
+        for name, t in list(mod.named_parameters()) + list(mod.named_buffers()):
+            if mod is lm and name.startswith("embed_tokens") or t.data_ptr() in seen or not t.is_floating_point() \
+                    and t.dtype not in (torch.int8, torch.uint8):
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    if fmt == "bf16":  # tied: the head is the embedding matrix, counted once through lm_head
+        assert model.lm_head.weight.data_ptr() in seen
+    assert model_work(tiny_checkpoint).decode_bytes(fmt) == pytest.approx(total, rel=1e-9)
+
+
+def test_vision_flops_equal_torchs_flop_counter(tiny_checkpoint):
+    from PIL import Image
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lfm2vl.bench.work import model_work
+    from lfm2vl.loading import load_model
+    from lfm2vl.processor import Processor
+
+    model = load_model(tiny_checkpoint, dtype="float32")[0]
+    proc = Processor.from_pretrained(tiny_checkpoint)
+    batch = proc(text="<image>", images=[Image.new("RGB", (64, 64), (10, 200, 30))], do_image_splitting=False)
+    mask = batch["pixel_attention_mask"]
+    per_unit = mask.sum(1).long()
+    # the math attention backend runs as matmuls the counter sees (the fused CPU kernel is not counted)
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model.image_features(batch["pixel_values"], mask, batch["spatial_shapes"])
+    want = model_work(tiny_checkpoint).vision_flops(int(per_unit.sum()), int((per_unit ** 2).sum()))
+    assert counter.get_total_flops() == want

@@ -226,6 +226,41 @@ def table(results: dict[str, dict], scenarios: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _add_shares(results: dict, specs: dict, folder: Path, machine: dict | None) -> None:
+    """Each timed scenario gets its achieved GB/s and GFLOP/s and their shares of the machine's ceilings."""
+    from .work import add_shares, model_work
+
+    work = model_work(folder)
+    for label, r in results.items():
+        spec = specs[label]
+        if "error" in r or r.get("engine") not in ("ours", "transformers"):
+            continue
+        fmt = "int8" if spec.get("int8") else "int4" if spec.get("int4") else spec["dtype"]
+        for m in r["scenarios"].values():
+            add_shares(m, work, fmt, spec.get("quantize_head", True), machine)
+
+
+def shares_table(results: dict, scenarios: list[str], machine: dict | None) -> str:
+    """Decode as GB/s of weights read (and % of the measured read bandwidth), prefill and vision as GFLOP/s (and %
+    of the measured GEMM rate)."""
+    if machine:
+        head = (f"machine: read bandwidth {machine['read_gbps']:.1f} GB/s, {machine['gemm_dtype']} GEMM "
+                f"{machine['gemm_gflops']:.0f} GFLOP/s ({machine['threads']} threads, measured in this run)")
+    else:
+        head = "machine not measured (not a CPU run): rates without shares"
+    lines = [head, f"{'scenario':<12} {'engine':<20} {'decode GB/s':>11} {'% bw':>5} {'prefill GFLOP/s':>15} "
+                   f"{'% GEMM':>6} {'vision GFLOP/s':>14} {'% GEMM':>6}"]
+    for sc in scenarios:
+        for label, r in results.items():
+            m = r.get("scenarios", {}).get(sc) if "error" not in r else None
+            if not m or "decode_gbps" not in m:
+                continue
+            lines.append(f"{sc:<12} {label:<20} {m['decode_gbps']:>11.1f} {_fmt(m.get('decode_bw_pct'), '.0f'):>5} "
+                         f"{_fmt(m['prefill_gflops'], '.0f'):>15} {_fmt(m.get('prefill_gemm_pct'), '.0f'):>6} "
+                         f"{_fmt(m['vision_gflops'], '.0f'):>14} {_fmt(m.get('vision_gemm_pct'), '.0f'):>6}")
+    return "\n".join(lines)
+
+
 def train_main(args, folder: Path) -> int:
     from . import train
 
@@ -284,18 +319,28 @@ def main(argv=None) -> int:
             runs.append((f"{fmt} quality", {**common, "engine": "quality", "format": fmt,
                                             "quantize_head": not args.int8_float_head,
                                             "new_tokens": min(args.new_tokens, 16)}))
+    machine = None
+    if args.device == "cpu":
+        print("measuring the machine (read bandwidth, GEMM rate) ...", file=sys.stderr, flush=True)
+        machine = run_worker({"engine": "machine", "module": "lfm2vl.bench.machine", "threads": args.threads,
+                              "dtype": short}, args.timeout)
+        if "error" in machine:
+            print(f"lfm2vl bench: the machine probe failed ({machine['error']}); no shares", file=sys.stderr)
+            machine = None
     results = {}
     for label, spec in runs:
         print(f"running {label} ...", file=sys.stderr, flush=True)
         results[label] = run_worker(spec, args.timeout)
+    _add_shares(results, dict(runs), folder, machine)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"lfm2vl bench: {args.model or 'random ' + (args.config or args.shape)}, {args.dtype}, {args.device}, "
           f"{args.threads} threads, {args.reps} reps (median), {args.new_tokens} decode steps, load average "
           f"{_fmt(load)} (other processes on the CPU skew timings)"
           + (f", image options {args.image_knobs}" if args.image_knobs else ""))
     print(table(results, args.scenarios))
+    print(shares_table(results, args.scenarios, machine))
     payload = {"model": args.model or f"random-{args.config or args.shape}", "dtype": short,
-               "device": args.device, "threads": args.threads,
+               "device": args.device, "threads": args.threads, "machine": machine,
                "reps": args.reps, "new_tokens": args.new_tokens, "image_knobs": args.image_knobs,
                "load_average": load, "results": results}
     print(json.dumps(payload))

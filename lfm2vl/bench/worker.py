@@ -168,11 +168,20 @@ def measure(spec: dict) -> dict:
             r = run(model, batch, pre_s, spec["new_tokens"], dtype)
             if i >= spec["warmup"]:
                 runs.append(r)
-        result["scenarios"][name] = {"prompt_tokens": int(batch["input_ids"].shape[1]), **_median(runs)}
+        result["scenarios"][name] = {"prompt_tokens": int(batch["input_ids"].shape[1]), **_patches(batch),
+                                     **_median(runs)}
     result["peak_rss_mb"] = _peak_rss_mb()
     if torch.device(spec.get("device", "cpu")).type == "cuda":
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     return result
+
+
+def _patches(batch: dict) -> dict:
+    """Valid patches of the image units and the sum of their squares per unit (bench/work.py's vision FLOPs)."""
+    if "pixel_attention_mask" not in batch:
+        return {"patches": 0, "patch_sq": 0}
+    per_unit = batch["pixel_attention_mask"].sum(1).long()
+    return {"patches": int(per_unit.sum()), "patch_sq": int((per_unit ** 2).sum())}
 
 
 def _decode_logits(model, emb: torch.Tensor, n: int, forced: list[int] | None = None):
