@@ -3,8 +3,9 @@
     python scripts/bench_vs_llamacpp.py --llama-bench PATH/llama-bench --gguf-bf16 LM-bf16.gguf \
         [--gguf-q8 LM-q8_0.gguf] [--gguf-q4 LM-q4_0.gguf] [--model FOLDER] [--rounds 8]
 
-Each round: lfm2vl bf16 (a 512-token prompt, then `--new-tokens` greedy steps), llama-bench on the bf16 GGUF
-(`-p 0 -n N -d 512`: the same steps after the same depth), then lfm2vl int8 beside the Q8_0 GGUF and lfm2vl int4
+Each round: lfm2vl bf16 through its public API (`engine.generate` on a prompt of 512 tokens, `--new-tokens` greedy
+steps; the Result's decode rate, first token to last), llama-bench on the bf16 GGUF (`-p 0 -n N -d 512`: the same
+steps after the same depth), then lfm2vl int8 beside the Q8_0 GGUF and lfm2vl int4
 beside the Q4_0 one, when given.
 Both use `--threads`. Medians, ranges and per-round ratios are printed, then JSON. llama.cpp and the GGUF files of
 the same checkpoint are yours to provide (llama.cpp's convert_hf_to_gguf.py; this project ships neither).
@@ -14,33 +15,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from lfm2vl.generate.sampling import greedy_token
-from lfm2vl.loading import load_model
-from lfm2vl.cpu.speed import optimize_for_cpu
-from lfm2vl.cpu.threads import one_thread
+import lfm2vl
 
 DEPTH = 512
 
 
-def ours(model, ids: torch.Tensor, n: int) -> float:
-    with torch.inference_mode():
-        cache = model.make_cache(1, DEPTH + n + 1, dtype=torch.bfloat16)
-        logits = model.forward_cached(model.embed(ids), cache, torch.tensor([0]))
-        tok = logits.float().argmax(-1)[:, None]
-        t = time.perf_counter()
-        for i in range(n):
-            logits = model.forward_cached(model.embed(tok), cache, torch.tensor([DEPTH + i]))
-            with one_thread():
-                tok = greedy_token(logits)[:, None]
-        return n / (time.perf_counter() - t)
+def prompt_of(engine, tokens: int) -> str:
+    """A user message whose chat prompt is `tokens` tokens or just over (random words, seeded)."""
+    rng = random.Random(0)
+    words = [w for w in (engine.tokenizer.decode([i]).strip() for i in range(1000, 9000)) if w.isalpha()]
+    text = ""
+    while len(engine.prepare(text).input_ids) < tokens:
+        text += " " + " ".join(rng.choice(words) for _ in range(16))
+    return text
+
+
+def ours(engine, prompt: str, n: int) -> float:
+    """Decode tok/s through the public API: engine.generate, greedy, exactly n new tokens (eos ignored until then)."""
+    r = engine.generate(prompt, temperature=0, repetition_penalty=1.0, max_new_tokens=n, min_new_tokens=n)
+    return r.decode_tps
 
 
 def llama(binary: str, gguf: str, n: int, threads: int) -> float:
@@ -72,13 +73,12 @@ def main(argv=None) -> int:
         pairs.append(("lfm2vl int8", {"int8": True}, "llama.cpp q8_0", args.gguf_q8))
     if args.gguf_q4:
         pairs.append(("lfm2vl int4", {"int4": True}, "llama.cpp q4_0", args.gguf_q4))
-    models = {name: optimize_for_cpu(load_model(args.model, dtype=torch.bfloat16)[0], **fmt)
-              for name, fmt, _, _ in pairs}
-    ids = torch.randint(600, 60000, (1, DEPTH), generator=torch.Generator().manual_seed(0))
+    engines = {name: lfm2vl.load(args.model, dtype="bfloat16", **fmt) for name, fmt, _, _ in pairs}
+    prompt = prompt_of(engines["lfm2vl bf16"], DEPTH)
     res: dict[str, list[float]] = {k: [] for a, _, b, _ in pairs for k in (a, b)}
     for r in range(args.rounds):
         for name, _, other, gguf in pairs:
-            res[name].append(ours(models[name], ids, args.new_tokens))
+            res[name].append(ours(engines[name], prompt, args.new_tokens))
             res[other].append(llama(args.llama_bench, gguf, args.new_tokens, args.threads))
         print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in res.items()), file=sys.stderr, flush=True)
     print(f"decode tok/s at depth {DEPTH}, {args.new_tokens} steps, {args.threads} threads, {args.rounds} rounds")

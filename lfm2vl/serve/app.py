@@ -21,7 +21,6 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
@@ -31,31 +30,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import translate
 from .errors import APIError, install_handlers
-from .media import FetchPool, MediaPolicy
+from .media import FetchPool
 from .page import add_page
 from .scheduler import Scheduler, SchedulerError, Ticket
 from .schemas import ChatCompletion, ChatCompletionRequest
+from .settings import ServerSettings
 
 if TYPE_CHECKING:  # annotations only: the caller brings the engine, whose modules load with the model
     from lfm2vl.engine import Engine
     from lfm2vl.generate.request import Event, Request as EngineRequest, Result
 
 log = logging.getLogger("lfm2vl.serve")
-
-
-@dataclass
-class ServerSettings:
-    model_id: str                       # the name clients put in "model"
-    aliases: tuple[str, ...] = ()        # other accepted names (e.g. the --model path as typed)
-    api_key: str | None = None           # None or "" = no key
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_images: int = 8
-    default_max_tokens: int = 1024       # when the client sets neither max_tokens nor max_completion_tokens
-    context_len: int = 4096              # prompt + completion tokens per request (the cache row length)
-    max_image_tokens: int = 256          # ceiling of the per-request image-token knobs: the checkpoint's own budget
-    min_image_tokens: int = 1            # the checkpoint's own floor (the page keeps min <= max)
-    ui: bool = True                      # the chat page at / (page.py)
-    media: MediaPolicy = field(default_factory=MediaPolicy)
 
 
 def create_app(engine: Engine, scheduler: Scheduler, settings: ServerSettings) -> FastAPI:

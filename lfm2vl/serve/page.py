@@ -10,13 +10,11 @@ as code even if a bug rendered it as HTML.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
-if TYPE_CHECKING:
-    from .app import ServerSettings
+from .settings import ServerSettings
 
 FOLDER = Path(__file__).parent / "page"
 TYPES = {"index.html": "text/html; charset=utf-8", "page.js": "text/javascript; charset=utf-8",
