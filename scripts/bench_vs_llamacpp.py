@@ -17,6 +17,7 @@ import json
 import os
 import random
 import statistics
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -31,10 +32,9 @@ DEPTH = 512
 def prompt_of(engine, tokens: int) -> str:
     """A user message whose chat prompt is `tokens` tokens or just over (random words, seeded)."""
     rng = random.Random(0)
-    words = [w for w in (engine.tokenizer.decode([i]).strip() for i in range(1000, 9000)) if w.isalpha()]
     text = ""
     while len(engine.prepare(text).input_ids) < tokens:
-        text += " " + " ".join(rng.choice(words) for _ in range(16))
+        text += " " + "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 9)))
     return text
 
 
