@@ -78,6 +78,8 @@ def test_bench_smoke_table_and_json(tmp_path, capsys):
     # the shares: the machine measured in the run, every timed scenario as GB/s and GFLOP/s and shares of it
     machine = payload["machine"]
     assert machine["read_gbps"] > 0 and machine["gemm_gflops"] > 0 and machine["gemm_dtype"] == "bf16"
+    lo, hi = machine["read_gbps_range"]
+    assert lo <= machine["read_gbps"] <= hi  # the mean of the probes before and after the engines
     assert any(ln.startswith("machine: read bandwidth") for ln in lines)
     for label in engines:
         for sc, m in res[label]["scenarios"].items():

@@ -226,6 +226,33 @@ def table(results: dict[str, dict], scenarios: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _probe_machine(args, short: str) -> dict | None:
+    """One measurement of the machine's ceilings (bench/machine.py) in its own process; None off the CPU or on
+    failure."""
+    if args.device != "cpu":
+        return None
+    print("measuring the machine (read bandwidth, GEMM rate) ...", file=sys.stderr, flush=True)
+    r = run_worker({"engine": "machine", "module": "lfm2vl.bench.machine", "threads": args.threads, "dtype": short},
+                   args.timeout)
+    if "error" in r:
+        print(f"lfm2vl bench: the machine probe failed ({r['error']})", file=sys.stderr)
+        return None
+    return r
+
+
+def _machine(probes: list) -> dict | None:
+    """The ceilings as the mean of the probes before and after the engines ran (a VM's memory bandwidth drifts; the
+    range is kept beside it)."""
+    got = [p for p in probes if p]
+    if not got:
+        return None
+    out = dict(got[0])
+    for k in ("read_gbps", "gemm_gflops"):
+        vals = [p[k] for p in got]
+        out[k], out[k + "_range"] = sum(vals) / len(vals), [min(vals), max(vals)]
+    return out
+
+
 def _add_shares(results: dict, specs: dict, folder: Path, machine: dict | None) -> None:
     """Each timed scenario gets its achieved GB/s and GFLOP/s and their shares of the machine's ceilings."""
     from .work import add_shares, model_work
@@ -244,8 +271,10 @@ def shares_table(results: dict, scenarios: list[str], machine: dict | None) -> s
     """Decode as GB/s of weights read (and % of the measured read bandwidth), prefill and vision as GFLOP/s (and %
     of the measured GEMM rate)."""
     if machine:
-        head = (f"machine: read bandwidth {machine['read_gbps']:.1f} GB/s, {machine['gemm_dtype']} GEMM "
-                f"{machine['gemm_gflops']:.0f} GFLOP/s ({machine['threads']} threads, measured in this run)")
+        rb, rg = machine["read_gbps_range"], machine["gemm_gflops_range"]
+        head = (f"machine: read bandwidth {machine['read_gbps']:.1f} GB/s ({rb[0]:.1f}-{rb[1]:.1f}), "
+                f"{machine['gemm_dtype']} GEMM {machine['gemm_gflops']:.0f} GFLOP/s ({rg[0]:.0f}-{rg[1]:.0f}); "
+                f"{machine['threads']} threads, measured before and after the engines in this run")
     else:
         head = "machine not measured (not a CPU run): rates without shares"
     lines = [head, f"{'scenario':<12} {'engine':<20} {'decode GB/s':>11} {'% bw':>5} {'prefill GFLOP/s':>15} "
@@ -319,18 +348,15 @@ def main(argv=None) -> int:
             runs.append((f"{fmt} quality", {**common, "engine": "quality", "format": fmt,
                                             "quantize_head": not args.int8_float_head,
                                             "new_tokens": min(args.new_tokens, 16)}))
-    machine = None
-    if args.device == "cpu":
-        print("measuring the machine (read bandwidth, GEMM rate) ...", file=sys.stderr, flush=True)
-        machine = run_worker({"engine": "machine", "module": "lfm2vl.bench.machine", "threads": args.threads,
-                              "dtype": short}, args.timeout)
-        if "error" in machine:
-            print(f"lfm2vl bench: the machine probe failed ({machine['error']}); no shares", file=sys.stderr)
-            machine = None
+    probes = []
     results = {}
     for label, spec in runs:
+        if not probes:
+            probes.append(_probe_machine(args, short))
         print(f"running {label} ...", file=sys.stderr, flush=True)
         results[label] = run_worker(spec, args.timeout)
+    probes.append(_probe_machine(args, short))
+    machine = _machine(probes)
     _add_shares(results, dict(runs), folder, machine)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"lfm2vl bench: {args.model or 'random ' + (args.config or args.shape)}, {args.dtype}, {args.device}, "
