@@ -47,6 +47,7 @@ def browser():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 "--window-size=1100,800", "--force-device-scale-factor=1"):
         opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for errors such as CSP blocks
     d = webdriver.Chrome(options=opts, service=Service(executable_path=driver))
     d.set_script_timeout(30)
     yield d
@@ -166,6 +167,8 @@ def test_picture_question_streams_the_engines_answer_with_figures(browser, bundl
     text2, figures2 = finished(browser, 2)
     assert text2 and "prompt tokens" in figures2
     browser.save_screenshot(str(shots / "chat-page.png"))
+    errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors  # nothing blocked by the page's own CSP, no failed load
 
 
 def test_the_page_fits_a_phone_width_window(browser, bundled_server, shots):
