@@ -89,14 +89,16 @@ def test_quantized_matches_dequantized_linear(isa_cap, xdt, cls):
 
 
 def test_quantize_weight_int4_format():
-    """Q4_0's rule per group of 32: d = extreme / -8, q = clamp(round(w / d), -8, 7) stored as q + 8; byte j of a
-    group packs element j (low nibble) and element 16 + j (high nibble)."""
+    """Q4_0's rule per group of 32: d = extreme / -8, q = clamp(round(w / d), -8, 7) stored as q + 8, d kept in fp16
+    (rounded to nearest even); byte j of a group packs element j (low nibble) and element 16 + j (high nibble)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(5, 96, generator=g)
     w[1, 32:64] = 0.0  # an all-zero group keeps scale 1
     w[2, 5] = 9.0  # a positive extreme maps to -8 with a negative scale
+    w[3, 64:96] *= 1e-5  # a scale below fp16's normal range: stored as a subnormal, rounded like torch
     packed, scale = quantize_weight_int4(w)
     assert packed.shape == (5, 48) and packed.dtype == torch.uint8 and scale.shape == (5, 3)
+    assert scale.dtype == torch.float16
     assert scale[1, 1] == 1 and scale[2, 0] == -9.0 / 8
     b = packed.view(5, 3, 16).long()  # (row, group, byte j)
     q = torch.cat((b & 15, b >> 4), dim=-1) - 8  # (row, group, 32): elements j, then 16 + j
@@ -105,12 +107,12 @@ def test_quantize_weight_int4_format():
             chunk = w[r, 32 * grp:32 * grp + 32]
             ext = chunk[chunk.abs().argmax()]
             d = ext / -8 if ext != 0 else torch.tensor(1.0)
-            assert scale[r, grp] == d
+            assert scale[r, grp] == d.half()  # the levels come from the fp32 d, the stored scale is its fp16
             assert torch.equal(q[r, grp], torch.round(chunk / d).clamp(-8, 7).long())
     lin = Int4Linear(packed, scale, None)
     assert lin.in_features == 96 and lin.out_features == 5
-    assert torch.equal(lin.dequantize(), (q.float() * scale[..., None]).view(5, 96))
-    assert (lin.dequantize() - w).abs().max() <= scale.abs().max() / 2 + 1e-6  # at most half a step off
+    assert torch.equal(lin.dequantize(), (q.float() * scale.float()[..., None]).view(5, 96))
+    assert (lin.dequantize() - w).abs().max() <= scale.float().abs().max() * (0.5 + 8 * 2 ** -11)  # half a step off
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize_weight_int4(torch.randn(4, 40))
 

@@ -4,7 +4,7 @@ patches in the vision tower and projector. Counted on the model built on the met
 
 Counted: every weight a decode step reads once (the language model without its embedding table, of which a step
 reads one row, plus the output head, which is the embedding matrix when tied); int8 adds one fp32 scale per output
-row, int4 one per 32 weights (cpu/quant.py's formats). FLOPs: 2 per weight of each linear and each token (prefill:
+row, int4 one fp16 per 32 weights (cpu/quant.py's formats). FLOPs: 2 per weight of each linear and each token (prefill:
 the language model's linears, the head runs on the last position only; vision: the tower's linears per patch, its
 attention (4 x width x patches^2 per layer and image unit) and the projector per image token). Attention over the
 prompt in the language model (under 1% at 512 tokens) and elementwise work are not counted.
@@ -38,7 +38,7 @@ class Work:
         if fmt == "int8":
             lin, head = self.lm_linear + 4 * self.lm_linear_rows, self.head + 4 * self.head_rows
         elif fmt == "int4":
-            lin, head = self.lm_linear * (0.5 + 4 / 32), self.head * (0.5 + 4 / 32)
+            lin, head = self.lm_linear * (0.5 + 2 / 32), self.head * (0.5 + 2 / 32)
         else:
             raise ValueError(f"unknown weight format {fmt!r}; expected bf16, fp32, int8 or int4")
         return lin + 2 * self.lm_other + (head if quantize_head else 2 * self.head)

@@ -4,7 +4,7 @@
   few rows (a decode step) and F.linear otherwise (prefill), or when autograd needs a backward.
 - `Int8Linear`: symmetric per-output-channel int8 weights + fp32 scales; decode through the kernel, prefill through
   F.linear over the dequantized weight (so both paths compute x @ (q * s)^T).
-- `Int4Linear`: symmetric int4 in groups of 32 weights along a row (llama.cpp's Q4_0 rule), fp32 group scales,
+- `Int4Linear`: symmetric int4 in groups of 32 weights along a row (llama.cpp's Q4_0 rule), fp16 group scales,
   two weights per byte; the same two paths.
 - `use_fast_linears(model)` / `quantize_weights(model, bits=8 | 4)`: swap the language model's
   linears (and the output head),
@@ -166,11 +166,13 @@ def _int4_formula(wf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_weight_int4(w: torch.Tensor, block_bytes: int = 1 << 22,
                          release_source: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int4 in groups of G = 32 weights along each row: returns packed (N, K/2) uint8 and scale (N, K/G)
-    fp32 with w[n, G*g + i] ~ q * scale[n, g].
+    fp16 with w[n, G*g + i] ~ q * scale[n, g].
 
     Per group (llama.cpp's Q4_0 rule): d = (the weight of largest magnitude) / -8 and q = clamp(round(w / d), -8, 7),
-    so the extreme maps to -8 exactly and all 16 levels are used; an all-zero group has d = 1. Stored as q + 8 in
-    nibbles: byte j of a group holds element j in its low nibble and element 16 + j in its high one (gemv.h).
+    so the extreme maps to -8 and all 16 levels are used; an all-zero group has d = 1. d is stored in fp16 (rounded
+    to nearest even after the levels are taken, as Q4_0 does): 4.5 bits a weight instead of 5 with fp32 scales, so a
+    decode step reads 10% fewer bytes. Stored as q + 8 in nibbles: byte j of a group holds element j in its low
+    nibble and element 16 + j in its high one (gemv.h).
     Row blocks: `_quantize_blocks`.
     """
     N, K = w.shape
@@ -178,12 +180,12 @@ def quantize_weight_int4(w: torch.Tensor, block_bytes: int = 1 << 22,
     if K % G:
         raise ValueError(f"int4 needs a row length that is a multiple of {G}, got a {N}x{K} weight")
     packed = torch.empty(N, K // 2, dtype=torch.uint8, device=w.device)
-    scale = torch.empty(N, K // G, dtype=torch.float32, device=w.device)
+    scale = torch.empty(N, K // G, dtype=torch.float16, device=w.device)
     return _quantize_blocks(w, 4, packed, scale, _int4_formula, block_bytes, release_source)
 
 
 class Int4Linear(Int8Linear):
-    """Weight-only int4 linear (`quantize_weight_int4`'s format): `weight` (N, K/2) uint8, `scale` (N, K/32) fp32."""
+    """Weight-only int4 linear (`quantize_weight_int4`'s format): `weight` (N, K/2) uint8, `scale` (N, K/32) fp16."""
 
     bits = 4
     quantize_weight = staticmethod(quantize_weight_int4)
@@ -197,7 +199,7 @@ class Int4Linear(Int8Linear):
         N, G = self.out_features, kernels.I4_GROUP
         b = self.weight.view(N, -1, G // 2)
         q = torch.cat((b & 15, b >> 4), dim=-1).float().sub_(8)  # (N, K/G, G)
-        return q.mul_(self.scale[..., None]).view(N, self.in_features).to(dtype)
+        return q.mul_(self.scale.float()[..., None]).view(N, self.in_features).to(dtype)
 
     def _native_dequantize(self, out: torch.Tensor) -> torch.Tensor:
         return kernels.dequantize_int4(self.weight, self.scale, out)

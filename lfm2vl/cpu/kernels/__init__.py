@@ -33,7 +33,7 @@ _SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in ("attn.cpp", "attn_man
 _HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17"]
 _KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
-I4_GROUP = 32  # int4 weights: one fp32 scale per this many weights of a row (gemv.cpp)
+I4_GROUP = 32  # int4 weights: one fp16 scale per this many weights of a row (gemv.h)
 _DT = {torch.float32: 0, torch.bfloat16: 1}
 _lib = None
 _tried = False
@@ -150,7 +150,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, dequantized weight, bias) with fp32 accumulation; the output has x's dtype.
 
     x (..., K) fp32/bf16; weight (N, K) bf16/fp32/int8, or (N, K/2) uint8 packed int4; int8 needs `scale` (N,) fp32,
-    int4 (N, K/32) fp32 (quant.py has the formats); bias (N,) or None.
+    int4 (N, K/32) fp16 (quant.py has the formats); bias (N,) or None.
     The caller checks `supports()` first. Kept lean: it runs ~100 times per decoded token.
     """
     N, K = weight.shape
@@ -161,10 +161,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"linear: x has {x.shape[-1]} features but weight is {tuple(weight.shape)}")
     if kind >= 2:
         n_scales = N if kind == 2 else N * (K // I4_GROUP)
-        if (scale is None or scale.dtype != torch.float32 or scale.numel() != n_scales
-                or (kind == 3 and K % I4_GROUP)):
-            raise ValueError(f"linear: {'int8' if kind == 2 else 'int4'} weight {tuple(weight.shape)} needs a float32 "
-                             f"scale of {n_scales} values" + (f" and K a multiple of {I4_GROUP}" if kind == 3 else ""))
+        want = torch.float32 if kind == 2 else torch.float16
+        if scale is None or scale.dtype != want or scale.numel() != n_scales or (kind == 3 and K % I4_GROUP):
+            raise ValueError(f"linear: {'int8' if kind == 2 else 'int4'} weight {tuple(weight.shape)} needs a "
+                             f"{str(want).removeprefix('torch.')} scale of {n_scales} values"
+                             + (f" and K a multiple of {I4_GROUP}" if kind == 3 else ""))
     if not x.is_contiguous():
         x = x.contiguous()
     if not weight.is_contiguous():
@@ -206,13 +207,13 @@ def quantize(w: torch.Tensor, bits: int, q: torch.Tensor, scale: torch.Tensor) -
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out (N, K) fp32/bf16 <- packed int4 q (N, K/2) uint8 with group scales (N, K/32) fp32 (quant.py's format):
+    """out (N, K) fp32/bf16 <- packed int4 q (N, K/2) uint8 with group scales (N, K/32) fp16 (quant.py's format):
     each fp32 product rounded once to out's dtype, on the pool's threads. Returns out. The caller checks
     `available()`."""
     N, K = out.shape
-    if (q.dtype != torch.uint8 or q.shape != (N, K // 2) or K % I4_GROUP or scale.dtype != torch.float32
+    if (q.dtype != torch.uint8 or q.shape != (N, K // 2) or K % I4_GROUP or scale.dtype != torch.float16
             or scale.shape != (N, K // I4_GROUP) or out.dtype not in _DT or not out.is_contiguous()):
-        raise ValueError(f"dequantize_int4: needs (N, K/2) uint8, (N, K/{I4_GROUP}) float32 scales and a contiguous "
+        raise ValueError(f"dequantize_int4: needs (N, K/2) uint8, (N, K/{I4_GROUP}) float16 scales and a contiguous "
                          f"(N, K) fp32/bf16 output, K a multiple of {I4_GROUP}; got {tuple(q.shape)} {q.dtype}, "
                          f"{tuple(scale.shape)} {scale.dtype}, {tuple(out.shape)} {out.dtype}")
     q, scale = q.contiguous(), scale.contiguous()

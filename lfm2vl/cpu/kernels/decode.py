@@ -100,8 +100,8 @@ class NativeDecoder:
         if w.dtype not in _KIND or w.dim() != 2:
             raise _Unsupported(f"weight dtype {w.dtype}")
         scale = None
-        if isinstance(lin, self._scaled):
-            scale = self._tensor(lin, "scale", torch.float32)
+        if isinstance(lin, self._scaled):  # int8 row scales fp32, int4 group scales fp16 (gemv.h)
+            scale = self._tensor(lin, "scale", torch.float16 if w.dtype == torch.uint8 else torch.float32)
         bias = None
         if lin.bias is not None:
             self._checks.append((lin, "bias", lin.bias))

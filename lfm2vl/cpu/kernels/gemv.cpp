@@ -1,7 +1,7 @@
 // Fast CPU matrix-vector / small-M matrix products for the decode step of lfm2vl.
 //
 // y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), i.e. F.linear(x, W, bias), with fp32 accumulation.
-// Weights: bf16, fp32, int8 with one fp32 scale per output row, or int4 with one fp32 scale per 32 weights of a row
+// Weights: bf16, fp32, int8 with one fp32 scale per output row, or int4 with one fp16 scale per 32 weights of a row
 // (symmetric, weight-only; layout at I4_GROUP in gemv.h).
 // Activations x: fp32 or bf16 (dtype code 0 = fp32, 1 = bf16); output y likewise (bf16 rounded to nearest even).
 //
@@ -83,7 +83,7 @@ static void i4w_scalar(const uint8_t* W, const float* S, const float* X, void* Y
             for (int64_t g = 0; g < G; g++) {
                 float part = 0.f;
                 for (int64_t i = 0; i < I4_GROUP; i++) part += i4_at(row, g * I4_GROUP + i) * X[m * K + g * I4_GROUP + i];
-                acc += part * S[n * G + g];
+                acc += part * i4_scale(S, n * G + g);
             }
             store_out(Y, ydt, m * N + n, acc + (bias ? bias[n] : 0.f));
         }
@@ -165,7 +165,7 @@ T_AVX2 static void gemv_i4_avx2(const uint8_t* W, const float* S, const float* X
                 t = _mm256_fmadd_ps(i4_lanes_avx2(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xg + 8), t);
                 t = _mm256_fmadd_ps(i4_lanes_avx2(hi), _mm256_loadu_ps(xg + 16), t);
                 t = _mm256_fmadd_ps(i4_lanes_avx2(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xg + 24), t);
-                acc = _mm256_fmadd_ps(t, _mm256_set1_ps(S[n * G + g]), acc);
+                acc = _mm256_fmadd_ps(t, _mm256_set1_ps(i4_scale(S, n * G + g)), acc);
             }
             store_out(Y, ydt, m * N + n, hsum256(acc) + (bias ? bias[n] : 0.f));
         }
@@ -320,13 +320,16 @@ T_AVX512 static void row_i4(const uint8_t* w, const float* s, const float* X, in
                             float* out) {
     __m512 acc[MR][4] = {};
     const int64_t G = K / I4_GROUP;
+    float sf[I4_MAX_GROUPS];
+    const bool vec = G <= I4_MAX_GROUPS;
+    if (vec) i4_row_scales(s, G, sf);
     int64_t g = 0;
     for (; g + 2 <= G; g += 2) {
         if (pf && (g & 3) == 0) prefetch_line((const char*)(w + g * 16) + PF_BYTES, end);
-        i4_group_fma<MR>(w, s[g], X, K, g, acc, 0);
-        i4_group_fma<MR>(w, s[g + 1], X, K, g + 1, acc, 2);
+        i4_group_fma<MR>(w, vec ? sf[g] : i4_scale(s, g), X, K, g, acc, 0);
+        i4_group_fma<MR>(w, vec ? sf[g + 1] : i4_scale(s, g + 1), X, K, g + 1, acc, 2);
     }
-    if (g < G) i4_group_fma<MR>(w, s[g], X, K, g, acc, 0);
+    if (g < G) i4_group_fma<MR>(w, vec ? sf[g] : i4_scale(s, g), X, K, g, acc, 0);
     sum_accumulators<MR, 4>(acc, out);
 }
 
@@ -336,9 +339,10 @@ T_AVX512 static void rows_i4(const uint8_t* W, const float* S, const float* X, v
     const char* end = (const char*)(W + n1 * (K / 2));
     rows_generic([&](int64_t n, int64_t m, int g, bool pf, float* out) {
         const uint8_t* w = W + n * (K / 2);
-        if (g == 4) row_i4<4>(w, S + n * G, X + m * K, K, pf, end, out);
-        else if (g == 2) row_i4<2>(w, S + n * G, X + m * K, K, pf, end, out);
-        else row_i4<1>(w, S + n * G, X + m * K, K, pf, end, out);
+        const float* s = (const float*)((const uint16_t*)S + n * G);  // fp16 scales, read by i4_scale
+        if (g == 4) row_i4<4>(w, s, X + m * K, K, pf, end, out);
+        else if (g == 2) row_i4<2>(w, s, X + m * K, K, pf, end, out);
+        else row_i4<1>(w, s, X + m * K, K, pf, end, out);
     }, nullptr, Y, bias, M, n0, n1, N, ydt);
 }
 

@@ -31,9 +31,68 @@ static inline void store_out(void* y, int ydt, int64_t idx, float v) {
 }
 
 // int4 (kind 3): row n holds K/32 groups of 16 bytes; byte j of group g packs element 32g+j in its low nibble and
-// element 32g+16+j in its high nibble, each as q+8 (0..15). S is (N, K/32): w[n, 32g+i] = (nibble - 8) * S[n, g].
-// K is a multiple of I4_GROUP (the Python side checks).
+// element 32g+16+j in its high nibble, each as q+8 (0..15). S is (N, K/32) IEEE fp16 (as llama.cpp's Q4_0 stores its
+// scales: 4.5 bits per weight): w[n, 32g+i] = (nibble - 8) * S[n, g]. K is a multiple of I4_GROUP (the Python side
+// checks). The pointer is typed float* on the shared paths and read through i4_scale.
 static const int64_t I4_GROUP = 32;
+
+// IEEE fp16 -> fp32, exact (subnormals included).
+static inline float h2f(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    if (exp == 0) {
+        if (man == 0) {
+            u = sign;
+        } else {  // subnormal: shift the mantissa up to its leading one
+            int e = -1;
+            do { e++; man <<= 1; } while (!(man & 0x400u));
+            u = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else {
+        u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+// fp32 -> IEEE fp16, round to nearest even (torch's .to(float16)), subnormals and overflow to inf included.
+static inline uint16_t f2h(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    const uint32_t a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) return sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u);
+    if (a >= 0x477ff000u) return sign | 0x7c00u;  // rounds to 65520 or more: inf
+    if (a < 0x38800000u) {                        // under 2^-14: a subnormal or zero
+        if (a < 0x33000000u) return sign;         // under 2^-25 (2^-25 itself ties to even: 0)
+        const uint32_t exp = a >> 23, man = (a & 0x7fffffu) | 0x800000u;
+        const int shift = 126 - (int)exp;
+        uint32_t q = man >> shift;
+        const uint32_t rem = man & ((1u << shift) - 1u), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (q & 1u))) q++;
+        return (uint16_t)(sign | q);
+    }
+    uint32_t h = (a >> 13) - ((uint32_t)(127 - 15) << 10);
+    const uint32_t rem = a & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++;
+    return (uint16_t)(sign | h);
+}
+
+// Group scale i of an int4 weight's scale array.
+static inline float i4_scale(const float* S, int64_t i) { return h2f(((const uint16_t*)S)[i]); }
+
+// The G fp16 scales of one int4 row as fp32 into out (VCVTPH2PS, 16 at a time): the hot loops read fp32.
+T_AVX512 static inline void i4_row_scales(const float* S, int64_t G, float* out) {
+    const uint16_t* h = (const uint16_t*)S;
+    for (int64_t g = 0; g < G; g += 16) {
+        const __mmask16 mk = (G - g >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1u);
+        _mm512_mask_storeu_ps(out + g, mk, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, h + g)));
+    }
+}
+static const int64_t I4_MAX_GROUPS = 1024;  // rows up to K = 32768 take the vector conversion
 
 static inline float i4_at(const uint8_t* row, int64_t k) {
     const uint8_t b = row[k / 32 * 16 + k % 16];

@@ -11,7 +11,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-// One expansion job: q is int8 (N, K) with row scales s (N,), or packed int4 (N, K/2) with group scales s (N, K/32).
+// One expansion job: q is int8 (N, K) with row scales s (N,), or packed int4 (N, K/2) with fp16 group scales s
+// (N, K/32).
 struct DequantArgs {
     int bits;
     const void* q;
@@ -44,19 +45,23 @@ T_AVX512 static void int8_rows_avx512(const DequantArgs& a, int64_t n0, int64_t 
 T_AVX512 static void int4_rows_avx512(const DequantArgs& a, int64_t n0, int64_t n1) {
     const uint8_t* q = (const uint8_t*)a.q;
     const int64_t G = a.K / I4_GROUP;
-    for (int64_t n = n0; n < n1; n++)
+    float sf[I4_MAX_GROUPS];
+    const bool vec = G <= I4_MAX_GROUPS;
+    for (int64_t n = n0; n < n1; n++) {
+        if (vec) i4_row_scales((const float*)((const uint16_t*)a.s + n * G), G, sf);
         for (int64_t g = 0; g < G; g++) {
             __m512 lo, hi;
             i4_group(q + n * (a.K / 2) + g * 16, lo, hi);
-            const __m512 sc = _mm512_set1_ps(a.s[n * G + g]);
+            const __m512 sc = _mm512_set1_ps(vec ? sf[g] : i4_scale(a.s, n * G + g));
             store16(a.out, a.odt, n * a.K + g * I4_GROUP, _mm512_mul_ps(lo, sc), 0xffff);
             store16(a.out, a.odt, n * a.K + g * I4_GROUP + 16, _mm512_mul_ps(hi, sc), 0xffff);
         }
+    }
 }
 
 static float level(const DequantArgs& a, int64_t n, int64_t k) {
     if (a.bits == 8) return (float)((const int8_t*)a.q)[n * a.K + k] * a.s[n];
-    return i4_at((const uint8_t*)a.q + n * (a.K / 2), k) * a.s[n * (a.K / I4_GROUP) + k / I4_GROUP];
+    return i4_at((const uint8_t*)a.q + n * (a.K / 2), k) * i4_scale(a.s, n * (a.K / I4_GROUP) + k / I4_GROUP);
 }
 
 static void dequant_chunk(const void* ctx, int64_t chunk) {
@@ -119,7 +124,7 @@ static void quantize_int4_row(const QuantArgs& a, int64_t n, float* buf) {
         uint8_t lv[I4_GROUP];
         for (int64_t i = 0; i < I4_GROUP; i++) lv[i] = (uint8_t)(fminf(fmaxf(nearbyintf(buf[i] / d), -8.f), 7.f) + 8.f);
         for (int64_t j = 0; j < I4_GROUP / 2; j++) row[g * 16 + j] = (uint8_t)(lv[j] | (lv[j + 16] << 4));
-        a.s[n * G + g] = d;
+        ((uint16_t*)a.s)[n * G + g] = f2h(d);  // the levels come from the fp32 d, as llama.cpp's Q4_0
     }
 }
 
@@ -163,7 +168,7 @@ T_AVX512 static void quantize_int4_row_avx512(const QuantArgs& a, int64_t n) {
         const __m128i lo = _mm512_cvtepi32_epi8(_mm512_add_epi32(levels(w0, d, -8.f, 7.f), _mm512_set1_epi32(8)));
         const __m128i hi = _mm512_cvtepi32_epi8(_mm512_add_epi32(levels(w1, d, -8.f, 7.f), _mm512_set1_epi32(8)));
         _mm_storeu_si128((__m128i*)(row + g * 16), _mm_or_si128(lo, _mm_slli_epi16(hi, 4)));
-        a.s[n * G + g] = dv;
+        ((uint16_t*)a.s)[n * G + g] = f2h(dv);
     }
 }
 
