@@ -17,8 +17,8 @@
 
 extern "C" {
 
-// A linear layer: weight (N, K) of `kind` (0 bf16, 1 fp32, 2 int8 + fp32 row scales S, 3 int4 packed (N, K/2) + fp32
-// group scales S (N, K/32)), optional fp32 bias.
+// A linear layer: weight (N, K) of `kind` (0 bf16, 1 fp32, 2 int8 + fp32 row scales S, 3 int4 packed (N, K/2) + fp16
+// group scales S (N, K/32), read through i4_scale), optional fp32 bias.
 struct DLin {
     const void* W;
     const float* S;

@@ -386,7 +386,7 @@ static void linear_chunk(const void* ctx, int64_t chunk) {
 
 // Bytes of one weight row (int4: the packed nibbles and the row's group scales).
 static int64_t row_weight_bytes(int kind, int64_t K) {
-    return kind == 3 ? K / 2 + K / I4_GROUP * 4 : K * (kind == 1 ? 4 : kind == 0 ? 2 : 1);
+    return kind == 3 ? K / 2 + K / I4_GROUP * 2 : K * (kind == 1 ? 4 : kind == 0 ? 2 : 1);
 }
 
 // Fill the dispatch fields of one product. Xf must be x as fp32 unless the bf16 dot-product path is taken.
