@@ -290,7 +290,7 @@ def test_a_server_refusal_is_shown_and_the_turn_goes_back_to_the_composer(browse
         ask(browser, "What is this?")
         error = wait(lambda: by_id(browser, "error").text, what="the error line")
         assert "(413)" in error and "over 100000 bytes" in error
-        assert not browser.find_elements("css selector", ".msg")
+        assert not browser.find_elements("css selector", ".msg") and by_id(browser, "empty").is_displayed()
         assert by_id(browser, "prompt").get_attribute("value") == "What is this?"
         assert len(browser.find_elements("css selector", "#attachments img")) == 1
 

@@ -312,6 +312,7 @@ function refuse(view, sent, message) {
   state.history.pop();
   view.box.previousElementSibling.remove();
   view.box.remove();
+  if (!$("messages").querySelector(".msg")) $("empty").hidden = false;
   $("prompt").value = sent.text;
   state.attachments = sent.attached.concat(state.attachments);
   renderAttachments();
