@@ -51,7 +51,9 @@ def finetune(**options) -> dict:
     opts = dataclasses.replace(opts, model=str(resolve_model(opts.model)))  # the CLI has resolved it already
     d = distmod.setup(opts.device)
     try:
-        return Trainer(opts.resolved(), d).run()
+        summary = Trainer(opts.resolved(), d).run()
+        d.barrier()  # every rank done before the group goes: a rank that leaves first can abort another's gloo threads
+        return summary
     finally:
         d.close()
 
