@@ -320,16 +320,18 @@ T_AVX512 static void row_i4(const uint8_t* w, const float* s, const float* X, in
                             float* out) {
     __m512 acc[MR][4] = {};
     const int64_t G = K / I4_GROUP;
-    float sf[I4_MAX_GROUPS];
-    const bool vec = G <= I4_MAX_GROUPS;
-    if (vec) i4_row_scales(s, G, sf);
+    float sf[16];  // scales g & ~15 .. +15 (g advances by 2 from 0, so it meets every multiple of 16)
     int64_t g = 0;
     for (; g + 2 <= G; g += 2) {
+        if ((g & 15) == 0) i4_scales16(s, g, G, sf);
         if (pf && (g & 3) == 0) prefetch_line((const char*)(w + g * 16) + PF_BYTES, end);
-        i4_group_fma<MR>(w, vec ? sf[g] : i4_scale(s, g), X, K, g, acc, 0);
-        i4_group_fma<MR>(w, vec ? sf[g + 1] : i4_scale(s, g + 1), X, K, g + 1, acc, 2);
+        i4_group_fma<MR>(w, sf[g & 15], X, K, g, acc, 0);
+        i4_group_fma<MR>(w, sf[(g + 1) & 15], X, K, g + 1, acc, 2);
     }
-    if (g < G) i4_group_fma<MR>(w, vec ? sf[g] : i4_scale(s, g), X, K, g, acc, 0);
+    if (g < G) {
+        if ((g & 15) == 0) i4_scales16(s, g, G, sf);
+        i4_group_fma<MR>(w, sf[g & 15], X, K, g, acc, 0);
+    }
     sum_accumulators<MR, 4>(acc, out);
 }
 

@@ -84,15 +84,6 @@ static inline uint16_t f2h(float f) {
 // Group scale i of an int4 weight's scale array.
 static inline float i4_scale(const float* S, int64_t i) { return h2f(((const uint16_t*)S)[i]); }
 
-// The G fp16 scales of one int4 row as fp32 into out (VCVTPH2PS, 16 at a time): the hot loops read fp32.
-T_AVX512 static inline void i4_row_scales(const float* S, int64_t G, float* out) {
-    const uint16_t* h = (const uint16_t*)S;
-    for (int64_t g = 0; g < G; g += 16) {
-        const __mmask16 mk = (G - g >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1u);
-        _mm512_mask_storeu_ps(out + g, mk, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, h + g)));
-    }
-}
-static const int64_t I4_MAX_GROUPS = 1024;  // rows up to K = 32768 take the vector conversion
 
 static inline float i4_at(const uint8_t* row, int64_t k) {
     const uint8_t b = row[k / 32 * 16 + k % 16];
@@ -184,6 +175,12 @@ T_AVX512 static inline __m256i to_bf16x16(__m512 v) {
 // The first `left` of 16 lanes (all 16 when left >= 16, none when left <= 0): the mask of a loop's tail.
 static inline __mmask16 tail16(int64_t left) {
     return left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
+}
+
+// Scales g..g+15 of an int4 row's G fp16 scales (fewer at the row's end) as fp32 into out[16], converted 16 at a
+// time (VCVTPH2PS): the hot loops read fp32.
+T_AVX512 static inline void i4_scales16(const float* S, int64_t g, int64_t G, float* out) {
+    _mm512_storeu_ps(out, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tail16(G - g), (const uint16_t*)S + g)));
 }
 
 // Rows [n0, n1) of chunk `chunk` when N rows are cut into chunks of `per` rows.

@@ -45,14 +45,14 @@ T_AVX512 static void int8_rows_avx512(const DequantArgs& a, int64_t n0, int64_t 
 T_AVX512 static void int4_rows_avx512(const DequantArgs& a, int64_t n0, int64_t n1) {
     const uint8_t* q = (const uint8_t*)a.q;
     const int64_t G = a.K / I4_GROUP;
-    float sf[I4_MAX_GROUPS];
-    const bool vec = G <= I4_MAX_GROUPS;
+    float sf[16];
     for (int64_t n = n0; n < n1; n++) {
-        if (vec) i4_row_scales((const float*)((const uint16_t*)a.s + n * G), G, sf);
+        const float* s = (const float*)((const uint16_t*)a.s + n * G);  // the row's fp16 scales
         for (int64_t g = 0; g < G; g++) {
+            if ((g & 15) == 0) i4_scales16(s, g, G, sf);
             __m512 lo, hi;
             i4_group(q + n * (a.K / 2) + g * 16, lo, hi);
-            const __m512 sc = _mm512_set1_ps(vec ? sf[g] : i4_scale(a.s, n * G + g));
+            const __m512 sc = _mm512_set1_ps(sf[g & 15]);
             store16(a.out, a.odt, n * a.K + g * I4_GROUP, _mm512_mul_ps(lo, sc), 0xffff);
             store16(a.out, a.odt, n * a.K + g * I4_GROUP + 16, _mm512_mul_ps(hi, sc), 0xffff);
         }
