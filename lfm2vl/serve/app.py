@@ -149,11 +149,6 @@ def _usage(result: Result) -> dict:
     return translate.usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens, result.image_tokens)
 
 
-def _timings(result: Result) -> dict:
-    return translate.timings(result.prompt_tokens - result.cached_tokens, result.prefill_s, result.ttft_s,
-                             result.completion_tokens, result.decode_s)
-
-
 def _logprob_entry(event: Event, token_text) -> dict:
     return translate.logprob_entry(event.token_id, event.logprob, event.top_logprobs, token_text)
 
@@ -193,9 +188,9 @@ async def _collect(engine: Engine, scheduler: Scheduler, ticket: Ticket, request
                 if result.tool_calls:
                     return translate.completion(cid, created, model, result.text, "tool_calls", _usage(result),
                                                 logprobs or None, tool_calls=result.tool_calls,
-                                                timing=_timings(result))
+                                                timing=translate.timings(result))
                 return translate.completion(cid, created, model, "".join(pieces), item.finish_reason,
-                                            _usage(result), logprobs or None, timing=_timings(result))
+                                            _usage(result), logprobs or None, timing=translate.timings(result))
     finally:
         if getter is not None:
             getter.cancel()
@@ -244,7 +239,7 @@ async def _sse(engine: Engine, scheduler: Scheduler, ticket: Ticket, cid, create
                                                     with_usage_field=include_usage, logprobs=pending_lp or None))
                     pending_lp = []
                 yield _sse_line(translate.chunk(cid, created, model, {}, reason, with_usage_field=include_usage,
-                                                logprobs=pending_lp or None, timing=_timings(item.result)))
+                                                logprobs=pending_lp or None, timing=translate.timings(item.result)))
                 if include_usage:
                     yield _sse_line(translate.chunk(cid, created, model, None, use=_usage(item.result)))
                 yield b"data: [DONE]\n\n"

@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lfm2vl.generate.constraints import Constraint
 from lfm2vl.generate.toolcall import tool_options
 from lfm2vl.processor.chat import check_role
@@ -15,6 +17,9 @@ from lfm2vl.processor.chat import check_role
 from .errors import APIError
 from .media import MediaPolicy, decode_remote, is_remote, load_image
 from .schemas import ChatCompletionRequest
+
+if TYPE_CHECKING:
+    from lfm2vl.generate.request import Result
 
 # OpenAI fields passed through unchanged when the client sets them: each is the engine option of the same name
 # (tests/test_server_app.py checks them against generate/options.py ENGINE_OPTIONS)
@@ -168,16 +173,14 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None 
     return out
 
 
-def timings(prefilled: int, prefill_s: float, ttft_s: float, completion_tokens: int, decode_s: float) -> dict:
+def timings(result: Result) -> dict:
     """How long the answer took, in llama.cpp's server field names (its web page and clients read them): the prompt
-    tokens prefilled (cached ones not counted) and their time, the completion tokens and the decode time (first
-    token to last, so its rate counts the tokens after the first), and the time to the first token."""
-    def rate(n, s):
-        return round(n / s, 2) if s > 0 else 0.0
-
-    return {"prompt_n": prefilled, "prompt_ms": round(prefill_s * 1e3, 2),
-            "prompt_per_second": rate(prefilled, prefill_s), "predicted_n": completion_tokens, "predicted_ms": round(decode_s * 1e3, 2),
-            "predicted_per_second": rate(max(completion_tokens - 1, 0), decode_s), "ttft_ms": round(ttft_s * 1e3, 2)}
+    tokens prefilled (cached ones not counted), their time and rate, the completion tokens, the decode time (first
+    token to last) and rate (Result.decode_tps: the tokens after the first), and the time to the first token."""
+    return {"prompt_n": result.prompt_tokens - result.cached_tokens, "prompt_ms": round(result.prefill_s * 1e3, 2),
+            "prompt_per_second": round(result.prefill_tps, 2), "predicted_n": result.completion_tokens,
+            "predicted_ms": round(result.decode_s * 1e3, 2), "predicted_per_second": round(result.decode_tps, 2),
+            "ttft_ms": round(result.ttft_s * 1e3, 2)}
 
 
 def logprob_entry(token_id: int, logprob: float, top: list[tuple[int, float]] | None, token_text) -> dict:
