@@ -348,15 +348,12 @@ def main(argv=None) -> int:
             runs.append((f"{fmt} quality", {**common, "engine": "quality", "format": fmt,
                                             "quantize_head": not args.int8_float_head,
                                             "new_tokens": min(args.new_tokens, 16)}))
-    probes = []
+    before = _probe_machine(args, short)
     results = {}
     for label, spec in runs:
-        if not probes:
-            probes.append(_probe_machine(args, short))
         print(f"running {label} ...", file=sys.stderr, flush=True)
         results[label] = run_worker(spec, args.timeout)
-    probes.append(_probe_machine(args, short))
-    machine = _machine(probes)
+    machine = _machine([before, _probe_machine(args, short)])
     _add_shares(results, dict(runs), folder, machine)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"lfm2vl bench: {args.model or 'random ' + (args.config or args.shape)}, {args.dtype}, {args.device}, "

@@ -87,8 +87,8 @@ def add_shares(metrics: dict, work: Work, fmt: str, quantize_head: bool, machine
     was measured, their shares of its read bandwidth and GEMM rate, to its metrics dict."""
     m = metrics
     m["decode_gbps"] = m["decode_tps"] * work.decode_bytes(fmt, quantize_head) / 1e9
-    prefill_s = m.get("prefill_s") or (m["prompt_tokens"] / m["prefill_tps"] if m["prefill_tps"] else 0)
-    m["prefill_gflops"] = work.prefill_flops(m["prompt_tokens"]) / prefill_s / 1e9 if prefill_s > 0 else None
+    m["prefill_gflops"] = (work.prefill_flops(m["prompt_tokens"]) / m["prefill_s"] / 1e9
+                           if m["prefill_s"] > 0 else None)
     m["vision_gflops"] = (work.vision_flops(m["patches"], m["patch_sq"]) / m["vision_s"] / 1e9
                           if m.get("patches") and m["vision_s"] > 0 else None)
     if machine:
