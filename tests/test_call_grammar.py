@@ -67,6 +67,16 @@ def test_a_value_breaking_its_keyword_is_refused(tiny_engine, old, new):
     assert not accepts(tiny_engine, [BOOK], VALID.replace(old, new, 1))
 
 
+def test_annotations_do_not_stop_an_allof_or_anyof_from_merging(tiny_engine):
+    """pydantic writes a field's description beside anyOf, and a referenced model has its own title."""
+    tools = fn({"type": "object", "properties": {
+        "a": {"allOf": [{"type": "string", "title": "A"}, {"maxLength": 2, "title": "B"}], "description": "x"},
+        "b": {"anyOf": [{"type": "integer", "description": "n"}, {"type": "null"}], "description": "maybe"}},
+        "required": ["a", "b"]})
+    assert accepts(tiny_engine, tools, 'f(a="ab", b=None)') and accepts(tiny_engine, tools, 'f(a="", b=3)')
+    assert not accepts(tiny_engine, tools, 'f(a="abc", b=None)')  # maxLength of the second allOf part holds
+
+
 def test_recursive_ref_takes_nested_values(tiny_engine):
     assert accepts(tiny_engine, [TREE], 'plant(root={"v": 1, "kids": [{"v": 2}, {"v": 3, "kids": [{"v": 0}]}]})')
     assert not accepts(tiny_engine, [TREE], 'plant(root={"v": 1, "kids": [{"v": -2}]})')

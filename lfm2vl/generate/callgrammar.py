@@ -33,6 +33,7 @@ any_dict: "{{" (STRING ": " any_value (", " STRING ": " any_value)*)? "}}"
 UNENFORCED = ("multipleOf", "uniqueItems", "contains", "minContains", "maxContains", "prefixItems", "not", "if",
               "then", "else", "dependentRequired", "dependentSchemas", "dependencies", "propertyNames",
               "minProperties", "maxProperties", "patternProperties", "unevaluatedItems", "unevaluatedProperties")
+ANNOTATIONS = ("title", "description", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly")
 _BOUNDS = (("minimum", numrange.at_least, False), ("exclusiveMinimum", numrange.at_least, True),
            ("maximum", numrange.at_most, False), ("exclusiveMaximum", numrange.at_most, True))
 
@@ -95,6 +96,8 @@ class CallGrammar:
                     merged[k] = {**merged[k], **v}
                 elif k == "required":
                     merged[k] = list(dict.fromkeys([*merged.get(k, []), *v]))
+                elif k in ANNOTATIONS:  # they constrain nothing: the first one stands
+                    merged.setdefault(k, v)
                 elif k in merged and merged[k] != v:
                     self.fail(f"{where}.allOf[{i}]", f"{k!r} differs from another allOf schema's; such an allOf "
                               "cannot be merged")
