@@ -6,7 +6,8 @@ run's dtype (what prefill and the vision tower are bound by).
 
 Read bandwidth: the fastest of three reads of a 1 GiB tensor (far past the caches) on the run's threads: a float32
 sum, a float32 matrix-vector product and a uint8 max, each the best of `reps`.
-GEMM: the best of `reps` (2048 x 2048) @ (2048 x 2048) products in the run's dtype after a warm-up.
+GEMM: the best of `reps` (2048 x 2048) @ (2048 x 2048) products after a warm-up, in the dtype lfm2vl multiplies the
+run's dtype in on this CPU (fp32 for bf16 where the CPU has no bf16 GEMM: cpu/gemm.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import sys
 import time
 
 import torch
+
+from ..cpu.gemm import compute_dtype
 
 _DT = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -37,6 +40,7 @@ def read_gbps(reps: int = 5, size_bytes: int = 2 ** 30) -> float:
 
 
 def gemm_gflops(dtype: torch.dtype, reps: int = 5, n: int = 2048) -> float:
+    dtype = compute_dtype(dtype)
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     for _ in range(2):
         a @ b
@@ -50,8 +54,9 @@ def gemm_gflops(dtype: torch.dtype, reps: int = 5, n: int = 2048) -> float:
 
 def measure(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
-    return {"engine": "machine", "read_gbps": read_gbps(), "gemm_gflops": gemm_gflops(_DT[spec["dtype"]]),
-            "gemm_dtype": spec["dtype"], "threads": spec["threads"]}
+    dtype = _DT[spec["dtype"]]
+    return {"engine": "machine", "read_gbps": read_gbps(), "gemm_gflops": gemm_gflops(dtype),
+            "gemm_dtype": {v: k for k, v in _DT.items()}[compute_dtype(dtype)], "threads": spec["threads"]}
 
 
 def main() -> None:

@@ -22,17 +22,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
+from . import gemm, kernels
 from .memory import release_mapped_pages, trim_heap
 
 MAX_ROWS = 8  # up to this many input rows the weight-streaming kernel beats torch's GEMM (scripts/bench_gemv.py)
 
 
-def _use_kernel(x: torch.Tensor, weight: torch.Tensor, max_elems: int) -> bool:
-    if x.numel() > max_elems or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+def _inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """x is fp32/bf16 on the CPU and nothing needs a gradient: the native kernels and gemm.linear have no backward,
+    so training (grad enabled and something requires grad) keeps F.linear."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return False
-    # the kernel has no backward: training (grad enabled and something requires grad) keeps F.linear
     return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+
+def _use_kernel(x: torch.Tensor, weight: torch.Tensor, max_elems: int) -> bool:
+    return x.numel() <= max_elems and _inference(x, weight)
 
 
 class FastLinear(nn.Linear):
@@ -53,6 +58,8 @@ class FastLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_kernel(x, self.weight, self.max_rows * self.in_features):
             return kernels.linear(x, self.weight, self.bias)
+        if _inference(x, self.weight) and x.dtype == self.weight.dtype:
+            return gemm.linear(x, self.weight, self.bias)  # oneDNN; fp32 where the CPU has no bf16 GEMM
         return F.linear(x, self.weight, self.bias)
 
 
@@ -141,13 +148,12 @@ class Int8Linear(nn.Module):
         if kernels.available() and _use_kernel(x, self.weight, self.max_rows * self.in_features):
             return kernels.linear(x, self.weight, self.bias, self.scale)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if (not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
-                and kernels.available()):
-            # prefill: dequantize into a reused per-thread buffer (same values as dequantize()). A fresh ~10 MB
-            # weight per product would fault in all its pages each time; no autograd here, so nothing keeps the
-            # buffer alive
-            w = self._native_dequantize(_scratch(torch.Size((self.out_features, self.in_features)), x.dtype))
-            return F.linear(x, w, bias)
+        if not torch.is_grad_enabled() and _inference(x, self.weight) and kernels.available():
+            # prefill: dequantize into a reused per-thread buffer (same values as dequantize()), in the dtype the
+            # CPU multiplies x's dtype in (fp32 without a bf16 GEMM). A fresh ~10 MB weight per product would
+            # fault in all its pages each time; no autograd here, so nothing keeps the buffer alive
+            shape = torch.Size((self.out_features, self.in_features))
+            return gemm.linear(x, self._native_dequantize(_scratch(shape, gemm.compute_dtype(x.dtype))), bias)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
     def extra_repr(self) -> str:

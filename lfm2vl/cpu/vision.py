@@ -1,7 +1,7 @@
 """CPU subclasses of the vision tower's and projector's modules (model/vision.py, model/projector.py stay plain).
 
 Same parameters, state_dict keys and results within float rounding; `use_fast_vision(model)` swaps them in place:
-- the linears run through oneDNN with the bias, GELU and residual add fused (`fast_linear`);
+- the linears run `gemm.linear`: oneDNN with the bias, GELU and residual add fused, fp32 on CPUs without a bf16 GEMM;
 - bf16 attention runs the native `kernels.attn_many` where it beats torch's SDPA (AVX512-BF16 CPUs without AMX);
 - the resized position grids are cached per (h, w, dtype, device) until the table's weights change.
 """
@@ -16,31 +16,20 @@ from torch import nn
 
 from ..model import vision
 from ..model.projector import Projector
-from . import kernels
-
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
+from . import gemm, kernels
 
 def fast_linear(layer: nn.Module, x: torch.Tensor, gelu: str | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`layer(x)`, then optional GELU (approximate="tanh"/"none"), then `+ residual`, fused where possible.
-
-    On CPU, float32/bfloat16 nn.Linear runs through oneDNN with the bias, GELU and residual add fused: torch's own
-    float32 GEMM is MKL, which takes a slow path on AMD CPUs, and the fusion saves passes over the big activations.
-    oneDNN has no autograd, so training falls back to plain torch.
-    """
-    w = layer.weight if type(layer) is nn.Linear else None  # wrapped layers (LoRA, int8) keep their own forward
-    if (_ONEDNN and w is not None and x.device.type == "cpu" and x.dtype == w.dtype
-            and x.dtype in (torch.float32, torch.bfloat16)
+    """`layer(x)`, then optional GELU (approximate="tanh"/"none"), then `+ residual`: a plain nn.Linear at inference
+    runs `gemm.linear` (oneDNN, fused; fp32 on CPUs without a bf16 GEMM). Training and wrapped layers (LoRA, int8)
+    keep their own forward."""
+    w = layer.weight if type(layer) is nn.Linear else None
+    if (w is not None and x.device.type == "cpu" and x.dtype == w.dtype
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                                   or (layer.bias is not None and layer.bias.requires_grad)))):
-        if residual is not None and gelu is None:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, layer.bias, "add")
-        y = torch.ops.mkldnn._linear_pointwise(x, w, layer.bias, "none" if gelu is None else "gelu", [],
-                                               "" if gelu is None else gelu)
-    else:
-        y = layer(x)
-        y = y if gelu is None else F.gelu(y, approximate=gelu)
+        return gemm.linear(x, w, layer.bias, gelu, residual)
+    y = layer(x)
+    y = y if gelu is None else F.gelu(y, approximate=gelu)
     return y if residual is None else y + residual
 
 

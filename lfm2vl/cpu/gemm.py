@@ -1,0 +1,95 @@
+"""Products of many rows on the CPU (prefill, the vision tower, the projector): oneDNN, with bf16 widened to fp32 on
+CPUs that have no bf16 GEMM.
+
+torch multiplies bf16 matrices with oneDNN only on CPUs with AVX512 (BW/VL/DQ) or AVX-NE-CONVERT. Elsewhere, on
+AVX2-only CPUs such as AMD Zen 2/3 and most laptops before them, it falls back to a generic loop: ~5 GFLOP/s on two
+Zen 3 cores against ~35 for fp32, which puts minutes into a tiled image's first token. There `linear` widens x and
+the weight to fp32 (exact), multiplies with oneDNN's fp32 GEMM and rounds the result once to bf16: the same math as
+a bf16 product (fp32 accumulation, one rounding). The weight is widened one block of rows at a time into a reused
+buffer, so the fp32 copy never exists whole and each block is multiplied while it is still in the cache.
+
+Where oneDNN takes the dtype, the bias, the GELU and a residual add are fused into the product (one rounding, fewer
+passes over the activations). torch's own float32 GEMM is MKL, which takes a slow path on AMD CPUs, so fp32 goes
+through oneDNN too.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+
+import torch
+import torch.nn.functional as F
+
+_BLOCK_BYTES = 4 << 20  # fp32 bytes of weight rows widened per block (in the L2/L3 cache while they are multiplied)
+_SCRATCH = threading.local()
+
+
+@functools.cache
+def onednn() -> bool:
+    """Whether torch has oneDNN's fused linear (x86 builds do)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def bf16_native() -> bool:
+    """Whether torch multiplies bf16 matrices natively on this CPU (oneDNN's bf16 kernels run here)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype `linear` multiplies in for operands of `dtype` on this CPU."""
+    return torch.float32 if dtype == torch.bfloat16 and not bf16_native() else dtype
+
+
+def _fused(x: torch.Tensor, w: torch.Tensor, bias, gelu: str | None, residual) -> torch.Tensor:
+    """oneDNN's linear with the bias, GELU or residual add fused (x, w, bias, residual in one dtype)."""
+    if residual is not None and gelu is None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, bias, "add")
+    y = torch.ops.mkldnn._linear_pointwise(x, w, bias, "none" if gelu is None else "gelu", [],
+                                           "" if gelu is None else gelu)
+    return y if residual is None else y + residual
+
+
+def _block(rows: int, cols: int) -> torch.Tensor:
+    """This thread's reused fp32 buffer of at least rows x cols (grown when a larger one is asked for)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < rows * cols:
+        buf = _SCRATCH.buf = torch.empty(rows * cols, dtype=torch.float32)
+    return buf[:rows * cols].view(rows, cols)
+
+
+def _widened(x: torch.Tensor, w: torch.Tensor, bias, gelu: str | None, residual) -> torch.Tensor:
+    """The product in fp32, one block of weight rows at a time, rounded once to x's dtype."""
+    N, K = w.shape
+    xf = x.reshape(-1, K).float()
+    res = None if residual is None else residual.reshape(-1, N).float()
+    bf = None if bias is None else bias.float()
+    if w.dtype == torch.float32:
+        y = _fused(xf, w, bf, gelu, res)
+    else:
+        y = torch.empty(xf.shape[0], N, dtype=torch.float32)
+        rows = max(1, min(N, _BLOCK_BYTES // (4 * K)))
+        for n0 in range(0, N, rows):
+            n1 = min(N, n0 + rows)
+            y[:, n0:n1] = _fused(xf, _block(n1 - n0, K).copy_(w[n0:n1]), None if bf is None else bf[n0:n1], gelu,
+                                 None if res is None else res[:, n0:n1])
+    return y.to(x.dtype).view(*x.shape[:-1], N)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, w, bias)`, then optional GELU (approximate "tanh" / "none"), then `+ residual`; x's dtype out.
+
+    x (..., K) fp32/bf16 on the CPU, no autograd (the caller checks); w (N, K) in x's dtype, or fp32 (a weight the
+    caller already widened, e.g. a dequantized int8 one); bias (N,) and residual (..., N) in x's dtype.
+    """
+    if onednn() and x.dtype in (torch.float32, torch.bfloat16):
+        if compute_dtype(x.dtype) != x.dtype or w.dtype != x.dtype:
+            return _widened(x, w, bias, gelu, residual)
+        return _fused(x, w, bias, gelu, residual)
+    y = F.linear(x, w.to(x.dtype), bias)
+    y = y if gelu is None else F.gelu(y, approximate=gelu)
+    return y if residual is None else y + residual
