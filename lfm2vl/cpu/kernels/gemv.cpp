@@ -11,7 +11,7 @@
 // the caller never waits for a helper that the OS has descheduled: it takes the remaining chunks itself.
 //
 // Instruction sets, picked at run time (capped by lfm2vl_set_isa for tests):
-//   3 = AVX512-BF16 (_mm512_dpbf16_ps for bf16 x bf16), 2 = AVX512F, 1 = AVX2+FMA, 0 = scalar.
+//   3 = AVX512-BF16 (_mm512_dpbf16_ps for bf16 x bf16), 2 = AVX512F, 1 = AVX2+FMA (gemv_avx2.cpp), 0 = scalar.
 // Each ISA path lives in a function with a target attribute (gemv.h), so the file compiles on any x86-64 gcc.
 #include <immintrin.h>
 #include "pool.h"
@@ -87,89 +87,6 @@ static void i4w_scalar(const uint8_t* W, const float* S, const float* X, void* Y
             }
             store_out(Y, ydt, m * N + n, acc + (bias ? bias[n] : 0.f));
         }
-}
-
-// ---------------------------------------------------------------- AVX2 paths
-T_AVX2 static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-
-T_AVX2 static inline __m256 load8_bf16_avx2(const uint16_t* p) {
-    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-}
-
-T_AVX2 static inline __m256 load8_i8_avx2(const int8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-}
-
-// One generic AVX2 body: `kind` 0 = bf16 weights, 1 = fp32 weights, 2 = int8 weights; x is fp32 here.
-T_AVX2 static void gemv_avx2(int kind, const void* Wv, const float* S, const float* X, void* Y, const float* bias,
-                             int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt) {
-    int64_t K8 = K & ~(int64_t)7;
-    for (int64_t m = 0; m < M; m++) {
-        const float* x = X + m * K;
-        for (int64_t n = n0; n < n1; n++) {
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-            int64_t k = 0;
-            for (; k + 16 <= K8; k += 16) {
-                __m256 w0, w1;
-                if (kind == 0) {
-                    const uint16_t* w = (const uint16_t*)Wv + n * K + k;
-                    w0 = load8_bf16_avx2(w); w1 = load8_bf16_avx2(w + 8);
-                } else if (kind == 1) {
-                    const float* w = (const float*)Wv + n * K + k;
-                    w0 = _mm256_loadu_ps(w); w1 = _mm256_loadu_ps(w + 8);
-                } else {
-                    const int8_t* w = (const int8_t*)Wv + n * K + k;
-                    w0 = load8_i8_avx2(w); w1 = load8_i8_avx2(w + 8);
-                }
-                a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), a0);
-                a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), a1);
-            }
-            float acc = hsum256(_mm256_add_ps(a0, a1));
-            for (; k < K; k++) {
-                float w;
-                if (kind == 0) w = bf16_to_f32(((const uint16_t*)Wv)[n * K + k]);
-                else if (kind == 1) w = ((const float*)Wv)[n * K + k];
-                else w = (float)((const int8_t*)Wv)[n * K + k];
-                acc += w * x[k];
-            }
-            if (kind == 2) acc *= S[n];
-            store_out(Y, ydt, m * N + n, acc + (bias ? bias[n] : 0.f));
-        }
-    }
-}
-
-T_AVX2 static inline __m256 i4_lanes_avx2(__m128i nibbles) {  // 8 nibbles (one per byte) -> 8 floats q - 8
-    return _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nibbles)), _mm256_set1_ps(8.f));
-}
-
-T_AVX2 static void gemv_i4_avx2(const uint8_t* W, const float* S, const float* X, void* Y, const float* bias,
-                                int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt) {
-    const int64_t G = K / I4_GROUP;
-    const __m128i low = _mm_set1_epi8(15);
-    for (int64_t m = 0; m < M; m++) {
-        const float* x = X + m * K;
-        for (int64_t n = n0; n < n1; n++) {
-            const uint8_t* row = W + n * (K / 2);
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t g = 0; g < G; g++) {
-                const __m128i b = _mm_loadu_si128((const __m128i*)(row + g * 16));
-                const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-                const float* xg = x + g * I4_GROUP;
-                __m256 t = _mm256_mul_ps(i4_lanes_avx2(lo), _mm256_loadu_ps(xg));
-                t = _mm256_fmadd_ps(i4_lanes_avx2(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xg + 8), t);
-                t = _mm256_fmadd_ps(i4_lanes_avx2(hi), _mm256_loadu_ps(xg + 16), t);
-                t = _mm256_fmadd_ps(i4_lanes_avx2(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xg + 24), t);
-                acc = _mm256_fmadd_ps(t, _mm256_set1_ps(i4_scale(S, n * G + g)), acc);
-            }
-            store_out(Y, ydt, m * N + n, hsum256(acc) + (bias ? bias[n] : 0.f));
-        }
-    }
 }
 
 // ---------------------------------------------------------------- AVX512 paths
@@ -366,17 +283,18 @@ static void linear_chunk(const void* ctx, int64_t chunk) {
     chunk_rows(chunk, a.rows_per_chunk, a.N, &n0, &n1);
     if (a.dp) {
         rows_bf16_dp((const uint16_t*)a.W, (const uint16_t*)a.X, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
+    } else if (a.Xq) {
+        rows_q_avx2(a.kind, a.W, a.S, a.Xq, a.Xd, a.Xs, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
     } else if (a.kind == 3) {
         const uint8_t* W = (const uint8_t*)a.W;
         if (a.isa >= 2) rows_i4(W, a.S, a.Xf, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
-        else if (a.isa == 1) gemv_i4_avx2(W, a.S, a.Xf, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
         else i4w_scalar(W, a.S, a.Xf, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
     } else if (a.isa >= 2) {
         if (a.kind == 0) rows_f32<0>(a.W, a.S, a.Xf, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
         else if (a.kind == 1) rows_f32<1>(a.W, a.S, a.Xf, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
         else rows_f32<2>(a.W, a.S, a.Xf, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
     } else if (a.isa == 1) {
-        gemv_avx2(a.kind, a.W, a.S, a.Xf, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
+        rows_f32_avx2(a.kind, a.W, a.S, a.Xf, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
     } else if (a.kind == 0) {
         bf16w_scalar((const uint16_t*)a.W, a.Xf, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
     } else if (a.kind == 1) {
@@ -397,6 +315,12 @@ void linear_setup(LinearArgs& a, int kind, const void* W, const float* S, const 
     a.kind = kind; a.isa = active_isa(); a.ydt = ydt;
     a.dp = (kind == 0 && xdt == 1 && a.isa >= 3);
     a.W = W; a.S = S; a.X = X; a.Xf = Xf; a.Y = Y; a.bias = bias; a.M = M; a.N = N; a.K = K;
+    a.Xq = NULL; a.Xd = NULL; a.Xs = NULL;
+    if (a.isa == 1 && (kind == 2 || kind == 3) && K % 32 == 0 && Xf) {  // AVX2: integer dot products (gemv_avx2.cpp)
+        a.xq.resize(M * K); a.xd.resize(M * K / 32); a.xs.resize(M * K / 32);
+        quantize_x_q8(Xf, M, K, a.xq.data(), a.xd.data(), a.xs.data());
+        a.Xq = a.xq.data(); a.Xd = a.xd.data(); a.Xs = a.xs.data();
+    }
     // chunks of ~256 KiB of weights: long sequential streams, yet small enough that a descheduled helper holds up
     // little (its unclaimed chunks are taken by the caller)
     int64_t row_bytes = row_weight_bytes(kind, K) * (M > 1 ? 2 : 1);

@@ -4,6 +4,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <vector>
+
 // Each ISA path lives in a function with a target attribute, so the files compile on any x86-64 gcc.
 #define T_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 #define T_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
@@ -112,7 +114,22 @@ struct LinearArgs {
     void* Y;
     const float* bias;
     int64_t M, N, K, rows_per_chunk, chunks;
+    // AVX2 int8 / int4 products: x quantized in blocks of 32 (gemv_avx2.cpp), else NULL
+    const int8_t* Xq;
+    const float* Xd;
+    const int32_t* Xs;
+    std::vector<int8_t> xq;
+    std::vector<float> xd;
+    std::vector<int32_t> xs;
 };
+
+// gemv_avx2.cpp: the AVX2 rows of a product with fp32 x (kind 0 bf16, 1 fp32, 2 int8 weights), x quantized to int8
+// in blocks of 32, and rows with such an x (kind 2 int8, 3 int4 weights).
+void rows_f32_avx2(int kind, const void* W, const float* S, const float* X, void* Y, const float* bias, int64_t M,
+                   int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt);
+void quantize_x_q8(const float* X, int64_t M, int64_t K, int8_t* q, float* d, int32_t* qsum);
+void rows_q_avx2(int kind, const void* W, const float* S, const int8_t* Xq, const float* Xd, const int32_t* Xs,
+                 void* Y, const float* bias, int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt);
 
 // kind 0 bf16 / 1 fp32 / 2 int8 (+ row scales S) / 3 int4 (+ group scales S) weights; xdt/ydt 0 fp32, 1 bf16.
 // Xf = x as fp32 (may be NULL when

@@ -1,0 +1,61 @@
+"""cpu/gemm.py: prefill-size products, native bf16 or widened to fp32 (CPUs without a bf16 GEMM), against torch."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lfm2vl.cpu import gemm
+
+
+@pytest.fixture(params=["native", "widened"] if gemm.bf16_native() else ["widened"])
+def mode(request, monkeypatch):
+    """Each test runs as on a CPU without a bf16 GEMM (on every CPU), and natively where this one has it."""
+    if request.param == "widened":
+        monkeypatch.setattr(gemm, "bf16_native", lambda: False)
+        monkeypatch.setattr(gemm, "_BLOCK_BYTES", 4 * 96 * 37)  # blocks of 37 rows: 300 rows end inside a block
+    return request.param
+
+
+def _within_one_rounding(y: torch.Tensor, ref: torch.Tensor) -> None:
+    """y (bf16) is ref (fp32) rounded once, up to fp32 summation order: at most one bf16 step away."""
+    step = ref.abs() * 2.0 ** -7 + 1e-6
+    assert ((y.float() - ref).abs() <= step).all(), f"max err {(y.float() - ref).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("gelu", [None, "tanh", "none"])
+def test_bf16_linear_is_the_fp32_product_rounded_once(mode, gelu):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 19, 96, generator=g).bfloat16()
+    w, b = (torch.randn(300, 96, generator=g) / 10).bfloat16(), torch.randn(300, generator=g).bfloat16()
+    y = gemm.linear(x, w, b, gelu=gelu)
+    ref = F.linear(x.float(), w.float(), b.float())
+    ref = ref if gelu is None else F.gelu(ref, approximate=gelu)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 19, 300)
+    _within_one_rounding(y, ref)
+
+
+def test_residual_add_is_fused_before_the_rounding(mode):
+    g = torch.Generator().manual_seed(1)
+    x, r = torch.randn(33, 64, generator=g).bfloat16(), torch.randn(33, 300, generator=g).bfloat16()
+    w = (torch.randn(300, 64, generator=g) / 8).bfloat16()
+    y = gemm.linear(x, w, None, residual=r)
+    _within_one_rounding(y, F.linear(x.float(), w.float()) + r.float())
+
+
+def test_an_fp32_weight_multiplies_a_bf16_x_in_fp32(mode):
+    """A weight the caller widened already (a dequantized int8 one) is used as it is, without a bf16 rounding."""
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(40, 64, generator=g).bfloat16(), torch.randn(96, 64, generator=g) / 8
+    _within_one_rounding(gemm.linear(x, w), F.linear(x.float(), w))
+
+
+def test_fp32_is_plain_fp32():
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(40, 64, generator=g), torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
+    torch.testing.assert_close(gemm.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert gemm.compute_dtype(torch.float32) == torch.float32
+
+
+def test_compute_dtype_follows_the_cpu(monkeypatch):
+    assert gemm.compute_dtype(torch.bfloat16) == (torch.bfloat16 if gemm.bf16_native() else torch.float32)
+    monkeypatch.setattr(gemm, "bf16_native", lambda: False)
+    assert gemm.compute_dtype(torch.bfloat16) == torch.float32
