@@ -59,6 +59,56 @@ T_AVX512 static void int4_rows_avx512(const DequantArgs& a, int64_t n0, int64_t 
     }
 }
 
+// The same rows with AVX2, 8 values at a time (the output rows of a prefill on CPUs without AVX512). fp32 out is the
+// common case there (cpu/gemm.py multiplies in fp32); bf16 out is rounded to nearest even as f32_to_bf16.
+T_AVX2 static inline void store8(void* out, int odt, int64_t idx, __m256 v) {
+    if (odt == 1) {
+        __m256i u = _mm256_castps_si256(v);
+        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+        const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+        _mm_storeu_si128((__m128i*)((uint16_t*)out + idx), h);
+    } else {
+        _mm256_storeu_ps((float*)out + idx, v);
+    }
+}
+
+T_AVX2 static void int8_rows_avx2(const DequantArgs& a, int64_t n0, int64_t n1) {
+    const int8_t* q = (const int8_t*)a.q;
+    const int64_t K8 = a.K & ~(int64_t)7;
+    for (int64_t n = n0; n < n1; n++) {
+        const __m256 sc = _mm256_set1_ps(a.s[n]);
+        int64_t k = 0;
+        for (; k < K8; k += 8) {
+            const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + n * a.K + k))));
+            store8(a.out, a.odt, n * a.K + k, _mm256_mul_ps(w, sc));
+        }
+        for (; k < a.K; k++) store_out(a.out, a.odt, n * a.K + k, (float)q[n * a.K + k] * a.s[n]);
+    }
+}
+
+T_AVX2 static void int4_rows_avx2(const DequantArgs& a, int64_t n0, int64_t n1) {
+    const uint8_t* q = (const uint8_t*)a.q;
+    const int64_t G = a.K / I4_GROUP;
+    const __m256i low = _mm256_set1_epi32(15);
+    const __m256 eight = _mm256_set1_ps(8.f);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint16_t* s = (const uint16_t*)a.s + n * G;
+        for (int64_t g = 0; g < G; g++) {
+            const __m256 sc = _mm256_set1_ps(_cvtsh_ss(s[g]));
+            const uint8_t* b = q + n * (a.K / 2) + g * 16;
+            for (int h = 0; h < 2; h++) {  // bytes 0..7, then 8..15: elements h*8.. (low) and 16+h*8.. (high)
+                const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(b + 8 * h)));
+                const __m256 lo = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), eight);
+                const __m256 hi = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), eight);
+                const int64_t base = n * a.K + g * I4_GROUP + 8 * h;
+                store8(a.out, a.odt, base, _mm256_mul_ps(lo, sc));
+                store8(a.out, a.odt, base + 16, _mm256_mul_ps(hi, sc));
+            }
+        }
+    }
+}
+
 static float level(const DequantArgs& a, int64_t n, int64_t k) {
     if (a.bits == 8) return (float)((const int8_t*)a.q)[n * a.K + k] * a.s[n];
     return i4_at((const uint8_t*)a.q + n * (a.K / 2), k) * i4_scale(a.s, n * (a.K / I4_GROUP) + k / I4_GROUP);
@@ -71,6 +121,11 @@ static void dequant_chunk(const void* ctx, int64_t chunk) {
     if (active_isa() >= 2) {
         if (a.bits == 8) int8_rows_avx512(a, n0, n1);
         else int4_rows_avx512(a, n0, n1);
+        return;
+    }
+    if (active_isa() == 1) {
+        if (a.bits == 8) int8_rows_avx2(a, n0, n1);
+        else int4_rows_avx2(a, n0, n1);
         return;
     }
     for (int64_t n = n0; n < n1; n++)
@@ -172,6 +227,69 @@ T_AVX512 static void quantize_int4_row_avx512(const QuantArgs& a, int64_t n) {
     }
 }
 
+// The same rows with AVX2 (8 values at a time), the same arithmetic.
+T_AVX2 static inline __m256 load8_f32(const QuantArgs& a, int64_t i) {
+    if (a.wdt == 1)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)a.w + i))), 16));
+    return _mm256_loadu_ps((const float*)a.w + i);
+}
+
+T_AVX2 static inline __m256i levels8(__m256 w, __m256 d, float lo, float hi) {
+    const __m256 r = _mm256_round_ps(_mm256_div_ps(w, d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(lo)), _mm256_set1_ps(hi)));
+}
+
+// 8 int32 lanes in [-128, 127] -> 8 bytes, in order, in the low half of the result
+T_AVX2 static inline __m128i bytes8(__m256i v) {
+    const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    return _mm_packs_epi16(h, h);
+}
+
+T_AVX2 static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+T_AVX2 static void quantize_int8_row_avx2(const QuantArgs& a, int64_t n) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 amax = _mm256_setzero_ps();
+    for (int64_t k = 0; k < a.K; k += 8) amax = _mm256_max_ps(amax, _mm256_and_ps(load8_f32(a, n * a.K + k), absmask));
+    const float m = hmax8(amax);
+    const float s = m > 0.f ? m / 127.0f : 1.0f;
+    const __m256 d = _mm256_set1_ps(s);
+    int8_t* q = (int8_t*)a.q + n * a.K;
+    for (int64_t k = 0; k < a.K; k += 8)
+        _mm_storel_epi64((__m128i*)(q + k), bytes8(levels8(load8_f32(a, n * a.K + k), d, -127.f, 127.f)));
+    a.s[n] = s;
+}
+
+T_AVX2 static void quantize_int4_row_avx2(const QuantArgs& a, int64_t n) {
+    const int64_t G = a.K / I4_GROUP;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    uint8_t* row = (uint8_t*)a.q + n * (a.K / 2);
+    for (int64_t g = 0; g < G; g++) {
+        __m256 w[4], m[4];
+        for (int j = 0; j < 4; j++) {
+            w[j] = load8_f32(a, n * a.K + g * I4_GROUP + 8 * j);
+            m[j] = _mm256_and_ps(w[j], absmask);
+        }
+        const float mag = hmax8(_mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3])));
+        uint32_t hit = 0;  // the first element of that magnitude (torch's argmax), and its sign
+        for (int j = 0; j < 4; j++)
+            hit |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(m[j], _mm256_set1_ps(mag), _CMP_EQ_OQ)) << (8 * j);
+        const float ext = weight_at(a, n * a.K + g * I4_GROUP + __builtin_ctz(hit));
+        const float dv = ext != 0.f ? ext / -8.0f : 1.0f;
+        const __m256 d = _mm256_set1_ps(dv);
+        __m128i b[4];
+        for (int j = 0; j < 4; j++) b[j] = bytes8(_mm256_add_epi32(levels8(w[j], d, -8.f, 7.f), _mm256_set1_epi32(8)));
+        const __m128i lo = _mm_unpacklo_epi64(b[0], b[1]), hi = _mm_unpacklo_epi64(b[2], b[3]);
+        _mm_storeu_si128((__m128i*)(row + g * 16), _mm_or_si128(lo, _mm_slli_epi16(hi, 4)));
+        ((uint16_t*)a.s)[n * G + g] = f2h(dv);
+    }
+}
+
 static void quantize_chunk(const void* ctx, int64_t chunk) {
     const QuantArgs& a = *(const QuantArgs*)ctx;
     int64_t n0, n1;
@@ -180,6 +298,13 @@ static void quantize_chunk(const void* ctx, int64_t chunk) {
         for (int64_t n = n0; n < n1; n++) {
             if (a.bits == 8) quantize_int8_row_avx512(a, n);
             else quantize_int4_row_avx512(a, n);
+        }
+        return;
+    }
+    if (active_isa() == 1 && a.K % 8 == 0) {
+        for (int64_t n = n0; n < n1; n++) {
+            if (a.bits == 8) quantize_int8_row_avx2(a, n);
+            else quantize_int4_row_avx2(a, n);
         }
         return;
     }
