@@ -117,18 +117,18 @@ struct LinearArgs {
     // AVX2 int8 / int4 products: x quantized in blocks of 32 (gemv_avx2.cpp), else NULL
     const int8_t* Xq;
     const float* Xd;
-    const int32_t* Xs;
+    const float* Xs;
     std::vector<int8_t> xq;
     std::vector<float> xd;
-    std::vector<int32_t> xs;
+    std::vector<float> xs;
 };
 
 // gemv_avx2.cpp: the AVX2 rows of a product with fp32 x (kind 0 bf16, 1 fp32, 2 int8 weights), x quantized to int8
 // in blocks of 32, and rows with such an x (kind 2 int8, 3 int4 weights).
 void rows_f32_avx2(int kind, const void* W, const float* S, const float* X, void* Y, const float* bias, int64_t M,
                    int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt);
-void quantize_x_q8(const float* X, int64_t M, int64_t K, int8_t* q, float* d, int32_t* qsum);
-void rows_q_avx2(int kind, const void* W, const float* S, const int8_t* Xq, const float* Xd, const int32_t* Xs,
+void quantize_x_q8(const float* X, int64_t M, int64_t K, int8_t* q, float* d, float* qsum);
+void rows_q_avx2(int kind, const void* W, const float* S, const int8_t* Xq, const float* Xd, const float* Xs,
                  void* Y, const float* bias, int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt);
 
 // kind 0 bf16 / 1 fp32 / 2 int8 (+ row scales S) / 3 int4 (+ group scales S) weights; xdt/ydt 0 fp32, 1 bf16.

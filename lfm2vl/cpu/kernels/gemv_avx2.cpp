@@ -6,7 +6,7 @@
 // of 32 (`quantize_x_q8`, as llama.cpp's Q8_0: d = amax / 127, q = round(x / d)) and each block's 32 products are
 // summed in integers by VPMADDUBSW + VPMADDWD (3 to 5 instructions per 32 weights), then scaled in fp32:
 //   int8: y[n] = S[n] * sum_b d_b * sum_i w[n, i] q_i
-//   int4: y[n] = sum_g S[n, g] * d_g * (sum_i nibble_i q_i - 8 sum_i q_i)
+//   int4: y[n] = sum_g S[n, g] * d_g * sum_i nibble_i q_i - 8 sum_g S[n, g] * d_g * sum_i q_i
 // so results differ from the fp32-activation paths by x's rounding to 8 bits in each block (a relative error of at
 // most 1/254 of the block's largest value per element; the weights' own rounding is 1/254 (int8) or 1/16 (int4)).
 #include <immintrin.h>
@@ -93,8 +93,8 @@ T_AVX2 void rows_f32_avx2(int kind, const void* Wv, const float* S, const float*
 
 // ---------------------------------------------------------------- int8-quantized activations
 // x (M, K) fp32 -> q (M, K) int8 and d (M, K/32): per block of 32, d = amax / 127 and q = round(x * (1 / d)) to
-// nearest even (d = 0 and q = 0 for an all-zero block); qsum (M, K/32) = the sum of each block's q.
-T_AVX2 void quantize_x_q8(const float* X, int64_t M, int64_t K, int8_t* q, float* d, int32_t* qsum) {
+// nearest even (d = 0 and q = 0 for an all-zero block); qsum (M, K/32) = the sum of each block's q (as fp32).
+T_AVX2 void quantize_x_q8(const float* X, int64_t M, int64_t K, int8_t* q, float* d, float* qsum) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t b = 0; b < M * K / 32; b++) {
         const float* x = X + b * 32;
@@ -117,7 +117,7 @@ T_AVX2 void quantize_x_q8(const float* X, int64_t M, int64_t K, int8_t* q, float
         __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
-        qsum[b] = _mm_cvtsi128_si32(s4);
+        qsum[b] = (float)_mm_cvtsi128_si32(s4);  // |qsum| <= 32 * 127: exact
         // int32 -> int16 -> int8 with saturation keeps the order within 128-bit lanes: undo it with a permute
         const __m256i p16a = _mm256_packs_epi32(i32[0], i32[1]), p16b = _mm256_packs_epi32(i32[2], i32[3]);
         const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
@@ -133,56 +133,85 @@ T_AVX2 static inline __m256i dot32_i8(__m256i w, __m256i q) {
     return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 }
 
-// int8 weights x int8-quantized activations, MR activation rows per pass over a weight row.
+// int8 weights x int8-quantized activations, MR activation rows per pass over a weight row. Two accumulators per
+// activation row, alternating by block, so consecutive blocks do not wait on each other's FMA.
 template <int MR>
 T_AVX2 static void row_q8(const int8_t* w, const int8_t* Q, const float* D, int64_t K, bool pf, const char* end,
                           float* out) {
-    __m256 acc[MR];
-    for (int j = 0; j < MR; j++) acc[j] = _mm256_setzero_ps();
+    __m256 acc[MR][2];
+    for (int j = 0; j < MR; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
     const int64_t nb = K / 32;
     for (int64_t b = 0; b < nb; b++) {
         if (pf) prefetch_line((const char*)(w + b * 32) + PF_BYTES, end);
         const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + b * 32));
         for (int j = 0; j < MR; j++) {
             const __m256i s = dot32_i8(wv, _mm256_loadu_si256((const __m256i*)(Q + j * K + b * 32)));
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(D + j * nb + b), acc[j]);
+            acc[j][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(D + j * nb + b), acc[j][b & 1]);
         }
     }
-    for (int j = 0; j < MR; j++) out[j] = hsum256(acc[j]);
+    for (int j = 0; j < MR; j++) out[j] = hsum256(_mm256_add_ps(acc[j][0], acc[j][1]));
 }
 
-// int4 weights (gemv.h's layout) x int8-quantized activations. A group's 16 bytes become 32 nibbles 0..15 in one
-// register (the low nibbles, elements 0..15, in its low half; the high ones in its upper half), which are
-// VPMADDUBSW's unsigned operand directly; the -8 offset is taken off once per group through the block sum of q.
+// Group g of an int4 row: its 16 bytes as 32 nibbles 0..15 in one register (the low nibbles, elements 0..15, in the
+// low half; the high ones in the upper half): VPMADDUBSW's unsigned operand as they are.
+T_AVX2 static inline __m256i i4_nibbles(const uint8_t* w, int64_t g) {
+    const __m128i b = _mm_loadu_si128((const __m128i*)(w + g * 16));
+    return _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(b), _mm_srli_epi16(b, 4), 1),
+                            _mm256_set1_epi8(15));
+}
+
+// int4 weights (gemv.h's layout) x int8-quantized activations. Per group: sum nibble * q in integers, times
+// S[n, g] * d_g; the -8 offset is taken off once per row as 8 * sum_g S[n, g] * d_g * qsum_g. Eight groups' scale
+// products are formed at a time; two accumulators per activation row alternate by group.
 template <int MR>
-T_AVX2 static void row_q4(const uint8_t* w, const uint16_t* s, const int8_t* Q, const float* D, const int32_t* QS,
+T_AVX2 static void row_q4(const uint8_t* w, const uint16_t* s, const int8_t* Q, const float* D, const float* QS,
                           int64_t K, bool pf, const char* end, float* out) {
-    __m256 acc[MR];
-    float corr[MR];
-    for (int j = 0; j < MR; j++) { acc[j] = _mm256_setzero_ps(); corr[j] = 0.f; }
+    __m256 acc[MR][2], corr[MR];
+    for (int j = 0; j < MR; j++) acc[j][0] = acc[j][1] = corr[j] = _mm256_setzero_ps();
     const int64_t G = K / I4_GROUP;
-    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    for (int64_t g = 0; g < G; g++) {
-        if (pf && (g & 3) == 0) prefetch_line((const char*)(w + g * 16) + PF_BYTES, end);
-        const __m128i b = _mm_loadu_si128((const __m128i*)(w + g * 16));
-        const __m256i nib = _mm256_and_si256(
-            _mm256_inserti128_si256(_mm256_castsi128_si256(b), _mm_srli_epi16(b, 4), 1), low);
+    const __m256i ones = _mm256_set1_epi16(1);
+    alignas(32) float sd[MR][8];
+    int64_t g = 0;
+    for (; g + 8 <= G; g += 8) {
+        const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + g)));
+        for (int j = 0; j < MR; j++) {
+            const __m256 p = _mm256_mul_ps(sc, _mm256_loadu_ps(D + j * G + g));
+            corr[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(QS + j * G + g), corr[j]);
+            _mm256_store_ps(sd[j], p);
+        }
+        if (pf) {
+            prefetch_line((const char*)(w + g * 16) + PF_BYTES, end);
+            prefetch_line((const char*)(w + g * 16) + PF_BYTES + 64, end);
+        }
+        for (int u = 0; u < 8; u++) {
+            const __m256i nib = i4_nibbles(w, g + u);
+            for (int j = 0; j < MR; j++) {
+                const __m256i p = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(nib, _mm256_loadu_si256((const __m256i*)(Q + j * K + (g + u) * 32))), ones);
+                acc[j][u & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&sd[j][u]), acc[j][u & 1]);
+            }
+        }
+    }
+    float tail[MR] = {};
+    for (; g < G; g++) {
+        const __m256i nib = i4_nibbles(w, g);
         const float sg = _cvtsh_ss(s[g]);
         for (int j = 0; j < MR; j++) {
             const __m256i p = _mm256_madd_epi16(
                 _mm256_maddubs_epi16(nib, _mm256_loadu_si256((const __m256i*)(Q + j * K + g * 32))), ones);
-            const float sd = sg * D[j * G + g];
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sd), acc[j]);
-            corr[j] += sd * (float)QS[j * G + g];
+            const float sdg = sg * D[j * G + g];
+            acc[j][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sdg), acc[j][0]);
+            tail[j] += sdg * QS[j * G + g];
         }
     }
-    for (int j = 0; j < MR; j++) out[j] = hsum256(acc[j]) - 8.0f * corr[j];
+    for (int j = 0; j < MR; j++)
+        out[j] = hsum256(_mm256_add_ps(acc[j][0], acc[j][1])) - 8.0f * (hsum256(corr[j]) + tail[j]);
 }
 
 // Rows n0..n1-1 of an int8 (kind 2) or int4 (kind 3) product with x quantized (Xq, Xd, Xs: quantize_x_q8's outputs
 // for all M rows), in groups of 4 / 2 / 1 activation rows per pass over a weight row.
 T_AVX2 void rows_q_avx2(int kind, const void* W, const float* S, const int8_t* Xq, const float* Xd,
-                        const int32_t* Xs, void* Y, const float* bias, int64_t M, int64_t n0, int64_t n1, int64_t N,
+                        const float* Xs, void* Y, const float* bias, int64_t M, int64_t n0, int64_t n1, int64_t N,
                         int64_t K, int ydt) {
     const int64_t nb = K / 32, row_bytes = kind == 2 ? K : K / 2;
     const char* end = (const char*)W + n1 * row_bytes;
@@ -201,7 +230,7 @@ T_AVX2 void rows_q_avx2(int kind, const void* W, const float* S, const int8_t* X
             } else {
                 const uint8_t* wr = (const uint8_t*)w;
                 const uint16_t* sr = (const uint16_t*)S + n * nb;
-                const int32_t* qs = Xs + m * nb;
+                const float* qs = Xs + m * nb;
                 if (g == 4) row_q4<4>(wr, sr, q, d, qs, K, m == 0, end, out);
                 else if (g == 2) row_q4<2>(wr, sr, q, d, qs, K, m == 0, end, out);
                 else row_q4<1>(wr, sr, q, d, qs, K, m == 0, end, out);
