@@ -121,12 +121,18 @@ struct LinearArgs {
     std::vector<int8_t> xq;
     std::vector<float> xd;
     std::vector<float> xs;
+    // AVX2 bf16 products: x split by parity in blocks of 16 (gemv_avx2.cpp), else NULL
+    const float* Xp;
+    std::vector<float> xp;
 };
 
 // gemv_avx2.cpp: the AVX2 rows of a product with fp32 x (kind 0 bf16, 1 fp32, 2 int8 weights), x quantized to int8
 // in blocks of 32, and rows with such an x (kind 2 int8, 3 int4 weights).
 void rows_f32_avx2(int kind, const void* W, const float* S, const float* X, void* Y, const float* bias, int64_t M,
                    int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt);
+void split_x_even_odd(const float* X, int64_t M, int64_t K, float* out);
+void rows_bf16_avx2(const uint16_t* W, const float* Xp, void* Y, const float* bias, int64_t M, int64_t n0, int64_t n1,
+                    int64_t N, int64_t K, int ydt);
 void quantize_x_q8(const float* X, int64_t M, int64_t K, int8_t* q, float* d, float* qsum);
 void rows_q_avx2(int kind, const void* W, const float* S, const int8_t* Xq, const float* Xd, const float* Xs,
                  void* Y, const float* bias, int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt);

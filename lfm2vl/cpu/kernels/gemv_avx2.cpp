@@ -91,6 +91,65 @@ T_AVX2 void rows_f32_avx2(int kind, const void* Wv, const float* S, const float*
     }
 }
 
+// ---------------------------------------------------------------- bf16 weights, x split by parity
+// A 32-bit lane of bf16 weights holds elements 2i (low half) and 2i + 1 (high half): a shift widens the even one
+// and a mask the odd one, two instructions per 16 weights (widening 8 at a time takes two per 8). x is laid out to
+// match once per product: each block of 16 as its 8 even-indexed values, then its 8 odd-indexed ones.
+T_AVX2 void split_x_even_odd(const float* X, int64_t M, int64_t K, float* out) {
+    const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    for (int64_t i = 0; i < M * K; i += 16) {
+        const __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(X + i), idx);      // x0 x2 x4 x6 | x1 x3 x5 x7
+        const __m256 b = _mm256_permutevar8x32_ps(_mm256_loadu_ps(X + i + 8), idx);  // x8 .. x14 | x9 .. x15
+        _mm256_storeu_ps(out + i, _mm256_permute2f128_ps(a, b, 0x20));
+        _mm256_storeu_ps(out + i + 8, _mm256_permute2f128_ps(a, b, 0x31));
+    }
+}
+
+template <int MR>
+T_AVX2 static void row_bf16_eo(const uint16_t* w, const float* Xp, int64_t K, bool pf, const char* end, float* out) {
+    constexpr int U = MR == 1 ? 2 : 1;  // 16-weight blocks per step, each on its own pair of accumulators
+    __m256 acc[MR][2 * U];
+    for (int j = 0; j < MR; j++)
+        for (int u = 0; u < 2 * U; u++) acc[j][u] = _mm256_setzero_ps();
+    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+    for (int64_t k = 0; k < K; k += 16 * U) {
+        if (pf)
+            prefetch_line((const char*)(w + k) + PF_BYTES, end);
+        for (int u = 0; u < U; u++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(w + k + 16 * u));
+            const __m256 e = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), o = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
+            for (int j = 0; j < MR; j++) {
+                const float* x = Xp + j * K + k + 16 * u;
+                acc[j][2 * u] = _mm256_fmadd_ps(e, _mm256_loadu_ps(x), acc[j][2 * u]);
+                acc[j][2 * u + 1] = _mm256_fmadd_ps(o, _mm256_loadu_ps(x + 8), acc[j][2 * u + 1]);
+            }
+        }
+    }
+    for (int j = 0; j < MR; j++) {
+        __m256 t = acc[j][0];
+        for (int u = 1; u < 2 * U; u++) t = _mm256_add_ps(t, acc[j][u]);
+        out[j] = hsum256(t);
+    }
+}
+
+// Rows n0..n1-1 of a bf16-weight product with x split by parity (K a multiple of 32), 4 / 2 / 1 activation rows per
+// pass over a weight row.
+T_AVX2 void rows_bf16_avx2(const uint16_t* W, const float* Xp, void* Y, const float* bias, int64_t M, int64_t n0,
+                           int64_t n1, int64_t N, int64_t K, int ydt) {
+    const char* end = (const char*)(W + n1 * K);
+    float out[4];
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t m = 0; m < M;) {
+            const int g = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+            if (g == 4) row_bf16_eo<4>(W + n * K, Xp + m * K, K, m == 0, end, out);
+            else if (g == 2) row_bf16_eo<2>(W + n * K, Xp + m * K, K, m == 0, end, out);
+            else row_bf16_eo<1>(W + n * K, Xp + m * K, K, m == 0, end, out);
+            for (int j = 0; j < g; j++) store_out(Y, ydt, (m + j) * N + n, out[j] + (bias ? bias[n] : 0.f));
+            m += g;
+        }
+    }
+}
+
 // ---------------------------------------------------------------- int8-quantized activations
 // x (M, K) fp32 -> q (M, K) int8 and d (M, K/32): per block of 32, d = amax / 127 and q = round(x * (1 / d)) to
 // nearest even (d = 0 and q = 0 for an all-zero block); qsum (M, K/32) = the sum of each block's q (as fp32).
