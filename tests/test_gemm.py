@@ -1,4 +1,6 @@
 """cpu/gemm.py: prefill-size products, native bf16 or widened to fp32 (CPUs without a bf16 GEMM), against torch."""
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,3 +61,15 @@ def test_compute_dtype_follows_the_cpu(monkeypatch):
     assert gemm.compute_dtype(torch.bfloat16) == (torch.bfloat16 if gemm.bf16_native() else torch.float32)
     monkeypatch.setattr(gemm, "bf16_native", lambda: False)
     assert gemm.compute_dtype(torch.bfloat16) == torch.float32
+
+
+def test_the_reused_buffer_works_in_and_out_of_inference_mode(mode, monkeypatch):
+    """The widened-weight buffer first made inside torch.inference_mode() is written again outside it (an inference
+    tensor there would refuse the in-place copy)."""
+    monkeypatch.setattr(gemm, "_SCRATCH", threading.local())
+    x, w = torch.randn(40, 96).bfloat16(), torch.randn(300, 96).bfloat16()
+    with torch.inference_mode():
+        a = gemm.linear(x, w)
+    with torch.no_grad():
+        b = gemm.linear(x, w)
+    assert torch.equal(a, b)

@@ -78,7 +78,8 @@ def test_bfloat16_argmax_agrees(setup, tmp_path_factory):
     """bf16 vs the float32 reference. Random weights give flat next-token distributions (median top-1/top-2 gap
     ~0.2 logit), so a few percent of argmaxes flip under ANY bf16 run: transformers' own bf16 model agrees on
     only ~95%. So: (a) >= 99% agreement where the reference is decided (top-1 margin >= MARGIN), and (b) overall
-    agreement no worse than transformers in bf16 on the same inputs (minus 1 point)."""
+    agreement no worse than transformers in bf16 on the same inputs (minus the sampling noise of the undecided
+    positions: 3 standard errors, at least 1 point)."""
     layout, _, cases, refs = setup
     folder, hf = cached_checkpoint(tmp_path_factory, layout)
     model, _, _ = load_model(folder, dtype=torch.bfloat16)
@@ -106,7 +107,11 @@ def test_bfloat16_argmax_agrees(setup, tmp_path_factory):
           f"max|dlogit|={err:.3f}")
     assert n_sure >= 200, f"only {n_sure} decided positions: the check would be vacuous"
     assert sure_rate >= 0.99, f"{layout}: bf16 argmax agrees on {sure_rate:.2%} of decided positions"
-    assert rate >= hf_rate - 0.01, f"{layout}: bf16 agreement {rate:.2%} vs transformers bf16 {hf_rate:.2%}"
+    # the undecided positions are near-ties that either bf16 rounding may flip: allow 3 standard errors of the
+    # difference of two such rates over them (at least 1 point)
+    n, undecided = len(torch.cat(ours_ok)), len(torch.cat(ours_ok)) - n_sure
+    slack = max(0.01, 3 * (2 * hf_rate * (1 - hf_rate) * undecided) ** 0.5 / n)
+    assert rate >= hf_rate - slack, f"{layout}: bf16 agreement {rate:.2%} vs transformers bf16 {hf_rate:.2%}"
 
 
 def test_feature_count_mismatch_is_a_clear_error(setup):

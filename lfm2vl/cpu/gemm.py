@@ -57,7 +57,8 @@ def _block(rows: int, cols: int) -> torch.Tensor:
     """This thread's reused fp32 buffer of at least rows x cols (grown when a larger one is asked for)."""
     buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.numel() < rows * cols:
-        buf = _SCRATCH.buf = torch.empty(rows * cols, dtype=torch.float32)
+        with torch.inference_mode(False):  # a normal tensor: written in place in and out of inference mode
+            buf = _SCRATCH.buf = torch.empty(rows * cols, dtype=torch.float32)
     return buf[:rows * cols].view(rows, cols)
 
 

@@ -233,10 +233,10 @@ def amx() -> bool:
 
 
 def attention_wins() -> bool:
-    """Whether attn_many beats torch's SDPA for bf16 attention over many queries. Not on CPUs with AMX-BF16: there
-    oneDNN's attention runs on the tiles, well ahead of attn_many's AVX512-BF16 dot products, so the vision tower and
-    the prefill keep torch's SDPA."""
-    return not amx()
+    """Whether attn_many beats torch's SDPA for bf16 attention over many queries: only where it runs (AVX512-BF16),
+    and not on CPUs with AMX-BF16: there oneDNN's attention runs on the tiles, well ahead of attn_many's AVX512-BF16
+    dot products, so the vision tower and the prefill keep torch's SDPA."""
+    return isa() >= 3 and not amx()
 
 
 def serves(x: torch.Tensor) -> bool:
