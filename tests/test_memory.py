@@ -253,3 +253,44 @@ def test_release_tail_drops_the_last_read_weights_until_the_room_is_made(tmp_pat
     assert [t.data_ptr() for t in hot] == [ws[2].data_ptr(), ws[3].data_ptr()]  # use order, for populate
     assert [_span_pages([w]) > 0 for w in ws] == [True, True, False, False]
     assert release_tail(ws, 0) == [] and _span_pages(ws[:2]) > 0
+
+
+@linux_only
+def test_encoder_layers_drop_their_pages_after_use_with_equal_results(ckpt, monkeypatch):
+    """With release on (the default on CPUs without a bf16 GEMM), every encoder layer's pages leave RSS after the
+    tower ran, the answers are unchanged, and the next image maps them back; off (release_pays() False) they stay."""
+    import lfm2vl
+    from PIL import Image
+    from lfm2vl.cpu import vision as cpu_vision
+
+    img = Image.fromarray((np.random.RandomState(1).rand(200, 260, 3) * 255).astype("uint8"))
+    msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is it?"}]}]
+    opts = dict(max_new_tokens=6, temperature=0, logprobs=True)
+    outs, resident = {}, {}
+    for on in (False, True):
+        monkeypatch.setattr(cpu_vision, "release_pays", lambda: on)
+        engine = lfm2vl.load(ckpt)
+        layers = engine.model.model.vision_tower.encoder.layers
+        assert all(type(layer) is cpu_vision.FastEncoderLayer for layer in layers)
+        outs[on] = [engine.generate(msgs, **opts) for _ in range(2)]
+        resident[on] = _span_pages(layers.parameters())
+    for a, b in zip(outs[False], outs[True]):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+    assert resident[False] > 0 and resident[True] == 0
+
+
+@linux_only
+def test_release_span_drops_back_to_back_weights_at_once_and_nothing_else(tmp_path):
+    from lfm2vl.cpu.memory import release_span
+
+    g = torch.Generator().manual_seed(0)
+    data = {k: torch.randn(256, 1024, generator=g) for k in ("a", "b", "c")}  # 1 MiB each, stored a, b, c
+    save_file(data, str(tmp_path / "w.safetensors"))
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        a, b, c = (f.get_tensor(k) for k in "abc")
+    for t in (a, b, c):
+        float(t.sum())
+    assert release_span([a, c]) == 0  # b lies between them: not one span of these tensors alone
+    assert release_span([b, a]) >= 2 * 256 * 1024 * 4 - 2 * PAGE
+    assert _resident_pages(a.data_ptr(), 2 * 256 * 1024 * 4) == 0 and _resident_pages(c.data_ptr(), 1 << 20) > 0
+    assert torch.equal(a, data["a"]) and torch.equal(b, data["b"])  # read back from the file
