@@ -94,12 +94,7 @@ static void i4w_scalar(const uint8_t* W, const float* S, const float* X, void* Y
 // PF_BYTES ahead that stops at the chunk's end: one stream per thread keeps pace with a plain sequential read of the
 // same bytes, where tiles of interleaved row streams fall behind it. The k loop is split over
 // U accumulators per activation row (U * MR independent dependency chains); a row re-read for the next group of
-// activation rows comes from L1.
-static const int64_t PF_BYTES = 2048;
-
-static inline void prefetch_line(const char* p, const char* end) {
-    if (p < end) _mm_prefetch(p, _MM_HINT_T0);
-}
+// activation rows comes from L1. (PF_BYTES and prefetch_line live in gemv.h, shared with the AVX2 rows.)
 
 // out[j] = the sum of activation row j's U accumulators, all lanes
 template <int MR, int U>

@@ -206,6 +206,13 @@ T_AVX512 static inline void i4_scales16(const float* S, int64_t g, int64_t G, fl
     _mm512_storeu_ps(out, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tail16(G - g), (const uint16_t*)S + g)));
 }
 
+// Software prefetch of a weight stream: this many bytes ahead of the row being read, never past its chunk's end.
+static const int64_t PF_BYTES = 2048;
+
+static inline void prefetch_line(const char* p, const char* end) {
+    if (p < end) _mm_prefetch(p, _MM_HINT_T0);
+}
+
 // Rows [n0, n1) of chunk `chunk` when N rows are cut into chunks of `per` rows.
 static inline void chunk_rows(int64_t chunk, int64_t per, int64_t N, int64_t* n0, int64_t* n1) {
     *n0 = chunk * per;

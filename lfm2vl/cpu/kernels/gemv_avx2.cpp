@@ -14,12 +14,6 @@
 #include <math.h>
 #include <stdint.h>
 
-static const int64_t PF_BYTES = 2048;  // software prefetch distance of one weight stream, as the AVX512 paths
-
-static inline void prefetch_line(const char* p, const char* end) {
-    if (p < end) _mm_prefetch(p, _MM_HINT_T0);
-}
-
 T_AVX2 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
