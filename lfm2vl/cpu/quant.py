@@ -28,6 +28,14 @@ from .memory import release_mapped_pages, trim_heap
 MAX_ROWS = 8  # up to this many input rows the weight-streaming kernel beats torch's GEMM (scripts/bench_gemv.py)
 
 
+def default_max_rows() -> int:
+    """Input rows up to which a linear runs the weight-streaming kernel rather than gemm.linear: MAX_ROWS where the
+    CPU has a bf16 GEMM; 32 where gemm.py widens weights to fp32 first, which the kernel does in registers while it
+    reads each weight once (on an AVX2 Zen 3, 4608x1024, 16 rows: bf16 2.97 vs 3.98 ms, int8 2.28 vs 5.52, int4 2.03
+    vs 4.98; even around 32 rows for bf16 and 64 for int8 / int4)."""
+    return MAX_ROWS if gemm.bf16_native() else 32
+
+
 def _inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """x is fp32/bf16 on the CPU and nothing needs a gradient: the native kernels and gemm.linear have no backward,
     so training (grad enabled and something requires grad) keeps F.linear."""
@@ -46,13 +54,13 @@ class FastLinear(nn.Linear):
     max_rows: int = MAX_ROWS
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, max_rows: int = MAX_ROWS) -> "FastLinear":
+    def from_linear(cls, lin: nn.Linear, max_rows: int | None = None) -> "FastLinear":
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = lin.in_features, lin.out_features
         new.weight = lin.weight  # the same Parameter: tying (lm_head = embed_tokens) survives the swap
         new.bias = lin.bias
-        new.max_rows = max_rows
+        new.max_rows = default_max_rows() if max_rows is None else max_rows
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,16 +129,16 @@ class Int8Linear(nn.Module):
     bits = 8
     quantize_weight = staticmethod(quantize_weight_int8)
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, max_rows: int = MAX_ROWS):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, max_rows: int | None = None):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.register_buffer("weight", q)
         self.register_buffer("scale", scale)
         self.bias = bias
-        self.max_rows = max_rows
+        self.max_rows = default_max_rows() if max_rows is None else max_rows
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, max_rows: int = MAX_ROWS, release_source: bool = False) -> "Int8Linear":
+    def from_linear(cls, lin: nn.Linear, max_rows: int | None = None, release_source: bool = False) -> "Int8Linear":
         """release_source: lin's float weight is not used afterwards, so its mapped pages may leave the RSS."""
         q, s = cls.quantize_weight(lin.weight, release_source=release_source)
         bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
@@ -197,7 +205,7 @@ class Int4Linear(Int8Linear):
     quantize_weight = staticmethod(quantize_weight_int4)
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 max_rows: int = MAX_ROWS):
+                 max_rows: int | None = None):
         super().__init__(packed, scale, bias, max_rows)
         self.in_features = packed.shape[1] * 2
 
@@ -227,7 +235,8 @@ def _swap(root: nn.Module, make) -> int:
     return n
 
 
-def quantize_weights(model: nn.Module, bits: int = 8, quantize_head: bool = False, max_rows: int = MAX_ROWS) -> int:
+def quantize_weights(model: nn.Module, bits: int = 8, quantize_head: bool = False,
+                     max_rows: int | None = None) -> int:
     """Replace the language model's nn.Linear layers (and the output head if asked) by Int8Linear, or with bits=4
     by Int4Linear (a layer whose rows are not a multiple of 32 long gets Int8Linear); returns the count.
 
@@ -245,14 +254,14 @@ def quantize_weights(model: nn.Module, bits: int = 8, quantize_head: bool = Fals
     return n
 
 
-def _quantized(lin: nn.Linear, max_rows: int, bits: int) -> Int8Linear:
+def _quantized(lin: nn.Linear, max_rows: int | None, bits: int) -> Int8Linear:
     """Int8Linear / Int4Linear of lin; the float weight's memory-mapped pages leave the resident set (memory.py says
     why). A tied head's pages are the embedding's: lookups map back only the rows they read."""
     cls = Int4Linear if bits == 4 and lin.in_features % kernels.I4_GROUP == 0 else Int8Linear
     return cls.from_linear(lin, max_rows, release_source=True)
 
 
-def use_fast_linears(model: nn.Module, max_rows: int = MAX_ROWS) -> nn.Module:
+def use_fast_linears(model: nn.Module, max_rows: int | None = None) -> nn.Module:
     """The language model's nn.Linear layers and the output head become FastLinear, in place; returns the model.
 
     Results equal F.linear within float rounding (fp32 accumulation). Without the native kernels
