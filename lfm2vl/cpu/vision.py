@@ -21,6 +21,7 @@ from ..model.projector import Projector
 from . import gemm, kernels
 from .memory import release_span, weights
 
+
 def fast_linear(layer: nn.Module, x: torch.Tensor, gelu: str | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
     """`layer(x)`, then optional GELU (approximate="tanh"/"none"), then `+ residual`: a plain nn.Linear at inference

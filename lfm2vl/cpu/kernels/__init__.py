@@ -1,7 +1,7 @@
 """Native CPU kernels: multithreaded GEMV / small-M GEMM over bf16, fp32, int8 and int4 weights, attention.
 
-- `gemv.cpp` (products; `gemv_avx2.cpp` their AVX2 rows), `attn.cpp` (decode attention), `attn_many.cpp` (the vision tower's and the prefill's attention),
-  `prefill.cpp` (a bf16 prefill's SwiGLU, RMSNorm and short-conv middle),
+- `gemv.cpp` (products; `gemv_avx2.cpp` their AVX2 rows), `attn.cpp` (decode attention), `attn_many.cpp` (the
+  vision tower's and the prefill's attention), `prefill.cpp` (a bf16 prefill's SwiGLU, RMSNorm and short-conv middle),
   `decode.cpp` (the fused decode step, driven by `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats:
   quantization at load, expansion for prefill), `dropout.cpp` (training's dropout, mask hashed from a seed) and
   `pool.cpp` (their thread pool), with `gemv.h` / `pool.h`, are

@@ -206,6 +206,24 @@ T_AVX512 static inline void i4_scales16(const float* S, int64_t g, int64_t G, fl
     _mm512_storeu_ps(out, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tail16(G - g), (const uint16_t*)S + g)));
 }
 
+// ---- AVX2 helpers (gemv_avx2.cpp, quantized.cpp)
+// 8 bf16 values widened exactly to fp32
+T_AVX2 static inline __m256 load8_bf16(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+T_AVX2 static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
+T_AVX2 static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
 // Software prefetch of a weight stream: this many bytes ahead of the row being read, never past its chunk's end.
 static const int64_t PF_BYTES = 2048;
 

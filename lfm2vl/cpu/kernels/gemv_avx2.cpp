@@ -14,18 +14,6 @@
 #include <math.h>
 #include <stdint.h>
 
-T_AVX2 static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-
-T_AVX2 static inline __m256 load8_bf16(const uint16_t* p) {
-    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-}
-
 T_AVX2 static inline __m256 load8_i8(const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
 }
@@ -156,10 +144,7 @@ T_AVX2 void quantize_x_q8(const float* X, int64_t M, int64_t K, int8_t* q, float
             v[j] = _mm256_loadu_ps(x + 8 * j);
             mx = _mm256_max_ps(mx, _mm256_and_ps(v[j], absmask));
         }
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-        const float amax = _mm_cvtss_f32(m4);
+        const float amax = hmax8(mx);
         const float db = amax / 127.0f, id = db > 0.f ? 1.0f / db : 0.f;
         d[b] = db;
         __m256i i32[4];

@@ -118,14 +118,12 @@ static void dequant_chunk(const void* ctx, int64_t chunk) {
     const DequantArgs& a = *(const DequantArgs*)ctx;
     int64_t n0, n1;
     chunk_rows(chunk, a.rows_per_chunk, a.N, &n0, &n1);
-    if (active_isa() >= 2) {
-        if (a.bits == 8) int8_rows_avx512(a, n0, n1);
-        else int4_rows_avx512(a, n0, n1);
-        return;
-    }
-    if (active_isa() == 1) {
-        if (a.bits == 8) int8_rows_avx2(a, n0, n1);
-        else int4_rows_avx2(a, n0, n1);
+    const int isa = active_isa();
+    void (*rows)(const DequantArgs&, int64_t, int64_t) =
+        isa >= 2 ? (a.bits == 8 ? int8_rows_avx512 : int4_rows_avx512)
+        : isa == 1 ? (a.bits == 8 ? int8_rows_avx2 : int4_rows_avx2) : NULL;
+    if (rows) {
+        rows(a, n0, n1);
         return;
     }
     for (int64_t n = n0; n < n1; n++)
@@ -229,10 +227,7 @@ T_AVX512 static void quantize_int4_row_avx512(const QuantArgs& a, int64_t n) {
 
 // The same rows with AVX2 (8 values at a time), the same arithmetic.
 T_AVX2 static inline __m256 load8_f32(const QuantArgs& a, int64_t i) {
-    if (a.wdt == 1)
-        return _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)a.w + i))), 16));
-    return _mm256_loadu_ps((const float*)a.w + i);
+    return a.wdt == 1 ? load8_bf16((const uint16_t*)a.w + i) : _mm256_loadu_ps((const float*)a.w + i);
 }
 
 T_AVX2 static inline __m256i levels8(__m256 w, __m256 d, float lo, float hi) {
@@ -244,12 +239,6 @@ T_AVX2 static inline __m256i levels8(__m256 w, __m256 d, float lo, float hi) {
 T_AVX2 static inline __m128i bytes8(__m256i v) {
     const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     return _mm_packs_epi16(h, h);
-}
-
-T_AVX2 static inline float hmax8(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
 }
 
 T_AVX2 static void quantize_int8_row_avx2(const QuantArgs& a, int64_t n) {
@@ -294,18 +283,12 @@ static void quantize_chunk(const void* ctx, int64_t chunk) {
     const QuantArgs& a = *(const QuantArgs*)ctx;
     int64_t n0, n1;
     chunk_rows(chunk, a.rows_per_chunk, a.N, &n0, &n1);
-    if (active_isa() >= 2 && a.K % 16 == 0) {
-        for (int64_t n = n0; n < n1; n++) {
-            if (a.bits == 8) quantize_int8_row_avx512(a, n);
-            else quantize_int4_row_avx512(a, n);
-        }
-        return;
-    }
-    if (active_isa() == 1 && a.K % 8 == 0) {
-        for (int64_t n = n0; n < n1; n++) {
-            if (a.bits == 8) quantize_int8_row_avx2(a, n);
-            else quantize_int4_row_avx2(a, n);
-        }
+    const int isa = active_isa();  // vector rows need whole vectors: 16 values (AVX512) or 8 (AVX2) per step
+    void (*row)(const QuantArgs&, int64_t) =
+        isa >= 2 && a.K % 16 == 0 ? (a.bits == 8 ? quantize_int8_row_avx512 : quantize_int4_row_avx512)
+        : isa == 1 && a.K % 8 == 0 ? (a.bits == 8 ? quantize_int8_row_avx2 : quantize_int4_row_avx2) : NULL;
+    if (row) {
+        for (int64_t n = n0; n < n1; n++) row(a, n);
         return;
     }
     float* buf = (float*)malloc(sizeof(float) * (size_t)a.K);
