@@ -1,12 +1,12 @@
 """Decode speed of lfm2vl beside llama.cpp, interleaved round by round (the machine's memory bandwidth drifts).
 
     python scripts/bench_vs_llamacpp.py --llama-bench PATH/llama-bench --gguf-bf16 LM-bf16.gguf \
-        [--gguf-q8 LM-q8_0.gguf] [--gguf-q4 LM-q4_0.gguf] [--model FOLDER] [--rounds 8]
+        [--gguf-q8 LM-q8_0.gguf] [--gguf-q4 LM-q4_0.gguf] [--model FOLDER] [--rounds 8] [--depths 0,512]
 
-Each round: lfm2vl bf16 through its public API (`engine.generate` on a prompt of 512 tokens, `--new-tokens` greedy
-steps; the Result's decode rate, first token to last), llama-bench on the bf16 GGUF (`-p 0 -n N -d 512`: the same
-steps after the same depth), then lfm2vl int8 beside the Q8_0 GGUF and lfm2vl int4
-beside the Q4_0 one, when given.
+Each round, at each depth D: lfm2vl bf16 through its public API (`engine.generate` on a prompt of D tokens — at
+depth 0 the shortest chat prompt, a few tokens —, `--new-tokens` greedy steps; the Result's decode rate, first token
+to last), llama-bench on the bf16 GGUF (`-p 0 -n N -d D`: the same steps after the same depth), then lfm2vl int8
+beside the Q8_0 GGUF and lfm2vl int4 beside the Q4_0 one, when given.
 Both use `--threads`. Medians, ranges and per-round ratios are printed, then JSON. llama.cpp and the GGUF files of
 the same checkpoint are yours to provide (llama.cpp's convert_hf_to_gguf.py; this project ships neither).
 """
@@ -26,7 +26,7 @@ import torch
 
 import lfm2vl
 
-DEPTH = 512
+DEPTHS = (0, 512)
 
 
 def prompt_of(engine, tokens: int) -> str:
@@ -44,8 +44,8 @@ def ours(engine, prompt: str, n: int) -> float:
     return r.decode_tps
 
 
-def llama(binary: str, gguf: str, n: int, threads: int) -> float:
-    cmd = [binary, "-m", gguf, "-t", str(threads), "-p", "0", "-n", str(n), "-d", str(DEPTH), "-r", "1", "-o", "json"]
+def llama(binary: str, gguf: str, n: int, threads: int, depth: int = DEPTHS[-1]) -> float:
+    cmd = [binary, "-m", gguf, "-t", str(threads), "-p", "0", "-n", str(n), "-d", str(depth), "-r", "1", "-o", "json"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"llama-bench failed ({' '.join(cmd)}): {out.stderr.strip()[-500:]}")
@@ -63,7 +63,15 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--depths", default=",".join(map(str, DEPTHS)),
+                    help="comma-separated context depths to decode after (default: %(default)s)")
     args = ap.parse_args(argv)
+    try:
+        depths = [int(d) for d in args.depths.split(",")]
+    except ValueError:
+        ap.error(f"--depths must be comma-separated whole numbers, got {args.depths!r}")
+    if not depths or min(depths) < 0:
+        ap.error(f"--depths must list depths >= 0, got {args.depths!r}")
     for p in (args.llama_bench, args.gguf_bf16, args.gguf_q8, args.gguf_q4, args.model):
         if p is not None and not Path(p).exists():
             ap.error(f"{p} does not exist")
@@ -74,21 +82,26 @@ def main(argv=None) -> int:
     if args.gguf_q4:
         pairs.append(("lfm2vl int4", {"int4": True}, "llama.cpp q4_0", args.gguf_q4))
     engines = {name: lfm2vl.load(args.model, dtype="bfloat16", **fmt) for name, fmt, _, _ in pairs}
-    prompt = prompt_of(engines["lfm2vl bf16"], DEPTH)
-    res: dict[str, list[float]] = {k: [] for a, _, b, _ in pairs for k in (a, b)}
+    prompts = {d: prompt_of(engines["lfm2vl bf16"], d) for d in depths}
+    res: dict[int, dict[str, list[float]]] = {d: {k: [] for a, _, b, _ in pairs for k in (a, b)} for d in depths}
     for r in range(args.rounds):
-        for name, _, other, gguf in pairs:
-            res[name].append(ours(engines[name], prompt, args.new_tokens))
-            res[other].append(llama(args.llama_bench, gguf, args.new_tokens, args.threads))
-        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in res.items()), file=sys.stderr, flush=True)
-    print(f"decode tok/s at depth {DEPTH}, {args.new_tokens} steps, {args.threads} threads, {args.rounds} rounds")
-    print(f"{'engine':<16} {'median':>7} {'min':>7} {'max':>7}")
-    for k, v in res.items():
-        print(f"{k:<16} {statistics.median(v):>7.1f} {min(v):>7.1f} {max(v):>7.1f}")
-    for name, _, other, _ in pairs:
-        ratios = [a / b for a, b in zip(res[name], res[other])]
-        print(f"{name} / {other} per round: " + " ".join(f"{x:.2f}" for x in ratios))
-    print(json.dumps({"depth": DEPTH, "new_tokens": args.new_tokens, "threads": args.threads, "results": res}))
+        for d in depths:
+            for name, _, other, gguf in pairs:
+                res[d][name].append(ours(engines[name], prompts[d], args.new_tokens))
+                res[d][other].append(llama(args.llama_bench, gguf, args.new_tokens, args.threads, d))
+            print(f"round {r}, depth {d}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in res[d].items()),
+                  file=sys.stderr, flush=True)
+    for d in depths:
+        print(f"decode tok/s at depth {d}, {args.new_tokens} steps, {args.threads} threads, {args.rounds} rounds")
+        print(f"{'engine':<16} {'median':>7} {'min':>7} {'max':>7}")
+        for k, v in res[d].items():
+            print(f"{k:<16} {statistics.median(v):>7.1f} {min(v):>7.1f} {max(v):>7.1f}")
+        for name, _, other, _ in pairs:
+            ratios = [a / b for a, b in zip(res[d][name], res[d][other])]
+            print(f"{name} / {other} per round: " + " ".join(f"{x:.2f}" for x in ratios)
+                  + f" (median {statistics.median(ratios):.2f})")
+    print(json.dumps({"depths": depths, "new_tokens": args.new_tokens, "threads": args.threads,
+                      "results": {str(d): res[d] for d in depths}}))
     return 0
 
 

@@ -31,16 +31,20 @@ def isa_cap(request):
     kernels.set_isa(3)
 
 
-def _q8_activations(x: torch.Tensor) -> torch.Tensor:
-    """x rounded as the AVX2 int8 / int4 products quantize it (gemv_avx2.cpp): per block of 32, d = amax / 127 and
+def _quantized_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x rounded as the AVX2 products quantize it (gemv_avx2.cpp): int8 weights meet x in 16 bits per block of 256
+    (the last block shorter), int4 weights x in 8 bits per block of 32; per block d = amax / (2^(b-1) - 1) and
     round(x * (1 / d)) to nearest even, times d."""
-    xb = x.float().reshape(*x.shape[:-1], -1, 32)
-    d = xb.abs().amax(-1, keepdim=True) / 127
-    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    return (torch.round(xb * inv) * d).reshape(x.shape)
+    block, top = (256, 32767) if bits == 8 else (32, 127)
+    out = []
+    for xb in x.float().split(block, dim=-1):
+        d = xb.abs().amax(-1, keepdim=True) / top
+        inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+        out.append(torch.round(xb * inv) * d)
+    return torch.cat(out, -1)
 
 
-def _q8_path(K: int) -> bool:
+def _quantized_path(K: int) -> bool:
     """Whether int8 / int4 products with rows K long take the quantized-activation path (AVX2, whole blocks)."""
     return kernels.isa() == 1 and K % 32 == 0
 
@@ -82,8 +86,8 @@ def test_float_weights_match_fp32_linear(isa_cap, wdt, xdt):
 @pytest.mark.parametrize("xdt", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
 def test_quantized_matches_dequantized_linear(isa_cap, xdt, cls):
-    """int8 and int4 products equal F.linear over the dequantized weight (on AVX2: of x quantized in blocks of 32, as
-    that path does); prefill's native dequantization gives the same values as the torch formula."""
+    """int8 and int4 products equal F.linear over the dequantized weight (on AVX2: of x quantized as that path does);
+    prefill's native dequantization gives the same values as the torch formula."""
     if kernels.isa() < isa_cap:
         pytest.skip(f"CPU lacks ISA level {isa_cap}")
     g = torch.Generator().manual_seed(10 + isa_cap)
@@ -96,7 +100,8 @@ def test_quantized_matches_dequantized_linear(isa_cap, xdt, cls):
         for M in (1, 4, 7):
             x = torch.randn(M, K, generator=g).to(xdt)
             y = kernels.linear(x, lin.weight, bias, lin.scale)
-            ref = F.linear(_q8_activations(x) if _q8_path(K) else x.float(), W, bias)
+            bits = 8 if cls is Int8Linear else 4
+            ref = F.linear(_quantized_activations(x, bits) if _quantized_path(K) else x.float(), W, bias)
             err = (y.float() - ref).abs()
             assert (err <= _tol(ref, K, xdt)).all(), f"{(N, K, M)} max err {err.max():.3g}"
         for dt in (torch.float32, torch.bfloat16):
@@ -256,7 +261,7 @@ def test_quantize_weights_int8_decode_and_prefill_agree():
         pre = lin(x.expand(20, 64))[:1]       # F.linear over the dequantized weight
     ref = F.linear(x.float(), lin.dequantize())
     if kernels.available():  # the kernel: fp32 math on the exact int8 * scale weight, one bf16 output rounding
-        want = F.linear(_q8_activations(x), lin.dequantize()) if _q8_path(64) else ref  # AVX2: x in 8 bits
+        want = F.linear(_quantized_activations(x, 8), lin.dequantize()) if _quantized_path(64) else ref  # AVX2
         assert ((dec.float() - want).abs() <= want.abs() * 2.0 ** -7 + 1e-3).all()
     else:  # plain torch: F.linear over the weight dequantized to bf16
         assert torch.equal(dec, F.linear(x, lin.dequantize(torch.bfloat16)))

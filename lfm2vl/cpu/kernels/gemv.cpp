@@ -280,8 +280,8 @@ static void linear_chunk(const void* ctx, int64_t chunk) {
         rows_bf16_dp((const uint16_t*)a.W, (const uint16_t*)a.X, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
     } else if (a.Xp) {
         rows_bf16_avx2((const uint16_t*)a.W, a.Xp, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
-    } else if (a.Xq) {
-        rows_q_avx2(a.kind, a.W, a.S, a.Xq, a.Xd, a.Xs, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
+    } else if (a.Xq || a.Xh) {
+        rows_q_avx2(a.kind, a.W, a.S, a.Xh, a.Xq, a.Xd, a.Xs, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
     } else if (a.kind == 3) {
         const uint8_t* W = (const uint8_t*)a.W;
         if (a.isa >= 2) rows_i4(W, a.S, a.Xf, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
@@ -312,13 +312,18 @@ void linear_setup(LinearArgs& a, int kind, const void* W, const float* S, const 
     a.kind = kind; a.isa = active_isa(); a.ydt = ydt;
     a.dp = (kind == 0 && xdt == 1 && a.isa >= 3);
     a.W = W; a.S = S; a.X = X; a.Xf = Xf; a.Y = Y; a.bias = bias; a.M = M; a.N = N; a.K = K;
-    a.Xq = NULL; a.Xd = NULL; a.Xs = NULL; a.Xp = NULL;
+    a.Xh = NULL; a.Xq = NULL; a.Xd = NULL; a.Xs = NULL; a.Xp = NULL;
     if (a.isa == 1 && kind == 0 && K % 32 == 0 && Xf) {  // AVX2 bf16: x split by parity (gemv_avx2.cpp)
         a.xp.resize(M * K);
         split_x_even_odd(Xf, M, K, a.xp.data());
         a.Xp = a.xp.data();
     }
-    if (a.isa == 1 && (kind == 2 || kind == 3) && K % 32 == 0 && Xf) {  // AVX2: integer dot products (gemv_avx2.cpp)
+    if (a.isa == 1 && kind == 2 && K % 32 == 0 && Xf) {  // AVX2: integer dot products (gemv_avx2.cpp)
+        a.xh.resize(M * K); a.xd.resize(M * ((K + Q16_BLOCK - 1) / Q16_BLOCK));
+        quantize_x_q16(Xf, M, K, a.xh.data(), a.xd.data());
+        a.Xh = a.xh.data(); a.Xd = a.xd.data();
+    }
+    if (a.isa == 1 && kind == 3 && K % 32 == 0 && Xf) {
         a.xq.resize(M * K); a.xd.resize(M * K / 32); a.xs.resize(M * K / 32);
         quantize_x_q8(Xf, M, K, a.xq.data(), a.xd.data(), a.xs.data());
         a.Xq = a.xq.data(); a.Xd = a.xd.data(); a.Xs = a.xs.data();

@@ -114,10 +114,13 @@ struct LinearArgs {
     void* Y;
     const float* bias;
     int64_t M, N, K, rows_per_chunk, chunks;
-    // AVX2 int8 / int4 products: x quantized in blocks of 32 (gemv_avx2.cpp), else NULL
+    // AVX2 int8 products: x quantized to int16 in blocks of Q16_BLOCK; int4: to int8 in blocks of 32 (gemv_avx2.cpp);
+    // else NULL
+    const int16_t* Xh;
     const int8_t* Xq;
     const float* Xd;
     const float* Xs;
+    std::vector<int16_t> xh;
     std::vector<int8_t> xq;
     std::vector<float> xd;
     std::vector<float> xs;
@@ -133,8 +136,11 @@ void rows_f32_avx2(int kind, const void* W, const float* S, const float* X, void
 void split_x_even_odd(const float* X, int64_t M, int64_t K, float* out);
 void rows_bf16_avx2(const uint16_t* W, const float* Xp, void* Y, const float* bias, int64_t M, int64_t n0, int64_t n1,
                     int64_t N, int64_t K, int ydt);
+static const int64_t Q16_BLOCK = 256;
+void quantize_x_q16(const float* X, int64_t M, int64_t K, int16_t* q, float* d);
 void quantize_x_q8(const float* X, int64_t M, int64_t K, int8_t* q, float* d, float* qsum);
-void rows_q_avx2(int kind, const void* W, const float* S, const int8_t* Xq, const float* Xd, const float* Xs,
+void rows_q_avx2(int kind, const void* W, const float* S, const int16_t* Xh, const int8_t* Xq, const float* Xd,
+                 const float* Xs,
                  void* Y, const float* bias, int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt);
 
 // kind 0 bf16 / 1 fp32 / 2 int8 (+ row scales S) / 3 int4 (+ group scales S) weights; xdt/ydt 0 fp32, 1 bf16.

@@ -2,13 +2,16 @@
 //
 // bf16 / fp32 weights: widened to fp32 and multiplied with FMA (the same math as the other ISAs).
 // int8 / int4 weights: AVX2 has no instruction that widens a byte to fp32 in one step, so widening costs three
-// instructions per 8 weights and the product is bound by them, not by memory. Here x is quantized to int8 in blocks
-// of 32 (`quantize_x_q8`, as llama.cpp's Q8_0: d = amax / 127, q = round(x / d)) and each block's 32 products are
-// summed in integers by VPMADDUBSW + VPMADDWD (3 to 5 instructions per 32 weights), then scaled in fp32:
-//   int8: y[n] = S[n] * sum_b d_b * sum_i w[n, i] q_i
-//   int4: y[n] = sum_g S[n, g] * d_g * sum_i nibble_i q_i - 8 sum_g S[n, g] * d_g * sum_i q_i
-// so results differ from the fp32-activation paths by x's rounding to 8 bits in each block (a relative error of at
-// most 1/254 of the block's largest value per element; the weights' own rounding is 1/254 (int8) or 1/16 (int4)).
+// instructions per 8 weights and the product is bound by them, not by memory. Here x is quantized once per product
+// and the weights meet it in integer multiply-adds:
+//   int8: x to int16 per block of 256 (`quantize_x_q16`: d = amax / 32767, q = round(x / d)); each weight byte is
+//     sign-extended to 16 bits and VPMADDWD sums w * q pairs into int32 lanes that hold a whole block exactly, so one
+//     conversion and one FMA per 256 weights remain: y[n] = S[n] * sum_b d_b * sum_i w[n, i] q_i.
+//   int4: x to int8 per block of 32 (`quantize_x_q8`, as llama.cpp's Q8_0: d = amax / 127), VPMADDUBSW multiplies
+//     the unsigned nibbles by q, two groups per register:
+//     y[n] = sum_g S[n, g] * d_g * sum_i nibble_i q_i - 8 sum_g S[n, g] * d_g * sum_i q_i.
+// So results differ from the fp32-activation paths by x's rounding in each block: at most 1/65534 (int8) or 1/254
+// (int4) of the block's largest value per element, below the weights' own rounding (1/254 int8, 1/16 int4).
 #include <immintrin.h>
 #include "gemv.h"
 #include <math.h>
@@ -135,6 +138,8 @@ T_AVX2 void rows_bf16_avx2(const uint16_t* W, const float* Xp, void* Y, const fl
 // ---------------------------------------------------------------- int8-quantized activations
 // x (M, K) fp32 -> q (M, K) int8 and d (M, K/32): per block of 32, d = amax / 127 and q = round(x * (1 / d)) to
 // nearest even (d = 0 and q = 0 for an all-zero block); qsum (M, K/32) = the sum of each block's q (as fp32).
+// q is laid out for row_q4, which takes two groups per register: blocks 2p and 2p + 1 of a row are stored as the
+// first halves of both, then the second halves of both (a last unpaired block stays as it is).
 T_AVX2 void quantize_x_q8(const float* X, int64_t M, int64_t K, int8_t* q, float* d, float* qsum) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t b = 0; b < M * K / 32; b++) {
@@ -159,55 +164,110 @@ T_AVX2 void quantize_x_q8(const float* X, int64_t M, int64_t K, int8_t* q, float
         // int32 -> int16 -> int8 with saturation keeps the order within 128-bit lanes: undo it with a permute
         const __m256i p16a = _mm256_packs_epi32(i32[0], i32[1]), p16b = _mm256_packs_epi32(i32[2], i32[3]);
         const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
-        _mm256_storeu_si256((__m256i*)(q + b * 32),
-                            _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        const __m256i qb = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        const int64_t G = K / 32, m = b / G, g = b % G;
+        if ((g ^ 1) < G) {
+            int8_t* base = q + m * K + (g & ~(int64_t)1) * 32 + (g & 1) * 16;
+            _mm_storeu_si128((__m128i*)base, _mm256_castsi256_si128(qb));
+            _mm_storeu_si128((__m128i*)(base + 32), _mm256_extracti128_si256(qb, 1));
+        } else {
+            _mm256_storeu_si256((__m256i*)(q + b * 32), qb);
+        }
     }
 }
 
-// 8 int32 lanes summing the 32 products of int8 weights w with int8 activations q (|w| <= 127: a VPSIGNB pair
-// makes the unsigned x signed operands VPMADDUBSW needs; 2 * 127 * 127 fits its int16 pairs).
-T_AVX2 static inline __m256i dot32_i8(__m256i w, __m256i q) {
-    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w));
+// x (M, K) fp32 -> q (M, K) int16 and d (M, ceil(K / Q16_BLOCK)): per block of Q16_BLOCK (the last one may be
+// shorter), d = amax / 32767 and q = round(x * (1 / d)) to nearest even (d = 0 and q = 0 for an all-zero block).
+// K is a multiple of 32.
+T_AVX2 void quantize_x_q16(const float* X, int64_t M, int64_t K, int16_t* q, float* d) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const int64_t nb = (K + Q16_BLOCK - 1) / Q16_BLOCK;
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const int64_t k0 = b * Q16_BLOCK, k1 = k0 + Q16_BLOCK < K ? k0 + Q16_BLOCK : K;
+            const float* x = X + m * K;
+            __m256 mx = _mm256_setzero_ps();
+            for (int64_t k = k0; k < k1; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(x + k), absmask));
+            const float db = hmax8(mx) / 32767.0f, id = db > 0.f ? 1.0f / db : 0.f;
+            d[m * nb + b] = db;
+            const __m256 vid = _mm256_set1_ps(id);
+            for (int64_t k = k0; k < k1; k += 16) {
+                const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vid));  // nearest even
+                const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), vid));
+                // packs interleaves 128-bit lanes (a0-3 c0-3 | a4-7 c4-7): a 64-bit permute restores the order
+                _mm256_storeu_si256((__m256i*)(q + m * K + k),
+                                    _mm256_permute4x64_epi64(_mm256_packs_epi32(a, c), 0xd8));
+            }
+        }
+    }
+}
+
+// int8 weights x int16-quantized activations, MR activation rows per pass over a weight row. Each 8 weight bytes are
+// sign-extended once (VPMOVSXBW, 128-bit: one instruction on every AVX2 core) and multiplied into int32 lanes per
+// row; a block's lanes then go to fp32 with the block's scale. |sum| per lane <= 16 * 127 * 32767 < 2^31.
+template <int MR>
+T_AVX2 static void row_q16(const int8_t* w, const int16_t* Q, const float* D, int64_t K, bool pf, const char* end,
+                           float* out) {
+    constexpr int NA = MR == 1 ? 4 : 2;  // int32 accumulators per row: enough to keep VPMADDWD's latency hidden
+    const int64_t nb = (K + Q16_BLOCK - 1) / Q16_BLOCK;
+    __m128 facc[MR];
+    for (int j = 0; j < MR; j++) facc[j] = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t k0 = b * Q16_BLOCK, k1 = k0 + Q16_BLOCK < K ? k0 + Q16_BLOCK : K;
+        __m128i acc[MR][NA];
+        for (int j = 0; j < MR; j++)
+            for (int a = 0; a < NA; a++) acc[j][a] = _mm_setzero_si128();
+        for (int64_t k = k0; k < k1; k += 32) {
+            if (pf) prefetch_line((const char*)(w + k) + PF_BYTES, end);
+            for (int i = 0; i < 4; i++) {
+                const __m128i wv = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i*)(w + k + 8 * i)));
+                for (int j = 0; j < MR; j++)
+                    acc[j][i % NA] = _mm_add_epi32(acc[j][i % NA], _mm_madd_epi16(
+                        wv, _mm_loadu_si128((const __m128i*)(Q + j * K + k + 8 * i))));
+            }
+        }
+        for (int j = 0; j < MR; j++) {
+            __m128i t = acc[j][0];
+            for (int a = 1; a < NA; a++) t = _mm_add_epi32(t, acc[j][a]);
+            facc[j] = _mm_fmadd_ps(_mm_cvtepi32_ps(t), _mm_set1_ps(D[j * nb + b]), facc[j]);
+        }
+    }
+    for (int j = 0; j < MR; j++) {
+        __m128 t = _mm_add_ps(facc[j], _mm_movehl_ps(facc[j], facc[j]));
+        t = _mm_add_ss(t, _mm_shuffle_ps(t, t, 1));
+        out[j] = _mm_cvtss_f32(t);
+    }
+}
+
+// Groups g and g + 1 of an int4 row (their 32 bytes) against their activations laid out as quantize_x_q8 pairs them:
+// the low nibbles (elements 0..15 of each group) meet the first halves, the high nibbles (16..31) the second halves.
+// Two VPMADDUBSW products of unsigned nibbles (<= 15) and |q| <= 127 add in int16 without overflow (<= 4 * 15 * 127),
+// so one VPMADDWD gives 8 int32 lanes: 4 per group.
+T_AVX2 static inline __m256i i4_pair_dot(__m256i v, const int8_t* q) {
+    const __m256i m15 = _mm256_set1_epi8(15);
+    const __m256i lo = _mm256_and_si256(v, m15), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)q)),
+                                       _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(q + 32))));
     return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 }
 
-// int8 weights x int8-quantized activations, MR activation rows per pass over a weight row. Two accumulators per
-// activation row, alternating by block, so consecutive blocks do not wait on each other's FMA.
-template <int MR>
-T_AVX2 static void row_q8(const int8_t* w, const int8_t* Q, const float* D, int64_t K, bool pf, const char* end,
-                          float* out) {
-    __m256 acc[MR][2];
-    for (int j = 0; j < MR; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
-    const int64_t nb = K / 32;
-    for (int64_t b = 0; b < nb; b++) {
-        if (pf) prefetch_line((const char*)(w + b * 32) + PF_BYTES, end);
-        const __m256i wv = _mm256_loadu_si256((const __m256i*)(w + b * 32));
-        for (int j = 0; j < MR; j++) {
-            const __m256i s = dot32_i8(wv, _mm256_loadu_si256((const __m256i*)(Q + j * K + b * 32)));
-            acc[j][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(D + j * nb + b), acc[j][b & 1]);
-        }
-    }
-    for (int j = 0; j < MR; j++) out[j] = hsum256(_mm256_add_ps(acc[j][0], acc[j][1]));
-}
-
-// Group g of an int4 row: its 16 bytes as 32 nibbles 0..15 in one register (the low nibbles, elements 0..15, in the
-// low half; the high ones in the upper half): VPMADDUBSW's unsigned operand as they are.
-T_AVX2 static inline __m256i i4_nibbles(const uint8_t* w, int64_t g) {
-    const __m128i b = _mm_loadu_si128((const __m128i*)(w + g * 16));
-    return _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(b), _mm_srli_epi16(b, 4), 1),
-                            _mm256_set1_epi8(15));
+// A last unpaired group: its 16 bytes as 32 nibbles (the low ones, elements 0..15, in the low half).
+T_AVX2 static inline __m256i i4_single_dot(const uint8_t* w, const int8_t* q) {
+    const __m128i b = _mm_loadu_si128((const __m128i*)w);
+    const __m256i nib = _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(b), _mm_srli_epi16(b, 4), 1),
+                                         _mm256_set1_epi8(15));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(nib, _mm256_loadu_si256((const __m256i*)q)), _mm256_set1_epi16(1));
 }
 
 // int4 weights (gemv.h's layout) x int8-quantized activations. Per group: sum nibble * q in integers, times
 // S[n, g] * d_g; the -8 offset is taken off once per row as 8 * sum_g S[n, g] * d_g * qsum_g. Eight groups' scale
-// products are formed at a time; two accumulators per activation row alternate by group.
+// products are formed at a time; two groups share a register; two accumulators per activation row alternate.
 template <int MR>
 T_AVX2 static void row_q4(const uint8_t* w, const uint16_t* s, const int8_t* Q, const float* D, const float* QS,
                           int64_t K, bool pf, const char* end, float* out) {
     __m256 acc[MR][2], corr[MR];
     for (int j = 0; j < MR; j++) acc[j][0] = acc[j][1] = corr[j] = _mm256_setzero_ps();
     const int64_t G = K / I4_GROUP;
-    const __m256i ones = _mm256_set1_epi16(1);
     alignas(32) float sd[MR][8];
     int64_t g = 0;
     for (; g + 8 <= G; g += 8) {
@@ -221,51 +281,53 @@ T_AVX2 static void row_q4(const uint8_t* w, const uint16_t* s, const int8_t* Q, 
             prefetch_line((const char*)(w + g * 16) + PF_BYTES, end);
             prefetch_line((const char*)(w + g * 16) + PF_BYTES + 64, end);
         }
-        for (int u = 0; u < 8; u++) {
-            const __m256i nib = i4_nibbles(w, g + u);
+        for (int u = 0; u < 8; u += 2) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(w + (g + u) * 16));
             for (int j = 0; j < MR; j++) {
-                const __m256i p = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(nib, _mm256_loadu_si256((const __m256i*)(Q + j * K + (g + u) * 32))), ones);
-                acc[j][u & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&sd[j][u]), acc[j][u & 1]);
+                const __m256i p = i4_pair_dot(v, Q + j * K + (g + u) * 32);
+                const __m256 scale = _mm256_set_m128(_mm_broadcast_ss(&sd[j][u + 1]), _mm_broadcast_ss(&sd[j][u]));
+                acc[j][(u >> 1) & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[j][(u >> 1) & 1]);
             }
         }
     }
     float tail[MR] = {};
-    for (; g < G; g++) {
-        const __m256i nib = i4_nibbles(w, g);
-        const float sg = _cvtsh_ss(s[g]);
+    for (; g < G; g += 2) {
+        const bool pair = g + 1 < G;
+        const float s0 = _cvtsh_ss(s[g]), s1 = pair ? _cvtsh_ss(s[g + 1]) : 0.f;
+        const __m256i v = pair ? _mm256_loadu_si256((const __m256i*)(w + g * 16)) : _mm256_setzero_si256();
         for (int j = 0; j < MR; j++) {
-            const __m256i p = _mm256_madd_epi16(
-                _mm256_maddubs_epi16(nib, _mm256_loadu_si256((const __m256i*)(Q + j * K + g * 32))), ones);
-            const float sdg = sg * D[j * G + g];
-            acc[j][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sdg), acc[j][0]);
-            tail[j] += sdg * QS[j * G + g];
+            const float sd0 = s0 * D[j * G + g], sd1 = pair ? s1 * D[j * G + g + 1] : 0.f;
+            const __m256i p = pair ? i4_pair_dot(v, Q + j * K + g * 32) : i4_single_dot(w + g * 16, Q + j * K + g * 32);
+            const __m256 scale = pair ? _mm256_set_m128(_mm_set1_ps(sd1), _mm_set1_ps(sd0)) : _mm256_set1_ps(sd0);
+            acc[j][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[j][0]);
+            tail[j] += sd0 * QS[j * G + g] + (pair ? sd1 * QS[j * G + g + 1] : 0.f);
         }
     }
     for (int j = 0; j < MR; j++)
         out[j] = hsum256(_mm256_add_ps(acc[j][0], acc[j][1])) - 8.0f * (hsum256(corr[j]) + tail[j]);
 }
 
-// Rows n0..n1-1 of an int8 (kind 2) or int4 (kind 3) product with x quantized (Xq, Xd, Xs: quantize_x_q8's outputs
-// for all M rows), in groups of 4 / 2 / 1 activation rows per pass over a weight row.
-T_AVX2 void rows_q_avx2(int kind, const void* W, const float* S, const int8_t* Xq, const float* Xd,
+// Rows n0..n1-1 of an int8 (kind 2: Xh, Xd from quantize_x_q16) or int4 (kind 3: Xq, Xd, Xs from quantize_x_q8)
+// product for all M rows, in groups of 4 / 2 / 1 activation rows per pass over a weight row.
+T_AVX2 void rows_q_avx2(int kind, const void* W, const float* S, const int16_t* Xh, const int8_t* Xq, const float* Xd,
                         const float* Xs, void* Y, const float* bias, int64_t M, int64_t n0, int64_t n1, int64_t N,
                         int64_t K, int ydt) {
-    const int64_t nb = K / 32, row_bytes = kind == 2 ? K : K / 2;
+    const int64_t nb = kind == 2 ? (K + Q16_BLOCK - 1) / Q16_BLOCK : K / 32, row_bytes = kind == 2 ? K : K / 2;
     const char* end = (const char*)W + n1 * row_bytes;
     float out[4];
     for (int64_t n = n0; n < n1; n++) {
         const void* w = (const char*)W + n * row_bytes;
         for (int64_t m = 0; m < M;) {
             const int g = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
-            const int8_t* q = Xq + m * K;
             const float* d = Xd + m * nb;
             if (kind == 2) {
                 const int8_t* wr = (const int8_t*)w;
-                if (g == 4) row_q8<4>(wr, q, d, K, m == 0, end, out);
-                else if (g == 2) row_q8<2>(wr, q, d, K, m == 0, end, out);
-                else row_q8<1>(wr, q, d, K, m == 0, end, out);
+                const int16_t* q = Xh + m * K;
+                if (g == 4) row_q16<4>(wr, q, d, K, m == 0, end, out);
+                else if (g == 2) row_q16<2>(wr, q, d, K, m == 0, end, out);
+                else row_q16<1>(wr, q, d, K, m == 0, end, out);
             } else {
+                const int8_t* q = Xq + m * K;
                 const uint8_t* wr = (const uint8_t*)w;
                 const uint16_t* sr = (const uint16_t*)S + n * nb;
                 const float* qs = Xs + m * nb;
