@@ -132,7 +132,7 @@ def test_other_engines_start_with_the_users_environment(monkeypatch):
     assert seen == {"env": None} and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
-def test_llama_cpp_starts_with_the_users_environment(monkeypatch):
+def _llamacpp_script():
     import importlib.util
     from pathlib import Path
 
@@ -140,8 +140,25 @@ def test_llama_cpp_starts_with_the_users_environment(monkeypatch):
     spec = importlib.util.spec_from_file_location("bench_vs_llamacpp", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    seen = _captured_env(monkeypatch, script, lambda: script.llama("llama-bench", "m.gguf", 8, 2))
+    return script
+
+
+def test_llama_cpp_starts_with_the_users_environment(monkeypatch):
+    script = _llamacpp_script()
+    seen = _captured_env(monkeypatch, script, lambda: script.llama("llama-bench", "m.gguf", 8, 2, depth=0))
     assert seen == {"env": None}
+
+
+@pytest.mark.parametrize("depths", ["0,x", "-1", ""])
+def test_llama_cpp_comparison_names_a_bad_depth(tmp_path, capsys, depths):
+    script = _llamacpp_script()
+    for name in ("llama-bench", "lm.gguf"):
+        (tmp_path / name).write_text("")
+    with pytest.raises(SystemExit):
+        script.main(["--llama-bench", str(tmp_path / "llama-bench"), "--gguf-bf16", str(tmp_path / "lm.gguf"),
+                     "--model", str(tmp_path), "--depths", depths])
+    err = capsys.readouterr().err
+    assert "--depths must" in err and repr(depths) in err, err
 
 
 @pytest.mark.slow
