@@ -268,14 +268,13 @@ T_AVX2 static void row_q4(const uint8_t* w, const uint16_t* s, const int8_t* Q, 
     __m256 acc[MR][2], corr[MR];
     for (int j = 0; j < MR; j++) acc[j][0] = acc[j][1] = corr[j] = _mm256_setzero_ps();
     const int64_t G = K / I4_GROUP;
-    alignas(32) float sd[MR][8];
     int64_t g = 0;
     for (; g + 8 <= G; g += 8) {
         const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + g)));
+        __m256 sd[MR];  // S[n, g + i] * d_{g + i} for the 8 groups
         for (int j = 0; j < MR; j++) {
-            const __m256 p = _mm256_mul_ps(sc, _mm256_loadu_ps(D + j * G + g));
-            corr[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(QS + j * G + g), corr[j]);
-            _mm256_store_ps(sd[j], p);
+            sd[j] = _mm256_mul_ps(sc, _mm256_loadu_ps(D + j * G + g));
+            corr[j] = _mm256_fmadd_ps(sd[j], _mm256_loadu_ps(QS + j * G + g), corr[j]);
         }
         if (pf) {
             prefetch_line((const char*)(w + g * 16) + PF_BYTES, end);
@@ -283,10 +282,12 @@ T_AVX2 static void row_q4(const uint8_t* w, const uint16_t* s, const int8_t* Q, 
         }
         for (int u = 0; u < 8; u += 2) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(w + (g + u) * 16));
+            // lanes 0-3 take group u's scale, lanes 4-7 group u + 1's
+            const __m256i pick = _mm256_setr_epi32(u, u, u, u, u + 1, u + 1, u + 1, u + 1);
             for (int j = 0; j < MR; j++) {
                 const __m256i p = i4_pair_dot(v, Q + j * K + (g + u) * 32);
-                const __m256 scale = _mm256_set_m128(_mm_broadcast_ss(&sd[j][u + 1]), _mm_broadcast_ss(&sd[j][u]));
-                acc[j][(u >> 1) & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[j][(u >> 1) & 1]);
+                acc[j][(u >> 1) & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(sd[j], pick),
+                                                       acc[j][(u >> 1) & 1]);
             }
         }
     }
