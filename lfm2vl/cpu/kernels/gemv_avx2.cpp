@@ -1,4 +1,4 @@
-// The AVX2 + FMA products of gemv.cpp (CPUs without AVX512: AMD Zen 2/3, most laptops before 2021).
+// The AVX2 + FMA products of gemv.cpp (CPUs without AVX512: AMD Zen 1-3, most laptops before 2021).
 //
 // bf16 / fp32 weights: widened to fp32 and multiplied with FMA (the same math as the other ISAs).
 // int8 / int4 weights: AVX2 has no instruction that widens a byte to fp32 in one step, so widening costs three
@@ -204,7 +204,8 @@ T_AVX2 void quantize_x_q16(const float* X, int64_t M, int64_t K, int16_t* q, flo
 
 // int8 weights x int16-quantized activations, MR activation rows per pass over a weight row. Each 8 weight bytes are
 // sign-extended once (VPMOVSXBW, 128-bit: one instruction on every AVX2 core) and multiplied into int32 lanes per
-// row; a block's lanes then go to fp32 with the block's scale. |sum| per lane <= 16 * 127 * 32767 < 2^31.
+// row; a block's lanes then go to fp32 with the block's scale. A block holds 256 products, so even their whole
+// sum is exact in int32 (256 * 127 * 32767 < 2^31).
 template <int MR>
 T_AVX2 static void row_q16(const int8_t* w, const int16_t* Q, const float* D, int64_t K, bool pf, const char* end,
                            float* out) {
