@@ -44,7 +44,7 @@ def ours(engine, prompt: str, n: int) -> float:
     return r.decode_tps
 
 
-def llama(binary: str, gguf: str, n: int, threads: int, depth: int = DEPTHS[-1]) -> float:
+def llama(binary: str, gguf: str, n: int, threads: int, depth: int) -> float:
     cmd = [binary, "-m", gguf, "-t", str(threads), "-p", "0", "-n", str(n), "-d", str(depth), "-r", "1", "-o", "json"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:

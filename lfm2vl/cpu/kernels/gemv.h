@@ -140,8 +140,8 @@ static const int64_t Q16_BLOCK = 256;
 void quantize_x_q16(const float* X, int64_t M, int64_t K, int16_t* q, float* d);
 void quantize_x_q8(const float* X, int64_t M, int64_t K, int8_t* q, float* d, float* qsum);
 void rows_q_avx2(int kind, const void* W, const float* S, const int16_t* Xh, const int8_t* Xq, const float* Xd,
-                 const float* Xs,
-                 void* Y, const float* bias, int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt);
+                 const float* Xs, void* Y, const float* bias, int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K,
+                 int ydt);
 
 // kind 0 bf16 / 1 fp32 / 2 int8 (+ row scales S) / 3 int4 (+ group scales S) weights; xdt/ydt 0 fp32, 1 bf16.
 // Xf = x as fp32 (may be NULL when
@@ -218,10 +218,13 @@ T_AVX2 static inline __m256 load8_bf16(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 
-T_AVX2 static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+T_AVX2 static inline float hsum128(__m128 s) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
+T_AVX2 static inline float hsum256(__m256 v) {
+    return hsum128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
 }
 
 T_AVX2 static inline float hmax8(__m256 v) {

@@ -183,9 +183,9 @@ T_AVX2 void quantize_x_q16(const float* X, int64_t M, int64_t K, int16_t* q, flo
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const int64_t nb = (K + Q16_BLOCK - 1) / Q16_BLOCK;
     for (int64_t m = 0; m < M; m++) {
+        const float* x = X + m * K;
         for (int64_t b = 0; b < nb; b++) {
             const int64_t k0 = b * Q16_BLOCK, k1 = k0 + Q16_BLOCK < K ? k0 + Q16_BLOCK : K;
-            const float* x = X + m * K;
             __m256 mx = _mm256_setzero_ps();
             for (int64_t k = k0; k < k1; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(x + k), absmask));
             const float db = hmax8(mx) / 32767.0f, id = db > 0.f ? 1.0f / db : 0.f;
@@ -233,11 +233,7 @@ T_AVX2 static void row_q16(const int8_t* w, const int16_t* Q, const float* D, in
             facc[j] = _mm_fmadd_ps(_mm_cvtepi32_ps(t), _mm_set1_ps(D[j * nb + b]), facc[j]);
         }
     }
-    for (int j = 0; j < MR; j++) {
-        __m128 t = _mm_add_ps(facc[j], _mm_movehl_ps(facc[j], facc[j]));
-        t = _mm_add_ss(t, _mm_shuffle_ps(t, t, 1));
-        out[j] = _mm_cvtss_f32(t);
-    }
+    for (int j = 0; j < MR; j++) out[j] = hsum128(facc[j]);
 }
 
 // Groups g and g + 1 of an int4 row (their 32 bytes) against their activations laid out as quantize_x_q8 pairs them:
@@ -293,16 +289,24 @@ T_AVX2 static void row_q4(const uint8_t* w, const uint16_t* s, const int8_t* Q, 
         }
     }
     float tail[MR] = {};
-    for (; g < G; g += 2) {
-        const bool pair = g + 1 < G;
-        const float s0 = _cvtsh_ss(s[g]), s1 = pair ? _cvtsh_ss(s[g + 1]) : 0.f;
-        const __m256i v = pair ? _mm256_loadu_si256((const __m256i*)(w + g * 16)) : _mm256_setzero_si256();
+    for (; g + 2 <= G; g += 2) {  // the last pairs
+        const float s0 = _cvtsh_ss(s[g]), s1 = _cvtsh_ss(s[g + 1]);
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(w + g * 16));
         for (int j = 0; j < MR; j++) {
-            const float sd0 = s0 * D[j * G + g], sd1 = pair ? s1 * D[j * G + g + 1] : 0.f;
-            const __m256i p = pair ? i4_pair_dot(v, Q + j * K + g * 32) : i4_single_dot(w + g * 16, Q + j * K + g * 32);
-            const __m256 scale = pair ? _mm256_set_m128(_mm_set1_ps(sd1), _mm_set1_ps(sd0)) : _mm256_set1_ps(sd0);
-            acc[j][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[j][0]);
-            tail[j] += sd0 * QS[j * G + g] + (pair ? sd1 * QS[j * G + g + 1] : 0.f);
+            const float sd0 = s0 * D[j * G + g], sd1 = s1 * D[j * G + g + 1];
+            const __m256i p = i4_pair_dot(v, Q + j * K + g * 32);
+            acc[j][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set_m128(_mm_set1_ps(sd1), _mm_set1_ps(sd0)),
+                                        acc[j][0]);
+            tail[j] += sd0 * QS[j * G + g] + sd1 * QS[j * G + g + 1];
+        }
+    }
+    if (g < G) {  // an odd group count's last group
+        const float s0 = _cvtsh_ss(s[g]);
+        for (int j = 0; j < MR; j++) {
+            const float sd0 = s0 * D[j * G + g];
+            const __m256i p = i4_single_dot(w + g * 16, Q + j * K + g * 32);
+            acc[j][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sd0), acc[j][0]);
+            tail[j] += sd0 * QS[j * G + g];
         }
     }
     for (int j = 0; j < MR; j++)
