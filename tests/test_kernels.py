@@ -32,7 +32,7 @@ def isa_cap(request):
 
 
 def _quantized_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """x rounded as the AVX2 products quantize it (gemv_avx2.cpp): int8 weights meet x in 16 bits per block of 256
+    """x rounded as the integer products quantize it (gemv_avx2.cpp, gemv_vnni.cpp): int8 weights meet x in 16 bits per block of 256
     (the last block shorter), int4 weights x in 8 bits per block of 32; per block d = amax / (2^(b-1) - 1) and
     round(x * (1 / d)) to nearest even, times d."""
     block, top = (256, 32767) if bits == 8 else (32, 127)
@@ -44,9 +44,9 @@ def _quantized_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat(out, -1)
 
 
-def _quantized_path(K: int) -> bool:
-    """Whether int8 / int4 products with rows K long take the quantized-activation path (AVX2, whole blocks)."""
-    return kernels.isa() == 1 and K % 32 == 0
+def _quantized_path(K: int, bits: int) -> bool:
+    """Whether int8 / int4 products with rows K long take the quantized-activation path (AVX2; int8 on AVX512-VNNI)."""
+    return kernels.quantizes_x(bits) and K % 32 == 0
 
 
 def _tol(ref: torch.Tensor, K: int, out_dtype: torch.dtype) -> torch.Tensor:
@@ -101,7 +101,7 @@ def test_quantized_matches_dequantized_linear(isa_cap, xdt, cls):
             x = torch.randn(M, K, generator=g).to(xdt)
             y = kernels.linear(x, lin.weight, bias, lin.scale)
             bits = 8 if cls is Int8Linear else 4
-            ref = F.linear(_quantized_activations(x, bits) if _quantized_path(K) else x.float(), W, bias)
+            ref = F.linear(_quantized_activations(x, bits) if _quantized_path(K, bits) else x.float(), W, bias)
             err = (y.float() - ref).abs()
             assert (err <= _tol(ref, K, xdt)).all(), f"{(N, K, M)} max err {err.max():.3g}"
         for dt in (torch.float32, torch.bfloat16):
@@ -261,7 +261,7 @@ def test_quantize_weights_int8_decode_and_prefill_agree():
         pre = lin(x.expand(20, 64))[:1]       # F.linear over the dequantized weight
     ref = F.linear(x.float(), lin.dequantize())
     if kernels.available():  # the kernel: fp32 math on the exact int8 * scale weight, one bf16 output rounding
-        want = F.linear(_quantized_activations(x, 8), lin.dequantize()) if _quantized_path(64) else ref  # AVX2
+        want = F.linear(_quantized_activations(x, 8), lin.dequantize()) if _quantized_path(64, 8) else ref
         assert ((dec.float() - want).abs() <= want.abs() * 2.0 ** -7 + 1e-3).all()
     else:  # plain torch: F.linear over the weight dequantized to bf16
         assert torch.equal(dec, F.linear(x, lin.dequantize(torch.bfloat16)))

@@ -1,6 +1,6 @@
 """Native CPU kernels: multithreaded GEMV / small-M GEMM over bf16, fp32, int8 and int4 weights, attention.
 
-- `gemv.cpp` (products; `gemv_avx2.cpp` their AVX2 rows), `attn.cpp` (decode attention), `attn_many.cpp` (the
+- `gemv.cpp` (products; `gemv_avx2.cpp` their AVX2 rows, `gemv_vnni.cpp` int8 rows with AVX512-VNNI), `attn.cpp` (decode attention), `attn_many.cpp` (the
   vision tower's and the prefill's attention), `prefill.cpp` (a bf16 prefill's SwiGLU, RMSNorm and short-conv middle),
   `decode.cpp` (the fused decode step, driven by `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats:
   quantization at load, expansion for prefill), `dropout.cpp` (training's dropout, mask hashed from a seed) and
@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("gemv.cpp")
-_SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in ("gemv_avx2.cpp", "attn.cpp", "attn_many.cpp", "prefill.cpp",
-                                                         "decode.cpp", "quantized.cpp", "dropout.cpp", "pool.cpp")]
+_SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in ("gemv_avx2.cpp", "gemv_vnni.cpp", "attn.cpp", "attn_many.cpp",
+                                                         "prefill.cpp", "decode.cpp", "quantized.cpp", "dropout.cpp",
+                                                         "pool.cpp")]
 _HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17"]
 _KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
@@ -117,6 +118,8 @@ def _load():
     lib.lfm2vl_isa.restype = ctypes.c_int
     lib.lfm2vl_cpu_isa.restype = ctypes.c_int
     lib.lfm2vl_set_isa.argtypes = [ctypes.c_int]
+    lib.lfm2vl_quantizes_x.argtypes = [ctypes.c_int]
+    lib.lfm2vl_quantizes_x.restype = ctypes.c_int
     _lib = lib
     return _lib
 
@@ -137,6 +140,13 @@ def set_isa(cap: int) -> None:
     lib = _load()
     if lib is not None:
         lib.lfm2vl_set_isa(int(cap))
+
+
+def quantizes_x(bits: int) -> bool:
+    """Whether int8 (bits 8) or int4 (bits 4) products round x to integers on the instruction set in use (rows whose
+    length is a multiple of 32): int8 in 16 bits per block of 256, int4 in 8 bits per block of 32 (gemv_avx2.cpp)."""
+    lib = _load()
+    return lib is not None and bool(lib.lfm2vl_quantizes_x(2 if bits == 8 else 3))
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -261,6 +261,13 @@ T_AVX512 static void rows_i4(const uint8_t* W, const float* S, const float* X, v
 }
 
 // ---------------------------------------------------------------- dispatch
+// Whether products of this weight kind quantize x for integer dot products on instruction set `isa`: int8 and
+// int4 on AVX2 and on AVX512 with VNNI (elsewhere the weights are widened to meet an fp32 x).
+static bool quantizes_x(int isa, int kind) {
+    static const bool vnni = cpu_has_vnni();
+    return (kind == 2 || kind == 3) && (isa == 1 || (isa >= 2 && vnni));
+}
+
 // x as fp32 for the widening paths: a bf16 x is widened once (exact) into a scratch buffer.
 static float* x_as_f32(const void* X, int xdt, int64_t MK, float** owned) {
     *owned = NULL;
@@ -280,6 +287,10 @@ static void linear_chunk(const void* ctx, int64_t chunk) {
         rows_bf16_dp((const uint16_t*)a.W, (const uint16_t*)a.X, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
     } else if (a.Xp) {
         rows_bf16_avx2((const uint16_t*)a.W, a.Xp, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
+    } else if (a.Xh && a.isa >= 2) {
+        rows_q16_vnni((const int8_t*)a.W, a.S, a.Xh, a.Xd, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
+    } else if (a.Xq && a.isa >= 2) {
+        rows_q4_vnni((const uint8_t*)a.W, a.S, a.Xq, a.Xd, a.Xs, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
     } else if (a.Xq || a.Xh) {
         rows_q_avx2(a.kind, a.W, a.S, a.Xh, a.Xq, a.Xd, a.Xs, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
     } else if (a.kind == 3) {
@@ -318,14 +329,14 @@ void linear_setup(LinearArgs& a, int kind, const void* W, const float* S, const 
         split_x_even_odd(Xf, M, K, a.xp.data());
         a.Xp = a.xp.data();
     }
-    if (a.isa == 1 && kind == 2 && K % 32 == 0 && Xf) {  // AVX2: integer dot products (gemv_avx2.cpp)
+    if (kind == 2 && K % 32 == 0 && Xf && quantizes_x(a.isa, kind)) {  // integer dot products (gemv_avx2.cpp, _vnni)
         a.xh.resize(M * K); a.xd.resize(M * ((K + Q16_BLOCK - 1) / Q16_BLOCK));
         quantize_x_q16(Xf, M, K, a.xh.data(), a.xd.data());
         a.Xh = a.xh.data(); a.Xd = a.xd.data();
     }
-    if (a.isa == 1 && kind == 3 && K % 32 == 0 && Xf) {
+    if (kind == 3 && K % 32 == 0 && Xf && quantizes_x(a.isa, kind)) {
         a.xq.resize(M * K); a.xd.resize(M * K / 32); a.xs.resize(M * K / 32);
-        quantize_x_q8(Xf, M, K, a.xq.data(), a.xd.data(), a.xs.data());
+        quantize_x_q8(Xf, M, K, a.xq.data(), a.xd.data(), a.xs.data(), a.isa >= 2 ? 4 : 2);
         a.Xq = a.xq.data(); a.Xd = a.xd.data(); a.Xs = a.xs.data();
     }
     // chunks of ~256 KiB of weights: long sequential streams, yet small enough that a descheduled helper holds up
@@ -364,6 +375,9 @@ extern "C" {
 int lfm2vl_isa(void) { return active_isa(); }
 
 int lfm2vl_cpu_isa(void) { return cpu_isa(); }
+// Whether products of weight kind `kind` (2 int8, 3 int4) quantize x on the active instruction set (rows whose
+// length K is a multiple of 32).
+int lfm2vl_quantizes_x(int kind) { return quantizes_x(active_isa(), kind); }
 void lfm2vl_set_isa(int cap) { g_isa_cap = cap; }
 
 // kind: 0 bf16 weights, 1 fp32 weights, 2 int8 weights (+ row scales S), 3 int4 weights (+ group scales S; K is

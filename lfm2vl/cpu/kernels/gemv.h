@@ -9,6 +9,7 @@
 // Each ISA path lives in a function with a target attribute, so the files compile on any x86-64 gcc.
 #define T_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 #define T_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define T_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
 #define T_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -138,7 +139,14 @@ void rows_bf16_avx2(const uint16_t* W, const float* Xp, void* Y, const float* bi
                     int64_t N, int64_t K, int ydt);
 static const int64_t Q16_BLOCK = 256;
 void quantize_x_q16(const float* X, int64_t M, int64_t K, int16_t* q, float* d);
-void quantize_x_q8(const float* X, int64_t M, int64_t K, int8_t* q, float* d, float* qsum);
+void quantize_x_q8(const float* X, int64_t M, int64_t K, int8_t* q, float* d, float* qsum, int P);
+// gemv_vnni.cpp: int8 rows with x from quantize_x_q16, int4 rows with x from quantize_x_q8 (runs of 4), on
+// AVX512-VNNI CPUs (cpu_has_vnni()).
+bool cpu_has_vnni();
+void rows_q16_vnni(const int8_t* W, const float* S, const int16_t* Xh, const float* Xd, void* Y, const float* bias,
+                   int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt);
+void rows_q4_vnni(const uint8_t* W, const float* S, const int8_t* Xq, const float* Xd, const float* Xs, void* Y,
+                  const float* bias, int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt);
 void rows_q_avx2(int kind, const void* W, const float* S, const int16_t* Xh, const int8_t* Xq, const float* Xd,
                  const float* Xs, void* Y, const float* bias, int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K,
                  int ydt);

@@ -138,9 +138,9 @@ T_AVX2 void rows_bf16_avx2(const uint16_t* W, const float* Xp, void* Y, const fl
 // ---------------------------------------------------------------- int8-quantized activations
 // x (M, K) fp32 -> q (M, K) int8 and d (M, K/32): per block of 32, d = amax / 127 and q = round(x * (1 / d)) to
 // nearest even (d = 0 and q = 0 for an all-zero block); qsum (M, K/32) = the sum of each block's q (as fp32).
-// q is laid out for row_q4, which takes two groups per register: blocks 2p and 2p + 1 of a row are stored as the
-// first halves of both, then the second halves of both (a last unpaired block stays as it is).
-T_AVX2 void quantize_x_q8(const float* X, int64_t M, int64_t K, int8_t* q, float* d, float* qsum) {
+// q is laid out for int4 rows that take P groups per register (row_q4: 2, gemv_vnni.cpp: 4): each run of P blocks
+// of a row (fewer at its end) is stored as the first halves of its blocks, then their second halves.
+T_AVX2 void quantize_x_q8(const float* X, int64_t M, int64_t K, int8_t* q, float* d, float* qsum, int P) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t b = 0; b < M * K / 32; b++) {
         const float* x = X + b * 32;
@@ -165,14 +165,10 @@ T_AVX2 void quantize_x_q8(const float* X, int64_t M, int64_t K, int8_t* q, float
         const __m256i p16a = _mm256_packs_epi32(i32[0], i32[1]), p16b = _mm256_packs_epi32(i32[2], i32[3]);
         const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
         const __m256i qb = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        const int64_t G = K / 32, m = b / G, g = b % G;
-        if ((g ^ 1) < G) {
-            int8_t* base = q + m * K + (g & ~(int64_t)1) * 32 + (g & 1) * 16;
-            _mm_storeu_si128((__m128i*)base, _mm256_castsi256_si128(qb));
-            _mm_storeu_si128((__m128i*)(base + 32), _mm256_extracti128_si256(qb, 1));
-        } else {
-            _mm256_storeu_si256((__m256i*)(q + b * 32), qb);
-        }
+        const int64_t G = K / 32, m = b / G, g = b % G, run = g - g % P, r = G - run < P ? G - run : P;
+        int8_t* base = q + m * K + run * 32 + (g - run) * 16;
+        _mm_storeu_si128((__m128i*)base, _mm256_castsi256_si128(qb));
+        _mm_storeu_si128((__m128i*)(base + 16 * r), _mm256_extracti128_si256(qb, 1));
     }
 }
 

@@ -1,0 +1,156 @@
+// int8 and int4 products on AVX512 CPUs with VNNI (Ice Lake, Sapphire Rapids and later Xeons, AMD Zen 4+).
+//
+// Widening each weight to fp32 costs three or more instructions per 16 weights, enough that the product falls behind
+// the memory stream. Here x is quantized once per product (the same formulas as the AVX2 paths, gemv_avx2.cpp) and
+// the weights meet it in integer multiply-adds:
+//   int8: x to int16 per block of Q16_BLOCK (`quantize_x_q16`: d = amax / 32767); 32 weight bytes are sign-extended
+//     at once (VPMOVSXBW) and VPDPWSSD multiplies them into 16 int32 lanes per activation row: two instructions per
+//     32 weights, one conversion and one FMA per block. y[n] = S[n] * sum_b d_b * sum_i w[n, i] q_i. A block holds
+//     256 products, so even its whole sum is exact in int32 (256 * 127 * 32767 < 2^31).
+//   int4: x to int8 per group of 32 (`quantize_x_q8`, laid out four groups to a run); a register holds four groups'
+//     bytes, VPDPBUSD multiplies the unsigned nibbles by q (low nibbles with the groups' first halves, high nibbles
+//     with their second halves), so each 128-bit lane sums one group: y[n] = sum_g S[n, g] d_g sum_i nibble_i q_i
+//     - 8 sum_g S[n, g] d_g sum_i q_i.
+// Results differ from the fp32-activation paths by x's rounding: at most 1/65534 (int8) or 1/254 (int4) of the
+// block's largest value per element.
+#include <immintrin.h>
+#include "gemv.h"
+#include <stdint.h>
+
+bool cpu_has_vnni() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni");
+}
+
+template <int MR>
+T_AVX512VNNI static void row_q16_vnni(const int8_t* w, const int16_t* Q, const float* D, int64_t K, bool pf,
+                                      const char* end, float* out) {
+    constexpr int NA = MR == 1 ? 4 : MR == 2 ? 2 : 1;  // int32 accumulators per row, to hide VPDPWSSD's latency
+    const int64_t nb = (K + Q16_BLOCK - 1) / Q16_BLOCK;
+    __m512 facc[MR];
+    for (int j = 0; j < MR; j++) facc[j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t k0 = b * Q16_BLOCK, k1 = k0 + Q16_BLOCK < K ? k0 + Q16_BLOCK : K;
+        __m512i acc[MR][NA];
+        for (int j = 0; j < MR; j++)
+            for (int a = 0; a < NA; a++) acc[j][a] = _mm512_setzero_si512();
+        int64_t k = k0;
+        for (; k + 32 * NA <= k1; k += 32 * NA) {
+            if (pf)
+                for (int l = 0; l < (NA + 1) / 2; l++) prefetch_line((const char*)(w + k) + PF_BYTES + 64 * l, end);
+            for (int a = 0; a < NA; a++) {
+                const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + k + 32 * a)));
+                for (int j = 0; j < MR; j++)
+                    acc[j][a] = _mm512_dpwssd_epi32(acc[j][a], wv, _mm512_loadu_si512(Q + j * K + k + 32 * a));
+            }
+        }
+        for (; k < k1; k += 32) {  // a shorter last block
+            const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + k)));
+            for (int j = 0; j < MR; j++)
+                acc[j][0] = _mm512_dpwssd_epi32(acc[j][0], wv, _mm512_loadu_si512(Q + j * K + k));
+        }
+        for (int j = 0; j < MR; j++) {
+            __m512i t = acc[j][0];
+            for (int a = 1; a < NA; a++) t = _mm512_add_epi32(t, acc[j][a]);
+            facc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(D[j * nb + b]), facc[j]);
+        }
+    }
+    for (int j = 0; j < MR; j++) out[j] = _mm512_reduce_add_ps(facc[j]);
+}
+
+// The 128-bit lane i of four groups' scale products: sd[4u + i] in every lane of it.
+T_AVX512 static inline __m512 lane_scales(__m512 sd, int u) {
+    const __m512i idx = _mm512_add_epi32(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                         _mm512_set1_epi32(4 * u));
+    return _mm512_permutexvar_ps(idx, sd);
+}
+
+// r (1..4) groups' 16 bytes each against their activations (a run of r in quantize_x_q8's layout): 4 int32 lanes
+// per group, in 128-bit lane i for group i (the others 0).
+T_AVX512VNNI static inline __m512i i4_quad_dot(const uint8_t* w, const int8_t* q, int r) {
+    const __mmask64 mk = r == 4 ? ~(__mmask64)0 : (((__mmask64)1 << (16 * r)) - 1);
+    const __m512i v = _mm512_maskz_loadu_epi8(mk, w), m15 = _mm512_set1_epi8(15);
+    const __m512i lo = _mm512_and_si512(v, m15), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m15);
+    const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_maskz_loadu_epi8(mk, q));
+    return _mm512_dpbusd_epi32(p, hi, _mm512_maskz_loadu_epi8(mk, q + 16 * r));
+}
+
+// Groups g .. g + left - 1 (left <= 16) of an int4 row into acc (two per activation row, alternating by register)
+// and the offset's sum into corr.
+template <int MR>
+T_AVX512VNNI static inline void i4_step16(const uint8_t* w, const uint16_t* s, const int8_t* Q, const float* D,
+                                          const float* QS, int64_t K, int64_t G, int64_t g, int64_t left,
+                                          __m512 (&acc)[MR][2], __m512 (&corr)[MR]) {
+    const __mmask16 mk = tail16(left);
+    const __m512 sc = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, s + g));
+    for (int j = 0; j < MR; j++) {
+        const __m512 sd = _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(mk, D + j * G + g));  // S[n, g + i] * d_{g + i}
+        corr[j] = _mm512_fmadd_ps(sd, _mm512_maskz_loadu_ps(mk, QS + j * G + g), corr[j]);
+        for (int u = 0; u < 4 && 4 * u < left; u++) {
+            const int r = left - 4 * u >= 4 ? 4 : (int)(left - 4 * u);
+            const __m512i p = i4_quad_dot(w + (g + 4 * u) * 16, Q + j * K + (g + 4 * u) * 32, r);
+            acc[j][u & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), lane_scales(sd, u), acc[j][u & 1]);
+        }
+    }
+}
+
+// int4 weights (gemv.h's layout) x int8-quantized activations, sixteen groups per step (four registers of four).
+template <int MR>
+T_AVX512VNNI static void row_q4_vnni(const uint8_t* w, const uint16_t* s, const int8_t* Q, const float* D,
+                                     const float* QS, int64_t K, bool pf, const char* end, float* out) {
+    __m512 acc[MR][2], corr[MR];
+    for (int j = 0; j < MR; j++) acc[j][0] = acc[j][1] = corr[j] = _mm512_setzero_ps();
+    const int64_t G = K / I4_GROUP;
+    int64_t g = 0;
+    for (; g + 16 <= G; g += 16) {
+        if (pf)
+            for (int l = 0; l < 4; l++) prefetch_line((const char*)(w + g * 16) + PF_BYTES + 64 * l, end);
+        i4_step16<MR>(w, s, Q, D, QS, K, G, g, 16, acc, corr);
+    }
+    if (g < G) i4_step16<MR>(w, s, Q, D, QS, K, G, g, G - g, acc, corr);
+    for (int j = 0; j < MR; j++)
+        out[j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][0], acc[j][1])) - 8.0f * _mm512_reduce_add_ps(corr[j]);
+}
+
+// Rows n0..n1-1 of an int4 product with x from quantize_x_q8 (runs of 4), 4 / 2 / 1 activation rows per pass.
+void rows_q4_vnni(const uint8_t* W, const float* S, const int8_t* Xq, const float* Xd, const float* Xs, void* Y,
+                  const float* bias, int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt) {
+    const int64_t G = K / I4_GROUP;
+    const char* end = (const char*)(W + n1 * (K / 2));
+    float out[4];
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t* w = W + n * (K / 2);
+        const uint16_t* s = (const uint16_t*)S + n * G;
+        for (int64_t m = 0; m < M;) {
+            const int g = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+            const int8_t* q = Xq + m * K;
+            const float *d = Xd + m * G, *qs = Xs + m * G;
+            if (g == 4) row_q4_vnni<4>(w, s, q, d, qs, K, m == 0, end, out);
+            else if (g == 2) row_q4_vnni<2>(w, s, q, d, qs, K, m == 0, end, out);
+            else row_q4_vnni<1>(w, s, q, d, qs, K, m == 0, end, out);
+            for (int j = 0; j < g; j++) store_out(Y, ydt, (m + j) * N + n, out[j] + (bias ? bias[n] : 0.f));
+            m += g;
+        }
+    }
+}
+
+// Rows n0..n1-1 of an int8 product with x from quantize_x_q16 (K a multiple of 32), 4 / 2 / 1 activation rows per
+// pass over a weight row.
+void rows_q16_vnni(const int8_t* W, const float* S, const int16_t* Xh, const float* Xd, void* Y, const float* bias,
+                   int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt) {
+    const int64_t nb = (K + Q16_BLOCK - 1) / Q16_BLOCK;
+    const char* end = (const char*)(W + n1 * K);
+    float out[4];
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t m = 0; m < M;) {
+            const int g = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+            const int16_t* q = Xh + m * K;
+            const float* d = Xd + m * nb;
+            if (g == 4) row_q16_vnni<4>(W + n * K, q, d, K, m == 0, end, out);
+            else if (g == 2) row_q16_vnni<2>(W + n * K, q, d, K, m == 0, end, out);
+            else row_q16_vnni<1>(W + n * K, q, d, K, m == 0, end, out);
+            for (int j = 0; j < g; j++) store_out(Y, ydt, (m + j) * N + n, out[j] * S[n] + (bias ? bias[n] : 0.f));
+            m += g;
+        }
+    }
+}
