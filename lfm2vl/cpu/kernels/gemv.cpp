@@ -283,10 +283,14 @@ static void linear_chunk(const void* ctx, int64_t chunk) {
     const LinearArgs& a = *(const LinearArgs*)ctx;
     int64_t n0, n1;
     chunk_rows(chunk, a.rows_per_chunk, a.N, &n0, &n1);
-    if (a.dp) {
+    if (a.dp && a.M == 1) {
+        rows_bf16_streams((const uint16_t*)a.W, (const uint16_t*)a.X, a.Y, a.bias, n0, n1, a.K, a.ydt);
+    } else if (a.dp) {
         rows_bf16_dp((const uint16_t*)a.W, (const uint16_t*)a.X, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
     } else if (a.Xp) {
         rows_bf16_avx2((const uint16_t*)a.W, a.Xp, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
+    } else if (a.Xh && a.isa >= 2 && a.M == 1) {
+        rows_q16_streams((const int8_t*)a.W, a.S, a.Xh, a.Xd, a.Y, a.bias, n0, n1, a.K, a.ydt);
     } else if (a.Xh && a.isa >= 2) {
         rows_q16_vnni((const int8_t*)a.W, a.S, a.Xh, a.Xd, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
     } else if (a.Xq && a.isa >= 2) {
@@ -343,7 +347,7 @@ void linear_setup(LinearArgs& a, int kind, const void* W, const float* S, const 
     // little (its unclaimed chunks are taken by the caller)
     int64_t row_bytes = row_weight_bytes(kind, K) * (M > 1 ? 2 : 1);
     int64_t rows = (int64_t)256 * 1024 / (row_bytes > 0 ? row_bytes : 1);
-    a.rows_per_chunk = rows < 4 ? 4 : rows;
+    a.rows_per_chunk = rows < 8 ? 8 : rows / 8 * 8;  // whole steps of gemv_streams.cpp's eight rows
     a.chunks = (N + a.rows_per_chunk - 1) / a.rows_per_chunk;
 }
 
