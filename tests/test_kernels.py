@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -491,3 +492,12 @@ def test_swiglu_and_rmsnorm_equal_the_torch_ops(shape):
         assert kernels.swiglu(x, x) is None and kernels.rmsnorm(x, torch.ones(64).bfloat16(), 1e-5) is None
     finally:
         kernels.set_isa(3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("words", [0, 7, 1000, (32 << 17) * 3 // 2 + 3])
+def test_stream_read_reads_every_word(words):
+    """The bench's read probe visits each 8-byte word once, across chunk and eighth boundaries and the leftovers."""
+    buf = torch.randint(-2 ** 62, 2 ** 62, (words,), dtype=torch.int64, generator=torch.Generator().manual_seed(words))
+    want = int(np.bitwise_xor.reduce(buf.numpy().view(np.uint64))) if words else 0
+    assert kernels.stream_read(buf) == want

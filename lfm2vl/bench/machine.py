@@ -4,8 +4,8 @@ run's dtype (what prefill and the vision tower are bound by).
 
     python -m lfm2vl.bench.machine '<json spec>'   ->  prints one line "BENCH_RESULT <json>"
 
-Read bandwidth: the fastest of three reads of a 1 GiB tensor (far past the caches) on the run's threads: a float32
-sum, a float32 matrix-vector product and a uint8 max, each the best of `reps`.
+Read bandwidth: the fastest of the reads of a 1 GiB tensor (far past the caches) on the run's threads: a float32
+sum, a float32 matrix-vector product, a uint8 max and the native kernels' eight-stream read, each the best of `reps`.
 GEMM: the best of `reps` (2048 x 2048) @ (2048 x 2048) products after a warm-up, in the dtype lfm2vl multiplies the
 run's dtype in on this CPU (fp32 for bf16 where the CPU has no bf16 GEMM: cpu/gemm.py).
 """
@@ -17,19 +17,25 @@ import time
 
 import torch
 
+from ..cpu import kernels
 from ..cpu.gemm import compute_dtype
 
 _DT = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def read_gbps(reps: int = 5, size_bytes: int = 2 ** 30) -> float:
-    """The fastest of three streaming reads of the same 1 GiB (torch's kernels differ in how close they come to the
-    memory's rate: a float32 sum, a float32 matrix-vector product, a uint8 max)."""
+    """The fastest of the streaming reads of the same 1 GiB: torch's float32 sum, float32 matrix-vector product and
+    uint8 max (they differ in how close they come to the memory's rate), and where the native kernels are built a
+    plain read with eight streams per thread (`kernels.stream_read`: one sequential stream per core stops short of
+    the memory's rate on some CPUs, ~30% on a Sapphire Rapids VM)."""
     x = torch.ones(size_bytes // 4, dtype=torch.float32)
     m, v = x.view(-1, 4096), torch.ones(4096)
     u = x.view(torch.uint8)
+    reads = [x.sum, lambda: m @ v, u.amax]
+    if kernels.available():
+        reads.append(lambda: kernels.stream_read(u))
     rates = []
-    for read in (x.sum, lambda: m @ v, u.amax):
+    for read in reads:
         best = float("inf")
         for _ in range(reps + 1):
             t = time.perf_counter()

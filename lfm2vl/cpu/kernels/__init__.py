@@ -119,6 +119,8 @@ def _load():
     lib.lfm2vl_isa.restype = ctypes.c_int
     lib.lfm2vl_cpu_isa.restype = ctypes.c_int
     lib.lfm2vl_set_isa.argtypes = [ctypes.c_int]
+    lib.lfm2vl_read.argtypes = [p, i64, i]
+    lib.lfm2vl_read.restype = ctypes.c_uint64
     lib.lfm2vl_quantizes_x.argtypes = [ctypes.c_int]
     lib.lfm2vl_quantizes_x.restype = ctypes.c_int
     _lib = lib
@@ -148,6 +150,14 @@ def quantizes_x(bits: int) -> bool:
     length is a multiple of 32): int8 in 16 bits per block of 256, int4 in 8 bits per block of 32 (gemv_avx2.cpp)."""
     lib = _load()
     return lib is not None and bool(lib.lfm2vl_quantizes_x(2 if bits == 8 else 3))
+
+
+def stream_read(buf: torch.Tensor) -> int:
+    """Read every byte of the contiguous CPU tensor `buf` once, eight streams per thread on the pool's threads (the
+    bench's read-bandwidth probe); returns the XOR of its 8-byte words. The caller checks `available()`."""
+    if buf.device.type != "cpu" or not buf.is_contiguous():
+        raise ValueError("stream_read: needs a contiguous CPU tensor")
+    return _load().lfm2vl_read(buf.data_ptr(), buf.numel() * buf.element_size(), torch.get_num_threads())
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -8,7 +8,10 @@
 // one row at a time: its product does more work per byte, and eight streams of it decoded no faster.
 #include <immintrin.h>
 #include "gemv.h"
+#include "pool.h"
 #include <stdint.h>
+
+#include <vector>
 
 static const int STREAMS = 8;
 
@@ -112,4 +115,40 @@ T_AVX512VNNI void rows_q16_streams(const int8_t* W, const float* S, const int16_
                    q16_rows8(w, Xh, Xd, K, end, out);
                    return out[0];
                });
+}
+
+// ---------------------------------------------------------------- the bench's read-bandwidth probe
+// A plain read of a buffer, eight streams per thread as above (chunks of 32 MiB on the pool's threads, each read as
+// eight interleaved eighths), so the machine's read bandwidth is measured with the access pattern that reaches it;
+// torch's one-stream reductions stop ~30% short on some CPUs.
+struct ReadArgs {
+    const uint64_t* p;
+    int64_t words, per_chunk;
+    uint64_t* sums;  // one per chunk: the XOR of its words, so the reads are not optimized away
+};
+
+static void read_chunk(const void* ctx, int64_t c) {
+    const ReadArgs& a = *(const ReadArgs*)ctx;
+    const int64_t w0 = c * a.per_chunk, len = a.words - w0 < a.per_chunk ? a.words - w0 : a.per_chunk;
+    const int64_t part = len / STREAMS / 8 * 8;
+    uint64_t x[STREAMS][8] = {};
+    for (int64_t i = 0; i < part; i += 8)
+        for (int s = 0; s < STREAMS; s++)
+            for (int j = 0; j < 8; j++) x[s][j] ^= a.p[w0 + s * part + i + j];
+    uint64_t t = 0;
+    for (int64_t i = w0 + STREAMS * part; i < w0 + len; i++) t ^= a.p[i];
+    for (int s = 0; s < STREAMS; s++)
+        for (int j = 0; j < 8; j++) t ^= x[s][j];
+    a.sums[c] = t;
+}
+
+extern "C" uint64_t lfm2vl_read(const void* buf, int64_t bytes, int threads) {
+    ReadArgs a{(const uint64_t*)buf, bytes / 8, (int64_t)32 << 17, nullptr};
+    const int64_t chunks = (a.words + a.per_chunk - 1) / a.per_chunk;
+    std::vector<uint64_t> sums(chunks);
+    a.sums = sums.data();
+    pool_run(read_chunk, &a, chunks, threads);
+    uint64_t t = 0;
+    for (uint64_t v : sums) t ^= v;
+    return t;
 }
