@@ -4,8 +4,9 @@
 // 2026-12-02 a product streamed its weights at ~15 GB/s over two threads, whatever the instructions did with them,
 // where eight streams per thread read 21-24 GB/s. So each chunk of rows is cut into eighths and step t reads row t of
 // every eighth together: eight streams, each sequential, far enough apart to be separate streams to the prefetchers.
-// Each row's sum is the one-row kernels' (gemv.cpp, gemv_vnni.cpp) arithmetic, so results are unchanged. int4 keeps
-// one row at a time: its product does more work per byte, and eight streams of it decoded no faster.
+// int8 sums equal the one-row kernel's (gemv_vnni.cpp) exactly: integers per block, blocks in the same order; bf16
+// sums are the same fp32 products added in another order (gemv.cpp's row_bf16_dp). int4 keeps one row at a time:
+// its product does more work per byte, and eight streams of it decoded no faster.
 #include <immintrin.h>
 #include "gemv.h"
 #include "pool.h"
