@@ -1,9 +1,10 @@
 """Native CPU kernels: multithreaded GEMV / small-M GEMM over bf16, fp32, int8 and int4 weights, attention.
 
-- `gemv.cpp` (products; `gemv_avx2.cpp` their AVX2 rows, `gemv_vnni.cpp` int8 / int4 rows with AVX512-VNNI,
-  `gemv_streams.cpp` eight weight rows at once for one activation row), `attn.cpp` (decode attention), `attn_many.cpp` (the
-  vision tower's and the prefill's attention), `prefill.cpp` (a bf16 prefill's SwiGLU, RMSNorm and short-conv middle),
-  `decode.cpp` (the fused decode step, driven by `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats:
+- `gemv.cpp` (products; `gemv_scalar.cpp` their scalar rows, `gemv_avx2.cpp` their AVX2 rows, `gemv_vnni.cpp`
+  int8 / int4 rows with AVX512-VNNI, `gemv_streams.cpp` eight weight rows at once for one activation row),
+  `attn.cpp` (decode attention), `attn_many.cpp` (the vision tower's and the prefill's attention), `prefill.cpp`
+  (a bf16 prefill's SwiGLU, RMSNorm and short-conv middle), `decode.cpp` (the fused decode step, driven by
+  `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats:
   quantization at load, expansion for prefill), `dropout.cpp` (training's dropout, mask hashed from a seed) and
   `pool.cpp` (their thread pool), with `gemv.h` / `pool.h`, are
   compiled once per machine with the system `g++ -O3 -march=native` (no ninja, no Python headers: a plain shared
@@ -30,8 +31,8 @@ import torch
 
 _SRC = Path(__file__).with_name("gemv.cpp")
 _SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in (
-    "gemv_avx2.cpp", "gemv_vnni.cpp", "gemv_streams.cpp", "attn.cpp", "attn_many.cpp", "prefill.cpp", "decode.cpp",
-    "quantized.cpp", "dropout.cpp", "pool.cpp")]
+    "gemv_scalar.cpp", "gemv_avx2.cpp", "gemv_vnni.cpp", "gemv_streams.cpp", "attn.cpp", "attn_many.cpp",
+    "prefill.cpp", "decode.cpp", "quantized.cpp", "dropout.cpp", "pool.cpp")]
 _HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17"]
 _KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4

@@ -130,6 +130,16 @@ struct LinearArgs {
     std::vector<float> xp;
 };
 
+// gemv_scalar.cpp: the scalar rows (any CPU).
+void bf16w_scalar(const uint16_t* W, const float* X, void* Y, const float* bias, int64_t M, int64_t n0, int64_t n1,
+                  int64_t N, int64_t K, int ydt);
+void f32w_scalar(const float* W, const float* X, void* Y, const float* bias, int64_t M, int64_t n0, int64_t n1,
+                 int64_t N, int64_t K, int ydt);
+void i8w_scalar(const int8_t* W, const float* S, const float* X, void* Y, const float* bias, int64_t M, int64_t n0,
+                int64_t n1, int64_t N, int64_t K, int ydt);
+void i4w_scalar(const uint8_t* W, const float* S, const float* X, void* Y, const float* bias, int64_t M, int64_t n0,
+                int64_t n1, int64_t N, int64_t K, int ydt);
+
 // gemv_avx2.cpp: the AVX2 rows of a product with fp32 x (kind 0 bf16, 1 fp32, 2 int8 weights), x quantized to int8
 // in blocks of 32, and rows with such an x (kind 2 int8, 3 int4 weights).
 void rows_f32_avx2(int kind, const void* W, const float* S, const float* X, void* Y, const float* bias, int64_t M,
