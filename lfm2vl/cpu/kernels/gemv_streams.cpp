@@ -6,7 +6,7 @@
 // every eighth together: eight streams, each sequential, far enough apart to be separate streams to the prefetchers.
 // int8 sums equal the one-row kernel's (gemv_vnni.cpp) exactly: integers per block, blocks in the same order; bf16
 // sums are the same fp32 products added in another order (gemv.cpp's row_bf16_dp). int4 keeps one row at a time:
-// its product does more work per byte, and eight streams of it decoded no faster.
+// its product does more work per byte, and two, four or eight streams of it decoded no faster.
 #include <immintrin.h>
 #include "gemv.h"
 #include "pool.h"
