@@ -33,9 +33,9 @@ def isa_cap(request):
 
 
 def _quantized_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """x rounded as the integer products quantize it (gemv_avx2.cpp, gemv_vnni.cpp): int8 weights meet x in 16 bits per block of 256
-    (the last block shorter), int4 weights x in 8 bits per block of 32; per block d = amax / (2^(b-1) - 1) and
-    round(x * (1 / d)) to nearest even, times d."""
+    """x rounded as the integer products quantize it (gemv_avx2.cpp, gemv_vnni.cpp): int8 weights meet x in 16 bits
+    per block of 256 (the last block shorter), int4 weights x in 8 bits per block of 32; per block
+    d = amax / (2^(b-1) - 1) and round(x * (1 / d)) to nearest even, times d."""
     block, top = (256, 32767) if bits == 8 else (32, 127)
     out = []
     for xb in x.float().split(block, dim=-1):
@@ -46,7 +46,7 @@ def _quantized_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _quantized_path(K: int, bits: int) -> bool:
-    """Whether int8 / int4 products with rows K long take the quantized-activation path (AVX2; int8 on AVX512-VNNI)."""
+    """Whether int8 / int4 products with rows K long take the quantized-activation path (AVX2, AVX512-VNNI)."""
     return kernels.quantizes_x(bits) and K % 32 == 0
 
 
@@ -60,6 +60,23 @@ def _tol(ref: torch.Tensor, K: int, out_dtype: torch.dtype) -> torch.Tensor:
 def test_kernels_build_and_detect_cpu():
     assert kernels.available(), "the kernels must build on the CI machine (g++ is there)"
     assert kernels.isa() >= 0
+
+
+@needs_kernels
+def test_integer_products_follow_the_cpu():
+    """int8 / int4 products quantize x exactly where integer dot products exist: AVX2, and AVX512 with VNNI (read
+    from /proc/cpuinfo, so a broken detection cannot silently fall back to the fp32 paths)."""
+    with open("/proc/cpuinfo") as f:
+        flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    isa = kernels.isa()
+    want = isa == 1 or (isa >= 2 and "avx512_vnni" in flags)
+    assert kernels.quantizes_x(8) == want and kernels.quantizes_x(4) == want
+    if isa >= 2:
+        kernels.set_isa(1)
+        try:
+            assert kernels.quantizes_x(8) and kernels.quantizes_x(4)  # the AVX2 path
+        finally:
+            kernels.set_isa(3)
 
 
 @needs_kernels

@@ -148,7 +148,8 @@ def set_isa(cap: int) -> None:
 
 def quantizes_x(bits: int) -> bool:
     """Whether int8 (bits 8) or int4 (bits 4) products round x to integers on the instruction set in use (rows whose
-    length is a multiple of 32): int8 in 16 bits per block of 256, int4 in 8 bits per block of 32 (gemv_avx2.cpp)."""
+    length is a multiple of 32): int8 in 16 bits per block of 256, int4 in 8 bits per block of 32 (on AVX2 and on
+    AVX512 with VNNI: gemv_avx2.cpp, gemv_vnni.cpp)."""
     lib = _load()
     return lib is not None and bool(lib.lfm2vl_quantizes_x(2 if bits == 8 else 3))
 
