@@ -138,6 +138,17 @@ def regex_type(value: str) -> str:
     return value
 
 
+def add_weight_formats(g) -> None:
+    """--int8 / --int4 (exclusive) and --int8-vision, the CPU weight formats of lfm2vl.load, on parser or group g."""
+    q = g.add_mutually_exclusive_group()
+    q.add_argument("--int8", action="store_true", help="int8 language-model linears (CPU; slightly different "
+                   "results; prefill in int8 compute where that is faster)")
+    q.add_argument("--int4", action="store_true", help="int4 language-model linears, groups of 32 (CPU; smallest "
+                   "and fastest decode, results differ more than int8)")
+    g.add_argument("--int8-vision", action="store_true", help="the vision tower's linears in int8 with int8 compute "
+                   "(CPU; faster images, slightly different image features)")
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     from .generate.sampling import SamplingParams as S
     from .resolve import ORDER_HELP
@@ -150,10 +161,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adapter", metavar="DIR", default=None,
                    help="LoRA adapter folder (PEFT's format, e.g. from `lfm2vl finetune`), merged into the weights "
                         "at load (default: none)")
-    q = g.add_mutually_exclusive_group()
-    q.add_argument("--int8", action="store_true", help="weight-only int8 linears (CPU; slightly different results)")
-    q.add_argument("--int4", action="store_true", help="weight-only int4 linears, groups of 32 (CPU; smallest and "
-                   "fastest decode, results differ more than int8)")
+    add_weight_formats(g)
     g.add_argument("--no-optimize", action="store_true", help="keep plain torch modules (no CPU fast paths)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
     g.add_argument("--low-memory", action="store_true",
@@ -320,6 +328,7 @@ def load_engine(args, prog: str = "lfm2vl"):
     with adapter_warnings():  # printed once the progress bar is closed
         try:
             return load(model, dtype=args.dtype, device=args.device, int8=args.int8, int4=args.int4,
+                        int8_vision=args.int8_vision,
                         optimize=not args.no_optimize, compile=args.compile, low_memory=args.low_memory,
                         adapter=args.adapter, progress=progress)
         except AdapterError as e:

@@ -37,8 +37,8 @@ from .processor.messages import IMAGE_KEYS, conversation, is_batch, text_chars, 
 
 
 def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, optimize: bool = True,
-         int8: bool = False, int4: bool = False, compile: bool = False, low_memory: bool = False,
-         adapter: str | os.PathLike | None = None,
+         int8: bool = False, int4: bool = False, int8_vision: bool = False, compile: bool = False,
+         low_memory: bool = False, adapter: str | os.PathLike | None = None,
          progress: Callable[[int, int], None] | None = None) -> "Engine":
     """Load a checkpoint folder or hub id -> Engine. dtype defaults to bfloat16, device to cpu.
 
@@ -48,7 +48,8 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
 
     optimize: on CPU, swap in the fast modules of cpu/speed.py (same parameters and results within float
     rounding); int8 / int4: weight-only int8 / int4 linears in the language model and the output head (opt-in,
-    changes results slightly; int4 in groups of 32 weights, the smallest and fastest decode);
+    changes results slightly; int4 in groups of 32 weights, the smallest and fastest decode); int8_vision: the
+    vision tower's encoder linears in int8 with int8 compute (opt-in, faster images, changes image features slightly);
     compile: torch.compile the static-shape decode step (opt-in; pair it with optimize=False, whose decode
     attention reads the cache length on the host); low_memory: the vision tower's and the language model's
     memory-mapped weights never stay resident together (cpu/lowmem.py; lower peak RSS, slower image requests);
@@ -59,7 +60,8 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
 
     if int8 and int4:
         raise ValueError("int8=True and int4=True are exclusive: pick one weight format")
-    cpu_only = [name for name, on in (("int8", int8), ("int4", int4), ("low_memory", low_memory)) if on]
+    cpu_only = [name for name, on in (("int8", int8), ("int4", int4), ("int8_vision", int8_vision),
+                                      ("low_memory", low_memory)) if on]
     if cpu_only and parse_device(device).type != "cpu":
         raise ValueError(f"{' and '.join(cpu_only)} work{'s' if len(cpu_only) == 1 else ''} on CPU only (native "
                          f"kernels, memory-mapped weights); "
@@ -79,10 +81,10 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
         from .finetune.adapter import apply_adapter
 
         apply_adapter(m, *adapter_files, where=f"adapter {adapter}")
-    if optimize or int8 or int4:
+    if optimize or int8 or int4 or int8_vision:
         from .cpu.speed import optimize_for_cpu
 
-        optimize_for_cpu(m, int8=int8, int4=int4)
+        optimize_for_cpu(m, int8=int8, int4=int4, int8_vision=int8_vision)
     if low_memory:
         from .cpu.lowmem import set_low_memory
 

@@ -300,3 +300,47 @@ def valid_positions(inputs: dict) -> torch.Tensor:
     """(B, T) bool: the positions whose logits are compared (padding excluded)."""
     m = inputs.get("attention_mask")
     return torch.ones_like(inputs["input_ids"], dtype=torch.bool) if m is None else m.bool()
+
+
+# ---------------------------------------------------------------- tiny models in memory (no files)
+def tiny_model(dtype=torch.float32, seed=0):
+    """A tiny random Lfm2VlModel (text width 64, 5 layers of both kinds; a 1-layer vision tower) in eval mode."""
+    from lfm2vl.config import Lfm2VlConfig
+    from lfm2vl.model.lfm2vl import Lfm2VlModel
+
+    d = json.loads(FIXTURE_CONFIG.read_text())
+    d["text_config"].update(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
+                            num_hidden_layers=5, vocab_size=512,
+                            layer_types=["conv", "full_attention", "conv", "conv", "full_attention"])
+    d["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    d["projector_hidden_size"] = 48
+    torch.manual_seed(seed)
+    model = Lfm2VlModel(Lfm2VlConfig.from_hf(d))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() > 1 and "embed" not in n:
+                p.normal_(0, 0.8 / p.shape[-1] ** 0.5)
+    return model.to(dtype).eval()
+
+
+def run_cached(model, prompts: list[list[int]], steps: int, slots: list[int] | None = None) -> torch.Tensor:
+    """Prefill each row alone into its slot, then `steps` batched greedy decode steps; returns all logits.
+    slots: the cache rows the prompts use (decode passes them as `rows`); default 0..B-1 and rows=None."""
+    B = len(prompts)
+    sel = None if slots is None else torch.tensor(slots)
+    slots = slots or list(range(B))
+    cache = model.make_cache(max(slots) + 1, 64, dtype=model.model.language_model.embed_tokens.weight.dtype)
+    out, last = [], []
+    with torch.inference_mode():
+        for r, ids in enumerate(prompts):
+            lg = model.forward_cached(model.embed(torch.tensor([ids])), cache, torch.tensor([0]),
+                                      rows=torch.tensor([slots[r]]))
+            out.append(lg.float())
+            last.append(lg.argmax(-1))
+        pos = torch.tensor([len(p) for p in prompts])
+        tok = torch.cat(last)[:, None]
+        for _ in range(steps):
+            lg = model.forward_cached(model.embed(tok), cache, pos, rows=sel)
+            out.append(lg.float())
+            tok, pos = lg.argmax(-1)[:, None], pos + 1
+    return torch.cat([o.reshape(-1, o.shape[-1]) for o in out])

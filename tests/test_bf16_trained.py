@@ -10,7 +10,8 @@ float32 and bfloat16 and we compare the argmax of every position, image and padd
 import torch
 
 from checkpoints import build_hf_model, image_placeholder, make_pixels
-from lfm2vl.cpu import kernels
+from lfm2vl.cpu import int8mm, kernels
+from lfm2vl.cpu.int8mm import linear as int8mm_linear
 from lfm2vl.cpu.kernels import attn_many
 from lfm2vl.cpu.quant import Int8Linear
 from lfm2vl.cpu.speed import optimize_for_cpu
@@ -91,6 +92,24 @@ def test_bf16_argmax_on_a_trained_model(tmp_path, monkeypatch):
         print(f"[{fmt} trained] argmax agreement {rate:.4f}, logit cosine mean {cos.mean():.4f} min {cos.min():.4f}")
         assert rate >= floor, f"{fmt} argmax agrees with float32 on {rate:.2%} of the positions"
 
+    # int8 with int8 compute (activations quantized per row; forced, it runs only where it wins) prefilling in
+    # chunks of 16, its int8 vision tower encoding the images itself
+    monkeypatch.setattr(int8mm, "wins", lambda: True)
+    calls = []
+    monkeypatch.setattr(int8mm, "linear", lambda *a, **k: calls.append(1) or int8mm_linear(*a, **k))
+    q = optimize_for_cpu(load_model(tmp_path, dtype=torch.bfloat16)[0], int8=True, int8_vision=True)
+    rate, cos = _cached_agreement(q, q, f32, perm, g, chunk=16)
+    with torch.inference_mode():
+        inp = _batch(perm, g, 1000)
+        pix = (inp["pixel_values"].bfloat16(), inp["pixel_attention_mask"], inp["spatial_shapes"])
+        fcos = torch.nn.functional.cosine_similarity(q.image_features(*pix).float(), bf16.image_features(*pix).float())
+    print(f"[int8 compute + int8 vision trained] argmax agreement {rate:.4f}, logit cosine mean {cos.mean():.4f}, "
+          f"image features cosine mean {fcos.mean():.4f} min {fcos.min():.4f}")
+    assert calls, "neither the prefill nor the vision tower took int8 compute"
+    assert rate >= 0.98, f"int8 compute argmax agrees with float32 on {rate:.2%} of the positions"
+    assert fcos.min() > 0.99, fcos.min()
+    monkeypatch.undo()
+
     # the CPU-optimized bf16 model prefilling through the cache in chunks of 16: native causal attention over each
     # chunk's cached prefix (kernels.attn_many), conv state carried between chunks
     fast = optimize_for_cpu(load_model(tmp_path, dtype=torch.bfloat16)[0])
@@ -103,8 +122,9 @@ def test_bf16_argmax_on_a_trained_model(tmp_path, monkeypatch):
     assert rate >= 0.99, f"bf16 chunked prefill argmax agrees with float32 on {rate:.2%} of the positions"
 
 
-def _cached_agreement(q, bf16, f32, perm, g, chunk):
-    """Argmax agreement with float32 and the logit cosines of model q filling its cache `chunk` tokens per call."""
+def _cached_agreement(q, encoder, f32, perm, g, chunk):
+    """Argmax agreement with float32 and the logit cosines of model q filling its cache `chunk` tokens per call, the
+    images encoded by model `encoder`."""
     agree = total = 0
     cos = []
     with torch.inference_mode():
@@ -116,7 +136,7 @@ def _cached_agreement(q, bf16, f32, perm, g, chunk):
                 ids = inp["input_ids"][r][valid][None]
                 first = sum(len(u) for u in _units_per_row()[:r])  # this row's image units, in order
                 sel = slice(first, first + len(_units_per_row()[r]))
-                feats = bf16.image_features(inp["pixel_values"][sel].bfloat16(), inp["pixel_attention_mask"][sel],
+                feats = encoder.image_features(inp["pixel_values"][sel].bfloat16(), inp["pixel_attention_mask"][sel],
                                             inp["spatial_shapes"][sel])
                 emb = q.embed(ids, feats)
                 cache = q.make_cache(1, ids.shape[1])

@@ -363,7 +363,11 @@ def test_process_exits_with_helpers_asleep():
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr
 
 
-def test_int8_prefill_dequantizes_into_a_reused_buffer_with_the_same_values():
+def test_int8_prefill_dequantizes_into_a_reused_buffer_with_the_same_values(monkeypatch):
+    """Where int8 compute does not win (AMX CPUs; forced here), the prefill multiplies the dequantized weight."""
+    from lfm2vl.cpu import int8mm
+
+    monkeypatch.setattr(int8mm, "wins", lambda: False)
     torch.manual_seed(2)
     a = Int8Linear.from_linear(nn.Linear(64, 96).bfloat16())
     b = Int8Linear.from_linear(nn.Linear(64, 96).bfloat16())  # same shape: shares the scratch buffer

@@ -11,7 +11,7 @@ from torch import nn
 
 from lfm2vl.cpu import kernels
 from lfm2vl.cpu.speed import FastLfm2VlModel, optimize_for_cpu
-from test_speed import run_cached, tiny_model
+from checkpoints import run_cached, tiny_model
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable on this machine")
 PROMPTS = [[1, 6, 20, 30, 40, 7, 6, 50, 60], [1, 6, 99, 98, 97, 96, 95, 94, 93, 92, 91, 90, 89, 7, 6]]

@@ -3,58 +3,15 @@ the plain model's (fp32 tightly, bf16 within bf16 rounding), for one row and for
 (all cache rows, or a subset decoding in place),
 with and without the native kernels; int8 stays close to the float model."""
 import copy
-import json
-
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lfm2vl.config import Lfm2VlConfig
-from lfm2vl.model.lfm2vl import Lfm2VlModel
 from lfm2vl.cpu.speed import (FastAttention, FastMLP, FastRMSNorm, FastShortConv, causal_depthwise_conv,
                               optimize_for_cpu)
-from tokenizer_build import FIXTURE_CONFIG
 
-
-def tiny_model(dtype=torch.float32, seed=0) -> Lfm2VlModel:
-    d = json.loads(FIXTURE_CONFIG.read_text())
-    d["text_config"].update(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
-                            num_hidden_layers=5, vocab_size=512,
-                            layer_types=["conv", "full_attention", "conv", "conv", "full_attention"])
-    d["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    d["projector_hidden_size"] = 48
-    torch.manual_seed(seed)
-    model = Lfm2VlModel(Lfm2VlConfig.from_hf(d))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.dim() > 1 and "embed" not in n:
-                p.normal_(0, 0.8 / p.shape[-1] ** 0.5)
-    return model.to(dtype).eval()
-
-
-def run_cached(model, prompts: list[list[int]], steps: int, slots: list[int] | None = None) -> torch.Tensor:
-    """Prefill each row alone into its slot, then `steps` batched greedy decode steps; returns all logits.
-    slots: the cache rows the prompts use (decode passes them as `rows`); default 0..B-1 and rows=None."""
-    B = len(prompts)
-    sel = None if slots is None else torch.tensor(slots)
-    slots = slots or list(range(B))
-    cache = model.make_cache(max(slots) + 1, 64, dtype=model.model.language_model.embed_tokens.weight.dtype)
-    out, last = [], []
-    with torch.inference_mode():
-        for r, ids in enumerate(prompts):
-            lg = model.forward_cached(model.embed(torch.tensor([ids])), cache, torch.tensor([0]),
-                                      rows=torch.tensor([slots[r]]))
-            out.append(lg.float())
-            last.append(lg.argmax(-1))
-        pos = torch.tensor([len(p) for p in prompts])
-        tok = torch.cat(last)[:, None]
-        for _ in range(steps):
-            lg = model.forward_cached(model.embed(tok), cache, pos, rows=sel)
-            out.append(lg.float())
-            tok, pos = lg.argmax(-1)[:, None], pos + 1
-    return torch.cat([o.reshape(-1, o.shape[-1]) for o in out])
+from checkpoints import run_cached, tiny_model
 
 
 @pytest.mark.parametrize("u_len,K", [(3, 3), (40, 3), (9, 4)])
@@ -83,8 +40,12 @@ def test_optimized_model_matches_plain_model(dtype):
     # the no-cache forward of a prefill-size input (more rows than the kernel's threshold) is unchanged too
     ids = torch.tensor([prompts[1] * 3])
     with torch.inference_mode():
-        torch.testing.assert_close(fast(ids), plain(ids), rtol=1e-4 if dtype == torch.float32 else 2e-2,
-                                   atol=1e-4 if dtype == torch.float32 else 5e-2)
+        got, ref = fast(ids).float(), plain(ids).float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    else:  # bf16: on AVX512-BF16 CPUs without AMX the attention is native (kernels.attn_many), rounded like torch's
+        cos = F.cosine_similarity(got[0], ref[0], dim=-1)
+        assert cos.min() > 0.999, cos.min()
 
 
 def test_int8_model_stays_close_to_float():

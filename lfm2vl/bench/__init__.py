@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weights and activations (bf16 and fp32 are accepted too)")
     ap.add_argument("--int8", action="store_true", help="also run lfm2vl with weight-only int8 (+ quality check)")
     ap.add_argument("--int4", action="store_true", help="also run lfm2vl with weight-only int4 (+ quality check)")
+    ap.add_argument("--int8-vision", action="store_true", help="also run lfm2vl int8 with the vision tower in int8 "
+                    "too (+ quality check with the image features' cosine)")
     ap.add_argument("--int8-float-head", action="store_true",
                     help="with --int8 / --int4, keep the output head in the float dtype (default: quantized too)")
     ap.add_argument("--low-memory", action="store_true",
@@ -215,10 +217,13 @@ def table(results: dict[str, dict], scenarios: list[str]) -> str:
         if "error" in r:
             lines.append(f"{label}: FAILED: {r['error'].splitlines()[-1] if r['error'] else '?'}")
         elif r.get("engine") == "quality":
+            name = r.get("format", "int8") + ("+vision" if r.get("int8_vision") else "")
             for sc, q in r["scenarios"].items():
-                lines.append(f"{r.get('format', 'int8')} vs bf16 {sc:<12} logit cosine mean {q['logit_cosine_mean']:.4f} min "
+                feats = (f", image features cosine mean {q['feature_cosine_mean']:.4f} min {q['feature_cosine_min']:.4f}"
+                         if "feature_cosine_mean" in q else "")
+                lines.append(f"{name} vs bf16 {sc:<12} logit cosine mean {q['logit_cosine_mean']:.4f} min "
                              f"{q['logit_cosine_min']:.4f}, greedy agreement {q['greedy_agreement']:.3f} "
-                             f"({q['positions']} positions)")
+                             f"({q['positions']} positions){feats}")
         else:
             gpu = f", peak GPU memory {r['peak_gpu_mb']:.0f} MiB" if "peak_gpu_mb" in r else ""
             lines.append(f"{label:<20} load {r['load_s']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MiB "
@@ -247,9 +252,10 @@ def _machine(probes: list) -> dict | None:
     if not got:
         return None
     out = dict(got[0])
-    for k in ("read_gbps", "gemm_gflops"):
-        vals = [p[k] for p in got]
-        out[k], out[k + "_range"] = sum(vals) / len(vals), [min(vals), max(vals)]
+    for k in ("read_gbps", "gemm_gflops", "int8_gops"):
+        vals = [p[k] for p in got if p.get(k) is not None]
+        if vals:
+            out[k], out[k + "_range"] = sum(vals) / len(vals), [min(vals), max(vals)]
     return out
 
 
@@ -264,7 +270,7 @@ def _add_shares(results: dict, specs: dict, folder: Path, machine: dict | None) 
             continue
         fmt = "int8" if spec.get("int8") else "int4" if spec.get("int4") else spec["dtype"]
         for m in r["scenarios"].values():
-            add_shares(m, work, fmt, spec.get("quantize_head", True), machine)
+            add_shares(m, work, fmt, spec.get("quantize_head", True), machine, spec.get("int8_vision", False))
 
 
 def shares_table(results: dict, scenarios: list[str], machine: dict | None) -> str:
@@ -272,8 +278,10 @@ def shares_table(results: dict, scenarios: list[str], machine: dict | None) -> s
     of the measured GEMM rate)."""
     if machine:
         rb, rg = machine["read_gbps_range"], machine["gemm_gflops_range"]
+        i8 = machine.get("int8_gops")
         head = (f"machine: read bandwidth {machine['read_gbps']:.1f} GB/s ({rb[0]:.1f}-{rb[1]:.1f}), "
-                f"{machine['gemm_dtype']} GEMM {machine['gemm_gflops']:.0f} GFLOP/s ({rg[0]:.0f}-{rg[1]:.0f}); "
+                f"{machine['gemm_dtype']} GEMM {machine['gemm_gflops']:.0f} GFLOP/s ({rg[0]:.0f}-{rg[1]:.0f})"
+                + (f", int8 GEMM {i8:.0f} GOP/s (the % of int8 prefill / vision)" if i8 else "") + "; "
                 f"{machine['threads']} threads, measured before and after the engines in this run")
     else:
         head = "machine not measured (not a CPU run): rates without shares"
@@ -341,13 +349,18 @@ def main(argv=None) -> int:
             if getattr(args, fmt):
                 runs.append((f"lfm2vl {fmt}", {**common, "dtype": "bf16", "engine": "ours", fmt: True,
                                                "quantize_head": not args.int8_float_head}))
+        if args.int8_vision:
+            runs.append(("lfm2vl int8+vision", {**common, "dtype": "bf16", "engine": "ours", "int8": True,
+                                                 "int8_vision": True, "quantize_head": not args.int8_float_head}))
     if "transformers" in args.engines:
         runs.append((f"transformers {short}", {**common, "engine": "transformers"}))
-    for fmt in ("int8", "int4"):
+    for fmt in ("int8", "int4", "int8_vision"):
         if getattr(args, fmt) and "ours" in args.engines:
-            runs.append((f"{fmt} quality", {**common, "engine": "quality", "format": fmt,
-                                            "quantize_head": not args.int8_float_head,
-                                            "new_tokens": min(args.new_tokens, 16)}))
+            label = "int8+vision" if fmt == "int8_vision" else fmt
+            runs.append((f"{label} quality", {**common, "engine": "quality", "format": fmt.removesuffix("_vision"),
+                                              "int8_vision": fmt == "int8_vision",
+                                              "quantize_head": not args.int8_float_head,
+                                              "new_tokens": min(args.new_tokens, 16)}))
     before = _probe_machine(args, short)
     results = {}
     for label, spec in runs:

@@ -1,13 +1,14 @@
 """The machine's own ceilings, measured in the bench's run so every speed figure can be read as a share of them:
 memory read bandwidth (what a decode step is bound by: it streams every weight once) and a large GEMM's rate in the
-run's dtype (what prefill and the vision tower are bound by).
+run's dtype and in int8 (what prefill and the vision tower are bound by).
 
     python -m lfm2vl.bench.machine '<json spec>'   ->  prints one line "BENCH_RESULT <json>"
 
 Read bandwidth: the fastest of the reads of a 1 GiB tensor (far past the caches) on the run's threads: a float32
 sum, a float32 matrix-vector product, a uint8 max and the native kernels' eight-stream read, each the best of `reps`.
 GEMM: the best of `reps` (2048 x 2048) @ (2048 x 2048) products after a warm-up, in the dtype lfm2vl multiplies the
-run's dtype in on this CPU (fp32 for bf16 where the CPU has no bf16 GEMM: cpu/gemm.py).
+run's dtype in on this CPU (fp32 for bf16 where the CPU has no bf16 GEMM: cpu/gemm.py), and where lfm2vl multiplies
+int8 weights in int8 (cpu/int8mm.py), the same product in int8.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-from ..cpu import kernels
+from ..cpu import int8mm, kernels
 from ..cpu.gemm import compute_dtype
 
 _DT = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -58,11 +59,29 @@ def gemm_gflops(dtype: torch.dtype, reps: int = 5, n: int = 2048) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
+def int8_gops(reps: int = 5, n: int = 2048) -> float | None:
+    """The int8 GEMM's rate (torch._int_mm, int8 x int8 -> int32), in 1e9 multiply-adds x 2 per second, where
+    lfm2vl computes int8 products of many rows in int8 (cpu/int8mm.py); None elsewhere."""
+    if not int8mm.wins():
+        return None
+    a = torch.randint(-127, 128, (n, n), dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, n), dtype=torch.int8).t()
+    for _ in range(2):
+        torch._int_mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch._int_mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
 def measure(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     dtype = _DT[spec["dtype"]]
     return {"engine": "machine", "read_gbps": read_gbps(), "gemm_gflops": gemm_gflops(dtype),
-            "gemm_dtype": {v: k for k, v in _DT.items()}[compute_dtype(dtype)], "threads": spec["threads"]}
+            "gemm_dtype": {v: k for k, v in _DT.items()}[compute_dtype(dtype)], "int8_gops": int8_gops(),
+            "threads": spec["threads"]}
 
 
 def main() -> None:

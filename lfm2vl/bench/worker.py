@@ -143,7 +143,7 @@ def _load(spec: dict):
         model = _with_adapter(load_model(spec["folder"], dtype=dtype, device=device)[0], spec)
         if spec.get("optimize", True):  # a no-op off CPU
             optimize_for_cpu(model, int8=spec.get("int8", False), int4=spec.get("int4", False),
-                             quantize_head=spec.get("quantize_head", True))
+                             int8_vision=spec.get("int8_vision", False), quantize_head=spec.get("quantize_head", True))
         if spec.get("low_memory"):
             set_low_memory(model)
         run = _ours_run
@@ -199,7 +199,8 @@ def _decode_logits(model, emb: torch.Tensor, n: int, forced: list[int] | None = 
 def quality(spec: dict) -> dict:
     """int8 (or int4: spec["format"]) vs bf16 on the benchmark prompts: logit cosine at the prompt's last position and
     at each of the next `new_tokens` positions, and how often the quantized argmax equals the bf16 one, teacher-forced
-    on bf16's greedy text."""
+    on bf16's greedy text. With spec["int8_vision"] the quantized model encodes the images itself, and the cosine of
+    its image features (per image token) with bf16's is reported too."""
     import torch.nn.functional as F
 
     from ..cpu.speed import optimize_for_cpu
@@ -210,25 +211,37 @@ def quality(spec: dict) -> dict:
     ref = optimize_for_cpu(_with_adapter(load_model(spec["folder"], dtype=torch.bfloat16)[0], spec))
     # a second load, not a deepcopy: both map the same file pages, and quantizing releases the float ones
     fmt = spec.get("format", "int8")
+    int8_vision = spec.get("int8_vision", False)
     q = optimize_for_cpu(_with_adapter(load_model(spec["folder"], dtype=torch.bfloat16)[0], spec), **{fmt: True},
-                         quantize_head=spec.get("quantize_head", True))
+                         int8_vision=int8_vision, quantize_head=spec.get("quantize_head", True))
     processor = Processor.from_pretrained(spec["folder"])
     out = {}
     for name in spec["scenarios"]:
         batch, _ = scenario_inputs(processor, name, spec.get("image_knobs"))
+        extra = {}
         with torch.inference_mode():
-            feats = None
+            feats = qfeats = None
             if "pixel_values" in batch:
-                feats = ref.image_features(batch["pixel_values"], batch["pixel_attention_mask"],
-                                           batch["spatial_shapes"])
-            emb = ref.embed(batch["input_ids"], feats)  # the vision tower is not quantized: same embeddings
+                pix = (batch["pixel_values"], batch["pixel_attention_mask"], batch["spatial_shapes"])
+                feats = ref.image_features(*pix)
+                qfeats = q.image_features(*pix) if int8_vision else feats
+                if int8_vision:
+                    fc = F.cosine_similarity(_rows(feats), _rows(qfeats), dim=-1)
+                    extra = {"feature_cosine_mean": fc.mean().item(), "feature_cosine_min": fc.min().item()}
+            emb = ref.embed(batch["input_ids"], feats)
             lr, toks = _decode_logits(ref, emb, spec["new_tokens"])
-            lq, _ = _decode_logits(q, emb, spec["new_tokens"], forced=toks)
+            lq, _ = _decode_logits(q, q.embed(batch["input_ids"], qfeats), spec["new_tokens"], forced=toks)
         cos = F.cosine_similarity(lr, lq, dim=-1)
         out[name] = {"logit_cosine_mean": cos.mean().item(), "logit_cosine_min": cos.min().item(),
                      "greedy_agreement": (lr.argmax(-1) == lq.argmax(-1)).float().mean().item(),
-                     "positions": int(lr.shape[0])}
-    return {"engine": "quality", "format": fmt, "scenarios": out}
+                     "positions": int(lr.shape[0]), **extra}
+    return {"engine": "quality", "format": fmt, "int8_vision": int8_vision, "scenarios": out}
+
+
+def _rows(feats) -> torch.Tensor:
+    """Image features (one tensor, or one per image) as (tokens, D) fp32."""
+    t = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    return t.reshape(-1, t.shape[-1]).float()
 
 
 def main() -> None:

@@ -2,10 +2,11 @@
 
 - `FastLinear` (an nn.Linear: same parameters, same state_dict keys) calls the native kernel when the input has
   few rows (a decode step) and F.linear otherwise (prefill), or when autograd needs a backward.
-- `Int8Linear`: symmetric per-output-channel int8 weights + fp32 scales; decode through the kernel, prefill through
-  F.linear over the dequantized weight (so both paths compute x @ (q * s)^T).
+- `Int8Linear`: symmetric per-output-channel int8 weights + fp32 scales; decode through the kernel (x @ (q * s)^T),
+  prefill through int8 compute with x quantized per row too (int8mm.py) where that wins, else through the bf16
+  product of the dequantized weight.
 - `Int4Linear`: symmetric int4 in groups of 32 weights along a row (llama.cpp's Q4_0 rule), fp16 group scales,
-  two weights per byte; the same two paths.
+  two weights per byte; prefill through the dequantized weight.
 - `use_fast_linears(model)` / `quantize_weights(model, bits=8 | 4)`: swap the language model's
   linears (and the output head),
   never the vision tower or projector (their inputs are prefill-size). `lfm2vl.cpu.speed.optimize_for_cpu` calls them.
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import gemm, kernels
+from . import gemm, int8mm, kernels
 from .memory import release_mapped_pages, trim_heap
 
 MAX_ROWS = 8  # up to this many input rows the weight-streaming kernel beats torch's GEMM (scripts/bench_gemv.py)
@@ -157,6 +158,8 @@ class Int8Linear(nn.Module):
             return kernels.linear(x, self.weight, self.bias, self.scale)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if not torch.is_grad_enabled() and _inference(x, self.weight) and kernels.available():
+            if self.bits == 8 and int8mm.wins():  # int8 x int8 products (int8mm.py), x quantized per row
+                return int8mm.linear(x, self.weight, self.scale, bias)
             # prefill: dequantize into a reused per-thread buffer (same values as dequantize()), in the dtype the
             # CPU multiplies x's dtype in (fp32 without a bf16 GEMM). A fresh ~10 MB weight per product would
             # fault in all its pages each time; no autograd here, so nothing keeps the buffer alive
@@ -251,6 +254,19 @@ def quantize_weights(model: nn.Module, bits: int = 8, quantize_head: bool = Fals
         model.lm_head = _quantized(head, max_rows, bits)
         n += 1
     trim_heap()  # the fp32 blocks were freed between the quantized weights (~70 MB of holes at 450M shapes)
+    return n
+
+
+def quantize_vision(model: nn.Module, max_rows: int | None = None) -> int:
+    """Replace the vision tower's encoder linears (attention and MLP of every layer) by Int8Linear; returns the count.
+
+    Opt-in (`int8_vision`): the tower's prefill-size products then run on int8 compute where that wins (int8mm.py;
+    ONNX exports of LFM2-VL keep this tower in int8, and found int4 hurt it). The patch embedding, whose input is
+    the pixels, and the projector stay in their dtype. The float weights' mapped pages leave the resident set.
+    """
+    n = _swap(model.model.vision_tower.encoder, lambda lin: Int8Linear.from_linear(lin, max_rows,
+                                                                                   release_source=True))
+    trim_heap()
     return n
 
 

@@ -2,7 +2,8 @@
 
 Module swaps that keep parameters, state_dict keys and results (within float rounding):
 - linears of the language model and the output head -> `quant.FastLinear` (native multithreaded GEMV for
-  decode-size inputs), or `quant.Int8Linear` / `Int4Linear` with int8=True / int4=True (weight-only, opt-in);
+  decode-size inputs), or `quant.Int8Linear` / `Int4Linear` with int8=True / int4=True (opt-in); the vision
+  tower's encoder linears -> `quant.Int8Linear` with int8_vision=True (opt-in);
 - `ShortConv` -> `FastShortConv`: the depthwise causal conv as K shifted multiply-adds in fp32. torch's bf16
   `F.conv1d` for groups=D goes through oneDNN, which is slow for so small a conv (a decode step has 10); for
   bf16 inference the whole middle (gates, conv, state) is one native pass (`kernels.short_conv`);
@@ -33,7 +34,7 @@ from ..model.text import MLP, Attention, RMSNorm, ShortConv
 from . import kernels
 from .kernels.decode import NativeDecoder
 from .lowmem import LowMemoryModel
-from .quant import FastLinear, Int4Linear, Int8Linear, quantize_weights, use_fast_linears
+from .quant import FastLinear, Int4Linear, Int8Linear, quantize_vision, quantize_weights, use_fast_linears
 from .threads import one_thread
 from .vision import use_fast_vision
 
@@ -154,12 +155,14 @@ def _swap_class(root: nn.Module, base: type, fast: type) -> int:
 
 
 def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool = True,
-                     int4: bool = False) -> nn.Module:
+                     int4: bool = False, int8_vision: bool = False) -> nn.Module:
     """Make a loaded Lfm2VlModel decode fast on CPU, in place; returns it. Call once after loading.
 
     int8=True: weight-only int8 for the language model's linears and, unless quantize_head=False, the output head
     (a tied head is ~19% of a 450M decode step's bytes; the embedding table stays float for lookups, so make_cache
     still picks the activation dtype by default). int4=True: the same with int4 (groups of 32 weights).
+    int8_vision=True: the vision tower's encoder linears in int8 too (quant.quantize_vision), independent of the
+    language model's format.
     """
     if int8 and int4:
         raise ValueError("int8 and int4 are exclusive: pick one weight format")
@@ -176,6 +179,8 @@ def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool =
     _swap_class(lm, RMSNorm, FastRMSNorm)
     if int8 or int4:
         quantize_weights(model, bits=4 if int4 else 8, quantize_head=quantize_head)
+    if int8_vision:
+        quantize_vision(model)
     use_fast_linears(model)
     use_fast_vision(model.model)
     if type(model) in (Lfm2VlModel, LowMemoryModel, FastLfm2VlModel):

@@ -2,6 +2,7 @@
 
 Same parameters, state_dict keys and results within float rounding; `use_fast_vision(model)` swaps them in place:
 - the linears run `gemm.linear`: oneDNN with the bias, GELU and residual add fused, fp32 on CPUs without a bf16 GEMM;
+  int8 encoder linears (int8 vision, quant.quantize_vision) run int8 compute with the same fusions (int8mm.py);
 - bf16 attention runs the native `kernels.attn_many` where it beats torch's SDPA (AVX512-BF16 CPUs without AMX);
 - the resized position grids are cached per (h, w, dtype, device) until the table's weights change;
 - on CPUs without a bf16 GEMM each encoder layer drops its weights' mapped pages after use (`release_pays`), so
@@ -18,8 +19,9 @@ from torch import nn
 
 from ..model import vision
 from ..model.projector import Projector
-from . import gemm, kernels
+from . import gemm, int8mm, kernels
 from .memory import release_span, weights
+from .quant import Int8Linear
 
 
 def fast_linear(layer: nn.Module, x: torch.Tensor, gelu: str | None = None,
@@ -27,6 +29,8 @@ def fast_linear(layer: nn.Module, x: torch.Tensor, gelu: str | None = None,
     """`layer(x)`, then optional GELU (approximate="tanh"/"none"), then `+ residual`: a plain nn.Linear at inference
     runs `gemm.linear` (oneDNN, fused; fp32 on CPUs without a bf16 GEMM). Training and wrapped layers (LoRA, int8)
     keep their own forward."""
+    if type(layer) is Int8Linear and x.device.type == "cpu" and not torch.is_grad_enabled() and int8mm.wins():
+        return int8mm.linear(x, layer.weight, layer.scale, layer.bias, gelu, residual)  # int8 vision
     w = layer.weight if type(layer) is nn.Linear else None
     if (w is not None and x.device.type == "cpu" and x.dtype == w.dtype
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad

@@ -78,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "cuda:LOCAL_RANK)")
     g.add_argument("--adapter", metavar="DIR", default=None,
                    help="LoRA adapter folder (PEFT's format), merged into the weights at load (default: none)")
-    q = g.add_mutually_exclusive_group()
-    q.add_argument("--int8", action="store_true", help="weight-only int8 linears (CPU)")
-    q.add_argument("--int4", action="store_true", help="weight-only int4 linears, groups of 32 (CPU)")
+    from ..cli import add_weight_formats
+
+    add_weight_formats(g)
     g.add_argument("--no-optimize", action="store_true", help="keep plain torch modules (no CPU fast paths)")
     g = p.add_argument_group("OpenAI-compatible server instead of a local model")
     g.add_argument("--server", metavar="URL", default=None,

@@ -27,7 +27,7 @@ DEFAULT_CONTEXT = 4096  # tokens per request (prompt + completion) unless --max-
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lfm2vl.cli import HelpFormatter
+    from lfm2vl.cli import HelpFormatter, add_weight_formats
     from lfm2vl.generate.options import MAX_BATCH, PREFILL_CHUNK
 
     p = argparse.ArgumentParser(prog="lfm2vl serve", description="OpenAI-compatible server for LFM2-VL models.",
@@ -46,11 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="weights and activations (default: the engine's, bfloat16)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the engine's choice)")
-    q = p.add_mutually_exclusive_group()
-    q.add_argument("--int8", action="store_true", help="weight-only int8 language-model linears on CPU (faster, "
-                   "results change slightly)")
-    q.add_argument("--int4", action="store_true", help="weight-only int4 language-model linears on CPU (smallest and "
-                   "fastest decode, results differ more than int8)")
+    add_weight_formats(p)
     p.add_argument("--adapter", metavar="DIR", default=None,
                    help="LoRA adapter folder (PEFT's format, e.g. from `lfm2vl finetune`), merged into the weights at "
                         "load (default: none)")
@@ -185,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with adapter_warnings("lfm2vl serve"):
             engine = lfm2vl.load(model, dtype=args.dtype, device=args.device, int8=args.int8,
-                                 int4=args.int4, low_memory=args.low_memory, adapter=args.adapter)
+                                 int4=args.int4, int8_vision=args.int8_vision, low_memory=args.low_memory,
+                                 adapter=args.adapter)
     except Exception as e:  # offline without a copy, a broken folder...: one clear line, no traceback
         print(f"lfm2vl serve: could not load {label}: {e}", file=sys.stderr)
         return 1

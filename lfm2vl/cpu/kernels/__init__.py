@@ -5,7 +5,8 @@
   `attn.cpp` (decode attention), `attn_many.cpp` (the vision tower's and the prefill's attention), `prefill.cpp`
   (a bf16 prefill's SwiGLU, RMSNorm and short-conv middle), `decode.cpp` (the fused decode step, driven by
   `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats:
-  quantization at load, expansion for prefill), `dropout.cpp` (training's dropout, mask hashed from a seed) and
+  quantization at load, expansion for prefill), `int8mm.cpp` (the passes around an int8 product of many rows:
+  activations quantized per row, the int32 result scaled), `dropout.cpp` (training's dropout, mask hashed from a seed) and
   `pool.cpp` (their thread pool), with `gemv.h` / `pool.h`, are
   compiled once per machine with the system `g++ -O3 -march=native` (no ninja, no Python headers: a plain shared
   library called through ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/.
@@ -32,7 +33,7 @@ import torch
 _SRC = Path(__file__).with_name("gemv.cpp")
 _SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in (
     "gemv_scalar.cpp", "gemv_avx2.cpp", "gemv_vnni.cpp", "gemv_streams.cpp", "attn.cpp", "attn_many.cpp",
-    "prefill.cpp", "decode.cpp", "quantized.cpp", "dropout.cpp", "pool.cpp")]
+    "prefill.cpp", "decode.cpp", "quantized.cpp", "int8mm.cpp", "dropout.cpp", "pool.cpp")]
 _HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17"]
 _KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
@@ -124,6 +125,10 @@ def _load():
     lib.lfm2vl_read.restype = ctypes.c_uint64
     lib.lfm2vl_quantizes_x.argtypes = [ctypes.c_int]
     lib.lfm2vl_quantizes_x.restype = ctypes.c_int
+    lib.lfm2vl_quantize_rows.argtypes = [p, i, p, p, i64, i64, i]
+    lib.lfm2vl_quantize_rows.restype = None
+    lib.lfm2vl_int8_epilogue.argtypes = [p, p, p, p, p, p, i, i, i64, i64, i]
+    lib.lfm2vl_int8_epilogue.restype = None
     _lib = lib
     return _lib
 
@@ -244,6 +249,43 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> 
                              torch.get_num_threads())
     return out
 
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) fp32/bf16 on the CPU -> (q (M, K) int8, s (M,) fp32), symmetric per row: s = amax / 127 (1 for an
+    all-zero row), q = clamp(round(x / s), -127, 127), the values of that torch formula (int8mm.cpp), on the pool's
+    threads. The caller checks `available()`."""
+    if x.dim() != 2 or x.dtype not in _DT or x.device.type != "cpu":
+        raise ValueError(f"quantize_rows: needs an (M, K) fp32/bf16 CPU tensor, got {tuple(x.shape)} {x.dtype} "
+                         f"on {x.device}")
+    x = x.contiguous()
+    M, K = x.shape
+    q = torch.empty(M, K, dtype=torch.int8)
+    s = torch.empty(M, dtype=torch.float32)
+    _lib.lfm2vl_quantize_rows(x.data_ptr(), _DT[x.dtype], q.data_ptr(), s.data_ptr(), M, K, torch.get_num_threads())
+    return q, s
+
+
+def int8_epilogue(acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None,
+                  residual: torch.Tensor | None, dtype: torch.dtype, gelu: bool = False) -> torch.Tensor:
+    """(M, N) in `dtype` <- gelu?(acc * xs[:, None] * ws[None, :] + bias) + residual, fp32 math in that order,
+    rounded once (int8mm.cpp): acc (M, N) int32, xs (M,) and ws (N,) fp32, bias (N,) or None, residual (M, N) or
+    None; gelu: GELU's tanh approximation. The caller checks `available()`."""
+    M, N = acc.shape
+    if (acc.dtype != torch.int32 or xs.shape != (M,) or ws.shape != (N,) or dtype not in _DT
+            or (bias is not None and bias.shape != (N,)) or (residual is not None and residual.shape != (M, N))):
+        raise ValueError(f"int8_epilogue: needs (M, N) int32, (M,) and (N,) scales, (N,) bias, (M, N) residual; got "
+                         f"{tuple(acc.shape)} {acc.dtype}, {tuple(xs.shape)}, {tuple(ws.shape)}, "
+                         f"{None if bias is None else tuple(bias.shape)}, "
+                         f"{None if residual is None else tuple(residual.shape)}")
+    acc, xs, ws = acc.contiguous(), xs.float().contiguous(), ws.float().contiguous()
+    bias = None if bias is None else bias.float().contiguous()
+    residual = None if residual is None else residual.to(dtype).contiguous()
+    y = torch.empty(M, N, dtype=dtype)
+    _lib.lfm2vl_int8_epilogue(acc.data_ptr(), xs.data_ptr(), ws.data_ptr(), None if bias is None else bias.data_ptr(),
+                              None if residual is None else residual.data_ptr(), y.data_ptr(), _DT[dtype], int(gelu),
+                              M, N, torch.get_num_threads())
+    return y
 
 @functools.lru_cache(maxsize=None)
 def amx() -> bool:

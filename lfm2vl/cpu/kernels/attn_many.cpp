@@ -63,6 +63,36 @@ void relayout(const void* ctx, int64_t c) {
         }
 }
 
+// The value sums of a block's queries, R at a time: R queries x NC column blocks of 16 accumulate over the key
+// pairs (each row pair of V read once per R queries), then are divided by the softmax sums and rounded once to bf16
+// into out. R divides QB; rows past the block read row 0's probabilities and are never stored.
+template <int R, int NC>
+T_AVX512BF16 inline void value_sums(const ManyArgs& a, const uint32_t* vp, const uint32_t* p32, const float* sum,
+                                    int64_t rows, int64_t Lb, int64_t u, int64_t h, int64_t i0) {
+    for (int64_t r0 = 0; r0 < rows; r0 += R) {
+        __m512 acc[R][NC];
+        for (int r = 0; r < R; r++)
+            for (int cc = 0; cc < NC; cc++) acc[r][cc] = _mm512_setzero_ps();
+        const uint32_t* pq[R];  // each query's probability pairs
+        for (int r = 0; r < R; r++) pq[r] = p32 + (r0 + r < QB ? r0 + r : 0) * (a.Lp / 2);
+        for (int64_t i = 0; i < Lb / 2; i++) {
+            __m512bh pw[R];
+            for (int r = 0; r < R; r++) pw[r] = (__m512bh)_mm512_set1_epi32((int)pq[r][i]);
+            for (int cc = 0; cc < NC; cc++) {
+                const __m512bh vv = (__m512bh)_mm512_loadu_si512(vp + i * a.Dp + cc * 16);
+                for (int r = 0; r < R; r++) acc[r][cc] = _mm512_dpbf16_ps(acc[r][cc], vv, pw[r]);
+            }
+        }
+        for (int r = 0; r < R && r0 + r < rows; r++) {
+            uint16_t* o = a.out + (u * a.L + i0 + r0 + r) * (a.H * a.Dh) + h * a.Dh;
+            for (int cc = 0; cc < NC; cc++) {
+                const __m512 y = _mm512_div_ps(acc[r][cc], _mm512_set1_ps(sum[r0 + r]));
+                _mm256_mask_storeu_epi16(o + cc * 16, tail16(a.Dh - cc * 16), to_bf16x16(y));
+            }
+        }
+    }
+}
+
 // pass 2, one chunk per (unit, head, block of QB queries)
 T_AVX512BF16 void attend(const void* ctx, int64_t c) {
     const ManyArgs& a = *(const ManyArgs*)ctx;
@@ -118,28 +148,18 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
         }
         sum[r] = _mm512_reduce_add_ps(tot);
     }
-    // value sums: 4 queries x Dp columns per step over key pairs, then / sum, one bf16 rounding, stored in place
-    const int NC = (int)(a.Dp / 16);
-    for (int r0 = 0; r0 < rows; r0 += 4) {
-        __m512 acc[4][8];
-        for (int r = 0; r < 4; r++)
-            for (int cc = 0; cc < NC; cc++) acc[r][cc] = _mm512_setzero_ps();
-        const uint32_t* p32 = (const uint32_t*)pr;
-        for (int64_t i = 0; i < Lb / 2; i++) {
-            __m512bh pw[4];
-            for (int r = 0; r < 4; r++) pw[r] = (__m512bh)_mm512_set1_epi32((int)p32[(r0 + r < QB ? r0 + r : 0) * (a.Lp / 2) + i]);
-            for (int cc = 0; cc < NC; cc++) {
-                const __m512bh vv = (__m512bh)_mm512_loadu_si512(vp + i * a.Dp + cc * 16);
-                for (int r = 0; r < 4; r++) acc[r][cc] = _mm512_dpbf16_ps(acc[r][cc], vv, pw[r]);
-            }
-        }
-        for (int r = 0; r < 4 && r0 + r < rows; r++) {
-            uint16_t* o = a.out + (u * a.L + i0 + r0 + r) * (a.H * a.Dh) + h * a.Dh;
-            for (int cc = 0; cc < NC; cc++) {
-                const __m512 y = _mm512_div_ps(acc[r][cc], _mm512_set1_ps(sum[r0 + r]));
-                _mm256_mask_storeu_epi16(o + cc * 16, tail16(a.Dh - cc * 16), to_bf16x16(y));
-            }
-        }
+    // value sums over key pairs, then / sum, one bf16 rounding (value_sums: the column count fixed at compile time,
+    // so the accumulators stay in registers)
+    const uint32_t* p32 = (const uint32_t*)pr;
+    switch (a.Dp / 16) {
+        case 1: value_sums<4, 1>(a, vp, p32, sum, rows, Lb, u, h, i0); break;
+        case 2: value_sums<4, 2>(a, vp, p32, sum, rows, Lb, u, h, i0); break;
+        case 3: value_sums<4, 3>(a, vp, p32, sum, rows, Lb, u, h, i0); break;
+        case 4: value_sums<4, 4>(a, vp, p32, sum, rows, Lb, u, h, i0); break;
+        case 5: value_sums<4, 5>(a, vp, p32, sum, rows, Lb, u, h, i0); break;
+        case 6: value_sums<4, 6>(a, vp, p32, sum, rows, Lb, u, h, i0); break;
+        case 7: value_sums<2, 7>(a, vp, p32, sum, rows, Lb, u, h, i0); break;
+        default: value_sums<2, 8>(a, vp, p32, sum, rows, Lb, u, h, i0); break;
     }
     free(s);
     free(pr);

@@ -91,6 +91,6 @@ void drop(const void* ctx, int64_t c) {
 extern "C" void lfm2vl_dropout(const void* x, void* y, int64_t n, uint64_t seed, uint32_t threshold, float scale,
                                int bf16, int threads) {
     DropArgs a{x, y, n, seed, threshold, scale, bf16};
-    pool_run(drop, &a, (n + SPAN - 1) / SPAN, threads);
+    pool_run(drop, &a, (n + SPAN - 1) / SPAN, threads, false);
 }
 

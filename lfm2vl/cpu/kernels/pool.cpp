@@ -23,6 +23,7 @@ static std::atomic<uint64_t> counter{0};      // (generation << 32) | next chunk
 static std::atomic<int64_t> done{0};          // chunks finished in the current generation
 static std::atomic<int> sleepers{0};
 static std::atomic<bool> busy{false};
+static std::atomic<bool> linger_after{true};  // whether helpers spin for a next job after the current one
 // Never destroyed (leaked on purpose): at process exit, glibc's condition-variable destructor would wait for the
 // helpers still sleeping on it, and the process would hang instead of exiting.
 static std::mutex& mu = *new std::mutex;
@@ -50,11 +51,12 @@ static void helper_main(int index) {
     uint32_t seen = gen_of(counter.load());
     for (;;) {
         auto t0 = std::chrono::steady_clock::now();
+        const bool linger = linger_after.load(std::memory_order_relaxed);
         int spins = 0;
         while (gen_of(counter.load(std::memory_order_acquire)) == seen) {
             _mm_pause();
-            if (++spins % 256) continue;
-            if (std::chrono::steady_clock::now() - t0 < std::chrono::microseconds(200)) continue;
+            if (linger && ++spins % 256) continue;
+            if (linger && std::chrono::steady_clock::now() - t0 < std::chrono::microseconds(200)) continue;
             std::unique_lock<std::mutex> lk(mu);
             sleepers.fetch_add(1);
             cv.wait(lk, [&] { return gen_of(counter.load()) != seen; });
@@ -75,7 +77,7 @@ static void ensure_helpers(int n) {
 }
 }  // namespace pool_detail
 
-void pool_run(pool_fn fn, const void* ctx, int64_t chunks, int threads) {
+void pool_run(pool_fn fn, const void* ctx, int64_t chunks, int threads, bool linger) {
     using namespace pool_detail;
     bool expected = false;
     if (threads <= 1 || chunks <= 1 || !busy.compare_exchange_strong(expected, true)) {
@@ -87,6 +89,7 @@ void pool_run(pool_fn fn, const void* ctx, int64_t chunks, int threads) {
     // Every chunk of the previous job is done, so no helper can still succeed in claiming one of it; a helper
     // that read the previous slot stale fails its compare-exchange once the counter moves to `gen`.
     jobs[gen & 1] = Job{fn, ctx, chunks, threads - 1};
+    linger_after.store(linger, std::memory_order_relaxed);
     done.store(0);
     counter.store((uint64_t)gen << 32);  // seq_cst: pairs with the sleepers check below
     if (sleepers.load() > 0) {

@@ -4,11 +4,13 @@
 // Chunks are claimed from one 64-bit atomic (generation << 32 | next index). The caller claims chunks too and
 // only waits for chunks a helper has already started, never for a helper that has not woken up (an OpenMP
 // barrier would wait a whole scheduler time slice when another process holds that core).
-// Helpers spin ~0.2 ms after a job (decode issues products back to back), then sleep on a condition variable.
+// Helpers spin ~0.2 ms after a job (decode issues products back to back), then sleep on a condition variable; after
+// a job run with linger = false they sleep at once: the passes of a prefill sit between torch's OpenMP products,
+// whose threads need the cores a spinning helper would hold.
 // One job at a time: a second thread calling while a job runs computes its product alone.
 #pragma once
 #include <stdint.h>
 
 typedef void (*pool_fn)(const void* ctx, int64_t chunk);
 
-void pool_run(pool_fn fn, const void* ctx, int64_t chunks, int threads);
+void pool_run(pool_fn fn, const void* ctx, int64_t chunks, int threads, bool linger = true);

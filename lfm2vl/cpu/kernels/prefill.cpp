@@ -117,7 +117,7 @@ int lfm2vl_short_conv_bf16(const uint16_t* p, const uint16_t* state, const float
                            uint16_t* tail, int64_t B, int64_t T, int64_t D, int64_t K, int threads) {
     if (active_isa() < 2 || K < 1 || K > 8) return -1;
     ConvArgs a{p, state, w, bias, out, tail, B, T, D, K};
-    pool_run(short_conv, &a, B * ((D + 15) / 16), threads);
+    pool_run(short_conv, &a, B * ((D + 15) / 16), threads, false);
     return 0;
 }
 
@@ -125,7 +125,7 @@ int lfm2vl_short_conv_bf16(const uint16_t* p, const uint16_t* state, const float
 int lfm2vl_swiglu_bf16(const uint16_t* a, const uint16_t* b, uint16_t* out, int64_t n, int threads) {
     if (active_isa() < 2) return -1;
     SwiGLUArgs g{a, b, out, n};
-    pool_run(swiglu, &g, (n + SPAN - 1) / SPAN, threads);
+    pool_run(swiglu, &g, (n + SPAN - 1) / SPAN, threads, false);
     return 0;
 }
 
@@ -134,7 +134,7 @@ int lfm2vl_rmsnorm_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int
                         int threads) {
     if (active_isa() < 2) return -1;
     NormArgs a{x, w, out, rows, n, (16384 + n - 1) / n, eps};
-    pool_run(rmsnorm, &a, (rows + a.per - 1) / a.per, threads);
+    pool_run(rmsnorm, &a, (rows + a.per - 1) / a.per, threads, false);
     return 0;
 }
 

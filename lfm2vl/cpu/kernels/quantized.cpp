@@ -133,7 +133,7 @@ static void dequant_chunk(const void* ctx, int64_t chunk) {
 static void dequant(int bits, const void* q, const float* s, void* out, int64_t N, int64_t K, int odt, int threads) {
     int64_t rows = (int64_t)256 * 1024 / (K > 0 ? K : 1);
     DequantArgs a{bits, q, s, out, N, K, rows < 1 ? 1 : rows, odt};
-    pool_run(dequant_chunk, &a, (N + a.rows_per_chunk - 1) / a.rows_per_chunk, threads);
+    pool_run(dequant_chunk, &a, (N + a.rows_per_chunk - 1) / a.rows_per_chunk, threads, false);
 }
 
 // ---- quantization. w row-major (N, K), fp32 (wdt 0) or bf16 (wdt 1).

@@ -1,0 +1,62 @@
+"""Int8 compute for products of many rows: the prefill through int8 weights, and the vision tower with int8 vision.
+
+y = x @ (q * ws)^T + bias with x quantized per row as well (symmetric, xs = amax / 127, `kernels.quantize_rows`):
+the two int8 matrices multiply exactly into int32 (`torch._int_mm`: oneDNN's int8 GEMM, which multiply-adds twice
+as many pairs per instruction with AVX512-VNNI as a bf16 GEMM does with AVX512-BF16), then one native pass scales
+by xs[m] * ws[n], adds the bias, applies GELU and a residual, and rounds once (`kernels.int8_epilogue`).
+
+The weight-only int8 of decode multiplies the unrounded activations; here they carry one more rounding (their
+int8 step is 1/254 of the row's largest value), which the bench's int8 quality check and tests/test_bf16_trained.py
+measure. Where oneDNN's bf16 products run on AMX tiles, the bf16 product of the expanded weight is faster and
+stays (`wins`).
+"""
+from __future__ import annotations
+
+import functools
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+
+
+@functools.cache
+def wins() -> bool:
+    """Whether an int8 product of many rows runs on int8 compute here: the native kernels are built and the CPU has
+    no AMX tiles (a 2-core AVX512-VNNI Zen 5, 280 x 1024 x 4608: torch._int_mm 1.86 T int-ops/s against 0.93 TFLOP/s
+    for the bf16 product; an AMX Xeon VM: 0.52 against 0.92)."""
+    return kernels.available() and not kernels.amx() and hasattr(torch, "_int_mm")
+
+
+_SCRATCH = threading.local()
+
+
+def _acc_buffer(M: int, N: int) -> torch.Tensor:
+    """This thread's reused int32 (M, N) buffer for the products: a fresh one of several MB per product would fault
+    its pages in each time (glibc returns large freed blocks to the system)."""
+    buf = getattr(_SCRATCH, "acc", None)
+    if buf is None or buf.numel() < M * N:
+        with torch.inference_mode(False):
+            buf = _SCRATCH.acc = torch.empty(M * N, dtype=torch.int32)
+    return buf[:M * N].view(M, N)
+
+
+def linear(x: torch.Tensor, q: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None = None,
+           gelu: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, q * ws[:, None], bias)` with x quantized per row, then optional GELU (approximate "tanh" /
+    "none"), then `+ residual`, in x's dtype: x (..., K) fp32/bf16 on the CPU, no autograd (the caller checks);
+    q (N, K) int8, ws (N,) fp32 (quant.py's format); bias (N,), residual (..., N). The caller checks `wins()`."""
+    N, K = q.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"int8 linear: x has {x.shape[-1]} features but the weight is {tuple(q.shape)}")
+    lead = x.shape[:-1]
+    xq, xs = kernels.quantize_rows(x.reshape(-1, K))
+    acc = torch._int_mm(xq, q.t(), out=_acc_buffer(xq.shape[0], N))
+    res = None if residual is None else residual.reshape(-1, N)
+    if gelu not in (None, "tanh"):  # erf GELU: torch's, on the scaled product, before the residual
+        y = F.gelu(kernels.int8_epilogue(acc, xs, ws, bias, None, x.dtype), approximate=gelu)
+        y = y if res is None else y + res
+    else:
+        y = kernels.int8_epilogue(acc, xs, ws, bias, res, x.dtype, gelu=gelu == "tanh")
+    return y.view(*lead, N)

@@ -1,0 +1,155 @@
+// The passes around an int8 product of many rows (cpu/int8mm.py: prefill, and the vision tower with int8 vision):
+// the activations quantized per row before torch._int_mm (oneDNN's int8 GEMM), the int32 result scaled after it.
+//
+// lfm2vl_quantize_rows: x (M, K) fp32/bf16 -> q (M, K) int8 and one fp32 scale per row, symmetric:
+//   s = amax / 127 (1 for an all-zero row), q = clamp(rint(x / s), -127, 127): an IEEE division and round half to
+//   even, the values of torch's `(x.float() / s).round().clamp(-127, 127)`.
+// lfm2vl_int8_epilogue: y[m, n] = act(float(acc[m, n]) * xs[m] * ws[n] + bias[n]) + residual[m, n], in fp32 in that
+//   order (no fused multiply-adds), rounded once to y's dtype; act is none or GELU's tanh approximation
+//   (0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3)))).
+// Both run on the pool's threads, AVX512 where the CPU has it, plain loops otherwise.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "gemv.h"
+#include "pool.h"
+
+namespace {
+
+const int64_t SPAN = 16384;  // elements per chunk of work
+
+struct QuantArgs {
+    const void* x;
+    int xdt;  // 0 fp32, 1 bf16
+    int8_t* q;
+    float* s;
+    int64_t M, K, per;
+};
+
+inline float x_at(const QuantArgs& a, int64_t i) {
+    return a.xdt ? bf16_to_f32(((const uint16_t*)a.x)[i]) : ((const float*)a.x)[i];
+}
+
+T_AVX512 inline __m512 x16(const QuantArgs& a, int64_t i, __mmask16 mk) {
+    return a.xdt ? from_bf16x16((const uint16_t*)a.x + i, mk) : _mm512_maskz_loadu_ps(mk, (const float*)a.x + i);
+}
+
+T_AVX512 void quantize_rows_avx512(const QuantArgs& a, int64_t r) {
+    const int64_t K = a.K, base = r * K;
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(x16(a, base + k, tail16(K - k))));
+    const float amax = _mm512_reduce_max_ps(m);
+    const float s = amax > 0 ? amax / 127.0f : 1.0f;
+    a.s[r] = s;
+    const __m512 sv = _mm512_set1_ps(s), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 mk = tail16(K - k);
+        __m512 v = _mm512_roundscale_ps(_mm512_div_ps(x16(a, base + k, mk), sv),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        _mm_mask_storeu_epi8(a.q + base + k, mk, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+    }
+}
+
+void quantize_rows_plain(const QuantArgs& a, int64_t r) {
+    const int64_t K = a.K, base = r * K;
+    float amax = 0;
+    for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(x_at(a, base + k)));
+    const float s = amax > 0 ? amax / 127.0f : 1.0f;
+    a.s[r] = s;
+    for (int64_t k = 0; k < K; k++) a.q[base + k] = (int8_t)fminf(fmaxf(rintf(x_at(a, base + k) / s), -127.f), 127.f);
+}
+
+void quantize_rows(const void* ctx, int64_t c) {
+    const QuantArgs& a = *(const QuantArgs*)ctx;
+    int64_t r0, r1;
+    chunk_rows(c, a.per, a.M, &r0, &r1);
+    const bool wide = active_isa() >= 2;
+    for (int64_t r = r0; r < r1; r++) wide ? quantize_rows_avx512(a, r) : quantize_rows_plain(a, r);
+}
+
+struct EpiArgs {
+    const int32_t* acc;
+    const float *xs, *ws, *bias;  // bias (N) or NULL
+    const void* res;              // (M, N) in y's dtype, or NULL
+    void* y;
+    int ydt, gelu;
+    int64_t M, N, per;
+};
+
+const float GELU_C = 0.7978845608028654f;  // sqrt(2 / pi)
+
+float gelu_tanh(float v) { return 0.5f * v * (1.0f + tanhf(GELU_C * (v + 0.044715f * v * v * v))); }
+
+// tanh(u) = sign(u) (1 - e) / (1 + e) with e = exp(-2|u|) <= 1, so nothing overflows
+T_AVX512 inline __m512 gelu_tanh16(__m512 v) {
+    const __m512 u = _mm512_mul_ps(_mm512_set1_ps(GELU_C),
+                                   _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(0.044715f),
+                                                                  _mm512_mul_ps(_mm512_mul_ps(v, v), v))));
+    const __m512 e = exp_nonpos(_mm512_mul_ps(_mm512_set1_ps(-2.f), _mm512_abs_ps(u)));
+    const __m512 one = _mm512_set1_ps(1.f);
+    __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    t = _mm512_mask_sub_ps(t, _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), t);
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(one, t));
+}
+
+T_AVX512 void epilogue_avx512(const EpiArgs& a, int64_t m) {
+    const __m512 xs = _mm512_set1_ps(a.xs[m]);
+    for (int64_t n = 0; n < a.N; n += 16) {
+        const __mmask16 mk = tail16(a.N - n);
+        const int64_t i = m * a.N + n;
+        __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mk, a.acc + i));
+        v = _mm512_mul_ps(_mm512_mul_ps(v, xs), _mm512_maskz_loadu_ps(mk, a.ws + n));
+        if (a.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, a.bias + n));
+        if (a.gelu) v = gelu_tanh16(v);
+        if (a.ydt) {
+            if (a.res) v = _mm512_add_ps(v, from_bf16x16((const uint16_t*)a.res + i, mk));
+            _mm256_mask_storeu_epi16((uint16_t*)a.y + i, mk, to_bf16x16(v));
+        } else {
+            if (a.res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, (const float*)a.res + i));
+            _mm512_mask_storeu_ps((float*)a.y + i, mk, v);
+        }
+    }
+}
+
+void epilogue_plain(const EpiArgs& a, int64_t m) {
+    for (int64_t n = 0; n < a.N; n++) {
+        const int64_t i = m * a.N + n;
+        float v = (float)a.acc[i] * a.xs[m] * a.ws[n];
+        if (a.bias) v += a.bias[n];
+        if (a.gelu) v = gelu_tanh(v);
+        if (a.res) v += a.ydt ? bf16_to_f32(((const uint16_t*)a.res)[i]) : ((const float*)a.res)[i];
+        store_out(a.y, a.ydt, i, v);
+    }
+}
+
+void epilogue(const void* ctx, int64_t c) {
+    const EpiArgs& a = *(const EpiArgs*)ctx;
+    int64_t r0, r1;
+    chunk_rows(c, a.per, a.M, &r0, &r1);
+    const bool wide = active_isa() >= 2;
+    for (int64_t m = r0; m < r1; m++) wide ? epilogue_avx512(a, m) : epilogue_plain(a, m);
+}
+
+int64_t rows_per_chunk(int64_t width) { return width >= SPAN ? 1 : SPAN / width; }
+
+}  // namespace
+
+extern "C" {
+
+// q (M, K) int8 and s (M) fp32 <- x (M, K), xdt 0 fp32 / 1 bf16 (see the top of this file).
+void lfm2vl_quantize_rows(const void* x, int xdt, int8_t* q, float* s, int64_t M, int64_t K, int threads) {
+    QuantArgs a{x, xdt, q, s, M, K, rows_per_chunk(K)};
+    pool_run(quantize_rows, &a, (M + a.per - 1) / a.per, threads, false);
+}
+
+// y (M, N), ydt 0 fp32 / 1 bf16 <- acc (M, N) int32 scaled by xs (M) and ws (N), plus bias (N, fp32) or NULL, GELU
+// (tanh) when gelu != 0, plus residual (M, N, y's dtype) or NULL (see the top of this file).
+void lfm2vl_int8_epilogue(const int32_t* acc, const float* xs, const float* ws, const float* bias, const void* res,
+                          void* y, int ydt, int gelu, int64_t M, int64_t N, int threads) {
+    EpiArgs a{acc, xs, ws, bias, res, y, ydt, gelu, M, N, rows_per_chunk(N)};
+    pool_run(epilogue, &a, (M + a.per - 1) / a.per, threads, false);
+}
+
+}  // extern "C"

@@ -1,0 +1,170 @@
+"""Int8 compute for products of many rows (lfm2vl/cpu/int8mm.py, kernels/int8mm.cpp): activations quantized per row,
+torch._int_mm, one scaling pass; the int8 prefill and the int8 vision tower built on it."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lfm2vl.cpu import int8mm, kernels
+from lfm2vl.cpu.quant import Int8Linear, quantize_weight_int8
+from lfm2vl.cpu.speed import optimize_for_cpu
+
+from checkpoints import tiny_model
+
+needs_kernels = pytest.mark.skipif(os.environ.get("LFM2VL_NO_KERNELS", "0") not in ("", "0"),
+                                   reason="kernels disabled by LFM2VL_NO_KERNELS")
+
+
+@pytest.fixture
+def isa_cap(request):
+    kernels.set_isa(request.param)
+    yield request.param
+    kernels.set_isa(3)
+
+
+def _rows_formula(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.float()
+    amax = xf.abs().amax(1)
+    s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    return (xf / s[:, None]).round().clamp(-127, 127).to(torch.int8), s
+
+
+def _inputs(M: int, K: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 10
+    x[1] = 0  # an all-zero row: scale 1
+    x[2, 3] = -x[2].abs().max() * 2  # a negative extreme
+    return x.to(dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa_cap", [3, 1], indirect=True)  # the AVX512 loop and the plain one
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K", [1024, 70])
+def test_quantize_rows_equals_the_torch_formula(isa_cap, dtype, K):
+    x = _inputs(300, K, dtype)
+    q, s = kernels.quantize_rows(x)
+    want_q, want_s = _rows_formula(x)
+    assert torch.equal(s, want_s) and torch.equal(q, want_q)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa_cap", [3, 1], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_epilogue_is_one_fp32_formula_rounded_once(isa_cap, dtype):
+    """acc * xs * ws + bias + residual in fp32 in that order, one rounding to the output dtype: bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    M, N = 37, 100
+    acc = torch.randint(-2 ** 22, 2 ** 22, (M, N), generator=g, dtype=torch.int32)
+    xs, ws = torch.rand(M, generator=g) / 100, torch.rand(N, generator=g) / 100
+    bias, res = torch.randn(N, generator=g).to(dtype), torch.randn(M, N, generator=g).to(dtype)
+    for b, r in ((None, None), (bias, None), (bias, res)):
+        want = acc.float() * xs[:, None] * ws[None, :]
+        want = want if b is None else want + b.float()
+        want = (want if r is None else want + r.float()).to(dtype)
+        assert torch.equal(kernels.int8_epilogue(acc, xs, ws, b, r, dtype), want)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa_cap", [3, 1], indirect=True)
+def test_epilogue_gelu_matches_torch_tanh_gelu(isa_cap):
+    acc = torch.arange(-4000, 4000, dtype=torch.int32).view(80, 100)
+    xs, ws = torch.full((80,), 1e-2), torch.full((100,), 0.2)  # values from -8 to 8
+    got = kernels.int8_epilogue(acc, xs, ws, None, None, torch.float32, gelu=True)
+    want = F.gelu(acc.float() * xs[:, None] * ws[None, :], approximate="tanh")
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("gelu", [None, "tanh", "none"])
+def test_int8_linear_is_the_exact_integer_product_scaled(gelu):
+    """int8mm.linear = the per-row quantized x times the int8 weight, summed exactly, scaled, + bias, GELU, +
+    residual (float64 products as the oracle: every partial sum is an integer below 2^53)."""
+    M, K, N = 45, 130, 70
+    x = _inputs(M, K, torch.float32, seed=5)
+    q, ws = quantize_weight_int8(torch.randn(N, K))
+    bias, res = torch.randn(N), torch.randn(M, N)
+    xq, xs = _rows_formula(x)
+    v = (xq.double() @ q.double().t()).float() * xs[:, None] * ws[None, :] + bias
+    want = (v if gelu is None else F.gelu(v, approximate=gelu)) + res
+    got = int8mm.linear(x.view(5, 9, K), q, ws, bias, gelu, res.view(5, 9, N))
+    assert got.shape == (5, 9, N)
+    torch.testing.assert_close(got.view(M, N), want, rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="features"):
+        int8mm.linear(x[:, :-1], q, ws)
+
+
+@needs_kernels
+def test_int8_prefill_runs_int8_compute_where_it_wins(monkeypatch):
+    """A prefill-size input of an Int8Linear takes int8mm.linear where int8 compute wins, and the dequantized
+    weight's product where it does not; both stay within int8 error of the float product."""
+    torch.manual_seed(4)
+    lin = nn.Linear(256, 96).bfloat16()
+    q = Int8Linear.from_linear(copy.deepcopy(lin))
+    x = torch.randn(40, 256).bfloat16()
+    with torch.inference_mode():
+        ref = F.linear(x.float(), lin.weight.float(), lin.bias.float())
+        monkeypatch.setattr(int8mm, "wins", lambda: True)
+        on = q(x)
+        assert torch.equal(on, int8mm.linear(x, q.weight, q.scale, q.bias))
+        monkeypatch.setattr(int8mm, "wins", lambda: False)
+        off = q(x)
+    assert not torch.equal(on, off)
+    for y in (on, off):
+        cos = F.cosine_similarity(y.float(), ref, dim=-1)
+        assert cos.min() > 0.999, cos.min()
+
+
+@needs_kernels
+def test_int8_vision_quantizes_the_encoder_and_keeps_features_close(monkeypatch):
+    """int8_vision: every encoder linear becomes Int8Linear (the patch embedding and projector stay float), runs
+    int8 compute with the fusions, and the image features stay close to the float tower's."""
+    plain = tiny_model(torch.bfloat16, seed=7)
+    fast = optimize_for_cpu(copy.deepcopy(plain), int8_vision=True)
+    tower = fast.model.vision_tower
+    enc = [m for m in tower.encoder.modules() if isinstance(m, (nn.Linear, Int8Linear))]
+    assert enc and all(type(m) is Int8Linear for m in enc)
+    assert type(tower.embeddings.patch_embedding) is nn.Linear
+    assert all(type(m) is nn.Linear for m in fast.model.multi_modal_projector.modules() if isinstance(m, nn.Linear))
+    calls = []
+    real = int8mm.linear
+    monkeypatch.setattr(int8mm, "wins", lambda: True)
+    monkeypatch.setattr(int8mm, "linear", lambda *a, **k: calls.append(k or a[4:]) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    p = fast.config.vision_config.patch_size
+    pix = torch.randn(2, 64, 3 * p * p, generator=g).bfloat16()
+    mask = torch.ones(2, 64, dtype=torch.long)
+    shapes = torch.tensor([[8, 8], [8, 8]])
+    with torch.inference_mode():
+        want, got = plain.image_features(pix, mask, shapes), fast.image_features(pix, mask, shapes)
+    assert len(calls) == len(enc)
+    cos = F.cosine_similarity(got.float(), want.float(), dim=-1)
+    assert cos.min() > 0.99, cos.min()
+
+
+def test_wins_needs_the_kernels_and_no_amx(monkeypatch):
+    int8mm.wins.cache_clear()
+    try:
+        monkeypatch.setattr(kernels, "available", lambda: True)
+        monkeypatch.setattr(kernels, "amx", lambda: True)
+        assert not int8mm.wins()
+        int8mm.wins.cache_clear()
+        monkeypatch.setattr(kernels, "amx", lambda: False)
+        assert int8mm.wins()
+        int8mm.wins.cache_clear()
+        monkeypatch.setattr(kernels, "available", lambda: False)
+        assert not int8mm.wins()
+    finally:
+        int8mm.wins.cache_clear()
+
+
+def test_int8_vision_is_cpu_only():
+    """lfm2vl.load(int8_vision=True) refuses a non-CPU device like the other CPU formats."""
+    from lfm2vl import load
+
+    with pytest.raises(ValueError, match="int8_vision"):
+        load("no/such-model", device="meta", int8_vision=True)
+
