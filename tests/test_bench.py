@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lfm2vl import bench
-from lfm2vl.cpu import gemm
+from lfm2vl.bench import rounds
+from lfm2vl.cpu import gemm, int8mm
 from lfm2vl.bench.data import CONFIGS, SCENARIOS, random_checkpoint, scenario_inputs
 
 
@@ -49,15 +50,15 @@ def test_bench_smoke_table_and_json(tmp_path, capsys):
     cfg = _tiny_config(tmp_path / "tiny.json")
     out_json = tmp_path / "res.json"
     rc = bench.main(["--config", str(cfg), "--cache-dir", str(tmp_path / "cache"), "--reps", "1", "--warmup", "0",
-                     "--new-tokens", "2", "--scenarios", "text512,img512", "--int8", "--int4", "--low-memory", "--torch-first",
+                     "--new-tokens", "2", "--scenarios", "text512,img512", "--int8", "--int4", "--int8-vision", "--low-memory", "--torch-first",
                      "--json", str(out_json)])
     out = capsys.readouterr().out
     payload = json.loads(out_json.read_text())
     assert rc == 0, out
     res = payload["results"]
     engines = ("lfm2vl bf16", "lfm2vl bf16 torch 1st", "lfm2vl bf16 low-mem", "lfm2vl int8", "lfm2vl int4",
-               "transformers bf16")
-    assert set(res) == {*engines, "int8 quality", "int4 quality"}
+               "lfm2vl int8+vision", "transformers bf16")
+    assert set(res) == {*engines, "int8 quality", "int4 quality", "int8+vision quality"}
     for label in engines:
         r = res[label]
         assert "error" not in r, r
@@ -90,7 +91,31 @@ def test_bench_smoke_table_and_json(tmp_path, capsys):
             assert m["prefill_gflops"] > 0 and m["prefill_gemm_pct"] > 0
             assert (m["vision_gflops"] is None) == (sc == "text512") and m["patches"] == (0 if sc == "text512" else 1024)
     assert any(ln.startswith("int4 vs bf16 img512") for ln in lines)
+    vq = res["int8+vision quality"]["scenarios"]["img512"]  # int8 vision: the image features compared too
+    assert 0.9 < vq["feature_cosine_min"] <= vq["feature_cosine_mean"] <= 1 + 1e-6
+    assert "feature_cosine_mean" not in res["int8 quality"]["scenarios"]["img512"]
+    assert (machine["int8_gops"] is not None) == int8mm.wins()
     assert json.loads(lines[-1])["results"].keys() == res.keys()
+
+
+def test_rounds_merge_into_medians_and_per_round_ratios():
+    """--rounds: each metric is the median over the rounds, the peak RSS the largest, and the ratio to transformers
+    the median of each round's own ratio (a slow round slows both engines and cancels out)."""
+    def result(engine, ttft, tps, rss):
+        return {"engine": engine, "load_s": 1.0, "rss_after_load_mb": 10.0, "peak_rss_mb": rss,
+                "scenarios": {"img512": {"prompt_tokens": 286, "ttft_s": ttft, "decode_tps": tps}}}
+
+    speeds = [1.0, 2.0, 1.1]  # the machine's slowdown in each round
+    per_round = [{"ours": result("ours", 0.5 * f, 40 / f, 100 + i),
+                  "transformers bf16": result("transformers", f, 10 / f, 200),
+                  "int8 quality": {"engine": "quality", "scenarios": {}}} for i, f in enumerate(speeds)]
+    merged = rounds.merge(per_round)
+    m = merged["ours"]["scenarios"]["img512"]
+    assert m["ttft_s"] == 0.5 * 1.1 and m["decode_tps"] == pytest.approx(40 / 1.1)
+    assert m["ttft_x"] == pytest.approx(2.0) and m["decode_x"] == pytest.approx(4.0)
+    assert merged["ours"]["peak_rss_mb"] == 102 and merged["ours"]["rounds"] == 3
+    assert merged["int8 quality"] is per_round[0]["int8 quality"]
+    assert rounds.merge(per_round[:1]) is per_round[0]
 
 
 def test_bad_image_budget_is_a_clear_error(capsys):

@@ -29,6 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import rounds
 from .data import SCENARIOS, SHAPES, random_checkpoint
 
 DTYPES = {"bfloat16": "bf16", "float32": "fp32"}  # --dtype -> the short name of table labels and worker specs
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: 3, 5 with --train)")
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed runs per scenario first, or untimed steps with --train (default: 1, 2 with --train)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every engine this many times, in turn (interleaved: a drift of the machine's speed "
+                         "reaches all engines alike); medians reported, ratios the median of each round's")
     ap.add_argument("--new-tokens", type=int, default=32, help="decode steps timed per run")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
     ap.add_argument("--engines", default=None, help="comma list of ours,transformers (default: both if available)")
@@ -127,8 +131,8 @@ def _args(argv):
             read_adapter(args.adapter)  # a bad folder is said before any engine starts
         except AdapterError as e:
             ap.error(f"--adapter: {e}")
-    if args.reps < 1 or args.threads < 1 or args.new_tokens < 1:
-        ap.error("--reps, --threads and --new-tokens must be >= 1")
+    if args.reps < 1 or args.threads < 1 or args.new_tokens < 1 or args.rounds < 1:
+        ap.error("--reps, --threads, --new-tokens and --rounds must be >= 1")
     if args.warmup < 0:
         ap.error(f"--warmup must be >= 0, got {args.warmup}")
     for opt in ("batch_size", "answer_tokens", "image_size"):
@@ -206,8 +210,8 @@ def table(results: dict[str, dict], scenarios: list[str]) -> str:
                 continue
             m = r["scenarios"][sc]
             b = base["scenarios"].get(sc) if base else None
-            tx = b["ttft_s"] / m["ttft_s"] if b else None
-            dx = m["decode_tps"] / b["decode_tps"] if b else None
+            tx = m.get("ttft_x", b["ttft_s"] / m["ttft_s"] if b else None)
+            dx = m.get("decode_x", m["decode_tps"] / b["decode_tps"] if b else None)
             vision = m["vision_s"] if m["vision_s"] > 0 else None
             lines.append(f"{sc:<12} {label:<20} {m['prompt_tokens']:>6} {m['preprocess_s']:>9.3f} "
                          f"{_fmt(vision, '.3f'):>8} {m['prefill_tps']:>13.0f} {m['ttft_s']:>7.2f} "
@@ -362,22 +366,33 @@ def main(argv=None) -> int:
                                               "quantize_head": not args.int8_float_head,
                                               "new_tokens": min(args.new_tokens, 16)}))
     before = _probe_machine(args, short)
-    results = {}
-    for label, spec in runs:
-        print(f"running {label} ...", file=sys.stderr, flush=True)
-        results[label] = run_worker(spec, args.timeout)
+    per_round = []
+    for r in range(args.rounds):
+        results = {}
+        for label, spec in runs:
+            if r and spec["engine"] == "quality":
+                continue  # deterministic: once is enough
+            print(f"running {label}{f' (round {r + 1} of {args.rounds})' if args.rounds > 1 else ''} ...",
+                  file=sys.stderr, flush=True)
+            results[label] = run_worker(spec, args.timeout)
+        per_round.append(results)
+    results = rounds.merge([{**per_round[0], **pr} for pr in per_round])
     machine = _machine([before, _probe_machine(args, short)])
     _add_shares(results, dict(runs), folder, machine)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"lfm2vl bench: {args.model or 'random ' + (args.config or args.shape)}, {args.dtype}, {args.device}, "
-          f"{args.threads} threads, {args.reps} reps (median), {args.new_tokens} decode steps, load average "
+          f"{args.threads} threads, {args.reps} reps (median)"
+          + (f" x {args.rounds} interleaved rounds (medians; ratios: median of the rounds')"
+             if args.rounds > 1 else "")
+          + f", {args.new_tokens} decode steps, load average "
           f"{_fmt(load)} (other processes on the CPU skew timings)"
           + (f", image options {args.image_knobs}" if args.image_knobs else ""))
     print(table(results, args.scenarios))
     print(shares_table(results, args.scenarios, machine))
     payload = {"model": args.model or f"random-{args.config or args.shape}", "dtype": short,
                "device": args.device, "threads": args.threads, "machine": machine,
-               "reps": args.reps, "new_tokens": args.new_tokens, "image_knobs": args.image_knobs,
+               "reps": args.reps, "rounds": args.rounds, "new_tokens": args.new_tokens,
+               "image_knobs": args.image_knobs,
                "load_average": load, "results": results}
     print(json.dumps(payload))
     if args.json:
