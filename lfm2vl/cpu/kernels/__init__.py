@@ -121,6 +121,7 @@ def _load():
     lib.lfm2vl_isa.restype = ctypes.c_int
     lib.lfm2vl_cpu_isa.restype = ctypes.c_int
     lib.lfm2vl_set_isa.argtypes = [ctypes.c_int]
+    lib.lfm2vl_set_streams.argtypes = [ctypes.c_int]
     lib.lfm2vl_read.argtypes = [p, i64, i]
     lib.lfm2vl_read.restype = ctypes.c_uint64
     lib.lfm2vl_quantizes_x.argtypes = [ctypes.c_int]
@@ -149,6 +150,14 @@ def set_isa(cap: int) -> None:
     lib = _load()
     if lib is not None:
         lib.lfm2vl_set_isa(int(cap))
+
+
+def set_streams(mode: int) -> None:
+    """Eight weight streams for one activation row (gemv_streams.cpp): -1 by the CPU's vendor (the default: Intel),
+    0 never, 1 always (tests use it to run both paths on any CPU)."""
+    lib = _load()
+    if lib is not None:
+        lib.lfm2vl_set_streams(int(mode))
 
 
 def quantizes_x(bits: int) -> bool:

@@ -1,4 +1,4 @@
-// One activation row against eight weight rows at once (the decode of one sequence), on AVX512 CPUs.
+// One activation row against eight weight rows at once (the decode of one sequence), on AVX512 Intel CPUs.
 //
 // A core keeps only so many cache-line reads in flight on one sequential stream: on the Sapphire Rapids VM of
 // 2026-12-02 a product streamed its weights at ~15 GB/s over two threads, whatever the instructions did with them,
@@ -6,7 +6,8 @@
 // every eighth together: eight streams, each sequential, far enough apart to be separate streams to the prefetchers.
 // int8 sums equal the one-row kernel's (gemv_vnni.cpp) exactly: integers per block, blocks in the same order; bf16
 // sums are the same fp32 products added in another order (gemv.cpp's row_bf16_dp). int4 keeps one row at a time:
-// its product does more work per byte, and two, four or eight streams of it decoded no faster.
+// its product does more work per byte, and two, four or eight streams of it decoded no faster. Only on Intel CPUs
+// (gemv.cpp's eight_streams): on an AMD Zen 5 VM one stream with a software prefetch reads 20-24% faster.
 #include <immintrin.h>
 #include "gemv.h"
 #include "pool.h"
