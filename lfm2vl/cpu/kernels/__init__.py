@@ -35,7 +35,7 @@ _SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in (
     "gemv_scalar.cpp", "gemv_avx2.cpp", "gemv_vnni.cpp", "gemv_streams.cpp", "attn.cpp", "attn_many.cpp",
     "prefill.cpp", "decode.cpp", "quantized.cpp", "int8mm.cpp", "dropout.cpp", "pool.cpp")]
 _HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h")]
-_FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17"]
+_FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17", "-ldl"]
 _KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
 I4_GROUP = 32  # int4 weights: one fp16 scale per this many weights of a row (gemv.h)
 _DT = {torch.float32: 0, torch.bfloat16: 1}

@@ -4,6 +4,8 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include <dlfcn.h>
+
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -77,8 +79,42 @@ static void ensure_helpers(int n) {
 }
 }  // namespace pool_detail
 
+namespace omp_detail {
+// torch's own OpenMP runtime (libgomp.so.1, already loaded by torch), reached through its stable entry point
+// GOMP_parallel; NULL when torch runs another runtime.
+typedef void (*gomp_parallel_fn)(void (*)(void*), void*, unsigned, unsigned);
+
+static gomp_parallel_fn gomp_parallel() {
+    static const gomp_parallel_fn f = [] {
+        void* h = dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD);
+        return h ? (gomp_parallel_fn)dlsym(h, "GOMP_parallel") : (gomp_parallel_fn) nullptr;
+    }();
+    return f;
+}
+
+struct Team {
+    pool_fn fn;
+    const void* ctx;
+    int64_t chunks;
+    std::atomic<int64_t> next{0};
+};
+
+static void team_body(void* p) {
+    Team& t = *(Team*)p;
+    for (int64_t i; (i = t.next.fetch_add(1, std::memory_order_relaxed)) < t.chunks;) t.fn(t.ctx, i);
+}
+}  // namespace omp_detail
+
 void pool_run(pool_fn fn, const void* ctx, int64_t chunks, int threads, bool linger) {
     using namespace pool_detail;
+    if (!linger && threads > 1 && chunks > 1 && omp_detail::gomp_parallel()) {
+        // a prefill pass between torch's OpenMP products: on torch's own team, whose threads would otherwise spin
+        // beside the pool's helpers on the same cores
+        omp_detail::Team t;
+        t.fn = fn; t.ctx = ctx; t.chunks = chunks;
+        omp_detail::gomp_parallel()(omp_detail::team_body, &t, (unsigned)threads, 0);
+        return;
+    }
     bool expected = false;
     if (threads <= 1 || chunks <= 1 || !busy.compare_exchange_strong(expected, true)) {
         for (int64_t i = 0; i < chunks; i++) fn(ctx, i);

@@ -4,9 +4,10 @@
 // Chunks are claimed from one 64-bit atomic (generation << 32 | next index). The caller claims chunks too and
 // only waits for chunks a helper has already started, never for a helper that has not woken up (an OpenMP
 // barrier would wait a whole scheduler time slice when another process holds that core).
-// Helpers spin ~0.2 ms after a job (decode issues products back to back), then sleep on a condition variable; after
-// a job run with linger = false they sleep at once: the passes of a prefill sit between torch's OpenMP products,
-// whose threads need the cores a spinning helper would hold.
+// Helpers spin ~0.2 ms after a job (decode issues products back to back), then sleep on a condition variable.
+// linger = false marks a pass of a prefill, between torch's OpenMP products: it runs on torch's own OpenMP team
+// (GOMP_parallel of the loaded libgomp; no second set of threads on the same cores), or where torch runs another
+// runtime on the pool, whose helpers then sleep at once.
 // One job at a time: a second thread calling while a job runs computes its product alone.
 #pragma once
 #include <stdint.h>
