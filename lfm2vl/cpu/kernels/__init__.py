@@ -9,7 +9,9 @@
   activations quantized per row, the int32 result scaled), `dropout.cpp` (training's dropout, mask hashed from a seed) and
   `pool.cpp` (their thread pool), with `gemv.h` / `pool.h`, are
   compiled once per machine with the system `g++ -O3 -march=native` (no ninja, no Python headers: a plain shared
-  library called through ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/.
+  library called through ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/ (`build.py`).
+- Here: the decode side's wrappers (products, decode attention) and the CPU's traits; `prefill_ops.py`: the
+  prefill's and vision tower's passes, re-exported here.
 - Threads: the caller plus `torch.get_num_threads() - 1` helpers of pool.cpp's own work-sharing pool (chunks from
   an atomic counter, so a helper descheduled by another process never stalls a product).
 - `available()` is False, and callers fall back to F.linear, when LFM2VL_NO_KERNELS=1, the CPU is not x86-64,
@@ -17,121 +19,14 @@
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
-from pathlib import Path
 
 import torch
 
-_SRC = Path(__file__).with_name("gemv.cpp")
-_SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in (
-    "gemv_scalar.cpp", "gemv_avx2.cpp", "gemv_vnni.cpp", "gemv_streams.cpp", "attn.cpp", "attn_many.cpp",
-    "prefill.cpp", "decode.cpp", "quantized.cpp", "int8mm.cpp", "dropout.cpp", "pool.cpp")]
-_HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h")]
-_FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17", "-ldl"]
-_KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
-I4_GROUP = 32  # int4 weights: one fp16 scale per this many weights of a row (gemv.h)
-_DT = {torch.float32: 0, torch.bfloat16: 1}
-_lib = None
-_tried = False
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("LFM2VL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lfm2vl")
-    return Path(root) / "kernels"
-
-
-def _cpu_id() -> str:
-    # -march=native bakes the CPU in: a different CPU (or compiler) must get its own build
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
-        return "".join(lines)
-    except OSError:
-        return platform.processor()
-
-
-def _build() -> Path:
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        raise RuntimeError("no C++ compiler (g++) on PATH")
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    sources = b"".join(f.read_bytes() for f in _SOURCES + _HEADERS)
-    key = hashlib.sha256(sources + " ".join(_FLAGS).encode() + version.encode() + _cpu_id().encode()).hexdigest()[:16]
-    out = _cache_dir() / key / "libgemv.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # build into a temporary name, then rename: concurrent first uses never load a half-written library
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    proc = subprocess.run([cxx, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True,
-                          timeout=300)
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        raise RuntimeError(f"compiling {' '.join(f.name for f in _SOURCES)} failed:\n{proc.stderr[-2000:]}")
-    os.replace(tmp, out)
-    return out
-
-
-def _load():
-    global _lib, _tried
-    if _tried:
-        return _lib
-    _tried = True
-    if os.environ.get("LFM2VL_NO_KERNELS", "0") not in ("", "0"):
-        return None
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-        warnings.warn(f"lfm2vl: native kernels unavailable, using torch ({e})", RuntimeWarning, stacklevel=3)
-        return None
-    p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.lfm2vl_linear.argtypes = [i, p, p, p, p, p, i64, i64, i64, i, i, i]
-    lib.lfm2vl_linear.restype = None
-    lib.lfm2vl_attn_decode.argtypes = [p, p, p, p, p, p] + [i64] * 8 + [i, i]
-    lib.lfm2vl_attn_decode.restype = None
-    lib.lfm2vl_dequant_int8.argtypes = [p, p, p, i64, i64, i, i]
-    lib.lfm2vl_dequant_int8.restype = None
-    lib.lfm2vl_dequant_int4.argtypes = [p, p, p, i64, i64, i, i]
-    lib.lfm2vl_dequant_int4.restype = None
-    lib.lfm2vl_attn_many.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p, p, p, p, i, ctypes.c_float, i]
-    lib.lfm2vl_attn_many.restype = ctypes.c_int
-    lib.lfm2vl_swiglu_bf16.argtypes = [p, p, p, i64, i]
-    lib.lfm2vl_swiglu_bf16.restype = ctypes.c_int
-    lib.lfm2vl_rmsnorm_bf16.argtypes = [p, p, p, i64, i64, ctypes.c_float, i]
-    lib.lfm2vl_rmsnorm_bf16.restype = ctypes.c_int
-    lib.lfm2vl_short_conv_bf16.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i]
-    lib.lfm2vl_short_conv_bf16.restype = ctypes.c_int
-    lib.lfm2vl_quantize.argtypes = [i, p, i, p, p, i64, i64, i]
-    lib.lfm2vl_quantize.restype = None
-    lib.lfm2vl_decode_step.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i]
-    lib.lfm2vl_decode_step.restype = None
-    lib.lfm2vl_dropout.argtypes = [p, p, i64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, i, i]
-    lib.lfm2vl_dropout.restype = None
-    lib.lfm2vl_isa.restype = ctypes.c_int
-    lib.lfm2vl_cpu_isa.restype = ctypes.c_int
-    lib.lfm2vl_set_isa.argtypes = [ctypes.c_int]
-    lib.lfm2vl_set_streams.argtypes = [ctypes.c_int]
-    lib.lfm2vl_read.argtypes = [p, i64, i]
-    lib.lfm2vl_read.restype = ctypes.c_uint64
-    lib.lfm2vl_quantizes_x.argtypes = [ctypes.c_int]
-    lib.lfm2vl_quantizes_x.restype = ctypes.c_int
-    lib.lfm2vl_quantize_rows.argtypes = [p, i, p, p, i64, i64, i]
-    lib.lfm2vl_quantize_rows.restype = None
-    lib.lfm2vl_int8_epilogue.argtypes = [p, p, p, p, p, p, i, i, i64, i64, i]
-    lib.lfm2vl_int8_epilogue.restype = None
-    _lib = lib
-    return _lib
+from .build import DT as _DT
+from .build import I4_GROUP, KIND as _KIND
+from .build import load as _load
+from .prefill_ops import attn_many, int8_epilogue, quantize_rows, rmsnorm, short_conv, swiglu  # noqa: F401
 
 
 def available() -> bool:
@@ -209,7 +104,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         weight = weight.contiguous()
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.float().contiguous()
-    lib = _lib if _lib is not None else _load()
+    lib = _load()
     if lib is None:
         raise RuntimeError("lfm2vl native kernels are unavailable (check kernels.available() first)")
     y = x.new_empty(x.shape[:-1] + (N,))
@@ -230,7 +125,7 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> 
                          f"output, got {tuple(q.shape)} {q.dtype}, {tuple(scale.shape)} {scale.dtype}, "
                          f"{tuple(out.shape)} {out.dtype}")
     q, scale = q.contiguous(), scale.contiguous()
-    _lib.lfm2vl_dequant_int8(q.data_ptr(), scale.data_ptr(), out.data_ptr(), q.shape[0], q.shape[1], _DT[out.dtype],
+    _load().lfm2vl_dequant_int8(q.data_ptr(), scale.data_ptr(), out.data_ptr(), q.shape[0], q.shape[1], _DT[out.dtype],
                              torch.get_num_threads())
     return out
 
@@ -239,7 +134,7 @@ def quantize(w: torch.Tensor, bits: int, q: torch.Tensor, scale: torch.Tensor) -
     """Fill q / scale with quant.py's int8 (bits 8) or int4 (bits 4) format of w (N, K) fp32/bf16, contiguous: the
     same values as its torch formula, on the pool's threads. The caller checks `available()` and the shapes."""
     N, K = w.shape
-    _lib.lfm2vl_quantize(bits, w.data_ptr(), _DT[w.dtype], q.data_ptr(), scale.data_ptr(), N, K,
+    _load().lfm2vl_quantize(bits, w.data_ptr(), _DT[w.dtype], q.data_ptr(), scale.data_ptr(), N, K,
                          torch.get_num_threads())
 
 
@@ -254,47 +149,10 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> 
                          f"(N, K) fp32/bf16 output, K a multiple of {I4_GROUP}; got {tuple(q.shape)} {q.dtype}, "
                          f"{tuple(scale.shape)} {scale.dtype}, {tuple(out.shape)} {out.dtype}")
     q, scale = q.contiguous(), scale.contiguous()
-    _lib.lfm2vl_dequant_int4(q.data_ptr(), scale.data_ptr(), out.data_ptr(), N, K, _DT[out.dtype],
+    _load().lfm2vl_dequant_int4(q.data_ptr(), scale.data_ptr(), out.data_ptr(), N, K, _DT[out.dtype],
                              torch.get_num_threads())
     return out
 
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) fp32/bf16 on the CPU -> (q (M, K) int8, s (M,) fp32), symmetric per row: s = amax / 127 (1 for an
-    all-zero row), q = clamp(round(x / s), -127, 127), the values of that torch formula (int8mm.cpp), on the pool's
-    threads. The caller checks `available()`."""
-    if x.dim() != 2 or x.dtype not in _DT or x.device.type != "cpu":
-        raise ValueError(f"quantize_rows: needs an (M, K) fp32/bf16 CPU tensor, got {tuple(x.shape)} {x.dtype} "
-                         f"on {x.device}")
-    x = x.contiguous()
-    M, K = x.shape
-    q = torch.empty(M, K, dtype=torch.int8)
-    s = torch.empty(M, dtype=torch.float32)
-    _lib.lfm2vl_quantize_rows(x.data_ptr(), _DT[x.dtype], q.data_ptr(), s.data_ptr(), M, K, torch.get_num_threads())
-    return q, s
-
-
-def int8_epilogue(acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None,
-                  residual: torch.Tensor | None, dtype: torch.dtype, gelu: bool = False) -> torch.Tensor:
-    """(M, N) in `dtype` <- gelu?(acc * xs[:, None] * ws[None, :] + bias) + residual, fp32 math in that order,
-    rounded once (int8mm.cpp): acc (M, N) int32, xs (M,) and ws (N,) fp32, bias (N,) or None, residual (M, N) or
-    None; gelu: GELU's tanh approximation. The caller checks `available()`."""
-    M, N = acc.shape
-    if (acc.dtype != torch.int32 or xs.shape != (M,) or ws.shape != (N,) or dtype not in _DT
-            or (bias is not None and bias.shape != (N,)) or (residual is not None and residual.shape != (M, N))):
-        raise ValueError(f"int8_epilogue: needs (M, N) int32, (M,) and (N,) scales, (N,) bias, (M, N) residual; got "
-                         f"{tuple(acc.shape)} {acc.dtype}, {tuple(xs.shape)}, {tuple(ws.shape)}, "
-                         f"{None if bias is None else tuple(bias.shape)}, "
-                         f"{None if residual is None else tuple(residual.shape)}")
-    acc, xs, ws = acc.contiguous(), xs.float().contiguous(), ws.float().contiguous()
-    bias = None if bias is None else bias.float().contiguous()
-    residual = None if residual is None else residual.to(dtype).contiguous()
-    y = torch.empty(M, N, dtype=dtype)
-    _lib.lfm2vl_int8_epilogue(acc.data_ptr(), xs.data_ptr(), ws.data_ptr(), None if bias is None else bias.data_ptr(),
-                              None if residual is None else residual.data_ptr(), y.data_ptr(), _DT[dtype], int(gelu),
-                              M, N, torch.get_num_threads())
-    return y
 
 @functools.lru_cache(maxsize=None)
 def amx() -> bool:
@@ -319,82 +177,6 @@ def serves(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and available()
 
 
-def attn_many(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nkeys: list[int] | None = None,
-              causal: bool = False) -> torch.Tensor | None:
-    """softmax(q k^T / sqrt(Dh)) v for many queries, bf16 (attn_many.cpp), for the vision tower (no mask) and the
-    prefill (causal: query l of unit u sees keys 0 .. nkeys[u] - L + l).
-
-    q (n, H, L, Dh), k and v (n, Hkv, S, Dh): bf16 views with a contiguous last dim (e.g. slices of the KV cache);
-    query head h reads kv head h // (H // Hkv). nkeys: keys of each unit (default S). Returns (n, L, H*Dh), or None
-    when the CPU or shape is not supported (no AVX512-BF16, Dh odd or > 128) or the library is missing: the caller
-    runs torch then."""
-    n, H, L, Dh = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    if (k.shape != v.shape or k.shape[0] != n or k.shape[3] != Dh or any(t.stride(-1) != 1 for t in (q, k, v))
-            or {q.dtype, k.dtype, v.dtype} != {torch.bfloat16}):
-        raise ValueError(f"attn_many: unsupported q/k/v {tuple(q.shape)} {q.stride()} {q.dtype}, "
-                         f"{tuple(k.shape)} {k.stride()} {k.dtype}, {tuple(v.shape)} {v.stride()} {v.dtype}")
-    nkeys = [S] * n if nkeys is None else nkeys
-    if len(nkeys) != n or max(nkeys) > S or min(nkeys) < (L if causal else 1):
-        raise ValueError(f"attn_many: nkeys {nkeys} for {n} units of {L} queries and at most {S} keys")
-    lib = _load()
-    if lib is None:
-        return None
-    out = torch.empty(n, L, H * Dh, dtype=torch.bfloat16)
-    arr = ctypes.c_int64 * 3
-    rc = lib.lfm2vl_attn_many(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), n, H, Hkv, L, Dh,
-                              arr(*q.stride()[:3]), arr(*k.stride()[:3]), arr(*v.stride()[:3]),
-                              (ctypes.c_int64 * n)(*nkeys),
-                              int(causal), Dh ** -0.5, torch.get_num_threads())
-    return out if rc == 0 else None
-
-
-def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    """silu(a) * b for bf16 a, b of one shape (prefill.cpp; torch's roundings: silu, then the product), or None
-    when the kernel cannot run (no AVX512, no library, other dtypes or layouts): the caller runs torch then."""
-    lib = _load()
-    if (lib is None or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or a.shape != b.shape
-            or not a.is_contiguous() or not b.is_contiguous()):
-        return None
-    out = torch.empty_like(a)
-    return out if lib.lfm2vl_swiglu_bf16(a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel(),
-                                         torch.get_num_threads()) == 0 else None
-
-
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """weight * bf16(x * rsqrt(mean(x^2, -1) + eps)) for bf16 x (..., n) and weight (n) (prefill.cpp; model/text.py's
-    RMSNorm and roundings), or None when the kernel cannot run: the caller runs torch then."""
-    lib = _load()
-    n = x.shape[-1]
-    if (lib is None or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or weight.shape != (n,)
-            or not x.is_contiguous() or not weight.is_contiguous() or x.numel() == 0):
-        return None
-    out = torch.empty_like(x)
-    return out if lib.lfm2vl_rmsnorm_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, eps,
-                                          torch.get_num_threads()) == 0 else None
-
-
-def short_conv(p: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """The gated short convolution between in_proj and out_proj (prefill.cpp; speed.FastShortConv's roundings):
-    p (B, T, 3D) bf16 in_proj output (B gate, C gate, x), state (B, D, K-1) bf16 conv inputs before it (zeros for
-    a fresh row), weight (D, 1, K) / bias (D) of the depthwise conv -> out (B, T, D) = C * conv(B * x) and the next
-    state (B, D, K-1), both bf16; None when the kernel cannot run (the caller runs torch then)."""
-    lib = _load()
-    B, T, D3 = p.shape
-    D, K = D3 // 3, weight.shape[-1]
-    if (lib is None or p.dtype != torch.bfloat16 or state.dtype != torch.bfloat16 or not p.is_contiguous()
-            or state.shape != (B, D, K - 1) or weight.shape != (D, 1, K)):
-        return None
-    state = state.contiguous()
-    w = weight.reshape(D, K).float().contiguous()
-    b = None if bias is None else bias.float().contiguous()
-    out = torch.empty(B, T, D, dtype=torch.bfloat16)
-    tail = torch.empty(B, D, K - 1, dtype=torch.bfloat16)
-    rc = lib.lfm2vl_short_conv_bf16(p.data_ptr(), state.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(),
-                                    out.data_ptr(), tail.data_ptr(), B, T, D, K, torch.get_num_threads())
-    return (out, tail) if rc == 0 else None
-
-
 def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(Dh)) v for one query per row, fp32 math, on the pool's threads (no OpenMP region).
@@ -417,7 +199,7 @@ def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     elif k.shape[0] != B:
         raise ValueError(f"attn_decode: k has {k.shape[0]} rows for {B} queries and no rows given")
     o = torch.empty(B, H, 1, Dh)
-    _lib.lfm2vl_attn_decode(qf.data_ptr(), k.data_ptr(), v.data_ptr(), None if m is None else m.data_ptr(),
+    _load().lfm2vl_attn_decode(qf.data_ptr(), k.data_ptr(), v.data_ptr(), None if m is None else m.data_ptr(),
                             None if rows is None else rows.data_ptr(), o.data_ptr(), B, H, Hkv, n, Dh, k.stride(0),
                             k.stride(1), k.stride(2), _DT[k.dtype], torch.get_num_threads())
     return o.to(q.dtype)
@@ -436,6 +218,6 @@ def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
                          f"{x.device}, contiguous={x.is_contiguous()}, p={p}")
     y = torch.empty_like(x)
     threshold = min(round(p * (1 << DROPOUT_BITS)), (1 << DROPOUT_BITS) - 1)
-    _lib.lfm2vl_dropout(x.data_ptr(), y.data_ptr(), x.numel(), seed & (2 ** 64 - 1), threshold, 1.0 / (1.0 - p),
+    _load().lfm2vl_dropout(x.data_ptr(), y.data_ptr(), x.numel(), seed & (2 ** 64 - 1), threshold, 1.0 / (1.0 - p),
                         int(x.dtype == torch.bfloat16), torch.get_num_threads())
     return y

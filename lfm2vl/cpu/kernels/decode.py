@@ -21,7 +21,9 @@ import ctypes
 import torch
 from torch import nn
 
-from . import _KIND, _load, available
+from . import available
+from .build import KIND as _KIND
+from .build import load as _load
 
 _ACT = {torch.float32: 0, torch.bfloat16: 1}
 _MAX_CONV_K, _MAX_HEAD_DIM = 16, 512  # decode.cpp's stack buffers

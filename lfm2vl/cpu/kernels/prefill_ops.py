@@ -1,0 +1,123 @@
+"""The prefill's and the vision tower's native passes (attn_many.cpp, prefill.cpp, int8mm.cpp): each wrapper checks
+its inputs and returns None (or raises a clear ValueError) where the kernel cannot take them."""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .build import DT as _DT
+from .build import load as _load
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) fp32/bf16 on the CPU -> (q (M, K) int8, s (M,) fp32), symmetric per row: s = amax / 127 (1 for an
+    all-zero row), q = clamp(round(x / s), -127, 127), the values of that torch formula (int8mm.cpp), on the pool's
+    threads. The caller checks `available()`."""
+    if x.dim() != 2 or x.dtype not in _DT or x.device.type != "cpu":
+        raise ValueError(f"quantize_rows: needs an (M, K) fp32/bf16 CPU tensor, got {tuple(x.shape)} {x.dtype} "
+                         f"on {x.device}")
+    x = x.contiguous()
+    M, K = x.shape
+    q = torch.empty(M, K, dtype=torch.int8)
+    s = torch.empty(M, dtype=torch.float32)
+    _load().lfm2vl_quantize_rows(x.data_ptr(), _DT[x.dtype], q.data_ptr(), s.data_ptr(), M, K, torch.get_num_threads())
+    return q, s
+
+
+def int8_epilogue(acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None,
+                  residual: torch.Tensor | None, dtype: torch.dtype, gelu: bool = False) -> torch.Tensor:
+    """(M, N) in `dtype` <- gelu?(acc * xs[:, None] * ws[None, :] + bias) + residual, fp32 math in that order,
+    rounded once (int8mm.cpp): acc (M, N) int32, xs (M,) and ws (N,) fp32, bias (N,) or None, residual (M, N) or
+    None; gelu: GELU's tanh approximation. The caller checks `available()`."""
+    M, N = acc.shape
+    if (acc.dtype != torch.int32 or xs.shape != (M,) or ws.shape != (N,) or dtype not in _DT
+            or (bias is not None and bias.shape != (N,)) or (residual is not None and residual.shape != (M, N))):
+        raise ValueError(f"int8_epilogue: needs (M, N) int32, (M,) and (N,) scales, (N,) bias, (M, N) residual; got "
+                         f"{tuple(acc.shape)} {acc.dtype}, {tuple(xs.shape)}, {tuple(ws.shape)}, "
+                         f"{None if bias is None else tuple(bias.shape)}, "
+                         f"{None if residual is None else tuple(residual.shape)}")
+    acc, xs, ws = acc.contiguous(), xs.float().contiguous(), ws.float().contiguous()
+    bias = None if bias is None else bias.float().contiguous()
+    residual = None if residual is None else residual.to(dtype).contiguous()
+    y = torch.empty(M, N, dtype=dtype)
+    _load().lfm2vl_int8_epilogue(acc.data_ptr(), xs.data_ptr(), ws.data_ptr(), None if bias is None else bias.data_ptr(),
+                              None if residual is None else residual.data_ptr(), y.data_ptr(), _DT[dtype], int(gelu),
+                              M, N, torch.get_num_threads())
+    return y
+
+
+def attn_many(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nkeys: list[int] | None = None,
+              causal: bool = False) -> torch.Tensor | None:
+    """softmax(q k^T / sqrt(Dh)) v for many queries, bf16 (attn_many.cpp), for the vision tower (no mask) and the
+    prefill (causal: query l of unit u sees keys 0 .. nkeys[u] - L + l).
+
+    q (n, H, L, Dh), k and v (n, Hkv, S, Dh): bf16 views with a contiguous last dim (e.g. slices of the KV cache);
+    query head h reads kv head h // (H // Hkv). nkeys: keys of each unit (default S). Returns (n, L, H*Dh), or None
+    when the CPU or shape is not supported (no AVX512-BF16, Dh odd or > 128) or the library is missing: the caller
+    runs torch then."""
+    n, H, L, Dh = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if (k.shape != v.shape or k.shape[0] != n or k.shape[3] != Dh or any(t.stride(-1) != 1 for t in (q, k, v))
+            or {q.dtype, k.dtype, v.dtype} != {torch.bfloat16}):
+        raise ValueError(f"attn_many: unsupported q/k/v {tuple(q.shape)} {q.stride()} {q.dtype}, "
+                         f"{tuple(k.shape)} {k.stride()} {k.dtype}, {tuple(v.shape)} {v.stride()} {v.dtype}")
+    nkeys = [S] * n if nkeys is None else nkeys
+    if len(nkeys) != n or max(nkeys) > S or min(nkeys) < (L if causal else 1):
+        raise ValueError(f"attn_many: nkeys {nkeys} for {n} units of {L} queries and at most {S} keys")
+    lib = _load()
+    if lib is None:
+        return None
+    out = torch.empty(n, L, H * Dh, dtype=torch.bfloat16)
+    arr = ctypes.c_int64 * 3
+    rc = lib.lfm2vl_attn_many(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), n, H, Hkv, L, Dh,
+                              arr(*q.stride()[:3]), arr(*k.stride()[:3]), arr(*v.stride()[:3]),
+                              (ctypes.c_int64 * n)(*nkeys),
+                              int(causal), Dh ** -0.5, torch.get_num_threads())
+    return out if rc == 0 else None
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """silu(a) * b for bf16 a, b of one shape (prefill.cpp; torch's roundings: silu, then the product), or None
+    when the kernel cannot run (no AVX512, no library, other dtypes or layouts): the caller runs torch then."""
+    lib = _load()
+    if (lib is None or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or a.shape != b.shape
+            or not a.is_contiguous() or not b.is_contiguous()):
+        return None
+    out = torch.empty_like(a)
+    return out if lib.lfm2vl_swiglu_bf16(a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel(),
+                                         torch.get_num_threads()) == 0 else None
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """weight * bf16(x * rsqrt(mean(x^2, -1) + eps)) for bf16 x (..., n) and weight (n) (prefill.cpp; model/text.py's
+    RMSNorm and roundings), or None when the kernel cannot run: the caller runs torch then."""
+    lib = _load()
+    n = x.shape[-1]
+    if (lib is None or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or weight.shape != (n,)
+            or not x.is_contiguous() or not weight.is_contiguous() or x.numel() == 0):
+        return None
+    out = torch.empty_like(x)
+    return out if lib.lfm2vl_rmsnorm_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, eps,
+                                          torch.get_num_threads()) == 0 else None
+
+
+def short_conv(p: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The gated short convolution between in_proj and out_proj (prefill.cpp; speed.FastShortConv's roundings):
+    p (B, T, 3D) bf16 in_proj output (B gate, C gate, x), state (B, D, K-1) bf16 conv inputs before it (zeros for
+    a fresh row), weight (D, 1, K) / bias (D) of the depthwise conv -> out (B, T, D) = C * conv(B * x) and the next
+    state (B, D, K-1), both bf16; None when the kernel cannot run (the caller runs torch then)."""
+    lib = _load()
+    B, T, D3 = p.shape
+    D, K = D3 // 3, weight.shape[-1]
+    if (lib is None or p.dtype != torch.bfloat16 or state.dtype != torch.bfloat16 or not p.is_contiguous()
+            or state.shape != (B, D, K - 1) or weight.shape != (D, 1, K)):
+        return None
+    state = state.contiguous()
+    w = weight.reshape(D, K).float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    out = torch.empty(B, T, D, dtype=torch.bfloat16)
+    tail = torch.empty(B, D, K - 1, dtype=torch.bfloat16)
+    rc = lib.lfm2vl_short_conv_bf16(p.data_ptr(), state.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(),
+                                    out.data_ptr(), tail.data_ptr(), B, T, D, K, torch.get_num_threads())
+    return (out, tail) if rc == 0 else None
