@@ -108,6 +108,10 @@ def test_bf16_argmax_on_a_trained_model(tmp_path, monkeypatch):
     assert calls, "neither the prefill nor the vision tower took int8 compute"
     assert rate >= 0.98, f"int8 compute argmax agrees with float32 on {rate:.2%} of the positions"
     assert fcos.min() > 0.99, fcos.min()
+    q = optimize_for_cpu(load_model(tmp_path, dtype=torch.bfloat16)[0], int4=True)  # int4 widened to int8 rows
+    rate, cos = _cached_agreement(q, bf16, f32, perm, g, chunk=16)
+    print(f"[int4 with int8 compute trained] argmax agreement {rate:.4f}, logit cosine mean {cos.mean():.4f}")
+    assert rate >= 0.99, f"int4 through int8 compute argmax agrees with float32 on {rate:.2%} of the positions"
     monkeypatch.undo()
 
     # the CPU-optimized bf16 model prefilling through the cache in chunks of 16: native causal attention over each

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lfm2vl.cpu import int8mm, kernels
-from lfm2vl.cpu.quant import Int8Linear, quantize_weight_int8
+from lfm2vl.cpu.quant import Int4Linear, Int8Linear, quantize_weight_int4, quantize_weight_int8
 from lfm2vl.cpu.speed import optimize_for_cpu
 
 from checkpoints import tiny_model
@@ -116,6 +116,43 @@ def test_int8_prefill_runs_int8_compute_where_it_wins(monkeypatch):
     for y in (on, off):
         cos = F.cosine_similarity(y.float(), ref, dim=-1)
         assert cos.min() > 0.999, cos.min()
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa_cap", [3, 1], indirect=True)
+def test_int4_widens_to_int8_rows_by_the_formula(isa_cap):
+    """int4 weights as int8 rows for int8 compute: srow = 8 max|s_g| / 127, q8 = round(level * (s_g / srow)),
+    bit for bit; an all-zero row gets scale 1; every widened weight within half an int8 step of the int4 one."""
+    w = torch.randn(70, 96) * torch.rand(70, 1)
+    w[4] = 0
+    w[6, 32:64] *= 50  # one group far larger than the others: the others lose precision
+    q4, s = quantize_weight_int4(w)
+    q8, srow = torch.empty(70, 96, dtype=torch.int8), torch.empty(70)
+    kernels.int4_to_int8(q4, s, q8, srow)
+    lin = Int4Linear(q4, s, None)
+    level = lin.dequantize().view(70, 3, 32) / s.float()[..., None]  # the int4 levels, -8..7
+    sf = s.float()
+    want_s = sf.abs().amax(1) * 8 / 127
+    want_s = torch.where(want_s > 0, want_s, torch.ones_like(want_s))
+    want_q = (level * (sf / want_s[:, None])[..., None]).round().clamp(-127, 127).view(70, 96).to(torch.int8)
+    assert torch.equal(srow, want_s) and torch.equal(q8, want_q)
+    err = (q8.float() * srow[:, None] - lin.dequantize()).abs()
+    assert (err <= srow[:, None] / 2 + 1e-6).all()
+
+
+@needs_kernels
+def test_int4_prefill_runs_int8_compute_where_it_wins(monkeypatch):
+    torch.manual_seed(6)
+    lin = nn.Linear(256, 96).bfloat16()
+    q = Int4Linear.from_linear(copy.deepcopy(lin))
+    x = torch.randn(40, 256).bfloat16()
+    monkeypatch.setattr(int8mm, "wins", lambda: True)
+    with torch.inference_mode():
+        got = q(x)
+        q8, srow = q._int8_rows()
+        assert torch.equal(got, int8mm.linear(x, q8, srow, q.bias))
+        cos = F.cosine_similarity(got.float(), F.linear(x.float(), q.dequantize(), q.bias.float()), dim=-1)
+    assert cos.min() > 0.995, cos.min()
 
 
 @needs_kernels

@@ -6,7 +6,8 @@
   prefill through int8 compute with x quantized per row too (int8mm.py) where that wins, else through the bf16
   product of the dequantized weight.
 - `Int4Linear`: symmetric int4 in groups of 32 weights along a row (llama.cpp's Q4_0 rule), fp16 group scales,
-  two weights per byte; prefill through the dequantized weight.
+  two weights per byte; prefill through int8 compute over the weight widened to int8 rows where that wins, else
+  through the dequantized weight.
 - `use_fast_linears(model)` / `quantize_weights(model, bits=8 | 4)`: swap the language model's
   linears (and the output head),
   never the vision tower or projector (their inputs are prefill-size). `lfm2vl.cpu.speed.optimize_for_cpu` calls them.
@@ -153,13 +154,17 @@ class Int8Linear(nn.Module):
     def _native_dequantize(self, out: torch.Tensor) -> torch.Tensor:
         return kernels.dequantize_int8(self.weight, self.scale, out)
 
+    def _int8_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight as int8 rows and their fp32 scales, for int8 compute."""
+        return self.weight, self.scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.available() and _use_kernel(x, self.weight, self.max_rows * self.in_features):
             return kernels.linear(x, self.weight, self.bias, self.scale)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if not torch.is_grad_enabled() and _inference(x, self.weight) and kernels.available():
-            if self.bits == 8 and int8mm.wins():  # int8 x int8 products (int8mm.py), x quantized per row
-                return int8mm.linear(x, self.weight, self.scale, bias)
+            if int8mm.wins():  # int8 x int8 products (int8mm.py), x quantized per row
+                return int8mm.linear(x, *self._int8_rows(), bias)
             # prefill: dequantize into a reused per-thread buffer (same values as dequantize()), in the dtype the
             # CPU multiplies x's dtype in (fp32 without a bf16 GEMM). A fresh ~10 MB weight per product would
             # fault in all its pages each time; no autograd here, so nothing keeps the buffer alive
@@ -220,6 +225,14 @@ class Int4Linear(Int8Linear):
 
     def _native_dequantize(self, out: torch.Tensor) -> torch.Tensor:
         return kernels.dequantize_int4(self.weight, self.scale, out)
+
+    def _int8_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int4 weight widened to int8 rows (`kernels.int4_to_int8`: each level moves by at most half an int8
+        step) in reused per-thread buffers, for int8 compute."""
+        shape = torch.Size((self.out_features, self.in_features))
+        q8, s = _scratch(shape, torch.int8), _scratch(torch.Size((self.out_features,)), torch.float32)
+        kernels.int4_to_int8(self.weight, self.scale, q8, s)
+        return q8, s
 
 
 def _head_and_lm(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:

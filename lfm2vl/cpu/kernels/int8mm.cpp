@@ -7,10 +7,12 @@
 // lfm2vl_int8_epilogue: y[m, n] = act(float(acc[m, n]) * xs[m] * ws[n] + bias[n]) + residual[m, n], in fp32 in that
 //   order (no fused multiply-adds), rounded once to y's dtype; act is none or GELU's tanh approximation
 //   (0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3)))).
-// Both run on the pool's threads, AVX512 where the CPU has it, plain loops otherwise.
+// lfm2vl_int4_to_int8: int4 weights widened to int8 rows, so int4 prefills run int8 compute too.
+// All run on the pool's threads, AVX512 where the CPU has it, plain loops otherwise.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "gemv.h"
 #include "pool.h"
@@ -134,6 +136,61 @@ void epilogue(const void* ctx, int64_t c) {
 
 int64_t rows_per_chunk(int64_t width) { return width >= SPAN ? 1 : SPAN / width; }
 
+struct WidenArgs {
+    const uint8_t* q4;  // (N, K/2) packed int4, gemv.h's layout
+    const uint16_t* s;  // (N, K/32) fp16 group scales
+    int8_t* q8;         // (N, K)
+    float* srow;        // (N)
+    int64_t N, K, per;
+};
+
+// row n's scale: the largest level an int4 group reaches (8 |s_g|) over 127, 1 for an all-zero row; f[g] = s_g / it
+float widen_scales(const WidenArgs& a, int64_t n, float* f) {
+    const int64_t G = a.K / I4_GROUP;
+    float top = 0;
+    for (int64_t g = 0; g < G; g++) top = fmaxf(top, fabsf(h2f(a.s[n * G + g])));
+    const float sr = top > 0 ? top * 8.0f / 127.0f : 1.0f;
+    for (int64_t g = 0; g < G; g++) f[g] = h2f(a.s[n * G + g]) / sr;
+    return sr;
+}
+
+T_AVX512 void widen_row_avx512(const WidenArgs& a, int64_t n, const float* f) {
+    const int64_t G = a.K / I4_GROUP;
+    const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+    for (int64_t g = 0; g < G; g++) {
+        const __m128i b = _mm_loadu_si128((const __m128i*)(a.q4 + n * (a.K / 2) + g * 16));
+        const __m512i v = _mm512_cvtepu8_epi32(b);
+        const __m512 fs = _mm512_set1_ps(f[g]), eight = _mm512_set1_ps(8.f);
+        const __m512 l = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), eight);
+        const __m512 h = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), eight);
+        int8_t* o = a.q8 + n * a.K + g * I4_GROUP;
+        const __m512 rl = _mm512_roundscale_ps(_mm512_mul_ps(l, fs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512 rh = _mm512_roundscale_ps(_mm512_mul_ps(h, fs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i*)o, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(rl, lo), hi))));
+        _mm_storeu_si128((__m128i*)(o + 16),
+                         _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(rh, lo), hi))));
+    }
+}
+
+void widen_rows(const void* ctx, int64_t c) {
+    const WidenArgs& a = *(const WidenArgs*)ctx;
+    int64_t r0, r1;
+    chunk_rows(c, a.per, a.N, &r0, &r1);
+    float* f = (float*)malloc(sizeof(float) * (a.K / I4_GROUP));
+    const bool wide = active_isa() >= 2;
+    for (int64_t n = r0; n < r1; n++) {
+        a.srow[n] = widen_scales(a, n, f);
+        if (wide) {
+            widen_row_avx512(a, n, f);
+            continue;
+        }
+        for (int64_t k = 0; k < a.K; k++)
+            a.q8[n * a.K + k] = (int8_t)fminf(fmaxf(rintf(i4_at(a.q4 + n * (a.K / 2), k) * f[k / I4_GROUP]), -127.f),
+                                              127.f);
+    }
+    free(f);
+}
+
 }  // namespace
 
 extern "C" {
@@ -150,6 +207,15 @@ void lfm2vl_int8_epilogue(const int32_t* acc, const float* xs, const float* ws, 
                           void* y, int ydt, int gelu, int64_t M, int64_t N, int threads) {
     EpiArgs a{acc, xs, ws, bias, res, y, ydt, gelu, M, N, rows_per_chunk(N)};
     pool_run(epilogue, &a, (M + a.per - 1) / a.per, threads, false);
+}
+
+// int4 weights (quant.py's format) as int8 rows for int8 compute: srow[n] = 8 max_g |s[n, g]| / 127 (1 for an
+// all-zero row) and q8[n, k] = clamp(rint(q4[n, k] * (s[n, g] / srow[n])), -127, 127), the fp32 quotient first. K is
+// a multiple of 32. Each int4 level moves by at most half an int8 step, 1/32 of its group's largest step.
+void lfm2vl_int4_to_int8(const uint8_t* q4, const uint16_t* s, int8_t* q8, float* srow, int64_t N, int64_t K,
+                         int threads) {
+    WidenArgs a{q4, s, q8, srow, N, K, rows_per_chunk(K)};
+    pool_run(widen_rows, &a, (N + a.per - 1) / a.per, threads, false);
 }
 
 }  // extern "C"

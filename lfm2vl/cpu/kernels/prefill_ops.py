@@ -25,6 +25,15 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
+def int4_to_int8(q: torch.Tensor, scale: torch.Tensor, q8: torch.Tensor, srow: torch.Tensor) -> None:
+    """Fill q8 (N, K) int8 and srow (N,) fp32 with int4 weights (quant.py's format: q (N, K/2) uint8, scale (N, K/32)
+    fp16) as int8 rows (int8mm.cpp): srow = 8 max|scale| / 127 per row (1 for an all-zero row), q8 = clamp(round(
+    level * (scale / srow)), -127, 127). The caller checks `available()` and the shapes."""
+    N, K = q8.shape
+    _load().lfm2vl_int4_to_int8(q.data_ptr(), scale.data_ptr(), q8.data_ptr(), srow.data_ptr(), N, K,
+                                torch.get_num_threads())
+
+
 def int8_epilogue(acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None,
                   residual: torch.Tensor | None, dtype: torch.dtype, gelu: bool = False) -> torch.Tensor:
     """(M, N) in `dtype` <- gelu?(acc * xs[:, None] * ws[None, :] + bias) + residual, fp32 math in that order,
