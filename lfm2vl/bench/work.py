@@ -86,7 +86,8 @@ def add_shares(metrics: dict, work: Work, fmt: str, quantize_head: bool, machine
                int8_vision: bool = False) -> None:
     """Add a scenario's achieved rates (decode GB/s of weights read, prefill and vision GFLOP/s) and, when the machine
     was measured, their shares of its read bandwidth and GEMM rate, to its metrics dict. The GEMM rate is the int8
-    one (machine["int8_gops"], set where int8 products run in int8) for an int8 prefill and an int8 vision tower."""
+    one (machine["int8_gops"], set where int8 products run in int8) for an int8 or int4 prefill and an int8 vision
+    tower."""
     m = metrics
     m["decode_gbps"] = m["decode_tps"] * work.decode_bytes(fmt, quantize_head) / 1e9
     m["prefill_gflops"] = (work.prefill_flops(m["prompt_tokens"]) / m["prefill_s"] / 1e9
@@ -95,7 +96,7 @@ def add_shares(metrics: dict, work: Work, fmt: str, quantize_head: bool, machine
                           if m.get("patches") and m["vision_s"] > 0 else None)
     if machine:
         m["decode_bw_pct"] = 100 * m["decode_gbps"] / machine["read_gbps"]
-        int8 = {"prefill": fmt == "int8", "vision": int8_vision}
+        int8 = {"prefill": fmt in ("int8", "int4"), "vision": int8_vision}  # int4 prefills widen to int8 rows
         for k in ("prefill", "vision"):
             v = m[f"{k}_gflops"]
             peak = machine.get("int8_gops") if int8[k] else None
