@@ -511,6 +511,25 @@ def test_attn_many_declines_what_it_does_not_support():
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape", [(1024, 768), (3, 7, 33), (5, 1152)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_layernorm_equals_torch_within_a_rounding(shape, bias):
+    """The vision tower's native LayerNorm: fp32 statistics (summed in another order than torch's) and one bf16
+    rounding: nearly every value equals F.layer_norm's, the rest one bf16 step apart."""
+    if kernels.isa() < 2:
+        pytest.skip("needs AVX512")
+    g = torch.Generator().manual_seed(shape[-1])
+    x = (torch.randn(shape, generator=g) * 3 + 1).bfloat16()
+    w = torch.randn(shape[-1], generator=g).bfloat16()
+    b = torch.randn(shape[-1], generator=g).bfloat16() if bias else None
+    got, want = kernels.layernorm(x, w, b, 1e-6), F.layer_norm(x, (shape[-1],), w, b, 1e-6)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert (got != want).float().mean() <= 0.01
+    torch.testing.assert_close(got, want, rtol=2 ** -7, atol=1e-2)
+    assert kernels.layernorm(x.float(), w, b, 1e-6) is None and kernels.layernorm(x, w.float(), b, 1e-6) is None
+
+
+@needs_kernels
 @pytest.mark.parametrize("shape", [(512, 4608), (3, 7, 33), (1, 1)])
 def test_swiglu_and_rmsnorm_equal_the_torch_ops(shape):
     """The prefill's fused SwiGLU and RMSNorm round where model/text.py does: bf16 results equal torch's (an exp

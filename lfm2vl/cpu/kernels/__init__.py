@@ -26,8 +26,8 @@ import torch
 from .build import DT as _DT
 from .build import I4_GROUP, KIND as _KIND
 from .build import load as _load
-from .prefill_ops import (attn_many, int4_to_int8, int8_epilogue, quantize_rows, rmsnorm, short_conv,  # noqa: F401
-                          swiglu)
+from .prefill_ops import (attn_many, int4_to_int8, int8_epilogue, layernorm, quantize_rows, rmsnorm,  # noqa: F401
+                          short_conv, swiglu)
 
 
 def available() -> bool:

@@ -97,6 +97,8 @@ def load():
     lib.lfm2vl_swiglu_bf16.restype = ctypes.c_int
     lib.lfm2vl_rmsnorm_bf16.argtypes = [p, p, p, i64, i64, ctypes.c_float, i]
     lib.lfm2vl_rmsnorm_bf16.restype = ctypes.c_int
+    lib.lfm2vl_layernorm_bf16.argtypes = [p, p, p, p, i64, i64, ctypes.c_float, i]
+    lib.lfm2vl_layernorm_bf16.restype = ctypes.c_int
     lib.lfm2vl_short_conv_bf16.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i]
     lib.lfm2vl_short_conv_bf16.restype = ctypes.c_int
     lib.lfm2vl_quantize.argtypes = [i, p, i, p, p, i64, i64, i]

@@ -1,5 +1,5 @@
 // Elementwise parts of a bf16 prefill, fused, on the pool's threads: the feed-forward's SwiGLU, RMSNorm, and the
-// middle of the gated short convolution (gates, causal depthwise conv, conv state).
+// middle of the gated short convolution (gates, causal depthwise conv, conv state); the vision tower's LayerNorm.
 //
 // Why: torch runs SwiGLU as silu then mul (two passes over (T, ff_dim)), RMSNorm as ~8 small fp32 ops, and the
 // conv block's middle as ~12 ops over transposed (D, T) views, each a pass over memory.
@@ -58,6 +58,41 @@ T_AVX512 void rmsnorm(const void* ctx, int64_t c) {
             const __mmask16 mk = tail16(a.n - i);
             const __m512 y = round_bf16(_mm512_mul_ps(from_bf16x16(x + i, mk), inv));
             _mm256_mask_storeu_epi16(a.out + r * a.n + i, mk, to_bf16x16(_mm512_mul_ps(from_bf16x16(a.w + i, mk), y)));
+        }
+    }
+}
+
+struct LayerNormArgs {
+    const uint16_t *x, *w, *b;  // b may be NULL
+    uint16_t* out;
+    int64_t rows, n, per;
+    float eps;
+};
+
+// torch's bf16 layer_norm: mean and variance in fp32, (x - mean) * rstd * w + b in fp32, one rounding
+T_AVX512 void layernorm(const void* ctx, int64_t c) {
+    const LayerNormArgs& a = *(const LayerNormArgs*)ctx;
+    int64_t r0, r1;
+    chunk_rows(c, a.per, a.rows, &r0, &r1);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t* x = a.x + r * a.n;
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t i = 0; i < a.n; i += 16) sum = _mm512_add_ps(sum, from_bf16x16(x + i, tail16(a.n - i)));
+        const float mean = _mm512_reduce_add_ps(sum) / (float)a.n;
+        const __m512 m = _mm512_set1_ps(mean);
+        __m512 ss = _mm512_setzero_ps();
+        for (int64_t i = 0; i < a.n; i += 16) {
+            const __mmask16 mk = tail16(a.n - i);
+            const __m512 d = _mm512_maskz_sub_ps(mk, from_bf16x16(x + i, mk), m);
+            ss = _mm512_fmadd_ps(d, d, ss);
+        }
+        const __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)a.n + a.eps));
+        for (int64_t i = 0; i < a.n; i += 16) {
+            const __mmask16 mk = tail16(a.n - i);
+            __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(from_bf16x16(x + i, mk), m), rstd),
+                                     from_bf16x16(a.w + i, mk));
+            if (a.b) y = _mm512_add_ps(y, from_bf16x16(a.b + i, mk));
+            _mm256_mask_storeu_epi16(a.out + r * a.n + i, mk, to_bf16x16(y));
         }
     }
 }
@@ -126,6 +161,16 @@ int lfm2vl_swiglu_bf16(const uint16_t* a, const uint16_t* b, uint16_t* out, int6
     if (active_isa() < 2) return -1;
     SwiGLUArgs g{a, b, out, n};
     pool_run(swiglu, &g, (n + SPAN - 1) / SPAN, threads, false);
+    return 0;
+}
+
+// out = (x - mean) * rsqrt(var + eps) * w + b per row of n bf16 values (torch's layer_norm; b may be NULL); w, b (n)
+// bf16. Returns 0, or -1 without AVX512.
+int lfm2vl_layernorm_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* b, uint16_t* out, int64_t rows,
+                          int64_t n, float eps, int threads) {
+    if (active_isa() < 2) return -1;
+    LayerNormArgs a{x, w, b, out, rows, n, (16384 + n - 1) / n, eps};
+    pool_run(layernorm, &a, (rows + a.per - 1) / a.per, threads, false);
     return 0;
 }
 

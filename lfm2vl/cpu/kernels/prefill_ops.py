@@ -111,6 +111,22 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor |
                                           torch.get_num_threads()) == 0 else None
 
 
+def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor | None:
+    """F.layer_norm over the last dim for bf16 x (..., n), weight and bias (n) (prefill.cpp; fp32 statistics, one
+    rounding), or None when the kernel cannot run: the caller runs torch then."""
+    lib = _load()
+    n = x.shape[-1]
+    if (lib is None or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or weight.shape != (n,)
+            or (bias is not None and (bias.dtype != torch.bfloat16 or bias.shape != (n,)))
+            or not x.is_contiguous() or not weight.is_contiguous() or x.numel() == 0
+            or (bias is not None and not bias.is_contiguous())):
+        return None
+    out = torch.empty_like(x)
+    rc = lib.lfm2vl_layernorm_bf16(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                                   out.data_ptr(), x.numel() // n, n, eps, torch.get_num_threads())
+    return out if rc == 0 else None
+
+
 def short_conv(p: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """The gated short convolution between in_proj and out_proj (prefill.cpp; speed.FastShortConv's roundings):
     p (B, T, 3D) bf16 in_proj output (B gate, C gate, x), state (B, D, K-1) bf16 conv inputs before it (zeros for
