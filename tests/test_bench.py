@@ -112,6 +112,8 @@ def test_rounds_merge_into_medians_and_per_round_ratios():
     merged = rounds.merge(per_round)
     m = merged["ours"]["scenarios"]["img512"]
     assert m["ttft_s"] == 0.5 * 1.1 and m["decode_tps"] == pytest.approx(40 / 1.1)
+    assert m["prompt_tokens"] == 286 and isinstance(m["prompt_tokens"], int)
+    assert rounds.merge(per_round[:2])["ours"]["scenarios"]["img512"]["prompt_tokens"] == 286  # even count: no .5
     assert m["ttft_x"] == pytest.approx(2.0) and m["decode_x"] == pytest.approx(4.0)
     assert merged["ours"]["peak_rss_mb"] == 102 and merged["ours"]["rounds"] == 3
     assert merged["int8 quality"] is per_round[0]["int8 quality"]

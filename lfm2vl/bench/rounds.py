@@ -13,7 +13,8 @@ def _median_dicts(ds: list[dict]) -> dict:
     for k, v in ds[0].items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             vals = [d[k] for d in ds if isinstance(d.get(k), (int, float))]
-            out[k] = statistics.median(vals) if vals else v
+            ints = all(isinstance(x, int) for x in vals)  # counts (tokens, patches) stay whole numbers
+            out[k] = (statistics.median_low(vals) if ints else statistics.median(vals)) if vals else v
     return out
 
 

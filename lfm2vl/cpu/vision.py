@@ -6,7 +6,7 @@ Same parameters, state_dict keys and results within float rounding; `use_fast_vi
 - bf16 attention runs the native `kernels.attn_many` where it beats torch's SDPA (AVX512-BF16 CPUs without AMX);
 - the resized position grids are cached per (h, w, dtype, device) until the table's weights change;
 - bf16 LayerNorms run natively (`kernels.layernorm`);
-- on CPUs without a bf16 GEMM each encoder layer drops its weights' mapped pages after use (`release_pays`), so
+- on CPUs without AMX each encoder layer drops its weights' mapped pages after use (`release_pays`), so
   the tower never adds its whole size to RSS.
 """
 from __future__ import annotations
@@ -92,10 +92,11 @@ class FastVisionAttention(vision.Attention):
 
 
 def release_pays() -> bool:
-    """Whether encoder layers drop their pages by default. Dropping and mapping back costs ~2 ms per 14 MB layer (~20
-    ms an image at 450M): under 1% of a vision pass where the CPU multiplies bf16 in fp32 (seconds), ~5% where it has
-    a bf16 GEMM (0.2-0.4 s; there `--low-memory` is the opt-in)."""
-    return not gemm.bf16_native()
+    """Whether encoder layers drop their pages by default. Dropping and mapping back costs ~1.5-2 ms per 14 MB layer
+    (~20 ms an image at 450M): under 1% of a vision pass where the CPU multiplies bf16 in fp32 (seconds); on an
+    AVX512-BF16 Zen 5 VM 402 -> 420 ms of vision, 2.9% of a 0.65 s first token, for a bf16 peak of 1018-1025 MiB
+    instead of 1170; on AMX CPUs, whose vision takes ~0.24 s, ~5%, so there `--low-memory` is the opt-in."""
+    return not gemm.bf16_native() or not kernels.amx()
 
 
 class FastEncoderLayer(vision.EncoderLayer):
