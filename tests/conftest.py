@@ -6,6 +6,17 @@ import pytest
 from checkpoints import cached_checkpoint
 
 
+@pytest.fixture
+def isa_cap(request):
+    """Cap the native kernels' instruction set at request.param (parametrize indirectly) for one test, so the AVX2
+    and scalar fallbacks run on an AVX512 CPU too; the cap is lifted afterwards."""
+    from lfm2vl.cpu import kernels
+
+    kernels.set_isa(request.param)
+    yield request.param
+    kernels.set_isa(3)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Folder of the "tiny-lfm2vl" random checkpoint, built once per session. Read-only: a test that edits files

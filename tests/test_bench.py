@@ -117,6 +117,9 @@ def test_rounds_merge_into_medians_and_per_round_ratios():
     assert m["ttft_x"] == pytest.approx(2.0) and m["decode_x"] == pytest.approx(4.0)
     assert merged["ours"]["peak_rss_mb"] == 102 and merged["ours"]["rounds"] == 3
     assert merged["int8 quality"] is per_round[0]["int8 quality"]
+    for later in per_round[1:]:  # the bench runs such deterministic checks in the first round only
+        del later["int8 quality"]
+    assert rounds.merge(per_round)["int8 quality"] is per_round[0]["int8 quality"]
     assert rounds.merge(per_round[:1]) is per_round[0]
 
 

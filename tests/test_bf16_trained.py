@@ -109,7 +109,9 @@ def test_bf16_argmax_on_a_trained_model(tmp_path, monkeypatch):
     assert rate >= 0.98, f"int8 compute argmax agrees with float32 on {rate:.2%} of the positions"
     assert fcos.min() > 0.99, fcos.min()
     q = optimize_for_cpu(load_model(tmp_path, dtype=torch.bfloat16)[0], int4=True)  # int4 widened to int8 rows
+    before = len(calls)
     rate, cos = _cached_agreement(q, bf16, f32, perm, g, chunk=16)
+    assert len(calls) > before, "the int4 prefill did not take int8 compute"
     print(f"[int4 with int8 compute trained] argmax agreement {rate:.4f}, logit cosine mean {cos.mean():.4f}")
     assert rate >= 0.99, f"int4 through int8 compute argmax agrees with float32 on {rate:.2%} of the positions"
     monkeypatch.undo()

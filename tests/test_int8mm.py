@@ -18,13 +18,6 @@ needs_kernels = pytest.mark.skipif(os.environ.get("LFM2VL_NO_KERNELS", "0") not 
                                    reason="kernels disabled by LFM2VL_NO_KERNELS")
 
 
-@pytest.fixture
-def isa_cap(request):
-    kernels.set_isa(request.param)
-    yield request.param
-    kernels.set_isa(3)
-
-
 def _rows_formula(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
     amax = xf.abs().amax(1)

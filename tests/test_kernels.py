@@ -25,13 +25,6 @@ needs_kernels = pytest.mark.skipif(os.environ.get("LFM2VL_NO_KERNELS", "0") not 
 SHAPES = [(1024, 1024), (67, 100), (515, 1056), (9, 33), (130, 4608)]
 
 
-@pytest.fixture
-def isa_cap(request):
-    kernels.set_isa(request.param)
-    yield request.param
-    kernels.set_isa(3)
-
-
 def _quantized_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
     """x rounded as the integer products quantize it (gemv_avx2.cpp, gemv_vnni.cpp): int8 weights meet x in 16 bits
     per block of 256 (the last block shorter), int4 weights x in 8 bits per block of 32; per block

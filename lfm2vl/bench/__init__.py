@@ -312,7 +312,7 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
             results[label] = run_worker(spec, args.timeout)
         per_round.append(results)
-    results = rounds.merge([{**per_round[0], **pr} for pr in per_round])
+    results = rounds.merge(per_round)
     machine = _machine([before, _probe_machine(args, short)])
     _add_shares(results, dict(runs), folder, machine)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

@@ -46,17 +46,22 @@ def read_gbps(reps: int = 5, size_bytes: int = 2 ** 30) -> float:
     return max(rates)
 
 
-def gemm_gflops(dtype: torch.dtype, reps: int = 5, n: int = 2048) -> float:
-    dtype = compute_dtype(dtype)
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+def _square_rate(product, reps: int, n: int) -> float:
+    """1e9 x 2 n^3 / the best of `reps` timed calls of an n x n x n product, after two warm-up calls."""
     for _ in range(2):
-        a @ b
+        product()
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
-        a @ b
+        product()
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
+
+
+def gemm_gflops(dtype: torch.dtype, reps: int = 5, n: int = 2048) -> float:
+    dtype = compute_dtype(dtype)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return _square_rate(lambda: a @ b, reps, n)
 
 
 def int8_gops(reps: int = 5, n: int = 2048) -> float | None:
@@ -66,14 +71,7 @@ def int8_gops(reps: int = 5, n: int = 2048) -> float | None:
         return None
     a = torch.randint(-127, 128, (n, n), dtype=torch.int8)
     b = torch.randint(-127, 128, (n, n), dtype=torch.int8).t()
-    for _ in range(2):
-        torch._int_mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch._int_mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+    return _square_rate(lambda: torch._int_mm(a, b), reps, n)
 
 
 def measure(spec: dict) -> dict:

@@ -21,15 +21,16 @@ def _median_dicts(ds: list[dict]) -> dict:
 def merge(rounds: list[dict[str, dict]]) -> dict[str, dict]:
     """Results of several rounds ({label: result} each) -> one {label: result}: every scenario metric and the load
     figures the median over the rounds, the peak RSS the largest; per scenario `ttft_x` and `decode_x`, the median
-    over the rounds of the ratio to the same round's transformers row (what the table prints), and `rounds`."""
+    over the rounds of the ratio to the same round's transformers row (what the table prints), and `rounds`. An
+    entry only the first round has (a deterministic check such as quality) is taken as it is."""
     if len(rounds) == 1:
         return rounds[0]
     merged = {}
     for label, first in rounds[0].items():
-        runs = [r[label] for r in rounds]
+        runs = [r[label] for r in rounds if label in r]
         bad = next((r for r in runs if "error" in r), None)
         if bad is not None or first.get("engine") not in ("ours", "transformers"):
-            merged[label] = bad or first  # a failure, or a deterministic check (quality) run in the first round
+            merged[label] = bad or first  # a failure, or a check run once
             continue
         out = {**first, **_median_dicts([{k: r[k] for k in _PER_RUN if k in r} for r in runs])}
         out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)

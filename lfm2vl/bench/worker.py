@@ -226,7 +226,7 @@ def quality(spec: dict) -> dict:
                 feats = ref.image_features(*pix)
                 qfeats = q.image_features(*pix) if int8_vision else feats
                 if int8_vision:
-                    fc = F.cosine_similarity(_rows(feats), _rows(qfeats), dim=-1)
+                    fc = F.cosine_similarity(feats.float(), qfeats.float(), dim=-1)  # per image token
                     extra = {"feature_cosine_mean": fc.mean().item(), "feature_cosine_min": fc.min().item()}
             emb = ref.embed(batch["input_ids"], feats)
             lr, toks = _decode_logits(ref, emb, spec["new_tokens"])
@@ -236,12 +236,6 @@ def quality(spec: dict) -> dict:
                      "greedy_agreement": (lr.argmax(-1) == lq.argmax(-1)).float().mean().item(),
                      "positions": int(lr.shape[0]), **extra}
     return {"engine": "quality", "format": fmt, "int8_vision": int8_vision, "scenarios": out}
-
-
-def _rows(feats) -> torch.Tensor:
-    """Image features (one tensor, or one per image) as (tokens, D) fp32."""
-    t = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
-    return t.reshape(-1, t.shape[-1]).float()
 
 
 def main() -> None:

@@ -77,7 +77,8 @@ _SCRATCH = threading.local()
 
 
 def _scratch(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """This thread's reusable (N, K) buffer for dequantized weights (one per shape: ~30 MB at 450M shapes, bf16)."""
+    """This thread's reusable buffer of one shape and dtype: dequantized weights (N, K) (~30 MB at 450M shapes,
+    bf16), or int4 weights widened to int8 rows (N, K) and their scales (N,)."""
     bufs = getattr(_SCRATCH, "bufs", None)
     if bufs is None:
         bufs = _SCRATCH.bufs = {}
