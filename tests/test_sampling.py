@@ -9,7 +9,7 @@ from transformers.generation.logits_process import (MinPLogitsWarper, Repetition
 
 from lfm2vl.generate.sampling import (Sampler, SamplingParams, apply_min_p, apply_presence_frequency,
                                       apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p,
-                                      token_logprobs)
+                                      sample_from_logits, token_logprobs)
 
 
 def logits_of(probs):
@@ -92,6 +92,37 @@ def test_sampler_composition_matches_transformers_chain():
                  TopPLogitsWarper(0.9), MinPLogitsWarper(0.05)):
         ref = proc(prompt, ref)
     torch.testing.assert_close(ours, ref[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=0, repetition_penalty=1.3, min_p=0.0), dict(temperature=0, repetition_penalty=1.0),
+    dict(), dict(temperature=0.7, top_k=50, top_p=0.9, min_p=0.0), dict(temperature=1.0, top_p=0.8, min_p=0.0),
+    dict(temperature=1.3, top_k=20, min_p=0.1, presence_penalty=0.5, frequency_penalty=0.3),
+    dict(temperature=1.0, min_p=0.0, repetition_penalty=1.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_path_draws_what_the_vocabulary_filters_draw(params, dtype):
+    """The CPU path (penalty on the seen tokens only, filters on a candidate list) gives, step by step and with the
+    same seed, the tokens of process() over the whole vocabulary followed by argmax / sample_from_logits."""
+    g = torch.Generator().manual_seed(11)
+    V, prompt = 3000, torch.randint(0, 3000, (200,), generator=g)
+    sp = SamplingParams(seed=5, **params)
+    fast = Sampler(sp, V, prompt, eos_ids=(3, 9), min_new_tokens=4)
+    ref = Sampler(sp, V, prompt, eos_ids=(3, 9), min_new_tokens=4)
+    drawn = []
+    for step in range(40):
+        logits = (torch.randn(V, generator=g) * 4).to(dtype)
+        if step < 5:
+            logits[3] = 50.0  # an eos token that wins once min_new_tokens allows it
+        x = ref.process(logits)
+        want = x.argmax() if ref.generator is None else sample_from_logits(x, ref.generator)
+        got = fast(logits)
+        assert got.dtype == torch.long and got.dim() == 0
+        assert int(got) == int(want), f"step {step}"
+        for s in (fast, ref):
+            s.observe(want, int(want))
+        drawn.append(int(want))
+    assert 3 not in drawn[:4] and drawn[4] == 3  # the eos suppression held, and ended on time
+    assert len(set(drawn)) > 10
 
 
 def test_sampler_penalty_tracks_generated_tokens():

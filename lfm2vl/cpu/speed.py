@@ -29,13 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.lfm2vl import Lfm2VlModel
-from ..model.rope import rope_cos_sin
+from ..model.rope import rope_inv_freq
 from ..model.text import MLP, Attention, RMSNorm, ShortConv
 from . import kernels
 from .kernels.decode import NativeDecoder
 from .lowmem import LowMemoryModel
 from .quant import FastLinear, Int4Linear, Int8Linear, quantize_vision, quantize_weights, use_fast_linears
-from .threads import one_thread
 from .vision import use_fast_vision
 
 
@@ -186,17 +185,10 @@ def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool =
     if type(model) in (Lfm2VlModel, LowMemoryModel, FastLfm2VlModel):
         model.__class__ = FastLfm2VlModel
         model.native_decoder = NativeDecoder.build(model, linears=(nn.Linear, FastLinear, Int8Linear, Int4Linear),
-                                                   scaled=(Int8Linear,), rope=_decode_rope(model))
+                                                   scaled=(Int8Linear,), inv_freq=_rope_inv_freq(model))
     return model
 
 
-def _decode_rope(model: nn.Module):
-    """positions (b,) -> RoPE cos, sin (b, 1, 1, Dh) of the language model, for the native decode step."""
-    lm = model.model.language_model
-    cfg, dtype = lm.config, lm.embed_tokens.weight.dtype
-
-    def rope(pos: torch.Tensor):
-        with one_thread():  # MKL's cos/sin go parallel from two rows on: spinning workers slow the step (threads.py)
-            return rope_cos_sin(pos[:, None], cfg.head_dim, cfg.rope_theta, dtype)
-
-    return rope
+def _rope_inv_freq(model: nn.Module) -> torch.Tensor:
+    cfg = model.model.language_model.config
+    return rope_inv_freq(cfg.head_dim, cfg.rope_theta)

@@ -1,9 +1,8 @@
 """torch intra-op threading around the small ops of a decode step.
 
-On CPU a tiny op can still open an OpenMP region: MKL's vectorized cos/sin (torch's cos and sin kernels) go
-parallel from 128 elements, so the RoPE angles of two decode rows did. Its worker threads then spin for a while
-after the region, on the cores the native decode step is about to use, and the region stalls for a whole time
-slice when another process holds a core.
+On CPU a tiny op can still open an OpenMP region (MKL's vectorized cos/sin go parallel from 128 elements; passes
+over ~65k logits too). Its worker threads then spin for a while after the region, on the cores the native decode
+step is about to use, and the region stalls for a whole time slice when another process holds a core.
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ import torch
 
 @contextlib.contextmanager
 def one_thread():
-    """Run the enclosed torch ops on the calling thread only (sampling's passes over ~65k logits, RoPE angles).
+    """Run the enclosed torch ops on the calling thread only (sampling's passes over ~65k logits).
     Such passes are short, so a thread team's start-up and stalls on a busy machine would outweigh them."""
     n = torch.get_num_threads()
     if n == 1:

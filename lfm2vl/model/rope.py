@@ -9,10 +9,14 @@ from __future__ import annotations
 import torch
 
 
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """The rotation frequencies (Dh/2,) float32: position p turns pair i by the angle float32(p) * inv_freq[i]."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+
+
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """positions (B, T) integer -> cos, sin (B, 1, T, Dh) in `dtype`, ready to broadcast over heads."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
-    freqs = positions[..., None].float() * inv_freq  # (B, T, Dh/2)
+    freqs = positions[..., None].float() * rope_inv_freq(head_dim, theta, positions.device)  # (B, T, Dh/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, Dh)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

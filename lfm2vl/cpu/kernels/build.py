@@ -103,7 +103,7 @@ def load():
     lib.lfm2vl_short_conv_bf16.restype = ctypes.c_int
     lib.lfm2vl_quantize.argtypes = [i, p, i, p, p, i64, i64, i]
     lib.lfm2vl_quantize.restype = None
-    lib.lfm2vl_decode_step.argtypes = [p, p, i64, p, p, p, p, p, p, i64, i]
+    lib.lfm2vl_decode_step.argtypes = [p, p, i64, p, p, p, p, i64, i]
     lib.lfm2vl_decode_step.restype = None
     lib.lfm2vl_dropout.argtypes = [p, p, i64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, i, i]
     lib.lfm2vl_dropout.restype = None

@@ -48,6 +48,7 @@ struct DModel {
     const void* final_norm;
     DLin head;
     const DLayer* layers;
+    const float* inv_freq;  // (Dh/2) RoPE frequencies, fp32
 };
 
 }  // extern "C"
@@ -116,9 +117,9 @@ extern "C" {
 
 // h_in (B, D) input embeddings; cache[2 i], cache[2 i + 1]: layer i's conv state (Bc, D, Kc-1) and NULL, or its
 // K and V buffers (Bc, Hkv, S, Dh); rows (B,) cache row of each input row or NULL (row b); pos (B,) positions
-// (all < S); cos/sin (B, Dh) RoPE tables; logits (B, V) out. All in the activation dtype.
+// (all < S); logits (B, V) out. All in the activation dtype.
 void lfm2vl_decode_step(const DModel* mp, void* const* cache, int64_t S, const void* h_in, const int64_t* rows,
-                        const int64_t* pos, const void* cos, const void* sin, void* logits, int64_t B, int threads) {
+                        const int64_t* pos, void* logits, int64_t B, int threads) {
     const DModel& m = *mp;
     Step s{m, (int)m.act_dt, B, threads};
     const int64_t D = m.D, H = m.H, Hkv = m.Hkv, Dh = m.Dh, Kc = m.Kc, half = Dh / 2;
@@ -129,6 +130,15 @@ void lfm2vl_decode_step(const DModel* mp, void* const* cache, int64_t S, const v
     std::vector<uint16_t> xb;
     std::vector<int64_t> lens(B);
     for (int64_t i = 0; i < B * D; i++) h[i] = s.ld(h_in, i);
+    // RoPE: each row's angles float32(pos) * inv_freq in fp32, their cos and sin rounded to the activation dtype
+    // (model/rope.py; the first and second half of a head share them)
+    std::vector<float> rcos(B * half), rsin(B * half);
+    for (int64_t r = 0; r < B; r++)
+        for (int64_t i = 0; i < half; i++) {
+            const float angle = (float)pos[r] * m.inv_freq[i];
+            rcos[r * half + i] = s.rnd(cosf(angle));
+            rsin[r * half + i] = s.rnd(sinf(angle));
+        }
     const float qscale = (float)pow((double)Dh, -0.5);
 
     for (int64_t l = 0; l < m.n_layers; l++) {
@@ -171,9 +181,11 @@ void lfm2vl_decode_step(const DModel* mp, void* const* cache, int64_t S, const v
                 for (int64_t hh = 0; hh < H + Hkv; hh++) {
                     float* t = hh < H ? q + (r * H + hh) * Dh : k + (r * Hkv + hh - H) * Dh;
                     float tmp[512];
+                    const float* cr = rcos.data() + r * half;
+                    const float* sr = rsin.data() + r * half;
                     for (int64_t i = 0; i < Dh; i++) {
                         float rot = i < half ? -t[i + half] : t[i - half];
-                        tmp[i] = s.rnd(s.rnd(t[i] * s.ld(cos, r * Dh + i)) + s.rnd(rot * s.ld(sin, r * Dh + i)));
+                        tmp[i] = s.rnd(s.rnd(t[i] * cr[i % half]) + s.rnd(rot * sr[i % half]));
                     }
                     memcpy(t, tmp, sizeof(float) * Dh);
                 }

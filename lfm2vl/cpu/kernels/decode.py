@@ -1,10 +1,11 @@
 """The fused native decode step (`decode.cpp`): ctypes descriptors of a loaded language model, and the call.
 
-`NativeDecoder.build(model, linears, scaled, rope)` returns a decoder for a CPU Lfm2VlModel whose language-model linears
+`NativeDecoder.build(model, linears, scaled, inv_freq)` returns a decoder for a CPU Lfm2VlModel whose language-model linears
 are of the `linears` types (those of the `scaled` types carry a `scale`: int8 / int4) and whose floats share one dtype
 (fp32 or bf16), or None when anything else is found (LoRA-wrapped layers, mixed dtypes, no kernels): callers then keep
-the torch path. `rope(positions)` gives the step's RoPE cos and sin. The CPU layer (speed.py) passes all three, so
-this package imports nothing else of lfm2vl.
+the torch path. `inv_freq` holds the RoPE frequencies (model/rope.py's rope_inv_freq; the native step turns q and k
+by float32(position) * inv_freq itself). The CPU layer (speed.py) passes all four, so this package imports nothing
+else of lfm2vl.
 `decoder(embeds, cache, start_pos, rows)` runs one T=1 step for every row and returns (b, V) logits, like
 `Lfm2VlModel.forward_cached(..., last_only=True)`, or None when it cannot take that step (the caller runs torch).
 It writes the new K/V and conv state into the cache.
@@ -60,7 +61,7 @@ class DModel(ctypes.Structure):
     _fields_ = [("D", ctypes.c_int64), ("H", ctypes.c_int64), ("Hkv", ctypes.c_int64), ("Dh", ctypes.c_int64),
                 ("Kc", ctypes.c_int64), ("n_layers", ctypes.c_int64), ("act_dt", ctypes.c_int64),
                 ("eps", ctypes.c_double), ("final_norm", ctypes.c_void_p), ("head", DLin),
-                ("layers", ctypes.POINTER(DLayer))]
+                ("layers", ctypes.POINTER(DLayer)), ("inv_freq", ctypes.c_void_p)]
 
 
 class _Unsupported(Exception):
@@ -68,8 +69,9 @@ class _Unsupported(Exception):
 
 
 class NativeDecoder:
-    def __init__(self, linears: tuple[type, ...] = (nn.Linear,), scaled: tuple[type, ...] = (), rope=None):
-        self._linears, self._scaled, self._rope = linears, scaled, rope
+    def __init__(self, linears: tuple[type, ...] = (nn.Linear,), scaled: tuple[type, ...] = (),
+                 inv_freq: torch.Tensor | None = None):
+        self._linears, self._scaled, self._inv_freq = linears, scaled, inv_freq
         self._keep: list[torch.Tensor] = []  # every tensor a descriptor points into
         self._checks: list[tuple[nn.Module, str, torch.Tensor]] = []  # (module, attribute, tensor it must hold)
         self._cache_flat: list | None = None  # the cache buffers' addresses the array below was built for
@@ -113,14 +115,14 @@ class NativeDecoder:
 
     @classmethod
     def build(cls, model: nn.Module, linears: tuple[type, ...], scaled: tuple[type, ...],
-              rope) -> "NativeDecoder | None":
+              inv_freq: torch.Tensor) -> "NativeDecoder | None":
         """A decoder for `model` (an Lfm2VlModel on CPU), or None when its layers or dtypes are not supported.
         linears: the accepted linear layer types; scaled: those among them with a `scale` (quantized weights);
-        rope: positions (b,) int64 -> RoPE cos, sin in the activation dtype, b rows of head_dim values each."""
+        inv_freq: the language model's RoPE frequencies, (head_dim / 2,) float32."""
         if not available():
             return None
         _count_registrations()
-        self = cls(linears, scaled, rope)
+        self = cls(linears, scaled, inv_freq)
         try:
             self._describe(model)
         except _Unsupported:
@@ -136,6 +138,8 @@ class NativeDecoder:
             raise _Unsupported(f"activation dtype {act}")
         if cfg.conv_L_cache > _MAX_CONV_K or cfg.head_dim > _MAX_HEAD_DIM or cfg.head_dim % 2:
             raise _Unsupported("conv kernel or head size")
+        if self._inv_freq is None or tuple(self._inv_freq.shape) != (cfg.head_dim // 2,):
+            raise _Unsupported(f"RoPE frequencies for head_dim {cfg.head_dim}")
         layers = (DLayer * len(lm.layers))()
         for i in range(len(lm.layers)):
             layer, d = self._sub(lm.layers, str(i)), layers[i]
@@ -163,7 +167,7 @@ class NativeDecoder:
         self.desc = DModel(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                            cfg.conv_L_cache, len(lm.layers), _ACT[act], cfg.norm_eps,
                            self._tensor(self._sub(lm, "embedding_norm"), "weight", act), self._lin(model, "lm_head"),
-                           layers)
+                           layers, self._ptr(self._inv_freq, torch.float32))
         self.dtype, self.cfg, self.vocab = act, cfg, model.lm_head.weight.shape[0]
 
     # ---- calling ----------------------------------------------------------------------------------------------
@@ -213,11 +217,9 @@ class NativeDecoder:
             if min(r) < 0 or max(r) >= cache.batch_size:
                 raise ValueError(f"rows {r} must be below the cache's {cache.batch_size} rows")
         threads = torch.get_num_threads()
-        cos, sin = self._rope(pos)
-        cos, sin = cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous()
         h = embeds.reshape(B, -1).contiguous()
         logits = torch.empty(B, self.vocab, dtype=self.dtype)
         self._lib.lfm2vl_decode_step(ctypes.addressof(self.desc), caches, cache.max_seq_len,
                                      h.data_ptr(), None if rows is None else rows.data_ptr(), pos.data_ptr(),
-                                     cos.data_ptr(), sin.data_ptr(), logits.data_ptr(), B, threads)
+                                     logits.data_ptr(), B, threads)
         return logits
