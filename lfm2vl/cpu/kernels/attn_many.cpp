@@ -1,5 +1,8 @@
-// Attention for many queries at once, bf16 in and out, on the pool's threads: the vision tower's bidirectional
-// attention (no mask) and the language model's causal prefill chunks (query l of a unit sees its keys 0..start+l).
+// Attention for many queries at once, bf16 in and out: the vision tower's bidirectional attention (no mask) and the
+// language model's causal prefill chunks (query l of a unit sees its keys 0..start+l). Both run between torch's
+// OpenMP products, so the passes run on torch's own OpenMP team (pool_run's linger = false): on the pool, torch's
+// workers still spinning after the last product shared the cores with it (vision attention 118 -> 84 ms an image
+// on a 2-core Zen 5 VM).
 //
 // Why native: torch's CPU flash-attention kernel reaches ~170-190 GFLOP/s at these shapes (1024 patches or a
 // 512-token chunk, head size 64 or 72), a third of what the linears reach: it was half of the vision time and a
@@ -186,8 +189,8 @@ int lfm2vl_attn_many(const uint16_t* q, const uint16_t* k, const uint16_t* v, ui
                {ks[0], ks[1], ks[2]}, {vs[0], vs[1], vs[2]}, nkeys, causal, scale, nullptr, nullptr, (L + QB - 1) / QB};
     a.kp = (uint32_t*)malloc(sizeof(uint32_t) * n * Hkv * (Dh / 2) * a.Lp);
     a.vp = (uint32_t*)malloc(sizeof(uint32_t) * n * Hkv * (a.Lp / 2) * a.Dp);
-    pool_run(relayout, &a, n * Hkv, threads);
-    pool_run(attend, &a, n * H * a.qblocks, threads);
+    pool_run(relayout, &a, n * Hkv, threads, false);
+    pool_run(attend, &a, n * H * a.qblocks, threads, false);
     free(a.kp);
     free(a.vp);
     return 0;
