@@ -44,26 +44,31 @@ struct ManyArgs {
     int64_t visible(int64_t u, int64_t l) const { return causal ? nkeys[u] - L + l + 1 : nkeys[u]; }
 };
 
-inline uint16_t at(const uint16_t* t, const int64_t* st, int64_t u, int64_t h, int64_t l, int64_t d) {
-    return t[u * st[0] + h * st[1] + l * st[2] + d];
-}
-
 // pass 1, one chunk per (unit, kv head): K and V into pair layouts (padded keys and head columns are zero)
 void relayout(const void* ctx, int64_t c) {
     const ManyArgs& a = *(const ManyArgs*)ctx;
     const int64_t u = c / a.Hkv, h = c % a.Hkv, S = a.nkeys[u];
-    uint32_t* kp = a.kp + c * (a.Dh / 2) * a.Lp;
+    const int64_t P = a.Dh / 2;
+    uint32_t* kp = a.kp + c * P * a.Lp;
     uint32_t* vp = a.vp + c * (a.Lp / 2) * a.Dp;
-    for (int64_t p = 0; p < a.Dh / 2; p++)
-        for (int64_t j = 0; j < a.Lp; j++)
-            kp[p * a.Lp + j] = j < S ? (uint32_t)at(a.k, a.ks, u, h, j, 2 * p) | (uint32_t)at(a.k, a.ks, u, h, j, 2 * p + 1) << 16
-                                     : 0u;
-    for (int64_t i = 0; i < a.Lp / 2; i++)
-        for (int64_t d = 0; d < a.Dp; d++) {
-            const uint32_t lo = (2 * i < S && d < a.Dh) ? at(a.v, a.vs, u, h, 2 * i, d) : 0;
-            const uint32_t hi = (2 * i + 1 < S && d < a.Dh) ? at(a.v, a.vs, u, h, 2 * i + 1, d) : 0;
-            vp[i * a.Dp + d] = lo | hi << 16;
+    // a key row's bf16 values read as 32-bit words are its pairs: the K layout is their transpose
+    uint32_t tile[16][64];
+    for (int64_t j0 = 0; j0 < a.Lp; j0 += 16) {
+        for (int64_t j = 0; j < 16; j++) {
+            if (j0 + j < S) memcpy(tile[j], a.k + u * a.ks[0] + h * a.ks[1] + (j0 + j) * a.ks[2], sizeof(uint32_t) * P);
+            else memset(tile[j], 0, sizeof(uint32_t) * P);
         }
+        for (int64_t p = 0; p < P; p++)
+            for (int64_t j = 0; j < 16; j++) kp[p * a.Lp + j0 + j] = tile[j][p];
+    }
+    static const uint16_t zeros[128] = {};
+    for (int64_t i = 0; i < a.Lp / 2; i++) {
+        const uint16_t* lo = 2 * i < S ? a.v + u * a.vs[0] + h * a.vs[1] + 2 * i * a.vs[2] : zeros;
+        const uint16_t* hi = 2 * i + 1 < S ? a.v + u * a.vs[0] + h * a.vs[1] + (2 * i + 1) * a.vs[2] : zeros;
+        uint32_t* o = vp + i * a.Dp;
+        for (int64_t d = 0; d < a.Dh; d++) o[d] = (uint32_t)lo[d] | (uint32_t)hi[d] << 16;
+        for (int64_t d = a.Dh; d < a.Dp; d++) o[d] = 0;
+    }
 }
 
 // The value sums of a block's queries, R at a time: R queries x NC column blocks of 16 accumulate over the key
@@ -108,11 +113,11 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
     float* s = (float*)aligned_alloc(64, sizeof(float) * QB * a.Lp);          // scores, then exponentials
     uint16_t* pr = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * QB * a.Lp);  // bf16 probabilities
     if (rows < QB) memset(pr + rows * a.Lp, 0, sizeof(uint16_t) * (QB - rows) * a.Lp);  // read, never stored
-    uint32_t qw[QB][64];  // each query's pairs (Dh <= 128)
-    for (int r = 0; r < QB; r++)
-        for (int64_t p = 0; p < a.Dh / 2; p++)
-            qw[r][p] = r < rows ? (uint32_t)at(a.q, a.qs, u, h, i0 + r, 2 * p) | (uint32_t)at(a.q, a.qs, u, h, i0 + r, 2 * p + 1) << 16
-                                : 0u;
+    uint32_t qw[QB][64];  // each query's pairs (Dh <= 128): a row's bf16 values read as 32-bit words
+    for (int r = 0; r < QB; r++) {
+        if (r < rows) memcpy(qw[r], a.q + u * a.qs[0] + h * a.qs[1] + (i0 + r) * a.qs[2], sizeof(uint16_t) * a.Dh);
+        else memset(qw[r], 0, sizeof(uint16_t) * a.Dh);
+    }
     // scores: 8 queries x 32 keys per step
     const __m512 sc = _mm512_set1_ps(a.scale);
     for (int64_t j = 0; j < Lb; j += 32) {
@@ -147,7 +152,7 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
         for (int64_t j = 0; j < Lb; j += 16) {
             const __m512 e = _mm512_maskz_mov_ps(tail16(vis - j), exp_nonpos(_mm512_sub_ps(_mm512_load_ps(sr + j), m)));
             tot = _mm512_add_ps(tot, e);
-            _mm256_store_si256((__m256i*)(pr + r * a.Lp + j), to_bf16x16(e));
+            _mm256_store_si256((__m256i*)(pr + r * a.Lp + j), (__m256i)_mm512_cvtneps_pbh(e));
         }
         sum[r] = _mm512_reduce_add_ps(tot);
     }
