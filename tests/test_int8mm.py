@@ -112,6 +112,46 @@ def test_int8_prefill_runs_int8_compute_where_it_wins(monkeypatch):
 
 
 @needs_kernels
+def test_swiglu_int8_is_the_three_passes_in_one():
+    """The gate of an int8 SwiGLU MLP in one pass: the values of int8_epilogue (both products, bf16) -> swiglu ->
+    quantize_rows, bit for bit, with biases and without."""
+    g = torch.Generator().manual_seed(9)
+    M, N = 37, 200
+    a1, a3 = (torch.randint(-2 ** 20, 2 ** 20, (M, N), generator=g, dtype=torch.int32) for _ in range(2))
+    xs = torch.rand(M, generator=g) / 1000
+    s1, s3 = torch.rand(N, generator=g) / 100, torch.rand(N, generator=g) / 100
+    b1, b3 = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    a1[5] = 0  # a row whose gate is all zero: silu(0) * up = 0, scale 1
+    for bias in ((None, None), (b1, b3)):
+        h = kernels.swiglu(kernels.int8_epilogue(a1, xs, s1, bias[0], None, torch.bfloat16),
+                           kernels.int8_epilogue(a3, xs, s3, bias[1], None, torch.bfloat16))
+        want_q, want_s = kernels.quantize_rows(h)
+        q, s = kernels.swiglu_int8(a1, a3, xs, s1, s3, *bias)
+        assert torch.equal(q, want_q) and torch.equal(s, want_s)
+        if bias[0] is None:
+            assert s[5] == 1 and (q[5] == 0).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_int8_mlp_fuses_the_gate_with_the_same_values(monkeypatch, fmt):
+    """An int8 / int4 MLP in int8 compute runs the fused gate (x quantized once for w1 and w3) and returns exactly
+    what w2(swiglu(w1 x, w3 x)) through three int8 products returns."""
+    monkeypatch.setattr(int8mm, "wins", lambda: True)
+    fast = optimize_for_cpu(tiny_model(torch.bfloat16, seed=8), **{fmt: True})
+    mlp = fast.model.language_model.layers[0].feed_forward
+    calls = []
+    real = kernels.swiglu_int8
+    monkeypatch.setattr(kernels, "swiglu_int8", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(3, 50, mlp.w1.in_features).bfloat16()  # past the layers' few-row kernel
+    with torch.inference_mode():
+        got = mlp(x)
+        want = mlp.w2(kernels.swiglu(mlp.w1(x), mlp.w3(x)))
+    assert calls == [1]
+    assert torch.equal(got, want)
+
+
+@needs_kernels
 @pytest.mark.parametrize("isa_cap", [3, 1], indirect=True)
 def test_int4_widens_to_int8_rows_by_the_formula(isa_cap):
     """int4 weights as int8 rows for int8 compute: srow = 8 max|s_g| / 127, q8 = round(level * (s_g / srow)),
@@ -142,7 +182,7 @@ def test_int4_prefill_runs_int8_compute_where_it_wins(monkeypatch):
     monkeypatch.setattr(int8mm, "wins", lambda: True)
     with torch.inference_mode():
         got = q(x)
-        q8, srow = q._int8_rows()
+        q8, srow = q.int8_rows()
         assert torch.equal(got, int8mm.linear(x, q8, srow, q.bias))
         cos = F.cosine_similarity(got.float(), F.linear(x.float(), q.dequantize(), q.bias.float()), dim=-1)
     assert cos.min() > 0.995, cos.min()

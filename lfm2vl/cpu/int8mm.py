@@ -33,13 +33,15 @@ def wins() -> bool:
 _SCRATCH = threading.local()
 
 
-def _acc_buffer(M: int, N: int) -> torch.Tensor:
-    """This thread's reused int32 (M, N) buffer for the products: a fresh one of several MB per product would fault
-    its pages in each time (glibc returns large freed blocks to the system)."""
-    buf = getattr(_SCRATCH, "acc", None)
+def _acc_buffer(M: int, N: int, slot: int = 0) -> torch.Tensor:
+    """This thread's reused int32 (M, N) buffer number `slot` (0 or 1) for the products: a fresh one of several MB
+    per product would fault its pages in each time (glibc returns large freed blocks to the system)."""
+    name = f"acc{slot}"
+    buf = getattr(_SCRATCH, name, None)
     if buf is None or buf.numel() < M * N:
         with torch.inference_mode(False):
-            buf = _SCRATCH.acc = torch.empty(M * N, dtype=torch.int32)
+            buf = torch.empty(M * N, dtype=torch.int32)
+            setattr(_SCRATCH, name, buf)
     return buf[:M * N].view(M, N)
 
 
@@ -61,3 +63,25 @@ def linear(x: torch.Tensor, q: torch.Tensor, ws: torch.Tensor, bias: torch.Tenso
     else:
         y = kernels.int8_epilogue(acc, xs, ws, bias, res, x.dtype, gelu=gelu == "tanh")
     return y.view(*lead, N)
+
+
+def swiglu_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor | None:
+    """`down(silu(gate(x)) * up(x))` for bf16 x (..., K) in int8 compute, with the values of three `linear` calls
+    and `kernels.swiglu` between them: x is quantized once for both gate and up, and one native pass takes their
+    products to the down projection's quantized input (`kernels.swiglu_int8`). gate / up / down: (rows, bias) with
+    rows() -> (q, ws) as in `linear` (called one after the other: int4's widened rows share one buffer). None
+    where the fused pass cannot run (no AVX512): the caller composes `linear` then."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    xq, xs = kernels.quantize_rows(x.reshape(-1, K))
+    M = xq.shape[0]
+    q1, s1 = gate[0]()
+    s1 = s1.clone()  # int4's row scales live in a buffer the next widening reuses
+    a1 = torch._int_mm(xq, q1.t(), out=_acc_buffer(M, q1.shape[0], 0))
+    q3, s3 = up[0]()
+    a3 = torch._int_mm(xq, q3.t(), out=_acc_buffer(M, q3.shape[0], 1))
+    h = kernels.swiglu_int8(a1, a3, xs, s1, s3, gate[1], up[1])
+    if h is None:
+        return None
+    q2, s2 = down[0]()
+    acc = torch._int_mm(h[0], q2.t(), out=_acc_buffer(M, q2.shape[0], 0))
+    return kernels.int8_epilogue(acc, h[1], s2, down[1], None, x.dtype).view(*lead, q2.shape[0])

@@ -155,9 +155,15 @@ class Int8Linear(nn.Module):
     def _native_dequantize(self, out: torch.Tensor) -> torch.Tensor:
         return kernels.dequantize_int8(self.weight, self.scale, out)
 
-    def _int8_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def int8_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight as int8 rows and their fp32 scales, for int8 compute."""
         return self.weight, self.scale
+
+    def int8_compute(self, x: torch.Tensor) -> bool:
+        """Whether forward() of an input with x's rows, dtype and device multiplies in int8 compute (int8mm.py):
+        more rows than the weight-streaming kernel takes, inference, where that wins."""
+        return (kernels.available() and x.numel() > self.max_rows * x.shape[-1] and not torch.is_grad_enabled()
+                and _inference(x, self.weight) and int8mm.wins())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.available() and _use_kernel(x, self.weight, self.max_rows * self.in_features):
@@ -165,7 +171,7 @@ class Int8Linear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if not torch.is_grad_enabled() and _inference(x, self.weight) and kernels.available():
             if int8mm.wins():  # int8 x int8 products (int8mm.py), x quantized per row
-                return int8mm.linear(x, *self._int8_rows(), bias)
+                return int8mm.linear(x, *self.int8_rows(), bias)
             # prefill: dequantize into a reused per-thread buffer (same values as dequantize()), in the dtype the
             # CPU multiplies x's dtype in (fp32 without a bf16 GEMM). A fresh ~10 MB weight per product would
             # fault in all its pages each time; no autograd here, so nothing keeps the buffer alive
@@ -227,7 +233,7 @@ class Int4Linear(Int8Linear):
     def _native_dequantize(self, out: torch.Tensor) -> torch.Tensor:
         return kernels.dequantize_int4(self.weight, self.scale, out)
 
-    def _int8_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def int8_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The int4 weight widened to int8 rows (`kernels.int4_to_int8`: each level moves by at most half an int8
         step) in reused per-thread buffers, for int8 compute."""
         shape = torch.Size((self.out_features, self.in_features))

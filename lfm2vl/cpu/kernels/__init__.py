@@ -28,7 +28,7 @@ from .build import DT as _DT
 from .build import I4_GROUP, KIND as _KIND
 from .build import load as _load
 from .prefill_ops import (attn_many, int4_to_int8, int8_epilogue, layernorm, quantize_rows, rmsnorm,  # noqa: F401
-                          short_conv, swiglu)
+                          short_conv, swiglu, swiglu_int8)
 
 
 def available() -> bool:

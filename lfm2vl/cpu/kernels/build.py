@@ -119,6 +119,8 @@ def load():
     lib.lfm2vl_quantize_rows.restype = None
     lib.lfm2vl_int8_epilogue.argtypes = [p, p, p, p, p, p, i, i, i64, i64, i]
     lib.lfm2vl_int8_epilogue.restype = None
+    lib.lfm2vl_swiglu_int8.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i]
+    lib.lfm2vl_swiglu_int8.restype = ctypes.c_int
     lib.lfm2vl_int4_to_int8.argtypes = [p, p, p, p, i64, i64, i]
     lib.lfm2vl_int4_to_int8.restype = None
     _lib = lib

@@ -8,6 +8,9 @@
 //   order (no fused multiply-adds), rounded once to y's dtype; act is none or GELU's tanh approximation
 //   (0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3)))).
 // lfm2vl_int4_to_int8: int4 weights widened to int8 rows, so int4 prefills run int8 compute too.
+// lfm2vl_swiglu_int8: the gate of an int8 SwiGLU MLP in one pass: both products' epilogues (bf16), silu(gate) * up
+//   with prefill.cpp's swiglu roundings, and the result quantized per row for the down projection: the values of
+//   int8_epilogue -> swiglu -> quantize_rows without writing and reading back three (M, N) tensors.
 // All run on the pool's threads, AVX512 where the CPU has it, plain loops otherwise.
 #include <immintrin.h>
 #include <math.h>
@@ -134,6 +137,40 @@ void epilogue(const void* ctx, int64_t c) {
     for (int64_t m = r0; m < r1; m++) wide ? epilogue_avx512(a, m) : epilogue_plain(a, m);
 }
 
+struct GateArgs {
+    const int32_t *a1, *a3;  // (M, N) products of the gate (w1) and up (w3) projections
+    const float *xs, *s1, *s3, *b1, *b3;  // x's row scales (M); the weights' row scales and biases (N; biases NULL)
+    int8_t* q;  // (M, N) out
+    float* s;   // (M) out
+    int64_t M, N, per;
+};
+
+// 16 outputs of an int8 product rounded to bf16 as the epilogue rounds them: (acc * xs) * ws + b
+T_AVX512 inline __m512 product_bf16(const int32_t* acc, __m512 xs, const float* ws, const float* b, int64_t n,
+                                    __mmask16 mk) {
+    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mk, acc + n)), xs),
+                             _mm512_maskz_loadu_ps(mk, ws + n));
+    if (b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, b + n));
+    return round_bf16(v);
+}
+
+T_AVX512 void gate_rows(const void* ctx, int64_t c) {
+    const GateArgs& a = *(const GateArgs*)ctx;
+    int64_t r0, r1;
+    chunk_rows(c, a.per, a.M, &r0, &r1);
+    float* h = (float*)aligned_alloc(64, sizeof(float) * ((a.N + 15) / 16 * 16));  // one row of silu(gate) * up
+    for (int64_t m = r0; m < r1; m++) {
+        const __m512 xs = _mm512_set1_ps(a.xs[m]);
+        for (int64_t n = 0; n < a.N; n += 16) {
+            const __mmask16 mk = tail16(a.N - n);
+            const __m512 g = round_bf16(silu16(product_bf16(a.a1 + m * a.N, xs, a.s1, a.b1, n, mk)));
+            _mm512_mask_storeu_ps(h + n, mk, round_bf16(_mm512_mul_ps(g, product_bf16(a.a3 + m * a.N, xs, a.s3, a.b3, n, mk))));
+        }
+        quantize_rows_avx512(QuantArgs{h, 0, a.q + m * a.N, a.s + m, 1, a.N, 1}, 0);
+    }
+    free(h);
+}
+
 int64_t rows_per_chunk(int64_t width) { return width >= SPAN ? 1 : SPAN / width; }
 
 struct WidenArgs {
@@ -216,6 +253,17 @@ void lfm2vl_int4_to_int8(const uint8_t* q4, const uint16_t* s, int8_t* q8, float
                          int threads) {
     WidenArgs a{q4, s, q8, srow, N, K, rows_per_chunk(K)};
     pool_run(widen_rows, &a, (N + a.per - 1) / a.per, threads, false);
+}
+
+// q (M, N) int8 and s (M) fp32 <- silu(bf16 gate) * bf16 up, quantized per row, where gate and up are the int8
+// products a1, a3 (M, N) int32 scaled by xs (M) and s1 / s3 (N) plus b1 / b3 (N, fp32) or NULL (see the top of this
+// file). Returns 0, or -1 without AVX512 (the caller runs the three passes).
+int lfm2vl_swiglu_int8(const int32_t* a1, const int32_t* a3, const float* xs, const float* s1, const float* s3,
+                       const float* b1, const float* b3, int8_t* q, float* s, int64_t M, int64_t N, int threads) {
+    if (active_isa() < 2) return -1;
+    GateArgs a{a1, a3, xs, s1, s3, b1, b3, q, s, M, N, rows_per_chunk(N)};
+    pool_run(gate_rows, &a, (M + a.per - 1) / a.per, threads, false);
+    return 0;
 }
 
 }  // extern "C"

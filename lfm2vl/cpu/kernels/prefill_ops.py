@@ -56,6 +56,26 @@ def int8_epilogue(acc: torch.Tensor, xs: torch.Tensor, ws: torch.Tensor, bias: t
     return y
 
 
+def swiglu_int8(a1: torch.Tensor, a3: torch.Tensor, xs: torch.Tensor, s1: torch.Tensor, s3: torch.Tensor,
+                b1: torch.Tensor | None, b3: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """quantize_rows(swiglu(int8_epilogue(a1, xs, s1, b1), int8_epilogue(a3, xs, s3, b3))) in bf16, in one pass
+    (int8mm.cpp): a1, a3 (M, N) int32, xs (M,), s1, s3 (N,) fp32, b1, b3 (N,) or None -> (q (M, N) int8, s (M,)
+    fp32), or None without AVX512 (the caller runs the three passes then). The caller checks `available()`."""
+    M, N = a1.shape
+    if a1.dtype != torch.int32 or a3.shape != (M, N) or a3.dtype != torch.int32 or xs.shape != (M,) or \
+            s1.shape != (N,) or s3.shape != (N,) or any(b is not None and b.shape != (N,) for b in (b1, b3)):
+        raise ValueError(f"swiglu_int8: needs two (M, N) int32 products, (M,) and (N,) scales, (N,) biases; got "
+                         f"{tuple(a1.shape)}, {tuple(a3.shape)}, {tuple(xs.shape)}, {tuple(s1.shape)}, {tuple(s3.shape)}")
+    a1, a3, xs, s1, s3 = (t.contiguous() for t in (a1, a3, xs.float(), s1.float(), s3.float()))
+    b1, b3 = (None if b is None else b.float().contiguous() for b in (b1, b3))
+    q = torch.empty(M, N, dtype=torch.int8)
+    s = torch.empty(M, dtype=torch.float32)
+    ok = _load().lfm2vl_swiglu_int8(a1.data_ptr(), a3.data_ptr(), xs.data_ptr(), s1.data_ptr(), s3.data_ptr(),
+                                    None if b1 is None else b1.data_ptr(), None if b3 is None else b3.data_ptr(),
+                                    q.data_ptr(), s.data_ptr(), M, N, torch.get_num_threads())
+    return (q, s) if ok == 0 else None
+
+
 def attn_many(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nkeys: list[int] | None = None,
               causal: bool = False) -> torch.Tensor | None:
     """softmax(q k^T / sqrt(Dh)) v for many queries, bf16 (attn_many.cpp), for the vision tower (no mask) and the
