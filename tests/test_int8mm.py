@@ -112,6 +112,18 @@ def test_int8_prefill_runs_int8_compute_where_it_wins(monkeypatch):
 
 
 @needs_kernels
+def test_linears_quantize_x_once_with_the_values_of_linear():
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 30, 64, generator=g).bfloat16()
+    layers = [(torch.randint(-127, 128, (n, 64), generator=g, dtype=torch.int8), torch.rand(n, generator=g) / 100,
+               torch.randn(n, generator=g)) for n in (64, 32, 48)]
+    with torch.inference_mode():
+        got = int8mm.linears(x, layers)
+        assert all(torch.equal(y, int8mm.linear(x, *layer)) for y, layer in zip(got, layers))
+    assert [tuple(y.shape) for y in got] == [(2, 30, 64), (2, 30, 32), (2, 30, 48)]
+
+
+@needs_kernels
 def test_swiglu_int8_is_the_three_passes_in_one():
     """The gate of an int8 SwiGLU MLP in one pass: the values of int8_epilogue (both products, bf16) -> swiglu ->
     quantize_rows, bit for bit, with biases and without."""
@@ -191,7 +203,8 @@ def test_int4_prefill_runs_int8_compute_where_it_wins(monkeypatch):
 @needs_kernels
 def test_int8_vision_quantizes_the_encoder_and_keeps_features_close(monkeypatch):
     """int8_vision: every encoder linear becomes Int8Linear (the patch embedding and projector stay float), runs
-    int8 compute with the fusions, and the image features stay close to the float tower's."""
+    int8 compute with the fusions (q, k and v from one quantized x), and the image features stay close to the float
+    tower's."""
     plain = tiny_model(torch.bfloat16, seed=7)
     fast = optimize_for_cpu(copy.deepcopy(plain), int8_vision=True)
     tower = fast.model.vision_tower
@@ -200,9 +213,10 @@ def test_int8_vision_quantizes_the_encoder_and_keeps_features_close(monkeypatch)
     assert type(tower.embeddings.patch_embedding) is nn.Linear
     assert all(type(m) is nn.Linear for m in fast.model.multi_modal_projector.modules() if isinstance(m, nn.Linear))
     calls = []
-    real = int8mm.linear
+    real, real_many = int8mm.linear, int8mm.linears
     monkeypatch.setattr(int8mm, "wins", lambda: True)
-    monkeypatch.setattr(int8mm, "linear", lambda *a, **k: calls.append(k or a[4:]) or real(*a, **k))
+    monkeypatch.setattr(int8mm, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(int8mm, "linears", lambda x, layers: calls.extend([1] * len(layers)) or real_many(x, layers))
     g = torch.Generator().manual_seed(0)
     p = fast.config.vision_config.patch_size
     pix = torch.randn(2, 64, 3 * p * p, generator=g).bfloat16()

@@ -50,11 +50,27 @@ def linear(x: torch.Tensor, q: torch.Tensor, ws: torch.Tensor, bias: torch.Tenso
     """`F.linear(x, q * ws[:, None], bias)` with x quantized per row, then optional GELU (approximate "tanh" /
     "none"), then `+ residual`, in x's dtype: x (..., K) fp32/bf16 on the CPU, no autograd (the caller checks);
     q (N, K) int8, ws (N,) fp32 (quant.py's format); bias (N,), residual (..., N). The caller checks `wins()`."""
-    N, K = q.shape
-    if x.shape[-1] != K:
+    _check(x, q)
+    return _product(*kernels.quantize_rows(x.reshape(-1, x.shape[-1])), q, ws, bias, gelu, residual, x)
+
+
+def linears(x: torch.Tensor, layers) -> list[torch.Tensor]:
+    """[linear(x, q, ws, bias) for (q, ws, bias) in layers] with x quantized once (the vision tower's q, k and v)."""
+    for q, _, _ in layers:
+        _check(x, q)
+    xq, xs = kernels.quantize_rows(x.reshape(-1, x.shape[-1]))
+    return [_product(xq, xs, q, ws, bias, None, None, x) for q, ws, bias in layers]
+
+
+def _check(x: torch.Tensor, q: torch.Tensor) -> None:
+    if x.shape[-1] != q.shape[1]:
         raise ValueError(f"int8 linear: x has {x.shape[-1]} features but the weight is {tuple(q.shape)}")
-    lead = x.shape[:-1]
-    xq, xs = kernels.quantize_rows(x.reshape(-1, K))
+
+
+def _product(xq: torch.Tensor, xs: torch.Tensor, q: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None,
+             gelu: str | None, residual: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """The product of the quantized rows xq (scales xs) with one layer, shaped and typed like x's (..., N)."""
+    N = q.shape[0]
     acc = torch._int_mm(xq, q.t(), out=_acc_buffer(xq.shape[0], N))
     res = None if residual is None else residual.reshape(-1, N)
     if gelu not in (None, "tanh"):  # erf GELU: torch's, on the scaled product, before the residual
@@ -62,7 +78,7 @@ def linear(x: torch.Tensor, q: torch.Tensor, ws: torch.Tensor, bias: torch.Tenso
         y = y if res is None else y + res
     else:
         y = kernels.int8_epilogue(acc, xs, ws, bias, res, x.dtype, gelu=gelu == "tanh")
-    return y.view(*lead, N)
+    return y.view(*x.shape[:-1], N)
 
 
 def swiglu_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor | None:

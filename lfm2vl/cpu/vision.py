@@ -25,13 +25,23 @@ from .memory import release_span, weights
 from .quant import Int8Linear
 
 
+def _int8_compute(layers: tuple[nn.Module, ...], x: torch.Tensor) -> bool:
+    """Whether these layers multiply x in int8 compute (int8 vision: Int8Linear encoder layers, int8mm.py)."""
+    return (all(type(m) is Int8Linear for m in layers) and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and int8mm.wins())
+
+
+def _rows(layer: Int8Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return layer.weight, layer.scale, layer.bias
+
+
 def fast_linear(layer: nn.Module, x: torch.Tensor, gelu: str | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
     """`layer(x)`, then optional GELU (approximate="tanh"/"none"), then `+ residual`: a plain nn.Linear at inference
     runs `gemm.linear` (oneDNN, fused; fp32 on CPUs without a bf16 GEMM). Training and wrapped layers (LoRA, int8)
     keep their own forward."""
-    if type(layer) is Int8Linear and x.device.type == "cpu" and not torch.is_grad_enabled() and int8mm.wins():
-        return int8mm.linear(x, layer.weight, layer.scale, layer.bias, gelu, residual)  # int8 vision
+    if _int8_compute((layer,), x):
+        return int8mm.linear(x, *_rows(layer), gelu, residual)  # int8 vision
     w = layer.weight if type(layer) is nn.Linear else None
     if (w is not None and x.device.type == "cpu" and x.dtype == w.dtype
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
@@ -82,6 +92,12 @@ class FastVisionAttention(vision.Attention):
     """Fused linears; bf16 attention natively where it beats torch's SDPA."""
 
     linear = staticmethod(fast_linear)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        layers = (self.q_proj, self.k_proj, self.v_proj)
+        if _int8_compute(layers, x):  # x quantized once for all three
+            return tuple(int8mm.linears(x, [_rows(m) for m in layers]))
+        return super().project(x)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if kernels.serves(q) and kernels.attention_wins():  # without AMX it beats torch's flash kernel here

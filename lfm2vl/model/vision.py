@@ -69,11 +69,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, n: int, residual: torch.Tensor) -> torch.Tensor:
         """x (n*L, Dv) -> residual + out_proj(attention)."""
-        q, k, v = (self.linear(f, x) for f in (self.q_proj, self.k_proj, self.v_proj))  # (n*L, Dv) each
+        q, k, v = self.project(x)  # (n*L, Dv) each
         shape = (n, x.shape[0] // n, self.num_heads, self.head_dim)
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # (n, H, L, Dh)
         o = self.attend(q, k, v).reshape(x.shape)
         return self.linear(self.out_proj, o, residual=residual)  # (n*L, Dv)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(self.linear(f, x) for f in (self.q_proj, self.k_proj, self.v_proj))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v (n, H, L, Dh) -> attention output laid out (n, L, H, Dh) (any view that reshapes so)."""
