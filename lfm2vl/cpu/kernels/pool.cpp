@@ -19,9 +19,42 @@ struct Job {
     const void* ctx;
     int64_t total;
     int helpers;  // helpers with index < helpers take part
+    int parts;    // the chunks are cut into this many ranges: the caller's (0) and helper i's (i + 1)
 };
 static Job jobs[2];                           // indexed by generation parity
-static std::atomic<uint64_t> counter{0};      // (generation << 32) | next chunk
+static std::atomic<uint64_t> counter{0};      // generation << 32: a new value publishes a new job
+
+// Each participant's range of chunks, claimed from the front by its owner and from the back by the others once
+// theirs are done: a thread reads one contiguous stretch of a weight matrix, and nobody waits for a participant that
+// never wakes up. Two threads taking turns at one counter read interleaved 256 KiB chunks, slower: on a Zen 5 VM
+// 450M decode went 59.2 -> 62.6 tok/s in bf16 (up to 81 instead of 69 when its memory runs fast), int8 117 -> 123,
+// int4 160 -> 162 (medians of 30 interleaved). One word per range: the generation's low
+// GEN_BITS, the next chunk and the end, so a claim of an older job's range fails.
+const int MAX_PARTS = 64, GEN_BITS = 20, POS_BITS = 22;
+const uint64_t POS_MASK = (1ull << POS_BITS) - 1, GEN_MASK = (1ull << GEN_BITS) - 1;
+struct alignas(64) Range {
+    std::atomic<uint64_t> v{0};
+};
+static Range ranges[MAX_PARTS];
+
+static inline uint64_t pack(uint32_t gen, int64_t next, int64_t end) {
+    return ((uint64_t)(gen & GEN_MASK) << (2 * POS_BITS)) | ((uint64_t)next << POS_BITS) | (uint64_t)end;
+}
+
+// Claim one chunk of range q of generation gen: its first (front) or its last; false when none is left.
+static bool claim(int q, uint32_t gen, bool front, int64_t* chunk) {
+    for (;;) {
+        uint64_t v = ranges[q].v.load(std::memory_order_acquire);
+        if ((v >> (2 * POS_BITS)) != (gen & GEN_MASK)) return false;
+        const int64_t next = (int64_t)((v >> POS_BITS) & POS_MASK), end = (int64_t)(v & POS_MASK);
+        if (next >= end) return false;
+        const uint64_t nv = front ? pack(gen, next + 1, end) : pack(gen, next, end - 1);
+        if (ranges[q].v.compare_exchange_weak(v, nv, std::memory_order_acq_rel)) {
+            *chunk = front ? next : end - 1;
+            return true;
+        }
+    }
+}
 static std::atomic<int64_t> done{0};          // chunks finished in the current generation
 static std::atomic<int> sleepers{0};
 static std::atomic<bool> busy{false};
@@ -35,17 +68,20 @@ static std::mutex& spawn_mu = *new std::mutex;
 
 static inline uint32_t gen_of(uint64_t v) { return (uint32_t)(v >> 32); }
 
-// Claim and run chunks of generation `gen` until none is left (or a newer job replaced it).
+// Run chunks of generation `gen`: the participant's own range from the front, then the others' from the back, until
+// none is left (a claim fails once a newer job replaced this one, so a stale copy of the job is never run).
 static void run_chunks(uint32_t gen, int helper) {
-    for (;;) {
-        uint64_t v = counter.load(std::memory_order_acquire);
-        if (gen_of(v) != gen) return;
-        Job j = jobs[gen & 1];  // stable while the counter still shows `gen` (see pool_run)
-        if (helper >= j.helpers) return;
-        if ((int64_t)(uint32_t)v >= j.total) return;
-        if (!counter.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) continue;
-        j.fn(j.ctx, (int64_t)(uint32_t)v);
-        done.fetch_add(1, std::memory_order_release);
+    if (gen_of(counter.load(std::memory_order_acquire)) != gen) return;
+    const Job j = jobs[gen & 1];  // stable while the counter still shows `gen` (see pool_run)
+    if (helper >= j.helpers) return;
+    const int p = helper + 1;
+    int64_t c;
+    for (int k = 0; k < j.parts; k++) {
+        const int q = (p + k) % j.parts;
+        while (claim(q, gen, k == 0, &c)) {
+            j.fn(j.ctx, c);
+            done.fetch_add(1, std::memory_order_release);
+        }
     }
 }
 
@@ -116,15 +152,18 @@ void pool_run(pool_fn fn, const void* ctx, int64_t chunks, int threads, bool lin
         return;
     }
     bool expected = false;
-    if (threads <= 1 || chunks <= 1 || !busy.compare_exchange_strong(expected, true)) {
+    if (threads > MAX_PARTS) threads = MAX_PARTS;
+    if (threads <= 1 || chunks <= 1 || chunks > (int64_t)POS_MASK || !busy.compare_exchange_strong(expected, true)) {
         for (int64_t i = 0; i < chunks; i++) fn(ctx, i);
         return;
     }
     ensure_helpers(threads - 1);
     uint32_t gen = gen_of(counter.load()) + 1;
     // Every chunk of the previous job is done, so no helper can still succeed in claiming one of it; a helper
-    // that read the previous slot stale fails its compare-exchange once the counter moves to `gen`.
-    jobs[gen & 1] = Job{fn, ctx, chunks, threads - 1};
+    // still in the previous job fails its claims once the ranges carry `gen`.
+    jobs[gen & 1] = Job{fn, ctx, chunks, threads - 1, threads};
+    for (int q = 0; q < threads; q++)
+        ranges[q].v.store(pack(gen, chunks * q / threads, chunks * (q + 1) / threads), std::memory_order_relaxed);
     linger_after.store(linger, std::memory_order_relaxed);
     done.store(0);
     counter.store((uint64_t)gen << 32);  // seq_cst: pairs with the sleepers check below
