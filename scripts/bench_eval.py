@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    import lfm2vl.cli
+    import lfm2vl.cli.commands
     from lfm2vl.bench.data import random_checkpoint
     from lfm2vl.engine import load
     from lfm2vl.eval import cli as eval_cli
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     engine = load(str(folder), dtype="bfloat16", device="cpu")
     load_s = time.perf_counter() - t
-    lfm2vl.cli.load_engine = lambda _args: engine  # `lfm2vl eval` gets the loaded model (make_predictor's import)
+    lfm2vl.cli.commands.load_engine = lambda _args: engine  # `lfm2vl eval` gets the loaded model (make_predictor's import)
 
     tmp = tempfile.TemporaryDirectory()
     work = Path(tmp.name)

@@ -89,7 +89,7 @@ def test_help_and_delegated_subcommands():
     assert cli.build_parser().parse_args(["describe", "x.png", "--no-image-splitting", "--stop", "a",
                                           "--stop", "b"]).stop == ["a", "b"]
     args = cli.build_parser().parse_args(["describe", "x.png", "--no-image-splitting", "--top-k", "5"])
-    assert cli.options(args) == {"max_new_tokens": 512, "do_image_splitting": False, "top_k": 5}
+    assert cli.args.options(args) == {"max_new_tokens": 512, "do_image_splitting": False, "top_k": 5}
     called = {}
     import types
     fake = types.ModuleType("fake_serve")
@@ -189,9 +189,9 @@ def test_flag_wording_rewrites_only_engine_option_names():
     from lfm2vl import cli
     from lfm2vl.generate.options import ENGINE_OPTIONS
 
-    names = cli.FLAG_WORDED
+    names = cli.args.FLAG_WORDED
     assert set(names) <= set(ENGINE_OPTIONS)
-    assert cli.flag_wording("top_k=-1 is invalid") == "--top-k -1 is invalid"
+    assert cli.args.flag_wording("top_k=-1 is invalid") == "--top-k -1 is invalid"
 
 
 def test_generate_continue_final_message(tiny_checkpoint, tiny_engine, tmp_path):
@@ -299,8 +299,8 @@ def fake_chat(monkeypatch):
 
     chat = FakeChat()
     engine = type("FakeEngine", (), {"chat": lambda self, system=None, **o: chat})()
-    monkeypatch.setattr(cli, "load_engine", lambda args: engine)
-    monkeypatch.setattr(cli, "enable_line_editing", lambda: None, raising=False)
+    monkeypatch.setattr(cli.commands, "load_engine", lambda args: engine)
+    monkeypatch.setattr(cli.commands, "enable_line_editing", lambda: None)
     return chat
 
 
@@ -329,7 +329,7 @@ def test_chat_image_is_checked_before_loading(capsys, monkeypatch, tmp_path):
     def no_load(args):
         raise AssertionError("the model was loaded before the image was checked")
 
-    monkeypatch.setattr(cli, "load_engine", no_load)
+    monkeypatch.setattr(cli.commands, "load_engine", no_load)
     rc, _, err = run_main(capsys, "chat", "--image", tmp_path / "missing.png")
     assert rc == 1 and err == f"lfm2vl: error: image {str(tmp_path / 'missing.png')!r} does not exist\n"
 

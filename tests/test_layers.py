@@ -102,4 +102,4 @@ def test_kernels_import_nothing_from_lfm2vl():
 def test_package_root_holds_only_entry_points():
     """Every other module lives in a folder named for its layer."""
     root = sorted(p.name for p in ROOT.glob("*.py"))
-    assert root == ["__init__.py", "__main__.py", "cli.py", "config.py", "engine.py", "loading.py", "resolve.py"]
+    assert root == ["__init__.py", "__main__.py", "config.py", "engine.py", "loading.py", "resolve.py"]

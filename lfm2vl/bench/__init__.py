@@ -43,7 +43,7 @@ def _dtype_arg(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import HelpFormatter
+    from ..cli.args import HelpFormatter
 
     ap = argparse.ArgumentParser(prog="lfm2vl bench", description="Benchmark lfm2vl (and transformers).",
                                  formatter_class=HelpFormatter)

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import CLIError, HelpFormatter, positive_int
+from ..cli.args import CLIError, HelpFormatter, positive_int
 
 PROG = "lfm2vl eval"
 
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "cuda:LOCAL_RANK)")
     g.add_argument("--adapter", metavar="DIR", default=None,
                    help="LoRA adapter folder (PEFT's format), merged into the weights at load (default: none)")
-    from ..cli import add_weight_formats
+    from ..cli.args import add_weight_formats
 
     add_weight_formats(g)
     g.add_argument("--no-optimize", action="store_true", help="keep plain torch modules (no CPU fast paths)")
@@ -334,7 +334,8 @@ def make_predictor(args, bench, world: int):
                                        timeout_s=args.timeout)
         except run.RunError as e:
             raise CLIError(str(e)) from None
-    from ..cli import check_device, load_engine
+    from ..cli.args import check_device
+    from ..cli.commands import load_engine
 
     if world > 1 and args.device == "cuda":
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"

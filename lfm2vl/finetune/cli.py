@@ -14,7 +14,7 @@ import re
 import shlex
 import sys
 
-from ..cli import HelpFormatter, _number, positive_int
+from ..cli.args import HelpFormatter, _number, positive_int
 from ..resolve import ORDER_HELP
 from .options import DTYPES, TrainOptions
 

@@ -102,7 +102,7 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import HelpFormatter
+    from ..cli.args import HelpFormatter
 
     p = argparse.ArgumentParser(prog="lfm2vl merge", description="Merge a LoRA adapter (PEFT's format) into a "
                                 "checkpoint and write the result as a Hugging Face checkpoint folder.",
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..cli import adapter_warnings
+    from ..cli.commands import adapter_warnings
     from ..loading import LoadError
 
     try:

@@ -27,7 +27,7 @@ DEFAULT_CONTEXT = 4096  # tokens per request (prompt + completion) unless --max-
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lfm2vl.cli import HelpFormatter, add_weight_formats
+    from lfm2vl.cli.args import HelpFormatter, add_weight_formats
     from lfm2vl.generate.options import MAX_BATCH, PREFILL_CHUNK
 
     p = argparse.ArgumentParser(prog="lfm2vl serve", description="OpenAI-compatible server for LFM2-VL models.",
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import lfm2vl
 
-    from ..cli import adapter_warnings
+    from ..cli.commands import adapter_warnings
     from ..resolve import model_label, resolve_model, stderr_announcer
 
     try:
