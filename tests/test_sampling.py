@@ -125,6 +125,13 @@ def test_cpu_path_draws_what_the_vocabulary_filters_draw(params, dtype):
     assert len(set(drawn)) > 10
 
 
+@pytest.mark.parametrize("params", [dict(), dict(temperature=0.7, top_k=5, min_p=0.0), dict(temperature=0)])
+def test_nan_logits_give_a_token_not_an_error(params):
+    s = Sampler(SamplingParams(seed=1, **params), 50)
+    tok = s(torch.full((50,), float("nan")))
+    assert tok.dtype == torch.long and 0 <= int(tok) < 50
+
+
 def test_sampler_penalty_tracks_generated_tokens():
     s = Sampler(SamplingParams(temperature=0, repetition_penalty=2.0, min_p=0.0), 4, prompt_ids=[0])
     x = torch.tensor([3.0, 2.5, 1.0, 0.0])

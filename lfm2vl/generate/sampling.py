@@ -285,11 +285,15 @@ class Sampler:
                 # p_i >= min_p * p_max means x_i - max(x) >= log(min_p): a margin wider than any rounding keeps
                 # every survivor, and the exact test below on the candidates drops the rest
                 ids = _at_least(x, float(x.numpy().max()) + (math.log(p.min_p) - 1e-3))
-            probs = x[ids].softmax(dim=-1)
-            ids = ids[probs >= p.min_p * probs.max()]
+            if ids.numel():
+                probs = x[ids].softmax(dim=-1)
+                ids = ids[probs >= p.min_p * probs.max()]
         if ids is None:
             return sample_from_logits(x, self.generator)
-        return _race(x[ids].softmax(dim=-1), ids, self.generator)
+        probs = x[ids].softmax(dim=-1)
+        if not bool((probs > 0).any()):  # NaN logits leave no candidate: the full-vocabulary path decides
+            return sample_from_logits(self.process(logits), self.generator)
+        return _race(probs, ids, self.generator)
 
     def observe(self, token: torch.Tensor, token_id: int | None = None) -> None:
         """token: the sampled token on the device; token_id: the same on the host (needed by a constraint)."""
