@@ -87,6 +87,8 @@ def swiglu_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor | None:
     products to the down projection's quantized input (`kernels.swiglu_int8`). gate / up / down: (rows, bias) with
     rows() -> (q, ws) as in `linear` (called one after the other: int4's widened rows share one buffer). None
     where the fused pass cannot run (no AVX512): the caller composes `linear` then."""
+    if kernels.isa() < 2:
+        return None
     lead, K = x.shape[:-1], x.shape[-1]
     xq, xs = kernels.quantize_rows(x.reshape(-1, K))
     M = xq.shape[0]
