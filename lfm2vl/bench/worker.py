@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..cpu.threads import one_thread
+from ..generate.threads import one_thread
 from ..generate.options import PREFILL_CHUNK
 from ..generate.sampling import greedy_token
 from ..generate.steps import compiled_decode, decode_step, prefill

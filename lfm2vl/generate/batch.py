@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from ..cpu.threads import one_thread
+from .threads import one_thread
 from .active import Active, sample_rows
 from .detok import StreamDetokenizer
 from .options import MAX_BATCH, PREFILL_CHUNK

@@ -1,4 +1,4 @@
-"""torch intra-op threading around the small ops of a decode step.
+"""torch intra-op threading around the small ops between decode steps (sampling's passes over the logits).
 
 On CPU a tiny op can still open an OpenMP region (MKL's vectorized cos/sin go parallel from 128 elements; passes
 over ~65k logits too). Its worker threads then spin for a while after the region, on the cores the native decode
