@@ -1,8 +1,7 @@
 // Attention for many queries at once, bf16 in and out: the vision tower's bidirectional attention (no mask) and the
 // language model's causal prefill chunks (query l of a unit sees its keys 0..start+l). Both run between torch's
 // OpenMP products, so the passes run on torch's own OpenMP team (pool_run's linger = false): on the pool, torch's
-// workers still spinning after the last product shared the cores with it (vision attention 118 -> 84 ms an image
-// on a 2-core Zen 5 VM).
+// workers still spinning after the last product would share the cores with it.
 //
 // Why native: torch's CPU flash-attention kernel reaches ~170-190 GFLOP/s at these shapes (1024 patches or a
 // 512-token chunk, head size 64 or 72), a third of what the linears reach: it was half of the vision time and a

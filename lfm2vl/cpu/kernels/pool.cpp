@@ -26,9 +26,8 @@ static std::atomic<uint64_t> counter{0};      // generation << 32: a new value p
 
 // Each participant's range of chunks, claimed from the front by its owner and from the back by the others once
 // theirs are done: a thread reads one contiguous stretch of a weight matrix, and nobody waits for a participant that
-// never wakes up. Two threads taking turns at one counter read interleaved 256 KiB chunks, slower: on a Zen 5 VM
-// 450M decode went 59.2 -> 62.6 tok/s in bf16 (up to 81 instead of 69 when its memory runs fast), int8 117 -> 123,
-// int4 160 -> 162 (medians of 30 interleaved). One word per range: the generation's low
+// never wakes up. Two threads taking turns at one counter would read interleaved 256 KiB chunks, which stream slower
+// than two contiguous halves (docs/cpu.md has the figures). One word per range: the generation's low
 // GEN_BITS, the next chunk and the end, so a claim of an older job's range fails.
 const int MAX_PARTS = 64, GEN_BITS = 20, POS_BITS = 22;
 const uint64_t POS_MASK = (1ull << POS_BITS) - 1, GEN_MASK = (1ull << GEN_BITS) - 1;
