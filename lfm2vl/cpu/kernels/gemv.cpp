@@ -160,9 +160,60 @@ T_AVX512 static void rows_f32(const void* W, const float* S, const float* X, voi
     }, KIND == 2 ? S : nullptr, Y, bias, M, n0, n1, N, ydt);
 }
 
+// Four weight rows x four activation rows (a server batch's step): each 32-element step loads 4 + 4 vectors for 16
+// dot products, where one weight row at a time loads 1 + 4 for 4 and spends more of the loop on bookkeeping. One
+// accumulator per (row, activation row) over k in order, reduced as row_bf16_dp<4> reduces them: the same sums.
+T_AVX512BF16 static void block_bf16_dp(const uint16_t* w, const uint16_t* X, int64_t K, bool pf, const char* end,
+                                       float (&out)[4][4]) {
+    __m512 acc[4][4] = {};
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        if (pf)
+            for (int r = 0; r < 4; r++) prefetch_line((const char*)(w + r * K + k) + PF_BYTES, end);
+        __m512bh xv[4];
+        for (int j = 0; j < 4; j++) xv[j] = (__m512bh)_mm512_loadu_si512(X + j * K + k);
+        for (int r = 0; r < 4; r++) {
+            const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+            for (int j = 0; j < 4; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv, xv[j]);
+        }
+    }
+    if (k < K) {
+        const __mmask32 mk = (__mmask32)((1u << (K - k)) - 1u);
+        for (int r = 0; r < 4; r++) {
+            const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mk, w + r * K + k);
+            for (int j = 0; j < 4; j++)
+                acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv, (__m512bh)_mm512_maskz_loadu_epi16(mk, X + j * K + k));
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int j = 0; j < 4; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
 T_AVX512BF16 static void rows_bf16_dp(const uint16_t* W, const uint16_t* X, void* Y, const float* bias, int64_t M,
                                       int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt) {
     const char* end = (const char*)(W + n1 * K);
+    if (M >= 8) {  // weight rows in blocks of 4, activation rows in blocks of 4 and then 2 / 1 as below
+        const int64_t nb = n0 + (n1 - n0) / 4 * 4, mb = M / 4 * 4;
+        float out[4][4], o[4];
+        for (int64_t n = n0; n < nb; n += 4) {
+            for (int64_t m = 0; m < mb; m += 4) {
+                block_bf16_dp(W + n * K, X + m * K, K, m == 0, end, out);
+                for (int r = 0; r < 4; r++)
+                    for (int j = 0; j < 4; j++)
+                        store_out(Y, ydt, (m + j) * N + n + r, out[r][j] + (bias ? bias[n + r] : 0.f));
+            }
+            for (int r = 0; r < 4; r++)
+                for (int64_t m = mb; m < M;) {
+                    const int g = M - m >= 2 ? 2 : 1;
+                    if (g == 2) row_bf16_dp<2>(W + (n + r) * K, X + m * K, K, false, end, o);
+                    else row_bf16_dp<1>(W + (n + r) * K, X + m * K, K, false, end, o);
+                    for (int j = 0; j < g; j++)
+                        store_out(Y, ydt, (m + j) * N + n + r, o[j] + (bias ? bias[n + r] : 0.f));
+                    m += g;
+                }
+        }
+        n0 = nb;
+    }
     rows_generic([&](int64_t n, int64_t m, int g, bool pf, float* out) {
         const uint16_t* w = W + n * K;
         if (g == 4) row_bf16_dp<4>(w, X + m * K, K, pf, end, out);
