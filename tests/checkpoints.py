@@ -323,21 +323,22 @@ def tiny_model(dtype=torch.float32, seed=0):
     return model.to(dtype).eval()
 
 
-def run_cached(model, prompts: list[list[int]], steps: int, slots: list[int] | None = None) -> torch.Tensor:
-    """Prefill each row alone into its slot, then `steps` batched greedy decode steps; returns all logits.
-    slots: the cache rows the prompts use (decode passes them as `rows`); default 0..B-1 and rows=None."""
+def run_cached(model, prompts: list[list[int]], steps: int, slots: list[int] | None = None,
+               start: int = 0) -> torch.Tensor:
+    """Prefill each row alone into its slot from position `start`, then `steps` batched greedy decode steps; returns
+    all logits. slots: the cache rows the prompts use (decode passes them as `rows`); default 0..B-1 and rows=None."""
     B = len(prompts)
     sel = None if slots is None else torch.tensor(slots)
     slots = slots or list(range(B))
-    cache = model.make_cache(max(slots) + 1, 64, dtype=model.model.language_model.embed_tokens.weight.dtype)
+    cache = model.make_cache(max(slots) + 1, start + 64, dtype=model.model.language_model.embed_tokens.weight.dtype)
     out, last = [], []
     with torch.inference_mode():
         for r, ids in enumerate(prompts):
-            lg = model.forward_cached(model.embed(torch.tensor([ids])), cache, torch.tensor([0]),
+            lg = model.forward_cached(model.embed(torch.tensor([ids])), cache, torch.tensor([start]),
                                       rows=torch.tensor([slots[r]]))
             out.append(lg.float())
             last.append(lg.argmax(-1))
-        pos = torch.tensor([len(p) for p in prompts])
+        pos = torch.tensor([start + len(p) for p in prompts])
         tok = torch.cat(last)[:, None]
         for _ in range(steps):
             lg = model.forward_cached(model.embed(tok), cache, pos, rows=sel)

@@ -57,6 +57,14 @@ def test_native_step_equals_torch_path(dtype):
     assert len(calls) == 6 * len(CASES) and set(calls) == {1, 2}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_rope_far_into_the_context(dtype):
+    """The step turns q and k by its own cos / sin of float32(position) * inv_freq: at position ~20000 (angles up to
+    2e4 rad) the logits still match the torch path's (torch's cos / sin of the same angles)."""
+    fast, torch_path = _pair(dtype)
+    _close(run_cached(fast, PROMPTS, 4, start=20000), run_cached(torch_path, PROMPTS, 4, start=20000), dtype)
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_quantized_native_step_equals_quantized_torch_path(fmt):
     from lfm2vl.cpu.quant import Int4Linear, Int8Linear

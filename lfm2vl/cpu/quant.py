@@ -169,9 +169,9 @@ class Int8Linear(nn.Module):
         if kernels.available() and _use_kernel(x, self.weight, self.max_rows * self.in_features):
             return kernels.linear(x, self.weight, self.bias, self.scale)
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.int8_compute(x):  # int8 x int8 products (int8mm.py), x quantized per row
+            return int8mm.linear(x, *self.int8_rows(), bias)
         if not torch.is_grad_enabled() and _inference(x, self.weight) and kernels.available():
-            if int8mm.wins():  # int8 x int8 products (int8mm.py), x quantized per row
-                return int8mm.linear(x, *self.int8_rows(), bias)
             # prefill: dequantize into a reused per-thread buffer (same values as dequantize()), in the dtype the
             # CPU multiplies x's dtype in (fp32 without a bf16 GEMM). A fresh ~10 MB weight per product would
             # fault in all its pages each time; no autograd here, so nothing keeps the buffer alive

@@ -27,8 +27,7 @@ from .quant import Int8Linear
 
 def _int8_compute(layers: tuple[nn.Module, ...], x: torch.Tensor) -> bool:
     """Whether these layers multiply x in int8 compute (int8 vision: Int8Linear encoder layers, int8mm.py)."""
-    return (all(type(m) is Int8Linear for m in layers) and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and int8mm.wins())
+    return all(type(m) is Int8Linear and m.int8_compute(x) for m in layers)
 
 
 def _rows(layer: Int8Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

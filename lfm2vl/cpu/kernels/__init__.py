@@ -12,9 +12,10 @@
   library called through ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/ (`build.py`).
 - Here: the decode side's wrappers (products, decode attention) and the CPU's traits; `prefill_ops.py`: the
   prefill's and vision tower's passes, re-exported here.
-- Threads: the caller plus `torch.get_num_threads() - 1` helpers of pool.cpp's own work-sharing pool (chunks from
-  an atomic counter, so a helper descheduled by another process never stalls a product); the prefill's and vision
-  tower's passes run on torch's own OpenMP team instead, between its products (pool.h).
+- Threads: the caller plus `torch.get_num_threads() - 1` helpers of pool.cpp's own work-sharing pool (a contiguous
+  range of chunks per thread, the others' leftovers taken from their ends, so a helper descheduled by another process
+  never stalls a product); the prefill's and vision tower's passes run on torch's own OpenMP team instead, between
+  its products (pool.h).
 - `available()` is False, and callers fall back to F.linear, when LFM2VL_NO_KERNELS=1, the CPU is not x86-64,
   or the compiler is missing or fails. A failure is reported once as a warning, never raised.
 """

@@ -35,12 +35,24 @@ T_AVX512 void swiglu(const void* ctx, int64_t c) {
     }
 }
 
+// RMSNorm and LayerNorm over rows of n bf16 values
 struct NormArgs {
-    const uint16_t *x, *w;
+    const uint16_t *x, *w, *b;  // b: LayerNorm's bias, or NULL
     uint16_t* out;
     int64_t rows, n, per;
     float eps;
 };
+
+// 1 / sqrt(sum of ss's lanes / n + eps): the scale both norms apply
+T_AVX512 inline __m512 inv_root(__m512 ss, const NormArgs& a) {
+    return _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)a.n + a.eps));
+}
+
+// Run a norm's pass over a.rows rows, ~16K values per chunk, on torch's team (a prefill pass).
+void run_norm(pool_fn fn, NormArgs& a, int threads) {
+    a.per = (16384 + a.n - 1) / a.n;
+    pool_run(fn, &a, (a.rows + a.per - 1) / a.per, threads, false);
+}
 
 T_AVX512 void rmsnorm(const void* ctx, int64_t c) {
     const NormArgs& a = *(const NormArgs*)ctx;
@@ -53,7 +65,7 @@ T_AVX512 void rmsnorm(const void* ctx, int64_t c) {
             const __m512 v = from_bf16x16(x + i, tail16(a.n - i));
             ss = _mm512_fmadd_ps(v, v, ss);
         }
-        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)a.n + a.eps));
+        const __m512 inv = inv_root(ss, a);
         for (int64_t i = 0; i < a.n; i += 16) {
             const __mmask16 mk = tail16(a.n - i);
             const __m512 y = round_bf16(_mm512_mul_ps(from_bf16x16(x + i, mk), inv));
@@ -62,16 +74,9 @@ T_AVX512 void rmsnorm(const void* ctx, int64_t c) {
     }
 }
 
-struct LayerNormArgs {
-    const uint16_t *x, *w, *b;  // b may be NULL
-    uint16_t* out;
-    int64_t rows, n, per;
-    float eps;
-};
-
 // torch's bf16 layer_norm: mean and variance in fp32, (x - mean) * rstd * w + b in fp32, one rounding
 T_AVX512 void layernorm(const void* ctx, int64_t c) {
-    const LayerNormArgs& a = *(const LayerNormArgs*)ctx;
+    const NormArgs& a = *(const NormArgs*)ctx;
     int64_t r0, r1;
     chunk_rows(c, a.per, a.rows, &r0, &r1);
     for (int64_t r = r0; r < r1; r++) {
@@ -86,7 +91,7 @@ T_AVX512 void layernorm(const void* ctx, int64_t c) {
             const __m512 d = _mm512_maskz_sub_ps(mk, from_bf16x16(x + i, mk), m);
             ss = _mm512_fmadd_ps(d, d, ss);
         }
-        const __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)a.n + a.eps));
+        const __m512 rstd = inv_root(ss, a);
         for (int64_t i = 0; i < a.n; i += 16) {
             const __mmask16 mk = tail16(a.n - i);
             __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(from_bf16x16(x + i, mk), m), rstd),
@@ -169,8 +174,8 @@ int lfm2vl_swiglu_bf16(const uint16_t* a, const uint16_t* b, uint16_t* out, int6
 int lfm2vl_layernorm_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* b, uint16_t* out, int64_t rows,
                           int64_t n, float eps, int threads) {
     if (active_isa() < 2) return -1;
-    LayerNormArgs a{x, w, b, out, rows, n, (16384 + n - 1) / n, eps};
-    pool_run(layernorm, &a, (rows + a.per - 1) / a.per, threads, false);
+    NormArgs a{x, w, b, out, rows, n, 0, eps};
+    run_norm(layernorm, a, threads);
     return 0;
 }
 
@@ -178,8 +183,8 @@ int lfm2vl_layernorm_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* 
 int lfm2vl_rmsnorm_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t rows, int64_t n, float eps,
                         int threads) {
     if (active_isa() < 2) return -1;
-    NormArgs a{x, w, out, rows, n, (16384 + n - 1) / n, eps};
-    pool_run(rmsnorm, &a, (rows + a.per - 1) / a.per, threads, false);
+    NormArgs a{x, w, nullptr, out, rows, n, 0, eps};
+    run_norm(rmsnorm, a, threads);
     return 0;
 }
 
