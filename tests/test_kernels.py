@@ -190,10 +190,12 @@ def test_bf16_close_to_torch_bf16_linear_and_batched_shapes():
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B", [1, 3])
-def test_attn_decode_matches_sdpa(dtype, B):
-    """One-query attention over a slice of a static cache (strided k/v), GQA, per-row key masks."""
+@pytest.mark.parametrize("n,H,Hkv,Dh", [(17, 12, 4, 64), (40, 32, 8, 64), (35, 8, 4, 128), (20, 4, 2, 32)])
+def test_attn_decode_matches_sdpa(dtype, B, n, H, Hkv, Dh):
+    """One-query attention over a slice of a static cache (strided k/v), GQA, per-row key masks; key counts across
+    and between blocks of 16, 1-4 query heads per key head, head sizes with their own register layouts."""
     g = torch.Generator().manual_seed(B)
-    S, n, H, Hkv, Dh = 40, 17, 12, 4, 64
+    S = 48
     q = torch.randn(B, H, 1, Dh, generator=g).to(dtype)
     kc, vc = (torch.randn(B, Hkv, S, Dh, generator=g).to(dtype) for _ in range(2))
     k, v = kc[:, :, :n], vc[:, :, :n]

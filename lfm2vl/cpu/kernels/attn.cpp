@@ -52,12 +52,55 @@ T_AVX512 static inline void kv_vecs(__m512* r, const void* p, int dt, int64_t of
         r[j] = dt == 1 ? from_bf16x16((const uint16_t*)p + off + 16 * j) : _mm512_loadu_ps((const float*)p + off + 16 * j);
 }
 
-// scores sc[g * n + s] = q_g . k_s (AVX512, Dh a multiple of 16 up to 256)
-T_AVX512 static void attn_scores_avx512(const AttnArgs& a, const float* q, int64_t base, int64_t n, const uint8_t* m,
-                                        float* sc) {
-    const int64_t nv = a.Dh / 16, G = a.G;
+// r[i] = the sum of v[i]'s 16 lanes, for 16 vectors at once (a transposing tree of 45 operations where 16
+// horizontal sums take ~8 each): pairs of vectors interleave and add within 128-bit lanes, then the lanes' sums add.
+T_AVX512 static inline __m512 sum16x16(const __m512* v) {
+    __m512 s2[8], s4[4];
+    for (int i = 0; i < 8; i++)
+        s2[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {  // 128-bit lane k of s4[i]: the sums of v[4i..4i+3] over their lane k
+        const __m512d a = _mm512_castps_pd(s2[2 * i]), b = _mm512_castps_pd(s2[2 * i + 1]);
+        s4[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    __m512 u[2];
+    for (int i = 0; i < 2; i++)
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s4[2 * i], s4[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(s4[2 * i], s4[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// scores sc[g * n + s] = q_g . k_s (AVX512, Dh = 16 nv up to 256; NV = nv, or 0 where nv is known at run time only).
+// Blocks of 16 keys are widened to fp32 once into kf and serve every query head of the group; the 16 dot products of
+// a head end in one sum16x16.
+template <int NV>
+T_AVX512 static void scores_blocks(const AttnArgs& a, const float* q, int64_t base, int64_t n, const uint8_t* m,
+                                   float* sc) {
+    const int64_t nv = NV ? NV : a.Dh / 16, G = a.G;
     __m512 kr[16];
-    for (int64_t s = 0; s < n; s++) {
+    alignas(64) float kf[16 * 256];
+    int64_t s = 0;
+    for (; s + 16 <= n; s += 16) {
+        for (int i = 0; i < 16; i++) {
+            kv_vecs(kr, a.K, a.kvdt, base + (s + i) * a.ss, nv);
+            for (int64_t j = 0; j < nv; j++) _mm512_store_ps(kf + (i * nv + j) * 16, kr[j]);
+        }
+        __mmask16 keep = 0xffff;
+        if (m)
+            for (int i = 0; i < 16; i++) keep = m[s + i] ? keep : (__mmask16)(keep & ~(1u << i));
+        for (int64_t g = 0; g < G; g++) {
+            for (int64_t j = 0; j < nv; j++) kr[j] = _mm512_loadu_ps(q + g * a.Dh + 16 * j);
+            __m512 acc[16];
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++) {
+                acc[i] = _mm512_mul_ps(kr[0], _mm512_load_ps(kf + i * nv * 16));
+                for (int64_t j = 1; j < nv; j++)
+                    acc[i] = _mm512_fmadd_ps(kr[j], _mm512_load_ps(kf + (i * nv + j) * 16), acc[i]);
+            }
+            _mm512_storeu_ps(sc + g * n + s, _mm512_mask_blend_ps(keep, _mm512_set1_ps(-INFINITY), sum16x16(acc)));
+        }
+    }
+    for (; s < n; s++) {
         kv_vecs(kr, a.K, a.kvdt, base + s * a.ss, nv);
         for (int64_t g = 0; g < G; g++) {
             __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + g * a.Dh), kr[0]);
@@ -67,6 +110,12 @@ T_AVX512 static void attn_scores_avx512(const AttnArgs& a, const float* q, int64
     }
 }
 
+T_AVX512 static void attn_scores_avx512(const AttnArgs& a, const float* q, int64_t base, int64_t n, const uint8_t* m,
+                                        float* sc) {
+    if (a.Dh == 64) return scores_blocks<4>(a, q, base, n, m, sc);
+    if (a.Dh == 128) return scores_blocks<8>(a, q, base, n, m, sc);
+    scores_blocks<0>(a, q, base, n, m, sc);
+}
 
 // p[s] = exp(p[s] - mx) over n scores; returns their sum
 T_AVX512 static float softmax_exp_avx512(float* p, int64_t n, float mx) {
@@ -82,9 +131,44 @@ T_AVX512 static float softmax_exp_avx512(float* p, int64_t n, float mx) {
     return _mm512_reduce_add_ps(sum);
 }
 
+// o_g = sum_s p[g * n + s] * v_s for NG query heads from g0 with Dh = 16 NV: the sums stay in registers over all
+// keys (one FMA per value vector and head, the same order as the loop below).
+template <int NV, int NG>
+T_AVX512 static void values_in_registers(const AttnArgs& a, const float* p, int64_t base, int64_t n, int64_t g0,
+                                         float* o) {
+    __m512 acc[NG][NV], vr[16];
+    for (int g = 0; g < NG; g++)
+        for (int j = 0; j < NV; j++) acc[g][j] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n; s++) {
+        kv_vecs(vr, a.V, a.kvdt, base + s * a.ss, NV);
+        for (int g = 0; g < NG; g++) {
+            const __m512 w = _mm512_set1_ps(p[(g0 + g) * n + s]);
+            for (int j = 0; j < NV; j++) acc[g][j] = _mm512_fmadd_ps(w, vr[j], acc[g][j]);
+        }
+    }
+    for (int g = 0; g < NG; g++)
+        for (int j = 0; j < NV; j++) _mm512_storeu_ps(o + (g0 + g) * a.Dh + 16 * j, acc[g][j]);
+}
+
+// All G heads in passes of up to 16 / NV (16 registers of sums), each value row widened once per pass.
+template <int NV>
+T_AVX512 static void values_passes(const AttnArgs& a, const float* p, int64_t base, int64_t n, float* o) {
+    constexpr int P = 16 / NV;
+    for (int64_t g = 0; g < a.G;) {
+        const int64_t r = a.G - g < P ? a.G - g : P;
+        if (r >= 4) values_in_registers<NV, P < 4 ? P : 4>(a, p, base, n, g, o);
+        else if (r == 3) values_in_registers<NV, P < 3 ? P : 3>(a, p, base, n, g, o);
+        else if (r == 2) values_in_registers<NV, P < 2 ? P : 2>(a, p, base, n, g, o);
+        else values_in_registers<NV, 1>(a, p, base, n, g, o);
+        g += r >= 4 ? 4 : r;
+    }
+}
+
 // o_g += sum_s p[g * n + s] * v_s (o zeroed by the caller)
 T_AVX512 static void attn_values_avx512(const AttnArgs& a, const float* p, int64_t base, int64_t n, float* o) {
     const int64_t nv = a.Dh / 16, G = a.G;
+    if (nv == 4) return values_passes<4>(a, p, base, n, o);
+    if (nv == 8) return values_passes<8>(a, p, base, n, o);
     __m512 vr[16];
     for (int64_t s = 0; s < n; s++) {
         kv_vecs(vr, a.V, a.kvdt, base + s * a.ss, nv);
