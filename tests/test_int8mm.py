@@ -167,21 +167,22 @@ def test_int8_mlp_fuses_the_gate_with_the_same_values(monkeypatch, fmt, isa_cap)
 
 @needs_kernels
 @pytest.mark.parametrize("isa_cap", [3, 1], indirect=True)
-def test_int4_widens_to_int8_rows_by_the_formula(isa_cap):
+@pytest.mark.parametrize("K", [96, 224, 1056])  # 3, 7 and 33 groups a row: whole registers and tails
+def test_int4_widens_to_int8_rows_by_the_formula(isa_cap, K):
     """int4 weights as int8 rows for int8 compute: srow = 8 max|s_g| / 127, q8 = round(level * (s_g / srow)),
     bit for bit; an all-zero row gets scale 1; every widened weight within half an int8 step of the int4 one."""
-    w = torch.randn(70, 96) * torch.rand(70, 1)
+    w = torch.randn(70, K) * torch.rand(70, 1)
     w[4] = 0
     w[6, 32:64] *= 50  # one group far larger than the others: the others lose precision
     q4, s = quantize_weight_int4(w)
-    q8, srow = torch.empty(70, 96, dtype=torch.int8), torch.empty(70)
+    q8, srow = torch.empty(70, K, dtype=torch.int8), torch.empty(70)
     kernels.int4_to_int8(q4, s, q8, srow)
     lin = Int4Linear(q4, s, None)
-    level = lin.dequantize().view(70, 3, 32) / s.float()[..., None]  # the int4 levels, -8..7
+    level = lin.dequantize().view(70, K // 32, 32) / s.float()[..., None]  # the int4 levels, -8..7
     sf = s.float()
     want_s = sf.abs().amax(1) * 8 / 127
     want_s = torch.where(want_s > 0, want_s, torch.ones_like(want_s))
-    want_q = (level * (sf / want_s[:, None])[..., None]).round().clamp(-127, 127).view(70, 96).to(torch.int8)
+    want_q = (level * (sf / want_s[:, None])[..., None]).round().clamp(-127, 127).view(70, K).to(torch.int8)
     assert torch.equal(srow, want_s) and torch.equal(q8, want_q)
     err = (q8.float() * srow[:, None] - lin.dequantize()).abs()
     assert (err <= srow[:, None] / 2 + 1e-6).all()

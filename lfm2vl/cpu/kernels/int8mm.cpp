@@ -191,21 +191,58 @@ float widen_scales(const WidenArgs& a, int64_t n, float* f) {
     return sr;
 }
 
+// The same, 16 groups a step (VCVTPH2PS converts fp16 exactly, max and the fp32 quotient are the scalar ones).
+T_AVX512 float widen_scales_avx512(const WidenArgs& a, int64_t n, float* f) {
+    const int64_t G = a.K / I4_GROUP;
+    const uint16_t* s = a.s + n * G;
+    __m512 top = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g += 16)
+        top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tail16(G - g), s + g))));
+    const float t = _mm512_reduce_max_ps(top);
+    const float sr = t > 0 ? t * 8.0f / 127.0f : 1.0f;
+    const __m512 d = _mm512_set1_ps(sr);
+    for (int64_t g = 0; g < G; g += 16) {
+        const __mmask16 mk = tail16(G - g);
+        _mm512_mask_storeu_ps(f + g, mk, _mm512_div_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, s + g)), d));
+    }
+    return sr;
+}
+
+// The 16 int8 values group g's levels become: clamp(rint((i - 8) * f), -127, 127) for nibble i = 0..15.
+T_AVX512 static inline __m128i widen_table(float f) {
+    const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(levels, _mm512_set1_ps(f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 c = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f));
+    return _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(c));
+}
+
+// One int4 row as int8: each group's 16 possible values go into a table once, then every nibble looks its value up
+// (VPSHUFB, a 16-entry table per 128-bit lane: four groups per register). The values are the formula's for every
+// weight, in a third of the instructions of computing them weight by weight.
 T_AVX512 void widen_row_avx512(const WidenArgs& a, int64_t n, const float* f) {
     const int64_t G = a.K / I4_GROUP;
-    const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
-    for (int64_t g = 0; g < G; g++) {
-        const __m128i b = _mm_loadu_si128((const __m128i*)(a.q4 + n * (a.K / 2) + g * 16));
-        const __m512i v = _mm512_cvtepu8_epi32(b);
-        const __m512 fs = _mm512_set1_ps(f[g]), eight = _mm512_set1_ps(8.f);
-        const __m512 l = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))), eight);
-        const __m512 h = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), eight);
-        int8_t* o = a.q8 + n * a.K + g * I4_GROUP;
-        const __m512 rl = _mm512_roundscale_ps(_mm512_mul_ps(l, fs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const __m512 rh = _mm512_roundscale_ps(_mm512_mul_ps(h, fs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        _mm_storeu_si128((__m128i*)o, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(rl, lo), hi))));
-        _mm_storeu_si128((__m128i*)(o + 16),
-                         _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(rh, lo), hi))));
+    const uint8_t* w = a.q4 + n * (a.K / 2);
+    int8_t* o = a.q8 + n * a.K;
+    const __m512i m15 = _mm512_set1_epi8(15);
+    // group u's 32 outputs are its 16 low-nibble values then its 16 high-nibble ones
+    const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    int64_t g = 0;
+    for (; g + 4 <= G; g += 4) {
+        __m512i t = _mm512_castsi128_si512(widen_table(f[g]));
+        t = _mm512_inserti32x4(t, widen_table(f[g + 1]), 1);
+        t = _mm512_inserti32x4(t, widen_table(f[g + 2]), 2);
+        t = _mm512_inserti32x4(t, widen_table(f[g + 3]), 3);
+        const __m512i v = _mm512_loadu_si512(w + g * 16);
+        const __m512i lo = _mm512_shuffle_epi8(t, _mm512_and_si512(v, m15));
+        const __m512i hi = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(v, 4), m15));
+        _mm512_storeu_si512(o + g * I4_GROUP, _mm512_permutex2var_epi64(lo, first, hi));
+        _mm512_storeu_si512(o + g * I4_GROUP + 64, _mm512_permutex2var_epi64(lo, second, hi));
+    }
+    for (; g < G; g++) {
+        const __m128i t = widen_table(f[g]), v = _mm_loadu_si128((const __m128i*)(w + g * 16)), m = _mm_set1_epi8(15);
+        _mm_storeu_si128((__m128i*)(o + g * I4_GROUP), _mm_shuffle_epi8(t, _mm_and_si128(v, m)));
+        _mm_storeu_si128((__m128i*)(o + g * I4_GROUP + 16), _mm_shuffle_epi8(t, _mm_and_si128(_mm_srli_epi16(v, 4), m)));
     }
 }
 
@@ -216,7 +253,7 @@ void widen_rows(const void* ctx, int64_t c) {
     float* f = (float*)malloc(sizeof(float) * (a.K / I4_GROUP));
     const bool wide = active_isa() >= 2;
     for (int64_t n = r0; n < r1; n++) {
-        a.srow[n] = widen_scales(a, n, f);
+        a.srow[n] = wide ? widen_scales_avx512(a, n, f) : widen_scales(a, n, f);
         if (wide) {
             widen_row_avx512(a, n, f);
             continue;
