@@ -74,31 +74,42 @@ T_AVX512 static inline __m512 lane_scales(__m512 sd, int u) {
     return _mm512_permutexvar_ps(idx, sd);
 }
 
-// r (1..4) groups' 16 bytes each against their activations (a run of r in quantize_x_q8's layout): 4 int32 lanes
-// per group, in 128-bit lane i for group i (the others 0).
-T_AVX512VNNI static inline __m512i i4_quad_dot(const uint8_t* w, const int8_t* q, int r) {
+// r (1..4) groups' 16 bytes of nibbles as two registers of unsigned bytes: the low nibbles, then the high ones.
+T_AVX512 static inline void i4_quad_nibbles(const uint8_t* w, int r, __m512i& lo, __m512i& hi) {
     const __mmask64 mk = r == 4 ? ~(__mmask64)0 : (((__mmask64)1 << (16 * r)) - 1);
     const __m512i v = _mm512_maskz_loadu_epi8(mk, w), m15 = _mm512_set1_epi8(15);
-    const __m512i lo = _mm512_and_si512(v, m15), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m15);
+    lo = _mm512_and_si512(v, m15);
+    hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m15);
+}
+
+// Those groups against their activations (a run of r in quantize_x_q8's layout): 4 int32 lanes per group, in 128-bit
+// lane i for group i (the others 0).
+T_AVX512VNNI static inline __m512i i4_quad_dot(__m512i lo, __m512i hi, const int8_t* q, int r) {
+    const __mmask64 mk = r == 4 ? ~(__mmask64)0 : (((__mmask64)1 << (16 * r)) - 1);
     const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_maskz_loadu_epi8(mk, q));
     return _mm512_dpbusd_epi32(p, hi, _mm512_maskz_loadu_epi8(mk, q + 16 * r));
 }
 
 // Groups g .. g + left - 1 (left <= 16) of an int4 row into acc (two per activation row, alternating by register)
-// and the offset's sum into corr.
+// and the offset's sum into corr. Each register of nibbles is unpacked once for all MR activation rows.
 template <int MR>
 T_AVX512VNNI static inline void i4_step16(const uint8_t* w, const uint16_t* s, const int8_t* Q, const float* D,
                                           const float* QS, int64_t K, int64_t G, int64_t g, int64_t left,
                                           __m512 (&acc)[MR][2], __m512 (&corr)[MR]) {
     const __mmask16 mk = tail16(left);
     const __m512 sc = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, s + g));
+    __m512 sd[MR];
     for (int j = 0; j < MR; j++) {
-        const __m512 sd = _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(mk, D + j * G + g));  // S[n, g + i] * d_{g + i}
-        corr[j] = _mm512_fmadd_ps(sd, _mm512_maskz_loadu_ps(mk, QS + j * G + g), corr[j]);
-        for (int u = 0; u < 4 && 4 * u < left; u++) {
-            const int r = left - 4 * u >= 4 ? 4 : (int)(left - 4 * u);
-            const __m512i p = i4_quad_dot(w + (g + 4 * u) * 16, Q + j * K + (g + 4 * u) * 32, r);
-            acc[j][u & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), lane_scales(sd, u), acc[j][u & 1]);
+        sd[j] = _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(mk, D + j * G + g));  // S[n, g + i] * d_{g + i}
+        corr[j] = _mm512_fmadd_ps(sd[j], _mm512_maskz_loadu_ps(mk, QS + j * G + g), corr[j]);
+    }
+    for (int u = 0; u < 4 && 4 * u < left; u++) {
+        const int r = left - 4 * u >= 4 ? 4 : (int)(left - 4 * u);
+        __m512i lo, hi;
+        i4_quad_nibbles(w + (g + 4 * u) * 16, r, lo, hi);
+        for (int j = 0; j < MR; j++) {
+            const __m512i p = i4_quad_dot(lo, hi, Q + j * K + (g + 4 * u) * 32, r);
+            acc[j][u & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), lane_scales(sd[j], u), acc[j][u & 1]);
         }
     }
 }
