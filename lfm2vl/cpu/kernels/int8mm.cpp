@@ -226,7 +226,8 @@ T_AVX512 void widen_row_avx512(const WidenArgs& a, int64_t n, const float* f) {
     int8_t* o = a.q8 + n * a.K;
     const __m512i m15 = _mm512_set1_epi8(15);
     // group u's 32 outputs are its 16 low-nibble values then its 16 high-nibble ones
-    const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+    const __m512i second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
     int64_t g = 0;
     for (; g + 4 <= G; g += 4) {
         __m512i t = _mm512_castsi128_si512(widen_table(f[g]));
@@ -242,7 +243,8 @@ T_AVX512 void widen_row_avx512(const WidenArgs& a, int64_t n, const float* f) {
     for (; g < G; g++) {
         const __m128i t = widen_table(f[g]), v = _mm_loadu_si128((const __m128i*)(w + g * 16)), m = _mm_set1_epi8(15);
         _mm_storeu_si128((__m128i*)(o + g * I4_GROUP), _mm_shuffle_epi8(t, _mm_and_si128(v, m)));
-        _mm_storeu_si128((__m128i*)(o + g * I4_GROUP + 16), _mm_shuffle_epi8(t, _mm_and_si128(_mm_srli_epi16(v, 4), m)));
+        _mm_storeu_si128((__m128i*)(o + g * I4_GROUP + 16),
+                         _mm_shuffle_epi8(t, _mm_and_si128(_mm_srli_epi16(v, 4), m)));
     }
 }
 
