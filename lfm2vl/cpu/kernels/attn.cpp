@@ -150,17 +150,18 @@ T_AVX512 static void values_in_registers(const AttnArgs& a, const float* p, int6
         for (int j = 0; j < NV; j++) _mm512_storeu_ps(o + (g0 + g) * a.Dh + 16 * j, acc[g][j]);
 }
 
-// All G heads in passes of up to 16 / NV (16 registers of sums), each value row widened once per pass.
+// All G heads in passes of up to P = 16 / NV heads (16 registers of sums), each value row widened once per pass.
+// (The `P < k ? P : k` only keeps passes wider than P from being compiled; r never exceeds P.)
 template <int NV>
 T_AVX512 static void values_passes(const AttnArgs& a, const float* p, int64_t base, int64_t n, float* o) {
     constexpr int P = 16 / NV;
     for (int64_t g = 0; g < a.G;) {
         const int64_t r = a.G - g < P ? a.G - g : P;
-        if (r >= 4) values_in_registers<NV, P < 4 ? P : 4>(a, p, base, n, g, o);
+        if (r == 4) values_in_registers<NV, P < 4 ? P : 4>(a, p, base, n, g, o);
         else if (r == 3) values_in_registers<NV, P < 3 ? P : 3>(a, p, base, n, g, o);
         else if (r == 2) values_in_registers<NV, P < 2 ? P : 2>(a, p, base, n, g, o);
         else values_in_registers<NV, 1>(a, p, base, n, g, o);
-        g += r >= 4 ? 4 : r;
+        g += r;
     }
 }
 

@@ -74,10 +74,12 @@ T_AVX512 static inline __m512 lane_scales(__m512 sd, int u) {
     return _mm512_permutexvar_ps(idx, sd);
 }
 
-// r (1..4) groups' 16 bytes of nibbles as two registers of unsigned bytes: the low nibbles, then the high ones.
+// The bytes of r (1..4) groups' 16-byte runs.
+static inline __mmask64 quad_mask(int r) { return r == 4 ? ~(__mmask64)0 : (((__mmask64)1 << (16 * r)) - 1); }
+
+// r groups' 16 bytes of nibbles as two registers of unsigned bytes: the low nibbles, then the high ones.
 T_AVX512 static inline void i4_quad_nibbles(const uint8_t* w, int r, __m512i& lo, __m512i& hi) {
-    const __mmask64 mk = r == 4 ? ~(__mmask64)0 : (((__mmask64)1 << (16 * r)) - 1);
-    const __m512i v = _mm512_maskz_loadu_epi8(mk, w), m15 = _mm512_set1_epi8(15);
+    const __m512i v = _mm512_maskz_loadu_epi8(quad_mask(r), w), m15 = _mm512_set1_epi8(15);
     lo = _mm512_and_si512(v, m15);
     hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m15);
 }
@@ -85,7 +87,7 @@ T_AVX512 static inline void i4_quad_nibbles(const uint8_t* w, int r, __m512i& lo
 // Those groups against their activations (a run of r in quantize_x_q8's layout): 4 int32 lanes per group, in 128-bit
 // lane i for group i (the others 0).
 T_AVX512VNNI static inline __m512i i4_quad_dot(__m512i lo, __m512i hi, const int8_t* q, int r) {
-    const __mmask64 mk = r == 4 ? ~(__mmask64)0 : (((__mmask64)1 << (16 * r)) - 1);
+    const __mmask64 mk = quad_mask(r);
     const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_maskz_loadu_epi8(mk, q));
     return _mm512_dpbusd_epi32(p, hi, _mm512_maskz_loadu_epi8(mk, q + 16 * r));
 }
