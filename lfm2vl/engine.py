@@ -37,8 +37,8 @@ from .processor.messages import IMAGE_KEYS, conversation, is_batch, text_chars, 
 
 
 def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, optimize: bool = True,
-         int8: bool = False, int4: bool = False, int8_vision: bool = False, compile: bool = False,
-         low_memory: bool = False, adapter: str | os.PathLike | None = None,
+         int8: bool = False, int4: bool = False, int8_vision: bool = False, bf16_packed: bool = False,
+         compile: bool = False, low_memory: bool = False, adapter: str | os.PathLike | None = None,
          progress: Callable[[int, int], None] | None = None) -> "Engine":
     """Load a checkpoint folder or hub id -> Engine. dtype defaults to bfloat16, device to cpu.
 
@@ -50,18 +50,22 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
     rounding); int8 / int4: weight-only int8 / int4 linears in the language model and the output head (opt-in,
     changes results slightly; int4 in groups of 32 weights, the smallest and fastest decode); int8_vision: the
     vision tower's encoder linears in int8 with int8 compute (opt-in, faster images, changes image features slightly);
-    compile: torch.compile the static-shape decode step (opt-in; pair it with optimize=False, whose decode
+    bf16_packed: the bf16 language model's linears and output head packed losslessly in 12 bits a weight (opt-in,
+    the same results as bf16, a faster decode where memory sets its pace, a slightly slower first token); compile: torch.compile the static-shape decode step (opt-in; pair it with optimize=False, whose decode
     attention reads the cache length on the host); low_memory: the vision tower's and the language model's
     memory-mapped weights never stay resident together (cpu/lowmem.py; lower peak RSS, slower image requests);
     adapter: a LoRA adapter folder (PEFT's format, from `lfm2vl finetune` or PEFT), merged into the weights
     before the CPU speed-ups, so generation runs as fast as with the base model."""
-    from .loading import check_device, load_model, parse_device
+    from .loading import check_device, load_model, parse_device, parse_dtype
     from .processor import Processor
 
-    if int8 and int4:
-        raise ValueError("int8=True and int4=True are exclusive: pick one weight format")
-    cpu_only = [name for name, on in (("int8", int8), ("int4", int4), ("int8_vision", int8_vision),
-                                      ("low_memory", low_memory)) if on]
+    formats = [name for name, on in (("int8", int8), ("int4", int4), ("bf16_packed", bf16_packed)) if on]
+    if len(formats) > 1:
+        raise ValueError(f"{'=True and '.join(formats)}=True are exclusive: pick one weight format")
+    if bf16_packed and parse_dtype(dtype) != torch.bfloat16:
+        raise ValueError(f"bf16_packed packs bfloat16 weights; got dtype={dtype!r} (leave dtype unset or pass "
+                         "torch.bfloat16)")
+    cpu_only = formats + [name for name, on in (("int8_vision", int8_vision), ("low_memory", low_memory)) if on]
     if cpu_only and parse_device(device).type != "cpu":
         raise ValueError(f"{' and '.join(cpu_only)} work{'s' if len(cpu_only) == 1 else ''} on CPU only (native "
                          f"kernels, memory-mapped weights); "
@@ -81,10 +85,10 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
         from .finetune.adapter import apply_adapter
 
         apply_adapter(m, *adapter_files, where=f"adapter {adapter}")
-    if optimize or int8 or int4 or int8_vision:
+    if optimize or formats or int8_vision:
         from .cpu.speed import optimize_for_cpu
 
-        optimize_for_cpu(m, int8=int8, int4=int4, int8_vision=int8_vision)
+        optimize_for_cpu(m, int8=int8, int4=int4, int8_vision=int8_vision, bf16_packed=bf16_packed)
     if low_memory:
         from .cpu.lowmem import set_low_memory
 

@@ -40,7 +40,7 @@ def load_model(path_or_hub_id: str | os.PathLike, *, dtype=None, device=None, pr
     dtype: torch dtype or "float32"/"bfloat16"/"float16" (default bfloat16); device: "cpu", "cuda", ... (default cpu).
     progress: optional callback(bytes_read, total_bytes) while the weights are read (the CLI's progress bar).
     """
-    dtype = _dtype(dtype)
+    dtype = parse_dtype(dtype)
     device = check_device(device)
     folder = resolve_folder(path_or_hub_id)
     config = Lfm2VlConfig.from_file(folder)
@@ -117,7 +117,8 @@ def check_device(device) -> torch.device:
     raise LoadError(f"device {name!r} is not supported; use {DEVICE_FORMS}")
 
 
-def _dtype(dtype) -> torch.dtype:
+def parse_dtype(dtype) -> torch.dtype:
+    """A dtype or its name (None: bfloat16) -> the torch dtype; LoadError for one load_model does not take."""
     if dtype is None:
         return torch.bfloat16
     if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.bfloat16, torch.float16):

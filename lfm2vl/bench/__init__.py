@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weights and activations (bf16 and fp32 are accepted too)")
     ap.add_argument("--int8", action="store_true", help="also run lfm2vl with weight-only int8 (+ quality check)")
     ap.add_argument("--int4", action="store_true", help="also run lfm2vl with weight-only int4 (+ quality check)")
+    ap.add_argument("--bf16-packed", action="store_true", help="also run lfm2vl with its bf16 weights packed "
+                    "losslessly in 12 bits (the same results as bf16)")
     ap.add_argument("--int8-vision", action="store_true", help="also run lfm2vl int8 with the vision tower in int8 "
                     "too (+ quality check with the image features' cosine)")
     ap.add_argument("--int8-float-head", action="store_true",
@@ -233,7 +235,7 @@ def _add_shares(results: dict, specs: dict, folder: Path, machine: dict | None) 
         spec = specs[label]
         if "error" in r or r.get("engine") not in ("ours", "transformers"):
             continue
-        fmt = "int8" if spec.get("int8") else "int4" if spec.get("int4") else spec["dtype"]
+        fmt = next((f for f in ("int8", "int4", "bf16_packed") if spec.get(f)), spec["dtype"])
         for m in r["scenarios"].values():
             add_shares(m, work, fmt, spec.get("quantize_head", True), machine, spec.get("int8_vision", False))
 
@@ -285,6 +287,8 @@ def main(argv=None) -> int:
         if args.low_memory:
             runs.append((f"lfm2vl {short} low-mem", {**common, "engine": "ours",
                                                       "optimize": not args.no_optimize, "low_memory": True}))
+        if args.bf16_packed:
+            runs.append(("lfm2vl bf16 packed", {**common, "dtype": "bf16", "engine": "ours", "bf16_packed": True}))
         for fmt in ("int8", "int4"):
             if getattr(args, fmt):
                 runs.append((f"lfm2vl {fmt}", {**common, "dtype": "bf16", "engine": "ours", fmt: True,

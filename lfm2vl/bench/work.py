@@ -32,15 +32,18 @@ class Work:
     projector_linear: int
 
     def decode_bytes(self, fmt: str, quantize_head: bool = True) -> float:
-        """Bytes of weights one decode step reads with the language model in `fmt` (bf16, fp32, int8, int4)."""
+        """Bytes of weights one decode step reads with the language model in `fmt` (bf16, fp32, int8, int4, or
+        bf16_packed: 12 bits a weight, its few escaped bytes and row offsets left out)."""
         if fmt in BYTES:
             return BYTES[fmt] * (self.lm_linear + self.lm_other + self.head)
         if fmt == "int8":
             lin, head = self.lm_linear + 4 * self.lm_linear_rows, self.head + 4 * self.head_rows
         elif fmt == "int4":
             lin, head = self.lm_linear * (0.5 + 2 / 32), self.head * (0.5 + 2 / 32)
+        elif fmt == "bf16_packed":
+            lin, head = 1.5 * self.lm_linear, 1.5 * self.head
         else:
-            raise ValueError(f"unknown weight format {fmt!r}; expected bf16, fp32, int8 or int4")
+            raise ValueError(f"unknown weight format {fmt!r}; expected bf16, fp32, int8, int4 or bf16_packed")
         return lin + 2 * self.lm_other + (head if quantize_head else 2 * self.head)
 
     def prefill_flops(self, tokens: int) -> float:

@@ -61,7 +61,7 @@ def _clock(device: torch.device) -> float:
 
 def _ours_run(model, batch: dict, pre_s: float, new_tokens: int, dtype, forward=None) -> dict:
     """forward: the decode step's forward (compiled_decode's when --compile; default model.forward_cached)."""
-    dev = model.lm_head.weight.device
+    dev = model.model.language_model.embed_tokens.weight.device
     batch = {k: v.to(dev) for k, v in batch.items()}
     ids = batch["input_ids"]
     T = ids.shape[1]
@@ -143,7 +143,8 @@ def _load(spec: dict):
         model = _with_adapter(load_model(spec["folder"], dtype=dtype, device=device)[0], spec)
         if spec.get("optimize", True):  # a no-op off CPU
             optimize_for_cpu(model, int8=spec.get("int8", False), int4=spec.get("int4", False),
-                             int8_vision=spec.get("int8_vision", False), quantize_head=spec.get("quantize_head", True))
+                             bf16_packed=spec.get("bf16_packed", False), int8_vision=spec.get("int8_vision", False),
+                             quantize_head=spec.get("quantize_head", True))
         if spec.get("low_memory"):
             set_low_memory(model)
         run = _ours_run

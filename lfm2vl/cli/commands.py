@@ -46,7 +46,7 @@ def load_engine(args, prog: str = "lfm2vl"):
     with adapter_warnings():  # printed once the progress bar is closed
         try:
             return load(model, dtype=args.dtype, device=args.device, int8=args.int8, int4=args.int4,
-                        int8_vision=args.int8_vision,
+                        bf16_packed=args.bf16_packed, int8_vision=args.int8_vision,
                         optimize=not args.no_optimize, compile=args.compile, low_memory=args.low_memory,
                         adapter=args.adapter, progress=progress)
         except AdapterError as e:

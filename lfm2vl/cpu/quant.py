@@ -38,7 +38,7 @@ def default_max_rows() -> int:
     return MAX_ROWS if gemm.bf16_native() else 32
 
 
-def _inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """x is fp32/bf16 on the CPU and nothing needs a gradient: the native kernels and gemm.linear have no backward,
     so training (grad enabled and something requires grad) keeps F.linear."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
@@ -46,8 +46,8 @@ def _inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
 
-def _use_kernel(x: torch.Tensor, weight: torch.Tensor, max_elems: int) -> bool:
-    return x.numel() <= max_elems and _inference(x, weight)
+def use_kernel(x: torch.Tensor, weight: torch.Tensor, max_elems: int) -> bool:
+    return x.numel() <= max_elems and inference(x, weight)
 
 
 class FastLinear(nn.Linear):
@@ -66,9 +66,9 @@ class FastLinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_kernel(x, self.weight, self.max_rows * self.in_features):
+        if use_kernel(x, self.weight, self.max_rows * self.in_features):
             return kernels.linear(x, self.weight, self.bias)
-        if _inference(x, self.weight) and x.dtype == self.weight.dtype:
+        if inference(x, self.weight) and x.dtype == self.weight.dtype:
             return gemm.linear(x, self.weight, self.bias)  # oneDNN; fp32 where the CPU has no bf16 GEMM
         return F.linear(x, self.weight, self.bias)
 
@@ -76,7 +76,7 @@ class FastLinear(nn.Linear):
 _SCRATCH = threading.local()
 
 
-def _scratch(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+def scratch(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """This thread's reusable buffer of one shape and dtype: dequantized weights (N, K) (~30 MB at 450M shapes,
     bf16), or int4 weights widened to int8 rows (N, K) and their scales (N,)."""
     bufs = getattr(_SCRATCH, "bufs", None)
@@ -163,20 +163,20 @@ class Int8Linear(nn.Module):
         """Whether forward() of an input with x's rows, dtype and device multiplies in int8 compute (int8mm.py):
         more rows than the weight-streaming kernel takes, inference, where that wins."""
         return (kernels.available() and x.numel() > self.max_rows * x.shape[-1] and not torch.is_grad_enabled()
-                and _inference(x, self.weight) and int8mm.wins())
+                and inference(x, self.weight) and int8mm.wins())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.available() and _use_kernel(x, self.weight, self.max_rows * self.in_features):
+        if kernels.available() and use_kernel(x, self.weight, self.max_rows * self.in_features):
             return kernels.linear(x, self.weight, self.bias, self.scale)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.int8_compute(x):  # int8 x int8 products (int8mm.py), x quantized per row
             return int8mm.linear(x, *self.int8_rows(), bias)
-        if not torch.is_grad_enabled() and _inference(x, self.weight) and kernels.available():
+        if not torch.is_grad_enabled() and inference(x, self.weight) and kernels.available():
             # prefill: dequantize into a reused per-thread buffer (same values as dequantize()), in the dtype the
             # CPU multiplies x's dtype in (fp32 without a bf16 GEMM). A fresh ~10 MB weight per product would
             # fault in all its pages each time; no autograd here, so nothing keeps the buffer alive
             shape = torch.Size((self.out_features, self.in_features))
-            return gemm.linear(x, self._native_dequantize(_scratch(shape, gemm.compute_dtype(x.dtype))), bias)
+            return gemm.linear(x, self._native_dequantize(scratch(shape, gemm.compute_dtype(x.dtype))), bias)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
     def extra_repr(self) -> str:
@@ -237,24 +237,25 @@ class Int4Linear(Int8Linear):
         """The int4 weight widened to int8 rows (`kernels.int4_to_int8`: each level moves by at most half an int8
         step) in reused per-thread buffers, for int8 compute."""
         shape = torch.Size((self.out_features, self.in_features))
-        q8, s = _scratch(shape, torch.int8), _scratch(torch.Size((self.out_features,)), torch.float32)
+        q8, s = scratch(shape, torch.int8), scratch(torch.Size((self.out_features,)), torch.float32)
         kernels.int4_to_int8(self.weight, self.scale, q8, s)
         return q8, s
 
 
-def _head_and_lm(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+def head_and_lm(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     lm = model.model.language_model if hasattr(model, "model") and hasattr(model.model, "language_model") else model
     return lm, getattr(model, "lm_head", None)
 
 
-def _swap(root: nn.Module, make) -> int:
+def swap_linears(root: nn.Module, make) -> int:
+    """Replace each nn.Linear / FastLinear under root by make(linear); returns the count."""
     n = 0
     for name, child in list(root.named_children()):
         if type(child) is nn.Linear or type(child) is FastLinear:
             setattr(root, name, make(child))
             n += 1
         else:
-            n += _swap(child, make)
+            n += swap_linears(child, make)
     return n
 
 
@@ -268,8 +269,8 @@ def quantize_weights(model: nn.Module, bits: int = 8, quantize_head: bool = Fals
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
-    lm, head = _head_and_lm(model)
-    n = _swap(lm, lambda lin: _quantized(lin, max_rows, bits))
+    lm, head = head_and_lm(model)
+    n = swap_linears(lm, lambda lin: _quantized(lin, max_rows, bits))
     if quantize_head and type(head) in (nn.Linear, FastLinear):
         model.lm_head = _quantized(head, max_rows, bits)
         n += 1
@@ -284,7 +285,7 @@ def quantize_vision(model: nn.Module, max_rows: int | None = None) -> int:
     ONNX exports of LFM2-VL keep this tower in int8, and found int4 hurt it). The patch embedding, whose input is
     the pixels, and the projector stay in their dtype. The float weights' mapped pages leave the resident set.
     """
-    n = _swap(model.model.vision_tower.encoder, lambda lin: Int8Linear.from_linear(lin, max_rows,
+    n = swap_linears(model.model.vision_tower.encoder, lambda lin: Int8Linear.from_linear(lin, max_rows,
                                                                                    release_source=True))
     trim_heap()
     return n
@@ -305,8 +306,8 @@ def use_fast_linears(model: nn.Module, max_rows: int | None = None) -> nn.Module
     """
     if not kernels.available():
         return model
-    lm, _ = _head_and_lm(model)
-    _swap(lm, lambda lin: FastLinear.from_linear(lin, max_rows))
+    lm, _ = head_and_lm(model)
+    swap_linears(lm, lambda lin: FastLinear.from_linear(lin, max_rows))
     head = getattr(model, "lm_head", None)
     if type(head) is nn.Linear:
         model.lm_head = FastLinear.from_linear(head, max_rows)

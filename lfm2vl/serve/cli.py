@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with adapter_warnings("lfm2vl serve"):
             engine = lfm2vl.load(model, dtype=args.dtype, device=args.device, int8=args.int8,
-                                 int4=args.int4, int8_vision=args.int8_vision, low_memory=args.low_memory,
-                                 adapter=args.adapter)
+                                 int4=args.int4, bf16_packed=args.bf16_packed, int8_vision=args.int8_vision,
+                                 low_memory=args.low_memory, adapter=args.adapter)
     except Exception as e:  # offline without a copy, a broken folder...: one clear line, no traceback
         print(f"lfm2vl serve: could not load {label}: {e}", file=sys.stderr)
         return 1

@@ -5,13 +5,13 @@
   `attn.cpp` (decode attention), `attn_many.cpp` (the vision tower's and the prefill's attention), `prefill.cpp`
   (a bf16 prefill's SwiGLU, RMSNorm and short-conv middle), `decode.cpp` (the fused decode step, driven by
   `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats:
-  quantization at load, expansion for prefill), `int8mm.cpp` (the passes around an int8 product of many rows:
+  quantization at load, expansion for prefill), `packed.cpp` (bf16 weights packed losslessly in 12 bits), `int8mm.cpp` (the passes around an int8 product of many rows:
   activations quantized per row, the int32 result scaled), `dropout.cpp` (training's dropout, mask hashed from a seed) and
   `pool.cpp` (their thread pool), with `gemv.h` / `pool.h`, are
   compiled once per machine with the system `g++ -O3 -march=native` (no ninja, no Python headers: a plain shared
   library called through ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/ (`build.py`).
 - Here: the decode side's wrappers (products, decode attention) and the CPU's traits; `prefill_ops.py`: the
-  prefill's and vision tower's passes, re-exported here.
+  prefill's and vision tower's passes, `packed_ops.py`: the packed bf16 format's, both re-exported here.
 - Threads: the caller plus `torch.get_num_threads() - 1` helpers of pool.cpp's own work-sharing pool (a contiguous
   range of chunks per thread, the others' leftovers taken from their ends, so a helper descheduled by another process
   never stalls a product); the prefill's and vision tower's passes run on torch's own OpenMP team instead, between
@@ -28,6 +28,7 @@ import torch
 from .build import DT as _DT
 from .build import I4_GROUP, KIND as _KIND
 from .build import load as _load
+from .packed_ops import BLOCK as PACK_BLOCK, pack_bf16, packed_fast, packed_linear, unpack_bf16  # noqa: F401
 from .prefill_ops import (attn_many, int4_to_int8, int8_epilogue, layernorm, quantize_rows, rmsnorm,  # noqa: F401
                           short_conv, swiglu, swiglu_int8)
 

@@ -20,10 +20,11 @@ import torch
 _SRC = Path(__file__).with_name("gemv.cpp")
 _SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in (
     "gemv_scalar.cpp", "gemv_avx2.cpp", "gemv_vnni.cpp", "gemv_streams.cpp", "attn.cpp", "attn_many.cpp",
-    "prefill.cpp", "decode.cpp", "quantized.cpp", "int8mm.cpp", "dropout.cpp", "pool.cpp")]
+    "prefill.cpp", "decode.cpp", "quantized.cpp", "packed.cpp", "int8mm.cpp", "dropout.cpp", "pool.cpp")]
 _HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17", "-ldl"]
 KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
+PACKED_BF16 = 4  # the kind of bf16 weights packed in 12 bits (packed.cpp), whose buffer is uint8 too
 I4_GROUP = 32  # int4 weights: one fp16 scale per this many weights of a row (gemv.h)
 DT = {torch.float32: 0, torch.bfloat16: 1}
 _lib = None
@@ -123,5 +124,14 @@ def load():
     lib.lfm2vl_swiglu_int8.restype = ctypes.c_int
     lib.lfm2vl_int4_to_int8.argtypes = [p, p, p, p, i64, i64, i]
     lib.lfm2vl_int4_to_int8.restype = None
+    lib.lfm2vl_p12_plan.argtypes = [p, i64, i64, p]
+    lib.lfm2vl_p12_plan.restype = i64
+    lib.lfm2vl_p12_bytes.argtypes = [i64, i64, i64]
+    lib.lfm2vl_p12_bytes.restype = i64
+    lib.lfm2vl_p12_pack.argtypes = [p, i64, i64, p, p]
+    lib.lfm2vl_p12_pack.restype = None
+    lib.lfm2vl_p12_unpack.argtypes = [p, i64, i64, p, i]
+    lib.lfm2vl_p12_unpack.restype = None
+    lib.lfm2vl_p12_fast.restype = ctypes.c_int
     _lib = lib
     return _lib

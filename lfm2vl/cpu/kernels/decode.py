@@ -1,10 +1,11 @@
 """The fused native decode step (`decode.cpp`): ctypes descriptors of a loaded language model, and the call.
 
-`NativeDecoder.build(model, linears, scaled, inv_freq)` returns a decoder for a CPU Lfm2VlModel whose language-model linears
-are of the `linears` types (those of the `scaled` types carry a `scale`: int8 / int4) and whose floats share one dtype
+`NativeDecoder.build(model, linears, scaled, inv_freq, packed)` returns a decoder for a CPU Lfm2VlModel whose
+language-model linears are of the `linears` types (those of the `scaled` types carry a `scale`: int8 / int4; those of
+the `packed` types a bf16 weight packed in 12 bits: packed.cpp) and whose floats share one dtype
 (fp32 or bf16), or None when anything else is found (LoRA-wrapped layers, mixed dtypes, no kernels): callers then keep
 the torch path. `inv_freq` holds the RoPE frequencies (model/rope.py's rope_inv_freq; the native step turns q and k
-by float32(position) * inv_freq itself). The CPU layer (speed.py) passes all four, so this package imports nothing
+by float32(position) * inv_freq itself). The CPU layer (speed.py) passes them all, so this package imports nothing
 else of lfm2vl.
 `decoder(embeds, cache, start_pos, rows)` runs one T=1 step for every row and returns (b, V) logits, like
 `Lfm2VlModel.forward_cached(..., last_only=True)`, or None when it cannot take that step (the caller runs torch).
@@ -24,6 +25,7 @@ from torch import nn
 
 from . import available
 from .build import KIND as _KIND
+from .build import PACKED_BF16 as _PACKED
 from .build import load as _load
 
 _ACT = {torch.float32: 0, torch.bfloat16: 1}
@@ -70,8 +72,8 @@ class _Unsupported(Exception):
 
 class NativeDecoder:
     def __init__(self, linears: tuple[type, ...] = (nn.Linear,), scaled: tuple[type, ...] = (),
-                 inv_freq: torch.Tensor | None = None):
-        self._linears, self._scaled, self._inv_freq = linears, scaled, inv_freq
+                 inv_freq: torch.Tensor | None = None, packed: tuple[type, ...] = ()):
+        self._linears, self._scaled, self._inv_freq, self._packed = linears, scaled, inv_freq, packed
         self._keep: list[torch.Tensor] = []  # every tensor a descriptor points into
         self._checks: list[tuple[nn.Module, str, torch.Tensor]] = []  # (module, attribute, tensor it must hold)
         self._cache_flat: list | None = None  # the cache buffers' addresses the array below was built for
@@ -100,29 +102,36 @@ class NativeDecoder:
         lin = self._sub(parent, name)
         if type(lin) not in self._linears:
             raise _Unsupported(f"{type(lin).__name__} layer")
+        bias = self._bias(lin)
+        if isinstance(lin, self._packed):  # one uint8 buffer (packed.cpp)
+            return DLin(self._tensor(lin, "packed", torch.uint8), None, bias, lin.out_features, lin.in_features,
+                        _PACKED)
         w = lin.weight
         if w.dtype not in _KIND or w.dim() != 2:
             raise _Unsupported(f"weight dtype {w.dtype}")
         scale = None
         if isinstance(lin, self._scaled):  # int8 row scales fp32, int4 group scales fp16 (gemv.h)
             scale = self._tensor(lin, "scale", torch.float16 if w.dtype == torch.uint8 else torch.float32)
-        bias = None
-        if lin.bias is not None:
-            self._checks.append((lin, "bias", lin.bias))
-            bias = self._ptr(lin.bias.detach().float().contiguous(), torch.float32)  # the kernel adds an fp32 bias
         N, K = lin.out_features, lin.in_features  # int4 packs two weights per byte
         return DLin(self._tensor(lin, "weight", w.dtype), scale, bias, N, K, _KIND[w.dtype])
 
+    def _bias(self, lin: nn.Module) -> int | None:
+        if lin.bias is None:
+            return None
+        self._checks.append((lin, "bias", lin.bias))
+        return self._ptr(lin.bias.detach().float().contiguous(), torch.float32)  # the kernel adds an fp32 bias
+
     @classmethod
     def build(cls, model: nn.Module, linears: tuple[type, ...], scaled: tuple[type, ...],
-              inv_freq: torch.Tensor) -> "NativeDecoder | None":
+              inv_freq: torch.Tensor, packed: tuple[type, ...] = ()) -> "NativeDecoder | None":
         """A decoder for `model` (an Lfm2VlModel on CPU), or None when its layers or dtypes are not supported.
         linears: the accepted linear layer types; scaled: those among them with a `scale` (quantized weights);
+        packed: those holding bf16 weights packed in 12 bits (`packed`, `out_features`, `in_features`);
         inv_freq: the language model's RoPE frequencies, (head_dim / 2,) float32."""
         if not available():
             return None
         _count_registrations()
-        self = cls(linears, scaled, inv_freq)
+        self = cls(linears, scaled, inv_freq, packed)
         try:
             self._describe(model)
         except _Unsupported:
@@ -168,7 +177,7 @@ class NativeDecoder:
                            cfg.conv_L_cache, len(lm.layers), _ACT[act], cfg.norm_eps,
                            self._tensor(self._sub(lm, "embedding_norm"), "weight", act), self._lin(model, "lm_head"),
                            layers, self._ptr(self._inv_freq, torch.float32))
-        self.dtype, self.cfg, self.vocab = act, cfg, model.lm_head.weight.shape[0]
+        self.dtype, self.cfg, self.vocab = act, cfg, model.lm_head.out_features
 
     # ---- calling ----------------------------------------------------------------------------------------------
     def matches(self) -> bool:

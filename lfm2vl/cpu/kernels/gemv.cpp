@@ -59,16 +59,6 @@ int active_isa() {
 // U accumulators per activation row (U * MR independent dependency chains); a row re-read for the next group of
 // activation rows comes from L1. (PF_BYTES and prefetch_line live in gemv.h, shared with the AVX2 rows.)
 
-// out[j] = the sum of activation row j's U accumulators, all lanes
-template <int MR, int U>
-T_AVX512 static inline void sum_accumulators(__m512 (&acc)[MR][U], float* out) {
-    for (int j = 0; j < MR; j++) {
-        __m512 t = acc[j][0];
-        for (int u = 1; u < U; u++) t = _mm512_add_ps(t, acc[j][u]);
-        out[j] = _mm512_reduce_add_ps(t);
-    }
-}
-
 // bf16 weights x bf16 activations with dpbf16 (each step: 32 products summed pairwise into 16 fp32 lanes).
 template <int MR>
 T_AVX512BF16 static void row_bf16_dp(const uint16_t* w, const uint16_t* X, int64_t K, bool pf, const char* end,
@@ -297,7 +287,9 @@ static void linear_chunk(const void* ctx, int64_t chunk) {
     const LinearArgs& a = *(const LinearArgs*)ctx;
     int64_t n0, n1;
     chunk_rows(chunk, a.rows_per_chunk, a.N, &n0, &n1);
-    if (a.dp && a.streams) {
+    if (a.kind == 4) {
+        p12_rows(a.W, (const uint16_t*)a.X, a.Xf, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
+    } else if (a.dp && a.streams) {
         rows_bf16_streams((const uint16_t*)a.W, (const uint16_t*)a.X, a.Y, a.bias, n0, n1, a.K, a.ydt);
     } else if (a.dp) {
         rows_bf16_dp((const uint16_t*)a.W, (const uint16_t*)a.X, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
@@ -332,7 +324,7 @@ static void linear_chunk(const void* ctx, int64_t chunk) {
 
 // Bytes of one weight row (int4: the packed nibbles and the row's group scales).
 static int64_t row_weight_bytes(int kind, int64_t K) {
-    return kind == 3 ? K / 2 + K / I4_GROUP * 2 : K * (kind == 1 ? 4 : kind == 0 ? 2 : 1);
+    return kind == 4 ? K / 2 * 3 : kind == 3 ? K / 2 + K / I4_GROUP * 2 : K * (kind == 1 ? 4 : kind == 0 ? 2 : 1);
 }
 
 // Fill the dispatch fields of one product. Xf must be x as fp32 unless the bf16 dot-product path is taken.
@@ -342,6 +334,7 @@ void linear_setup(LinearArgs& a, int kind, const void* W, const float* S, const 
     a.dp = (kind == 0 && xdt == 1 && a.isa >= 3);
     a.streams = M == 1 && eight_streams();
     a.W = W; a.S = S; a.X = X; a.Xf = Xf; a.Y = Y; a.bias = bias; a.M = M; a.N = N; a.K = K;
+    if (kind == 4 && !(xdt == 1 && p12_fast())) a.X = NULL;  // packed rows take bf16 x on the AVX512 path only
     a.Xh = NULL; a.Xq = NULL; a.Xd = NULL; a.Xs = NULL; a.Xp = NULL;
     if (a.isa == 1 && kind == 0 && K % 32 == 0 && Xf) {  // AVX2 bf16: x split by parity (gemv_avx2.cpp)
         a.xp.resize(M * K);
@@ -402,13 +395,13 @@ void lfm2vl_set_isa(int cap) { g_isa_cap = cap; }
 void lfm2vl_set_streams(int mode) { g_streams = mode; }
 
 // kind: 0 bf16 weights, 1 fp32 weights, 2 int8 weights (+ row scales S), 3 int4 weights (+ group scales S; K is
-// the unpacked width). xdt/ydt: 0 fp32, 1 bf16.
+// the unpacked width), 4 bf16 weights packed in 12 bits (packed.cpp; W is the packed buffer). xdt/ydt: 0 fp32, 1 bf16.
 // threads: how many threads may work on it (the caller passes torch.get_num_threads()).
 void lfm2vl_linear(int kind, const void* W, const float* S, const void* X, void* Y, const float* bias, int64_t M,
                    int64_t N, int64_t K, int xdt, int ydt, int threads) {
     LinearArgs a;
     float* owned = NULL;
-    bool dp = (kind == 0 && xdt == 1 && active_isa() >= 3);
+    bool dp = xdt == 1 && ((kind == 0 && active_isa() >= 3) || (kind == 4 && p12_fast()));
     const float* Xf = dp ? NULL : x_as_f32(X, xdt, M * K, &owned);
     linear_setup(a, kind, W, S, X, Xf, xdt, Y, ydt, bias, M, N, K);
     linear_many(&a, 1, threads);

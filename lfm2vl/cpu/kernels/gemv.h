@@ -258,6 +258,22 @@ T_AVX2 static inline float hmax8(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
 }
 
+// out[j] = the sum of activation row j's U accumulators, all lanes
+template <int MR, int U>
+T_AVX512 static inline void sum_accumulators(__m512 (&acc)[MR][U], float* out) {
+    for (int j = 0; j < MR; j++) {
+        __m512 t = acc[j][0];
+        for (int u = 1; u < U; u++) t = _mm512_add_ps(t, acc[j][u]);
+        out[j] = _mm512_reduce_add_ps(t);
+    }
+}
+
+// bf16 weights packed in 12 bits (packed.cpp): rows [n0, n1) of W times the M activation rows X (bf16; NULL when
+// the CPU lacks the AVX512 path, which p12_fast() tells) or Xf (fp32, for the scalar path).
+bool p12_fast();
+void p12_rows(const void* W, const uint16_t* X, const float* Xf, void* Y, const float* bias, int64_t M, int64_t n0,
+              int64_t n1, int64_t N, int64_t K, int ydt);
+
 // Software prefetch of a weight stream: this many bytes ahead of the row being read, never past its chunk's end.
 static const int64_t PF_BYTES = 2048;
 

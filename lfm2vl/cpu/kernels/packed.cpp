@@ -1,0 +1,266 @@
+// bf16 weights packed losslessly in 12 bits a weight (kind 4): a decode step reads 25% fewer bytes and multiplies
+// exactly the same bf16 values.
+//
+// A bf16 value's high byte (sign and the top 7 exponent bits) takes few values in a weight matrix: the 15 most
+// frequent get a 4-bit code, and code 15 marks an escape whose high byte is stored apart. The low byte (the last
+// exponent bit and the 7 mantissa bits) is kept as it is. One packed (N, K) matrix (K a multiple of 64) is one
+// byte buffer:
+//   [0, 64)              the code table: byte c (c < 15) is code c's high byte, repeated in four 16-byte lanes
+//   [64, 64 + 4 (N + 1)) int32: row n's first escape among the escape bytes (entry N: how many there are)
+//   lo    (64-aligned)   N K bytes, the low bytes, in blocks of 64 weights stored in unpack order (below)
+//   codes                N K / 2 bytes: byte j of a block's 32 holds the code of position j (low nibble) and of
+//                        position 32 + j (high nibble)
+//   escapes              the escaped high bytes, in the order of (row, position)
+// Position p of a block holds element elem(p) (p = 16 L + i: 8 L + i for i < 8, 32 + 8 L + i - 8 otherwise), so
+// that interleaving the low and high bytes per 128-bit lane (VPUNPCKLBW / VPUNPCKHBW) yields elements 0..31 and
+// 32..63 of the block in order. The codes become high bytes by VPSHUFB against the table, the escapes by
+// VPEXPANDB (AVX512-VBMI2).
+//
+// Products take one activation row at a time like gemv.cpp's row_bf16_dp, with its accumulators in its order, so
+// their sums are the bf16 kernel's sums bit for bit; without AVX512-BF16 and VBMI2 a scalar path unpacks each row.
+#include <algorithm>
+
+#include "gemv.h"
+#include "pool.h"
+
+#define T_P12 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi2,fma")))
+
+namespace {
+
+const int ESCAPE = 15;
+
+inline int elem(int p) {
+    const int L = p / 16, i = p % 16;
+    return i < 8 ? 8 * L + i : 32 + 8 * L + i - 8;
+}
+
+struct P12 {
+    const uint8_t* table;
+    const int32_t* row_esc;
+    const uint8_t* lo;
+    const uint8_t* codes;
+    const uint8_t* esc;
+};
+
+int64_t lo_offset(int64_t N) { return (64 + 4 * (N + 1) + 63) / 64 * 64; }
+
+P12 view(const void* buf, int64_t N, int64_t K) {
+    const uint8_t* b = (const uint8_t*)buf;
+    const uint8_t* lo = b + lo_offset(N);
+    return P12{b, (const int32_t*)(b + 64), lo, lo + N * K, lo + N * K + N * K / 2};
+}
+
+bool fast() {
+    static const bool ok = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16") &&
+                            __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512bw"));
+    return ok && lfm2vl_isa() >= 3;
+}
+
+// Row n of the matrix as bf16 values (scalar).
+void unpack_row(const P12& v, int64_t n, int64_t K, uint16_t* out) {
+    const uint8_t* lo = v.lo + n * K;
+    const uint8_t* cd = v.codes + n * K / 2;
+    const uint8_t* esc = v.esc + v.row_esc[n];
+    for (int64_t k = 0; k < K; k += 64)
+        for (int p = 0; p < 64; p++) {
+            const int c = p < 32 ? cd[k / 2 + p] & 15 : cd[k / 2 + p - 32] >> 4;
+            const int hi = c == ESCAPE ? *esc++ : v.table[c];
+            out[k + elem(p)] = (uint16_t)(hi << 8 | lo[k + p]);
+        }
+}
+
+// The 64 bf16 weights of the block at lo / cd: A = elements 0..31, B = 32..63; esc advances past its escapes.
+T_P12 inline __attribute__((always_inline)) void block(const uint8_t* lo, const uint8_t* cd, const uint8_t*& esc,
+                                                       __m512i table, __m512i& A, __m512i& B) {
+    const __m512i m4 = _mm512_set1_epi8(ESCAPE);
+    const __m256i c8 = _mm256_loadu_si256((const __m256i*)cd);
+    const __m512i c = _mm512_and_si512(_mm512_inserti64x4(_mm512_zextsi256_si512(c8), _mm256_srli_epi16(c8, 4), 1), m4);
+    __m512i hi = _mm512_shuffle_epi8(table, c);
+    const __mmask64 e = _mm512_cmpeq_epi8_mask(c, m4);
+    if (__builtin_expect(e != 0, 0)) {
+        hi = _mm512_mask_expandloadu_epi8(hi, e, esc);
+        esc += __builtin_popcountll(e);
+    }
+    const __m512i l = _mm512_loadu_si512(lo);
+    A = _mm512_unpacklo_epi8(l, hi);
+    B = _mm512_unpackhi_epi8(l, hi);
+}
+
+// A and B (elements k..k+63 of the row) times each activation row: A into accumulator ua, then B into ub.
+template <int MR, int U>
+T_P12 inline __attribute__((always_inline)) void fma_block(__m512 (&acc)[MR][U], int ua, int ub, __m512i A, __m512i B,
+                                                           const uint16_t* X, int64_t K, int64_t k) {
+    for (int j = 0; j < MR; j++) {
+        acc[j][ua] = _mm512_dpbf16_ps(acc[j][ua], (__m512bh)A, (__m512bh)_mm512_loadu_si512(X + j * K + k));
+        acc[j][ub] = _mm512_dpbf16_ps(acc[j][ub], (__m512bh)B, (__m512bh)_mm512_loadu_si512(X + j * K + k + 32));
+    }
+}
+
+// One packed row times MR activation rows, accumulated as row_bf16_dp<MR> does: U chains, 32 elements a step,
+// step s into chain s % U, a tail shorter than U steps into chain 0.
+template <int MR>
+T_P12 void row_p12(const P12& v, int64_t n, const uint16_t* X, int64_t K, bool pf, const char* lo_end,
+                   const char* cd_end, float* out) {
+    constexpr int U = MR == 1 ? 4 : MR == 2 ? 2 : 1;
+    const uint8_t* lo = v.lo + n * K;
+    const uint8_t* cd = v.codes + n * K / 2;
+    const uint8_t* esc = v.esc + v.row_esc[n];
+    const __m512i table = _mm512_loadu_si512(v.table);
+    __m512 acc[MR][U] = {};
+    __m512i A, B;
+    const int64_t step = U == 4 ? 128 : 64;
+    int64_t k = 0;
+    for (; k + step <= K; k += step) {
+        if (pf) {  // the bf16 kernel's distance in weights: 3/4 of PF_BYTES in low bytes, 3/8 in codes
+            prefetch_line((const char*)lo + k + PF_BYTES * 3 / 4, lo_end);
+            if (U == 4) prefetch_line((const char*)lo + k + 64 + PF_BYTES * 3 / 4, lo_end);
+            prefetch_line((const char*)cd + k / 2 + PF_BYTES * 3 / 8, cd_end);
+        }
+        block(lo + k, cd + k / 2, esc, table, A, B);
+        if (U == 4) {
+            fma_block<MR, U>(acc, 0, 1, A, B, X, K, k);
+            block(lo + k + 64, cd + k / 2 + 32, esc, table, A, B);
+            fma_block<MR, U>(acc, 2 % U, 3 % U, A, B, X, K, k + 64);
+        } else {
+            fma_block<MR, U>(acc, 0, 1 % U, A, B, X, K, k);
+        }
+    }
+    if (k < K) {  // U == 4 and one block of 64 left
+        block(lo + k, cd + k / 2, esc, table, A, B);
+        fma_block<MR, U>(acc, 0, 0, A, B, X, K, k);
+    }
+    sum_accumulators<MR, U>(acc, out);
+}
+
+// Rows [n0, n1): activation rows in groups of 4, 2 and 1 (gemv.cpp's rows_generic).
+T_P12 void rows_fast(const P12& v, const uint16_t* X, void* Y, const float* bias, int64_t M, int64_t n0, int64_t n1,
+                     int64_t N, int64_t K, int ydt) {
+    const char* lo_end = (const char*)v.lo + n1 * K;
+    const char* cd_end = (const char*)v.codes + n1 * K / 2;
+    float out[4];
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t m = 0; m < M;) {
+            const int g = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+            if (g == 4) row_p12<4>(v, n, X + m * K, K, m == 0, lo_end, cd_end, out);
+            else if (g == 2) row_p12<2>(v, n, X + m * K, K, m == 0, lo_end, cd_end, out);
+            else row_p12<1>(v, n, X + m * K, K, m == 0, lo_end, cd_end, out);
+            for (int j = 0; j < g; j++) store_out(Y, ydt, (m + j) * N + n, out[j] + (bias ? bias[n] : 0.f));
+            m += g;
+        }
+}
+
+void rows_scalar(const P12& v, const float* Xf, void* Y, const float* bias, int64_t M, int64_t n0, int64_t n1,
+                 int64_t N, int64_t K, int ydt) {
+    std::vector<uint16_t> w(K);
+    for (int64_t n = n0; n < n1; n++) {
+        unpack_row(v, n, K, w.data());
+        for (int64_t m = 0; m < M; m++) {
+            float acc = 0.f;
+            for (int64_t k = 0; k < K; k++) acc += bf16_to_f32(w[k]) * Xf[m * K + k];
+            store_out(Y, ydt, m * N + n, acc + (bias ? bias[n] : 0.f));
+        }
+    }
+}
+
+T_P12 void unpack_rows_fast(const P12& v, int64_t n0, int64_t n1, int64_t K, uint16_t* out) {
+    const __m512i table = _mm512_loadu_si512(v.table);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t* esc = v.esc + v.row_esc[n];
+        for (int64_t k = 0; k < K; k += 64) {
+            __m512i A, B;
+            block(v.lo + n * K + k, v.codes + (n * K + k) / 2, esc, table, A, B);
+            _mm512_storeu_si512(out + n * K + k, A);
+            _mm512_storeu_si512(out + n * K + k + 32, B);
+        }
+    }
+}
+
+struct UnpackArgs {
+    P12 v;
+    int64_t N, K, per;
+    uint16_t* out;
+};
+
+void unpack_chunk(const void* ctx, int64_t chunk) {
+    const UnpackArgs& a = *(const UnpackArgs*)ctx;
+    int64_t n0, n1;
+    chunk_rows(chunk, a.per, a.N, &n0, &n1);
+    if (fast()) {
+        unpack_rows_fast(a.v, n0, n1, a.K, a.out);
+    } else {
+        for (int64_t n = n0; n < n1; n++) unpack_row(a.v, n, a.K, a.out + n * a.K);
+    }
+}
+
+}  // namespace
+
+bool p12_fast() { return fast(); }
+
+void p12_rows(const void* W, const uint16_t* X, const float* Xf, void* Y, const float* bias, int64_t M, int64_t n0,
+              int64_t n1, int64_t N, int64_t K, int ydt) {
+    const P12 v = view(W, N, K);
+    if (X && fast()) rows_fast(v, X, Y, bias, M, n0, n1, N, K, ydt);
+    else rows_scalar(v, Xf, Y, bias, M, n0, n1, N, K, ydt);
+}
+
+extern "C" {
+
+// The code table of W (N, K) bf16 into table[64] (the packed layout's first 64 bytes); returns how many weights
+// escape (their high byte is not among the 15 most frequent).
+int64_t lfm2vl_p12_plan(const uint16_t* W, int64_t N, int64_t K, uint8_t* table) {
+    int64_t count[256] = {};
+    for (int64_t i = 0; i < N * K; i++) count[W[i] >> 8]++;
+    int order[256];
+    for (int i = 0; i < 256; i++) order[i] = i;
+    // most frequent first, ties by value: the same table for the same weights
+    std::stable_sort(order, order + 256, [&](int a, int b) { return count[a] > count[b]; });
+    int64_t escapes = N * K;
+    for (int c = 0; c < ESCAPE; c++) escapes -= count[order[c]];
+    for (int l = 0; l < 4; l++)
+        for (int c = 0; c < 16; c++) table[16 * l + c] = c < ESCAPE ? (uint8_t)order[c] : 0;
+    return escapes;
+}
+
+// Bytes of the packed buffer of an (N, K) matrix with `escapes` escapes.
+int64_t lfm2vl_p12_bytes(int64_t N, int64_t K, int64_t escapes) { return lo_offset(N) + N * K + N * K / 2 + escapes; }
+
+// Pack W (N, K) bf16 into buf (lfm2vl_p12_bytes long) with the table lfm2vl_p12_plan gave.
+void lfm2vl_p12_pack(const uint16_t* W, int64_t N, int64_t K, const uint8_t* table, uint8_t* buf) {
+    int code[256];
+    for (int i = 0; i < 256; i++) code[i] = ESCAPE;
+    for (int c = ESCAPE - 1; c >= 0; c--) code[table[c]] = c;  // unused codes hold 0: code 0 wins
+    memcpy(buf, table, 64);
+    memset(buf + 64, 0, lo_offset(N) - 64);
+    int32_t* row_esc = (int32_t*)(buf + 64);
+    uint8_t* lo = buf + lo_offset(N);
+    uint8_t* cd = lo + N * K;
+    uint8_t* esc = cd + N * K / 2;
+    int64_t e = 0;
+    for (int64_t n = 0; n < N; n++) {
+        row_esc[n] = (int32_t)e;
+        for (int64_t k = 0; k < K; k += 64) {
+            const uint16_t* w = W + n * K + k;
+            uint8_t c[64];
+            for (int p = 0; p < 64; p++) {
+                const uint16_t x = w[elem(p)];
+                lo[n * K + k + p] = (uint8_t)x;
+                c[p] = (uint8_t)code[x >> 8];
+                if (c[p] == ESCAPE) esc[e++] = (uint8_t)(x >> 8);
+            }
+            for (int j = 0; j < 32; j++) cd[(n * K + k) / 2 + j] = (uint8_t)(c[j] | c[32 + j] << 4);
+        }
+    }
+    row_esc[N] = (int32_t)e;
+}
+
+// buf (packed (N, K)) -> out (N, K) bf16, the same values W had.
+void lfm2vl_p12_unpack(const uint8_t* buf, int64_t N, int64_t K, uint16_t* out, int threads) {
+    UnpackArgs a{view(buf, N, K), N, K, 0, out};
+    a.per = (256 * 1024) / (K * 2) > 1 ? (256 * 1024) / (K * 2) : 1;
+    pool_run(unpack_chunk, &a, (N + a.per - 1) / a.per, threads, false);
+}
+
+// Whether packed products run the AVX512 path (else the scalar one).
+int lfm2vl_p12_fast(void) { return fast(); }
+
+}  // extern "C"

@@ -1,0 +1,74 @@
+"""bf16 weights packed losslessly in 12 bits a weight (packed.cpp has the format): packing, unpacking, products.
+
+A packed (N, K) weight is one uint8 tensor; `pack_bf16` makes it, `unpack_bf16` gives back the same bf16 values, and
+`packed_linear` multiplies with it as `linear` does with the bf16 weight (the same sums, bit for bit, on CPUs with
+AVX512-BF16 and AVX512-VBMI2: `packed_fast()`; elsewhere a scalar path that unpacks each row). The caller checks
+`available()`.
+"""
+from __future__ import annotations
+
+import torch
+
+from .build import DT as _DT
+from .build import PACKED_BF16 as _KIND
+from .build import load as _load
+
+BLOCK = 64  # weights a row is packed in: K must be a multiple of it
+
+
+def packed_fast() -> bool:
+    """Whether packed products and unpacking run the AVX512 path (AVX512-BF16 and AVX512-VBMI2)."""
+    return bool(_load().lfm2vl_p12_fast())
+
+
+def pack_bf16(w: torch.Tensor) -> torch.Tensor:
+    """The packed form of w (N, K) bf16, a contiguous CPU tensor with K a multiple of 64: a 1-D uint8 tensor of
+    ~1.5 N K bytes (more where the high bytes of the weights spread over more than 15 values)."""
+    if w.dtype != torch.bfloat16 or w.dim() != 2 or w.device.type != "cpu" or w.shape[1] % BLOCK:
+        raise ValueError(f"pack_bf16: needs an (N, K) bfloat16 CPU tensor with K a multiple of {BLOCK}, got "
+                         f"{tuple(w.shape)} {w.dtype} on {w.device}")
+    w = w.contiguous()
+    N, K = w.shape
+    lib = _load()
+    table = torch.empty(64, dtype=torch.uint8)
+    escapes = lib.lfm2vl_p12_plan(w.data_ptr(), N, K, table.data_ptr())
+    buf = torch.empty(lib.lfm2vl_p12_bytes(N, K, escapes), dtype=torch.uint8)
+    lib.lfm2vl_p12_pack(w.data_ptr(), N, K, table.data_ptr(), buf.data_ptr())
+    return buf
+
+
+def _check(buf: torch.Tensor, N: int, K: int, who: str) -> None:
+    if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous() or K % BLOCK:
+        raise ValueError(f"{who}: needs a packed buffer (1-D contiguous uint8) and K a multiple of {BLOCK}, got "
+                         f"{tuple(buf.shape)} {buf.dtype}, K={K}")
+    if buf.numel() < _load().lfm2vl_p12_bytes(N, K, 0):
+        raise ValueError(f"{who}: a buffer of {buf.numel()} bytes cannot hold a packed {N}x{K} weight")
+
+
+def unpack_bf16(buf: torch.Tensor, N: int, K: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The (N, K) bf16 weight `buf` was packed from, into out (a contiguous (N, K) bf16 tensor) or a new tensor, on
+    the pool's threads."""
+    _check(buf, N, K, "unpack_bf16")
+    if out is None:
+        out = torch.empty(N, K, dtype=torch.bfloat16)
+    elif out.dtype != torch.bfloat16 or out.shape != (N, K) or not out.is_contiguous():
+        raise ValueError(f"unpack_bf16: out must be a contiguous ({N}, {K}) bfloat16 tensor, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    _load().lfm2vl_p12_unpack(buf.data_ptr(), N, K, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def packed_linear(x: torch.Tensor, buf: torch.Tensor, N: int, K: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, the unpacked weight, bias) with fp32 accumulation; x (..., K) fp32/bf16, the output in x's dtype.
+    Kept lean like `linear`: the caller passes a buffer `pack_bf16` made for an (N, K) weight."""
+    if x.shape[-1] != K:
+        raise ValueError(f"packed_linear: x has {x.shape[-1]} features, the weight {K}")
+    x = x.contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    y = x.new_empty(x.shape[:-1] + (N,))
+    dt = _DT[x.dtype]
+    _load().lfm2vl_linear(_KIND, buf.data_ptr(), None, x.data_ptr(), y.data_ptr(),
+                          None if bias is None else bias.data_ptr(), x.numel() // K, N, K, dt, dt,
+                          torch.get_num_threads())
+    return y

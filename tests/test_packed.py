@@ -1,0 +1,154 @@
+"""bf16 weights packed losslessly in 12 bits (cpu/kernels/packed.cpp, cpu/packed.py): unpacking gives back every bit,
+products equal the bf16 kernel's bit for bit (the same sums in the same order; the scalar path within float
+rounding), and a packed model prefills, decodes and generates exactly as the bf16 model does."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lfm2vl.cpu import kernels
+from checkpoints import run_cached, tiny_model
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable on this machine")
+ODD = [0.0, -0.0, 1e-30, -3e25, float("inf"), float("-inf"), float("nan"), 5e-39, -5e-39]  # escapes, specials
+
+
+def weight(N, K, spread=False, seed=0):
+    """(N, K) bf16 weights ~ N(0, 0.02) with ODD in row 0; spread: random bit patterns (most high bytes escape)."""
+    g = torch.Generator().manual_seed(seed)
+    if spread:
+        return torch.randint(-32768, 32768, (N, K), generator=g, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    w = (torch.randn(N, K, generator=g) * 0.02).bfloat16()
+    w[0, :len(ODD)] = torch.tensor(ODD).bfloat16()
+    return w
+
+
+@pytest.fixture
+def one_stream():
+    """One weight stream per thread for one activation row (the order packed products keep on every CPU)."""
+    kernels.set_streams(0)
+    yield
+    kernels.set_streams(-1)
+
+
+@pytest.mark.parametrize("N,K,spread", [(3, 64, False), (300, 192, False), (64, 1024, False), (70, 256, True)])
+def test_unpacking_gives_back_every_bit(N, K, spread):
+    w = weight(N, K, spread)
+    packed = kernels.pack_bf16(w)
+    assert torch.equal(kernels.unpack_bf16(packed, N, K).view(torch.int16), w.view(torch.int16))
+    if not spread:  # 12 bits a weight, a table and row offsets (~0.5% more here)
+        assert packed.numel() <= 1.52 * N * K + 64 + 4 * (N + 1) + 64
+
+
+def fp32_sums(kind, w, x, N, K):
+    """The kernel's fp32 sums (bf16 x, fp32 output, no rounding to bf16 that could hide another summation order)."""
+    from lfm2vl.cpu.kernels.build import load
+
+    y = torch.empty(x.shape[0], N)
+    load().lfm2vl_linear(kind, w.data_ptr(), None, x.data_ptr(), y.data_ptr(), None, x.shape[0], N, K, 1, 0, 2)
+    return y
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 11, 16])
+@pytest.mark.parametrize("N,K,spread", [(96, 192, False), (40, 1024, False), (33, 128, True)])
+def test_products_equal_the_bf16_kernel(one_stream, M, N, K, spread):
+    w = weight(N, K, spread, seed=M)
+    if spread:  # finite weights of every exponent range, small enough that the sums stay finite
+        w = torch.where(w.float().abs() < 1e3, w, torch.zeros_like(w))
+    else:
+        w[0, :len(ODD)] = 0.5
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(7)).bfloat16()
+    bias = torch.randn(N)
+    got = kernels.packed_linear(x, kernels.pack_bf16(w), N, K, bias)
+    if kernels.packed_fast():
+        assert torch.equal(got, kernels.linear(x, w, bias))
+        assert torch.equal(fp32_sums(4, kernels.pack_bf16(w), x, N, K), fp32_sums(0, w, x, N, K))
+    else:  # the scalar path: fp32 sums in another order
+        torch.testing.assert_close(got.float(), F.linear(x.float(), w.float(), bias), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("isa_cap", [2], indirect=True)
+def test_scalar_path_unpacks_and_multiplies_the_same_weights(isa_cap):
+    assert not kernels.packed_fast()
+    w = weight(50, 192)
+    packed = kernels.pack_bf16(w)
+    assert torch.equal(kernels.unpack_bf16(packed, 50, 192).view(torch.int16), w.view(torch.int16))
+    w[0, :len(ODD)] = 0.5
+    packed = kernels.pack_bf16(w)
+    for M, dt in ((1, torch.bfloat16), (3, torch.float32)):
+        x = torch.randn(M, 192).to(dt)
+        torch.testing.assert_close(kernels.packed_linear(x, packed, 50, 192).float(),
+                                   F.linear(x.float(), w.float()), rtol=2e-2, atol=2e-2)
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="bfloat16 CPU tensor with K a multiple of 64.*float32"):
+        kernels.pack_bf16(torch.zeros(4, 64))
+    with pytest.raises(ValueError, match=r"K a multiple of 64, got \(4, 100\)"):
+        kernels.pack_bf16(torch.zeros(4, 100, dtype=torch.bfloat16))
+    packed = kernels.pack_bf16(torch.zeros(4, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="cannot hold a packed 40x64 weight"):
+        kernels.unpack_bf16(packed, 40, 64)
+    with pytest.raises(ValueError, match=r"out must be a contiguous \(4, 64\) bfloat16"):
+        kernels.unpack_bf16(packed, 4, 64, torch.empty(4, 64))
+    with pytest.raises(ValueError, match="x has 32 features, the weight 64"):
+        kernels.packed_linear(torch.zeros(1, 32, dtype=torch.bfloat16), packed, 4, 64)
+
+
+def test_packed_linear_module_computes_what_the_bf16_linear_computes(one_stream):
+    from lfm2vl.cpu.packed import PackedLinear
+    from lfm2vl.cpu.quant import FastLinear
+
+    lin = nn.Linear(256, 96, bias=True).bfloat16()
+    fast, packed = FastLinear.from_linear(lin), PackedLinear.from_linear(lin)
+    assert torch.equal(packed.unpack(), lin.weight.detach())
+    for rows in (1, 4, 40):  # the kernel up to max_rows, then the prefill path (unpacked weight, torch's GEMM)
+        x = torch.randn(2, rows, 256).bfloat16()
+        with torch.no_grad():
+            want, got = fast(x), packed(x)
+        assert got.shape == want.shape == (2, rows, 96)
+        if kernels.packed_fast() or rows * 2 > packed.max_rows:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def _models():
+    from lfm2vl.cpu.packed import PackedLinear
+    from lfm2vl.cpu.speed import optimize_for_cpu
+
+    bf16 = optimize_for_cpu(tiny_model(torch.bfloat16, seed=5))
+    packed = optimize_for_cpu(tiny_model(torch.bfloat16, seed=5), bf16_packed=True)
+    lm = packed.model.language_model
+    assert type(packed.lm_head) is PackedLinear and type(lm.layers[0].feed_forward.w2) is PackedLinear
+    assert packed.native_decoder is not None and bf16.native_decoder is not None
+    return bf16, packed
+
+
+def test_packed_model_prefills_and_decodes_as_the_bf16_model(one_stream):
+    bf16, packed = _models()
+    prompts = [[1, 6, 20, 30, 40, 7, 6, 50, 60], [1, 6, 99, 98, 97, 96, 95, 94, 93, 92, 91, 90, 89, 7, 6]]
+    for slots in (None, [2, 0]):
+        got, want = run_cached(packed, prompts, 6, slots), run_cached(bf16, prompts, 6, slots)
+        if kernels.packed_fast():
+            assert torch.equal(got, want)
+        else:
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_engine_generates_the_bf16_tokens_and_refuses_what_it_cannot_pack(tiny_checkpoint, one_stream):
+    from lfm2vl.engine import load
+    from lfm2vl.loading import LoadError
+
+    msgs = [{"role": "user", "content": "Tell me about the sea."}]
+    kw = dict(temperature=0, max_new_tokens=12)
+    want = load(tiny_checkpoint).generate(msgs, **kw).token_ids
+    assert load(tiny_checkpoint, bf16_packed=True).generate(msgs, **kw).token_ids == want
+    with pytest.raises(ValueError, match="int4=True and bf16_packed=True are exclusive"):
+        load(tiny_checkpoint, int4=True, bf16_packed=True)
+    with pytest.raises(ValueError, match="bf16_packed packs bfloat16 weights; got dtype='float32'"):
+        load(tiny_checkpoint, dtype="float32", bf16_packed=True)
+    with pytest.raises(ValueError, match="bf16_packed works on CPU only"):
+        load(tiny_checkpoint, device="cuda", bf16_packed=True)
+    with pytest.raises(LoadError):
+        load(tiny_checkpoint, dtype="int3", bf16_packed=True)
