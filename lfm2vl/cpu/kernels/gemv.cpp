@@ -179,29 +179,34 @@ T_AVX512BF16 static void block_bf16_dp(const uint16_t* w, const uint16_t* X, int
         for (int j = 0; j < 4; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
 }
 
+// Weight rows n..n+3 (at w, K apart) times all M activation rows: activation rows in blocks of 4 (block_bf16_dp),
+// then 2 / 1. Also the products of packed.cpp, over four rows it unpacked (pf false: nothing to prefetch there).
+T_AVX512BF16 void four_rows_bf16_dp(const uint16_t* w, const uint16_t* X, void* Y, const float* bias, int64_t M,
+                                    int64_t n, int64_t N, int64_t K, int ydt, bool pf, const char* end) {
+    const int64_t mb = M / 4 * 4;
+    float out[4][4], o[4];
+    for (int64_t m = 0; m < mb; m += 4) {
+        block_bf16_dp(w, X + m * K, K, pf && m == 0, end, out);
+        for (int r = 0; r < 4; r++)
+            for (int j = 0; j < 4; j++)
+                store_out(Y, ydt, (m + j) * N + n + r, out[r][j] + (bias ? bias[n + r] : 0.f));
+    }
+    for (int r = 0; r < 4; r++)
+        for (int64_t m = mb; m < M;) {
+            const int g = M - m >= 2 ? 2 : 1;
+            if (g == 2) row_bf16_dp<2>(w + r * K, X + m * K, K, false, end, o);
+            else row_bf16_dp<1>(w + r * K, X + m * K, K, false, end, o);
+            for (int j = 0; j < g; j++) store_out(Y, ydt, (m + j) * N + n + r, o[j] + (bias ? bias[n + r] : 0.f));
+            m += g;
+        }
+}
+
 T_AVX512BF16 static void rows_bf16_dp(const uint16_t* W, const uint16_t* X, void* Y, const float* bias, int64_t M,
                                       int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt) {
     const char* end = (const char*)(W + n1 * K);
-    if (M >= 8) {  // weight rows in blocks of 4, activation rows in blocks of 4 and then 2 / 1 as below
-        const int64_t nb = n0 + (n1 - n0) / 4 * 4, mb = M / 4 * 4;
-        float out[4][4], o[4];
-        for (int64_t n = n0; n < nb; n += 4) {
-            for (int64_t m = 0; m < mb; m += 4) {
-                block_bf16_dp(W + n * K, X + m * K, K, m == 0, end, out);
-                for (int r = 0; r < 4; r++)
-                    for (int j = 0; j < 4; j++)
-                        store_out(Y, ydt, (m + j) * N + n + r, out[r][j] + (bias ? bias[n + r] : 0.f));
-            }
-            for (int r = 0; r < 4; r++)
-                for (int64_t m = mb; m < M;) {
-                    const int g = M - m >= 2 ? 2 : 1;
-                    if (g == 2) row_bf16_dp<2>(W + (n + r) * K, X + m * K, K, false, end, o);
-                    else row_bf16_dp<1>(W + (n + r) * K, X + m * K, K, false, end, o);
-                    for (int j = 0; j < g; j++)
-                        store_out(Y, ydt, (m + j) * N + n + r, o[j] + (bias ? bias[n + r] : 0.f));
-                    m += g;
-                }
-        }
+    if (M >= BLOCK_ROWS) {  // weight rows in blocks of 4
+        const int64_t nb = n0 + (n1 - n0) / 4 * 4;
+        for (int64_t n = n0; n < nb; n += 4) four_rows_bf16_dp(W + n * K, X, Y, bias, M, n, N, K, ydt, true, end);
         n0 = nb;
     }
     rows_generic([&](int64_t n, int64_t m, int g, bool pf, float* out) {

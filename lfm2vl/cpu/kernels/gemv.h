@@ -268,6 +268,12 @@ T_AVX512 static inline void sum_accumulators(__m512 (&acc)[MR][U], float* out) {
     }
 }
 
+// bf16 products of this many activation rows or more take four weight rows at a time (gemv.cpp: four_rows_bf16_dp,
+// packed.cpp)
+static const int64_t BLOCK_ROWS = 8;
+T_AVX512BF16 void four_rows_bf16_dp(const uint16_t* w, const uint16_t* X, void* Y, const float* bias, int64_t M,
+                                    int64_t n, int64_t N, int64_t K, int ydt, bool pf, const char* end);
+
 // bf16 weights packed in 12 bits (packed.cpp): rows [n0, n1) of W times the M activation rows X (bf16; NULL when
 // the CPU lacks the AVX512 path, which p12_fast() tells) or Xf (fp32, for the scalar path).
 bool p12_fast();

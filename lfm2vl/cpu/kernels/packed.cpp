@@ -132,9 +132,33 @@ T_P12 void row_p12(const P12& v, int64_t n, const uint16_t* X, int64_t K, bool p
     sum_accumulators<MR, U>(acc, out);
 }
 
-// Rows [n0, n1): activation rows in groups of 4, 2 and 1 (gemv.cpp's rows_generic).
+// Rows [n0, n1) as bf16 into out, row n at out + (n - n0) K.
+T_P12 void unpack_rows_fast(const P12& v, int64_t n0, int64_t n1, int64_t K, uint16_t* out) {
+    const __m512i table = _mm512_loadu_si512(v.table);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t* esc = v.esc + v.row_esc[n];
+        for (int64_t k = 0; k < K; k += 64) {
+            __m512i A, B;
+            block(v.lo + n * K + k, v.codes + (n * K + k) / 2, esc, table, A, B);
+            _mm512_storeu_si512(out + (n - n0) * K + k, A);
+            _mm512_storeu_si512(out + (n - n0) * K + k + 32, B);
+        }
+    }
+}
+
+// Rows [n0, n1), as gemv.cpp's rows_bf16_dp takes them: from BLOCK_ROWS activation rows on, four weight rows at a
+// time; the others (and fewer activation rows) one at a time, activation rows in groups of 4, 2 and 1.
 T_P12 void rows_fast(const P12& v, const uint16_t* X, void* Y, const float* bias, int64_t M, int64_t n0, int64_t n1,
                      int64_t N, int64_t K, int ydt) {
+    if (M >= BLOCK_ROWS) {  // gemv.cpp's blocks of four weight rows, over the four rows unpacked
+        std::vector<uint16_t> w(4 * K);
+        const int64_t nb = n0 + (n1 - n0) / 4 * 4;
+        for (int64_t n = n0; n < nb; n += 4) {
+            unpack_rows_fast(v, n, n + 4, K, w.data());
+            four_rows_bf16_dp(w.data(), X, Y, bias, M, n, N, K, ydt, false, nullptr);
+        }
+        n0 = nb;
+    }
     const char* lo_end = (const char*)v.lo + n1 * K;
     const char* cd_end = (const char*)v.codes + n1 * K / 2;
     float out[4];
@@ -162,19 +186,6 @@ void rows_scalar(const P12& v, const float* Xf, void* Y, const float* bias, int6
     }
 }
 
-T_P12 void unpack_rows_fast(const P12& v, int64_t n0, int64_t n1, int64_t K, uint16_t* out) {
-    const __m512i table = _mm512_loadu_si512(v.table);
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t* esc = v.esc + v.row_esc[n];
-        for (int64_t k = 0; k < K; k += 64) {
-            __m512i A, B;
-            block(v.lo + n * K + k, v.codes + (n * K + k) / 2, esc, table, A, B);
-            _mm512_storeu_si512(out + n * K + k, A);
-            _mm512_storeu_si512(out + n * K + k + 32, B);
-        }
-    }
-}
-
 struct UnpackArgs {
     P12 v;
     int64_t N, K, per;
@@ -186,7 +197,7 @@ void unpack_chunk(const void* ctx, int64_t chunk) {
     int64_t n0, n1;
     chunk_rows(chunk, a.per, a.N, &n0, &n1);
     if (fast()) {
-        unpack_rows_fast(a.v, n0, n1, a.K, a.out);
+        unpack_rows_fast(a.v, n0, n1, a.K, a.out + n0 * a.K);
     } else {
         for (int64_t n = n0; n < n1; n++) unpack_row(a.v, n, a.K, a.out + n * a.K);
     }
