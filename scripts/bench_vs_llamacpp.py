@@ -1,12 +1,14 @@
 """Decode speed of lfm2vl beside llama.cpp, interleaved round by round (the machine's memory bandwidth drifts).
 
     python scripts/bench_vs_llamacpp.py --llama-bench PATH/llama-bench --gguf-bf16 LM-bf16.gguf \
-        [--gguf-q8 LM-q8_0.gguf] [--gguf-q4 LM-q4_0.gguf] [--model FOLDER] [--rounds 8] [--depths 0,512]
+        [--gguf-q8 LM-q8_0.gguf] [--gguf-q4 LM-q4_0.gguf] [--bf16-packed] [--model FOLDER] [--rounds 8] \
+        [--depths 0,512]
 
 Each round, at each depth D: lfm2vl bf16 through its public API (`engine.generate` on a prompt of D tokens — at
 depth 0 the shortest chat prompt, a few tokens —, `--new-tokens` greedy steps; the Result's decode rate, first token
 to last), llama-bench on the bf16 GGUF (`-p 0 -n N -d D`: the same steps after the same depth), then lfm2vl int8
-beside the Q8_0 GGUF and lfm2vl int4 beside the Q4_0 one, when given.
+beside the Q8_0 GGUF and lfm2vl int4 beside the Q4_0 one, when given; with --bf16-packed also lfm2vl with its bf16
+weights packed losslessly in 12 bits, beside the same round's llama.cpp bf16 figure.
 Both use `--threads`. Medians, ranges and per-round ratios are printed, then JSON. llama.cpp and the GGUF files of
 the same checkpoint are yours to provide (llama.cpp's convert_hf_to_gguf.py; this project ships neither).
 """
@@ -58,6 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gguf-bf16", required=True, help="the checkpoint's language model as a bf16 GGUF")
     ap.add_argument("--gguf-q8", help="the same as Q8_0 (adds lfm2vl int8 beside it)")
     ap.add_argument("--gguf-q4", help="the same as Q4_0 (adds lfm2vl int4 beside it)")
+    ap.add_argument("--bf16-packed", action="store_true",
+                    help="add lfm2vl bf16_packed=True beside llama.cpp bf16 (the same bf16 values, 12 bits a weight)")
     ap.add_argument("--model", default=os.path.expanduser("~/.cache/lfm2vl/bench/random-450M-seed0"),
                     help="the checkpoint folder the GGUFs were converted from (default: lfm2vl bench's random 450M)")
     ap.add_argument("--rounds", type=int, default=8)
@@ -77,6 +81,8 @@ def main(argv=None) -> int:
             ap.error(f"{p} does not exist")
     torch.set_num_threads(args.threads)
     pairs = [("lfm2vl bf16", {}, "llama.cpp bf16", args.gguf_bf16)]
+    if args.bf16_packed:
+        pairs.append(("lfm2vl bf16 packed", {"bf16_packed": True}, "llama.cpp bf16", args.gguf_bf16))
     if args.gguf_q8:
         pairs.append(("lfm2vl int8", {"int8": True}, "llama.cpp q8_0", args.gguf_q8))
     if args.gguf_q4:
@@ -86,9 +92,12 @@ def main(argv=None) -> int:
     res: dict[int, dict[str, list[float]]] = {d: {k: [] for a, _, b, _ in pairs for k in (a, b)} for d in depths}
     for r in range(args.rounds):
         for d in depths:
+            measured = set()  # llama.cpp runs each GGUF once a round, whichever lfm2vl formats it is beside
             for name, _, other, gguf in pairs:
                 res[d][name].append(ours(engines[name], prompts[d], args.new_tokens))
-                res[d][other].append(llama(args.llama_bench, gguf, args.new_tokens, args.threads, d))
+                if other not in measured:
+                    res[d][other].append(llama(args.llama_bench, gguf, args.new_tokens, args.threads, d))
+                    measured.add(other)
             print(f"round {r}, depth {d}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in res[d].items()),
                   file=sys.stderr, flush=True)
     for d in depths:

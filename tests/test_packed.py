@@ -14,8 +14,13 @@ ODD = [0.0, -0.0, 1e-30, -3e25, float("inf"), float("-inf"), float("nan"), 5e-39
 
 
 def weight(N, K, spread=False, seed=0):
-    """(N, K) bf16 weights ~ N(0, 0.02) with ODD in row 0; spread: random bit patterns (most high bytes escape)."""
+    """(N, K) bf16 weights ~ N(0, 0.02) with ODD in row 0; spread: random bit patterns (most high bytes escape);
+    "skewed": odd rows 1000x larger, so that a table drawn from a sample of even rows misses their high bytes."""
     g = torch.Generator().manual_seed(seed)
+    if spread == "skewed":
+        w = torch.randn(N, K, generator=g) * 0.02
+        w[1::2] *= 1000
+        return w.bfloat16()
     if spread:
         return torch.randint(-32768, 32768, (N, K), generator=g, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     w = (torch.randn(N, K, generator=g) * 0.02).bfloat16()
@@ -31,7 +36,8 @@ def one_stream():
     kernels.set_streams(-1)
 
 
-@pytest.mark.parametrize("N,K,spread", [(3, 64, False), (300, 192, False), (64, 1024, False), (70, 256, True)])
+@pytest.mark.parametrize("N,K,spread", [(3, 64, False), (300, 192, False), (64, 1024, False), (70, 256, True),
+                                        (4096, 1024, "skewed")])
 def test_unpacking_gives_back_every_bit(N, K, spread):
     w = weight(N, K, spread)
     packed = kernels.pack_bf16(w)
@@ -47,6 +53,16 @@ def fp32_sums(kind, w, x, N, K):
     y = torch.empty(x.shape[0], N)
     load().lfm2vl_linear(kind, w.data_ptr(), None, x.data_ptr(), y.data_ptr(), None, x.shape[0], N, K, 1, 0, 2)
     return y
+
+
+def test_both_packing_paths_write_the_same_bytes():
+    w = weight(130, 320, seed=4)
+    fast = kernels.pack_bf16(w)
+    kernels.set_isa(2)  # no AVX512-BF16: the scalar packing
+    try:
+        assert torch.equal(kernels.pack_bf16(w), fast)
+    finally:
+        kernels.set_isa(3)
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 11, 16])
@@ -82,9 +98,9 @@ def test_scalar_path_unpacks_and_multiplies_the_same_weights(isa_cap):
 
 
 def test_bad_input_is_a_clear_error():
-    with pytest.raises(ValueError, match="bfloat16 CPU tensor with K a multiple of 64.*float32"):
+    with pytest.raises(ValueError, match=r"bfloat16 CPU tensor with K a multiple of 64 .*got \(4, 64\) torch.float32"):
         kernels.pack_bf16(torch.zeros(4, 64))
-    with pytest.raises(ValueError, match=r"K a multiple of 64, got \(4, 100\)"):
+    with pytest.raises(ValueError, match=r"K a multiple of 64 and fewer than 2\^31 weights, got \(4, 100\)"):
         kernels.pack_bf16(torch.zeros(4, 100, dtype=torch.bfloat16))
     packed = kernels.pack_bf16(torch.zeros(4, 64, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="cannot hold a packed 40x64 weight"):

@@ -20,8 +20,8 @@ import torch
 _SRC = Path(__file__).with_name("gemv.cpp")
 _SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in (
     "gemv_scalar.cpp", "gemv_avx2.cpp", "gemv_vnni.cpp", "gemv_streams.cpp", "attn.cpp", "attn_many.cpp",
-    "prefill.cpp", "decode.cpp", "quantized.cpp", "packed.cpp", "int8mm.cpp", "dropout.cpp", "pool.cpp")]
-_HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h")]
+    "prefill.cpp", "decode.cpp", "quantized.cpp", "packed.cpp", "packed_pack.cpp", "int8mm.cpp", "dropout.cpp", "pool.cpp")]
+_HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h", "packed.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17", "-ldl"]
 KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
 PACKED_BF16 = 4  # the kind of bf16 weights packed in 12 bits (packed.cpp), whose buffer is uint8 too
@@ -124,11 +124,11 @@ def load():
     lib.lfm2vl_swiglu_int8.restype = ctypes.c_int
     lib.lfm2vl_int4_to_int8.argtypes = [p, p, p, p, i64, i64, i]
     lib.lfm2vl_int4_to_int8.restype = None
-    lib.lfm2vl_p12_plan.argtypes = [p, i64, i64, p]
+    lib.lfm2vl_p12_plan.argtypes = [p, i64, i64, p, p, i]
     lib.lfm2vl_p12_plan.restype = i64
     lib.lfm2vl_p12_bytes.argtypes = [i64, i64, i64]
     lib.lfm2vl_p12_bytes.restype = i64
-    lib.lfm2vl_p12_pack.argtypes = [p, i64, i64, p, p]
+    lib.lfm2vl_p12_pack.argtypes = [p, i64, i64, p, p, p, i]
     lib.lfm2vl_p12_pack.restype = None
     lib.lfm2vl_p12_unpack.argtypes = [p, i64, i64, p, i]
     lib.lfm2vl_p12_unpack.restype = None

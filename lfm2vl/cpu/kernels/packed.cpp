@@ -1,60 +1,12 @@
-// bf16 weights packed losslessly in 12 bits a weight (kind 4): a decode step reads 25% fewer bytes and multiplies
-// exactly the same bf16 values.
+// Products with, and unpacking of, bf16 weights packed in 12 bits (the format: packed.h).
 //
-// A bf16 value's high byte (sign and the top 7 exponent bits) takes few values in a weight matrix: the 15 most
-// frequent get a 4-bit code, and code 15 marks an escape whose high byte is stored apart. The low byte (the last
-// exponent bit and the 7 mantissa bits) is kept as it is. One packed (N, K) matrix (K a multiple of 64) is one
-// byte buffer:
-//   [0, 64)              the code table: byte c (c < 15) is code c's high byte, repeated in four 16-byte lanes
-//   [64, 64 + 4 (N + 1)) int32: row n's first escape among the escape bytes (entry N: how many there are)
-//   lo    (64-aligned)   N K bytes, the low bytes, in blocks of 64 weights stored in unpack order (below)
-//   codes                N K / 2 bytes: byte j of a block's 32 holds the code of position j (low nibble) and of
-//                        position 32 + j (high nibble)
-//   escapes              the escaped high bytes, in the order of (row, position)
-// Position p of a block holds element elem(p) (p = 16 L + i: 8 L + i for i < 8, 32 + 8 L + i - 8 otherwise), so
-// that interleaving the low and high bytes per 128-bit lane (VPUNPCKLBW / VPUNPCKHBW) yields elements 0..31 and
-// 32..63 of the block in order. The codes become high bytes by VPSHUFB against the table, the escapes by
-// VPEXPANDB (AVX512-VBMI2).
-//
-// Products take one activation row at a time like gemv.cpp's row_bf16_dp, with its accumulators in its order, so
-// their sums are the bf16 kernel's sums bit for bit; without AVX512-BF16 and VBMI2 a scalar path unpacks each row.
-#include <algorithm>
-
-#include "gemv.h"
+// Products take one activation row at a time like gemv.cpp's row_bf16_dp, with its accumulators in its order (or
+// from BLOCK_ROWS activation rows on, four unpacked weight rows through gemv.cpp's own blocks), so their sums are the
+// bf16 kernel's sums bit for bit; without AVX512-BF16 and VBMI2 a scalar path unpacks each row.
+#include "packed.h"
 #include "pool.h"
 
-#define T_P12 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi2,fma")))
-
 namespace {
-
-const int ESCAPE = 15;
-
-inline int elem(int p) {
-    const int L = p / 16, i = p % 16;
-    return i < 8 ? 8 * L + i : 32 + 8 * L + i - 8;
-}
-
-struct P12 {
-    const uint8_t* table;
-    const int32_t* row_esc;
-    const uint8_t* lo;
-    const uint8_t* codes;
-    const uint8_t* esc;
-};
-
-int64_t lo_offset(int64_t N) { return (64 + 4 * (N + 1) + 63) / 64 * 64; }
-
-P12 view(const void* buf, int64_t N, int64_t K) {
-    const uint8_t* b = (const uint8_t*)buf;
-    const uint8_t* lo = b + lo_offset(N);
-    return P12{b, (const int32_t*)(b + 64), lo, lo + N * K, lo + N * K + N * K / 2};
-}
-
-bool fast() {
-    static const bool ok = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16") &&
-                            __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512bw"));
-    return ok && lfm2vl_isa() >= 3;
-}
 
 // Row n of the matrix as bf16 values (scalar).
 void unpack_row(const P12& v, int64_t n, int64_t K, uint16_t* out) {
@@ -64,15 +16,15 @@ void unpack_row(const P12& v, int64_t n, int64_t K, uint16_t* out) {
     for (int64_t k = 0; k < K; k += 64)
         for (int p = 0; p < 64; p++) {
             const int c = p < 32 ? cd[k / 2 + p] & 15 : cd[k / 2 + p - 32] >> 4;
-            const int hi = c == ESCAPE ? *esc++ : v.table[c];
-            out[k + elem(p)] = (uint16_t)(hi << 8 | lo[k + p]);
+            const int hi = c == P12_ESCAPE ? *esc++ : v.table[c];
+            out[k + p12_elem(p)] = (uint16_t)(hi << 8 | lo[k + p]);
         }
 }
 
 // The 64 bf16 weights of the block at lo / cd: A = elements 0..31, B = 32..63; esc advances past its escapes.
 T_P12 inline __attribute__((always_inline)) void block(const uint8_t* lo, const uint8_t* cd, const uint8_t*& esc,
                                                        __m512i table, __m512i& A, __m512i& B) {
-    const __m512i m4 = _mm512_set1_epi8(ESCAPE);
+    const __m512i m4 = _mm512_set1_epi8(P12_ESCAPE);
     const __m256i c8 = _mm256_loadu_si256((const __m256i*)cd);
     const __m512i c = _mm512_and_si512(_mm512_inserti64x4(_mm512_zextsi256_si512(c8), _mm256_srli_epi16(c8, 4), 1), m4);
     __m512i hi = _mm512_shuffle_epi8(table, c);
@@ -196,7 +148,7 @@ void unpack_chunk(const void* ctx, int64_t chunk) {
     const UnpackArgs& a = *(const UnpackArgs*)ctx;
     int64_t n0, n1;
     chunk_rows(chunk, a.per, a.N, &n0, &n1);
-    if (fast()) {
+    if (p12_fast()) {
         unpack_rows_fast(a.v, n0, n1, a.K, a.out + n0 * a.K);
     } else {
         for (int64_t n = n0; n < n1; n++) unpack_row(a.v, n, a.K, a.out + n * a.K);
@@ -205,73 +157,30 @@ void unpack_chunk(const void* ctx, int64_t chunk) {
 
 }  // namespace
 
-bool p12_fast() { return fast(); }
+bool p12_fast() {
+    static const bool ok = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16") &&
+                            __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") &&
+                            __builtin_cpu_supports("avx512bw"));
+    return ok && lfm2vl_isa() >= 3;
+}
 
 void p12_rows(const void* W, const uint16_t* X, const float* Xf, void* Y, const float* bias, int64_t M, int64_t n0,
               int64_t n1, int64_t N, int64_t K, int ydt) {
-    const P12 v = view(W, N, K);
-    if (X && fast()) rows_fast(v, X, Y, bias, M, n0, n1, N, K, ydt);
+    const P12 v = p12_view(W, N, K);
+    if (X && p12_fast()) rows_fast(v, X, Y, bias, M, n0, n1, N, K, ydt);
     else rows_scalar(v, Xf, Y, bias, M, n0, n1, N, K, ydt);
 }
 
 extern "C" {
 
-// The code table of W (N, K) bf16 into table[64] (the packed layout's first 64 bytes); returns how many weights
-// escape (their high byte is not among the 15 most frequent).
-int64_t lfm2vl_p12_plan(const uint16_t* W, int64_t N, int64_t K, uint8_t* table) {
-    int64_t count[256] = {};
-    for (int64_t i = 0; i < N * K; i++) count[W[i] >> 8]++;
-    int order[256];
-    for (int i = 0; i < 256; i++) order[i] = i;
-    // most frequent first, ties by value: the same table for the same weights
-    std::stable_sort(order, order + 256, [&](int a, int b) { return count[a] > count[b]; });
-    int64_t escapes = N * K;
-    for (int c = 0; c < ESCAPE; c++) escapes -= count[order[c]];
-    for (int l = 0; l < 4; l++)
-        for (int c = 0; c < 16; c++) table[16 * l + c] = c < ESCAPE ? (uint8_t)order[c] : 0;
-    return escapes;
-}
-
-// Bytes of the packed buffer of an (N, K) matrix with `escapes` escapes.
-int64_t lfm2vl_p12_bytes(int64_t N, int64_t K, int64_t escapes) { return lo_offset(N) + N * K + N * K / 2 + escapes; }
-
-// Pack W (N, K) bf16 into buf (lfm2vl_p12_bytes long) with the table lfm2vl_p12_plan gave.
-void lfm2vl_p12_pack(const uint16_t* W, int64_t N, int64_t K, const uint8_t* table, uint8_t* buf) {
-    int code[256];
-    for (int i = 0; i < 256; i++) code[i] = ESCAPE;
-    for (int c = ESCAPE - 1; c >= 0; c--) code[table[c]] = c;  // unused codes hold 0: code 0 wins
-    memcpy(buf, table, 64);
-    memset(buf + 64, 0, lo_offset(N) - 64);
-    int32_t* row_esc = (int32_t*)(buf + 64);
-    uint8_t* lo = buf + lo_offset(N);
-    uint8_t* cd = lo + N * K;
-    uint8_t* esc = cd + N * K / 2;
-    int64_t e = 0;
-    for (int64_t n = 0; n < N; n++) {
-        row_esc[n] = (int32_t)e;
-        for (int64_t k = 0; k < K; k += 64) {
-            const uint16_t* w = W + n * K + k;
-            uint8_t c[64];
-            for (int p = 0; p < 64; p++) {
-                const uint16_t x = w[elem(p)];
-                lo[n * K + k + p] = (uint8_t)x;
-                c[p] = (uint8_t)code[x >> 8];
-                if (c[p] == ESCAPE) esc[e++] = (uint8_t)(x >> 8);
-            }
-            for (int j = 0; j < 32; j++) cd[(n * K + k) / 2 + j] = (uint8_t)(c[j] | c[32 + j] << 4);
-        }
-    }
-    row_esc[N] = (int32_t)e;
-}
-
 // buf (packed (N, K)) -> out (N, K) bf16, the same values W had.
 void lfm2vl_p12_unpack(const uint8_t* buf, int64_t N, int64_t K, uint16_t* out, int threads) {
-    UnpackArgs a{view(buf, N, K), N, K, 0, out};
+    UnpackArgs a{p12_view(buf, N, K), N, K, 0, out};
     a.per = (256 * 1024) / (K * 2) > 1 ? (256 * 1024) / (K * 2) : 1;
     pool_run(unpack_chunk, &a, (N + a.per - 1) / a.per, threads, false);
 }
 
 // Whether packed products run the AVX512 path (else the scalar one).
-int lfm2vl_p12_fast(void) { return fast(); }
+int lfm2vl_p12_fast(void) { return p12_fast(); }
 
 }  // extern "C"

@@ -22,18 +22,21 @@ def packed_fast() -> bool:
 
 
 def pack_bf16(w: torch.Tensor) -> torch.Tensor:
-    """The packed form of w (N, K) bf16, a contiguous CPU tensor with K a multiple of 64: a 1-D uint8 tensor of
-    ~1.5 N K bytes (more where the high bytes of the weights spread over more than 15 values)."""
-    if w.dtype != torch.bfloat16 or w.dim() != 2 or w.device.type != "cpu" or w.shape[1] % BLOCK:
-        raise ValueError(f"pack_bf16: needs an (N, K) bfloat16 CPU tensor with K a multiple of {BLOCK}, got "
-                         f"{tuple(w.shape)} {w.dtype} on {w.device}")
+    """The packed form of w (N, K) bf16, a contiguous CPU tensor with K a multiple of 64 and fewer than 2^31
+    weights: a 1-D uint8 tensor of ~1.5 N K bytes (more where the high bytes spread over more than 15 values), made
+    on the pool's threads."""
+    if (w.dtype != torch.bfloat16 or w.dim() != 2 or w.device.type != "cpu" or w.shape[1] % BLOCK
+            or w.numel() >= 2 ** 31):
+        raise ValueError(f"pack_bf16: needs an (N, K) bfloat16 CPU tensor with K a multiple of {BLOCK} and fewer "
+                         f"than 2^31 weights, got {tuple(w.shape)} {w.dtype} on {w.device}")
     w = w.contiguous()
     N, K = w.shape
     lib = _load()
-    table = torch.empty(64, dtype=torch.uint8)
-    escapes = lib.lfm2vl_p12_plan(w.data_ptr(), N, K, table.data_ptr())
+    table, row_esc = torch.empty(64, dtype=torch.uint8), torch.empty(N + 1, dtype=torch.int32)
+    escapes = lib.lfm2vl_p12_plan(w.data_ptr(), N, K, table.data_ptr(), row_esc.data_ptr(), torch.get_num_threads())
     buf = torch.empty(lib.lfm2vl_p12_bytes(N, K, escapes), dtype=torch.uint8)
-    lib.lfm2vl_p12_pack(w.data_ptr(), N, K, table.data_ptr(), buf.data_ptr())
+    lib.lfm2vl_p12_pack(w.data_ptr(), N, K, table.data_ptr(), row_esc.data_ptr(), buf.data_ptr(),
+                        torch.get_num_threads())
     return buf
 
 
