@@ -23,18 +23,19 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 M3B=$HOME/.cache/lfm2vl/bench/random-3B-seed0
 mkdir -p "$OUT"
-$PY -m lfm2vl bench --shape 450M --int8 --int4 --int8-vision --rounds 3 --scenarios text512,img512,img1024x768 \
-    --json "$OUT/bench_450m.json" > "$OUT/bench_450m.txt" 2>&1
+$PY -m lfm2vl bench --shape 450M --bf16-packed --int8 --int4 --int8-vision --rounds 3 \
+    --scenarios text512,img512,img1024x768 --json "$OUT/bench_450m.json" > "$OUT/bench_450m.txt" 2>&1
 $PY scripts/bench_vs_llamacpp.py --llama-bench "$BIN/llama-bench" --gguf-bf16 "$G450/lm-bf16.gguf" \
-    --gguf-q8 "$G450/lm-q8_0.gguf" --gguf-q4 "$G450/lm-q4_0.gguf" --rounds 6 > "$OUT/decode_450m.txt" 2>&1
+    --gguf-q8 "$G450/lm-q8_0.gguf" --gguf-q4 "$G450/lm-q4_0.gguf" --bf16-packed --rounds 6 > "$OUT/decode_450m.txt" 2>&1
 for size in 512x512 1024x768; do
     $PY scripts/bench_ttft_vs_llamacpp.py --mtmd-cli "$BIN/llama-mtmd-cli" --gguf "$G450/lm-bf16.gguf" \
         --mmproj "$G450/mmproj-bf16.gguf" --size $size --rounds 3 > "$OUT/ttft_450m_$size.txt" 2>&1
 done
-$PY -m lfm2vl bench --shape 3B --int8 --int4 --int8-vision --scenarios text512,img512 --reps 1 --warmup 1 \
-    --new-tokens 32 --json "$OUT/bench_3b.json" > "$OUT/bench_3b.txt" 2>&1
+$PY -m lfm2vl bench --shape 3B --bf16-packed --int8 --int4 --int8-vision --scenarios text512,img512 --reps 1 \
+    --warmup 1 --new-tokens 32 --json "$OUT/bench_3b.json" > "$OUT/bench_3b.txt" 2>&1
 $PY scripts/bench_vs_llamacpp.py --llama-bench "$BIN/llama-bench" --model "$M3B" --gguf-bf16 "$G3B/lm-bf16.gguf" \
-    --gguf-q8 "$G3B/lm-q8_0.gguf" --gguf-q4 "$G3B/lm-q4_0.gguf" --rounds 3 --new-tokens 32 > "$OUT/decode_3b.txt" 2>&1
+    --gguf-q8 "$G3B/lm-q8_0.gguf" --gguf-q4 "$G3B/lm-q4_0.gguf" --bf16-packed --rounds 3 --new-tokens 32 \
+    > "$OUT/decode_3b.txt" 2>&1
 $PY scripts/bench_ttft_vs_llamacpp.py --mtmd-cli "$BIN/llama-mtmd-cli" --model "$M3B" --gguf "$G3B/lm-bf16.gguf" \
     --mmproj "$G3B/mmproj-bf16.gguf" --rounds 2 > "$OUT/ttft_3b.txt" 2>&1
 $PY scripts/bench_server.py --model "$HOME/.cache/lfm2vl/bench/random-450M-seed0" --dtype bfloat16 \

@@ -123,6 +123,22 @@ def test_int4_and_low_memory_flags_reach_the_engine(tiny_checkpoint, img, tmp_pa
     assert p.returncode == 2 and "not allowed with argument" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_bf16_packed_flag_reaches_the_engine(tiny_checkpoint, tmp_path):
+    """--bf16-packed gives what lfm2vl.load(bf16_packed=True) gives (the bf16 tokens); with --int8 a usage error."""
+    from lfm2vl.engine import load
+
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps([{"role": "user", "content": "Hi"}]))
+    p = lfm2vl("generate", "--messages", f, "--json", "--model", tiny_checkpoint, "--bf16-packed",
+               "--max-new-tokens", "6", "--temperature", "0")
+    assert p.returncode == 0, p.stderr
+    eng = load(tiny_checkpoint, bf16_packed=True)
+    assert type(eng.model.lm_head).__name__ == "PackedLinear"
+    assert json.loads(p.stdout)["token_ids"] == eng.generate("Hi", temperature=0, max_new_tokens=6).token_ids
+    p = lfm2vl("generate", "--messages", f, "--model", tiny_checkpoint, "--int8", "--bf16-packed")
+    assert p.returncode == 2 and "not allowed with argument" in p.stderr and "Traceback" not in p.stderr
+
+
 # ---- checks before the model loads, and their wording ------------------------------------------------------------
 def run_main(capsys, *argv):
     """cli.main in-process -> (status, stdout, stderr); argparse's exit becomes its status."""

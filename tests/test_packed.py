@@ -152,6 +152,17 @@ def test_packed_model_prefills_and_decodes_as_the_bf16_model(one_stream):
             assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
+@pytest.mark.parametrize("isa_cap", [2], indirect=True)
+def test_a_cpu_without_the_fast_path_is_warned_and_gets_the_same_tokens(isa_cap):
+    from lfm2vl.cpu.speed import optimize_for_cpu
+
+    bf16 = optimize_for_cpu(tiny_model(torch.bfloat16, seed=6))
+    with pytest.warns(RuntimeWarning, match="scalar path, slower than plain bf16"):
+        packed = optimize_for_cpu(tiny_model(torch.bfloat16, seed=6), bf16_packed=True)
+    prompts = [[1, 6, 20, 30, 40, 7, 6, 50, 60]]
+    assert torch.equal(run_cached(packed, prompts, 4).argmax(-1), run_cached(bf16, prompts, 4).argmax(-1))
+
+
 def test_engine_generates_the_bf16_tokens_and_refuses_what_it_cannot_pack(tiny_checkpoint, one_stream):
     from lfm2vl.engine import load
     from lfm2vl.loading import LoadError

@@ -10,6 +10,8 @@ little more. Fast on CPUs with AVX512-BF16 and AVX512-VBMI2 (`kernels.packed_fas
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,6 +72,9 @@ def pack_weights(model: nn.Module, max_rows: int | None = None) -> int:
     if not kernels.available():
         raise RuntimeError("bf16_packed needs lfm2vl's native kernels (a C++ compiler on an x86-64 CPU, and "
                            "LFM2VL_NO_KERNELS unset)")
+    if not kernels.packed_fast():
+        warnings.warn("bf16_packed: this CPU lacks AVX512-BF16 / AVX512-VBMI2, so packed products run a scalar path, "
+                      "slower than plain bf16 (the results are the same)", RuntimeWarning, stacklevel=3)
     lm, head = head_and_lm(model)
     make = lambda lin: PackedLinear.from_linear(lin, max_rows, release_source=True) if packable(lin) else lin
     swap_linears(lm, make)
