@@ -51,8 +51,9 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
     changes results slightly; int4 in groups of 32 weights, the smallest and fastest decode); int8_vision: the
     vision tower's encoder linears in int8 with int8 compute (opt-in, faster images, changes image features slightly);
     bf16_packed: the bf16 language model's linears and output head packed losslessly in 12 bits a weight (opt-in,
-    the same results as bf16, a faster decode where memory sets its pace, a slightly slower first token); compile: torch.compile the static-shape decode step (opt-in; pair it with optimize=False, whose decode
-    attention reads the cache length on the host); low_memory: the vision tower's and the language model's
+    the same results as bf16, a faster decode where memory sets its pace, a slightly slower first token); compile:
+    torch.compile the static-shape decode step (opt-in; pair it with optimize=False, whose decode attention reads
+    the cache length on the host); low_memory: the vision tower's and the language model's
     memory-mapped weights never stay resident together (cpu/lowmem.py; lower peak RSS, slower image requests);
     adapter: a LoRA adapter folder (PEFT's format, from `lfm2vl finetune` or PEFT), merged into the weights
     before the CPU speed-ups, so generation runs as fast as with the base model."""
