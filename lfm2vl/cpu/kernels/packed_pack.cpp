@@ -16,7 +16,7 @@ struct PackArgs {
     int64_t N, K, per;
     uint8_t code[256];  // code of each high byte (P12_ESCAPE: escapes)
     int32_t* row_esc;   // counting: each row's escapes; packing: each row's first escape
-    uint8_t* buf;
+    uint8_t *lo, *cd, *esc;  // packing: where the low bytes, codes and escapes go (packed.h); counting: NULL
 };
 
 // Byte 2 p12_elem(p) of a block's 128 bytes for each position p: its weight's low byte (+ 1: the high byte).
@@ -47,9 +47,6 @@ T_P12 void rows_vbmi(const PackArgs& a, int64_t n0, int64_t n1, bool count) {
     for (int i = 0; i < 4; i++) t[i] = _mm512_loadu_si512(a.code + 64 * i);
     const __m512i esc_code = _mm512_set1_epi8(P12_ESCAPE);
     const int64_t K = a.K;
-    uint8_t* lo = a.buf + p12_lo_offset(a.N);
-    uint8_t* cd = lo + a.N * K;
-    uint8_t* esc = cd + a.N * K / 2;
     for (int64_t n = n0; n < n1; n++) {
         int64_t e = count ? 0 : a.row_esc[n];
         for (int64_t k = 0; k < K; k += 64) {
@@ -61,12 +58,12 @@ T_P12 void rows_vbmi(const PackArgs& a, int64_t n0, int64_t n1, bool count) {
                 e += __builtin_popcountll(m);
                 continue;
             }
-            _mm512_storeu_si512(lo + n * K + k, l);
+            _mm512_storeu_si512(a.lo + n * K + k, l);
             const __m256i nib = _mm256_or_si256(_mm512_castsi512_si256(c),
                                                 _mm256_slli_epi16(_mm512_extracti64x4_epi64(c, 1), 4));
-            _mm256_storeu_si256((__m256i*)(cd + (n * K + k) / 2), nib);
+            _mm256_storeu_si256((__m256i*)(a.cd + (n * K + k) / 2), nib);
             if (m) {
-                _mm512_mask_compressstoreu_epi8(esc + e, m, h);
+                _mm512_mask_compressstoreu_epi8(a.esc + e, m, h);
                 e += __builtin_popcountll(m);
             }
         }
@@ -76,9 +73,6 @@ T_P12 void rows_vbmi(const PackArgs& a, int64_t n0, int64_t n1, bool count) {
 
 void rows_scalar(const PackArgs& a, int64_t n0, int64_t n1, bool count) {
     const int64_t K = a.K;
-    uint8_t* lo = a.buf + p12_lo_offset(a.N);
-    uint8_t* cd = lo + a.N * K;
-    uint8_t* esc = cd + a.N * K / 2;
     for (int64_t n = n0; n < n1; n++) {
         int64_t e = count ? 0 : a.row_esc[n];
         for (int64_t k = 0; k < K; k += 64) {
@@ -88,13 +82,13 @@ void rows_scalar(const PackArgs& a, int64_t n0, int64_t n1, bool count) {
                 const uint16_t x = w[p12_elem(p)];
                 c[p] = a.code[x >> 8];
                 if (c[p] == P12_ESCAPE) {
-                    if (!count) esc[e] = (uint8_t)(x >> 8);
+                    if (!count) a.esc[e] = (uint8_t)(x >> 8);
                     e++;
                 }
-                if (!count) lo[n * K + k + p] = (uint8_t)x;
+                if (!count) a.lo[n * K + k + p] = (uint8_t)x;
             }
             if (!count)
-                for (int j = 0; j < 32; j++) cd[(n * K + k) / 2 + j] = (uint8_t)(c[j] | c[32 + j] << 4);
+                for (int j = 0; j < 32; j++) a.cd[(n * K + k) / 2 + j] = (uint8_t)(c[j] | c[32 + j] << 4);
         }
         if (count) a.row_esc[n] = (int32_t)e;
     }
@@ -110,7 +104,12 @@ void pack_chunk(const void* ctx, int64_t chunk) {
 }
 
 PackArgs args(const uint16_t* W, int64_t N, int64_t K, const uint8_t* table, int32_t* row_esc, uint8_t* buf) {
-    PackArgs a{W, N, K, (256 * 1024) / (K * 2) > 1 ? (256 * 1024) / (K * 2) : 1, {}, row_esc, buf};
+    PackArgs a{W, N, K, (256 * 1024) / (K * 2) > 1 ? (256 * 1024) / (K * 2) : 1, {}, row_esc, NULL, NULL, NULL};
+    if (buf) {
+        a.lo = buf + p12_lo_offset(N);
+        a.cd = a.lo + N * K;
+        a.esc = a.cd + N * K / 2;
+    }
     memset(a.code, P12_ESCAPE, sizeof(a.code));
     for (int c = P12_ESCAPE - 1; c >= 0; c--) a.code[table[c]] = (uint8_t)c;  // unused codes hold 0: code 0 wins
     return a;
