@@ -50,14 +50,15 @@ def test_bench_smoke_table_and_json(tmp_path, capsys):
     cfg = _tiny_config(tmp_path / "tiny.json")
     out_json = tmp_path / "res.json"
     rc = bench.main(["--config", str(cfg), "--cache-dir", str(tmp_path / "cache"), "--reps", "1", "--warmup", "0",
-                     "--new-tokens", "2", "--scenarios", "text512,img512", "--int8", "--int4", "--int8-vision", "--low-memory", "--torch-first",
+                     "--new-tokens", "2", "--scenarios", "text512,img512", "--int8", "--int4", "--int8-vision",
+                     "--bf16-packed", "--low-memory", "--torch-first",
                      "--json", str(out_json)])
     out = capsys.readouterr().out
     payload = json.loads(out_json.read_text())
     assert rc == 0, out
     res = payload["results"]
-    engines = ("lfm2vl bf16", "lfm2vl bf16 torch 1st", "lfm2vl bf16 low-mem", "lfm2vl int8", "lfm2vl int4",
-               "lfm2vl int8+vision", "transformers bf16")
+    engines = ("lfm2vl bf16", "lfm2vl bf16 torch 1st", "lfm2vl bf16 low-mem", "lfm2vl bf16 packed", "lfm2vl int8",
+               "lfm2vl int4", "lfm2vl int8+vision", "transformers bf16")
     assert set(res) == {*engines, "int8 quality", "int4 quality", "int8+vision quality"}
     for label in engines:
         r = res[label]
