@@ -1,7 +1,7 @@
 """Benchmark the OpenAI-compatible server: throughput with 1, 4 and 16 concurrent clients vs one by one.
 
     python scripts/bench_server.py --tiny                       # builds a tiny random checkpoint (needs transformers)
-    python scripts/bench_server.py --model PATH [--image]       # a local checkpoint folder
+    python scripts/bench_server.py --model PATH [--image] [--format bf16-packed]   # a local checkpoint folder
     python scripts/bench_server.py --url http://127.0.0.1:8000  # an already running server (--served-name NAME)
 
 The same set of requests (distinct prompts, greedy, fixed max_tokens) is sent (a) one by one, then (b) by C
@@ -83,6 +83,8 @@ def _start_server(model_dir: str, args) -> tuple[subprocess.Popen, str]:
            "--log-level", "warning"]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
+    if args.format:
+        cmd += ["--" + args.format]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, cwd=ROOT)
     for line in proc.stdout:
         print("  server:", line.rstrip(), file=sys.stderr)
@@ -107,12 +109,14 @@ def main(argv=None) -> int:
     p.add_argument("--image", action="store_true", help="attach a 320x240 image to every request")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--format", choices=["int8", "int4", "bf16-packed"], default=None,
+                   help="the served model's CPU weight format (lfm2vl serve's --int8 / --int4 / --bf16-packed)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
 
     proc, tmp = None, None
-    if args.url:
-        url, model = args.url.rstrip("/"), args.served_name
+    if args.url:  # the server's root; a trailing /v1 (the API's base URL) is accepted too
+        url, model = args.url.rstrip("/").removesuffix("/v1"), args.served_name
     else:
         model_dir = args.model
         if args.tiny:
@@ -129,6 +133,13 @@ def main(argv=None) -> int:
         base = run(url, model, args.requests, args.max_tokens, 1, image)
         results = [base] + [run(url, model, args.requests, args.max_tokens, c, image)
                             for c in args.concurrency if c != 1]
+    except httpx.HTTPStatusError as e:
+        body = e.response.text[:300]
+        print(f"bench_server: {e.request.url} answered {e.response.status_code}: {body}", file=sys.stderr)
+        return 1
+    except httpx.TransportError as e:
+        print(f"bench_server: cannot reach {url}: {e}", file=sys.stderr)
+        return 1
     finally:
         if proc is not None:
             proc.terminate()
