@@ -2,7 +2,7 @@
 //
 // Products take one activation row at a time like gemv.cpp's row_bf16_dp, with its accumulators in its order (or
 // from BLOCK_ROWS activation rows on, four unpacked weight rows through gemv.cpp's own blocks), so their sums are the
-// bf16 kernel's sums bit for bit; without AVX512-BF16 and VBMI2 a scalar path unpacks each row.
+// bf16 kernel's sums bit for bit; without AVX512-BF16, VBMI and VBMI2 a scalar path unpacks each row.
 #include "packed.h"
 #include "pool.h"
 

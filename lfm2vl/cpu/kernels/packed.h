@@ -11,7 +11,7 @@
 //   codes                N K / 2 bytes: byte j of a block's 32 holds the code of position j (low nibble) and of
 //                        position 32 + j (high nibble)
 //   escapes              the escaped high bytes, in the order of (row, position)
-// Position p of a block holds element elem(p) (p = 16 L + i: 8 L + i for i < 8, 32 + 8 L + i - 8 otherwise), so
+// Position p of a block holds element p12_elem(p) (p = 16 L + i: 8 L + i for i < 8, 32 + 8 L + i - 8 otherwise), so
 // that interleaving the low and high bytes per 128-bit lane (VPUNPCKLBW / VPUNPCKHBW) yields elements 0..31 and
 // 32..63 of the block in order. The codes become high bytes by VPSHUFB against the table, the escapes by
 // VPEXPANDB (AVX512-VBMI2).
