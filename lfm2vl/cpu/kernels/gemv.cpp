@@ -117,26 +117,6 @@ T_AVX512 static void row_f32(const void* w, const float* X, int64_t K, bool pf, 
     sum_accumulators<MR, U>(acc, out);
 }
 
-// Rows n0..n1-1 for all M activation rows, in groups of 4 / 2 / 1 activation rows per pass over a weight row.
-template <typename RowFn>
-static inline void rows_generic(RowFn row, const float* S, void* Y, const float* bias, int64_t M, int64_t n0,
-                                int64_t n1, int64_t N, int ydt) {
-    float out[4];
-    for (int64_t n = n0; n < n1; n++) {
-        int64_t m = 0;
-        while (m < M) {
-            const int g = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
-            row(n, m, g, m == 0, out);
-            for (int j = 0; j < g; j++) {
-                float v = out[j];
-                if (S) v *= S[n];
-                store_out(Y, ydt, (m + j) * N + n, v + (bias ? bias[n] : 0.f));
-            }
-            m += g;
-        }
-    }
-}
-
 template <int KIND>
 T_AVX512 static void rows_f32(const void* W, const float* S, const float* X, void* Y, const float* bias, int64_t M,
                               int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt) {

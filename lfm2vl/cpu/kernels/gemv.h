@@ -268,6 +268,27 @@ T_AVX512 static inline void sum_accumulators(__m512 (&acc)[MR][U], float* out) {
     }
 }
 
+// Rows n0..n1-1 for all M activation rows, in groups of 4 / 2 / 1 activation rows per pass over a weight row:
+// row(n, m, g, prefetch, out) writes the g sums, scaled by S[n] (if S) and biased here (gemv.cpp, packed.cpp).
+template <typename RowFn>
+static inline void rows_generic(RowFn row, const float* S, void* Y, const float* bias, int64_t M, int64_t n0,
+                                int64_t n1, int64_t N, int ydt) {
+    float out[4];
+    for (int64_t n = n0; n < n1; n++) {
+        int64_t m = 0;
+        while (m < M) {
+            const int g = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+            row(n, m, g, m == 0, out);
+            for (int j = 0; j < g; j++) {
+                float v = out[j];
+                if (S) v *= S[n];
+                store_out(Y, ydt, (m + j) * N + n, v + (bias ? bias[n] : 0.f));
+            }
+            m += g;
+        }
+    }
+}
+
 // bf16 products of this many activation rows or more take four weight rows at a time (gemv.cpp: four_rows_bf16_dp,
 // packed.cpp)
 static const int64_t BLOCK_ROWS = 8;

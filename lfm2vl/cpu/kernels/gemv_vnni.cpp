@@ -25,7 +25,7 @@ bool cpu_has_vnni() {
 // One activation row's int32 lanes start from zero in each block; a full block's eight steps are unrolled (a loop
 // with a run-time trip count per block made the row ~1.7x slower), a shorter last block takes them one by one.
 // always_inline: a call per weight row cost ~20% of an L2-resident product. For the same reason the rows functions
-// below loop themselves instead of passing a lambda to gemv.cpp's rows_generic: a lambda does not take the VNNI
+// below loop themselves instead of passing a lambda to gemv.h's rows_generic: a lambda does not take the VNNI
 // target, so the row could not be inlined into it (and forcing it breaks the build on CPUs without AVX512).
 template <int MR>
 T_AVX512VNNI static inline __attribute__((always_inline)) void row_q16_vnni(const int8_t* w, const int16_t* Q,

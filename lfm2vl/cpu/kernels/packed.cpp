@@ -113,16 +113,11 @@ T_P12 void rows_fast(const P12& v, const uint16_t* X, void* Y, const float* bias
     }
     const char* lo_end = (const char*)v.lo + n1 * K;
     const char* cd_end = (const char*)v.codes + n1 * K / 2;
-    float out[4];
-    for (int64_t n = n0; n < n1; n++)
-        for (int64_t m = 0; m < M;) {
-            const int g = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
-            if (g == 4) row_p12<4>(v, n, X + m * K, K, m == 0, lo_end, cd_end, out);
-            else if (g == 2) row_p12<2>(v, n, X + m * K, K, m == 0, lo_end, cd_end, out);
-            else row_p12<1>(v, n, X + m * K, K, m == 0, lo_end, cd_end, out);
-            for (int j = 0; j < g; j++) store_out(Y, ydt, (m + j) * N + n, out[j] + (bias ? bias[n] : 0.f));
-            m += g;
-        }
+    rows_generic([&](int64_t n, int64_t m, int g, bool pf, float* out) {
+        if (g == 4) row_p12<4>(v, n, X + m * K, K, pf, lo_end, cd_end, out);
+        else if (g == 2) row_p12<2>(v, n, X + m * K, K, pf, lo_end, cd_end, out);
+        else row_p12<1>(v, n, X + m * K, K, pf, lo_end, cd_end, out);
+    }, nullptr, Y, bias, M, n0, n1, N, ydt);
 }
 
 void rows_scalar(const P12& v, const float* Xf, void* Y, const float* bias, int64_t M, int64_t n0, int64_t n1,
@@ -175,8 +170,7 @@ extern "C" {
 
 // buf (packed (N, K)) -> out (N, K) bf16, the same values W had.
 void lfm2vl_p12_unpack(const uint8_t* buf, int64_t N, int64_t K, uint16_t* out, int threads) {
-    UnpackArgs a{p12_view(buf, N, K), N, K, 0, out};
-    a.per = (256 * 1024) / (K * 2) > 1 ? (256 * 1024) / (K * 2) : 1;
+    UnpackArgs a{p12_view(buf, N, K), N, K, p12_chunk_rows(K), out};
     pool_run(unpack_chunk, &a, (N + a.per - 1) / a.per, threads, false);
 }
 

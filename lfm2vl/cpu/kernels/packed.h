@@ -34,6 +34,9 @@ static constexpr inline int p12_elem(int p) {
 
 static inline int64_t p12_lo_offset(int64_t N) { return (64 + 4 * (N + 1) + 63) / 64 * 64; }
 
+// Rows a pool chunk of packing or unpacking takes: ~256 KiB of bf16 weights.
+static inline int64_t p12_chunk_rows(int64_t K) { return (256 * 1024) / (K * 2) > 1 ? (256 * 1024) / (K * 2) : 1; }
+
 struct P12 {
     const uint8_t* table;
     const int32_t* row_esc;

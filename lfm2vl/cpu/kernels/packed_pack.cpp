@@ -104,7 +104,7 @@ void pack_chunk(const void* ctx, int64_t chunk) {
 }
 
 PackArgs args(const uint16_t* W, int64_t N, int64_t K, const uint8_t* table, int32_t* row_esc, uint8_t* buf) {
-    PackArgs a{W, N, K, (256 * 1024) / (K * 2) > 1 ? (256 * 1024) / (K * 2) : 1, {}, row_esc, NULL, NULL, NULL};
+    PackArgs a{W, N, K, p12_chunk_rows(K), {}, row_esc, NULL, NULL, NULL};
     if (buf) {
         a.lo = buf + p12_lo_offset(N);
         a.cd = a.lo + N * K;
