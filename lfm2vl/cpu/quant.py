@@ -285,8 +285,8 @@ def quantize_vision(model: nn.Module, max_rows: int | None = None) -> int:
     ONNX exports of LFM2-VL keep this tower in int8, and found int4 hurt it). The patch embedding, whose input is
     the pixels, and the projector stay in their dtype. The float weights' mapped pages leave the resident set.
     """
-    n = swap_linears(model.model.vision_tower.encoder, lambda lin: Int8Linear.from_linear(lin, max_rows,
-                                                                                   release_source=True))
+    n = swap_linears(model.model.vision_tower.encoder,
+                     lambda lin: Int8Linear.from_linear(lin, max_rows, release_source=True))
     trim_heap()
     return n
 
