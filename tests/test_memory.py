@@ -256,9 +256,10 @@ def test_release_tail_drops_the_last_read_weights_until_the_room_is_made(tmp_pat
 
 
 @linux_only
-def test_encoder_layers_drop_their_pages_after_use_with_equal_results(ckpt, monkeypatch):
-    """With release on (the default on CPUs without a bf16 GEMM), every encoder layer's pages leave RSS after the
-    tower ran, the answers are unchanged, and the next image maps them back; off (release_pays() False) they stay."""
+def test_encoder_layers_and_projector_drop_their_pages_after_use_with_equal_results(ckpt, monkeypatch):
+    """With release on (the default on CPUs without AMX), every encoder layer's and the projector's pages leave RSS
+    after the image ran, the answers are unchanged, and the next image maps them back; off (release_pays() False)
+    they stay."""
     import lfm2vl
     from PIL import Image
     from lfm2vl.cpu import vision as cpu_vision
@@ -271,12 +272,14 @@ def test_encoder_layers_drop_their_pages_after_use_with_equal_results(ckpt, monk
         monkeypatch.setattr(cpu_vision, "release_pays", lambda: on)
         engine = lfm2vl.load(ckpt)
         layers = engine.model.model.vision_tower.encoder.layers
+        projector = engine.model.model.multi_modal_projector
         assert all(type(layer) is cpu_vision.FastEncoderLayer for layer in layers)
+        assert type(projector) is cpu_vision.FastProjector
         outs[on] = [engine.generate(msgs, **opts) for _ in range(2)]
-        resident[on] = _span_pages(layers.parameters())
+        resident[on] = (_span_pages(layers.parameters()), _span_pages(projector.parameters()))
     for a, b in zip(outs[False], outs[True]):
         assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
-    assert resident[False] > 0 and resident[True] == 0
+    assert min(resident[False]) > 0 and resident[True] == (0, 0)
 
 
 @linux_only

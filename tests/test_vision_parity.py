@@ -319,6 +319,28 @@ def test_image_features_match_transformers(use_layernorm):
         assert want.abs().max() > 0.1
 
 
+def test_image_features_projected_per_encoder_batch_equal_one_projection():
+    """image_features projects each encoder batch as the tower finishes it; with one unit per batch or all units of
+    a patch count in one, the features equal the whole tower output unshuffled and projected at once."""
+    hf = _hf_vl(True, seed=23)
+    config = Lfm2VlConfig.from_hf(hf.config.to_dict())
+    tower = VisionTower(config.vision_config).eval()
+    tower.load_state_dict(hf.vision_tower.state_dict(), strict=True)
+    projector = Projector(config).eval()
+    projector.load_state_dict(hf.multi_modal_projector.state_dict(), strict=True)
+    shapes = MIXED  # units of one patch count apart from each other: batches out of unit order
+    pv, mask, ss = _inputs(shapes, seed=24)
+    with torch.no_grad():
+        units = tower(pv, mask, ss)
+        want = projector(torch.cat([pixel_unshuffle(u, h, w, 2) for u, (h, w) in zip(units, shapes)]))
+        for bp in (1, 10 ** 9):
+            tower.batch_patches = bp
+            assert len(tower.batches([tuple(s) for s in shapes])) == (len(shapes) if bp == 1 else len(set(
+                h * w for h, w in shapes)))
+            got = image_features(tower, projector, pv, mask, ss, config.downsample_factor)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def test_image_features_rejects_odd_grid_before_running_tower():
     hf = _hf_vl(True, seed=31)
     config = Lfm2VlConfig.from_hf(hf.config.to_dict())

@@ -6,8 +6,8 @@ Same parameters, state_dict keys and results within float rounding; `use_fast_vi
 - bf16 attention runs the native `kernels.attn_many` where it beats torch's SDPA (AVX512-BF16 CPUs without AMX);
 - the resized position grids are cached per (h, w, dtype, device) until the table's weights change;
 - bf16 LayerNorms run natively (`kernels.layernorm`);
-- on CPUs without AMX each encoder layer drops its weights' mapped pages after use (`release_pays`), so
-  the tower never adds its whole size to RSS.
+- on CPUs without AMX each encoder layer and the projector drop their weights' mapped pages after use
+  (`release_pays`), so the tower never adds its whole size to RSS.
 """
 from __future__ import annotations
 
@@ -114,18 +114,24 @@ def release_pays() -> bool:
     return not gemm.bf16_native() or not kernels.amx()
 
 
-class FastEncoderLayer(vision.EncoderLayer):
-    """An encoder layer that can drop its weights' mapped pages after each inference pass (memory.py): the tower's
-    weights (172 MB at 450M) then never sit in RSS all together beside the whole language model, only one layer's;
-    the next image maps them back from the page cache (no disk read). A layer whose weights are not the file's pages
-    (another dtype, quantized, on a GPU, written in place) stops trying after the first time."""
+class PageReleasing(nn.Module):
+    """A module that can drop its weights' mapped pages after each inference pass (memory.py): the vision tower's and
+    projector's weights (172 + 20 MB at 450M) then never sit in RSS all together beside the whole language model,
+    only one encoder layer's; the next image maps them back from the page cache (no disk read). A module whose
+    weights are not the file's pages (another dtype, quantized, on a GPU, written in place) stops trying after the
+    first time."""
 
-    _pages_releasable = False  # set per layer by use_fast_vision (release_pays)
+    _pages_releasable = False  # set per module by use_fast_vision (release_pays)
 
+    def release_pages(self, out: torch.Tensor) -> None:
+        if self._pages_releasable and out.device.type == "cpu" and not torch.is_grad_enabled():
+            self._pages_releasable = release_span(weights(self)) > 0
+
+
+class FastEncoderLayer(PageReleasing, vision.EncoderLayer):
     def forward(self, x: torch.Tensor, n: int) -> torch.Tensor:
         x = super().forward(x, n)
-        if self._pages_releasable and x.device.type == "cpu" and not torch.is_grad_enabled():
-            self._pages_releasable = release_span(weights(self)) > 0
+        self.release_pages(x)
         return x
 
 
@@ -145,8 +151,13 @@ class FastVisionMLP(vision.MLP):
     linear = staticmethod(fast_linear)
 
 
-class FastProjector(Projector):
+class FastProjector(PageReleasing, Projector):
     linear = staticmethod(fast_linear)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        y = super().forward(feats)
+        self.release_pages(y)
+        return y
 
 
 SWAPS = ((vision.VisionEmbeddings, FastVisionEmbeddings), (vision.Attention, FastVisionAttention),
@@ -169,6 +180,6 @@ def use_fast_vision(root: nn.Module) -> int:
                 n += 1
     pays = release_pays()
     for m in root.modules():
-        if isinstance(m, FastEncoderLayer):
+        if isinstance(m, PageReleasing):
             m._pages_releasable = pays
     return n

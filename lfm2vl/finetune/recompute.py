@@ -33,9 +33,9 @@ class CheckpointedEncoderLayer(EncoderLayer):
 
 
 class FrozenVisionTower(VisionTower):
-    def forward(self, pixel_values, pixel_attention_mask, spatial_shapes):
+    def encode(self, pixel_values, units, shapes):
         with torch.no_grad():
-            return super().forward(pixel_values, pixel_attention_mask, spatial_shapes)
+            return super().encode(pixel_values, units, shapes)
 
 
 _SWAPS = {DecoderLayer: CheckpointedDecoderLayer, EncoderLayer: CheckpointedEncoderLayer,

@@ -48,8 +48,7 @@ class Lfm2VlModel(nn.Module):
     def image_features(self, pixel_values, pixel_attention_mask, spatial_shapes) -> torch.Tensor:
         """(units, L, 3*p*p) pixels -> (sum over units of h/2*w/2, D_text), concatenated in unit order."""
         tower, projector = self.model.vision_tower, self.model.multi_modal_projector
-        dtype = tower.embeddings.patch_embedding.weight.dtype
-        return image_features(tower, projector, pixel_values.to(dtype), pixel_attention_mask, spatial_shapes,
+        return image_features(tower, projector, pixel_values, pixel_attention_mask, spatial_shapes,
                               self.config.downsample_factor)
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,7 +4,8 @@
   block's patches concatenated row-major (row offset slow, column offset fast); tokens are row-major over the
   (h/f, w/f) grid.
 - `Projector`: optional LayerNorm(f*f*Dv, eps 1e-5) -> linear_1 -> exact erf-GELU -> linear_2 (to the text width).
-- `image_features`: tower -> per-unit unshuffle -> one projector pass over all units, concatenated in unit order.
+- `image_features`: tower -> per-unit unshuffle -> projector, one encoder batch at a time, concatenated in unit
+  order.
 """
 from __future__ import annotations
 
@@ -53,11 +54,21 @@ class Projector(nn.Module):
 
 def image_features(tower: nn.Module, projector: Projector, pixel_values: torch.Tensor,
                    pixel_attention_mask: torch.Tensor, spatial_shapes: torch.Tensor, factor: int) -> torch.Tensor:
-    """Run tower + unshuffle + projector: (sum over units of h/f*w/f, D_text), units concatenated in order."""
-    shapes = spatial_shapes.tolist()
+    """Run tower + unshuffle + projector: (sum over units of h/f*w/f, D_text), units concatenated in order.
+
+    Each encoder batch is projected as soon as the tower has it, so a tiled image's patch features and the
+    projector's wide activations (f*f*Dv and projector_hidden_size columns) exist one batch at a time; rows are
+    independent throughout, so this equals projecting all units at once."""
+    shapes = [tuple(s) for s in spatial_shapes.tolist()]
     for u, (h, w) in enumerate(shapes):  # fail before the expensive tower runs
         if h % factor or w % factor:
             raise ValueError(f"unit {u}: patch grid {h}x{w} is not divisible by downsample_factor {factor}")
-    units = tower(pixel_values, pixel_attention_mask, spatial_shapes)
-    tokens = [pixel_unshuffle(f, h, w, factor) for f, (h, w) in zip(units, shapes)]
-    return projector(tokens[0] if len(tokens) == 1 else torch.cat(tokens))
+    shapes = tower.check(pixel_values, pixel_attention_mask, spatial_shapes)
+    out: list[torch.Tensor] = [None] * len(shapes)  # type: ignore[list-item]
+    for units in tower.batches(shapes):
+        x = tower.encode(pixel_values, units, shapes)  # (n, L, Dv)
+        tokens = [pixel_unshuffle(piece, *shapes[u], factor) for u, piece in zip(units, x)]
+        y = projector(tokens[0] if len(tokens) == 1 else torch.cat(tokens))
+        for u, part in zip(units, y.split([t.shape[0] for t in tokens])):
+            out[u] = part
+    return out[0] if len(out) == 1 else torch.cat(out)

@@ -144,26 +144,38 @@ class VisionTower(nn.Module):
 
         Returns one (h*w, Dv) tensor per unit, in unit order: post_layernorm output of its valid patches, row-major.
         """
-        shapes = self._check(pixel_values, pixel_attention_mask, spatial_shapes)
-        groups: dict[int, list[int]] = {}  # patch count -> units; each group runs as one dense batch, no padding
-        for u, (h, w) in enumerate(shapes):
-            groups.setdefault(h * w, []).append(u)
+        shapes = self.check(pixel_values, pixel_attention_mask, spatial_shapes)
         out: list[torch.Tensor] = [None] * len(shapes)  # type: ignore[list-item]
-        for L, group in groups.items():
-            step = max(1, self.batch_patches // L)
-            for units in (group[i:i + step] for i in range(0, len(group), step)):
-                n = len(units)
-                if units[-1] - units[0] == n - 1:  # adjacent units (tiles): a view, no gather
-                    patches = pixel_values[units[0]:units[-1] + 1, :L]
-                else:
-                    patches = pixel_values[units, :L]
-                x = self.embeddings(patches.reshape(n * L, -1), [shapes[u] for u in units])  # (n*L, Dv)
-                x = self.post_layernorm(self.encoder(x, n)).view(n, L, -1)
-                for u, piece in zip(units, x):
-                    out[u] = piece
+        for units in self.batches(shapes):
+            for u, piece in zip(units, self.encode(pixel_values, units, shapes)):
+                out[u] = piece
         return out
 
-    def _check(self, pixel_values: torch.Tensor, mask: torch.Tensor, spatial_shapes: torch.Tensor) -> list[tuple]:
+    def batches(self, shapes: list[tuple[int, int]]) -> list[list[int]]:
+        """The units of each encoder batch, in run order: units grouped by patch count (each group runs dense, no
+        padding), as many to a batch as fit in `batch_patches` rows (at least one)."""
+        groups: dict[int, list[int]] = {}
+        for u, (h, w) in enumerate(shapes):
+            groups.setdefault(h * w, []).append(u)
+        out = []
+        for L, group in groups.items():
+            step = max(1, self.batch_patches // L)
+            out += [group[i:i + step] for i in range(0, len(group), step)]
+        return out
+
+    def encode(self, pixel_values: torch.Tensor, units: list[int], shapes: list[tuple[int, int]]) -> torch.Tensor:
+        """One batch of units with the same patch count L -> (n, L, Dv) post_layernorm outputs (pixels are cast to
+        the weights' dtype here, one batch at a time)."""
+        n, L = len(units), shapes[units[0]][0] * shapes[units[0]][1]
+        if units[-1] - units[0] == n - 1:  # adjacent units (tiles): a view, no gather
+            patches = pixel_values[units[0]:units[-1] + 1, :L]
+        else:
+            patches = pixel_values[units, :L]
+        x = self.embeddings(patches.reshape(n * L, -1), [shapes[u] for u in units])  # (n*L, Dv)
+        return self.post_layernorm(self.encoder(x, n)).view(n, L, -1)
+
+    def check(self, pixel_values: torch.Tensor, mask: torch.Tensor, spatial_shapes: torch.Tensor) -> list[tuple]:
+        """The units' (h, w) grids; a clear error when the three inputs disagree with each other or the config."""
         p, c = self.config.patch_size, self.config.num_channels
         if pixel_values.dim() != 3 or pixel_values.shape[-1] != c * p * p:
             raise ValueError(f"pixel_values must be (units, patches, {c * p * p}); got {tuple(pixel_values.shape)}")
