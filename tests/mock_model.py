@@ -28,6 +28,7 @@ class MockModel(nn.Module):
                               max_position_embeddings=256)
         self.encoded_units = 0
         self.forward_calls = []  # (rows, T) per call
+        self.call_lengths = []  # real tokens per row of each call (None: all T)
 
     def make_cache(self, batch_size, max_seq_len, dtype=None, device=None):
         return HybridCache(self.cfg, batch_size, max_seq_len)
@@ -50,10 +51,12 @@ class MockModel(nn.Module):
             x[self.script[k] if k < len(self.script) else self.eos] += self.peak
         return x
 
-    def forward_cached(self, inputs_embeds, cache, start_pos, rows=None, last_only=True):
+    def forward_cached(self, inputs_embeds, cache, start_pos, rows=None, last_only=True, lengths=None):
         T = inputs_embeds.shape[1]
         self.forward_calls.append((None if rows is None else rows.tolist(), T))
-        return torch.stack([self.logits_at(p + T - 1) for p in start_pos.tolist()])
+        self.call_lengths.append(None if lengths is None else lengths.tolist())
+        n = [T] * len(start_pos) if lengths is None else lengths.tolist()
+        return torch.stack([self.logits_at(p + k - 1) for p, k in zip(start_pos.tolist(), n)])
 
 
 def mock_engine(**kw):

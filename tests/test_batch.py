@@ -1,5 +1,6 @@
 """BatchGenerator logic on a MockModel: finish reasons, stop strings, max_new_tokens, eos, seeds, batching,
-requests joining/leaving between steps, prefix reuse without re-encoding images, cache growth."""
+requests joining/leaving between steps, prompts prefilled together, prefix reuse without re-encoding images, cache
+growth."""
 import pytest
 import torch
 
@@ -133,6 +134,26 @@ def test_chunked_prefill_calls_and_same_output():
     (evs,) = run(e, req(input_ids=prompt, max_new_tokens=5), prefill_chunk=16)
     assert [t for r, t in e.model.forward_calls[:3]] == [16, 16, 8]
     assert evs[-1].result.token_ids == SCRIPT[:5]
+
+
+def test_a_burst_of_prompts_is_prefilled_in_one_pass_with_the_same_results():
+    e = mock_engine(peak=0.0, noise=3.0)
+    reqs = lambda: [req(input_ids=[1, 6] + list(range(600, 600 + n)), max_new_tokens=4) for n in (3, 4, 6, 7)]
+    together = [evs[-1].result.token_ids for evs in run(e, *reqs(), max_batch=4)]
+    assert e.model.forward_calls[0] == (None, 9) and e.model.call_lengths[0] == [5, 6, 8, 9]  # all 4 rows
+    assert together == [run(e, r)[0][-1].result.token_ids for r in reqs()]
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_a_prefill_pass_is_at_most_half_padding_and_within_the_chunk(chunk):
+    e = mock_engine(peak=0.0, noise=3.0)
+    reqs = lambda: [req(input_ids=[1] + list(range(600, 600 + n)), max_new_tokens=3) for n in (2, 40, 5, 11, 3)]
+    together = [evs[-1].result.token_ids for evs in run(e, *reqs(), max_batch=8, prefill_chunk=chunk)]
+    calls = [(rows, T, n) for (rows, T), n in zip(e.model.forward_calls, e.model.call_lengths) if T > 1]
+    assert any(n is not None for _, _, n in calls)  # some pass did pad
+    for rows, T, n in calls:
+        assert len(rows or [0]) * T <= chunk and all(2 * k >= T for k in (n or [T]))
+    assert together == [run(e, r, prefill_chunk=chunk)[0][-1].result.token_ids for r in reqs()]
 
 
 def test_logprobs_reported():

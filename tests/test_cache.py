@@ -3,7 +3,8 @@
 - full no-cache forward == prefill + N single-token decode steps (last-position logits);
 - chunked prefill (conv state carried across chunks) == one-shot prefill;
 - a prefill of rows [k] into a batch-4 cache == a batch-1 run, other rows untouched;
-- batched decode with different per-row lengths == separate runs; a reused row starts clean.
+- batched decode with different per-row lengths == separate runs; a reused row starts clean;
+- several prompts right-padded into one prefill pass (`lengths`) == each prompt's own prefill, then decode.
 The no-cache forward itself is checked against transformers in test_model_parity.py.
 """
 from __future__ import annotations
@@ -117,6 +118,32 @@ def test_batched_decode_with_different_lengths_equals_separate_runs(model):
         one.lengths += emb.shape[1]
         alone = torch.cat([_step(model, one, steps[r:r + 1, t]) for t in range(steps.shape[1])])
         assert (batched[r] - alone).abs().max() <= TOL, f"row {r}"
+
+
+@torch.no_grad()
+def test_right_padded_prefill_of_several_prompts_equals_each_alone(model):
+    """Prompts of 5 (+ an image), 17 and 9 text tokens in one pass padded to the longest: each row's logits at its
+    last real token, and the decode steps after it (the conv state taken before the padding, the padding's keys
+    never seen), equal the prompt's own prefill."""
+    prompts = [_prompt(model, n_text=n, seed=20 + n, with_image=n == 5)[1] for n in (5, 17, 9)]
+    n = torch.tensor([e.shape[1] for e in prompts])
+    T = int(n.max())
+    padded = torch.cat([torch.nn.functional.pad(e, (0, 0, 0, T - e.shape[1]), value=7.0) for e in prompts])
+    steps = torch.randint(510, 1000, (3, 4), generator=torch.Generator().manual_seed(3))
+    cache = model.make_cache(4, 128)
+    rows, start = torch.tensor([2, 0, 3]), torch.zeros(3, dtype=torch.long)
+    first = model.forward_cached(padded, cache, start, rows=rows, lengths=n)
+    cache.lengths[rows] = n
+    later = torch.stack([_step(model, cache, steps[:, t], rows=rows) for t in range(steps.shape[1])], 1)
+    for r, emb in enumerate(prompts):
+        one = model.make_cache(1, 128)
+        want = model.forward_cached(emb, one, torch.zeros(1, dtype=torch.long))
+        one.lengths += emb.shape[1]
+        alone = torch.cat([_step(model, one, steps[r:r + 1, t]) for t in range(steps.shape[1])])
+        assert (first[r] - want[0]).abs().max() <= TOL, f"row {r}: prefill logits"
+        assert (later[r] - alone).abs().max() <= TOL, f"row {r}: decode after the padded prefill"
+    with pytest.raises(ValueError, match="lengths"):
+        model.forward_cached(padded, cache, start, rows=rows, lengths=torch.tensor([T + 1, 1, 1]))
 
 
 @torch.no_grad()

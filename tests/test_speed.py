@@ -67,7 +67,8 @@ def test_int8_model_stays_close_to_float():
 @pytest.mark.parametrize("bias", [False, True])
 def test_native_short_conv_equals_the_torch_path(monkeypatch, bias):
     """The conv block's middle as one native pass (kernels.short_conv, bf16) gives the torch path's output and conv
-    state bit for bit: fresh and continued rows, gathered cache rows, chunks shorter than the state, a bias."""
+    state bit for bit: fresh and continued rows, gathered cache rows, chunks shorter than the state, a bias, and
+    right-padded rows (the state after each row's last real input)."""
     from lfm2vl.cpu import kernels
 
     if kernels.isa() < 2:
@@ -78,8 +79,9 @@ def test_native_short_conv_equals_the_torch_path(monkeypatch, bias):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 40, 64, generator=g).bfloat16()
     native, calls = kernels.short_conv, []
-    for T, starts, rows, n in ((40, [0, 0], None, 2), (1, [5, 9], None, 2), (2, [7, 3], [2, 0], 3),
-                               (40, [13, 0], [1, 2], 3)):
+    for T, starts, rows, n, lengths in ((40, [0, 0], None, 2, None), (1, [5, 9], None, 2, None),
+                                        (2, [7, 3], [2, 0], 3, None), (40, [13, 0], [1, 2], 3, None),
+                                        (40, [13, 0], [1, 2], 3, [7, 40]), (3, [5, 0], None, 2, [1, 3])):
         got = {}
         for mode in ("native", "torch"):
             monkeypatch.setattr(kernels, "short_conv",
@@ -89,7 +91,8 @@ def test_native_short_conv_equals_the_torch_path(monkeypatch, bias):
                 if c is not None:
                     c.copy_(torch.randn(c.shape, generator=torch.Generator().manual_seed(1)))
             with torch.inference_mode():
-                view = cache.view(torch.tensor(starts), T, None if rows is None else torch.tensor(rows))
+                view = cache.view(torch.tensor(starts), T, None if rows is None else torch.tensor(rows),
+                                  None if lengths is None else torch.tensor(lengths))
                 got[mode] = (conv(x[:, :T], None, view, 0), cache.conv[0].clone())
         assert torch.equal(got["native"][0], got["torch"][0]) and torch.equal(got["native"][1], got["torch"][1])
     with torch.inference_mode():  # no cache: a zero state
@@ -97,7 +100,7 @@ def test_native_short_conv_equals_the_torch_path(monkeypatch, bias):
         y = conv(x, None, None, 0)
         monkeypatch.setattr(kernels, "short_conv", lambda *a: None)
         assert torch.equal(y, conv(x, None, None, 0))
-    assert len(calls) == 5  # every native run above took the kernel
+    assert len(calls) == 7  # every native run above took the kernel
 
 
 def test_using_lfm2vl_leaves_the_environment_as_it_found_it(tiny_checkpoint):

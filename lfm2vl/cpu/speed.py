@@ -54,6 +54,14 @@ def causal_depthwise_conv(u_ext: torch.Tensor, weight: torch.Tensor, bias: torch
     return y.to(u_ext.dtype)
 
 
+def _padded_tail(cache, p: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """The next conv state of right-padded rows (the cache view's lengths): conv inputs u = B * x rounded as the
+    kernel rounds them, taken up to each row's last real input."""
+    D = p.shape[-1] // 3
+    u = (p[..., :D] * p[..., 2 * D:]).transpose(1, 2)  # (B, D, T)
+    return cache.conv_tail(torch.cat([state.to(u.dtype), u], dim=-1))
+
+
 class FastShortConv(ShortConv):
     """ShortConv with the conv as shifted multiply-adds (same parameters, same math as model/text.py)."""
 
@@ -68,7 +76,8 @@ class FastShortConv(ShortConv):
             done = kernels.short_conv(p, state.to(p.dtype), self.conv.weight, self.conv.bias)
             if done is not None:
                 if cache is not None:
-                    cache.conv_store(layer_idx, done[1])
+                    tail = done[1] if cache.lengths is None else _padded_tail(cache, p, state)
+                    cache.conv_store(layer_idx, tail)
                 return self.out_proj(done[0])
         Bg, Cg, xs = p.transpose(1, 2).chunk(3, dim=1)  # each (B, D, T)
         u = Bg * xs
@@ -143,13 +152,13 @@ class FastLfm2VlModel(LowMemoryModel):
 
     native_decoder: NativeDecoder | None = None
 
-    def forward_cached(self, inputs_embeds, cache, start_pos, rows=None, last_only=True):
+    def forward_cached(self, inputs_embeds, cache, start_pos, rows=None, last_only=True, lengths=None):
         dec = self.native_decoder
-        if dec is not None and not torch.is_grad_enabled():
+        if dec is not None and lengths is None and not torch.is_grad_enabled():
             logits = dec(inputs_embeds, cache, start_pos, rows)  # None: not a step it can take
             if logits is not None:
                 return logits if last_only else logits[:, None]
-        return super().forward_cached(inputs_embeds, cache, start_pos, rows, last_only)
+        return super().forward_cached(inputs_embeds, cache, start_pos, rows, last_only, lengths)
 
 
 def _swap_class(root: nn.Module, base: type, fast: type) -> int:

@@ -2,8 +2,9 @@
 
 Every path (Engine.generate / stream / chat, batched generate, the server) drives this loop:
 - `add(request)` queues a request; `step()` admits queued requests into free cache rows, prefills them in chunks
-  (at most `prefill_chunk` tokens per step over all rows, the conv state carried across chunks), then runs ONE
-  batched decode step over the running rows, each at its own position. Requests join and leave between steps.
+  (at most `prefill_chunk` tokens per step over all rows, the conv state carried across chunks; prompts of similar
+  length share one pass, right-padded, so a burst of requests reads the weights once), then runs ONE batched
+  decode step over the running rows, each at its own position. Requests join and leave between steps.
 - Images are encoded once, at admission; decode embeds the new token only.
 - The model calls are steps.prefill and steps.decode_step; the rows (prefix reuse, conv snapshots, cache growth)
   are rows.RowCache's; a request's own state and per-token bookkeeping are active.Active's.
@@ -201,32 +202,63 @@ class BatchGenerator:
             act.prefill_s += time.perf_counter() - t0
 
     def _prefill(self, events: list[Event]) -> None:
-        """Prefill the placed requests' prompts, at most `prefill_chunk` tokens in all; a finished prompt gets its
-        first token."""
+        """Prefill the placed requests' prompts, at most `prefill_chunk` tokens per step (padding included), in passes
+        that each take several prompts at once (`_prefill_group`); a finished prompt gets its first token."""
         budget = self.prefill_chunk
-        for act in [a for a in self.actives.values() if a.slot >= 0 and a.prefilling]:
-            if budget <= 0:
-                break
-            t0 = time.perf_counter()
-            row, ids = self.rows[act.slot], act.req.input_ids
-            n = min(budget, act.embeds.shape[1] - act.offset)
-            pos = len(row.tokens)
-            logits = prefill(self.model, self.rows.cache, act.embeds[:, act.offset:act.offset + n],
-                             self.rows.rows_arg([act.slot]), pos, self.prefill_chunk)
-            row.tokens.extend(ids[pos:pos + n])
-            act.offset += n
-            budget -= n
-            if act.offset == act.embeds.shape[1]:
-                act.embeds = None
-                self.rows.snapshot(act.slot)
-                with one_thread():
-                    tok = act.sampler(logits[0])
-                    t = int(tok)
-                    act.t_first = time.perf_counter()
-                    act.prefill_s += act.t_first - t0
-                    self._emit(act, tok, t, logits[0], events)
-            else:
-                act.prefill_s += time.perf_counter() - t0
+        while budget > 0:
+            todo = [a for a in self.actives.values() if a.slot >= 0 and a.prefilling]
+            if not todo:
+                return
+            group, T = self._prefill_group(todo, budget)
+            self._prefill_pass(group, T, events)
+            budget -= T * len(group)
+
+    def _prefill_group(self, todo: list[Active], budget: int) -> tuple[list[Active], int]:
+        """The prompts of one prefill pass, in arrival order, and its length T: a prompt with T tokens or more left
+        feeds T of them, a shorter one is right-padded to T. The first prompt always goes; another joins while the
+        pass stays within the budget, no prompt in it has less than half of T left (at most half a pass is
+        padding), and the padding fits the cache."""
+        left = {a.rid: a.embeds.shape[1] - a.offset for a in todo}
+        group, T = [todo[0]], min(left[todo[0].rid], budget)
+        for a in todo[1:]:
+            want = max(T, min(left[a.rid], budget))
+            for t in (want, T) if want > T else (T,):
+                members = group + [a]
+                if (len(members) * t <= budget and all(2 * left[m.rid] >= t for m in members)
+                        and all(len(self.rows[m.slot].tokens) + t <= self.capacity for m in members)):
+                    group, T = members, t
+                    break
+        return group, T
+
+    def _prefill_pass(self, group: list[Active], T: int, events: list[Event]) -> None:
+        """One forward over the group's next T prompt tokens (shorter prompts right-padded)."""
+        t0 = time.perf_counter()
+        fed = [min(T, a.embeds.shape[1] - a.offset) for a in group]
+        chunks = [a.embeds[:, a.offset:a.offset + n] for a, n in zip(group, fed)]
+        if len(group) == 1:
+            embeds, lengths = chunks[0], None
+        else:
+            embeds = torch.cat([torch.nn.functional.pad(c, (0, 0, 0, T - c.shape[1])) for c in chunks])
+            lengths = None if min(fed) == T else torch.tensor(fed, device=self.device)
+        starts = [len(self.rows[a.slot].tokens) for a in group]
+        logits = prefill(self.model, self.rows.cache, embeds, self.rows.rows_arg([a.slot for a in group]),
+                         torch.tensor(starts, device=self.device), self.prefill_chunk, lengths)
+        done = []
+        for i, (a, n, pos) in enumerate(zip(group, fed, starts)):
+            self.rows[a.slot].tokens.extend(a.req.input_ids[pos:pos + n])
+            a.offset += n
+            if a.offset == a.embeds.shape[1]:
+                a.embeds = None
+                self.rows.snapshot(a.slot)
+                done.append((i, a))
+        t1 = time.perf_counter()
+        for a in group:
+            a.prefill_s += t1 - t0
+        with one_thread():
+            for i, a in done:
+                tok = a.sampler(logits[i])
+                a.t_first = time.perf_counter()
+                self._emit(a, tok, int(tok), logits[i], events)
 
     def _decode(self, events: list[Event]) -> None:
         """One decode step over every running row that has a token to feed."""

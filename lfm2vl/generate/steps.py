@@ -13,20 +13,25 @@ from ..model.cache import HybridCache
 
 
 def prefill(model, cache: HybridCache, embeds: torch.Tensor, rows: torch.Tensor | None, start_pos,
-            chunk: int) -> torch.Tensor:
+            chunk: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Feed embeds (b, T, D) into cache rows `rows` from position start_pos (an int, or a (b,) long tensor), at most
-    `chunk` tokens per forward; the conv state carries from chunk to chunk through the cache. Sets the rows'
-    lengths to start_pos + T and returns the logits (b, V) of the last position."""
+    `chunk` tokens per forward; the conv state carries from chunk to chunk through the cache. lengths (b,): the real
+    tokens of right-padded rows (several prompts in one pass; then T <= chunk). Sets the rows' lengths to start_pos +
+    T (+ lengths) and returns the logits (b, V) of each row's last real position."""
     T = embeds.shape[1]
     if T < 1 or chunk < 1:
         raise ValueError(f"prefill needs at least one token and chunk >= 1 (got {T} tokens, chunk={chunk})")
+    if lengths is not None and T > chunk:
+        raise ValueError(f"right-padded rows are prefilled in one pass: {T} tokens exceed chunk={chunk}")
     start = torch.as_tensor(start_pos, dtype=torch.long, device=cache.lengths.device).reshape(-1)
     for s in range(0, T, chunk):
-        logits = model.forward_cached(embeds[:, s:s + chunk], cache, start + s, rows=rows, last_only=True)
+        logits = model.forward_cached(embeds[:, s:s + chunk], cache, start + s, rows=rows, last_only=True,
+                                      lengths=lengths)
+    end = start + (T if lengths is None else lengths)
     if rows is None:
-        cache.lengths.copy_((start + T).expand_as(cache.lengths))
+        cache.lengths.copy_(end.expand_as(cache.lengths))
     else:
-        cache.lengths[rows] = start + T
+        cache.lengths[rows] = end
     return logits
 
 

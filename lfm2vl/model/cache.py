@@ -3,7 +3,10 @@
 - attention layer i: K and V buffers (B, Hkv, S_max, Dh), holding keys after k-norm and RoPE;
 - conv layer i: the last K-1 columns of the conv input u = B*x, shape (B, D, K-1) (only K-1 ever reach an output);
 - `lengths` (B,): tokens stored per row. The caller owns it: forward_cached never advances it (explicit positions).
-A `CacheView` binds the cache to one forward call: which rows, their start positions, the key mask.
+A `CacheView` binds the cache to one forward call: which rows, their start positions, the key mask, and optionally
+how many of the T inputs are real per row (`lengths`: several prompts of different lengths in one prefill pass,
+right-padded). A padded row's keys and values past its real tokens land in slots beyond its length, which its queries
+never see and its next tokens overwrite; its conv state is taken after its last real token.
 Decode (T == 1) keeps every shape static (no .item(), no data-dependent branching), so it can be compiled.
 """
 from __future__ import annotations
@@ -35,19 +38,24 @@ class HybridCache:
                 t[sel] = 0
         self.lengths[sel] = 0
 
-    def view(self, start_pos: torch.Tensor, T: int, rows: torch.Tensor | None = None) -> "CacheView":
-        return CacheView(self, start_pos, T, rows)
+    def view(self, start_pos: torch.Tensor, T: int, rows: torch.Tensor | None = None,
+             lengths: torch.Tensor | None = None) -> "CacheView":
+        return CacheView(self, start_pos, T, rows, lengths)
 
 
 class CacheView:
-    """One forward's access to the cache: rows `rows` (None = all), tokens at start_pos[r] .. start_pos[r]+T-1."""
+    """One forward's access to the cache: rows `rows` (None = all), tokens at start_pos[r] .. start_pos[r]+T-1, of
+    which the first lengths[r] are real (None: all T)."""
 
-    def __init__(self, cache: HybridCache, start_pos: torch.Tensor, T: int, rows: torch.Tensor | None):
+    def __init__(self, cache: HybridCache, start_pos: torch.Tensor, T: int, rows: torch.Tensor | None,
+                 lengths: torch.Tensor | None = None):
         self.cache, self.rows, self.T = cache, rows, T
         b = cache.batch_size if rows is None else rows.shape[0]
         if start_pos.shape != (b,):
             raise ValueError(f"start_pos must have shape ({b},) for {b} cache rows, got {tuple(start_pos.shape)}")
-        self.start_pos = start_pos
+        if lengths is not None and (lengths.shape != (b,) or int(lengths.min()) < 1 or int(lengths.max()) > T):
+            raise ValueError(f"lengths must be ({b},) real-token counts in [1, {T}], got {lengths.tolist()}")
+        self.start_pos, self.lengths = start_pos, lengths
         dev = start_pos.device
         offs = torch.arange(T, device=dev)
         self.positions = start_pos[:, None] + offs  # (b, T)
@@ -95,7 +103,16 @@ class CacheView:
             sc[self.rows] = state.to(sc.dtype)
 
     def conv_extend(self, i: int, u: torch.Tensor) -> torch.Tensor:
-        """Prepend the stored conv state to u (b, D, T) and store the new last K-1 columns."""
+        """Prepend the stored conv state to u (b, D, T) and store the K-1 columns up to each row's last real input."""
         u_ext = torch.cat([self.conv_state(i).to(u.dtype), u], dim=-1)  # (b, D, K-1+T)
-        self.conv_store(i, u_ext[:, :, -self.cache.conv[i].shape[-1]:])
+        self.conv_store(i, self.conv_tail(u_ext))
         return u_ext
+
+    def conv_tail(self, u_ext: torch.Tensor) -> torch.Tensor:
+        """The next conv state (b, D, K-1) from the state-prefixed inputs u_ext (b, D, K-1+T): the K-1 columns that
+        end at each row's last real input."""
+        K1 = u_ext.shape[-1] - self.T
+        if self.lengths is None:
+            return u_ext[:, :, -K1:]
+        idx = self.lengths[:, None] + torch.arange(K1, device=u_ext.device)  # (b, K-1) columns of u_ext
+        return u_ext.gather(2, idx[:, None, :].expand(-1, u_ext.shape[1], -1))

@@ -7,8 +7,9 @@ Two entry points:
   whole sequence (B, T, V); inputs as transformers' Lfm2VlProcessor returns them; left or right padding via
   attention_mask (positions = cumsum(mask)-1, padded inputs zeroed before the convs, causal + padding mask).
   `hidden_states(...)` is the same without the output head.
-- `forward_cached(inputs_embeds, cache, start_pos, rows, last_only)`: explicit positions into a HybridCache (prefill in
-  chunks or one static-shape decode step); the caller advances `cache.lengths`.
+- `forward_cached(inputs_embeds, cache, start_pos, rows, last_only, lengths)`: explicit positions into a HybridCache
+  (prefill in chunks, several right-padded prompts at once, or one static-shape decode step); the caller advances
+  `cache.lengths`.
 """
 from __future__ import annotations
 
@@ -102,12 +103,14 @@ class Lfm2VlModel(nn.Module):
                            dtype=dtype or w.dtype, device=device or w.device)
 
     def forward_cached(self, inputs_embeds: torch.Tensor, cache: HybridCache, start_pos: torch.Tensor,
-                       rows: torch.Tensor | None = None, last_only: bool = True) -> torch.Tensor:
-        """inputs_embeds (b, T, D) for cache rows `rows` (default all), first positions start_pos (b,).
-        Returns (b, V) logits of the last position if last_only, else (b, T, V). Does not touch cache.lengths."""
+                       rows: torch.Tensor | None = None, last_only: bool = True,
+                       lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs_embeds (b, T, D) for cache rows `rows` (default all), first positions start_pos (b,); lengths (b,):
+        real inputs per row when shorter prompts are right-padded to T (default: all T). Returns (b, V) logits of
+        each row's last real position if last_only, else (b, T, V). Does not touch cache.lengths."""
         T = inputs_embeds.shape[1]
-        view = cache.view(start_pos, T, rows)
+        view = cache.view(start_pos, T, rows, lengths)
         h = self.model.language_model(inputs_embeds, view.positions, mask=view.mask, cache=view)
         if last_only:
-            h = h[:, -1]
+            h = h[:, -1] if lengths is None else h[torch.arange(h.shape[0], device=h.device), lengths - 1]
         return self.lm_head(h)
