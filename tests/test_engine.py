@@ -391,3 +391,27 @@ def test_request_after_a_step_cut_by_ctrl_c_equals_a_fresh_run(tiny_engine):
     longer = dataclasses.replace(req, input_ids=req.input_ids + tokens[:8])
     fresh = BatchGenerator(tiny_engine, max_batch=1)
     assert gen.run([rid := gen.add(longer)])[rid].token_ids == fresh.run([f := fresh.add(longer)])[f].token_ids
+
+
+@pytest.mark.parametrize("cap", [None, 1], ids=["one-pass", "a-pass-each"])
+def test_images_of_requests_placed_together_are_encoded_in_one_vision_pass(tiny_engine, monkeypatch, cap):
+    """features_from: the units of several requests (one unit, two units of other widths, none) in one vision pass,
+    one request resuming 3 tokens into its first unit, give each request the features of its own units; with the
+    pass capped below one request's pixel rows, each request gets a pass of its own."""
+    from lfm2vl.generate import units as units_mod
+
+    reqs = [tiny_engine.prepare(conv("a", picture(64, 48)), **GREEDY),
+            tiny_engine.prepare(conv("b", picture(384, 256), picture(64, 64, 1)), **GREEDY),
+            tiny_engine.prepare("no image", **GREEDY)]
+    cfg, model = tiny_engine.config, tiny_engine.model
+    units = [units_mod.image_units(r, cfg.image_token_id, cfg.downsample_factor) for r in reqs]
+    starts = [0, units[1][0][0] + 3, 0]
+    real, calls = model.image_features, []
+    monkeypatch.setattr(model, "image_features", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    if cap is not None:
+        monkeypatch.setattr(units_mod, "VISION_PASS_PATCHES", cap)
+    got = units_mod.features_from(model, list(zip(reqs, units, starts)), cfg.downsample_factor, torch.device("cpu"))
+    assert calls == ([1 + len(units[1])] if cap is None else [1, len(units[1])]) and got[2] is None
+    for r, g, skip in zip(reqs, got, (0, 3)):
+        want = real(r.pixel_values, r.pixel_attention_mask, r.spatial_shapes)[skip:]
+        torch.testing.assert_close(g, want, rtol=0, atol=1e-5)

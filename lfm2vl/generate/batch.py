@@ -181,13 +181,15 @@ class BatchGenerator:
 
     # ---- the step: admission, prefill, decode -----------------------------------------------------------------
     def _admit(self) -> None:
-        """Place queued requests in free rows (the one reusing the longest prefix) and embed what they prefill."""
+        """Place queued requests in free rows (the one reusing the longest prefix) and embed what they prefill; the
+        images of all requests placed in one step are encoded in one vision pass."""
+        placed = []
+        t0 = time.perf_counter()
         while self.pending:
             free = self.rows.free()
             if not free:
-                return
+                break
             act = self.pending.popleft()
-            t0 = time.perf_counter()
             req, ids = act.req, act.req.input_ids
             if not self.fixed:
                 want = len(ids) + (req.max_new_tokens or 1)
@@ -195,11 +197,19 @@ class BatchGenerator:
                     self.rows.grow(want)
             units = image_units(req, self.image_token_id, self.factor)
             act.slot = self.rows.pick(free, ids, units)
-            act.cached = p = self.rows.claim(act.slot, act, units, ids)
-            tail = torch.tensor([ids[p:]], dtype=torch.long, device=self.device)
-            act.embeds = self.model.embed(tail, features_from(self.model, req, units, p, self.device))
+            act.cached = self.rows.claim(act.slot, act, units, ids)
+            placed.append((act, units))
+        if not placed:
+            return
+        feats = features_from(self.model, [(a.req, units, a.cached) for a, units in placed], self.factor,
+                              self.device)
+        for (act, _), f in zip(placed, feats):
+            tail = torch.tensor([act.req.input_ids[act.cached:]], dtype=torch.long, device=self.device)
+            act.embeds = self.model.embed(tail, f)
             act.offset = 0
-            act.prefill_s += time.perf_counter() - t0
+        spent = time.perf_counter() - t0
+        for act, _ in placed:
+            act.prefill_s += spent
 
     def _prefill(self, events: list[Event]) -> None:
         """Prefill the placed requests' prompts, at most `prefill_chunk` tokens per step (padding included), in passes

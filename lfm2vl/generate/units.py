@@ -49,12 +49,44 @@ def image_units(req: Request, image_token_id: int, factor: int) -> list[Unit]:
     return out
 
 
-def features_from(model, req: Request, units: list[Unit], p: int, device) -> torch.Tensor | None:
-    """Image features of the placeholder tokens at positions >= p (units entirely before p are not encoded)."""
-    first = next((u for u, (s, n, _, _) in enumerate(units) if s + n > p), None)
-    if first is None:
-        return None
-    sel = slice(first, len(units))
-    feats = model.image_features(req.pixel_values[sel].to(device), req.pixel_attention_mask[sel].to(device),
-                                 req.spatial_shapes[sel].to(device))
-    return feats[max(0, p - units[first][0]):]  # a unit split by p: keep the tokens after p
+# Pixel rows (patches) one vision pass takes at most: requests placed together are encoded together up to this
+# many, so a burst of tiled images does not copy all of their pixels at once (one request always goes whole).
+VISION_PASS_PATCHES = 8192
+
+
+def features_from(model, wanted: list[tuple[Request, list[Unit], int]], factor: int,
+                  device) -> list[torch.Tensor | None]:
+    """For each (request, its units, p): the image features of its placeholder tokens at positions >= p (units
+    entirely before p are not encoded). The units of several requests go through one vision pass (their pixel rows
+    padded to a common length; the tower batches units of equal size whichever request they come from), up to
+    VISION_PASS_PATCHES pixel rows a pass."""
+    picked = []  # (request, index of its first unit to encode, tokens of its first unit to skip)
+    for req, units, p in wanted:
+        first = next((u for u, (s, n, _, _) in enumerate(units) if s + n > p), None)
+        picked.append(None if first is None else (req, first, max(0, p - units[first][0])))
+    todo = [x for x in picked if x is not None]
+    parts: list[torch.Tensor] = []
+    while todo:
+        group, rows = [], 0
+        while todo and (not group or rows + _rows(todo[0]) <= VISION_PASS_PATCHES):
+            rows += _rows(todo[0])
+            group.append(todo.pop(0))
+        L = max(r.pixel_values.shape[1] for r, _, _ in group)
+        pixels = torch.cat([_pad_rows(r.pixel_values[f:], L) for r, f, _ in group])
+        mask = torch.cat([_pad_rows(r.pixel_attention_mask[f:], L) for r, f, _ in group])
+        shapes = torch.cat([r.spatial_shapes[f:] for r, f, _ in group])
+        feats = model.image_features(pixels.to(device), mask.to(device), shapes.to(device))
+        parts += feats.split([sum(unit_counts(r, factor)[f:]) for r, f, _ in group])
+    it = iter(parts)
+    return [None if x is None else next(it)[x[2]:] for x in picked]  # a unit split by p: keep the tokens after p
+
+
+def _rows(item: tuple[Request, int, int]) -> int:
+    """Pixel rows of a request's units from its first one to encode."""
+    req, first, _ = item
+    return (req.pixel_values.shape[0] - first) * req.pixel_values.shape[1]
+
+
+def _pad_rows(t: torch.Tensor, L: int) -> torch.Tensor:
+    """Units' patch rows (n, L_t, ...) padded with zeros to L rows (padding rows are masked out)."""
+    return t if t.shape[1] == L else torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, L - t.shape[1]))
