@@ -5,7 +5,8 @@ Every path (Engine.generate / stream / chat, batched generate, the server) drive
   (at most `prefill_chunk` tokens per step over all rows, the conv state carried across chunks; prompts of similar
   length share one pass, right-padded, so a burst of requests reads the weights once), then runs ONE batched
   decode step over the running rows, each at its own position. Requests join and leave between steps.
-- Images are encoded once, at admission; decode embeds the new token only.
+- Images are encoded once, at admission (those of requests admitted together in one vision pass); decode embeds
+  the new token only.
 - The model calls are steps.prefill and steps.decode_step; the rows (prefix reuse, conv snapshots, cache growth)
   are rows.RowCache's; a request's own state and per-token bookkeeping are active.Active's.
 - Each row samples with its own Sampler (composed once per request); rows that are plain greedy share one argmax.
