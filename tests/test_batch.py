@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lfm2vl.generate.batch import BatchGenerator
+from lfm2vl.generate.passes import prefill_group
 from lfm2vl.generate.request import Request
 from lfm2vl.generate.sampling import SamplingParams
 from mock_model import EOS, mock_engine
@@ -134,6 +135,17 @@ def test_chunked_prefill_calls_and_same_output():
     (evs,) = run(e, req(input_ids=prompt, max_new_tokens=5), prefill_chunk=16)
     assert [t for r, t in e.model.forward_calls[:3]] == [16, 16, 8]
     assert evs[-1].result.token_ids == SCRIPT[:5]
+
+
+@pytest.mark.parametrize("left,starts,budget,capacity,want", [
+    ([25, 20, 30, 28], [0, 0, 0, 0], 512, 1000, ([0, 1, 2, 3], 30)),  # similar prompts: one pass, the longest's length
+    ([3, 41, 6], [0, 0, 0], 64, 1000, ([0, 1, 2], 6)),  # the long one feeds 6 tokens, the first is padded 3 -> 6
+    ([100, 10], [0, 0], 512, 1000, ([0], 100)),  # 10 padded to 100 would be mostly padding
+    ([10, 5, 8], [0, 95, 0], 64, 100, ([0, 2], 10)),  # the second row has no room for 10 more tokens
+    ([900, 20], [0, 0], 512, 1000, ([0], 512)),  # a long prompt takes the whole budget
+])
+def test_prefill_group_pads_at_most_half_within_the_budget_and_the_rows_room(left, starts, budget, capacity, want):
+    assert prefill_group(left, starts, budget, capacity) == want
 
 
 def test_a_burst_of_prompts_is_prefilled_in_one_pass_with_the_same_results():

@@ -22,11 +22,13 @@ from collections import deque
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from .threads import one_thread
 from .active import Active, sample_rows
 from .detok import StreamDetokenizer
 from .options import MAX_BATCH, PREFILL_CHUNK
+from .passes import prefill_group
 from .request import Event, Request, Result
 from .rows import RowCache
 from .sampling import Sampler
@@ -214,32 +216,17 @@ class BatchGenerator:
 
     def _prefill(self, events: list[Event]) -> None:
         """Prefill the placed requests' prompts, at most `prefill_chunk` tokens per step (padding included), in passes
-        that each take several prompts at once (`_prefill_group`); a finished prompt gets its first token."""
+        that each take several prompts at once (passes.prefill_group); a finished prompt gets its first token."""
         budget = self.prefill_chunk
         while budget > 0:
             todo = [a for a in self.actives.values() if a.slot >= 0 and a.prefilling]
             if not todo:
                 return
-            group, T = self._prefill_group(todo, budget)
+            picked, T = prefill_group([a.embeds.shape[1] - a.offset for a in todo],
+                                      [len(self.rows[a.slot].tokens) for a in todo], budget, self.capacity)
+            group = [todo[i] for i in picked]
             self._prefill_pass(group, T, events)
             budget -= T * len(group)
-
-    def _prefill_group(self, todo: list[Active], budget: int) -> tuple[list[Active], int]:
-        """The prompts of one prefill pass, in arrival order, and its length T: a prompt with T tokens or more left
-        feeds T of them, a shorter one is right-padded to T. The first prompt always goes; another joins while the
-        pass stays within the budget, no prompt in it has less than half of T left (at most half a pass is
-        padding), and the padding fits the cache."""
-        left = {a.rid: a.embeds.shape[1] - a.offset for a in todo}
-        group, T = [todo[0]], min(left[todo[0].rid], budget)
-        for a in todo[1:]:
-            want = max(T, min(left[a.rid], budget))
-            for t in (want, T) if want > T else (T,):
-                members = group + [a]
-                if (len(members) * t <= budget and all(2 * left[m.rid] >= t for m in members)
-                        and all(len(self.rows[m.slot].tokens) + t <= self.capacity for m in members)):
-                    group, T = members, t
-                    break
-        return group, T
 
     def _prefill_pass(self, group: list[Active], T: int, events: list[Event]) -> None:
         """One forward over the group's next T prompt tokens (shorter prompts right-padded)."""
@@ -249,7 +236,7 @@ class BatchGenerator:
         if len(group) == 1:
             embeds, lengths = chunks[0], None
         else:
-            embeds = torch.cat([torch.nn.functional.pad(c, (0, 0, 0, T - c.shape[1])) for c in chunks])
+            embeds = torch.cat([F.pad(c, (0, 0, 0, T - c.shape[1])) for c in chunks])
             lengths = None if min(fed) == T else torch.tensor(fed, device=self.device)
         starts = [len(self.rows[a.slot].tokens) for a in group]
         logits = prefill(self.model, self.rows.cache, embeds, self.rows.rows_arg([a.slot for a in group]),
