@@ -11,6 +11,7 @@ from lfm2vl import bench
 from lfm2vl.bench import rounds
 from lfm2vl.cpu import gemm, int8mm
 from lfm2vl.bench.data import CONFIGS, SCENARIOS, random_checkpoint, scenario_inputs
+from lfm2vl.bench.work import model_work
 
 
 def _tiny_config(path):
@@ -83,7 +84,7 @@ def test_bench_smoke_table_and_json(tmp_path, capsys):
     assert machine["read_gbps"] > 0 and machine["gemm_gflops"] > 0
     assert machine["gemm_dtype"] == ("bf16" if gemm.bf16_native() else "fp32")  # the dtype prefill multiplies in
     lo, hi = machine["read_gbps_range"]
-    assert lo <= machine["read_gbps"] <= hi  # the mean of the probes before and after the engines
+    assert lo <= machine["read_gbps"] <= hi  # the mean of the probes before and after the round
     assert any(ln.startswith("machine: read bandwidth") for ln in lines)
     for label in engines:
         for sc, m in res[label]["scenarios"].items():
@@ -122,6 +123,35 @@ def test_rounds_merge_into_medians_and_per_round_ratios():
         del later["int8 quality"]
     assert rounds.merge(per_round)["int8 quality"] is per_round[0]["int8 quality"]
     assert rounds.merge(per_round[:1]) is per_round[0]
+
+
+def test_each_rounds_shares_are_against_the_probes_around_that_round(tmp_path, monkeypatch, capsys):
+    """The machine is probed before the first round and after each one; a round's decode share of the read bandwidth
+    uses the mean of the probes around it, and the reported share is the median of the rounds' shares (here the
+    bandwidth doubles from round to round while decode keeps pace: 100% in every round)."""
+    cfg = _tiny_config(tmp_path / "tiny.json")
+    probes = iter([10.0, 30.0, 70.0])
+    monkeypatch.setattr(bench, "_probe_machine", lambda args, short: {
+        "engine": "machine", "read_gbps": next(probes), "gemm_gflops": 100.0, "gemm_dtype": "bf16",
+        "int8_gops": None, "threads": 1})
+    bw = iter([20.0, 50.0])  # GB/s each round's decode reads: the mean of the probes around it
+    work = model_work(random_checkpoint(cfg, tmp_path / "ckpt"))
+
+    def worker(spec, timeout):
+        tps = next(bw) * 1e9 / work.decode_bytes("bf16")
+        return {"engine": "ours", "load_s": 1.0, "rss_after_load_mb": 1.0, "peak_rss_mb": 1.0, "scenarios": {
+            "text512": {"prompt_tokens": 512, "patches": 0, "patch_sq": 0, "preprocess_s": 0.0, "vision_s": 0.0,
+                        "prefill_s": 1.0, "prefill_tps": 512.0, "ttft_s": 1.0, "decode_tps": tps}}}
+
+    monkeypatch.setattr(bench, "run_worker", worker)
+    out_json = tmp_path / "res.json"
+    assert bench.main(["--config", str(cfg), "--cache-dir", str(tmp_path / "cache"), "--engines", "ours",
+                       "--rounds", "2", "--scenarios", "text512", "--json", str(out_json)]) == 0
+    payload = json.loads(out_json.read_text())
+    m = payload["results"]["lfm2vl bf16"]["scenarios"]["text512"]
+    assert m["decode_bw_pct"] == pytest.approx(100.0)  # against the whole run's mean probe it would be 35 / 36.7
+    assert payload["machine"]["read_gbps_range"] == [10.0, 70.0]
+    capsys.readouterr()
 
 
 def test_bad_image_budget_is_a_clear_error(capsys):

@@ -213,8 +213,8 @@ def _probe_machine(args, short: str) -> dict | None:
 
 
 def _machine(probes: list) -> dict | None:
-    """The ceilings as the mean of the probes before and after the engines ran (a VM's memory bandwidth drifts; the
-    range is kept beside it)."""
+    """The ceilings as the mean of the given probes (those before and after a round, or all of a run: a VM's memory
+    bandwidth drifts; the range is kept beside it)."""
     got = [p for p in probes if p]
     if not got:
         return None
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
                                               "int8_vision": fmt == "int8_vision",
                                               "quantize_head": not args.int8_float_head,
                                               "new_tokens": min(args.new_tokens, 16)}))
-    before = _probe_machine(args, short)
+    probes = [_probe_machine(args, short)]
     per_round = []
     for r in range(args.rounds):
         results = {}
@@ -315,10 +315,11 @@ def main(argv=None) -> int:
             print(f"running {label}{f' (round {r + 1} of {args.rounds})' if args.rounds > 1 else ''} ...",
                   file=sys.stderr, flush=True)
             results[label] = run_worker(spec, args.timeout)
+        probes.append(_probe_machine(args, short))
+        _add_shares(results, dict(runs), folder, _machine(probes[-2:]))  # the ceilings around this round
         per_round.append(results)
-    results = rounds.merge(per_round)
-    machine = _machine([before, _probe_machine(args, short)])
-    _add_shares(results, dict(runs), folder, machine)
+    results = rounds.merge(per_round)  # each share: the median of the rounds' own shares
+    machine = _machine(probes)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"lfm2vl bench: {args.model or 'random ' + (args.config or args.shape)}, {args.dtype}, {args.device}, "
           f"{args.threads} threads, {args.reps} reps (median)"

@@ -53,7 +53,8 @@ def shares_table(results: dict, scenarios: list[str], machine: dict | None) -> s
         head = (f"machine: read bandwidth {machine['read_gbps']:.1f} GB/s ({rb[0]:.1f}-{rb[1]:.1f}), "
                 f"{machine['gemm_dtype']} GEMM {machine['gemm_gflops']:.0f} GFLOP/s ({rg[0]:.0f}-{rg[1]:.0f})"
                 + (f", int8 GEMM {i8:.0f} GOP/s (the % of int8 prefill / vision)" if i8 else "") + "; "
-                f"{machine['threads']} threads, measured before and after the engines in this run")
+                f"{machine['threads']} threads, measured before and after each round (each share: against the "
+                f"probes around its own round)")
     else:
         head = "machine not measured (not a CPU run): rates without shares"
     lines = [head, f"{'scenario':<12} {'engine':<20} {'decode GB/s':>11} {'% bw':>5} {'prefill GFLOP/s':>15} "
