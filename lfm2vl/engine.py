@@ -152,9 +152,11 @@ class Engine:
         ids = batch["input_ids"][0].tolist()
         if len(ids) >= limit:
             raise ValueError(f"the prompt has {len(ids)} tokens but {what} holds {limit} tokens")
-        return Request(ids, batch.get("pixel_values"), batch.get("pixel_attention_mask"),
-                       batch.get("spatial_shapes"), params=SamplingParams(**sampling), eos_ids=self.eos_ids,
-                       **request)
+        pixels = batch.get("pixel_values")
+        if pixels is not None:
+            pixels = pixels.to(self.model.pixel_dtype)  # the tower's dtype: the same features, half of float32's bytes
+        return Request(ids, pixels, batch.get("pixel_attention_mask"), batch.get("spatial_shapes"),
+                       params=SamplingParams(**sampling), eos_ids=self.eos_ids, **request)
 
     # ---- generation -------------------------------------------------------------------------------------------
     def generate(self, messages, images=None, **options) -> Result | list[Result]:

@@ -415,3 +415,19 @@ def test_images_of_requests_placed_together_are_encoded_in_one_vision_pass(tiny_
     for r, g, skip in zip(reqs, got, (0, 3)):
         want = real(r.pixel_values, r.pixel_attention_mask, r.spatial_shapes)[skip:]
         torch.testing.assert_close(g, want, rtol=0, atol=1e-5)
+
+
+def test_prepared_pixels_are_in_the_towers_dtype_with_the_same_features(tiny_checkpoint):
+    """A bf16 engine's requests hold bf16 pixels (half of float32's bytes while they wait) and the tower gives the
+    same features as from the processor's float32 ones."""
+    engine = load(tiny_checkpoint, dtype="bfloat16")
+    msgs = conv("hi", picture(64, 48))
+    req = engine.prepare(msgs, **GREEDY)
+    assert req.pixel_values.dtype == engine.model.pixel_dtype == torch.bfloat16
+    raw = engine.processor(text=engine.processor.apply_chat_template(msgs, add_generation_prompt=True),
+                           images=[picture(64, 48)], pad_patches=False)
+    assert raw["pixel_values"].dtype == torch.float32
+    with torch.inference_mode():
+        got = engine.model.image_features(req.pixel_values, req.pixel_attention_mask, req.spatial_shapes)
+        want = engine.model.image_features(raw["pixel_values"], raw["pixel_attention_mask"], raw["spatial_shapes"])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

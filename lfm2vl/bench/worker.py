@@ -62,6 +62,8 @@ def _clock(device: torch.device) -> float:
 def _ours_run(model, batch: dict, pre_s: float, new_tokens: int, dtype, forward=None) -> dict:
     """forward: the decode step's forward (compiled_decode's when --compile; default model.forward_cached)."""
     dev = model.model.language_model.embed_tokens.weight.device
+    if "pixel_values" in batch:  # in the tower's dtype, as Engine.prepare hands them on (the float32 ones dropped)
+        batch["pixel_values"] = batch["pixel_values"].to(model.pixel_dtype)
     batch = {k: v.to(dev) for k, v in batch.items()}
     ids = batch["input_ids"]
     T = ids.shape[1]

@@ -46,6 +46,12 @@ class Lfm2VlModel(nn.Module):
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
     # ---- pieces -------------------------------------------------------------------------------------------------
+    @property
+    def pixel_dtype(self) -> torch.dtype:
+        """The dtype the vision tower takes pixels in (its patch embedding's): pixels cast to it up front give the
+        same features and, below float32, hold less memory while a request waits."""
+        return self.model.vision_tower.embeddings.patch_embedding.weight.dtype
+
     def image_features(self, pixel_values, pixel_attention_mask, spatial_shapes) -> torch.Tensor:
         """(units, L, 3*p*p) pixels -> (sum over units of h/2*w/2, D_text), concatenated in unit order."""
         tower, projector = self.model.vision_tower, self.model.multi_modal_projector
