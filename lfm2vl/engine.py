@@ -124,6 +124,13 @@ class Engine:
         """Forget the warm cache kept between single calls."""
         self._single = None
 
+    def release_memory(self) -> None:
+        """Hand the heap's freed pages back to the OS (glibc keeps tens of MB after a vision pass): for a server
+        going idle."""
+        from .cpu.memory import trim_heap
+
+        trim_heap()
+
     # ---- preparing requests -----------------------------------------------------------------------------------
     def prepare(self, messages, images=None, *, context: int | None = None, **options) -> Request:
         """A conversation (or a prompt string plus images) and options -> Request. Raises ValueError on bad input.

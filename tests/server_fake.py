@@ -45,6 +45,9 @@ class FakeEngine:
         self.generators: list[FakeBatchGenerator] = []
         self.prepared: list[dict] = []
 
+    def release_memory(self) -> None:
+        pass
+
     def prepare(self, messages, images=None, *, context: int | None = None, **options) -> Request:
         sampling, request, _knobs, _prompt = split_options(options)  # unknown options: ValueError, as the engine
         self.prepared.append({"messages": messages, **options})

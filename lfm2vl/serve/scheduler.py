@@ -17,7 +17,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from lfm2vl.cpu.memory import trim_heap
 from lfm2vl.generate.options import MAX_BATCH, PREFILL_CHUNK
 
 if TYPE_CHECKING:  # annotations only: the caller brings the engine, whose modules load with the model
@@ -54,6 +53,7 @@ class Scheduler:
     def __init__(self, engine: Engine, *, max_batch: int = MAX_BATCH, max_seq_len: int | None = None,
                  prefill_chunk: int = PREFILL_CHUNK, make_generator: Callable[..., BatchGenerator] | None = None):
         make = make_generator or _default_generator
+        self.engine = engine
         self._make = lambda: make(engine, max_batch=max_batch, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk)
         self.gen = self._make()
         self.max_batch = max_batch
@@ -102,7 +102,7 @@ class Scheduler:
                 if self._stop.is_set():
                     break
                 if idle and not got and self._worked:
-                    trim_heap()
+                    self.engine.release_memory()
                     self._worked = False
                 if self.gen.has_work():
                     self._worked = True
