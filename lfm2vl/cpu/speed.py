@@ -54,14 +54,6 @@ def causal_depthwise_conv(u_ext: torch.Tensor, weight: torch.Tensor, bias: torch
     return y.to(u_ext.dtype)
 
 
-def _padded_tail(cache, p: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-    """The next conv state of right-padded rows (the cache view's lengths): conv inputs u = B * x rounded as the
-    kernel rounds them, taken up to each row's last real input."""
-    D = p.shape[-1] // 3
-    u = (p[..., :D] * p[..., 2 * D:]).transpose(1, 2)  # (B, D, T)
-    return cache.conv_tail(torch.cat([state.to(u.dtype), u], dim=-1))
-
-
 class FastShortConv(ShortConv):
     """ShortConv with the conv as shifted multiply-adds (same parameters, same math as model/text.py)."""
 
@@ -75,9 +67,12 @@ class FastShortConv(ShortConv):
                      else torch.zeros(p.shape[0], p.shape[-1] // 3, K - 1, dtype=p.dtype))
             done = kernels.short_conv(p, state.to(p.dtype), self.conv.weight, self.conv.bias)
             if done is not None:
-                if cache is not None:
-                    tail = done[1] if cache.lengths is None else _padded_tail(cache, p, state)
-                    cache.conv_store(layer_idx, tail)
+                if cache is not None and cache.lengths is not None:
+                    # right-padded rows: the state after each row's last real input, u = B * x as the kernel rounds it
+                    D = p.shape[-1] // 3
+                    cache.conv_extend(layer_idx, (p[..., :D] * p[..., 2 * D:]).transpose(1, 2))
+                elif cache is not None:
+                    cache.conv_store(layer_idx, done[1])
                 return self.out_proj(done[0])
         Bg, Cg, xs = p.transpose(1, 2).chunk(3, dim=1)  # each (B, D, T)
         u = Bg * xs

@@ -233,11 +233,8 @@ class BatchGenerator:
         t0 = time.perf_counter()
         fed = [min(T, a.embeds.shape[1] - a.offset) for a in group]
         chunks = [a.embeds[:, a.offset:a.offset + n] for a, n in zip(group, fed)]
-        if len(group) == 1:
-            embeds, lengths = chunks[0], None
-        else:
-            embeds = torch.cat([F.pad(c, (0, 0, 0, T - c.shape[1])) for c in chunks])
-            lengths = None if min(fed) == T else torch.tensor(fed, device=self.device)
+        embeds = chunks[0] if len(chunks) == 1 else torch.cat([F.pad(c, (0, 0, 0, T - c.shape[1])) for c in chunks])
+        lengths = None if min(fed) == T else torch.tensor(fed, device=self.device)
         starts = [len(self.rows[a.slot].tokens) for a in group]
         logits = prefill(self.model, self.rows.cache, embeds, self.rows.rows_arg([a.slot for a in group]),
                          torch.tensor(starts, device=self.device), self.prefill_chunk, lengths)

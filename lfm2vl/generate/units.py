@@ -72,9 +72,9 @@ def features_from(model, wanted: list[tuple[Request, list[Unit], int]], factor: 
             rows += _rows(todo[0])
             group.append(todo.pop(0))
         L = max(r.pixel_values.shape[1] for r, _, _ in group)
-        pixels = torch.cat([_pad_rows(r.pixel_values[f:], L) for r, f, _ in group])
-        mask = torch.cat([_pad_rows(r.pixel_attention_mask[f:], L) for r, f, _ in group])
-        shapes = torch.cat([r.spatial_shapes[f:] for r, f, _ in group])
+        pixels = _cat([_pad_rows(r.pixel_values[f:], L) for r, f, _ in group])
+        mask = _cat([_pad_rows(r.pixel_attention_mask[f:], L) for r, f, _ in group])
+        shapes = _cat([r.spatial_shapes[f:] for r, f, _ in group])
         feats = model.image_features(pixels.to(device), mask.to(device), shapes.to(device))
         parts += feats.split([sum(unit_counts(r, factor)[f:]) for r, f, _ in group])
     it = iter(parts)
@@ -85,6 +85,11 @@ def _rows(item: tuple[Request, int, int]) -> int:
     """Pixel rows of a request's units from its first one to encode."""
     req, first, _ = item
     return (req.pixel_values.shape[0] - first) * req.pixel_values.shape[1]
+
+
+def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated; one request's alone, not copied."""
+    return ts[0] if len(ts) == 1 else torch.cat(ts)
 
 
 def _pad_rows(t: torch.Tensor, L: int) -> torch.Tensor:

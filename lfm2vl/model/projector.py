@@ -59,8 +59,7 @@ def image_features(tower: nn.Module, projector: Projector, pixel_values: torch.T
     Each encoder batch is projected as soon as the tower has it, so a tiled image's patch features and the
     projector's wide activations (f*f*Dv and projector_hidden_size columns) exist one batch at a time; rows are
     independent throughout, so this equals projecting all units at once."""
-    shapes = [tuple(s) for s in spatial_shapes.tolist()]
-    for u, (h, w) in enumerate(shapes):  # fail before the expensive tower runs
+    for u, (h, w) in enumerate(spatial_shapes.tolist()):  # fail before the expensive tower runs
         if h % factor or w % factor:
             raise ValueError(f"unit {u}: patch grid {h}x{w} is not divisible by downsample_factor {factor}")
     shapes = tower.check(pixel_values, pixel_attention_mask, spatial_shapes)
