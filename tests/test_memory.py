@@ -6,7 +6,8 @@
 - `release_mapped_pages` only drops pages that still equal the file (written or anonymous memory is kept);
 - building the model for loading skips the random init, whose meta `normal_` would import torch._dynamo;
 - low_memory: the tower's room (its weights and activations) leaves RSS from the language model's last-read weights
-  while the tower runs, and the tower's pages after it, with equal results.
+  while the tower runs, and the tower's pages after it, with equal results;
+- the CPU layer's heap policy keeps a freed activation's pages for the next one (glibc), unless the user set their own.
 """
 from __future__ import annotations
 
@@ -297,3 +298,48 @@ def test_release_span_drops_back_to_back_weights_at_once_and_nothing_else(tmp_pa
     assert release_span([b, a]) >= 2 * 256 * 1024 * 4 - 2 * PAGE
     assert _resident_pages(a.data_ptr(), 2 * 256 * 1024 * 4) == 0 and _resident_pages(c.data_ptr(), 1 << 20) > 0
     assert torch.equal(a, data["a"]) and torch.equal(b, data["b"])  # read back from the file
+
+
+_HEAP_PROBE = """
+import sys, torch
+from lfm2vl.cpu.memory import keep_heap_pages
+def rss():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024
+kept = keep_heap_pages() if sys.argv[1] == 'keep' else False
+base = rss()
+t = torch.ones(4 << 20)  # a 16 MB activation, written
+grown = rss() - base
+del t
+print(kept, grown, rss() - base)
+"""
+
+
+def _heap_probe(mode: str, **env) -> tuple[str, int, int]:
+    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env}).stdout.split()
+    return out[0], int(out[1]), int(out[2])
+
+
+@linux_only
+def test_heap_policy_keeps_a_freed_activations_pages_for_the_next_one():
+    """By default glibc unmaps a freed 16 MB block at once (the next one faults its pages in again); after
+    keep_heap_pages the block came from the heap and its pages stay resident, ready for reuse."""
+    kept, grown, left = _heap_probe("default")
+    assert grown >= 15 and left <= 2, (grown, left)
+    kept, grown, left = _heap_probe("keep")
+    assert kept == "True" and grown >= 15 and left >= 15, (kept, grown, left)
+
+
+@linux_only
+def test_heap_policy_leaves_the_users_malloc_settings_alone():
+    kept, _, left = _heap_probe("keep", MALLOC_TRIM_THRESHOLD_="131072")
+    assert kept == "False" and left <= 2, left
+    kept, _, _ = _heap_probe("keep", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536")
+    assert kept == "False"
+
+
+def test_optimize_for_cpu_sets_the_heap_policy(ckpt, monkeypatch):
+    calls = []
+    monkeypatch.setattr("lfm2vl.cpu.speed.keep_heap_pages", lambda: calls.append(1) or True)
+    optimize_for_cpu(load_model(ckpt, dtype=torch.float32)[0])
+    assert calls == [1]

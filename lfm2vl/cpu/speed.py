@@ -35,6 +35,7 @@ from ..model.text import MLP, Attention, RMSNorm, ShortConv
 from . import int8mm, kernels
 from .kernels.decode import NativeDecoder
 from .lowmem import LowMemoryModel
+from .memory import keep_heap_pages
 from .packed import PackedLinear, pack_weights
 from .quant import FastLinear, Int4Linear, Int8Linear, quantize_vision, quantize_weights, use_fast_linears
 from .vision import use_fast_vision
@@ -175,6 +176,8 @@ def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool =
     int8_vision=True: the vision tower's encoder linears in int8 too (quant.quantize_vision), independent of the
     language model's format. bf16_packed=True: the bf16 language model's linears and output head packed losslessly
     in 12 bits a weight (packed.py: the same results, a faster decode, a slightly slower first token).
+    It also sets glibc's heap policy for the process so freed activations' pages are reused instead of faulted in
+    again (memory.keep_heap_pages).
     """
     if int8 + int4 + bf16_packed > 1:
         raise ValueError("int8, int4 and bf16_packed are exclusive: pick one weight format")
@@ -184,6 +187,7 @@ def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool =
         return model
     if dev.type != "cpu":
         return model
+    keep_heap_pages()
     lm = model.model.language_model
     _swap_class(lm, ShortConv, FastShortConv)
     _swap_class(lm, Attention, FastAttention)
