@@ -104,10 +104,10 @@ def keep_heap_pages() -> bool:
 
     torch's CPU tensors come straight from malloc. By default glibc gives each block over its dynamic mmap threshold
     its own mapping and trims the top of the heap whenever more than twice that threshold is free there, so every
-    layer's activations fault fresh zeroed pages in again (a prefill spent a tenth of its time in page faults and
-    brk). With a fixed 32 MB mmap threshold and a 256 MB trim threshold, blocks under 32 MB reuse the heap's free
-    pages: prefill and vision stop faulting, and the peak RSS does not grow (it shrinks: fewer separate mappings
-    beside a fragmented heap; docs/cpu.md has the figures). Idle memory still goes back through `trim_heap` (the
+    layer's activations fault fresh zeroed pages in again (page faults and brk were ~8% of a prefill). With a fixed
+    32 MB mmap threshold and a 256 MB trim threshold, blocks under 32 MB reuse the heap's free pages: prefill and
+    vision stop faulting, and the peak RSS stays within ~15 MB of what it was (a heap that is not trimmed, but no
+    separate mappings beside it; docs/cpu.md has the figures). Idle memory still goes back through `trim_heap` (the
     server calls it when its queue empties). A user's own MALLOC_* settings (environment or GLIBC_TUNABLES) are
     left alone; a no-op without glibc."""
     if not sys.platform.startswith("linux") or any(k in os.environ for k in _USER_SETTINGS) \
