@@ -343,3 +343,73 @@ def test_optimize_for_cpu_sets_the_heap_policy(ckpt, monkeypatch):
     monkeypatch.setattr("lfm2vl.cpu.speed.keep_heap_pages", lambda: calls.append(1) or True)
     optimize_for_cpu(load_model(ckpt, dtype=torch.float32)[0])
     assert calls == [1]
+
+
+_LIBRARY_PROBE = """
+import torch
+from lfm2vl.cpu.memory import release_library_pages
+def code_kb():  # resident pages of libtorch_cpu's code
+    kb, on = 0, False
+    for line in open('/proc/self/smaps'):
+        f = line.split()
+        if not f[0].endswith(':'):
+            on = len(f) > 5 and f[1] == 'r-xp' and f[5].endswith('libtorch_cpu.so')
+        elif on and f[0] == 'Rss:':
+            kb += int(f[1])
+    return kb
+x = torch.randn(64, 64)
+before = code_kb()
+released = release_library_pages()
+after = code_kb()
+same = torch.equal(x @ x, torch.mm(x, x))
+print(before, released >> 20, after, code_kb(), same)
+"""
+
+
+@linux_only
+def test_release_library_pages_unmaps_the_startups_code_and_torch_still_runs():
+    """Importing torch leaves tens of MB of libtorch's code resident; release_library_pages unmaps it, and the code a
+    later op runs maps back in."""
+    out = subprocess.run([sys.executable, "-c", _LIBRARY_PROBE], capture_output=True, text=True, check=True).stdout
+    before, released_mb, after, rerun, same = out.split()
+    assert int(before) > 10_000 and int(released_mb) > 100, out
+    assert int(after) < int(before) // 10 and int(rerun) > int(after), out
+    assert same == "True"
+
+
+@linux_only
+def test_release_library_pages_keeps_private_pages_and_file_content(tmp_path):
+    """A read-only private mapping of a .so file leaves the resident set and still reads the file's bytes; one with a
+    copied-on-write page (relocated data made read-only) is left alone, its written byte kept."""
+    import ctypes
+    import mmap
+
+    from lfm2vl.cpu.memory import release_library_pages
+
+    lib = tmp_path / "libprobe.so"
+    content = np.random.default_rng(0).integers(0, 256, 16 * PAGE, dtype=np.uint8)
+    lib.write_bytes(content.tobytes())
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    with open(lib, "rb") as f:
+        plain = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        relro = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    a, b = np.frombuffer(plain, dtype=np.uint8), np.frombuffer(relro, dtype=np.uint8)
+    b[5] = content[5] ^ 0xFF  # one copied-on-write page
+    assert libc.mprotect(b.ctypes.data, len(b), mmap.PROT_READ) == 0
+    assert int(a.sum()) == int(content.sum()) and _resident_pages(a.ctypes.data, len(a)) == 16
+    release_library_pages()
+    assert _resident_pages(a.ctypes.data, len(a)) == 0
+    assert np.array_equal(a, content)  # read back from the file
+    assert b[5] == content[5] ^ 0xFF and np.array_equal(b[6:], content[6:])
+    del a, b
+    plain.close()
+    relro.close()
+
+
+def test_optimize_for_cpu_releases_the_library_pages_last(ckpt, monkeypatch):
+    calls = []
+    monkeypatch.setattr("lfm2vl.cpu.speed.release_library_pages", lambda: calls.append("release") or 0)
+    monkeypatch.setattr("lfm2vl.cpu.speed.use_fast_vision", lambda m: calls.append("vision"))
+    optimize_for_cpu(load_model(ckpt, dtype=torch.float32)[0])
+    assert calls == ["vision", "release"]

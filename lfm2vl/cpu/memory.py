@@ -1,4 +1,5 @@
-"""Resident-memory helpers: glibc heap policy and trimming, and the opt-in low-memory mode (peak RSS).
+"""Resident-memory helpers: glibc heap policy and trimming, the startup's library pages, and the opt-in low-memory
+mode (peak RSS).
 
 Float weights of the checkpoint's dtype stay memory-mapped from the file (loading.py), and every page this process has
 read stays in its resident set. A request with images reads the vision tower, then the language model, so both sit in
@@ -19,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import re
 import sys
 
 import numpy as np
@@ -128,6 +130,44 @@ def trim_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+_LIBRARY = re.compile(r"\.so(\.\d+)*$")
+
+
+def release_library_pages() -> int:
+    """Unmap the resident pages of the loaded shared libraries' code and read-only data; returns the bytes of the
+    mappings released (0 where /proc/self/smaps or madvise is missing). Process-wide, Linux only.
+
+    Why: importing torch and loading a model run code that never runs again (libtorch's operator registrations,
+    the loader), and every page of it stays in the resident set: ~65 MB of libtorch_cpu's code after a 450M
+    request, of which a request uses ~22 MB. MADV_DONTNEED unmaps the pages while the page cache keeps them, so
+    the code a later request runs maps back in (minor faults, a few thousand on the first request) and the rest
+    leaves the resident set. Only private read-only mappings of `.so` files without a single private page are
+    touched: their content is the file's, so nothing is lost (a mapping with a copied-on-write page, such as
+    relocated data made read-only, is left alone).
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        with open("/proc/self/smaps") as f:
+            lines = f.read().splitlines()
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    released, span = 0, None
+    for line in lines:
+        fields = line.split()
+        if not fields[0].endswith(":"):  # a mapping's header: address range, permissions, offset, device, inode, path
+            private_read_only = len(fields) > 5 and fields[1] in ("r-xp", "r--p")
+            span = fields[0].split("-") if private_read_only and _LIBRARY.search(fields[5]) else None
+        elif span is not None and fields[0] == "Anonymous:":
+            lo, hi = int(span[0], 16), int(span[1], 16)
+            if fields[1] == "0" and libc.madvise(lo, hi - lo, _MADV_DONTNEED) == 0:
+                released += hi - lo
+            span = None
+    return released
 
 
 def weights(*modules: nn.Module) -> list[torch.Tensor]:

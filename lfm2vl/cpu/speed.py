@@ -35,7 +35,7 @@ from ..model.text import MLP, Attention, RMSNorm, ShortConv
 from . import int8mm, kernels
 from .kernels.decode import NativeDecoder
 from .lowmem import LowMemoryModel
-from .memory import keep_heap_pages
+from .memory import keep_heap_pages, release_library_pages
 from .packed import PackedLinear, pack_weights
 from .quant import FastLinear, Int4Linear, Int8Linear, quantize_vision, quantize_weights, use_fast_linears
 from .vision import use_fast_vision
@@ -177,7 +177,8 @@ def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool =
     language model's format. bf16_packed=True: the bf16 language model's linears and output head packed losslessly
     in 12 bits a weight (packed.py: the same results, a faster decode, a slightly slower first token).
     It also sets glibc's heap policy for the process so freed activations' pages are reused instead of faulted in
-    again (memory.keep_heap_pages).
+    again (memory.keep_heap_pages), and, last, unmaps the libraries' pages that importing and loading ran
+    (memory.release_library_pages: the page cache keeps them; a request maps back what it runs).
     """
     if int8 + int4 + bf16_packed > 1:
         raise ValueError("int8, int4 and bf16_packed are exclusive: pick one weight format")
@@ -210,6 +211,7 @@ def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool =
         model.native_decoder = NativeDecoder.build(
             model, linears=(nn.Linear, FastLinear, Int8Linear, Int4Linear, PackedLinear), scaled=(Int8Linear,),
             inv_freq=_rope_inv_freq(model), packed=(PackedLinear,))
+    release_library_pages()
     return model
 
 
