@@ -159,6 +159,8 @@ def release_library_pages() -> int:
     released, span = 0, None
     for line in lines:
         fields = line.split()
+        if not fields:
+            continue
         if not fields[0].endswith(":"):  # a mapping's header: address range, permissions, offset, device, inode, path
             private_read_only = len(fields) > 5 and fields[1] in ("r-xp", "r--p")
             span = fields[0].split("-") if private_read_only and _LIBRARY.search(fields[5]) else None
