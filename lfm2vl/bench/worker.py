@@ -93,16 +93,30 @@ def _hf_run(model, batch: dict, pre_s: float, new_tokens: int, dtype) -> dict:
     pix = {k: batch[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes") if k in batch}
     if "pixel_values" in pix:
         pix["pixel_values"] = pix["pixel_values"].to(dtype)
+    # The vision share is timed inside the same forward (its call of get_image_features), so the prefill share,
+    # the forward's time less the vision's, is never negative (a separate vision pass could take longer).
+    inner, vision = model.model.get_image_features, []
+
+    def timed_vision(*args, **kwargs):
+        t = _clock(dev)
+        out = inner(*args, **kwargs)
+        vision.append(_clock(dev) - t)
+        return out
+
+    model.model.get_image_features = timed_vision
+    try:
+        with torch.inference_mode():
+            t0 = _clock(dev)
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **pix)
+            tok = _greedy(out.logits[:, -1])
+            t1 = _clock(dev)
+    finally:
+        del model.model.get_image_features  # the class's method again
+    if pix and not vision:
+        raise RuntimeError("transformers' forward did not call get_image_features: this version's vision time "
+                           "cannot be split from its prefill")
+    vision_s = sum(vision)
     with torch.inference_mode():
-        vision_s = 0.0
-        if pix:
-            t = _clock(dev)
-            model.model.get_image_features(**pix)
-            vision_s = _clock(dev) - t
-        t0 = _clock(dev)
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **pix)
-        tok = _greedy(out.logits[:, -1])
-        t1 = _clock(dev)
         cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
         for _ in range(new_tokens):
             out = model(input_ids=tok, cache=cache, use_cache=True, logits_to_keep=1)
