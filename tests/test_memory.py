@@ -8,6 +8,8 @@
 - low_memory: the tower's room (its weights and activations) leaves RSS from the language model's last-read weights
   while the tower runs, and the tower's pages after it, with equal results;
 - the CPU layer's heap policy keeps a freed activation's pages for the next one (glibc), unless the user set their own.
+- the CPU layer unmaps the libraries' startup pages after loading: only read-only mappings of `.so` files that hold
+  the file's content alone (no copied-on-write page, resident or swapped out), and the code still runs.
 """
 from __future__ import annotations
 
@@ -413,3 +415,25 @@ def test_optimize_for_cpu_releases_the_library_pages_last(ckpt, monkeypatch):
     monkeypatch.setattr("lfm2vl.cpu.speed.use_fast_vision", lambda m: calls.append("vision"))
     optimize_for_cpu(load_model(ckpt, dtype=torch.float32)[0])
     assert calls == ["vision", "release"]
+
+
+def test_library_mappings_count_swapped_out_private_pages():
+    """A mapping whose copied-on-write pages were swapped out shows Anonymous 0 but Swap > 0: not the file's content,
+    so it must not be dropped; a mapping without an Anonymous line is not trusted either."""
+    from lfm2vl.cpu.memory import _library_mappings
+
+    smaps = "\n".join([
+        "7f0000000000-7f0000004000 r--p 00000000 fd:01 11 /usr/lib/libclean.so.6",
+        "Rss:                  16 kB", "Anonymous:             0 kB", "Swap:                  0 kB",
+        "VmFlags: rd mr mw me",
+        "7f0000004000-7f0000008000 r--p 00004000 fd:01 12 /usr/lib/libswapped.so",
+        "Rss:                   0 kB", "Anonymous:             0 kB", "Swap:                  8 kB",
+        "7f0000008000-7f000000c000 r-xp 00000000 fd:01 13 /usr/lib/libold.so",
+        "Rss:                  16 kB",
+        "7f000000c000-7f0000010000 r--p 00000000 fd:01 14 /usr/share/data.bin",
+        "Anonymous:             0 kB",
+        "7f0000010000-7f0000014000 rw-p 00000000 fd:01 15 /usr/lib/libdata.so",
+        "Anonymous:             0 kB",
+    ])
+    assert _library_mappings(smaps) == [(0x7F0000000000, 0x7F0000004000, 0), (0x7F0000004000, 0x7F0000008000, 8),
+                                        (0x7F0000008000, 0x7F000000C000, 1)]

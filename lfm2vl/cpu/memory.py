@@ -143,33 +143,46 @@ def release_library_pages() -> int:
     the loader), and every page of it stays in the resident set: ~65 MB of libtorch_cpu's code after a 450M
     request, of which a request uses ~22 MB. MADV_DONTNEED unmaps the pages while the page cache keeps them, so
     the code a later request runs maps back in (minor faults, a few thousand on the first request) and the rest
-    leaves the resident set. Only private read-only mappings of `.so` files without a single private page are
-    touched: their content is the file's, so nothing is lost (a mapping with a copied-on-write page, such as
-    relocated data made read-only, is left alone).
+    leaves the resident set. Only private read-only mappings of `.so` files without a single private page
+    (resident or swapped out) are touched: their content is the file's, so nothing is lost (a mapping with a
+    copied-on-write page, such as relocated data made read-only, is left alone).
     """
     if not sys.platform.startswith("linux"):
         return 0
     try:
         with open("/proc/self/smaps") as f:
-            lines = f.read().splitlines()
+            mappings = _library_mappings(f.read())
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return 0
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    released, span = 0, None
-    for line in lines:
+    released = 0
+    for lo, hi, private_kb in mappings:
+        if private_kb == 0 and libc.madvise(lo, hi - lo, _MADV_DONTNEED) == 0:
+            released += hi - lo
+    return released
+
+
+def _library_mappings(smaps: str) -> list[tuple[int, int, int]]:
+    """(start, end, private kB) of each private read-only mapping of a `.so` file in /proc/self/smaps' text; private
+    kB counts its pages that are not the file's (Anonymous: copied on write; Swap: such pages swapped out). A
+    mapping whose entry lacks the Anonymous line is reported with 1 kB, so that nothing unverified is dropped."""
+    out: list[list[int]] = []
+    cur: list[int] | None = None
+    for line in smaps.splitlines():
         fields = line.split()
         if not fields:
             continue
         if not fields[0].endswith(":"):  # a mapping's header: address range, permissions, offset, device, inode, path
-            private_read_only = len(fields) > 5 and fields[1] in ("r-xp", "r--p")
-            span = fields[0].split("-") if private_read_only and _LIBRARY.search(fields[5]) else None
-        elif span is not None and fields[0] == "Anonymous:":
-            lo, hi = int(span[0], 16), int(span[1], 16)
-            if fields[1] == "0" and libc.madvise(lo, hi - lo, _MADV_DONTNEED) == 0:
-                released += hi - lo
-            span = None
-    return released
+            cur = None
+            if len(fields) > 5 and fields[1] in ("r-xp", "r--p") and _LIBRARY.search(fields[5]):
+                lo, hi = (int(a, 16) for a in fields[0].split("-"))
+                cur = [lo, hi, 0, 0]  # start, end, private kB, whether the Anonymous line was seen
+                out.append(cur)
+        elif cur is not None and fields[0] in ("Anonymous:", "Swap:"):
+            cur[2] += int(fields[1])
+            cur[3] |= fields[0] == "Anonymous:"
+    return [(lo, hi, kb if seen else max(kb, 1)) for lo, hi, kb, seen in out]
 
 
 def weights(*modules: nn.Module) -> list[torch.Tensor]:
