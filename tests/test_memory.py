@@ -360,10 +360,11 @@ def code_kb():  # resident pages of libtorch_cpu's code
             kb += int(f[1])
     return kb
 x = torch.randn(64, 64)
+expected = x @ x
 before = code_kb()
 released = release_library_pages()
 after = code_kb()
-same = torch.equal(x @ x, torch.mm(x, x))
+same = torch.equal(x @ x, expected)  # the product's code maps back in and computes the same values
 print(before, released >> 20, after, code_kb(), same)
 """
 
@@ -410,17 +411,21 @@ def test_release_library_pages_keeps_private_pages_and_file_content(tmp_path):
 
 
 def test_optimize_for_cpu_releases_the_library_pages_last(ckpt, monkeypatch):
-    calls = []
+    from lfm2vl.cpu.kernels.decode import NativeDecoder
+
+    calls, build = [], NativeDecoder.build
     monkeypatch.setattr("lfm2vl.cpu.speed.release_library_pages", lambda: calls.append("release") or 0)
     monkeypatch.setattr("lfm2vl.cpu.speed.use_fast_vision", lambda m: calls.append("vision"))
+    monkeypatch.setattr(NativeDecoder, "build", classmethod(lambda cls, *a, **k: calls.append("decoder") or
+                                                            build(*a, **k)))
     optimize_for_cpu(load_model(ckpt, dtype=torch.float32)[0])
-    assert calls == ["vision", "release"]
+    assert calls == ["vision", "decoder", "release"]
 
 
-def test_library_mappings_count_swapped_out_private_pages():
+def test_library_spans_skip_swapped_out_private_pages():
     """A mapping whose copied-on-write pages were swapped out shows Anonymous 0 but Swap > 0: not the file's content,
     so it must not be dropped; a mapping without an Anonymous line is not trusted either."""
-    from lfm2vl.cpu.memory import _library_mappings
+    from lfm2vl.cpu.memory import _droppable_library_spans
 
     smaps = "\n".join([
         "7f0000000000-7f0000004000 r--p 00000000 fd:01 11 /usr/lib/libclean.so.6",
@@ -435,5 +440,4 @@ def test_library_mappings_count_swapped_out_private_pages():
         "7f0000010000-7f0000014000 rw-p 00000000 fd:01 15 /usr/lib/libdata.so",
         "Anonymous:             0 kB",
     ])
-    assert _library_mappings(smaps) == [(0x7F0000000000, 0x7F0000004000, 0), (0x7F0000004000, 0x7F0000008000, 8),
-                                        (0x7F0000008000, 0x7F000000C000, 1)]
+    assert _droppable_library_spans(smaps) == [(0x7F0000000000, 0x7F0000004000)]

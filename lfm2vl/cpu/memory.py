@@ -32,6 +32,16 @@ _MADV_DONTNEED = 4
 _MADV_POPULATE_READ = 22
 
 
+def _madvise():
+    """libc's madvise with its argument types set, or None where there is none (not glibc)."""
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return madvise
+
+
 def release_mapped_pages(t: torch.Tensor) -> int:
     """Drop the resident pages that lie wholly inside CPU tensor t's bytes, if they all map the checkpoint file
     unmodified; returns the bytes released (0 when nothing was done). Linux only; a no-op elsewhere.
@@ -80,15 +90,14 @@ def _release_range(lo: int, hi: int) -> tuple[int, bool]:
             entries = np.frombuffer(os.pread(fd, 8 * n, start // _PAGE * 8), dtype=np.uint64)
         finally:
             os.close(fd)
-        libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return 0, False
     in_memory = (entries >> np.uint64(62)) & np.uint64(3)  # bit 63 present, bit 62 swapped out
     file_or_shared = (entries >> np.uint64(61)) & np.uint64(1)
     if len(entries) != n or bool(((in_memory > 0) & (file_or_shared == 0)).any()):
         return 0, False  # a private (anonymous or copied-on-write) page: its content is not in the file
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    if libc.madvise(start, end - start, _MADV_DONTNEED) != 0:
+    madvise = _madvise()
+    if madvise is None or madvise(start, end - start, _MADV_DONTNEED) != 0:
         return 0, False
     return end - start, bool(in_memory.all())
 
@@ -147,27 +156,22 @@ def release_library_pages() -> int:
     (resident or swapped out) are touched: their content is the file's, so nothing is lost (a mapping with a
     copied-on-write page, such as relocated data made read-only, is left alone).
     """
-    if not sys.platform.startswith("linux"):
+    madvise = _madvise() if sys.platform.startswith("linux") else None
+    if madvise is None:
         return 0
     try:
         with open("/proc/self/smaps") as f:
-            mappings = _library_mappings(f.read())
-        libc = ctypes.CDLL(None, use_errno=True)
+            spans = _droppable_library_spans(f.read())
     except OSError:
         return 0
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    released = 0
-    for lo, hi, private_kb in mappings:
-        if private_kb == 0 and libc.madvise(lo, hi - lo, _MADV_DONTNEED) == 0:
-            released += hi - lo
-    return released
+    return sum(hi - lo for lo, hi in spans if madvise(lo, hi - lo, _MADV_DONTNEED) == 0)
 
 
-def _library_mappings(smaps: str) -> list[tuple[int, int, int]]:
-    """(start, end, private kB) of each private read-only mapping of a `.so` file in /proc/self/smaps' text; private
-    kB counts its pages that are not the file's (Anonymous: copied on write; Swap: such pages swapped out). A
-    mapping whose entry lacks the Anonymous line is reported with 1 kB, so that nothing unverified is dropped."""
-    out: list[list[int]] = []
+def _droppable_library_spans(smaps: str) -> list[tuple[int, int]]:
+    """(start, end) of each private read-only mapping of a `.so` file in /proc/self/smaps' text whose pages are all
+    the file's: its Anonymous (copied-on-write pages) and Swap (such pages swapped out) lines both say 0 kB. A
+    mapping whose entry lacks the Anonymous line is not trusted."""
+    found: list[list[int]] = []
     cur: list[int] | None = None
     for line in smaps.splitlines():
         fields = line.split()
@@ -178,11 +182,11 @@ def _library_mappings(smaps: str) -> list[tuple[int, int, int]]:
             if len(fields) > 5 and fields[1] in ("r-xp", "r--p") and _LIBRARY.search(fields[5]):
                 lo, hi = (int(a, 16) for a in fields[0].split("-"))
                 cur = [lo, hi, 0, 0]  # start, end, private kB, whether the Anonymous line was seen
-                out.append(cur)
+                found.append(cur)
         elif cur is not None and fields[0] in ("Anonymous:", "Swap:"):
             cur[2] += int(fields[1])
             cur[3] |= fields[0] == "Anonymous:"
-    return [(lo, hi, kb if seen else max(kb, 1)) for lo, hi, kb, seen in out]
+    return [(lo, hi) for lo, hi, kb, seen in found if seen and kb == 0]
 
 
 def weights(*modules: nn.Module) -> list[torch.Tensor]:
@@ -221,13 +225,9 @@ def release_tail(tensors: list[torch.Tensor], nbytes: int) -> list[torch.Tensor]
 def populate(weights: list[torch.Tensor]) -> None:
     """Map weights back in one MADV_POPULATE_READ per tensor (Linux 5.14+; else the first read faults them in):
     one call per tensor costs less than a page fault per page."""
-    if not sys.platform.startswith("linux"):  # the advice number is Linux's
+    madvise = _madvise() if sys.platform.startswith("linux") else None  # the advice number is Linux's
+    if madvise is None:
         return
-    try:
-        madvise = ctypes.CDLL(None).madvise
-    except (OSError, AttributeError):
-        return
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     for t in weights:
         start = t.data_ptr() // _PAGE * _PAGE
         if madvise(start, t.data_ptr() + t.numel() * t.element_size() - start, _MADV_POPULATE_READ) != 0:
