@@ -303,8 +303,9 @@ def valid_positions(inputs: dict) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- tiny models in memory (no files)
-def tiny_model(dtype=torch.float32, seed=0):
-    """A tiny random Lfm2VlModel (text width 64, 5 layers of both kinds; a 1-layer vision tower) in eval mode."""
+def tiny_model(dtype=torch.float32, seed=0, **text):
+    """A tiny random Lfm2VlModel (text width 64, 5 layers of both kinds; a 1-layer vision tower) in eval mode;
+    `text` overrides text_config values."""
     from lfm2vl.config import Lfm2VlConfig
     from lfm2vl.model.lfm2vl import Lfm2VlModel
 
@@ -312,6 +313,7 @@ def tiny_model(dtype=torch.float32, seed=0):
     d["text_config"].update(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
                             num_hidden_layers=5, vocab_size=512,
                             layer_types=["conv", "full_attention", "conv", "conv", "full_attention"])
+    d["text_config"].update(text)
     d["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     d["projector_hidden_size"] = 48
     torch.manual_seed(seed)

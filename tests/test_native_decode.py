@@ -18,8 +18,8 @@ PROMPTS = [[1, 6, 20, 30, 40, 7, 6, 50, 60], [1, 6, 99, 98, 97, 96, 95, 94, 93, 
 CASES = [([PROMPTS[0]], None), (PROMPTS, None), ([PROMPTS[0]], [1]), (PROMPTS, [2, 0])]
 
 
-def _pair(dtype, **kw):
-    fast = optimize_for_cpu(tiny_model(dtype, seed=kw.pop("seed", 0)), **kw)
+def _pair(dtype, text=None, **kw):
+    fast = optimize_for_cpu(tiny_model(dtype, seed=kw.pop("seed", 0), **(text or {})), **kw)
     assert isinstance(fast, FastLfm2VlModel) and fast.native_decoder is not None
     torch_path = copy.deepcopy(fast)  # a deep copy drops the decoder: the same modules on the torch path
     assert torch_path.native_decoder is None
@@ -55,6 +55,21 @@ def test_native_step_equals_torch_path(dtype):
         _close(run_cached(fast, prompts, 6, slots), run_cached(torch_path, prompts, 6, slots), dtype)
     # every decode step of every case took the native path (6 per case), no prefill chunk did
     assert len(calls) == 6 * len(CASES) and set(calls) == {1, 2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_step_on_widths_off_the_vector_length(dtype):
+    """Widths that are not multiples of 16 lanes (a head of 18, a model of 72), four conv taps and a conv bias: the
+    vectorized norms, RoPE, cache writes and convolution handle their tails as the torch path computes them."""
+    fast, torch_path = _pair(dtype, text=dict(hidden_size=72, num_attention_heads=4, num_key_value_heads=2,
+                                               conv_L_cache=4, conv_bias=True))
+    with torch.no_grad():  # a bias the random init leaves at zero would not show a missing add
+        for m in fast.modules():
+            if isinstance(m, nn.Conv1d) and m.bias is not None:
+                m.bias.normal_(0, 0.5)
+    torch_path.load_state_dict(fast.state_dict())
+    for prompts, slots in CASES:
+        _close(run_cached(fast, prompts, 6, slots), run_cached(torch_path, prompts, 6, slots), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
