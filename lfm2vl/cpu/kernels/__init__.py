@@ -3,8 +3,8 @@
 - `gemv.cpp` (products; `gemv_scalar.cpp` their scalar rows, `gemv_avx2.cpp` their AVX2 rows, `gemv_vnni.cpp`
   int8 / int4 rows with AVX512-VNNI, `gemv_streams.cpp` eight weight rows at once for one activation row),
   `attn.cpp` (decode attention), `attn_many.cpp` (the vision tower's and the prefill's attention), `prefill.cpp`
-  (a bf16 prefill's SwiGLU, RMSNorm and short-conv middle), `decode.cpp` (the fused decode step, driven by
-  `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats: quantization at load, expansion for prefill),
+  (a bf16 prefill's SwiGLU, RMSNorm and short-conv middle), `decode.cpp` (the fused decode step, its small ops
+  in `decode_ops.h`, driven by `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats: quantization at load, expansion for prefill),
   `packed.cpp` / `packed_pack.cpp` (bf16 weights packed losslessly in 12 bits: products and unpacking / packing),
   `int8mm.cpp` (the passes around an int8 product of many rows: activations quantized per row, the int32 result
   scaled), `dropout.cpp` (training's dropout, mask hashed from a seed) and `pool.cpp` (their thread pool), with
