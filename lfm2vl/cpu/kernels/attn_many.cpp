@@ -20,6 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <vector>
+
 #include "gemv.h"
 #include "pool.h"
 
@@ -109,8 +111,13 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
     const int64_t Lb = (a.visible(u, i0 + rows - 1) + 31) / 32 * 32;  // keys any query of the block sees, padded
     const uint32_t* kp = a.kp + kv * (a.Dh / 2) * a.Lp;
     const uint32_t* vp = a.vp + kv * (a.Lp / 2) * a.Dp;
-    float* s = (float*)aligned_alloc(64, sizeof(float) * QB * a.Lp);          // scores, then exponentials
-    uint16_t* pr = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * QB * a.Lp);  // bf16 probabilities
+    // scores (then exponentials) and bf16 probabilities: this thread's buffers, kept for its next blocks
+    static thread_local std::vector<float> s_buf;
+    static thread_local std::vector<uint16_t> pr_buf;
+    if ((int64_t)s_buf.size() < QB * a.Lp + 16) s_buf.resize(QB * a.Lp + 16);
+    if ((int64_t)pr_buf.size() < QB * a.Lp + 32) pr_buf.resize(QB * a.Lp + 32);
+    float* s = (float*)(((uintptr_t)s_buf.data() + 63) & ~(uintptr_t)63);
+    uint16_t* pr = (uint16_t*)(((uintptr_t)pr_buf.data() + 63) & ~(uintptr_t)63);
     if (rows < QB) memset(pr + rows * a.Lp, 0, sizeof(uint16_t) * (QB - rows) * a.Lp);  // read, never stored
     uint32_t qw[QB][64];  // each query's pairs (Dh <= 128): a row's bf16 values read as 32-bit words
     for (int r = 0; r < QB; r++) {
@@ -168,8 +175,6 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
         case 7: value_sums<2, 7>(a, vp, p32, sum, rows, Lb, u, h, i0); break;
         default: value_sums<2, 8>(a, vp, p32, sum, rows, Lb, u, h, i0); break;
     }
-    free(s);
-    free(pr);
 }
 
 }  // namespace
