@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import lfm2vl
+from lfm2vl.bench import pagecache
 from lfm2vl.bench.data import test_image
 
 PROMPT = "Describe this image."
@@ -72,6 +73,8 @@ def main(argv=None) -> int:
         ap.error(f"--size {args.size!r}: expected WIDTHxHEIGHT, e.g. 512x512")
     import torch
 
+    # every engine's weight files start from the page-cache state a fresh read from disk leaves (bench/pagecache.py)
+    pagecache.reread([*pagecache.weight_files(args.model), args.gguf, args.mmproj])
     torch.set_num_threads(args.threads)
     engine = lfm2vl.load(args.model)
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lfm2vl import bench
-from lfm2vl.bench import rounds
+from lfm2vl.bench import pagecache, rounds
 from lfm2vl.cpu import gemm, int8mm
 from lfm2vl.bench.data import CONFIGS, SCENARIOS, random_checkpoint, scenario_inputs
 from lfm2vl.bench.work import model_work
@@ -152,6 +152,32 @@ def test_each_rounds_shares_are_against_the_probes_around_that_round(tmp_path, m
     assert m["decode_bw_pct"] == pytest.approx(100.0)  # against the whole run's mean probe it would be 35 / 36.7
     assert payload["machine"]["read_gbps_range"] == [10.0, 70.0]
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_weight_files_are_read_afresh_before_the_engines_start(tmp_path, monkeypatch, capsys, keep):
+    """Every engine starts from the page-cache state a fresh read from disk leaves: the checkpoint's safetensors
+    files are evicted and read back before the first engine runs, unless --keep-page-cache."""
+    cfg = _tiny_config(tmp_path / "tiny.json")
+    events = []
+    monkeypatch.setattr(bench.pagecache, "reread", lambda paths: events.append(("reread", sorted(map(str, paths)))))
+    monkeypatch.setattr(bench, "_probe_machine", lambda args, short: None)
+    monkeypatch.setattr(bench, "run_worker", lambda spec, timeout: events.append(("run", spec["engine"])) or {
+        "engine": spec["engine"], "error": "not run"})
+    bench.main(["--config", str(cfg), "--cache-dir", str(tmp_path / "cache"), "--engines", "ours",
+                "--scenarios", "text512"] + (["--keep-page-cache"] if keep else []))
+    capsys.readouterr()
+    files = sorted(str(f) for f in (tmp_path / "cache").rglob("*.safetensors"))
+    assert files and events[-1] == ("run", "ours")
+    assert events[:-1] == ([] if keep else [("reread", files)])
+
+
+def test_reread_reads_each_file_whole_and_leaves_it_unchanged(tmp_path):
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(bytes(range(256)) * 40000)
+    b.write_bytes(b"x" * 12345)
+    assert pagecache.reread([a, b]) == 256 * 40000 + 12345
+    assert a.read_bytes() == bytes(range(256)) * 40000 and b.read_bytes() == b"x" * 12345
 
 
 def test_bad_image_budget_is_a_clear_error(capsys):

@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import rounds
+from . import pagecache, rounds
 from .report import fmt as _fmt
 from .report import shares_table, table
 from .data import SCENARIOS, SHAPES, random_checkpoint
@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--targets", default="text", choices=("text", "text+projector", "all"),
                        help="LoRA targets preset (the same modules on both engines)")
     train.add_argument("--no-gradient-checkpointing", action="store_true", help="keep all activations instead")
+    ap.add_argument("--keep-page-cache", action="store_true",
+                    help="leave the weight files in the page cache as they are (default: evict them and read them "
+                         "back sequentially first, the state a fresh read from disk leaves; bench/pagecache.py)")
     ap.add_argument("--json", default=None, help="also write the results to this file (default: no file)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per engine subprocess")
     return ap
@@ -271,6 +274,8 @@ def train_main(args, folder: Path) -> int:
 def main(argv=None) -> int:
     args = _args(argv)
     folder = _folder(args)
+    if not args.keep_page_cache:
+        pagecache.reread(pagecache.weight_files(folder))
     if args.train:
         return train_main(args, folder)
     short = args.short_dtype
