@@ -54,6 +54,20 @@ def _resident_pages(ptr: int, nbytes: int) -> int:
     return int(((e >> np.uint64(63)) & np.uint64(1)).sum())
 
 
+def _vm_flags(ptr: int) -> list[str]:
+    """The VmFlags of the mapping holding address ptr (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if not fields[0].endswith(":"):
+                lo, hi = (int(a, 16) for a in fields[0].split("-"))
+                inside = lo <= ptr < hi
+            elif inside and fields[0] == "VmFlags:":
+                return fields[1:]
+    raise AssertionError(f"no mapping holds {ptr:#x}")
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A small bf16 checkpoint written like `lfm2vl bench` writes its random ones (config from the 450M fixture)."""
@@ -157,8 +171,11 @@ def test_release_mapped_pages_only_drops_pages_equal_to_the_file(tmp_path):
     nbytes = a.numel() * 4
     float(a.sum())
     assert _resident_pages(a.data_ptr(), nbytes) > 0
+    assert "nh" not in _vm_flags(a.data_ptr() + PAGE)
     assert release_mapped_pages(a) > 0
     assert _resident_pages(a.data_ptr(), nbytes) == 0
+    # a weight no longer used: a later touch maps 4 KB pages, not a large folio's 2 MB
+    assert "nh" in _vm_flags(a.data_ptr() + PAGE)
     assert torch.equal(a, data["a"])  # read back from the file
 
     b[100, 0] = 5.0  # a written (copied-on-write) page: its content exists only in this process
@@ -286,6 +303,21 @@ def test_encoder_layers_and_projector_drop_their_pages_after_use_with_equal_resu
 
 
 @linux_only
+def test_the_towers_pages_leave_rss_when_the_fast_modules_go_in(ckpt, monkeypatch):
+    """What loading read of the tower (with large folios a touch maps 2 MB) does not stay until the first image."""
+    from lfm2vl.cpu import vision as cpu_vision
+
+    monkeypatch.setattr(cpu_vision, "release_pays", lambda: True)
+    model = load_model(ckpt)[0]
+    tower = model.model.vision_tower.encoder.layers
+    for p in tower.parameters():
+        float(p.detach().float().sum())
+    assert _span_pages(tower.parameters()) > 0
+    optimize_for_cpu(model)
+    assert _span_pages(tower.parameters()) == 0
+
+
+@linux_only
 def test_release_span_drops_back_to_back_weights_at_once_and_nothing_else(tmp_path):
     from lfm2vl.cpu.memory import release_span
 
@@ -299,6 +331,7 @@ def test_release_span_drops_back_to_back_weights_at_once_and_nothing_else(tmp_pa
     assert release_span([a, c]) == 0  # b lies between them: not one span of these tensors alone
     assert release_span([b, a]) >= 2 * 256 * 1024 * 4 - 2 * PAGE
     assert _resident_pages(a.data_ptr(), 2 * 256 * 1024 * 4) == 0 and _resident_pages(c.data_ptr(), 1 << 20) > 0
+    assert "nh" not in _vm_flags(a.data_ptr() + PAGE)  # weights used again: their next read may map 2 MB at once
     assert torch.equal(a, data["a"]) and torch.equal(b, data["b"])  # read back from the file
 
 
