@@ -318,6 +318,25 @@ def test_the_towers_pages_leave_rss_when_the_fast_modules_go_in(ckpt, monkeypatc
 
 
 @linux_only
+def test_optimize_for_cpu_starts_by_dropping_what_loading_touched(ckpt, monkeypatch):
+    """The weights' pages that loading (or anything before) mapped leave RSS before quantization adds its output:
+    at quantization time no float weight is resident that the quantizer has not read yet."""
+    from lfm2vl.cpu import speed
+
+    model = load_model(ckpt)[0]
+    lm = model.model.language_model
+    for p in lm.parameters():
+        float(p.detach().float().sum())
+    assert _span_pages(lm.parameters()) > 0
+    seen = []
+    real = speed.quantize_weights
+    monkeypatch.setattr(speed, "quantize_weights", lambda m, **kw: seen.append(_span_pages(lm.parameters()))
+                        or real(m, **kw))
+    optimize_for_cpu(model, int8=True)
+    assert seen == [0]
+
+
+@linux_only
 def test_release_span_drops_back_to_back_weights_at_once_and_nothing_else(tmp_path):
     from lfm2vl.cpu.memory import release_span
 

@@ -35,7 +35,7 @@ from ..model.text import MLP, Attention, RMSNorm, ShortConv
 from . import int8mm, kernels
 from .kernels.decode import NativeDecoder
 from .lowmem import LowMemoryModel
-from .memory import keep_heap_pages, release_library_pages
+from .memory import keep_heap_pages, release_library_pages, release_weights
 from .packed import PackedLinear, pack_weights
 from .quant import FastLinear, Int4Linear, Int8Linear, quantize_vision, quantize_weights, use_fast_linears
 from .vision import use_fast_vision
@@ -188,6 +188,10 @@ def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool =
         return model
     if dev.type != "cpu":
         return model
+    # What loading touched leaves RSS first (safetensors reads every tensor, and with the file in large folios a touch
+    # maps 2 MB): quantizing or packing would add its output to ~0.3 GB of such pages at 3B. A request maps back
+    # what it reads.
+    release_weights(model)
     keep_heap_pages()
     lm = model.model.language_model
     _swap_class(lm, ShortConv, FastShortConv)
