@@ -178,6 +178,8 @@ def test_reread_reads_each_file_whole_and_leaves_it_unchanged(tmp_path):
     b.write_bytes(b"x" * 12345)
     assert pagecache.reread([a, b]) == 256 * 40000 + 12345
     assert a.read_bytes() == bytes(range(256)) * 40000 and b.read_bytes() == b"x" * 12345
+    # best effort: a file it cannot open or read is skipped (the engine loading it reports the problem)
+    assert pagecache.reread([tmp_path / "missing.safetensors", tmp_path, b]) == 12345
 
 
 def test_bad_image_budget_is_a_clear_error(capsys):

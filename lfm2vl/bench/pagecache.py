@@ -18,18 +18,24 @@ _CHUNK = 8 << 20
 
 def reread(paths) -> int:
     """Evict each file from the page cache and read it back sequentially (Linux; elsewhere nothing is done).
-    Pages mapped by a running process stay where they are, so call this before the engines start. Returns the bytes
-    read."""
+    Pages mapped by a running process stay where they are, so call this before the engines start. Best effort: a
+    file that cannot be opened or advised is left as it is (the engine that loads it reports what is wrong).
+    Returns the bytes read."""
     if not hasattr(os, "posix_fadvise"):
         return 0
     total = 0
     for p in paths:
-        fd = os.open(p, os.O_RDONLY)
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             while chunk := os.read(fd, _CHUNK):
                 total += len(chunk)
+        except OSError:
+            pass
         finally:
             os.close(fd)
     return total
