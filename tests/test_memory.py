@@ -303,7 +303,7 @@ def test_encoder_layers_and_projector_drop_their_pages_after_use_with_equal_resu
 
 
 @linux_only
-def test_the_towers_pages_leave_rss_when_the_fast_modules_go_in(ckpt, monkeypatch):
+def test_the_towers_pages_leave_rss_in_optimize_for_cpu(ckpt, monkeypatch):
     """What loading read of the tower (with large folios a touch maps 2 MB) does not stay until the first image."""
     from lfm2vl.cpu import vision as cpu_vision
 

@@ -182,6 +182,4 @@ def use_fast_vision(root: nn.Module) -> int:
     for m in root.modules():
         if isinstance(m, PageReleasing):
             m._pages_releasable = pays
-            if pays:  # what loading touched (a large folio maps 2 MB per touch) leaves until the first image
-                release_span(weights(m))
     return n

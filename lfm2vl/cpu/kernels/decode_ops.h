@@ -18,8 +18,6 @@ T_AVX512 static void silu_mul_avx512(float* a, const float* b, int64_t n, bool b
     }
 }
 
-// The small ops between the products, 16 lanes at a time: the same values as Step's scalar loops below.
-
 // out[i] = x[i] rounded to bf16 (nearest even), as bf16 bits
 T_AVX512 static void bf16_bits_avx512(const float* x, uint16_t* out, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) {
@@ -61,7 +59,7 @@ T_AVX512 static void rmsnorm_avx512(const float* x, const void* w, float* out, i
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 mk = tail16(n - i);
         __m512 t = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + i), inv);
-        const __m512 wv = bf16 ? from_bf16x16((const uint16_t*)w + i, mk) : _mm512_maskz_loadu_ps(mk, (const float*)w + i);
+        const __m512 wv = load16(w, bf16, i, mk);
         if (bf16) t = round_bf16(t);
         __m512 y = _mm512_mul_ps(wv, t);
         _mm512_mask_storeu_ps(out + i, mk, bf16 ? round_bf16(y) : y);
@@ -92,18 +90,14 @@ T_AVX512 static void rope_avx512(float* t, const float* c, const float* sn, int6
 T_AVX512 static void store_avx512(void* p, int64_t off, const float* x, int64_t n, bool bf16) {
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 mk = tail16(n - i);
-        const __m512 v = _mm512_maskz_loadu_ps(mk, x + i);
-        if (bf16) _mm256_mask_storeu_epi16((uint16_t*)p + off + i, mk, to_bf16x16(v));
-        else _mm512_mask_storeu_ps((float*)p + off + i, mk, v);
+        store16(p, bf16, off + i, _mm512_maskz_loadu_ps(mk, x + i), mk);
     }
 }
 
 // n (<= 16 * 16) values at p + off in the activation dtype as fp32 into out
 T_AVX512 static void load_act_avx512(const void* p, int64_t off, int64_t n, float* out, bool bf16) {
     for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 mk = tail16(n - i);
-        _mm512_storeu_ps(out + i, bf16 ? from_bf16x16((const uint16_t*)p + off + i, mk)
-                                       : _mm512_maskz_loadu_ps(mk, (const float*)p + off + i));
+        _mm512_storeu_ps(out + i, load16(p, bf16, off + i, tail16(n - i)));
     }
 }
 
@@ -113,7 +107,7 @@ T_AVX512 static void load_act_avx512(const void* p, int64_t off, int64_t n, floa
 // stack first and gathered from there.
 T_AVX512 static void conv_avx512(const float* p, void* state, const void* cw, const void* cb, float* xo, int64_t D,
                                  int64_t Kc, bool fresh, bool bf16) {
-    float st[16 * 16], wt[16 * 17];
+    float st[16 * 15], wt[16 * 16];  // (Kc - 1) and Kc values of 16 channels
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i is = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)(Kc - 1)));
     const __m512i iw = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)Kc));
@@ -137,8 +131,7 @@ T_AVX512 static void conv_avx512(const float* p, void* state, const void* cw, co
             if (j > 0)  // the state shifts by one: tap j moves to slot j - 1
                 _mm512_mask_i32scatter_ps(st, mk, _mm512_add_epi32(is, _mm512_set1_epi32((int)(j - 1))), e, 4);
         }
-        if (cb) y = _mm512_add_ps(y, bf16 ? from_bf16x16((const uint16_t*)cb + d0, mk)
-                                          : _mm512_maskz_loadu_ps(mk, (const float*)cb + d0));
+        if (cb) y = _mm512_add_ps(y, load16(cb, bf16, d0, mk));
         if (bf16) y = round_bf16(y);
         __m512 o = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, p + D + d0), y);
         _mm512_mask_storeu_ps(xo + d0, mk, bf16 ? round_bf16(o) : o);

@@ -226,6 +226,17 @@ T_AVX512 static inline __m256i to_bf16x16(__m512 v) {
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16));
 }
 
+// 16 values (those under mask mk) at out[idx], as fp32 (odt 0) or the top 16 bits of the bf16-rounded value (odt 1).
+T_AVX512 static inline void store16(void* out, int odt, int64_t idx, __m512 v, __mmask16 mk) {
+    if (odt == 1) _mm256_mask_storeu_epi16((uint16_t*)out + idx, mk, to_bf16x16(v));
+    else _mm512_mask_storeu_ps((float*)out + idx, mk, v);
+}
+
+// 16 values (those under mask mk; the others 0) at p[idx], bf16 (dt 1) or fp32 (dt 0), as fp32.
+T_AVX512 static inline __m512 load16(const void* p, int dt, int64_t idx, __mmask16 mk) {
+    return dt == 1 ? from_bf16x16((const uint16_t*)p + idx, mk) : _mm512_maskz_loadu_ps(mk, (const float*)p + idx);
+}
+
 // The first `left` of 16 lanes (all 16 when left >= 16, none when left <= 0): the mask of a loop's tail.
 static inline __mmask16 tail16(int64_t left) {
     return left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);

@@ -22,12 +22,6 @@ struct DequantArgs {
     int odt;
 };
 
-// 16 values (those under mask mk) at out[idx], as fp32 (odt 0) or the top 16 bits of the bf16-rounded value (odt 1).
-T_AVX512 static inline void store16(void* out, int odt, int64_t idx, __m512 v, __mmask16 mk) {
-    if (odt == 1) _mm256_mask_storeu_epi16((uint16_t*)out + idx, mk, to_bf16x16(v));
-    else _mm512_mask_storeu_ps((float*)out + idx, mk, v);
-}
-
 // int8: out[n, k] = q[n, k] * s[n] in fp32, rounded once to out's dtype
 T_AVX512 static void int8_rows_avx512(const DequantArgs& a, int64_t n0, int64_t n1) {
     const int8_t* q = (const int8_t*)a.q;
