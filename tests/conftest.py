@@ -17,6 +17,19 @@ def isa_cap(request):
     kernels.set_isa(3)
 
 
+@pytest.fixture
+def amx_on(request):
+    """Run the AMX-INT8 products (True: where the CPU has them) or not (False) for one test (parametrize
+    indirectly), so both int8 paths run on an AMX CPU; the tiles are turned back on afterwards."""
+    from lfm2vl.cpu import kernels
+
+    if kernels.available():
+        kernels.set_amx(request.param)
+    yield request.param
+    if kernels.available():
+        kernels.set_amx(True)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Folder of the "tiny-lfm2vl" random checkpoint, built once per session. Read-only: a test that edits files

@@ -1,5 +1,6 @@
-"""Int8 compute for products of many rows (lfm2vl/cpu/int8mm.py, kernels/int8mm.cpp): activations quantized per row,
-torch._int_mm, one scaling pass; the int8 prefill and the int8 vision tower built on it."""
+"""Int8 compute for products of many rows (lfm2vl/cpu/int8mm.py, kernels/int8mm.cpp, kernels/amx.cpp): activations
+quantized per row, an exact int8 product (AMX tiles or torch._int_mm), one scaling pass; the int8 prefill and the
+int8 vision tower built on it."""
 import copy
 import os
 
@@ -72,8 +73,9 @@ def test_epilogue_gelu_matches_torch_tanh_gelu(isa_cap):
 
 
 @needs_kernels
+@pytest.mark.parametrize("amx_on", [True, False], indirect=True)
 @pytest.mark.parametrize("gelu", [None, "tanh", "none"])
-def test_int8_linear_is_the_exact_integer_product_scaled(gelu):
+def test_int8_linear_is_the_exact_integer_product_scaled(gelu, amx_on):
     """int8mm.linear = the per-row quantized x times the int8 weight, summed exactly, scaled, + bias, GELU, +
     residual (float64 products as the oracle: every partial sum is an integer below 2^53)."""
     M, K, N = 45, 130, 70
@@ -88,6 +90,59 @@ def test_int8_linear_is_the_exact_integer_product_scaled(gelu):
     torch.testing.assert_close(got.view(M, N), want, rtol=1e-6, atol=1e-5)
     with pytest.raises(ValueError, match="features"):
         int8mm.linear(x[:, :-1], q, ws)
+
+
+@needs_kernels
+@pytest.mark.parametrize("amx_on", [True, False], indirect=True)
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (16, 32, 64), (33, 17, 65), (50, 100, 200), (64, 96, 4304),
+                                   (31, 33, 128)])
+def test_int_mm_is_the_exact_integer_product(M, N, K, amx_on):
+    """kernels.int_mm = x . w^T summed exactly in int32, on AMX tiles where they run (whole and ragged 16-row
+    tiles, 32-column panels and 64-byte steps of K, each padded where the shape stops short) and through
+    torch._int_mm otherwise; extreme values included."""
+    g = torch.Generator().manual_seed(M * 7 + K)
+    x = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    x[0, :] = -127
+    w[-1, :] = -127
+    out = torch.full((M, N), 7, dtype=torch.int32)
+    assert kernels.int_mm(x, w, out) is out
+    assert torch.equal(out, (x.long() @ w.long().t()).int())
+
+
+@needs_kernels
+def test_amx_int8_runs_where_the_cpu_has_the_tiles():
+    """The int8 tiles are used on every CPU whose flags list AMX-INT8 (Linux grants their use) and nowhere else."""
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split()
+    assert kernels.amx_int8() == ("amx_int8" in flags and "amx_tile" in flags)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_linear_fuses_the_epilogue_with_its_values(dtype):
+    """int8_linear_amx = int8_epilogue over int_mm's int32 result, bit for bit (scales, bias, GELU, residual, both
+    output dtypes, ragged shapes); swiglu_h_amx = the h that swiglu_int8 quantizes. None where the tiles do not
+    run (the caller takes the unfused path)."""
+    g = torch.Generator().manual_seed(11)
+    M, N, K = 45, 70, 130
+    xq = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8)
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    q3 = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    xs, ws, s3 = torch.rand(M, generator=g) / 100, torch.rand(N, generator=g) / 1000, torch.rand(N, generator=g) / 1000
+    bias, res = torch.randn(N, generator=g), torch.randn(M, N, generator=g).to(dtype)
+    acc, acc3 = (kernels.int_mm(xq, w, torch.empty(M, N, dtype=torch.int32)) for w in (q, q3))
+    for b, r, gelu in ((None, None, False), (bias, None, True), (bias, res, False), (None, res, True)):
+        got = kernels.int8_linear_amx(xq, xs, q, ws, b, r, dtype, gelu)
+        if not kernels.amx_int8():
+            assert got is None
+            return
+        assert torch.equal(got, kernels.int8_epilogue(acc, xs, ws, b, r, dtype, gelu))
+    for b1, b3 in ((None, None), (bias, -bias)):
+        h = kernels.swiglu_h_amx(xq, xs, q, ws, b1, q3, s3, b3)
+        want = kernels.swiglu(kernels.int8_epilogue(acc, xs, ws, b1, None, torch.bfloat16),
+                              kernels.int8_epilogue(acc3, xs, s3, b3, None, torch.bfloat16))
+        assert h.dtype == torch.bfloat16 and torch.equal(h, want)
 
 
 @needs_kernels
@@ -145,23 +200,27 @@ def test_swiglu_int8_is_the_three_passes_in_one():
 
 
 @needs_kernels
+@pytest.mark.parametrize("amx_on", [True, False], indirect=True)
 @pytest.mark.parametrize("isa_cap", [3, 1], indirect=True)  # AVX2: no fused pass, the three products
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_int8_mlp_fuses_the_gate_with_the_same_values(monkeypatch, fmt, isa_cap):
+def test_int8_mlp_fuses_the_gate_with_the_same_values(monkeypatch, fmt, isa_cap, amx_on):
     """An int8 / int4 MLP in int8 compute runs the fused gate (x quantized once for w1 and w3) where the CPU has
-    AVX512, and returns exactly what w2(swiglu(w1 x, w3 x)) through three int8 products returns."""
+    AVX512: into the products' blocks on AMX tiles, else one pass after them; and returns exactly what
+    w2(swiglu(w1 x, w3 x)) through three int8 products returns."""
     monkeypatch.setattr(int8mm, "wins", lambda: True)
     fast = optimize_for_cpu(tiny_model(torch.bfloat16, seed=8), **{fmt: True})
     mlp = fast.model.language_model.layers[0].feed_forward
     calls = []
-    real = kernels.swiglu_int8
-    monkeypatch.setattr(kernels, "swiglu_int8", lambda *a: calls.append(1) or real(*a))
+    for name in ("swiglu_int8", "swiglu_h_amx"):
+        monkeypatch.setattr(kernels, name, lambda *a, real=getattr(kernels, name), name=name:
+                            calls.append(name) or real(*a))
     x = torch.randn(3, 50, mlp.w1.in_features).bfloat16()  # past the layers' few-row kernel
     with torch.inference_mode():
         got = mlp(x)
         gate, up = mlp.w1(x), mlp.w3(x)
         want = mlp.w2(kernels.swiglu(gate, up) if isa_cap >= 2 else F.silu(gate) * up)
-    assert calls == ([1] if isa_cap >= 2 else [])
+    fused = "swiglu_h_amx" if kernels.amx_int8() else "swiglu_int8"
+    assert [c for c in calls if c == fused] == ([fused] if isa_cap >= 2 else [])
     assert torch.equal(got, want)
 
 
@@ -232,26 +291,22 @@ def test_int8_vision_quantizes_the_encoder_and_keeps_features_close(monkeypatch)
     assert cos.min() > 0.99, cos.min()
 
 
-def test_wins_needs_the_kernels_and_no_amx(monkeypatch):
+def test_wins_needs_the_kernels_and_int8_tiles_where_the_cpu_has_amx(monkeypatch):
     int8mm.wins.cache_clear()
     try:
         monkeypatch.setattr(kernels, "available", lambda: True)
         monkeypatch.setattr(kernels, "amx", lambda: True)
+        monkeypatch.setattr(kernels, "amx_int8", lambda: False)  # AMX-BF16 tiles, but the int8 ones do not run
         assert not int8mm.wins()
         int8mm.wins.cache_clear()
+        monkeypatch.setattr(kernels, "amx_int8", lambda: True)
+        assert int8mm.wins()
+        int8mm.wins.cache_clear()
         monkeypatch.setattr(kernels, "amx", lambda: False)
+        monkeypatch.setattr(kernels, "amx_int8", lambda: False)
         assert int8mm.wins()
         int8mm.wins.cache_clear()
         monkeypatch.setattr(kernels, "available", lambda: False)
         assert not int8mm.wins()
     finally:
         int8mm.wins.cache_clear()
-
-
-def test_int8_vision_is_cpu_only():
-    """lfm2vl.load(int8_vision=True) refuses a non-CPU device like the other CPU formats."""
-    from lfm2vl import load
-
-    with pytest.raises(ValueError, match="int8_vision"):
-        load("no/such-model", device="meta", int8_vision=True)
-

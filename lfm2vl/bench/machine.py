@@ -65,13 +65,14 @@ def gemm_gflops(dtype: torch.dtype, reps: int = 5, n: int = 2048) -> float:
 
 
 def int8_gops(reps: int = 5, n: int = 2048) -> float | None:
-    """The int8 GEMM's rate (torch._int_mm, int8 x int8 -> int32), in 1e9 multiply-adds x 2 per second, where
+    """The int8 GEMM's rate (`kernels.int_mm`, int8 x int8 -> int32), in 1e9 multiply-adds x 2 per second, where
     lfm2vl computes int8 products of many rows in int8 (cpu/int8mm.py); None elsewhere."""
     if not int8mm.wins():
         return None
     a = torch.randint(-127, 128, (n, n), dtype=torch.int8)
-    b = torch.randint(-127, 128, (n, n), dtype=torch.int8).t()
-    return _square_rate(lambda: torch._int_mm(a, b), reps, n)
+    b = torch.randint(-127, 128, (n, n), dtype=torch.int8)
+    out = torch.empty(n, n, dtype=torch.int32)
+    return _square_rate(lambda: kernels.int_mm(a, b, out), reps, n)
 
 
 def measure(spec: dict) -> dict:

@@ -1,14 +1,15 @@
 """Int8 compute for products of many rows: the prefill through int8 weights, and the vision tower with int8 vision.
 
 y = x @ (q * ws)^T + bias with x quantized per row as well (symmetric, xs = amax / 127, `kernels.quantize_rows`):
-the two int8 matrices multiply exactly into int32 (`torch._int_mm`: oneDNN's int8 GEMM, which multiply-adds twice
-as many pairs per instruction with AVX512-VNNI as a bf16 GEMM does with AVX512-BF16), then one native pass scales
+the two int8 matrices multiply exactly into int32 (`kernels.int_mm`: AMX-INT8 tiles where the CPU has them, else
+torch._int_mm, oneDNN's int8 GEMM, which multiply-adds twice as many pairs per instruction with AVX512-VNNI as a
+bf16 GEMM does with AVX512-BF16), then one native pass scales
 by xs[m] * ws[n], adds the bias, applies GELU and a residual, and rounds once (`kernels.int8_epilogue`).
 
 The weight-only int8 of decode multiplies the unrounded activations; here they carry one more rounding (their
 int8 step is 1/254 of the row's largest value), which the bench's int8 quality check and tests/test_bf16_trained.py
-measure. Where oneDNN's bf16 products run on AMX tiles, the bf16 product of the expanded weight is faster and
-stays (`wins`).
+measure. On a CPU with AMX-BF16 but whose int8 tiles cannot run (`wins`), the bf16 product of the expanded weight
+is faster and stays.
 """
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ from . import kernels
 
 @functools.cache
 def wins() -> bool:
-    """Whether an int8 product of many rows runs on int8 compute here: the native kernels are built and the CPU has
-    no AMX tiles (a 2-core AVX512-VNNI Zen 5, 280 x 1024 x 4608: torch._int_mm 1.86 T int-ops/s against 0.93 TFLOP/s
-    for the bf16 product; an AMX Xeon VM: 0.52 against 0.92). AVX2-only CPUs, which multiply bf16 in fp32, gain too
-    (oneDNN capped at AVX2 on the Zen 5: 1.4-1.7x the fp32 product)."""
-    return kernels.available() and not kernels.amx() and hasattr(torch, "_int_mm")
+    """Whether an int8 product of many rows runs on int8 compute here: the native kernels are built and, on CPUs with
+    AMX tiles, the int8 tiles run (`kernels.int_mm`: a 2-core AMX Xeon, 286 x 1024 x 4608: 3.8 T int-ops/s against
+    1.6 TFLOP/s for oneDNN's bf16 product on the bf16 tiles). Without AMX, torch._int_mm's AVX512-VNNI (a 2-core Zen 5:
+    1.86 T against 0.93 TFLOP/s bf16), and on AVX2-only CPUs, which multiply bf16 in fp32, still 1.4-1.7x that fp32
+    product (oneDNN capped at AVX2 on the Zen 5)."""
+    return kernels.available() and hasattr(torch, "_int_mm") and (not kernels.amx() or kernels.amx_int8())
 
 
 _SCRATCH = threading.local()
@@ -71,8 +73,12 @@ def _product(xq: torch.Tensor, xs: torch.Tensor, q: torch.Tensor, ws: torch.Tens
              gelu: str | None, residual: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """The product of the quantized rows xq (scales xs) with one layer, shaped and typed like x's (..., N)."""
     N = q.shape[0]
-    acc = torch._int_mm(xq, q.t(), out=_acc_buffer(xq.shape[0], N))
     res = None if residual is None else residual.reshape(-1, N)
+    if gelu in (None, "tanh") and kernels.amx_int8():  # the epilogue on each block as it leaves the tiles
+        y = kernels.int8_linear_amx(xq, xs, q, ws, bias, res, x.dtype, gelu=gelu == "tanh")
+        if y is not None:
+            return y.view(*x.shape[:-1], N)
+    acc = kernels.int_mm(xq, q, _acc_buffer(xq.shape[0], N))
     if gelu not in (None, "tanh"):  # erf GELU: torch's, on the scaled product, before the residual
         y = F.gelu(kernels.int8_epilogue(acc, xs, ws, bias, None, x.dtype), approximate=gelu)
         y = y if res is None else y + res
@@ -83,23 +89,26 @@ def _product(xq: torch.Tensor, xs: torch.Tensor, q: torch.Tensor, ws: torch.Tens
 
 def swiglu_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor | None:
     """`down(silu(gate(x)) * up(x))` for bf16 x (..., K) in int8 compute, with the values of three `linear` calls
-    and `kernels.swiglu` between them: x is quantized once for both gate and up, and one native pass takes their
-    products to the down projection's quantized input (`kernels.swiglu_int8`). gate / up / down: (rows, bias) with
-    rows() -> (q, ws) as in `linear` (called one after the other: int4's widened rows share one buffer). None
-    where the fused pass cannot run (no AVX512): the caller composes `linear` then."""
+    and `kernels.swiglu` between them: x is quantized once for both gate and up, and the gate's passes are fused: on
+    AMX tiles into the two products' blocks (`kernels.swiglu_h_amx`, then the quantization of h), elsewhere into one
+    native pass over both products (`kernels.swiglu_int8`). gate / up / down: (rows, bias) with rows(slot) -> (q, ws)
+    as in `linear`, slot 0 or 1 naming the reused buffer int4's widened rows go to (gate's and up's must differ).
+    None where the fused pass cannot run (no AVX512): the caller composes `linear` then."""
     if kernels.isa() < 2:
         return None
     lead, K = x.shape[:-1], x.shape[-1]
     xq, xs = kernels.quantize_rows(x.reshape(-1, K))
     M = xq.shape[0]
-    q1, s1 = gate[0]()
-    s1 = s1.clone()  # int4's row scales live in a buffer the next widening reuses
-    a1 = torch._int_mm(xq, q1.t(), out=_acc_buffer(M, q1.shape[0], 0))
-    q3, s3 = up[0]()
-    a3 = torch._int_mm(xq, q3.t(), out=_acc_buffer(M, q3.shape[0], 1))
-    h = kernels.swiglu_int8(a1, a3, xs, s1, s3, gate[1], up[1])
-    if h is None:
-        return None
-    q2, s2 = down[0]()
-    acc = torch._int_mm(h[0], q2.t(), out=_acc_buffer(M, q2.shape[0], 0))
-    return kernels.int8_epilogue(acc, h[1], s2, down[1], None, x.dtype).view(*lead, q2.shape[0])
+    q1, s1 = gate[0](0)
+    q3, s3 = up[0](1)
+    h = kernels.swiglu_h_amx(xq, xs, q1, s1, gate[1], q3, s3, up[1]) if kernels.amx_int8() else None
+    if h is not None:
+        h = kernels.quantize_rows(h)
+    else:
+        a1 = kernels.int_mm(xq, q1, _acc_buffer(M, q1.shape[0], 0))
+        a3 = kernels.int_mm(xq, q3, _acc_buffer(M, q3.shape[0], 1))
+        h = kernels.swiglu_int8(a1, a3, xs, s1, s3, gate[1], up[1])
+        if h is None:
+            return None
+    q2, s2 = down[0](0)
+    return _product(h[0], h[1], q2, s2, down[1], None, None, x).view(*lead, q2.shape[0])

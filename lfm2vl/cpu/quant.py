@@ -76,15 +76,16 @@ class FastLinear(nn.Linear):
 _SCRATCH = threading.local()
 
 
-def scratch(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """This thread's reusable buffer of one shape and dtype: dequantized weights (N, K) (~30 MB at 450M shapes,
-    bf16), or int4 weights widened to int8 rows (N, K) and their scales (N,)."""
+def scratch(shape: torch.Size, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
+    """This thread's reusable buffer number `slot` of one shape and dtype: dequantized weights (N, K) (~30 MB at 450M
+    shapes, bf16), or int4 weights widened to int8 rows (N, K) and their scales (N,)."""
     bufs = getattr(_SCRATCH, "bufs", None)
     if bufs is None:
         bufs = _SCRATCH.bufs = {}
-    buf = bufs.get((tuple(shape), dtype))
+    key = (tuple(shape), dtype, slot)
+    buf = bufs.get(key)
     if buf is None:
-        buf = bufs[(tuple(shape), dtype)] = torch.empty(shape, dtype=dtype)
+        buf = bufs[key] = torch.empty(shape, dtype=dtype)
     return buf
 
 
@@ -155,8 +156,8 @@ class Int8Linear(nn.Module):
     def _native_dequantize(self, out: torch.Tensor) -> torch.Tensor:
         return kernels.dequantize_int8(self.weight, self.scale, out)
 
-    def int8_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weight as int8 rows and their fp32 scales, for int8 compute."""
+    def int8_rows(self, slot: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight as int8 rows and their fp32 scales, for int8 compute (slot: see Int4Linear's)."""
         return self.weight, self.scale
 
     def int8_compute(self, x: torch.Tensor) -> bool:
@@ -233,11 +234,12 @@ class Int4Linear(Int8Linear):
     def _native_dequantize(self, out: torch.Tensor) -> torch.Tensor:
         return kernels.dequantize_int4(self.weight, self.scale, out)
 
-    def int8_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def int8_rows(self, slot: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The int4 weight widened to int8 rows (`kernels.int4_to_int8`: each level moves by at most half an int8
-        step) in reused per-thread buffers, for int8 compute."""
+        step) in reused per-thread buffers (number `slot`: rows needed together take different slots), for int8
+        compute."""
         shape = torch.Size((self.out_features, self.in_features))
-        q8, s = scratch(shape, torch.int8), scratch(torch.Size((self.out_features,)), torch.float32)
+        q8, s = scratch(shape, torch.int8, slot), scratch(torch.Size((self.out_features,)), torch.float32, slot)
         kernels.int4_to_int8(self.weight, self.scale, q8, s)
         return q8, s
 

@@ -7,7 +7,7 @@
   in `decode_ops.h`, driven by `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats: quantization at load, expansion for prefill),
   `packed.cpp` / `packed_pack.cpp` (bf16 weights packed losslessly in 12 bits: products and unpacking / packing),
   `int8mm.cpp` (the passes around an int8 product of many rows: activations quantized per row, the int32 result
-  scaled), `dropout.cpp` (training's dropout, mask hashed from a seed) and `pool.cpp` (their thread pool), with
+  scaled), `amx.cpp` (that product on AMX-INT8 tiles), `dropout.cpp` (training's dropout, mask hashed from a seed) and `pool.cpp` (their thread pool), with
   `gemv.h` / `pool.h` / `packed.h`, are
   compiled once per machine with the system `g++ -O3 -march=native` (no ninja, no Python headers: a plain shared
   library called through ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/ (`build.py`).
@@ -30,8 +30,9 @@ from .build import DT as _DT
 from .build import I4_GROUP, KIND as _KIND
 from .build import load as _load
 from .packed_ops import BLOCK as PACK_BLOCK, pack_bf16, packed_fast, packed_linear, unpack_bf16  # noqa: F401
-from .prefill_ops import (attn_many, int4_to_int8, int8_epilogue, layernorm, quantize_rows, rmsnorm,  # noqa: F401
-                          short_conv, swiglu, swiglu_int8)
+from .prefill_ops import (amx_int8, attn_many, int4_to_int8, int8_epilogue, int8_linear_amx, int_mm,  # noqa: F401
+                          layernorm, quantize_rows, rmsnorm, set_amx, short_conv, swiglu, swiglu_h_amx,
+                          swiglu_int8)
 
 
 def available() -> bool:

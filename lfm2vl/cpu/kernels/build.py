@@ -20,9 +20,9 @@ import torch
 _SRC = Path(__file__).with_name("gemv.cpp")
 _SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in (
     "gemv_scalar.cpp", "gemv_avx2.cpp", "gemv_vnni.cpp", "gemv_streams.cpp", "attn.cpp", "attn_many.cpp",
-    "prefill.cpp", "decode.cpp", "quantized.cpp", "packed.cpp", "packed_pack.cpp", "int8mm.cpp", "dropout.cpp",
+    "prefill.cpp", "decode.cpp", "quantized.cpp", "packed.cpp", "packed_pack.cpp", "int8mm.cpp", "amx.cpp", "dropout.cpp",
     "pool.cpp")]
-_HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h", "packed.h", "decode_ops.h")]
+_HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h", "packed.h", "decode_ops.h", "int8mm.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17", "-ldl"]
 KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
 PACKED_BF16 = 4  # the kind of bf16 weights packed in 12 bits (packed.cpp), whose buffer is uint8 too
@@ -123,6 +123,14 @@ def load():
     lib.lfm2vl_int8_epilogue.restype = None
     lib.lfm2vl_swiglu_int8.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i]
     lib.lfm2vl_swiglu_int8.restype = ctypes.c_int
+    lib.lfm2vl_amx_int8.restype = ctypes.c_int
+    lib.lfm2vl_set_amx.argtypes = [ctypes.c_int]
+    lib.lfm2vl_int_mm_amx.argtypes = [p, p, p, i64, i64, i64, i]
+    lib.lfm2vl_int_mm_amx.restype = ctypes.c_int
+    lib.lfm2vl_int8_linear_amx.argtypes = [p, p, p, p, p, p, p, i, i, i64, i64, i64, i]
+    lib.lfm2vl_int8_linear_amx.restype = ctypes.c_int
+    lib.lfm2vl_swiglu_h_amx.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i]
+    lib.lfm2vl_swiglu_h_amx.restype = ctypes.c_int
     lib.lfm2vl_int4_to_int8.argtypes = [p, p, p, p, i64, i64, i]
     lib.lfm2vl_int4_to_int8.restype = None
     lib.lfm2vl_p12_plan.argtypes = [p, i64, i64, p, p, i]

@@ -18,6 +18,7 @@
 #include <stdlib.h>
 
 #include "gemv.h"
+#include "int8mm.h"
 #include "pool.h"
 
 namespace {
@@ -83,39 +84,11 @@ struct EpiArgs {
     int64_t M, N, per;
 };
 
-const float GELU_C = 0.7978845608028654f;  // sqrt(2 / pi)
-
 float gelu_tanh(float v) { return 0.5f * v * (1.0f + tanhf(GELU_C * (v + 0.044715f * v * v * v))); }
 
-// tanh(u) = sign(u) (1 - e) / (1 + e) with e = exp(-2|u|) <= 1, so nothing overflows
-T_AVX512 inline __m512 gelu_tanh16(__m512 v) {
-    const __m512 u = _mm512_mul_ps(_mm512_set1_ps(GELU_C),
-                                   _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(0.044715f),
-                                                                  _mm512_mul_ps(_mm512_mul_ps(v, v), v))));
-    const __m512 e = exp_nonpos(_mm512_mul_ps(_mm512_set1_ps(-2.f), _mm512_abs_ps(u)));
-    const __m512 one = _mm512_set1_ps(1.f);
-    __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
-    t = _mm512_mask_sub_ps(t, _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), t);
-    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(one, t));
-}
-
 T_AVX512 void epilogue_avx512(const EpiArgs& a, int64_t m) {
-    const __m512 xs = _mm512_set1_ps(a.xs[m]);
-    for (int64_t n = 0; n < a.N; n += 16) {
-        const __mmask16 mk = tail16(a.N - n);
-        const int64_t i = m * a.N + n;
-        __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mk, a.acc + i));
-        v = _mm512_mul_ps(_mm512_mul_ps(v, xs), _mm512_maskz_loadu_ps(mk, a.ws + n));
-        if (a.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, a.bias + n));
-        if (a.gelu) v = gelu_tanh16(v);
-        if (a.ydt) {
-            if (a.res) v = _mm512_add_ps(v, from_bf16x16((const uint16_t*)a.res + i, mk));
-            _mm256_mask_storeu_epi16((uint16_t*)a.y + i, mk, to_bf16x16(v));
-        } else {
-            if (a.res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, (const float*)a.res + i));
-            _mm512_mask_storeu_ps((float*)a.y + i, mk, v);
-        }
-    }
+    const Epilogue e{a.xs, a.ws, a.bias, a.res, a.y, a.ydt, a.gelu, a.N};
+    for (int64_t n = 0; n < a.N; n += 16) epilogue16(e, a.acc + m * a.N + n, m, n, tail16(a.N - n));
 }
 
 void epilogue_plain(const EpiArgs& a, int64_t m) {
@@ -145,26 +118,16 @@ struct GateArgs {
     int64_t M, N, per;
 };
 
-// 16 outputs of an int8 product rounded to bf16 as the epilogue rounds them: (acc * xs) * ws + b
-T_AVX512 inline __m512 product_bf16(const int32_t* acc, __m512 xs, const float* ws, const float* b, int64_t n,
-                                    __mmask16 mk) {
-    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mk, acc + n)), xs),
-                             _mm512_maskz_loadu_ps(mk, ws + n));
-    if (b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, b + n));
-    return round_bf16(v);
-}
-
 T_AVX512 void gate_rows(const void* ctx, int64_t c) {
     const GateArgs& a = *(const GateArgs*)ctx;
     int64_t r0, r1;
     chunk_rows(c, a.per, a.M, &r0, &r1);
     float* h = (float*)aligned_alloc(64, sizeof(float) * ((a.N + 15) / 16 * 16));  // one row of silu(gate) * up
     for (int64_t m = r0; m < r1; m++) {
-        const __m512 xs = _mm512_set1_ps(a.xs[m]);
+        const Gate g{a.xs, a.s1, a.s3, a.b1, a.b3};
         for (int64_t n = 0; n < a.N; n += 16) {
             const __mmask16 mk = tail16(a.N - n);
-            const __m512 g = round_bf16(silu16(product_bf16(a.a1 + m * a.N, xs, a.s1, a.b1, n, mk)));
-            _mm512_mask_storeu_ps(h + n, mk, round_bf16(_mm512_mul_ps(g, product_bf16(a.a3 + m * a.N, xs, a.s3, a.b3, n, mk))));
+            _mm512_mask_storeu_ps(h + n, mk, gate16(g, a.a1 + m * a.N + n, a.a3 + m * a.N + n, m, n, mk));
         }
         quantize_rows_avx512(QuantArgs{h, 0, a.q + m * a.N, a.s + m, 1, a.N, 1}, 0);
     }

@@ -25,6 +25,63 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
+def amx_int8() -> bool:
+    """Whether int_mm runs on AMX-INT8 tiles here (the CPU has them and Linux grants this process their use)."""
+    return bool(_load().lfm2vl_amx_int8())
+
+
+def set_amx(on: bool) -> None:
+    """Turn the AMX-INT8 products off (False) or back on where the CPU has them (tests run both paths with it)."""
+    _load().lfm2vl_set_amx(int(on))
+
+
+def int_mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (M, N) int32 <- x (M, K) int8 . w (N, K)^T int8, exactly (the values of torch._int_mm(x, w.t())), all
+    contiguous on the CPU: on AMX-INT8 tiles where they run (amx.cpp), else torch._int_mm. The caller checks
+    `available()` and the shapes."""
+    M, K = x.shape
+    N = w.shape[0]
+    if _load().lfm2vl_int_mm_amx(x.data_ptr(), w.data_ptr(), out.data_ptr(), M, N, K, torch.get_num_threads()):
+        torch._int_mm(x, w.t(), out=out)
+    return out
+
+
+def int8_linear_amx(xq: torch.Tensor, xs: torch.Tensor, q: torch.Tensor, ws: torch.Tensor,
+                    bias: torch.Tensor | None, residual: torch.Tensor | None, dtype: torch.dtype,
+                    gelu: bool = False) -> torch.Tensor | None:
+    """int8_epilogue(int_mm(xq, q), xs, ws, bias, residual, dtype, gelu) on AMX-INT8 tiles, each block's epilogue run
+    as it leaves the tiles (amx.cpp; the same values, no int32 result in memory): xq (M, K) int8, q (N, K) int8.
+    None where the tiles cannot run. The caller checks `available()` and the shapes."""
+    M, K = xq.shape
+    N = q.shape[0]
+    xs, ws = xs.float().contiguous(), ws.float().contiguous()
+    bias = None if bias is None else bias.float().contiguous()
+    residual = None if residual is None else residual.to(dtype).contiguous()
+    y = torch.empty(M, N, dtype=dtype)
+    ok = _load().lfm2vl_int8_linear_amx(xq.data_ptr(), q.data_ptr(), xs.data_ptr(), ws.data_ptr(),
+                                        None if bias is None else bias.data_ptr(),
+                                        None if residual is None else residual.data_ptr(), y.data_ptr(), _DT[dtype],
+                                        int(gelu), M, N, K, torch.get_num_threads())
+    return y if ok == 0 else None
+
+
+def swiglu_h_amx(xq: torch.Tensor, xs: torch.Tensor, q1: torch.Tensor, s1: torch.Tensor, b1: torch.Tensor | None,
+                 q3: torch.Tensor, s3: torch.Tensor, b3: torch.Tensor | None) -> torch.Tensor | None:
+    """The bf16 h that swiglu_int8 quantizes, from xq's int8 products with the gate's rows q1 and up's q3 (N, K) on
+    AMX-INT8 tiles, both products' epilogues and the gate fused into their blocks (amx.cpp): (M, N) bf16, or None
+    where the tiles cannot run. The caller checks `available()` and the shapes."""
+    M, K = xq.shape
+    N = q1.shape[0]
+    xs, s1, s3 = (t.float().contiguous() for t in (xs, s1, s3))
+    b1, b3 = (None if b is None else b.float().contiguous() for b in (b1, b3))
+    h = torch.empty(M, N, dtype=torch.bfloat16)
+    ok = _load().lfm2vl_swiglu_h_amx(xq.data_ptr(), q1.data_ptr(), q3.data_ptr(), xs.data_ptr(), s1.data_ptr(),
+                                     s3.data_ptr(), None if b1 is None else b1.data_ptr(),
+                                     None if b3 is None else b3.data_ptr(), h.data_ptr(), M, N, K,
+                                     torch.get_num_threads())
+    return h if ok == 0 else None
+
+
 def int4_to_int8(q: torch.Tensor, scale: torch.Tensor, q8: torch.Tensor, srow: torch.Tensor) -> None:
     """Fill q8 (N, K) int8 and srow (N,) fp32 with int4 weights (quant.py's format: q (N, K/2) uint8, scale (N, K/32)
     fp16) as int8 rows (int8mm.cpp): srow = 8 max|scale| / 127 per row (1 for an all-zero row), q8 = clamp(round(

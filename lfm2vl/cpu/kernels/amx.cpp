@@ -1,0 +1,304 @@
+// The int8 GEMM of int8 compute on CPUs with AMX tiles: c (M, N) int32 = x (M, K) int8 . w (N, K)^T int8, exactly
+// (the values of torch._int_mm(x, w.t())), for cpu/int8mm.py's prefill and int8-vision products.
+//
+// AMX-INT8's TDPBSSD multiplies a 16 x 64 byte tile of x's rows by a tile of w laid out four bytes of K per column
+// ("VNNI": row r holds, for each of 16 output columns n, w[n, 4r .. 4r + 3]) and adds into a 16 x 16 int32 tile.
+// w stays in its row-major layout (the decode GEMVs read it so); each chunk of the work takes a panel of 32 output
+// columns, re-lays it out once into a per-thread buffer (a 16 x 16 dword transpose per 1 KB block), then runs every
+// 32-row block of x over it: two x tiles x two w tiles into four accumulator tiles per step of 64 bytes of K.
+// A ragged edge (K not a multiple of 64, M or N not of 16) goes through zero-padded copies, never past the buffers.
+//
+// Linux hands out the tile registers only after arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); every thread
+// loads its own tile configuration before its first tile instruction of a call and releases the tiles after it.
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <vector>
+
+#include "int8mm.h"
+#include "pool.h"
+
+#define T_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-int8")))
+
+namespace {
+
+const int64_t PANEL = 32;  // output columns per chunk: two w tiles
+
+struct alignas(64) TileConfig {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+bool cpu_has_amx_int8() {
+    unsigned a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    return (d >> 24 & 1) && (d >> 25 & 1);  // AMX-TILE, AMX-INT8
+}
+
+bool amx_off = false;  // lfm2vl_set_amx(0): tests run the other paths on an AMX CPU too
+
+// Whether this process may use the tiles: the CPU has them and Linux grants the permission (asked once).
+bool amx_ready() {
+    if (amx_off) return false;
+    static const int ok = [] {
+        if (!cpu_has_amx_int8()) return 0;
+        const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+        return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : 0;
+    }();
+    return ok == 1;
+}
+
+// What each block of the product becomes: the int32 sums themselves, a linear's epilogue, or a SwiGLU gate's h.
+enum Mode { RAW, LINEAR, GATE };
+
+struct MmArgs {
+    const int8_t* x;  // (Mp, Kp), row stride Kp: x itself, or its zero-padded copy
+    const int8_t* w;  // (N, K), row stride K
+    const int8_t* w3; // GATE: the up projection's (N, K), w being the gate's
+    int64_t M, N, K, Kp, Mfull;  // Mfull: rows of x in whole 16-row tiles read in place (the rest: xt)
+    const int8_t* xt;            // the last M - Mfull rows, zero-padded to 16 x Kp, or NULL
+    Mode mode;
+    int32_t* c;                  // RAW: (M, N)
+    Epilogue epi;                // LINEAR
+    Gate gate;                   // GATE, with h (M, N) bf16
+    uint16_t* h;
+};
+
+T_AMX void load_config() {
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    // gcc 12 may drop the stores above as dead when only the intrinsic reads them: keep them before the load
+    __asm__ volatile("" : : "r"(&cfg) : "memory");
+    _tile_loadconfig(&cfg);
+}
+
+// The 16 x 16 dword transpose of r[0..15] in place: r[j] dword i <- old r[i] dword j.
+T_AMX inline void transpose16(__m512i* r) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+    }
+}
+
+// w's rows [n0, n0 + 32) (rows past N as zeros) in VNNI tiles: for each 64-byte step kb of K, two 1 KB tiles
+// (columns n0..n0+15, then n0+16..n0+31), zeros past K.
+T_AMX void pack_panel(const int8_t* w, const MmArgs& a, int64_t n0, int8_t* out) {
+    const int64_t KB = a.Kp / 64;
+    for (int64_t kb = 0; kb < KB; kb++) {
+        const int64_t k0 = kb * 64, left = a.K - k0;
+        const __mmask64 mk = left >= 64 ? ~0ull : (1ull << left) - 1;
+        for (int h = 0; h < 2; h++) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++) {
+                const int64_t n = n0 + 16 * h + i;
+                r[i] = n < a.N ? _mm512_maskz_loadu_epi8(mk, w + n * a.K + k0) : _mm512_setzero_si512();
+            }
+            transpose16(r);
+            int8_t* dst = out + (kb * 2 + h) * 1024;
+            for (int i = 0; i < 16; i++) _mm512_store_si512((__m512i*)(dst + 64 * i), r[i]);
+        }
+    }
+}
+
+// The sums of 16 or 32 rows of x (from xr, row stride ldx) against the packed panel bp: t (rows x 32, row stride 32).
+T_AMX void block32(const int8_t* xr, int64_t ldx, const int8_t* bp, int64_t KB, int32_t* t) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t kb = 0; kb < KB; kb++) {
+        _tile_loadd(4, xr + kb * 64, ldx);
+        _tile_loadd(5, xr + 16 * ldx + kb * 64, ldx);
+        _tile_loadd(6, bp + kb * 2048, 64);
+        _tile_loadd(7, bp + kb * 2048 + 1024, 64);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(1, 4, 7);
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
+    }
+    _tile_stored(0, t, PANEL * 4);
+    _tile_stored(1, t + 16, PANEL * 4);
+    _tile_stored(2, t + 16 * PANEL, PANEL * 4);
+    _tile_stored(3, t + 16 * PANEL + 16, PANEL * 4);
+}
+
+T_AMX void block16(const int8_t* xr, int64_t ldx, const int8_t* bp, int64_t KB, int32_t* t) {
+    _tile_zero(0); _tile_zero(1);
+    for (int64_t kb = 0; kb < KB; kb++) {
+        _tile_loadd(4, xr + kb * 64, ldx);
+        _tile_loadd(6, bp + kb * 2048, 64);
+        _tile_loadd(7, bp + kb * 2048 + 1024, 64);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(1, 4, 7);
+    }
+    _tile_stored(0, t, PANEL * 4);
+    _tile_stored(1, t + 16, PANEL * 4);
+}
+
+// Rows [m0, m0 + rows) x columns [n0, min(n0 + 32, N)) of the result from the block's sums t (and t3: up's, GATE).
+T_AMX void emit(const MmArgs& a, const int32_t* t, const int32_t* t3, int64_t m0, int64_t rows, int64_t n0) {
+    const int64_t cols = a.N - n0 < PANEL ? a.N - n0 : PANEL;
+    for (int64_t i = 0; i < rows; i++) {
+        const int64_t m = m0 + i;
+        if (a.mode == RAW) {
+            memcpy(a.c + m * a.N + n0, t + i * PANEL, cols * 4);
+            continue;
+        }
+        for (int64_t j = 0; j < cols; j += 16) {
+            const __mmask16 mk = cols - j >= 16 ? 0xffff : (__mmask16)((1u << (cols - j)) - 1);
+            const int32_t* s = t + i * PANEL + j;
+            if (a.mode == LINEAR) {
+                epilogue16(a.epi, s, m, n0 + j, mk);
+            } else {
+                const __m512 h = gate16(a.gate, s, t3 + i * PANEL + j, m, n0 + j, mk);
+                _mm256_mask_storeu_epi16(a.h + m * a.N + n0 + j, mk, to_bf16x16(h));
+            }
+        }
+    }
+}
+
+// Per-thread buffers, 64-byte aligned: the packed panel(s) and the block sums.
+struct Scratch {
+    std::vector<int8_t> raw;
+    int8_t* get(int64_t bytes) {
+        if ((int64_t)raw.size() < bytes + 64) raw.resize(bytes + 64);
+        return (int8_t*)(((uintptr_t)raw.data() + 63) & ~(uintptr_t)63);
+    }
+};
+
+T_AMX void mm_panel(const void* ctx, int64_t chunk) {
+    const MmArgs& a = *(const MmArgs*)ctx;
+    const int64_t n0 = chunk * PANEL, KB = a.Kp / 64, ldx = a.Kp;
+    const bool gate = a.mode == GATE;
+    thread_local Scratch scratch;
+    int8_t* bp = scratch.get(KB * 2048 * (gate ? 2 : 1));
+    int8_t* bp3 = bp + KB * 2048;
+    alignas(64) int32_t t[32 * PANEL], t3[32 * PANEL];
+    pack_panel(a.w, a, n0, bp);
+    if (gate) pack_panel(a.w3, a, n0, bp3);
+    load_config();
+    int64_t m0 = 0;
+    for (; m0 + 32 <= a.Mfull; m0 += 32) {
+        block32(a.x + m0 * ldx, ldx, bp, KB, t);
+        if (gate) block32(a.x + m0 * ldx, ldx, bp3, KB, t3);
+        emit(a, t, t3, m0, 32, n0);
+    }
+    if (m0 < a.Mfull) {  // a last whole 16-row tile of x
+        block16(a.x + m0 * ldx, ldx, bp, KB, t);
+        if (gate) block16(a.x + m0 * ldx, ldx, bp3, KB, t3);
+        emit(a, t, t3, m0, 16, n0);
+    }
+    if (a.xt) {  // the ragged rows, from their padded copy
+        block16(a.xt, ldx, bp, KB, t);
+        if (gate) block16(a.xt, ldx, bp3, KB, t3);
+        emit(a, t, t3, a.Mfull, a.M - a.Mfull, n0);
+    }
+    _tile_release();
+}
+
+}  // namespace
+
+extern "C" {
+
+// 1 when the tiles can run here (AMX-INT8 and Linux's permission), else 0.
+int lfm2vl_amx_int8() { return amx_ready() ? 1 : 0; }
+
+// on = 0 turns the tiles off (the functions below return -1), 1 back on where the CPU has them.
+void lfm2vl_set_amx(int on) { amx_off = on == 0; }
+
+}  // extern "C"
+
+namespace {
+
+// Sets up the padded copies of x where its shape needs them, then runs the panels on the pool.
+void run(MmArgs a, const int8_t* x, int threads) {
+    const int64_t K = a.K, Kp = (K + 63) / 64 * 64;
+    a.Kp = Kp;
+    a.Mfull = a.M / 16 * 16;
+    a.x = x;
+    a.xt = NULL;
+    std::vector<int8_t> xpad, xtail;
+    if (Kp != K) {  // every row re-laid at the padded stride: tiles read 64 bytes of K at a time
+        xpad.assign((size_t)a.Mfull * Kp + 64, 0);
+        for (int64_t m = 0; m < a.Mfull; m++) memcpy(xpad.data() + m * Kp, x + m * K, K);
+        a.x = xpad.data();
+    }
+    if (a.Mfull < a.M) {
+        xtail.assign((size_t)16 * Kp, 0);
+        for (int64_t m = a.Mfull; m < a.M; m++) memcpy(xtail.data() + (m - a.Mfull) * Kp, x + m * K, K);
+        a.xt = xtail.data();
+    }
+    pool_run(mm_panel, &a, (a.N + PANEL - 1) / PANEL, threads, false);
+}
+
+}  // namespace
+
+extern "C" {
+
+// c (M, N) int32 <- x (M, K) int8 . w (N, K)^T int8, all contiguous. Returns 0, or -1 where the tiles cannot run
+// (the caller multiplies another way).
+int lfm2vl_int_mm_amx(const int8_t* x, const int8_t* w, int32_t* c, int64_t M, int64_t N, int64_t K, int threads) {
+    if (!amx_ready()) return -1;
+    if (M <= 0 || N <= 0) return 0;
+    MmArgs a{};
+    a.w = w; a.M = M; a.N = N; a.K = K; a.mode = RAW; a.c = c;
+    run(a, x, threads);
+    return 0;
+}
+
+// y (M, N) <- int8_epilogue(x . w^T, xs, ws, bias, res, ydt, gelu) (int8mm.cpp) without the int32 result in memory:
+// each block's epilogue runs on it as it leaves the tiles. Returns 0, or -1 where the tiles (or AVX512) cannot run.
+int lfm2vl_int8_linear_amx(const int8_t* x, const int8_t* w, const float* xs, const float* ws, const float* bias,
+                           const void* res, void* y, int ydt, int gelu, int64_t M, int64_t N, int64_t K,
+                           int threads) {
+    if (!amx_ready()) return -1;
+    if (M <= 0 || N <= 0) return 0;
+    MmArgs a{};
+    a.w = w; a.M = M; a.N = N; a.K = K; a.mode = LINEAR;
+    a.epi = Epilogue{xs, ws, bias, res, y, ydt, gelu, N};
+    run(a, x, threads);
+    return 0;
+}
+
+// h (M, N) bf16 <- the SwiGLU gate of x's int8 products with w1 (gate) and w3 (up): the h that swiglu_int8
+// (int8mm.cpp) quantizes, here left for quantize_rows. Returns 0, or -1 where the tiles cannot run.
+int lfm2vl_swiglu_h_amx(const int8_t* x, const int8_t* w1, const int8_t* w3, const float* xs, const float* s1,
+                        const float* s3, const float* b1, const float* b3, uint16_t* h, int64_t M, int64_t N,
+                        int64_t K, int threads) {
+    if (!amx_ready()) return -1;
+    if (M <= 0 || N <= 0) return 0;
+    MmArgs a{};
+    a.w = w1; a.w3 = w3; a.M = M; a.N = N; a.K = K; a.mode = GATE;
+    a.gate = Gate{xs, s1, s3, b1, b3};
+    a.h = h;
+    run(a, x, threads);
+    return 0;
+}
+
+}  // extern "C"
