@@ -5,15 +5,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lfm2vl.cpu import gemm
+from lfm2vl.cpu import gemm, kernels
 
 
-@pytest.fixture(params=["native", "widened"] if gemm.bf16_native() else ["widened"])
+@pytest.fixture(params=(["native", "widened"] if gemm.bf16_native() else ["widened"])
+                + (["amx"] if kernels.available() and kernels.amx_bf16() else []))
 def mode(request, monkeypatch):
-    """Each test runs as on a CPU without a bf16 GEMM (on every CPU), and natively where this one has it."""
+    """Each test runs as on a CPU without a bf16 GEMM (on every CPU), natively where this one has it, and on
+    lfm2vl's AMX kernel where it has AMX-BF16 tiles (every bf16 shape sent there)."""
     if request.param == "widened":
         monkeypatch.setattr(gemm, "bf16_native", lambda: False)
         monkeypatch.setattr(gemm, "_BLOCK_BYTES", 4 * 96 * 37)  # blocks of 37 rows: 300 rows end inside a block
+    if request.param == "amx":
+        monkeypatch.setattr(gemm, "AMX_ROWS", 1)
+        monkeypatch.setattr(gemm, "AMX_COLS", 1 << 20)
+    else:
+        monkeypatch.setattr(gemm, "AMX_COLS", 0)
     return request.param
 
 
@@ -33,6 +40,18 @@ def test_bf16_linear_is_the_fp32_product_rounded_once(mode, gelu):
     ref = ref if gelu is None else F.gelu(ref, approximate=gelu)
     assert y.dtype == torch.bfloat16 and y.shape == (2, 19, 300)
     _within_one_rounding(y, ref)
+
+
+@pytest.mark.parametrize("M,N,K", [(50, 33, 70), (17, 100, 130), (64, 32, 32)])
+def test_ragged_shapes_are_the_fp32_product_rounded_once(mode, M, N, K):
+    """Rows, outputs and inputs off the AMX kernel's tiles (16 rows, 32 outputs, 32 inputs a step), with a bias and
+    a tanh GELU or a residual."""
+    g = torch.Generator().manual_seed(M + K)
+    x, r = torch.randn(M, K, generator=g).bfloat16(), torch.randn(M, N, generator=g).bfloat16()
+    w, b = (torch.randn(N, K, generator=g) / 8).bfloat16(), torch.randn(N, generator=g).bfloat16()
+    ref = F.linear(x.float(), w.float(), b.float())
+    _within_one_rounding(gemm.linear(x, w, b, gelu="tanh"), F.gelu(ref, approximate="tanh"))
+    _within_one_rounding(gemm.linear(x, w, b, residual=r), ref + r.float())
 
 
 def test_residual_add_is_fused_before_the_rounding(mode):
@@ -73,3 +92,19 @@ def test_the_reused_buffer_works_in_and_out_of_inference_mode(mode, monkeypatch)
     with torch.no_grad():
         b = gemm.linear(x, w)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rows,cols,gelu,tiles,takes", [
+    (1024, 768, None, True, True), (2048, 1024, "tanh", True, True),  # the vision tower's projections and fc2
+    (512, 768, None, True, False), (1024, 3072, "tanh", True, False),  # a prefill chunk; fc1's wide output
+    (1024, 768, "none", True, False), (1024, 768, None, False, False)])  # erf GELU; no AMX-BF16 tiles
+def test_bf16_products_take_the_amx_kernel_by_shape(monkeypatch, rows, cols, gelu, tiles, takes):
+    """Many rows and at most AMX_COLS outputs (where oneDNN's own choice is slow) go to kernels.bf16_linear_amx on
+    CPUs whose AMX-BF16 tiles run; everything else, and a kernel that declines, to oneDNN."""
+    calls = []
+    monkeypatch.setattr(kernels, "amx_bf16", lambda: tiles)
+    monkeypatch.setattr(kernels, "bf16_linear_amx", lambda *a: calls.append(a[0].shape) or None)
+    x, w = torch.randn(rows, 64).bfloat16(), torch.randn(cols, 64).bfloat16()
+    y = gemm.linear(x.view(2, rows // 2, 64), w, gelu=gelu)
+    assert y.shape == (2, rows // 2, cols)
+    assert calls == ([(rows, 64)] if takes and kernels.available() else [])

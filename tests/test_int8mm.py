@@ -112,10 +112,12 @@ def test_int_mm_is_the_exact_integer_product(M, N, K, amx_on):
 
 @needs_kernels
 def test_amx_int8_runs_where_the_cpu_has_the_tiles():
-    """The int8 tiles are used on every CPU whose flags list AMX-INT8 (Linux grants their use) and nowhere else."""
+    """The int8 (bf16) tiles are used on every CPU whose flags list AMX-INT8 (AMX-BF16), Linux granting their use,
+    and nowhere else."""
     with open("/proc/cpuinfo") as f:
         flags = next(line for line in f if line.startswith("flags")).split()
     assert kernels.amx_int8() == ("amx_int8" in flags and "amx_tile" in flags)
+    assert kernels.amx_bf16() == ("amx_bf16" in flags and "amx_tile" in flags)
 
 
 @needs_kernels

@@ -449,10 +449,12 @@ def test_native_quantization_equals_the_torch_formula(monkeypatch, isa_cap, dtyp
 
 
 @needs_kernels
-@pytest.mark.parametrize("n,H,L,Dh", [(1, 12, 1024, 64), (2, 4, 100, 72), (3, 2, 37, 64), (1, 3, 1, 16)])
-def test_attn_many_unmasked_matches_sdpa(n, H, L, Dh):
+@pytest.mark.parametrize("amx_on", [True, False], indirect=True)  # AMX-BF16 tiles where the CPU has them, or not
+@pytest.mark.parametrize("n,H,L,Dh", [(1, 12, 1024, 64), (2, 4, 100, 72), (3, 2, 37, 64), (1, 3, 1, 16),
+                                      (1, 2, 40, 112)])
+def test_attn_many_unmasked_matches_sdpa(n, H, L, Dh, amx_on):
     """The vision tower's attention (no mask) within each of n units: as close to float32 math as torch's own bf16
-    flash kernel is; padded keys (L not a multiple of 32) get no weight."""
+    flash kernel is; padded keys (L not a multiple of 32) get no weight; head sizes off the tiles' 32 columns."""
     if kernels.isa() < 3:
         pytest.skip("needs AVX512-BF16")
     g = torch.Generator().manual_seed(L)
@@ -466,9 +468,10 @@ def test_attn_many_unmasked_matches_sdpa(n, H, L, Dh):
 
 
 @needs_kernels
+@pytest.mark.parametrize("amx_on", [True, False], indirect=True)
 @pytest.mark.parametrize("starts,T,H,Hkv,Dh", [([0], 512, 16, 8, 64), ([300], 70, 4, 2, 64), ([0, 45, 5], 33, 6, 3, 72),
-                                               ([7], 1, 2, 1, 16)])
-def test_attn_many_causal_prefill_matches_masked_sdpa(starts, T, H, Hkv, Dh):
+                                               ([7], 1, 2, 1, 16), ([20], 17, 2, 2, 128)])
+def test_attn_many_causal_prefill_matches_masked_sdpa(starts, T, H, Hkv, Dh, amx_on):
     """A prefill chunk over a KV cache: query l of row b sees keys 0..starts[b]+l, read in place from cache-shaped
     buffers (b, Hkv, S_max, Dh), GQA; as close to float32 math as torch's flash kernel with the same mask."""
     if kernels.isa() < 3:

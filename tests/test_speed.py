@@ -118,19 +118,21 @@ def test_using_lfm2vl_leaves_the_environment_as_it_found_it(tiny_checkpoint):
     assert out.stdout.strip().splitlines()[-1] == "[true, null]", out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_bf16_attention_over_many_queries_is_native_only_without_amx(monkeypatch, amx):
-    """attn_many's AVX512-BF16 products lose to oneDNN's AMX tiles: with AMX-BF16 the vision tower and the prefill
-    keep torch's SDPA; without it they take the native kernel (where the CPU runs it)."""
+@pytest.mark.parametrize("amx,tiles", [(True, True), (True, False), (False, False)])
+def test_bf16_attention_over_many_queries_is_native_where_it_wins(monkeypatch, amx, tiles):
+    """attn_many's AVX512-BF16 products lose to torch's attention on AMX tiles: on a CPU with AMX-BF16 the vision
+    tower and the prefill take the native kernel only where its own tiles run (`amx_bf16`), else torch's SDPA;
+    without AMX they take the native kernel (where the CPU runs it)."""
     from lfm2vl.cpu import kernels
 
     calls = []
     native = kernels.attn_many
     monkeypatch.setattr(kernels, "amx", lambda: amx)
+    monkeypatch.setattr(kernels, "amx_bf16", lambda: tiles)
     monkeypatch.setattr(kernels, "attn_many", lambda *a, **k: calls.append(1) or native(*a, **k))
     model = optimize_for_cpu(tiny_model(torch.bfloat16))
     run_cached(model, [list(range(5, 25))], steps=0)
     with torch.inference_mode():
         model.model.vision_tower(torch.randn(1, 16, 3 * 16 * 16).bfloat16(), torch.ones(1, 16, dtype=torch.int32),
                                  torch.tensor([[4, 4]]))
-    assert len(calls) == (0 if amx or kernels.isa() < 3 else 3)  # 2 attention layers, 1 vision layer
+    assert len(calls) == (0 if (amx and not tiles) or kernels.isa() < 3 else 3)  # 2 attention layers, 1 vision layer

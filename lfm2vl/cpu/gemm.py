@@ -9,7 +9,10 @@ a bf16 product (fp32 accumulation, one rounding). The weight is widened one bloc
 buffer, so the fp32 copy never exists whole and each block is multiplied while it is still in the cache.
 
 Where oneDNN takes the dtype, the bias, the GELU and a residual add are fused into the product (one rounding, fewer
-passes over the activations). torch's own float32 GEMM is MKL, which takes a slow path on AMD CPUs, so fp32 goes
+passes over the activations). On AMX CPUs the products of many rows and at most 1024 outputs (the 450M vision
+tower's attention projections and second MLP layer) run on lfm2vl's own AMX kernel (`kernels.bf16_linear_amx`,
+the same fusions): oneDNN's choice for them ran at ~1.0 TFLOP/s on the 2-core AMX Xeon VM where the kernel runs
+1.7-2.1 (1024 x 768 x 768, 1024 x 768 x 3072, 1024 x 1024 x 1024); at wider outputs oneDNN's is faster and stays. torch's own float32 GEMM is MKL, which takes a slow path on AMD CPUs, so fp32 goes
 through oneDNN too.
 """
 from __future__ import annotations
@@ -19,6 +22,8 @@ import threading
 
 import torch
 import torch.nn.functional as F
+
+from . import kernels
 
 _BLOCK_BYTES = 4 << 20  # fp32 bytes of weight rows widened per block (in the L2/L3 cache while they are multiplied)
 _SCRATCH = threading.local()
@@ -80,6 +85,16 @@ def _widened(x: torch.Tensor, w: torch.Tensor, bias, gelu: str | None, residual)
     return y.to(x.dtype).view(*x.shape[:-1], N)
 
 
+AMX_ROWS, AMX_COLS = 1024, 1024  # the shapes the AMX kernel takes: at least this many rows, at most this many outputs
+
+
+def _amx_takes(x: torch.Tensor, w: torch.Tensor, gelu: str | None) -> bool:
+    """Whether this bf16 product runs on lfm2vl's AMX kernel (see the top of this file)."""
+    return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and gelu in (None, "tanh")
+            and x.numel() >= AMX_ROWS * x.shape[-1] and w.shape[0] <= AMX_COLS and kernels.available()
+            and kernels.amx_bf16())
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, w, bias)`, then optional GELU (approximate "tanh" / "none"), then `+ residual`; x's dtype out.
@@ -87,6 +102,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, g
     x (..., K) fp32/bf16 on the CPU, no autograd (the caller checks); w (N, K) in x's dtype, or fp32 (a weight the
     caller already widened, e.g. a dequantized int8 one); bias (N,) and residual (..., N) in x's dtype.
     """
+    if _amx_takes(x, w, gelu):
+        y = kernels.bf16_linear_amx(x.reshape(-1, w.shape[1]), w, bias,
+                                    None if residual is None else residual.reshape(-1, w.shape[0]), gelu == "tanh")
+        if y is not None:
+            return y.view(*x.shape[:-1], w.shape[0])
     if onednn() and x.dtype in (torch.float32, torch.bfloat16):
         if compute_dtype(x.dtype) != x.dtype or w.dtype != x.dtype:
             return _widened(x, w, bias, gelu, residual)

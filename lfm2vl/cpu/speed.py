@@ -15,8 +15,8 @@ Module swaps that keep parameters, state_dict keys and results (within float rou
   (one host read of the lengths, free on CPU), not all max_seq_len slots behind a mask, with the native
   one-query kernel `kernels.attn_decode` (fp32 math on the GEMV pool's threads) instead of torch's SDPA; a bf16
   prefill chunk runs `kernels.attn_many` (causal over each row's prefix, torch flash's rounding points) where it
-  beats torch (`kernels.attention_wins`: CPUs without AMX, whose flash kernel, given the cache's mask, also
-  computes the masked keys);
+  beats torch (`kernels.attention_wins`: on AMX tiles where the CPU has them, else AVX512-BF16; torch's flash
+  kernel, given the cache's mask, also computes the masked keys);
 - `MLP` -> `FastMLP` and `RMSNorm` -> `FastRMSNorm`: SwiGLU and the norms as one native pass each for bf16
   inference (`kernels.swiglu` / `kernels.rmsnorm`, torch's roundings), where torch runs 2 and ~8 ops;
 - the vision tower's and projector's modules -> vision.py's subclasses (oneDNN fused linears, native attention,

@@ -3,7 +3,7 @@
 Same parameters, state_dict keys and results within float rounding; `use_fast_vision(model)` swaps them in place:
 - the linears run `gemm.linear`: oneDNN with the bias, GELU and residual add fused, fp32 on CPUs without a bf16 GEMM;
   int8 encoder linears (int8 vision, quant.quantize_vision) run int8 compute with the same fusions (int8mm.py);
-- bf16 attention runs the native `kernels.attn_many` where it beats torch's SDPA (AVX512-BF16 CPUs without AMX);
+- bf16 attention runs the native `kernels.attn_many` where it beats torch's SDPA (`kernels.attention_wins`);
 - the resized position grids are cached per (h, w, dtype, device) until the table's weights change;
 - bf16 LayerNorms run natively (`kernels.layernorm`);
 - on CPUs without AMX each encoder layer and the projector drop their weights' mapped pages after use
@@ -99,7 +99,7 @@ class FastVisionAttention(vision.Attention):
         return super().project(x)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if kernels.serves(q) and kernels.attention_wins():  # without AMX it beats torch's flash kernel here
+        if kernels.serves(q) and kernels.attention_wins():  # it beats torch's flash kernel here
             o = kernels.attn_many(q, k, v)
             if o is not None:
                 return o

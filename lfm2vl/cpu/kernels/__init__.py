@@ -30,7 +30,7 @@ from .build import DT as _DT
 from .build import I4_GROUP, KIND as _KIND
 from .build import load as _load
 from .packed_ops import BLOCK as PACK_BLOCK, pack_bf16, packed_fast, packed_linear, unpack_bf16  # noqa: F401
-from .prefill_ops import (amx_int8, attn_many, int4_to_int8, int8_epilogue, int8_linear_amx, int_mm,  # noqa: F401
+from .prefill_ops import (amx_bf16, amx_int8, attn_many, bf16_linear_amx, int4_to_int8, int8_epilogue, int8_linear_amx, int_mm,  # noqa: F401
                           layernorm, quantize_rows, rmsnorm, set_amx, short_conv, swiglu, swiglu_h_amx,
                           swiglu_int8)
 
@@ -171,10 +171,10 @@ def amx() -> bool:
 
 
 def attention_wins() -> bool:
-    """Whether attn_many beats torch's SDPA for bf16 attention over many queries: only where it runs (AVX512-BF16),
-    and not on CPUs with AMX-BF16: there oneDNN's attention runs on the tiles, well ahead of attn_many's AVX512-BF16
-    dot products, so the vision tower and the prefill keep torch's SDPA."""
-    return isa() >= 3 and not amx()
+    """Whether attn_many beats torch's SDPA for bf16 attention over many queries: where it runs (AVX512-BF16), on the
+    AMX-BF16 tiles on CPUs that have them (there torch's attention runs on the tiles too, well ahead of AVX512-BF16
+    dot products)."""
+    return isa() >= 3 and (not amx() or amx_bf16())
 
 
 def serves(x: torch.Tensor) -> bool:

@@ -19,14 +19,16 @@
 
 #include <vector>
 
+#include "amx.h"
 #include "int8mm.h"
 #include "pool.h"
 
-#define T_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-int8")))
-
 namespace {
 
-const int64_t PANEL = 32;  // output columns per chunk: two w tiles
+const int64_t PANEL = 32;  // output columns of a packed panel: two w tiles
+const int64_t GROUP = 4;   // panels per chunk of work: each block of x's rows runs over all of them
+
+bool amx_off = false;  // lfm2vl_set_amx(0): tests run the other paths on an AMX CPU too
 
 struct alignas(64) TileConfig {
     uint8_t palette, start_row, reserved[14];
@@ -34,42 +36,22 @@ struct alignas(64) TileConfig {
     uint8_t rows[16];
 };
 
-bool cpu_has_amx_int8() {
-    unsigned a, b, c, d;
-    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
-    return (d >> 24 & 1) && (d >> 25 & 1);  // AMX-TILE, AMX-INT8
-}
+}  // namespace
 
-bool amx_off = false;  // lfm2vl_set_amx(0): tests run the other paths on an AMX CPU too
-
-// Whether this process may use the tiles: the CPU has them and Linux grants the permission (asked once).
-bool amx_ready() {
+bool amx_ready(bool bf16) {
     if (amx_off) return false;
-    static const int ok = [] {
-        if (!cpu_has_amx_int8()) return 0;
+    static const int caps = [] {  // bit 0: AMX-INT8 usable, bit 1: AMX-BF16 usable
+        unsigned a, b, c, d;
+        __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+        if (!(d >> 24 & 1)) return 0;  // AMX-TILE
         const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-        return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : 0;
+        if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0) return 0;
+        return (int)(d >> 25 & 1) | (int)(d >> 22 & 1) << 1;  // AMX-INT8, AMX-BF16
     }();
-    return ok == 1;
+    return caps >> (bf16 ? 1 : 0) & 1;
 }
 
-// What each block of the product becomes: the int32 sums themselves, a linear's epilogue, or a SwiGLU gate's h.
-enum Mode { RAW, LINEAR, GATE };
-
-struct MmArgs {
-    const int8_t* x;  // (Mp, Kp), row stride Kp: x itself, or its zero-padded copy
-    const int8_t* w;  // (N, K), row stride K
-    const int8_t* w3; // GATE: the up projection's (N, K), w being the gate's
-    int64_t M, N, K, Kp, Mfull;  // Mfull: rows of x in whole 16-row tiles read in place (the rest: xt)
-    const int8_t* xt;            // the last M - Mfull rows, zero-padded to 16 x Kp, or NULL
-    Mode mode;
-    int32_t* c;                  // RAW: (M, N)
-    Epilogue epi;                // LINEAR
-    Gate gate;                   // GATE, with h (M, N) bf16
-    uint16_t* h;
-};
-
-T_AMX void load_config() {
+T_AMX void amx_load_config() {
     TileConfig cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
@@ -81,6 +63,27 @@ T_AMX void load_config() {
     __asm__ volatile("" : : "r"(&cfg) : "memory");
     _tile_loadconfig(&cfg);
 }
+
+namespace {
+
+// What each block of the product becomes: the int32 sums themselves, a linear's epilogue, or a SwiGLU gate's h.
+// bf16 operands (TDPBF16PS, fp32 sums) take RAW (fp32 out) and LINEAR.
+enum Mode { RAW, LINEAR, GATE };
+
+struct MmArgs {
+    bool bf16;        // operands bf16 (else int8)
+    const int8_t* x;  // (Mp, Kp) bytes, row stride Kp: x itself, or its zero-padded copy
+    const int8_t* w;  // (N, K) bytes, row stride K
+    const int8_t* w3; // GATE: the up projection's (N, K), w being the gate's
+    int64_t M, N, K, Kp, Mfull;  // K: bytes of a row; Mfull: rows of x in whole 16-row tiles read in place (the
+                                 // rest: xt)
+    const int8_t* xt;            // the last M - Mfull rows, zero-padded to 16 x Kp, or NULL
+    Mode mode;
+    void* c;                     // RAW: (M, N) int32, or fp32 for bf16 operands
+    Epilogue epi;                // LINEAR
+    Gate gate;                   // GATE, with h (M, N) bf16
+    uint16_t* h;
+};
 
 // The 16 x 16 dword transpose of r[0..15] in place: r[j] dword i <- old r[i] dword j.
 T_AMX inline void transpose16(__m512i* r) {
@@ -129,18 +132,22 @@ T_AMX void pack_panel(const int8_t* w, const MmArgs& a, int64_t n0, int8_t* out)
     }
 }
 
-// The sums of 16 or 32 rows of x (from xr, row stride ldx) against the packed panel bp: t (rows x 32, row stride 32).
-T_AMX void block32(const int8_t* xr, int64_t ldx, const int8_t* bp, int64_t KB, int32_t* t) {
+// The sums of 16 or 32 rows of x (from xr, row stride ldx bytes) against the packed panel bp: t (rows x 32, row
+// stride 32; int32, or fp32 for bf16 operands).
+#define DP(C, A, B) do { if (BF16) _tile_dpbf16ps(C, A, B); else _tile_dpbssd(C, A, B); } while (0)
+
+template <bool BF16>
+T_AMXALL void block32(const int8_t* xr, int64_t ldx, const int8_t* bp, int64_t KB, int32_t* t) {
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int64_t kb = 0; kb < KB; kb++) {
         _tile_loadd(4, xr + kb * 64, ldx);
         _tile_loadd(5, xr + 16 * ldx + kb * 64, ldx);
         _tile_loadd(6, bp + kb * 2048, 64);
         _tile_loadd(7, bp + kb * 2048 + 1024, 64);
-        _tile_dpbssd(0, 4, 6);
-        _tile_dpbssd(1, 4, 7);
-        _tile_dpbssd(2, 5, 6);
-        _tile_dpbssd(3, 5, 7);
+        DP(0, 4, 6);
+        DP(1, 4, 7);
+        DP(2, 5, 6);
+        DP(3, 5, 7);
     }
     _tile_stored(0, t, PANEL * 4);
     _tile_stored(1, t + 16, PANEL * 4);
@@ -148,32 +155,35 @@ T_AMX void block32(const int8_t* xr, int64_t ldx, const int8_t* bp, int64_t KB, 
     _tile_stored(3, t + 16 * PANEL + 16, PANEL * 4);
 }
 
-T_AMX void block16(const int8_t* xr, int64_t ldx, const int8_t* bp, int64_t KB, int32_t* t) {
+template <bool BF16>
+T_AMXALL void block16(const int8_t* xr, int64_t ldx, const int8_t* bp, int64_t KB, int32_t* t) {
     _tile_zero(0); _tile_zero(1);
     for (int64_t kb = 0; kb < KB; kb++) {
         _tile_loadd(4, xr + kb * 64, ldx);
         _tile_loadd(6, bp + kb * 2048, 64);
         _tile_loadd(7, bp + kb * 2048 + 1024, 64);
-        _tile_dpbssd(0, 4, 6);
-        _tile_dpbssd(1, 4, 7);
+        DP(0, 4, 6);
+        DP(1, 4, 7);
     }
     _tile_stored(0, t, PANEL * 4);
     _tile_stored(1, t + 16, PANEL * 4);
 }
 
 // Rows [m0, m0 + rows) x columns [n0, min(n0 + 32, N)) of the result from the block's sums t (and t3: up's, GATE).
-T_AMX void emit(const MmArgs& a, const int32_t* t, const int32_t* t3, int64_t m0, int64_t rows, int64_t n0) {
+T_AMXALL void emit(const MmArgs& a, const int32_t* t, const int32_t* t3, int64_t m0, int64_t rows, int64_t n0) {
     const int64_t cols = a.N - n0 < PANEL ? a.N - n0 : PANEL;
     for (int64_t i = 0; i < rows; i++) {
         const int64_t m = m0 + i;
         if (a.mode == RAW) {
-            memcpy(a.c + m * a.N + n0, t + i * PANEL, cols * 4);
+            memcpy((int32_t*)a.c + m * a.N + n0, t + i * PANEL, cols * 4);
             continue;
         }
         for (int64_t j = 0; j < cols; j += 16) {
             const __mmask16 mk = cols - j >= 16 ? 0xffff : (__mmask16)((1u << (cols - j)) - 1);
             const int32_t* s = t + i * PANEL + j;
-            if (a.mode == LINEAR) {
+            if (a.bf16) {
+                epilogue16f(a.epi, (const float*)s, m, n0 + j, mk);
+            } else if (a.mode == LINEAR) {
                 epilogue16(a.epi, s, m, n0 + j, mk);
             } else {
                 const __m512 h = gate16(a.gate, s, t3 + i * PANEL + j, m, n0 + j, mk);
@@ -192,33 +202,44 @@ struct Scratch {
     }
 };
 
-T_AMX void mm_panel(const void* ctx, int64_t chunk) {
+template <bool BF16>
+T_AMXALL void mm_panels(const void* ctx, int64_t chunk) {
     const MmArgs& a = *(const MmArgs*)ctx;
-    const int64_t n0 = chunk * PANEL, KB = a.Kp / 64, ldx = a.Kp;
+    const int64_t KB = a.Kp / 64, ldx = a.Kp, per = KB * 2048;  // bytes of one packed panel
+    const int64_t p0 = chunk * GROUP, np = (a.N + PANEL - 1) / PANEL - p0 < GROUP ? (a.N + PANEL - 1) / PANEL - p0 : GROUP;
     const bool gate = a.mode == GATE;
     thread_local Scratch scratch;
-    int8_t* bp = scratch.get(KB * 2048 * (gate ? 2 : 1));
-    int8_t* bp3 = bp + KB * 2048;
-    alignas(64) int32_t t[32 * PANEL], t3[32 * PANEL];
-    pack_panel(a.w, a, n0, bp);
-    if (gate) pack_panel(a.w3, a, n0, bp3);
-    load_config();
-    int64_t m0 = 0;
-    for (; m0 + 32 <= a.Mfull; m0 += 32) {
-        block32(a.x + m0 * ldx, ldx, bp, KB, t);
-        if (gate) block32(a.x + m0 * ldx, ldx, bp3, KB, t3);
-        emit(a, t, t3, m0, 32, n0);
+    int8_t* bp = scratch.get(per * np * (gate ? 2 : 1));  // panel g at g * per; up's after all of the gate's
+    // two sets of block sums: a block's epilogue runs while the tiles compute the next block
+    alignas(64) int32_t t[2][32 * PANEL], t3[2][32 * PANEL];
+    for (int64_t g = 0; g < np; g++) {
+        pack_panel(a.w, a, (p0 + g) * PANEL, bp + g * per);
+        if (gate) pack_panel(a.w3, a, (p0 + g) * PANEL, bp + (np + g) * per);
     }
-    if (m0 < a.Mfull) {  // a last whole 16-row tile of x
-        block16(a.x + m0 * ldx, ldx, bp, KB, t);
-        if (gate) block16(a.x + m0 * ldx, ldx, bp3, KB, t3);
-        emit(a, t, t3, m0, 16, n0);
+    amx_load_config();
+    int64_t last_m = -1, last_rows = 0, last_n = 0;
+    int cur = 0;
+    // each block of x's rows meets every panel of the group while it is in the nearest caches: two whole 16-row
+    // tiles, else one, else the ragged last rows from their padded copy
+    for (int64_t m0 = 0, rows; m0 < a.M; m0 += rows) {
+        rows = m0 + 32 <= a.Mfull ? 32 : m0 < a.Mfull ? 16 : a.M - m0;
+        const int8_t* xr = m0 < a.Mfull ? a.x + m0 * ldx : a.xt;
+        for (int64_t g = 0; g < np; g++) {
+            const int8_t* b1 = bp + g * per;
+            const int8_t* b3 = bp + (np + g) * per;
+            if (rows == 32) {
+                block32<BF16>(xr, ldx, b1, KB, t[cur]);
+                if (gate) block32<BF16>(xr, ldx, b3, KB, t3[cur]);
+            } else {
+                block16<BF16>(xr, ldx, b1, KB, t[cur]);
+                if (gate) block16<BF16>(xr, ldx, b3, KB, t3[cur]);
+            }
+            if (last_m >= 0) emit(a, t[cur ^ 1], t3[cur ^ 1], last_m, last_rows, last_n);
+            last_m = m0, last_rows = rows, last_n = (p0 + g) * PANEL;
+            cur ^= 1;
+        }
     }
-    if (a.xt) {  // the ragged rows, from their padded copy
-        block16(a.xt, ldx, bp, KB, t);
-        if (gate) block16(a.xt, ldx, bp3, KB, t3);
-        emit(a, t, t3, a.Mfull, a.M - a.Mfull, n0);
-    }
+    if (last_m >= 0) emit(a, t[cur ^ 1], t3[cur ^ 1], last_m, last_rows, last_n);
     _tile_release();
 }
 
@@ -226,10 +247,12 @@ T_AMX void mm_panel(const void* ctx, int64_t chunk) {
 
 extern "C" {
 
-// 1 when the tiles can run here (AMX-INT8 and Linux's permission), else 0.
-int lfm2vl_amx_int8() { return amx_ready() ? 1 : 0; }
+// 1 when the int8 tiles can run here (AMX-INT8 and Linux's permission), else 0; lfm2vl_amx_bf16: the bf16 ones.
+int lfm2vl_amx_int8() { return amx_ready(false) ? 1 : 0; }
+int lfm2vl_amx_bf16() { return amx_ready(true) ? 1 : 0; }
 
-// on = 0 turns the tiles off (the functions below return -1), 1 back on where the CPU has them.
+// on = 0 turns the tiles off (the products below return -1, attn_many takes its AVX512-BF16 path), 1 back on where
+// the CPU has them.
 void lfm2vl_set_amx(int on) { amx_off = on == 0; }
 
 }  // extern "C"
@@ -254,7 +277,8 @@ void run(MmArgs a, const int8_t* x, int threads) {
         for (int64_t m = a.Mfull; m < a.M; m++) memcpy(xtail.data() + (m - a.Mfull) * Kp, x + m * K, K);
         a.xt = xtail.data();
     }
-    pool_run(mm_panel, &a, (a.N + PANEL - 1) / PANEL, threads, false);
+    const int64_t panels = (a.N + PANEL - 1) / PANEL;
+    pool_run(a.bf16 ? mm_panels<true> : mm_panels<false>, &a, (panels + GROUP - 1) / GROUP, threads, false);
 }
 
 }  // namespace
@@ -283,6 +307,20 @@ int lfm2vl_int8_linear_amx(const int8_t* x, const int8_t* w, const float* xs, co
     a.w = w; a.M = M; a.N = N; a.K = K; a.mode = LINEAR;
     a.epi = Epilogue{xs, ws, bias, res, y, ydt, gelu, N};
     run(a, x, threads);
+    return 0;
+}
+
+// y (M, N) <- gelu?(x . w^T + bias) + res for bf16 x (M, K) and w (N, K), fp32 sums rounded once to y's dtype (ydt 0
+// fp32, 1 bf16); bias (N) fp32 or NULL, res (M, N) in y's dtype or NULL, gelu: GELU's tanh approximation. Returns 0,
+// or -1 where the bf16 tiles cannot run.
+int lfm2vl_bf16_linear_amx(const uint16_t* x, const uint16_t* w, const float* bias, const void* res, void* y,
+                           int ydt, int gelu, int64_t M, int64_t N, int64_t K, int threads) {
+    if (!amx_ready(true)) return -1;
+    if (M <= 0 || N <= 0) return 0;
+    MmArgs a{};
+    a.bf16 = true; a.w = (const int8_t*)w; a.M = M; a.N = N; a.K = 2 * K; a.mode = LINEAR;
+    a.epi = Epilogue{NULL, NULL, bias, res, y, ydt, gelu, N};
+    run(a, (const int8_t*)x, threads);
     return 0;
 }
 

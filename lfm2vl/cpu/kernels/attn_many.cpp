@@ -22,6 +22,7 @@
 
 #include <vector>
 
+#include "amx.h"
 #include "gemv.h"
 #include "pool.h"
 
@@ -37,9 +38,11 @@ struct ManyArgs {
     const int64_t* nkeys;              // keys of each unit (causal: the last L of them are the queries' own)
     int causal;
     float scale;
-    uint32_t* kp;  // per (unit, kv head): (Dh/2, Lp) key pairs, the pair (k[j][2p], k[j][2p+1]) at [p][j]
+    uint32_t* kp;  // per (unit, kv head): (Pp, Lp) key pairs, the pair (k[j][2p], k[j][2p+1]) at [p][j]; rows past
+                   // Dh/2 zero (Pp: Dh/2 rounded up to 16, whole tiles of 32 head columns)
     uint32_t* vp;  // per (unit, kv head): (Lp/2, Dp) value pairs, the pair (v[2i][d], v[2i+1][d]) at [i][d]
-    int64_t qblocks;
+    int64_t qblocks;  // blocks of queries per (unit, head): of QB, or of QT on the tiles
+    int64_t Pp;
 
     // keys visible to query l of unit u
     int64_t visible(int64_t u, int64_t l) const { return causal ? nkeys[u] - L + l + 1 : nkeys[u]; }
@@ -50,7 +53,8 @@ void relayout(const void* ctx, int64_t c) {
     const ManyArgs& a = *(const ManyArgs*)ctx;
     const int64_t u = c / a.Hkv, h = c % a.Hkv, S = a.nkeys[u];
     const int64_t P = a.Dh / 2;
-    uint32_t* kp = a.kp + c * P * a.Lp;
+    uint32_t* kp = a.kp + c * a.Pp * a.Lp;
+    memset(kp + P * a.Lp, 0, sizeof(uint32_t) * (a.Pp - P) * a.Lp);
     uint32_t* vp = a.vp + c * (a.Lp / 2) * a.Dp;
     // a key row's bf16 values read as 32-bit words are its pairs: the K layout is their transpose
     uint32_t tile[16][64];
@@ -109,7 +113,7 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
     const int64_t u = uh / a.H, h = uh % a.H, rows = a.L - i0 < QB ? a.L - i0 : QB;
     const int64_t kv = u * a.Hkv + h / (a.H / a.Hkv);
     const int64_t Lb = (a.visible(u, i0 + rows - 1) + 31) / 32 * 32;  // keys any query of the block sees, padded
-    const uint32_t* kp = a.kp + kv * (a.Dh / 2) * a.Lp;
+    const uint32_t* kp = a.kp + kv * a.Pp * a.Lp;
     const uint32_t* vp = a.vp + kv * (a.Lp / 2) * a.Dp;
     // scores (then exponentials) and bf16 probabilities: this thread's buffers, kept for its next blocks
     static thread_local std::vector<float> s_buf;
@@ -177,6 +181,137 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
     }
 }
 
+// ---- the same on AMX-BF16 tiles (TDPBF16PS: a 16 x 32 bf16 tile times a tile of 16 bf16 pairs per column into a
+// 16 x 16 fp32 tile): blocks of 16 queries; the pair layouts above are the tiles' B operands as they are (K: rows of
+// head-column pairs, 16 keys a row; V: rows of key pairs, 16 head columns a row), queries and probabilities their
+// A operands. The same softmax; the scale goes into it (max(s) * scale = max(s * scale) for a positive scale).
+
+const int QT = 16;  // queries per block on the tiles
+
+// Scores of the block's 16 queries (q16: 16 rows of Dq bf16, zero-padded) against keys [j, j + 16 NT) -> s (fp32,
+// row stride Lp), unscaled.
+template <int NT>
+T_AMXBF16 inline void score_tiles(const ManyArgs& a, const uint16_t* q16, int64_t Dq, const uint32_t* kp, int64_t j,
+                                  float* s) {
+    _tile_zero(0);
+    if (NT > 1) _tile_zero(1);
+    if (NT > 2) _tile_zero(2);
+    if (NT > 3) _tile_zero(3);
+    for (int64_t d = 0; d < Dq; d += 32) {  // 32 head columns = 16 pair rows of kp
+        _tile_loadd(4, q16 + d, Dq * 2);
+        const uint32_t* kr = kp + (d / 2) * a.Lp + j;
+        _tile_loadd(5, kr, a.Lp * 4);
+        _tile_dpbf16ps(0, 4, 5);
+        if (NT > 1) { _tile_loadd(6, kr + 16, a.Lp * 4); _tile_dpbf16ps(1, 4, 6); }
+        if (NT > 2) { _tile_loadd(7, kr + 32, a.Lp * 4); _tile_dpbf16ps(2, 4, 7); }
+        if (NT > 3) { _tile_loadd(5, kr + 48, a.Lp * 4); _tile_dpbf16ps(3, 4, 5); }
+    }
+    _tile_stored(0, s + j, a.Lp * 4);
+    if (NT > 1) _tile_stored(1, s + j + 16, a.Lp * 4);
+    if (NT > 2) _tile_stored(2, s + j + 32, a.Lp * 4);
+    if (NT > 3) _tile_stored(3, s + j + 48, a.Lp * 4);
+}
+
+// Value sums of the block over keys [0, Lb) for head columns [16 c0, 16 (c0 + NC)) -> o (16 x 128 fp32).
+template <int NC>
+T_AMXBF16 inline void value_tiles(const ManyArgs& a, const uint16_t* pr, const uint32_t* vp, int64_t Lb, int c0,
+                                  float* o) {
+    _tile_zero(0);
+    if (NC > 1) _tile_zero(1);
+    if (NC > 2) _tile_zero(2);
+    if (NC > 3) _tile_zero(3);
+    if (NC > 4) _tile_zero(4);
+    for (int64_t j = 0; j < Lb; j += 32) {  // 32 keys = 16 pair rows of vp
+        _tile_loadd(6, pr + j, a.Lp * 2);
+        const uint32_t* vr = vp + (j / 2) * a.Dp + 16 * c0;
+        _tile_loadd(7, vr, a.Dp * 4);
+        _tile_dpbf16ps(0, 6, 7);
+        if (NC > 1) { _tile_loadd(5, vr + 16, a.Dp * 4); _tile_dpbf16ps(1, 6, 5); }
+        if (NC > 2) { _tile_loadd(7, vr + 32, a.Dp * 4); _tile_dpbf16ps(2, 6, 7); }
+        if (NC > 3) { _tile_loadd(5, vr + 48, a.Dp * 4); _tile_dpbf16ps(3, 6, 5); }
+        if (NC > 4) { _tile_loadd(7, vr + 64, a.Dp * 4); _tile_dpbf16ps(4, 6, 7); }
+    }
+    float* oc = o + 16 * c0;
+    _tile_stored(0, oc, 128 * 4);
+    if (NC > 1) _tile_stored(1, oc + 16, 128 * 4);
+    if (NC > 2) _tile_stored(2, oc + 32, 128 * 4);
+    if (NC > 3) _tile_stored(3, oc + 48, 128 * 4);
+    if (NC > 4) _tile_stored(4, oc + 64, 128 * 4);
+}
+
+// pass 2 on the tiles, one chunk per (unit, head, block of 16 queries)
+T_AMXBF16 void attend_amx(const void* ctx, int64_t c) {
+    const ManyArgs& a = *(const ManyArgs*)ctx;
+    const int64_t uh = c / a.qblocks, i0 = (c % a.qblocks) * QT;
+    const int64_t u = uh / a.H, h = uh % a.H, rows = a.L - i0 < QT ? a.L - i0 : QT;
+    const int64_t kv = u * a.Hkv + h / (a.H / a.Hkv);
+    const int64_t Lb = (a.visible(u, i0 + rows - 1) + 31) / 32 * 32;
+    const uint32_t* kp = a.kp + kv * a.Pp * a.Lp;
+    const uint32_t* vp = a.vp + kv * (a.Lp / 2) * a.Dp;
+    const int64_t Dq = a.Pp * 2;  // head columns padded to whole tiles
+    static thread_local std::vector<float> s_buf;
+    static thread_local std::vector<uint16_t> pr_buf;
+    if ((int64_t)s_buf.size() < QT * a.Lp + 16) s_buf.resize(QT * a.Lp + 16);
+    if ((int64_t)pr_buf.size() < QT * a.Lp + 32) pr_buf.resize(QT * a.Lp + 32);
+    float* s = (float*)(((uintptr_t)s_buf.data() + 63) & ~(uintptr_t)63);
+    uint16_t* pr = (uint16_t*)(((uintptr_t)pr_buf.data() + 63) & ~(uintptr_t)63);
+    alignas(64) uint16_t q16[QT * 128];
+    alignas(64) float o[QT * 128];
+    for (int r = 0; r < QT; r++) {
+        uint16_t* qr = q16 + r * Dq;
+        if (r < rows) {
+            memcpy(qr, a.q + u * a.qs[0] + h * a.qs[1] + (i0 + r) * a.qs[2], sizeof(uint16_t) * a.Dh);
+            memset(qr + a.Dh, 0, sizeof(uint16_t) * (Dq - a.Dh));
+        } else {
+            memset(qr, 0, sizeof(uint16_t) * Dq);
+        }
+    }
+    amx_load_config();
+    int64_t j = 0;
+    for (; j + 64 <= Lb; j += 64) score_tiles<4>(a, q16, Dq, kp, j, s);
+    if (j < Lb) score_tiles<2>(a, q16, Dq, kp, j, s);  // Lb is a multiple of 32
+    const float scale = a.scale;
+    const __m512 sc = _mm512_set1_ps(scale);
+    float sum[QT];
+    for (int r = 0; r < QT; r++) {
+        uint16_t* pw = pr + r * a.Lp;
+        if (r >= rows) {  // read by the value tiles, never stored
+            memset(pw, 0, sizeof(uint16_t) * Lb);
+            continue;
+        }
+        const float* sr = s + r * a.Lp;
+        const int64_t vis = a.visible(u, i0 + r);
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t k = 0; k < Lb; k += 16) mx = _mm512_mask_max_ps(mx, tail16(vis - k), mx, _mm512_load_ps(sr + k));
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * scale);
+        __m512 tot = _mm512_setzero_ps();
+        for (int64_t k = 0; k < Lb; k += 16) {
+            const __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_load_ps(sr + k), sc), m);
+            const __m512 e = _mm512_maskz_mov_ps(tail16(vis - k), exp_nonpos(x));
+            tot = _mm512_add_ps(tot, e);
+            _mm256_store_si256((__m256i*)(pw + k), (__m256i)_mm512_cvtneps_pbh(e));
+        }
+        sum[r] = _mm512_reduce_add_ps(tot);
+    }
+    switch (a.Dp / 16) {  // at most 5 column tiles at once beside the probability and value tiles
+        case 1: value_tiles<1>(a, pr, vp, Lb, 0, o); break;
+        case 2: value_tiles<2>(a, pr, vp, Lb, 0, o); break;
+        case 3: value_tiles<3>(a, pr, vp, Lb, 0, o); break;
+        case 4: value_tiles<4>(a, pr, vp, Lb, 0, o); break;
+        case 5: value_tiles<5>(a, pr, vp, Lb, 0, o); break;
+        case 6: value_tiles<3>(a, pr, vp, Lb, 0, o); value_tiles<3>(a, pr, vp, Lb, 3, o); break;
+        case 7: value_tiles<4>(a, pr, vp, Lb, 0, o); value_tiles<3>(a, pr, vp, Lb, 4, o); break;
+        default: value_tiles<4>(a, pr, vp, Lb, 0, o); value_tiles<4>(a, pr, vp, Lb, 4, o); break;
+    }
+    _tile_release();
+    for (int64_t r = 0; r < rows; r++) {
+        uint16_t* out = a.out + (u * a.L + i0 + r) * (a.H * a.Dh) + h * a.Dh;
+        const __m512 d = _mm512_set1_ps(sum[r]);
+        for (int64_t cc = 0; cc < a.Dh; cc += 16)
+            _mm256_mask_storeu_epi16(out + cc, tail16(a.Dh - cc), to_bf16x16(_mm512_div_ps(_mm512_load_ps(o + r * 128 + cc), d)));
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -194,12 +329,15 @@ int lfm2vl_attn_many(const uint16_t* q, const uint16_t* k, const uint16_t* v, ui
         if (nkeys[u] < (causal ? L : 1)) return -1;
         most = nkeys[u] > most ? nkeys[u] : most;
     }
+    const bool tiles = amx_ready(true);
+    const int64_t qb = tiles ? QT : QB;
     ManyArgs a{q, k, v, out, n, H, Hkv, L, Dh, (most + 31) / 32 * 32, (Dh + 15) / 16 * 16, {qs[0], qs[1], qs[2]},
-               {ks[0], ks[1], ks[2]}, {vs[0], vs[1], vs[2]}, nkeys, causal, scale, nullptr, nullptr, (L + QB - 1) / QB};
-    a.kp = (uint32_t*)malloc(sizeof(uint32_t) * n * Hkv * (Dh / 2) * a.Lp);
+               {ks[0], ks[1], ks[2]}, {vs[0], vs[1], vs[2]}, nkeys, causal, scale, nullptr, nullptr, (L + qb - 1) / qb,
+               (Dh / 2 + 15) / 16 * 16};
+    a.kp = (uint32_t*)malloc(sizeof(uint32_t) * n * Hkv * a.Pp * a.Lp);
     a.vp = (uint32_t*)malloc(sizeof(uint32_t) * n * Hkv * (a.Lp / 2) * a.Dp);
     pool_run(relayout, &a, n * Hkv, threads, false);
-    pool_run(attend, &a, n * H * a.qblocks, threads, false);
+    pool_run(tiles ? attend_amx : attend, &a, n * H * a.qblocks, threads, false);
     free(a.kp);
     free(a.vp);
     return 0;

@@ -22,7 +22,7 @@ _SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in (
     "gemv_scalar.cpp", "gemv_avx2.cpp", "gemv_vnni.cpp", "gemv_streams.cpp", "attn.cpp", "attn_many.cpp",
     "prefill.cpp", "decode.cpp", "quantized.cpp", "packed.cpp", "packed_pack.cpp", "int8mm.cpp", "amx.cpp", "dropout.cpp",
     "pool.cpp")]
-_HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h", "packed.h", "decode_ops.h", "int8mm.h")]
+_HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h", "packed.h", "decode_ops.h", "int8mm.h", "amx.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17", "-ldl"]
 KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
 PACKED_BF16 = 4  # the kind of bf16 weights packed in 12 bits (packed.cpp), whose buffer is uint8 too
@@ -124,11 +124,14 @@ def load():
     lib.lfm2vl_swiglu_int8.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i]
     lib.lfm2vl_swiglu_int8.restype = ctypes.c_int
     lib.lfm2vl_amx_int8.restype = ctypes.c_int
+    lib.lfm2vl_amx_bf16.restype = ctypes.c_int
     lib.lfm2vl_set_amx.argtypes = [ctypes.c_int]
     lib.lfm2vl_int_mm_amx.argtypes = [p, p, p, i64, i64, i64, i]
     lib.lfm2vl_int_mm_amx.restype = ctypes.c_int
     lib.lfm2vl_int8_linear_amx.argtypes = [p, p, p, p, p, p, p, i, i, i64, i64, i64, i]
     lib.lfm2vl_int8_linear_amx.restype = ctypes.c_int
+    lib.lfm2vl_bf16_linear_amx.argtypes = [p, p, p, p, p, i, i, i64, i64, i64, i]
+    lib.lfm2vl_bf16_linear_amx.restype = ctypes.c_int
     lib.lfm2vl_swiglu_h_amx.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i]
     lib.lfm2vl_swiglu_h_amx.restype = ctypes.c_int
     lib.lfm2vl_int4_to_int8.argtypes = [p, p, p, p, i64, i64, i]

@@ -49,6 +49,16 @@ T_AVX512 static inline void epilogue16(const Epilogue& e, const int32_t* acc, in
     store16(e.y, e.ydt, i, v, mk);
 }
 
+// The same epilogue from 16 fp32 sums of a bf16 product (no scales): act(acc + bias[n]) + res, rounded once.
+T_AVX512 static inline void epilogue16f(const Epilogue& e, const float* acc, int64_t m, int64_t n, __mmask16 mk) {
+    __m512 v = _mm512_maskz_loadu_ps(mk, acc);
+    if (e.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, e.bias + n));
+    if (e.gelu) v = gelu_tanh16(v);
+    const int64_t i = m * e.N + n;
+    if (e.res) v = _mm512_add_ps(v, load16(e.res, e.ydt, i, mk));
+    store16(e.y, e.ydt, i, v, mk);
+}
+
 // h of row m, columns n.. from the gate's and up's 16 sums at a1 and a3: both products rounded to bf16 as their
 // epilogues round them, then silu(gate) and its product with up rounded to bf16 as prefill.cpp's swiglu rounds.
 T_AVX512 static inline __m512 gate16(const Gate& g, const int32_t* a1, const int32_t* a3, int64_t m, int64_t n,

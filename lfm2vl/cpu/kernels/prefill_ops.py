@@ -30,8 +30,14 @@ def amx_int8() -> bool:
     return bool(_load().lfm2vl_amx_int8())
 
 
+def amx_bf16() -> bool:
+    """Whether attn_many runs on AMX-BF16 tiles here (the CPU has them and Linux grants this process their use)."""
+    return bool(_load().lfm2vl_amx_bf16())
+
+
 def set_amx(on: bool) -> None:
-    """Turn the AMX-INT8 products off (False) or back on where the CPU has them (tests run both paths with it)."""
+    """Turn the AMX tiles (int8 products, bf16 attention) off (False) or back on where the CPU has them (tests run
+    both paths with it)."""
     _load().lfm2vl_set_amx(int(on))
 
 
@@ -62,6 +68,23 @@ def int8_linear_amx(xq: torch.Tensor, xs: torch.Tensor, q: torch.Tensor, ws: tor
                                         None if bias is None else bias.data_ptr(),
                                         None if residual is None else residual.data_ptr(), y.data_ptr(), _DT[dtype],
                                         int(gelu), M, N, K, torch.get_num_threads())
+    return y if ok == 0 else None
+
+
+def bf16_linear_amx(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+                    gelu: bool = False) -> torch.Tensor | None:
+    """gelu?(x w^T + bias) + residual for bf16 x (M, K) and w (N, K) on AMX-BF16 tiles (amx.cpp): fp32 sums, the
+    bias, GELU's tanh approximation and the residual in fp32, one rounding to bf16. None where the tiles cannot
+    run. The caller checks `available()` and the shapes."""
+    M, K = x.shape
+    N = w.shape[0]
+    x, w = x.contiguous(), w.contiguous()
+    bias = None if bias is None else bias.float().contiguous()
+    residual = None if residual is None else residual.to(torch.bfloat16).contiguous()
+    y = torch.empty(M, N, dtype=torch.bfloat16)
+    ok = _load().lfm2vl_bf16_linear_amx(x.data_ptr(), w.data_ptr(), None if bias is None else bias.data_ptr(),
+                                        None if residual is None else residual.data_ptr(), y.data_ptr(), 1, int(gelu),
+                                        M, N, K, torch.get_num_threads())
     return y if ok == 0 else None
 
 
