@@ -277,9 +277,8 @@ def test_release_tail_drops_the_last_read_weights_until_the_room_is_made(tmp_pat
 
 @linux_only
 def test_encoder_layers_and_projector_drop_their_pages_after_use_with_equal_results(ckpt, monkeypatch):
-    """With release on (the default on CPUs without AMX), every encoder layer's and the projector's pages leave RSS
-    after the image ran, the answers are unchanged, and the next image maps them back; off (release_pays() False)
-    they stay."""
+    """With release on (the default), every encoder layer's and the projector's pages leave RSS after the image ran,
+    the answers are unchanged, and the next image maps them back; off (RELEASE_PAGES False) they stay."""
     import lfm2vl
     from PIL import Image
     from lfm2vl.cpu import vision as cpu_vision
@@ -289,7 +288,7 @@ def test_encoder_layers_and_projector_drop_their_pages_after_use_with_equal_resu
     opts = dict(max_new_tokens=6, temperature=0, logprobs=True)
     outs, resident = {}, {}
     for on in (False, True):
-        monkeypatch.setattr(cpu_vision, "release_pays", lambda: on)
+        monkeypatch.setattr(cpu_vision, "RELEASE_PAGES", on)
         engine = lfm2vl.load(ckpt)
         layers = engine.model.model.vision_tower.encoder.layers
         projector = engine.model.model.multi_modal_projector
@@ -307,7 +306,7 @@ def test_the_towers_pages_leave_rss_in_optimize_for_cpu(ckpt, monkeypatch):
     """What loading read of the tower (with large folios a touch maps 2 MB) does not stay until the first image."""
     from lfm2vl.cpu import vision as cpu_vision
 
-    monkeypatch.setattr(cpu_vision, "release_pays", lambda: True)
+    monkeypatch.setattr(cpu_vision, "RELEASE_PAGES", True)
     model = load_model(ckpt)[0]
     tower = model.model.vision_tower.encoder.layers
     for p in tower.parameters():

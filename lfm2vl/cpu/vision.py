@@ -6,8 +6,8 @@ Same parameters, state_dict keys and results within float rounding; `use_fast_vi
 - bf16 attention runs the native `kernels.attn_many` where it beats torch's SDPA (`kernels.attention_wins`);
 - the resized position grids are cached per (h, w, dtype, device) until the table's weights change;
 - bf16 LayerNorms run natively (`kernels.layernorm`);
-- on CPUs without AMX each encoder layer and the projector drop their weights' mapped pages after use
-  (`release_pays`), so the tower never adds its whole size to RSS.
+- each encoder layer and the projector drop their weights' mapped pages after use (`RELEASE_PAGES`), so the tower
+  never adds its whole size to RSS.
 """
 from __future__ import annotations
 
@@ -106,12 +106,13 @@ class FastVisionAttention(vision.Attention):
         return super().attend(q, k, v)
 
 
-def release_pays() -> bool:
-    """Whether encoder layers drop their pages by default. Dropping and mapping back costs ~1.5-2 ms per 14 MB layer
-    (~20 ms an image at 450M): under 1% of a vision pass where the CPU multiplies bf16 in fp32 (seconds); on an
-    AVX512-BF16 Zen 5 VM 402 -> 420 ms of vision, 2.9% of a 0.65 s first token, for a bf16 peak of 1018-1025 MiB
-    instead of 1170; on AMX CPUs, whose vision takes ~0.24 s, ~5%, so there `--low-memory` is the opt-in."""
-    return not gemm.bf16_native() or not kernels.amx()
+# Encoder layers drop their pages after use, on every CPU. Dropping costs ~0.6 ms per 14 MB layer (~8 ms an image at
+# 450M; mapping back from large folios is nearly free): under 1% of a vision pass where the CPU multiplies bf16 in
+# fp32 (seconds); on an AVX512-BF16 Zen 5 VM 402 -> 420 ms of vision, 2.9% of a 0.65 s first token; on an AMX Xeon VM
+# (vision in ~0.21 s) 0.386 / 0.380 s to the first token of a 512x512 image without / with it, a tiled 1024x768 one
+# 2.47 / 2.53 s. The bf16 peak falls by the tower's size (1170 -> 1018-1025 MiB on the Zen 5, 1211-1220 ->
+# 1044-1057 MiB on the AMX Xeon). Tests turn it off to compare.
+RELEASE_PAGES = True
 
 
 class PageReleasing(nn.Module):
@@ -121,7 +122,7 @@ class PageReleasing(nn.Module):
     weights are not the file's pages (another dtype, quantized, on a GPU, written in place) stops trying after the
     first time."""
 
-    _pages_releasable = False  # set per module by use_fast_vision (release_pays)
+    _pages_releasable = False  # set per module by use_fast_vision (RELEASE_PAGES)
 
     def release_pages(self, out: torch.Tensor) -> None:
         if self._pages_releasable and out.device.type == "cpu" and not torch.is_grad_enabled():
@@ -178,8 +179,7 @@ def use_fast_vision(root: nn.Module) -> int:
             if type(m) is nn.LayerNorm:
                 m.__class__ = FastLayerNorm
                 n += 1
-    pays = release_pays()
     for m in root.modules():
         if isinstance(m, PageReleasing):
-            m._pages_releasable = pays
+            m._pages_releasable = RELEASE_PAGES
     return n
