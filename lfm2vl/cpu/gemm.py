@@ -9,11 +9,13 @@ a bf16 product (fp32 accumulation, one rounding). The weight is widened one bloc
 buffer, so the fp32 copy never exists whole and each block is multiplied while it is still in the cache.
 
 Where oneDNN takes the dtype, the bias, the GELU and a residual add are fused into the product (one rounding, fewer
-passes over the activations). On AMX CPUs the products of many rows and at most 1024 outputs (the 450M vision
-tower's attention projections and second MLP layer) run on lfm2vl's own AMX kernel (`kernels.bf16_linear_amx`,
-the same fusions): oneDNN's choice for them ran at ~1.0 TFLOP/s on the 2-core AMX Xeon VM where the kernel runs
-1.7-2.1 (1024 x 768 x 768, 1024 x 768 x 3072, 1024 x 1024 x 1024); at wider outputs oneDNN's is faster and stays. torch's own float32 GEMM is MKL, which takes a slow path on AMD CPUs, so fp32 goes
+passes over the activations). torch's own float32 GEMM is MKL, which takes a slow path on AMD CPUs, so fp32 goes
 through oneDNN too.
+
+On AMX CPUs the bf16 products of many rows and at most 1024 outputs (the 450M vision tower's attention projections
+and second MLP layer) run on lfm2vl's own AMX kernel instead (`kernels.bf16_linear_amx`, the same fusions): oneDNN's
+choice for them ran at ~1.0 TFLOP/s on the 2-core AMX Xeon VM where the kernel runs 1.7-2.1 (1024 x 768 x 768,
+1024 x 768 x 3072, 1024 x 1024 x 1024); at wider outputs oneDNN's is faster and stays.
 """
 from __future__ import annotations
 

@@ -92,7 +92,8 @@ def swiglu_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor | None:
     and `kernels.swiglu` between them: x is quantized once for both gate and up, and the gate's passes are fused: on
     AMX tiles into the two products' blocks (`kernels.swiglu_h_amx`, then the quantization of h), elsewhere into one
     native pass over both products (`kernels.swiglu_int8`). gate / up / down: (rows, bias) with rows(slot) -> (q, ws)
-    as in `linear`, slot 0 or 1 naming the reused buffer int4's widened rows go to (gate's and up's must differ).
+    as in `linear`, slot 0 or 1 naming the reused buffer int4's widened rows go to (on AMX tiles gate's and up's
+    are read together, from different slots).
     None where the fused pass cannot run (no AVX512): the caller composes `linear` then."""
     if kernels.isa() < 2:
         return None
@@ -100,12 +101,13 @@ def swiglu_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor | None:
     xq, xs = kernels.quantize_rows(x.reshape(-1, K))
     M = xq.shape[0]
     q1, s1 = gate[0](0)
-    q3, s3 = up[0](1)
-    h = kernels.swiglu_h_amx(xq, xs, q1, s1, gate[1], q3, s3, up[1]) if kernels.amx_int8() else None
-    if h is not None:
-        h = kernels.quantize_rows(h)
-    else:
+    if kernels.amx_int8():  # gate's and up's rows both read at once
+        q3, s3 = up[0](1)
+        h = kernels.quantize_rows(kernels.swiglu_h_amx(xq, xs, q1, s1, gate[1], q3, s3, up[1]))
+    else:  # one after the other: up's rows may take gate's buffer (int4's widened rows)
+        s1 = s1.clone()
         a1 = kernels.int_mm(xq, q1, _acc_buffer(M, q1.shape[0], 0))
+        q3, s3 = up[0](0)
         a3 = kernels.int_mm(xq, q3, _acc_buffer(M, q3.shape[0], 1))
         h = kernels.swiglu_int8(a1, a3, xs, s1, s3, gate[1], up[1])
         if h is None:

@@ -116,25 +116,28 @@ T_AVX512VNNI static inline void i4_step16(const uint8_t* w, const uint16_t* s, c
     }
 }
 
-// How far ahead an int4 row's weights are prefetched: four times gemv.h's PF_BYTES. A byte of int4 holds two weights
-// and takes ~4x the instructions of a bf16 byte, so fewer of the stream's lines are in flight from the loads alone and
-// PF_BYTES left the product below the memory's rate; on a faster memory 8 KB ahead beat 4 KB by 9-12%, and 12-16 KB
-// gave less (docs/cpu.md).
-static const int64_t PF_I4_BYTES = 4 * PF_BYTES;
+// How far ahead an int4 row's weights are prefetched. A byte of int4 holds two weights and takes ~4x the instructions
+// of a bf16 byte, so fewer of the stream's lines are in flight from the loads alone: on an AMD Zen 5 VM gemv.h's
+// PF_BYTES left the product below the memory's rate, 8 KB ahead beat 4 KB by 9-12% and 12-16 KB gave less; on an
+// Intel Xeon with AMX PF_BYTES (2 KB) beat 8 KB by 7.6% at 3B (1 KB 5.8%, 512 bytes -1%; docs/cpu.md).
+static int64_t pf_i4_bytes() {
+    static const bool intel = (__builtin_cpu_init(), __builtin_cpu_is("intel"));
+    return intel ? PF_BYTES : 4 * PF_BYTES;
+}
 
 // int4 weights (gemv.h's layout) x int8-quantized activations, sixteen groups per step (four registers of four).
 template <int MR>
 T_AVX512VNNI static inline __attribute__((always_inline)) void row_q4_vnni(const uint8_t* w, const uint16_t* s,
                                                                           const int8_t* Q, const float* D,
                                                                           const float* QS, int64_t K, bool pf,
-                                                                          const char* end, float* out) {
+                                                                          int64_t ahead, const char* end, float* out) {
     __m512 acc[MR][2], corr[MR];
     for (int j = 0; j < MR; j++) acc[j][0] = acc[j][1] = corr[j] = _mm512_setzero_ps();
     const int64_t G = K / I4_GROUP;
     int64_t g = 0;
     for (; g + 16 <= G; g += 16) {
         if (pf)
-            for (int l = 0; l < 4; l++) prefetch_line((const char*)(w + g * 16) + PF_I4_BYTES + 64 * l, end);
+            for (int l = 0; l < 4; l++) prefetch_line((const char*)(w + g * 16) + ahead + 64 * l, end);
         i4_step16<MR>(w, s, Q, D, QS, K, G, g, 16, acc, corr);
     }
     if (g < G) i4_step16<MR>(w, s, Q, D, QS, K, G, g, G - g, acc, corr);
@@ -148,6 +151,7 @@ T_AVX512VNNI void rows_q4_vnni(const uint8_t* W, const float* S, const int8_t* X
                                int ydt) {
     const int64_t G = K / I4_GROUP;
     const char* end = (const char*)(W + n1 * (K / 2));
+    const int64_t ahead = pf_i4_bytes();
     float out[4];
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t* w = W + n * (K / 2);
@@ -156,9 +160,9 @@ T_AVX512VNNI void rows_q4_vnni(const uint8_t* W, const float* S, const int8_t* X
             const int g = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
             const int8_t* q = Xq + m * K;
             const float *d = Xd + m * G, *qs = Xs + m * G;
-            if (g == 4) row_q4_vnni<4>(w, s, q, d, qs, K, m == 0, end, out);
-            else if (g == 2) row_q4_vnni<2>(w, s, q, d, qs, K, m == 0, end, out);
-            else row_q4_vnni<1>(w, s, q, d, qs, K, m == 0, end, out);
+            if (g == 4) row_q4_vnni<4>(w, s, q, d, qs, K, m == 0, ahead, end, out);
+            else if (g == 2) row_q4_vnni<2>(w, s, q, d, qs, K, m == 0, ahead, end, out);
+            else row_q4_vnni<1>(w, s, q, d, qs, K, m == 0, ahead, end, out);
             for (int j = 0; j < g; j++) store_out(Y, ydt, (m + j) * N + n, out[j] + (bias ? bias[n] : 0.f));
             m += g;
         }
