@@ -48,6 +48,17 @@ struct ManyArgs {
     int64_t visible(int64_t u, int64_t l) const { return causal ? nkeys[u] - L + l + 1 : nkeys[u]; }
 };
 
+// A block's scores (then exponentials) and bf16 probabilities, n of each, 64-byte aligned: this thread's buffers, kept
+// for its next blocks (a malloc and free per block cost 3% of a vision layer).
+void block_buffers(int64_t n, float** s, uint16_t** pr) {
+    static thread_local std::vector<float> s_buf;
+    static thread_local std::vector<uint16_t> pr_buf;
+    if ((int64_t)s_buf.size() < n + 16) s_buf.resize(n + 16);
+    if ((int64_t)pr_buf.size() < n + 32) pr_buf.resize(n + 32);
+    *s = (float*)(((uintptr_t)s_buf.data() + 63) & ~(uintptr_t)63);
+    *pr = (uint16_t*)(((uintptr_t)pr_buf.data() + 63) & ~(uintptr_t)63);
+}
+
 // pass 1, one chunk per (unit, kv head): K and V into pair layouts (padded keys and head columns are zero)
 void relayout(const void* ctx, int64_t c) {
     const ManyArgs& a = *(const ManyArgs*)ctx;
@@ -115,13 +126,9 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
     const int64_t Lb = (a.visible(u, i0 + rows - 1) + 31) / 32 * 32;  // keys any query of the block sees, padded
     const uint32_t* kp = a.kp + kv * a.Pp * a.Lp;
     const uint32_t* vp = a.vp + kv * (a.Lp / 2) * a.Dp;
-    // scores (then exponentials) and bf16 probabilities: this thread's buffers, kept for its next blocks
-    static thread_local std::vector<float> s_buf;
-    static thread_local std::vector<uint16_t> pr_buf;
-    if ((int64_t)s_buf.size() < QB * a.Lp + 16) s_buf.resize(QB * a.Lp + 16);
-    if ((int64_t)pr_buf.size() < QB * a.Lp + 32) pr_buf.resize(QB * a.Lp + 32);
-    float* s = (float*)(((uintptr_t)s_buf.data() + 63) & ~(uintptr_t)63);
-    uint16_t* pr = (uint16_t*)(((uintptr_t)pr_buf.data() + 63) & ~(uintptr_t)63);
+    float* s;
+    uint16_t* pr;
+    block_buffers(QB * a.Lp, &s, &pr);
     if (rows < QB) memset(pr + rows * a.Lp, 0, sizeof(uint16_t) * (QB - rows) * a.Lp);  // read, never stored
     uint32_t qw[QB][64];  // each query's pairs (Dh <= 128): a row's bf16 values read as 32-bit words
     for (int r = 0; r < QB; r++) {
@@ -249,12 +256,9 @@ T_AMXBF16 void attend_amx(const void* ctx, int64_t c) {
     const uint32_t* kp = a.kp + kv * a.Pp * a.Lp;
     const uint32_t* vp = a.vp + kv * (a.Lp / 2) * a.Dp;
     const int64_t Dq = a.Pp * 2;  // head columns padded to whole tiles
-    static thread_local std::vector<float> s_buf;
-    static thread_local std::vector<uint16_t> pr_buf;
-    if ((int64_t)s_buf.size() < QT * a.Lp + 16) s_buf.resize(QT * a.Lp + 16);
-    if ((int64_t)pr_buf.size() < QT * a.Lp + 32) pr_buf.resize(QT * a.Lp + 32);
-    float* s = (float*)(((uintptr_t)s_buf.data() + 63) & ~(uintptr_t)63);
-    uint16_t* pr = (uint16_t*)(((uintptr_t)pr_buf.data() + 63) & ~(uintptr_t)63);
+    float* s;
+    uint16_t* pr;
+    block_buffers(QT * a.Lp, &s, &pr);
     alignas(64) uint16_t q16[QT * 128];
     alignas(64) float o[QT * 128];
     for (int r = 0; r < QT; r++) {
