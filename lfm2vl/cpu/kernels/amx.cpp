@@ -1,12 +1,17 @@
-// The int8 GEMM of int8 compute on CPUs with AMX tiles: c (M, N) int32 = x (M, K) int8 . w (N, K)^T int8, exactly
-// (the values of torch._int_mm(x, w.t())), for cpu/int8mm.py's prefill and int8-vision products.
+// Products of many rows on AMX tiles: int8 x int8 -> int32 exactly (the values of torch._int_mm(x, w.t())) for
+// cpu/int8mm.py's prefill and int8-vision products, and bf16 x bf16 -> fp32 for gemm.py's vision products; also the
+// tiles' setup that attn_many.cpp shares (amx.h).
 //
 // AMX-INT8's TDPBSSD multiplies a 16 x 64 byte tile of x's rows by a tile of w laid out four bytes of K per column
-// ("VNNI": row r holds, for each of 16 output columns n, w[n, 4r .. 4r + 3]) and adds into a 16 x 16 int32 tile.
-// w stays in its row-major layout (the decode GEMVs read it so); each chunk of the work takes a panel of 32 output
-// columns, re-lays it out once into a per-thread buffer (a 16 x 16 dword transpose per 1 KB block), then runs every
-// 32-row block of x over it: two x tiles x two w tiles into four accumulator tiles per step of 64 bytes of K.
-// A ragged edge (K not a multiple of 64, M or N not of 16) goes through zero-padded copies, never past the buffers.
+// ("VNNI": row r holds, for each of 16 output columns n, w[n, 4r .. 4r + 3]) and adds into a 16 x 16 int32 tile;
+// AMX-BF16's TDPBF16PS does the same with bf16 pairs (two elements per four bytes) into fp32. Everything below works
+// in bytes of K, so both share the layout. w stays row-major (the decode GEMVs read it so); each chunk of the work
+// re-lays a group of four panels of 32 output columns into a per-thread buffer (a 16 x 16 dword transpose per 1 KB
+// block), then runs every 32-row block of x over the group: two x tiles x two w tiles into four accumulator tiles
+// per 64 bytes of K. Each block's sums leave the tiles into a small buffer and become the output there: the int32
+// sums themselves, a linear's epilogue (scales, bias, GELU, residual: int8mm.h), or a SwiGLU gate's h, the gate's and
+// up's blocks side by side; no (M, N) int32 result goes through memory. A ragged edge (K not a multiple of 64 bytes,
+// M or N not of 16) goes through zero-padded copies, never past the buffers.
 //
 // Linux hands out the tile registers only after arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); every thread
 // loads its own tile configuration before its first tile instruction of a call and releases the tiles after it.
