@@ -7,7 +7,8 @@
   in `decode_ops.h`, driven by `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats: quantization at load, expansion for prefill),
   `packed.cpp` / `packed_pack.cpp` (bf16 weights packed losslessly in 12 bits: products and unpacking / packing),
   `int8mm.cpp` (the passes around an int8 product of many rows: activations quantized per row, the int32 result
-  scaled), `amx.cpp` (that product on AMX-INT8 tiles), `dropout.cpp` (training's dropout, mask hashed from a seed) and `pool.cpp` (their thread pool), with
+  scaled), `amx.cpp` (that product, and the vision tower's bf16 ones, on AMX tiles; `amx.h` their setup, shared with
+  attn_many's tiled path), `dropout.cpp` (training's dropout, mask hashed from a seed) and `pool.cpp` (their thread pool), with
   `gemv.h` / `pool.h` / `packed.h`, are
   compiled once per machine with the system `g++ -O3 -march=native` (no ninja, no Python headers: a plain shared
   library called through ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/ (`build.py`).
