@@ -19,8 +19,8 @@ def isa_cap(request):
 
 @pytest.fixture
 def amx_on(request):
-    """Run the AMX-INT8 products (True: where the CPU has them) or not (False) for one test (parametrize
-    indirectly), so both int8 paths run on an AMX CPU; the tiles are turned back on afterwards."""
+    """Run the AMX paths (int8 and bf16 products, attention; True: where the CPU has the tiles) or not (False) for
+    one test (parametrize indirectly), so both paths run on an AMX CPU; the tiles are turned back on afterwards."""
     from lfm2vl.cpu import kernels
 
     if kernels.available():

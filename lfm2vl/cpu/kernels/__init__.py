@@ -8,8 +8,8 @@
   `packed.cpp` / `packed_pack.cpp` (bf16 weights packed losslessly in 12 bits: products and unpacking / packing),
   `int8mm.cpp` (the passes around an int8 product of many rows: activations quantized per row, the int32 result
   scaled), `amx.cpp` (that product, and the vision tower's bf16 ones, on AMX tiles; `amx.h` their setup, shared with
-  attn_many's tiled path), `dropout.cpp` (training's dropout, mask hashed from a seed) and `pool.cpp` (their thread pool), with
-  `gemv.h` / `pool.h` / `packed.h`, are
+  attn_many's tiled path), `dropout.cpp` (training's dropout, mask hashed from a seed) and `pool.cpp` (their thread
+  pool), with `gemv.h` / `pool.h` / `packed.h` / `int8mm.h`, are
   compiled once per machine with the system `g++ -O3 -march=native` (no ninja, no Python headers: a plain shared
   library called through ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/ (`build.py`).
 - Here: the decode side's wrappers (products, decode attention) and the CPU's traits; `prefill_ops.py`: the
@@ -31,9 +31,9 @@ from .build import DT as _DT
 from .build import I4_GROUP, KIND as _KIND
 from .build import load as _load
 from .packed_ops import BLOCK as PACK_BLOCK, pack_bf16, packed_fast, packed_linear, unpack_bf16  # noqa: F401
-from .prefill_ops import (amx_bf16, amx_int8, attn_many, bf16_linear_amx, int4_to_int8, int8_epilogue, int8_linear_amx, int_mm,  # noqa: F401
-                          layernorm, quantize_rows, rmsnorm, set_amx, short_conv, swiglu, swiglu_h_amx,
-                          swiglu_int8)
+from .prefill_ops import (amx_bf16, amx_int8, attn_many, bf16_linear_amx, int4_to_int8,  # noqa: F401
+                          int8_epilogue, int8_linear_amx, int_mm, layernorm, quantize_rows, rmsnorm, set_amx,
+                          short_conv, swiglu, swiglu_h_amx, swiglu_int8)
 
 
 def available() -> bool:

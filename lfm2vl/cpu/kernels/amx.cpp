@@ -72,7 +72,7 @@ T_AMX void amx_load_config() {
 namespace {
 
 // What each block of the product becomes: the int32 sums themselves, a linear's epilogue, or a SwiGLU gate's h.
-// bf16 operands (TDPBF16PS, fp32 sums) take RAW (fp32 out) and LINEAR.
+// bf16 operands (TDPBF16PS, fp32 sums) take LINEAR only.
 enum Mode { RAW, LINEAR, GATE };
 
 struct MmArgs {
@@ -84,7 +84,7 @@ struct MmArgs {
                                  // rest: xt)
     const int8_t* xt;            // the last M - Mfull rows, zero-padded to 16 x Kp, or NULL
     Mode mode;
-    void* c;                     // RAW: (M, N) int32, or fp32 for bf16 operands
+    int32_t* c;                  // RAW: (M, N)
     Epilogue epi;                // LINEAR
     Gate gate;                   // GATE, with h (M, N) bf16
     uint16_t* h;
@@ -180,7 +180,7 @@ T_AMXALL void emit(const MmArgs& a, const int32_t* t, const int32_t* t3, int64_t
     for (int64_t i = 0; i < rows; i++) {
         const int64_t m = m0 + i;
         if (a.mode == RAW) {
-            memcpy((int32_t*)a.c + m * a.N + n0, t + i * PANEL, cols * 4);
+            memcpy(a.c + m * a.N + n0, t + i * PANEL, cols * 4);
             continue;
         }
         for (int64_t j = 0; j < cols; j += 16) {
@@ -211,19 +211,17 @@ template <bool BF16>
 T_AMXALL void mm_panels(const void* ctx, int64_t chunk) {
     const MmArgs& a = *(const MmArgs*)ctx;
     const int64_t KB = a.Kp / 64, ldx = a.Kp, per = KB * 2048;  // bytes of one packed panel
-    const int64_t p0 = chunk * GROUP, np = (a.N + PANEL - 1) / PANEL - p0 < GROUP ? (a.N + PANEL - 1) / PANEL - p0 : GROUP;
+    const int64_t panels = (a.N + PANEL - 1) / PANEL, p0 = chunk * GROUP;
+    const int64_t np = panels - p0 < GROUP ? panels - p0 : GROUP;
     const bool gate = a.mode == GATE;
     thread_local Scratch scratch;
     int8_t* bp = scratch.get(per * np * (gate ? 2 : 1));  // panel g at g * per; up's after all of the gate's
-    // two sets of block sums: a block's epilogue runs while the tiles compute the next block
-    alignas(64) int32_t t[2][32 * PANEL], t3[2][32 * PANEL];
+    alignas(64) int32_t t[32 * PANEL], t3[32 * PANEL];
     for (int64_t g = 0; g < np; g++) {
         pack_panel(a.w, a, (p0 + g) * PANEL, bp + g * per);
         if (gate) pack_panel(a.w3, a, (p0 + g) * PANEL, bp + (np + g) * per);
     }
     amx_load_config();
-    int64_t last_m = -1, last_rows = 0, last_n = 0;
-    int cur = 0;
     // each block of x's rows meets every panel of the group while it is in the nearest caches: two whole 16-row
     // tiles, else one, else the ragged last rows from their padded copy
     for (int64_t m0 = 0, rows; m0 < a.M; m0 += rows) {
@@ -233,18 +231,15 @@ T_AMXALL void mm_panels(const void* ctx, int64_t chunk) {
             const int8_t* b1 = bp + g * per;
             const int8_t* b3 = bp + (np + g) * per;
             if (rows == 32) {
-                block32<BF16>(xr, ldx, b1, KB, t[cur]);
-                if (gate) block32<BF16>(xr, ldx, b3, KB, t3[cur]);
+                block32<BF16>(xr, ldx, b1, KB, t);
+                if (gate) block32<BF16>(xr, ldx, b3, KB, t3);
             } else {
-                block16<BF16>(xr, ldx, b1, KB, t[cur]);
-                if (gate) block16<BF16>(xr, ldx, b3, KB, t3[cur]);
+                block16<BF16>(xr, ldx, b1, KB, t);
+                if (gate) block16<BF16>(xr, ldx, b3, KB, t3);
             }
-            if (last_m >= 0) emit(a, t[cur ^ 1], t3[cur ^ 1], last_m, last_rows, last_n);
-            last_m = m0, last_rows = rows, last_n = (p0 + g) * PANEL;
-            cur ^= 1;
+            emit(a, t, t3, m0, rows, (p0 + g) * PANEL);
         }
     }
-    if (last_m >= 0) emit(a, t[cur ^ 1], t3[cur ^ 1], last_m, last_rows, last_n);
     _tile_release();
 }
 

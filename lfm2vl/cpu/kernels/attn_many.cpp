@@ -311,8 +311,10 @@ T_AMXBF16 void attend_amx(const void* ctx, int64_t c) {
     for (int64_t r = 0; r < rows; r++) {
         uint16_t* out = a.out + (u * a.L + i0 + r) * (a.H * a.Dh) + h * a.Dh;
         const __m512 d = _mm512_set1_ps(sum[r]);
-        for (int64_t cc = 0; cc < a.Dh; cc += 16)
-            _mm256_mask_storeu_epi16(out + cc, tail16(a.Dh - cc), to_bf16x16(_mm512_div_ps(_mm512_load_ps(o + r * 128 + cc), d)));
+        for (int64_t cc = 0; cc < a.Dh; cc += 16) {
+            const __m512 y = _mm512_div_ps(_mm512_load_ps(o + r * 128 + cc), d);
+            _mm256_mask_storeu_epi16(out + cc, tail16(a.Dh - cc), to_bf16x16(y));
+        }
     }
 }
 

@@ -123,8 +123,8 @@ T_AVX512 void gate_rows(const void* ctx, int64_t c) {
     int64_t r0, r1;
     chunk_rows(c, a.per, a.M, &r0, &r1);
     float* h = (float*)aligned_alloc(64, sizeof(float) * ((a.N + 15) / 16 * 16));  // one row of silu(gate) * up
+    const Gate g{a.xs, a.s1, a.s3, a.b1, a.b3};
     for (int64_t m = r0; m < r1; m++) {
-        const Gate g{a.xs, a.s1, a.s3, a.b1, a.b3};
         for (int64_t n = 0; n < a.N; n += 16) {
             const __mmask16 mk = tail16(a.N - n);
             _mm512_mask_storeu_ps(h + n, mk, gate16(g, a.a1 + m * a.N + n, a.a3 + m * a.N + n, m, n, mk));

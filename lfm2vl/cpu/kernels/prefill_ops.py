@@ -31,12 +31,13 @@ def amx_int8() -> bool:
 
 
 def amx_bf16() -> bool:
-    """Whether attn_many runs on AMX-BF16 tiles here (the CPU has them and Linux grants this process their use)."""
+    """Whether attn_many and bf16_linear_amx run on AMX-BF16 tiles here (the CPU has them and Linux grants this
+    process their use)."""
     return bool(_load().lfm2vl_amx_bf16())
 
 
 def set_amx(on: bool) -> None:
-    """Turn the AMX tiles (int8 products, bf16 attention) off (False) or back on where the CPU has them (tests run
+    """Turn the AMX tiles (int8 and bf16 products, bf16 attention) off (False) or back on where the CPU has them (tests run
     both paths with it)."""
     _load().lfm2vl_set_amx(int(on))
 
