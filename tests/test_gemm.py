@@ -32,25 +32,31 @@ def _within_one_rounding(y: torch.Tensor, ref: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("gelu", [None, "tanh", "none"])
 def test_bf16_linear_is_the_fp32_product_rounded_once(mode, gelu):
+    """The product rounded once; a GELU applies to that bf16 product (torch's bf16 F.linear then F.gelu) and is
+    rounded once more."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 19, 96, generator=g).bfloat16()
     w, b = (torch.randn(300, 96, generator=g) / 10).bfloat16(), torch.randn(300, generator=g).bfloat16()
     y = gemm.linear(x, w, b, gelu=gelu)
     ref = F.linear(x.float(), w.float(), b.float())
-    ref = ref if gelu is None else F.gelu(ref, approximate=gelu)
+    if gelu is not None:
+        _within_one_rounding(gemm.linear(x, w, b), ref)
+        ref = F.gelu(gemm.linear(x, w, b).float(), approximate=gelu)
     assert y.dtype == torch.bfloat16 and y.shape == (2, 19, 300)
     _within_one_rounding(y, ref)
 
 
 @pytest.mark.parametrize("M,N,K", [(50, 33, 70), (17, 100, 130), (64, 32, 32)])
 def test_ragged_shapes_are_the_fp32_product_rounded_once(mode, M, N, K):
-    """Rows, outputs and inputs off the AMX kernel's tiles (16 rows, 32 outputs, 32 inputs a step), with a bias and
-    a tanh GELU or a residual."""
+    """Rows, outputs and inputs off the AMX kernel's tiles (16 rows, 32 outputs, 32 inputs a step), with a bias, and
+    a residual or a tanh GELU (on the rounded product)."""
     g = torch.Generator().manual_seed(M + K)
     x, r = torch.randn(M, K, generator=g).bfloat16(), torch.randn(M, N, generator=g).bfloat16()
     w, b = (torch.randn(N, K, generator=g) / 8).bfloat16(), torch.randn(N, generator=g).bfloat16()
     ref = F.linear(x.float(), w.float(), b.float())
-    _within_one_rounding(gemm.linear(x, w, b, gelu="tanh"), F.gelu(ref, approximate="tanh"))
+    y = gemm.linear(x, w, b)
+    _within_one_rounding(y, ref)
+    _within_one_rounding(gemm.linear(x, w, b, gelu="tanh"), F.gelu(y.float(), approximate="tanh"))
     _within_one_rounding(gemm.linear(x, w, b, residual=r), ref + r.float())
 
 
@@ -97,10 +103,10 @@ def test_the_reused_buffer_works_in_and_out_of_inference_mode(mode, monkeypatch)
 @pytest.mark.parametrize("rows,cols,gelu,tiles,takes", [
     (1024, 768, None, True, True), (2048, 1024, "tanh", True, True),  # the vision tower's projections and fc2
     (512, 768, None, True, False), (1024, 3072, "tanh", True, False),  # a prefill chunk; fc1's wide output
-    (1024, 768, "none", True, False), (1024, 768, None, False, False)])  # erf GELU; no AMX-BF16 tiles
+    (1024, 768, "none", True, True), (1024, 768, None, False, False)])  # erf GELU; no AMX-BF16 tiles
 def test_bf16_products_take_the_amx_kernel_by_shape(monkeypatch, rows, cols, gelu, tiles, takes):
     """Many rows and at most AMX_COLS outputs (where oneDNN's own choice is slow) go to kernels.bf16_linear_amx on
-    CPUs whose AMX-BF16 tiles run; everything else, and a kernel that declines, to oneDNN."""
+    CPUs whose AMX-BF16 tiles run, a GELU after it; everything else, and a kernel that declines, to oneDNN."""
     calls = []
     monkeypatch.setattr(kernels, "amx_bf16", lambda: tiles)
     monkeypatch.setattr(kernels, "bf16_linear_amx", lambda *a: calls.append(a[0].shape) or None)

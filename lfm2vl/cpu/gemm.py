@@ -8,9 +8,12 @@ the weight to fp32 (exact), multiplies with oneDNN's fp32 GEMM and rounds the re
 a bf16 product (fp32 accumulation, one rounding). The weight is widened one block of rows at a time into a reused
 buffer, so the fp32 copy never exists whole and each block is multiplied while it is still in the cache.
 
-Where oneDNN takes the dtype, the bias, the GELU and a residual add are fused into the product (one rounding, fewer
-passes over the activations). torch's own float32 GEMM is MKL, which takes a slow path on AMD CPUs, so fp32 goes
-through oneDNN too.
+Where oneDNN takes the dtype, the bias and a residual add are fused into the product (one rounding, fewer passes over
+the activations); fp32 products fuse their GELU too. A GELU after a bf16 product applies to the product rounded to
+bf16, as torch's bf16 `F.linear` then `F.gelu` (and so transformers) round, in lfm2vl's native pass for the tanh
+form (`kernels.gelu_tanh_`): oneDNN's fused GELU was the slower way on the 2-core AMX Xeon VM, 1024 x 3072 x 768 (the
+450M vision tower's fc1) 4.6-5.4 ms fused against 3.8-4.1 with the pass. torch's own float32 GEMM is MKL, which
+takes a slow path on AMD CPUs, so fp32 goes through oneDNN too.
 
 On AMX CPUs the bf16 products of many rows and at most 1024 outputs (the 450M vision tower's attention projections
 and second MLP layer) run on lfm2vl's own AMX kernel instead (`kernels.bf16_linear_amx`, the same fusions): oneDNN's
@@ -90,11 +93,19 @@ def _widened(x: torch.Tensor, w: torch.Tensor, bias, gelu: str | None, residual)
 AMX_ROWS, AMX_COLS = 1024, 1024  # the shapes the AMX kernel takes: at least this many rows, at most this many outputs
 
 
-def _amx_takes(x: torch.Tensor, w: torch.Tensor, gelu: str | None) -> bool:
+def _amx_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether this bf16 product runs on lfm2vl's AMX kernel (see the top of this file)."""
-    return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and gelu in (None, "tanh")
-            and x.numel() >= AMX_ROWS * x.shape[-1] and w.shape[0] <= AMX_COLS and kernels.available()
-            and kernels.amx_bf16())
+    return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.numel() >= AMX_ROWS * x.shape[-1]
+            and w.shape[0] <= AMX_COLS and kernels.available() and kernels.amx_bf16())
+
+
+def _gelu(y: torch.Tensor, approximate: str) -> torch.Tensor:
+    """F.gelu(y, approximate) for a bf16 product y: the tanh form in lfm2vl's native pass (in place) where it runs."""
+    if approximate == "tanh" and kernels.available() and kernels.isa() >= 2:
+        out = kernels.gelu_tanh_(y)
+        if out is not None:
+            return out
+    return F.gelu(y, approximate=approximate)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None,
@@ -102,11 +113,15 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, g
     """`F.linear(x, w, bias)`, then optional GELU (approximate "tanh" / "none"), then `+ residual`; x's dtype out.
 
     x (..., K) fp32/bf16 on the CPU, no autograd (the caller checks); w (N, K) in x's dtype, or fp32 (a weight the
-    caller already widened, e.g. a dequantized int8 one); bias (N,) and residual (..., N) in x's dtype.
+    caller already widened, e.g. a dequantized int8 one); bias (N,) and residual (..., N) in x's dtype. With bf16 x
+    a GELU applies to the product rounded to bf16 (see the top of this file).
     """
-    if _amx_takes(x, w, gelu):
+    if gelu is not None and x.dtype == torch.bfloat16:
+        y = _gelu(linear(x, w, bias), gelu)
+        return y if residual is None else y + residual
+    if _amx_takes(x, w):
         y = kernels.bf16_linear_amx(x.reshape(-1, w.shape[1]), w, bias,
-                                    None if residual is None else residual.reshape(-1, w.shape[0]), gelu == "tanh")
+                                    None if residual is None else residual.reshape(-1, w.shape[0]))
         if y is not None:
             return y.view(*x.shape[:-1], w.shape[0])
     if onednn() and x.dtype in (torch.float32, torch.bfloat16):

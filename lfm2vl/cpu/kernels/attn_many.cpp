@@ -43,6 +43,8 @@ struct ManyArgs {
     uint32_t* vp;  // per (unit, kv head): (Lp/2, Dp) value pairs, the pair (v[2i][d], v[2i+1][d]) at [i][d]
     int64_t qblocks;  // blocks of queries per (unit, head): of QB, or of QT on the tiles
     int64_t Pp;
+    int64_t Ls;  // row stride of kp, of the scores and of the probabilities: Lp + 32, so that the 16 rows a tile
+                 // reads or writes do not all fall into the same few sets of the L1 cache (a 4 KB stride would)
 
     // keys visible to query l of unit u
     int64_t visible(int64_t u, int64_t l) const { return causal ? nkeys[u] - L + l + 1 : nkeys[u]; }
@@ -64,8 +66,8 @@ void relayout(const void* ctx, int64_t c) {
     const ManyArgs& a = *(const ManyArgs*)ctx;
     const int64_t u = c / a.Hkv, h = c % a.Hkv, S = a.nkeys[u];
     const int64_t P = a.Dh / 2;
-    uint32_t* kp = a.kp + c * a.Pp * a.Lp;
-    memset(kp + P * a.Lp, 0, sizeof(uint32_t) * (a.Pp - P) * a.Lp);
+    uint32_t* kp = a.kp + c * a.Pp * a.Ls;
+    memset(kp + P * a.Ls, 0, sizeof(uint32_t) * (a.Pp - P) * a.Ls);
     uint32_t* vp = a.vp + c * (a.Lp / 2) * a.Dp;
     // a key row's bf16 values read as 32-bit words are its pairs: the K layout is their transpose
     uint32_t tile[16][64];
@@ -75,7 +77,7 @@ void relayout(const void* ctx, int64_t c) {
             else memset(tile[j], 0, sizeof(uint32_t) * P);
         }
         for (int64_t p = 0; p < P; p++)
-            for (int64_t j = 0; j < 16; j++) kp[p * a.Lp + j0 + j] = tile[j][p];
+            for (int64_t j = 0; j < 16; j++) kp[p * a.Ls + j0 + j] = tile[j][p];
     }
     static const uint16_t zeros[128] = {};
     for (int64_t i = 0; i < a.Lp / 2; i++) {
@@ -98,7 +100,7 @@ T_AVX512BF16 inline void value_sums(const ManyArgs& a, const uint32_t* vp, const
         for (int r = 0; r < R; r++)
             for (int cc = 0; cc < NC; cc++) acc[r][cc] = _mm512_setzero_ps();
         const uint32_t* pq[R];  // each query's probability pairs
-        for (int r = 0; r < R; r++) pq[r] = p32 + (r0 + r < QB ? r0 + r : 0) * (a.Lp / 2);
+        for (int r = 0; r < R; r++) pq[r] = p32 + (r0 + r < QB ? r0 + r : 0) * (a.Ls / 2);
         for (int64_t i = 0; i < Lb / 2; i++) {
             __m512bh pw[R];
             for (int r = 0; r < R; r++) pw[r] = (__m512bh)_mm512_set1_epi32((int)pq[r][i]);
@@ -124,25 +126,25 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
     const int64_t u = uh / a.H, h = uh % a.H, rows = a.L - i0 < QB ? a.L - i0 : QB;
     const int64_t kv = u * a.Hkv + h / (a.H / a.Hkv);
     const int64_t Lb = (a.visible(u, i0 + rows - 1) + 31) / 32 * 32;  // keys any query of the block sees, padded
-    const uint32_t* kp = a.kp + kv * a.Pp * a.Lp;
+    const uint32_t* kp = a.kp + kv * a.Pp * a.Ls;
     const uint32_t* vp = a.vp + kv * (a.Lp / 2) * a.Dp;
     float* s;
     uint16_t* pr;
-    block_buffers(QB * a.Lp, &s, &pr);
-    if (rows < QB) memset(pr + rows * a.Lp, 0, sizeof(uint16_t) * (QB - rows) * a.Lp);  // read, never stored
+    block_buffers(QB * a.Ls, &s, &pr);
+    if (rows < QB) memset(pr + rows * a.Ls, 0, sizeof(uint16_t) * (QB - rows) * a.Ls);  // read, never stored
     uint32_t qw[QB][64];  // each query's pairs (Dh <= 128): a row's bf16 values read as 32-bit words
     for (int r = 0; r < QB; r++) {
         if (r < rows) memcpy(qw[r], a.q + u * a.qs[0] + h * a.qs[1] + (i0 + r) * a.qs[2], sizeof(uint16_t) * a.Dh);
         else memset(qw[r], 0, sizeof(uint16_t) * a.Dh);
     }
-    // scores: 8 queries x 32 keys per step
-    const __m512 sc = _mm512_set1_ps(a.scale);
+    // scores: 8 queries x 32 keys per step, times scale log2(e) (the softmax's exponentials are powers of 2)
+    const __m512 sc = _mm512_set1_ps(a.scale * LOG2E);
     for (int64_t j = 0; j < Lb; j += 32) {
         __m512 acc[QB][2];
         for (int r = 0; r < QB; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
         for (int64_t p = 0; p < a.Dh / 2; p++) {
-            const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kp + p * a.Lp + j);
-            const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kp + p * a.Lp + j + 16);
+            const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kp + p * a.Ls + j);
+            const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kp + p * a.Ls + j + 16);
             for (int r = 0; r < QB; r++) {
                 const __m512bh qb = (__m512bh)_mm512_set1_epi32((int)qw[r][p]);
                 acc[r][0] = _mm512_dpbf16_ps(acc[r][0], k0, qb);
@@ -150,15 +152,15 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
             }
         }
         for (int r = 0; r < QB; r++) {
-            _mm512_store_ps(s + r * a.Lp + j, _mm512_mul_ps(acc[r][0], sc));
-            _mm512_store_ps(s + r * a.Lp + j + 16, _mm512_mul_ps(acc[r][1], sc));
+            _mm512_store_ps(s + r * a.Ls + j, _mm512_mul_ps(acc[r][0], sc));
+            _mm512_store_ps(s + r * a.Ls + j + 16, _mm512_mul_ps(acc[r][1], sc));
         }
     }
     // softmax over each query's visible keys: exponentials in fp32, their fp32 sum, bf16 probabilities (the
     // hidden and padded keys: 0)
     float sum[QB];
     for (int r = 0; r < rows; r++) {
-        float* sr = s + r * a.Lp;
+        float* sr = s + r * a.Ls;
         const int64_t vis = a.visible(u, i0 + r);
         __m512 mx = _mm512_set1_ps(-INFINITY);
         for (int64_t j = 0; j < Lb; j += 16) {
@@ -167,9 +169,9 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
         const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
         __m512 tot = _mm512_setzero_ps();
         for (int64_t j = 0; j < Lb; j += 16) {
-            const __m512 e = _mm512_maskz_mov_ps(tail16(vis - j), exp_nonpos(_mm512_sub_ps(_mm512_load_ps(sr + j), m)));
+            const __m512 e = _mm512_maskz_mov_ps(tail16(vis - j), exp2_nonpos(_mm512_sub_ps(_mm512_load_ps(sr + j), m)));
             tot = _mm512_add_ps(tot, e);
-            _mm256_store_si256((__m256i*)(pr + r * a.Lp + j), (__m256i)_mm512_cvtneps_pbh(e));
+            _mm256_store_si256((__m256i*)(pr + r * a.Ls + j), (__m256i)_mm512_cvtneps_pbh(e));
         }
         sum[r] = _mm512_reduce_add_ps(tot);
     }
@@ -191,7 +193,7 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
 // ---- the same on AMX-BF16 tiles (TDPBF16PS: a 16 x 32 bf16 tile times a tile of 16 bf16 pairs per column into a
 // 16 x 16 fp32 tile): blocks of 16 queries; the pair layouts above are the tiles' B operands as they are (K: rows of
 // head-column pairs, 16 keys a row; V: rows of key pairs, 16 head columns a row), queries and probabilities their
-// A operands. The same softmax; the scale goes into it (max(s) * scale = max(s * scale) for a positive scale).
+// A operands. The same softmax; the scale (times log2 e) goes into it (max(s) * c = max(s * c) for a positive c).
 
 const int QT = 16;  // queries per block on the tiles
 
@@ -206,17 +208,17 @@ T_AMXBF16 inline void score_tiles(const ManyArgs& a, const uint16_t* q16, int64_
     if (NT > 3) _tile_zero(3);
     for (int64_t d = 0; d < Dq; d += 32) {  // 32 head columns = 16 pair rows of kp
         _tile_loadd(4, q16 + d, Dq * 2);
-        const uint32_t* kr = kp + (d / 2) * a.Lp + j;
-        _tile_loadd(5, kr, a.Lp * 4);
+        const uint32_t* kr = kp + (d / 2) * a.Ls + j;
+        _tile_loadd(5, kr, a.Ls * 4);
         _tile_dpbf16ps(0, 4, 5);
-        if (NT > 1) { _tile_loadd(6, kr + 16, a.Lp * 4); _tile_dpbf16ps(1, 4, 6); }
-        if (NT > 2) { _tile_loadd(7, kr + 32, a.Lp * 4); _tile_dpbf16ps(2, 4, 7); }
-        if (NT > 3) { _tile_loadd(5, kr + 48, a.Lp * 4); _tile_dpbf16ps(3, 4, 5); }
+        if (NT > 1) { _tile_loadd(6, kr + 16, a.Ls * 4); _tile_dpbf16ps(1, 4, 6); }
+        if (NT > 2) { _tile_loadd(7, kr + 32, a.Ls * 4); _tile_dpbf16ps(2, 4, 7); }
+        if (NT > 3) { _tile_loadd(5, kr + 48, a.Ls * 4); _tile_dpbf16ps(3, 4, 5); }
     }
-    _tile_stored(0, s + j, a.Lp * 4);
-    if (NT > 1) _tile_stored(1, s + j + 16, a.Lp * 4);
-    if (NT > 2) _tile_stored(2, s + j + 32, a.Lp * 4);
-    if (NT > 3) _tile_stored(3, s + j + 48, a.Lp * 4);
+    _tile_stored(0, s + j, a.Ls * 4);
+    if (NT > 1) _tile_stored(1, s + j + 16, a.Ls * 4);
+    if (NT > 2) _tile_stored(2, s + j + 32, a.Ls * 4);
+    if (NT > 3) _tile_stored(3, s + j + 48, a.Ls * 4);
 }
 
 // Value sums of the block over keys [0, Lb) for head columns [16 c0, 16 (c0 + NC)) -> o (16 x 128 fp32).
@@ -229,7 +231,7 @@ T_AMXBF16 inline void value_tiles(const ManyArgs& a, const uint16_t* pr, const u
     if (NC > 3) _tile_zero(3);
     if (NC > 4) _tile_zero(4);
     for (int64_t j = 0; j < Lb; j += 32) {  // 32 keys = 16 pair rows of vp
-        _tile_loadd(6, pr + j, a.Lp * 2);
+        _tile_loadd(6, pr + j, a.Ls * 2);
         const uint32_t* vr = vp + (j / 2) * a.Dp + 16 * c0;
         _tile_loadd(7, vr, a.Dp * 4);
         _tile_dpbf16ps(0, 6, 7);
@@ -253,12 +255,12 @@ T_AMXBF16 void attend_amx(const void* ctx, int64_t c) {
     const int64_t u = uh / a.H, h = uh % a.H, rows = a.L - i0 < QT ? a.L - i0 : QT;
     const int64_t kv = u * a.Hkv + h / (a.H / a.Hkv);
     const int64_t Lb = (a.visible(u, i0 + rows - 1) + 31) / 32 * 32;
-    const uint32_t* kp = a.kp + kv * a.Pp * a.Lp;
+    const uint32_t* kp = a.kp + kv * a.Pp * a.Ls;
     const uint32_t* vp = a.vp + kv * (a.Lp / 2) * a.Dp;
     const int64_t Dq = a.Pp * 2;  // head columns padded to whole tiles
     float* s;
     uint16_t* pr;
-    block_buffers(QT * a.Lp, &s, &pr);
+    block_buffers(QT * a.Ls, &s, &pr);
     alignas(64) uint16_t q16[QT * 128];
     alignas(64) float o[QT * 128];
     for (int r = 0; r < QT; r++) {
@@ -274,24 +276,24 @@ T_AMXBF16 void attend_amx(const void* ctx, int64_t c) {
     int64_t j = 0;
     for (; j + 64 <= Lb; j += 64) score_tiles<4>(a, q16, Dq, kp, j, s);
     if (j < Lb) score_tiles<2>(a, q16, Dq, kp, j, s);  // Lb is a multiple of 32
-    const float scale = a.scale;
-    const __m512 sc = _mm512_set1_ps(scale);
+    const float scale2 = a.scale * LOG2E;  // exp(scale (s - max)) = 2^(scale log2(e) (s - max))
+    const __m512 sc2 = _mm512_set1_ps(scale2);
     float sum[QT];
     for (int r = 0; r < QT; r++) {
-        uint16_t* pw = pr + r * a.Lp;
+        uint16_t* pw = pr + r * a.Ls;
         if (r >= rows) {  // read by the value tiles, never stored
             memset(pw, 0, sizeof(uint16_t) * Lb);
             continue;
         }
-        const float* sr = s + r * a.Lp;
+        const float* sr = s + r * a.Ls;
         const int64_t vis = a.visible(u, i0 + r);
         __m512 mx = _mm512_set1_ps(-INFINITY);
         for (int64_t k = 0; k < Lb; k += 16) mx = _mm512_mask_max_ps(mx, tail16(vis - k), mx, _mm512_load_ps(sr + k));
-        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * scale);
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * scale2);
         __m512 tot = _mm512_setzero_ps();
         for (int64_t k = 0; k < Lb; k += 16) {
-            const __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_load_ps(sr + k), sc), m);
-            const __m512 e = _mm512_maskz_mov_ps(tail16(vis - k), exp_nonpos(x));
+            const __m512 x = _mm512_fmsub_ps(_mm512_load_ps(sr + k), sc2, m);
+            const __m512 e = _mm512_maskz_mov_ps(tail16(vis - k), exp2_nonpos(x));
             tot = _mm512_add_ps(tot, e);
             _mm256_store_si256((__m256i*)(pw + k), (__m256i)_mm512_cvtneps_pbh(e));
         }
@@ -339,8 +341,9 @@ int lfm2vl_attn_many(const uint16_t* q, const uint16_t* k, const uint16_t* v, ui
     const int64_t qb = tiles ? QT : QB;
     ManyArgs a{q, k, v, out, n, H, Hkv, L, Dh, (most + 31) / 32 * 32, (Dh + 15) / 16 * 16, {qs[0], qs[1], qs[2]},
                {ks[0], ks[1], ks[2]}, {vs[0], vs[1], vs[2]}, nkeys, causal, scale, nullptr, nullptr, (L + qb - 1) / qb,
-               (Dh / 2 + 15) / 16 * 16};
-    a.kp = (uint32_t*)malloc(sizeof(uint32_t) * n * Hkv * a.Pp * a.Lp);
+               (Dh / 2 + 15) / 16 * 16, 0};
+    a.Ls = a.Lp + 32;
+    a.kp = (uint32_t*)malloc(sizeof(uint32_t) * n * Hkv * a.Pp * a.Ls);
     a.vp = (uint32_t*)malloc(sizeof(uint32_t) * n * Hkv * (a.Lp / 2) * a.Dp);
     pool_run(relayout, &a, n * Hkv, threads, false);
     pool_run(tiles ? attend_amx : attend, &a, n * H * a.qblocks, threads, false);

@@ -97,6 +97,8 @@ def load():
     lib.lfm2vl_attn_many.restype = ctypes.c_int
     lib.lfm2vl_swiglu_bf16.argtypes = [p, p, p, i64, i]
     lib.lfm2vl_swiglu_bf16.restype = ctypes.c_int
+    lib.lfm2vl_gelu_tanh_bf16.argtypes = [p, i64, i]
+    lib.lfm2vl_gelu_tanh_bf16.restype = ctypes.c_int
     lib.lfm2vl_rmsnorm_bf16.argtypes = [p, p, p, i64, i64, ctypes.c_float, i]
     lib.lfm2vl_rmsnorm_bf16.restype = ctypes.c_int
     lib.lfm2vl_layernorm_bf16.argtypes = [p, p, p, p, i64, i64, ctypes.c_float, i]

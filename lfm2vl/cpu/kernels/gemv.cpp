@@ -357,14 +357,14 @@ static void multi_chunk(const void* ctx, int64_t chunk) {
     linear_chunk(&m.lin[i], chunk);
 }
 
-void linear_many(const LinearArgs* lin, int n, int threads) {
+void linear_many(const LinearArgs* lin, int n, int threads, bool linger) {
     MultiArgs m{lin, n};
     int64_t chunks = 0, bytes = 0;
     for (int i = 0; i < n; i++) {
         chunks += lin[i].chunks;
         bytes += lin[i].N * row_weight_bytes(lin[i].kind, lin[i].K);
     }
-    pool_run(multi_chunk, &m, chunks, bytes < 64 * 1024 ? 1 : threads);
+    pool_run(multi_chunk, &m, chunks, bytes < 64 * 1024 ? 1 : threads, linger);
 }
 
 extern "C" {
@@ -389,7 +389,7 @@ void lfm2vl_linear(int kind, const void* W, const float* S, const void* X, void*
     bool dp = xdt == 1 && ((kind == 0 && active_isa() >= 3) || (kind == 4 && p12_fast()));
     const float* Xf = dp ? NULL : x_as_f32(X, xdt, M * K, &owned);
     linear_setup(a, kind, W, S, X, Xf, xdt, Y, ydt, bias, M, N, K);
-    linear_many(&a, 1, threads);
+    linear_many(&a, 1, threads, false);
     free(owned);
 }
 

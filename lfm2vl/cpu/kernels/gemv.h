@@ -174,7 +174,7 @@ void rows_q_avx2(int kind, const void* W, const float* S, const int16_t* Xh, con
 void linear_setup(LinearArgs& a, int kind, const void* W, const float* S, const void* X, const float* Xf, int xdt,
                   void* Y, int ydt, const float* bias, int64_t M, int64_t N, int64_t K);
 // Run n products as one job on the calling thread plus up to threads-1 pool helpers.
-void linear_many(const LinearArgs* lin, int n, int threads);
+void linear_many(const LinearArgs* lin, int n, int threads, bool linger = true);
 // One query per row: see lfm2vl_attn_decode; lens (B,) or NULL gives row b its own key count.
 void attn_decode_run(const float* Q, const void* K, const void* V, const uint8_t* mask, const int64_t* rows,
                      const int64_t* lens, float* O, int64_t B, int64_t H, int64_t Hkv, int64_t n, int64_t Dh,
@@ -198,6 +198,37 @@ T_AVX512 static inline __m512 exp_nonpos(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
     return _mm512_scalef_ps(p, n);
+}
+
+static const float LOG2E = 1.44269504088896341f;
+
+// 2^x for x <= 0, ~1 ulp: 2^n p(f), x = n + f, |f| <= 1/2, p the minimax polynomial of Cephes' exp2f. A softmax
+// whose scores are scaled by log2(e) takes it: fewer operations than exp_nonpos's reduction by ln 2.
+T_AVX512 static inline __m512 exp2_nonpos(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+    return _mm512_scalef_ps(_mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f)), n);
+}
+
+static const float GELU_C = 0.7978845608028654f;  // sqrt(2 / pi)
+
+// GELU's tanh approximation 0.5 v (1 + tanh(u)), u = sqrt(2/pi) (v + 0.044715 v^3), in fp32;
+// tanh(u) = sign(u) (1 - e) / (1 + e) with e = exp(-2|u|) <= 1, so nothing overflows
+T_AVX512 static inline __m512 gelu_tanh16(__m512 v) {
+    const __m512 u = _mm512_mul_ps(_mm512_set1_ps(GELU_C),
+                                   _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(0.044715f),
+                                                                  _mm512_mul_ps(_mm512_mul_ps(v, v), v))));
+    const __m512 e = exp_nonpos(_mm512_mul_ps(_mm512_set1_ps(-2.f), _mm512_abs_ps(u)));
+    const __m512 one = _mm512_set1_ps(1.f);
+    __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    t = _mm512_mask_sub_ps(t, _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), t);
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(one, t));
 }
 
 // silu(x) = x / (1 + exp(-x)), with exp(-x) taken as exp(-|x|) so it never overflows (x < 0: x e / (1 + e), the

@@ -17,20 +17,6 @@ struct Gate {
     const float *xs, *s1, *s3, *b1, *b3;  // x's row scales (M); the gate's and up's row scales and biases (N)
 };
 
-static const float GELU_C = 0.7978845608028654f;  // sqrt(2 / pi)
-
-// tanh(u) = sign(u) (1 - e) / (1 + e) with e = exp(-2|u|) <= 1, so nothing overflows
-T_AVX512 static inline __m512 gelu_tanh16(__m512 v) {
-    const __m512 u = _mm512_mul_ps(_mm512_set1_ps(GELU_C),
-                                   _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(0.044715f),
-                                                                  _mm512_mul_ps(_mm512_mul_ps(v, v), v))));
-    const __m512 e = exp_nonpos(_mm512_mul_ps(_mm512_set1_ps(-2.f), _mm512_abs_ps(u)));
-    const __m512 one = _mm512_set1_ps(1.f);
-    __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
-    t = _mm512_mask_sub_ps(t, _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), t);
-    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(one, t));
-}
-
 // (acc * xs) * ws + b for 16 int32 sums at acc (lanes of mk) of columns n.., in fp32, no fused multiply-add
 T_AVX512 static inline __m512 scaled16(const int32_t* acc, __m512 xs, const float* ws, const float* b, int64_t n,
                                        __mmask16 mk) {

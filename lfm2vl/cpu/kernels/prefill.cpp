@@ -1,5 +1,6 @@
 // Elementwise parts of a bf16 prefill, fused, on the pool's threads: the feed-forward's SwiGLU, RMSNorm, and the
-// middle of the gated short convolution (gates, causal depthwise conv, conv state); the vision tower's LayerNorm.
+// middle of the gated short convolution (gates, causal depthwise conv, conv state); the vision tower's LayerNorm and
+// GELU.
 //
 // Why: torch runs SwiGLU as silu then mul (two passes over (T, ff_dim)), RMSNorm as ~8 small fp32 ops, and the
 // conv block's middle as ~12 ops over transposed (D, T) views, each a pass over memory.
@@ -32,6 +33,22 @@ T_AVX512 void swiglu(const void* ctx, int64_t c) {
         const __mmask16 mk = tail16(i1 - i);
         const __m512 s = round_bf16(silu16(from_bf16x16(g.a + i, mk)));
         _mm256_mask_storeu_epi16(g.out + i, mk, to_bf16x16(_mm512_mul_ps(s, from_bf16x16(g.b + i, mk))));
+    }
+}
+
+// GELU (tanh approximation) over n bf16 values in place: fp32 math, one rounding, as torch's bf16 F.gelu
+struct GeluArgs {
+    uint16_t* x;
+    int64_t n;
+};
+
+T_AVX512 void gelu(const void* ctx, int64_t c) {
+    const GeluArgs& g = *(const GeluArgs*)ctx;
+    int64_t i0, i1;
+    chunk_rows(c, SPAN, g.n, &i0, &i1);
+    for (int64_t i = i0; i < i1; i += 16) {
+        const __mmask16 mk = tail16(i1 - i);
+        _mm256_mask_storeu_epi16(g.x + i, mk, to_bf16x16(gelu_tanh16(from_bf16x16(g.x + i, mk))));
     }
 }
 
@@ -166,6 +183,14 @@ int lfm2vl_swiglu_bf16(const uint16_t* a, const uint16_t* b, uint16_t* out, int6
     if (active_isa() < 2) return -1;
     SwiGLUArgs g{a, b, out, n};
     pool_run(swiglu, &g, (n + SPAN - 1) / SPAN, threads, false);
+    return 0;
+}
+
+// x = gelu_tanh(x) over n bf16 values in place. Returns 0, or -1 without AVX512.
+int lfm2vl_gelu_tanh_bf16(uint16_t* x, int64_t n, int threads) {
+    if (active_isa() < 2) return -1;
+    GeluArgs g{x, n};
+    pool_run(gelu, &g, (n + SPAN - 1) / SPAN, threads, false);
     return 0;
 }
 

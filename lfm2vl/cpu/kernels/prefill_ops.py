@@ -199,6 +199,15 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
                                          torch.get_num_threads()) == 0 else None
 
 
+def gelu_tanh_(x: torch.Tensor) -> torch.Tensor | None:
+    """x = gelu(x, approximate="tanh") in place for a contiguous bf16 x (prefill.cpp; torch's rounding: fp32 math,
+    one rounding), returning x; None when the kernel cannot run (no AVX512, no library, another dtype or layout)."""
+    lib = _load()
+    if lib is None or x.dtype != torch.bfloat16 or x.device.type != "cpu" or not x.is_contiguous():
+        return None
+    return x if lib.lfm2vl_gelu_tanh_bf16(x.data_ptr(), x.numel(), torch.get_num_threads()) == 0 else None
+
+
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """weight * bf16(x * rsqrt(mean(x^2, -1) + eps)) for bf16 x (..., n) and weight (n) (prefill.cpp; model/text.py's
     RMSNorm and roundings), or None when the kernel cannot run: the caller runs torch then."""
