@@ -120,8 +120,8 @@ def test_bf16_argmax_on_a_trained_model(tmp_path, monkeypatch):
     # chunk's cached prefix (kernels.attn_many), conv state carried between chunks
     fast = optimize_for_cpu(load_model(tmp_path, dtype=torch.bfloat16)[0])
     native = []
-    # the native path, also where torch's wins (AMX CPUs, heads off the tiles)
-    monkeypatch.setattr(kernels, "attention_wins", lambda head_dim: True)
+    # the native path, also where torch's wins (AMX CPUs without their tiles)
+    monkeypatch.setattr(kernels, "attention_wins", lambda: True)
     monkeypatch.setattr(kernels, "attn_many", lambda *a, **k: native.append(1) or attn_many(*a, **k))
     rate, cos = _cached_agreement(fast, bf16, f32, perm, g, chunk=16)
     assert native or kernels.isa() < 3, "the chunked prefill did not take the native attention"

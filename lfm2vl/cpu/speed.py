@@ -109,7 +109,7 @@ class FastAttention(Attention):
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
                 return self.out_proj(o.transpose(1, 2).reshape(B, T, self.H * self.Dh))
         o = None
-        native = kernels.serves(x) and k.dtype == x.dtype and kernels.attention_wins(self.Dh)
+        native = kernels.serves(x) and k.dtype == x.dtype and kernels.attention_wins()
         if native and (cache is not None or mask is None):
             # the mask is causal over each row's prefix (a CacheView's, or none): prefill natively
             o = kernels.attn_many(q, k, v, None if cache is None else (cache.start_pos + T).tolist(), causal=True)

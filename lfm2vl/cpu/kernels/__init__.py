@@ -171,13 +171,11 @@ def amx() -> bool:
         return False
 
 
-def attention_wins(head_dim: int) -> bool:
-    """Whether attn_many beats torch's SDPA for bf16 attention over many queries with heads of head_dim: where it runs
-    (AVX512-BF16); on CPUs with AMX-BF16 (whose tiles torch's attention uses too, well ahead of AVX512-BF16 dot
-    products) only on attn_many's own tiles and heads of whole 32-column tiles: on the AMX Xeon VM 12 heads x 1024 x
-    64 took 5.4 ms against SDPA's 5.6, a causal 512-token chunk 1.19 against 1.84 ms, but 16 heads x 1024 x 72 (the
-    1.6B / 3B tower, padded to 96 columns) 10.1 against 6.9 ms."""
-    return isa() >= 3 and (not amx() or (amx_bf16() and head_dim % 32 == 0))
+def attention_wins() -> bool:
+    """Whether attn_many beats torch's SDPA for bf16 attention over many queries: where it runs (AVX512-BF16); on CPUs
+    with AMX-BF16 (whose tiles torch's attention uses too, well ahead of AVX512-BF16 dot products) only on attn_many's
+    own tiles (docs/cpu.md has the figures)."""
+    return isa() >= 3 and (not amx() or amx_bf16())
 
 
 def serves(x: torch.Tensor) -> bool:

@@ -195,60 +195,59 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
 // head-column pairs, 16 keys a row; V: rows of key pairs, 16 head columns a row), queries and probabilities their
 // A operands. The same softmax; the scale (times log2 e) goes into it (max(s) * c = max(s * c) for a positive c).
 
-const int QT = 16;  // queries per block on the tiles
+const int QT = 32;  // queries per block on the tiles: two 16-row A tiles share each K and V tile read
 
-// Scores of the block's 16 queries (q16: 16 rows of Dq bf16, zero-padded) against keys [j, j + 16 NT) -> s (fp32,
-// row stride Lp), unscaled.
-template <int NT>
-T_AMXBF16 inline void score_tiles(const ManyArgs& a, const uint16_t* q16, int64_t Dq, const uint32_t* kp, int64_t j,
+// Scores of the block's 32 queries (q: 32 rows of Dq bf16, zero-padded) against keys [j, j + 32) -> s (fp32, row
+// stride Ls), unscaled: 2 x 2 tiles per 32 head columns.
+T_AMXBF16 inline void score_tiles(const ManyArgs& a, const uint16_t* q, int64_t Dq, const uint32_t* kp, int64_t j,
                                   float* s) {
-    _tile_zero(0);
-    if (NT > 1) _tile_zero(1);
-    if (NT > 2) _tile_zero(2);
-    if (NT > 3) _tile_zero(3);
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int64_t d = 0; d < Dq; d += 32) {  // 32 head columns = 16 pair rows of kp
-        _tile_loadd(4, q16 + d, Dq * 2);
         const uint32_t* kr = kp + (d / 2) * a.Ls + j;
-        _tile_loadd(5, kr, a.Ls * 4);
-        _tile_dpbf16ps(0, 4, 5);
-        if (NT > 1) { _tile_loadd(6, kr + 16, a.Ls * 4); _tile_dpbf16ps(1, 4, 6); }
-        if (NT > 2) { _tile_loadd(7, kr + 32, a.Ls * 4); _tile_dpbf16ps(2, 4, 7); }
-        if (NT > 3) { _tile_loadd(5, kr + 48, a.Ls * 4); _tile_dpbf16ps(3, 4, 5); }
+        _tile_loadd(4, q + d, Dq * 2);
+        _tile_loadd(5, q + 16 * Dq + d, Dq * 2);
+        _tile_loadd(6, kr, a.Ls * 4);
+        _tile_loadd(7, kr + 16, a.Ls * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
     }
     _tile_stored(0, s + j, a.Ls * 4);
-    if (NT > 1) _tile_stored(1, s + j + 16, a.Ls * 4);
-    if (NT > 2) _tile_stored(2, s + j + 32, a.Ls * 4);
-    if (NT > 3) _tile_stored(3, s + j + 48, a.Ls * 4);
+    _tile_stored(1, s + j + 16, a.Ls * 4);
+    _tile_stored(2, s + 16 * a.Ls + j, a.Ls * 4);
+    _tile_stored(3, s + 16 * a.Ls + j + 16, a.Ls * 4);
 }
 
-// Value sums of the block over keys [0, Lb) for head columns [16 c0, 16 (c0 + NC)) -> o (16 x 128 fp32).
+// Value sums of the block over keys [0, Lb) for head columns [16 c0, 16 (c0 + NC)), NC 1 or 2 -> o (32 x 128 fp32).
 template <int NC>
 T_AMXBF16 inline void value_tiles(const ManyArgs& a, const uint16_t* pr, const uint32_t* vp, int64_t Lb, int c0,
                                   float* o) {
-    _tile_zero(0);
-    if (NC > 1) _tile_zero(1);
-    if (NC > 2) _tile_zero(2);
-    if (NC > 3) _tile_zero(3);
-    if (NC > 4) _tile_zero(4);
+    _tile_zero(0); _tile_zero(2);
+    if (NC > 1) { _tile_zero(1); _tile_zero(3); }
     for (int64_t j = 0; j < Lb; j += 32) {  // 32 keys = 16 pair rows of vp
-        _tile_loadd(6, pr + j, a.Ls * 2);
         const uint32_t* vr = vp + (j / 2) * a.Dp + 16 * c0;
-        _tile_loadd(7, vr, a.Dp * 4);
-        _tile_dpbf16ps(0, 6, 7);
-        if (NC > 1) { _tile_loadd(5, vr + 16, a.Dp * 4); _tile_dpbf16ps(1, 6, 5); }
-        if (NC > 2) { _tile_loadd(7, vr + 32, a.Dp * 4); _tile_dpbf16ps(2, 6, 7); }
-        if (NC > 3) { _tile_loadd(5, vr + 48, a.Dp * 4); _tile_dpbf16ps(3, 6, 5); }
-        if (NC > 4) { _tile_loadd(7, vr + 64, a.Dp * 4); _tile_dpbf16ps(4, 6, 7); }
+        _tile_loadd(4, pr + j, a.Ls * 2);
+        _tile_loadd(5, pr + 16 * a.Ls + j, a.Ls * 2);
+        _tile_loadd(6, vr, a.Dp * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+        if (NC > 1) {
+            _tile_loadd(7, vr + 16, a.Dp * 4);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
     }
     float* oc = o + 16 * c0;
     _tile_stored(0, oc, 128 * 4);
-    if (NC > 1) _tile_stored(1, oc + 16, 128 * 4);
-    if (NC > 2) _tile_stored(2, oc + 32, 128 * 4);
-    if (NC > 3) _tile_stored(3, oc + 48, 128 * 4);
-    if (NC > 4) _tile_stored(4, oc + 64, 128 * 4);
+    _tile_stored(2, oc + 16 * 128, 128 * 4);
+    if (NC > 1) {
+        _tile_stored(1, oc + 16, 128 * 4);
+        _tile_stored(3, oc + 16 * 128 + 16, 128 * 4);
+    }
 }
 
-// pass 2 on the tiles, one chunk per (unit, head, block of 16 queries)
+// pass 2 on the tiles, one chunk per (unit, head, block of 32 queries)
 T_AMXBF16 void attend_amx(const void* ctx, int64_t c) {
     const ManyArgs& a = *(const ManyArgs*)ctx;
     const int64_t uh = c / a.qblocks, i0 = (c % a.qblocks) * QT;
@@ -261,10 +260,10 @@ T_AMXBF16 void attend_amx(const void* ctx, int64_t c) {
     float* s;
     uint16_t* pr;
     block_buffers(QT * a.Ls, &s, &pr);
-    alignas(64) uint16_t q16[QT * 128];
+    alignas(64) uint16_t q32[QT * 128];
     alignas(64) float o[QT * 128];
     for (int r = 0; r < QT; r++) {
-        uint16_t* qr = q16 + r * Dq;
+        uint16_t* qr = q32 + r * Dq;
         if (r < rows) {
             memcpy(qr, a.q + u * a.qs[0] + h * a.qs[1] + (i0 + r) * a.qs[2], sizeof(uint16_t) * a.Dh);
             memset(qr + a.Dh, 0, sizeof(uint16_t) * (Dq - a.Dh));
@@ -273,9 +272,7 @@ T_AMXBF16 void attend_amx(const void* ctx, int64_t c) {
         }
     }
     amx_load_config();
-    int64_t j = 0;
-    for (; j + 64 <= Lb; j += 64) score_tiles<4>(a, q16, Dq, kp, j, s);
-    if (j < Lb) score_tiles<2>(a, q16, Dq, kp, j, s);  // Lb is a multiple of 32
+    for (int64_t j = 0; j < Lb; j += 32) score_tiles(a, q32, Dq, kp, j, s);  // Lb is a multiple of 32
     const float scale2 = a.scale * LOG2E;  // exp(scale (s - max)) = 2^(scale log2(e) (s - max))
     const __m512 sc2 = _mm512_set1_ps(scale2);
     float sum[QT];
@@ -299,15 +296,9 @@ T_AMXBF16 void attend_amx(const void* ctx, int64_t c) {
         }
         sum[r] = _mm512_reduce_add_ps(tot);
     }
-    switch (a.Dp / 16) {  // at most 5 column tiles at once beside the probability and value tiles
-        case 1: value_tiles<1>(a, pr, vp, Lb, 0, o); break;
-        case 2: value_tiles<2>(a, pr, vp, Lb, 0, o); break;
-        case 3: value_tiles<3>(a, pr, vp, Lb, 0, o); break;
-        case 4: value_tiles<4>(a, pr, vp, Lb, 0, o); break;
-        case 5: value_tiles<5>(a, pr, vp, Lb, 0, o); break;
-        case 6: value_tiles<3>(a, pr, vp, Lb, 0, o); value_tiles<3>(a, pr, vp, Lb, 3, o); break;
-        case 7: value_tiles<4>(a, pr, vp, Lb, 0, o); value_tiles<3>(a, pr, vp, Lb, 4, o); break;
-        default: value_tiles<4>(a, pr, vp, Lb, 0, o); value_tiles<4>(a, pr, vp, Lb, 4, o); break;
+    for (int c0 = 0; c0 < a.Dp / 16; c0 += 2) {  // two column tiles at a time beside the probability and value tiles
+        if (c0 + 1 < a.Dp / 16) value_tiles<2>(a, pr, vp, Lb, c0, o);
+        else value_tiles<1>(a, pr, vp, Lb, c0, o);
     }
     _tile_release();
     for (int64_t r = 0; r < rows; r++) {
