@@ -391,6 +391,47 @@ def test_heap_policy_leaves_the_users_malloc_settings_alone():
     assert kept == "False"
 
 
+_TRIM_PROBE = """
+import sys, torch
+from lfm2vl.cpu.memory import free_heap_bytes, keep_heap_pages, trim_heap
+def rss():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024
+keep_heap_pages()
+ts = [torch.ones(4 << 20) for _ in range(4)]  # 4 x 16 MB of activations, written, then freed into the heap
+del ts
+free, before = free_heap_bytes() >> 20, rss()
+trim_heap(above=100 << 20)
+kept = rss()
+trim_heap(above=32 << 20)
+print(free, before - kept, before - rss())
+"""
+
+
+@linux_only
+def test_trim_heap_returns_the_free_heap_only_above_the_threshold():
+    """64 MB freed into the heap: left for reuse when 100 MB may stay free, returned when 32 MB may."""
+    out = subprocess.run([sys.executable, "-c", _TRIM_PROBE], capture_output=True, text=True, check=True).stdout
+    free, first, second = map(int, out.split())
+    assert free >= 60 and first <= 2 and second >= 60, (free, first, second)
+
+
+def test_an_image_pass_first_trims_a_large_free_heap(ckpt, monkeypatch):
+    """Before the vision tower runs (on the CPU, at inference) the heap a long prompt left free goes back to the
+    OS, above memory.TRIM_ABOVE: it would sit in RSS beside the tower's weights and activations."""
+    from lfm2vl.cpu import memory
+
+    calls = []
+    monkeypatch.setattr("lfm2vl.cpu.speed.trim_heap", lambda above=0: calls.append(above))
+    model = optimize_for_cpu(load_model(ckpt, dtype=torch.float32)[0])
+    pixels = torch.randn(1, 16, 3 * 16 * 16)
+    args = (pixels, torch.ones(1, 16, dtype=torch.int32), torch.tensor([[4, 4]]))
+    with torch.inference_mode():
+        model.image_features(*args)
+    assert calls == [memory.TRIM_ABOVE]
+    model.image_features(*args)  # training-style call (grad enabled): no trim
+    assert calls == [memory.TRIM_ABOVE]
+
+
 def test_optimize_for_cpu_sets_the_heap_policy(ckpt, monkeypatch):
     calls = []
     monkeypatch.setattr("lfm2vl.cpu.speed.keep_heap_pages", lambda: calls.append(1) or True)
