@@ -102,7 +102,8 @@ def test_the_reused_buffer_works_in_and_out_of_inference_mode(mode, monkeypatch)
 
 @pytest.mark.parametrize("rows,cols,gelu,tiles,takes", [
     (1024, 768, None, True, True), (2048, 1024, "tanh", True, True),  # the vision tower's projections and fc2
-    (512, 768, None, True, False), (1024, 3072, "tanh", True, False),  # a prefill chunk; fc1's wide output
+    (512, 768, None, True, True), (1024, 3072, "tanh", True, False),  # a prefill chunk; fc1's wide output
+    (64, 768, None, True, False),  # a few rows (a short prompt's chunk)
     (1024, 768, "none", True, True), (1024, 768, None, False, False)])  # erf GELU; no AMX-BF16 tiles
 def test_bf16_products_take_the_amx_kernel_by_shape(monkeypatch, rows, cols, gelu, tiles, takes):
     """Many rows and at most AMX_COLS outputs (where oneDNN's own choice is slow) go to kernels.bf16_linear_amx on

@@ -15,10 +15,13 @@ form (`kernels.gelu_tanh_`): oneDNN's fused GELU was the slower way on the 2-cor
 450M vision tower's fc1) 4.6-5.4 ms fused against 3.8-4.1 with the pass. torch's own float32 GEMM is MKL, which
 takes a slow path on AMD CPUs, so fp32 goes through oneDNN too.
 
-On AMX CPUs the bf16 products of many rows and at most 1024 outputs (the 450M vision tower's attention projections
-and second MLP layer) run on lfm2vl's own AMX kernel instead (`kernels.bf16_linear_amx`, the same fusions): oneDNN's
-choice for them ran at ~1.0 TFLOP/s on the 2-core AMX Xeon VM where the kernel runs 1.7-2.1 (1024 x 768 x 768,
-1024 x 768 x 3072, 1024 x 1024 x 1024); at wider outputs oneDNN's is faster and stays.
+On AMX CPUs the bf16 products of at least 128 rows and at most 1024 outputs (the 450M vision tower's attention
+projections and second MLP layer; the prefill's attention projections, the conv blocks' out_proj and the MLPs' w2)
+run on lfm2vl's own AMX kernel instead (`kernels.bf16_linear_amx`, the same fusions): oneDNN's choice for them ran at
+~1.0 TFLOP/s on the 2-core AMX Xeon VM where the kernel runs 1.7-2.1 (1024 x 768 x 768, 1024 x 768 x 3072,
+1024 x 1024 x 1024), 286 x 1024 x 4608 1.8 against 2.0-2.2 ms; a 286-token prefill took 5-8 ms less with the kernel
+from 128 rows than from 1024 (interleaved runs; 64 or 32 rows: less gain). At wider outputs oneDNN's is faster and
+stays.
 """
 from __future__ import annotations
 
@@ -90,7 +93,7 @@ def _widened(x: torch.Tensor, w: torch.Tensor, bias, gelu: str | None, residual)
     return y.to(x.dtype).view(*x.shape[:-1], N)
 
 
-AMX_ROWS, AMX_COLS = 1024, 1024  # the shapes the AMX kernel takes: at least this many rows, at most this many outputs
+AMX_ROWS, AMX_COLS = 128, 1024  # the shapes the AMX kernel takes: at least this many rows, at most this many outputs
 
 
 def _amx_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
