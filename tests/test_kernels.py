@@ -530,8 +530,9 @@ def test_layernorm_equals_torch_within_a_rounding(shape, bias):
 @needs_kernels
 def test_gelu_tanh_equals_torch_gelu_in_place():
     """The native tanh GELU after a bf16 product: torch's bf16 F.gelu(approximate="tanh") values (fp32 math, one
-    rounding), in place. Only in the far negative tail (|gelu| < 1e-4, where 1 + tanh(u) in fp32 keeps no digits in
-    either formula) do the two differ, by under 1e-6."""
+    rounding), in place. Only in the negative tail do they differ: torch's 0.5 v (1 + tanh(u)) cancels there, the
+    kernel's v e / (1 + e) does not; where |gelu| >= 1e-4 at most 1 in 500 values one bf16 step apart, below it
+    by under 1e-6."""
     if kernels.isa() < 2:
         pytest.skip("needs AVX512")
     g = torch.Generator().manual_seed(0)
@@ -540,8 +541,10 @@ def test_gelu_tanh_equals_torch_gelu_in_place():
     want = F.gelu(x, approximate="tanh")
     y = x.clone()
     assert kernels.gelu_tanh_(y) is y
-    tail = want.float().abs() < 1e-4
-    assert torch.equal(y[~tail], want[~tail]) and (y.float() - want.float()).abs().max() < 1e-6
+    big, tail = want.float().abs() >= 1e-2, want.float().abs() < 1e-4
+    assert torch.equal(y[big], want[big]) and (y[~tail] != want[~tail]).float().mean() <= 2e-3
+    torch.testing.assert_close(y[~tail], want[~tail], rtol=2 ** -7, atol=0)
+    assert (y[tail].float() - want[tail].float()).abs().max() < 1e-6
     assert kernels.gelu_tanh_(x.float()) is None and kernels.gelu_tanh_(x.view(2, -1).t()) is None
 
 

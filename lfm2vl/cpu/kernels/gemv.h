@@ -218,17 +218,15 @@ T_AVX512 static inline __m512 exp2_nonpos(__m512 x) {
 
 static const float GELU_C = 0.7978845608028654f;  // sqrt(2 / pi)
 
-// GELU's tanh approximation 0.5 v (1 + tanh(u)), u = sqrt(2/pi) (v + 0.044715 v^3), in fp32;
-// tanh(u) = sign(u) (1 - e) / (1 + e) with e = exp(-2|u|) <= 1, so nothing overflows
+// GELU's tanh approximation 0.5 v (1 + tanh(u)), u = sqrt(2/pi) (v + 0.044715 v^3), in fp32, as v sigmoid(2u):
+// with e = exp(-2|u|) <= 1 (nothing overflows, a power of 2: exp2_nonpos), v / (1 + e) for u >= 0, v e / (1 + e)
+// below
 T_AVX512 static inline __m512 gelu_tanh16(__m512 v) {
-    const __m512 u = _mm512_mul_ps(_mm512_set1_ps(GELU_C),
-                                   _mm512_add_ps(v, _mm512_mul_ps(_mm512_set1_ps(0.044715f),
-                                                                  _mm512_mul_ps(_mm512_mul_ps(v, v), v))));
-    const __m512 e = exp_nonpos(_mm512_mul_ps(_mm512_set1_ps(-2.f), _mm512_abs_ps(u)));
-    const __m512 one = _mm512_set1_ps(1.f);
-    __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
-    t = _mm512_mask_sub_ps(t, _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), t);
-    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(one, t));
+    const __m512 t = _mm512_mul_ps(v, _mm512_fmadd_ps(_mm512_mul_ps(v, v), _mm512_set1_ps(0.044715f),
+                                                      _mm512_set1_ps(1.f)));  // u / sqrt(2/pi)
+    const __m512 e = exp2_nonpos(_mm512_mul_ps(_mm512_set1_ps(-2.f * GELU_C * LOG2E), _mm512_abs_ps(t)));
+    const __m512 num = _mm512_mask_mul_ps(v, _mm512_cmp_ps_mask(t, _mm512_setzero_ps(), _CMP_LT_OQ), v, e);
+    return _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.f), e));
 }
 
 // silu(x) = x / (1 + exp(-x)), with exp(-x) taken as exp(-|x|) so it never overflows (x < 0: x e / (1 + e), the
