@@ -36,7 +36,8 @@ T_AVX512 void swiglu(const void* ctx, int64_t c) {
     }
 }
 
-// GELU (tanh approximation) over n bf16 values in place: fp32 math, one rounding, as torch's bf16 F.gelu
+// GELU (tanh approximation) over n bf16 values in place: fp32 math (gelu_tanh16), one rounding, as torch's bf16
+// F.gelu rounds
 struct GeluArgs {
     uint16_t* x;
     int64_t n;

@@ -200,8 +200,9 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
 
 
 def gelu_tanh_(x: torch.Tensor) -> torch.Tensor | None:
-    """x = gelu(x, approximate="tanh") in place for a contiguous bf16 x (prefill.cpp; torch's rounding: fp32 math,
-    one rounding), returning x; None when the kernel cannot run (no AVX512, no library, another dtype or layout)."""
+    """x = gelu(x, approximate="tanh") in place for a contiguous bf16 x (prefill.cpp: fp32 math, one rounding; torch's
+    values but in the negative tail, |gelu| < 1e-2, where torch's formula cancels and this one does not), returning
+    x; None when the kernel cannot run (no AVX512, no library, another dtype or layout)."""
     lib = _load()
     if lib is None or x.dtype != torch.bfloat16 or x.device.type != "cpu" or not x.is_contiguous():
         return None
