@@ -104,8 +104,8 @@ def _amx_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def _gelu(y: torch.Tensor, approximate: str) -> torch.Tensor:
     """F.gelu(y, approximate) for a bf16 product y: the tanh form in lfm2vl's native pass (in place) where it runs."""
-    if approximate == "tanh" and kernels.available() and kernels.isa() >= 2:
-        out = kernels.gelu_tanh_(y)
+    if approximate == "tanh" and kernels.available():
+        out = kernels.gelu_tanh_(y)  # None without AVX512
         if out is not None:
             return out
     return F.gelu(y, approximate=approximate)

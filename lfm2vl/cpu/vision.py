@@ -3,7 +3,8 @@
 Same parameters, state_dict keys and results within float rounding; `use_fast_vision(model)` swaps them in place:
 - the linears run `gemm.linear`: oneDNN with the bias and residual add fused (a GELU after a bf16 product in a native
   pass), fp32 on CPUs without a bf16 GEMM;
-  int8 encoder linears (int8 vision, quant.quantize_vision) run int8 compute with the same fusions (int8mm.py);
+  int8 encoder linears (int8 vision, quant.quantize_vision) run int8 compute with the bias, GELU and residual fused
+  (int8mm.py);
 - bf16 attention runs the native `kernels.attn_many` where it beats torch's SDPA (`kernels.attention_wins`);
 - the resized position grids are cached per (h, w, dtype, device) until the table's weights change;
 - bf16 LayerNorms run natively (`kernels.layernorm`);

@@ -310,16 +310,16 @@ int lfm2vl_int8_linear_amx(const int8_t* x, const int8_t* w, const float* xs, co
     return 0;
 }
 
-// y (M, N) <- gelu?(x . w^T + bias) + res for bf16 x (M, K) and w (N, K), fp32 sums rounded once to y's dtype (ydt 0
-// fp32, 1 bf16); bias (N) fp32 or NULL, res (M, N) in y's dtype or NULL, gelu: GELU's tanh approximation. Returns 0,
-// or -1 where the bf16 tiles cannot run.
+// y (M, N) <- x . w^T + bias + res for bf16 x (M, K) and w (N, K), fp32 sums rounded once to y's dtype (ydt 0 fp32,
+// 1 bf16); bias (N) fp32 or NULL, res (M, N) in y's dtype or NULL (a GELU after a bf16 product applies to the rounded
+// product: gemm.py). Returns 0, or -1 where the bf16 tiles cannot run.
 int lfm2vl_bf16_linear_amx(const uint16_t* x, const uint16_t* w, const float* bias, const void* res, void* y,
-                           int ydt, int gelu, int64_t M, int64_t N, int64_t K, int threads) {
+                           int ydt, int64_t M, int64_t N, int64_t K, int threads) {
     if (!amx_ready(true)) return -1;
     if (M <= 0 || N <= 0) return 0;
     MmArgs a{};
     a.bf16 = true; a.w = (const int8_t*)w; a.M = M; a.N = N; a.K = 2 * K; a.mode = LINEAR;
-    a.epi = Epilogue{NULL, NULL, bias, res, y, ydt, gelu, N};
+    a.epi = Epilogue{NULL, NULL, bias, res, y, ydt, 0, N};
     run(a, (const int8_t*)x, threads);
     return 0;
 }

@@ -191,7 +191,7 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
 }
 
 // ---- the same on AMX-BF16 tiles (TDPBF16PS: a 16 x 32 bf16 tile times a tile of 16 bf16 pairs per column into a
-// 16 x 16 fp32 tile): blocks of 16 queries; the pair layouts above are the tiles' B operands as they are (K: rows of
+// 16 x 16 fp32 tile): blocks of 32 queries (QT); the pair layouts above are the tiles' B operands as they are (K: rows of
 // head-column pairs, 16 keys a row; V: rows of key pairs, 16 head columns a row), queries and probabilities their
 // A operands. The same softmax; the scale (times log2 e) goes into it (max(s) * c = max(s * c) for a positive c).
 

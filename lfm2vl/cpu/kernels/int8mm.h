@@ -35,11 +35,10 @@ T_AVX512 static inline void epilogue16(const Epilogue& e, const int32_t* acc, in
     store16(e.y, e.ydt, i, v, mk);
 }
 
-// The same epilogue from 16 fp32 sums of a bf16 product (no scales): act(acc + bias[n]) + res, rounded once.
+// The epilogue of 16 fp32 sums of a bf16 product (no scales, no activation): acc + bias[n] + res, rounded once.
 T_AVX512 static inline void epilogue16f(const Epilogue& e, const float* acc, int64_t m, int64_t n, __mmask16 mk) {
     __m512 v = _mm512_maskz_loadu_ps(mk, acc);
     if (e.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, e.bias + n));
-    if (e.gelu) v = gelu_tanh16(v);
     const int64_t i = m * e.N + n;
     if (e.res) v = _mm512_add_ps(v, load16(e.res, e.ydt, i, mk));
     store16(e.y, e.ydt, i, v, mk);
