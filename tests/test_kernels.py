@@ -93,27 +93,31 @@ def test_float_weights_match_fp32_linear(isa_cap, wdt, xdt):
 
 
 @needs_kernels
-def test_one_row_products_agree_with_and_without_eight_streams():
-    """One activation row reads eight weight rows at once on Intel CPUs and one on others (gemv_streams.cpp); both
-    run here whatever the CPU: int8 sums equal bit for bit (the same integer blocks in the same order), bf16 ones
-    are the same fp32 products in another order (each within the fp32 tolerance of F.linear)."""
-    if kernels.isa() < 3 or not _quantized_path(1024, 8):
-        pytest.skip("the eight-stream rows need AVX512-BF16 and VNNI")
+def test_one_row_products_agree_with_and_without_row_streams():
+    """One activation row reads several weight rows at once on Intel CPUs and one on others (bf16 / int8 eight,
+    int4 two); both run here whatever the CPU: int8 and int4 sums equal bit for bit (each row's integer blocks and
+    fp32 steps in the same order), bf16 ones are the same fp32 products in another order (each within the fp32
+    tolerance of F.linear). The shapes leave rows over after the last whole step and groups after the last 16."""
+    if kernels.isa() < 3 or not _quantized_path(1024, 8) or not _quantized_path(1024, 4):
+        pytest.skip("the several-stream rows need AVX512-BF16 and VNNI")
     g = torch.Generator().manual_seed(5)
     try:
         for (N, K) in SHAPES:
             w = torch.randn(N, K, generator=g).bfloat16()
             x = torch.randn(1, K, generator=g).bfloat16()
             q, s = quantize_weight_int8(w)
+            q4, s4 = quantize_weight_int4(w) if K % 32 == 0 else (None, None)
             out = {}
             for mode in (1, 0):
                 kernels.set_streams(mode)
-                out[mode] = kernels.linear(x, w, None), kernels.linear(x.float(), q, None, s)
+                out[mode] = (kernels.linear(x, w, None), kernels.linear(x.float(), q, None, s),
+                             kernels.linear(x.float(), q4, None, s4) if q4 is not None else None)
             ref = F.linear(x.float(), w.float())
             for mode in (1, 0):
                 assert ((out[mode][0].float() - ref).abs() <= _tol(ref, K, torch.bfloat16)).all(), (N, K, mode)
             if K % 32 == 0:
                 assert torch.equal(out[1][1], out[0][1]), (N, K)
+                assert torch.equal(out[1][2], out[0][2]), (N, K)
     finally:
         kernels.set_streams(-1)
 

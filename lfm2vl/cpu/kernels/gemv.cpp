@@ -13,7 +13,8 @@
 // Instruction sets, picked at run time (capped by lfm2vl_set_isa for tests):
 //   3 = AVX512-BF16 (_mm512_dpbf16_ps for bf16 x bf16), 2 = AVX512F, 1 = AVX2+FMA (gemv_avx2.cpp), 0 = scalar.
 // On AVX512 CPUs with VNNI int8 / int4 weights meet a quantized x in integer dot products (gemv_vnni.cpp), and
-// bf16 / int8 products of one activation row read eight weight rows at once on Intel CPUs (gemv_streams.cpp).
+// products of one activation row read several weight rows at once on Intel CPUs (bf16 / int8 eight,
+// gemv_streams.cpp; int4 two, gemv_vnni.cpp).
 // Each ISA path lives in a function with a target attribute (gemv.h), so the file compiles on any x86-64 gcc.
 #include <immintrin.h>
 #include "pool.h"
@@ -25,12 +26,12 @@
 
 
 static int g_isa_cap = 3;
-static int g_streams = -1;  // eight weight streams for one activation row: -1 by vendor, 0 off, 1 on (tests)
+static int g_streams = -1;  // several weight streams for one activation row: -1 by vendor, 0 off, 1 on (tests)
 
-// Whether one activation row reads eight weight rows at once (gemv_streams.cpp). On Intel: a Sapphire Rapids VM's
-// core keeps too few reads in flight on one stream (450M decode bf16 +28%, int8 +35%). On AMD a single stream
+// Whether one activation row reads several weight rows at once (bf16 / int8 eight, int4 two). On Intel: a Sapphire
+// Rapids VM's core keeps too few reads in flight on one stream (450M decode bf16 +28%, int8 +35%, int4 +19%). On AMD a single stream
 // with its software prefetch is the faster one: on a Zen 5 VM eight streams read 37 GB/s where one reads 45-46.
-static bool eight_streams() {
+static bool row_streams() {
     if (g_streams >= 0) return g_streams;
     static const bool intel = (__builtin_cpu_init(), __builtin_cpu_is("intel"));
     return intel;
@@ -284,6 +285,8 @@ static void linear_chunk(const void* ctx, int64_t chunk) {
         rows_q16_streams((const int8_t*)a.W, a.S, a.Xh, a.Xd, a.Y, a.bias, n0, n1, a.K, a.ydt);
     } else if (a.Xh && a.isa >= 2) {
         rows_q16_vnni((const int8_t*)a.W, a.S, a.Xh, a.Xd, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
+    } else if (a.Xq && a.isa >= 2 && a.streams) {
+        rows_q4_streams((const uint8_t*)a.W, a.S, a.Xq, a.Xd, a.Xs, a.Y, a.bias, n0, n1, a.K, a.ydt);
     } else if (a.Xq && a.isa >= 2) {
         rows_q4_vnni((const uint8_t*)a.W, a.S, a.Xq, a.Xd, a.Xs, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
     } else if (a.Xq || a.Xh) {
@@ -317,7 +320,7 @@ void linear_setup(LinearArgs& a, int kind, const void* W, const float* S, const 
                          int xdt, void* Y, int ydt, const float* bias, int64_t M, int64_t N, int64_t K) {
     a.kind = kind; a.isa = active_isa(); a.ydt = ydt;
     a.dp = (kind == 0 && xdt == 1 && a.isa >= 3);
-    a.streams = M == 1 && eight_streams();
+    a.streams = M == 1 && row_streams();
     a.W = W; a.S = S; a.X = X; a.Xf = Xf; a.Y = Y; a.bias = bias; a.M = M; a.N = N; a.K = K;
     if (kind == 4 && !(xdt == 1 && p12_fast())) a.X = NULL;  // packed rows take bf16 x on the AVX512 path only
     a.Xh = NULL; a.Xq = NULL; a.Xd = NULL; a.Xs = NULL; a.Xp = NULL;
@@ -376,7 +379,7 @@ int lfm2vl_cpu_isa(void) { return cpu_isa(); }
 // length K is a multiple of 32).
 int lfm2vl_quantizes_x(int kind) { return quantizes_x(active_isa(), kind); }
 void lfm2vl_set_isa(int cap) { g_isa_cap = cap; }
-// Eight weight streams for one activation row: -1 as the CPU's vendor says (eight_streams), 0 never, 1 always.
+// Several weight streams for one activation row: -1 as the CPU's vendor says (row_streams), 0 never, 1 always.
 void lfm2vl_set_streams(int mode) { g_streams = mode; }
 
 // kind: 0 bf16 weights, 1 fp32 weights, 2 int8 weights (+ row scales S), 3 int4 weights (+ group scales S; K is

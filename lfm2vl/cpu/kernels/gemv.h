@@ -108,7 +108,7 @@ int active_isa();
 struct LinearArgs {
     int kind, isa, ydt;
     bool dp;
-    bool streams;  // one activation row: read eight weight rows at once (gemv_streams.cpp; eight_streams())
+    bool streams;  // one activation row: read several weight rows at once (gemv_streams.cpp; row_streams())
     const void* W;
     const float* S;
     const void* X;
@@ -158,8 +158,10 @@ void rows_q16_vnni(const int8_t* W, const float* S, const int16_t* Xh, const flo
                    int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt);
 void rows_q4_vnni(const uint8_t* W, const float* S, const int8_t* Xq, const float* Xd, const float* Xs, void* Y,
                   const float* bias, int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt);
+void rows_q4_streams(const uint8_t* W, const float* S, const int8_t* Xq, const float* Xd, const float* Xs, void* Y,
+                     const float* bias, int64_t n0, int64_t n1, int64_t K, int ydt);
 // gemv_streams.cpp: one activation row against eight weight rows at once (AVX512-BF16 bf16, AVX512-VNNI int8), on
-// the CPUs where that reads faster (eight_streams, gemv.cpp).
+// the CPUs where that reads faster (row_streams, gemv.cpp).
 void rows_bf16_streams(const uint16_t* W, const uint16_t* X, void* Y, const float* bias, int64_t n0, int64_t n1,
                        int64_t K, int ydt);
 void rows_q16_streams(const int8_t* W, const float* S, const int16_t* Xh, const float* Xd, void* Y, const float* bias,

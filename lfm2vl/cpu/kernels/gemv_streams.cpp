@@ -5,9 +5,10 @@
 // where eight streams per thread read 21-24 GB/s. So each chunk of rows is cut into eighths and step t reads row t of
 // every eighth together: eight streams, each sequential, far enough apart to be separate streams to the prefetchers.
 // int8 sums equal the one-row kernel's (gemv_vnni.cpp) exactly: integers per block, blocks in the same order; bf16
-// sums are the same fp32 products added in another order (gemv.cpp's row_bf16_dp). int4 keeps one row at a time:
-// its product does more work per byte, and two, four or eight streams of it decoded no faster. Only on Intel CPUs
-// (gemv.cpp's eight_streams): on an AMD Zen 5 VM one stream with a software prefetch reads 20-24% faster.
+// sums are the same fp32 products added in another order (gemv.cpp's row_bf16_dp). int4 reads two rows at a time
+// (gemv_vnni.cpp's rows_q4_streams): its product does more work per byte, and more streams of it wait on the
+// arithmetic. Only on Intel CPUs (gemv.cpp's row_streams): on an AMD Zen 5 VM one stream with a software prefetch
+// reads 20-24% faster.
 #include <immintrin.h>
 #include "gemv.h"
 #include "pool.h"

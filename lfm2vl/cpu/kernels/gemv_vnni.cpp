@@ -169,6 +169,69 @@ T_AVX512VNNI void rows_q4_vnni(const uint8_t* W, const float* S, const int8_t* X
     }
 }
 
+// NS int4 rows against one activation row, their 16-group steps interleaved: NS sequential weight streams per
+// thread. Each row's sums are row_q4_vnni<1>'s, in the same order.
+template <int NS>
+T_AVX512VNNI static inline void q4_rows(const uint8_t* const* w, const uint16_t* const* s, const int8_t* Q,
+                                        const float* D, const float* QS, int64_t K, int64_t ahead, const char* end,
+                                        float* out) {
+    __m512 acc[NS][1][2], corr[NS][1];
+    for (int j = 0; j < NS; j++) acc[j][0][0] = acc[j][0][1] = corr[j][0] = _mm512_setzero_ps();
+    const int64_t G = K / I4_GROUP;
+    int64_t g = 0;
+    for (; g + 16 <= G; g += 16)
+        for (int j = 0; j < NS; j++) {
+            for (int l = 0; l < 4; l++) prefetch_line((const char*)(w[j] + g * 16) + ahead + 64 * l, end);
+            i4_step16<1>(w[j], s[j], Q, D, QS, K, G, g, 16, acc[j], corr[j]);
+        }
+    if (g < G)
+        for (int j = 0; j < NS; j++) i4_step16<1>(w[j], s[j], Q, D, QS, K, G, g, G - g, acc[j], corr[j]);
+    for (int j = 0; j < NS; j++)
+        out[j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][0][0], acc[j][0][1])) -
+                 8.0f * _mm512_reduce_add_ps(corr[j][0]);
+}
+
+// Rows n0..n1-1 of a one-row int4 product, NS at a time: row t of each of NS equal parts of the range, so each
+// stream is sequential and the streams far apart; the rows left over one by one.
+template <int NS>
+T_AVX512VNNI static void rows_q4_parts(const uint8_t* W, const float* S, const int8_t* Xq, const float* Xd,
+                                       const float* Xs, void* Y, const float* bias, int64_t n0, int64_t n1, int64_t K,
+                                       int ydt, int64_t ahead) {
+    const int64_t G = K / I4_GROUP, q = (n1 - n0) / NS;
+    const char* end = (const char*)(W + n1 * (K / 2));
+    const uint8_t* w[NS];
+    const uint16_t* s[NS];
+    float out[NS];
+    for (int64_t t = 0; t < q; t++) {
+        for (int j = 0; j < NS; j++) {
+            const int64_t n = n0 + j * q + t;
+            w[j] = W + n * (K / 2);
+            s[j] = (const uint16_t*)S + n * G;
+        }
+        q4_rows<NS>(w, s, Xq, Xd, Xs, K, ahead, end, out);
+        for (int j = 0; j < NS; j++) {
+            const int64_t n = n0 + j * q + t;
+            store_out(Y, ydt, n, out[j] + (bias ? bias[n] : 0.f));
+        }
+    }
+    for (int64_t n = n0 + NS * q; n < n1; n++) {
+        w[0] = W + n * (K / 2);
+        s[0] = (const uint16_t*)S + n * G;
+        q4_rows<1>(w, s, Xq, Xd, Xs, K, ahead, end, out);
+        store_out(Y, ydt, n, out[0] + (bias ? bias[n] : 0.f));
+    }
+}
+
+// One activation row (a decode step) on the CPUs where several weight streams per thread read faster (gemv.cpp's
+// row_streams): two rows at a time. On the Sapphire Rapids VM of 2026-12-04 one stream read ~25 GB/s of a 31.5 GB/s
+// memory and two read 28-29 (3B int4 decode 16.9 -> 19.3-19.7 tok/s, 450M 114 -> 135); four gained half as much
+// and eight lost 7%: with ~4x a bf16 byte's instructions per int4 byte, more streams wait on the arithmetic.
+T_AVX512VNNI void rows_q4_streams(const uint8_t* W, const float* S, const int8_t* Xq, const float* Xd,
+                                  const float* Xs, void* Y, const float* bias, int64_t n0, int64_t n1, int64_t K,
+                                  int ydt) {
+    rows_q4_parts<2>(W, S, Xq, Xd, Xs, Y, bias, n0, n1, K, ydt, pf_i4_bytes());
+}
+
 // Rows n0..n1-1 of an int8 product with x from quantize_x_q16 (K a multiple of 32), 4 / 2 / 1 activation rows per
 // pass over a weight row.
 T_AVX512VNNI void rows_q16_vnni(const int8_t* W, const float* S, const int16_t* Xh, const float* Xd, void* Y,
