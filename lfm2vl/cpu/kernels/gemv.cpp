@@ -29,8 +29,9 @@ static int g_isa_cap = 3;
 static int g_streams = -1;  // several weight streams for one activation row: -1 by vendor, 0 off, 1 on (tests)
 
 // Whether one activation row reads several weight rows at once (bf16 / int8 eight, int4 two). On Intel: a Sapphire
-// Rapids VM's core keeps too few reads in flight on one stream (450M decode bf16 +28%, int8 +35%, int4 +19%). On AMD a single stream
-// with its software prefetch is the faster one: on a Zen 5 VM eight streams read 37 GB/s where one reads 45-46.
+// Rapids VM's core keeps too few reads in flight on one stream (450M decode bf16 +28%, int8 +35%, int4 +19%). On
+// AMD a single stream with its software prefetch is the faster one: on a Zen 5 VM eight streams read 37 GB/s where
+// one reads 45-46.
 static bool row_streams() {
     if (g_streams >= 0) return g_streams;
     static const bool intel = (__builtin_cpu_init(), __builtin_cpu_is("intel"));
