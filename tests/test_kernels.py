@@ -94,8 +94,8 @@ def test_float_weights_match_fp32_linear(isa_cap, wdt, xdt):
 
 @needs_kernels
 def test_one_row_products_agree_with_and_without_row_streams():
-    """One activation row reads several weight rows at once on Intel CPUs and one on others (bf16 / int8 eight,
-    int4 two); both run here whatever the CPU: int8 and int4 sums equal bit for bit (each row's integer blocks and
+    """One activation row reads several weight rows at once on Intel CPUs and one on others (bf16 eight, int8
+    four, int4 two); both run here whatever the CPU: int8 and int4 sums equal bit for bit (each row's integer blocks and
     fp32 steps in the same order), bf16 ones are the same fp32 products in another order (each within the fp32
     tolerance of F.linear). The shapes leave rows over after the last whole step and groups after the last 16."""
     if kernels.isa() < 3 or not _quantized_path(1024, 8) or not _quantized_path(1024, 4):

@@ -1,10 +1,11 @@
 """Native CPU kernels: multithreaded GEMV / small-M GEMM over bf16, fp32, int8 and int4 weights, attention.
 
 - `gemv.cpp` (products; `gemv_scalar.cpp` their scalar rows, `gemv_avx2.cpp` their AVX2 rows, `gemv_vnni.cpp`
-  int8 / int4 rows with AVX512-VNNI, `gemv_streams.cpp` eight bf16 / int8 weight rows at once for one activation row),
+  int8 / int4 rows with AVX512-VNNI, `gemv_streams.cpp` several bf16 / int8 weight rows at once for one activation row),
   `attn.cpp` (decode attention), `attn_many.cpp` (the vision tower's and the prefill's attention), `prefill.cpp`
   (a bf16 prefill's SwiGLU, RMSNorm and short-conv middle), `decode.cpp` (the fused decode step, its small ops
-  in `decode_ops.h`, driven by `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats: quantization at load, expansion for prefill),
+  in `decode_ops.h`, driven by `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats: quantization at load,
+  expansion for prefill),
   `packed.cpp` / `packed_pack.cpp` (bf16 weights packed losslessly in 12 bits: products and unpacking / packing),
   `int8mm.cpp` (the passes around an int8 product of many rows: activations quantized per row, the int32 result
   scaled), `amx.cpp` (that product, and the vision tower's bf16 ones, on AMX tiles; `amx.h` their setup, shared with
@@ -55,7 +56,7 @@ def set_isa(cap: int) -> None:
 
 
 def set_streams(mode: int) -> None:
-    """Several weight streams for one activation row (bf16 / int8 eight, gemv_streams.cpp; int4 two,
+    """Several weight streams for one activation row (bf16 eight, int8 four, gemv_streams.cpp; int4 two,
     gemv_vnni.cpp): -1 by the CPU's vendor (the default: Intel),
     0 never, 1 always (tests use it to run both paths on any CPU)."""
     lib = _load()

@@ -13,7 +13,7 @@
 // Instruction sets, picked at run time (capped by lfm2vl_set_isa for tests):
 //   3 = AVX512-BF16 (_mm512_dpbf16_ps for bf16 x bf16), 2 = AVX512F, 1 = AVX2+FMA (gemv_avx2.cpp), 0 = scalar.
 // On AVX512 CPUs with VNNI int8 / int4 weights meet a quantized x in integer dot products (gemv_vnni.cpp), and
-// products of one activation row read several weight rows at once on Intel CPUs (bf16 / int8 eight,
+// products of one activation row read several weight rows at once on Intel CPUs (bf16 eight, int8 four,
 // gemv_streams.cpp; int4 two, gemv_vnni.cpp).
 // Each ISA path lives in a function with a target attribute (gemv.h), so the file compiles on any x86-64 gcc.
 #include <immintrin.h>
@@ -28,7 +28,7 @@
 static int g_isa_cap = 3;
 static int g_streams = -1;  // several weight streams for one activation row: -1 by vendor, 0 off, 1 on (tests)
 
-// Whether one activation row reads several weight rows at once (bf16 / int8 eight, int4 two). On Intel: a Sapphire
+// Whether one activation row reads several weight rows at once (bf16 eight, int8 four, int4 two). On Intel: a Sapphire
 // Rapids VM's core keeps too few reads in flight on one stream (450M decode bf16 +28%, int8 +35%, int4 +19%). On
 // AMD a single stream with its software prefetch is the faster one: on a Zen 5 VM eight streams read 37 GB/s where
 // one reads 45-46.

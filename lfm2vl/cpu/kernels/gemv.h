@@ -160,7 +160,7 @@ void rows_q4_vnni(const uint8_t* W, const float* S, const int8_t* Xq, const floa
                   const float* bias, int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt);
 void rows_q4_streams(const uint8_t* W, const float* S, const int8_t* Xq, const float* Xd, const float* Xs, void* Y,
                      const float* bias, int64_t n0, int64_t n1, int64_t K, int ydt);
-// gemv_streams.cpp: one activation row against eight weight rows at once (AVX512-BF16 bf16, AVX512-VNNI int8), on
+// gemv_streams.cpp: one activation row against several weight rows at once (AVX512-BF16 bf16, AVX512-VNNI int8), on
 // the CPUs where that reads faster (row_streams, gemv.cpp).
 void rows_bf16_streams(const uint16_t* W, const uint16_t* X, void* Y, const float* bias, int64_t n0, int64_t n1,
                        int64_t K, int ydt);

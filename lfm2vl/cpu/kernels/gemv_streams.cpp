@@ -1,14 +1,15 @@
-// One activation row against eight weight rows at once (the decode of one sequence), on AVX512 Intel CPUs.
+// One activation row against several weight rows at once (the decode of one sequence), on AVX512 Intel CPUs.
 //
 // A core keeps only so many cache-line reads in flight on one sequential stream: on the Sapphire Rapids VM of
 // 2026-12-02 a product streamed its weights at ~15 GB/s over two threads, whatever the instructions did with them,
-// where eight streams per thread read 21-24 GB/s. So each chunk of rows is cut into eighths and step t reads row t of
-// every eighth together: eight streams, each sequential, far enough apart to be separate streams to the prefetchers.
-// int8 sums equal the one-row kernel's (gemv_vnni.cpp) exactly: integers per block, blocks in the same order; bf16
-// sums are the same fp32 products added in another order (gemv.cpp's row_bf16_dp). int4 reads two rows at a time
-// (gemv_vnni.cpp's rows_q4_streams): its product does more work per byte, and more streams of it wait on the
-// arithmetic. Only on Intel CPUs (gemv.cpp's row_streams): on an AMD Zen 5 VM one stream with a software prefetch
-// reads 20-24% faster.
+// where eight streams per thread read 21-24 GB/s. So each chunk of rows is cut into equal parts and step t reads row
+// t of every part together: several streams, each sequential, far enough apart to be separate streams to the
+// prefetchers. bf16 reads eight; int8, whose rows take more instructions per byte, four (on the AMX Xeon VM of
+// 2026-12-04, in-process A/B against eight: 450M int8 decode +3.7-4.4%, 3B +4.5-4.7%; six +1.2-4.7%; bf16 on four
+// or six: within 0.3%). int8 sums equal the one-row kernel's (gemv_vnni.cpp) exactly: integers per block, blocks
+// in the same order; bf16 sums are the same fp32 products added in another order (gemv.cpp's row_bf16_dp). int4
+// reads two rows at a time (gemv_vnni.cpp's rows_q4_streams): its product does still more work per byte. Only on
+// Intel CPUs (gemv.cpp's row_streams): on an AMD Zen 5 VM one stream with a software prefetch reads 20-24% faster.
 #include <immintrin.h>
 #include "gemv.h"
 #include "pool.h"
@@ -16,7 +17,8 @@
 
 #include <vector>
 
-static const int STREAMS = 8;
+static const int STREAMS = 8;       // bf16 rows, and the read probe's streams per thread
+static const int INT8_STREAMS = 4;  // int8 rows: see rows_q16_streams
 
 // bf16 weights x bf16 x: rows w[0..7], 64 weights per step on two accumulators each.
 T_AVX512BF16 static inline void bf16_rows8(const uint16_t* const* w, const uint16_t* X, int64_t K, const char* end,
@@ -43,21 +45,22 @@ T_AVX512BF16 static inline void bf16_rows8(const uint16_t* const* w, const uint1
     for (int s = 0; s < STREAMS; s++) out[s] = _mm512_reduce_add_ps(_mm512_add_ps(acc[s][0], acc[s][1]));
 }
 
-// int8 weights x x quantized to int16 per block (quantize_x_q16): rows w[0..7], one int32 accumulator per row and
-// block, as row_q16_vnni sums them.
-T_AVX512VNNI static inline void q16_rows8(const int8_t* const* w, const int16_t* Q, const float* D, int64_t K,
+// int8 weights x x quantized to int16 per block (quantize_x_q16): rows w[0..NS-1], one int32 accumulator per row
+// and block, as row_q16_vnni sums them.
+template <int NS>
+T_AVX512VNNI static inline void q16_rows(const int8_t* const* w, const int16_t* Q, const float* D, int64_t K,
                                           const char* end, float* out) {
     const int64_t nb = (K + Q16_BLOCK - 1) / Q16_BLOCK;
-    __m512 facc[STREAMS];
-    for (int s = 0; s < STREAMS; s++) facc[s] = _mm512_setzero_ps();
+    __m512 facc[NS];
+    for (int s = 0; s < NS; s++) facc[s] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const int64_t k0 = b * Q16_BLOCK, k1 = k0 + Q16_BLOCK < K ? k0 + Q16_BLOCK : K;
-        __m512i acc[STREAMS];
-        for (int s = 0; s < STREAMS; s++) acc[s] = _mm512_setzero_si512();
+        __m512i acc[NS];
+        for (int s = 0; s < NS; s++) acc[s] = _mm512_setzero_si512();
         for (int64_t k = k0; k < k1; k += 64) {  // K is a multiple of 32: a block may end half way through a step
             const bool two = k + 64 <= k1;
             const __m512i x0 = _mm512_loadu_si512(Q + k), x1 = two ? _mm512_loadu_si512(Q + k + 32) : x0;
-            for (int s = 0; s < STREAMS; s++) {
+            for (int s = 0; s < NS; s++) {
                 prefetch_line((const char*)(w[s] + k) + PF_BYTES, end);
                 acc[s] = _mm512_dpwssd_epi32(
                     acc[s], _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w[s] + k))), x0);
@@ -67,35 +70,35 @@ T_AVX512VNNI static inline void q16_rows8(const int8_t* const* w, const int16_t*
             }
         }
         const __m512 d = _mm512_set1_ps(D[b]);
-        for (int s = 0; s < STREAMS; s++) facc[s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[s]), d, facc[s]);
+        for (int s = 0; s < NS; s++) facc[s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[s]), d, facc[s]);
     }
-    for (int s = 0; s < STREAMS; s++) out[s] = _mm512_reduce_add_ps(facc[s]);
+    for (int s = 0; s < NS; s++) out[s] = _mm512_reduce_add_ps(facc[s]);
 }
 
-// Rows n0..n1-1 of a one-row product in steps of eight (row t of each eighth of the range); the rows left over
-// (fewer than eight) through row1. rows8(w, out) sums eight rows given their pointers.
-template <typename Rows8, typename Row1>
-static inline void by_eighths(const char* W, int64_t row_bytes, const float* S, void* Y, const float* bias,
-                              int64_t n0, int64_t n1, int ydt, Rows8 rows8, Row1 row1) {
-    const int64_t q = (n1 - n0) / STREAMS;
-    float out[STREAMS];
-    const void* w[STREAMS];
+// Rows n0..n1-1 of a one-row product in steps of NS (row t of each of NS equal parts of the range); the rows left
+// over (fewer than NS) through row1. rows(w, out) sums NS rows given their pointers.
+template <int NS, typename Rows, typename Row1>
+static inline void by_parts(const char* W, int64_t row_bytes, const float* S, void* Y, const float* bias, int64_t n0,
+                            int64_t n1, int ydt, Rows rows, Row1 row1) {
+    const int64_t q = (n1 - n0) / NS;
+    float out[NS];
+    const void* w[NS];
     for (int64_t t = 0; t < q; t++) {
-        for (int s = 0; s < STREAMS; s++) w[s] = W + (n0 + s * q + t) * row_bytes;
-        rows8(w, out);
-        for (int s = 0; s < STREAMS; s++) {
+        for (int s = 0; s < NS; s++) w[s] = W + (n0 + s * q + t) * row_bytes;
+        rows(w, out);
+        for (int s = 0; s < NS; s++) {
             const int64_t n = n0 + s * q + t;
             store_out(Y, ydt, n, out[s] * (S ? S[n] : 1.f) + (bias ? bias[n] : 0.f));
         }
     }
-    for (int64_t n = n0 + STREAMS * q; n < n1; n++)
+    for (int64_t n = n0 + NS * q; n < n1; n++)
         store_out(Y, ydt, n, row1(n) * (S ? S[n] : 1.f) + (bias ? bias[n] : 0.f));
 }
 
 T_AVX512BF16 void rows_bf16_streams(const uint16_t* W, const uint16_t* X, void* Y, const float* bias, int64_t n0,
                                     int64_t n1, int64_t K, int ydt) {
     const char* end = (const char*)(W + n1 * K);
-    by_eighths((const char*)W, 2 * K, nullptr, Y, bias, n0, n1, ydt,
+    by_parts<STREAMS>((const char*)W, 2 * K, nullptr, Y, bias, n0, n1, ydt,
                [&](const void* const* w, float* out) { bf16_rows8((const uint16_t* const*)w, X, K, end, out); },
                [&](int64_t n) {
                    const uint16_t* w[STREAMS];
@@ -109,13 +112,15 @@ T_AVX512BF16 void rows_bf16_streams(const uint16_t* W, const uint16_t* X, void* 
 T_AVX512VNNI void rows_q16_streams(const int8_t* W, const float* S, const int16_t* Xh, const float* Xd, void* Y,
                                    const float* bias, int64_t n0, int64_t n1, int64_t K, int ydt) {
     const char* end = (const char*)(W + n1 * K);
-    by_eighths((const char*)W, K, S, Y, bias, n0, n1, ydt,
-               [&](const void* const* w, float* out) { q16_rows8((const int8_t* const*)w, Xh, Xd, K, end, out); },
+    by_parts<INT8_STREAMS>((const char*)W, K, S, Y, bias, n0, n1, ydt,
+               [&](const void* const* w, float* out) {
+                   q16_rows<INT8_STREAMS>((const int8_t* const*)w, Xh, Xd, K, end, out);
+               },
                [&](int64_t n) {
-                   const int8_t* w[STREAMS];
-                   for (int s = 0; s < STREAMS; s++) w[s] = W + n * K;
-                   float out[STREAMS];
-                   q16_rows8(w, Xh, Xd, K, end, out);
+                   const int8_t* w[INT8_STREAMS];
+                   for (int s = 0; s < INT8_STREAMS; s++) w[s] = W + n * K;
+                   float out[INT8_STREAMS];
+                   q16_rows<INT8_STREAMS>(w, Xh, Xd, K, end, out);
                    return out[0];
                });
 }
