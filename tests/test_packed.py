@@ -179,3 +179,25 @@ def test_engine_generates_the_bf16_tokens_and_refuses_what_it_cannot_pack(tiny_c
         load(tiny_checkpoint, device="cuda", bf16_packed=True)
     with pytest.raises(LoadError):
         load(tiny_checkpoint, dtype="int3", bf16_packed=True)
+
+
+@pytest.mark.parametrize("N,K,spread", [(96, 192, False), (41, 1024, False), (7, 320, True)])
+def test_one_row_products_equal_with_and_without_row_streams(N, K, spread):
+    """One activation row reads two packed rows at a time on Intel CPUs (rows_p12_parts) and one on others; both run
+    here whatever the CPU, and each row's sums are the same fp32 steps in the same order: equal bit for bit. The
+    shapes leave a row over after the last pair and a block of 64 after the last step of 128."""
+    if not kernels.packed_fast():
+        pytest.skip("the packed kernels' AVX512 path needs AVX512-BF16, VBMI and VBMI2")
+    w = weight(N, K, spread, seed=N)
+    w = torch.where(w.float().abs() < 1e3, w, torch.zeros_like(w))  # finite sums; spread keeps escapes in every row
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(3)).bfloat16()
+    bias = torch.randn(N)
+    packed = kernels.pack_bf16(w)
+    out = {}
+    try:
+        for mode in (1, 0):
+            kernels.set_streams(mode)
+            out[mode] = kernels.packed_linear(x, packed, N, K, bias)
+    finally:
+        kernels.set_streams(-1)
+    assert out[0].isfinite().all() and torch.equal(out[1], out[0])

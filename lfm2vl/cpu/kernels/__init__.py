@@ -57,7 +57,7 @@ def set_isa(cap: int) -> None:
 
 def set_streams(mode: int) -> None:
     """Several weight streams for one activation row (bf16 eight, int8 four, gemv_streams.cpp; int4 two,
-    gemv_vnni.cpp): -1 by the CPU's vendor (the default: Intel),
+    gemv_vnni.cpp; packed bf16 two, packed.cpp): -1 by the CPU's vendor (the default: Intel),
     0 never, 1 always (tests use it to run both paths on any CPU)."""
     lib = _load()
     if lib is not None:

@@ -14,7 +14,7 @@
 //   3 = AVX512-BF16 (_mm512_dpbf16_ps for bf16 x bf16), 2 = AVX512F, 1 = AVX2+FMA (gemv_avx2.cpp), 0 = scalar.
 // On AVX512 CPUs with VNNI int8 / int4 weights meet a quantized x in integer dot products (gemv_vnni.cpp), and
 // products of one activation row read several weight rows at once on Intel CPUs (bf16 eight, int8 four,
-// gemv_streams.cpp; int4 two, gemv_vnni.cpp).
+// gemv_streams.cpp; int4 two, gemv_vnni.cpp; packed bf16 two, packed.cpp).
 // Each ISA path lives in a function with a target attribute (gemv.h), so the file compiles on any x86-64 gcc.
 #include <immintrin.h>
 #include "pool.h"
@@ -28,10 +28,10 @@
 static int g_isa_cap = 3;
 static int g_streams = -1;  // several weight streams for one activation row: -1 by vendor, 0 off, 1 on (tests)
 
-// Whether one activation row reads several weight rows at once (bf16 eight, int8 four, int4 two). On Intel: a Sapphire
-// Rapids VM's core keeps too few reads in flight on one stream (450M decode bf16 +28%, int8 +35%, int4 +19%). On
-// AMD a single stream with its software prefetch is the faster one: on a Zen 5 VM eight streams read 37 GB/s where
-// one reads 45-46.
+// Whether one activation row reads several weight rows at once (bf16 eight, int8 four, int4 and packed two). On
+// Intel: a Sapphire Rapids VM's core keeps too few reads in flight on one stream (450M decode bf16 +28%, int8 +35%,
+// int4 +19%, packed +6%). On AMD a single stream with its software prefetch is the faster one: on a Zen 5 VM eight
+// streams read 37 GB/s where one reads 45-46.
 static bool row_streams() {
     if (g_streams >= 0) return g_streams;
     static const bool intel = (__builtin_cpu_init(), __builtin_cpu_is("intel"));
@@ -275,7 +275,7 @@ static void linear_chunk(const void* ctx, int64_t chunk) {
     int64_t n0, n1;
     chunk_rows(chunk, a.rows_per_chunk, a.N, &n0, &n1);
     if (a.kind == 4) {
-        p12_rows(a.W, (const uint16_t*)a.X, a.Xf, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt);
+        p12_rows(a.W, (const uint16_t*)a.X, a.Xf, a.Y, a.bias, a.M, n0, n1, a.N, a.K, a.ydt, a.streams);
     } else if (a.dp && a.streams) {
         rows_bf16_streams((const uint16_t*)a.W, (const uint16_t*)a.X, a.Y, a.bias, n0, n1, a.K, a.ydt);
     } else if (a.dp) {

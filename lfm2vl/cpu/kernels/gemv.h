@@ -338,11 +338,12 @@ T_AVX512BF16 void four_rows_bf16_dp(const uint16_t* w, const uint16_t* X, void* 
                                     int64_t n, int64_t N, int64_t K, int ydt, bool pf, const char* end);
 
 // bf16 weights packed in 12 bits (packed.h): rows [n0, n1) of W times the M activation rows X (bf16; NULL when
-// the CPU lacks the AVX512 paths) or Xf (fp32, for the scalar path). p12_fast(): whether the AVX512 paths run
+// the CPU lacks the AVX512 paths) or Xf (fp32, for the scalar path); streams: one activation row reads two weight
+// rows at a time (LinearArgs::streams). p12_fast(): whether the AVX512 paths run
 // (AVX512-BF16, VBMI and VBMI2, and the instruction-set cap at AVX512-BF16).
 bool p12_fast();
 void p12_rows(const void* W, const uint16_t* X, const float* Xf, void* Y, const float* bias, int64_t M, int64_t n0,
-              int64_t n1, int64_t N, int64_t K, int ydt);
+              int64_t n1, int64_t N, int64_t K, int ydt, bool streams);
 
 // Software prefetch of a weight stream: this many bytes ahead of the row being read, never past its chunk's end.
 static const int64_t PF_BYTES = 2048;
