@@ -49,7 +49,7 @@ T_AVX512BF16 static inline void bf16_rows8(const uint16_t* const* w, const uint1
 // and block, as row_q16_vnni sums them.
 template <int NS>
 T_AVX512VNNI static inline void q16_rows(const int8_t* const* w, const int16_t* Q, const float* D, int64_t K,
-                                          const char* end, float* out) {
+                                         const char* end, float* out) {
     const int64_t nb = (K + Q16_BLOCK - 1) / Q16_BLOCK;
     __m512 facc[NS];
     for (int s = 0; s < NS; s++) facc[s] = _mm512_setzero_ps();
@@ -99,30 +99,30 @@ T_AVX512BF16 void rows_bf16_streams(const uint16_t* W, const uint16_t* X, void* 
                                     int64_t n1, int64_t K, int ydt) {
     const char* end = (const char*)(W + n1 * K);
     by_parts<STREAMS>((const char*)W, 2 * K, nullptr, Y, bias, n0, n1, ydt,
-               [&](const void* const* w, float* out) { bf16_rows8((const uint16_t* const*)w, X, K, end, out); },
-               [&](int64_t n) {
-                   const uint16_t* w[STREAMS];
-                   for (int s = 0; s < STREAMS; s++) w[s] = W + n * K;  // the same row eight times: its sum once
-                   float out[STREAMS];
-                   bf16_rows8(w, X, K, end, out);
-                   return out[0];
-               });
+                      [&](const void* const* w, float* out) { bf16_rows8((const uint16_t* const*)w, X, K, end, out); },
+                      [&](int64_t n) {
+                          const uint16_t* w[STREAMS];
+                          for (int s = 0; s < STREAMS; s++) w[s] = W + n * K;  // the same row eight times: its sum once
+                          float out[STREAMS];
+                          bf16_rows8(w, X, K, end, out);
+                          return out[0];
+                      });
 }
 
 T_AVX512VNNI void rows_q16_streams(const int8_t* W, const float* S, const int16_t* Xh, const float* Xd, void* Y,
                                    const float* bias, int64_t n0, int64_t n1, int64_t K, int ydt) {
     const char* end = (const char*)(W + n1 * K);
     by_parts<INT8_STREAMS>((const char*)W, K, S, Y, bias, n0, n1, ydt,
-               [&](const void* const* w, float* out) {
-                   q16_rows<INT8_STREAMS>((const int8_t* const*)w, Xh, Xd, K, end, out);
-               },
-               [&](int64_t n) {
-                   const int8_t* w[INT8_STREAMS];
-                   for (int s = 0; s < INT8_STREAMS; s++) w[s] = W + n * K;
-                   float out[INT8_STREAMS];
-                   q16_rows<INT8_STREAMS>(w, Xh, Xd, K, end, out);
-                   return out[0];
-               });
+                           [&](const void* const* w, float* out) {
+                               q16_rows<INT8_STREAMS>((const int8_t* const*)w, Xh, Xd, K, end, out);
+                           },
+                           [&](int64_t n) {
+                               const int8_t* w[INT8_STREAMS];
+                               for (int s = 0; s < INT8_STREAMS; s++) w[s] = W + n * K;
+                               float out[INT8_STREAMS];
+                               q16_rows<INT8_STREAMS>(w, Xh, Xd, K, end, out);
+                               return out[0];
+                           });
 }
 
 // ---------------------------------------------------------------- the bench's read-bandwidth probe

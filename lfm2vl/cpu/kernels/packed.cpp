@@ -118,7 +118,6 @@ T_P12 void rows_p12_one(const P12& v, const int64_t* n, const uint16_t* X, int64
     for (int j = 0; j < NS; j++) sum_accumulators<1, 4>(acc[j], out + j);
 }
 
-
 // Rows [n0, n1) of a one-row product NS at a time: row t of each of NS equal parts of the range, the rows left over
 // one by one.
 template <int NS>
