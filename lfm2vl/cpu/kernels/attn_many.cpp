@@ -50,6 +50,23 @@ struct ManyArgs {
     int64_t visible(int64_t u, int64_t l) const { return causal ? nkeys[u] - L + l + 1 : nkeys[u]; }
 };
 
+// One query's softmax over its vis visible keys of Lb: e = 2^(c s - c max(s)) for its scores s at sr (c > 0: their
+// scale times log2 e, or 1 for scores already scaled so), 0 for the hidden and padded keys; the e rounded to bf16
+// into pw, their fp32 sum returned.
+T_AVX512BF16 float softmax_row(const float* sr, uint16_t* pw, int64_t Lb, int64_t vis, float c) {
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t k = 0; k < Lb; k += 16) mx = _mm512_mask_max_ps(mx, tail16(vis - k), mx, _mm512_load_ps(sr + k));
+    const __m512 cv = _mm512_set1_ps(c), m = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * c);
+    __m512 tot = _mm512_setzero_ps();
+    for (int64_t k = 0; k < Lb; k += 16) {
+        const __m512 x = _mm512_fmsub_ps(_mm512_load_ps(sr + k), cv, m);
+        const __m512 e = _mm512_maskz_mov_ps(tail16(vis - k), exp2_nonpos(x));
+        tot = _mm512_add_ps(tot, e);
+        _mm256_store_si256((__m256i*)(pw + k), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    return _mm512_reduce_add_ps(tot);
+}
+
 // A block's scores (then exponentials) and bf16 probabilities, n of each, 64-byte aligned: this thread's buffers, kept
 // for its next blocks (a malloc and free per block cost 3% of a vision layer).
 void block_buffers(int64_t n, float** s, uint16_t** pr) {
@@ -159,22 +176,7 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
     // softmax over each query's visible keys: exponentials in fp32, their fp32 sum, bf16 probabilities (the
     // hidden and padded keys: 0)
     float sum[QB];
-    for (int r = 0; r < rows; r++) {
-        float* sr = s + r * a.Ls;
-        const int64_t vis = a.visible(u, i0 + r);
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int64_t j = 0; j < Lb; j += 16) {
-            mx = _mm512_mask_max_ps(mx, tail16(vis - j), mx, _mm512_load_ps(sr + j));
-        }
-        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-        __m512 tot = _mm512_setzero_ps();
-        for (int64_t j = 0; j < Lb; j += 16) {
-            const __m512 e = _mm512_maskz_mov_ps(tail16(vis - j), exp2_nonpos(_mm512_sub_ps(_mm512_load_ps(sr + j), m)));
-            tot = _mm512_add_ps(tot, e);
-            _mm256_store_si256((__m256i*)(pr + r * a.Ls + j), (__m256i)_mm512_cvtneps_pbh(e));
-        }
-        sum[r] = _mm512_reduce_add_ps(tot);
-    }
+    for (int r = 0; r < rows; r++) sum[r] = softmax_row(s + r * a.Ls, pr + r * a.Ls, Lb, a.visible(u, i0 + r), 1.f);
     // value sums over key pairs, then / sum, one bf16 rounding (value_sums: the column count fixed at compile time,
     // so the accumulators stay in registers)
     const uint32_t* p32 = (const uint32_t*)pr;
@@ -191,8 +193,8 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
 }
 
 // ---- the same on AMX-BF16 tiles (TDPBF16PS: a 16 x 32 bf16 tile times a tile of 16 bf16 pairs per column into a
-// 16 x 16 fp32 tile): blocks of 32 queries (QT); the pair layouts above are the tiles' B operands as they are (K: rows of
-// head-column pairs, 16 keys a row; V: rows of key pairs, 16 head columns a row), queries and probabilities their
+// 16 x 16 fp32 tile): blocks of 32 queries (QT); the pair layouts above are the tiles' B operands as they are (K: rows
+// of head-column pairs, 16 keys a row; V: rows of key pairs, 16 head columns a row), queries and probabilities their
 // A operands. The same softmax; the scale (times log2 e) goes into it (max(s) * c = max(s * c) for a positive c).
 
 const int QT = 32;  // queries per block on the tiles: two 16-row A tiles share each K and V tile read
@@ -274,27 +276,10 @@ T_AMXBF16 void attend_amx(const void* ctx, int64_t c) {
     amx_load_config();
     for (int64_t j = 0; j < Lb; j += 32) score_tiles(a, q32, Dq, kp, j, s);  // Lb is a multiple of 32
     const float scale2 = a.scale * LOG2E;  // exp(scale (s - max)) = 2^(scale log2(e) (s - max))
-    const __m512 sc2 = _mm512_set1_ps(scale2);
     float sum[QT];
     for (int r = 0; r < QT; r++) {
-        uint16_t* pw = pr + r * a.Ls;
-        if (r >= rows) {  // read by the value tiles, never stored
-            memset(pw, 0, sizeof(uint16_t) * Lb);
-            continue;
-        }
-        const float* sr = s + r * a.Ls;
-        const int64_t vis = a.visible(u, i0 + r);
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int64_t k = 0; k < Lb; k += 16) mx = _mm512_mask_max_ps(mx, tail16(vis - k), mx, _mm512_load_ps(sr + k));
-        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * scale2);
-        __m512 tot = _mm512_setzero_ps();
-        for (int64_t k = 0; k < Lb; k += 16) {
-            const __m512 x = _mm512_fmsub_ps(_mm512_load_ps(sr + k), sc2, m);
-            const __m512 e = _mm512_maskz_mov_ps(tail16(vis - k), exp2_nonpos(x));
-            tot = _mm512_add_ps(tot, e);
-            _mm256_store_si256((__m256i*)(pw + k), (__m256i)_mm512_cvtneps_pbh(e));
-        }
-        sum[r] = _mm512_reduce_add_ps(tot);
+        if (r < rows) sum[r] = softmax_row(s + r * a.Ls, pr + r * a.Ls, Lb, a.visible(u, i0 + r), scale2);
+        else memset(pr + r * a.Ls, 0, sizeof(uint16_t) * Lb);  // read by the value tiles, never stored
     }
     for (int c0 = 0; c0 < a.Dp / 16; c0 += 2) {  // two column tiles at a time beside the probability and value tiles
         if (c0 + 1 < a.Dp / 16) value_tiles<2>(a, pr, vp, Lb, c0, o);

@@ -17,16 +17,25 @@
 
 namespace {
 
-const int64_t SPAN = 16384;  // elements per SwiGLU chunk
+const int64_t SPAN = 16384;  // elements per chunk of an elementwise pass
 
-struct SwiGLUArgs {
+// An elementwise pass over n bf16 values: out from a (and b)
+struct SpanArgs {
     const uint16_t *a, *b;
     uint16_t* out;
     int64_t n;
 };
 
+// Run pass fn over g's values in chunks of SPAN, on torch's team (a prefill pass). Returns 0, or -1 without AVX512.
+int run_spans(pool_fn fn, const SpanArgs& g, int threads) {
+    if (active_isa() < 2) return -1;
+    pool_run(fn, &g, (g.n + SPAN - 1) / SPAN, threads, false);
+    return 0;
+}
+
+// out = silu(a) * b
 T_AVX512 void swiglu(const void* ctx, int64_t c) {
-    const SwiGLUArgs& g = *(const SwiGLUArgs*)ctx;
+    const SpanArgs& g = *(const SpanArgs*)ctx;
     int64_t i0, i1;
     chunk_rows(c, SPAN, g.n, &i0, &i1);
     for (int64_t i = i0; i < i1; i += 16) {
@@ -36,20 +45,14 @@ T_AVX512 void swiglu(const void* ctx, int64_t c) {
     }
 }
 
-// GELU (tanh approximation) over n bf16 values in place: fp32 math (gelu_tanh16), one rounding, as torch's bf16
-// F.gelu rounds
-struct GeluArgs {
-    uint16_t* x;
-    int64_t n;
-};
-
+// out = GELU (tanh approximation) of a: fp32 math (gelu_tanh16), one rounding, as torch's bf16 F.gelu rounds
 T_AVX512 void gelu(const void* ctx, int64_t c) {
-    const GeluArgs& g = *(const GeluArgs*)ctx;
+    const SpanArgs& g = *(const SpanArgs*)ctx;
     int64_t i0, i1;
     chunk_rows(c, SPAN, g.n, &i0, &i1);
     for (int64_t i = i0; i < i1; i += 16) {
         const __mmask16 mk = tail16(i1 - i);
-        _mm256_mask_storeu_epi16(g.x + i, mk, to_bf16x16(gelu_tanh16(from_bf16x16(g.x + i, mk))));
+        _mm256_mask_storeu_epi16(g.out + i, mk, to_bf16x16(gelu_tanh16(from_bf16x16(g.a + i, mk))));
     }
 }
 
@@ -181,18 +184,12 @@ int lfm2vl_short_conv_bf16(const uint16_t* p, const uint16_t* state, const float
 
 // out = silu(a) * b over n bf16 values. Returns 0, or -1 without AVX512.
 int lfm2vl_swiglu_bf16(const uint16_t* a, const uint16_t* b, uint16_t* out, int64_t n, int threads) {
-    if (active_isa() < 2) return -1;
-    SwiGLUArgs g{a, b, out, n};
-    pool_run(swiglu, &g, (n + SPAN - 1) / SPAN, threads, false);
-    return 0;
+    return run_spans(swiglu, SpanArgs{a, b, out, n}, threads);
 }
 
 // x = gelu_tanh(x) over n bf16 values in place. Returns 0, or -1 without AVX512.
 int lfm2vl_gelu_tanh_bf16(uint16_t* x, int64_t n, int threads) {
-    if (active_isa() < 2) return -1;
-    GeluArgs g{x, n};
-    pool_run(gelu, &g, (n + SPAN - 1) / SPAN, threads, false);
-    return 0;
+    return run_spans(gelu, SpanArgs{x, nullptr, x, n}, threads);
 }
 
 // out = (x - mean) * rsqrt(var + eps) * w + b per row of n bf16 values (torch's layer_norm; b may be NULL); w, b (n)
