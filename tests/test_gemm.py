@@ -21,6 +21,7 @@ def mode(request, monkeypatch):
         monkeypatch.setattr(gemm, "AMX_COLS", 1 << 20)
     else:
         monkeypatch.setattr(gemm, "AMX_COLS", 0)
+        monkeypatch.setattr(gemm, "AMX_GELU_COLS", 0)
     return request.param
 
 
@@ -46,10 +47,10 @@ def test_bf16_linear_is_the_fp32_product_rounded_once(mode, gelu):
     _within_one_rounding(y, ref)
 
 
-@pytest.mark.parametrize("M,N,K", [(50, 33, 70), (17, 100, 130), (64, 32, 32)])
+@pytest.mark.parametrize("M,N,K", [(50, 33, 70), (17, 100, 130), (64, 32, 32), (40, 50, 700)])
 def test_ragged_shapes_are_the_fp32_product_rounded_once(mode, M, N, K):
-    """Rows, outputs and inputs off the AMX kernel's tiles (16 rows, 32 outputs, 32 inputs a step), with a bias, and
-    a residual or a tanh GELU (on the rounded product)."""
+    """Rows, outputs and inputs off the AMX kernel's tiles (16 rows, 32 outputs, 32 inputs a step; 700 inputs: slices
+    of K, the last one short), with a bias, and a residual or a tanh GELU (on the rounded product)."""
     g = torch.Generator().manual_seed(M + K)
     x, r = torch.randn(M, K, generator=g).bfloat16(), torch.randn(M, N, generator=g).bfloat16()
     w, b = (torch.randn(N, K, generator=g) / 8).bfloat16(), torch.randn(N, generator=g).bfloat16()
@@ -102,16 +103,32 @@ def test_the_reused_buffer_works_in_and_out_of_inference_mode(mode, monkeypatch)
 
 @pytest.mark.parametrize("rows,cols,gelu,tiles,takes", [
     (1024, 768, None, True, True), (2048, 1024, "tanh", True, True),  # the vision tower's projections and fc2
-    (512, 768, None, True, True), (1024, 3072, "tanh", True, False),  # a prefill chunk; fc1's wide output
+    (512, 768, None, True, True), (1024, 3072, "tanh", True, True),  # a prefill chunk; fc1, its GELU fused
+    (1024, 3072, None, True, False),  # a wide output without a GELU to fuse
     (64, 768, None, True, False),  # a few rows (a short prompt's chunk)
     (1024, 768, "none", True, True), (1024, 768, None, False, False)])  # erf GELU; no AMX-BF16 tiles
 def test_bf16_products_take_the_amx_kernel_by_shape(monkeypatch, rows, cols, gelu, tiles, takes):
     """Many rows and at most AMX_COLS outputs (where oneDNN's own choice is slow) go to kernels.bf16_linear_amx on
-    CPUs whose AMX-BF16 tiles run, a GELU after it; everything else, and a kernel that declines, to oneDNN."""
+    CPUs whose AMX-BF16 tiles run, and so does a product with its tanh GELU fused at any width; everything else to
+    oneDNN."""
     calls = []
+
+    def fake(x, w, bias, residual, gelu=False):
+        calls.append((tuple(x.shape), gelu))
+        return torch.zeros(x.shape[0], w.shape[0], dtype=torch.bfloat16)
+
     monkeypatch.setattr(kernels, "amx_bf16", lambda: tiles)
-    monkeypatch.setattr(kernels, "bf16_linear_amx", lambda *a: calls.append(a[0].shape) or None)
+    monkeypatch.setattr(kernels, "bf16_linear_amx", fake)
     x, w = torch.randn(rows, 64).bfloat16(), torch.randn(cols, 64).bfloat16()
     y = gemm.linear(x.view(2, rows // 2, 64), w, gelu=gelu)
     assert y.shape == (2, rows // 2, cols)
-    assert calls == ([(rows, 64)] if takes and kernels.available() else [])
+    assert calls == ([((rows, 64), gelu == "tanh")] if takes and kernels.available() else [])
+
+
+def test_a_fused_gelu_equals_the_product_then_the_gelu_pass(mode):
+    """The tanh GELU fused into a product's epilogue gives the bits of the product rounded to bf16 and then GELU'd
+    (the native pass where it runs)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(150, 96, generator=g).bfloat16()
+    w, b = (torch.randn(200, 96, generator=g) / 8).bfloat16(), torch.randn(200, generator=g).bfloat16()
+    assert torch.equal(gemm.linear(x, w, b, gelu="tanh"), gemm._gelu(gemm.linear(x, w, b), "tanh"))

@@ -10,10 +10,11 @@ buffer, so the fp32 copy never exists whole and each block is multiplied while i
 
 Where oneDNN takes the dtype, the bias and a residual add are fused into the product (one rounding, fewer passes over
 the activations); fp32 products fuse their GELU too. A GELU after a bf16 product applies to the product rounded to
-bf16, as torch's bf16 `F.linear` then `F.gelu` (and so transformers) round, in lfm2vl's native pass for the tanh
-form (`kernels.gelu_tanh_`): oneDNN's fused GELU was the slower way on the 2-core AMX Xeon VM, 1024 x 3072 x 768 (the
-450M vision tower's fc1) 4.6-5.4 ms fused against 3.8-4.1 with the pass. torch's own float32 GEMM is MKL, which
-takes a slow path on AMD CPUs, so fp32 goes through oneDNN too.
+bf16, as torch's bf16 `F.linear` then `F.gelu` (and so transformers) round: on AMX CPUs fused into lfm2vl's kernel
+(below), elsewhere in lfm2vl's native pass for the tanh form (`kernels.gelu_tanh_`): oneDNN's fused GELU was the
+slower way on the 2-core AMX Xeon VM, 1024 x 3072 x 768 (the 450M vision tower's fc1) 4.6-5.4 ms fused against
+3.8-4.1 with the pass. torch's own float32 GEMM is MKL, which takes a slow path on AMD CPUs, so fp32 goes through
+oneDNN too.
 
 On AMX CPUs the bf16 products of at least 128 rows and at most 1024 outputs (the 450M vision tower's attention
 projections and second MLP layer; the prefill's attention projections, the conv blocks' out_proj and the MLPs' w2)
@@ -21,7 +22,8 @@ run on lfm2vl's own AMX kernel instead (`kernels.bf16_linear_amx`, the same fusi
 ~1.0 TFLOP/s on the 2-core AMX Xeon VM where the kernel runs 1.7-2.1 (1024 x 768 x 768, 1024 x 768 x 3072,
 1024 x 1024 x 1024), 286 x 1024 x 4608 1.8 against 2.0-2.2 ms; a 286-token prefill took 5-8 ms less with the kernel
 from 128 rows than from 1024 (interleaved runs; 64 or 32 rows: less gain). At wider outputs oneDNN's is faster and
-stays.
+stays, except for a product followed by the tanh GELU: the kernel applies it as each block leaves the tiles, the
+same bits as the product and then the pass, at any width (fc1 3.4 ms against oneDNN's product and the pass 3.6).
 """
 from __future__ import annotations
 
@@ -94,12 +96,14 @@ def _widened(x: torch.Tensor, w: torch.Tensor, bias, gelu: str | None, residual)
 
 
 AMX_ROWS, AMX_COLS = 128, 1024  # the shapes the AMX kernel takes: at least this many rows, at most this many outputs
+AMX_GELU_COLS = 1 << 20  # ... or this many with a tanh GELU fused into it (any width: it saves the GELU's pass)
 
 
-def _amx_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether this bf16 product runs on lfm2vl's AMX kernel (see the top of this file)."""
+def _amx_takes(x: torch.Tensor, w: torch.Tensor, fused_gelu: bool = False) -> bool:
+    """Whether this bf16 product (with a tanh GELU fused) runs on lfm2vl's AMX kernel (see the top of this file)."""
     return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.numel() >= AMX_ROWS * x.shape[-1]
-            and w.shape[0] <= AMX_COLS and kernels.available() and kernels.amx_bf16())
+            and w.shape[0] <= (AMX_GELU_COLS if fused_gelu else AMX_COLS) and kernels.available()
+            and kernels.amx_bf16())
 
 
 def _gelu(y: torch.Tensor, approximate: str) -> torch.Tensor:
@@ -120,6 +124,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, g
     a GELU applies to the product rounded to bf16 (see the top of this file).
     """
     if gelu is not None and x.dtype == torch.bfloat16:
+        if gelu == "tanh" and _amx_takes(x, w, fused_gelu=True):
+            y = kernels.bf16_linear_amx(x.reshape(-1, w.shape[1]), w, bias, None, True)
+            if y is not None:
+                y = y.view(*x.shape[:-1], w.shape[0])
+                return y if residual is None else y + residual
         y = _gelu(linear(x, w, bias), gelu)
         return y if residual is None else y + residual
     if _amx_takes(x, w):

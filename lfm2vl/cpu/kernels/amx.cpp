@@ -8,7 +8,9 @@
 // in bytes of K, so both share the layout. w stays row-major (the decode GEMVs read it so); each chunk of the work
 // re-lays a group of four panels of 32 output columns into a per-thread buffer (a 16 x 16 dword transpose per 1 KB
 // block), then runs every 32-row block of x over the group: two x tiles x two w tiles into four accumulator tiles
-// per 64 bytes of K. Each block's sums leave the tiles into a small buffer and become the output there: the int32
+// per 64 bytes of K, one slice of K at a time over all four panels (the slice of x is read from the L1 cache after
+// its first panel, each panel's partial sums wait in a buffer; whole-K blocks ran 15% slower at 1024 x 768 x 768 on
+// the 2-core AMX Xeon VM). Each block's sums leave the tiles into a small buffer and become the output there: the int32
 // sums themselves, a linear's epilogue (scales, bias, GELU, residual: int8mm.h), or a SwiGLU gate's h, the gate's and
 // up's blocks side by side; no (M, N) int32 result goes through memory. A ragged edge (K not a multiple of 64 bytes,
 // M or N not of 16) goes through zero-padded copies, never past the buffers.
@@ -32,6 +34,7 @@ namespace {
 
 const int64_t PANEL = 32;  // output columns of a packed panel: two w tiles
 const int64_t GROUP = 4;   // panels per chunk of work: each block of x's rows runs over all of them
+const int64_t KSLICE = 8;  // 64-byte steps of K per slice of a 32-row block (16 KB of x, kept in the L1 cache)
 
 bool amx_off = false;  // lfm2vl_set_amx(0): tests run the other paths on an AMX CPU too
 
@@ -141,10 +144,20 @@ T_AMX void pack_panel(const int8_t* w, const MmArgs& a, int64_t n0, int8_t* out)
 // stride 32; int32, or fp32 for bf16 operands).
 #define DP(C, A, B) do { if (BF16) _tile_dpbf16ps(C, A, B); else _tile_dpbssd(C, A, B); } while (0)
 
+// Adds the sums of 32 rows of x (from xr, row stride ldx bytes) over the 64-byte steps [k0, k1) of K against the
+// packed panel bp into t (32 x 32, row stride 32; int32, or fp32 for bf16 operands): t's partial sums go back into
+// the tiles and on from where they stopped (k0 = 0: from zero), so the order of the additions is the whole K's.
 template <bool BF16>
-T_AMXALL void block32(const int8_t* xr, int64_t ldx, const int8_t* bp, int64_t KB, int32_t* t) {
-    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-    for (int64_t kb = 0; kb < KB; kb++) {
+T_AMXALL void block32(const int8_t* xr, int64_t ldx, const int8_t* bp, int64_t k0, int64_t k1, int32_t* t) {
+    if (k0 == 0) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    } else {
+        _tile_loadd(0, t, PANEL * 4);
+        _tile_loadd(1, t + 16, PANEL * 4);
+        _tile_loadd(2, t + 16 * PANEL, PANEL * 4);
+        _tile_loadd(3, t + 16 * PANEL + 16, PANEL * 4);
+    }
+    for (int64_t kb = k0; kb < k1; kb++) {
         _tile_loadd(4, xr + kb * 64, ldx);
         _tile_loadd(5, xr + 16 * ldx + kb * 64, ldx);
         _tile_loadd(6, bp + kb * 2048, 64);
@@ -174,25 +187,32 @@ T_AMXALL void block16(const int8_t* xr, int64_t ldx, const int8_t* bp, int64_t K
     _tile_stored(1, t + 16, PANEL * 4);
 }
 
+// The 16 values of row m, columns n.. (lanes of mk) before their rounding to y's dtype, from the block's sums at s
+// (and s3: up's, GATE): a linear's epilogue, or a SwiGLU gate's h.
+T_AMXALL inline __m512 value16(const MmArgs& a, const int32_t* s, const int32_t* s3, int64_t m, int64_t n,
+                               __mmask16 mk) {
+    if (a.mode == GATE) return gate16(a.gate, s, s3, m, n, mk);
+    return a.bf16 ? epilogue_value16f(a.epi, (const float*)s, m, n, mk) : epilogue_value16(a.epi, s, m, n, mk);
+}
+
 // Rows [m0, m0 + rows) x columns [n0, min(n0 + 32, N)) of the result from the block's sums t (and t3: up's, GATE).
 T_AMXALL void emit(const MmArgs& a, const int32_t* t, const int32_t* t3, int64_t m0, int64_t rows, int64_t n0) {
     const int64_t cols = a.N - n0 < PANEL ? a.N - n0 : PANEL;
+    void* y = a.mode == GATE ? (void*)a.h : a.epi.y;
+    const int ydt = a.mode == GATE ? 1 : a.epi.ydt;
     for (int64_t i = 0; i < rows; i++) {
         const int64_t m = m0 + i;
+        const int32_t *s = t + i * PANEL, *s3 = t3 + i * PANEL;
         if (a.mode == RAW) {
-            memcpy(a.c + m * a.N + n0, t + i * PANEL, cols * 4);
-            continue;
-        }
-        for (int64_t j = 0; j < cols; j += 16) {
-            const __mmask16 mk = cols - j >= 16 ? 0xffff : (__mmask16)((1u << (cols - j)) - 1);
-            const int32_t* s = t + i * PANEL + j;
-            if (a.bf16) {
-                epilogue16f(a.epi, (const float*)s, m, n0 + j, mk);
-            } else if (a.mode == LINEAR) {
-                epilogue16(a.epi, s, m, n0 + j, mk);
-            } else {
-                const __m512 h = gate16(a.gate, s, t3 + i * PANEL + j, m, n0 + j, mk);
-                _mm256_mask_storeu_epi16(a.h + m * a.N + n0 + j, mk, to_bf16x16(h));
+            memcpy(a.c + m * a.N + n0, s, cols * 4);
+        } else if (cols == PANEL && ydt == 1) {  // a whole panel row of bf16 is one 64-byte store (~5% of a product)
+            const __m256i lo = to_bf16x16(value16(a, s, s3, m, n0, 0xffff));
+            const __m256i hi = to_bf16x16(value16(a, s + 16, s3 + 16, m, n0 + 16, 0xffff));
+            _mm512_storeu_si512((uint16_t*)y + m * a.N + n0, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+        } else {
+            for (int64_t j = 0; j < cols; j += 16) {
+                const __mmask16 mk = tail16(cols - j);
+                store16(y, ydt, m * a.N + n0 + j, value16(a, s + j, s3 + j, m, n0 + j, mk), mk);
             }
         }
     }
@@ -216,29 +236,33 @@ T_AMXALL void mm_panels(const void* ctx, int64_t chunk) {
     const bool gate = a.mode == GATE;
     thread_local Scratch scratch;
     int8_t* bp = scratch.get(per * np * (gate ? 2 : 1));  // panel g at g * per; up's after all of the gate's
-    alignas(64) int32_t t[32 * PANEL], t3[32 * PANEL];
+    alignas(64) int32_t t[2 * GROUP][32 * PANEL];  // each panel's block sums (GATE: up's after the gate's)
     for (int64_t g = 0; g < np; g++) {
         pack_panel(a.w, a, (p0 + g) * PANEL, bp + g * per);
         if (gate) pack_panel(a.w3, a, (p0 + g) * PANEL, bp + (np + g) * per);
     }
     amx_load_config();
     // each block of x's rows meets every panel of the group while it is in the nearest caches: two whole 16-row
-    // tiles, else one, else the ragged last rows from their padded copy
+    // tiles, a slice of K at a time (the slice of x stays in the L1 cache across the group's panels, their sums
+    // wait in t), else one tile over the whole K, else the ragged last rows from their padded copy
     for (int64_t m0 = 0, rows; m0 < a.M; m0 += rows) {
         rows = m0 + 32 <= a.Mfull ? 32 : m0 < a.Mfull ? 16 : a.M - m0;
         const int8_t* xr = m0 < a.Mfull ? a.x + m0 * ldx : a.xt;
-        for (int64_t g = 0; g < np; g++) {
-            const int8_t* b1 = bp + g * per;
-            const int8_t* b3 = bp + (np + g) * per;
-            if (rows == 32) {
-                block32<BF16>(xr, ldx, b1, KB, t);
-                if (gate) block32<BF16>(xr, ldx, b3, KB, t3);
-            } else {
-                block16<BF16>(xr, ldx, b1, KB, t);
-                if (gate) block16<BF16>(xr, ldx, b3, KB, t3);
+        if (rows == 32) {
+            for (int64_t k0 = 0; k0 < KB; k0 += KSLICE) {
+                const int64_t k1 = k0 + KSLICE < KB ? k0 + KSLICE : KB;
+                for (int64_t g = 0; g < np; g++) {
+                    block32<BF16>(xr, ldx, bp + g * per, k0, k1, t[g]);
+                    if (gate) block32<BF16>(xr, ldx, bp + (np + g) * per, k0, k1, t[GROUP + g]);
+                }
             }
-            emit(a, t, t3, m0, rows, (p0 + g) * PANEL);
+        } else {
+            for (int64_t g = 0; g < np; g++) {
+                block16<BF16>(xr, ldx, bp + g * per, KB, t[g]);
+                if (gate) block16<BF16>(xr, ldx, bp + (np + g) * per, KB, t[GROUP + g]);
+            }
         }
+        for (int64_t g = 0; g < np; g++) emit(a, t[g], t[GROUP + g], m0, rows, (p0 + g) * PANEL);
     }
     _tile_release();
 }
@@ -310,16 +334,17 @@ int lfm2vl_int8_linear_amx(const int8_t* x, const int8_t* w, const float* xs, co
     return 0;
 }
 
-// y (M, N) <- x . w^T + bias + res for bf16 x (M, K) and w (N, K), fp32 sums rounded once to y's dtype (ydt 0 fp32,
-// 1 bf16); bias (N) fp32 or NULL, res (M, N) in y's dtype or NULL (a GELU after a bf16 product applies to the rounded
-// product: gemm.py). Returns 0, or -1 where the bf16 tiles cannot run.
+// y (M, N) <- x . w^T + bias (then GELU's tanh form when gelu) + res for bf16 x (M, K) and w (N, K), fp32 sums
+// rounded once to y's dtype (ydt 0 fp32, 1 bf16); bias (N) fp32 or NULL, res (M, N) in y's dtype or NULL. The GELU
+// applies to the sum rounded to bf16, as after torch's bf16 product (gemm.py). Returns 0, or -1 where the bf16 tiles
+// cannot run.
 int lfm2vl_bf16_linear_amx(const uint16_t* x, const uint16_t* w, const float* bias, const void* res, void* y,
-                           int ydt, int64_t M, int64_t N, int64_t K, int threads) {
+                           int ydt, int gelu, int64_t M, int64_t N, int64_t K, int threads) {
     if (!amx_ready(true)) return -1;
     if (M <= 0 || N <= 0) return 0;
     MmArgs a{};
     a.bf16 = true; a.w = (const int8_t*)w; a.M = M; a.N = N; a.K = 2 * K; a.mode = LINEAR;
-    a.epi = Epilogue{NULL, NULL, bias, res, y, ydt, 0, N};
+    a.epi = Epilogue{NULL, NULL, bias, res, y, ydt, gelu, N};
     run(a, (const int8_t*)x, threads);
     return 0;
 }

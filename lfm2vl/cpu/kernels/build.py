@@ -132,7 +132,7 @@ def load():
     lib.lfm2vl_int_mm_amx.restype = ctypes.c_int
     lib.lfm2vl_int8_linear_amx.argtypes = [p, p, p, p, p, p, p, i, i, i64, i64, i64, i]
     lib.lfm2vl_int8_linear_amx.restype = ctypes.c_int
-    lib.lfm2vl_bf16_linear_amx.argtypes = [p, p, p, p, p, i, i64, i64, i64, i]
+    lib.lfm2vl_bf16_linear_amx.argtypes = [p, p, p, p, p, i, i, i64, i64, i64, i]
     lib.lfm2vl_bf16_linear_amx.restype = ctypes.c_int
     lib.lfm2vl_swiglu_h_amx.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i]
     lib.lfm2vl_swiglu_h_amx.restype = ctypes.c_int

@@ -26,22 +26,28 @@ T_AVX512 static inline __m512 scaled16(const int32_t* acc, __m512 xs, const floa
     return v;
 }
 
-// The epilogue of row m, columns n.. (lanes of mk), from the 16 sums at acc.
-T_AVX512 static inline void epilogue16(const Epilogue& e, const int32_t* acc, int64_t m, int64_t n, __mmask16 mk) {
+// The epilogue of row m, columns n.. (lanes of mk), from the 16 sums at acc: y's values before their rounding.
+T_AVX512 static inline __m512 epilogue_value16(const Epilogue& e, const int32_t* acc, int64_t m, int64_t n,
+                                               __mmask16 mk) {
     __m512 v = scaled16(acc, _mm512_set1_ps(e.xs[m]), e.ws, e.bias, n, mk);
     if (e.gelu) v = gelu_tanh16(v);
-    const int64_t i = m * e.N + n;
-    if (e.res) v = _mm512_add_ps(v, load16(e.res, e.ydt, i, mk));
-    store16(e.y, e.ydt, i, v, mk);
+    if (e.res) v = _mm512_add_ps(v, load16(e.res, e.ydt, m * e.N + n, mk));
+    return v;
 }
 
-// The epilogue of 16 fp32 sums of a bf16 product (no scales, no activation): acc + bias[n] + res, rounded once.
-T_AVX512 static inline void epilogue16f(const Epilogue& e, const float* acc, int64_t m, int64_t n, __mmask16 mk) {
+// The same for 16 fp32 sums of a bf16 product (no scales): acc + bias[n], then GELU on that sum rounded to bf16 (as
+// a bf16 F.linear's output meets F.gelu), then + res.
+T_AVX512 static inline __m512 epilogue_value16f(const Epilogue& e, const float* acc, int64_t m, int64_t n,
+                                                __mmask16 mk) {
     __m512 v = _mm512_maskz_loadu_ps(mk, acc);
     if (e.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, e.bias + n));
-    const int64_t i = m * e.N + n;
-    if (e.res) v = _mm512_add_ps(v, load16(e.res, e.ydt, i, mk));
-    store16(e.y, e.ydt, i, v, mk);
+    if (e.gelu) v = gelu_tanh16(round_bf16(v));
+    if (e.res) v = _mm512_add_ps(v, load16(e.res, e.ydt, m * e.N + n, mk));
+    return v;
+}
+
+T_AVX512 static inline void epilogue16(const Epilogue& e, const int32_t* acc, int64_t m, int64_t n, __mmask16 mk) {
+    store16(e.y, e.ydt, m * e.N + n, epilogue_value16(e, acc, m, n, mk), mk);
 }
 
 // h of row m, columns n.. from the gate's and up's 16 sums at a1 and a3: both products rounded to bf16 as their

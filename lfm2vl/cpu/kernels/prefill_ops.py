@@ -73,10 +73,11 @@ def int8_linear_amx(xq: torch.Tensor, xs: torch.Tensor, q: torch.Tensor, ws: tor
 
 
 def bf16_linear_amx(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-                    residual: torch.Tensor | None) -> torch.Tensor | None:
+                    residual: torch.Tensor | None, gelu: bool = False) -> torch.Tensor | None:
     """x w^T + bias + residual for bf16 x (M, K) and w (N, K) on AMX-BF16 tiles (amx.cpp): fp32 sums, the bias and
-    the residual in fp32, one rounding to bf16. None where the tiles cannot run. The caller checks `available()` and
-    the shapes."""
+    the residual in fp32, one rounding to bf16; with gelu, GELU's tanh form on the sum rounded to bf16 before the
+    residual (torch's bf16 F.linear then F.gelu). None where the tiles cannot run. The caller checks `available()`
+    and the shapes."""
     M, K = x.shape
     N = w.shape[0]
     x, w = x.contiguous(), w.contiguous()
@@ -84,8 +85,8 @@ def bf16_linear_amx(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     residual = None if residual is None else residual.to(torch.bfloat16).contiguous()
     y = torch.empty(M, N, dtype=torch.bfloat16)
     ok = _load().lfm2vl_bf16_linear_amx(x.data_ptr(), w.data_ptr(), None if bias is None else bias.data_ptr(),
-                                        None if residual is None else residual.data_ptr(), y.data_ptr(), 1, M, N, K,
-                                        torch.get_num_threads())
+                                        None if residual is None else residual.data_ptr(), y.data_ptr(), 1, int(gelu),
+                                        M, N, K, torch.get_num_threads())
     return y if ok == 0 else None
 
 
