@@ -132,3 +132,17 @@ def test_a_fused_gelu_equals_the_product_then_the_gelu_pass(mode):
     x = torch.randn(150, 96, generator=g).bfloat16()
     w, b = (torch.randn(200, 96, generator=g) / 8).bfloat16(), torch.randn(200, generator=g).bfloat16()
     assert torch.equal(gemm.linear(x, w, b, gelu="tanh"), gemm._gelu(gemm.linear(x, w, b), "tanh"))
+
+
+def test_a_fused_swiglu_gate_equals_the_products_then_the_pass(mode):
+    """gemm.swiglu_gate, where the AMX kernel takes the products, gives the bits of the two products rounded to bf16
+    and then kernels.swiglu; elsewhere it declines (None) and the caller runs those."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(150, 96, generator=g).bfloat16()
+    w1, w3 = ((torch.randn(200, 96, generator=g) / 8).bfloat16() for _ in range(2))
+    b1, b3 = (torch.randn(200, generator=g).bfloat16() for _ in range(2))
+    h = gemm.swiglu_gate(x.view(3, 50, 96), w1, b1, w3, b3)
+    assert (h is not None) == (mode == "amx")
+    if h is not None:
+        assert h.shape == (3, 50, 200)
+        assert torch.equal(h.view(150, 200), kernels.swiglu(gemm.linear(x, w1, b1), gemm.linear(x, w3, b3)))

@@ -145,3 +145,23 @@ def test_bf16_attention_over_many_queries_is_native_where_it_wins(monkeypatch, w
         model.model.vision_tower(torch.randn(1, 16, 3 * 16 * 16).bfloat16(), torch.ones(1, 16, dtype=torch.int32),
                                  torch.tensor([[4, 4]]))
     assert len(calls) == (3 if wins and kernels.isa() >= 3 else 0)  # 2 attention layers, 1 vision layer
+
+
+def test_bf16_mlp_fuses_the_gate_into_its_products_where_the_amx_kernel_takes_them(monkeypatch):
+    """A bf16 MLP over a prefill's rows has its gate fused into the w1 and w3 products on AMX-BF16 tiles
+    (gemm.swiglu_gate) and returns exactly w2(swiglu(w1 x, w3 x)) through the same products; elsewhere it runs the
+    two products and the pass."""
+    from lfm2vl.cpu import gemm
+
+    mlp = optimize_for_cpu(tiny_model(torch.bfloat16, seed=9)).model.language_model.layers[0].feed_forward
+    calls = []
+    monkeypatch.setattr(kernels, "swiglu_h_bf16_amx", lambda *a, real=kernels.swiglu_h_bf16_amx:
+                        calls.append(a[0].shape) or real(*a))
+    x = torch.randn(2, 75, mlp.w1.in_features).bfloat16()  # 150 rows: at least gemm.AMX_ROWS
+    with torch.inference_mode():
+        got = mlp(x)
+        gate, up = mlp.w1(x), mlp.w3(x)
+        want = mlp.w2(kernels.swiglu(gate, up) if kernels.available() and kernels.isa() >= 2 else F.silu(gate) * up)
+    takes = kernels.available() and kernels.amx_bf16() and gemm.bf16_native()
+    assert calls == ([(150, mlp.w1.in_features)] if takes else [])
+    assert torch.equal(got, want)

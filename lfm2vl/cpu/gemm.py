@@ -22,8 +22,9 @@ run on lfm2vl's own AMX kernel instead (`kernels.bf16_linear_amx`, the same fusi
 ~1.0 TFLOP/s on the 2-core AMX Xeon VM where the kernel runs 1.7-2.1 (1024 x 768 x 768, 1024 x 768 x 3072,
 1024 x 1024 x 1024), 286 x 1024 x 4608 1.8 against 2.0-2.2 ms; a 286-token prefill took 5-8 ms less with the kernel
 from 128 rows than from 1024 (interleaved runs; 64 or 32 rows: less gain). At wider outputs oneDNN's is faster and
-stays, except for a product followed by the tanh GELU: the kernel applies it as each block leaves the tiles, the
-same bits as the product and then the pass, at any width (fc1 3.4 ms against oneDNN's product and the pass 3.6).
+stays, except where a pass over the output fuses into the kernel's blocks as they leave the tiles, at any width,
+with the same bits as the products and then the pass: the tanh GELU after a product (fc1 3.4 ms against oneDNN's
+product and the pass 3.6) and the SwiGLU gate over two (`swiglu_gate`).
 """
 from __future__ import annotations
 
@@ -96,11 +97,12 @@ def _widened(x: torch.Tensor, w: torch.Tensor, bias, gelu: str | None, residual)
 
 
 AMX_ROWS, AMX_COLS = 128, 1024  # the shapes the AMX kernel takes: at least this many rows, at most this many outputs
-AMX_GELU_COLS = 1 << 20  # ... or this many with a tanh GELU fused into it (any width: it saves the GELU's pass)
+AMX_GELU_COLS = 1 << 20  # ... or this many with a GELU or gate fused into it (any width: it saves a pass)
 
 
 def _amx_takes(x: torch.Tensor, w: torch.Tensor, fused_gelu: bool = False) -> bool:
-    """Whether this bf16 product (with a tanh GELU fused) runs on lfm2vl's AMX kernel (see the top of this file)."""
+    """Whether this bf16 product (with a tanh GELU or a SwiGLU gate fused) runs on lfm2vl's AMX kernel (see the top
+    of this file)."""
     return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.numel() >= AMX_ROWS * x.shape[-1]
             and w.shape[0] <= (AMX_GELU_COLS if fused_gelu else AMX_COLS) and kernels.available()
             and kernels.amx_bf16())
@@ -143,3 +145,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, g
     y = F.linear(x, w.to(x.dtype), bias)
     y = y if gelu is None else F.gelu(y, approximate=gelu)
     return y if residual is None else y + residual
+
+
+def swiglu_gate(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w3: torch.Tensor,
+                b3: torch.Tensor | None) -> torch.Tensor | None:
+    """silu(linear(x, w1, b1)) * linear(x, w3, b3) with each product rounded to bf16 and then silu and the product
+    rounded (kernels.swiglu's roundings), for bf16 x, w1, w3: on lfm2vl's AMX kernel, the gate fused into the two
+    products' blocks (no (rows, N) products through memory; 286 x 4608 x 1024 3.4 ms against oneDNN's two products
+    and the pass 4.0), where it takes products of this many rows, at any width. None elsewhere: the caller runs the
+    products and the pass."""
+    if not (_amx_takes(x, w1, fused_gelu=True) and w3.dtype == w1.dtype and w3.shape == w1.shape):
+        return None
+    h = kernels.swiglu_h_bf16_amx(x.reshape(-1, w1.shape[1]), w1, b1, w3, b3)
+    return None if h is None else h.view(*x.shape[:-1], w1.shape[0])

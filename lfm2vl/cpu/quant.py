@@ -65,10 +65,15 @@ class FastLinear(nn.Linear):
         new.max_rows = default_max_rows() if max_rows is None else max_rows
         return new
 
+    def prefills(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) multiplies with gemm.linear: inference on more rows than the GEMV kernel takes."""
+        return (not use_kernel(x, self.weight, self.max_rows * self.in_features) and inference(x, self.weight)
+                and x.dtype == self.weight.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_kernel(x, self.weight, self.max_rows * self.in_features):
             return kernels.linear(x, self.weight, self.bias)
-        if inference(x, self.weight) and x.dtype == self.weight.dtype:
+        if self.prefills(x):
             return gemm.linear(x, self.weight, self.bias)  # oneDNN; fp32 where the CPU has no bf16 GEMM
         return F.linear(x, self.weight, self.bias)
 

@@ -32,7 +32,7 @@ from torch import nn
 from ..model.lfm2vl import Lfm2VlModel
 from ..model.rope import rope_inv_freq
 from ..model.text import MLP, Attention, RMSNorm, ShortConv
-from . import int8mm, kernels
+from . import gemm, int8mm, kernels
 from .kernels.decode import NativeDecoder
 from .lowmem import LowMemoryModel
 from .memory import TRIM_ABOVE, keep_heap_pages, release_library_pages, release_weights, trim_heap
@@ -120,8 +120,9 @@ class FastAttention(Attention):
 
 
 class FastMLP(MLP):
-    """SwiGLU with silu and the product in one native pass for bf16 inference (kernels.swiglu, same roundings); with
-    int8 / int4 weights in int8 compute, the gate's passes fused (int8mm.swiglu_mlp, same values)."""
+    """SwiGLU with silu and the product in one native pass for bf16 inference (kernels.swiglu, same roundings), fused
+    into the gate's and up's products where the AMX kernel takes them (gemm.swiglu_gate); with int8 / int4 weights
+    in int8 compute, the gate's passes fused (int8mm.swiglu_mlp, same values)."""
 
     def forward(self, x):
         layers = (self.w1, self.w3, self.w2)
@@ -129,6 +130,10 @@ class FastMLP(MLP):
             y = int8mm.swiglu_mlp(x, *((m.int8_rows, m.bias) for m in layers))
             if y is not None:
                 return y
+        if kernels.serves(x) and all(type(m) is FastLinear and m.prefills(x) for m in (self.w1, self.w3)):
+            h = gemm.swiglu_gate(x, self.w1.weight, self.w1.bias, self.w3.weight, self.w3.bias)
+            if h is not None:
+                return self.w2(h)
         a, b = self.w1(x), self.w3(x)
         g = kernels.swiglu(a, b) if kernels.serves(x) else None
         return self.w2(F.silu(a) * b if g is None else g)

@@ -1,6 +1,6 @@
 // Products of many rows on AMX tiles: int8 x int8 -> int32 exactly (the values of torch._int_mm(x, w.t())) for
-// cpu/int8mm.py's prefill and int8-vision products, and bf16 x bf16 -> fp32 for gemm.py's vision products; also the
-// tiles' setup that attn_many.cpp shares (amx.h).
+// cpu/int8mm.py's prefill and int8-vision products, and bf16 x bf16 -> fp32 for gemm.py's (the vision tower's, the
+// prefill's narrower ones and its SwiGLU gates); also the tiles' setup that attn_many.cpp shares (amx.h).
 //
 // AMX-INT8's TDPBSSD multiplies a 16 x 64 byte tile of x's rows by a tile of w laid out four bytes of K per column
 // ("VNNI": row r holds, for each of 16 output columns n, w[n, 4r .. 4r + 3]) and adds into a 16 x 16 int32 tile;
@@ -191,7 +191,8 @@ T_AMXALL void block16(const int8_t* xr, int64_t ldx, const int8_t* bp, int64_t K
 // (and s3: up's, GATE): a linear's epilogue, or a SwiGLU gate's h.
 T_AMXALL inline __m512 value16(const MmArgs& a, const int32_t* s, const int32_t* s3, int64_t m, int64_t n,
                                __mmask16 mk) {
-    if (a.mode == GATE) return gate16(a.gate, s, s3, m, n, mk);
+    if (a.mode == GATE)
+        return a.bf16 ? gate16f(a.gate, (const float*)s, (const float*)s3, n, mk) : gate16(a.gate, s, s3, m, n, mk);
     return a.bf16 ? epilogue_value16f(a.epi, (const float*)s, m, n, mk) : epilogue_value16(a.epi, s, m, n, mk);
 }
 
@@ -361,6 +362,21 @@ int lfm2vl_swiglu_h_amx(const int8_t* x, const int8_t* w1, const int8_t* w3, con
     a.gate = Gate{xs, s1, s3, b1, b3};
     a.h = h;
     run(a, x, threads);
+    return 0;
+}
+
+// h (M, N) bf16 <- silu(x . w1^T + b1) * (x . w3^T + b3) for bf16 x (M, K), w1 and w3 (N, K): each product's fp32
+// sums plus its bias rounded to bf16, then silu rounded and the product rounded, as a bf16 F.linear, F.linear and
+// prefill.cpp's swiglu round them. b1, b3 (N) fp32 or NULL. Returns 0, or -1 where the bf16 tiles cannot run.
+int lfm2vl_swiglu_h_bf16_amx(const uint16_t* x, const uint16_t* w1, const uint16_t* w3, const float* b1,
+                             const float* b3, uint16_t* h, int64_t M, int64_t N, int64_t K, int threads) {
+    if (!amx_ready(true)) return -1;
+    if (M <= 0 || N <= 0) return 0;
+    MmArgs a{};
+    a.bf16 = true; a.w = (const int8_t*)w1; a.w3 = (const int8_t*)w3; a.M = M; a.N = N; a.K = 2 * K; a.mode = GATE;
+    a.gate = Gate{NULL, NULL, NULL, b1, b3};
+    a.h = h;
+    run(a, (const int8_t*)x, threads);
     return 0;
 }
 

@@ -134,6 +134,8 @@ def load():
     lib.lfm2vl_int8_linear_amx.restype = ctypes.c_int
     lib.lfm2vl_bf16_linear_amx.argtypes = [p, p, p, p, p, i, i, i64, i64, i64, i]
     lib.lfm2vl_bf16_linear_amx.restype = ctypes.c_int
+    lib.lfm2vl_swiglu_h_bf16_amx.argtypes = [p, p, p, p, p, p, i64, i64, i64, i]
+    lib.lfm2vl_swiglu_h_bf16_amx.restype = ctypes.c_int
     lib.lfm2vl_swiglu_h_amx.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i]
     lib.lfm2vl_swiglu_h_amx.restype = ctypes.c_int
     lib.lfm2vl_int4_to_int8.argtypes = [p, p, p, p, i64, i64, i]

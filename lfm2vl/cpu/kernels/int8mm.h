@@ -58,3 +58,11 @@ T_AVX512 static inline __m512 gate16(const Gate& g, const int32_t* a1, const int
     const __m512 gate = round_bf16(silu16(round_bf16(scaled16(a1, xs, g.s1, g.b1, n, mk))));
     return round_bf16(_mm512_mul_ps(gate, round_bf16(scaled16(a3, xs, g.s3, g.b3, n, mk))));
 }
+
+// The same from the fp32 sums of a bf16 product's gate and up (no scales: g.xs, g.s1, g.s3 unused).
+T_AVX512 static inline __m512 gate16f(const Gate& g, const float* a1, const float* a3, int64_t n, __mmask16 mk) {
+    __m512 v1 = _mm512_maskz_loadu_ps(mk, a1), v3 = _mm512_maskz_loadu_ps(mk, a3);
+    if (g.b1) v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(mk, g.b1 + n));
+    if (g.b3) v3 = _mm512_add_ps(v3, _mm512_maskz_loadu_ps(mk, g.b3 + n));
+    return round_bf16(_mm512_mul_ps(round_bf16(silu16(round_bf16(v1))), round_bf16(v3)));
+}

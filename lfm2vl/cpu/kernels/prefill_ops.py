@@ -90,6 +90,23 @@ def bf16_linear_amx(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     return y if ok == 0 else None
 
 
+def swiglu_h_bf16_amx(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w3: torch.Tensor,
+                      b3: torch.Tensor | None) -> torch.Tensor | None:
+    """silu(x w1^T + b1) * (x w3^T + b3) for bf16 x (M, K) and the gate's and up's rows w1, w3 (N, K) on AMX-BF16
+    tiles, the gate fused into the two products' blocks (amx.cpp): each product rounded to bf16, then silu and the
+    product rounded, as kernels.swiglu after two bf16 products. (M, N) bf16, or None where the tiles cannot run. The
+    caller checks `available()` and the shapes."""
+    M, K = x.shape
+    N = w1.shape[0]
+    x, w1, w3 = x.contiguous(), w1.contiguous(), w3.contiguous()
+    b1, b3 = (None if b is None else b.float().contiguous() for b in (b1, b3))
+    h = torch.empty(M, N, dtype=torch.bfloat16)
+    ok = _load().lfm2vl_swiglu_h_bf16_amx(x.data_ptr(), w1.data_ptr(), w3.data_ptr(),
+                                          None if b1 is None else b1.data_ptr(), None if b3 is None else b3.data_ptr(),
+                                          h.data_ptr(), M, N, K, torch.get_num_threads())
+    return h if ok == 0 else None
+
+
 def swiglu_h_amx(xq: torch.Tensor, xs: torch.Tensor, q1: torch.Tensor, s1: torch.Tensor, b1: torch.Tensor | None,
                  q3: torch.Tensor, s3: torch.Tensor, b3: torch.Tensor | None) -> torch.Tensor | None:
     """The bf16 h that swiglu_int8 quantizes, from xq's int8 products with the gate's rows q1 and up's q3 (N, K) on
