@@ -497,6 +497,26 @@ def test_attn_many_causal_prefill_matches_masked_sdpa(starts, T, H, Hkv, Dh, amx
 
 
 @needs_kernels
+@pytest.mark.parametrize("amx_on", [True, False], indirect=True)
+def test_attn_many_subtracts_each_rows_true_maximum(amx_on):
+    """A key whose score stands ~128 above the rest (its exponential overflows fp32 unless the row's own maximum is
+    subtracted) takes all of its query's weight wherever it sits among 1030 keys: in each lane group of the max's
+    unrolled vectors, or in the last partial vector."""
+    if kernels.isa() < 3:
+        pytest.skip("needs AVX512-BF16")
+    g = torch.Generator().manual_seed(7)
+    L, Dh = 1030, 64
+    q, k, v = (torch.randn(1, 1, L, Dh, generator=g).bfloat16() for _ in range(3))
+    where = [3, 20, 37, 50, 1000, 1029]
+    for i, j in enumerate(where):
+        k[0, 0, j] = q[0, 0, i] * 16  # score 16 |q|^2 / sqrt(64) ~ 128
+    out = kernels.attn_many(q, k, v).view(L, Dh)
+    assert torch.isfinite(out).all()
+    for i, j in enumerate(where):
+        torch.testing.assert_close(out[i].float(), v[0, 0, j].float(), rtol=0, atol=1e-2)
+
+
+@needs_kernels
 def test_attn_many_declines_what_it_does_not_support():
     q = torch.randn(1, 2, 8, 33).bfloat16()
     assert kernels.attn_many(q, q, q) is None  # odd head size
