@@ -21,7 +21,7 @@ def mode(request, monkeypatch):
         monkeypatch.setattr(gemm, "AMX_COLS", 1 << 20)
     else:
         monkeypatch.setattr(gemm, "AMX_COLS", 0)
-        monkeypatch.setattr(gemm, "AMX_GELU_COLS", 0)
+        monkeypatch.setattr(gemm, "AMX_FUSED_COLS", 0)
     return request.param
 
 

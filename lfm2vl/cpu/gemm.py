@@ -97,14 +97,14 @@ def _widened(x: torch.Tensor, w: torch.Tensor, bias, gelu: str | None, residual)
 
 
 AMX_ROWS, AMX_COLS = 128, 1024  # the shapes the AMX kernel takes: at least this many rows, at most this many outputs
-AMX_GELU_COLS = 1 << 20  # ... or this many with a GELU or gate fused into it (any width: it saves a pass)
+AMX_FUSED_COLS = 1 << 20  # ... or this many with a GELU or gate fused into it (any width: it saves a pass)
 
 
-def _amx_takes(x: torch.Tensor, w: torch.Tensor, fused_gelu: bool = False) -> bool:
+def _amx_takes(x: torch.Tensor, w: torch.Tensor, fused: bool = False) -> bool:
     """Whether this bf16 product (with a tanh GELU or a SwiGLU gate fused) runs on lfm2vl's AMX kernel (see the top
     of this file)."""
     return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.numel() >= AMX_ROWS * x.shape[-1]
-            and w.shape[0] <= (AMX_GELU_COLS if fused_gelu else AMX_COLS) and kernels.available()
+            and w.shape[0] <= (AMX_FUSED_COLS if fused else AMX_COLS) and kernels.available()
             and kernels.amx_bf16())
 
 
@@ -126,7 +126,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, g
     a GELU applies to the product rounded to bf16 (see the top of this file).
     """
     if gelu is not None and x.dtype == torch.bfloat16:
-        if gelu == "tanh" and _amx_takes(x, w, fused_gelu=True):
+        if gelu == "tanh" and _amx_takes(x, w, fused=True):
             y = kernels.bf16_linear_amx(x.reshape(-1, w.shape[1]), w, bias, None, True)
             if y is not None:
                 y = y.view(*x.shape[:-1], w.shape[0])
@@ -154,7 +154,7 @@ def swiglu_gate(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w3: 
     products' blocks (no (rows, N) products through memory; 286 x 4608 x 1024 3.4 ms against oneDNN's two products
     and the pass 4.0), where it takes products of this many rows, at any width. None elsewhere: the caller runs the
     products and the pass."""
-    if not (_amx_takes(x, w1, fused_gelu=True) and w3.dtype == w1.dtype and w3.shape == w1.shape):
+    if not (_amx_takes(x, w1, fused=True) and w3.dtype == w1.dtype and w3.shape == w1.shape):
         return None
     h = kernels.swiglu_h_bf16_amx(x.reshape(-1, w1.shape[1]), w1, b1, w3, b3)
     return None if h is None else h.view(*x.shape[:-1], w1.shape[0])
