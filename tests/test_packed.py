@@ -183,7 +183,7 @@ def test_engine_generates_the_bf16_tokens_and_refuses_what_it_cannot_pack(tiny_c
 
 @pytest.mark.parametrize("N,K,spread", [(96, 192, False), (41, 1024, False), (7, 320, True)])
 def test_one_row_products_equal_with_and_without_row_streams(N, K, spread):
-    """One activation row reads two packed rows at a time on Intel CPUs (rows_p12_parts) and one on others; both run
+    """One activation row reads two packed rows at a time on Intel CPUs (rows_p12_one<2>) and one on others; both run
     here whatever the CPU, and each row's sums are the same fp32 steps in the same order: equal bit for bit. The
     shapes leave a row over after the last pair and a block of 64 after the last step of 128."""
     if not kernels.packed_fast():

@@ -33,6 +33,28 @@ static inline void store_out(void* y, int ydt, int64_t idx, float v) {
     else ((float*)y)[idx] = v;
 }
 
+// Rows [n0, n1) of a one-row product NS at a time (several weight streams per thread: gemv_streams.cpp, int4 in
+// gemv_vnni.cpp, packed.cpp): row t of each of NS equal parts of the range together, so each stream is sequential
+// and the streams far apart (separate streams to the prefetchers); the rows left over one by one. sums(n, count, out)
+// writes the sums of the count rows n[0..count-1] (count NS, or 1 for a row left over); y[n] = sum * S[n] (S NULL:
+// the sum) + bias[n].
+template <int NS, typename Sums>
+static inline void by_parts(int64_t n0, int64_t n1, const float* S, const float* bias, void* Y, int ydt, Sums sums) {
+    const int64_t q = (n1 - n0) / NS;
+    int64_t n[NS];
+    float out[NS];
+    auto store = [&](int64_t r, float v) { store_out(Y, ydt, r, (S ? v * S[r] : v) + (bias ? bias[r] : 0.f)); };
+    for (int64_t t = 0; t < q; t++) {
+        for (int j = 0; j < NS; j++) n[j] = n0 + j * q + t;
+        sums(n, NS, out);
+        for (int j = 0; j < NS; j++) store(n[j], out[j]);
+    }
+    for (int64_t r = n0 + NS * q; r < n1; r++) {
+        sums(&r, 1, out);
+        store(r, out[0]);
+    }
+}
+
 // int4 (kind 3): row n holds K/32 groups of 16 bytes; byte j of group g packs element 32g+j in its low nibble and
 // element 32g+16+j in its high nibble, each as q+8 (0..15). S is (N, K/32) IEEE fp16 (as llama.cpp's Q4_0 stores its
 // scales: 4.5 bits per weight): w[n, 32g+i] = (nibble - 8) * S[n, g]. K is a multiple of I4_GROUP (the Python side

@@ -75,54 +75,24 @@ T_AVX512VNNI static inline void q16_rows(const int8_t* const* w, const int16_t* 
     for (int s = 0; s < NS; s++) out[s] = _mm512_reduce_add_ps(facc[s]);
 }
 
-// Rows n0..n1-1 of a one-row product in steps of NS (row t of each of NS equal parts of the range); the rows left
-// over (fewer than NS) through row1. rows(w, out) sums NS rows given their pointers.
-template <int NS, typename Rows, typename Row1>
-static inline void by_parts(const char* W, int64_t row_bytes, const float* S, void* Y, const float* bias, int64_t n0,
-                            int64_t n1, int ydt, Rows rows, Row1 row1) {
-    const int64_t q = (n1 - n0) / NS;
-    float out[NS];
-    const void* w[NS];
-    for (int64_t t = 0; t < q; t++) {
-        for (int s = 0; s < NS; s++) w[s] = W + (n0 + s * q + t) * row_bytes;
-        rows(w, out);
-        for (int s = 0; s < NS; s++) {
-            const int64_t n = n0 + s * q + t;
-            store_out(Y, ydt, n, out[s] * (S ? S[n] : 1.f) + (bias ? bias[n] : 0.f));
-        }
-    }
-    for (int64_t n = n0 + NS * q; n < n1; n++)
-        store_out(Y, ydt, n, row1(n) * (S ? S[n] : 1.f) + (bias ? bias[n] : 0.f));
-}
-
 T_AVX512BF16 void rows_bf16_streams(const uint16_t* W, const uint16_t* X, void* Y, const float* bias, int64_t n0,
                                     int64_t n1, int64_t K, int ydt) {
     const char* end = (const char*)(W + n1 * K);
-    by_parts<STREAMS>((const char*)W, 2 * K, nullptr, Y, bias, n0, n1, ydt,
-                      [&](const void* const* w, float* out) { bf16_rows8((const uint16_t* const*)w, X, K, end, out); },
-                      [&](int64_t n) {
-                          const uint16_t* w[STREAMS];
-                          for (int s = 0; s < STREAMS; s++) w[s] = W + n * K;  // the same row eight times: its sum once
-                          float out[STREAMS];
-                          bf16_rows8(w, X, K, end, out);
-                          return out[0];
-                      });
+    by_parts<STREAMS>(n0, n1, nullptr, bias, Y, ydt, [&](const int64_t* n, int count, float* out) {
+        const uint16_t* w[STREAMS];  // a row left over: the same row eight times, its sum once
+        for (int s = 0; s < STREAMS; s++) w[s] = W + n[count == 1 ? 0 : s] * K;
+        bf16_rows8(w, X, K, end, out);
+    });
 }
 
 T_AVX512VNNI void rows_q16_streams(const int8_t* W, const float* S, const int16_t* Xh, const float* Xd, void* Y,
                                    const float* bias, int64_t n0, int64_t n1, int64_t K, int ydt) {
     const char* end = (const char*)(W + n1 * K);
-    by_parts<INT8_STREAMS>((const char*)W, K, S, Y, bias, n0, n1, ydt,
-                           [&](const void* const* w, float* out) {
-                               q16_rows<INT8_STREAMS>((const int8_t* const*)w, Xh, Xd, K, end, out);
-                           },
-                           [&](int64_t n) {
-                               const int8_t* w[INT8_STREAMS];
-                               for (int s = 0; s < INT8_STREAMS; s++) w[s] = W + n * K;
-                               float out[INT8_STREAMS];
-                               q16_rows<INT8_STREAMS>(w, Xh, Xd, K, end, out);
-                               return out[0];
-                           });
+    by_parts<INT8_STREAMS>(n0, n1, S, bias, Y, ydt, [&](const int64_t* n, int count, float* out) {
+        const int8_t* w[INT8_STREAMS];
+        for (int s = 0; s < INT8_STREAMS; s++) w[s] = W + n[count == 1 ? 0 : s] * K;
+        q16_rows<INT8_STREAMS>(w, Xh, Xd, K, end, out);
+    });
 }
 
 // ---------------------------------------------------------------- the bench's read-bandwidth probe

@@ -191,37 +191,6 @@ T_AVX512VNNI static inline void q4_rows(const uint8_t* const* w, const uint16_t*
                  8.0f * _mm512_reduce_add_ps(corr[j][0]);
 }
 
-// Rows n0..n1-1 of a one-row int4 product, NS at a time: row t of each of NS equal parts of the range, so each
-// stream is sequential and the streams far apart; the rows left over one by one.
-template <int NS>
-T_AVX512VNNI static void rows_q4_parts(const uint8_t* W, const float* S, const int8_t* Xq, const float* Xd,
-                                       const float* Xs, void* Y, const float* bias, int64_t n0, int64_t n1, int64_t K,
-                                       int ydt, int64_t ahead) {
-    const int64_t G = K / I4_GROUP, q = (n1 - n0) / NS;
-    const char* end = (const char*)(W + n1 * (K / 2));
-    const uint8_t* w[NS];
-    const uint16_t* s[NS];
-    float out[NS];
-    for (int64_t t = 0; t < q; t++) {
-        for (int j = 0; j < NS; j++) {
-            const int64_t n = n0 + j * q + t;
-            w[j] = W + n * (K / 2);
-            s[j] = (const uint16_t*)S + n * G;
-        }
-        q4_rows<NS>(w, s, Xq, Xd, Xs, K, ahead, end, out);
-        for (int j = 0; j < NS; j++) {
-            const int64_t n = n0 + j * q + t;
-            store_out(Y, ydt, n, out[j] + (bias ? bias[n] : 0.f));
-        }
-    }
-    for (int64_t n = n0 + NS * q; n < n1; n++) {
-        w[0] = W + n * (K / 2);
-        s[0] = (const uint16_t*)S + n * G;
-        q4_rows<1>(w, s, Xq, Xd, Xs, K, ahead, end, out);
-        store_out(Y, ydt, n, out[0] + (bias ? bias[n] : 0.f));
-    }
-}
-
 // One activation row (a decode step) on the CPUs where several weight streams per thread read faster (gemv.cpp's
 // row_streams): two rows at a time. On the Sapphire Rapids VM of 2026-12-04 one stream read ~25 GB/s of a 31.5 GB/s
 // memory and two read 28-29 (3B int4 decode 16.9 -> 19.3-19.7 tok/s, 450M 114 -> 135); four gained half as much
@@ -229,7 +198,18 @@ T_AVX512VNNI static void rows_q4_parts(const uint8_t* W, const float* S, const i
 T_AVX512VNNI void rows_q4_streams(const uint8_t* W, const float* S, const int8_t* Xq, const float* Xd,
                                   const float* Xs, void* Y, const float* bias, int64_t n0, int64_t n1, int64_t K,
                                   int ydt) {
-    rows_q4_parts<2>(W, S, Xq, Xd, Xs, Y, bias, n0, n1, K, ydt, pf_i4_bytes());
+    const int64_t G = K / I4_GROUP, ahead = pf_i4_bytes();
+    const char* end = (const char*)(W + n1 * (K / 2));
+    by_parts<2>(n0, n1, nullptr, bias, Y, ydt, [&](const int64_t* n, int count, float* out) {
+        const uint8_t* w[2];
+        const uint16_t* s[2];
+        for (int j = 0; j < count; j++) {
+            w[j] = W + n[j] * (K / 2);
+            s[j] = (const uint16_t*)S + n[j] * G;
+        }
+        if (count == 2) q4_rows<2>(w, s, Xq, Xd, Xs, K, ahead, end, out);
+        else q4_rows<1>(w, s, Xq, Xd, Xs, K, ahead, end, out);
+    });
 }
 
 // Rows n0..n1-1 of an int8 product with x from quantize_x_q16 (K a multiple of 32), 4 / 2 / 1 activation rows per

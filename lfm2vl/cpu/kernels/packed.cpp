@@ -3,7 +3,7 @@
 // Products take one activation row at a time like gemv.cpp's row_bf16_dp, with its accumulators in its order (or
 // from BLOCK_ROWS activation rows on, four unpacked weight rows through gemv.cpp's own blocks), so their sums are the
 // one-stream bf16 kernel's sums bit for bit, also where one activation row reads two packed rows at a time
-// (rows_p12_parts); without AVX512-BF16, VBMI and VBMI2 a scalar path unpacks each row.
+// (gemv.h's by_parts); without AVX512-BF16, VBMI and VBMI2 a scalar path unpacks each row.
 #include "packed.h"
 #include "pool.h"
 
@@ -118,27 +118,6 @@ T_P12 void rows_p12_one(const P12& v, const int64_t* n, const uint16_t* X, int64
     for (int j = 0; j < NS; j++) sum_accumulators<1, 4>(acc[j], out + j);
 }
 
-// Rows [n0, n1) of a one-row product NS at a time: row t of each of NS equal parts of the range, the rows left over
-// one by one.
-template <int NS>
-T_P12 void rows_p12_parts(const P12& v, const uint16_t* X, void* Y, const float* bias, int64_t n0, int64_t n1,
-                          int64_t K, int ydt) {
-    const char* lo_end = (const char*)v.lo + n1 * K;
-    const char* cd_end = (const char*)v.codes + n1 * K / 2;
-    const int64_t q = (n1 - n0) / NS;
-    int64_t n[NS];
-    float out[NS];
-    for (int64_t t = 0; t < q; t++) {
-        for (int j = 0; j < NS; j++) n[j] = n0 + j * q + t;
-        rows_p12_one<NS>(v, n, X, K, lo_end, cd_end, out);
-        for (int j = 0; j < NS; j++) store_out(Y, ydt, n[j], out[j] + (bias ? bias[n[j]] : 0.f));
-    }
-    for (int64_t r = n0 + NS * q; r < n1; r++) {
-        rows_p12_one<1>(v, &r, X, K, lo_end, cd_end, out);
-        store_out(Y, ydt, r, out[0] + (bias ? bias[r] : 0.f));
-    }
-}
-
 // Rows [n0, n1) as bf16 into out, row n at out + (n - n0) K.
 T_P12 void unpack_rows_fast(const P12& v, int64_t n0, int64_t n1, int64_t K, uint16_t* out) {
     const __m512i table = _mm512_loadu_si512(v.table);
@@ -220,8 +199,14 @@ void p12_rows(const void* W, const uint16_t* X, const float* Xf, void* Y, const 
     // one activation row on the CPUs where several weight streams read faster (gemv.cpp's row_streams): two rows at
     // a time. On the AMX Xeon VM of 2026-12-04 (in-process A/B against one): 450M decode +5.3-6.3%, 3B +7.6%; four
     // rows +6.8-7.4% at 450M but +0% at 3B.
-    if (X && p12_fast() && M == 1 && streams) rows_p12_parts<2>(v, X, Y, bias, n0, n1, K, ydt);
-    else if (X && p12_fast()) rows_fast(v, X, Y, bias, M, n0, n1, N, K, ydt);
+    if (X && p12_fast() && M == 1 && streams) {
+        const char* lo_end = (const char*)v.lo + n1 * K;
+        const char* cd_end = (const char*)v.codes + n1 * K / 2;
+        by_parts<2>(n0, n1, nullptr, bias, Y, ydt, [&](const int64_t* n, int count, float* out) {
+            if (count == 2) rows_p12_one<2>(v, n, X, K, lo_end, cd_end, out);
+            else rows_p12_one<1>(v, n, X, K, lo_end, cd_end, out);
+        });
+    } else if (X && p12_fast()) rows_fast(v, X, Y, bias, M, n0, n1, N, K, ydt);
     else rows_scalar(v, Xf, Y, bias, M, n0, n1, N, K, ydt);
 }
 
