@@ -47,10 +47,11 @@ def test_bf16_linear_is_the_fp32_product_rounded_once(mode, gelu):
     _within_one_rounding(y, ref)
 
 
-@pytest.mark.parametrize("M,N,K", [(50, 33, 70), (17, 100, 130), (64, 32, 32), (40, 50, 700)])
+@pytest.mark.parametrize("M,N,K", [(50, 33, 70), (17, 100, 130), (64, 32, 32), (40, 50, 700), (50, 130, 4200)])
 def test_ragged_shapes_are_the_fp32_product_rounded_once(mode, M, N, K):
     """Rows, outputs and inputs off the AMX kernel's tiles (16 rows, 32 outputs, 32 inputs a step; 700 inputs: slices
-    of K, the last one short), with a bias, and a residual or a tanh GELU (on the rounded product)."""
+    of K, the last one short; 4200 inputs over 130 outputs: K packed in two blocks, the second one short), with a
+    bias, and a residual or a tanh GELU (on the rounded product)."""
     g = torch.Generator().manual_seed(M + K)
     x, r = torch.randn(M, K, generator=g).bfloat16(), torch.randn(M, N, generator=g).bfloat16()
     w, b = (torch.randn(N, K, generator=g) / 8).bfloat16(), torch.randn(N, generator=g).bfloat16()
@@ -134,14 +135,16 @@ def test_a_fused_gelu_equals_the_product_then_the_gelu_pass(mode):
     assert torch.equal(gemm.linear(x, w, b, gelu="tanh"), gemm._gelu(gemm.linear(x, w, b), "tanh"))
 
 
-def test_a_fused_swiglu_gate_equals_the_products_then_the_pass(mode):
+@pytest.mark.parametrize("K", [96, 2100])
+def test_a_fused_swiglu_gate_equals_the_products_then_the_pass(mode, K):
     """gemm.swiglu_gate, where the AMX kernel takes the products, gives the bits of the two products rounded to bf16
-    and then kernels.swiglu; elsewhere it declines (None) and the caller runs those."""
+    and then kernels.swiglu; elsewhere it declines (None) and the caller runs those. At K = 2100 the gate's kernel
+    packs K in two blocks (two weights' panels) where each product alone packs it at once."""
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(150, 96, generator=g).bfloat16()
-    w1, w3 = ((torch.randn(200, 96, generator=g) / 8).bfloat16() for _ in range(2))
+    x = torch.randn(150, K, generator=g).bfloat16()
+    w1, w3 = ((torch.randn(200, K, generator=g) / 8).bfloat16() for _ in range(2))
     b1, b3 = (torch.randn(200, generator=g).bfloat16() for _ in range(2))
-    h = gemm.swiglu_gate(x.view(3, 50, 96), w1, b1, w3, b3)
+    h = gemm.swiglu_gate(x.view(3, 50, K), w1, b1, w3, b3)
     assert (h is not None) == (mode == "amx")
     if h is not None:
         assert h.shape == (3, 50, 200)

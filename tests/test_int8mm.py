@@ -96,11 +96,11 @@ def test_int8_linear_is_the_exact_integer_product_scaled(gelu, amx_on):
 @needs_kernels
 @pytest.mark.parametrize("amx_on", [True, False], indirect=True)
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (16, 32, 64), (33, 17, 65), (50, 100, 200), (64, 96, 4304),
-                                   (31, 33, 128)])
+                                   (31, 33, 128), (50, 130, 8300)])
 def test_int_mm_is_the_exact_integer_product(M, N, K, amx_on):
     """kernels.int_mm = x . w^T summed exactly in int32, on AMX tiles where they run (whole and ragged 16-row
-    tiles, 32-column panels and 64-byte steps of K, each padded where the shape stops short) and through
-    torch._int_mm otherwise; extreme values included."""
+    tiles, 32-column panels and 64-byte steps of K, each padded where the shape stops short; K = 8300 over 130
+    outputs packed in two blocks) and through torch._int_mm otherwise; extreme values included."""
     g = torch.Generator().manual_seed(M * 7 + K)
     x = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8)
     w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)

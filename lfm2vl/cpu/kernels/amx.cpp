@@ -10,7 +10,8 @@
 // block), then runs every 32-row block of x over the group: two x tiles x two w tiles into four accumulator tiles
 // per 64 bytes of K, one slice of K at a time over all four panels (the slice of x is read from the L1 cache after
 // its first panel, each panel's partial sums wait in a buffer; whole-K blocks ran 15% slower at 1024 x 768 x 768 on
-// the 2-core AMX Xeon VM). Each block's sums leave the tiles into a small buffer and become the output there: the int32
+// the 2-core AMX Xeon VM). Where the group's packed panels would outgrow half the L2 cache (a long K), they are
+// packed one block of K at a time and every block of x's rows runs over each before the next is packed. Each block's sums leave the tiles into a small buffer and become the output there: the int32
 // sums themselves, a linear's epilogue (scales, bias, GELU, residual: int8mm.h), or a SwiGLU gate's h, the gate's and
 // up's blocks side by side; no (M, N) int32 result goes through memory. A ragged edge (K not a multiple of 64 bytes,
 // M or N not of 16) goes through zero-padded copies, never past the buffers.
@@ -35,6 +36,7 @@ namespace {
 const int64_t PANEL = 32;  // output columns of a packed panel: two w tiles
 const int64_t GROUP = 4;   // panels per chunk of work: each block of x's rows runs over all of them
 const int64_t KSLICE = 8;  // 64-byte steps of K per slice of a 32-row block (16 KB of x, kept in the L1 cache)
+const int64_t PACKED_BYTES = 1 << 20;  // at most this much of a group's packed panels at a time (half a 2 MB L2 cache)
 
 bool amx_off = false;  // lfm2vl_set_amx(0): tests run the other paths on an AMX CPU too
 
@@ -120,11 +122,10 @@ T_AMX inline void transpose16(__m512i* r) {
     }
 }
 
-// w's rows [n0, n0 + 32) (rows past N as zeros) in VNNI tiles: for each 64-byte step kb of K, two 1 KB tiles
-// (columns n0..n0+15, then n0+16..n0+31), zeros past K.
-T_AMX void pack_panel(const int8_t* w, const MmArgs& a, int64_t n0, int8_t* out) {
-    const int64_t KB = a.Kp / 64;
-    for (int64_t kb = 0; kb < KB; kb++) {
+// w's rows [n0, n0 + 32) (rows past N as zeros) over the 64-byte steps [kb0, kb1) of K in VNNI tiles: for each
+// step, two 1 KB tiles (columns n0..n0+15, then n0+16..n0+31), zeros past K; step kb at out + (kb - kb0) * 2048.
+T_AMX void pack_panel(const int8_t* w, const MmArgs& a, int64_t n0, int64_t kb0, int64_t kb1, int8_t* out) {
+    for (int64_t kb = kb0; kb < kb1; kb++) {
         const int64_t k0 = kb * 64, left = a.K - k0;
         const __mmask64 mk = left >= 64 ? ~0ull : (1ull << left) - 1;
         for (int h = 0; h < 2; h++) {
@@ -134,7 +135,7 @@ T_AMX void pack_panel(const int8_t* w, const MmArgs& a, int64_t n0, int8_t* out)
                 r[i] = n < a.N ? _mm512_maskz_loadu_epi8(mk, w + n * a.K + k0) : _mm512_setzero_si512();
             }
             transpose16(r);
-            int8_t* dst = out + (kb * 2 + h) * 1024;
+            int8_t* dst = out + ((kb - kb0) * 2 + h) * 1024;
             for (int i = 0; i < 16; i++) _mm512_store_si512((__m512i*)(dst + 64 * i), r[i]);
         }
     }
@@ -144,12 +145,12 @@ T_AMX void pack_panel(const int8_t* w, const MmArgs& a, int64_t n0, int8_t* out)
 // stride 32; int32, or fp32 for bf16 operands).
 #define DP(C, A, B) do { if (BF16) _tile_dpbf16ps(C, A, B); else _tile_dpbssd(C, A, B); } while (0)
 
-// Adds the sums of 32 rows of x (from xr, row stride ldx bytes) over the 64-byte steps [k0, k1) of K against the
-// packed panel bp into t (32 x 32, row stride 32; int32, or fp32 for bf16 operands): t's partial sums go back into
-// the tiles and on from where they stopped (k0 = 0: from zero), so the order of the additions is the whole K's.
+// Adds the sums of 32 rows of x (from xr, row stride ldx bytes) over `steps` 64-byte steps of K against the packed
+// steps at bp into t (32 x 32, row stride 32; int32, or fp32 for bf16 operands): unless `first`, t's partial sums go
+// back into the tiles and on from where they stopped, so the order of the additions is the whole K's.
 template <bool BF16>
-T_AMXALL void block32(const int8_t* xr, int64_t ldx, const int8_t* bp, int64_t k0, int64_t k1, int32_t* t) {
-    if (k0 == 0) {
+T_AMXALL void block32(const int8_t* xr, int64_t ldx, const int8_t* bp, int64_t steps, bool first, int32_t* t) {
+    if (first) {
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     } else {
         _tile_loadd(0, t, PANEL * 4);
@@ -157,7 +158,7 @@ T_AMXALL void block32(const int8_t* xr, int64_t ldx, const int8_t* bp, int64_t k
         _tile_loadd(2, t + 16 * PANEL, PANEL * 4);
         _tile_loadd(3, t + 16 * PANEL + 16, PANEL * 4);
     }
-    for (int64_t kb = k0; kb < k1; kb++) {
+    for (int64_t kb = 0; kb < steps; kb++) {
         _tile_loadd(4, xr + kb * 64, ldx);
         _tile_loadd(5, xr + 16 * ldx + kb * 64, ldx);
         _tile_loadd(6, bp + kb * 2048, 64);
@@ -173,10 +174,16 @@ T_AMXALL void block32(const int8_t* xr, int64_t ldx, const int8_t* bp, int64_t k
     _tile_stored(3, t + 16 * PANEL + 16, PANEL * 4);
 }
 
+// block32 for 16 rows (t's first 16 rows).
 template <bool BF16>
-T_AMXALL void block16(const int8_t* xr, int64_t ldx, const int8_t* bp, int64_t KB, int32_t* t) {
-    _tile_zero(0); _tile_zero(1);
-    for (int64_t kb = 0; kb < KB; kb++) {
+T_AMXALL void block16(const int8_t* xr, int64_t ldx, const int8_t* bp, int64_t steps, bool first, int32_t* t) {
+    if (first) {
+        _tile_zero(0); _tile_zero(1);
+    } else {
+        _tile_loadd(0, t, PANEL * 4);
+        _tile_loadd(1, t + 16, PANEL * 4);
+    }
+    for (int64_t kb = 0; kb < steps; kb++) {
         _tile_loadd(4, xr + kb * 64, ldx);
         _tile_loadd(6, bp + kb * 2048, 64);
         _tile_loadd(7, bp + kb * 2048 + 1024, 64);
@@ -231,39 +238,54 @@ struct Scratch {
 template <bool BF16>
 T_AMXALL void mm_panels(const void* ctx, int64_t chunk) {
     const MmArgs& a = *(const MmArgs*)ctx;
-    const int64_t KB = a.Kp / 64, ldx = a.Kp, per = KB * 2048;  // bytes of one packed panel
+    const int64_t KB = a.Kp / 64, ldx = a.Kp;
     const int64_t panels = (a.N + PANEL - 1) / PANEL, p0 = chunk * GROUP;
     const int64_t np = panels - p0 < GROUP ? panels - p0 : GROUP;
     const bool gate = a.mode == GATE;
-    thread_local Scratch scratch;
-    int8_t* bp = scratch.get(per * np * (gate ? 2 : 1));  // panel g at g * per; up's after all of the gate's
-    alignas(64) int32_t t[2 * GROUP][32 * PANEL];  // each panel's block sums (GATE: up's after the gate's)
-    for (int64_t g = 0; g < np; g++) {
-        pack_panel(a.w, a, (p0 + g) * PANEL, bp + g * per);
-        if (gate) pack_panel(a.w3, a, (p0 + g) * PANEL, bp + (np + g) * per);
-    }
+    const int64_t nw = gate ? 2 * np : np;  // packed panels: the gate's, then up's
+    // The steps of K packed at a time: all of them when the group's panels fit in PACKED_BYTES, else whole slices
+    // that do, every block's sums of the earlier ones waiting in `sums` (a whole K's panels re-read from beyond the
+    // L2 cache for every block of x ran the 3B down projection, K = 10752, at 1.05 TFLOP/s).
+    const int64_t kparts = (KB * nw * 2048 + PACKED_BYTES - 1) / PACKED_BYTES;  // blocks of K, of equal size
+    int64_t kblk = (KB + kparts - 1) / kparts;
+    kblk = kparts == 1 ? KB : (kblk + KSLICE - 1) / KSLICE * KSLICE;
+    const bool whole = kblk >= KB;
+    const int64_t per = kblk * 2048;  // bytes of one packed panel's steps
+    const int64_t blocks = a.Mfull / 32 + a.Mfull % 32 / 16 + (a.M > a.Mfull ? 1 : 0);
+    thread_local Scratch packed, saved;
+    int8_t* bp = packed.get(per * nw);
+    int32_t* sums = whole ? nullptr : (int32_t*)saved.get(blocks * nw * 32 * PANEL * 4);
+    alignas(64) int32_t t[2 * GROUP][32 * PANEL];  // a block's sums per panel when K is packed at once
     amx_load_config();
-    // each block of x's rows meets every panel of the group while it is in the nearest caches: two whole 16-row
-    // tiles, a slice of K at a time (the slice of x stays in the L1 cache across the group's panels, their sums
-    // wait in t), else one tile over the whole K, else the ragged last rows from their padded copy
-    for (int64_t m0 = 0, rows; m0 < a.M; m0 += rows) {
-        rows = m0 + 32 <= a.Mfull ? 32 : m0 < a.Mfull ? 16 : a.M - m0;
-        const int8_t* xr = m0 < a.Mfull ? a.x + m0 * ldx : a.xt;
-        if (rows == 32) {
-            for (int64_t k0 = 0; k0 < KB; k0 += KSLICE) {
-                const int64_t k1 = k0 + KSLICE < KB ? k0 + KSLICE : KB;
-                for (int64_t g = 0; g < np; g++) {
-                    block32<BF16>(xr, ldx, bp + g * per, k0, k1, t[g]);
-                    if (gate) block32<BF16>(xr, ldx, bp + (np + g) * per, k0, k1, t[GROUP + g]);
-                }
-            }
-        } else {
-            for (int64_t g = 0; g < np; g++) {
-                block16<BF16>(xr, ldx, bp + g * per, KB, t[g]);
-                if (gate) block16<BF16>(xr, ldx, bp + (np + g) * per, KB, t[GROUP + g]);
-            }
+    for (int64_t kc0 = 0; kc0 < KB; kc0 += kblk) {
+        const int64_t kc1 = kc0 + kblk < KB ? kc0 + kblk : KB;
+        for (int64_t g = 0; g < np; g++) {
+            pack_panel(a.w, a, (p0 + g) * PANEL, kc0, kc1, bp + g * per);
+            if (gate) pack_panel(a.w3, a, (p0 + g) * PANEL, kc0, kc1, bp + (np + g) * per);
         }
-        for (int64_t g = 0; g < np; g++) emit(a, t[g], t[GROUP + g], m0, rows, (p0 + g) * PANEL);
+        // each block of x's rows meets every panel of the group while it is in the nearest caches: two whole 16-row
+        // tiles, a slice of K at a time (the slice of x stays in the L1 cache across the group's panels, their sums
+        // wait in t), else one tile over the packed steps, else the ragged last rows from their padded copy
+        int64_t b = 0;
+        for (int64_t m0 = 0, rows; m0 < a.M; m0 += rows, b++) {
+            rows = m0 + 32 <= a.Mfull ? 32 : m0 < a.Mfull ? 16 : a.M - m0;
+            const int8_t* xr = (m0 < a.Mfull ? a.x + m0 * ldx : a.xt) + kc0 * 64;
+            int32_t* tb = whole ? t[0] : sums + b * nw * 32 * PANEL;  // panel j's sums at tb + j * 32 * PANEL
+            if (rows == 32) {
+                for (int64_t k0 = kc0; k0 < kc1; k0 += KSLICE) {
+                    const int64_t k1 = k0 + KSLICE < kc1 ? k0 + KSLICE : kc1;
+                    for (int64_t j = 0; j < nw; j++)
+                        block32<BF16>(xr + (k0 - kc0) * 64, ldx, bp + j * per + (k0 - kc0) * 2048, k1 - k0, k0 == 0,
+                                      tb + j * 32 * PANEL);
+                }
+            } else {
+                for (int64_t j = 0; j < nw; j++)
+                    block16<BF16>(xr, ldx, bp + j * per, kc1 - kc0, kc0 == 0, tb + j * 32 * PANEL);
+            }
+            if (kc1 == KB)
+                for (int64_t g = 0; g < np; g++)
+                    emit(a, tb + g * 32 * PANEL, tb + (gate ? np + g : g) * 32 * PANEL, m0, rows, (p0 + g) * PANEL);
+        }
     }
     _tile_release();
 }
