@@ -243,9 +243,9 @@ T_AMXALL void mm_panels(const void* ctx, int64_t chunk) {
     const int64_t np = panels - p0 < GROUP ? panels - p0 : GROUP;
     const bool gate = a.mode == GATE;
     const int64_t nw = gate ? 2 * np : np;  // packed panels: the gate's, then up's
-    // The steps of K packed at a time: all of them when the group's panels fit in PACKED_BYTES, else whole slices
-    // that do, every block's sums of the earlier ones waiting in `sums` (a whole K's panels re-read from beyond the
-    // L2 cache for every block of x ran the 3B down projection, K = 10752, at 1.05 TFLOP/s).
+    // The steps of K packed at a time: all of them when the group's panels fit in PACKED_BYTES, else equal blocks of
+    // whole slices that do, every block of x's sums over the earlier ones waiting in `sums` (else a long K's panels
+    // would come back from beyond the L2 cache for every block of x).
     const int64_t kparts = (KB * nw * 2048 + PACKED_BYTES - 1) / PACKED_BYTES;  // blocks of K, of equal size
     int64_t kblk = (KB + kparts - 1) / kparts;
     kblk = kparts == 1 ? KB : (kblk + KSLICE - 1) / KSLICE * KSLICE;
