@@ -64,6 +64,14 @@ def set_streams(mode: int) -> None:
         lib.lfm2vl_set_streams(int(mode))
 
 
+def set_prefetch(mode: int) -> None:
+    """Software prefetch of the weights in the one-stream rows (gemv.cpp's weight_prefetch): -1 as the CPU says (the
+    default: on, except on AMD Zen 4), 0 never, 1 always (tests use it to run both paths on any CPU)."""
+    lib = _load()
+    if lib is not None:
+        lib.lfm2vl_set_prefetch(int(mode))
+
+
 def quantizes_x(bits: int) -> bool:
     """Whether int8 (bits 8) or int4 (bits 4) products round x to integers on the instruction set in use (rows whose
     length is a multiple of 32): int8 in 16 bits per block of 256, int4 in 8 bits per block of 32 (on AVX2 and on

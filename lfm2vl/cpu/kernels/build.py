@@ -115,6 +115,7 @@ def load():
     lib.lfm2vl_cpu_isa.restype = ctypes.c_int
     lib.lfm2vl_set_isa.argtypes = [ctypes.c_int]
     lib.lfm2vl_set_streams.argtypes = [ctypes.c_int]
+    lib.lfm2vl_set_prefetch.argtypes = [ctypes.c_int]
     lib.lfm2vl_read.argtypes = [p, i64, i]
     lib.lfm2vl_read.restype = ctypes.c_uint64
     lib.lfm2vl_quantizes_x.argtypes = [ctypes.c_int]

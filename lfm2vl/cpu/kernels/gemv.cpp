@@ -27,6 +27,7 @@
 
 static int g_isa_cap = 3;
 static int g_streams = -1;  // several weight streams for one activation row: -1 by vendor, 0 off, 1 on (tests)
+static int g_prefetch = -1;  // software prefetch of the one-stream rows' weights: -1 by CPU, 0 off, 1 on (tests)
 
 // Whether one activation row reads several weight rows at once (bf16 eight, int8 four, int4 and packed two). On
 // Intel: a Sapphire Rapids VM's core keeps too few reads in flight on one stream (450M decode bf16 +28%, int8 +35%,
@@ -36,6 +37,17 @@ static bool row_streams() {
     if (g_streams >= 0) return g_streams;
     static const bool intel = (__builtin_cpu_init(), __builtin_cpu_is("intel"));
     return intel;
+}
+
+// Whether the one-stream rows prefetch their weights PF_BYTES ahead. On AMD Zen 4 (family 19h with AVX512; Zen 3,
+// the same family, has no AVX512) the hardware prefetchers keep a plain sequential stream ahead on their own and the
+// prefetch instructions cost reads: in alternating generations on a Zen 4 VM, no prefetch decoded 450M bf16 +11%,
+// int8 +7%, 3B bf16 +22%, int8 +8%, int4 as fast as 2 KB ahead and +7% over 8 KB (docs/cpu.md). Elsewhere it pays
+// (the int4 distance's figures in gemv_vnni.cpp).
+bool weight_prefetch() {
+    if (g_prefetch >= 0) return g_prefetch;
+    static const bool zen4 = (__builtin_cpu_init(), __builtin_cpu_is("amdfam19h") && __builtin_cpu_supports("avx512f"));
+    return !zen4;
 }
 
 static int cpu_isa() {
@@ -188,7 +200,8 @@ T_AVX512BF16 static void rows_bf16_dp(const uint16_t* W, const uint16_t* X, void
     const char* end = (const char*)(W + n1 * K);
     if (M >= BLOCK_ROWS) {  // weight rows in blocks of 4
         const int64_t nb = n0 + (n1 - n0) / 4 * 4;
-        for (int64_t n = n0; n < nb; n += 4) four_rows_bf16_dp(W + n * K, X, Y, bias, M, n, N, K, ydt, true, end);
+        const bool pf = weight_prefetch();
+        for (int64_t n = n0; n < nb; n += 4) four_rows_bf16_dp(W + n * K, X, Y, bias, M, n, N, K, ydt, pf, end);
         n0 = nb;
     }
     rows_generic([&](int64_t n, int64_t m, int g, bool pf, float* out) {
@@ -382,6 +395,8 @@ int lfm2vl_quantizes_x(int kind) { return quantizes_x(active_isa(), kind); }
 void lfm2vl_set_isa(int cap) { g_isa_cap = cap; }
 // Several weight streams for one activation row: -1 as the CPU's vendor says (row_streams), 0 never, 1 always.
 void lfm2vl_set_streams(int mode) { g_streams = mode; }
+// Software prefetch of the one-stream rows' weights: -1 as the CPU says (weight_prefetch), 0 never, 1 always.
+void lfm2vl_set_prefetch(int mode) { g_prefetch = mode; }
 
 // kind: 0 bf16 weights, 1 fp32 weights, 2 int8 weights (+ row scales S), 3 int4 weights (+ group scales S; K is
 // the unpacked width), 4 bf16 weights packed in 12 bits (packed.cpp; W is the packed buffer). xdt/ydt: 0 fp32, 1 bf16.

@@ -176,6 +176,8 @@ void quantize_x_q8(const float* X, int64_t M, int64_t K, int8_t* q, float* d, fl
 // gemv_vnni.cpp: int8 rows with x from quantize_x_q16, int4 rows with x from quantize_x_q8 (runs of 4), on
 // AVX512-VNNI CPUs (cpu_has_vnni()).
 bool cpu_has_vnni();
+// Whether the one-stream rows prefetch their weights PF_BYTES ahead (gemv.cpp): not on AMD Zen 4.
+bool weight_prefetch();
 void rows_q16_vnni(const int8_t* W, const float* S, const int16_t* Xh, const float* Xd, void* Y, const float* bias,
                    int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt);
 void rows_q4_vnni(const uint8_t* W, const float* S, const int8_t* Xq, const float* Xd, const float* Xs, void* Y,
@@ -337,12 +339,13 @@ T_AVX512 static inline void sum_accumulators(__m512 (&acc)[MR][U], float* out) {
 template <typename RowFn>
 static inline void rows_generic(RowFn row, const float* S, void* Y, const float* bias, int64_t M, int64_t n0,
                                 int64_t n1, int64_t N, int ydt) {
+    const bool pf = weight_prefetch();
     float out[4];
     for (int64_t n = n0; n < n1; n++) {
         int64_t m = 0;
         while (m < M) {
             const int g = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
-            row(n, m, g, m == 0, out);
+            row(n, m, g, pf && m == 0, out);
             for (int j = 0; j < g; j++) {
                 float v = out[j];
                 if (S) v *= S[n];

@@ -28,6 +28,7 @@ T_AVX2 void rows_f32_avx2(int kind, const void* Wv, const float* S, const float*
     const int64_t K8 = K & ~(int64_t)7;
     const int esz = kind == 1 ? 4 : kind == 0 ? 2 : 1;
     const char* end = (const char*)Wv + n1 * K * esz;
+    const bool pf = weight_prefetch();
     for (int64_t m = 0; m < M; m++) {
         const float* x = X + m * K;
         for (int64_t n = n0; n < n1; n++) {
@@ -36,7 +37,7 @@ T_AVX2 void rows_f32_avx2(int kind, const void* Wv, const float* S, const float*
             int64_t k = 0;
             for (; k + 32 <= K8; k += 32) {
                 __m256 w0, w1, w2, w3;
-                if (m == 0)
+                if (pf && m == 0)
                     for (int l = 0; l < esz / 2 + (esz == 1); l++)
                         prefetch_line((const char*)Wv + (n * K + k) * esz + PF_BYTES + 64 * l, end);
                 if (kind == 0) {
@@ -122,13 +123,14 @@ T_AVX2 static void row_bf16_eo(const uint16_t* w, const float* Xp, int64_t K, bo
 T_AVX2 void rows_bf16_avx2(const uint16_t* W, const float* Xp, void* Y, const float* bias, int64_t M, int64_t n0,
                            int64_t n1, int64_t N, int64_t K, int ydt) {
     const char* end = (const char*)(W + n1 * K);
+    const bool pf = weight_prefetch();
     float out[4];
     for (int64_t n = n0; n < n1; n++) {
         for (int64_t m = 0; m < M;) {
             const int g = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
-            if (g == 4) row_bf16_eo<4>(W + n * K, Xp + m * K, K, m == 0, end, out);
-            else if (g == 2) row_bf16_eo<2>(W + n * K, Xp + m * K, K, m == 0, end, out);
-            else row_bf16_eo<1>(W + n * K, Xp + m * K, K, m == 0, end, out);
+            if (g == 4) row_bf16_eo<4>(W + n * K, Xp + m * K, K, pf && m == 0, end, out);
+            else if (g == 2) row_bf16_eo<2>(W + n * K, Xp + m * K, K, pf && m == 0, end, out);
+            else row_bf16_eo<1>(W + n * K, Xp + m * K, K, pf && m == 0, end, out);
             for (int j = 0; j < g; j++) store_out(Y, ydt, (m + j) * N + n, out[j] + (bias ? bias[n] : 0.f));
             m += g;
         }
@@ -316,6 +318,7 @@ T_AVX2 void rows_q_avx2(int kind, const void* W, const float* S, const int16_t* 
                         int64_t K, int ydt) {
     const int64_t nb = kind == 2 ? (K + Q16_BLOCK - 1) / Q16_BLOCK : K / 32, row_bytes = kind == 2 ? K : K / 2;
     const char* end = (const char*)W + n1 * row_bytes;
+    const bool pf = weight_prefetch();
     float out[4];
     for (int64_t n = n0; n < n1; n++) {
         const void* w = (const char*)W + n * row_bytes;
@@ -325,17 +328,17 @@ T_AVX2 void rows_q_avx2(int kind, const void* W, const float* S, const int16_t* 
             if (kind == 2) {
                 const int8_t* wr = (const int8_t*)w;
                 const int16_t* q = Xh + m * K;
-                if (g == 4) row_q16<4>(wr, q, d, K, m == 0, end, out);
-                else if (g == 2) row_q16<2>(wr, q, d, K, m == 0, end, out);
-                else row_q16<1>(wr, q, d, K, m == 0, end, out);
+                if (g == 4) row_q16<4>(wr, q, d, K, pf && m == 0, end, out);
+                else if (g == 2) row_q16<2>(wr, q, d, K, pf && m == 0, end, out);
+                else row_q16<1>(wr, q, d, K, pf && m == 0, end, out);
             } else {
                 const int8_t* q = Xq + m * K;
                 const uint8_t* wr = (const uint8_t*)w;
                 const uint16_t* sr = (const uint16_t*)S + n * nb;
                 const float* qs = Xs + m * nb;
-                if (g == 4) row_q4<4>(wr, sr, q, d, qs, K, m == 0, end, out);
-                else if (g == 2) row_q4<2>(wr, sr, q, d, qs, K, m == 0, end, out);
-                else row_q4<1>(wr, sr, q, d, qs, K, m == 0, end, out);
+                if (g == 4) row_q4<4>(wr, sr, q, d, qs, K, pf && m == 0, end, out);
+                else if (g == 2) row_q4<2>(wr, sr, q, d, qs, K, pf && m == 0, end, out);
+                else row_q4<1>(wr, sr, q, d, qs, K, pf && m == 0, end, out);
             }
             for (int j = 0; j < g; j++) {
                 const float v = kind == 2 ? out[j] * S[n] : out[j];

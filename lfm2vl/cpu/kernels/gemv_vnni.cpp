@@ -152,6 +152,7 @@ T_AVX512VNNI void rows_q4_vnni(const uint8_t* W, const float* S, const int8_t* X
     const int64_t G = K / I4_GROUP;
     const char* end = (const char*)(W + n1 * (K / 2));
     const int64_t ahead = pf_i4_bytes();
+    const bool pf = weight_prefetch();
     float out[4];
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t* w = W + n * (K / 2);
@@ -160,9 +161,9 @@ T_AVX512VNNI void rows_q4_vnni(const uint8_t* W, const float* S, const int8_t* X
             const int g = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
             const int8_t* q = Xq + m * K;
             const float *d = Xd + m * G, *qs = Xs + m * G;
-            if (g == 4) row_q4_vnni<4>(w, s, q, d, qs, K, m == 0, ahead, end, out);
-            else if (g == 2) row_q4_vnni<2>(w, s, q, d, qs, K, m == 0, ahead, end, out);
-            else row_q4_vnni<1>(w, s, q, d, qs, K, m == 0, ahead, end, out);
+            if (g == 4) row_q4_vnni<4>(w, s, q, d, qs, K, pf && m == 0, ahead, end, out);
+            else if (g == 2) row_q4_vnni<2>(w, s, q, d, qs, K, pf && m == 0, ahead, end, out);
+            else row_q4_vnni<1>(w, s, q, d, qs, K, pf && m == 0, ahead, end, out);
             for (int j = 0; j < g; j++) store_out(Y, ydt, (m + j) * N + n, out[j] + (bias ? bias[n] : 0.f));
             m += g;
         }
@@ -218,15 +219,16 @@ T_AVX512VNNI void rows_q16_vnni(const int8_t* W, const float* S, const int16_t* 
                                 const float* bias, int64_t M, int64_t n0, int64_t n1, int64_t N, int64_t K, int ydt) {
     const int64_t nb = (K + Q16_BLOCK - 1) / Q16_BLOCK;
     const char* end = (const char*)(W + n1 * K);
+    const bool pf = weight_prefetch();
     float out[4];
     for (int64_t n = n0; n < n1; n++) {
         for (int64_t m = 0; m < M;) {
             const int g = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
             const int16_t* q = Xh + m * K;
             const float* d = Xd + m * nb;
-            if (g == 4) row_q16_vnni<4>(W + n * K, q, d, K, m == 0, end, out);
-            else if (g == 2) row_q16_vnni<2>(W + n * K, q, d, K, m == 0, end, out);
-            else row_q16_vnni<1>(W + n * K, q, d, K, m == 0, end, out);
+            if (g == 4) row_q16_vnni<4>(W + n * K, q, d, K, pf && m == 0, end, out);
+            else if (g == 2) row_q16_vnni<2>(W + n * K, q, d, K, pf && m == 0, end, out);
+            else row_q16_vnni<1>(W + n * K, q, d, K, pf && m == 0, end, out);
             for (int j = 0; j < g; j++) store_out(Y, ydt, (m + j) * N + n, out[j] * S[n] + (bias ? bias[n] : 0.f));
             m += g;
         }
