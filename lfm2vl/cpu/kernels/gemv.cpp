@@ -41,9 +41,8 @@ static bool row_streams() {
 
 // Whether the one-stream rows prefetch their weights PF_BYTES ahead. On AMD Zen 4 (family 19h with AVX512; Zen 3,
 // the same family, has no AVX512) the hardware prefetchers keep a plain sequential stream ahead on their own and the
-// prefetch instructions cost reads: in alternating generations on a Zen 4 VM, no prefetch decoded 450M bf16 +11%,
-// int8 +7%, 3B bf16 +22%, int8 +8%, int4 as fast as 2 KB ahead and +7% over 8 KB (docs/cpu.md). Elsewhere it pays
-// (the int4 distance's figures in gemv_vnni.cpp).
+// prefetch instructions cost reads: bf16 and int8 products streamed faster without them, int4 as fast or faster
+// (docs/cpu.md has the figures). Elsewhere they pay (the int4 distance's comment in gemv_vnni.cpp).
 bool weight_prefetch() {
     if (g_prefetch >= 0) return g_prefetch;
     static const bool zen4 = (__builtin_cpu_init(), __builtin_cpu_is("amdfam19h") && __builtin_cpu_supports("avx512f"));
