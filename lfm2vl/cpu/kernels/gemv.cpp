@@ -39,14 +39,19 @@ static bool row_streams() {
     return intel;
 }
 
-// Whether the one-stream rows prefetch their weights PF_BYTES ahead. On AMD Zen 4 (family 19h with AVX512; Zen 3,
-// the same family, has no AVX512) the hardware prefetchers keep a plain sequential stream ahead on their own and the
-// prefetch instructions cost reads: bf16 and int8 products streamed faster without them, int4 as fast or faster
-// (docs/cpu.md has the figures). Elsewhere they pay (the int4 distance's comment in gemv_vnni.cpp).
+// AMD Zen 4: family 19h with AVX512 (Zen 3, the same family, has no AVX512).
+bool cpu_zen4() {
+    static const bool zen4 = (__builtin_cpu_init(), __builtin_cpu_is("amdfam19h") && __builtin_cpu_supports("avx512f"));
+    return zen4;
+}
+
+// Whether the one-stream rows of bf16, fp32, int8 and packed weights prefetch them PF_BYTES ahead. Not on AMD Zen 4:
+// its hardware prefetchers keep a plain sequential stream ahead on their own and the prefetch instructions cost
+// reads, so those products stream faster without them (docs/cpu.md has the figures). Elsewhere they pay. int4 rows,
+// with ~4x the instructions per byte, keep theirs everywhere (their distance: gemv_vnni.cpp's pf_i4_bytes).
 bool weight_prefetch() {
     if (g_prefetch >= 0) return g_prefetch;
-    static const bool zen4 = (__builtin_cpu_init(), __builtin_cpu_is("amdfam19h") && __builtin_cpu_supports("avx512f"));
-    return !zen4;
+    return !cpu_zen4();
 }
 
 static int cpu_isa() {

@@ -336,9 +336,9 @@ T_AVX2 void rows_q_avx2(int kind, const void* W, const float* S, const int16_t* 
                 const uint8_t* wr = (const uint8_t*)w;
                 const uint16_t* sr = (const uint16_t*)S + n * nb;
                 const float* qs = Xs + m * nb;
-                if (g == 4) row_q4<4>(wr, sr, q, d, qs, K, pf && m == 0, end, out);
-                else if (g == 2) row_q4<2>(wr, sr, q, d, qs, K, pf && m == 0, end, out);
-                else row_q4<1>(wr, sr, q, d, qs, K, pf && m == 0, end, out);
+                if (g == 4) row_q4<4>(wr, sr, q, d, qs, K, m == 0, end, out);
+                else if (g == 2) row_q4<2>(wr, sr, q, d, qs, K, m == 0, end, out);
+                else row_q4<1>(wr, sr, q, d, qs, K, m == 0, end, out);
             }
             for (int j = 0; j < g; j++) {
                 const float v = kind == 2 ? out[j] * S[n] : out[j];

@@ -119,10 +119,10 @@ T_AVX512VNNI static inline void i4_step16(const uint8_t* w, const uint16_t* s, c
 // How far ahead an int4 row's weights are prefetched. A byte of int4 holds two weights and takes ~4x the instructions
 // of a bf16 byte, so fewer of the stream's lines are in flight from the loads alone: on an AMD Zen 5 VM gemv.h's
 // PF_BYTES left the product below the memory's rate, 8 KB ahead beat 4 KB by 9-12% and 12-16 KB gave less; on an
-// Intel Xeon with AMX PF_BYTES (2 KB) beat 8 KB by 7.6% at 3B (1 KB 5.8%, 512 bytes -1%; docs/cpu.md).
+// Intel Xeon with AMX and on an AMD Zen 4 VM PF_BYTES (2 KB) beat 8 KB and no prefetch at all (docs/cpu.md).
 static int64_t pf_i4_bytes() {
-    static const bool intel = (__builtin_cpu_init(), __builtin_cpu_is("intel"));
-    return intel ? PF_BYTES : 4 * PF_BYTES;
+    static const bool near = (__builtin_cpu_init(), __builtin_cpu_is("intel") || cpu_zen4());
+    return near ? PF_BYTES : 4 * PF_BYTES;
 }
 
 // int4 weights (gemv.h's layout) x int8-quantized activations, sixteen groups per step (four registers of four).
@@ -152,7 +152,6 @@ T_AVX512VNNI void rows_q4_vnni(const uint8_t* W, const float* S, const int8_t* X
     const int64_t G = K / I4_GROUP;
     const char* end = (const char*)(W + n1 * (K / 2));
     const int64_t ahead = pf_i4_bytes();
-    const bool pf = weight_prefetch();
     float out[4];
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t* w = W + n * (K / 2);
@@ -161,9 +160,9 @@ T_AVX512VNNI void rows_q4_vnni(const uint8_t* W, const float* S, const int8_t* X
             const int g = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
             const int8_t* q = Xq + m * K;
             const float *d = Xd + m * G, *qs = Xs + m * G;
-            if (g == 4) row_q4_vnni<4>(w, s, q, d, qs, K, pf && m == 0, ahead, end, out);
-            else if (g == 2) row_q4_vnni<2>(w, s, q, d, qs, K, pf && m == 0, ahead, end, out);
-            else row_q4_vnni<1>(w, s, q, d, qs, K, pf && m == 0, ahead, end, out);
+            if (g == 4) row_q4_vnni<4>(w, s, q, d, qs, K, m == 0, ahead, end, out);
+            else if (g == 2) row_q4_vnni<2>(w, s, q, d, qs, K, m == 0, ahead, end, out);
+            else row_q4_vnni<1>(w, s, q, d, qs, K, m == 0, ahead, end, out);
             for (int j = 0; j < g; j++) store_out(Y, ydt, (m + j) * N + n, out[j] + (bias ? bias[n] : 0.f));
             m += g;
         }
