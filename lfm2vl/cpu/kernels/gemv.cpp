@@ -47,8 +47,8 @@ bool cpu_zen4() {
 
 // Whether the one-stream rows of bf16, fp32, int8 and packed weights prefetch them PF_BYTES ahead. Not on AMD Zen 4:
 // its hardware prefetchers keep a plain sequential stream ahead on their own and the prefetch instructions cost
-// reads, so those products stream faster without them (docs/cpu.md has the figures). Elsewhere they pay. int4 rows,
-// with ~4x the instructions per byte, keep theirs everywhere (their distance: gemv_vnni.cpp's pf_i4_bytes).
+// reads, so those products stream faster without them (docs/cpu.md has the figures). Elsewhere they pay. int4's
+// integer-dot rows, with ~4x the instructions per byte, keep theirs (on AVX512: gemv_vnni.cpp's pf_i4_bytes).
 bool weight_prefetch() {
     if (g_prefetch >= 0) return g_prefetch;
     return !cpu_zen4();
