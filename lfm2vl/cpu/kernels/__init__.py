@@ -65,9 +65,9 @@ def set_streams(mode: int) -> None:
 
 
 def set_prefetch(mode: int) -> None:
-    """Software prefetch of the weights in the one-stream rows other than int4 (gemv.cpp's weight_prefetch): -1 as
-    the CPU says (the default: on, except on AMD Zen 4), 0 never, 1 always (tests use it to run both paths on any
-    CPU)."""
+    """Software prefetch of the weights in the one-stream rows other than int4's integer-dot rows (gemv.cpp's
+    weight_prefetch): -1 as the CPU says (the default: on, except on AMD Zen 4), 0 never, 1 always (tests use it to
+    run both paths on any CPU)."""
     lib = _load()
     if lib is not None:
         lib.lfm2vl_set_prefetch(int(mode))

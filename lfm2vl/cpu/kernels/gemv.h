@@ -176,7 +176,8 @@ void quantize_x_q8(const float* X, int64_t M, int64_t K, int8_t* q, float* d, fl
 // gemv_vnni.cpp: int8 rows with x from quantize_x_q16, int4 rows with x from quantize_x_q8 (runs of 4), on
 // AVX512-VNNI CPUs (cpu_has_vnni()).
 bool cpu_has_vnni();
-// AMD Zen 4 (gemv.cpp); whether the one-stream rows other than int4 prefetch their weights PF_BYTES ahead: not there.
+// AMD Zen 4 (gemv.cpp); whether the one-stream rows other than int4's integer-dot ones prefetch their weights
+// PF_BYTES ahead: not there.
 bool cpu_zen4();
 bool weight_prefetch();
 void rows_q16_vnni(const int8_t* W, const float* S, const int16_t* Xh, const float* Xd, void* Y, const float* bias,
