@@ -544,6 +544,31 @@ def test_attn_many_subtracts_each_rows_true_maximum(amx_on):
 
 
 @needs_kernels
+@pytest.mark.parametrize("amx_on", [True, False], indirect=True)
+@pytest.mark.parametrize("n,H,L,Dh,nkeys,offset", [(1, 12, 1024, 64, None, 0.0), (2, 4, 100, 72, [100, 61], 0.0),
+                                                   (3, 2, 37, 66, [37, 5, 36], 0.0), (1, 4, 300, 64, None, 8.0)])
+def test_attn_many_int8_scores_stay_close_to_float_math(n, H, L, Dh, nkeys, offset, amx_on):
+    """The int8 tower's scores (int8_scores): within 0.03 of float32 math and a cosine of 0.999 for each output row,
+    units with fewer keys than their buffer (the rest get no weight), head sizes off a multiple of 4, and keys sharing
+    a large offset per head column (8 sigma: its mean is taken out before the keys are rounded). Where the CPU runs
+    them in int8 the output differs from the bf16 scores'; elsewhere (AMX tiles, no VNNI) it is theirs, bit for bit."""
+    if kernels.isa() < 3:
+        pytest.skip("needs AVX512-BF16")
+    g = torch.Generator().manual_seed(L + Dh)
+    q, k, v = (torch.randn(n * L, H * Dh, generator=g).bfloat16().view(n, L, H, Dh).transpose(1, 2) for _ in range(3))
+    k = (k.float() + offset * torch.randn(Dh, generator=g)).bfloat16()
+    keys = nkeys or [L] * n
+    visible = (torch.arange(L)[None, :] < torch.tensor(keys)[:, None])[:, None, None, :]  # (n, 1, 1, L)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=visible)
+    out = kernels.attn_many(q, k, v, nkeys, int8_scores=True)
+    got = out.view(n, L, H, Dh).transpose(1, 2).float()
+    assert (got - ref).abs().max() <= 0.03, (got - ref).abs().max()
+    assert F.cosine_similarity(got.reshape(-1, Dh), ref.reshape(-1, Dh)).min() >= 0.999
+    bf16 = kernels.attn_many(q, k, v, nkeys)
+    assert torch.equal(out, bf16) != kernels.attn_int8_scores()
+
+
+@needs_kernels
 def test_attn_many_declines_what_it_does_not_support():
     q = torch.randn(1, 2, 8, 33).bfloat16()
     assert kernels.attn_many(q, q, q) is None  # odd head size

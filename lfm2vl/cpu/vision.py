@@ -5,7 +5,8 @@ Same parameters, state_dict keys and results within float rounding; `use_fast_vi
   pass), fp32 on CPUs without a bf16 GEMM;
   int8 encoder linears (int8 vision, quant.quantize_vision) run int8 compute with the bias, GELU and residual fused
   (int8mm.py);
-- bf16 attention runs the native `kernels.attn_many` where it beats torch's SDPA (`kernels.attention_wins`);
+- bf16 attention runs the native `kernels.attn_many` where it beats torch's SDPA (`kernels.attention_wins`), its
+  scores in int8 for an int8 tower;
 - the resized position grids are cached per (h, w, dtype, device) until the table's weights change;
 - bf16 LayerNorms run natively (`kernels.layernorm`);
 - each encoder layer and the projector drop their weights' mapped pages after use (`RELEASE_PAGES`), so the tower
@@ -102,7 +103,8 @@ class FastVisionAttention(vision.Attention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if kernels.serves(q) and kernels.attention_wins():  # it beats torch's flash kernel here
-            o = kernels.attn_many(q, k, v)
+            # an int8 tower (int8 vision) takes its scores in int8 too, on CPUs without AMX tiles
+            o = kernels.attn_many(q, k, v, int8_scores=type(self.q_proj) is Int8Linear)
             if o is not None:
                 return o
         return super().attend(q, k, v)

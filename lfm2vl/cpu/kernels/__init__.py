@@ -2,8 +2,9 @@
 
 - `gemv.cpp` (products; `gemv_scalar.cpp` their scalar rows, `gemv_avx2.cpp` their AVX2 rows, `gemv_vnni.cpp`
   int8 / int4 rows with AVX512-VNNI, `gemv_streams.cpp` several bf16 / int8 weight rows at once for one activation row),
-  `attn.cpp` (decode attention), `attn_many.cpp` (the vision tower's and the prefill's attention), `prefill.cpp`
-  (a bf16 prefill's SwiGLU, RMSNorm and short-conv middle), `decode.cpp` (the fused decode step, its small ops
+  `attn.cpp` (decode attention), `attn_many.cpp` (the vision tower's and the prefill's attention; `attn_q8.cpp`
+  its int8 scores for an int8 tower), `prefill.cpp` (a bf16 prefill's SwiGLU, RMSNorm and short-conv middle),
+  `decode.cpp` (the fused decode step, its small ops
   in `decode_ops.h`, driven by `kernels/decode.py`), `quantized.cpp` (the int8 / int4 formats: quantization at load,
   expansion for prefill),
   `packed.cpp` / `packed_pack.cpp` (bf16 weights packed losslessly in 12 bits: products and unpacking / packing),
@@ -32,9 +33,9 @@ from .build import DT as _DT
 from .build import I4_GROUP, KIND as _KIND
 from .build import load as _load
 from .packed_ops import BLOCK as PACK_BLOCK, pack_bf16, packed_fast, packed_linear, unpack_bf16  # noqa: F401
-from .prefill_ops import (amx_bf16, amx_int8, attn_many, bf16_linear_amx, gelu_tanh_, int4_to_int8,  # noqa: F401
-                          int8_epilogue, int8_linear_amx, int_mm, layernorm, quantize_rows, rmsnorm, set_amx,
-                          short_conv, swiglu, swiglu_h_amx, swiglu_h_bf16_amx, swiglu_int8)
+from .prefill_ops import (amx_bf16, amx_int8, attn_int8_scores, attn_many, bf16_linear_amx, gelu_tanh_,  # noqa: F401
+                          int4_to_int8, int8_epilogue, int8_linear_amx, int_mm, layernorm, quantize_rows, rmsnorm,
+                          set_amx, short_conv, swiglu, swiglu_h_amx, swiglu_h_bf16_amx, swiglu_int8)
 
 
 def available() -> bool:

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "amx.h"
+#include "attn_q8.h"
 #include "gemv.h"
 #include "pool.h"
 
@@ -45,6 +46,9 @@ struct ManyArgs {
     int64_t Pp;
     int64_t Ls;  // row stride of kp, of the scores and of the probabilities: Lp + 32, so that the 16 rows a tile
                  // reads or writes do not all fall into the same few sets of the L1 cache (a 4 KB stride would)
+    uint32_t* kq;  // int8 scores (attn_q8.h; else null): per (unit, kv head) the keys' (ceil(Dh/4), Ls) words, in
+    float* ksc;    // place of kp, and per key its scale and offset correction (Ls of each)
+    int32_t* kcorr;
 
     // keys visible to query l of unit u
     int64_t visible(int64_t u, int64_t l) const { return causal ? nkeys[u] - L + l + 1 : nkeys[u]; }
@@ -97,24 +101,31 @@ void block_buffers(int64_t n, float** s, uint16_t** pr) {
     *pr = (uint16_t*)(((uintptr_t)pr_buf.data() + 63) & ~(uintptr_t)63);
 }
 
-// pass 1, one chunk per (unit, kv head): K and V into pair layouts (padded keys and head columns are zero)
+// pass 1, one chunk per (unit, kv head): K and V into pair layouts (padded keys and head columns are zero), or K
+// rounded to int8 for the int8 scores
 void relayout(const void* ctx, int64_t c) {
     const ManyArgs& a = *(const ManyArgs*)ctx;
     const int64_t u = c / a.Hkv, h = c % a.Hkv, S = a.nkeys[u];
     const int64_t P = a.Dh / 2;
-    uint32_t* kp = a.kp + c * a.Pp * a.Ls;
-    memset(kp + P * a.Ls, 0, sizeof(uint32_t) * (a.Pp - P) * a.Ls);
-    uint32_t* vp = a.vp + c * (a.Lp / 2) * a.Dp;
-    // a key row's bf16 values read as 32-bit words are its pairs: the K layout is their transpose
-    uint32_t tile[16][64];
-    for (int64_t j0 = 0; j0 < a.Lp; j0 += 16) {
-        for (int64_t j = 0; j < 16; j++) {
-            if (j0 + j < S) memcpy(tile[j], a.k + u * a.ks[0] + h * a.ks[1] + (j0 + j) * a.ks[2], sizeof(uint32_t) * P);
-            else memset(tile[j], 0, sizeof(uint32_t) * P);
+    const uint16_t* kc = a.k + u * a.ks[0] + h * a.ks[1];
+    if (a.kq) {
+        q8_keys(kc, a.ks[2], S, a.Dh, a.Lp, a.Ls, a.kq + c * ((a.Dh + 3) / 4) * a.Ls, a.ksc + c * a.Ls,
+                a.kcorr + c * a.Ls);
+    } else {
+        uint32_t* kp = a.kp + c * a.Pp * a.Ls;
+        memset(kp + P * a.Ls, 0, sizeof(uint32_t) * (a.Pp - P) * a.Ls);
+        // a key row's bf16 values read as 32-bit words are its pairs: the K layout is their transpose
+        uint32_t tile[16][64];
+        for (int64_t j0 = 0; j0 < a.Lp; j0 += 16) {
+            for (int64_t j = 0; j < 16; j++) {
+                if (j0 + j < S) memcpy(tile[j], kc + (j0 + j) * a.ks[2], sizeof(uint32_t) * P);
+                else memset(tile[j], 0, sizeof(uint32_t) * P);
+            }
+            for (int64_t p = 0; p < P; p++)
+                for (int64_t j = 0; j < 16; j++) kp[p * a.Ls + j0 + j] = tile[j][p];
         }
-        for (int64_t p = 0; p < P; p++)
-            for (int64_t j = 0; j < 16; j++) kp[p * a.Ls + j0 + j] = tile[j][p];
     }
+    uint32_t* vp = a.vp + c * (a.Lp / 2) * a.Dp;
     static const uint16_t zeros[128] = {};
     for (int64_t i = 0; i < a.Lp / 2; i++) {
         const uint16_t* lo = 2 * i < S ? a.v + u * a.vs[0] + h * a.vs[1] + 2 * i * a.vs[2] : zeros;
@@ -155,25 +166,15 @@ T_AVX512BF16 inline void value_sums(const ManyArgs& a, const uint32_t* vp, const
     }
 }
 
-// pass 2, one chunk per (unit, head, block of QB queries)
-T_AVX512BF16 void attend(const void* ctx, int64_t c) {
-    const ManyArgs& a = *(const ManyArgs*)ctx;
-    const int64_t uh = c / a.qblocks, i0 = (c % a.qblocks) * QB;
-    const int64_t u = uh / a.H, h = uh % a.H, rows = a.L - i0 < QB ? a.L - i0 : QB;
-    const int64_t kv = u * a.Hkv + h / (a.H / a.Hkv);
-    const int64_t Lb = (a.visible(u, i0 + rows - 1) + 31) / 32 * 32;  // keys any query of the block sees, padded
-    const uint32_t* kp = a.kp + kv * a.Pp * a.Ls;
-    const uint32_t* vp = a.vp + kv * (a.Lp / 2) * a.Dp;
-    float* s;
-    uint16_t* pr;
-    block_buffers(QB * a.Ls, &s, &pr);
-    if (rows < QB) memset(pr + rows * a.Ls, 0, sizeof(uint16_t) * (QB - rows) * a.Ls);  // read, never stored
+// Scores of a block's queries (rows of q at the row stride qs[2]) against keys [0, Lb): 8 queries x 32 keys per
+// step, times scale log2(e) (the softmax's exponentials are powers of 2), into s (rows past `rows`: from zero queries).
+T_AVX512BF16 inline void scores_bf16(const ManyArgs& a, const uint16_t* q, int64_t rows, const uint32_t* kp, int64_t Lb,
+                                     float* s) {
     uint32_t qw[QB][64];  // each query's pairs (Dh <= 128): a row's bf16 values read as 32-bit words
     for (int r = 0; r < QB; r++) {
-        if (r < rows) memcpy(qw[r], a.q + u * a.qs[0] + h * a.qs[1] + (i0 + r) * a.qs[2], sizeof(uint16_t) * a.Dh);
+        if (r < rows) memcpy(qw[r], q + r * a.qs[2], sizeof(uint16_t) * a.Dh);
         else memset(qw[r], 0, sizeof(uint16_t) * a.Dh);
     }
-    // scores: 8 queries x 32 keys per step, times scale log2(e) (the softmax's exponentials are powers of 2)
     const __m512 sc = _mm512_set1_ps(a.scale * LOG2E);
     for (int64_t j = 0; j < Lb; j += 32) {
         __m512 acc[QB][2];
@@ -192,6 +193,24 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
             _mm512_store_ps(s + r * a.Ls + j + 16, _mm512_mul_ps(acc[r][1], sc));
         }
     }
+}
+
+// pass 2, one chunk per (unit, head, block of QB queries)
+T_AVX512BF16 void attend(const void* ctx, int64_t c) {
+    const ManyArgs& a = *(const ManyArgs*)ctx;
+    const int64_t uh = c / a.qblocks, i0 = (c % a.qblocks) * QB;
+    const int64_t u = uh / a.H, h = uh % a.H, rows = a.L - i0 < QB ? a.L - i0 : QB;
+    const int64_t kv = u * a.Hkv + h / (a.H / a.Hkv);
+    const int64_t Lb = (a.visible(u, i0 + rows - 1) + 31) / 32 * 32;  // keys any query of the block sees, padded
+    const uint32_t* vp = a.vp + kv * (a.Lp / 2) * a.Dp;
+    float* s;
+    uint16_t* pr;
+    block_buffers(QB * a.Ls, &s, &pr);
+    if (rows < QB) memset(pr + rows * a.Ls, 0, sizeof(uint16_t) * (QB - rows) * a.Ls);  // read, never stored
+    const uint16_t* q = a.q + u * a.qs[0] + h * a.qs[1] + i0 * a.qs[2];
+    if (a.kq) q8_scores(q, a.qs[2], (int)rows, a.Dh, a.kq + kv * ((a.Dh + 3) / 4) * a.Ls, a.ksc + kv * a.Ls,
+                        a.kcorr + kv * a.Ls, Lb, a.Ls, a.scale * LOG2E, s);
+    else scores_bf16(a, q, rows, a.kp + kv * a.Pp * a.Ls, Lb, s);
     // softmax over each query's visible keys: exponentials in fp32, their fp32 sum, bf16 probabilities (the
     // hidden and padded keys: 0)
     float sum[QB];
@@ -319,13 +338,16 @@ T_AMXBF16 void attend_amx(const void* ctx, int64_t c) {
 
 extern "C" {
 
+// Whether int8_scores take int8 here: AVX512-VNNI, and no AMX tiles in use (their bf16 scores are faster).
+int lfm2vl_attn_int8_scores() { return active_isa() >= 3 && cpu_has_vnni() && !amx_ready(true); }
+
 // q, k, v: strides qs / ks / vs (unit, head, row) in elements, last dim contiguous; nkeys (n,) keys per unit (causal:
-// at least L); out (n, L, H*Dh) bf16. Returns 0, or -1 when unsupported (Dh odd or > 128, H not a multiple of Hkv,
-// no AVX512-BF16).
+// at least L); out (n, L, H*Dh) bf16. int8_scores: q k^T in int8 (attn_q8.h) where lfm2vl_attn_int8_scores(); the
+// value sums stay bf16. Returns 0, or -1 when unsupported (Dh
+// odd or > 128, H not a multiple of Hkv, no AVX512-BF16).
 int lfm2vl_attn_many(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t n, int64_t H,
                      int64_t Hkv, int64_t L, int64_t Dh, const int64_t* qs, const int64_t* ks, const int64_t* vs,
-                     const int64_t* nkeys,
-                     int causal, float scale, int threads) {
+                     const int64_t* nkeys, int causal, int int8_scores, float scale, int threads) {
     if (Dh % 2 || Dh > 128 || L < 1 || Hkv < 1 || H % Hkv || active_isa() < 3) return -1;
     int64_t most = 0;
     for (int64_t u = 0; u < n; u++) {
@@ -333,17 +355,27 @@ int lfm2vl_attn_many(const uint16_t* q, const uint16_t* k, const uint16_t* v, ui
         most = nkeys[u] > most ? nkeys[u] : most;
     }
     const bool tiles = amx_ready(true);
+    const bool q8 = int8_scores && lfm2vl_attn_int8_scores();
     const int64_t qb = tiles ? QT : QB;
     ManyArgs a{q, k, v, out, n, H, Hkv, L, Dh, (most + 31) / 32 * 32, (Dh + 15) / 16 * 16, {qs[0], qs[1], qs[2]},
                {ks[0], ks[1], ks[2]}, {vs[0], vs[1], vs[2]}, nkeys, causal, scale, nullptr, nullptr, (L + qb - 1) / qb,
-               (Dh / 2 + 15) / 16 * 16, 0};
+               (Dh / 2 + 15) / 16 * 16, 0, nullptr, nullptr, nullptr};
     a.Ls = a.Lp + 32;
-    a.kp = (uint32_t*)malloc(sizeof(uint32_t) * n * Hkv * a.Pp * a.Ls);
+    if (q8) {
+        a.kq = (uint32_t*)malloc(sizeof(uint32_t) * n * Hkv * ((Dh + 3) / 4) * a.Ls);
+        a.ksc = (float*)malloc(sizeof(float) * n * Hkv * a.Ls);
+        a.kcorr = (int32_t*)malloc(sizeof(int32_t) * n * Hkv * a.Ls);
+    } else {
+        a.kp = (uint32_t*)malloc(sizeof(uint32_t) * n * Hkv * a.Pp * a.Ls);
+    }
     a.vp = (uint32_t*)malloc(sizeof(uint32_t) * n * Hkv * (a.Lp / 2) * a.Dp);
     pool_run(relayout, &a, n * Hkv, threads, false);
     pool_run(tiles ? attend_amx : attend, &a, n * H * a.qblocks, threads, false);
     free(a.kp);
     free(a.vp);
+    free(a.kq);
+    free(a.ksc);
+    free(a.kcorr);
     return 0;
 }
 

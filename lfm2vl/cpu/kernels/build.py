@@ -19,10 +19,10 @@ import torch
 
 _SRC = Path(__file__).with_name("gemv.cpp")
 _SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in (
-    "gemv_scalar.cpp", "gemv_avx2.cpp", "gemv_vnni.cpp", "gemv_streams.cpp", "attn.cpp", "attn_many.cpp",
+    "gemv_scalar.cpp", "gemv_avx2.cpp", "gemv_vnni.cpp", "gemv_streams.cpp", "attn.cpp", "attn_many.cpp", "attn_q8.cpp",
     "prefill.cpp", "decode.cpp", "quantized.cpp", "packed.cpp", "packed_pack.cpp", "int8mm.cpp", "amx.cpp", "dropout.cpp",
     "pool.cpp")]
-_HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h", "packed.h", "decode_ops.h", "int8mm.h", "amx.h")]
+_HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h", "packed.h", "decode_ops.h", "int8mm.h", "amx.h", "attn_q8.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17", "-ldl"]
 KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
 PACKED_BF16 = 4  # the kind of bf16 weights packed in 12 bits (packed.cpp), whose buffer is uint8 too
@@ -93,8 +93,10 @@ def load():
     lib.lfm2vl_dequant_int8.restype = None
     lib.lfm2vl_dequant_int4.argtypes = [p, p, p, i64, i64, i, i]
     lib.lfm2vl_dequant_int4.restype = None
-    lib.lfm2vl_attn_many.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p, p, p, p, i, ctypes.c_float, i]
+    lib.lfm2vl_attn_many.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p, p, p, p, i, i, ctypes.c_float, i]
     lib.lfm2vl_attn_many.restype = ctypes.c_int
+    lib.lfm2vl_attn_int8_scores.argtypes = []
+    lib.lfm2vl_attn_int8_scores.restype = ctypes.c_int
     lib.lfm2vl_swiglu_bf16.argtypes = [p, p, p, i64, i]
     lib.lfm2vl_swiglu_bf16.restype = ctypes.c_int
     lib.lfm2vl_gelu_tanh_bf16.argtypes = [p, i64, i]

@@ -175,10 +175,18 @@ def swiglu_int8(a1: torch.Tensor, a3: torch.Tensor, xs: torch.Tensor, s1: torch.
     return (q, s) if ok == 0 else None
 
 
+def attn_int8_scores() -> bool:
+    """Whether attn_many(..., int8_scores=True) multiplies q k^T in int8 here: AVX512-VNNI and no AMX tiles in use
+    (their bf16 scores are faster)."""
+    lib = _load()
+    return lib is not None and bool(lib.lfm2vl_attn_int8_scores())
+
+
 def attn_many(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nkeys: list[int] | None = None,
-              causal: bool = False) -> torch.Tensor | None:
+              causal: bool = False, int8_scores: bool = False) -> torch.Tensor | None:
     """softmax(q k^T / sqrt(Dh)) v for many queries, bf16 (attn_many.cpp), for the vision tower (no mask) and the
-    prefill (causal: query l of unit u sees keys 0 .. nkeys[u] - L + l).
+    prefill (causal: query l of unit u sees keys 0 .. nkeys[u] - L + l). int8_scores: q k^T on int8 dot products
+    (attn_q8.cpp: the int8 vision tower's) where `attn_int8_scores()`, elsewhere in bf16.
 
     q (n, H, L, Dh), k and v (n, Hkv, S, Dh): bf16 views with a contiguous last dim (e.g. slices of the KV cache);
     query head h reads kv head h // (H // Hkv). nkeys: keys of each unit (default S). Returns (n, L, H*Dh), or None
@@ -201,7 +209,7 @@ def attn_many(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nkeys: list[int
     rc = lib.lfm2vl_attn_many(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), n, H, Hkv, L, Dh,
                               arr(*q.stride()[:3]), arr(*k.stride()[:3]), arr(*v.stride()[:3]),
                               (ctypes.c_int64 * n)(*nkeys),
-                              int(causal), Dh ** -0.5, torch.get_num_threads())
+                              int(causal), int(int8_scores), Dh ** -0.5, torch.get_num_threads())
     return out if rc == 0 else None
 
 
