@@ -92,12 +92,29 @@ T_AVX512VNNI static inline __m512i i4_quad_dot(__m512i lo, __m512i hi, const int
     return _mm512_dpbusd_epi32(p, hi, _mm512_maskz_loadu_epi8(mk, q + 16 * r));
 }
 
+// Groups g + 4u .. g + 4u + r - 1 (r <= 4) of an int4 row into acc[j][u & 1] (u a template argument: the
+// accumulators' indices are constants, so they stay in registers; an index known only at run time kept them in
+// memory, a store and a load on every update).
+template <int MR, int U>
+T_AVX512VNNI static inline __attribute__((always_inline)) void i4_quad(const uint8_t* w, const int8_t* Q, int64_t K,
+                                                                      int64_t g, int r, const __m512 (&sd)[MR],
+                                                                      __m512 (&acc)[MR][2]) {
+    __m512i lo, hi;
+    i4_quad_nibbles(w + (g + 4 * U) * 16, r, lo, hi);
+    for (int j = 0; j < MR; j++) {
+        const __m512i p = i4_quad_dot(lo, hi, Q + j * K + (g + 4 * U) * 32, r);
+        acc[j][U & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), lane_scales(sd[j], U), acc[j][U & 1]);
+    }
+}
+
 // Groups g .. g + left - 1 (left <= 16) of an int4 row into acc (two per activation row, alternating by register)
 // and the offset's sum into corr. Each register of nibbles is unpacked once for all MR activation rows.
 template <int MR>
-T_AVX512VNNI static inline void i4_step16(const uint8_t* w, const uint16_t* s, const int8_t* Q, const float* D,
-                                          const float* QS, int64_t K, int64_t G, int64_t g, int64_t left,
-                                          __m512 (&acc)[MR][2], __m512 (&corr)[MR]) {
+T_AVX512VNNI static inline __attribute__((always_inline)) void i4_step16(const uint8_t* w, const uint16_t* s,
+                                                                        const int8_t* Q, const float* D,
+                                                                        const float* QS, int64_t K, int64_t G,
+                                                                        int64_t g, int64_t left,
+                                                                        __m512 (&acc)[MR][2], __m512 (&corr)[MR]) {
     const __mmask16 mk = tail16(left);
     const __m512 sc = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, s + g));
     __m512 sd[MR];
@@ -105,15 +122,11 @@ T_AVX512VNNI static inline void i4_step16(const uint8_t* w, const uint16_t* s, c
         sd[j] = _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(mk, D + j * G + g));  // S[n, g + i] * d_{g + i}
         corr[j] = _mm512_fmadd_ps(sd[j], _mm512_maskz_loadu_ps(mk, QS + j * G + g), corr[j]);
     }
-    for (int u = 0; u < 4 && 4 * u < left; u++) {
-        const int r = left - 4 * u >= 4 ? 4 : (int)(left - 4 * u);
-        __m512i lo, hi;
-        i4_quad_nibbles(w + (g + 4 * u) * 16, r, lo, hi);
-        for (int j = 0; j < MR; j++) {
-            const __m512i p = i4_quad_dot(lo, hi, Q + j * K + (g + 4 * u) * 32, r);
-            acc[j][u & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), lane_scales(sd[j], u), acc[j][u & 1]);
-        }
-    }
+    const int n = (int)left;
+    i4_quad<MR, 0>(w, Q, K, g, n >= 4 ? 4 : n, sd, acc);
+    if (n > 4) i4_quad<MR, 1>(w, Q, K, g, n >= 8 ? 4 : n - 4, sd, acc);
+    if (n > 8) i4_quad<MR, 2>(w, Q, K, g, n >= 12 ? 4 : n - 8, sd, acc);
+    if (n > 12) i4_quad<MR, 3>(w, Q, K, g, n - 12, sd, acc);
 }
 
 // How far ahead an int4 row's weights are prefetched. A byte of int4 holds two weights and takes ~4x the instructions
