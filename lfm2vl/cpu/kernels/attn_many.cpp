@@ -9,7 +9,7 @@
 // sums are AVX512-BF16 dot products (_mm512_dpbf16_ps: bf16 pairs, fp32 accumulation) over re-laid-out K and V,
 // with a whole-row fp32 softmax over the visible keys only. Rounding as torch's flash kernel: fp32 scores and
 // exponentials, the unnormalized probabilities rounded to bf16 for the value sums, the fp32 sum divided out at the
-// end, one bf16 rounding of the output.
+// end, one bf16 rounding of the output. An int8 tower may take its scores in int8 instead (attn_q8.cpp).
 //
 // Layout: q (n, H, L, Dh) and k, v (n, Hkv, S, Dh) given by their strides (unit, head, row; the last dim
 // contiguous), so the tower's projections and the KV cache are read in place; out is (n, L, H*Dh) contiguous, the
@@ -168,8 +168,8 @@ T_AVX512BF16 inline void value_sums(const ManyArgs& a, const uint32_t* vp, const
 
 // Scores of a block's queries (rows of q at the row stride qs[2]) against keys [0, Lb): 8 queries x 32 keys per
 // step, times scale log2(e) (the softmax's exponentials are powers of 2), into s (rows past `rows`: from zero queries).
-T_AVX512BF16 inline void scores_bf16(const ManyArgs& a, const uint16_t* q, int64_t rows, const uint32_t* kp, int64_t Lb,
-                                     float* s) {
+T_AVX512BF16 inline void scores_bf16(const ManyArgs& a, const uint16_t* q, int64_t rows, const uint32_t* kp,
+                                     int64_t Lb, float* s) {
     uint32_t qw[QB][64];  // each query's pairs (Dh <= 128): a row's bf16 values read as 32-bit words
     for (int r = 0; r < QB; r++) {
         if (r < rows) memcpy(qw[r], q + r * a.qs[2], sizeof(uint16_t) * a.Dh);
@@ -343,8 +343,7 @@ int lfm2vl_attn_int8_scores() { return active_isa() >= 3 && cpu_has_vnni() && !a
 
 // q, k, v: strides qs / ks / vs (unit, head, row) in elements, last dim contiguous; nkeys (n,) keys per unit (causal:
 // at least L); out (n, L, H*Dh) bf16. int8_scores: q k^T in int8 (attn_q8.h) where lfm2vl_attn_int8_scores(); the
-// value sums stay bf16. Returns 0, or -1 when unsupported (Dh
-// odd or > 128, H not a multiple of Hkv, no AVX512-BF16).
+// value sums stay bf16. Returns 0, or -1 when unsupported (Dh odd or > 128, H not a multiple of Hkv, no AVX512-BF16).
 int lfm2vl_attn_many(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t n, int64_t H,
                      int64_t Hkv, int64_t L, int64_t Dh, const int64_t* qs, const int64_t* ks, const int64_t* vs,
                      const int64_t* nkeys, int causal, int int8_scores, float scale, int threads) {
