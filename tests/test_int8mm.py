@@ -296,6 +296,21 @@ def test_int8_vision_quantizes_the_encoder_and_keeps_features_close(monkeypatch)
     assert cos.min() > 0.99, cos.min()
 
 
+@needs_kernels
+@pytest.mark.parametrize("int8_vision", [True, False])
+def test_only_an_int8_tower_asks_for_int8_attention_scores(monkeypatch, int8_vision):
+    """The vision attention passes int8_scores to the native attention exactly when its projections are int8."""
+    fast = optimize_for_cpu(tiny_model(torch.bfloat16, seed=7), int8_vision=int8_vision)
+    asked = []
+    monkeypatch.setattr(kernels, "attention_wins", lambda: True)
+    monkeypatch.setattr(kernels, "attn_many", lambda *a, **k: asked.append(k.get("int8_scores")))  # None: torch's
+    p = fast.config.vision_config.patch_size
+    pix = torch.randn(1, 64, 3 * p * p, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.inference_mode():
+        fast.image_features(pix, torch.ones(1, 64, dtype=torch.long), torch.tensor([[8, 8]]))
+    assert asked and set(asked) == {int8_vision}
+
+
 def test_wins_needs_the_kernels_and_int8_tiles_where_the_cpu_has_amx(monkeypatch):
     int8mm.wins.cache_clear()
     try:
