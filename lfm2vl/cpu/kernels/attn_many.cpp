@@ -30,6 +30,7 @@
 namespace {
 
 const int QB = 8;  // query rows per block: 8 x 2 key blocks of 16 = 16 score accumulators
+static_assert(QB == Q8_ROWS, "the int8 scores fill a whole block of queries");
 
 struct ManyArgs {
     const uint16_t *q, *k, *v;
@@ -46,8 +47,8 @@ struct ManyArgs {
     int64_t Pp;
     int64_t Ls;  // row stride of kp, of the scores and of the probabilities: Lp + 32, so that the 16 rows a tile
                  // reads or writes do not all fall into the same few sets of the L1 cache (a 4 KB stride would)
-    uint32_t* kq;  // int8 scores (attn_q8.h; else null): per (unit, kv head) the keys' (ceil(Dh/4), Ls) words, in
-    float* ksc;    // place of kp, and per key its scale and offset correction (Ls of each)
+    uint32_t* kq;  // int8 scores (attn_q8.h; else null): per (unit, kv head) the keys' (q8_words(Dh), Ls) words
+    float* ksc;    // in place of kp, and per key its scale and offset correction (Ls of each)
     int32_t* kcorr;
 
     // keys visible to query l of unit u
@@ -109,7 +110,7 @@ void relayout(const void* ctx, int64_t c) {
     const int64_t P = a.Dh / 2;
     const uint16_t* kc = a.k + u * a.ks[0] + h * a.ks[1];
     if (a.kq) {
-        q8_keys(kc, a.ks[2], S, a.Dh, a.Lp, a.Ls, a.kq + c * ((a.Dh + 3) / 4) * a.Ls, a.ksc + c * a.Ls,
+        q8_keys(kc, a.ks[2], S, a.Dh, a.Lp, a.Ls, a.kq + c * q8_words(a.Dh) * a.Ls, a.ksc + c * a.Ls,
                 a.kcorr + c * a.Ls);
     } else {
         uint32_t* kp = a.kp + c * a.Pp * a.Ls;
@@ -208,7 +209,7 @@ T_AVX512BF16 void attend(const void* ctx, int64_t c) {
     block_buffers(QB * a.Ls, &s, &pr);
     if (rows < QB) memset(pr + rows * a.Ls, 0, sizeof(uint16_t) * (QB - rows) * a.Ls);  // read, never stored
     const uint16_t* q = a.q + u * a.qs[0] + h * a.qs[1] + i0 * a.qs[2];
-    if (a.kq) q8_scores(q, a.qs[2], (int)rows, a.Dh, a.kq + kv * ((a.Dh + 3) / 4) * a.Ls, a.ksc + kv * a.Ls,
+    if (a.kq) q8_scores(q, a.qs[2], (int)rows, a.Dh, a.kq + kv * q8_words(a.Dh) * a.Ls, a.ksc + kv * a.Ls,
                         a.kcorr + kv * a.Ls, Lb, a.Ls, a.scale * LOG2E, s);
     else scores_bf16(a, q, rows, a.kp + kv * a.Pp * a.Ls, Lb, s);
     // softmax over each query's visible keys: exponentials in fp32, their fp32 sum, bf16 probabilities (the
@@ -361,7 +362,7 @@ int lfm2vl_attn_many(const uint16_t* q, const uint16_t* k, const uint16_t* v, ui
                (Dh / 2 + 15) / 16 * 16, 0, nullptr, nullptr, nullptr};
     a.Ls = a.Lp + 32;
     if (q8) {
-        a.kq = (uint32_t*)malloc(sizeof(uint32_t) * n * Hkv * ((Dh + 3) / 4) * a.Ls);
+        a.kq = (uint32_t*)malloc(sizeof(uint32_t) * n * Hkv * q8_words(Dh) * a.Ls);
         a.ksc = (float*)malloc(sizeof(float) * n * Hkv * a.Ls);
         a.kcorr = (int32_t*)malloc(sizeof(int32_t) * n * Hkv * a.Ls);
     } else {

@@ -16,8 +16,6 @@
 
 namespace {
 
-const int QB = 8;  // queries per call: 8 x 2 key vectors of 16 = 16 int32 accumulators
-
 // n (<= 128) bf16 values as fp32 into v (its tail zero), their largest magnitude returned.
 T_AVX512 float load_row(const uint16_t* p, int64_t n, const float* sub, float* v) {
     __m512 mx = _mm512_setzero_ps();
@@ -49,7 +47,7 @@ T_AVX512 int32_t round_row(const float* v, int64_t n, float inv, int off, uint8_
 
 T_AVX512 void q8_keys(const uint16_t* k, int64_t rs, int64_t S, int64_t Dh, int64_t Lp, int64_t Ls, uint32_t* kq,
                       float* ksc, int32_t* kcorr) {
-    const int64_t Pq = (Dh + 3) / 4;
+    const int64_t Pq = q8_words(Dh);
     alignas(64) float mean[128 + 16] = {}, v[128 + 16];
     for (int64_t j = 0; j < S; j++)
         for (int64_t d = 0; d < Dh; d += 16) {
@@ -62,7 +60,8 @@ T_AVX512 void q8_keys(const uint16_t* k, int64_t rs, int64_t S, int64_t Dh, int6
         for (int64_t j = 0; j < 16; j++) {
             memset(tile[j], 0, sizeof(tile[j]));
             if (j0 + j >= S) {
-                ksc[j0 + j] = 0.f, kcorr[j0 + j] = 0;
+                ksc[j0 + j] = 0.f;
+                kcorr[j0 + j] = 0;
                 continue;
             }
             const float amax = load_row(k + (j0 + j) * rs, Dh, mean, v);
@@ -77,11 +76,11 @@ T_AVX512 void q8_keys(const uint16_t* k, int64_t rs, int64_t S, int64_t Dh, int6
 
 T_AVX512VNNI void q8_scores(const uint16_t* q, int64_t rs, int rows, int64_t Dh, const uint32_t* kq, const float* ksc,
                             const int32_t* kcorr, int64_t Lb, int64_t Ls, float c, float* s) {
-    const int64_t Pq = (Dh + 3) / 4;
-    alignas(64) uint32_t qw[QB][32 + 1];  // each query's words of 4 unsigned bytes
+    const int64_t Pq = q8_words(Dh);
+    alignas(64) uint32_t qw[Q8_ROWS][32 + 1];  // each query's words of 4 unsigned bytes
     alignas(64) float v[128 + 16];
-    float qc[QB];  // each query's scale times c
-    for (int r = 0; r < QB; r++) {
+    float qc[Q8_ROWS];  // each query's scale times c
+    for (int r = 0; r < Q8_ROWS; r++) {
         if (r >= rows) {
             memset(qw[r], 0, sizeof(qw[r]));
             qc[r] = 0.f;
@@ -92,11 +91,11 @@ T_AVX512VNNI void q8_scores(const uint16_t* q, int64_t rs, int rows, int64_t Dh,
         qc[r] = amax / 127.f * c;
     }
     for (int64_t j = 0; j < Lb; j += 32) {
-        __m512i acc[QB][2];
-        for (int r = 0; r < QB; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+        __m512i acc[Q8_ROWS][2];
+        for (int r = 0; r < Q8_ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
         for (int64_t p = 0; p < Pq; p++) {
             const __m512i k0 = _mm512_loadu_si512(kq + p * Ls + j), k1 = _mm512_loadu_si512(kq + p * Ls + j + 16);
-            for (int r = 0; r < QB; r++) {
+            for (int r = 0; r < Q8_ROWS; r++) {
                 const __m512i qb = _mm512_set1_epi32((int)qw[r][p]);
                 acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], qb, k0);
                 acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], qb, k1);
@@ -105,7 +104,7 @@ T_AVX512VNNI void q8_scores(const uint16_t* q, int64_t rs, int rows, int64_t Dh,
         for (int h = 0; h < 2; h++) {
             const __m512i corr = _mm512_loadu_si512(kcorr + j + 16 * h);
             const __m512 ks = _mm512_loadu_ps(ksc + j + 16 * h);
-            for (int r = 0; r < QB; r++) {
+            for (int r = 0; r < Q8_ROWS; r++) {
                 const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][h], corr));
                 _mm512_store_ps(s + r * Ls + j + 16 * h, _mm512_mul_ps(_mm512_mul_ps(d, ks), _mm512_set1_ps(qc[r])));
             }
