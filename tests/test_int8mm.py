@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lfm2vl.cpu import int8mm, kernels
 from lfm2vl.cpu.quant import Int4Linear, Int8Linear, quantize_weight_int4, quantize_weight_int8
 from lfm2vl.cpu.speed import optimize_for_cpu
+from lfm2vl.generate.options import PREFILL_CHUNK
 
 from checkpoints import tiny_model
 
@@ -124,11 +125,54 @@ def test_amx_int8_runs_where_the_cpu_has_the_tiles():
 
 
 @needs_kernels
+@pytest.mark.parametrize("amx_on", [True, False], indirect=True)
+def test_int8_products_fuse_their_epilogue_on_amx_or_vnni(amx_on):
+    """int8_linear and swiglu_h run on AMX-INT8 tiles at any size, or with AVX512-VNNI (and AVX512-BF16, the
+    instruction set the kernels pick with it) up to a prefill chunk's rows, nowhere else; capped at AVX512F, not
+    with VNNI."""
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split()
+    vnni = kernels.isa() >= 3 and "avx512_vnni" in flags
+    assert kernels.int8_fused(PREFILL_CHUNK) == (kernels.amx_int8() or vnni)
+    assert kernels.int8_fused(1024) == kernels.amx_int8()  # a vision unit's rows: oneDNN's product there
+    kernels.set_isa(2)
+    try:
+        assert kernels.int8_fused(1) == kernels.amx_int8()
+    finally:
+        kernels.set_isa(3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("amx_on", [True, False], indirect=True)
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (6, 32, 64), (7, 200, 64), (33, 17, 65), (50, 100, 1040),
+                                   (64, 96, 4304), (50, 130, 8300), (300, 40, 200), (512, 70, 130)])
+def test_fused_products_are_the_exact_integer_sums(M, N, K, amx_on):
+    """int8_linear with unit scales returns x . w^T summed exactly (fp32 holds every sum here): in VNNI registers
+    blocks of 6 rows and a ragged last one, pairs of panels and a lone last one, the rows cut in parts where the
+    panels are few, K = 8300 in groups of two panels, ragged K read past the row (the last block from a padded
+    copy); extreme values included (x + 128 reaches 255 in VNNI's unsigned bytes)."""
+    g = torch.Generator().manual_seed(M * 7 + K)
+    top = 127 if K <= 1040 else 31  # |sum| < 2^24
+    x = torch.randint(-top, top + 1, (M, K), generator=g, dtype=torch.int8)
+    w = torch.randint(-top, top + 1, (N, K), generator=g, dtype=torch.int8)
+    x[0, :] = -top
+    w[-1, :] = -top
+    ones_m, ones_n = torch.ones(M), torch.ones(N)
+    got = kernels.int8_linear(x, ones_m, w, ones_n, None, None, torch.float32)
+    if not kernels.int8_fused(M):  # no AMX-INT8 or AVX512-VNNI here: the caller takes torch._int_mm
+        assert got is None
+        return
+    assert torch.equal(got, (x.long() @ w.long().t()).float())
+
+
+@needs_kernels
+@pytest.mark.parametrize("amx_on", [True, False], indirect=True)
+@pytest.mark.parametrize("isa_cap", [3, 2], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_amx_linear_fuses_the_epilogue_with_its_values(dtype):
-    """int8_linear_amx = int8_epilogue over int_mm's int32 result, bit for bit (scales, bias, GELU, residual, both
-    output dtypes, ragged shapes); swiglu_h_amx = the h that swiglu_int8 quantizes. None where the tiles do not
-    run (the caller takes the unfused path)."""
+def test_fused_linear_keeps_the_epilogue_values(dtype, isa_cap, amx_on):
+    """int8_linear = int8_epilogue over int_mm's int32 result, bit for bit (scales, bias, GELU, residual, both
+    output dtypes, ragged shapes); swiglu_h = the h that swiglu_int8 quantizes; on AMX tiles and in VNNI registers.
+    None where neither runs (the caller takes the unfused path)."""
     g = torch.Generator().manual_seed(11)
     M, N, K = 45, 70, 130
     xq = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8)
@@ -138,13 +182,13 @@ def test_amx_linear_fuses_the_epilogue_with_its_values(dtype):
     bias, res = torch.randn(N, generator=g), torch.randn(M, N, generator=g).to(dtype)
     acc, acc3 = (kernels.int_mm(xq, w, torch.empty(M, N, dtype=torch.int32)) for w in (q, q3))
     for b, r, gelu in ((None, None, False), (bias, None, True), (bias, res, False), (None, res, True)):
-        got = kernels.int8_linear_amx(xq, xs, q, ws, b, r, dtype, gelu)
-        if not kernels.amx_int8():
+        got = kernels.int8_linear(xq, xs, q, ws, b, r, dtype, gelu)
+        if not kernels.int8_fused(M):
             assert got is None
             return
         assert torch.equal(got, kernels.int8_epilogue(acc, xs, ws, b, r, dtype, gelu))
     for b1, b3 in ((None, None), (bias, -bias)):
-        h = kernels.swiglu_h_amx(xq, xs, q, ws, b1, q3, s3, b3)
+        h = kernels.swiglu_h(xq, xs, q, ws, b1, q3, s3, b3)
         want = kernels.swiglu(kernels.int8_epilogue(acc, xs, ws, b1, None, torch.bfloat16),
                               kernels.int8_epilogue(acc3, xs, s3, b3, None, torch.bfloat16))
         assert h.dtype == torch.bfloat16 and torch.equal(h, want)
@@ -206,17 +250,17 @@ def test_swiglu_int8_is_the_three_passes_in_one():
 
 @needs_kernels
 @pytest.mark.parametrize("amx_on", [True, False], indirect=True)
-@pytest.mark.parametrize("isa_cap", [3, 1], indirect=True)  # AVX2: no fused pass, the three products
+@pytest.mark.parametrize("isa_cap", [3, 2, 1], indirect=True)  # AVX512F: the gate's own pass; AVX2: none
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_int8_mlp_fuses_the_gate_with_the_same_values(monkeypatch, fmt, isa_cap, amx_on):
     """An int8 / int4 MLP in int8 compute runs the fused gate (x quantized once for w1 and w3) where the CPU has
-    AVX512: into the products' blocks on AMX tiles, else one pass after them; and returns exactly what
+    AVX512: into the products' blocks on AMX tiles or with VNNI, else one pass after them; and returns exactly what
     w2(swiglu(w1 x, w3 x)) through three int8 products returns."""
     monkeypatch.setattr(int8mm, "wins", lambda: True)
     fast = optimize_for_cpu(tiny_model(torch.bfloat16, seed=8), **{fmt: True})
     mlp = fast.model.language_model.layers[0].feed_forward
     calls = []
-    for name in ("swiglu_int8", "swiglu_h_amx"):
+    for name in ("swiglu_int8", "swiglu_h"):
         monkeypatch.setattr(kernels, name, lambda *a, real=getattr(kernels, name), name=name:
                             calls.append(name) or real(*a))
     x = torch.randn(3, 50, mlp.w1.in_features).bfloat16()  # past the layers' few-row kernel
@@ -224,7 +268,7 @@ def test_int8_mlp_fuses_the_gate_with_the_same_values(monkeypatch, fmt, isa_cap,
         got = mlp(x)
         gate, up = mlp.w1(x), mlp.w3(x)
         want = mlp.w2(kernels.swiglu(gate, up) if isa_cap >= 2 else F.silu(gate) * up)
-    fused = "swiglu_h_amx" if kernels.amx_int8() else "swiglu_int8"
+    fused = "swiglu_h" if kernels.int8_fused(150) else "swiglu_int8"
     assert calls == ([fused] if isa_cap >= 2 else [])
     assert torch.equal(got, want)
 

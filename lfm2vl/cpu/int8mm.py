@@ -3,8 +3,10 @@
 y = x @ (q * ws)^T + bias with x quantized per row as well (symmetric, xs = amax / 127, `kernels.quantize_rows`):
 the two int8 matrices multiply exactly into int32 (`kernels.int_mm`: AMX-INT8 tiles where the CPU has them, else
 torch._int_mm, oneDNN's int8 GEMM, which multiply-adds twice as many pairs per instruction with AVX512-VNNI as a
-bf16 GEMM does with AVX512-BF16), then one native pass scales
-by xs[m] * ws[n], adds the bias, applies GELU and a residual, and rounds once (`kernels.int8_epilogue`).
+bf16 GEMM does with AVX512-BF16), then one native pass scales by xs[m] * ws[n], adds the bias, applies GELU and a
+residual, and rounds once (`kernels.int8_epilogue`). Where `kernels.int8_fused` says so (AMX tiles; AVX512-VNNI up
+to a prefill chunk's rows) the product and that pass run as one (`kernels.int8_linear`): each block's epilogue on
+its sums while they are in the cache, the same values.
 
 The weight-only int8 of decode multiplies the unrounded activations; here they carry one more rounding (their
 int8 step is 1/254 of the row's largest value), which the bench's int8 quality check and tests/test_bf16_trained.py
@@ -74,8 +76,8 @@ def _product(xq: torch.Tensor, xs: torch.Tensor, q: torch.Tensor, ws: torch.Tens
     """The product of the quantized rows xq (scales xs) with one layer, shaped and typed like x's (..., N)."""
     N = q.shape[0]
     res = None if residual is None else residual.reshape(-1, N)
-    if gelu in (None, "tanh") and kernels.amx_int8():  # the epilogue on each block as it leaves the tiles
-        y = kernels.int8_linear_amx(xq, xs, q, ws, bias, res, x.dtype, gelu=gelu == "tanh")
+    if gelu in (None, "tanh") and kernels.int8_fused(xq.shape[0]):  # the epilogue on each block of sums
+        y = kernels.int8_linear(xq, xs, q, ws, bias, res, x.dtype, gelu=gelu == "tanh")
         if y is not None:
             return y.view(*x.shape[:-1], N)
     acc = kernels.int_mm(xq, q, _acc_buffer(xq.shape[0], N))
@@ -89,11 +91,11 @@ def _product(xq: torch.Tensor, xs: torch.Tensor, q: torch.Tensor, ws: torch.Tens
 
 def swiglu_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor | None:
     """`down(silu(gate(x)) * up(x))` for bf16 x (..., K) in int8 compute, with the values of three `linear` calls
-    and `kernels.swiglu` between them: x is quantized once for both gate and up, and the gate's passes are fused: on
-    AMX tiles into the two products' blocks (`kernels.swiglu_h_amx`, then the quantization of h), elsewhere into one
-    native pass over both products (`kernels.swiglu_int8`). gate / up / down: (rows, bias) with rows(slot) -> (q, ws)
-    as in `linear`, slot 0 or 1 naming the reused buffer int4's widened rows go to (on AMX tiles gate's and up's
-    are read together, from different slots).
+    and `kernels.swiglu` between them: x is quantized once for both gate and up, and the gate's passes are fused:
+    into the two products' blocks where `kernels.int8_fused` (`kernels.swiglu_h`, then the quantization of h),
+    elsewhere into one native pass over both products (`kernels.swiglu_int8`). gate / up / down: (rows, bias) with
+    rows(slot) -> (q, ws) as in `linear`, slot 0 or 1 naming the reused buffer int4's widened rows go to (in the
+    fused products gate's and up's are read together, from different slots).
     None where the fused pass cannot run (no AVX512): the caller composes `linear` then."""
     if kernels.isa() < 2:
         return None
@@ -101,9 +103,9 @@ def swiglu_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor | None:
     xq, xs = kernels.quantize_rows(x.reshape(-1, K))
     M = xq.shape[0]
     q1, s1 = gate[0](0)
-    if kernels.amx_int8():  # gate's and up's rows both read at once
+    if kernels.int8_fused(M):  # gate's and up's rows both read at once
         q3, s3 = up[0](1)
-        h = kernels.quantize_rows(kernels.swiglu_h_amx(xq, xs, q1, s1, gate[1], q3, s3, up[1]))
+        h = kernels.quantize_rows(kernels.swiglu_h(xq, xs, q1, s1, gate[1], q3, s3, up[1]))
     else:  # one after the other: up's rows may take gate's buffer (int4's widened rows)
         s1 = s1.clone()
         a1 = kernels.int_mm(xq, q1, _acc_buffer(M, q1.shape[0], 0))

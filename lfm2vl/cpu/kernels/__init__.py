@@ -34,8 +34,8 @@ from .build import I4_GROUP, KIND as _KIND
 from .build import load as _load
 from .packed_ops import BLOCK as PACK_BLOCK, pack_bf16, packed_fast, packed_linear, unpack_bf16  # noqa: F401
 from .prefill_ops import (amx_bf16, amx_int8, attn_int8_scores, attn_many, bf16_linear_amx, gelu_tanh_,  # noqa: F401
-                          int4_to_int8, int8_epilogue, int8_linear_amx, int_mm, layernorm, quantize_rows, rmsnorm,
-                          set_amx, short_conv, swiglu, swiglu_h_amx, swiglu_h_bf16_amx, swiglu_int8)
+                          int4_to_int8, int8_epilogue, int8_fused, int8_linear, int_mm, layernorm, quantize_rows, rmsnorm,
+                          set_amx, short_conv, swiglu, swiglu_h, swiglu_h_bf16_amx, swiglu_int8)
 
 
 def available() -> bool:

@@ -29,11 +29,11 @@
 
 #include "amx.h"
 #include "int8mm.h"
+#include "panels.h"
 #include "pool.h"
 
 namespace {
 
-const int64_t PANEL = 32;  // output columns of a packed panel: two w tiles
 const int64_t GROUP = 4;   // panels per chunk of work: each block of x's rows runs over all of them
 const int64_t KSLICE = 8;  // 64-byte steps of K per slice of a 32-row block (16 KB of x, kept in the L1 cache)
 const int64_t PACKED_BYTES = 1 << 20;  // at most this much of a group's packed panels at a time (half a 2 MB L2 cache)
@@ -94,52 +94,6 @@ struct MmArgs {
     Gate gate;                   // GATE, with h (M, N) bf16
     uint16_t* h;
 };
-
-// The 16 x 16 dword transpose of r[0..15] in place: r[j] dword i <- old r[i] dword j.
-T_AMX inline void transpose16(__m512i* r) {
-    __m512i t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int i = 0; i < 4; i++) {
-        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
-        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
-        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
-    }
-    for (int i = 0; i < 4; i++) {
-        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
-    }
-}
-
-// w's rows [n0, n0 + 32) (rows past N as zeros) over the 64-byte steps [kb0, kb1) of K in VNNI tiles: for each
-// step, two 1 KB tiles (columns n0..n0+15, then n0+16..n0+31), zeros past K; step kb at out + (kb - kb0) * 2048.
-T_AMX void pack_panel(const int8_t* w, const MmArgs& a, int64_t n0, int64_t kb0, int64_t kb1, int8_t* out) {
-    for (int64_t kb = kb0; kb < kb1; kb++) {
-        const int64_t k0 = kb * 64, left = a.K - k0;
-        const __mmask64 mk = left >= 64 ? ~0ull : (1ull << left) - 1;
-        for (int h = 0; h < 2; h++) {
-            __m512i r[16];
-            for (int i = 0; i < 16; i++) {
-                const int64_t n = n0 + 16 * h + i;
-                r[i] = n < a.N ? _mm512_maskz_loadu_epi8(mk, w + n * a.K + k0) : _mm512_setzero_si512();
-            }
-            transpose16(r);
-            int8_t* dst = out + ((kb - kb0) * 2 + h) * 1024;
-            for (int i = 0; i < 16; i++) _mm512_store_si512((__m512i*)(dst + 64 * i), r[i]);
-        }
-    }
-}
 
 // The sums of 16 or 32 rows of x (from xr, row stride ldx bytes) against the packed panel bp: t (rows x 32, row
 // stride 32; int32, or fp32 for bf16 operands).
@@ -226,15 +180,6 @@ T_AMXALL void emit(const MmArgs& a, const int32_t* t, const int32_t* t3, int64_t
     }
 }
 
-// Per-thread buffers, 64-byte aligned: the packed panel(s) and the block sums.
-struct Scratch {
-    std::vector<int8_t> raw;
-    int8_t* get(int64_t bytes) {
-        if ((int64_t)raw.size() < bytes + 64) raw.resize(bytes + 64);
-        return (int8_t*)(((uintptr_t)raw.data() + 63) & ~(uintptr_t)63);
-    }
-};
-
 template <bool BF16>
 T_AMXALL void mm_panels(const void* ctx, int64_t chunk) {
     const MmArgs& a = *(const MmArgs*)ctx;
@@ -260,8 +205,8 @@ T_AMXALL void mm_panels(const void* ctx, int64_t chunk) {
     for (int64_t kc0 = 0; kc0 < KB; kc0 += kblk) {
         const int64_t kc1 = kc0 + kblk < KB ? kc0 + kblk : KB;
         for (int64_t g = 0; g < np; g++) {
-            pack_panel(a.w, a, (p0 + g) * PANEL, kc0, kc1, bp + g * per);
-            if (gate) pack_panel(a.w3, a, (p0 + g) * PANEL, kc0, kc1, bp + (np + g) * per);
+            pack_panel(a.w, a.N, a.K, (p0 + g) * PANEL, kc0, kc1, bp + g * per);
+            if (gate) pack_panel(a.w3, a.N, a.K, (p0 + g) * PANEL, kc0, kc1, bp + (np + g) * per);
         }
         // each block of x's rows meets every panel of the group while it is in the nearest caches: two whole 16-row
         // tiles, a slice of K at a time (the slice of x stays in the L1 cache across the group's panels, their sums

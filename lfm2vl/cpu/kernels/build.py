@@ -20,9 +20,9 @@ import torch
 _SRC = Path(__file__).with_name("gemv.cpp")
 _SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in (
     "gemv_scalar.cpp", "gemv_avx2.cpp", "gemv_vnni.cpp", "gemv_streams.cpp", "attn.cpp", "attn_many.cpp", "attn_q8.cpp",
-    "prefill.cpp", "decode.cpp", "quantized.cpp", "packed.cpp", "packed_pack.cpp", "int8mm.cpp", "amx.cpp", "dropout.cpp",
+    "prefill.cpp", "decode.cpp", "quantized.cpp", "packed.cpp", "packed_pack.cpp", "int8mm.cpp", "amx.cpp", "vnni_mm.cpp", "dropout.cpp",
     "pool.cpp")]
-_HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h", "packed.h", "decode_ops.h", "int8mm.h", "amx.h", "attn_q8.h")]
+_HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h", "packed.h", "decode_ops.h", "int8mm.h", "amx.h", "panels.h", "attn_q8.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17", "-ldl"]
 KIND = {torch.bfloat16: 0, torch.float32: 1, torch.int8: 2, torch.uint8: 3}  # uint8: packed int4
 PACKED_BF16 = 4  # the kind of bf16 weights packed in 12 bits (packed.cpp), whose buffer is uint8 too
@@ -141,6 +141,12 @@ def load():
     lib.lfm2vl_swiglu_h_bf16_amx.restype = ctypes.c_int
     lib.lfm2vl_swiglu_h_amx.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i]
     lib.lfm2vl_swiglu_h_amx.restype = ctypes.c_int
+    lib.lfm2vl_int8_vnni.argtypes = [i64]
+    lib.lfm2vl_int8_vnni.restype = ctypes.c_int
+    lib.lfm2vl_int8_linear_vnni.argtypes = [p, p, p, p, p, p, p, i, i, i64, i64, i64, i]
+    lib.lfm2vl_int8_linear_vnni.restype = ctypes.c_int
+    lib.lfm2vl_swiglu_h_vnni.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i]
+    lib.lfm2vl_swiglu_h_vnni.restype = ctypes.c_int
     lib.lfm2vl_int4_to_int8.argtypes = [p, p, p, p, i64, i64, i]
     lib.lfm2vl_int4_to_int8.restype = None
     lib.lfm2vl_p12_plan.argtypes = [p, i64, i64, p, p, i]

@@ -42,6 +42,14 @@ def set_amx(on: bool) -> None:
     _load().lfm2vl_set_amx(int(on))
 
 
+def int8_fused(rows: int) -> bool:
+    """Whether int8_linear and swiglu_h run here for x of `rows` rows: on AMX-INT8 tiles (amx.cpp), else in
+    AVX512-VNNI registers up to a prefill chunk's rows (vnni_mm.cpp says why; not with the instruction set capped
+    below AVX512-BF16)."""
+    lib = _load()
+    return bool(lib.lfm2vl_amx_int8() or lib.lfm2vl_int8_vnni(rows))
+
+
 def int_mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out (M, N) int32 <- x (M, K) int8 . w (N, K)^T int8, exactly (the values of torch._int_mm(x, w.t())), all
     contiguous on the CPU: on AMX-INT8 tiles where they run (amx.cpp), else torch._int_mm. The caller checks
@@ -53,23 +61,25 @@ def int_mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def int8_linear_amx(xq: torch.Tensor, xs: torch.Tensor, q: torch.Tensor, ws: torch.Tensor,
-                    bias: torch.Tensor | None, residual: torch.Tensor | None, dtype: torch.dtype,
-                    gelu: bool = False) -> torch.Tensor | None:
-    """int8_epilogue(int_mm(xq, q), xs, ws, bias, residual, dtype, gelu) on AMX-INT8 tiles, each block's epilogue run
-    as it leaves the tiles (amx.cpp; the same values, no int32 result in memory): xq (M, K) int8, q (N, K) int8.
-    None where the tiles cannot run. The caller checks `available()` and the shapes."""
+def int8_linear(xq: torch.Tensor, xs: torch.Tensor, q: torch.Tensor, ws: torch.Tensor,
+                bias: torch.Tensor | None, residual: torch.Tensor | None, dtype: torch.dtype,
+                gelu: bool = False) -> torch.Tensor | None:
+    """int8_epilogue(int_mm(xq, q), xs, ws, bias, residual, dtype, gelu) with each block's epilogue run on its sums
+    (the same values, no int32 result in memory): on AMX-INT8 tiles (amx.cpp), else in AVX512-VNNI registers
+    (vnni_mm.cpp). xq (M, K) int8, q (N, K) int8. None where neither runs (`int8_fused`). The caller checks
+    `available()` and the shapes."""
     M, K = xq.shape
     N = q.shape[0]
     xs, ws = xs.float().contiguous(), ws.float().contiguous()
     bias = None if bias is None else bias.float().contiguous()
     residual = None if residual is None else residual.to(dtype).contiguous()
     y = torch.empty(M, N, dtype=dtype)
-    ok = _load().lfm2vl_int8_linear_amx(xq.data_ptr(), q.data_ptr(), xs.data_ptr(), ws.data_ptr(),
-                                        None if bias is None else bias.data_ptr(),
-                                        None if residual is None else residual.data_ptr(), y.data_ptr(), _DT[dtype],
-                                        int(gelu), M, N, K, torch.get_num_threads())
-    return y if ok == 0 else None
+    lib = _load()
+    args = (xq.data_ptr(), q.data_ptr(), xs.data_ptr(), ws.data_ptr(), None if bias is None else bias.data_ptr(),
+            None if residual is None else residual.data_ptr(), y.data_ptr(), _DT[dtype], int(gelu), M, N, K,
+            torch.get_num_threads())
+    ok = lib.lfm2vl_int8_linear_amx(*args) == 0 or lib.lfm2vl_int8_linear_vnni(*args) == 0
+    return y if ok else None
 
 
 def bf16_linear_amx(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
@@ -107,21 +117,23 @@ def swiglu_h_bf16_amx(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
     return h if ok == 0 else None
 
 
-def swiglu_h_amx(xq: torch.Tensor, xs: torch.Tensor, q1: torch.Tensor, s1: torch.Tensor, b1: torch.Tensor | None,
-                 q3: torch.Tensor, s3: torch.Tensor, b3: torch.Tensor | None) -> torch.Tensor | None:
-    """The bf16 h that swiglu_int8 quantizes, from xq's int8 products with the gate's rows q1 and up's q3 (N, K) on
-    AMX-INT8 tiles, both products' epilogues and the gate fused into their blocks (amx.cpp): (M, N) bf16, or None
-    where the tiles cannot run. The caller checks `available()` and the shapes."""
+def swiglu_h(xq: torch.Tensor, xs: torch.Tensor, q1: torch.Tensor, s1: torch.Tensor, b1: torch.Tensor | None,
+             q3: torch.Tensor, s3: torch.Tensor, b3: torch.Tensor | None) -> torch.Tensor | None:
+    """The bf16 h that swiglu_int8 quantizes, from xq's int8 products with the gate's rows q1 and up's q3 (N, K),
+    both products' epilogues and the gate fused into their blocks: on AMX-INT8 tiles (amx.cpp), else in AVX512-VNNI
+    registers (vnni_mm.cpp). (M, N) bf16, or None where neither runs (`int8_fused`). The caller checks `available()`
+    and the shapes."""
     M, K = xq.shape
     N = q1.shape[0]
     xs, s1, s3 = (t.float().contiguous() for t in (xs, s1, s3))
     b1, b3 = (None if b is None else b.float().contiguous() for b in (b1, b3))
     h = torch.empty(M, N, dtype=torch.bfloat16)
-    ok = _load().lfm2vl_swiglu_h_amx(xq.data_ptr(), q1.data_ptr(), q3.data_ptr(), xs.data_ptr(), s1.data_ptr(),
-                                     s3.data_ptr(), None if b1 is None else b1.data_ptr(),
-                                     None if b3 is None else b3.data_ptr(), h.data_ptr(), M, N, K,
-                                     torch.get_num_threads())
-    return h if ok == 0 else None
+    lib = _load()
+    args = (xq.data_ptr(), q1.data_ptr(), q3.data_ptr(), xs.data_ptr(), s1.data_ptr(), s3.data_ptr(),
+            None if b1 is None else b1.data_ptr(), None if b3 is None else b3.data_ptr(), h.data_ptr(), M, N, K,
+            torch.get_num_threads())
+    ok = lib.lfm2vl_swiglu_h_amx(*args) == 0 or lib.lfm2vl_swiglu_h_vnni(*args) == 0
+    return h if ok else None
 
 
 def int4_to_int8(q: torch.Tensor, scale: torch.Tensor, q8: torch.Tensor, srow: torch.Tensor) -> None:
