@@ -9,9 +9,8 @@
 // 16 columns x 4 bytes of K), then every block of up to six rows of x runs over each pair of panels: 6 x 64 sums in
 // 24 registers, per 4 bytes of K four weight loads, six broadcasts and 24 VPDPBUSD. A block reads x 64 bytes of a
 // row at a time, past K into the next row where K is ragged (those bytes meet zero weights); the last block reads
-// a padded copy of its rows instead. A group holds at most
-// PACKED_BYTES of panels, so they stay in the L2 cache while every block of x reads them. Where there are fewer
-// groups than threads, the rows are split too.
+// a padded copy of its rows instead. A group's packed panels and the next group's weight rows, prefetched while its
+// blocks run, fit in PACKED_BYTES (the L2 cache). Where there are fewer groups than threads, the rows are split too.
 //
 // It takes products of at most VNNI_ROWS rows (a prefill's chunks); the vision tower's 1024-row products stay with
 // torch._int_mm (oneDNN) and int8mm.cpp's epilogue pass, which run them faster.
@@ -146,7 +145,18 @@ T_AVX512VNNI void mm_chunk(const void* ctx, int64_t chunk) {
         }
     }
     alignas(64) int32_t t[2 * GROUP][MR * PANEL];  // a block's sums, per packed panel
+    // the next group's weight rows (this thread's likely next chunk) are prefetched into the L2 cache a share per
+    // block, so its packing does not wait on memory
+    const int64_t n0 = (p0 + np) * PANEL, n1 = n0 + a.group * PANEL < a.N ? n0 + a.group * PANEL : a.N;
+    const int64_t lines = (a.K + 63) / 64, ahead = n1 > n0 ? (n1 - n0) * lines * (gate ? 2 : 1) : 0;
+    const int64_t blocks = m_end > m_begin ? (m_end - m_begin + MR - 1) / MR : 1, share = (ahead + blocks - 1) / blocks;
+    int64_t pf = 0;
     for (int64_t m0 = m_begin; m0 < m_end; m0 += MR) {
+        for (const int64_t e = pf + share < ahead ? pf + share : ahead; pf < e; pf++) {
+            const int64_t i = pf % ((n1 - n0) * lines), n = n0 + i / lines;
+            const int8_t* w = pf < (n1 - n0) * lines ? a.w : a.w3;
+            _mm_prefetch((const char*)(w + n * a.K + i % lines * 64), _MM_HINT_T1);
+        }
         const int rows = m_end - m0 < MR ? (int)(m_end - m0) : MR;
         const int8_t* xr = a.x + m0 * a.ldx;
         if (m0 + rows == a.M && a.K % 64) {  // the last step reads up to 63 bytes past x's end: a padded copy
@@ -176,11 +186,16 @@ int run(VnniArgs a, const int8_t* x, int threads) {
     a.KB = (a.K + 63) / 64;
     a.x = x;
     a.ldx = a.K;
-    const int64_t per = a.KB * 2048 * (a.mode == GATE ? 2 : 1);
+    // the group's packed panels and the next group's rows (prefetched) together in PACKED_BYTES
+    const int64_t per = 2 * a.KB * 2048 * (a.mode == GATE ? 2 : 1);
     a.group = PACKED_BYTES / per < GROUP ? PACKED_BYTES / per : GROUP;
     if (a.group > 1) a.group &= ~(int64_t)1;  // whole pairs of panels (a lone one runs at half the registers)
     if (a.group < 1) a.group = 1;
-    const int64_t panels = (a.N + PANEL - 1) / PANEL, groups = (panels + a.group - 1) / a.group;
+    const int64_t panels = (a.N + PANEL - 1) / PANEL;
+    // groups of two where four would leave the threads unequal shares (36 panels: 9 groups of four on 2 threads ran
+    // ~10% slower than 18 of two)
+    if (a.group == GROUP && (panels + GROUP - 1) / GROUP % threads) a.group = 2;
+    const int64_t groups = (panels + a.group - 1) / a.group;
     // fewer groups than two per thread: cut the rows too (each part packs the group's panels again)
     a.mparts = groups >= 2 * threads ? 1 : (2 * threads + groups - 1) / groups;
     const int64_t most = (a.M + 8 * MR - 1) / (8 * MR);  // at least ~8 blocks of rows a part
