@@ -10,8 +10,9 @@
   `packed.cpp` / `packed_pack.cpp` (bf16 weights packed losslessly in 12 bits: products and unpacking / packing),
   `int8mm.cpp` (the passes around an int8 product of many rows: activations quantized per row, the int32 result
   scaled), `amx.cpp` (that product, and the vision tower's bf16 ones, on AMX tiles; `amx.h` their setup, shared with
-  attn_many's tiled path), `dropout.cpp` (training's dropout, mask hashed from a seed) and `pool.cpp` (their thread
-  pool), with `gemv.h` / `pool.h` / `packed.h` / `int8mm.h`, are
+  attn_many's tiled path), `vnni_mm.cpp` (the int8 product of a prefill's rows in AVX512-VNNI registers; `panels.h`
+  the weight panels it and amx.cpp pack), `dropout.cpp` (training's dropout, mask hashed from a seed) and `pool.cpp`
+  (their thread pool), with `gemv.h` / `pool.h` / `packed.h` / `int8mm.h`, are
   compiled once per machine with the system `g++ -O3 -march=native` (no ninja, no Python headers: a plain shared
   library called through ctypes) and cached under ~/.cache/lfm2vl/kernels/<hash>/ (`build.py`).
 - Here: the decode side's wrappers (products, decode attention) and the CPU's traits; `prefill_ops.py`: the
