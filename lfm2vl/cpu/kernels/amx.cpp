@@ -157,6 +157,14 @@ T_AMXALL inline __m512 value16(const MmArgs& a, const int32_t* s, const int32_t*
     return a.bf16 ? epilogue_value16f(a.epi, (const float*)s, m, n, mk) : epilogue_value16(a.epi, s, m, n, mk);
 }
 
+// value16 of row m from column n0 + j, for store_row32 (a functor: a lambda would lack the target attribute).
+struct Value16 {
+    const MmArgs& a;
+    const int32_t *s, *s3;
+    int64_t m, n0;
+    T_AMXALL __m512 operator()(int64_t j, __mmask16 mk) const { return value16(a, s + j, s3 + j, m, n0 + j, mk); }
+};
+
 // Rows [m0, m0 + rows) x columns [n0, min(n0 + 32, N)) of the result from the block's sums t (and t3: up's, GATE).
 T_AMXALL void emit(const MmArgs& a, const int32_t* t, const int32_t* t3, int64_t m0, int64_t rows, int64_t n0) {
     const int64_t cols = a.N - n0 < PANEL ? a.N - n0 : PANEL;
@@ -165,18 +173,10 @@ T_AMXALL void emit(const MmArgs& a, const int32_t* t, const int32_t* t3, int64_t
     for (int64_t i = 0; i < rows; i++) {
         const int64_t m = m0 + i;
         const int32_t *s = t + i * PANEL, *s3 = t3 + i * PANEL;
-        if (a.mode == RAW) {
+        if (a.mode == RAW)
             memcpy(a.c + m * a.N + n0, s, cols * 4);
-        } else if (cols == PANEL && ydt == 1) {  // a whole panel row of bf16 is one 64-byte store (~5% of a product)
-            const __m256i lo = to_bf16x16(value16(a, s, s3, m, n0, 0xffff));
-            const __m256i hi = to_bf16x16(value16(a, s + 16, s3 + 16, m, n0 + 16, 0xffff));
-            _mm512_storeu_si512((uint16_t*)y + m * a.N + n0, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
-        } else {
-            for (int64_t j = 0; j < cols; j += 16) {
-                const __mmask16 mk = tail16(cols - j);
-                store16(y, ydt, m * a.N + n0 + j, value16(a, s + j, s3 + j, m, n0 + j, mk), mk);
-            }
-        }
+        else
+            store_row32(y, ydt, m * a.N + n0, cols, Value16{a, s, s3, m, n0});
     }
 }
 

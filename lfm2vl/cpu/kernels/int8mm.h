@@ -66,3 +66,35 @@ T_AVX512 static inline __m512 gate16f(const Gate& g, const float* a1, const floa
     if (g.b3) v3 = _mm512_add_ps(v3, _mm512_maskz_loadu_ps(mk, g.b3 + n));
     return round_bf16(_mm512_mul_ps(round_bf16(silu16(round_bf16(v1))), round_bf16(v3)));
 }
+
+// The values of row m, columns n0 + j.. of a linear's epilogue (EpilogueRow) or a SwiGLU gate (GateRow) from a block's
+// sums s (s3: up's), for store_row32. Functors with the target attribute: a lambda would be compiled without it.
+struct EpilogueRow {
+    const Epilogue& e;
+    const int32_t* s;
+    int64_t m, n0;
+    T_AVX512 __m512 operator()(int64_t j, __mmask16 mk) const { return epilogue_value16(e, s + j, m, n0 + j, mk); }
+};
+
+struct GateRow {
+    const Gate& g;
+    const int32_t *s, *s3;
+    int64_t m, n0;
+    T_AVX512 __m512 operator()(int64_t j, __mmask16 mk) const { return gate16(g, s + j, s3 + j, m, n0 + j, mk); }
+};
+
+// Up to 32 columns of one output row at y[idx..] (ydt: 0 fp32, 1 bf16) from value(j, mask): the values of its
+// columns j .. j + 15 (lanes of mask) before their rounding. A whole bf16 row of 32 is one 64-byte store (~5% of a
+// product on AMX tiles against two 32-byte ones).
+template <class Value>
+T_AVX512 inline void store_row32(void* y, int ydt, int64_t idx, int64_t cols, Value value) {
+    if (cols == 32 && ydt == 1) {
+        const __m256i lo = to_bf16x16(value(0, (__mmask16)0xffff)), hi = to_bf16x16(value(16, (__mmask16)0xffff));
+        _mm512_storeu_si512((uint16_t*)y + idx, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+        return;
+    }
+    for (int64_t j = 0; j < cols; j += 16) {
+        const __mmask16 mk = tail16(cols - j);
+        store16(y, ydt, idx + j, value(j, mk), mk);
+    }
+}

@@ -114,13 +114,10 @@ T_AVX512VNNI void emit(const VnniArgs& a, const int32_t* t, const int32_t* t3, i
     for (int i = 0; i < rows; i++) {
         const int64_t m = m0 + i;
         const int32_t *s = t + i * PANEL, *s3 = t3 + i * PANEL;
-        for (int64_t j = 0; j < cols; j += 16) {
-            const __mmask16 mk = tail16(cols - j);
-            if (a.mode == GATE)
-                store16(a.h, 1, m * a.N + n0 + j, gate16(a.gate, s + j, s3 + j, m, n0 + j, mk), mk);
-            else
-                store16(a.epi.y, a.epi.ydt, m * a.N + n0 + j, epilogue_value16(a.epi, s + j, m, n0 + j, mk), mk);
-        }
+        if (a.mode == GATE)
+            store_row32(a.h, 1, m * a.N + n0, cols, GateRow{a.gate, s, s3, m, n0});
+        else
+            store_row32(a.epi.y, a.epi.ydt, m * a.N + n0, cols, EpilogueRow{a.epi, s, m, n0});
     }
 }
 
