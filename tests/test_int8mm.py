@@ -144,13 +144,15 @@ def test_int8_products_fuse_their_epilogue_on_amx_or_vnni(amx_on):
 
 @needs_kernels
 @pytest.mark.parametrize("amx_on", [True, False], indirect=True)
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (6, 32, 64), (7, 200, 64), (33, 17, 65), (50, 100, 1040),
-                                   (64, 96, 4304), (50, 130, 8300), (300, 40, 200), (512, 70, 130)])
-def test_fused_products_are_the_exact_integer_sums(M, N, K, amx_on):
+                                   (64, 96, 4304), (50, 130, 8300), (300, 40, 200), (512, 70, 130), (90, 1000, 96)])
+def test_fused_products_are_the_exact_integer_sums(M, N, K, threads, amx_on):
     """int8_linear with unit scales returns x . w^T summed exactly (fp32 holds every sum here): in VNNI registers
     blocks of 6 rows and a ragged last one, pairs of panels and a lone last one, the rows cut in parts where the
     panels are few, K = 8300 in groups of two panels, ragged K read past the row (the last block from a padded
-    copy); extreme values included (x + 128 reaches 255 in VNNI's unsigned bytes)."""
+    copy), 32 panels in groups of two on 3 threads (groups of four would split them 3 : 3 : 2); one thread or three;
+    extreme values included (x + 128 reaches 255 in VNNI's unsigned bytes)."""
     g = torch.Generator().manual_seed(M * 7 + K)
     top = 127 if K <= 1040 else 31  # |sum| < 2^24
     x = torch.randint(-top, top + 1, (M, K), generator=g, dtype=torch.int8)
@@ -158,7 +160,12 @@ def test_fused_products_are_the_exact_integer_sums(M, N, K, amx_on):
     x[0, :] = -top
     w[-1, :] = -top
     ones_m, ones_n = torch.ones(M), torch.ones(N)
-    got = kernels.int8_linear(x, ones_m, w, ones_n, None, None, torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernels.int8_linear(x, ones_m, w, ones_n, None, None, torch.float32)
+    finally:
+        torch.set_num_threads(before)
     if not kernels.int8_fused(M):  # no AMX-INT8 or AVX512-VNNI here: the caller takes torch._int_mm
         assert got is None
         return
