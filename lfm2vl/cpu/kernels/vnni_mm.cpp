@@ -1,6 +1,7 @@
 // int8 products of many rows in AVX512-VNNI registers, for CPUs without AMX tiles (amx.cpp runs them there):
-// int8 x int8 summed exactly in int32 (the values of torch._int_mm(x, w.t())), then a linear's epilogue or a SwiGLU gate
-// (int8mm.h) applied to each block of sums while it is in the cache, so no (M, N) int32 result goes through memory.
+// int8 x int8 summed exactly in int32 (the values of torch._int_mm(x, w.t())), then a linear's epilogue or a SwiGLU
+// gate (int8mm.h) applied to each block of sums while it is in the cache, so no (M, N) int32 result goes through
+// memory.
 //
 // VPDPBUSD multiplies unsigned bytes by signed ones, four pairs a lane: x's bytes are flipped to x + 128 as they are
 // broadcast (an XOR, free beside the multiply-adds), and each output column's 128 * sum(w[n, :]) comes off its sums
@@ -36,9 +37,9 @@ const int64_t PACKED_BYTES = 1 << 20;  // a chunk's packed panels at most (the L
 enum Mode { LINEAR, GATE };
 
 struct VnniArgs {
-    const int8_t* x;     // (M, K) bytes, row stride ldx = K
+    const int8_t* x;     // (M, K) bytes
     const int8_t *w, *w3;  // (N, K); GATE: w the gate's, w3 up's
-    int64_t M, N, K, ldx, KB;  // KB: 64-byte steps of K
+    int64_t M, N, K, KB;  // KB: 64-byte steps of K
     int64_t group, mparts;     // panels per chunk; parts the rows are cut into
     Mode mode;
     Epilogue epi;   // LINEAR
@@ -155,7 +156,7 @@ T_AVX512VNNI void mm_chunk(const void* ctx, int64_t chunk) {
             _mm_prefetch((const char*)(w + n * a.K + i % lines * 64), _MM_HINT_T1);
         }
         const int rows = m_end - m0 < MR ? (int)(m_end - m0) : MR;
-        const int8_t* xr = a.x + m0 * a.ldx;
+        const int8_t* xr = a.x + m0 * a.K;
         if (m0 + rows == a.M && a.K % 64) {  // the last step reads up to 63 bytes past x's end: a padded copy
             const int64_t n = rows * a.K;
             int8_t* tail = tail_copy.get(n + 64);
@@ -165,9 +166,9 @@ T_AVX512VNNI void mm_chunk(const void* ctx, int64_t chunk) {
         }
         for (int64_t j = 0; j < nw; j += 2) {
             if (j + 1 < nw)
-                block_rows<2>(rows, xr, a.ldx, bp + j * per, per, a.KB, cs + 2 * j, t[j]);
+                block_rows<2>(rows, xr, a.K, bp + j * per, per, a.KB, cs + 2 * j, t[j]);
             else
-                block_rows<1>(rows, xr, a.ldx, bp + j * per, per, a.KB, cs + 2 * j, t[j]);
+                block_rows<1>(rows, xr, a.K, bp + j * per, per, a.KB, cs + 2 * j, t[j]);
         }
         // block<R, 2> wrote panel j + 1's rows right after panel j's MR rows: t[j + 1] is that place
         for (int64_t g = 0; g < np; g++) emit(a, t[g], t[gate ? np + g : g], m0, rows, (p0 + g) * PANEL);
@@ -182,7 +183,6 @@ int run(VnniArgs a, const int8_t* x, int threads) {
     if (a.M <= 0 || a.N <= 0) return 0;
     a.KB = (a.K + 63) / 64;
     a.x = x;
-    a.ldx = a.K;
     // the group's packed panels and the next group's rows (prefetched) together in PACKED_BYTES
     const int64_t per = 2 * a.KB * 2048 * (a.mode == GATE ? 2 : 1);
     a.group = PACKED_BYTES / per < GROUP ? PACKED_BYTES / per : GROUP;
