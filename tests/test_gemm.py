@@ -149,3 +149,28 @@ def test_a_fused_swiglu_gate_equals_the_products_then_the_pass(mode, K):
     if h is not None:
         assert h.shape == (3, 50, 200)
         assert torch.equal(h.view(150, 200), kernels.swiglu(gemm.linear(x, w1, b1), gemm.linear(x, w3, b3)))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_weight_made_in_blocks_multiplies_to_linears_bits(mode, monkeypatch, bias):
+    """linear_by_blocks asks for every row once, in blocks (300 rows in blocks of 100 here), and gives linear's bits
+    for the whole weight; where linear would not run oneDNN's bf16 GEMM it returns None (the caller's whole-weight
+    path)."""
+    monkeypatch.setattr(gemm, "_BLOCK_BYTES", 2 * 96 * 100)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 150, 96, generator=g).bfloat16()
+    w = (torch.randn(300, 96, generator=g) * 0.1).bfloat16()
+    b = torch.randn(300, generator=g).bfloat16() if bias else None
+    asked = []
+
+    def fill(n0, n1, out):
+        asked.append((n0, n1))
+        out.copy_(w[n0:n1])
+
+    with torch.inference_mode():
+        y = gemm.linear_by_blocks(x, 300, fill, b)
+        if mode != "native":
+            assert y is None and asked == []
+            return
+        assert asked == [(0, 100), (100, 200), (200, 300)]
+        assert torch.equal(y, gemm.linear(x, w, b))

@@ -5,8 +5,8 @@ as those bytes take to arrive. `PackedLinear` holds its bf16 weight packed (kern
 and a 4-bit code for its high byte, the sign and top exponent bits, of which a matrix uses few values; the rare
 others stored apart), ~1.5 bytes a weight instead of 2, and multiplies with it exactly as `FastLinear` does with the
 bf16 weight: the same sums in the same order, so generation gives the same tokens as bf16. Prefill-size products
-unpack the weight into a reused buffer first (one pass over it, then torch's GEMM), so the first token costs a
-little more. Fast on CPUs with AVX512-BF16 and AVX512-VBMI2 (`kernels.packed_fast()`); elsewhere correct but slow.
+unpack the weight a block of rows at a time and multiply each block with torch's GEMM while it is in the cache, so
+the first token costs a little more. Fast on CPUs with AVX512-BF16 and AVX512-VBMI2 (`kernels.packed_fast()`); elsewhere correct but slow.
 """
 from __future__ import annotations
 
@@ -51,7 +51,12 @@ class PackedLinear(nn.Module):
         if use_kernel(x, self.packed, self.max_rows * K):
             return kernels.packed_linear(x, self.packed, N, K, self.bias)
         if not torch.is_grad_enabled() and inference(x, self.packed) and x.dtype == torch.bfloat16:
-            # prefill: unpack into this thread's reused buffer (a fresh ~10 MB weight would fault in its pages)
+            # prefill: unpacked a block of rows at a time, each multiplied while it is in the cache, or else whole
+            # into this thread's reused buffer (a fresh ~10 MB weight would fault in its pages)
+            y = gemm.linear_by_blocks(x, N, lambda n0, n1, out: kernels.unpack_bf16(self.packed, N, K, out, (n0, n1)),
+                                      self.bias)
+            if y is not None:
+                return y
             return gemm.linear(x, self.unpack(scratch(torch.Size((N, K)), torch.bfloat16)), self.bias)
         return F.linear(x, self.unpack().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 

@@ -155,7 +155,7 @@ def load():
     lib.lfm2vl_p12_bytes.restype = i64
     lib.lfm2vl_p12_pack.argtypes = [p, i64, i64, p, p, p, i]
     lib.lfm2vl_p12_pack.restype = None
-    lib.lfm2vl_p12_unpack.argtypes = [p, i64, i64, p, i]
+    lib.lfm2vl_p12_unpack.argtypes = [p, i64, i64, i64, i64, p, i]
     lib.lfm2vl_p12_unpack.restype = None
     lib.lfm2vl_p12_fast.restype = ctypes.c_int
     _lib = lib

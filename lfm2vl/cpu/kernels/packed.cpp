@@ -169,18 +169,19 @@ void rows_scalar(const P12& v, const float* Xf, void* Y, const float* bias, int6
 
 struct UnpackArgs {
     P12 v;
-    int64_t N, K, per;
+    int64_t n0, rows, K, per;  // rows [n0, n0 + rows) into out
     uint16_t* out;
 };
 
 void unpack_chunk(const void* ctx, int64_t chunk) {
     const UnpackArgs& a = *(const UnpackArgs*)ctx;
     int64_t n0, n1;
-    chunk_rows(chunk, a.per, a.N, &n0, &n1);
+    chunk_rows(chunk, a.per, a.rows, &n0, &n1);
+    uint16_t* out = a.out + n0 * a.K;
     if (p12_fast()) {
-        unpack_rows_fast(a.v, n0, n1, a.K, a.out + n0 * a.K);
+        unpack_rows_fast(a.v, a.n0 + n0, a.n0 + n1, a.K, out);
     } else {
-        for (int64_t n = n0; n < n1; n++) unpack_row(a.v, n, a.K, a.out + n * a.K);
+        for (int64_t n = a.n0 + n0; n < a.n0 + n1; n++, out += a.K) unpack_row(a.v, n, a.K, out);
     }
 }
 
@@ -212,10 +213,11 @@ void p12_rows(const void* W, const uint16_t* X, const float* Xf, void* Y, const 
 
 extern "C" {
 
-// buf (packed (N, K)) -> out (N, K) bf16, the same values W had.
-void lfm2vl_p12_unpack(const uint8_t* buf, int64_t N, int64_t K, uint16_t* out, int threads) {
-    UnpackArgs a{p12_view(buf, N, K), N, K, p12_chunk_rows(K), out};
-    pool_run(unpack_chunk, &a, (N + a.per - 1) / a.per, threads, false);
+// Rows [n0, n1) of buf (packed (N, K)) -> out (n1 - n0, K) bf16, the same values W had.
+void lfm2vl_p12_unpack(const uint8_t* buf, int64_t N, int64_t K, int64_t n0, int64_t n1, uint16_t* out,
+                       int threads) {
+    UnpackArgs a{p12_view(buf, N, K), n0, n1 - n0, K, p12_chunk_rows(K), out};
+    pool_run(unpack_chunk, &a, (a.rows + a.per - 1) / a.per, threads, false);
 }
 
 // Whether packed products run the AVX512 path (else the scalar one).

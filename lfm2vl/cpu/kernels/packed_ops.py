@@ -48,16 +48,20 @@ def _check(buf: torch.Tensor, N: int, K: int, who: str) -> None:
         raise ValueError(f"{who}: a buffer of {buf.numel()} bytes cannot hold a packed {N}x{K} weight")
 
 
-def unpack_bf16(buf: torch.Tensor, N: int, K: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The (N, K) bf16 weight `buf` was packed from, into out (a contiguous (N, K) bf16 tensor) or a new tensor, on
-    the pool's threads."""
+def unpack_bf16(buf: torch.Tensor, N: int, K: int, out: torch.Tensor | None = None,
+                rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The (N, K) bf16 weight `buf` was packed from, or its rows [n0, n1) (`rows`), into out (a contiguous
+    (n1 - n0, K) bf16 tensor) or a new tensor, on the pool's threads."""
     _check(buf, N, K, "unpack_bf16")
+    n0, n1 = (0, N) if rows is None else rows
+    if not 0 <= n0 < n1 <= N:
+        raise ValueError(f"unpack_bf16: rows must satisfy 0 <= n0 < n1 <= {N}, got {rows}")
     if out is None:
-        out = torch.empty(N, K, dtype=torch.bfloat16)
-    elif out.dtype != torch.bfloat16 or out.shape != (N, K) or not out.is_contiguous():
-        raise ValueError(f"unpack_bf16: out must be a contiguous ({N}, {K}) bfloat16 tensor, got "
+        out = torch.empty(n1 - n0, K, dtype=torch.bfloat16)
+    elif out.dtype != torch.bfloat16 or out.shape != (n1 - n0, K) or not out.is_contiguous():
+        raise ValueError(f"unpack_bf16: out must be a contiguous ({n1 - n0}, {K}) bfloat16 tensor, got "
                          f"{tuple(out.shape)} {out.dtype}")
-    _load().lfm2vl_p12_unpack(buf.data_ptr(), N, K, out.data_ptr(), torch.get_num_threads())
+    _load().lfm2vl_p12_unpack(buf.data_ptr(), N, K, n0, n1, out.data_ptr(), torch.get_num_threads())
     return out
 
 
