@@ -37,7 +37,7 @@ from .processor.messages import IMAGE_KEYS, conversation, is_batch, text_chars, 
 
 
 def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, optimize: bool = True,
-         int8: bool = False, int4: bool = False, int8_vision: bool = False, bf16_packed: bool = False,
+         int8: bool = False, int4: bool = False, int8_vision: bool = False, bf16_packed: bool | None = None,
          compile: bool = False, low_memory: bool = False, adapter: str | os.PathLike | None = None,
          progress: Callable[[int, int], None] | None = None) -> "Engine":
     """Load a checkpoint folder or hub id -> Engine. dtype defaults to bfloat16, device to cpu.
@@ -50,8 +50,9 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
     rounding); int8 / int4: weight-only int8 / int4 linears in the language model and the output head (opt-in,
     changes results slightly; int4 in groups of 32 weights, the smallest and fastest decode); int8_vision: the
     vision tower's encoder linears in int8 with int8 compute (opt-in, faster images, changes image features slightly);
-    bf16_packed: the bf16 language model's linears and output head packed losslessly in 12 bits a weight (opt-in,
-    the same results as bf16, a faster decode where memory sets its pace, a slightly slower first token); compile:
+    bf16_packed: the bf16 language model's linears and output head packed losslessly in 12 bits a weight (the same
+    results as bf16, a faster decode where memory sets its pace, a slightly slower first token); None (the default)
+    packs where it is fast and nothing else is asked for (cpu/packed.py `packs_by_default`), False never; compile:
     torch.compile the static-shape decode step (opt-in; pair it with optimize=False, whose decode attention reads
     the cache length on the host); low_memory: the vision tower's and the language model's
     memory-mapped weights never stay resident together (cpu/lowmem.py; lower peak RSS, slower image requests);
@@ -73,6 +74,9 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
                          f"got device={str(device)!r}: drop {'them' if len(cpu_only) > 1 else 'it'} or use "
                          f"device='cpu'")
     check_device(device)  # an unknown name or a missing GPU: said before anything is read
+    if bf16_packed is None:
+        bf16_packed = (optimize and not (int8 or int4 or low_memory or compile) and parse_dtype(dtype) == torch.bfloat16
+                       and parse_device(device).type == "cpu" and _packs_by_default())
     from .resolve import resolve_model
 
     model = resolve_model(model)
@@ -95,6 +99,12 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
 
         set_low_memory(m)
     return Engine(m, config, Processor.from_pretrained(folder), compile=compile)
+
+
+def _packs_by_default() -> bool:
+    from .cpu.packed import packs_by_default
+
+    return packs_by_default()
 
 
 class Engine:

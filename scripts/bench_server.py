@@ -1,7 +1,7 @@
 """Benchmark the OpenAI-compatible server: throughput with 1, 4 and 16 concurrent clients vs one by one.
 
     python scripts/bench_server.py --tiny                       # builds a tiny random checkpoint (needs transformers)
-    python scripts/bench_server.py --model PATH [--image] [--format bf16-packed]   # a local checkpoint folder
+    python scripts/bench_server.py --model PATH [--image] [--format no-bf16-packed]   # a local checkpoint folder
     python scripts/bench_server.py --url http://127.0.0.1:8000  # an already running server (--served-name NAME)
 
 The same set of requests (distinct prompts, greedy, fixed max_tokens) is sent (a) one by one, then (b) by C
@@ -109,8 +109,9 @@ def main(argv=None) -> int:
     p.add_argument("--image", action="store_true", help="attach a 320x240 image to every request")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--dtype", default=None)
-    p.add_argument("--format", choices=["int8", "int4", "bf16-packed"], default=None,
-                   help="the served model's CPU weight format (lfm2vl serve's --int8 / --int4 / --bf16-packed)")
+    p.add_argument("--format", choices=["int8", "int4", "bf16-packed", "no-bf16-packed"], default=None,
+                   help="the served model's CPU weight format (lfm2vl serve's --int8 / --int4 / --bf16-packed / "
+                        "--no-bf16-packed; default: lfm2vl serve's own)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
 

@@ -3,7 +3,8 @@
     python scripts/bench_ttft_vs_llamacpp.py --mtmd-cli PATH/llama-mtmd-cli --gguf LM-bf16.gguf \
         --mmproj MMPROJ-bf16.gguf [--model FOLDER] [--size 512x512] [--rounds 5]
 
-lfm2vl: `lfm2vl.load(FOLDER)` (bf16, the CPU path), then per round a fresh cache (`engine.reset()`) and
+lfm2vl: `lfm2vl.load(FOLDER)` (bf16, the CPU path; packed in 12 bits where that is the default, which its label
+says), then per round a fresh cache (`engine.reset()`) and
 `engine.generate(image + prompt, max_new_tokens=1)`, timed around the call: preprocessing, vision, prefill and the
 first token. llama.cpp: `llama-mtmd-cli -n 1 --temp 0` as its users run it (its own default environment, the
 given thread count), timed from its own log: the "prompt eval time" of llama_perf, which covers the image's
@@ -77,15 +78,18 @@ def main(argv=None) -> int:
     pagecache.reread([*pagecache.weight_files(args.model), args.gguf, args.mmproj])
     torch.set_num_threads(args.threads)
     engine = lfm2vl.load(args.model)
+    from lfm2vl.cpu.packed import packs_by_default
+
+    ours_name = "lfm2vl bf16 packed" if packs_by_default() else "lfm2vl bf16"
     with tempfile.TemporaryDirectory() as tmp:
         image = str(Path(tmp) / "image.png")
         test_image(w, h).save(image)
         ours(engine, image)  # warm-up (kernels built, caches sized)
-        res: dict[str, list[float]] = {"lfm2vl bf16": [], "llama.cpp": []}
+        res: dict[str, list[float]] = {ours_name: [], "llama.cpp": []}
         tokens = {}
         for r in range(args.rounds):
-            t, tokens["lfm2vl bf16"] = ours(engine, image)
-            res["lfm2vl bf16"].append(t)
+            t, tokens[ours_name] = ours(engine, image)
+            res[ours_name].append(t)
             t, tokens["llama.cpp"] = llama(args.mtmd_cli, args.gguf, args.mmproj, image, args.threads)
             res["llama.cpp"].append(t)
             print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in res.items()), file=sys.stderr,

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     ggufs = [g for g in (args.gguf_bf16, args.gguf_q8, args.gguf_q4) if g]
     pagecache.reread([*pagecache.weight_files(args.model), *ggufs])
     torch.set_num_threads(args.threads)
-    pairs = [("lfm2vl bf16", {}, "llama.cpp bf16", args.gguf_bf16)]
+    pairs = [("lfm2vl bf16", {"bf16_packed": False}, "llama.cpp bf16", args.gguf_bf16)]
     if args.bf16_packed:
         pairs.append(("lfm2vl bf16 packed", {"bf16_packed": True}, "llama.cpp bf16", args.gguf_bf16))
     if args.gguf_q8:

@@ -14,6 +14,13 @@ from lfm2vl.bench.data import CONFIGS, SCENARIOS, random_checkpoint, scenario_in
 from lfm2vl.bench.work import model_work
 
 
+@pytest.fixture(autouse=True)
+def plain_bf16_default(monkeypatch):
+    """The engines a run starts do not depend on this CPU: bf16 packing is not the load default here (the test of the
+    packed row's default sets it)."""
+    monkeypatch.setattr(bench, "_packs_by_default", lambda: False)
+
+
 def _tiny_config(path):
     d = json.loads((CONFIGS / "450M.json").read_text())
     d["text_config"].update(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
@@ -152,6 +159,21 @@ def test_each_rounds_shares_are_against_the_probes_around_that_round(tmp_path, m
     assert m["decode_bw_pct"] == pytest.approx(100.0)  # against the whole run's mean probe it would be 35 / 36.7
     assert payload["machine"]["read_gbps_range"] == [10.0, 70.0]
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("default", [False, True])
+def test_the_packed_format_runs_where_it_is_the_load_default(tmp_path, monkeypatch, capsys, default):
+    """Where lfm2vl.load packs bf16 weights by default, a plain run also measures that format beside plain bf16."""
+    monkeypatch.setattr(bench, "_packs_by_default", lambda: default)
+    monkeypatch.setattr(bench.pagecache, "reread", lambda paths: None)
+    monkeypatch.setattr(bench, "_probe_machine", lambda args, short: None)
+    specs = []
+    monkeypatch.setattr(bench, "run_worker", lambda spec, timeout: specs.append(spec) or {
+        "engine": spec["engine"], "error": "not run"})
+    bench.main(["--config", str(_tiny_config(tmp_path / "tiny.json")), "--cache-dir", str(tmp_path / "cache"),
+                "--engines", "ours", "--scenarios", "text512"])
+    capsys.readouterr()
+    assert [bool(s.get("bf16_packed")) for s in specs] == ([False, True] if default else [False])
 
 
 @pytest.mark.parametrize("keep", [False, True])

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--int8", action="store_true", help="also run lfm2vl with weight-only int8 (+ quality check)")
     ap.add_argument("--int4", action="store_true", help="also run lfm2vl with weight-only int4 (+ quality check)")
     ap.add_argument("--bf16-packed", action="store_true", help="also run lfm2vl with its bf16 weights packed "
-                    "losslessly in 12 bits (the same results as bf16)")
+                    "losslessly in 12 bits (the same results as bf16; run without it too where it is lfm2vl.load's "
+                    "default)")
     ap.add_argument("--int8-vision", action="store_true", help="also run lfm2vl int8 with the vision tower in int8 "
                     "too (+ quality check with the image features' cosine)")
     ap.add_argument("--int8-float-head", action="store_true",
@@ -271,6 +272,12 @@ def train_main(args, folder: Path) -> int:
     return 1 if any("error" in r for r in results.values()) else 0
 
 
+def _packs_by_default() -> bool:
+    from ..cpu.packed import packs_by_default
+
+    return packs_by_default()
+
+
 def main(argv=None) -> int:
     args = _args(argv)
     folder = _folder(args)
@@ -292,7 +299,8 @@ def main(argv=None) -> int:
         if args.low_memory:
             runs.append((f"lfm2vl {short} low-mem", {**common, "engine": "ours",
                                                       "optimize": not args.no_optimize, "low_memory": True}))
-        if args.bf16_packed:
+        if args.bf16_packed or (short == "bf16" and args.device == "cpu" and not args.no_optimize
+                                and _packs_by_default()):
             runs.append(("lfm2vl bf16 packed", {**common, "dtype": "bf16", "engine": "ours", "bf16_packed": True}))
         for fmt in ("int8", "int4"):
             if getattr(args, fmt):

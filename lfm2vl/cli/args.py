@@ -115,16 +115,19 @@ def regex_type(value: str) -> str:
 
 
 def add_weight_formats(g) -> None:
-    """--int8 / --int4 / --bf16-packed (exclusive) and --int8-vision, the CPU weight formats of lfm2vl.load, on parser
-    or group g."""
+    """--int8 / --int4 / --bf16-packed (exclusive), --no-bf16-packed and --int8-vision, the CPU weight formats of
+    lfm2vl.load, on parser or group g."""
     q = g.add_mutually_exclusive_group()
     q.add_argument("--int8", action="store_true", help="int8 language-model linears (CPU; slightly different "
                    "results; prefill in int8 compute where that is faster)")
     q.add_argument("--int4", action="store_true", help="int4 language-model linears, groups of 32 (CPU; smallest "
                    "and fastest decode, results differ more than int8)")
-    q.add_argument("--bf16-packed", action="store_true", help="bf16 language-model linears packed losslessly in 12 "
-                   "bits a weight (CPU with AVX512-BF16 and VBMI2; the same results as bf16, faster decode, slightly "
-                   "slower first token)")
+    q.add_argument("--bf16-packed", action="store_const", const=True, default=None, help="bf16 language-model "
+                   "linears packed losslessly in 12 bits a weight (the same results as bf16, faster decode, a first "
+                   "token 1-4%% slower; the default on CPUs with AVX512-BF16 and VBMI2)")
+    g.add_argument("--no-bf16-packed", dest="bf16_packed", action="store_const", const=False, help="plain bf16 "
+                   "weights even where packing them is the default (a slightly sooner first token; more throughput "
+                   "for a server with many clients)")
     g.add_argument("--int8-vision", action="store_true", help="the vision tower's linears in int8 with int8 compute "
                    "(CPU; faster images, slightly different image features)")
 
