@@ -3,7 +3,8 @@
 Module swaps that keep parameters, state_dict keys and results (within float rounding):
 - linears of the language model and the output head -> `quant.FastLinear` (native multithreaded GEMV for
   decode-size inputs), or `quant.Int8Linear` / `Int4Linear` with int8=True / int4=True (opt-in), or
-  `packed.PackedLinear` with bf16_packed=True (opt-in: bf16 weights packed losslessly, the same values); the vision
+  `packed.PackedLinear` with bf16_packed=True (bf16 weights packed losslessly, the same values; `lfm2vl.load`'s
+  default where it is fast); the vision
   tower's encoder linears -> `quant.Int8Linear` with int8_vision=True (opt-in);
 - `ShortConv` -> `FastShortConv`: the depthwise causal conv as K shifted multiply-adds in fp32. torch's bf16
   `F.conv1d` for groups=D goes through oneDNN, which is slow for so small a conv (a decode step has 10); for
