@@ -86,6 +86,10 @@ def test_user_errors_exit_nonzero_without_traceback(tiny_checkpoint, tmp_path):
 def test_help_and_delegated_subcommands():
     from lfm2vl import cli
 
+    packed = [cli.build_parser().parse_args(["describe", "x.png", *flag]).bf16_packed
+              for flag in ([], ["--bf16-packed"], ["--no-bf16-packed"], ["--int8", "--no-bf16-packed"])]
+    assert packed == [None, True, False, False]  # None: lfm2vl.load's own default
+
     assert cli.build_parser().parse_args(["describe", "x.png", "--no-image-splitting", "--stop", "a",
                                           "--stop", "b"]).stop == ["a", "b"]
     args = cli.build_parser().parse_args(["describe", "x.png", "--no-image-splitting", "--top-k", "5"])

@@ -223,3 +223,24 @@ def test_one_row_products_equal_with_and_without_row_streams(N, K, spread):
     finally:
         kernels.set_streams(-1)
     assert out[0].isfinite().all() and torch.equal(out[1], out[0])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_load_packs_bf16_by_default_only_where_fast_and_nothing_else_is_asked(tiny_checkpoint, monkeypatch, fast):
+    """bf16_packed=None (the default) packs where `packs_by_default()` says the kernels are fast, and never beside
+    another weight format, low_memory, a float32 dtype or optimize=False; False never packs, True always does."""
+    import warnings
+
+    from lfm2vl.cpu import packed as packed_mod
+    from lfm2vl.cpu.packed import PackedLinear
+    from lfm2vl.engine import load
+
+    monkeypatch.setattr(packed_mod, "packs_by_default", lambda: fast)
+    is_packed = lambda **kw: type(load(tiny_checkpoint, **kw).model.lm_head) is PackedLinear  # noqa: E731
+    assert is_packed() == fast
+    assert not is_packed(bf16_packed=False)
+    assert not any(is_packed(**kw) for kw in ({"int8": True}, {"int4": True}, {"low_memory": True},
+                                               {"dtype": "float32"}, {"optimize": False}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # this CPU's own claim: the scalar path warns where slow
+        assert is_packed(bf16_packed=True)

@@ -124,10 +124,10 @@ def add_weight_formats(g) -> None:
                    "and fastest decode, results differ more than int8)")
     q.add_argument("--bf16-packed", action="store_const", const=True, default=None, help="bf16 language-model "
                    "linears packed losslessly in 12 bits a weight (the same results as bf16, faster decode, a first "
-                   "token 1-4%% slower; the default on CPUs with AVX512-BF16 and VBMI2)")
+                   "token up to ~6%% later; the default on CPUs with AVX512-BF16 and VBMI2)")
     g.add_argument("--no-bf16-packed", dest="bf16_packed", action="store_const", const=False, help="plain bf16 "
-                   "weights even where packing them is the default (a slightly sooner first token; more throughput "
-                   "for a server with many clients)")
+                   "weights even where packing them is the default (a slightly sooner first token; up to ~7%% more "
+                   "throughput for a server with 16 clients)")
     g.add_argument("--int8-vision", action="store_true", help="the vision tower's linears in int8 with int8 compute "
                    "(CPU; faster images, slightly different image features)")
 

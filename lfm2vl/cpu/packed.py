@@ -68,7 +68,7 @@ class PackedLinear(nn.Module):
 def packs_by_default() -> bool:
     """Whether `lfm2vl.load` packs a bf16 model's weights when not told (and asked for no other weight format, low
     memory or a compiled decode step): where the packed kernels run fast. A decode step then reads 25% fewer bytes
-    for the same tokens (2-core Zen 4 VM, 450M: ~1.25x plain bf16's decode, peak RSS -8%), the first token costs 1-4%
+    for the same tokens (2-core Zen 4 VM, 450M: ~1.25x plain bf16's decode, peak RSS -8%), the first token costs 0-6%
     more and loading ~0.3 s more at 450M (3-7 s at 3B, mostly reading the file's pages that a first request would
     read anyway)."""
     return kernels.available() and kernels.packed_fast()
