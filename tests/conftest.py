@@ -1,7 +1,14 @@
-"""Fixtures shared by the test files: the tiny random checkpoint most tests run on, and a float32 engine on it."""
+"""Fixtures shared by the test files: the tiny random checkpoint most tests run on, and a float32 engine on it.
+Converted weights (cpu/wcache.py) go to a temporary folder of this run, never to the user's cache, also in the
+processes tests start."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+os.environ["LFM2VL_WEIGHT_CACHE"] = tempfile.mkdtemp(prefix="lfm2vl-weight-cache-")
 
 from checkpoints import cached_checkpoint
 

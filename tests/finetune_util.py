@@ -1,5 +1,5 @@
-"""Helpers of the fine-tuning tests: small image conversations, JSONL files of them, and batches built directly
-from the processor's training render (independent of the trainer's own collate)."""
+"""Helpers of the fine-tuning tests: small image conversations, JSONL files of them, batches built directly from the
+processor's training render (independent of the trainer's own collate), and a random adapter."""
 from __future__ import annotations
 
 import contextlib
@@ -103,3 +103,18 @@ def losses(folder: Path) -> list[float]:
     rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     return [r["loss"] for r in rows]
+
+
+def make_adapter(folder, base, seed=0):
+    """An "all"-preset adapter for checkpoint `base` with random A and B (B std 0.05), saved to `folder`."""
+    from lfm2vl.finetune.adapter import save_adapter
+    from lfm2vl.finetune.lora import add_lora, lora_parameters
+    from lfm2vl.loading import load_model
+
+    model = load_model(base, dtype=torch.float32)[0]
+    add_lora(model, r=4, alpha=8, dropout=0.1, targets="all")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * (0.05 if p.shape[1] <= 16 else p.shape[1] ** -0.5))
+    return save_adapter(model, folder, str(base))

@@ -19,8 +19,7 @@ from safetensors import safe_open
 import lfm2vl
 from checkpoints import cached_checkpoint, oracle_logits, prompt_cases
 from lfm2vl.cli import main
-from lfm2vl.finetune.adapter import save_adapter
-from lfm2vl.finetune.lora import add_lora, lora_parameters
+from finetune_util import make_adapter
 from lfm2vl.loading import load_model
 
 N = 12
@@ -36,17 +35,6 @@ def picture(w, h, seed=0):
 
 MESSAGES = [{"role": "user", "content": [{"type": "image", "image": picture(384, 256)},
                                          {"type": "text", "text": "What is in this image?"}]}]
-
-
-def make_adapter(folder, base, seed=0):
-    """An "all"-preset adapter for checkpoint `base` with random A and B (B std 0.05), saved to `folder`."""
-    model = load_model(base, dtype=torch.float32)[0]
-    add_lora(model, r=4, alpha=8, dropout=0.1, targets="all")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * (0.05 if p.shape[1] <= 16 else p.shape[1] ** -0.5))
-    return save_adapter(model, folder, str(base))
 
 
 @pytest.fixture(scope="module")

@@ -10,37 +10,22 @@ gives every file the state a fresh read from disk leaves, so a comparison does n
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-_CHUNK = 8 << 20
+from ..cpu.memory import reread_file
+from ..cpu.wcache import packed_cache
 
 
 def reread(paths) -> int:
-    """Evict each file from the page cache and read it back sequentially (Linux; elsewhere nothing is done).
-    Pages mapped by a running process stay where they are, so call this before the engines start. Best effort: a
-    file that cannot be opened or advised is left as it is (the engine that loads it reports what is wrong).
-    Returns the bytes read."""
-    if not hasattr(os, "posix_fadvise"):
-        return 0
-    total = 0
-    for p in paths:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            while chunk := os.read(fd, _CHUNK):
-                total += len(chunk)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    return total
+    """Evict each file from the page cache and read it back sequentially (`memory.reread_file`). Pages mapped by a
+    running process stay where they are, so call this before the engines start. Best effort: a file that cannot be
+    opened or advised is left as it is (the engine that loads it reports what is wrong). Returns the bytes read."""
+    return sum(reread_file(p) for p in paths)
 
 
 def weight_files(folder) -> list[Path]:
-    """The safetensors files of a checkpoint folder."""
-    return sorted(Path(folder).glob("*.safetensors"))
+    """The safetensors files of a checkpoint folder, and its converted weights' file where lfm2vl keeps one
+    (cpu/wcache.py: the packed bf16 weights an engine maps)."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    cache = packed_cache(folder)
+    return files + ([cache.path] if cache is not None and cache.path.is_file() else [])

@@ -11,6 +11,7 @@ the first token costs a little more. Fast on CPUs with AVX512-BF16 and AVX512-VB
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from . import gemm, kernels
 from .memory import release_mapped_pages, trim_heap
 from .quant import FastLinear, default_max_rows, head_and_lm, inference, scratch, swap_linears, use_kernel
+from .wcache import WeightCache
 
 
 class PackedLinear(nn.Module):
@@ -80,10 +82,12 @@ def packable(lin: nn.Module) -> bool:
             and lin.weight.device.type == "cpu" and lin.in_features % kernels.PACK_BLOCK == 0)
 
 
-def pack_weights(model: nn.Module, max_rows: int | None = None) -> int:
+def pack_weights(model: nn.Module, max_rows: int | None = None, cache: WeightCache | None = None) -> int:
     """Replace the language model's bf16 linears and the output head by PackedLinear (those whose rows are not a
     multiple of 64 long stay); returns the count. The float weights' mapped pages leave the resident set; a tied
-    head's are the embedding's, whose lookups map back only the rows they read."""
+    head's are the embedding's, whose lookups map back only the rows they read. With a cache (wcache.py), the packed
+    weights come from its file when it has them, else they are packed and written there; either way they end up
+    memory-mapped from that file."""
     if not kernels.available():
         raise RuntimeError("bf16_packed needs lfm2vl's native kernels (a C++ compiler on an x86-64 CPU, and "
                            "LFM2VL_NO_KERNELS unset)")
@@ -91,9 +95,34 @@ def pack_weights(model: nn.Module, max_rows: int | None = None) -> int:
         warnings.warn("bf16_packed: this CPU lacks AVX512-BF16 / AVX512-VBMI2, so packed products run a scalar path, "
                       "slower than plain bf16 (the results are the same)", RuntimeWarning, stacklevel=3)
     lm, head = head_and_lm(model)
-    make = lambda lin: PackedLinear.from_linear(lin, max_rows, release_source=True) if packable(lin) else lin
-    swap_linears(lm, make)
-    if head is not None and packable(head):
+    targets = {name: lin for name, lin in model.named_modules() if packable(lin)
+               and (name == "lm_head" or name.startswith("model.language_model."))}
+    if head is not None and not packable(head):
+        targets.pop("lm_head", None)
+    check = {name: functools.partial(kernels.check_packed, N=lin.out_features, K=lin.in_features)
+             for name, lin in targets.items()}
+    stored = None if cache is None else cache.read(check)
+    done = {}
+
+    def make(lin: nn.Module) -> nn.Module:
+        name = names[id(lin)]
+        if stored is not None:
+            release_mapped_pages(lin.weight)
+            bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+            new = PackedLinear(stored[name], lin.out_features, lin.in_features, bias, max_rows)
+        else:
+            new = PackedLinear.from_linear(lin, max_rows, release_source=True)
+        done[name] = new
+        return new
+
+    names = {id(lin): name for name, lin in targets.items()}
+    swap_linears(lm, lambda lin: make(lin) if id(lin) in names else lin)
+    if "lm_head" in targets:
         model.lm_head = make(head)
+    if stored is None and cache is not None and cache.write({n: m.packed for n, m in done.items()}):
+        mapped = cache.read(check)  # the file's pages instead of the process's own copies
+        if mapped is not None:
+            for n, m in done.items():
+                m.packed = mapped[n]
     trim_heap()
     return sum(isinstance(m, PackedLinear) for m in model.modules())

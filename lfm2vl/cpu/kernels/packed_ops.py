@@ -40,6 +40,20 @@ def pack_bf16(w: torch.Tensor) -> torch.Tensor:
     return buf
 
 
+def check_packed(buf: torch.Tensor, N: int, K: int) -> None:
+    """Raise ValueError unless buf is a whole packed (N, K) weight: 1-D uint8, as long as its escape count says."""
+    if buf.dtype != torch.uint8 or buf.dim() != 1 or K % BLOCK or N < 1:
+        raise ValueError(f"a packed {N}x{K} weight is a 1-D uint8 tensor (K a multiple of {BLOCK}), got "
+                         f"{tuple(buf.shape)} {buf.dtype}")
+    lib = _load()
+    if buf.numel() < lib.lfm2vl_p12_bytes(N, K, 0):
+        raise ValueError(f"{buf.numel()} bytes cannot hold a packed {N}x{K} weight")
+    escapes = int(buf[64 + 4 * N:64 + 4 * (N + 1)].view(torch.int32)[0])
+    want = lib.lfm2vl_p12_bytes(N, K, escapes) if 0 <= escapes <= N * K else -1
+    if buf.numel() != want:
+        raise ValueError(f"{buf.numel()} bytes where a packed {N}x{K} weight with {escapes} escapes takes {want}")
+
+
 def _check(buf: torch.Tensor, N: int, K: int, who: str) -> None:
     if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous() or K % BLOCK:
         raise ValueError(f"{who}: needs a packed buffer (1-D contiguous uint8) and K a multiple of {BLOCK}, got "
