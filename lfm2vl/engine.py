@@ -52,9 +52,9 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
     vision tower's encoder linears in int8 with int8 compute (opt-in, faster images, changes image features slightly);
     bf16_packed: the bf16 language model's linears and output head packed losslessly in 12 bits a weight (the same
     results as bf16, a faster decode where memory sets its pace, a slightly slower first token); None (the default)
-    packs where it is fast and nothing else is asked for (cpu/packed.py `packs_by_default`), False never; the packed
-    weights of a checkpoint folder are kept on disk and mapped at later loads (cpu/wcache.py; without an adapter;
-    $LFM2VL_WEIGHT_CACHE=off keeps them in memory only); compile:
+    packs where it is fast and nothing else is asked for (cpu/packed.py `packs_by_default`), False never. Packed
+    and int8 / int4 weights of a checkpoint folder are kept on disk and mapped at later loads (cpu/wcache.py; not
+    with an adapter; $LFM2VL_WEIGHT_CACHE=off keeps them in memory only); compile:
     torch.compile the static-shape decode step (opt-in; pair it with optimize=False, whose decode attention reads
     the cache length on the host); low_memory: the vision tower's and the language model's
     memory-mapped weights never stay resident together (cpu/lowmem.py; lower peak RSS, slower image requests);
@@ -94,10 +94,8 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
         apply_adapter(m, *adapter_files, where=f"adapter {adapter}")
     if optimize or formats or int8_vision:
         from .cpu.speed import optimize_for_cpu
-        from .cpu.wcache import packed_cache
-
-        cache = packed_cache(folder, adapter) if bf16_packed else None
-        optimize_for_cpu(m, int8=int8, int4=int4, int8_vision=int8_vision, bf16_packed=bf16_packed, cache=cache)
+        optimize_for_cpu(m, int8=int8, int4=int4, int8_vision=int8_vision, bf16_packed=bf16_packed,
+                         source=folder if adapter is None else None)  # merged weights are not the checkpoint's
     if low_memory:
         from .cpu.lowmem import set_low_memory
 

@@ -3,12 +3,15 @@ Converted weights (cpu/wcache.py) go to a temporary folder of this run, never to
 processes tests start."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
 
 os.environ["LFM2VL_WEIGHT_CACHE"] = tempfile.mkdtemp(prefix="lfm2vl-weight-cache-")
+atexit.register(shutil.rmtree, os.environ["LFM2VL_WEIGHT_CACHE"], ignore_errors=True)
 
 from checkpoints import cached_checkpoint
 

@@ -1,17 +1,19 @@
-"""cpu/wcache.py: a checkpoint's packed bf16 weights are written once to a cache file and mapped at later loads (the
-same bytes, the same tokens), a changed checkpoint gets a new file, a damaged file is rebuilt, an unwritable folder
-falls back to memory, and `off` keeps nothing on disk."""
+"""cpu/wcache.py: a checkpoint's packed bf16 or int8 / int4 weights are written once to a cache file and mapped at
+later loads (the same bytes, the same tokens), a changed checkpoint gets a new file, a damaged file is rebuilt, an
+unwritable folder falls back to memory, and `off` keeps nothing on disk."""
 import shutil
 import warnings
 
 import pytest
 import torch
 
-from lfm2vl.cpu import kernels
+from lfm2vl.cpu import kernels, quant
 from lfm2vl.cpu.packed import PackedLinear
+from lfm2vl.cpu.quant import Int8Linear
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable on this machine")
 MSGS = [{"role": "user", "content": "Tell me about the sea."}]
+FORMATS = {"bf16_packed": {"bf16_packed": True}, "int8": {"int8": True}, "int4": {"int4": True}}
 
 
 @pytest.fixture
@@ -21,37 +23,52 @@ def folder(tiny_checkpoint, tmp_path, monkeypatch):
     return shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
 
 
-def load(folder, **kw):
+def load(folder, fmt="bf16_packed", **kw):
     from lfm2vl.engine import load as engine_load
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "bf16_packed: this CPU lacks", RuntimeWarning)  # the scalar path, if so
-        return engine_load(folder, bf16_packed=True, **kw)
+        return engine_load(folder, **FORMATS[fmt], **kw)
 
 
-def packed_buffers(engine):
-    return {n: m.packed for n, m in engine.model.named_modules() if type(m) is PackedLinear}
+def converted(engine):
+    """Every converted tensor of the engine's model by name."""
+    out = {}
+    for name, m in engine.model.named_modules():
+        if type(m) is PackedLinear:
+            out[f"{name}.packed"] = m.packed
+        elif isinstance(m, Int8Linear) and name.startswith(("model.language_model.", "lm_head")):
+            out.update({f"{name}.weight": m.weight, f"{name}.scale": m.scale})
+    return out
 
 
 def files(tmp_path):
     return sorted((tmp_path / "cache").glob("*.safetensors"))
 
 
-def test_a_second_load_maps_the_packed_weights_from_the_file(folder, tmp_path, monkeypatch):
-    first = load(folder)
-    assert len(files(tmp_path)) == 1
-    want = {n: t.clone() for n, t in packed_buffers(first).items()}
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_second_load_maps_the_converted_weights_from_the_file(folder, tmp_path, monkeypatch, fmt):
+    first = load(folder, fmt)
+    assert len(files(tmp_path)) == 1 and fmt in files(tmp_path)[0].name
+    want = {n: t.clone() for n, t in converted(first).items()}
     tokens = first.generate(MSGS, temperature=0, max_new_tokens=8).token_ids
 
-    def no_packing(*a, **k):
-        raise AssertionError("packed again although the cache holds the weights")
+    def no_conversion(*a, **k):
+        raise AssertionError("converted again although the cache holds the weights")
 
-    monkeypatch.setattr(kernels, "pack_bf16", no_packing)
-    second = load(folder)
-    got = packed_buffers(second)
-    assert got.keys() == want.keys() and "lm_head" in got
+    monkeypatch.setattr(kernels, "pack_bf16", no_conversion)
+    monkeypatch.setattr(quant, "_quantized", no_conversion)
+    second = load(folder, fmt)
+    got = converted(second)
+    assert got.keys() == want.keys() and any(n.startswith("lm_head.") for n in got)
     assert all(torch.equal(got[n], want[n]) for n in want)
     assert second.generate(MSGS, temperature=0, max_new_tokens=8).token_ids == tokens
+
+
+def test_each_format_has_its_own_file(folder, tmp_path):
+    for fmt in FORMATS:
+        load(folder, fmt)
+    assert sorted(f.name.split("-")[1] for f in files(tmp_path)) == sorted(FORMATS)
 
 
 def test_a_changed_checkpoint_gets_a_new_file_and_its_old_one_goes(folder, tmp_path):
@@ -64,15 +81,31 @@ def test_a_changed_checkpoint_gets_a_new_file_and_its_old_one_goes(folder, tmp_p
     assert len(old) == len(new) == 1 and old != new
 
 
-def test_a_damaged_file_is_rebuilt_with_a_warning(folder, tmp_path):
-    tokens = load(folder).generate(MSGS, temperature=0, max_new_tokens=8).token_ids
+@pytest.mark.parametrize("fmt", ["bf16_packed", "int4"])
+def test_a_damaged_file_is_rebuilt_with_a_warning(folder, tmp_path, fmt):
+    tokens = load(folder, fmt).generate(MSGS, temperature=0, max_new_tokens=8).token_ids
     (path,) = files(tmp_path)
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])  # truncated
     with pytest.warns(RuntimeWarning, match="does not hold the expected converted weights.*rebuilding it"):
-        engine = load(folder)
+        engine = load(folder, fmt)
     assert engine.generate(MSGS, temperature=0, max_new_tokens=8).token_ids == tokens
     assert files(tmp_path) == [path] and path.stat().st_size == len(data)
+
+
+def test_a_file_of_other_shapes_is_rebuilt(folder, tmp_path):
+    """A file whose tensors have the expected names but not the expected shapes (say, written by other code) is not
+    used."""
+    from safetensors.torch import load_file, save_file
+
+    load(folder, "int8")
+    (path,) = files(tmp_path)
+    tensors = load_file(path)
+    name = next(n for n in tensors if n.endswith(".scale"))
+    tensors[name] = tensors[name][:-1].clone()
+    save_file(tensors, path)
+    with pytest.warns(RuntimeWarning, match=r"a scale of \(\d+,\) torch.float32 where \(\d+,\)"):
+        load(folder, "int8")
 
 
 def test_a_folder_that_cannot_be_written_falls_back_to_memory(folder, tmp_path, monkeypatch):
@@ -81,7 +114,7 @@ def test_a_folder_that_cannot_be_written_falls_back_to_memory(folder, tmp_path, 
     monkeypatch.setenv("LFM2VL_WEIGHT_CACHE", str(blocker / "cache"))  # a folder below a file cannot be made
     with pytest.warns(RuntimeWarning, match="could not keep the bf16_packed weights in .*LFM2VL_WEIGHT_CACHE"):
         engine = load(folder)
-    assert packed_buffers(engine) and not any(tmp_path.rglob("*.safetensors.tmp"))
+    assert converted(engine) and not any(tmp_path.rglob("*.safetensors.tmp"))
 
 
 def test_off_keeps_nothing_on_disk(folder, tmp_path, monkeypatch):
@@ -89,15 +122,15 @@ def test_off_keeps_nothing_on_disk(folder, tmp_path, monkeypatch):
 
     monkeypatch.setenv("LFM2VL_WEIGHT_CACHE", "off")
     assert cache_dir() is None
-    assert packed_buffers(load(folder)) and not (tmp_path / "cache").exists()
+    assert converted(load(folder)) and not (tmp_path / "cache").exists()
 
 
 def test_weights_merged_with_an_adapter_stay_out_of_the_cache(folder, tmp_path):
-    """Merged weights are not the checkpoint's: they are packed in memory only."""
+    """Merged weights are not the checkpoint's: they are converted in memory only."""
     from finetune_util import make_adapter
 
     adapter = make_adapter(tmp_path / "adapter", folder)
-    assert packed_buffers(load(folder, adapter=adapter)) and files(tmp_path) == []
+    assert converted(load(folder, adapter=adapter)) and files(tmp_path) == []
 
 
 def test_check_packed_names_what_is_wrong():

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..cpu.memory import reread_file
-from ..cpu.wcache import packed_cache
+from ..cpu.wcache import cached_files
 
 
 def reread(paths) -> int:
@@ -24,8 +24,6 @@ def reread(paths) -> int:
 
 
 def weight_files(folder) -> list[Path]:
-    """The safetensors files of a checkpoint folder, and its converted weights' file where lfm2vl keeps one
-    (cpu/wcache.py: the packed bf16 weights an engine maps)."""
-    files = sorted(Path(folder).glob("*.safetensors"))
-    cache = packed_cache(folder)
-    return files + ([cache.path] if cache is not None and cache.path.is_file() else [])
+    """The safetensors files of a checkpoint folder, and the files of its converted weights that lfm2vl keeps
+    (cpu/wcache.py: packed or quantized weights an engine maps)."""
+    return sorted(Path(folder).glob("*.safetensors")) + cached_files(folder)

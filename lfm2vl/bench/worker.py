@@ -154,16 +154,14 @@ def _load(spec: dict):
     else:
         from ..cpu.lowmem import set_low_memory
         from ..cpu.speed import optimize_for_cpu
-        from ..cpu.wcache import packed_cache
         from ..loading import load_model
 
         model = _with_adapter(load_model(spec["folder"], dtype=dtype, device=device)[0], spec)
         if spec.get("optimize", True):  # a no-op off CPU
-            packed = spec.get("bf16_packed", False)
-            cache = packed_cache(spec["folder"], spec.get("adapter")) if packed else None
-            optimize_for_cpu(model, int8=spec.get("int8", False), int4=spec.get("int4", False), bf16_packed=packed,
-                             int8_vision=spec.get("int8_vision", False), quantize_head=spec.get("quantize_head", True),
-                             cache=cache)
+            optimize_for_cpu(model, int8=spec.get("int8", False), int4=spec.get("int4", False),
+                             bf16_packed=spec.get("bf16_packed", False), int8_vision=spec.get("int8_vision", False),
+                             quantize_head=spec.get("quantize_head", True),
+                             source=None if spec.get("adapter") else spec["folder"])
         if spec.get("low_memory"):
             set_low_memory(model)
         run = _ours_run

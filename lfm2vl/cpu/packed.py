@@ -20,8 +20,8 @@ from torch import nn
 
 from . import gemm, kernels
 from .memory import release_mapped_pages, trim_heap
-from .quant import FastLinear, default_max_rows, head_and_lm, inference, scratch, swap_linears, use_kernel
-from .wcache import WeightCache
+from .quant import FastLinear, default_max_rows, inference, linear_slots, scratch, use_kernel
+from .wcache import WeightCache, convert_linears
 
 
 class PackedLinear(nn.Module):
@@ -94,35 +94,11 @@ def pack_weights(model: nn.Module, max_rows: int | None = None, cache: WeightCac
     if not kernels.packed_fast():
         warnings.warn("bf16_packed: this CPU lacks AVX512-BF16 / AVX512-VBMI2, so packed products run a scalar path, "
                       "slower than plain bf16 (the results are the same)", RuntimeWarning, stacklevel=3)
-    lm, head = head_and_lm(model)
-    targets = {name: lin for name, lin in model.named_modules() if packable(lin)
-               and (name == "lm_head" or name.startswith("model.language_model."))}
-    if head is not None and not packable(head):
-        targets.pop("lm_head", None)
-    check = {name: functools.partial(kernels.check_packed, N=lin.out_features, K=lin.in_features)
-             for name, lin in targets.items()}
-    stored = None if cache is None else cache.read(check)
-    done = {}
-
-    def make(lin: nn.Module) -> nn.Module:
-        name = names[id(lin)]
-        if stored is not None:
-            release_mapped_pages(lin.weight)
-            bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
-            new = PackedLinear(stored[name], lin.out_features, lin.in_features, bias, max_rows)
-        else:
-            new = PackedLinear.from_linear(lin, max_rows, release_source=True)
-        done[name] = new
-        return new
-
-    names = {id(lin): name for name, lin in targets.items()}
-    swap_linears(lm, lambda lin: make(lin) if id(lin) in names else lin)
-    if "lm_head" in targets:
-        model.lm_head = make(head)
-    if stored is None and cache is not None and cache.write({n: m.packed for n, m in done.items()}):
-        mapped = cache.read(check)  # the file's pages instead of the process's own copies
-        if mapped is not None:
-            for n, m in done.items():
-                m.packed = mapped[n]
+    convert_linears([slot for slot in linear_slots(model) if packable(slot[3])], cache,
+                    lambda lin: PackedLinear.from_linear(lin, max_rows, release_source=True),
+                    lambda m: {"packed": m.packed},
+                    lambda lin: {"packed": functools.partial(kernels.check_packed, N=lin.out_features,
+                                                             K=lin.in_features)},
+                    lambda lin, t, bias: PackedLinear(t["packed"], lin.out_features, lin.in_features, bias, max_rows))
     trim_heap()
     return sum(isinstance(m, PackedLinear) for m in model.modules())

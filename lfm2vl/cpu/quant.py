@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from . import gemm, int8mm, kernels
 from .memory import release_mapped_pages, trim_heap
+from .wcache import Slot, WeightCache, convert_linears
 
 MAX_ROWS = 8  # up to this many input rows the weight-streaming kernel beats torch's GEMM (scripts/bench_gemv.py)
 
@@ -266,21 +268,62 @@ def swap_linears(root: nn.Module, make) -> int:
     return n
 
 
+def linear_slots(model: nn.Module, head: bool = True) -> list[Slot]:
+    """The language model's nn.Linear / FastLinear layers, and the output head if head=True and it is one, each as
+    (qualified name, parent, attribute, linear), in module order (wcache.convert_linears replaces them)."""
+    lm, lm_head = head_and_lm(model)
+    names = {id(m): name for name, m in model.named_modules()}
+    out = []
+
+    def walk(root: nn.Module) -> None:
+        for attr, child in root.named_children():
+            if type(child) is nn.Linear or type(child) is FastLinear:
+                out.append((f"{names[id(root)]}.{attr}" if names[id(root)] else attr, root, attr, child))
+            else:
+                walk(child)
+
+    walk(lm)
+    if head and lm_head is not lm and type(lm_head) in (nn.Linear, FastLinear):
+        out.append(("lm_head", model, "lm_head", lm_head))
+    return out
+
+
+def _kind(lin: nn.Module, bits: int) -> type:
+    return Int4Linear if bits == 4 and lin.in_features % kernels.I4_GROUP == 0 else Int8Linear
+
+
+def _checks(lin: nn.Module, bits: int) -> dict:
+    """What a cached quantized weight of lin must be: int8 (N, K) with fp32 (N,) scales, or int4 (N, K/2) bytes
+    with fp16 (N, K/32) scales."""
+    N, K = lin.out_features, lin.in_features
+    if _kind(lin, bits) is Int4Linear:
+        shapes = {"weight": ((N, K // 2), torch.uint8), "scale": ((N, K // kernels.I4_GROUP), torch.float16)}
+    else:
+        shapes = {"weight": ((N, K), torch.int8), "scale": ((N,), torch.float32)}
+    return {part: functools.partial(_check_tensor, part=part, shape=shape, dtype=dtype)
+            for part, (shape, dtype) in shapes.items()}
+
+
+def _check_tensor(t: torch.Tensor, part: str, shape: tuple, dtype: torch.dtype) -> None:
+    if tuple(t.shape) != shape or t.dtype != dtype:
+        raise ValueError(f"a {part} of {tuple(t.shape)} {t.dtype} where {shape} {dtype} was expected")
+
+
 def quantize_weights(model: nn.Module, bits: int = 8, quantize_head: bool = False,
-                     max_rows: int | None = None) -> int:
+                     max_rows: int | None = None, cache: WeightCache | None = None) -> int:
     """Replace the language model's nn.Linear layers (and the output head if asked) by Int8Linear, or with bits=4
     by Int4Linear (a layer whose rows are not a multiple of 32 long gets Int8Linear); returns the count.
 
     The vision tower and projector stay in their dtype. A tied head keeps sharing nothing with the embedding once
-    quantized (the embedding table stays bf16/fp32 for lookups). Idempotent.
+    quantized (the embedding table stays bf16/fp32 for lookups). Idempotent. With a cache (wcache.py) the quantized
+    weights are read from its file when it holds them, else written there, and mapped from it.
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
-    lm, head = head_and_lm(model)
-    n = swap_linears(lm, lambda lin: _quantized(lin, max_rows, bits))
-    if quantize_head and type(head) in (nn.Linear, FastLinear):
-        model.lm_head = _quantized(head, max_rows, bits)
-        n += 1
+
+    n = convert_linears(linear_slots(model, head=quantize_head), cache, lambda lin: _quantized(lin, max_rows, bits),
+                        lambda m: {"weight": m.weight, "scale": m.scale}, lambda lin: _checks(lin, bits),
+                        lambda lin, t, bias: _kind(lin, bits)(t["weight"], t["scale"], bias, max_rows))
     trim_heap()  # the fp32 blocks were freed between the quantized weights (~70 MB of holes at 450M shapes)
     return n
 
@@ -301,8 +344,7 @@ def quantize_vision(model: nn.Module, max_rows: int | None = None) -> int:
 def _quantized(lin: nn.Linear, max_rows: int | None, bits: int) -> Int8Linear:
     """Int8Linear / Int4Linear of lin; the float weight's memory-mapped pages leave the resident set (memory.py says
     why). A tied head's pages are the embedding's: lookups map back only the rows they read."""
-    cls = Int4Linear if bits == 4 and lin.in_features % kernels.I4_GROUP == 0 else Int8Linear
-    return cls.from_linear(lin, max_rows, release_source=True)
+    return _kind(lin, bits).from_linear(lin, max_rows, release_source=True)
 
 
 def use_fast_linears(model: nn.Module, max_rows: int | None = None) -> nn.Module:

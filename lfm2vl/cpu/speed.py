@@ -26,6 +26,8 @@ Nothing here runs on other devices: a CUDA model is returned unchanged.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,7 +42,7 @@ from .memory import TRIM_ABOVE, keep_heap_pages, release_library_pages, release_
 from .packed import PackedLinear, pack_weights
 from .quant import FastLinear, Int4Linear, Int8Linear, quantize_vision, quantize_weights, use_fast_linears
 from .vision import use_fast_vision
-from .wcache import WeightCache
+from .wcache import weight_cache
 
 
 def causal_depthwise_conv(u_ext: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -182,7 +184,7 @@ def _swap_class(root: nn.Module, base: type, fast: type) -> int:
 
 def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool = True,
                      int4: bool = False, int8_vision: bool = False, bf16_packed: bool = False,
-                     cache: WeightCache | None = None) -> nn.Module:
+                     source: str | os.PathLike | None = None) -> nn.Module:
     """Make a loaded Lfm2VlModel decode fast on CPU, in place; returns it. Call once after loading.
 
     int8=True: weight-only int8 for the language model's linears and, unless quantize_head=False, the output head
@@ -190,8 +192,9 @@ def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool =
     still picks the activation dtype by default). int4=True: the same with int4 (groups of 32 weights).
     int8_vision=True: the vision tower's encoder linears in int8 too (quant.quantize_vision), independent of the
     language model's format. bf16_packed=True: the bf16 language model's linears and output head packed losslessly
-    in 12 bits a weight (packed.py: the same results, a faster decode, a slightly slower first token), kept in
-    `cache` when given (wcache.py: the checkpoint's packed weights on disk, mapped at every later load).
+    in 12 bits a weight (packed.py: the same results, a faster decode, a slightly slower first token).
+    source: the checkpoint folder the model's weights were read from unchanged (no adapter merged): the packed or
+    quantized weights are then kept in its cache (wcache.py: on disk, mapped at every later load).
     It also sets glibc's heap policy for the process so freed activations' pages are reused instead of faulted in
     again (memory.keep_heap_pages), and, last, unmaps the libraries' pages that importing and loading ran
     (memory.release_library_pages: the page cache keeps them; a request maps back what it runs).
@@ -215,13 +218,15 @@ def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool =
     _swap_class(lm, MLP, FastMLP)
     _swap_class(lm, RMSNorm, FastRMSNorm)
     if int8 or int4:
-        quantize_weights(model, bits=4 if int4 else 8, quantize_head=quantize_head)
+        bits = 4 if int4 else 8
+        fmt = f"int{bits}" + ("" if quantize_head else "-float-head")
+        quantize_weights(model, bits=bits, quantize_head=quantize_head, cache=weight_cache(source, fmt))
     if bf16_packed:
         dtype = model.model.language_model.embed_tokens.weight.dtype
         if dtype != torch.bfloat16:
             raise ValueError(f"bf16_packed packs bfloat16 weights; this model is {str(dtype).removeprefix('torch.')} "
                              "(load it with dtype=torch.bfloat16)")
-        pack_weights(model, cache=cache)
+        pack_weights(model, cache=weight_cache(source, "bf16_packed"))
     if int8_vision:
         quantize_vision(model)
     use_fast_linears(model)

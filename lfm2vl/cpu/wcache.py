@@ -1,7 +1,8 @@
-"""Converted weights kept on disk: a checkpoint's bf16 weights packed in 12 bits are written once to a safetensors file
-and memory-mapped on every later load, as llama.cpp maps its GGUF.
+"""Converted weights kept on disk: a checkpoint's bf16 weights packed in 12 bits, or quantized to int8 / int4, are
+written once to a safetensors file and memory-mapped on every later load, as llama.cpp maps its GGUF.
 
-Two gains. Loading skips the conversion (450M ~0.3 s, 3B 3-7 s of packing, most of it reading every bf16 weight).
+Two gains. Loading skips the conversion (450M ~0.3 s, 3B 3-7 s of packing or quantizing, most of it reading every
+bf16 weight).
 And the weights a decode step streams are file pages: read back from disk after writing, the page cache holds them
 in large folios that map in 2 MB pages, where converted weights in the process's own memory sit in 4 KB pages (a TLB
 miss, and a stop of the hardware prefetchers, every 4 KB). On the 2-core Zen 4 VM, 450M packed decode 71.1 against
@@ -25,8 +26,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
-from .memory import reread_file
+from .memory import release_mapped_pages, reread_file
 
 ENV = "LFM2VL_WEIGHT_CACHE"
 VERSION = 1  # of the files' contents: a change in a format's layout bumps it
@@ -45,17 +47,22 @@ def cache_dir() -> Path | None:
 
 
 class WeightCache:
-    """The cached file of one checkpoint folder in one format ("bf16_packed")."""
+    """The cached file of one checkpoint folder in one format ("bf16_packed", "int8", "int4", ...)."""
 
     def __init__(self, folder: str | os.PathLike, fmt: str, root: Path):
-        folder = Path(folder).resolve()
         self.fmt, self.root = fmt, root
-        self.prefix = f"{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}-{fmt}-"
+        self.prefix = f"{self.folder_prefix(folder)}{fmt}-"
+        folder = Path(folder).resolve()
         ident = hashlib.sha256(f"{fmt}:{VERSION}".encode())
         for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
             st = f.stat()
             ident.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
         self.path = root / f"{self.prefix}{ident.hexdigest()[:16]}.safetensors"
+
+    @staticmethod
+    def folder_prefix(folder: str | os.PathLike) -> str:
+        """The start of every cached file's name of this checkpoint folder."""
+        return f"{hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:16]}-"
 
     @classmethod
     def for_folder(cls, folder: str | os.PathLike | None, fmt: str) -> "WeightCache | None":
@@ -121,7 +128,50 @@ class WeightCache:
         return True
 
 
-def packed_cache(folder: str | os.PathLike | None, adapter=None) -> WeightCache | None:
-    """The cache of a checkpoint folder's bf16 weights packed in 12 bits; None where caching is off, and with an
-    adapter (weights merged with it are not the checkpoint's)."""
-    return None if adapter else WeightCache.for_folder(folder, "bf16_packed")
+def weight_cache(folder: str | os.PathLike | None, fmt: str) -> WeightCache | None:
+    """The cache of a checkpoint folder's weights converted to fmt ("bf16_packed", "int8", "int4", ...); None where
+    caching is off or there is no folder."""
+    return WeightCache.for_folder(folder, fmt)
+
+
+def cached_files(folder: str | os.PathLike) -> list[Path]:
+    """The converted weights' files kept for a checkpoint folder, in every format."""
+    root = cache_dir()
+    if root is None or not root.is_dir():
+        return []
+    return sorted(root.glob(f"{WeightCache.folder_prefix(folder)}*.safetensors"))
+
+
+Slot = tuple[str, nn.Module, str, nn.Module]  # a linear's qualified name, its parent, its attribute there, itself
+
+
+def convert_linears(slots: list[Slot], cache: WeightCache | None, convert: Callable[[nn.Module], nn.Module],
+                    parts: Callable[[nn.Module], dict[str, torch.Tensor]],
+                    checks: Callable[[nn.Module], dict[str, Callable[[torch.Tensor], None]]],
+                    build: Callable[[nn.Module, dict[str, torch.Tensor], nn.Parameter | None], nn.Module]) -> int:
+    """Replace each slot's linear by its converted module: convert(linear) does the work; with a cache, the
+    converted tensors (parts(module): {"weight": ...}, checked by checks(linear) on reading) are read from its file
+    when it holds them (build(linear, tensors, bias) makes the module; the float weight is not read, and its mapped
+    pages leave the resident set) or else written there, and either way the modules end up holding the file's
+    memory-mapped tensors. Returns the count."""
+    want = {f"{name}.{part}": fn for name, _, _, lin in slots for part, fn in checks(lin).items()}
+    stored = None if cache is None else cache.read(want)
+    done = []
+    for name, parent, attr, lin in slots:
+        if stored is None:
+            new = convert(lin)
+        else:
+            release_mapped_pages(lin.weight)
+            bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+            new = build(lin, {part: stored[f"{name}.{part}"] for part in checks(lin)}, bias)
+        setattr(parent, attr, new)
+        done.append((name, new))
+    if stored is None and cache is not None and done:
+        if cache.write({f"{name}.{part}": t.contiguous() for name, m in done for part, t in parts(m).items()}):
+            mapped = cache.read(want)  # the file's pages instead of the process's own copies
+            if mapped is not None:
+                for name, m in done:
+                    for part in parts(m):
+                        setattr(m, part, mapped[f"{name}.{part}"])
+    return len(done)
+
