@@ -6,8 +6,9 @@ and a 4-bit code for its high byte, the sign and top exponent bits, of which a m
 others stored apart), ~1.5 bytes a weight instead of 2, and multiplies with it exactly as `FastLinear` does with the
 bf16 weight: the same sums in the same order, so generation gives the same tokens as bf16. Prefill-size products
 unpack the weight a block of rows at a time and multiply each block with torch's GEMM while it is in the cache, so
-the first token costs a little more. Fast on CPUs with AVX512-BF16 and AVX512-VBMI2 (`kernels.packed_fast()`); elsewhere correct but slow.
-`lfm2vl.load` packs by default where it is fast (`packs_by_default`).
+the first token costs a little more. Fast on CPUs with AVX512-BF16 and AVX512-VBMI2 (`kernels.packed_fast()`);
+elsewhere correct but slow. `lfm2vl.load` packs by default where it is fast (`packs_by_default`) and keeps the
+packed weights on disk (wcache.py).
 """
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ from .memory import TRIM_ABOVE, keep_heap_pages, release_library_pages, release_
 from .packed import PackedLinear, pack_weights
 from .quant import FastLinear, Int4Linear, Int8Linear, quantize_vision, quantize_weights, use_fast_linears
 from .vision import use_fast_vision
-from .wcache import weight_cache
+from .wcache import WeightCache
 
 
 def causal_depthwise_conv(u_ext: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -220,13 +220,13 @@ def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool =
     if int8 or int4:
         bits = 4 if int4 else 8
         fmt = f"int{bits}" + ("" if quantize_head else "-float-head")
-        quantize_weights(model, bits=bits, quantize_head=quantize_head, cache=weight_cache(source, fmt))
+        quantize_weights(model, bits=bits, quantize_head=quantize_head, cache=WeightCache.for_folder(source, fmt))
     if bf16_packed:
         dtype = model.model.language_model.embed_tokens.weight.dtype
         if dtype != torch.bfloat16:
             raise ValueError(f"bf16_packed packs bfloat16 weights; this model is {str(dtype).removeprefix('torch.')} "
                              "(load it with dtype=torch.bfloat16)")
-        pack_weights(model, cache=weight_cache(source, "bf16_packed"))
+        pack_weights(model, cache=WeightCache.for_folder(source, "bf16_packed"))
     if int8_vision:
         quantize_vision(model)
     use_fast_linears(model)

@@ -1,20 +1,19 @@
 """Converted weights kept on disk: a checkpoint's bf16 weights packed in 12 bits, or quantized to int8 / int4, are
-written once to a safetensors file and memory-mapped on every later load, as llama.cpp maps its GGUF.
+written once to a safetensors file and memory-mapped at every later load, as llama.cpp maps its GGUF.
 
-Two gains. Loading skips the conversion (450M ~0.3 s, 3B 3-7 s of packing or quantizing, most of it reading every
-bf16 weight).
-And the weights a decode step streams are file pages: read back from disk after writing, the page cache holds them
-in large folios that map in 2 MB pages, where converted weights in the process's own memory sit in 4 KB pages (a TLB
-miss, and a stop of the hardware prefetchers, every 4 KB). On the 2-core Zen 4 VM, 450M packed decode 71.1 against
-64.6 tok/s (medians of seven alternating process pairs).
+Two gains. Loading skips the conversion (3B: 3-7 s of packing, ~1-2 s of quantizing, most of it reading every bf16
+weight). And the weights a decode step streams are file pages: read back from disk after writing, the page cache
+holds them in large folios that map in 2 MB pages, where converted weights in the process's own memory sit in 4 KB
+pages (a TLB miss, and a stop of the hardware prefetchers, every 4 KB). On the 2-core Zen 4 VM, against llama.cpp
+(which maps its GGUF the same way) at 450M: packed 1.27 -> 1.35x, int8 1.12 -> 1.27x, int4 1.16 -> 1.28x.
 
 The file of a checkpoint folder and format is `<folder hash>-<format>-<identity>.safetensors` under `cache_dir()`;
 the identity hashes the format's version and each weight file's and config's name, size and modification time, so a
 changed checkpoint gets a new file and its old one is removed. Writes go to a temporary file, synced and renamed into
 place (a crash or a concurrent writer never leaves a partial file under the final name); a file that does not read
-back as expected is rebuilt. The first load writes the file and reads it back (450M ~2 s, 3B ~20 s on the Zen 4 VM's
-disk, against 0.3 / 3-7 s of packing in memory); later loads take as long as plain bf16's (3B 1.3 s). Where the folder cannot be written (read-only, full), loading converts in memory as without a
-cache, with one warning. `LFM2VL_WEIGHT_CACHE=off` turns it off; a path moves it.
+back as expected is rebuilt. The first load writes the file and reads it back (3B packed ~20 s on the Zen 4 VM's
+disk); later loads convert nothing. Where the folder cannot be written (read-only, full), loading converts in memory
+as without a cache, with one warning. `LFM2VL_WEIGHT_CACHE=off` turns it off; a path moves it.
 """
 from __future__ import annotations
 
@@ -126,12 +125,6 @@ class WeightCache:
                 old.unlink(missing_ok=True)
         reread_file(self.path)
         return True
-
-
-def weight_cache(folder: str | os.PathLike | None, fmt: str) -> WeightCache | None:
-    """The cache of a checkpoint folder's weights converted to fmt ("bf16_packed", "int8", "int4", ...); None where
-    caching is off or there is no folder."""
-    return WeightCache.for_folder(folder, fmt)
 
 
 def cached_files(folder: str | os.PathLike) -> list[Path]:
