@@ -83,6 +83,18 @@ def test_user_errors_exit_nonzero_without_traceback(tiny_checkpoint, tmp_path):
     assert p.returncode == 1 and "not valid JSON" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_a_warning_while_loading_is_one_line_and_the_answer_still_comes(tiny_checkpoint, img, tmp_path):
+    """A cache folder that cannot be written: one warning line (not Python's file:line format), then the answer."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    p = lfm2vl("describe", img, "--model", tiny_checkpoint, "--int8", "--max-new-tokens", "3",
+               env={"LFM2VL_WEIGHT_CACHE": str(blocker / "cache")})
+    assert p.returncode == 0 and p.stdout.strip(), p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if "could not keep" in ln]
+    assert len(lines) == 1 and lines[0].startswith("lfm2vl: warning: could not keep the int8 weights")
+    assert "Traceback" not in p.stderr and "warnings.warn" not in p.stderr and ".py:" not in p.stderr
+
+
 def test_help_and_delegated_subcommands():
     from lfm2vl import cli
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -43,7 +44,7 @@ def load_engine(args, prog: str = "lfm2vl"):
                        leave=False)
         bar.update(done - bar.n)
 
-    with adapter_warnings():  # printed once the progress bar is closed
+    with load_warnings():  # printed once the progress bar is closed
         try:
             return load(model, dtype=args.dtype, device=args.device, int8=args.int8, int4=args.int4,
                         bf16_packed=args.bf16_packed, int8_vision=args.int8_vision,
@@ -63,21 +64,25 @@ def load_engine(args, prog: str = "lfm2vl"):
 
 
 @contextlib.contextmanager
-def adapter_warnings(prog: str = "lfm2vl"):
-    """Print an adapter's warnings (target names that match nothing ...) as one line each, not Python's
-    file:line format."""
+def load_warnings(prog: str = "lfm2vl"):
+    """Print the warnings lfm2vl gives while loading (an adapter's target names that match nothing, a cache folder
+    that cannot be written, ...) as one line each, not Python's file:line format; other libraries' warnings are
+    given back to Python's own handling."""
+    from .. import __file__ as package_init
     from ..finetune.adapter import AdapterWarning
 
+    ours = os.path.dirname(package_init)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", AdapterWarning)
         try:
             yield
         finally:
-            for w in caught:
-                if issubclass(w.category, AdapterWarning):
-                    print(f"{prog}: warning: {w.message}", file=sys.stderr)
-                else:
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            seen = list(caught)
+    for w in seen:  # outside the recording context: a warning given back is not recorded again
+        if issubclass(w.category, AdapterWarning) or os.path.abspath(w.filename).startswith(ours + os.sep):
+            print(f"{prog}: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def stream_to(out, stream) -> None:

@@ -117,11 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..cli.commands import adapter_warnings
+    from ..cli.commands import load_warnings
     from ..loading import LoadError
 
     try:
-        with adapter_warnings("lfm2vl merge"):
+        with load_warnings("lfm2vl merge"):
             out = merge_checkpoint(args.model, args.adapter, args.output, overwrite=args.overwrite)
     except (MergeError, LoadError, ValueError, OSError) as e:
         print(f"lfm2vl merge: error: {str(e).splitlines()[0]}", file=sys.stderr)

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import lfm2vl
 
-    from ..cli.commands import adapter_warnings
+    from ..cli.commands import load_warnings
     from ..resolve import model_label, resolve_model, stderr_announcer
 
     try:
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     label = model_label(model)
     print(f"lfm2vl serve: loading {label} ...", flush=True)
     try:
-        with adapter_warnings("lfm2vl serve"):
+        with load_warnings("lfm2vl serve"):
             engine = lfm2vl.load(model, dtype=args.dtype, device=args.device, int8=args.int8,
                                  int4=args.int4, bf16_packed=args.bf16_packed, int8_vision=args.int8_vision,
                                  low_memory=args.low_memory, adapter=args.adapter)
