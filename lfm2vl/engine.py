@@ -77,8 +77,8 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
                          f"device='cpu'")
     check_device(device)  # an unknown name or a missing GPU: said before anything is read
     if bf16_packed is None:
-        bf16_packed = (optimize and not (int8 or int4 or low_memory or compile) and parse_dtype(dtype) == torch.bfloat16
-                       and parse_device(device).type == "cpu" and _packs_by_default())
+        bf16_packed = default_bf16_packed(dtype, device, optimize=optimize, int8=int8, int4=int4,
+                                          low_memory=low_memory, compile=compile)
     from .resolve import resolve_model
 
     model = resolve_model(model)
@@ -103,10 +103,16 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
     return Engine(m, config, Processor.from_pretrained(folder), compile=compile)
 
 
-def _packs_by_default() -> bool:
+def default_bf16_packed(dtype=None, device=None, *, optimize: bool = True, int8: bool = False, int4: bool = False,
+                        low_memory: bool = False, compile: bool = False) -> bool:
+    """What `load(bf16_packed=None)` does with these options: pack a bf16 CPU model where the packed kernels run fast
+    (cpu/packed.py `packs_by_default`), unless another weight format, low_memory, compile or optimize=False is
+    asked for."""
     from .cpu.packed import packs_by_default
+    from .loading import parse_device, parse_dtype
 
-    return packs_by_default()
+    return (optimize and not (int8 or int4 or low_memory or compile) and parse_dtype(dtype) == torch.bfloat16
+            and parse_device(device).type == "cpu" and packs_by_default())
 
 
 class Engine:

@@ -9,7 +9,7 @@ import torch
 
 from lfm2vl import bench
 from lfm2vl.bench import pagecache, rounds
-from lfm2vl.cpu import gemm, int8mm
+from lfm2vl.cpu import gemm, int8mm, packed
 from lfm2vl.bench.data import CONFIGS, SCENARIOS, random_checkpoint, scenario_inputs
 from lfm2vl.bench.work import model_work
 
@@ -18,7 +18,7 @@ from lfm2vl.bench.work import model_work
 def plain_bf16_default(monkeypatch):
     """The engines a run starts do not depend on this CPU: bf16 packing is not the load default here (the test of the
     packed row's default sets it)."""
-    monkeypatch.setattr(bench, "_packs_by_default", lambda: False)
+    monkeypatch.setattr(packed, "packs_by_default", lambda: False)
 
 
 def _tiny_config(path):
@@ -164,7 +164,7 @@ def test_each_rounds_shares_are_against_the_probes_around_that_round(tmp_path, m
 @pytest.mark.parametrize("default", [False, True])
 def test_the_packed_format_runs_where_it_is_the_load_default(tmp_path, monkeypatch, capsys, default):
     """Where lfm2vl.load packs bf16 weights by default, a plain run also measures that format beside plain bf16."""
-    monkeypatch.setattr(bench, "_packs_by_default", lambda: default)
+    monkeypatch.setattr(packed, "packs_by_default", lambda: default)
     monkeypatch.setattr(bench.pagecache, "reread", lambda paths: None)
     monkeypatch.setattr(bench, "_probe_machine", lambda args, short: None)
     specs = []

@@ -65,10 +65,15 @@ def test_a_second_load_maps_the_converted_weights_from_the_file(folder, tmp_path
     assert second.generate(MSGS, temperature=0, max_new_tokens=8).token_ids == tokens
 
 
-def test_each_format_has_its_own_file(folder, tmp_path):
+def test_each_format_and_float_dtype_has_its_own_file(folder, tmp_path):
+    """int8 quantized from float32 weights is not int8 quantized from their bf16 rounding: separate files."""
     for fmt in FORMATS:
         load(folder, fmt)
-    assert sorted(f.name.split("-")[1] for f in files(tmp_path)) == sorted(FORMATS)
+    load(folder, "int8", dtype="float32")
+    names = [f.name for f in files(tmp_path)]
+    assert len(names) == 4
+    for part in ("-bf16_packed-", "-int8-bfloat16-", "-int4-bfloat16-", "-int8-float32-"):
+        assert sum(part in n for n in names) == 1, (part, names)
 
 
 def test_a_changed_checkpoint_gets_a_new_file_and_its_old_one_goes(folder, tmp_path):

@@ -272,13 +272,9 @@ def train_main(args, folder: Path) -> int:
     return 1 if any("error" in r for r in results.values()) else 0
 
 
-def _packs_by_default() -> bool:
-    from ..cpu.packed import packs_by_default
-
-    return packs_by_default()
-
-
 def main(argv=None) -> int:
+    from ..engine import default_bf16_packed
+
     args = _args(argv)
     folder = _folder(args)
     if not args.keep_page_cache:
@@ -299,8 +295,7 @@ def main(argv=None) -> int:
         if args.low_memory:
             runs.append((f"lfm2vl {short} low-mem", {**common, "engine": "ours",
                                                       "optimize": not args.no_optimize, "low_memory": True}))
-        if args.bf16_packed or (short == "bf16" and args.device == "cpu" and not args.no_optimize
-                                and _packs_by_default()):
+        if args.bf16_packed or default_bf16_packed(short, args.device, optimize=not args.no_optimize):
             runs.append(("lfm2vl bf16 packed", {**common, "dtype": "bf16", "engine": "ours", "bf16_packed": True}))
         for fmt in ("int8", "int4"):
             if getattr(args, fmt):

@@ -256,33 +256,31 @@ def head_and_lm(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     return lm, getattr(model, "lm_head", None)
 
 
+def _slots(root: nn.Module, prefix: str = "") -> list[Slot]:
+    """Each nn.Linear / FastLinear under root as (prefix + its path, parent, attribute, linear), in module order."""
+    out = []
+    for attr, child in root.named_children():
+        if type(child) is nn.Linear or type(child) is FastLinear:
+            out.append((prefix + attr, root, attr, child))
+        else:
+            out += _slots(child, f"{prefix}{attr}.")
+    return out
+
+
 def swap_linears(root: nn.Module, make) -> int:
     """Replace each nn.Linear / FastLinear under root by make(linear); returns the count."""
-    n = 0
-    for name, child in list(root.named_children()):
-        if type(child) is nn.Linear or type(child) is FastLinear:
-            setattr(root, name, make(child))
-            n += 1
-        else:
-            n += swap_linears(child, make)
-    return n
+    slots = _slots(root)
+    for _, parent, attr, lin in slots:
+        setattr(parent, attr, make(lin))
+    return len(slots)
 
 
 def linear_slots(model: nn.Module, head: bool = True) -> list[Slot]:
     """The language model's nn.Linear / FastLinear layers, and the output head if head=True and it is one, each as
     (qualified name, parent, attribute, linear), in module order (wcache.convert_linears replaces them)."""
     lm, lm_head = head_and_lm(model)
-    names = {id(m): name for name, m in model.named_modules()}
-    out = []
-
-    def walk(root: nn.Module) -> None:
-        for attr, child in root.named_children():
-            if type(child) is nn.Linear or type(child) is FastLinear:
-                out.append((f"{names[id(root)]}.{attr}" if names[id(root)] else attr, root, attr, child))
-            else:
-                walk(child)
-
-    walk(lm)
+    path = next(name for name, m in model.named_modules() if m is lm)
+    out = _slots(lm, f"{path}." if path else "")
     if head and lm_head is not lm and type(lm_head) in (nn.Linear, FastLinear):
         out.append(("lm_head", model, "lm_head", lm_head))
     return out

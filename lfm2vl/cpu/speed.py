@@ -217,12 +217,13 @@ def optimize_for_cpu(model: nn.Module, int8: bool = False, quantize_head: bool =
     _swap_class(lm, Attention, FastAttention)
     _swap_class(lm, MLP, FastMLP)
     _swap_class(lm, RMSNorm, FastRMSNorm)
+    dtype = model.model.language_model.embed_tokens.weight.dtype
     if int8 or int4:
         bits = 4 if int4 else 8
-        fmt = f"int{bits}" + ("" if quantize_head else "-float-head")
+        # the quantized values depend on the float weights' dtype (bf16-rounded or not) and on the head's format
+        fmt = f"int{bits}-{str(dtype).removeprefix('torch.')}" + ("" if quantize_head else "-float-head")
         quantize_weights(model, bits=bits, quantize_head=quantize_head, cache=WeightCache.for_folder(source, fmt))
     if bf16_packed:
-        dtype = model.model.language_model.embed_tokens.weight.dtype
         if dtype != torch.bfloat16:
             raise ValueError(f"bf16_packed packs bfloat16 weights; this model is {str(dtype).removeprefix('torch.')} "
                              "(load it with dtype=torch.bfloat16)")
