@@ -78,9 +78,9 @@ def main(argv=None) -> int:
     pagecache.reread([*pagecache.weight_files(args.model), args.gguf, args.mmproj])
     torch.set_num_threads(args.threads)
     engine = lfm2vl.load(args.model)
-    from lfm2vl.cpu.packed import packs_by_default
+    from lfm2vl.engine import default_bf16_packed
 
-    ours_name = "lfm2vl bf16 packed" if packs_by_default() else "lfm2vl bf16"
+    ours_name = "lfm2vl bf16 packed" if default_bf16_packed() else "lfm2vl bf16"
     with tempfile.TemporaryDirectory() as tmp:
         image = str(Path(tmp) / "image.png")
         test_image(w, h).save(image)
