@@ -91,7 +91,7 @@ def test_a_warning_while_loading_is_one_line_and_the_answer_still_comes(tiny_che
                env={"LFM2VL_WEIGHT_CACHE": str(blocker / "cache")})
     assert p.returncode == 0 and p.stdout.strip(), p.stderr
     lines = [ln for ln in p.stderr.splitlines() if "could not keep" in ln]
-    assert len(lines) == 1 and lines[0].startswith("lfm2vl: warning: could not keep the int8 weights")
+    assert len(lines) == 1 and lines[0].startswith("lfm2vl: warning: could not keep the int8-bfloat16 weights")
     assert "Traceback" not in p.stderr and "warnings.warn" not in p.stderr and ".py:" not in p.stderr
 
 
