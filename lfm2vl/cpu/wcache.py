@@ -7,9 +7,10 @@ holds them in large folios that map in 2 MB pages, where converted weights in th
 pages (a TLB miss, and a stop of the hardware prefetchers, every 4 KB). On the 2-core Zen 4 VM, against llama.cpp
 (which maps its GGUF the same way) at 450M: packed 1.27 -> 1.35x, int8 1.12 -> 1.27x, int4 1.16 -> 1.28x.
 
-The file of a checkpoint folder and format is `<folder hash>-<format>-<identity>.safetensors` under `cache_dir()`;
-the identity hashes the format's version and each weight file's and config's name, size and modification time, so a
-changed checkpoint gets a new file and its old one is removed. Writes go to a temporary file, synced and renamed into
+The file of a checkpoint folder and format (int8 / int4 name the float dtype they come from: `int8-bfloat16`) is
+`<folder hash>-<format>-<identity>.safetensors` under `cache_dir()`; the identity hashes the format's version and
+each weight file's and config's name, size and modification time, so a changed checkpoint gets a new file and its
+old one is removed. Writes go to a temporary file, synced and renamed into
 place (a crash or a concurrent writer never leaves a partial file under the final name); a file that does not read
 back as expected is rebuilt. The first load writes the file and reads it back (3B packed ~20 s on the Zen 4 VM's
 disk); later loads convert nothing. Where the folder cannot be written (read-only, full), loading converts in memory
