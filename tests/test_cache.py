@@ -4,16 +4,22 @@
 - chunked prefill (conv state carried across chunks) == one-shot prefill;
 - a prefill of rows [k] into a batch-4 cache == a batch-1 run, other rows untouched;
 - batched decode with different per-row lengths == separate runs; a reused row starts clean;
-- several prompts right-padded into one prefill pass (`lengths`) == each prompt's own prefill, then decode.
+- several prompts right-padded into one prefill pass (`lengths`) == each prompt's own prefill, then decode;
+- a call that keeps only the last position runs the layers after the last attention layer on a few rows, with the
+  same result and cache.
 The no-cache forward itself is checked against transformers in test_model_parity.py.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 from checkpoints import cached_checkpoint, make_pixels, image_placeholder
 from lfm2vl.loading import load_model
+from lfm2vl.model.cache import HybridCache
+from lfm2vl.model.text import TextModel
 
 TOL = 1e-4
 
@@ -144,6 +150,36 @@ def test_right_padded_prefill_of_several_prompts_equals_each_alone(model):
         assert (later[r] - alone).abs().max() <= TOL, f"row {r}: decode after the padded prefill"
     with pytest.raises(ValueError, match="lengths"):
         model.forward_cached(padded, cache, start, rows=rows, lengths=torch.tensor([T + 1, 1, 1]))
+
+
+C, A = "conv", "full_attention"
+
+
+@pytest.mark.parametrize("layout,rows", [([C, A, C, C], 5), ([C, C, C], 7), ([A, C, A], 1)])
+@torch.no_grad()
+def test_last_only_runs_the_layers_after_the_last_attention_on_few_rows(model, layout, rows):
+    """Past the last attention layer's mixer a cached call that keeps only the last position runs 1 + (K-1) rows per
+    later conv layer (K = 3), with each row's last output and the whole cache as a call over every row; for whole
+    rows and for right-padded ones (`lengths`)."""
+    cfg = dataclasses.replace(model.config.text_config, layer_types=layout, num_hidden_layers=len(layout))
+    torch.manual_seed(0)
+    lm = TextModel(cfg).eval()
+    seen = []
+    lm.layers[-1].feed_forward.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    h = torch.randn(2, 12, cfg.hidden_size)
+    for lengths in (None, torch.tensor([12, 9])):
+        caches, outs = [], []
+        for last_only in (False, True):
+            cache = HybridCache(cfg, 2, 16)
+            view = cache.view(torch.zeros(2, dtype=torch.long), 12, None, lengths)
+            outs.append(lm(h, view.positions, view.mask, cache=view, last_only=last_only))
+            caches.append(cache)
+        last = torch.tensor([11, 11]) if lengths is None else lengths - 1
+        assert (outs[1] - outs[0][torch.arange(2), last]).abs().max() <= TOL
+        for a, b in zip(caches[0].conv + caches[0].k + caches[0].v, caches[1].conv + caches[1].k + caches[1].v):
+            if a is not None:
+                assert (a - b).abs().max() <= 1e-5
+        assert seen[-2:] == [12, rows], seen
 
 
 @torch.no_grad()

@@ -19,9 +19,9 @@ from ..model.vision import EncoderLayer, VisionTower
 
 
 class CheckpointedDecoderLayer(DecoderLayer):
-    def forward(self, h, cos, sin, mask=None, pad_mask=None, cache=None):
+    def forward(self, h, cos, sin, mask=None, pad_mask=None, cache=None, keep=None):
         if cache is not None or not torch.is_grad_enabled():
-            return super().forward(h, cos, sin, mask, pad_mask, cache)
+            return super().forward(h, cos, sin, mask, pad_mask, cache, keep)
         return checkpoint(DecoderLayer.forward, self, h, cos, sin, mask, pad_mask, None, use_reentrant=False)
 
 

@@ -71,6 +71,23 @@ class CacheView:
         self.mask = (keys[None, None, :] <= self.positions[:, :, None])[:, None]  # (b, 1, T, S)
         self._fresh = (start_pos > 0)[:, None, None]  # rows starting at 0 begin with an empty conv state
 
+    def last_inputs(self, n: int):
+        """For layers that need only each row's last n real inputs: (pick, view), where pick takes those n rows from a
+        (b, T, D) tensor of this call's inputs and view is this view narrowed to them (ending at each row's last real
+        input, all real). None where there is nothing to narrow (T <= n) or a row has fewer than n real inputs."""
+        if self.T <= n:
+            return None
+        if self.lengths is None:
+            return (lambda t: t[:, -n:]), CacheView(self.cache, self.start_pos + self.T - n, n, self.rows)
+        if int(self.lengths.min()) < n:
+            return None
+        idx = self.lengths[:, None] - n + torch.arange(n, device=self.lengths.device)  # (b, n)
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t.gather(1, idx[:, :, None].expand(-1, -1, t.shape[-1]))
+
+        return pick, CacheView(self.cache, self.start_pos + self.lengths - n, n, self.rows)
+
     def kv_write(self, i: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (b, Hkv, T, Dh) at their positions; return layer i's whole K/V buffers (all cache rows)."""
         kc, vc = self.cache.k[i], self.cache.v[i]

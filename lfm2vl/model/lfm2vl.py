@@ -113,10 +113,9 @@ class Lfm2VlModel(nn.Module):
                        lengths: torch.Tensor | None = None) -> torch.Tensor:
         """inputs_embeds (b, T, D) for cache rows `rows` (default all), first positions start_pos (b,); lengths (b,):
         real inputs per row when shorter prompts are right-padded to T (default: all T). Returns (b, V) logits of
-        each row's last real position if last_only, else (b, T, V). Does not touch cache.lengths."""
+        each row's last real position if last_only (the layers after the last attention layer then run on a few last
+        rows: TextModel.forward), else (b, T, V). Does not touch cache.lengths."""
         T = inputs_embeds.shape[1]
         view = cache.view(start_pos, T, rows, lengths)
-        h = self.model.language_model(inputs_embeds, view.positions, mask=view.mask, cache=view)
-        if last_only:
-            h = h[:, -1] if lengths is None else h[torch.arange(h.shape[0], device=h.device), lengths - 1]
+        h = self.model.language_model(inputs_embeds, view.positions, mask=view.mask, cache=view, last_only=last_only)
         return self.lm_head(h)

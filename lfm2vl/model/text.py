@@ -110,12 +110,16 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.feed_forward = MLP(cfg)
 
-    def forward(self, h, cos, sin, mask=None, pad_mask=None, cache=None):
+    def forward(self, h, cos, sin, mask=None, pad_mask=None, cache=None, keep=None):
+        """keep: picks the rows of (B, T, D) states that go on after the mixer (the rest are dropped: TextModel's
+        last_only); None keeps all."""
         x = self.operator_norm(h)
         if self.is_attention:
             x = self.self_attn(x, cos, sin, mask, cache, self.idx)
         else:
             x = self.conv(x, pad_mask, cache, self.idx)
+        if keep is not None:
+            h, x = keep(h), keep(x)
         h = h + x
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -129,14 +133,34 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.embedding_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        # Past the last attention layer's mixer, only a few last rows reach anything a cached call keeps: the last
+        # real position's output and each later conv layer's state (its last K-1 inputs). Each of those conv layers
+        # mixes K-1 earlier rows into a row, so 1 + (K-1) per layer suffice.
+        attn = [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"]
+        self.last_attention = attn[-1] if attn else -1
+        self.tail_rows = 1 + (cfg.num_hidden_layers - 1 - self.last_attention) * (cfg.conv_L_cache - 1)
 
-    def forward(self, h, positions, mask=None, pad_mask=None, cache=None):
+    def forward(self, h, positions, mask=None, pad_mask=None, cache=None, last_only: bool = False):
         """h (B, T, D) input embeddings; positions (B, T) long; mask (B, 1, T, S) bool or None (causal);
-        pad_mask (B, T) for left-padded no-cache batches; cache: CacheView for the cached path."""
+        pad_mask (B, T) for left-padded no-cache batches; cache: CacheView for the cached path. Returns (B, T, D), or
+        with last_only (cached path) each row's last real position (B, D): the layers after the last attention
+        layer's mixer then run on `tail_rows` rows instead of T (the same cache, the same last state; a 286-token
+        prefill of the 450M model skips 11% of its products)."""
         cfg = self.config
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
+        cut = cache.last_inputs(self.tail_rows) if last_only and cache is not None else None
+        if cut is not None and self.last_attention < 0:
+            h, cache = cut[0](h), cut[1]
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, pad_mask, cache)
+            keep = cut[0] if cut is not None and layer.idx == self.last_attention else None
+            h = layer(h, cos, sin, mask, pad_mask, cache, keep)
+            if keep is not None:  # conv layers follow: no positions or mask needed
+                cache, cos, sin, mask = cut[1], None, None, None
+        if last_only:
+            if cache is None or cache.lengths is None:
+                h = h[:, -1]
+            else:
+                h = h[torch.arange(h.shape[0], device=h.device), cache.lengths - 1]
         return self.embedding_norm(h)
 
 
