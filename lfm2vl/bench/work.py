@@ -5,7 +5,9 @@ patches in the vision tower and projector. Counted on the model built on the met
 Counted: every weight a decode step reads once (the language model without its embedding table, of which a step
 reads one row, plus the output head, which is the embedding matrix when tied); int8 adds one fp32 scale per output
 row, int4 one fp16 per 32 weights (cpu/quant.py's formats). FLOPs: 2 per weight of each linear and each token (prefill:
-the language model's linears, the head runs on the last position only; vision: the tower's linears per patch, its
+the language model's linears over every prompt token, the head on the last position only: the work of a prefill that
+runs each layer on every row, as transformers does; lfm2vl runs the layers after the last attention layer on a few
+rows, so its rate is that work over its time; vision: the tower's linears per patch, its
 attention (4 x width x patches^2 per layer and image unit) and the projector per image token). Attention over the
 prompt in the language model (under 1% at 512 tokens) and elementwise work are not counted.
 """
