@@ -8,7 +8,8 @@ Mirrors transformers 5.24 `models/lfm2/modeling_lfm2.py`; parameter names equal 
 - Attention: per-head RMSNorm on q and k *before* NeoX RoPE; GQA through SDPA's enable_gqa.
 - `embedding_norm` is the FINAL norm, applied after the last layer.
 One forward serves both paths: without a cache (whole sequence, optional left padding) and with a
-`CacheView` (model/cache.py) that supplies past K/V and conv state for explicit positions.
+`CacheView` (model/cache.py) that supplies past K/V and conv state for explicit positions; a cached call that keeps
+only the last position runs the layers after the last attention layer's mixer on a few last rows.
 """
 from __future__ import annotations
 
