@@ -129,6 +129,19 @@ def test_packed_linear_module_computes_what_the_bf16_linear_computes(one_stream)
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("M,N,K", [(7, 96, 192), (37, 100, 320), (300, 33, 1024), (13, 70, 4480), (1, 64, 64)])
+def test_many_row_products_unpack_in_panels_to_the_plain_weights_bits(M, N, K):
+    """packed_mm (the weight unpacked a panel at a time inside the product) gives bf16_mm's bits with the plain weight,
+    at ragged rows and columns and at a K long enough for single panels; None where they do not run."""
+    w = weight(N, K, seed=M)
+    x = (torch.randn(M, K, generator=torch.Generator().manual_seed(N)) * 0.5).bfloat16()
+    got, want = kernels.packed_mm(x, kernels.pack_bf16(w), N, K), kernels.bf16_mm(x, w)
+    if not kernels.packed_fast():
+        assert got is None and want is None
+        return
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
 def _models():
     from lfm2vl.cpu.packed import PackedLinear
     from lfm2vl.cpu.speed import optimize_for_cpu

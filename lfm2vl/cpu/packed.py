@@ -5,8 +5,8 @@ as those bytes take to arrive. `PackedLinear` holds its bf16 weight packed (kern
 and a 4-bit code for its high byte, the sign and top exponent bits, of which a matrix uses few values; the rare
 others stored apart), ~1.5 bytes a weight instead of 2, and multiplies with it exactly as `FastLinear` does with the
 bf16 weight: the same sums in the same order, so generation gives the same tokens as bf16. Prefill-size products
-unpack the weight a block of rows at a time and multiply each block with torch's GEMM while it is in the cache, so
-the first token costs a little more. Fast on CPUs with AVX512-BF16 and AVX512-VBMI2 (`kernels.packed_fast()`);
+unpack the weight a panel at a time inside lfm2vl's own bf16 product (gemm.py: the same kernel and bits as the plain
+bf16 weight's), elsewhere a block of rows at a time, each multiplied by torch's GEMM while it is in the cache. Fast on CPUs with AVX512-BF16 and AVX512-VBMI2 (`kernels.packed_fast()`);
 elsewhere correct but slow. `lfm2vl.load` packs by default where it is fast (`packs_by_default`) and keeps the
 packed weights on disk (wcache.py).
 """
@@ -55,8 +55,14 @@ class PackedLinear(nn.Module):
         if use_kernel(x, self.packed, self.max_rows * K):
             return kernels.packed_linear(x, self.packed, N, K, self.bias)
         if not torch.is_grad_enabled() and inference(x, self.packed) and x.dtype == torch.bfloat16:
-            # prefill: unpacked a block of rows at a time, each multiplied while it is in the cache, or else whole
-            # into this thread's reused buffer (a fresh ~10 MB weight would fault in its pages)
+            # prefill: lfm2vl's panel kernel unpacks the weight a panel at a time inside the product (in the L2 cache),
+            # the bits of gemm.linear with the bf16 weight; where it does not run, unpacked a block of rows at a time,
+            # each multiplied while it is in the cache, or else whole into this thread's reused buffer (a fresh ~10
+            # MB weight would fault in its pages)
+            if gemm.panels_take(x, None, self.bias):
+                y = kernels.packed_mm(x.reshape(-1, K), self.packed, N, K)
+                if y is not None:
+                    return y.view(*x.shape[:-1], N)
             y = gemm.linear_by_blocks(x, N, lambda n0, n1, out: kernels.unpack_bf16(self.packed, N, K, out, (n0, n1)),
                                       self.bias)
             if y is not None:

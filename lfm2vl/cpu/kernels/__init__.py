@@ -33,8 +33,8 @@ import torch
 from .build import DT as _DT
 from .build import I4_GROUP, KIND as _KIND
 from .build import load as _load
-from .packed_ops import (BLOCK as PACK_BLOCK, check_packed, pack_bf16, packed_fast, packed_linear,  # noqa: F401
-                         unpack_bf16)
+from .packed_ops import (BLOCK as PACK_BLOCK, bf16_mm, check_packed, pack_bf16, packed_fast, packed_linear,  # noqa: F401
+                         packed_mm, unpack_bf16)
 from .prefill_ops import (amx_bf16, amx_int8, attn_int8_scores, attn_many, bf16_linear_amx, gelu_tanh_,  # noqa: F401
                           int4_to_int8, int8_epilogue, int8_fused, int8_linear, int_mm, layernorm, quantize_rows, rmsnorm,
                           set_amx, short_conv, swiglu, swiglu_h, swiglu_h_bf16_amx, swiglu_int8)

@@ -20,7 +20,7 @@ import torch
 _SRC = Path(__file__).with_name("gemv.cpp")
 _SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in (
     "gemv_scalar.cpp", "gemv_avx2.cpp", "gemv_vnni.cpp", "gemv_streams.cpp", "attn.cpp", "attn_many.cpp", "attn_q8.cpp",
-    "prefill.cpp", "decode.cpp", "quantized.cpp", "packed.cpp", "packed_pack.cpp", "int8mm.cpp", "amx.cpp", "vnni_mm.cpp", "dropout.cpp",
+    "prefill.cpp", "decode.cpp", "quantized.cpp", "packed.cpp", "packed_pack.cpp", "bf16_mm.cpp", "int8mm.cpp", "amx.cpp", "vnni_mm.cpp", "dropout.cpp",
     "pool.cpp")]
 _HEADERS = [Path(__file__).with_name(f) for f in ("pool.h", "gemv.h", "packed.h", "decode_ops.h", "int8mm.h", "amx.h", "panels.h", "attn_q8.h")]
 _FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17", "-ldl"]
@@ -157,6 +157,8 @@ def load():
     lib.lfm2vl_p12_pack.restype = None
     lib.lfm2vl_p12_unpack.argtypes = [p, i64, i64, i64, i64, p, i]
     lib.lfm2vl_p12_unpack.restype = None
+    lib.lfm2vl_bf16_mm.argtypes = [p, i, p, p, i64, i64, i64, i]
+    lib.lfm2vl_bf16_mm.restype = i
     lib.lfm2vl_p12_fast.restype = ctypes.c_int
     _lib = lib
     return _lib

@@ -194,6 +194,10 @@ bool p12_fast() {
     return ok && lfm2vl_isa() >= 3;
 }
 
+void p12_unpack_rows(const P12& v, int64_t n0, int64_t n1, int64_t K, uint16_t* out) {
+    unpack_rows_fast(v, n0, n1, K, out);
+}
+
 void p12_rows(const void* W, const uint16_t* X, const float* Xf, void* Y, const float* bias, int64_t M, int64_t n0,
               int64_t n1, int64_t N, int64_t K, int ydt, bool streams) {
     const P12 v = p12_view(W, N, K);

@@ -50,3 +50,6 @@ static inline P12 p12_view(const void* buf, int64_t N, int64_t K) {
     const uint8_t* lo = b + p12_lo_offset(N);
     return P12{b, (const int32_t*)(b + 64), lo, lo + N * K, lo + N * K + N * K / 2};
 }
+
+// Rows [n0, n1) as bf16 into out, row n at out + (n - n0) K (the AVX512 path: p12_fast()).
+void p12_unpack_rows(const P12& v, int64_t n0, int64_t n1, int64_t K, uint16_t* out);

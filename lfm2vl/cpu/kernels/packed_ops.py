@@ -93,3 +93,29 @@ def packed_linear(x: torch.Tensor, buf: torch.Tensor, N: int, K: int, bias: torc
                           None if bias is None else bias.data_ptr(), x.numel() // K, N, K, dt, dt,
                           torch.get_num_threads())
     return y
+
+
+def packed_mm(x: torch.Tensor, buf: torch.Tensor, N: int, K: int) -> torch.Tensor | None:
+    """x (M, K) bf16 times the packed (N, K) weight, transposed: (M, N) bf16, the bits of `bf16_mm` with the unpacked
+    weight (bf16_mm.cpp: each panel unpacked inside the product). None where the kernel does not run here."""
+    return _bf16_mm(x, buf, 1, N, K)
+
+
+def bf16_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """x (M, K) bf16 times w (N, K) bf16 (contiguous), transposed: (M, N) bf16, fp32 sums over K in order rounded once
+    (bf16_mm.cpp). None where the kernel does not run here (without AVX512-BF16, VBMI and VBMI2, or K not a multiple
+    of 32)."""
+    if w.dtype != torch.bfloat16 or w.dim() != 2 or not w.is_contiguous():
+        raise ValueError(f"bf16_mm: w must be a contiguous (N, K) bfloat16 tensor, got {tuple(w.shape)} {w.dtype}")
+    return _bf16_mm(x, w, 0, *w.shape)
+
+
+def _bf16_mm(x: torch.Tensor, w: torch.Tensor, packed: int, N: int, K: int) -> torch.Tensor | None:
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != K:
+        raise ValueError(f"bf16 products: x must be (M, {K}) bfloat16, got {tuple(x.shape)} {x.dtype}")
+    x = x.contiguous()
+    y = x.new_empty(x.shape[0], N)
+    if _load().lfm2vl_bf16_mm(w.data_ptr(), packed, x.data_ptr(), y.data_ptr(), x.shape[0], N, K,
+                              torch.get_num_threads()):
+        return None
+    return y
