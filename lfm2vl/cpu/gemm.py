@@ -124,11 +124,11 @@ def _amx_shape(x: torch.Tensor, N: int, fused: bool = False) -> bool:
 
 def panels_take(x: torch.Tensor, w: torch.Tensor | None = None, bias=None, gelu=None, residual=None) -> bool:
     """Whether this bf16 product (w: bf16 (N, K), or None for a packed one) runs on lfm2vl's panel kernel
-    (`kernels.bf16_mm` / `packed_mm`): nothing to fuse, no AMX tiles (their kernel and oneDNN's run there), and the
-    kernels here (the kernel itself returns None where the CPU lacks its instructions)."""
+    (`kernels.bf16_mm` / `packed_mm`): nothing to fuse, K a multiple of 32, the kernel's instructions here
+    (`kernels.packed_fast`) and no AMX tiles (their kernel and oneDNN's run there)."""
     return (x.dtype == torch.bfloat16 and bias is None and gelu is None and residual is None
-            and (w is None or (w.dtype == torch.bfloat16 and w.is_contiguous()))
-            and kernels.available() and not kernels.amx_bf16())
+            and (w is None or (w.dtype == torch.bfloat16 and w.is_contiguous())) and x.shape[-1] % 32 == 0
+            and kernels.available() and kernels.packed_fast() and not kernels.amx_bf16())
 
 
 def _gelu(y: torch.Tensor, approximate: str) -> torch.Tensor:
@@ -186,7 +186,7 @@ def linear_by_blocks(x: torch.Tensor, N: int, fill: Callable[[int, int, torch.Te
     K = x.shape[-1]
     if x.dtype != torch.bfloat16 or not (onednn() and bf16_native()) or _amx_shape(x, N):
         return None
-    if bias is None and kernels.packed_fast() and K % 32 == 0 and panels_take(x):
+    if panels_take(x, None, bias):
         return None
     x2 = x.reshape(-1, K)
     y = x2.new_empty(x2.shape[0], N)

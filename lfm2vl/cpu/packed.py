@@ -6,9 +6,9 @@ and a 4-bit code for its high byte, the sign and top exponent bits, of which a m
 others stored apart), ~1.5 bytes a weight instead of 2, and multiplies with it exactly as `FastLinear` does with the
 bf16 weight: the same sums in the same order, so generation gives the same tokens as bf16. Prefill-size products
 unpack the weight a panel at a time inside lfm2vl's own bf16 product (gemm.py: the same kernel and bits as the plain
-bf16 weight's), elsewhere a block of rows at a time, each multiplied by torch's GEMM while it is in the cache. Fast on CPUs with AVX512-BF16 and AVX512-VBMI2 (`kernels.packed_fast()`);
-elsewhere correct but slow. `lfm2vl.load` packs by default where it is fast (`packs_by_default`) and keeps the
-packed weights on disk (wcache.py).
+bf16 weight's), elsewhere a block of rows at a time, each multiplied by torch's GEMM while it is in the cache. Fast
+on CPUs with AVX512-BF16 and AVX512-VBMI2 (`kernels.packed_fast()`); elsewhere correct but slow. `lfm2vl.load`
+packs by default where it is fast (`packs_by_default`) and keeps the packed weights on disk (wcache.py).
 """
 from __future__ import annotations
 
