@@ -13,7 +13,7 @@
 // took 9.2-44.7 ms there (1.17-1.39x the plain product, in a slow memory phase of the VM).
 //
 // Panels are made 16 rows at a time (packed rows unpacked into a per-thread buffer) and transposed into place; a
-// group's panels fit in PACKED_BYTES. Where there are fewer groups than two per thread, the rows of x are split too.
+// group's panels fit in PACKED_BYTES, the chunks cut as panels.h's ChunkPlan says.
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
@@ -34,7 +34,7 @@ struct Args {
     const uint16_t* x;  // (M, K) bf16
     uint16_t* y;        // (M, N) bf16
     int64_t M, N, K, KB;  // KB: 64-byte steps of K (32 bf16)
-    int64_t group, mparts;
+    ChunkPlan plan;
 };
 
 inline int32_t load32(const uint16_t* p) {
@@ -104,10 +104,8 @@ T_P12 void block_rows(int rows, const uint16_t* x, int64_t ldx, const int8_t* bp
 T_P12 void mm_chunk(const void* ctx, int64_t chunk) {
     const Args& a = *(const Args*)ctx;
     const int64_t per = a.KB * 2048;  // bytes of one panel
-    const int64_t panels = (a.N + PANEL - 1) / PANEL, p0 = chunk / a.mparts * a.group;
-    const int64_t np = panels - p0 < a.group ? panels - p0 : a.group;
-    const int64_t part = chunk % a.mparts, rows_per = (a.M + a.mparts - 1) / a.mparts;
-    const int64_t m_begin = part * rows_per, m_end = m_begin + rows_per < a.M ? m_begin + rows_per : a.M;
+    int64_t p0, np, m_begin, m_end;
+    a.plan.chunk(chunk, p0, np, m_begin, m_end);
     thread_local Scratch panel_buf, row_buf;
     int8_t* bp = panel_buf.get(per * np);
     uint16_t* tmp = (uint16_t*)row_buf.get(16 * a.K * 2);
@@ -144,18 +142,9 @@ int lfm2vl_bf16_mm(const void* w, int packed, const uint16_t* x, uint16_t* y, in
                    int threads) {
     if (!p12_fast() || K % 32 || K <= 0) return -1;
     if (M <= 0 || N <= 0) return 0;
-    Args a{packed ? p12_view(w, N, K) : P12{}, packed ? nullptr : (const uint16_t*)w, x, y, M, N, K, K / 32, 1, 1};
-    const int64_t per = a.KB * 2048;
-    a.group = PACKED_BYTES / per < GROUP ? PACKED_BYTES / per : GROUP;
-    if (a.group > 1) a.group &= ~(int64_t)1;  // whole pairs of panels (a lone one runs at half the registers)
-    if (a.group < 1) a.group = 1;
-    const int64_t panels = (N + PANEL - 1) / PANEL;
-    if (a.group == GROUP && (panels + GROUP - 1) / GROUP % threads) a.group = 2;  // equal shares for the threads
-    const int64_t groups = (panels + a.group - 1) / a.group;
-    a.mparts = groups >= 2 * threads ? 1 : (2 * threads + groups - 1) / groups;
-    const int64_t most = (M + 8 * MR - 1) / (8 * MR);  // at least ~8 blocks of rows a part
-    if (a.mparts > most) a.mparts = most < 1 ? 1 : most;
-    pool_run(mm_chunk, &a, groups * a.mparts, threads, false);
+    const Args a{packed ? p12_view(w, N, K) : P12{}, packed ? nullptr : (const uint16_t*)w, x, y, M, N, K, K / 32,
+                 ChunkPlan(M, N, K / 32 * 2048, PACKED_BYTES, GROUP, MR, threads)};
+    pool_run(mm_chunk, &a, a.plan.chunks(), threads, false);
     return 0;
 }
 

@@ -11,7 +11,8 @@
 // 24 registers, per 4 bytes of K four weight loads, six broadcasts and 24 VPDPBUSD. A block reads x 64 bytes of a
 // row at a time, past K into the next row where K is ragged (those bytes meet zero weights); the last block reads
 // a padded copy of its rows instead. A group's packed panels and the next group's weight rows, prefetched while its
-// blocks run, fit in PACKED_BYTES (the L2 cache). Where there are fewer groups than threads, the rows are split too.
+// blocks run, fit in PACKED_BYTES (the L2 cache). Where there are fewer groups than threads, the rows are split too
+// (panels.h's ChunkPlan).
 //
 // It takes products of at most VNNI_ROWS rows (a prefill's chunks); the vision tower's 1024-row products stay with
 // torch._int_mm (oneDNN) and int8mm.cpp's epilogue pass, which run them faster.
@@ -40,7 +41,7 @@ struct VnniArgs {
     const int8_t* x;     // (M, K) bytes
     const int8_t *w, *w3;  // (N, K); GATE: w the gate's, w3 up's
     int64_t M, N, K, KB;  // KB: 64-byte steps of K
-    int64_t group, mparts;     // panels per chunk; parts the rows are cut into
+    ChunkPlan plan;       // the chunks of work (panels.h)
     Mode mode;
     Epilogue epi;   // LINEAR
     Gate gate;      // GATE, into h (M, N) bf16
@@ -125,12 +126,10 @@ T_AVX512VNNI void emit(const VnniArgs& a, const int32_t* t, const int32_t* t3, i
 T_AVX512VNNI void mm_chunk(const void* ctx, int64_t chunk) {
     const VnniArgs& a = *(const VnniArgs*)ctx;
     const int64_t per = a.KB * 2048;  // bytes of one packed panel
-    const int64_t panels = (a.N + PANEL - 1) / PANEL, p0 = chunk / a.mparts * a.group;
-    const int64_t np = panels - p0 < a.group ? panels - p0 : a.group;
+    int64_t p0, np, m_begin, m_end;
+    a.plan.chunk(chunk, p0, np, m_begin, m_end);
     const bool gate = a.mode == GATE;
     const int64_t nw = gate ? 2 * np : np;  // packed panels: the gate's, then up's
-    const int64_t part = chunk % a.mparts, rows_per = (a.M + a.mparts - 1) / a.mparts;
-    const int64_t m_begin = part * rows_per, m_end = m_begin + rows_per < a.M ? m_begin + rows_per : a.M;
     thread_local Scratch packed, tail_copy;
     int8_t* bp = packed.get(per * nw);
     __m512i cs[2 * 2 * GROUP];
@@ -145,7 +144,7 @@ T_AVX512VNNI void mm_chunk(const void* ctx, int64_t chunk) {
     alignas(64) int32_t t[2 * GROUP][MR * PANEL];  // a block's sums, per packed panel
     // the next group's weight rows (this thread's likely next chunk) are prefetched into the L2 cache a share per
     // block, so its packing does not wait on memory
-    const int64_t n0 = (p0 + np) * PANEL, n1 = n0 + a.group * PANEL < a.N ? n0 + a.group * PANEL : a.N;
+    const int64_t n0 = (p0 + np) * PANEL, n1 = n0 + a.plan.group * PANEL < a.N ? n0 + a.plan.group * PANEL : a.N;
     const int64_t lines = (a.K + 63) / 64, ahead = n1 > n0 ? (n1 - n0) * lines * (gate ? 2 : 1) : 0;
     const int64_t blocks = m_end > m_begin ? (m_end - m_begin + MR - 1) / MR : 1, share = (ahead + blocks - 1) / blocks;
     int64_t pf = 0;
@@ -184,20 +183,8 @@ int run(VnniArgs a, const int8_t* x, int threads) {
     a.KB = (a.K + 63) / 64;
     a.x = x;
     // the group's packed panels and the next group's rows (prefetched) together in PACKED_BYTES
-    const int64_t per = 2 * a.KB * 2048 * (a.mode == GATE ? 2 : 1);
-    a.group = PACKED_BYTES / per < GROUP ? PACKED_BYTES / per : GROUP;
-    if (a.group > 1) a.group &= ~(int64_t)1;  // whole pairs of panels (a lone one runs at half the registers)
-    if (a.group < 1) a.group = 1;
-    const int64_t panels = (a.N + PANEL - 1) / PANEL;
-    // groups of two where four would leave the threads unequal shares (36 panels: 9 groups of four on 2 threads ran
-    // ~10% slower than 18 of two)
-    if (a.group == GROUP && (panels + GROUP - 1) / GROUP % threads) a.group = 2;
-    const int64_t groups = (panels + a.group - 1) / a.group;
-    // fewer groups than two per thread: cut the rows too (each part packs the group's panels again)
-    a.mparts = groups >= 2 * threads ? 1 : (2 * threads + groups - 1) / groups;
-    const int64_t most = (a.M + 8 * MR - 1) / (8 * MR);  // at least ~8 blocks of rows a part
-    if (a.mparts > most) a.mparts = most < 1 ? 1 : most;
-    pool_run(mm_chunk, &a, groups * a.mparts, threads, false);
+    a.plan = ChunkPlan(a.M, a.N, 2 * a.KB * 2048 * (a.mode == GATE ? 2 : 1), PACKED_BYTES, GROUP, MR, threads);
+    pool_run(mm_chunk, &a, a.plan.chunks(), threads, false);
     return 0;
 }
 
