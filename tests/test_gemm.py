@@ -172,14 +172,15 @@ def test_panel_products_are_onednns_sums_within_a_rounding(M, N, K):
 
 
 def test_bf16_products_without_a_bias_take_the_panel_kernel_where_it_runs():
-    """linear sends a bf16 product with nothing to fuse to bf16_mm (its bits) where it runs, and one with a bias to
-    oneDNN."""
+    """linear sends a bf16 product with nothing to fuse to bf16_mm (its bits) wherever the kernel runs and the CPU has
+    no AMX tiles, and one with a bias to oneDNN."""
     g = torch.Generator().manual_seed(9)
     x = torch.randn(40, 128, generator=g).bfloat16()
     w = (torch.randn(96, 128, generator=g) * 0.1).bfloat16()
     b = torch.randn(96, generator=g).bfloat16()
     with torch.inference_mode():
         panel = kernels.bf16_mm(x, w)
+        assert gemm.panels_take(x, w) == (panel is not None and not kernels.amx_bf16())
         if panel is not None and gemm.panels_take(x, w):
             assert torch.equal(gemm.linear(x, w), panel)
         assert torch.equal(gemm.linear(x, w, b), torch.addmm(b, x, w.t()))
