@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -247,6 +248,27 @@ def test_version_flag(capsys):
 
     rc, out, _ = run_main(capsys, "--version")
     assert rc == 0 and out == f"lfm2vl {version('lfm2vl')}\n"
+
+
+@pytest.mark.parametrize("command", ["describe", "bench"])
+def test_an_unexpected_exception_is_one_line_naming_a_file_with_its_traceback(capsys, monkeypatch, tmp_path, command):
+    import importlib
+
+    from lfm2vl import cli
+
+    def broken(*_):
+        raise RuntimeError("a defect")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    if command == "bench":
+        monkeypatch.setattr(importlib.import_module(cli.DELEGATED["bench"]), "main", broken)
+    else:
+        monkeypatch.setitem(cli.COMMANDS, command, broken)
+    rc, out, err = run_main(capsys, command, "x.png")
+    [report] = tmp_path.glob("lfm2vl-crash-*.txt")
+    assert rc == 1 and out == "" and err == f"lfm2vl: internal error: RuntimeError: a defect (a defect of lfm2vl; " \
+        f"the traceback is in {report})\n"
+    assert "Traceback" in report.read_text() and 'raise RuntimeError("a defect")' in report.read_text()
 
 
 def option_helps(parser) -> dict[str, str]:

@@ -14,13 +14,17 @@ Common options: --model (folder, hub id or `bundled`; default: $LFM2VL_MODEL, el
 cached or the hub is reachable, else the bundled demo model with a one-line note; see resolve.py), --dtype, --device,
 the image knobs and the sampling options (defaults from the model card). Option values, the device, local image paths and the
 messages are checked before the model loads. Errors the user can fix (a bad option value, no weights offline, a
-missing image, bad JSON) print one line and exit with status 1 (2 for option errors), without a traceback.
+missing image, bad JSON) print one line and exit with status 1 (2 for option errors), without a traceback; any
+other exception (a defect of lfm2vl) prints one line too and leaves its traceback in a file it names.
 In `chat`, Ctrl-C stops the answer being written and returns to the prompt; Ctrl-C or Ctrl-D at the prompt ends.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import tempfile
+import traceback
 
 from .args import CLIError, HelpFormatter, add_common, flag_wording, version
 from .commands import cmd_chat, cmd_describe, cmd_generate
@@ -70,7 +74,17 @@ COMMANDS = {"describe": cmd_describe, "chat": cmd_chat, "generate": cmd_generate
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return dispatch(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except Exception as e:  # a defect, not the user's input: one line here, the traceback in a file for the report
+        print(f"lfm2vl: internal error: {type(e).__name__}: {e} ({crash_report()})", file=sys.stderr)
+        return 1
+
+
+def dispatch(argv: list[str]) -> int:
     if argv and argv[0] in DELEGATED:
         return importlib.import_module(DELEGATED[argv[0]]).main(argv[1:]) or 0
     parser = build_parser()
@@ -86,9 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad input the engine rejected (options, messages, images)
         print(f"lfm2vl: error: {flag_wording(str(e))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+
+
+def crash_report() -> str:
+    """Writes the traceback being handled to a file in the temporary folder; says where (or that it could not)."""
+    try:
+        fd, path = tempfile.mkstemp(prefix="lfm2vl-crash-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"lfm2vl {version()}, python {sys.version.split()[0]}, argv {sys.argv!r}\n")
+            traceback.print_exc(file=f)
+    except OSError as e:
+        return f"no traceback kept: {e.strerror or e}"
+    return f"a defect of lfm2vl; the traceback is in {path}"
 
 
 if __name__ == "__main__":
