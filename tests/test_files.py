@@ -19,10 +19,14 @@ def test_write_file_gives_the_mode_of_a_plain_write(tmp_path, umask_022):
     assert (mode(tmp_path / "a.json"), mode(tmp_path / "lib.so")) == (0o644, 0o755)
 
 
-def test_folder_gives_the_mode_of_mkdir(tmp_path, umask_022):
+def test_folder_and_its_files_get_the_modes_of_mkdir_and_open(tmp_path, umask_022):
     with atomic.folder(tmp_path / "out") as tmp:
         (tmp / "f.txt").write_text("x")
-    assert mode(tmp_path / "out") == 0o755 and (tmp_path / "out" / "f.txt").read_text() == "x"
+        (tmp / "f.txt").chmod(0o600)  # as safetensors' save_file makes them
+        (tmp / "run.sh").write_text("")
+        (tmp / "run.sh").chmod(0o700)
+    out = tmp_path / "out"
+    assert (mode(out), mode(out / "f.txt"), mode(out / "run.sh")) == (0o755, 0o644, 0o755)
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

@@ -2,8 +2,9 @@
 place (os.replace: atomic on one file system). A reader never sees it half-written, and a write that fails
 leaves the previous file or folder as it was and no temporary behind.
 
-The result gets the mode a plain open() or mkdir() gives under the process umask (0644 / 0755 under umask 022);
-the temporaries tempfile makes are owner-only, so their mode is set before the rename.
+The result gets the mode a plain open() or mkdir() gives under the process umask (0644 / 0755 under umask 022):
+the temporaries tempfile makes, and the files some writers make, are owner-only, so the mode is set before the
+rename.
 
     write_text(path, text)
     write_file(path, lambda tmp: save_file(tensors, str(tmp)))   # any writer that takes a path
@@ -65,16 +66,19 @@ def write_text(dest: str | os.PathLike, text: str, encoding: str = "utf-8") -> P
 @contextmanager
 def folder(dest: str | os.PathLike, *, fsync: bool = False) -> Iterator[Path]:
     """A temporary folder beside dest to write into; when the block ends without an error it becomes dest (an
-    existing dest is replaced: moved aside, and deleted once the new one is in place), else it is deleted.
-    fsync: flush its files to disk before the rename."""
+    existing dest is replaced: moved aside, and deleted once the new one is in place), else it is deleted. Its
+    files then get a plain write's mode (some writers, e.g. safetensors' save_file, make owner-only files);
+    executables stay executable. fsync: flush its files to disk before the rename."""
     dest = Path(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
-        os.chmod(tmp, EXEC_MODE & ~umask())
+        mask = umask()
+        os.chmod(tmp, EXEC_MODE & ~mask)
         yield tmp
-        if fsync:
-            for f in tmp.iterdir():
-                if f.is_file():
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, (EXEC_MODE if f.stat().st_mode & 0o111 else FILE_MODE) & ~mask)
+                if fsync:
                     _fsync(f)
         replace_folder(tmp, dest)
     except BaseException:
