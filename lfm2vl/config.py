@@ -222,4 +222,10 @@ class Lfm2VlConfig:
             raise ConfigError(f"{path} does not exist") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise ConfigError(f"{path} cannot be read ({e.strerror or e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path} holds a JSON {type(d).__name__}; expected an object")
         return cls.from_hf(d)

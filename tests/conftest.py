@@ -63,3 +63,19 @@ def one_torch_thread():
 
     with one_thread():
         yield
+
+
+@pytest.fixture
+def umask_022():
+    """The process umask set to 022 for the test (the common default), whatever the shell's; restored after."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+# An output path no process can create a file under, even as root: its parent is a regular file.
+@pytest.fixture
+def unwritable(tmp_path):
+    """A path under a regular file (tmp_path/file/x): every write there fails, whoever runs the tests."""
+    (tmp_path / "file").write_text("")
+    return tmp_path / "file" / "x"

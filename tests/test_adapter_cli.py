@@ -128,6 +128,31 @@ def test_merge_over_a_non_empty_folder_needs_overwrite(tiny_checkpoint, adapter,
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temporary folder left behind
 
 
+def mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def test_written_models_have_the_modes_of_a_plain_write(tiny_checkpoint, adapter, tmp_path, umask_022):
+    """Merged folder, adapter files and a full checkpoint: 0755 folders and 0644 files under umask 022."""
+    from lfm2vl.finetune.output import write_full
+
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(tiny_checkpoint), "--adapter", str(adapter), "--output", str(out)]) == 0
+    assert (mode(out), mode(out / "model.safetensors")) == (0o755, 0o644)
+    a = make_adapter(tmp_path / "a", tiny_checkpoint)
+    assert (mode(a / "adapter_model.safetensors"), mode(a / "adapter_config.json")) == (0o644, 0o644)
+    model, config, folder = load_model(tiny_checkpoint, dtype=torch.float32)
+    full = write_full(model, config, folder, tmp_path / "full")
+    assert {f.name: mode(f) for f in full.iterdir()} == {f.name: 0o644 for f in full.iterdir()}
+
+
+def test_merge_output_under_a_file_is_one_line(tiny_checkpoint, adapter, unwritable, capsys):
+    assert main(["merge", "--model", str(tiny_checkpoint), "--adapter", str(adapter),
+                 "--output", str(unwritable / "sub")]) == 1
+    assert capsys.readouterr().err == (f"lfm2vl merge: error: --output {unwritable}/sub: {unwritable.parent} is a "
+                                       "file, not a folder\n")
+
+
 def run_cli(*args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "lfm2vl", *args], capture_output=True, text=True, timeout=120,

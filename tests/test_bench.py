@@ -341,3 +341,29 @@ def test_vision_flops_equal_torchs_flop_counter(tiny_checkpoint):
         model.image_features(batch["pixel_values"], mask, batch["spatial_shapes"])
     want = model_work(tiny_checkpoint).vision_flops(int(per_unit.sum()), int((per_unit ** 2).sum()))
     assert counter.get_total_flops() == want
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "{t}/nothere.json"], "--config {t}/nothere.json: no such file"),
+    (["--config", "{t}/bad.json"], "--config: {t}/bad.json is not valid JSON"),
+    (["--json", "{t}/missing/x.json"], "--json {t}/missing/x.json: folder {t}/missing does not exist"),
+    (["--json", "{t}/bad.json/x.json"], "--json {t}/bad.json/x.json: {t}/bad.json is a file, not a folder"),
+    (["--timeout", "0"], "--timeout: 0 is invalid; expected a number of seconds > 0"),
+    (["--timeout", "-5"], "--timeout: -5 is invalid; expected a number of seconds > 0"),
+    (["--scenarios", ""], "--scenarios is empty"),
+])
+def test_bad_option_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, argv, message):
+    (tmp_path / "bad.json").write_text("{bad")
+    monkeypatch.setattr(bench, "_folder", lambda args: pytest.fail("the benchmark started"))
+    with pytest.raises(SystemExit) as e:
+        bench.main([a.format(t=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message.format(t=tmp_path) in err and "Traceback" not in err
+
+
+def test_json_is_written_atomically_and_a_failed_write_is_one_line(tmp_path, unwritable, capsys):
+    assert bench._write_json(str(tmp_path / "r.json"), {"a": 1}) == 0
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "r.json"]  # no temporary left
+    assert bench._write_json(str(unwritable), {"a": 2}) == 1
+    assert capsys.readouterr().err == f"lfm2vl bench: error: --json {unwritable}: cannot write it (Not a directory)\n"

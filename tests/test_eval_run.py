@@ -168,3 +168,37 @@ def test_generated_suite_end_to_end(tiny_checkpoint, tmp_path, capsys):
     scores = json.loads(capsys.readouterr().out)
     assert scores == json.loads((tmp_path / "pred.scores.json").read_text())
     assert scores["n"] == len(read_tsv(out)) == 6 and scores["kind"] == "pope"
+
+
+def test_unwritable_output_is_said_before_the_model_loads(data, unwritable, capsys):
+    assert main(["eval", "--data", data, "--output", str(unwritable), "--model", "no-such-model"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"lfm2vl eval: error: --output {unwritable}: {unwritable.parent} is a file, not a folder\n"
+
+
+def test_failed_save_is_one_line(tiny_checkpoint, data, tmp_path, monkeypatch, capsys):
+    from lfm2vl.eval import run
+
+    def full(*a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run, "write_predictions", full)
+    out = tmp_path / "p.tsv"
+    assert main(["eval", "--model", str(tiny_checkpoint), "--data", data, "--output", str(out), "--limit", "1",
+                 *FAST]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"lfm2vl eval: error: cannot write {out} (No space left on device); 1 of 1 predictions are "
+                       "not saved") and "Traceback" not in "\n".join(err)
+
+
+def test_merge_names_a_bad_shard_in_one_line(reference, tmp_path, capsys):
+    bad = tmp_path / "POPE.tsv"
+    bad.write_text("question\tprediction\nq\ta\n")
+    assert main(["eval", "merge", str(reference), str(bad), "--output", str(tmp_path / "m.tsv")]) == 1
+    assert capsys.readouterr().err == "lfm2vl eval: error: POPE.tsv: no 'index' column\n"
+
+
+def test_merge_checks_its_output_before_reading(unwritable, capsys):
+    assert main(["eval", "merge", "missing.tsv", "--output", str(unwritable)]) == 1
+    assert capsys.readouterr().err == (f"lfm2vl eval: error: --output {unwritable}: {unwritable.parent} is a file, "
+                                       "not a folder\n")

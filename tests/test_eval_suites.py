@@ -253,3 +253,9 @@ def test_missing_easy_vqa_is_one_line_saying_how_to_install_it(tmp_path, capsys,
     assert suites.main(["easy-vqa-yesno", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install easy-vqa" in err
+
+
+def test_out_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "ok.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^--out .*ok\.png is a file, not a folder$"):
+        suites.make_suite("synth-pope", tmp_path / "ok.png", n=2)

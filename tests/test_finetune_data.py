@@ -242,6 +242,15 @@ def test_no_valid_row_is_an_error(processor, tmp_path):
         load_samples(write_jsonl(tmp_path / "empty.jsonl", []), processor, 4096, skip_bad=True)
 
 
+def test_a_line_that_is_not_utf8_is_that_rows_error(processor, tmp_path):
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(good.encode() + b"\n\xff\xfe\n")
+    samples, skipped = load_samples(path, processor, 4096, skip_bad=True, **KNOBS)
+    assert len(samples) == 1
+    assert skipped == ["train.jsonl line 2: not UTF-8 text (byte 0xff at column 1); expected JSON Lines"]
+
+
 def test_many_bad_rows_list_the_first_20_and_count_the_rest(processor, tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", ["{"] * 25)
     with pytest.raises(DataError) as e:

@@ -73,6 +73,19 @@ def test_data_with_no_valid_row(tiny_checkpoint, tmp_path, capsys):
     assert code == 1 and "no valid row in" in err.splitlines()[0] and "line 1" in err
 
 
+def test_missing_eval_data_is_named_as_evaluation_data(tiny_checkpoint, data, tmp_path, capsys):
+    code, err = _run(["--model", str(tiny_checkpoint), "--data", str(data[0]), "--eval-data", "nothere.jsonl",
+                      "--output", str(tmp_path / "o"), "--dtype", "float32", "--no-progress"], capsys)
+    assert code == 1 and err == "lfm2vl finetune: error: evaluation data not found: nothere.jsonl\n"
+
+
+def test_output_under_a_file_is_named_before_loading(data, unwritable, capsys):
+    code, err = _run(["--model", "no-such-model", "--data", str(data[0]), "--output", str(unwritable / "run")],
+                     capsys)
+    assert code == 1
+    assert err == f"lfm2vl finetune: error: output {unwritable}/run: {unwritable.parent} is a file, not a folder\n"
+
+
 def test_resume_refuses_another_model_or_data(tiny_checkpoint, data, tmp_path, capsys, monkeypatch):
     """A checkpoint resumes only with the model and data it was trained on."""
     from lfm2vl.finetune import report

@@ -29,6 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..files.atomic import write_text
+from ..files.check import OutputError, check_file
 from . import pagecache, rounds
 from .report import fmt as _fmt
 from .report import shares_table, table
@@ -40,6 +42,19 @@ DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32"}
 
 def _dtype_arg(text: str) -> str:
     return DTYPE_ALIASES.get(text, text)  # argparse then checks it against the long names
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is invalid; expected a number of seconds > 0")
+    return v
+
+
+_seconds.__name__ = "seconds"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="leave the weight files in the page cache as they are (default: evict them and read them "
                          "back sequentially first, the state a fresh read from disk leaves; bench/pagecache.py)")
     ap.add_argument("--json", default=None, help="also write the results to this file (default: no file)")
-    ap.add_argument("--timeout", type=float, default=3600, help="seconds per engine subprocess")
+    ap.add_argument("--timeout", type=_seconds, default=3600, help="seconds per engine subprocess")
     return ap
 
 
@@ -124,6 +139,15 @@ def _args(argv):
     bad = sorted(set(args.scenarios) - set(SCENARIOS))
     if bad:
         ap.error(f"unknown scenario(s) {bad}; expected {', '.join(SCENARIOS)}")
+    if not args.scenarios and not args.train:
+        ap.error(f"--scenarios is empty; expected a comma list of {', '.join(SCENARIOS)}")
+    if args.config is not None:
+        _check_config(ap, args.config)
+    if args.json is not None:
+        try:
+            check_file("--json", args.json)  # said before the benchmark runs, not after
+        except OutputError as e:
+            ap.error(str(e))
     if args.engines is None:
         needs = ("transformers", "peft") if args.train else ("transformers",)
         have_hf = all(importlib.util.find_spec(m) is not None for m in needs)
@@ -164,6 +188,19 @@ def _args(argv):
             ap.error(f"--device {args.device!r}: expected cpu or an available cuda device "
                      f"(torch.cuda.is_available() is {torch.cuda.is_available()})")
     return args
+
+
+def _check_config(ap: argparse.ArgumentParser, path: str) -> None:
+    """--config names a readable LFM2-VL config.json (said before any checkpoint is built)."""
+    from ..config import ConfigError, Lfm2VlConfig
+
+    if not Path(path).is_file():
+        ap.error(f"--config {path} is a folder; expected a config.json file" if Path(path).is_dir()
+                 else f"--config {path}: no such file")
+    try:
+        Lfm2VlConfig.from_file(path)
+    except ConfigError as e:
+        ap.error(f"--config: {e}" if path in str(e) else f"--config {path}: {e}")
 
 
 def _folder(args) -> Path:
@@ -244,6 +281,17 @@ def _add_shares(results: dict, specs: dict, folder: Path, machine: dict | None) 
             add_shares(m, work, fmt, spec.get("quantize_head", True), machine, spec.get("int8_vision", False))
 
 
+def _write_json(path: str | None, payload: dict) -> int:
+    """Write --json's file (atomically); 1 with a one-line error where that fails (the results are printed above)."""
+    if path:
+        try:
+            write_text(path, json.dumps(payload, indent=2))
+        except OSError as e:
+            print(f"lfm2vl bench: error: --json {path}: cannot write it ({e.strerror or e})", file=sys.stderr)
+            return 1
+    return 0
+
+
 def train_main(args, folder: Path) -> int:
     from . import train
 
@@ -267,9 +315,8 @@ def train_main(args, folder: Path) -> int:
                **{k: v for k, v in common.items() if k not in ("folder", "module")}, "load_average": load,
                "results": results}
     print(json.dumps(payload))
-    if args.json:
-        Path(args.json).write_text(json.dumps(payload, indent=2))
-    return 1 if any("error" in r for r in results.values()) else 0
+    failed = any("error" in r for r in results.values())
+    return _write_json(args.json, payload) or int(failed)
 
 
 def main(argv=None) -> int:
@@ -344,9 +391,8 @@ def main(argv=None) -> int:
                "image_knobs": args.image_knobs,
                "load_average": load, "results": results}
     print(json.dumps(payload))
-    if args.json:
-        Path(args.json).write_text(json.dumps(payload, indent=2))
-    return 1 if any("error" in r for r in results.values()) else 0
+    failed = any("error" in r for r in results.values())
+    return _write_json(args.json, payload) or int(failed)
 
 
 if __name__ == "__main__":

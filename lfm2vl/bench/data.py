@@ -89,6 +89,7 @@ def random_checkpoint(shape: str | Path, folder: Path, seed: int = 0, corpus: Se
     from safetensors.torch import save_file
 
     from ..config import Lfm2VlConfig
+    from ..files.atomic import write_file
     from ..model.lfm2vl import Lfm2VlModel
 
     if str(shape) in SHAPES:
@@ -108,8 +109,7 @@ def random_checkpoint(shape: str | Path, folder: Path, seed: int = 0, corpus: Se
     g = torch.Generator().manual_seed(seed)
     sd = {n: _init(n, tuple(t.shape), g).to(torch.bfloat16) for n, t in model.state_dict().items()
           if not (tied and n == "lm_head.weight")}
-    save_file(sd, str(folder / "model.safetensors.tmp"), metadata={"format": "pt"})
-    (folder / "model.safetensors.tmp").rename(folder / "model.safetensors")
+    write_file(folder / "model.safetensors", lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     for f in (CONFIGS / "processor").iterdir():
         shutil.copyfile(f, folder / f.name)

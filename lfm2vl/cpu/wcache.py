@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+
+from ..files.atomic import write_file
 
 from .memory import release_mapped_pages, reread_file
 
@@ -100,27 +101,17 @@ class WeightCache:
         where the cache folder cannot be written."""
         from safetensors.torch import save_file
 
-        tmp = None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=self.prefix, suffix=".tmp", dir=self.root)
-            os.close(fd)
-            save_file(tensors, tmp, metadata={"format": self.fmt, "version": str(VERSION)})
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)  # on disk before it takes the final name, and clean pages that can be evicted below
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-            tmp = None
+            # fsync: on disk before it takes the final name, and clean pages that can be evicted below
+            write_file(self.path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": self.fmt,
+                                                                                        "version": str(VERSION)}),
+                       fsync=True)
         except OSError as e:
             warnings.warn(f"could not keep the {self.fmt} weights in {self.root} ({e.strerror or e}); they are "
                           f"converted at every load (set {ENV} to another folder, or to off)", RuntimeWarning,
                           stacklevel=3)
             return False
-        finally:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
         for old in self.root.glob(f"{self.prefix}*.safetensors"):
             if old != self.path:
                 old.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from ..cli.args import CLIError, HelpFormatter, positive_int
+from ..files.atomic import write_text
 
 PROG = "lfm2vl eval"
 
@@ -219,21 +220,45 @@ def report(scores: dict, as_json: bool, out=None) -> None:
     print(json.dumps(scores, indent=1, ensure_ascii=False) if as_json else table(scores), file=out)
 
 
+def check_output(option: str, path) -> None:
+    """A file that cannot be written at path is said before any work (missing folders are created when writing)."""
+    from ..files.check import OutputError, check_file
+
+    try:
+        check_file(option, path, make_parents=True)
+    except OutputError as e:
+        raise CLIError(str(e)) from None
+
+
+def save_failed(path, e: OSError, what: str = "") -> CLIError:
+    return CLIError(f"cannot write {path} ({e.strerror or e}){what}")
+
+
 def merge_files(shards: list[str], output: str) -> tuple[list, list]:
     from .tsv import read_predictions, write_predictions
 
+    check_output("--output", output)
     rows, preds, seen = [], [], {}
     for s in shards:
         if not Path(s).is_file():
             raise CLIError(f"predictions file not found: {s}")
-        r, p = read_predictions(s)
+        try:
+            r, p = read_predictions(s)
+        except (ValueError, KeyError) as e:
+            raise CLIError(str(e)) from None
+        except OSError as e:
+            raise CLIError(f"cannot read {s} ({e.strerror or e})") from None
         for row in r:
             if row.index in seen:
                 raise CLIError(f"index {row.index} is in both {seen[row.index]} and {s}")
             seen[row.index] = s
         rows += r
         preds += p
-    write_predictions(output, rows, preds)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_predictions(output, rows, preds)
+    except OSError as e:
+        raise save_failed(output, e) from None
     return rows, preds
 
 
@@ -275,6 +300,7 @@ def cmd_run(argv: list[str]) -> int:
     if world > 1 and args.shard is not None:
         parser.error("--shard and torchrun are exclusive: under torchrun each rank takes its own shard")
     bench, data = resolve_data(args.data, args.benchmark)
+    check_output("--output", args.output)  # the predictions, the shards and the scores share its folder
     output = Path(args.output)
     if world > 1:
         shard = (rank, world)
@@ -300,6 +326,8 @@ def cmd_run(argv: list[str]) -> int:
             print(f"\n{PROG}: interrupted; {len(preds.by_index)} of {len(rows)} rows saved in {out} (the same "
                   "command resumes)", file=sys.stderr)
             return 130
+        except OSError as e:  # saving the predictions failed
+            raise save_failed(out, e, f"; {len(preds.by_index)} of {len(rows)} predictions are not saved") from None
         finally:
             close = getattr(predictor, "close", None)
             if close is not None:
@@ -316,7 +344,10 @@ def cmd_run(argv: list[str]) -> int:
     else:
         predictions = preds.predictions()
     scores = compute_scores(bench, rows, predictions, args.vanilla, make_judge(args, bench))
-    scores_path(output).write_text(json.dumps(scores, indent=1, ensure_ascii=False) + "\n")
+    try:
+        write_text(scores_path(output), json.dumps(scores, indent=1, ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise save_failed(scores_path(output), e) from None
     report(scores, args.json)
     if not args.json:
         print(f"predictions: {output}\nscores: {scores_path(output)}", file=sys.stderr)

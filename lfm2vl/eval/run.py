@@ -87,7 +87,10 @@ class Predictions:
         self._dirty = True
         # Rewriting the whole file costs time (the images are in it): at most every 20x the last write's duration.
         if time.monotonic() - self._last_save >= max(self.min_interval_s, 20 * self._save_s):
-            self.save()
+            try:
+                self.save()
+            except OSError:  # the predictions stay in memory; the next save tries again, the last one raises
+                self._last_save = time.monotonic()
 
     def save(self) -> None:
         t0 = time.monotonic()

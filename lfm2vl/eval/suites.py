@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import random
 import sys
 from pathlib import Path
 
+from ..files.atomic import write_file
+from ..files.check import check_folder
 from . import easyvqa_suites, scene_suites
 
 SUITES = {  # name -> (builder(rng, n), default n)
@@ -60,19 +61,21 @@ def build_rows(name: str, seed: int = 0, n: int | None = None) -> list[dict]:
 def write_tsv(path: Path, rows: list[dict]) -> None:
     """VLMEvalKit's layout: tab-separated, a header, the columns any row has (in COLUMNS order); atomic."""
     columns = [c for c in COLUMNS if any(c in r for r in rows)]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, delimiter="\t", lineterminator="\n")
-        w.writerow(columns)
-        for r in rows:
-            w.writerow([r.get(c, "") for c in columns])
-    os.replace(tmp, path)
+
+    def write(tmp) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, delimiter="\t", lineterminator="\n")
+            w.writerow(columns)
+            for r in rows:
+                w.writerow([r.get(c, "") for c in columns])
+
+    write_file(path, write)
 
 
 def make_suite(name: str, out_dir, seed: int = 0, n: int | None = None) -> list[Path]:
     """Write NAME.tsv for the suite (or each suite of a group) into out_dir; returns the paths."""
     names = suite_names(name)
-    out = Path(out_dir)
+    out = check_folder("--out", out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for suite in names:

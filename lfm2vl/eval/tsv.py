@@ -16,8 +16,9 @@ import io
 import os
 import string
 import sys
-import tempfile
 from dataclasses import dataclass, field
+
+from ..files.atomic import write_file
 
 # A prediction that starts with this marks a row that failed (bad image, engine error): scored wrong, counted.
 FAILED_PREFIX = "Failed to obtain answer: "
@@ -175,7 +176,7 @@ def decode_images(row: Row):
 
 
 def write_predictions(path, rows: list[Row], predictions: list) -> None:
-    """Write the rows' original columns plus `prediction`, atomically (a temp file, then os.replace)."""
+    """Write the rows' original columns plus `prediction`, atomically (files/atomic.py)."""
     if len(rows) != len(predictions):
         raise ValueError(f"{len(rows)} rows but {len(predictions)} predictions")
     header: list[str] = []
@@ -184,22 +185,17 @@ def write_predictions(path, rows: list[Row], predictions: list) -> None:
             if key not in header and key != PREDICTION:
                 header.append(key)
     header.append(PREDICTION)
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tsv", dir=folder)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+
+    def write(tmp) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, delimiter="\t", lineterminator="\n")
             writer.writerow(header)
             for row, pred in zip(rows, predictions):
                 cells = dict(row.raw)
                 cells[PREDICTION] = "" if pred is None else str(pred)
                 writer.writerow([cells.get(k, "") for k in header])
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    write_file(path, write)
 
 
 def read_predictions(path) -> tuple[list[Row], list[str]]:

@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..files.atomic import write_file, write_text
 from .lora import LoraLinear, _shared_weights, lora_modules, merged_weight, replace_weight
 
 CONFIG_NAME = "adapter_config.json"
@@ -90,8 +90,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
     }
     from safetensors.torch import save_file
 
-    _atomic(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    write_file(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_text(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return folder
 
 
@@ -129,17 +129,6 @@ def _most_common(values: list):
 
 def _number(x: float):
     return int(x) if float(x).is_integer() else float(x)
-
-
-def _atomic(dest: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---- reading -------------------------------------------------------------------------------------------------------

@@ -50,11 +50,12 @@ class Row:
     reload: object = None
 
 
-def read_rows(path: str | os.PathLike) -> Iterator[Row]:
-    """The rows of a JSONL file, a save_to_disk folder, a .parquet file or a folder of .parquet files."""
+def read_rows(path: str | os.PathLike, what: str = "training data") -> Iterator[Row]:
+    """The rows of a JSONL file, a save_to_disk folder, a .parquet file or a folder of .parquet files. what: the
+    data's role, for the error of a missing path."""
     p = Path(path)
     if not p.exists():
-        raise DataError(f"training data not found: {p}")
+        raise DataError(f"{what} not found: {p}")
     if p.is_dir():
         if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
             yield from _dataset_rows(_load_from_disk(p), p.name, p)
@@ -73,9 +74,15 @@ def read_rows(path: str | os.PathLike) -> Iterator[Row]:
 
 
 def _jsonl_rows(p: Path) -> Iterator[Row]:
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(p, "rb") as f:  # each line decoded on its own: a line that is not UTF-8 is that row's error
+        for n, raw in enumerate(f, 1):
             where = f"{p.name} line {n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield Row(where, [], error=f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                           "expected JSON Lines")
+                continue
             if not line.strip():
                 continue
             try:
@@ -199,16 +206,17 @@ def check_row(row: Row, processor, max_seq_len: int, knobs: dict) -> Sample:
     return Sample(row.where, ids, mask, len(kept), units, keep)
 
 
-def load_samples(path: str | os.PathLike, processor, max_seq_len: int, skip_bad: bool = False,
-                 **knobs) -> tuple[list[Sample], list[str]]:
+def load_samples(path: str | os.PathLike, processor, max_seq_len: int, skip_bad: bool = False, *,
+                 what: str = "training data", **knobs) -> tuple[list[Sample], list[str]]:
     """Read and check every row of `path` -> (samples, skipped: "where: reason" of each bad row). `knobs` are the
     run's image knobs (min_image_tokens, max_image_tokens, do_image_splitting, ...; None keeps the default).
-    Without skip_bad any bad row is a DataError listing them; no valid row is a DataError either way."""
+    Without skip_bad any bad row is a DataError listing them; no valid row is a DataError either way. what: the
+    data's role in the messages ("training data", "evaluation data")."""
     if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 1:
         raise ValueError(f"max_seq_len={max_seq_len!r}: expected an int >= 1")
     processor.options(**knobs)  # unknown or out-of-range knobs fail here, not once per row
     samples, bad = [], []
-    for row in read_rows(path):
+    for row in read_rows(path, what):
         try:
             samples.append(check_row(row, processor, max_seq_len, knobs))
         except (ValueError, TemplateError) as e:  # TemplateError: the chat template's raise_exception

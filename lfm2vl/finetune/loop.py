@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..files.check import OutputError, check_folder
 from . import dist as distmod
 from . import recompute, state
 from .options import STRUCTURAL, TrainOptions, warmup_steps
@@ -121,8 +122,10 @@ class Trainer:
     # ---- set-up -------------------------------------------------------------------------------------------------
     def _check_output(self) -> str | None:
         out, o = self.out, self.opts
-        if out.exists() and not out.is_dir():
-            return f"output {out} is a file, not a folder"
+        try:
+            check_folder("output", out)  # a file on the way, or a folder that takes no files
+        except OutputError as e:
+            return str(e)
         if not out.is_dir() or not any(out.iterdir()) or o.overwrite:
             return None
         if o.resume and _inside(Path(o.resume), out):
@@ -153,7 +156,8 @@ class Trainer:
         problem = None
         try:
             samples, skipped = load_samples(o.data, processor, o.max_seq_len, o.skip_bad, **knobs)
-            evals = load_samples(o.eval_data, processor, o.max_seq_len, o.skip_bad, **knobs)[0] \
+            evals = load_samples(o.eval_data, processor, o.max_seq_len, o.skip_bad, what="evaluation data",
+                                 **knobs)[0] \
                 if o.eval_data else []
         except ValueError as e:
             problem, samples, skipped, evals = str(e), [], [], []

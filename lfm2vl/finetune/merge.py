@@ -17,8 +17,10 @@ import fnmatch
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from ..files import atomic
+from ..files.check import OutputError, check_folder
 
 COPIED = ["*.json", "*.jinja", "*.txt"]  # what lfm2vl reads beside the weights (resolve.HUB_PATTERNS)
 SKIPPED = ["model.safetensors.index.json", "adapter_config.json"]
@@ -64,41 +66,21 @@ def merge_checkpoint(model: str | os.PathLike, adapter: str | os.PathLike, outpu
         tensors[key] = merged_weight(tensors[key], a, b, scaling).contiguous()
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic.folder(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for f in sorted(base.iterdir()):
             if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in COPIED) and f.name not in SKIPPED:
                 shutil.copy2(f, tmp / f.name)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise MergeError(f"--output {out} is a file; give a folder")
+    try:
+        check_folder("--output", out, beside=True)
+    except OutputError as e:
+        raise MergeError(str(e)) from None
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise MergeError(f"--output {out} exists and is not empty; pick a new folder or pass --overwrite")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Put the finished folder `tmp` at `out`: a rename, so `out` is never half-written; an old `out` is moved
-    aside first and deleted only once the new one is in place."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        os.replace(out, old / "x")
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old / "x", out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

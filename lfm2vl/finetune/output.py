@@ -8,13 +8,13 @@ Each file is written under a temporary name and renamed into place.
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..files.atomic import write_file
 from .report import METRICS, PLOT
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
@@ -55,7 +55,7 @@ def write_full(model: nn.Module, config, base_folder: Path, folder: Path) -> Pat
                     out[orig] = t.to("cpu", dtype or t.dtype).contiguous()
                 else:
                     out[orig] = sf.get_tensor(orig).contiguous()
-    _atomic(folder / "model.safetensors", lambda p: save_file(out, str(p), metadata={"format": "pt"}))
+    write_file(folder / "model.safetensors", lambda p: save_file(out, str(p), metadata={"format": "pt"}))
     copy_base_files(base_folder, folder)
     return folder
 
@@ -66,16 +66,7 @@ def copy_base_files(base_folder: Path, folder: Path) -> list[str]:
     for f in sorted(Path(base_folder).iterdir()):
         if not f.is_file() or f.suffix in WEIGHT_SUFFIXES or f.name in NOT_COPIED or f.name.startswith("adapter_"):
             continue
-        _atomic(Path(folder) / f.name, lambda p, src=f: shutil.copyfile(src, p))
+        write_file(Path(folder) / f.name, lambda p, src=f: shutil.copyfile(src, p))
         copied.append(f.name)
     return copied
 
-
-def _atomic(dest: Path, write) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -5,8 +5,8 @@ Layout: OUTPUT/checkpoints/step-0000012/ with
   state.pt               optimizer and scheduler state dicts and the RNG states (python, numpy, torch, cuda);
                          tensors, numbers and lists only, read back with torch.load(weights_only=True)
   state.json             step, epoch, the data order's state, the run's options and the model/data fingerprint
-A checkpoint is written into a temporary folder beside it, then renamed into place (os.replace: atomic on one file
-system), and only then are older checkpoints removed: a crash or a full disk while writing leaves the previous
+A checkpoint is written into a temporary folder beside it, then renamed into place (files/atomic.py: atomic on one
+file system), and only then are older checkpoints removed: a crash or a full disk while writing leaves the previous
 checkpoint as it was. Folders whose name starts with '.' (temporaries) are never read.
 """
 from __future__ import annotations
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..files import atomic
 
 FOLDER = "checkpoints"
 _STEP = re.compile(r"step-(\d+)")
@@ -38,33 +40,16 @@ def save(output: Path, step: int, trainable: dict[str, torch.Tensor], optimizer:
     root = Path(output) / FOLDER
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = root / f".step-{step:07d}.tmp{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()},
-                  str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer, "scheduler": scheduler, "rng": rng_state()}, tmp / "state.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=1))
-        _fsync_folder(tmp)
-        if final.exists():  # the same step saved again (e.g. Ctrl-C right after a scheduled save): same content
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if not final.exists():  # else the same step saved again (e.g. Ctrl-C right after a scheduled save): same content
+        with atomic.folder(final, fsync=True) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()},
+                      str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": optimizer, "scheduler": scheduler, "rng": rng_state()}, tmp / "state.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=1))
     for old in root.iterdir():  # the new one is in place: older ones and stale temporaries go
         if old != final and (old.name.startswith(".step-") or _step_of(old) is not None):
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _fsync_folder(folder: Path) -> None:
-    for f in folder.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
 
 
 def _step_of(p: Path) -> int | None:
