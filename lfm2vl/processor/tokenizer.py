@@ -12,6 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 
 from lfm2vl.checkpoint_json import described, read_json
+from lfm2vl.processor.chat import TemplateCompileError, check_templates
 from lfm2vl.resolve import LoadError
 
 # The named special tokens transformers passes to chat templates (`special_tokens_map`).
@@ -161,11 +162,12 @@ def check_token_settings(path: Path) -> dict:
 
 def load_chat_template(folder: Path, tokenizer_config: dict) -> str | dict | None:
     """chat_template.jinja, else chat_template.json, else tokenizer_config.json's field: a string, or named
-    templates (a dict name -> template; see `pick_template`)."""
+    templates (a dict name -> template; see `pick_template`). The templates are compiled here, so a syntax error
+    is a LoadError naming the file and line, found at load rather than at the first request."""
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
         try:
-            t = jinja.read_text(encoding="utf-8")
+            t, where = jinja.read_text(encoding="utf-8"), jinja
         except UnicodeDecodeError as e:
             raise LoadError(f"{jinja} is not UTF-8 text (byte {e.start}); it should be a Jinja template") from None
     else:
@@ -181,6 +183,10 @@ def load_chat_template(folder: Path, tokenizer_config: dict) -> str | dict | Non
                                                     and all(isinstance(v, str) for v in t.values()))):
             raise LoadError(f"{where}: chat_template must be the template's text (a string) or a list of named "
                             f"templates, got {described(t)}")
+    try:
+        check_templates(t)
+    except TemplateCompileError as e:
+        raise LoadError(f"{where}: {e}") from None
     return t
 
 
