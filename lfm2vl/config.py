@@ -11,23 +11,59 @@ Nothing is filled from defaults that a checkpoint is expected to state: a missin
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checkpoint_json import described, json_kind, need_object, read_json
+from .resolve import LoadError
+
 VL_MODEL_TYPES = ("lfm2_vl", "lfm2-vl")
 
 
-class ConfigError(ValueError):
+class ConfigError(LoadError):
     """A config.json that lfm2vl cannot build a model from."""
 
 
-def _require(d: dict, key: str, where: str) -> Any:
+def _require(d: dict, key: str, where: str = "") -> Any:
+    """d[key]; a missing key is a ConfigError naming `where` (the section; "" for the top level)."""
     if key not in d:
-        raise ConfigError(f"{where} has no '{key}'; cannot build the model without it")
+        raise ConfigError(f"{where + ' has no' if where else 'no'} '{key}'; cannot build the model without it")
     return d[key]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# What each field annotation of the config dataclasses admits from JSON (`from __future__` keeps them strings).
+_KINDS = {
+    "int": (_is_int, "an integer"),
+    "float": (_is_number, "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "int | None": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "float | None": (lambda v: v is None or _is_number(v), "a number or null"),
+    "int | list[int] | None": (lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))),
+                               "an integer, a list of integers or null"),
+}
+
+
+def _build(cls, kw: dict, where: str):
+    """cls(**kw) after checking each value's JSON type against the field's annotation (a ConfigError naming the
+    field, after the prefix `where`, and what it should be, instead of a TypeError deep in __post_init__)."""
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    for k, v in kw.items():
+        check, what = _KINDS.get(types[k], (None, None))
+        if check is not None and not check(v):
+            raise ConfigError(f"{where}{k} must be {what}, got {described(v)}")
+    return cls(**kw)
 
 
 @dataclass
@@ -76,16 +112,20 @@ class TextConfig:
     @classmethod
     def from_hf(cls, d: dict) -> "TextConfig":
         where = "text_config"
-        d = dict(d)
+        d = dict(need_object(d, where, error=ConfigError))
         # legacy aliases (custom-code era)
         if "block_ff_dim" in d:
             d["intermediate_size"] = d["block_ff_dim"]
         n_layers = _require(d, "num_hidden_layers", where)
+        if not _is_int(n_layers) or n_layers < 1:
+            raise ConfigError(f"{where}.num_hidden_layers must be an integer >= 1, got {n_layers!r}")
         if d.get("layer_types") is None:
             idxs = d.get("full_attn_idxs")
             idxs = range(n_layers) if idxs is None else idxs
+            if not (isinstance(idxs, (list, range)) and all(map(_is_int, idxs))):
+                raise ConfigError(f"{where}.full_attn_idxs must be a list of layer indices, got {idxs!r}")
             d["layer_types"] = ["full_attention" if i in idxs else "conv" for i in range(n_layers)]
-        rope = d.get("rope_parameters") or {}
+        rope = need_object(d.get("rope_parameters"), f"{where}.rope_parameters", optional=True, error=ConfigError)
         if rope.get("rope_type", "default") != "default":
             raise ConfigError(f"rope_type {rope.get('rope_type')!r} is not supported (LFM2 uses 'default')")
         d["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 1_000_000.0))
@@ -93,7 +133,7 @@ class TextConfig:
                     "num_key_value_heads"):
             _require(d, key, where)
         names = {f.name for f in dataclasses.fields(cls) if f.init}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return _build(cls, {k: v for k, v in d.items() if k in names}, "text_config.")
 
     @property
     def attn_layers(self) -> list[int]:
@@ -148,6 +188,7 @@ class VisionConfig:
     @classmethod
     def from_hf(cls, d: dict, vision_feature_layer: int = -1) -> "VisionConfig":
         where = "vision_config"
+        d = need_object(d, where, error=ConfigError)
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             _require(d, key, where)
         if "vision_use_head" not in d:
@@ -156,7 +197,7 @@ class VisionConfig:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         kw = {k: v for k, v in d.items() if k in names}
         kw["vision_feature_layer"] = vision_feature_layer
-        return cls(**kw)
+        return _build(cls, kw, "vision_config.")
 
 
 @dataclass
@@ -176,15 +217,26 @@ class Lfm2VlConfig:
     raw: dict = field(default_factory=dict, repr=False)  # the whole config.json (processor fields of old repos)
 
     @classmethod
-    def from_hf(cls, d: dict) -> "Lfm2VlConfig":
+    def from_hf(cls, d: dict, source: str = "config.json") -> "Lfm2VlConfig":
+        """Build from a parsed config.json; a ConfigError's message begins with `source` (the file's path when
+        from_file reads it)."""
+        try:
+            return cls._from_hf(d)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def _from_hf(cls, d: dict) -> "Lfm2VlConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"expected a JSON object ({{...}}), got {json_kind(d)}")
         mt = d.get("model_type")
         if mt not in VL_MODEL_TYPES:
-            raise ConfigError(f"config.json has model_type {mt!r}; lfm2vl loads LFM2-VL checkpoints "
+            raise ConfigError(f"model_type {mt!r} is not an LFM2-VL model; lfm2vl loads LFM2-VL checkpoints "
                               f"(model_type 'lfm2_vl' or 'lfm2-vl')")
-        text = dict(_require(d, "text_config", "config.json"))
+        text = dict(need_object(_require(d, "text_config"), "text_config", error=ConfigError))
         if text.get("model_type", "lfm2") != "lfm2":
             raise ConfigError(f"text_config has model_type {text.get('model_type')!r}, expected 'lfm2'")
-        vision = dict(_require(d, "vision_config", "config.json"))
+        vision = dict(need_object(_require(d, "vision_config"), "vision_config", error=ConfigError))
         if vision.get("model_type", "siglip2_vision_model") != "siglip2_vision_model":
             raise ConfigError(f"vision_config has model_type {vision.get('model_type')!r}, "
                               f"expected 'siglip2_vision_model'")
@@ -193,15 +245,18 @@ class Lfm2VlConfig:
         elif "image_token_index" in d:
             image_token_id = d["image_token_index"]
         else:
-            raise ConfigError("config.json has neither 'image_token_id' nor 'image_token_index'")
+            raise ConfigError("neither 'image_token_id' nor 'image_token_index' is set")
         # Tying: the top-level flag governs the VL model; old files say `tie_embedding` (top or text level).
         tie = d.get("tie_word_embeddings", d.get("tie_embedding",
                     text.get("tie_word_embeddings", text.get("tie_embedding", True))))
-        return cls(
+        vfl = d.get("vision_feature_layer", -1)
+        if not _is_int(vfl):
+            raise ConfigError(f"vision_feature_layer must be an integer, got {described(vfl)}")
+        return _build(cls, dict(
             text_config=TextConfig.from_hf(text),
-            vision_config=VisionConfig.from_hf(vision, d.get("vision_feature_layer", -1)),
+            vision_config=VisionConfig.from_hf(vision, vfl),
             image_token_id=image_token_id,
-            projector_hidden_size=_require(d, "projector_hidden_size", "config.json"),
+            projector_hidden_size=_require(d, "projector_hidden_size"),
             projector_hidden_act=d.get("projector_hidden_act", "gelu"),
             projector_bias=d.get("projector_bias", True),
             projector_use_layernorm=d.get("projector_use_layernorm", True),
@@ -209,23 +264,11 @@ class Lfm2VlConfig:
             tie_word_embeddings=bool(tie),
             model_type=mt,
             raw=d,
-        )
+        ), "")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Lfm2VlConfig":
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except OSError as e:
-            raise ConfigError(f"{path} cannot be read ({e.strerror or e})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path} holds a JSON {type(d).__name__}; expected an object")
-        return cls.from_hf(d)
+        return cls.from_hf(read_json(path, required=True), source=str(path))

@@ -60,7 +60,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
     memory-mapped weights never stay resident together (cpu/lowmem.py; lower peak RSS, slower image requests);
     adapter: a LoRA adapter folder (PEFT's format, from `lfm2vl finetune` or PEFT), merged into the weights
     before the CPU speed-ups, so generation runs as fast as with the base model."""
-    from .loading import check_device, load_model, parse_device, parse_dtype
+    from .loading import check_device, load_model, parse_device, parse_dtype, resolve_folder
     from .processor import Processor
 
     formats = [name for name, on in (("int8", int8), ("int4", int4), ("bf16_packed", bf16_packed)) if on]
@@ -87,7 +87,9 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
         from .finetune.adapter import read_adapter
 
         adapter_files = read_adapter(adapter)  # a bad adapter folder is said before the model is read
-    m, config, folder = load_model(model, dtype=dtype, device=device, **kw)
+    folder = resolve_folder(model)
+    processor = Processor.from_pretrained(folder)  # a broken tokenizer or template is said before the weights are read
+    m, config, folder = load_model(folder, dtype=dtype, device=device, **kw)
     if adapter is not None:
         from .finetune.adapter import apply_adapter
 
@@ -100,7 +102,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
         from .cpu.lowmem import set_low_memory
 
         set_low_memory(m)
-    return Engine(m, config, Processor.from_pretrained(folder), compile=compile)
+    return Engine(m, config, processor, compile=compile)
 
 
 def default_bf16_packed(dtype=None, device=None, *, optimize: bool = True, int8: bool = False, int4: bool = False,

@@ -14,7 +14,6 @@ pass dtype=torch.float32 for exact reference comparisons.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .checkpoint_json import need_object, read_json
 from .config import Lfm2VlConfig
 from .model.lfm2vl import Lfm2VlModel
 from .resolve import HUB_PATTERNS, LoadError  # noqa: F401  (LoadError is raised here and imported from here)
@@ -153,10 +153,9 @@ def resolve_folder(path_or_hub_id: str | os.PathLike) -> Path:
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        try:
-            wmap = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise LoadError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from None
+        wmap = need_object(read_json(index).get("weight_map"), f"{index}: weight_map (tensor name -> shard file)")
+        if not all(isinstance(f, str) for f in wmap.values()):
+            raise LoadError(f"{index}: weight_map must map tensor names to shard file names (strings)")
         files = [folder / f for f in sorted(set(wmap.values()))]
         missing = [f.name for f in files if not f.exists()]
         if missing:

@@ -194,3 +194,12 @@ def test_serve_and_bench_refuse_a_missing_adapter_before_loading(tmp_path, comma
         run(["--adapter", str(tmp_path / "nope")])
     assert e.value.code == 2
     assert "--adapter" in capsys.readouterr().err
+
+
+def test_merge_takes_the_bundled_model_by_name(tmp_path):
+    """`--model bundled` names the bundled demo model in merge as in every other command (resolve.py)."""
+    from lfm2vl.finetune.merge import main as merge
+
+    a = make_adapter(tmp_path / "a", lfm2vl.bundled_model())
+    assert merge(["--model", "bundled", "--adapter", str(a), "--output", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "config.json").read_text() == (lfm2vl.bundled_model() / "config.json").read_text()

@@ -437,3 +437,16 @@ def test_bad_tools_file_is_a_usage_error(capsys, tmp_path, img):
                           tmp_path / "tools.json")
     assert rc == 2 and "argument --tools: " in err and "name" in err, err
 
+
+
+def test_a_template_that_rejects_the_messages_is_one_line(capsys, tmp_path, img):
+    import shutil
+
+    from lfm2vl.resolve import bundled_model
+
+    folder = tmp_path / "m"
+    shutil.copytree(bundled_model(), folder)
+    (folder / "chat_template.jinja").write_text('{{ raise_exception("boom") }}')
+    rc, _, err = run_main(capsys, "describe", img, "--model", folder, "--no-optimize")
+    lines = [ln for ln in err.splitlines() if ln.strip() and "loading weights" not in ln]
+    assert rc == 1 and lines == ["lfm2vl: error: the chat template rejected these messages: boom"], err

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -170,6 +171,56 @@ def test_missing_shard(tmp_path_factory, tmp_path):
     next(f.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(LoadError, match=r"lists shards that are not in .*model-00002-of"):
         load_model(f)
+
+
+# Each JSON file a checkpoint's loader reads, damaged in one way -> what the LoadError says after the file's path.
+BAD_JSON_FILES = [
+    ("config.json", "[1, 2]", r"config\.json: expected a JSON object \(\{\.\.\.\}\), got a list"),
+    ("config.json", b"\xff\xfe\x00binary", r"config\.json is not UTF-8 text"),
+    ("generation_config.json", "{x", r"generation_config\.json is not valid JSON: Expecting property name"),
+    ("generation_config.json", '{"eos_token_id": "7"}', r"generation_config\.json: eos_token_id must be a token id"),
+    ("processor_config.json", "[]", r"processor_config\.json: expected a JSON object"),
+    ("processor_config.json", "{x", r"processor_config\.json is not valid JSON"),
+    ("processor_config.json", '{"image_processor": 3}', r"processor_config\.json: image_processor must be a JSON obj"),
+    ("tokenizer_config.json", "[]", r"tokenizer_config\.json: expected a JSON object"),
+    ("tokenizer_config.json", "{x", r"tokenizer_config\.json is not valid JSON"),
+    ("tokenizer_config.json", '{"eos_token": 5}', r"tokenizer_config\.json: eos_token must be a token"),
+    ("special_tokens_map.json", '"x"', r"special_tokens_map\.json: expected a JSON object .*, got a string"),
+    ("tokenizer.json", "garbage", r"tokenizer\.json is not a tokenizer file .*: expected value at line 1"),
+    ("tokenizer.json", "[]", r"tokenizer\.json is not a tokenizer file"),
+    ("model.safetensors.index.json", "[]", r"model\.safetensors\.index\.json: expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize("name,content,says", BAD_JSON_FILES, ids=lambda x: x if isinstance(x, str) else None)
+def test_every_checkpoint_json_file_is_a_load_error_naming_it(tiny_checkpoint, tmp_path, name, content, says):
+    import lfm2vl
+
+    f = _copy(tiny_checkpoint, tmp_path / "c")
+    (f / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(LoadError) as e:
+        lfm2vl.load(f, optimize=False)
+    assert str(e.value).startswith(str(f / name)), e.value
+    assert re.search(says, str(e.value)), e.value
+
+
+@pytest.mark.parametrize("edit,says", [
+    (lambda c: c.update(text_config=None), "text_config must be a JSON object ({...}), got null"),
+    (lambda c: c.update(vision_config=[1]), "vision_config must be a JSON object ({...}), got a list"),
+    (lambda c: c["text_config"].update(hidden_size="64"), "text_config.hidden_size must be an integer, got a string"),
+    (lambda c: c["text_config"].update(rope_parameters=[1]), "text_config.rope_parameters must be a JSON object"),
+    (lambda c: c["vision_config"].update(num_patches=None), "vision_config.num_patches must be an integer, got null"),
+    (lambda c: c.update(image_token_id="x"), "image_token_id must be an integer, got a string 'x'"),
+])
+def test_config_fields_of_the_wrong_json_type_are_config_errors(tiny_checkpoint, tmp_path, edit, says):
+    f = _copy(tiny_checkpoint, tmp_path / "c")
+    cfg = json.loads((f / "config.json").read_text())
+    edit(cfg)
+    (f / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError) as e:
+        Lfm2VlConfig.from_file(f)
+    assert str(e.value).startswith(f"{f / 'config.json'}: {says}"), e.value
+    assert isinstance(e.value, LoadError)
 
 
 def test_nonexistent_path(tmp_path):

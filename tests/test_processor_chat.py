@@ -4,6 +4,7 @@ with a system prompt, tools, tool calls, multi-turn and thinking; plus the train
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -179,3 +180,32 @@ def test_named_templates_in_tokenizer_config(tmp_path):
     for kw in ({}, {"tools": TOOLS}):
         assert ours.apply_chat_template(conv, **kw) == ref.apply_chat_template(conv, tokenize=False, **kw)
     assert ours.apply_chat_template(conv, tools=TOOLS) == "T1x"
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json"])
+def test_a_template_syntax_error_is_a_load_error_naming_the_file_and_line(tmp_path, where):
+    from lfm2vl.loading import LoadError
+    folder = pc.write_checkpoint(tmp_path, "v25")
+    bad = "{{ bos_token }}\n{% for x in %}{% endfor %}"
+    if where == "chat_template.jinja":
+        (folder / where).write_text(bad)
+    else:
+        (folder / "chat_template.jinja").unlink()
+        cfg = json.loads((folder / where).read_text())
+        (folder / where).write_text(json.dumps({**cfg, "chat_template": [{"name": "default", "template": bad}]}))
+    with pytest.raises(LoadError, match=rf"^{re.escape(str(folder / where))}: the chat template has a Jinja syntax "
+                                        r"error at line 2: Expected an expression"):
+        Processor.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("template,says", [
+    ('{{ raise_exception("boom") }}', "boom"),
+    ("{{ nothing_here.field }}", "'nothing_here' is undefined"),
+])
+def test_what_a_template_raises_is_a_value_error_about_the_messages(tmp_path, template, says):
+    folder = pc.write_checkpoint(tmp_path, "v25")
+    (folder / "chat_template.jinja").write_text(template)
+    proc = Processor.from_pretrained(folder)
+    with pytest.raises(ValueError) as e:
+        proc.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert str(e.value) == f"the chat template rejected these messages: {says}"

@@ -364,3 +364,19 @@ def test_generation_failure_fails_the_batch_then_recovers():
         r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
         assert r.status_code == 200 and len(r.json()["choices"][0]["message"]["content"]) == 5
         assert len(engine.generators) == 3  # a fresh generator after each failure
+
+
+def test_a_template_that_rejects_the_messages_is_a_400(tmp_path):
+    """The engine's chat template raising (raise_exception) is the client's 400, never a 500."""
+    import shutil
+
+    import lfm2vl
+    folder = tmp_path / "m"
+    shutil.copytree(lfm2vl.bundled_model(), folder)
+    (folder / "chat_template.jinja").write_text('{{ raise_exception("no user turns here") }}')
+    engine = lfm2vl.load(folder, optimize=False)
+    scheduler = Scheduler(engine, max_batch=1, max_seq_len=256, prefill_chunk=64)
+    settings = ServerSettings(model_id=MODEL, api_key=KEY, context_len=256)
+    with ThreadServer(create_app(engine, scheduler, settings)) as server:
+        err = _error(_post(server, _user({"type": "text", "text": "hi"})), 400)
+    assert err["message"] == "The chat template rejected these messages: no user turns here"

@@ -32,7 +32,8 @@ class MergeError(ValueError):
 
 def merge_checkpoint(model: str | os.PathLike, adapter: str | os.PathLike, output: str | os.PathLike,
                      overwrite: bool = False) -> Path:
-    """Write base checkpoint `model` (folder or hub id) with `adapter` merged into `output`; returns the folder."""
+    """Write base checkpoint `model` (folder, hub id or `bundled`) with `adapter` merged into `output`; returns the
+    folder."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -40,13 +41,14 @@ def merge_checkpoint(model: str | os.PathLike, adapter: str | os.PathLike, outpu
     from ..config import Lfm2VlConfig
     from ..loading import _SkipRandomInit, _weight_files, remap_hf_keys, resolve_folder
     from ..model.lfm2vl import Lfm2VlModel
+    from ..resolve import resolve_model
     from .adapter import adapter_updates, read_adapter
     from .lora import merged_weight
 
     out = Path(output).expanduser()
     _check_output(out, overwrite)
     config_and_tensors = read_adapter(adapter)
-    base = resolve_folder(model)
+    base = resolve_folder(resolve_model(model))  # a folder, a hub id or `bundled`, as every command takes
     for src, what in ((base, "the base checkpoint"), (Path(adapter), "the adapter")):
         if out.resolve() == src.resolve() or src.resolve().is_relative_to(out.resolve()):
             raise MergeError(f"--output {out} would replace {what} ({src}); pick another folder")
@@ -89,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lfm2vl merge", description="Merge a LoRA adapter (PEFT's format) into a "
                                 "checkpoint and write the result as a Hugging Face checkpoint folder.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--model", required=True, help="base checkpoint folder or hub id the adapter was trained on")
+    p.add_argument("--model", required=True, help="base checkpoint the adapter was trained on: a folder, a hub id or "
+                   "'bundled' (the bundled demo model)")
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (adapter_config.json, "
                    "adapter_model.safetensors)")
     p.add_argument("--output", required=True, metavar="OUT", help="folder to write the merged checkpoint to")

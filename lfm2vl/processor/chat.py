@@ -78,14 +78,55 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class TemplateCompileError(ValueError):
+    """A chat template that is not valid Jinja: `line` (1-based, None when unknown) and `reason` say where and why."""
+
+    def __init__(self, line: int | None, reason: str):
+        self.line, self.reason = line, reason
+        at = f" at line {line}" if line is not None else ""
+        super().__init__(f"the chat template has a Jinja syntax error{at}: {reason}")
+
+
 @lru_cache(maxsize=16)
 def compile_template(source: str) -> jinja2.Template:
+    """The compiled template; a TemplateCompileError for a syntax error (jinja's own error never escapes)."""
+    if not isinstance(source, str):
+        raise TemplateCompileError(None, f"expected the template's text (a string), got {type(source).__name__}")
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt),
                        dict=_Dict(), namespace=_Namespace)
-    return env.from_string(source)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise TemplateCompileError(e.lineno, e.message or "invalid syntax") from None
+
+
+def check_templates(template: str | Mapping[str, str] | None) -> None:
+    """Compile a template, or every one of a set of named templates: a TemplateCompileError (naming the template
+    of a set) for one that is not valid Jinja, so a broken template is found when it is loaded, not at first use."""
+    if template is None:
+        return
+    if not isinstance(template, Mapping):
+        compile_template(template)
+        return
+    for name, source in template.items():
+        try:
+            compile_template(source)
+        except TemplateCompileError as e:
+            raise TemplateCompileError(e.line, f"{e.reason} (in the template named {name!r})") from None
+
+
+def run_template(template: jinja2.Template, **variables) -> str:
+    """Render a compiled template. What the template raises (raise_exception, an undefined name, an operation its
+    data does not support) is a ValueError saying the template refused these messages: the messages decide it."""
+    try:
+        return template.render(**variables)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"the chat template rejected these messages: {e.message or type(e).__name__}") from None
+    except Exception as e:  # TypeError, KeyError, ... from the template's own expressions
+        raise ValueError(f"the chat template failed on these messages ({type(e).__name__}: {e})") from None
 
 
 def plain(value: Any) -> Any:
@@ -162,9 +203,8 @@ def render(template: str, messages, special_tokens: Mapping[str, str], add_gener
         # LFM2's tool format (tools.py), written after escaping so its markers are control tokens
         msgs, tools = lfm2_tools.prepare(compile_template(template), msgs, tools, special_tokens)
     if not continue_final_message:
-        return compile_template(template).render(
-            messages=msgs, tools=tools, documents=documents,
-            add_generation_prompt=add_generation_prompt, **plain(variables))
+        return run_template(compile_template(template), messages=msgs, tools=tools, documents=documents,
+                            add_generation_prompt=add_generation_prompt, **plain(variables))
     # Leave the last message open for the model to continue: mark its text, render, cut at the mark.
     if add_generation_prompt:
         raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
@@ -177,8 +217,8 @@ def render(template: str, messages, special_tokens: Mapping[str, str], add_gener
         if part is None:
             raise ValueError("continue_final_message is set but the final message has no text to continue")
         final, part["text"] = part["text"], part["text"] + _CONTINUE_TAG
-    out = compile_template(template).render(messages=msgs, tools=tools, documents=documents,
-                                            add_generation_prompt=False, **plain(variables))
+    out = run_template(compile_template(template), messages=msgs, tools=tools, documents=documents,
+                       add_generation_prompt=False, **plain(variables))
     tag = _CONTINUE_TAG.strip()
     if final.strip() not in out or tag not in out:
         raise ValueError("continue_final_message is set but the template drops the final message's text")

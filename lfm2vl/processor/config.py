@@ -6,9 +6,11 @@ processor_config.json (flat fields of custom-era repos) < processor_config.json[
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+
+from lfm2vl.checkpoint_json import need_object, read_json
+from lfm2vl.resolve import LoadError
 
 KNOBS = ("min_image_tokens", "max_image_tokens", "do_image_splitting", "min_tiles", "max_tiles", "use_thumbnail",
          "max_pixels_tolerance", "tile_size", "resample")
@@ -81,18 +83,25 @@ class ProcessorSettings:
     use_image_special_tokens: bool = True
 
 
-def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _pick(src: dict) -> dict:
+def _pick(src: dict, where: str) -> dict:
+    """The image fields of one source; a LoadError naming `where` for a mean, std or tolerance that is not numbers
+    (the other fields are checked, with their values, by ImageOptions.validate)."""
     names = {f.name for f in fields(ImageOptions)}
     out = {k: v for k, v in src.items() if k in names and v is not None}
     for k in ("image_mean", "image_std"):
         if k in out:
             v = out[k]
-            out[k] = tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * 3))
+            v = v if isinstance(v, (list, tuple)) else [v] * 3
+            if not all(map(_is_number, v)):
+                raise LoadError(f"{where}: {k} must be a number or a list of 3 numbers, got {out[k]!r}")
+            out[k] = tuple(float(x) for x in v)
     if "max_pixels_tolerance" in out:
+        if not _is_number(out["max_pixels_tolerance"]):
+            raise LoadError(f"{where}: max_pixels_tolerance must be a number, got {out['max_pixels_tolerance']!r}")
         out["max_pixels_tolerance"] = float(out["max_pixels_tolerance"])
     return out
 
@@ -100,16 +109,20 @@ def _pick(src: dict) -> dict:
 def load_settings(folder: str | Path) -> ProcessorSettings:
     """Merge the processor fields of a checkpoint folder (see the module docstring for the order)."""
     folder = Path(folder)
-    config = _read(folder / "config.json")
-    pre = _read(folder / "preprocessor_config.json")
-    proc = _read(folder / "processor_config.json")
+    paths = [folder / name for name in ("config.json", "preprocessor_config.json", "processor_config.json")]
+    sources = [(read_json(p), str(p)) for p in paths]
+    proc, proc_path = sources[-1]
+    nested = need_object(proc.get("image_processor"), f"{proc_path}: image_processor", optional=True)
     merged: dict = {}
-    for src in (config, pre, proc, proc.get("image_processor") or {}):
-        merged.update(_pick(src))
+    for src, where in sources + [(nested, f"{proc_path}: image_processor")]:
+        merged.update(_pick(src, where))
     special = True
-    for src in (config, pre, proc):
+    for src, _ in sources:
         if src.get("use_image_special_tokens") is not None:
             special = bool(src["use_image_special_tokens"])
     opts = replace(ImageOptions(), **merged)
-    opts.validate()
+    try:
+        opts.validate()
+    except ValueError as e:  # a value out of range: say which files it may come from
+        raise LoadError(f"the processor settings of {folder} ({', '.join(p.name for p in paths)}): {e}") from None
     return ProcessorSettings(image=opts, use_image_special_tokens=special)

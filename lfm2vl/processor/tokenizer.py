@@ -7,10 +7,13 @@ BOS comes from the chat template, as in transformers' processor.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
+
+from lfm2vl.checkpoint_json import described, read_json
+from lfm2vl.processor.chat import TemplateCompileError, check_templates
+from lfm2vl.resolve import LoadError
 
 # The named special tokens transformers passes to chat templates (`special_tokens_map`).
 TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -20,8 +23,8 @@ def _content(v):
     return v.get("content") if isinstance(v, dict) else v
 
 
-def _read(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def _is_id(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class Tokenizer:
@@ -58,13 +61,24 @@ class Tokenizer:
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
-            raise ValueError(f"no tokenizer.json in {folder}")
-        cfg = _read(folder / "tokenizer_config.json")
-        for k, v in _read(folder / "special_tokens_map.json").items():
+            raise LoadError(f"no tokenizer.json in {folder}")
+        cfg = check_token_settings(folder / "tokenizer_config.json")
+        for k, v in check_token_settings(folder / "special_tokens_map.json").items():
             if not cfg.get(k):  # tokenizer_config wins, as in transformers
                 cfg[k] = _content(v)
-        return cls(_HFTokenizer.from_file(str(path)), cfg, _read(folder / "generation_config.json"),
-                   load_chat_template(folder, cfg))
+        gen_path = folder / "generation_config.json"
+        gen = read_json(gen_path)
+        for k in ("eos_token_id", "pad_token_id"):
+            v = gen.get(k)
+            if not (v is None or _is_id(v) or (k == "eos_token_id" and isinstance(v, list) and all(map(_is_id, v)))):
+                what = "a token id or a list of token ids" if k == "eos_token_id" else "a token id"
+                raise LoadError(f"{gen_path}: {k} must be {what}, got {described(v)}")
+        try:
+            backend = _HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for any file it cannot parse
+            raise LoadError(f"{path} is not a tokenizer file (the JSON that tokenizers / transformers' "
+                            f"save_pretrained writes): {e}") from None
+        return cls(backend, cfg, gen, load_chat_template(folder, cfg))
 
     @property
     def vocab_size(self) -> int:
@@ -87,7 +101,8 @@ class Tokenizer:
 
     def attr_token(self, name: str, default: str) -> str:
         """A named token from tokenizer_config (e.g. image_token), else transformers' literal fallback."""
-        v = self.config.get(name) or (self.config.get("extra_special_tokens") or {}).get(name)
+        extra = self.config.get("extra_special_tokens")
+        v = self.config.get(name) or (extra.get(name) if isinstance(extra, dict) else None)
         return str(_content(v)) if v else default
 
     def encode(self, text: str) -> list[int]:
@@ -127,14 +142,51 @@ def named_special_tokens(cfg: dict) -> dict[str, str]:
     return out
 
 
+def check_token_settings(path: Path) -> dict:
+    """tokenizer_config.json or special_tokens_map.json read ({} when absent); a LoadError naming the file for a
+    standard named token (bos_token, ...) that is not a string or {"content": ...}, extra_special_tokens that is
+    not an object or a list, or a padding_side other than right or left."""
+    cfg = read_json(path)
+    for k in TEMPLATE_TOKENS:
+        v = cfg.get(k)
+        if v is not None and not isinstance(_content(v), str):
+            raise LoadError(f"{path}: {k} must be a token (a string, or an object with \"content\"), "
+                            f"got {described(v)}")
+    extra = cfg.get("extra_special_tokens")
+    if extra is not None and not isinstance(extra, (dict, list)):
+        raise LoadError(f"{path}: extra_special_tokens must be an object or a list, got {described(extra)}")
+    if cfg.get("padding_side", "right") not in ("right", "left"):
+        raise LoadError(f"{path}: padding_side must be 'right' or 'left', got {described(cfg['padding_side'])}")
+    return cfg
+
+
 def load_chat_template(folder: Path, tokenizer_config: dict) -> str | dict | None:
     """chat_template.jinja, else chat_template.json, else tokenizer_config.json's field: a string, or named
-    templates (a dict name -> template; see `pick_template`)."""
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    t = _read(folder / "chat_template.json").get("chat_template") or tokenizer_config.get("chat_template")
-    if isinstance(t, list):
-        t = {d.get("name"): d.get("template") for d in t}
+    templates (a dict name -> template; see `pick_template`). The templates are compiled here, so a syntax error
+    is a LoadError naming the file and line, found at load rather than at the first request."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            t, where = jinja.read_text(encoding="utf-8"), jinja
+        except UnicodeDecodeError as e:
+            raise LoadError(f"{jinja} is not UTF-8 text (byte {e.start}); it should be a Jinja template") from None
+    else:
+        t, where = read_json(folder / "chat_template.json").get("chat_template"), folder / "chat_template.json"
+        if not t:
+            t, where = tokenizer_config.get("chat_template"), folder / "tokenizer_config.json"
+        if isinstance(t, list):
+            if not all(isinstance(d, dict) and isinstance(d.get("name"), str) for d in t):
+                raise LoadError(f"{where}: chat_template as a list must hold {{\"name\": ..., \"template\": ...}} "
+                                "objects")
+            t = {d["name"]: d.get("template") for d in t}
+        if not (t is None or isinstance(t, str) or (isinstance(t, dict)
+                                                    and all(isinstance(v, str) for v in t.values()))):
+            raise LoadError(f"{where}: chat_template must be the template's text (a string) or a list of named "
+                            f"templates, got {described(t)}")
+    try:
+        check_templates(t)
+    except TemplateCompileError as e:
+        raise LoadError(f"{where}: {e}") from None
     return t
 
 
