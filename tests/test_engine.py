@@ -332,7 +332,7 @@ def test_undecodable_image_is_named_by_its_position(tiny_engine):
     header_only = buf.getvalue()[:30]  # PIL's open raises OSError("Truncated File Read") on it
     with pytest.raises(ValueError) as e:
         tiny_engine.prepare(conv("x", picture(40, 30), header_only))
-    assert str(e.value).startswith("image 2 of 2: ") and " at 0x" not in str(e.value)
+    assert str(e.value).startswith("image 2 of 2 (messages[0].content[1]): ") and " at 0x" not in str(e.value)
 
 
 # ---- continuing a final assistant message ------------------------------------------------------------------------
