@@ -364,3 +364,21 @@ def test_generation_failure_fails_the_batch_then_recovers():
         r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
         assert r.status_code == 200 and len(r.json()["choices"][0]["message"]["content"]) == 5
         assert len(engine.generators) == 3  # a fresh generator after each failure
+
+
+def test_image_token_budget_is_the_engines_rule(served):
+    """The server refuses image-token knobs beyond the checkpoint's budget with the message of the check the engine
+    applies to every call (processor/config.py check_image_budget), naming the field."""
+    from lfm2vl.processor.config import check_image_budget
+
+    with pytest.raises(ValueError) as engine_error:
+        check_image_budget({"min_image_tokens": 5000}, 256)
+    err = _error(_post(served, {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                "min_image_tokens": 5000}), 400)
+    assert err["param"] == "min_image_tokens" and err["message"] == f"{engine_error.value}."
+
+
+def test_stop_strings_follow_the_engines_rule(served):
+    err = _error(_post(served, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": ["a", ""]}),
+                 400)
+    assert err["param"] == "stop" and "stop strings must be non-empty strings" in err["message"]
