@@ -33,7 +33,9 @@ from .generate.sampling import SamplingParams
 from .generate.steps import compiled_decode
 from .generate.stream import Stream
 # The message handling lives in processor/messages.py; its names stay importable from here.
-from .processor.messages import IMAGE_KEYS, conversation, is_batch, text_chars, to_messages  # noqa: F401
+from .processor.config import check_image_budget
+from .processor.messages import (IMAGE_KEYS, checked_conversation, conversation, is_batch, text_chars,  # noqa: F401
+                                 to_messages)
 
 
 def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, optimize: bool = True,
@@ -160,11 +162,13 @@ class Engine:
         end-of-turn token after its text, no generation prompt) so that the reply continues it. Special-token
         strings in the messages are tokenized as plain text unless parse_special=True.
         context: the most tokens the prompt may take (default: the model's context). A text too long for it is
-        refused from its length in characters, before it is rendered or tokenized."""
+        refused from its length in characters, before it is rendered or tokenized. min_image_tokens /
+        max_image_tokens lie within the checkpoint's budget (processor/config.py check_image_budget)."""
         sampling, request, knobs, prompt = split_options(options)
+        check_image_budget(knobs, self.processor.settings.image.max_image_tokens)
         cont = prompt.get("continue_final_message", False)
         escape = not prompt.get("parse_special", False)
-        msgs, imgs = conversation(messages, images, continue_final_message=cont)
+        msgs, imgs, places = checked_conversation(messages, images, continue_final_message=cont)
         limit = self.config.text_config.max_position_embeddings if context is None else context
         what = "the model's context" if context is None else "the context"
         chars, per_token = text_chars(msgs), self.tokenizer.max_token_chars
@@ -174,7 +178,7 @@ class Engine:
         text = self.processor.apply_chat_template(msgs, add_generation_prompt=not cont, continue_final_message=cont,
                                                   escape_special=escape, tools=prompt.get("tools"),
                                                   tool_format=True)
-        batch = self.processor(text=text, images=load_images(imgs) or None, escaped=escape, pad_patches=False,
+        batch = self.processor(text=text, images=load_images(imgs, places) or None, escaped=escape, pad_patches=False,
                                **knobs)
         ids = batch["input_ids"][0].tolist()
         if len(ids) >= limit:
@@ -228,17 +232,20 @@ class Engine:
         return gen.run([rid])[rid]
 
 
-def load_images(images: list) -> list:
-    """Decode every image up front, so that an error among several names the bad one by its position ("image 2 of
-    3: ..."); load_image's message names a file or URL itself."""
+def load_images(images: list, places: list | None = None) -> list:
+    """Decode every image up front, so that an error names the bad one by its place (normalize's places:
+    "messages[0].content[1]: ...", "image 2 of 3: ..."; without places, its position among several); load_image's
+    message names a file or URL itself."""
     from .processor.io import load_image
 
+    if places is None:
+        places = [f"image {k + 1} of {len(images)}" if len(images) > 1 else None for k in range(len(images))]
     out = []
-    for k, im in enumerate(images):
+    for im, place in zip(images, places):
         try:
             out.append(load_image(im))
         except ValueError as e:
-            if len(images) == 1:
+            if place is None:
                 raise
-            raise ValueError(f"image {k + 1} of {len(images)}: {e}") from None
+            raise ValueError(f"{place}: {e}") from None
     return out

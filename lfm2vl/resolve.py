@@ -132,6 +132,9 @@ def fallback_note(reason: str) -> str:
 def choose_model(model: str | os.PathLike | None) -> tuple[str | Path, str | None]:
     """Apply the rules -> (model to load, note or None). The model is the argument as given (a folder or hub id),
     the bundled folder's Path, or DEFAULT_HUB_MODEL; the note is set only when rule 4 picks the bundled model."""
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise LoadError(f"model={model!r:.80} is invalid: expected a checkpoint folder, a hub id such as "
+                        f"{DEFAULT_HUB_MODEL!r}, {BUNDLED_NAME!r} or None (the default), got {type(model).__name__}")
     if model is None or (isinstance(model, str) and not model.strip()):
         model = os.environ.get(ENV_VAR, "").strip() or None
     if model is not None:

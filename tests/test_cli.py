@@ -438,7 +438,6 @@ def test_bad_tools_file_is_a_usage_error(capsys, tmp_path, img):
     assert rc == 2 and "argument --tools: " in err and "name" in err, err
 
 
-
 def test_a_template_that_rejects_the_messages_is_one_line(capsys, tmp_path, img):
     import shutil
 
@@ -450,3 +449,38 @@ def test_a_template_that_rejects_the_messages_is_one_line(capsys, tmp_path, img)
     rc, _, err = run_main(capsys, "describe", img, "--model", folder, "--no-optimize")
     lines = [ln for ln in err.splitlines() if ln.strip() and "loading weights" not in ln]
     assert rc == 1 and lines == ["lfm2vl: error: the chat template rejected these messages: boom"], err
+
+
+def test_prompt_that_is_not_utf8_is_named_before_loading(capsys, tmp_path, img):
+    """Bytes that are not UTF-8 arrive in argv as lone surrogates; --prompt is refused by the engine's own text
+    rule, naming the flag."""
+    rc, _, err = run_main(capsys, "describe", img, "--prompt", "\udcff\udcfe", "--model", tmp_path / "no-model")
+    assert rc == 1 and err == ("lfm2vl: error: --prompt has an unpaired surrogate at index 0 and is not valid "
+                               "Unicode (text that was not UTF-8?)\n")
+
+
+def test_describe_an_empty_path_says_it_is_empty(capsys, tmp_path):
+    rc, _, err = run_main(capsys, "describe", "", "--model", tmp_path / "no-model")
+    assert rc == 1 and err == "lfm2vl: error: the image path is empty\n"
+
+
+@pytest.mark.parametrize("content, says", [
+    (b'[{"role": "user", "content": "\xff"}]', "{f} is not UTF-8 text (byte 0xff at offset 30)"),
+    (b'[{"role": "user", "content": "\\udcff"}]', "{f}: messages[0].content has an unpaired surrogate at index 0"),
+    (b'[{"role": "user"}]', "{f}: messages[0] has no content: a user message needs content"),
+    (b'[{"role": "user", "content": [{"type": "image_url", "image_url": "notadict"}]}]',
+     "{f}: messages[0].content[0]: image string 'notadict' is not an existing file, an http(s) URL or a data: URI"),
+])
+def test_generate_names_the_file_and_the_place_before_loading(capsys, tmp_path, content, says):
+    f = tmp_path / "m.json"
+    f.write_bytes(content)
+    rc, _, err = run_main(capsys, "generate", "--messages", f, "--model", tmp_path / "no-model")
+    assert rc == 1 and len(err.splitlines()) == 1 and err.startswith("lfm2vl: error: " + says.format(f=f))
+
+
+def test_chat_reports_a_line_that_is_not_utf8_and_carries_on(capsys, monkeypatch, fake_chat):
+    monkeypatch.setattr(sys, "stdin", FakeStdin(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+                                                "next\n"))
+    rc, out, err = run_main(capsys, "chat")
+    assert rc == 0 and fake_chat.sent == ["next"] and out == "Hello\n"
+    assert "(error: the line is not UTF-8 text)" in err

@@ -332,7 +332,7 @@ def test_undecodable_image_is_named_by_its_position(tiny_engine):
     header_only = buf.getvalue()[:30]  # PIL's open raises OSError("Truncated File Read") on it
     with pytest.raises(ValueError) as e:
         tiny_engine.prepare(conv("x", picture(40, 30), header_only))
-    assert str(e.value).startswith("image 2 of 2: ") and " at 0x" not in str(e.value)
+    assert str(e.value).startswith("image 2 of 2 (messages[0].content[1]): ") and " at 0x" not in str(e.value)
 
 
 # ---- continuing a final assistant message ------------------------------------------------------------------------
@@ -431,3 +431,35 @@ def test_prepared_pixels_are_in_the_towers_dtype_with_the_same_features(tiny_che
         got = engine.model.image_features(req.pixel_values, req.pixel_attention_mask, req.spatial_shapes)
         want = engine.model.image_features(raw["pixel_values"], raw["pixel_attention_mask"], raw["spatial_shapes"])
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ---- bad arguments are clear ValueErrors -------------------------------------------------------------------------
+@pytest.mark.parametrize("options, says", [
+    ({"stop": 5}, r"^stop=5 is invalid; expected a string or a list of strings$"),
+    ({"stop": ["ok", "\udcff"]}, r"^stop\[1\] has an unpaired surrogate"),
+    ({"max_image_tokens": 10**9}, r"^max_image_tokens=1000000000 is out of range: this model takes 1 to 256 image "
+                                  "tokens per image or tile$"),
+    ({"min_image_tokens": 5000, "max_image_tokens": 10000}, r"^min_image_tokens=5000 is out of range"),
+    ({"logprobs": "yes"}, r"^logprobs='yes' is invalid"),
+])
+def test_bad_options_are_named(tiny_engine, options, says):
+    with pytest.raises(ValueError, match=says):
+        tiny_engine.prepare([{"role": "user", "content": "hi"}], **options)
+
+
+def test_numpy_scalars_are_accepted_as_options(tiny_engine):
+    req = tiny_engine.prepare("hi", temperature=np.float32(0.5), max_new_tokens=np.int64(3),
+                              max_image_tokens=np.int64(128))
+    assert req.params.temperature == 0.5 and req.max_new_tokens == 3 and type(req.max_new_tokens) is int
+
+
+def test_chat_refuses_a_turn_it_cannot_take_and_keeps_its_conversation(tiny_engine):
+    chat = tiny_engine.chat()
+    for text, says in ((None, "the message text must be a string, got NoneType"),
+                       ("\udcff", "the message text has an unpaired surrogate at index 0")):
+        with pytest.raises(ValueError, match=says):
+            chat.send(text, max_new_tokens=2)
+    with pytest.raises(ValueError, match="send_tool_result answers a tool call, but the conversation's last reply "
+                                         "called no tool"):
+        chat.send_tool_result("42", max_new_tokens=2)
+    assert chat.messages == []

@@ -280,3 +280,10 @@ def test_missing_adapter_folder_or_files_are_named(plain, saved, tmp_path):
     with pytest.raises(AdapterError, match=r"has no adapter_model\.safetensors"):
         load_adapter(plain, folder)
 
+
+
+def test_an_adapter_argument_of_the_wrong_type_is_named():
+    from lfm2vl.finetune.adapter import read_adapter
+
+    with pytest.raises(AdapterError, match=r"^adapter=5 is invalid: expected the path of an adapter folder"):
+        read_adapter(5)

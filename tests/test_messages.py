@@ -59,3 +59,45 @@ def test_images_fill_image_parts_without_an_image():
         to_messages(conv, images=["x.png"])
     with pytest.raises(ValueError, match="image part without an image"):
         to_messages(conv)
+
+
+@pytest.mark.parametrize("messages, where", [
+    ("\udcff", "the prompt"),
+    ([{"role": "user", "content": "ok \udcff"}], r"messages\[0\].content"),
+    ([{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}], r"messages\[0\].content\[0\].text"),
+    ([{"role": "user", "content": ["x", "\udcff"]}], r"messages\[0\].content\[1\]"),
+])
+def test_text_that_is_not_valid_unicode_is_named(messages, where):
+    """Lone surrogates (JSON escapes, bytes that were not UTF-8) are refused where they are, before a tokenizer
+    sees them."""
+    with pytest.raises(ValueError, match=f"^{where} has an unpaired surrogate at index [0-9]+ and is not valid "
+                                         "Unicode"):
+        to_messages(messages)
+
+
+@pytest.mark.parametrize("role, ok", [("user", False), ("system", False), ("tool", False), ("assistant", True)])
+def test_only_an_assistant_message_may_go_without_content(role, ok):
+    """One rule for the engine, the CLI and the server's request model: a message without content is refused
+    unless it is an assistant's."""
+    from pydantic import ValidationError
+
+    from lfm2vl.serve.schemas import Message
+
+    msgs = [{"role": "user", "content": "hi"}, {"role": role}]
+    if ok:
+        assert to_messages(msgs)[0][1]["content"] == "" and Message(role=role).content is None
+        return
+    with pytest.raises(ValueError, match=rf"messages\[1\] has no content: a {role} message needs content"):
+        to_messages(msgs)
+    with pytest.raises(ValidationError, match=f"a {role} message needs content"):
+        Message(role=role)
+
+
+def test_places_name_each_image_by_its_part():
+    from lfm2vl.processor.messages import normalize
+
+    conv = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image", "image": "x.png"}]},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "y.png"}}]}]
+    assert normalize(conv).places == ["image 1 of 2 (messages[0].content[1])", "image 2 of 2 (messages[1].content[0])"]
+    assert normalize(conv[1:]).places == ["messages[0].content[0]"]
+    assert normalize("Describe", images=["x.png"]).places == [None]

@@ -166,3 +166,39 @@ def test_decode_image_bytes_checks_format_and_size_before_decoding():
     frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
     im = decode_image_bytes(gif.getvalue(), formats={"GIF"})
     assert im.format == "GIF" and im.convert("RGB").getpixel((0, 0)) == (255, 0, 0)
+
+
+@pytest.mark.parametrize("image, says", [
+    (np.full((10, 10, 3), np.nan), r"float image values must lie in \[0, 1\], got NaN"),
+    (np.zeros((10, 10, 3), np.complex128), "dtype complex128 is not supported: expected bool, integer or real"),
+    (torch.zeros(3, 10, 10, dtype=torch.complex64), r"complex values \(torch.complex64\) is not supported"),
+    (np.array([[object()]]), "dtype object is not supported"),
+    (torch.zeros(3, 10, 10, device="meta"), "got a meta-device tensor"),
+])
+def test_arrays_without_real_pixel_values_are_refused(image, says):
+    with pytest.raises(ValueError, match=says):
+        load_image(image)
+
+
+def test_read_only_buffers_load_without_a_torch_warning(recwarn):
+    """A read-only numpy array and a 32-bit float TIFF (PIL hands out a read-only buffer) are copied, not shared
+    with torch, so torch's "not writable" warning never reaches the user's terminal."""
+    a = (RGB.astype(np.float32) / 255)
+    a.flags.writeable = False
+    tiff = io.BytesIO()
+    Image.fromarray(a[..., 0], mode="F").save(tiff, format="TIFF")
+    assert torch.equal(load_image(a), load_image(RGB))
+    assert load_image(tiff.getvalue()).shape == (3, *RGB.shape[:2])
+    assert not [w for w in recwarn if "writable" in str(w.message)]
+
+
+@pytest.mark.parametrize("source, says", [
+    ("", "the image path is empty"),
+    ("data:image/png;base64,@@@", r"the data: URI's base64 payload is invalid .*: '@@@'"),
+    ("data:image/png,rawbytes", r"is not base64 data: expected 'data:<type>;base64,<payload>'"),
+    ("notadict", r"image string 'notadict' is not an existing file, an http\(s\) URL or a data: URI, and not "
+                 "base64 data of a supported image"),
+])
+def test_image_strings_say_what_is_wrong_with_them(source, says):
+    with pytest.raises(ValueError, match=says):
+        load_image(source)

@@ -176,3 +176,8 @@ def test_bundled_model_names_the_problem_when_the_folder_is_empty(monkeypatch, t
     monkeypatch.setattr(resolve, "BUNDLED", tmp_path)
     with pytest.raises(LoadError, match="the bundled model is missing from this installation"):
         lfm2vl.bundled_model()
+
+
+def test_a_model_argument_of_the_wrong_type_is_named():
+    with pytest.raises(LoadError, match=r"^model=5 is invalid: expected a checkpoint folder, a hub id .*got int"):
+        resolve.resolve_model(5)

@@ -186,3 +186,19 @@ def test_bad_params_raise_clear_errors(kw):
     name = next(iter(kw))
     with pytest.raises(ValueError, match=name):
         SamplingParams(**kw)
+
+
+def test_numpy_scalars_are_numbers_and_bools_are_not():
+    """Every numeric option takes numpy's real scalars as numbers (and hands Python numbers on); a bool, numpy's
+    included, is not a number; logprobs is a bool and nothing else."""
+    import numpy as np
+
+    p = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(3), seed=np.uint64(7))
+    assert (p.temperature, p.top_k, p.seed) == (0.5, 3, 7) and type(p.top_k) is int and type(p.temperature) is float
+    for value in (True, np.bool_(True)):
+        with pytest.raises(ValueError, match="temperature=.* is invalid; expected a number >= 0"):
+            SamplingParams(temperature=value)
+    with pytest.raises(ValueError, match="top_k=.* is invalid; expected an integer >= 0"):
+        SamplingParams(top_k=np.float32(2))
+    with pytest.raises(ValueError, match="logprobs='yes' is invalid; expected True or False"):
+        SamplingParams(logprobs="yes")

@@ -380,3 +380,21 @@ def test_a_template_that_rejects_the_messages_is_a_400(tmp_path):
     with ThreadServer(create_app(engine, scheduler, settings)) as server:
         err = _error(_post(server, _user({"type": "text", "text": "hi"})), 400)
     assert err["message"] == "The chat template rejected these messages: no user turns here"
+
+
+def test_image_token_budget_is_the_engines_rule(served):
+    """The server refuses image-token knobs beyond the checkpoint's budget with the message of the check the engine
+    applies to every call (processor/config.py check_image_budget), naming the field."""
+    from lfm2vl.processor.config import check_image_budget
+
+    with pytest.raises(ValueError) as engine_error:
+        check_image_budget({"min_image_tokens": 5000}, 256)
+    err = _error(_post(served, {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                "min_image_tokens": 5000}), 400)
+    assert err["param"] == "min_image_tokens" and err["message"] == f"{engine_error.value}."
+
+
+def test_stop_strings_follow_the_engines_rule(served):
+    err = _error(_post(served, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": ["a", ""]}),
+                 400)
+    assert err["param"] == "stop" and "stop strings must be non-empty strings" in err["message"]

@@ -218,6 +218,8 @@ def is_remote(image: str) -> bool:
 
 def image_problem(image: str) -> str | None:
     """Why a local image argument cannot be read (None if it is a file, or a URL, which is not checked here)."""
+    if not image.strip():
+        return "the image path is empty"
     if is_remote(image):
         return None
     p = Path(image)

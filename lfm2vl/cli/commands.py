@@ -101,7 +101,19 @@ def stream_to(out, stream) -> None:
         out.flush()
 
 
+def check_text_option(text: str | None, flag: str) -> None:
+    """A text option is valid Unicode (bytes that are not UTF-8 arrive as lone surrogates): a CLIError naming it."""
+    from ..processor.messages import check_text
+
+    try:
+        if text is not None:
+            check_text(text, flag)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def cmd_describe(args) -> int:
+    check_text_option(args.prompt, "--prompt")
     check_images(args.images)
     check_device(args)
     engine = load_engine(args)
@@ -110,12 +122,16 @@ def cmd_describe(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from ..processor.messages import conversation, is_batch
+    from ..processor.messages import checked_conversation, is_batch
 
     try:
-        text = sys.stdin.read() if args.messages == "-" else Path(args.messages).read_text()
+        data = sys.stdin.buffer.read() if args.messages == "-" else Path(args.messages).read_bytes()
     except OSError as e:
         raise CLIError(f"cannot read {args.messages}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{args.messages} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
     try:
         messages = json.loads(text)
     except json.JSONDecodeError as e:
@@ -124,9 +140,10 @@ def cmd_generate(args) -> int:
         messages = messages["messages"]
     batch = is_batch(messages)
     cont = args.continue_final_message
-    for k, conv in enumerate(messages if batch else [messages]):  # the messages' shape, before the model loads
+    for k, conv in enumerate(messages if batch else [messages]):  # the messages and images, before the model loads
         try:
-            conversation(conv, continue_final_message=cont)
+            checked = checked_conversation(conv, continue_final_message=cont)
+            check_image_strings(checked.images, checked.places)
         except ValueError as e:
             raise CLIError(f"{args.messages}: {'conversation %d: ' % (k + 1) if batch else ''}{e}") from None
     check_device(args)
@@ -144,6 +161,20 @@ def cmd_generate(args) -> int:
         for r in results:
             print(r.text)
     return 0
+
+
+def check_image_strings(images: list, places: list) -> None:
+    """Image strings of a messages file that name no existing file and no http(s) URL (data: URIs, base64, a
+    missing path) are decoded now, so that a bad one is reported with its place before the model loads; files and
+    URLs are read once, by the engine."""
+    from ..processor.io import load_image
+
+    for image, place in zip(images, places):
+        if isinstance(image, str) and not image.startswith(("http://", "https://")) and not Path(image).is_file():
+            try:
+                load_image(image)
+            except ValueError as e:
+                raise ValueError(f"{place}: {e}" if place else str(e)) from None
 
 
 def result_dict(r) -> dict:
@@ -173,6 +204,7 @@ def report_tool_calls(result) -> None:
 
 
 def cmd_chat(args) -> int:
+    check_text_option(args.system, "--system")
     check_images(args.image)
     check_device(args)
     engine = load_engine(args)
@@ -192,6 +224,9 @@ def cmd_chat(args) -> int:
         except KeyboardInterrupt:  # Ctrl-C at the prompt ends the chat
             print()
             return 0
+        except UnicodeDecodeError:  # a line that is not UTF-8 (stdin decoded strictly): report it and carry on
+            print("(error: the line is not UTF-8 text)", file=sys.stderr)
+            continue
         if not line:
             continue
         if line in ("/quit", "/exit"):

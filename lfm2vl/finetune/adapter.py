@@ -135,6 +135,9 @@ def _number(x: float):
 def read_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config.json as a dict, adapter tensors by key); AdapterError for a missing folder or file, a
     malformed config, a non-LoRA adapter or a feature lfm2vl does not implement."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise AdapterError(f"adapter={folder!r:.80} is invalid: expected the path of an adapter folder, got "
+                           f"{type(folder).__name__}")
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         what = "is a file, not an adapter folder" if folder.exists() else "does not exist"

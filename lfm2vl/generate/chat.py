@@ -13,7 +13,7 @@ With tools (options tools= / tool_choice=), a reply that calls them keeps its to
 """
 from __future__ import annotations
 
-from ..processor.messages import image_list
+from ..processor.messages import check_text, image_list
 from .batch import BatchGenerator
 from .options import split_options
 from .request import Result
@@ -44,7 +44,13 @@ class Chat:
         return stream.result
 
     def send_tool_result(self, content: str, tool_call_id: str | None = None, **options) -> Result:
-        """Add a tool's result (a `tool` turn answering the last reply's call) and generate the next reply."""
+        """Add a tool's result (a `tool` turn answering the last reply's call) and generate the next reply. The
+        conversation must end with a reply that called a tool."""
+        if not self.messages or not self.messages[-1].get("tool_calls"):
+            raise ValueError("send_tool_result answers a tool call, but the conversation's last reply called no "
+                             "tool (give the model tools= and let it call one first)")
+        if not isinstance(content, str):
+            raise ValueError(f"the tool result must be a string, got {type(content).__name__}")
         stream = self._turn({"role": "tool", "content": content, **({"tool_call_id": tool_call_id}
                                                                       if tool_call_id else {})}, options)
         for _ in stream:
@@ -74,6 +80,10 @@ class Chat:
 
     @staticmethod
     def _user_message(text: str, images) -> dict:
+        """The user turn of `text` and `images`; text must be a string of valid Unicode."""
+        if not isinstance(text, str):
+            raise ValueError(f"the message text must be a string, got {type(text).__name__}")
+        check_text(text, "the message text")
         imgs = image_list(images)
         if not imgs:
             return {"role": "user", "content": text}

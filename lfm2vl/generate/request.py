@@ -7,7 +7,9 @@ from typing import Any
 import torch
 
 from .constraints import Constraint
+from ..values import plain_number
 from .sampling import SamplingParams
+from .stops import check_stops
 
 
 @dataclass
@@ -33,14 +35,17 @@ class Request:
         self.input_ids = [int(i) for i in self.input_ids]
         if not self.input_ids:
             raise ValueError("the prompt is empty (0 tokens); give at least one token")
-        if self.max_new_tokens is not None and (isinstance(self.max_new_tokens, bool) or
-                                                not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
-            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is invalid; expected an integer >= 1 or None")
-        if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+        if self.max_new_tokens is not None:
+            n = plain_number(self.max_new_tokens, integer=True)
+            if n is None or n < 1:
+                raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is invalid; expected an integer >= 1 or "
+                                 "None")
+            self.max_new_tokens = n
+        n = plain_number(self.min_new_tokens, integer=True)
+        if n is None or n < 0:
             raise ValueError(f"min_new_tokens={self.min_new_tokens!r} is invalid; expected an integer >= 0")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
+        self.min_new_tokens = n
+        self.stop = check_stops(self.stop)
         self.eos_ids = tuple(int(i) for i in self.eos_ids)
         if self.pixel_values is not None and (self.pixel_attention_mask is None or self.spatial_shapes is None):
             raise ValueError("pixel_values needs pixel_attention_mask and spatial_shapes as well")

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..values import plain_number
+
 
 NEG_INF = float("-inf")
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed accepts (negative seeds wrap modulo 2**64)
@@ -42,7 +44,8 @@ def option_problem(name: str, value) -> str | None:
     kind, valid, expected = RULES[name]
     if value is None and name == "seed":
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+    value = plain_number(value, integer=kind is int)
+    if value is None:
         return f"expected {expected}"
     if kind is float and not math.isfinite(value):
         return "must be a finite number"
@@ -71,6 +74,11 @@ class SamplingParams:
             problem = option_problem(name, value)
             if problem is not None:
                 raise ValueError(f"{name}={value!r} is invalid; {problem}")
+            if value is not None:  # numpy scalars become Python numbers
+                setattr(self, name, plain_number(value, integer=RULES[name][0] is int))
+        if not isinstance(self.logprobs, (bool, np.bool_)):
+            raise ValueError(f"logprobs={self.logprobs!r} is invalid; expected True or False")
+        self.logprobs = bool(self.logprobs)
 
     @property
     def greedy(self) -> bool:

@@ -6,16 +6,27 @@ proven not to start a stop string, matches are searched only in the buffer.
 """
 from __future__ import annotations
 
+from ..processor.messages import check_text
+
+
+def check_stops(stops) -> list[str]:
+    """The `stop` option (None, a string or a list or tuple of strings) -> the list of stop strings; each must be a
+    non-empty string of valid Unicode. A ValueError naming the value otherwise."""
+    if stops is None:
+        return []
+    listed = [stops] if isinstance(stops, str) else stops
+    if not isinstance(listed, (list, tuple)):
+        raise ValueError(f"stop={stops!r:.80} is invalid; expected a string or a list of strings")
+    for k, s in enumerate(listed):
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop strings must be non-empty strings; got {s!r:.80}")
+        check_text(s, "stop" if isinstance(stops, str) else f"stop[{k}]")
+    return list(listed)
+
 
 class StopMatcher:
     def __init__(self, stops: str | list[str] | tuple[str, ...] | None):
-        if isinstance(stops, str):
-            stops = [stops]
-        stops = list(stops or [])
-        for s in stops:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"stop strings must be non-empty strings; got {s!r}")
-        self.stops = stops
+        self.stops = check_stops(stops)
         self.buffer = ""
         self.stopped = False
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
+
 from lfm2vl.checkpoint_json import need_object, read_json
 from lfm2vl.resolve import LoadError
+from lfm2vl.values import plain_number
 
 KNOBS = ("min_image_tokens", "max_image_tokens", "do_image_splitting", "min_tiles", "max_tiles", "use_thumbnail",
          "max_pixels_tolerance", "tile_size", "resample")
@@ -41,7 +44,7 @@ class ImageOptions:
         unknown = set(knobs) - set(KNOBS)
         if unknown:
             raise ValueError(f"unknown image option(s) {sorted(unknown)}; the knobs are {list(KNOBS)}")
-        opts = replace(self, **{k: v for k, v in knobs.items() if v is not None})
+        opts = replace(self, **{k: _plain(k, v) for k, v in knobs.items() if v is not None})
         opts.validate()
         return opts
 
@@ -75,6 +78,31 @@ class ImageOptions:
              and self.max_pixels_tolerance > 0, "max_pixels_tolerance", "a number > 0")
         need(self.resample in (0, 2, 3), "resample", "0 (nearest), 2 (bilinear) or 3 (bicubic)")
         need(len(self.image_mean) == 3 and len(self.image_std) == 3, "image_mean", "3 values (and 3 for image_std)")
+
+
+_INT_KNOBS = ("min_image_tokens", "max_image_tokens", "min_tiles", "max_tiles", "tile_size", "resample")
+
+
+def _plain(name: str, value):
+    """A knob given as a numpy scalar or any real number -> its Python value; anything else as given, for
+    validate to name."""
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if name in _INT_KNOBS or name == "max_pixels_tolerance":
+        n = plain_number(value, integer=name in _INT_KNOBS)
+        return value if n is None else n
+    return value
+
+
+def check_image_budget(knobs: dict, ceiling: int) -> None:
+    """Per-request min_image_tokens / max_image_tokens lie in 1..ceiling, the checkpoint's own max_image_tokens:
+    beyond it, padding and vision work grow with the number asked for, not with the image, so one request could
+    take minutes and the memory. The engine applies it to every call, the server to every request (as a 400)."""
+    for name in ("min_image_tokens", "max_image_tokens"):
+        value = plain_number(knobs.get(name), integer=True)
+        if value is not None and not 1 <= value <= ceiling:
+            raise ValueError(f"{name}={value} is out of range: this model takes 1 to {ceiling} image tokens per "
+                             "image or tile")
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,11 @@ def load_image(image, max_pixels: int | None = None) -> torch.Tensor:
     if isinstance(image, Image.Image):
         out = _pil_to_rgb(image)
     elif isinstance(image, np.ndarray):
-        out = _array_to_rgb(torch.from_numpy(np.ascontiguousarray(image)))
+        out = _array_to_rgb(_numpy_to_torch(image))
     elif isinstance(image, torch.Tensor):
+        if image.is_meta or image.layout != torch.strided:
+            raise ValueError(f"an image tensor must hold its values in dense memory; got a "
+                             f"{'meta-device' if image.is_meta else str(image.layout)} tensor")
         out = _array_to_rgb(image.detach().cpu())
     elif isinstance(image, (bytes, bytearray, memoryview)):
         out = _decoded(decode_image_bytes(bytes(image), "raw bytes", limit), "raw bytes")
@@ -64,6 +67,8 @@ def load_image(image, max_pixels: int | None = None) -> torch.Tensor:
 def _open_source(src, limit: int) -> tuple[Image.Image, str]:
     """A path, URL, data: URI or base64 string -> (opened image, its name for errors)."""
     s = os.fspath(src)
+    if not s.strip():
+        raise ValueError("the image path is empty")
     if s.startswith(("http://", "https://")):
         return decode_image_bytes(fetch_url(s), s, limit), s
     if isinstance(src, Path) or os.path.isfile(s) or os.path.isdir(s):
@@ -72,16 +77,30 @@ def _open_source(src, limit: int) -> tuple[Image.Image, str]:
         if not os.path.isfile(s):
             raise ValueError(f"image file not found: {s}")
         return decode_image_bytes(Path(s).read_bytes(), s, limit), s
-    payload = s.split(",", 1)[1] if s.startswith("data:") else s
+    if s.startswith("data:"):
+        head, comma, payload = s.partition(",")
+        if not comma or "base64" not in (m.strip().lower() for m in head[5:].split(";")[1:]):
+            raise ValueError(f"the data: URI {s[:40]!r}... is not base64 data: expected "
+                             "'data:<type>;base64,<payload>'")
+        try:
+            data = base64.b64decode("".join(payload.split()), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ValueError(f"the data: URI's base64 payload is invalid ({e}): {payload[:40]!r}") from None
+        if not data:
+            raise ValueError("the data: URI's base64 payload is empty")
+        return decode_image_bytes(data, "data URI", limit), "data URI"
+    what = (f"image string {s[:80]!r} is not an existing file, an http(s) URL or a data: URI, and not base64 data "
+            "of a supported image")
     try:
-        data = base64.b64decode("".join(payload.split()), validate=True)
+        data = base64.b64decode("".join(s.split()), validate=True)
     except (binascii.Error, ValueError) as e:
-        raise ValueError(f"image string is not an existing file, an http(s) URL, a data: URI or base64 data: "
-                         f"{s[:80]!r}") from e
-    if not data:
-        raise ValueError(f"image string is neither a file, an http(s) URL, nor base64 data: {s[:80]!r}")
-    name = "data URI" if s.startswith("data:") else "base64 string"
-    return decode_image_bytes(data, name, limit), name
+        raise ValueError(what) from e
+    try:
+        return decode_image_bytes(data, "base64 string", limit), "base64 string"
+    except (ImageFormatError, ImageTooLargeError):
+        raise
+    except ValueError as e:
+        raise ValueError(f"{what} ({e})") from None
 
 
 def fetch_url(url: str, timeout: float = URL_TIMEOUT_S) -> bytes:
@@ -168,12 +187,27 @@ def _pil_to_rgb(im: Image.Image, exif: bool = False) -> torch.Tensor:
             a8 = np.clip(a, 0, 65535) / 257.0
         return _array_to_rgb(torch.from_numpy(np.rint(a8).astype(np.uint8)))
     if im.mode == "F":
-        return _array_to_rgb(torch.from_numpy(np.asarray(im, dtype=np.float32)))
+        return _array_to_rgb(torch.from_numpy(np.array(im, dtype=np.float32)))  # a copy: PIL's buffer is read-only
     if "A" in im.getbands() or im.info.get("transparency") is not None:
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     rgb = np.array(im if im.mode == "RGB" else im.convert("RGB"))  # one copy, writable
     return torch.from_numpy(rgb).permute(2, 0, 1)
+
+
+def _numpy_to_torch(a: np.ndarray) -> torch.Tensor:
+    """A numpy image -> a tensor over its values (copied where the array is not contiguous or not writable, which
+    torch cannot share); dtypes other than bool, integers and reals are a ValueError."""
+    if a.dtype.kind not in "biuf":
+        raise ValueError(f"an image array of dtype {a.dtype} is not supported: expected bool, integer or real "
+                         "float values")
+    a = np.ascontiguousarray(a)
+    if not a.flags.writeable:
+        a = a.copy()
+    try:
+        return torch.from_numpy(a)
+    except TypeError as e:  # a numpy dtype torch has no counterpart of
+        raise ValueError(f"an image array of dtype {a.dtype} is not supported ({e})") from None
 
 
 def _array_to_rgb(x: torch.Tensor) -> torch.Tensor:
@@ -208,7 +242,11 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
         return x
     if x.dtype == torch.bool:
         return x.to(torch.uint8) * 255
+    if x.is_complex():
+        raise ValueError(f"an image of complex values ({x.dtype}) is not supported: expected real values")
     if x.is_floating_point():
+        if x.numel() and x.isnan().any():
+            raise ValueError("float image values must lie in [0, 1], got NaN")
         if x.numel() and (x.min() < 0 or x.max() > 1):
             raise ValueError(f"float image values must lie in [0, 1], got [{x.min().item()}, {x.max().item()}]")
         return (x.to(torch.float64) * 255).round().to(torch.uint8)

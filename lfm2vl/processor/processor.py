@@ -29,7 +29,7 @@ from lfm2vl.processor.config import KNOBS, ProcessorSettings, load_settings
 from lfm2vl.processor.escape import Escaper
 from lfm2vl.processor.image import ImageLayout, image_units, patchify_into, plan_image
 from lfm2vl.processor.io import load_image
-from lfm2vl.processor.messages import collect_images
+from lfm2vl.processor.messages import check_text, collect_images
 from lfm2vl.processor.tokenizer import Tokenizer, pick_template
 from lfm2vl.processor.tokens import ImageTokens, expand_image, layout_token_counts
 
@@ -289,6 +289,8 @@ class Processor:
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("text must be a string or a non-empty list of strings")
+        for k, t in enumerate(texts):
+            check_text(t, "text" if isinstance(text, str) else f"text[{k}]")
         per_sample = self._group_images(texts, images)
         out = BatchFeature()
         flat = [im for group in per_sample for im in group]

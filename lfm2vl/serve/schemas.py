@@ -13,6 +13,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lfm2vl.generate.stops import check_stops
+from lfm2vl.processor.messages import check_text, content_problem
 from lfm2vl.processor.tools import check_tools
 
 
@@ -21,12 +23,9 @@ class _Strict(BaseModel):
 
 
 def _utf8(s: str) -> str:
-    """JSON admits lone surrogates (\\ud800) that no tokenizer can encode: refuse them here with a 400."""
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"text has an unpaired surrogate at index {e.start} and is not valid Unicode") from None
-    return s
+    """JSON admits lone surrogates (\\ud800) that no tokenizer can encode: refused here as a 400 naming the field,
+    by the rule the engine applies to every message (processor/messages.py check_text)."""
+    return check_text(s, "text")
 
 
 class TextPart(_Strict):
@@ -81,8 +80,9 @@ class Message(BaseModel):
 
     @model_validator(mode="after")
     def _content(self):
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs content")
+        problem = content_problem(self.role, self.content)
+        if problem is not None:
+            raise ValueError(problem)
         if self.tool_calls and self.role != "assistant":
             raise ValueError(f"tool_calls are only allowed in assistant messages, not in {self.role} messages")
         if self.role != "user" and isinstance(self.content, list):
@@ -144,14 +144,9 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
-        stops = [v] if isinstance(v, str) else v
-        if stops is not None:
-            if len(stops) > 4:
-                raise ValueError(f"at most 4 stop sequences are allowed, got {len(stops)}")
-            if any(s == "" for s in stops):
-                raise ValueError("stop sequences must not be empty strings")
-            for s in stops:
-                _utf8(s)
+        stops = check_stops(v)  # the engine's rule: non-empty strings of valid Unicode
+        if len(stops) > 4:
+            raise ValueError(f"at most 4 stop sequences are allowed, got {len(stops)}")
         return v
 
 

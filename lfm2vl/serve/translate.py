@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from lfm2vl.generate.constraints import Constraint
 from lfm2vl.generate.toolcall import tool_options
 from lfm2vl.processor.chat import check_role
+from lfm2vl.processor.config import check_image_budget as budget_check
 
 from .errors import APIError
 from .media import MediaPolicy, decode_remote, is_remote, load_image
@@ -32,13 +33,13 @@ def count_images(body: ChatCompletionRequest) -> int:
 
 
 def check_image_budget(body: ChatCompletionRequest, ceiling: int) -> None:
-    """The image-token knobs stay within the checkpoint's budget: beyond it, padding and vision work grow with the
-    number asked for, not with the image, so one request could take the server's memory."""
+    """The image-token knobs stay within the checkpoint's budget (processor/config.py check_image_budget): a 400
+    naming the field, before any image is fetched or decoded."""
     for name in ("min_image_tokens", "max_image_tokens"):
-        value = getattr(body, name)
-        if value is not None and not 1 <= value <= ceiling:
-            raise APIError(400, f"{name}={value} is out of range: this model takes 1 to {ceiling} image tokens per "
-                                "image or tile.", param=name, code="invalid_value")
+        try:
+            budget_check({name: getattr(body, name)}, ceiling)
+        except ValueError as e:
+            raise APIError(400, f"{e}.", param=name, code="invalid_value") from None
 
 
 def check_image_count(body: ChatCompletionRequest, max_images: int) -> None:
