@@ -174,6 +174,32 @@ def test_bad_constraints_are_value_errors_naming_the_option(tiny_engine, options
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
+NODE = {"type": "object", "properties": {"next": {"$ref": "#/$defs/N"}}, "required": ["next"]}
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]},
+    {"type": "object", "properties": {"a": {"$ref": "#/properties/a"}}, "required": ["a"]},
+    {"type": "array", "items": {"$ref": "#"}, "minItems": 1},
+    {"$ref": "#"},
+    {"$defs": {"N": NODE}, "type": "object", "properties": {"n": {"$ref": "#/$defs/N"}}, "required": ["n"]},
+])
+def test_schemas_without_a_finite_value_are_value_errors(schema):
+    with pytest.raises(ValueError, match="json_schema admits no finite value"):
+        Constraint.from_options(json_schema=schema)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"a": {"$ref": "#"}}},  # {} ends it
+    {"type": "object", "properties": {"a": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}}, "required": ["a"]},
+    {"properties": {"a": {"$ref": "#"}}, "required": ["a"]},  # no type: any scalar is a value
+    {"type": "array", "items": {"$ref": "#"}},  # [] ends it
+    {"$defs": {"N": NODE}, "type": "object", "properties": {"n": {"$ref": "#/$defs/N"}}},
+])
+def test_recursive_schemas_with_a_way_out_are_taken(schema):
+    assert Constraint.from_options(json_schema=schema).kind == "json_schema"
+
+
 def test_matcher_allows_eos_only_when_the_grammar_accepts(tiny_engine):
     tok = tiny_engine.tokenizer
     m = TokenMatcher(Constraint.from_options(regex="[0-9]{1,3}"), tok, 1024, (7,))

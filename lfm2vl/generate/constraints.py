@@ -12,7 +12,8 @@ lfm2vl's runtime code) and pulls triton and a TVM runtime.
 
 - `Constraint` is the checked spec of one request (`Constraint.from_options(json_schema=..., regex=..., ...)`);
   its llguidance grammar is compiled and validated once per spec (`grammar_for`, an LRU cache), so bad input is a
-  ValueError naming the option before anything runs.
+  ValueError naming the option before anything runs; a JSON schema that admits no finite value (finite.py) is
+  one too.
 - `TokenMatcher` follows one row: `allowed_mask()` (bool over the model's vocabulary), `forced()` (the one token
   the grammar leaves, eos when it is complete, or eos at a dead end), `advance(token_id)`. The engine's view of the
   tokenizer (LLTokenizer) is built once per tokenizer and kept.
@@ -32,6 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .finite import why_infinite
 
 CONSTRAINT_OPTIONS = ("json_schema", "json_object", "regex", "choices", "grammar")
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -131,6 +134,10 @@ def grammar_for(kind: str, text: str) -> str:
     problem = M.validate_grammar(g)
     if problem:
         raise ValueError(f"{kind} is invalid: {_one_line(problem)}")
+    if kind == "json_schema":
+        endless = why_infinite(json.loads(text))  # llguidance compiles such a schema and dead-ends on it
+        if endless:
+            raise ValueError(f"json_schema admits no finite value: {endless}")
     return g
 
 
