@@ -193,7 +193,9 @@ class Engine:
     def generate(self, messages, images=None, **options) -> Result | list[Result]:
         """One conversation -> Result; a list of conversations (or of prompt strings) -> list of Results, run as
         one continuous batch (`max_batch` rows at a time, default 16). The reply is a new assistant turn, also
-        after a final assistant message, unless continue_final_message=True (see prepare)."""
+        after a final assistant message, unless continue_final_message=True (see prepare). A constraint that
+        reaches a dead end (no token can finish the answer) raises ValueError for one conversation; in a batch, that
+        conversation's Result has finish_reason "error" and says why in `error`, and the others keep theirs."""
         if is_batch(messages):
             if images is not None:
                 raise ValueError("for a batch, put the images inside each conversation's messages")
@@ -229,7 +231,7 @@ class Engine:
     def _run_single(self, req: Request, gen: BatchGenerator | None) -> Result:
         gen = gen or self._single_gen()
         rid = gen.add(req)
-        return gen.run([rid])[rid]
+        return gen.run([rid])[rid].checked()
 
 
 def load_images(images: list, places: list | None = None) -> list:

@@ -115,6 +115,18 @@ def test_keywords_a_forced_call_cannot_enforce_are_value_errors(tiny_engine, par
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
+@pytest.mark.parametrize("params", [
+    {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]},
+    {"properties": {"a": {"$ref": "#"}}, "required": ["a"]},  # parameters are an object, typed or not
+    {"type": "object", "properties": {"a": {"type": "array", "items": {"$ref": "#/properties/a"}, "minItems": 1}},
+     "required": ["a"]},
+])
+def test_parameters_without_a_finite_value_are_value_errors(tiny_engine, params):
+    with pytest.raises(ValueError) as e:
+        tiny_engine.generate("hi", tools=fn(params), tool_choice="required", max_new_tokens=2)
+    assert all(w in str(e.value) for w in ["'f'", "no finite value"]), str(e.value)
+
+
 def test_auto_tool_choice_takes_any_schema(tiny_engine):
     """Only a forced call is compiled: with "auto" the schema is shown to the model as it is."""
     r = tiny_engine.generate("hi", tools=fn({"type": "object", "properties": {"n": {"multipleOf": 5}}}),

@@ -174,6 +174,53 @@ def test_bad_constraints_are_value_errors_naming_the_option(tiny_engine, options
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
+NODE = {"type": "object", "properties": {"next": {"$ref": "#/$defs/N"}}, "required": ["next"]}
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]},
+    {"type": "object", "properties": {"a": {"$ref": "#/properties/a"}}, "required": ["a"]},
+    {"type": "array", "items": {"$ref": "#"}, "minItems": 1},
+    {"$ref": "#"},
+    {"$defs": {"N": NODE}, "type": "object", "properties": {"n": {"$ref": "#/$defs/N"}}, "required": ["n"]},
+])
+def test_schemas_without_a_finite_value_are_value_errors(schema):
+    with pytest.raises(ValueError, match="json_schema admits no finite value"):
+        Constraint.from_options(json_schema=schema)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"a": {"$ref": "#"}}},  # {} ends it
+    {"type": "object", "properties": {"a": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}}, "required": ["a"]},
+    {"properties": {"a": {"$ref": "#"}}, "required": ["a"]},  # no type: any scalar is a value
+    {"type": "array", "items": {"$ref": "#"}},  # [] ends it
+    {"$defs": {"N": NODE}, "type": "object", "properties": {"n": {"$ref": "#/$defs/N"}}},
+])
+def test_recursive_schemas_with_a_way_out_are_taken(schema):
+    assert Constraint.from_options(json_schema=schema).kind == "json_schema"
+
+
+UNENDING = 'start: "a" start'  # a Lark grammar that no text completes: after "a" it dead-ends
+
+
+def test_a_dead_end_is_a_value_error_not_a_stop(tiny_engine):
+    with pytest.raises(ValueError, match="grammar constraint reached a dead end"):
+        tiny_engine.generate("hi", grammar=UNENDING, max_new_tokens=20)
+    with pytest.raises(ValueError, match="grammar constraint reached a dead end"):
+        "".join(tiny_engine.stream("hi", grammar=UNENDING, max_new_tokens=20))
+
+
+def test_a_dead_end_in_a_batch_fails_its_row_only(tiny_engine):
+    e = tiny_engine
+    gen = BatchGenerator(e, max_batch=2)
+    rids = [gen.add(e.prepare("hi", grammar=UNENDING, max_new_tokens=20)),
+            gen.add(e.prepare("Fruit?", choices=CHOICES, temperature=0, **OPTS))]
+    out = gen.run(rids)
+    dead, fine = (out[r] for r in rids)
+    assert dead.finish_reason == "error" and "dead end" in dead.error and dead.parsed is None
+    assert fine.finish_reason == "stop" and fine.text in CHOICES and fine.error is None
+
+
 def test_matcher_allows_eos_only_when_the_grammar_accepts(tiny_engine):
     tok = tiny_engine.tokenizer
     m = TokenMatcher(Constraint.from_options(regex="[0-9]{1,3}"), tok, 1024, (7,))

@@ -196,6 +196,32 @@ def test_error_schema(served):
     assert err["param"] == "messages[0].role"
 
 
+@pytest.mark.parametrize("field, value, words", [
+    ("max_tokens", True, ["valid integer"]),
+    ("max_tokens", 5.0, ["valid integer"]),
+    ("stream", "yes", ["valid boolean"]),
+    ("logprobs", 1, ["valid boolean"]),
+    ("temperature", True, ["valid number"]),
+    ("user", 5, ["valid string"]),
+])
+def test_error_lax_types(served, field, value, words):
+    err = _error(_post(served, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], field: value}), 400)
+    assert err["param"] == field and all(w in err["message"] for w in words), err
+
+
+@pytest.mark.parametrize("content, content_type, words", [
+    (b"", "application/json", ["it is empty"]),
+    (b'{"model": "fake-vl", "messages": [{"role": "user", "content": "x"}]}', "text/plain", ["application/json"]),
+    (b"[1, 2]", "application/json", ["JSON array"]),
+])
+def test_error_body_that_is_no_json_object(served, content, content_type, words):
+    r = httpx.post(served.url + "/v1/chat/completions", content=content,
+                   headers={"Content-Type": content_type, "Authorization": f"Bearer {KEY}"}, timeout=30)
+    err = _error(r, 400)
+    assert "request body must be a JSON object with the fields model and messages" in err["message"], err
+    assert all(w in err["message"] for w in words), err
+
+
 @pytest.mark.parametrize("value", [b"NaN", b"Infinity", b"-Infinity"])
 def test_error_non_finite_number(served, value):
     body = b'{"model": "%s", "messages": [{"role": "user", "content": "x"}], "temperature": %s}' % (MODEL.encode(),

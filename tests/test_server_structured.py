@@ -131,11 +131,37 @@ def test_parse_helper_returns_the_pydantic_object(client):
     ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools", ["tools[0].function.name"]),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, "tools", ["parameters"]),
     ({"tool_choice": "required"}, "tool_choice", ["needs tools"]),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}}}},
+     "response_format.json_schema.schema", ["no finite value"]),
+    ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format", ["json_schema.name"]),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format",
+     ["json_schema.schema"]),
+    ({"tools": [{"type": "function", "function": {"name": "a", "parameters": {"type": "array"}}}],
+      "tool_choice": "required"}, "tools", ["parameters.type", "'array'"]),
 ])
 def test_bad_structure_is_a_400_naming_the_field(server, extra, param, words):
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": ASK, **extra}, timeout=60)
     err = openai_error(r, 400)
     assert err["param"] == param and all(w in err["message"] for w in words), err
+
+
+UNENDING = {"guided_grammar": 'start: "a" start'}  # no text completes it: after "a" it dead-ends
+
+
+def test_a_dead_end_is_a_400_not_a_stop(server):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": ASK, **UNENDING},
+                   timeout=60)
+    err = openai_error(r, 400)
+    assert err["param"] is None and "dead end" in err["message"], err
+
+
+def test_a_dead_end_streamed_ends_with_an_error_event(server):
+    body = {"model": MODEL, "messages": ASK, "stream": True, **UNENDING}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "dead end" in events[-1]["error"]["message"]
+    assert not any(c.get("finish_reason") for e in events[:-1] for c in e.get("choices", []))
 
 
 def check_call(name, arguments, names):

@@ -181,7 +181,7 @@ def result_dict(r) -> dict:
     return {"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
             "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
             "cached_tokens": r.cached_tokens, "ttft_s": round(r.ttft_s, 6), "prefill_tps": round(r.prefill_tps, 3),
-            "decode_tps": round(r.decode_tps, 3)}
+            "decode_tps": round(r.decode_tps, 3), **({"error": r.error} if r.error else {})}
 
 
 CHAT_HELP = ("Commands: /image PATH (attach to your next message), /tool RESULT (answer the model's tool call), "

@@ -58,7 +58,8 @@ class Active:
         reason = None
         if t in self.req.eos_ids:
             text, hit = self.stops.feed(self.detok.flush())
-            reason = "stop"
+            m = self.sampler.matcher
+            reason = "error" if m is not None and m.is_dead() else "stop"  # a dead end forced that eos
         else:
             text, hit = self.stops.feed(self.detok.add(t))
             if hit:
@@ -82,6 +83,7 @@ class Active:
                 (text, calls), reason = found, "tool_calls"
         return Result(
             text=text, token_ids=list(self.generated), finish_reason=reason, tool_calls=calls,
+            error=self.sampler.matcher.dead_end() if reason == "error" else None,
             prompt_tokens=len(self.req.input_ids), completion_tokens=len(self.generated), cached_tokens=self.cached,
             image_tokens=self.image_tokens,
             logprobs=list(self.logprobs) if (p.logprobs or p.top_logprobs) else None,

@@ -11,7 +11,8 @@ always, optional ones maybe; each value follows its property's schema, written a
 - boolean True / False, null None; array: items, minItems / maxItems; object: properties and required, or entries
   of additionalProperties' schema when it lists no properties.
 Validation keywords this cannot enforce (multipleOf, uniqueItems, not, contains, ...) are a ValueError naming the
-function, the place and the keyword: a forced call is always valid against its function's schema.
+function, the place and the keyword: a forced call is always valid against its function's schema. So are parameters
+that admit no finite value (finite.py), whose grammar no call could finish.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any, Mapping
 
 from ..processor.tools import TOOL_CALL, py_literal
 from . import numrange
+from .finite import why_infinite
 
 STRING_BODY = r'([^"\\\x00-\x1f]|\\["\\bfnrt])'
 TERMINALS = rf"""
@@ -64,6 +66,9 @@ class CallGrammar:
         """The rule of one call of `fn` (a checked function spec)."""
         self.fn, self.root = fn["name"], fn.get("parameters") or {}
         params = self.resolve(self.root, "parameters")
+        endless = why_infinite(self.root, untyped_object=True)  # its grammar would leave every call unfinished
+        if endless:
+            self.fail("parameters", f"they admit no finite value: {endless}")
         bad = [k for k in (params.get("properties") or {}) if not k.isidentifier()]
         if bad:
             self.fail(f"parameter {bad[0]!r}", "LFM2's call format writes arguments as keywords, so each parameter "

@@ -12,10 +12,12 @@ lfm2vl's runtime code) and pulls triton and a TVM runtime.
 
 - `Constraint` is the checked spec of one request (`Constraint.from_options(json_schema=..., regex=..., ...)`);
   its llguidance grammar is compiled and validated once per spec (`grammar_for`, an LRU cache), so bad input is a
-  ValueError naming the option before anything runs.
+  ValueError naming the option before anything runs; a JSON schema that admits no finite value (finite.py) is
+  one too.
 - `TokenMatcher` follows one row: `allowed_mask()` (bool over the model's vocabulary), `forced()` (the one token
-  the grammar leaves, eos when it is complete, or eos at a dead end), `advance(token_id)`. The engine's view of the
-  tokenizer (LLTokenizer) is built once per tokenizer and kept.
+  the grammar leaves, eos when it is complete, or eos at a dead end), `advance(token_id)`, `dead_end()` (why the
+  grammar allows no further token while the answer is unfinished: the row then ends as an error, never as a
+  finished answer). The engine's view of the tokenizer (LLTokenizer) is built once per tokenizer and kept.
 - JSON is generated compactly on one line with ", " and ": " separators (json.dumps' style), without free
   whitespace: a model cannot wander off into newlines and the answer stays short.
 Computing the next mask while the model runs its step does not pay: a mask costs microseconds against a decode step
@@ -32,6 +34,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .finite import why_infinite
 
 CONSTRAINT_OPTIONS = ("json_schema", "json_object", "regex", "choices", "grammar")
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -131,6 +135,10 @@ def grammar_for(kind: str, text: str) -> str:
     problem = M.validate_grammar(g)
     if problem:
         raise ValueError(f"{kind} is invalid: {_one_line(problem)}")
+    if kind == "json_schema":
+        endless = why_infinite(json.loads(text))  # llguidance compiles such a schema and dead-ends on it
+        if endless:
+            raise ValueError(f"json_schema admits no finite value: {endless}")
     return g
 
 
@@ -158,7 +166,7 @@ def ll_tokenizer(tokenizer, vocab_size: int, eos_ids: tuple[int, ...]):
 class TokenMatcher:
     """Where one row stands in its constraint. The mask covers the model's vocabulary (`vocab_size`); eos is allowed
     when the grammar accepts, and is the only choice when nothing else can follow or nothing at all can (a dead
-    end, which ends the answer with what is valid so far)."""
+    end: the answer is unfinished, and `dead_end()` says why)."""
 
     def __init__(self, constraint: Constraint, tokenizer, vocab_size: int, eos_ids: tuple[int, ...]):
         if not eos_ids:
@@ -172,6 +180,7 @@ class TokenMatcher:
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
         self._allowed: torch.Tensor | None = None  # this step's mask, computed once
         self._forced: int | None = None
+        self._stuck = False  # no token allowed while the grammar is not complete
 
     def _compute(self) -> None:
         if self._allowed is not None:
@@ -184,6 +193,7 @@ class TokenMatcher:
         allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[:self.vocab_size].view(bool)
         n = int(np.count_nonzero(allowed))
         if n == 0:  # complete, or a dead end: the answer ends here
+            self._stuck = not m.is_stopped()
             allowed = np.zeros(self.vocab_size, dtype=bool)
             allowed[self.eos] = True
             n = 1
@@ -210,8 +220,18 @@ class TokenMatcher:
         return self.matcher.is_stopped() and not self.matcher.is_error()
 
     def is_dead(self) -> bool:
-        """No token can continue the answer (a grammar error state)."""
-        return self.matcher.is_error()
+        """The grammar allows no further token while the answer is unfinished (a dead end)."""
+        return self._stuck or self.matcher.is_error()
+
+    def dead_end(self) -> str | None:
+        """Why the answer cannot go on, when it is at a dead end (None otherwise): the constraint allows no token
+        after the text so far, or llguidance gave up on it (its message)."""
+        if not self.is_dead():
+            return None
+        why = _one_line(self.matcher.get_error()) if self.matcher.is_error() else ""
+        why = re.sub(r"\s*<state>.*", "", why)
+        return (f"the {self.constraint.kind} constraint reached a dead end: it allows no token after the answer so "
+                "far, which it does not accept as complete" + (f" (llguidance: {why})" if why else ""))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits (V,) with every token the grammar forbids at -inf."""

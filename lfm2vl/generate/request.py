@@ -59,8 +59,9 @@ class Result:
 
     text: str
     token_ids: list[int]
-    # "stop" (eos or a stop string), "length" (max_new_tokens or the context is full), or "tool_calls" (the answer
-    # is a tool call, parsed into tool_calls)
+    # "stop" (eos or a stop string), "length" (max_new_tokens or the context is full), "tool_calls" (the answer
+    # is a tool call, parsed into tool_calls), or "error" (the constraint reached a dead end: no token could continue
+    # the unfinished answer; `error` says why)
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
@@ -78,6 +79,13 @@ class Result:
     # the tool calls of the answer in OpenAI's shape ([{"id", "type": "function", "function": {"name",
     # "arguments": JSON text}}]) when tools were given and it called them; `text` is then the text around the call
     tool_calls: list[dict] | None = None
+    error: str | None = None  # why the request failed (finish_reason "error")
+
+    def checked(self) -> "Result":
+        """This Result; ValueError with its `error` when the request failed (finish_reason "error")."""
+        if self.finish_reason == "error":
+            raise ValueError(self.error or "the generation failed")
+        return self
 
     @property
     def prefill_tps(self) -> float:

@@ -10,7 +10,8 @@ from .request import Event, Request, Result
 class Stream:
     """Iterates the text pieces of one request on a BatchGenerator; cancels it if abandoned early (closed, or an
     exception such as Ctrl-C's KeyboardInterrupt). on_done(result) runs when it finishes; on_stop(text so far)
-    when it is cancelled after it started."""
+    when it is cancelled after it started. A request that fails (its constraint reaches a dead end) raises
+    ValueError once its text was yielded."""
 
     def __init__(self, gen: BatchGenerator, req: Request, on_done: Callable[[Result], None] | None = None,
                  on_stop: Callable[[str], None] | None = None):
@@ -37,5 +38,7 @@ class Stream:
                 self.gen.cancel(rid)
                 if self.on_stop is not None:
                     self.on_stop(self.text)
+        if self.result is not None:
+            self.result.checked()  # a failed request (a constraint's dead end) raises; on_done does not run
         if self.on_done is not None:
             self.on_done(self.result)

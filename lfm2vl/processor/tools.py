@@ -31,7 +31,9 @@ _PROBE = "lfm2vl_probe_7f3a"
 # ---- the tools a request lists ------------------------------------------------------------------------------
 def function_of(tool: Any, where: str) -> dict:
     """The function spec {"name", "description"?, "parameters"?} of one tool: OpenAI's {"type": "function",
-    "function": {...}} or the bare function dict. ValueError naming `where` when it is malformed."""
+    "function": {...}} or the bare function dict. ValueError naming `where` when it is malformed: parameters are a
+    JSON schema of type "object" (the type may be left out; absent or empty parameters: no arguments) whose
+    properties are schemas and whose required names are among them."""
     if not isinstance(tool, Mapping):
         raise ValueError(f"{where} must be an object like {{'type': 'function', 'function': {{'name': ...}}}}, got "
                          f"{type(tool).__name__}")
@@ -52,9 +54,16 @@ def function_of(tool: Any, where: str) -> dict:
     if params is not None:
         if not isinstance(params, Mapping):
             raise ValueError(f"{at}.parameters must be a JSON schema object, got {type(params).__name__}")
+        if params.get("type", "object") != "object":
+            raise ValueError(f"{at}.parameters.type is {params['type']!r}; a tool's parameters are its keyword "
+                             "arguments, a JSON schema of type 'object' (absent or empty: no arguments)")
         props = params.get("properties")
         if props is not None and not isinstance(props, Mapping):
             raise ValueError(f"{at}.parameters.properties must be an object, got {type(props).__name__}")
+        for k, v in (props or {}).items():
+            if not isinstance(v, (Mapping, bool)):
+                raise ValueError(f"{at}.parameters.properties.{k} must be a JSON schema (an object), got "
+                                 f"{type(v).__name__}")
         required = params.get("required", [])
         if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
             raise ValueError(f"{at}.parameters.required must be a list of property names")

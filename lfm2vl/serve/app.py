@@ -32,7 +32,7 @@ from . import translate
 from .errors import APIError, install_handlers
 from .media import FetchPool
 from .page import add_page
-from .scheduler import Scheduler, SchedulerError, Ticket
+from .scheduler import RequestFailed, Scheduler, SchedulerError, Ticket
 from .schemas import ChatCompletion, ChatCompletionRequest
 from .settings import ServerSettings
 
@@ -155,7 +155,7 @@ def _logprob_entry(event: Event, token_text) -> dict:
 
 def _raise_for(item: Event | Exception) -> None:
     if isinstance(item, ValueError):
-        raise APIError(400, str(item), param="messages")
+        raise APIError(400, str(item), param=None if isinstance(item, RequestFailed) else "messages")
     if isinstance(item, Exception):
         text = str(item)
         raise APIError(503 if "shutting down" in text else 500, f"{text[:1].upper()}{text[1:]}; it was logged.",

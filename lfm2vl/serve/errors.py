@@ -56,6 +56,21 @@ def loc_to_param(loc) -> str | None:
     return out or None
 
 
+_NOT_AN_OBJECT = ("missing", "model_attributes_type", "model_type", "dict_type")  # the body as a whole
+
+
+def _body_message(body) -> str:
+    """The body is no JSON object (empty, not sent as JSON, or another JSON value): what it must be instead."""
+    if body is None or body == b"":
+        got = "it is empty"
+    elif isinstance(body, bytes):
+        got = "it was not sent as JSON (Content-Type: application/json)"
+    else:
+        kinds = ((bool, "boolean"), (int, "number"), (float, "number"), (str, "string"), (list, "array"))
+        got = "it is a JSON " + next((k for t, k in kinds if isinstance(body, t)), "value")
+    return f"The request body must be a JSON object with the fields model and messages; {got}."
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -64,6 +79,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx") or {}
         return f"The request body is not valid JSON: {ctx.get('error', 'parse error')}.", None
+    if tuple(first.get("loc", ())) == ("body",) and first.get("type") in _NOT_AN_OBJECT:
+        return _body_message(first.get("input")), None
     param = loc_to_param(first.get("loc", ()))
     msg = first.get("msg", "invalid value")
     if msg.startswith("Value error, "):

@@ -31,9 +31,15 @@ class SchedulerError(RuntimeError):
     """The generator failed or the server is shutting down; the request cannot complete."""
 
 
+class RequestFailed(ValueError):
+    """The request itself failed while generating (its constraint reached a dead end: no token could finish the
+    answer); the message says why."""
+
+
 @dataclass
 class Ticket:
-    """One submitted request as the HTTP side sees it: events arrive on `events` (Event, or SchedulerError)."""
+    """One submitted request as the HTTP side sees it: events arrive on `events` (Event; SchedulerError when the
+    server fails it; ValueError when the generator refuses it, RequestFailed when it fails while generating)."""
 
     request: Request | None  # None once the generator holds it
     loop: asyncio.AbstractEventLoop
@@ -159,6 +165,9 @@ class Scheduler:
         if ev.finish_reason is not None:
             ticket.done = True
             del self._tickets[ev.rid]
+            if ev.finish_reason == "error":  # the request's constraint reached a dead end: its own input's fault
+                self._send(ticket, RequestFailed(ev.result.error))
+                return
         self._send(ticket, ev)
 
     def _fail_all(self, err: Exception) -> None:

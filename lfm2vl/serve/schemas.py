@@ -1,8 +1,9 @@
 """Pydantic models of the OpenAI chat-completions API subset lfm2vl serves.
 
 Requests are validated here (types, ranges, n == 1, at most 4 stop strings, the shape of response_format and
-tools); anything that fails becomes a 400 in OpenAI's error shape (errors.py). Unknown top-level fields that OpenAI
-clients commonly send (`user`, `metadata`, `store`, ...) are accepted and ignored; features lfm2vl does not have
+tools); anything that fails becomes a 400 in OpenAI's error shape (errors.py). Types are strict, JSON's own: true is
+no integer, "yes" no boolean, 5 no string. `user` (a string) is accepted and ignored, and so are unknown top-level
+fields that OpenAI clients commonly send (`metadata`, `store`, ...); features lfm2vl does not have
 (audio, n > 1, logit_bias) are refused clearly rather than silently ignored. Extras beyond OpenAI's fields use
 vLLM's names (guided_json, guided_regex, guided_choice, guided_grammar, ...). Responses are plain dicts built in translate.py; their models live here only
 for the OpenAPI schema.
@@ -19,7 +20,7 @@ from lfm2vl.processor.tools import check_tools
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def _utf8(s: str) -> str:
@@ -54,20 +55,20 @@ Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
 class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     name: str = Field(min_length=1)
     arguments: str = "{}"  # JSON text, as OpenAI sends it
 
 
 class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # `name` and friends are accepted and ignored
+    model_config = ConfigDict(extra="ignore", strict=True)  # `name` and friends are accepted and ignored
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[Part] | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
@@ -96,7 +97,8 @@ class StreamOptions(_Strict):
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # NaN / Infinity: "should be a finite number"
+    # strict: JSON's own types only (true is no integer, "yes" no boolean); NaN / Infinity: "should be a finite number"
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
     model: str
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
@@ -133,6 +135,7 @@ class ChatCompletionRequest(BaseModel):
     logit_bias: dict | None = None
     modalities: list[str] | None = None
     audio: dict | None = None
+    user: str | None = None  # OpenAI's end-user id: accepted and ignored
 
     @field_validator("n")
     @classmethod
@@ -169,8 +172,15 @@ class ChatCompletionRequest(BaseModel):
             spec = v.get("json_schema")
             if not isinstance(spec, dict):
                 raise ValueError("type 'json_schema' needs json_schema: {'name': ..., 'schema': {...}}")
-            if not isinstance(spec.get("schema", {}), dict):
-                raise ValueError("json_schema.schema must be a JSON schema object")
+            for key, want, what in (("name", str, "a non-empty string naming the schema"),
+                                    ("schema", dict, "a JSON schema object")):
+                if not isinstance(spec.get(key), want) or not spec[key] and want is str:
+                    got = f"is {spec[key]!r}" if key in spec else "is missing"
+                    raise ValueError(f"json_schema.{key} {got}; expected {what}, as in json_schema: "
+                                     "{'name': ..., 'schema': {...}}")
+            for key, want in (("strict", bool), ("description", str)):
+                if spec.get(key) is not None and not isinstance(spec[key], want):
+                    raise ValueError(f"json_schema.{key} is {spec[key]!r}; expected a {want.__name__}")
         return v
 
     @model_validator(mode="after")
