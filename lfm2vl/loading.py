@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .checkpoint_json import need_object, read_json
+from .config import need_object, read_json
 from .config import Lfm2VlConfig
 from .model.lfm2vl import Lfm2VlModel
 from .resolve import HUB_PATTERNS, LoadError  # noqa: F401  (LoadError is raised here and imported from here)

@@ -39,7 +39,7 @@ ORDER_HELP = (f"checkpoint folder, hub id, or '{BUNDLED_NAME}' (the bundled demo
 class LoadError(ValueError):
     """A checkpoint lfm2vl cannot load (what is wrong and how to fix it is in the message). Defined here, beside
     the rules that pick the model, so resolving needs no torch; loading.py, config.py and the readers of the
-    processor and tokenizer files (checkpoint_json.py) raise it too."""
+    processor and tokenizer files (config.read_json) raise it too."""
 
 
 class BundledModelWarning(UserWarning):

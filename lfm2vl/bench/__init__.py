@@ -192,14 +192,15 @@ def _args(argv):
 
 def _check_config(ap: argparse.ArgumentParser, path: str) -> None:
     """--config names a readable LFM2-VL config.json (said before any checkpoint is built)."""
-    from ..config import ConfigError, Lfm2VlConfig
+    from ..config import Lfm2VlConfig
+    from ..resolve import LoadError
 
     if not Path(path).is_file():
         ap.error(f"--config {path} is a folder; expected a config.json file" if Path(path).is_dir()
                  else f"--config {path}: no such file")
     try:
         Lfm2VlConfig.from_file(path)
-    except ConfigError as e:
+    except LoadError as e:  # the file's reading and its fields alike
         ap.error(f"--config: {e}" if path in str(e) else f"--config {path}: {e}")
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .constraints import Constraint
-from ..values import plain_number
+from ..processor.config import plain_number
 from .sampling import SamplingParams
 from .stops import check_stops
 

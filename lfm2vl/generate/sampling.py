@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..values import plain_number
+from ..processor.config import plain_number
 
 
 NEG_INF = float("-inf")

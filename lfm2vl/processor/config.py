@@ -6,14 +6,29 @@ processor_config.json (flat fields of custom-era repos) < processor_config.json[
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 
-from lfm2vl.checkpoint_json import need_object, read_json
+from lfm2vl.config import need_object, read_json
 from lfm2vl.resolve import LoadError
-from lfm2vl.values import plain_number
+
+# What counts as a number in lfm2vl's options (sampling, request limits, image knobs): Python's and numpy's real
+# scalars (np.float32(0.5), np.int64(4)), never a bool. Every option check reads numbers through `plain_number`, so
+# they all accept the same values and hand Python ints and floats on.
+def plain_number(value, integer: bool = False) -> int | float | None:
+    """`value` as a Python int (an integral value) or float (another real one), or None when it is not a number
+    (a bool, a string, a complex number, ...). integer=True: None for anything but an integral value."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if not integer and isinstance(value, numbers.Real):
+        return float(value)
+    return None
+
 
 KNOBS = ("min_image_tokens", "max_image_tokens", "do_image_splitting", "min_tiles", "max_tiles", "use_thumbnail",
          "max_pixels_tolerance", "tile_size", "resample")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from lfm2vl.checkpoint_json import described, read_json
+from lfm2vl.config import described, read_json
 from lfm2vl.processor.chat import TemplateCompileError, check_templates
 from lfm2vl.resolve import LoadError
 

@@ -11,12 +11,11 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
-
-from ...files.atomic import EXEC_MODE, write_file
 
 _SRC = Path(__file__).with_name("gemv.cpp")
 _SOURCES = [_SRC] + [Path(__file__).with_name(f) for f in (
@@ -59,15 +58,16 @@ def _build() -> Path:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-
-    def compile_to(tmp: Path) -> None:
-        proc = subprocess.run([cxx, *_FLAGS, *map(str, _SOURCES), "-o", str(tmp)], capture_output=True, text=True,
-                              timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"compiling {' '.join(f.name for f in _SOURCES)} failed:\n{proc.stderr[-2000:]}")
-
-    # built under a temporary name, then renamed: concurrent first uses never load a half-written library
-    return write_file(out, compile_to, mode=EXEC_MODE)
+    # build into a temporary name, then rename: concurrent first uses never load a half-written library
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    proc = subprocess.run([cxx, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(f"compiling {' '.join(f.name for f in _SOURCES)} failed:\n{proc.stderr[-2000:]}")
+    os.replace(tmp, out)
+    return out
 
 
 def load():
