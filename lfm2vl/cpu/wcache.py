@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from ..files.atomic import write_file
-
 from .memory import release_mapped_pages, reread_file
 
 ENV = "LFM2VL_WEIGHT_CACHE"
