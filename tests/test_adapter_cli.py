@@ -189,7 +189,7 @@ def test_serve_and_bench_refuse_a_missing_adapter_before_loading(tmp_path, comma
     if command == "serve":
         from lfm2vl.serve.cli import main as run
     else:
-        from lfm2vl.bench import _args as run
+        from lfm2vl.bench.options import parse_args as run
     with pytest.raises(SystemExit) as e:
         run(["--adapter", str(tmp_path / "nope")])
     assert e.value.code == 2

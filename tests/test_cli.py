@@ -289,9 +289,10 @@ def option_helps(parser) -> dict[str, str]:
 
 
 def test_every_option_that_takes_a_value_shows_its_default():
-    from lfm2vl import bench, cli
+    from lfm2vl import cli
+    from lfm2vl.bench import options as bench_options
 
-    parsers = [bench.build_parser()]
+    parsers = [bench_options.build_parser()]
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
     parsers += [sub.choices[name] for name in ("describe", "chat", "generate")]
     for parser in parsers:
@@ -303,9 +304,9 @@ def test_every_option_that_takes_a_value_shows_its_default():
 
 
 def test_bench_takes_the_long_dtype_names():
-    from lfm2vl import bench
+    from lfm2vl.bench.options import build_parser
 
-    parser = bench.build_parser()
+    parser = build_parser()
     assert [parser.parse_args(["--dtype", d]).dtype for d in ("bfloat16", "float32", "bf16", "fp32")] == [
         "bfloat16", "float32", "bfloat16", "float32"]
     assert "--dtype {bfloat16,float32}" in parser.format_help()
