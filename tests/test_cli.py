@@ -460,6 +460,12 @@ def test_prompt_that_is_not_utf8_is_named_before_loading(capsys, tmp_path, img):
                                "Unicode (text that was not UTF-8?)\n")
 
 
+def test_describe_a_bad_data_uri_is_named_before_loading(capsys, tmp_path):
+    """A data: URI is decoded with the other checks before loading (no model at --model: reaching it would say so)."""
+    rc, _, err = run_main(capsys, "describe", "data:image/png;base64,@@@", "--model", tmp_path / "no-model")
+    assert rc == 1 and err.startswith("lfm2vl: error: ") and "base64" in err and "no-model" not in err, err
+
+
 def test_describe_an_empty_path_says_it_is_empty(capsys, tmp_path):
     rc, _, err = run_main(capsys, "describe", "", "--model", tmp_path / "no-model")
     assert rc == 1 and err == "lfm2vl: error: the image path is empty\n"

@@ -217,9 +217,18 @@ def is_remote(image: str) -> bool:
 
 
 def image_problem(image: str) -> str | None:
-    """Why a local image argument cannot be read (None if it is a file, or a URL, which is not checked here)."""
+    """Why an image argument cannot be read (None if it is a file, or a URL, which is not fetched here); a data: URI
+    is decoded here (in memory, cheap), so a bad one is reported before the model loads."""
     if not image.strip():
         return "the image path is empty"
+    if image.startswith("data:"):
+        from ..processor.io import load_image
+
+        try:
+            load_image(image)
+        except ValueError as e:
+            return str(e)
+        return None
     if is_remote(image):
         return None
     p = Path(image)
