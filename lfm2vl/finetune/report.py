@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..files.atomic import write_file, write_text
+
 METRICS, PLOT = "metrics.jsonl", "loss.png"
 
 
@@ -28,7 +30,7 @@ class Report:
             return
         kept = [line for line in _lines(self.path) if line.get("step", 0) <= start_step] if start_step else []
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(json.dumps(x) + "\n" for x in kept))
+        write_text(self.path, "".join(json.dumps(x) + "\n" for x in kept))  # a resume keeps its steps or none
         if progress:
             from tqdm import tqdm
 
@@ -106,5 +108,6 @@ def plot(metrics: Path, out: Path) -> Path:
     if train or evals:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out)
+    # atomically: a crash never leaves a broken image under the final name (the type from its suffix)
+    write_file(out, lambda tmp: fig.savefig(tmp, format=Path(out).suffix.lstrip(".").lower() or "png"))
     return Path(out)
