@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files import jsontext
 from .resolve import LoadError
 
 VL_MODEL_TYPES = ("lfm2_vl", "lfm2-vl")
@@ -69,7 +70,7 @@ def read_json(path: str | Path, *, required: bool = False) -> dict:
     except OSError as e:
         raise LoadError(f"{path} cannot be read: {e.strerror or e}") from None
     try:
-        value = json.loads(text)
+        value = jsontext.loads(text)
     except json.JSONDecodeError as e:
         raise LoadError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(value, dict):

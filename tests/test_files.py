@@ -1,11 +1,12 @@
 """lfm2vl/files: atomic writes (the result's modes, nothing left behind on failure) and output-path checks."""
 from __future__ import annotations
 
+import json
 import stat
 
 import pytest
 
-from lfm2vl.files import atomic
+from lfm2vl.files import atomic, jsontext
 from lfm2vl.files.check import OutputError, check_file, check_folder
 
 
@@ -85,3 +86,34 @@ def test_check_folder_refuses_a_file_on_the_way(tmp_path):
         check_folder("--out", tmp_path / "ok.png")
     with pytest.raises(OutputError, match=r"^--output .*/ok.png/sub: .*/ok.png is a file, not a folder$"):
         check_folder("--output", tmp_path / "ok.png" / "sub", beside=True)
+
+
+# ---- jsontext: JSON from outside, its nesting bounded ----
+
+def nested(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+def test_loads_reports_too_deep_text_as_a_json_error_at_its_place():
+    """Text nested past the recursion limit (and past MAX_DEPTH below it) is a JSONDecodeError pointing at the
+    bracket that opens one level too many, never a RecursionError."""
+    assert jsontext.loads(nested(jsontext.MAX_DEPTH)) is not None
+    before = ' {"a": "[[", "b": '  # brackets inside a string do not count
+    for levels in (jsontext.MAX_DEPTH + 1, 100_000):
+        with pytest.raises(json.JSONDecodeError) as e:
+            jsontext.loads(before + nested(levels) + "}")
+        assert e.value.msg == jsontext.too_deep() and e.value.pos == len(before) + jsontext.MAX_DEPTH - 1
+
+
+def test_loads_reports_an_integer_too_long_to_convert_as_a_json_error():
+    with pytest.raises(json.JSONDecodeError) as e:
+        jsontext.loads("[1, " + "7" * 5000 + "]")
+    assert "more than" in e.value.msg and e.value.pos == 4
+
+
+def test_check_depth_names_the_field_and_ends_on_a_cycle():
+    loop = []
+    loop.append(loop)
+    with pytest.raises(ValueError, match=r"^tools\[0\] is nested too deeply"):
+        jsontext.check_depth(loop, "tools[0]")
+    assert jsontext.check_depth({"a": json.loads(nested(jsontext.MAX_DEPTH - 1))}, "x")

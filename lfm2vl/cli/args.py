@@ -4,7 +4,6 @@ before a model loads."""
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
@@ -79,10 +78,11 @@ def schema_file(path: str) -> str:
 
 def tools_file(path: str) -> list:
     """--tools FILE: a JSON list of tools (OpenAI's function-tool shape), checked while parsing."""
+    from ..files import jsontext
     from ..processor.tools import check_tools
 
     try:
-        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+        tools = jsontext.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
         raise argparse.ArgumentTypeError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     except ValueError as e:

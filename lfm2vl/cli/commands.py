@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..files import jsontext
 from .args import CLIError, check_device, check_images, flag_wording, image_problem, options
 
 def resolve(args, prog: str = "lfm2vl"):
@@ -133,7 +134,7 @@ def cmd_generate(args) -> int:
     except UnicodeDecodeError as e:
         raise CLIError(f"{args.messages} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
     try:
-        messages = json.loads(text)
+        messages = jsontext.loads(text)
     except json.JSONDecodeError as e:
         raise CLIError(f"{args.messages} is not valid JSON ({e})") from None
     if isinstance(messages, dict) and "messages" in messages:  # an OpenAI request body

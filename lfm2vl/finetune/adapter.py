@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..files import jsontext
 from ..files.atomic import write_file, write_text
 from .lora import LoraLinear, _shared_weights, lora_modules, merged_weight, replace_weight
 
@@ -148,7 +149,7 @@ def read_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
         hint = " (lfm2vl reads safetensors only, never pickles)" if (folder / "adapter_model.bin").exists() else ""
         raise AdapterError(f"adapter folder {folder} has no {' and no '.join(missing)}{hint}")
     try:
-        config = json.loads(cfg_file.read_text())
+        config = jsontext.loads(cfg_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterError(f"{cfg_file} is not valid JSON: {e}") from None
     if not isinstance(config, dict):

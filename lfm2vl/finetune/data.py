@@ -25,6 +25,7 @@ from typing import Iterator
 
 from jinja2 import TemplateError
 
+from lfm2vl.files import jsontext
 from lfm2vl.finetune.batches import Sample
 from lfm2vl.processor.image import plan_image
 from lfm2vl.processor.io import fetch_url, load_image
@@ -86,7 +87,7 @@ def _jsonl_rows(p: Path) -> Iterator[Row]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = jsontext.loads(line)
             except json.JSONDecodeError as e:
                 yield Row(where, [], error=f"invalid JSON ({e.msg} at column {e.colno})")
                 continue

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..files import jsontext
 from ..files.atomic import write_file, write_text
 
 METRICS, PLOT = "metrics.jsonl", "loss.png"
@@ -79,7 +80,7 @@ def _lines(path: Path) -> list[dict]:
     out = []
     for line in path.read_text().splitlines():
         try:
-            out.append(json.loads(line))
+            out.append(jsontext.loads(line))
         except json.JSONDecodeError:  # a line cut by a crash
             pass
     return out

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..files import jsontext
 from .finite import why_infinite
 
 CONSTRAINT_OPTIONS = ("json_schema", "json_object", "regex", "choices", "grammar")
@@ -77,12 +78,13 @@ class Constraint:
                 model, schema = schema, schema.model_json_schema()
             elif isinstance(schema, str):
                 try:
-                    schema = json.loads(schema)
+                    schema = jsontext.loads(schema)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"json_schema is not valid JSON: {e}") from None
             if not isinstance(schema, dict):
                 raise ValueError(f"json_schema={json_schema!r} is invalid; expected a JSON schema object (a dict, its "
                                  "JSON text, or a pydantic model class)")
+            jsontext.check_depth(schema, "json_schema")  # the checks and the compiler below recurse per level
             c = cls("json_schema", json.dumps(schema), model)  # key order kept: it is the answer's order
         elif json_object is not None:
             if json_object is not True:
@@ -113,7 +115,7 @@ class Constraint:
             return text
         if self.model is not None:
             return self.model.model_validate_json(text)
-        return json.loads(text)
+        return jsontext.loads(text)
 
 
 @lru_cache(maxsize=256)
