@@ -424,3 +424,19 @@ def test_stop_strings_follow_the_engines_rule(served):
     err = _error(_post(served, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": ["a", ""]}),
                  400)
     assert err["param"] == "stop" and "stop strings must be non-empty strings" in err["message"]
+
+
+def test_tools_and_call_arguments_nested_too_deeply_are_400s_naming_the_field(served):
+    """A tool schema or an earlier call's arguments nested past the bound every recursive step relies on
+    (files/jsontext.py MAX_DEPTH) is the client's 400, never a 500."""
+    schema = {"type": "string"}
+    for _ in range(800):
+        schema = {"type": "array", "items": schema}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": schema}}}}]
+    err = _error(_post(served, {**_user({"type": "text", "text": "hi"}), "tools": tools}), 400)
+    assert "tools[0].function.parameters is nested too deeply" in err["message"], err
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[" * 5000 + "]" * 5000}}
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+    err = _error(_post(served, {"model": MODEL, "messages": messages, "max_tokens": 4}), 400)
+    assert "arguments" in err["param"] and "nested too deeply" in err["message"], err

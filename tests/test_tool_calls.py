@@ -130,6 +130,17 @@ def test_template_with_tools_renders_them_itself(tiny_engine):
             '<|im_start|>tool\n<|tool_response_start|>12:00<|tool_response_end|><|im_end|>') in own
 
 
+def deep_schema(levels: int) -> dict:
+    """A schema of arrays nested `levels` deep (JSON schema allows any depth)."""
+    schema = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+DEEP_SCHEMA = deep_schema(800)
+
+
 @pytest.mark.parametrize("options, words", [
     (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), ["tool_choice", "nope"]),
     (dict(tools=[{"type": "function", "function": {"description": "x"}}]), ["tools[0].function.name"]),
@@ -144,6 +155,8 @@ def test_template_with_tools_renders_them_itself(tiny_engine):
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": 3}}}}]),
      ["tools[0].function.parameters.properties.a", "JSON schema"]),
     (dict(tools=[{"type": "function", "function": {"name": "a-b"}}]), ["tools[0].function.name", "identifier"]),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": DEEP_SCHEMA}}}}]),
+     ["tools[0].function.parameters", "nested too deeply"]),
     (dict(tools=TOOLS, tool_choice="always"), ["tool_choice", "'always'"]),
     (dict(tool_choice="required"), ["tool_choice", "needs tools"]),
     (dict(tools=TOOLS, tool_choice="required", regex="a+"), ["tool_choice", "regex"]),
@@ -168,3 +181,9 @@ def test_chat_keeps_tool_calls_and_answers_after_a_tool_result(tiny_engine):
                                           skip_special_tokens=False)
     assert model_text(tiny_engine, first) in prompt and "<|tool_response_start|>" in prompt
 
+
+
+@pytest.mark.parametrize("arguments", ["[" * 5000 + "]" * 5000, {"a": json.loads("[" * 800 + "]" * 800)}])
+def test_call_arguments_nested_too_deeply_are_a_value_error_naming_them(arguments):
+    with pytest.raises(ValueError, match=r"^messages\[1\]\.tool_calls\[0\]\.function\.arguments .*nested too deeply"):
+        call_text([{"function": {"name": "f", "arguments": arguments}}], "messages[1].tool_calls")

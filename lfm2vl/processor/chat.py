@@ -19,6 +19,7 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from ..files import jsontext
 from . import tools as lfm2_tools
 
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -192,9 +193,13 @@ def render(template: str, messages, special_tokens: Mapping[str, str], add_gener
     if not msgs:
         raise ValueError("cannot apply the chat template to an empty conversation")
     if tools is not None:
-        for t in tools:
+        for i, t in enumerate(tools):
             if not isinstance(t, Mapping):
                 raise ValueError(f"tools must be JSON-schema dicts, got {type(t).__name__}")
+            jsontext.check_depth(t, f"tools[{i}]", jsontext.MAX_DEPTH + 2)  # tools.function_of's bound, per field
+    for i, m in enumerate(msgs):  # plain() recurses per level: the bound messages.normalize sets per field
+        jsontext.check_depth(m, f"messages[{i}]", jsontext.MAX_DEPTH + 1)
+    jsontext.check_depth(documents, "documents")
     variables = {**special_tokens, **kwargs}
     msgs, tools, documents = plain(msgs), plain(tools), plain(documents)
     if escape is not None:

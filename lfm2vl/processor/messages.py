@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from lfm2vl.files import jsontext
 from lfm2vl.processor import chat
 
 # The keys of an {"type": "image"} part that hold its image, in the order they are looked up.
@@ -93,7 +94,8 @@ def normalize(messages, images=None) -> Conversation:
     they go at the start of the last user message. Roles are checked (processor/chat.py check_role: developer
     becomes system); every malformed message or part is a ValueError naming it (messages[i].content[j]), and so
     is text that is not valid Unicode (check_text) and a message without content that needs some
-    (content_problem)."""
+    (content_problem), and so is a field nested more than jsontext.MAX_DEPTH levels (templates recurse per
+    level)."""
     extra = image_list(images)
     if isinstance(messages, str):
         messages = [{"role": "user", "content": check_text(messages, "the prompt")}]
@@ -103,6 +105,8 @@ def normalize(messages, images=None) -> Conversation:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m:
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {m!r:.80}")
+        for k, v in m.items():
+            jsontext.check_depth(v, f"messages[{i}].{k}")
         role = chat.check_role(m["role"], f"messages[{i}]")
         content = m.get("content")
         problem = content_problem(role, content)

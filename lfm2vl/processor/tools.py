@@ -22,6 +22,8 @@ import uuid
 from functools import lru_cache
 from typing import Any, Mapping
 
+from lfm2vl.files import jsontext
+
 TOOL_LIST = ("<|tool_list_start|>", "<|tool_list_end|>")
 TOOL_CALL = ("<|tool_call_start|>", "<|tool_call_end|>")
 TOOL_RESPONSE = ("<|tool_response_start|>", "<|tool_response_end|>")
@@ -33,7 +35,8 @@ def function_of(tool: Any, where: str) -> dict:
     """The function spec {"name", "description"?, "parameters"?} of one tool: OpenAI's {"type": "function",
     "function": {...}} or the bare function dict. ValueError naming `where` when it is malformed: parameters are a
     JSON schema of type "object" (the type may be left out; absent or empty parameters: no arguments) whose
-    properties are schemas and whose required names are among them."""
+    properties are schemas and whose required names are among them; no field nests more than jsontext.MAX_DEPTH
+    levels (the template and the call grammar recurse per level)."""
     if not isinstance(tool, Mapping):
         raise ValueError(f"{where} must be an object like {{'type': 'function', 'function': {{'name': ...}}}}, got "
                          f"{type(tool).__name__}")
@@ -44,6 +47,11 @@ def function_of(tool: Any, where: str) -> dict:
         fn, at = tool.get("function"), f"{where}.function"
         if not isinstance(fn, Mapping):
             raise ValueError(f"{at} must be an object with a 'name', got {type(fn).__name__}")
+        for k, v in tool.items():
+            if k != "function":
+                jsontext.check_depth(v, f"{where}.{k}")
+    for k, v in fn.items():
+        jsontext.check_depth(v, f"{at}.{k}")
     name = fn.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{at}.name is missing; every tool needs a function name")
@@ -167,6 +175,24 @@ def py_literal(value) -> str:
     raise ValueError(f"{value!r} is not a JSON value")
 
 
+def call_arguments(args, where: str) -> Mapping:
+    """A call's arguments (a JSON object or its text; empty text: none) as a mapping of keyword arguments; a
+    ValueError naming `where` for text that is not JSON, a value that is not an object, a key that is no Python
+    identifier, or nesting deeper than jsontext.MAX_DEPTH levels."""
+    if isinstance(args, str):
+        try:
+            args = jsontext.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} is not valid JSON: {e}") from None
+    if not isinstance(args, Mapping):
+        raise ValueError(f"{where} must be a JSON object")
+    jsontext.check_depth(args, where)
+    bad = [k for k in args if not isinstance(k, str) or not k.isidentifier()]
+    if bad:
+        raise ValueError(f"{where} has the key {bad[0]!r}, which cannot be a keyword argument")
+    return args
+
+
 def call_text(tool_calls, where: str = "tool_calls") -> str:
     """OpenAI's tool_calls (arguments as a JSON string or a dict) -> `<|tool_call_start|>[...]<|tool_call_end|>`."""
     if not isinstance(tool_calls, (list, tuple)) or not tool_calls:
@@ -177,17 +203,7 @@ def call_text(tool_calls, where: str = "tool_calls") -> str:
         fn = tc.get("function", tc) if isinstance(tc, Mapping) else None
         if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"].isidentifier():
             raise ValueError(f"{at} needs function.name, a Python identifier")
-        args = fn.get("arguments", {})
-        if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{at}.function.arguments is not valid JSON: {e}") from None
-        if not isinstance(args, Mapping):
-            raise ValueError(f"{at}.function.arguments must be a JSON object")
-        bad = [k for k in args if not isinstance(k, str) or not k.isidentifier()]
-        if bad:
-            raise ValueError(f"{at}.function.arguments has the key {bad[0]!r}, which cannot be a keyword argument")
+        args = call_arguments(fn.get("arguments", {}), f"{at}.function.arguments")
         parts.append(f"{fn['name']}(" + ", ".join(f"{k}={py_literal(v)}" for k, v in args.items()) + ")")
     return TOOL_CALL[0] + "[" + ", ".join(parts) + "]" + TOOL_CALL[1]
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from lfm2vl.generate.stops import check_stops
 from lfm2vl.processor.messages import check_text, content_problem
-from lfm2vl.processor.tools import check_tools
+from lfm2vl.processor.tools import call_arguments, check_tools
 
 
 class _Strict(BaseModel):
@@ -58,6 +58,12 @@ class FunctionCall(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     name: str = Field(min_length=1)
     arguments: str = "{}"  # JSON text, as OpenAI sends it
+
+    @field_validator("arguments")
+    @classmethod
+    def _arguments(cls, v):
+        call_arguments(v, "arguments")  # the render's rule (processor/tools.py), checked before the request runs
+        return v
 
 
 class ToolCall(BaseModel):
