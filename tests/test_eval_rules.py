@@ -279,3 +279,28 @@ def test_ifeval_rule_checked_constraints_are_partial():
     res = score(get_benchmark("MM-IFEval"), rows, ["A red cube", "The red cube here"])
     assert res["partial"] is True and res["constraints_unchecked"] == 2
     assert res["overall"] == pytest.approx(100 * (1 + 0) / 2)
+
+
+F_WORDS = "check_whether_response_word_count_in_range"
+
+
+def _rule(verify_funcs) -> list:
+    return [{"key": "len", "judge": {"method": "rule_based", "verify_funcs": verify_funcs}}]
+
+
+@pytest.mark.parametrize("constraints, words", [
+    ([[1, 2]], "constraint 0 must be a JSON object, got a list"),
+    ([{"judge": "x"}], "constraint 0: judge must be a JSON object"),
+    (_rule("abc"), "constraint 0: verify_funcs must be a JSON list of objects"),
+    (_rule([{"func": F_WORDS, "params": ["a", None]}]), "params of " + F_WORDS + " must be [a number, a number]"),
+    (_rule([{"func": F_WORDS}]), "must be [a number, a number]; they are missing"),
+    (_rule([{"func": F_WORDS, "params": {"x": 1}}]), 'must be [a number, a number]; got {"x": 1}'),
+    (_rule([{"func": F_WORDS, "params": [1, 2, 3]}]), "must be [a number, a number]; got [1, 2, 3]"),
+])
+def test_ifeval_malformed_constraints_are_errors_naming_row_and_constraint(constraints, words):
+    import json
+    raw = {"index": "4", "constraints": json.dumps(constraints), "infer_type": "main"}
+    with pytest.raises(ValueError) as e:
+        score(get_benchmark("MM-IFEval"), [row(4, raw=raw)], ["A red cube"])
+    msg = str(e.value)
+    assert msg.startswith("t.tsv row index 4: constraint 0") and words in msg, msg
