@@ -17,10 +17,18 @@ system, developer (= system), user, assistant and tool (processor/chat.py ROLES)
 LFM2's tool-call format (processor/tools.py, generate/toolcall.py). processor/messages.py normalises them.
 A conversation that ends in an assistant message is a closed turn: the prompt opens a new assistant turn after it,
 unless continue_final_message=True, which leaves that message open for the model to continue.
+
+Threads: one engine may be called from several threads. Its generators step one at a time under `engine.lock` (an
+RLock): a generate call or a chat turn holds it until its reply is complete, so concurrent calls wait their turn,
+and each output equals the one it gets alone. A stream holds the lock only while it computes its next piece, never
+between pieces: a call from another thread runs between two pieces (the stream's later pieces are kept for it), and
+a stream that is abandoned, closed or garbage-collected holds nothing. One model computes one step at a time, so
+threads add no throughput: to serve many clients, run `lfm2vl serve`, which batches their requests.
 """
 from __future__ import annotations
 
 import os
+import threading
 from typing import Callable
 
 import torch
@@ -131,6 +139,7 @@ class Engine:
             eos = [] if e is None else ([e] if isinstance(e, int) else list(e))
         self.eos_ids = tuple(int(i) for i in eos)
         self.prefill_chunk = prefill_chunk
+        self.lock = threading.RLock()  # every generator of this engine steps under it (see Threads above)
         self._single: BatchGenerator | None = None
 
     @property
@@ -144,7 +153,8 @@ class Engine:
 
     def reset(self) -> None:
         """Forget the warm cache kept between single calls."""
-        self._single = None
+        with self.lock:
+            self._single = None
 
     def release_memory(self) -> None:
         """Hand the heap's freed pages back to the OS (glibc keeps tens of MB after a vision pass): for a server
@@ -224,14 +234,16 @@ class Engine:
         return Chat(self, system, **options)
 
     def _single_gen(self) -> BatchGenerator:
-        if self._single is None:
-            self._single = BatchGenerator(self, max_batch=1, prefill_chunk=self.prefill_chunk)
-        return self._single
+        with self.lock:
+            if self._single is None:
+                self._single = BatchGenerator(self, max_batch=1, prefill_chunk=self.prefill_chunk)
+            return self._single
 
     def _run_single(self, req: Request, gen: BatchGenerator | None) -> Result:
-        gen = gen or self._single_gen()
-        rid = gen.add(req)
-        return gen.run([rid])[rid].checked()
+        with self.lock:  # add and run as one: no other thread's run takes the request's events
+            gen = gen or self._single_gen()
+            rid = gen.add(req)
+            return gen.run([rid])[rid].checked()
 
 
 def load_images(images: list, places: list | None = None) -> list:

@@ -463,3 +463,62 @@ def test_chat_refuses_a_turn_it_cannot_take_and_keeps_its_conversation(tiny_engi
                                          "called no tool"):
         chat.send_tool_result("42", max_new_tokens=2)
     assert chat.messages == []
+
+
+def in_threads(*calls):
+    """Run each call in a thread of its own, all released at once; their results in order (the first error raised)."""
+    import threading
+
+    start, out, errors = threading.Barrier(len(calls)), [None] * len(calls), []
+
+    def work(k, call):
+        start.wait()
+        try:
+            out[k] = call()
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k, c), daemon=True) for k, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a thread still waits"
+    if errors:
+        raise errors[0]
+    return out
+
+
+def test_generate_from_several_threads_equals_the_sequential_calls(tiny_engine):
+    prompts = ["One.", "Two.", "Three."]
+    ref = [tiny_engine.generate(p, **GREEDY).text for p in prompts] + [
+        [r.text for r in tiny_engine.generate(prompts[:2], **GREEDY)]]
+    got = in_threads(*[lambda p=p: tiny_engine.generate(p, **GREEDY).text for p in prompts],
+                     lambda: [r.text for r in tiny_engine.generate(prompts[:2], **GREEDY)])
+    assert got == ref
+
+
+def test_streams_and_generate_from_several_threads_equal_the_sequential_calls(tiny_engine):
+    ref = [tiny_engine.generate(p, **GREEDY).text for p in ("One.", "Two.", "Three.")]
+    got = in_threads(lambda: "".join(tiny_engine.stream("One.", **GREEDY)),
+                     lambda: "".join(tiny_engine.stream("Two.", **GREEDY)),
+                     lambda: tiny_engine.generate("Three.", **GREEDY).text)
+    assert got == ref
+
+
+def test_a_stream_paused_between_pieces_lets_another_thread_generate(tiny_engine):
+    ref = [tiny_engine.generate(p, **GREEDY).text for p in ("One.", "Two.")]
+    it = iter(tiny_engine.stream("One.", **GREEDY))
+    first = next(it)
+    other = in_threads(lambda: tiny_engine.generate("Two.", **GREEDY).text)  # the stream holds nothing meanwhile
+    assert [first + "".join(it)] + other == ref
+
+
+def test_chat_turns_sent_from_two_threads_each_see_the_one_before(tiny_engine):
+    chat = tiny_engine.chat(**GREEDY)
+    in_threads(lambda: chat.send("Hello."), lambda: chat.send("Goodbye."))
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"] * 2
+    again = tiny_engine.chat(**GREEDY)
+    for user in chat.messages[::2]:
+        again.send(user["content"])
+    assert again.messages == chat.messages

@@ -310,6 +310,14 @@ def test_page_headers_and_no_ui():
         assert httpx.get(srv.url + "/ui/page.js").status_code == 404
 
 
+def test_head_on_the_page_files_gives_the_headers_of_get_and_no_body():
+    with fake_server() as srv:
+        for path in ("/", "/ui/page.js", "/ui/page.css", "/ui/config.json"):
+            get, head = httpx.get(srv.url + path), httpx.head(srv.url + path)
+            assert head.status_code == get.status_code == 200 and head.content == b"", path
+            assert {**head.headers, "date": ""} == {**get.headers, "date": ""}, path
+
+
 def test_settings_reach_the_request_and_new_chat_starts_over(browser, tmp_path):
     with fake_server(reply="fine") as srv:
         open_page(browser, srv.url)

@@ -350,6 +350,27 @@ def test_error_unsupported_feature_and_route(served):
     _error(httpx.get(served.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}), 405)
 
 
+@pytest.mark.parametrize("path", ["/health", "/v1/models", f"/v1/models/{MODEL}"])
+def test_head_answers_with_the_headers_of_get_and_no_body(served, path):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    get, head = (httpx.request(m, served.url + path, headers=auth) for m in ("GET", "HEAD"))
+    assert head.status_code == get.status_code == 200 and head.content == b""
+    assert {**head.headers, "date": ""} == {**get.headers, "date": ""}
+
+
+@pytest.mark.parametrize("method, path, allow", [
+    ("GET", "/v1/chat/completions", "POST"),
+    ("HEAD", "/v1/chat/completions", "POST"),
+    ("POST", "/health", "GET, HEAD"),
+    ("DELETE", f"/v1/models/{MODEL}", "GET, HEAD"),
+])
+def test_a_405_lists_the_methods_of_the_path_in_allow(served, method, path, allow):
+    r = httpx.request(method, served.url + path, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 405 and r.headers["allow"] == allow
+    if method != "HEAD":
+        assert _error(r, 405)["message"].endswith(f"it takes {allow}.")
+
+
 def test_internal_error_is_generic_500(served, monkeypatch):
     def boom(messages, **options):
         raise RuntimeError("secret internal detail")

@@ -68,6 +68,10 @@ def test_a_model_with_a_short_context_serves_with_its_own_context(tiny_checkpoin
     ("--max-batch", "0", "--max-batch must be at least 1"),
     ("--max-body-mb", "nan", "--max-body-mb must be a positive number"),
     ("--api-key", "", "--api-key is empty"),
+    ("--api-key", "a\nb", "--api-key has '\\n' at position 2"),
+    ("--api-key", "a b", "--api-key has ' ' at position 2"),
+    ("--host", "", "--host is empty"),
+    ("--served-model-name", " ", "--served-model-name is empty"),
 ])
 def test_a_bad_flag_is_one_line_and_exit_2_before_loading(flag, value, words):
     done = _serve(["--model", "/nonexistent/model", flag, value])  # checked before the model would fail to load
@@ -82,6 +86,12 @@ def test_a_bad_flag_is_one_line_and_exit_2_before_loading(flag, value, words):
 def test_a_flag_the_model_cannot_take_is_one_line_and_exit_2(tiny_checkpoint, flags, words):
     done = _serve(["--model", str(tiny_checkpoint), *flags])
     assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_blank_api_key_from_the_environment_is_named_by_its_variable(monkeypatch):
+    monkeypatch.setenv("LFM2VL_API_KEY", " ")
+    done = _serve(["--model", "/nonexistent/model"])
+    assert done.returncode == 2 and "$LFM2VL_API_KEY is empty" in done.stderr
 
 
 def test_an_empty_api_key_in_the_environment_means_no_key(tiny_checkpoint, tmp_path, monkeypatch):

@@ -12,11 +12,16 @@ Every path (Engine.generate / stream / chat, batched generate, the server) drive
 - Each row samples with its own Sampler (composed once per request); rows that are plain greedy share one argmax.
   A constrained row's Sampler masks its logits with the row's grammar (constraints.py); other rows pay nothing.
   One host sync per step (the new token ids), needed for detokenizing and stop checks.
+- Thread safety: add / cancel / step / run / follow hold the engine's `lock` (an RLock every generator of one engine
+  shares), so generators of one engine step one at a time and requests from several threads interleave as they
+  would in one thread; run() holds it until its requests finished, follow() only while it steps (never between
+  the events it yields, so an abandoned iterator holds nothing).
 - A step cut short by an exception (Ctrl-C's KeyboardInterrupt, a failing forward) may leave a row's conv state
   ahead of its tokens: the requests it was running are dropped and their rows roll back to their last snapshot.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from typing import Iterator
@@ -43,8 +48,9 @@ class BatchGenerator:
     def __init__(self, engine, max_batch: int = MAX_BATCH, max_seq_len: int | None = None,
                  prefill_chunk: int = PREFILL_CHUNK):
         """engine: anything with .model (make_cache / embed / image_features / forward_cached), .config
-        (Lfm2VlConfig) and .tokenizer (decode). max_seq_len: fixed cache length per row (default: sized to the
-        requests, growing up to the model's context; decode attends over the whole capacity, so it stays small)."""
+        (Lfm2VlConfig) and .tokenizer (decode), optionally .lock (the engine's RLock; default: the generator's
+        own). max_seq_len: fixed cache length per row (default: sized to the requests, growing up to the model's
+        context; decode attends over the whole capacity, so it stays small)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk < 1:
@@ -57,6 +63,7 @@ class BatchGenerator:
         dtype = getattr(engine, "dtype", None)  # the cache's; an int8 output head does not carry it
         self.decode_forward = getattr(engine, "decode_forward", None) or self.model.forward_cached
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.lock = getattr(engine, "lock", None) or threading.RLock()
         self.fixed = max_seq_len is not None
         if self.fixed and not 1 <= max_seq_len <= self.max_context:
             raise ValueError(f"max_seq_len={max_seq_len} must be in [1, {self.max_context}] (the model's context)")
@@ -83,8 +90,9 @@ class BatchGenerator:
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         check_images(req, self.image_token_id, self.factor)
-        rid = self._next_rid
-        self._next_rid += 1
+        with self.lock:
+            rid = self._next_rid
+            self._next_rid += 1
         matcher = None
         if req.constraint is not None:
             from .constraints import TokenMatcher
@@ -94,19 +102,21 @@ class BatchGenerator:
                           matcher)
         act = Active(rid, req, sampler, StreamDetokenizer(self.tokenizer), StopMatcher(req.stop),
                      t_add=time.perf_counter(), image_tokens=req.input_ids.count(self.image_token_id))
-        self.pending.append(act)
-        self.actives[rid] = act
+        with self.lock:
+            self.pending.append(act)
+            self.actives[rid] = act
         return rid
 
     def cancel(self, rid: int) -> None:
         """Drop a request; its row becomes free (its content stays reusable)."""
-        act = self.actives.pop(rid, None)
-        if act is None:
-            return
-        if act in self.pending:
-            self.pending.remove(act)
-        elif act.slot >= 0:
-            self.rows.release(act.slot)
+        with self.lock:
+            act = self.actives.pop(rid, None)
+            if act is None:
+                return
+            if act in self.pending:
+                self.pending.remove(act)
+            elif act.slot >= 0:
+                self.rows.release(act.slot)
 
     def has_work(self) -> bool:
         return bool(self.actives)
@@ -115,13 +125,14 @@ class BatchGenerator:
     def step(self) -> list[Event]:
         """Admit queued requests into free rows, prefill up to `prefill_chunk` tokens, then one decode step."""
         events: list[Event] = []
-        try:
-            self._admit()
-            self._prefill(events)
-            self._decode(events)
-        except BaseException:
-            self._abort_step()
-            raise
+        with self.lock:
+            try:
+                self._admit()
+                self._prefill(events)
+                self._decode(events)
+            except BaseException:
+                self._abort_step()
+                raise
         return events
 
     def _abort_step(self) -> None:
@@ -137,23 +148,25 @@ class BatchGenerator:
             self.rows.roll_back(act.slot)
 
     def run(self, rids=None) -> dict[int, Result]:
-        """Step until the given requests (default: all) finished; returns their Results (cancelled ones absent)."""
-        rids = list(self.actives) if rids is None else list(rids)
-        boxes = {r: self._mail.setdefault(r, deque()) for r in rids}
-        out: dict[int, Result] = {}
-        try:
-            while True:
-                for r, box in boxes.items():
-                    while box:
-                        ev = box.popleft()
-                        if ev.result is not None:
-                            out[r] = ev.result
-                if not any(r in self.actives for r in rids if r not in out):
-                    return out
-                self._pump()
-        finally:
-            for r in rids:
-                self._mail.pop(r, None)
+        """Step until the given requests (default: all) finished; returns their Results (cancelled ones absent).
+        Holds the lock throughout: a run from another thread waits for this one."""
+        with self.lock:
+            rids = list(self.actives) if rids is None else list(rids)
+            boxes = {r: self._mail.setdefault(r, deque()) for r in rids}
+            out: dict[int, Result] = {}
+            try:
+                while True:
+                    for r, box in boxes.items():
+                        while box:
+                            ev = box.popleft()
+                            if ev.result is not None:
+                                out[r] = ev.result
+                    if not any(r in self.actives for r in rids if r not in out):
+                        return out
+                    self._pump()
+            finally:
+                for r in rids:
+                    self._mail.pop(r, None)
 
     def follow(self, rid: int) -> Iterator[Event]:
         """The events of one request as they come, stepping the generator when needed. Events of other requests
@@ -164,15 +177,17 @@ class BatchGenerator:
     def _follow(self, rid: int, box: deque) -> Iterator[Event]:
         try:
             while True:
-                if box:
-                    ev = box.popleft()
-                    yield ev
-                    if ev.result is not None:
-                        return
-                elif rid in self.actives:
-                    self._pump()
-                else:
-                    return  # cancelled
+                if not box:
+                    with self.lock:  # held while stepping, never while a yielded event waits for its reader
+                        if not box and rid not in self.actives:
+                            return  # cancelled
+                        if not box:
+                            self._pump()
+                    continue
+                ev = box.popleft()
+                yield ev
+                if ev.result is not None:
+                    return
         finally:
             self._mail.pop(rid, None)
 

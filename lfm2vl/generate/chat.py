@@ -37,10 +37,12 @@ class Chat:
         self.last = None
 
     def send(self, text: str, images=None, **options) -> Result:
-        """Add a user turn and generate the reply (appended to the conversation)."""
-        stream = self.stream(text, images, **options)
-        for _ in stream:
-            pass
+        """Add a user turn and generate the reply (appended to the conversation). The turn holds the engine's lock
+        (engine.py, Threads): a turn sent from another thread waits for this one and sees its reply."""
+        with self.engine.lock:
+            stream = self.stream(text, images, **options)
+            for _ in stream:
+                pass
         return stream.result
 
     def send_tool_result(self, content: str, tool_call_id: str | None = None, **options) -> Result:
@@ -51,10 +53,11 @@ class Chat:
                              "tool (give the model tools= and let it call one first)")
         if not isinstance(content, str):
             raise ValueError(f"the tool result must be a string, got {type(content).__name__}")
-        stream = self._turn({"role": "tool", "content": content, **({"tool_call_id": tool_call_id}
-                                                                      if tool_call_id else {})}, options)
-        for _ in stream:
-            pass
+        with self.engine.lock:
+            stream = self._turn({"role": "tool", "content": content, **({"tool_call_id": tool_call_id}
+                                                                          if tool_call_id else {})}, options)
+            for _ in stream:
+                pass
         return stream.result
 
     def stream(self, text: str, images=None, **options):

@@ -25,9 +25,11 @@ class Stream:
         return "".join(ev.text for ev in self.events)
 
     def __iter__(self) -> Iterator[str]:
-        rid = self.gen.add(self.req)
+        with self.gen.lock:  # no run() of another thread finishes the request before its events are kept
+            rid = self.gen.add(self.req)
+            events = self.gen.follow(rid)
         try:
-            for ev in self.gen.follow(rid):
+            for ev in events:
                 self.events.append(ev)
                 if ev.result is not None:
                     self.result = ev.result

@@ -9,7 +9,8 @@ Streaming answers are server-sent events: a role chunk, content chunks, a finish
 then `data: [DONE]`. With tools, the text from a `<|tool_call_start|>` token on is held back; when the answer ends
 it goes out as tool-call deltas (one chunk per call, OpenAI's shape) with finish_reason "tool_calls", or as content
 if it did not parse as a call. If the client goes away (stream or not), the generation is cancelled and its row freed.
-A pure-ASGI guard in front checks the API key (401) and the body size (413) before the body is parsed.
+A pure-ASGI guard in front checks the API key (401) and the body size (413) before the body is parsed; HEAD is
+answered wherever GET is (methods.py).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import translate
 from .errors import APIError, install_handlers
 from .media import FetchPool
+from .methods import HeadAsGet
 from .page import add_page
 from .scheduler import RequestFailed, Scheduler, SchedulerError, Ticket
 from .schemas import ChatCompletion, ChatCompletionRequest
@@ -55,6 +57,7 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServerSettings) -
 
     app = FastAPI(title="lfm2vl", summary="OpenAI-compatible LFM2-VL server", lifespan=lifespan)
     install_handlers(app)
+    app.add_middleware(HeadAsGet, router=app.router)  # inside the guard: HEAD /v1/... needs the key too
     app.add_middleware(_Guard, api_key=settings.api_key or None, max_body_bytes=settings.max_body_bytes,
                        after=scheduler.touch)
     created_at = int(time.time())

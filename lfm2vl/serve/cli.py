@@ -23,6 +23,7 @@ import socket
 import sys
 
 
+API_KEY_ENV = "LFM2VL_API_KEY"
 DEFAULT_CONTEXT = 4096  # tokens per request (prompt + completion) unless --max-seq-len or the model says less
 
 
@@ -40,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "bundled demo model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    p.add_argument("--api-key", default=os.environ.get("LFM2VL_API_KEY") or None,
-                   help="require `Authorization: Bearer KEY` on /v1/* (default: $LFM2VL_API_KEY if set and not "
-                        "empty, else no key)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require `Authorization: Bearer KEY` on /v1/*; printable ASCII without spaces, as an HTTP "
+                        f"header carries it (default: ${API_KEY_ENV} if set and not empty, else no key)")
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="weights and activations (default: the engine's, bfloat16)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the engine's choice)")
@@ -80,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(args) -> str | None:
-    """The flag values that can be checked before the model loads; returns the problem, or None."""
+    """The flag values that can be checked before the model loads; returns the problem, or None. A missing --api-key
+    is taken from $LFM2VL_API_KEY here (an empty one means no key)."""
+    where = "--api-key"
+    if args.api_key is None and os.environ.get(API_KEY_ENV):
+        args.api_key, where = os.environ[API_KEY_ENV], f"${API_KEY_ENV}"
     for name in ("max_batch", "max_seq_len", "prefill_chunk", "max_tokens", "max_images", "max_image_pixels"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -89,14 +94,34 @@ def _check(args) -> str | None:
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
             return f"--{name.replace('_', '-')} must be a positive number, got {value}"
-    if args.api_key is not None and not args.api_key.strip():
-        return "--api-key is empty; give a key, or leave the flag out to serve without one"
+    if args.api_key is not None:
+        problem = api_key_problem(args.api_key, where)
+        if problem:
+            return problem
+    if not args.host.strip():
+        return "--host is empty; give an address (127.0.0.1: this machine only, 0.0.0.0: every interface)"
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        return "--served-model-name is empty; give the name clients send as 'model', or leave the flag out"
     if not 0 <= args.port <= 65535:
         return f"--port must be in 0..65535, got {args.port}"
     if args.adapter is not None and not os.path.isdir(args.adapter):
         return f"--adapter {args.adapter!r} is not a folder"
     if args.allowed_media_dir is not None and not os.path.isdir(args.allowed_media_dir):
         return f"--allowed-media-dir {args.allowed_media_dir!r} is not a folder"
+    return None
+
+
+def api_key_problem(key: str, where: str) -> str | None:
+    """What is wrong with an API key given by `where` (a flag or an environment variable), or None. A client sends
+    the key in an HTTP header (`Authorization: Bearer KEY`), whose value holds no control characters and loses
+    leading and trailing spaces, and clients encode it as ASCII: a key is printable ASCII without spaces."""
+    unset = "leave the flag out" if where.startswith("--") else f"unset {where.lstrip('$')}"
+    if not key.strip():
+        return f"{where} is empty; give a key, or {unset} to serve without one"
+    bad = next((k for k, c in enumerate(key) if not "!" <= c <= "~"), None)
+    if bad is not None:
+        return (f"{where} has {key[bad]!r} at position {bad + 1}; a key is printable ASCII without spaces or control "
+                "characters (clients send it in an HTTP header)")
     return None
 
 

@@ -1,8 +1,9 @@
 """OpenAI's error shape and the handlers that make every failure use it.
 
 Every error leaves the server as `{"error": {"message", "type", "param", "code"}}` with the status OpenAI uses
-(400 bad request, 401 key, 404 model or route, 413 body, 500 server). Unexpected exceptions are logged with their
-traceback on the server side and answered with a generic 500: no traceback ever reaches the client.
+(400 bad request, 401 key, 404 model or route, 405 method, with an `Allow` header, 413 body, 500 server). Unexpected
+exceptions are logged with their traceback on the server side and answered with a generic 500: no traceback ever
+reaches the client.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .methods import allowed
 
 log = logging.getLogger("lfm2vl.serve")
 
@@ -32,9 +35,9 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        headers = {**({"WWW-Authenticate": "Bearer"} if self.status == 401 else {}), **(headers or {})}
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none", "json-or-python"}
@@ -104,12 +107,15 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
+        headers = None
         if exc.status_code == 404:
             message = f"Unknown route {request.method} {request.url.path}."
         elif exc.status_code == 405:
-            message = f"Method {request.method} is not allowed on {request.url.path}."
+            methods = allowed(request.app.router.routes, request.scope)
+            message = f"Method {request.method} is not allowed on {request.url.path}; it takes {', '.join(methods)}."
+            headers = {"Allow": ", ".join(methods)}
         code = {413: "request_too_large"}.get(exc.status_code)
-        return APIError(exc.status_code, message, code=code).response()
+        return APIError(exc.status_code, message, code=code).response(headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
