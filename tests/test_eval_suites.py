@@ -252,7 +252,7 @@ def test_n_over_a_synth_suites_limit_is_one_line_before_any_file_is_written(tmp_
     out = tmp_path / "suites"
     assert suites.main(["synth", "--out", str(out), "--n", str(suites.MAX_SYNTH + 1)]) == 1
     err = capsys.readouterr().err
-    assert err == (f"lfm2vl eval make-suite: error: n={suites.MAX_SYNTH + 1} is over synth-pope's limit of "
+    assert err == (f"lfm2vl eval make-suite: error: --n {suites.MAX_SYNTH + 1} is over synth-pope's limit of "
                    f"{suites.MAX_SYNTH} questions (more than any benchmark it imitates)\n")
     assert not out.exists()
 

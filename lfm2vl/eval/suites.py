@@ -146,7 +146,9 @@ def cmd_make_suite(args) -> int:
     try:
         paths = make_suite(args.name, args.out, seed=args.seed, n=args.n)
     except (ImportError, ValueError, OSError) as e:
-        print(f"lfm2vl eval make-suite: error: {e}", file=sys.stderr)
+        message = str(e)  # make_suite names its argument n=N; the user typed --n N
+        print(f"lfm2vl eval make-suite: error: {'--n ' + message[2:] if message.startswith('n=') else message}",
+              file=sys.stderr)
         return 1
     for p in paths:
         print(p)
