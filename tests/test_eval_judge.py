@@ -131,3 +131,13 @@ def test_unreachable_judge_is_one_line(pred_file, capsys):
     assert main(["eval", "score", pred_file, "--judge", f"http://127.0.0.1:{free_port()}"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lfm2vl eval: error: cannot reach the judge at http://127.0.0.1:")
+
+
+@pytest.mark.parametrize("url", ["", "http://[::1", "http://judge\n"])
+def test_a_malformed_judge_url_is_an_option_error(pred_file, url, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "score", pred_file, "--judge", url])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2
+    assert err[-1].startswith(f"lfm2vl eval score: error: argument --judge: {url!r} is not a valid http(s) URL (")

@@ -125,6 +125,14 @@ def test_tsv_reference_to_missing_row_names_the_row(tmp_path):
         read_rows(p)
 
 
+@pytest.mark.parametrize("cells, says", [(["1", "q", "x"], "line 2: 3 cells but 4 columns"),
+                                         (["1", "q", "x", "y", "z"], "line 2: 5 cells but 4 columns")])
+def test_tsv_row_without_one_cell_per_column_names_its_line_and_count(tmp_path, cells, says):
+    p = write_tsv(tmp_path / "MMStar.tsv", ["index", "question", "A", "answer"], [cells])
+    with pytest.raises(TSVError, match=f"MMStar.tsv {says}"):
+        read_rows(p)
+
+
 def test_tsv_undecodable_image_names_the_row(tmp_path):
     bad = base64.b64encode(b"not an image at all, just some bytes" * 3).decode()
     p = write_tsv(tmp_path / "MMStar.tsv", ["index", "image", "question"], [["5", bad, "q"]])

@@ -145,6 +145,8 @@ def test_score_json_prints_only_the_scores(reference, capsys):
     (["--data", "FOLDER", "--benchmark", "NoSuchBench"], 1, "unknown benchmark 'NoSuchBench': expected one of MMStar"),
     (["--data", "missing.tsv"], 1, "not found: missing.tsv"),
     (["--data", "DATA", "--shard", "2/2"], 2, "--shard: 2/2 is invalid"),
+    (["--data", "DATA", "--server", "http://[::1"], 2, "--server: 'http://[::1' is not a valid http(s) URL ('['"),
+    (["--data", "DATA", "--server", ""], 2, "--server: '' is not a valid http(s) URL (empty)"),
 ])
 def test_bad_input_is_one_line(data, tmp_path, capsys, args, rc, says):
     args = [data if a == "DATA" else str(Path(data).parent) if a == "FOLDER" else a for a in args]
@@ -155,6 +157,40 @@ def test_bad_input_is_one_line(data, tmp_path, capsys, args, rc, says):
     assert status == rc
     err = capsys.readouterr().err.strip().splitlines()
     assert says in err[-1] and "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("", "(empty)"),
+    ("http://x\n", "whitespace or a control character, '\\n'"),
+    ("http://a b:8000", "whitespace or a control character, ' '"),
+    ("localhost:8000", "no scheme: it starts with neither http:// nor https://)"),
+    ("localhost:99999", "no scheme: it starts with neither http:// nor https://; also port 99999 is out of range"),
+    ("ftp://host", "the scheme 'ftp' is not http(s)"),
+    ("http://", "(no host)"),
+    ("http://:8000/v1", "(no host)"),
+    ("http://[::1", "'[' without a matching ']'"),
+    ("http://[zz]:80", "[zz] is not an IPv6 address"),
+    ("http://[::1]x", "'x' after the IPv6 address"),
+    ("http://300.1.2.3", "300.1.2.3 is not an IPv4 address"),
+    ("http://host:0", "port 0 is out of range 1-65535"),
+    ("http://host:65536", "port 65536 is out of range 1-65535"),
+    ("http://host:80x", "the port '80x' is not a number from 1 to 65535"),
+    ("http://\u2603.com", "Invalid IDNA hostname"),  # the stdlib's IDNA 2003 takes it, httpx's IDNA 2008 does not
+])
+def test_an_endpoint_url_is_refused_with_the_reason(url, reason):
+    from lfm2vl.eval.endpoint import check_url
+
+    with pytest.raises(ValueError) as e:
+        check_url(url)
+    assert str(e.value).startswith(f"{url!r} is not a valid http(s) URL (") and reason in str(e.value)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "HTTPS://host.example/v1/chat/completions",
+                                 "http://[::1]:65535/v1", "http://user:pw@host:1"])
+def test_an_http_url_with_a_host_is_an_endpoint(url):
+    from lfm2vl.eval.endpoint import check_url
+
+    assert check_url(url) == url
 
 
 def test_generated_suite_end_to_end(tiny_checkpoint, tmp_path, capsys):

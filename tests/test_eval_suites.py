@@ -248,6 +248,15 @@ def test_command_line_writes_the_files_and_reports_bad_values(tmp_path, capsys):
     assert e.value.code == 2 and "expected an integer >= 1" in capsys.readouterr().err
 
 
+def test_n_over_a_synth_suites_limit_is_one_line_before_any_file_is_written(tmp_path, capsys):
+    out = tmp_path / "suites"
+    assert suites.main(["synth", "--out", str(out), "--n", str(suites.MAX_SYNTH + 1)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"lfm2vl eval make-suite: error: --n {suites.MAX_SYNTH + 1} is over synth-pope's limit of "
+                   f"{suites.MAX_SYNTH} questions (more than any benchmark it imitates)\n")
+    assert not out.exists()
+
+
 def test_missing_easy_vqa_is_one_line_saying_how_to_install_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "easy_vqa", None)   # makes `import easy_vqa` fail
     assert suites.main(["easy-vqa-yesno", "--out", str(tmp_path)]) == 1

@@ -242,6 +242,14 @@ def test_no_valid_row_is_an_error(processor, tmp_path):
         load_samples(write_jsonl(tmp_path / "empty.jsonl", []), processor, 4096, skip_bad=True)
 
 
+def test_a_parquet_file_without_rows_is_empty_data(processor, tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"messages": []}).to_parquet(str(tmp_path / "none.parquet"))
+    with pytest.raises(DataError, match=r"no valid row in .*none\.parquet \(it is empty\)"):
+        load_samples(tmp_path / "none.parquet", processor, 4096)
+
+
 def test_a_line_that_is_not_utf8_is_that_rows_error(processor, tmp_path):
     good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
     path = tmp_path / "train.jsonl"

@@ -5,10 +5,26 @@ HTTP client, names the endpoint in errors and finds the served model's name.
     ep.client.post("/v1/chat/completions", json=...)      # the caller owns its request and its retries
     ep.first_model("--served-model")                       # the first id of /v1/models, or `error` naming the flag
 
-The URL may end in /v1 or /v1/chat/completions; requests go to <base>/v1/... . Errors are raised as `error` (the
-caller's exception class, so its command reports them as its own).
+The URL may end in /v1 or /v1/chat/completions; requests go to <base>/v1/... . `check_url` is the check of a URL
+(the command line runs it before any work; Endpoint runs it too). Errors are raised as `error` (the caller's
+exception class, so its command reports them as its own).
 """
 from __future__ import annotations
+
+
+def check_url(url: str) -> str:
+    """`url` itself when it is an http(s) URL (http_url's rules) that httpx can also parse, else ValueError saying
+    "'URL' is not a valid http(s) URL (REASON)". The command line checks --server and --judge with it."""
+    import httpx
+
+    from ..http_url import check_http_url
+
+    check_http_url(url)
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL as e:  # e.g. an international host name that IDNA 2008 refuses
+        raise ValueError(f"{url!r} is not a valid http(s) URL ({e})") from None
+    return url
 
 
 class Endpoint:
@@ -16,6 +32,10 @@ class Endpoint:
                  connections: int | None = None, what: str = "server", error: type[Exception] = RuntimeError):
         import httpx
 
+        try:
+            check_url(url)
+        except ValueError as e:
+            raise error(f"{what}: {e}") from None
         self.url, self.what, self.error = url, what, error
         base = url.rstrip("/").removesuffix("/chat/completions").removesuffix("/v1")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -1,5 +1,5 @@
 """The `lfm2vl eval` command's options: one parser per subcommand (run, score, merge), the judge's options they
-share, and the --shard type. cli.py runs the subcommands."""
+share, and the --shard and URL types. cli.py runs the subcommands."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,19 @@ def shard_type(text: str) -> tuple[int, int]:
 
 
 shard_type.__name__ = "shard"
+
+
+def endpoint_url(text: str) -> str:
+    """--server and --judge: the URL of an OpenAI-compatible endpoint, checked before any work starts."""
+    from .endpoint import check_url
+
+    try:
+        return check_url(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+endpoint_url.__name__ = "URL"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_weight_formats(g)
     g.add_argument("--no-optimize", action="store_true", help="keep plain torch modules (no CPU fast paths)")
     g = p.add_argument_group("OpenAI-compatible server instead of a local model")
-    g.add_argument("--server", metavar="URL", default=None,
+    g.add_argument("--server", metavar="URL", type=endpoint_url, default=None,
                    help="base URL of a /v1/chat/completions endpoint (lfm2vl serve, vLLM, ...) (default: none)")
     g.add_argument("--api-key", metavar="KEY", default=None,
                    help="bearer token for --server (default: $OPENAI_API_KEY, else none)")
@@ -81,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_judge_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("MM-IFEval judge (an OpenAI-compatible model for the constraints no rule checks)")
-    g.add_argument("--judge", metavar="URL", default=None,
+    g.add_argument("--judge", metavar="URL", type=endpoint_url, default=None,
                    help="base URL of a /v1/chat/completions endpoint asked, per constraint, whether the response "
                         "satisfies it (default: none; the score covers the rule-checked constraints and is partial)")
     g.add_argument("--judge-model", metavar="NAME", default=None,

@@ -8,7 +8,9 @@ synth-pope [POPE], synth-mc [MMBench circular], synth-ocr [OCRBench], synth-mult
 per row], synth-ifeval [MM-IFEval's rule-checked part] (scene_suites.py); the names are benchmarks.py's, so a file
 keeps its rules. Groups: easy-vqa, synth, all.
 n counts questions (synth-pope rounds up to a multiple of 6; synth-mc writes 4 circular copies of each);
-without it a suite has its default size (the easy-vqa ones: the whole test split).
+without it a suite has its default size (the easy-vqa ones: the whole test split). A synth suite holds at most
+MAX_SYNTH questions (more than any benchmark it imitates; every row is built in memory before the file is written);
+an easy-vqa one at most its test split, which a larger n takes whole.
 """
 from __future__ import annotations
 
@@ -22,15 +24,16 @@ from ..files.atomic import write_file
 from ..files.check import check_folder
 from . import easyvqa_suites, scene_suites
 
-SUITES = {  # name -> (builder(rng, n), default n)
-    "easy-vqa-open": (easyvqa_suites.open_questions, None),
-    "easy-vqa-yesno": (easyvqa_suites.yesno, None),
-    "easy-vqa-mc": (easyvqa_suites.multiple_choice, None),
-    "synth-pope": (scene_suites.pope, 300),
-    "synth-mc": (scene_suites.mmbench, 100),
-    "synth-ocr": (scene_suites.ocr, 100),
-    "synth-multi": (scene_suites.blink, 100),
-    "synth-ifeval": (scene_suites.ifeval, 60),
+MAX_SYNTH = 10_000
+SUITES = {  # name -> (builder(rng, n), default n, most n: None where the builder takes what its source has)
+    "easy-vqa-open": (easyvqa_suites.open_questions, None, None),
+    "easy-vqa-yesno": (easyvqa_suites.yesno, None, None),
+    "easy-vqa-mc": (easyvqa_suites.multiple_choice, None, None),
+    "synth-pope": (scene_suites.pope, 300, MAX_SYNTH),
+    "synth-mc": (scene_suites.mmbench, 100, MAX_SYNTH),
+    "synth-ocr": (scene_suites.ocr, 100, MAX_SYNTH),
+    "synth-multi": (scene_suites.blink, 100, MAX_SYNTH),
+    "synth-ifeval": (scene_suites.ifeval, 60, MAX_SYNTH),
 }
 GROUPS = {"easy-vqa": ["easy-vqa-open", "easy-vqa-yesno", "easy-vqa-mc"], "synth": [k for k in SUITES if k.startswith("synth-")],
           "all": list(SUITES)}
@@ -48,13 +51,23 @@ def suite_names(name: str) -> list[str]:
     raise ValueError(f"unknown suite {name!r}; expected one of {', '.join(list(SUITES) + list(GROUPS))}")
 
 
+def check_n(name: str, n: int | None) -> None:
+    """A clear error when n is not a size the suite can have: below 1, or over its most."""
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; expected one of {', '.join(SUITES)}")
+    if n is None:
+        return
+    if n < 1:
+        raise ValueError(f"n={n}; expected a number of questions >= 1")
+    most = SUITES[name][2]
+    if most is not None and n > most:
+        raise ValueError(f"n={n} is over {name}'s limit of {most} questions (more than any benchmark it imitates)")
+
+
 def build_rows(name: str, seed: int = 0, n: int | None = None) -> list[dict]:
     """The rows of one suite (dicts of TSV columns)."""
-    if n is not None and n < 1:
-        raise ValueError(f"n={n}; expected a number of questions >= 1")
-    if name not in SUITES:
-        raise ValueError(f"unknown suite {name!r}; build_rows takes one of {', '.join(SUITES)}")
-    builder, default = SUITES[name]
+    check_n(name, n)
+    builder, default, _ = SUITES[name]
     return builder(random.Random(f"{name}:{seed}"), default if n is None else n)
 
 
@@ -75,6 +88,8 @@ def write_tsv(path: Path, rows: list[dict]) -> None:
 def make_suite(name: str, out_dir, seed: int = 0, n: int | None = None) -> list[Path]:
     """Write NAME.tsv for the suite (or each suite of a group) into out_dir; returns the paths."""
     names = suite_names(name)
+    for suite in names:  # every suite's size before any file is written
+        check_n(suite, n)
     out = check_folder("--out", out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -113,7 +128,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for NAME.tsv (created if missing)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the generator and of the easy-vqa draws")
     p.add_argument("--n", type=_positive_int, default=None,
-                   help="questions per suite (default: the suite's own size; the easy-vqa ones: the whole test split)")
+                   help=f"questions per suite, at most {MAX_SYNTH} for a synth one (default: the suite's own size; "
+                        "the easy-vqa ones: the whole test split, also the most they have)")
 
 
 def add_make_suite_parser(sub) -> argparse.ArgumentParser:
@@ -130,7 +146,9 @@ def cmd_make_suite(args) -> int:
     try:
         paths = make_suite(args.name, args.out, seed=args.seed, n=args.n)
     except (ImportError, ValueError, OSError) as e:
-        print(f"lfm2vl eval make-suite: error: {e}", file=sys.stderr)
+        message = str(e)  # make_suite names its argument n=N; the user typed --n N
+        print(f"lfm2vl eval make-suite: error: {'--n ' + message[2:] if message.startswith('n=') else message}",
+              file=sys.stderr)
         return 1
     for p in paths:
         print(p)

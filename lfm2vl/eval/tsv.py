@@ -92,9 +92,9 @@ def read_table(path) -> tuple[list[str], list[dict[str, str]]]:
             for lineno, cells in enumerate(reader, start=2):
                 if not cells:
                     continue
-                if len(cells) > len(header):
+                if len(cells) != len(header):  # a cell lost or added (a stray tab, a line broken in two)
                     raise TSVError(f"{name} line {lineno}: {len(cells)} cells but {len(header)} columns")
-                records.append(dict(zip(header, cells + [""] * (len(header) - len(cells)))))
+                records.append(dict(zip(header, cells)))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise TSVError(f"{name}: cannot read ({e})") from None
     if "index" not in header:

@@ -66,10 +66,10 @@ def read_rows(path: str | os.PathLike, what: str = "training data") -> Iterator[
             raise DataError(f"{p} is a folder with neither a saved dataset (datasets' save_to_disk) nor .parquet "
                             "files; give a JSONL file, a .parquet file or such a folder")
         for f in files:
-            yield from _dataset_rows(_load_parquet(f), str(f.relative_to(p)), f.parent)
+            yield from _parquet_rows(f, str(f.relative_to(p)))
         return
     if p.suffix == ".parquet":
-        yield from _dataset_rows(_load_parquet(p), p.name, p.parent)
+        yield from _parquet_rows(p, p.name)
         return
     yield from _jsonl_rows(p)
 
@@ -119,6 +119,24 @@ def _load_from_disk(p: Path):
                             "to train on (dataset_dict['name'].save_to_disk(...)) or name it 'train'")
         ds = ds["train"]
     return ds
+
+
+def _parquet_rows(p: Path, name: str) -> Iterator[Row]:
+    """The rows of one parquet file. A file without rows gives none (datasets cannot load one), so an empty shard
+    in a folder is harmless and an empty file alone is load_samples' "no valid row ... (it is empty)"."""
+    if _parquet_row_count(p) == 0:
+        return
+    yield from _dataset_rows(_load_parquet(p), name, p.parent)
+
+
+def _parquet_row_count(p: Path) -> int | None:
+    """The row count in a parquet file's footer; None when it cannot be read (datasets then names the problem)."""
+    try:
+        import pyarrow.parquet as pq
+
+        return pq.read_metadata(str(p)).num_rows
+    except Exception:  # noqa: BLE001 - not a parquet file, or no pyarrow: the dataset loader reports it
+        return None
 
 
 def _load_parquet(p: Path):

@@ -23,6 +23,8 @@ import ssl
 import time
 import urllib.parse
 
+from ..http_url import split_http_url
+
 REDIRECTS = {301, 302, 303, 307, 308}
 
 # Addresses that are never public, checked on top of ipaddress' `is_global` (whose tables vary across Python versions)
@@ -96,16 +98,11 @@ def _left(deadline: float) -> float:
 def _get(url: str, deadline: float, max_bytes: int, allowed) -> tuple[int, str | None, bytes]:
     """One request: (status, Location, body); the body is read only for a 2xx answer."""
     try:
-        parts = urllib.parse.urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme not in ("http", "https"):
-            raise FetchError(f"scheme {scheme!r} is not http(s)")
-        if not parts.hostname:
-            raise FetchError("the URL has no host")
-        host = parts.hostname.encode("idna").decode("ascii")
-        port = parts.port or (443 if scheme == "https" else 80)
+        parts = split_http_url(url)
+        host = parts.host.encode("idna").decode("ascii")
     except (ValueError, UnicodeError) as e:
         raise FetchError(f"malformed URL: {e}") from None
+    scheme, port = parts.scheme, parts.port
     sock = None
     try:
         sock = _connect(_resolve(host, port, deadline, allowed), deadline)
@@ -117,7 +114,7 @@ def _get(url: str, deadline: float, max_bytes: int, allowed) -> tuple[int, str |
         shown = f"[{host}]" if ":" in host else host
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         conn.request("GET", target, headers={
-            "Host": shown if port == (443 if scheme == "https" else 80) else f"{shown}:{port}",
+            "Host": shown if parts.default_port else f"{shown}:{port}",
             "User-Agent": "lfm2vl-server", "Accept": "image/*", "Connection": "close"})
         resp = conn.getresponse()
         if resp.status in REDIRECTS:
