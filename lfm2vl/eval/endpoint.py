@@ -13,11 +13,11 @@ from __future__ import annotations
 
 
 def check_url(url: str) -> str:
-    """`url` itself when it is an http(s) URL (http_url's rules) that httpx can also parse, else ValueError saying
+    """`url` itself when it is an http(s) URL (files/urls.py rules) that httpx can also parse, else ValueError saying
     "'URL' is not a valid http(s) URL (REASON)". The command line checks --server and --judge with it."""
     import httpx
 
-    from ..http_url import check_http_url
+    from ..files.urls import check_http_url
 
     check_http_url(url)
     try:

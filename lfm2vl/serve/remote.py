@@ -23,7 +23,7 @@ import ssl
 import time
 import urllib.parse
 
-from ..http_url import split_http_url
+from ..files.urls import split_http_url
 
 REDIRECTS = {301, 302, 303, 307, 308}
 
