@@ -122,15 +122,72 @@ def test_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
     """A crash while writing step 2's checkpoint (the disk fills up) leaves step 1's complete checkpoint, which
     is what --resume finds, and no half-written folder."""
     w = {"a": torch.arange(4.0)}
-    state.save(tmp_path, 1, w, {"state": {}, "param_groups": []}, {"x": 1}, {"epoch": 0})
+    meta = {"epoch": 0, "total_steps": 3, "options": {}, "fingerprint": {"model": "m", "data": "d", "world_size": 1},
+            "order": {"epoch": 0, "position": 1, "seed": 0, "batch_size": 1, "world_size": 1, "n_samples": 2}}
+    state.save(tmp_path, 1, w, {"state": {}, "param_groups": []}, {"x": 1}, meta)
 
     def full_disk(obj, f, *a, **kw):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError, match="No space"):
-        state.save(tmp_path, 2, {"a": torch.arange(4.0) * 2}, {}, {}, {"epoch": 0})
+        state.save(tmp_path, 2, {"a": torch.arange(4.0) * 2}, {}, {}, meta)
     monkeypatch.undo()
     assert [p.name for p in (tmp_path / state.FOLDER).iterdir()] == ["step-0000001"]
     folder = state.find(tmp_path)
     meta, tensors, rest = state.load(folder)
     assert meta["step"] == 1 and torch.equal(tensors["a"], torch.arange(4.0)) and rest["scheduler"] == {"x": 1}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint, data, tmp_path_factory):
+    """A run of 3 steps stopped after step 1 (its checkpoint written): (output folder, CLI arguments that resume)."""
+    from lfm2vl.finetune import report
+
+    out = tmp_path_factory.mktemp("ck") / "run"
+    real = report.Report.step
+
+    def crash(self, step, *a, **kw):
+        real(self, step, *a, **kw)
+        if step == 2:
+            raise KeyboardInterrupt
+    report.Report.step = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lfm2vl.finetune(model=str(tiny_checkpoint), data=str(data[0]), output=str(out), max_steps=3,
+                            batch_size=1, dtype="float32", progress=False, save_every=1)
+    finally:
+        report.Report.step = real
+    return out, ["--model", str(tiny_checkpoint), "--data", str(data[0]), "--output", str(out), "--max-steps", "3",
+                 "--save-every", "1", "--batch-size", "1", "--dtype", "float32", "--no-progress", "--resume", str(out)]
+
+
+@pytest.mark.parametrize("edit,expect", [
+    (lambda m: [1, 2], "expected a JSON object, got an array"),
+    (lambda m: {**m, "options": None}, "options must be an object, got null"),
+    (lambda m: {**m, "fingerprint": None}, "fingerprint must be an object, got null"),
+    (lambda m: {k: v for k, v in m.items() if k != "order"}, "order is missing"),
+    (lambda m: {**m, "step": "x"}, 'step must be an integer >= 1, got "x"'),
+    (lambda m: {**m, "order": {**m["order"], "position": 1.5}}, "order.position must be an integer >= 0, got 1.5"),
+    (lambda m: {**m, "fingerprint": {**m["fingerprint"], "data": 7}}, "fingerprint.data must be a string, got 7"),
+    (lambda m: {**m, "step": 1000}, "step 1000 is beyond this run's 3 steps"),
+])
+def test_damaged_state_json_is_named_with_its_field(checkpoint, edit, expect, tmp_path, capsys):
+    """Every field of state.json is checked when it is read: a damaged one is one line naming the file and field."""
+    out, argv = checkpoint
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    folder = state.find(run)
+    meta = json.loads((folder / "state.json").read_text())
+    (folder / "state.json").write_text(json.dumps(edit(meta)))
+    code, err = _run([str(run) if a == str(out) else a for a in argv], capsys)
+    assert code == 1 and err == f"lfm2vl finetune: error: checkpoint {folder}/state.json is damaged: {expect}\n"
+
+
+def test_garbage_state_pt_is_one_line(checkpoint, tmp_path, capsys):
+    out, argv = checkpoint
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    folder = state.find(run)
+    (folder / "state.pt").write_bytes(b"garbage\n")
+    code, err = _run([str(run) if a == str(out) else a for a in argv], capsys)
+    assert code == 1 and err == f"lfm2vl finetune: error: {folder}/state.pt is damaged (not a checkpoint lfm2vl wrote)\n"

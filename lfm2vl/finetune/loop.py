@@ -248,18 +248,29 @@ class Trainer:
         folder = state.find(o.resume)
         meta, tensors, rest = state.load(folder)
         state.check_compatible(meta, self.fingerprint, o.to_dict(), STRUCTURAL + SCHEDULE)
+        step = meta["step"]
+        if step > self.total:
+            raise state.StateError(f"checkpoint {folder / 'state.json'} is damaged: step {step} is beyond this "
+                                   f"run's {self.total} steps")
         params = dict(self.model.named_parameters())
         if set(tensors) != set(self.names):
             raise state.StateError(f"checkpoint {folder} holds other trained weights than this run trains")
+        bad = [n for n, t in tensors.items() if t.shape != params[n].shape]
+        if bad:
+            raise state.StateError(f"{folder / 'trainable.safetensors'} is damaged: {bad[0]} has shape "
+                                   f"{list(tensors[bad[0]].shape)}, this run trains {list(params[bad[0]].shape)}")
         with torch.no_grad():
             for n, t in tensors.items():
                 params[n].copy_(t)
-        self.optimizer.load_state_dict(rest["optimizer"])
-        self.scheduler.load_state_dict(rest["scheduler"])
         self.order.load_state_dict(meta["order"])
-        state.set_rng_state(rest["rng"])
+        try:
+            self.optimizer.load_state_dict(rest["optimizer"])
+            self.scheduler.load_state_dict(rest["scheduler"])
+            state.set_rng_state(rest["rng"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError):
+            raise state.StateError(state.damaged_state(folder)) from None
         self.resumed_from = str(folder)
-        return int(meta["step"])
+        return step
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def _autocast(self):
