@@ -191,3 +191,15 @@ def test_garbage_state_pt_is_one_line(checkpoint, tmp_path, capsys):
     (folder / "state.pt").write_bytes(b"garbage\n")
     code, err = _run([str(run) if a == str(out) else a for a in argv], capsys)
     assert code == 1 and err == f"lfm2vl finetune: error: {folder}/state.pt is damaged (not a checkpoint lfm2vl wrote)\n"
+
+
+def test_lora_rank_above_a_targets_size_is_refused_before_training(tiny_checkpoint, data, tmp_path, capsys):
+    """A rank above min(in, out) of a targeted layer is one line naming that layer's size, before any step."""
+    code, err = _run(["--model", str(tiny_checkpoint), "--data", str(data[0]), "--output", str(tmp_path / "o"),
+                      "--lora-r", "100000", "--dtype", "float32", "--no-progress"], capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert "LoRA rank r=100000" in err and " in x " in err and "the rank can be at most" in err
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+    with pytest.raises(ValueError, match="rank can be at most"):
+        lfm2vl.finetune(model=str(tiny_checkpoint), data=str(data[0]), output=str(tmp_path / "p"), lora_r=100000,
+                        dtype="float32", progress=False)
