@@ -3,8 +3,10 @@ checkpoint write that fails leaves the last good checkpoint."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,6 +51,37 @@ def test_python_api_rejects_bad_values(tmp_path):
     for kw, word in (({"lora_r": 0}, "lora_r"), ({"lr": 0.0}, "lr"), ({"lora_rank": 4}, "unknown option")):
         with pytest.raises(ValueError, match=word):
             lfm2vl.finetune(data="x.jsonl", output=str(tmp_path), **kw)
+
+
+def test_seed_beyond_the_generators_range_is_refused_with_the_options(tmp_path, capsys):
+    code, err = _run(["--data", "x.jsonl", "--output", str(tmp_path), "--seed", "99999999999999999999999"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].endswith("must be an integer from 0 to 2**64-1")
+    with pytest.raises(ValueError, match=r"seed must be an integer from 0 to 2\*\*64-1, got 1180591620717411303424"):
+        lfm2vl.finetune(data="x.jsonl", output=str(tmp_path), seed=2**70)
+
+
+@pytest.mark.parametrize("kw,expect", [({"data": 5}, "data must be a path (str or os.PathLike) to a JSONL file"),
+                                       ({"data": ["a.jsonl"]}, "data must be a path"),
+                                       ({"resume": 5}, "resume must be a path (str or os.PathLike) to a run's"),
+                                       ({"eval_data": 1.5}, "eval_data must be a path")])
+def test_python_api_names_a_path_option_of_the_wrong_type(kw, expect, tmp_path):
+    kw = {"data": "x.jsonl", **kw}
+    with pytest.raises(ValueError, match=re.escape(expect)):
+        lfm2vl.finetune(output=str(tmp_path), **kw)
+
+
+def test_python_api_takes_numpy_numbers():
+    """Numbers follow the rest of the API (plain_number): numpy scalars are read as the Python values."""
+    from lfm2vl.finetune.options import TrainOptions
+
+    o = TrainOptions(data="x", output="y", max_steps=np.int64(1), lora_alpha=np.float32(2), seed=np.uint64(7))
+    assert o.check() is None and (o.max_steps, o.lora_alpha, o.seed) == (1, 2.0, 7) and type(o.max_steps) is int
+
+
+def test_python_api_refuses_epochs_with_max_steps(tmp_path):
+    """As on the command line, epochs and max_steps are exclusive: either sets the run's length."""
+    with pytest.raises(ValueError, match="max_steps: not allowed with epochs"):
+        lfm2vl.finetune(data="x.jsonl", output=str(tmp_path), epochs=2, max_steps=1)
 
 
 def test_non_empty_output_needs_overwrite(tiny_checkpoint, data, tmp_path, capsys):
