@@ -236,3 +236,14 @@ def test_lora_rank_above_a_targets_size_is_refused_before_training(tiny_checkpoi
     with pytest.raises(ValueError, match="rank can be at most"):
         lfm2vl.finetune(model=str(tiny_checkpoint), data=str(data[0]), output=str(tmp_path / "p"), lora_r=100000,
                         dtype="float32", progress=False)
+
+
+def test_ctrl_c_during_start_up_says_nothing_was_trained(tiny_checkpoint, data, tmp_path, capsys, monkeypatch):
+    from lfm2vl.finetune import data as datamod
+
+    def interrupted(*a, **kw):  # Ctrl-C while the rows are read, before any step
+        raise KeyboardInterrupt
+    monkeypatch.setattr(datamod, "load_samples", interrupted)
+    code, err = _run(["--model", str(tiny_checkpoint), "--data", str(data[0]), "--output", str(tmp_path / "o"),
+                      "--dtype", "float32", "--no-progress"], capsys)
+    assert code == 130 and err == "\nlfm2vl finetune: stopped before the first step finished: nothing was trained\n"

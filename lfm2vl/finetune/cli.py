@@ -154,14 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(flag_wording(problem))
     main_rank = os.environ.get("RANK", "0") == "0"
     from . import loop
+    from .stop import Stopped
     from ..resolve import resolve_model, stderr_announcer
 
     try:
         opts["model"] = str(resolve_model(opts["model"], announce=stderr_announcer("lfm2vl finetune")))
         summary = loop.finetune(**opts)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if main_rank:
-            print("\nlfm2vl finetune: stopped (no checkpoint written for the step in progress)", file=sys.stderr)
+            steps = e.steps if isinstance(e, Stopped) else 0
+            print("\nlfm2vl finetune: stopped " + (f"after step {steps} (no checkpoint written for the step in "
+                  "progress)" if steps else "before the first step finished: nothing was trained"), file=sys.stderr)
         return 130
     except (ValueError, OSError) as e:
         if main_rank:

@@ -148,6 +148,21 @@ def _kind(v) -> str:
     return {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(type(v), "a number")
 
 
+def check_fits(folder: Path, step: int, total: int, tensors: dict[str, torch.Tensor],
+               params: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint whose step lies beyond the run's `total` steps, or whose tensors are not the run's
+    trained parameters `params` (names and shapes)."""
+    if step > total:
+        raise StateError(f"checkpoint {folder / 'state.json'} is damaged: step {step} is beyond this run's {total} "
+                         f"steps")
+    if set(tensors) != set(params):
+        raise StateError(f"checkpoint {folder} holds other trained weights than this run trains")
+    bad = [n for n, t in tensors.items() if t.shape != params[n].shape]
+    if bad:
+        raise StateError(f"{folder / 'trainable.safetensors'} is damaged: {bad[0]} has shape "
+                         f"{list(tensors[bad[0]].shape)}, this run trains {list(params[bad[0]].shape)}")
+
+
 def check_compatible(meta: dict, fingerprint: dict, options: dict, structural) -> None:
     """Refuse to resume a checkpoint of another model, other data or another training setup."""
     old = meta.get("fingerprint", {})
