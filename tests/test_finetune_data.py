@@ -259,6 +259,15 @@ def test_a_line_that_is_not_utf8_is_that_rows_error(processor, tmp_path):
     assert skipped == ["train.jsonl line 2: not UTF-8 text (byte 0xff at column 1); expected JSON Lines"]
 
 
+def test_a_byte_order_mark_opening_the_file_is_read_past(processor, tmp_path):
+    """Editors on Windows write UTF-8 with a BOM: the first row is still a row (a BOM is not part of the JSON)."""
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\n" + good.encode() + b"\n")
+    samples, skipped = load_samples(path, processor, 4096, **KNOBS)
+    assert len(samples) == 2 and skipped == []
+
+
 def test_many_bad_rows_list_the_first_20_and_count_the_rest(processor, tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", ["{"] * 25)
     with pytest.raises(DataError) as e:

@@ -16,13 +16,13 @@ import sys
 
 from ..cli.args import HelpFormatter, _number, positive_int
 from ..resolve import ORDER_HELP
-from .options import DTYPES, TrainOptions
+from .options import DTYPES, TrainOptions, seed_problem
 
 D = TrainOptions()  # the defaults shown in --help
 positive_float = _number(float, lambda v: None if math.isfinite(v) and v > 0 else "expected a number > 0")
 nonneg_float = _number(float, lambda v: None if math.isfinite(v) and v >= 0 else "expected a number >= 0")
 dropout_float = _number(float, lambda v: None if 0 <= v < 1 else "expected a number in [0, 1)")
-seed_int = _number(int, lambda v: None if v >= 0 else "expected an integer >= 0")
+seed_int = _number(int, seed_problem)
 
 
 def warmup_value(text: str) -> float:
@@ -116,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from(args) -> dict:
     names = {f for f in TrainOptions.__dataclass_fields__ if f != "extra"}
-    return {k: v for k, v in vars(args).items() if k in names}
+    opts = {k: v for k, v in vars(args).items() if k in names}
+    if opts.get("max_steps") is not None:  # --max-steps replaces --epochs (argparse keeps them apart)
+        opts.pop("epochs", None)
+    return opts
 
 
 def flag_wording(message: str) -> str:
@@ -151,14 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(flag_wording(problem))
     main_rank = os.environ.get("RANK", "0") == "0"
     from . import loop
+    from .stop import Stopped
     from ..resolve import resolve_model, stderr_announcer
 
     try:
         opts["model"] = str(resolve_model(opts["model"], announce=stderr_announcer("lfm2vl finetune")))
         summary = loop.finetune(**opts)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if main_rank:
-            print("\nlfm2vl finetune: stopped (no checkpoint written for the step in progress)", file=sys.stderr)
+            steps = e.steps if isinstance(e, Stopped) else 0
+            print("\nlfm2vl finetune: stopped " + (f"after step {steps} (no checkpoint written for the step in "
+                  "progress)" if steps else "before the first step finished: nothing was trained"), file=sys.stderr)
         return 130
     except (ValueError, OSError) as e:
         if main_rank:

@@ -79,7 +79,7 @@ def _jsonl_rows(p: Path) -> Iterator[Row]:
         for n, raw in enumerate(f, 1):
             where = f"{p.name} line {n}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte order mark may open the file
             except UnicodeDecodeError as e:
                 yield Row(where, [], error=f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
                                            "expected JSON Lines")

@@ -22,8 +22,6 @@ import contextlib
 import dataclasses
 import math
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from . import dist as distmod
 from . import recompute, state
 from .options import STRUCTURAL, TrainOptions, warmup_steps
 from .report import METRICS, PLOT, Report, plot
+from .stop import StopFlag, Stopped
 
 SCHEDULE = ("lr", "warmup", "epochs", "max_steps", "weight_decay", "max_grad_norm")  # also fixed on resume
 
@@ -51,10 +50,13 @@ def finetune(**options) -> dict:
 
     opts = dataclasses.replace(opts, model=str(resolve_model(opts.model)))  # the CLI has resolved it already
     d = distmod.setup(opts.device)
+    trainer = Trainer(opts.resolved(), d)
     try:
-        summary = Trainer(opts.resolved(), d).run()
+        summary = trainer.run()
         d.barrier()  # every rank done before the group goes: a rank that leaves first can abort another's gloo threads
         return summary
+    except KeyboardInterrupt:
+        raise Stopped(trainer.done) from None
     finally:
         d.close()
 
@@ -87,37 +89,11 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + rank) % (2 ** 63)
 
 
-class StopFlag:
-    """SIGINT / SIGTERM set `requested`; a second SIGINT raises KeyboardInterrupt (stop at once)."""
-
-    def __init__(self, report: Report):
-        self.requested = False
-        self.report = report
-        self.old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self.old.items():
-            signal.signal(sig, old)
-        return False
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if not self.requested:
-            self.report.message("stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)")
-        self.requested = True
-
-
 class Trainer:
     def __init__(self, opts: TrainOptions, d: distmod.Dist):
         self.opts, self.dist = opts, d
         self.out = Path(opts.output)
+        self.done = 0  # steps completed, resumed ones included
 
     # ---- set-up -------------------------------------------------------------------------------------------------
     def _check_output(self) -> str | None:
@@ -248,18 +224,20 @@ class Trainer:
         folder = state.find(o.resume)
         meta, tensors, rest = state.load(folder)
         state.check_compatible(meta, self.fingerprint, o.to_dict(), STRUCTURAL + SCHEDULE)
-        params = dict(self.model.named_parameters())
-        if set(tensors) != set(self.names):
-            raise state.StateError(f"checkpoint {folder} holds other trained weights than this run trains")
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}  # what this run trains
+        state.check_fits(folder, meta["step"], self.total, tensors, params)
         with torch.no_grad():
             for n, t in tensors.items():
                 params[n].copy_(t)
-        self.optimizer.load_state_dict(rest["optimizer"])
-        self.scheduler.load_state_dict(rest["scheduler"])
         self.order.load_state_dict(meta["order"])
-        state.set_rng_state(rest["rng"])
+        try:
+            self.optimizer.load_state_dict(rest["optimizer"])
+            self.scheduler.load_state_dict(rest["scheduler"])
+            state.set_rng_state(rest["rng"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError):
+            raise state.StateError(state.damaged_state(folder)) from None
         self.resumed_from = str(folder)
-        return int(meta["step"])
+        return meta["step"]
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -276,7 +254,7 @@ class Trainer:
         o, d = self.opts, self.dist
         eval_every = o.eval_every or self.steps_per_epoch
         save_every = o.save_every or self.steps_per_epoch
-        done = start
+        done = self.done = start
         for step in range(start, self.total):
             torch.manual_seed(step_seed(o.seed, step, d.rank))
             epoch = self.order.epoch
@@ -298,7 +276,7 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             loss = d.all_sum([loss_sum])[0] / max(tokens, 1.0)
-            done = step + 1
+            done = self.done = step + 1
             self.report.step(done, epoch, loss, lr, float(grad_norm), int(samples), int(tokens))
             if self.evals and (done % eval_every == 0 or done == self.total):
                 self.report.eval(done, *self.evaluate())

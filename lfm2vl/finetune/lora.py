@@ -185,12 +185,25 @@ def check_hyperparameters(r, alpha, dropout) -> None:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
 
 
+def check_rank(r: int, layers: dict[str, nn.Linear]) -> None:
+    """ValueError when rank r exceeds min(in_features, out_features) of a layer (B @ A cannot have a higher rank
+    there, and A and B would outgrow the weight itself), naming the narrowest layer; checked before anything grows."""
+    if not layers:
+        return
+    name, lin = min(layers.items(), key=lambda kv: min(kv[1].in_features, kv[1].out_features))
+    limit = min(lin.in_features, lin.out_features)
+    if r > limit:
+        raise ValueError(f"LoRA rank r={r} (lora_r) is larger than the targeted layer {name} allows: it is "
+                         f"{lin.in_features} in x {lin.out_features} out, so the rank can be at most {limit}")
+
+
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, targets="text",
              use_rslora: bool = False, dtype: torch.dtype | None = torch.float32) -> list[str]:
     """Wrap the target linears of `model` in LoraLinear, in place; returns their module paths.
 
     A target that already has an adapter, is not a plain nn.Linear (e.g. after optimize_for_cpu or quantization)
-    or shares its weight with another module (a tied output head) is a ValueError."""
+    or shares its weight with another module (a tied output head), and a rank above a target's smaller side
+    (check_rank), are ValueErrors raised before any module changes."""
     check_hyperparameters(r, alpha, dropout)
     names = resolve_targets(model, targets)
     modules = dict(model.named_modules())
@@ -205,6 +218,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
             bad.append(f"{n} shares its weight with {', '.join(x for x in shared[id(m.weight)] if x != n)}")
     if bad:
         raise ValueError(f"cannot add LoRA to {len(bad)} module{'s' if len(bad) > 1 else ''}: {'; '.join(bad)}")
+    check_rank(r, {n: modules[n] for n in names})
     for n in names:
         LoraLinear.wrap(modules[n], r, alpha, dropout, use_rslora, dtype)
     return names

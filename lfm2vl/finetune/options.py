@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+from ..processor.config import plain_number
 
 LR_LORA, LR_FULL = 2e-4, 5e-5
 DTYPES = ("auto", "float32", "bfloat16")
+SEED_MAX = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes (the server's sampling seeds end there too)
+PATHS = {"data": "a JSONL file or a Hugging Face dataset folder", "eval_data": "a JSONL file or a Hugging Face "
+         "dataset folder", "output": "the result folder", "resume": "a run's output folder or a checkpoint folder"}
 
 # Options that define what is trained and on what: a resumed run must have the same values (state.py).
 STRUCTURAL = ("full", "lora_r", "lora_alpha", "lora_dropout", "targets", "freeze_vision", "batch_size", "grad_accum",
@@ -72,8 +80,19 @@ class TrainOptions:
             if "full" in kwargs and bool(kwargs["full"]) == bool(lora):
                 raise ValueError("lora and full contradict each other; pass one of them")
             kwargs["full"] = not lora
+        if kwargs.get("max_steps") is not None and "epochs" in kwargs:
+            raise ValueError("max_steps: not allowed with epochs; pass one of them (max_steps sets the length "
+                             "instead of epochs)")
         extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in names}
         return cls(**kwargs, extra=extra)
+
+    def __post_init__(self):
+        for f in fields(self):  # numpy scalars (np.int64(4), np.float32(0.5), np.bool_) become Python values
+            v = getattr(self, f.name)
+            if isinstance(v, np.bool_):
+                setattr(self, f.name, bool(v))
+            elif isinstance(v, np.generic) and plain_number(v) is not None:
+                setattr(self, f.name, plain_number(v))
 
     @property
     def lora(self) -> bool:
@@ -98,6 +117,12 @@ class TrainOptions:
         if self.extra:
             valid = ", ".join(sorted({f.name for f in fields(self)} - {"extra"} | {"lora"}))
             return f"unknown option(s) {', '.join(sorted(self.extra))}; the options are: {valid}"
+        for name, expected in PATHS.items():
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, (str, os.PathLike)):
+                return f"{name} must be a path (str or os.PathLike) to {expected}, got {v!r:.60} ({type(v).__name__})"
+        if self.model is not None and not isinstance(self.model, (str, os.PathLike)):
+            return f"model must be a checkpoint folder, a hub id or \"bundled\", got {type(self.model).__name__}"
         if not self.data:
             return "data is required: a JSONL file or a Hugging Face dataset folder"
         if not self.output:
@@ -123,8 +148,8 @@ class TrainOptions:
             return f"weight_decay must be a number >= 0, got {self.weight_decay!r}"
         if not _real(self.max_grad_norm) or self.max_grad_norm <= 0:
             return f"max_grad_norm must be a number > 0, got {self.max_grad_norm!r}"
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            return f"seed must be an integer >= 0, got {self.seed!r}"
+        if seed_problem(self.seed):
+            return f"seed {seed_problem(self.seed)}, got {self.seed!r}"
         if (self.min_image_tokens is not None and self.max_image_tokens is not None
                 and self.min_image_tokens > self.max_image_tokens):
             return (f"min_image_tokens ({self.min_image_tokens}) must not exceed max_image_tokens "
@@ -138,6 +163,16 @@ class TrainOptions:
 
 def _real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+SEED_RANGE = "must be an integer from 0 to 2**64-1"
+
+
+def seed_problem(v) -> str | None:
+    """What is wrong with `v` as a training seed, or None."""
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= SEED_MAX:
+        return SEED_RANGE
+    return None
 
 
 def _positive_int(name: str, v) -> str | None:

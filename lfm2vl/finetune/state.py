@@ -75,16 +75,92 @@ def find(path: str | os.PathLike) -> Path:
 
 
 def load(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
-    """-> (meta from state.json, trainable tensors, {"optimizer", "scheduler", "rng"})."""
+    """-> (meta from state.json, trainable tensors, {"optimizer", "scheduler", "rng"}), every part checked for the
+    shape `save` writes: a damaged file is a StateError naming it (and, for state.json, the field)."""
     from safetensors.torch import load_file
 
+    meta = read_meta(folder)
     try:
-        meta = json.loads((folder / "state.json").read_text())
         tensors = load_file(str(folder / "trainable.safetensors"))
-        rest = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:
-        raise StateError(f"checkpoint {folder} cannot be read ({type(e).__name__}: {e})") from None
+        raise StateError(f"{folder / 'trainable.safetensors'} is damaged ({type(e).__name__}: {e})") from None
+    try:
+        rest = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise StateError(f"{folder / 'state.pt'} cannot be read ({e.strerror or e})") from None
+    except Exception:  # torch's weights_only refusal is a page of advice that does not apply to our own files
+        rest = None
+    if not (isinstance(rest, dict) and isinstance(rest.get("optimizer"), dict)
+            and isinstance(rest.get("scheduler"), dict) and isinstance(rest.get("rng"), dict)):
+        raise StateError(damaged_state(folder))
     return meta, tensors, rest
+
+
+def damaged_state(folder: Path) -> str:
+    return f"{folder / 'state.pt'} is damaged (not a checkpoint lfm2vl wrote)"
+
+
+# state.json's fields -> (what they must be, the check); "order" is batches.Order.state_dict()
+_COUNT = ("an integer >= 0", lambda v: type(v) is int and v >= 0)
+_POSITIVE = ("an integer >= 1", lambda v: type(v) is int and v >= 1)
+_META = {"step": _POSITIVE, "epoch": _COUNT, "total_steps": _POSITIVE,
+         "order": ("an object", lambda v: isinstance(v, dict)),
+         "options": ("an object", lambda v: isinstance(v, dict)),
+         "fingerprint": ("an object", lambda v: isinstance(v, dict))}
+_FIELDS = {"order": {"epoch": _COUNT, "position": _COUNT, "seed": _COUNT, "batch_size": _POSITIVE,
+                     "world_size": _POSITIVE, "n_samples": _POSITIVE},
+           "fingerprint": {"model": ("a string", lambda v: isinstance(v, str)),
+                           "data": ("a string", lambda v: isinstance(v, str)), "world_size": _POSITIVE}}
+
+
+def read_meta(folder: Path) -> dict:
+    """state.json of checkpoint `folder`, every field checked: StateError "checkpoint F/state.json is damaged:
+    <field> ..." for the first one that is missing or of the wrong kind."""
+    path = Path(folder) / "state.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise StateError(f"checkpoint {path} cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise StateError(f"checkpoint {path} is damaged: not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise StateError(f"checkpoint {path} is damaged: expected a JSON object, got {_kind(meta)}")
+    problems = _problems(meta, _META, "")
+    for name, fields in _FIELDS.items():
+        if not problems:
+            problems = _problems(meta[name], fields, name + ".")
+    if problems:
+        raise StateError(f"checkpoint {path} is damaged: {problems[0]}")
+    return meta
+
+
+def _problems(obj: dict, fields: dict, prefix: str) -> list[str]:
+    out = []
+    for name, (expected, valid) in fields.items():
+        if name not in obj:
+            out.append(f"{prefix}{name} is missing")
+        elif not valid(obj[name]):
+            out.append(f"{prefix}{name} must be {expected}, got {json.dumps(obj[name])[:40]}")
+    return out
+
+
+def _kind(v) -> str:
+    return {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(type(v), "a number")
+
+
+def check_fits(folder: Path, step: int, total: int, tensors: dict[str, torch.Tensor],
+               params: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint whose step lies beyond the run's `total` steps, or whose tensors are not the run's
+    trained parameters `params` (names and shapes)."""
+    if step > total:
+        raise StateError(f"checkpoint {folder / 'state.json'} is damaged: step {step} is beyond this run's {total} "
+                         f"steps")
+    if set(tensors) != set(params):
+        raise StateError(f"checkpoint {folder} holds other trained weights than this run trains")
+    bad = [n for n, t in tensors.items() if t.shape != params[n].shape]
+    if bad:
+        raise StateError(f"{folder / 'trainable.safetensors'} is damaged: {bad[0]} has shape "
+                         f"{list(tensors[bad[0]].shape)}, this run trains {list(params[bad[0]].shape)}")
 
 
 def check_compatible(meta: dict, fingerprint: dict, options: dict, structural) -> None:
