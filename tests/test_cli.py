@@ -466,6 +466,19 @@ def test_describe_a_bad_data_uri_is_named_before_loading(capsys, tmp_path):
     assert rc == 1 and err.startswith("lfm2vl: error: ") and "base64" in err and "no-model" not in err, err
 
 
+def test_describe_a_path_too_long_for_a_file_name_is_one_line(capsys, tmp_path):
+    rc, _, err = run_main(capsys, "describe", "a" * 300, "--model", tmp_path / "no-model")
+    assert rc == 1 and err == f"lfm2vl: error: image {'a' * 77 + '...'!r} cannot name a file (File name too long)\n"
+
+
+def test_generate_a_string_too_long_for_a_file_name_is_named_as_an_image_string(capsys, tmp_path):
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps([{"role": "user", "content": [{"type": "image", "image": "a" * 300}]}]))
+    rc, _, err = run_main(capsys, "generate", "--messages", f, "--model", tmp_path / "no-model")
+    assert rc == 1 and err.startswith(f"lfm2vl: error: {f}: messages[0].content[0]: image string ") and \
+        "is not an existing file" in err and len(err.splitlines()) == 1
+
+
 def test_describe_an_empty_path_says_it_is_empty(capsys, tmp_path):
     rc, _, err = run_main(capsys, "describe", "", "--model", tmp_path / "no-model")
     assert rc == 1 and err == "lfm2vl: error: the image path is empty\n"

@@ -231,12 +231,24 @@ def image_problem(image: str) -> str | None:
         return None
     if is_remote(image):
         return None
-    p = Path(image)
-    if p.is_dir():
-        return f"image {image!r} is a folder, not an image file"
-    if not p.is_file():
-        return f"image {image!r} does not exist"
+    shown = repr(image) if len(image) <= 80 else repr(image[:77] + "...")
+    try:
+        p = Path(image)
+        if p.is_dir():
+            return f"image {shown} is a folder, not an image file"
+        if not p.is_file():
+            return f"image {shown} does not exist"
+    except OSError as e:  # e.g. a name longer than the file system takes
+        return f"image {shown} cannot name a file ({e.strerror or e})"
     return None
+
+
+def is_file(text: str) -> bool:
+    """Whether text names an existing file; False, not an OSError, for text no file can have (too long, say)."""
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def check_images(images: list[str]) -> None:

@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from ..files import jsontext
-from .args import CLIError, check_device, check_images, flag_wording, image_problem, options
+from .args import CLIError, check_device, check_images, flag_wording, image_problem, is_file, options
 
 def resolve(args, prog: str = "lfm2vl"):
     """args.model after the default rules (resolve.py), the fallback note printed as one line; a missing bundled
@@ -171,7 +171,7 @@ def check_image_strings(images: list, places: list) -> None:
     from ..processor.io import load_image
 
     for image, place in zip(images, places):
-        if isinstance(image, str) and not image.startswith(("http://", "https://")) and not Path(image).is_file():
+        if isinstance(image, str) and not image.startswith(("http://", "https://")) and not is_file(image):
             try:
                 load_image(image)
             except ValueError as e:
