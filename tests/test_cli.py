@@ -466,6 +466,19 @@ def test_describe_a_bad_data_uri_is_named_before_loading(capsys, tmp_path):
     assert rc == 1 and err.startswith("lfm2vl: error: ") and "base64" in err and "no-model" not in err, err
 
 
+def test_a_batch_whose_conversations_fail_says_so_and_exits_1(capsys, tiny_checkpoint, tmp_path):
+    """Each failed conversation (here: a constraint no text satisfies) keeps its empty line on stdout and gets one
+    line on stderr; the status says the batch did not all succeed."""
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps([[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]))
+    rc, out, err = run_main(capsys, "generate", "--messages", f, "--model", tiny_checkpoint, "--no-optimize",
+                            "--regex", r"[^\x00-\x{10FFFF}]", *FAST)
+    lines = [ln for ln in err.splitlines() if ln.startswith("lfm2vl:")]
+    assert rc == 1 and out == "\n\n" and [ln[:38] for ln in lines] == [
+        "lfm2vl: error: conversation 1: the reg", "lfm2vl: error: conversation 2: the reg"], err
+    assert all("constraint reached a dead end" in ln for ln in lines)
+
+
 def test_describe_a_path_too_long_for_a_file_name_is_one_line(capsys, tmp_path):
     rc, _, err = run_main(capsys, "describe", "a" * 300, "--model", tmp_path / "no-model")
     assert rc == 1 and err == f"lfm2vl: error: image {'a' * 77 + '...'!r} cannot name a file (File name too long)\n"

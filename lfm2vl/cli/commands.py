@@ -160,8 +160,11 @@ def cmd_generate(args) -> int:
         print(json.dumps(rows if batch else rows[0], ensure_ascii=False, indent=2))
     else:
         for r in results:
-            print(r.text)
-    return 0
+            print(r.text)  # a failed conversation keeps its (empty) line, so lines match conversations
+    failed = [(k, r.error or "the generation failed") for k, r in enumerate(results, 1) if r.finish_reason == "error"]
+    for k, error in failed:  # the other rows' answers stand; each failure is one line on stderr and the status
+        print(f"lfm2vl: error: {'conversation %d: ' % k if batch else ''}{flag_wording(error)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def check_image_strings(images: list, places: list) -> None:
