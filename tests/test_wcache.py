@@ -122,6 +122,31 @@ def test_a_folder_that_cannot_be_written_falls_back_to_memory(folder, tmp_path, 
     assert converted(engine) and not any(tmp_path.rglob("*.safetensors.tmp"))
 
 
+def test_a_damaged_file_in_a_folder_that_cannot_be_written_falls_back_to_memory(folder, tmp_path, monkeypatch):
+    """The damaged file can be neither removed nor rebuilt (a read-only folder, simulated: root may write anywhere):
+    the weights are converted in memory, with the two warnings, and the answer is the same."""
+    import pathlib
+
+    from lfm2vl.cpu import wcache
+
+    tokens = load(folder).generate(MSGS, temperature=0, max_new_tokens=8).token_ids
+    (path,) = files(tmp_path)
+    path.write_bytes(b"not a safetensors file")
+
+    def refuse(*_, **__):
+        raise PermissionError(1, "Operation not permitted")
+
+    real_unlink = pathlib.Path.unlink
+    monkeypatch.setattr(pathlib.Path, "unlink", lambda p, *a, **k: refuse() if p == path else real_unlink(p, *a, **k))
+    monkeypatch.setattr(wcache, "write_file", refuse)
+    with pytest.warns(RuntimeWarning) as record:
+        engine = load(folder)
+    said = [str(w.message) for w in record]
+    assert any("does not hold the expected converted weights" in m for m in said)
+    assert any("could not keep the bf16_packed weights" in m for m in said)
+    assert converted(engine) and engine.generate(MSGS, temperature=0, max_new_tokens=8).token_ids == tokens
+
+
 def test_off_keeps_nothing_on_disk(folder, tmp_path, monkeypatch):
     from lfm2vl.cpu.wcache import cache_dir
 

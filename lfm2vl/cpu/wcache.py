@@ -91,7 +91,10 @@ class WeightCache:
         except Exception as e:  # a truncated or foreign file: rebuilt from the checkpoint
             warnings.warn(f"{self.path} does not hold the expected converted weights ({e}); rebuilding it",
                           RuntimeWarning, stacklevel=3)
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:  # a folder that cannot be written: the write after converting says so, once
+                pass
             return None
 
     def write(self, tensors: dict[str, torch.Tensor]) -> bool:
