@@ -31,6 +31,7 @@ import os
 import threading
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .generate.batch import BatchGenerator
@@ -73,6 +74,12 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
     from .loading import check_device, load_model, parse_device, parse_dtype, resolve_folder
     from .processor import Processor
 
+    flags = {"optimize": optimize, "int8": int8, "int4": int4, "int8_vision": int8_vision, "compile": compile,
+             "low_memory": low_memory, "bf16_packed": bf16_packed}
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)) and not (name == "bf16_packed" and value is None):
+            raise ValueError(f"{name}={value!r} is invalid; expected True or False"
+                             f"{' (or None: the default for this CPU)' if name == 'bf16_packed' else ''}")
     formats = [name for name, on in (("int8", int8), ("int4", int4), ("bf16_packed", bf16_packed)) if on]
     if len(formats) > 1:
         raise ValueError(f"{'=True and '.join(formats)}=True are exclusive: pick one weight format")

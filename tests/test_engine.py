@@ -522,3 +522,12 @@ def test_chat_turns_sent_from_two_threads_each_see_the_one_before(tiny_engine):
     for user in chat.messages[::2]:
         again.send(user["content"])
     assert again.messages == chat.messages
+
+
+@pytest.mark.parametrize("flag, value", [("int8", "yes"), ("low_memory", 1), ("optimize", None), ("bf16_packed", 0)])
+def test_load_names_a_switch_that_is_not_a_bool(tmp_path, flag, value):
+    """Checked before the model is looked for (tmp_path holds no checkpoint: reaching it would say so)."""
+    import lfm2vl
+
+    with pytest.raises(ValueError, match=rf"^{flag}={value!r} is invalid; expected True or False"):
+        lfm2vl.load(tmp_path, **{flag: value})
