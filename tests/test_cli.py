@@ -517,3 +517,9 @@ def test_chat_reports_a_line_that_is_not_utf8_and_carries_on(capsys, monkeypatch
     rc, out, err = run_main(capsys, "chat")
     assert rc == 0 and fake_chat.sent == ["next"] and out == "Hello\n"
     assert "(error: the line is not UTF-8 text)" in err
+
+
+def test_chat_says_an_attached_image_was_not_sent_when_the_input_ends(capsys, monkeypatch, fake_chat, img):
+    monkeypatch.setattr(sys, "stdin", FakeStdin(f"/image {img}\n"))
+    rc, out, err = run_main(capsys, "chat")
+    assert rc == 0 and fake_chat.sent == [] and "(1 attached image not sent: no message followed)" in err

@@ -224,6 +224,9 @@ def cmd_chat(args) -> int:
         except EOFError:  # Ctrl-D (or the end of piped input)
             if interactive:
                 print()  # the shell prompt starts on a fresh line
+            if pending:  # attached with /image, never sent: say so rather than drop them unseen
+                print(f"({len(pending)} attached image{'s' if len(pending) > 1 else ''} not sent: no message "
+                      "followed)", file=sys.stderr)
             return 0
         except KeyboardInterrupt:  # Ctrl-C at the prompt ends the chat
             print()
