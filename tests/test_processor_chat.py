@@ -209,3 +209,24 @@ def test_what_a_template_raises_is_a_value_error_about_the_messages(tmp_path, te
     with pytest.raises(ValueError) as e:
         proc.apply_chat_template([{"role": "user", "content": "hi"}])
     assert str(e.value) == f"the chat template rejected these messages: {says}"
+
+
+def test_template_data_nested_past_the_bound_is_a_value_error_not_a_recursion_error():
+    """plain() walks the messages, tools and documents before anything else recurses over them: data deeper than
+    PLAIN_DEPTH (a caller that skipped the message and tool checks) is a ValueError; data at the checks' own bound
+    (jsontext.MAX_DEPTH per field) renders."""
+    from lfm2vl.files import jsontext
+    from lfm2vl.processor.chat import PLAIN_DEPTH, render
+
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+
+    def nested(n):  # n levels of lists, built without recursion
+        value = []
+        for _ in range(n - 1):
+            value = [value]
+        return value
+
+    assert render(template, [{"role": "user", "content": "hi", "x": nested(jsontext.MAX_DEPTH)}], {}) == "hi"
+    for depth in (PLAIN_DEPTH, 5000):
+        with pytest.raises(ValueError, match=r"^the chat template's data .* is nested too deeply"):
+            render(template, [{"role": "user", "content": "hi", "x": nested(depth)}], {})

@@ -130,25 +130,35 @@ def run_template(template: jinja2.Template, **variables) -> str:
         raise ValueError(f"the chat template failed on these messages ({type(e).__name__}: {e})") from None
 
 
-def plain(value: Any) -> Any:
-    """What the template may see: JSON-like data only; other objects (images, arrays) become "<TypeName>"."""
+# plain() recurses once per level, and so do escaping and the template after it. The checks of messages and tools
+# (messages.normalize, tools.function_of) bound each field at jsontext.MAX_DEPTH, which sits a few levels inside a
+# conversation; deeper data (a caller that skipped them) is a ValueError here, before anything recurses further.
+PLAIN_DEPTH = jsontext.MAX_DEPTH + 8
+
+
+def plain(value: Any, _depth: int = 0) -> Any:
+    """What the template may see: JSON-like data only; other objects (images, arrays) become "<TypeName>". A
+    ValueError for data nested more than PLAIN_DEPTH levels."""
     if value is None or type(value) in (str, int, float, bool):
         return value
     for base in (str, bool, int, float):
         if isinstance(value, base):
             return base(value)
+    if _depth >= PLAIN_DEPTH:
+        raise ValueError(f"the chat template's data (messages, tools, documents) is {jsontext.too_deep(PLAIN_DEPTH)}")
+    d = _depth + 1
     if isinstance(value, Mapping):
-        return {plain(k): plain(v) for k, v in value.items()}
+        return {plain(k, d): plain(v, d) for k, v in value.items()}
     if isinstance(value, list):
-        return [plain(v) for v in value]
+        return [plain(v, d) for v in value]
     if isinstance(value, tuple):
-        return tuple(plain(v) for v in value)
+        return tuple(plain(v, d) for v in value)
     if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy scalar
-        return plain(value.item())
+        return plain(value.item(), d)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: plain(getattr(value, f.name), d) for f in dataclasses.fields(value)}
     if callable(getattr(value, "model_dump", None)):
-        return plain(value.model_dump())
+        return plain(value.model_dump(), d)
     return f"<{type(value).__name__}>"
 
 
@@ -193,13 +203,9 @@ def render(template: str, messages, special_tokens: Mapping[str, str], add_gener
     if not msgs:
         raise ValueError("cannot apply the chat template to an empty conversation")
     if tools is not None:
-        for i, t in enumerate(tools):
+        for t in tools:
             if not isinstance(t, Mapping):
                 raise ValueError(f"tools must be JSON-schema dicts, got {type(t).__name__}")
-            jsontext.check_depth(t, f"tools[{i}]", jsontext.MAX_DEPTH + 2)  # tools.function_of's bound, per field
-    for i, m in enumerate(msgs):  # plain() recurses per level: the bound messages.normalize sets per field
-        jsontext.check_depth(m, f"messages[{i}]", jsontext.MAX_DEPTH + 1)
-    jsontext.check_depth(documents, "documents")
     variables = {**special_tokens, **kwargs}
     msgs, tools, documents = plain(msgs), plain(tools), plain(documents)
     if escape is not None:
