@@ -16,11 +16,12 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from ..generate.sampling import SEED_RANGE as TORCH_SEEDS
 from ..processor.config import plain_number
 
 LR_LORA, LR_FULL = 2e-4, 5e-5
 DTYPES = ("auto", "float32", "bfloat16")
-SEED_MAX = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes (the server's sampling seeds end there too)
+SEED_MAX = TORCH_SEEDS[1]  # the largest seed torch.Generator.manual_seed takes (a training seed starts at 0)
 PATHS = {"data": "a JSONL file or a Hugging Face dataset folder", "eval_data": "a JSONL file or a Hugging Face "
          "dataset folder", "output": "the result folder", "resume": "a run's output folder or a checkpoint folder"}
 
