@@ -13,7 +13,7 @@ from checkpoints import build_hf_model, image_placeholder, make_pixels
 from lfm2vl.cpu import int8mm, kernels
 from lfm2vl.cpu.int8mm import linear as int8mm_linear
 from lfm2vl.cpu.kernels import attn_many
-from lfm2vl.cpu.quant import Int8Linear
+from lfm2vl.cpu.quant import Int8Linear, default_max_rows
 from lfm2vl.cpu.speed import optimize_for_cpu
 from lfm2vl.loading import load_model
 from tokenizer_build import write_tokenizer_files
@@ -93,12 +93,14 @@ def test_bf16_argmax_on_a_trained_model(tmp_path, monkeypatch):
         assert rate >= floor, f"{fmt} argmax agrees with float32 on {rate:.2%} of the positions"
 
     # int8 with int8 compute (activations quantized per row; forced, it runs only where it wins) prefilling in
-    # chunks of 16, its int8 vision tower encoding the images itself
+    # chunks of twice the rows the weight-streaming kernel takes (16 with a bf16 GEMM, 64 on AVX2-only CPUs), its
+    # int8 vision tower encoding the images itself
+    chunk = 2 * default_max_rows()
     monkeypatch.setattr(int8mm, "wins", lambda: True)
     calls = []
     monkeypatch.setattr(int8mm, "linear", lambda *a, **k: calls.append(1) or int8mm_linear(*a, **k))
     q = optimize_for_cpu(load_model(tmp_path, dtype=torch.bfloat16)[0], int8=True, int8_vision=True)
-    rate, cos = _cached_agreement(q, q, f32, perm, g, chunk=16)
+    rate, cos = _cached_agreement(q, q, f32, perm, g, chunk=chunk)
     with torch.inference_mode():
         inp = _batch(perm, g, 1000)
         pix = (inp["pixel_values"].bfloat16(), inp["pixel_attention_mask"], inp["spatial_shapes"])
@@ -110,7 +112,7 @@ def test_bf16_argmax_on_a_trained_model(tmp_path, monkeypatch):
     assert fcos.min() > 0.99, fcos.min()
     q = optimize_for_cpu(load_model(tmp_path, dtype=torch.bfloat16)[0], int4=True)  # int4 widened to int8 rows
     before = len(calls)
-    rate, cos = _cached_agreement(q, bf16, f32, perm, g, chunk=16)
+    rate, cos = _cached_agreement(q, bf16, f32, perm, g, chunk=chunk)
     assert len(calls) > before, "the int4 prefill did not take int8 compute"
     print(f"[int4 with int8 compute trained] argmax agreement {rate:.4f}, logit cosine mean {cos.mean():.4f}")
     assert rate >= 0.99, f"int4 through int8 compute argmax agrees with float32 on {rate:.2%} of the positions"
