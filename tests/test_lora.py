@@ -263,6 +263,11 @@ def with_key(path):
     (dict(tensors=with_key("model.language_model.layers.0.conv.conv"), config={"target_modules": ["conv"]}),
      r"not linear layers: model\.language_model\.layers\.0\.conv\.conv \(Conv1d\)"),
     (dict(config={"r": 8}), r"layers\.0\.conv\.in_proj has lora_A \(4, 64\).*with r=8"),
+    (dict(tensors=lambda sd: {k: v.masked_fill(torch.arange(v.numel()).view(v.shape) < 3, float("nan"))
+                              if k.endswith("layers.2.self_attn.q_proj.lora_B.weight") else v for k, v in sd.items()}),
+     r"layers\.2\.self_attn\.q_proj's lora_B holds 3 NaN or infinite values: the adapter is damaged"),
+    (dict(tensors=lambda sd: {k: v.to(torch.int8) if k.endswith("lora_A.weight") else v for k, v in sd.items()}),
+     r"layers\.0\.conv\.in_proj's lora_A holds torch\.int8 values; LoRA weights are floating point"),
 ])
 def test_bad_adapters_are_named(saved, tmp_path, tiny_checkpoint, change, message):
     model = ours(tiny_checkpoint)

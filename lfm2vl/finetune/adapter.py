@@ -274,6 +274,13 @@ def adapter_updates(model: nn.Module, config: dict, tensors: dict[str, torch.Ten
             raise AdapterError(f"{where}: {path} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; with r={r} "
                                f"this layer ({lin.in_features} -> {lin.out_features}) needs ({r}, {lin.in_features}) "
                                f"and ({lin.out_features}, {r})")
+        for name, t in (("lora_A", a), ("lora_B", b)):
+            if not t.is_floating_point():
+                raise AdapterError(f"{where}: {path}'s {name} holds {t.dtype} values; LoRA weights are floating point")
+            bad = t.numel() - int(torch.isfinite(t).sum())
+            if bad:
+                raise AdapterError(f"{where}: {path}'s {name} holds {bad} NaN or infinite value"
+                                   f"{'' if bad == 1 else 's'}: the adapter is damaged (a training run that diverged?)")
         out[path] = (a, b, alpha / r ** 0.5 if rslora else alpha / r)
     return out
 
