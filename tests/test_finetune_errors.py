@@ -247,3 +247,24 @@ def test_ctrl_c_during_start_up_says_nothing_was_trained(tiny_checkpoint, data, 
     code, err = _run(["--model", str(tiny_checkpoint), "--data", str(data[0]), "--output", str(tmp_path / "o"),
                       "--dtype", "float32", "--no-progress"], capsys)
     assert code == 130 and err == "\nlfm2vl finetune: stopped before the first step finished: nothing was trained\n"
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_step_keeping_its_checkpoints(tiny_checkpoint, data, tmp_path,
+                                                                                     capsys):
+    """A learning rate far too high: the step whose loss is no longer finite is not applied, the run stops with one
+    line naming it, the checkpoints before it stay and no NaN adapter is written."""
+    out = tmp_path / "run"
+    code, err = _run(["--model", str(tiny_checkpoint), "--data", str(data[0]), "--output", str(out), "--max-steps",
+                      "8", "--save-every", "1", "--batch-size", "1", "--dtype", "float32", "--lr", "1e30",
+                      "--no-progress"], capsys)
+    m = re.fullmatch(r"lfm2vl finetune: error: training diverged at step (\d) of 8: the loss \((\S+)\) or the "
+                     r"gradient norm \((\S+)\) is not finite, so the step was not applied and no result was written; "
+                     r"the last checkpoint, (\S+), is kept: resume from it with --resume and a lower --lr \(now "
+                     r"1e\+30\)\n", err)
+    assert code == 1 and m, err
+    step = int(m.group(1))
+    assert step >= 2 and any(v.lower() in ("nan", "inf", "-inf") for v in m.group(2, 3))
+    assert m.group(4).endswith(f"step-{step - 1:07d}") and state.find(out).name == f"step-{step - 1:07d}"
+    assert not (out / "adapter_model.safetensors").exists()
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == list(range(1, step)) and all(np.isfinite(r["loss"]) for r in steps)

@@ -271,11 +271,13 @@ class Trainer:
                     (loss * scale).backward()
                 loss_sum += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, o.max_grad_norm)
+            loss = d.all_sum([loss_sum])[0] / max(tokens, 1.0)  # the same on every rank, as the gradient is
+            if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+                self._diverged(step + 1, loss, float(grad_norm))
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            loss = d.all_sum([loss_sum])[0] / max(tokens, 1.0)
             done = self.done = step + 1
             self.report.step(done, epoch, loss, lr, float(grad_norm), int(samples), int(tokens))
             if self.evals and (done % eval_every == 0 or done == self.total):
@@ -286,6 +288,17 @@ class Trainer:
             if stopping:
                 return done, True
         return done, False
+
+    def _diverged(self, step: int, loss: float, grad_norm: float) -> None:
+        """Stop a run whose loss or gradient is no longer finite, before the step changes any weight: every later
+        step, checkpoint and the result would hold NaN. The checkpoints written so far stay for --resume."""
+        self.optimizer.zero_grad(set_to_none=True)
+        written = sorted((self.out / state.FOLDER).glob("step-*")) if self.out.is_dir() else []
+        where = (f"the last checkpoint, {written[-1]}, is kept: resume from it with --resume and a lower --lr"
+                 if written else "no checkpoint was written: lower --lr")
+        raise Diverged(f"training diverged at step {step} of {self.total}: the loss ({loss:.4g}) or the gradient norm "
+                       f"({grad_norm:.4g}) is not finite, so the step was not applied and no result was written; "
+                       f"{where} (now {self.opts.lr:g})")
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, int]:
@@ -353,6 +366,10 @@ class Trainer:
             write_adapter(self.model, self.out, self.opts.model)
         else:
             write_full(self.model, self.config, self.folder, self.out)
+
+
+class Diverged(ValueError):
+    """The loss or the gradient became NaN or infinite (a learning rate too high for the data, most often)."""
 
 
 def _loss_module(model):
