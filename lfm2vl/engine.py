@@ -66,8 +66,8 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
     packs where it is fast and nothing else is asked for (cpu/packed.py `packs_by_default`), False never. Packed
     and int8 / int4 weights of a checkpoint folder are kept on disk and mapped at later loads (cpu/wcache.py; not
     with an adapter; $LFM2VL_WEIGHT_CACHE=off keeps them in memory only); compile:
-    torch.compile the static-shape decode step (opt-in; pair it with optimize=False, whose decode attention reads
-    the cache length on the host); low_memory: the vision tower's and the language model's
+    torch.compile the static-shape decode step (opt-in, for a GPU; on the CPU only with optimize=False, since the
+    fast modules' native kernels run outside the compiled graphs); low_memory: the vision tower's and the language model's
     memory-mapped weights never stay resident together (cpu/lowmem.py; lower peak RSS, slower image requests);
     adapter: a LoRA adapter folder (PEFT's format, from `lfm2vl finetune` or PEFT), merged into the weights
     before the CPU speed-ups, so generation runs as fast as with the base model."""
@@ -92,6 +92,13 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
                          f"kernels, memory-mapped weights); "
                          f"got device={str(device)!r}: drop {'them' if len(cpu_only) > 1 else 'it'} or use "
                          f"device='cpu'")
+    fast_cpu = [name for name, on in (("optimize", optimize), ("int8", int8), ("int4", int4),
+                                      ("int8_vision", int8_vision)) if on]
+    if compile and fast_cpu and parse_device(device).type == "cpu":
+        raise ValueError(f"compile=True does not combine with {'=True, '.join(fast_cpu)}=True on the CPU: the fast "
+                         "modules' native kernels run outside torch.compile's graphs, so a compiled decode step "
+                         "recompiles and is no faster; leave compile off on the CPU, or pass optimize=False to "
+                         "compile the plain torch modules")
     check_device(device)  # an unknown name or a missing GPU: said before anything is read
     if bf16_packed is None:
         bf16_packed = default_bf16_packed(dtype, device, optimize=optimize, int8=int8, int4=int4,

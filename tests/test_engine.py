@@ -531,3 +531,14 @@ def test_load_names_a_switch_that_is_not_a_bool(tmp_path, flag, value):
 
     with pytest.raises(ValueError, match=rf"^{flag}={value!r} is invalid; expected True or False"):
         lfm2vl.load(tmp_path, **{flag: value})
+
+
+@pytest.mark.parametrize("switches", [{}, {"int8": True, "optimize": False}, {"int8_vision": True, "optimize": False}])
+def test_compile_with_the_cpu_fast_modules_is_refused_naming_them(tmp_path, switches):
+    """Checked before the model is looked for: a compiled step around native kernels recompiles and gains nothing."""
+    import lfm2vl
+
+    on = next(iter(switches), "optimize")
+    with pytest.raises(ValueError, match=rf"^compile=True does not combine with {on}=True on the CPU: .* pass "
+                                         r"optimize=False to compile the plain torch modules"):
+        lfm2vl.load(tmp_path, compile=True, **switches)

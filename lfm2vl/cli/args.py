@@ -146,7 +146,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
                         "at load (default: none)")
     add_weight_formats(g)
     g.add_argument("--no-optimize", action="store_true", help="keep plain torch modules (no CPU fast paths)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (a GPU; on the CPU only with "
+                   "--no-optimize, whose plain modules it compiles; slow start)")
     g.add_argument("--low-memory", action="store_true",
                    help="keep the vision tower's and the language model's weights out of memory together (lower "
                         "peak RSS, slower image requests)")
