@@ -369,6 +369,7 @@ def test_wins_needs_the_kernels_and_int8_tiles_where_the_cpu_has_amx(monkeypatch
     int8mm.wins.cache_clear()
     try:
         monkeypatch.setattr(kernels, "available", lambda: True)
+        monkeypatch.setattr(kernels, "int8_dots", lambda: True)
         monkeypatch.setattr(kernels, "amx", lambda: True)
         monkeypatch.setattr(kernels, "amx_int8", lambda: False)  # AMX-BF16 tiles, but the int8 ones do not run
         assert not int8mm.wins()
@@ -384,6 +385,30 @@ def test_wins_needs_the_kernels_and_int8_tiles_where_the_cpu_has_amx(monkeypatch
         assert not int8mm.wins()
     finally:
         int8mm.wins.cache_clear()
+
+
+@pytest.mark.parametrize("flags, dots", [({"avx2", "fma", "f16c"}, False), ({"avx2", "avx512f", "avx512_bf16"}, False),
+                                         ({"avx2", "avx_vnni"}, True), ({"avx512f", "avx512_vnni"}, True),
+                                         ({"amx_bf16", "amx_int8"}, True)])
+def test_int8_compute_needs_int8_dot_products(monkeypatch, flags, dots):
+    """Without VNNI or AMX-INT8, torch._int_mm is a plain loop: int8 prefill keeps the fp32 product there."""
+    int8mm.wins.cache_clear()
+    try:
+        monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset(flags))
+        monkeypatch.setattr(kernels, "available", lambda: True)
+        monkeypatch.setattr(kernels, "amx_int8", lambda: True)
+        assert kernels.int8_dots() == dots and int8mm.wins() == dots
+    finally:
+        int8mm.wins.cache_clear()
+
+
+def test_the_cpu_flags_are_those_of_proc_cpuinfo():
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next(ln for ln in f if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags line on this system")
+    assert kernels.cpu_flags() == frozenset(line.split(":", 1)[1].split()) and "fpu" in kernels.cpu_flags()
 
 
 def test_int8_vision_is_cpu_only():

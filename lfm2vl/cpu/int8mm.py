@@ -26,12 +26,13 @@ from . import kernels
 
 @functools.cache
 def wins() -> bool:
-    """Whether an int8 product of many rows runs on int8 compute here: the native kernels are built and, on CPUs with
-    AMX tiles, the int8 tiles run (`kernels.int_mm`: a 2-core AMX Xeon, 286 x 1024 x 4608: 3.8 T int-ops/s against
-    1.6 TFLOP/s for oneDNN's bf16 product on the bf16 tiles). Without AMX, torch._int_mm's AVX512-VNNI (a 2-core Zen 5:
-    1.86 T against 0.93 TFLOP/s bf16), and on AVX2-only CPUs, which multiply bf16 in fp32, still 1.4-1.7x that fp32
-    product (oneDNN capped at AVX2 on the Zen 5)."""
-    return kernels.available() and hasattr(torch, "_int_mm") and (not kernels.amx() or kernels.amx_int8())
+    """Whether an int8 product of many rows runs on int8 compute here: the native kernels are built, the CPU has int8
+    dot products (`kernels.int8_dots`) and, on CPUs with AMX tiles, the int8 tiles run (`kernels.int_mm`: a 2-core
+    AMX Xeon, 286 x 1024 x 4608: 3.8 T int-ops/s against 1.6 TFLOP/s for oneDNN's bf16 product on the bf16 tiles).
+    Without AMX, torch._int_mm's AVX512-VNNI (a 2-core Zen 5: 1.86 T against 0.93 TFLOP/s bf16). A CPU without int8
+    dot products (AVX2 alone: Zen 1-3, older Intel) keeps the fp32 product, 20-30x faster there than torch._int_mm."""
+    return (kernels.available() and hasattr(torch, "_int_mm") and kernels.int8_dots()
+            and (not kernels.amx() or kernels.amx_int8()))
 
 
 _SCRATCH = threading.local()

@@ -176,13 +176,26 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> 
 
 
 @functools.lru_cache(maxsize=None)
-def amx() -> bool:
-    """Whether the CPU has AMX-BF16 tiles (the amx_bf16 flag of Linux's /proc/cpuinfo)."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux's /proc/cpuinfo names them (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+            line = next((ln for ln in f if ln.startswith("flags")), "")
     except OSError:
-        return False
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
+def amx() -> bool:
+    """Whether the CPU has AMX-BF16 tiles."""
+    return "amx_bf16" in cpu_flags()
+
+
+def int8_dots() -> bool:
+    """Whether the CPU multiplies int8 with dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8), which
+    torch._int_mm needs to run at speed: without them it is a plain loop (a 2-core AVX2 Zen 3: 87 x 1024 x 4608 in
+    154 ms, against 7.8 ms for the same product in fp32)."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def attention_wins() -> bool:
