@@ -67,8 +67,8 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, opt
     and int8 / int4 weights of a checkpoint folder are kept on disk and mapped at later loads (cpu/wcache.py; not
     with an adapter; $LFM2VL_WEIGHT_CACHE=off keeps them in memory only); compile:
     torch.compile the static-shape decode step (opt-in, for a GPU; on the CPU only with optimize=False, since the
-    fast modules' native kernels run outside the compiled graphs); low_memory: the vision tower's and the language model's
-    memory-mapped weights never stay resident together (cpu/lowmem.py; lower peak RSS, slower image requests);
+    fast modules' native kernels run outside the compiled graphs); low_memory: the vision tower's and the language
+    model's memory-mapped weights never stay resident together (cpu/lowmem.py; lower peak RSS, slower image requests);
     adapter: a LoRA adapter folder (PEFT's format, from `lfm2vl finetune` or PEFT), merged into the weights
     before the CPU speed-ups, so generation runs as fast as with the base model."""
     from .loading import check_device, load_model, parse_device, parse_dtype, resolve_folder
