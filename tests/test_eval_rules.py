@@ -133,6 +133,13 @@ def test_tsv_row_without_one_cell_per_column_names_its_line_and_count(tmp_path, 
         read_rows(p)
 
 
+def test_tsv_line_numbers_count_the_lines_of_quoted_multi_line_cells(tmp_path):
+    p = write_tsv(tmp_path / "MMStar.tsv", ["index", "question", "A", "answer"],
+                  [["1", "a question\nover\nthree lines", "x", "A"], ["2", "q\ntwo", "x"]])
+    with pytest.raises(TSVError, match="MMStar.tsv lines 5-6: 3 cells but 4 columns"):
+        read_rows(p)
+
+
 def test_tsv_undecodable_image_names_the_row(tmp_path):
     bad = base64.b64encode(b"not an image at all, just some bytes" * 3).decode()
     p = write_tsv(tmp_path / "MMStar.tsv", ["index", "image", "question"], [["5", bad, "q"]])

@@ -88,15 +88,18 @@ def read_table(path) -> tuple[list[str], list[dict[str, str]]]:
             header = next(reader, None)
             if not header:
                 raise TSVError(f"{name}: empty file, expected a header row")
-            records = []
-            for lineno, cells in enumerate(reader, start=2):
+            records, end = [], reader.line_num
+            for cells in reader:  # a quoted cell may span lines: a record's lines run from start to end
+                start, end = end + 1, reader.line_num
                 if not cells:
                     continue
                 if len(cells) != len(header):  # a cell lost or added (a stray tab, a line broken in two)
-                    raise TSVError(f"{name} line {lineno}: {len(cells)} cells but {len(header)} columns")
+                    lines = f"line {start}" if start == end else f"lines {start}-{end}"
+                    raise TSVError(f"{name} {lines}: {len(cells)} cells but {len(header)} columns")
                 records.append(dict(zip(header, cells)))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise TSVError(f"{name}: cannot read ({e})") from None
+        at = f" near line {reader.line_num}" if isinstance(e, csv.Error) else ""
+        raise TSVError(f"{name}: cannot read{at} ({e})") from None
     if "index" not in header:
         raise TSVError(f"{name}: no 'index' column")
     return header, records
