@@ -29,7 +29,8 @@ VL_MODEL_TYPES = ("lfm2_vl", "lfm2-vl")
 
 
 def json_kind(value: Any) -> str:
-    """How JSON names the type of a parsed value: object, array, string, number, boolean or null."""
+    """The kind of a parsed JSON value, for error messages: "an object", "a list" (a JSON array), "a string", "a
+    number", "a boolean" or "null"."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -100,24 +101,26 @@ def _require(d: dict, key: str, where: str = "") -> Any:
     return d[key]
 
 
-def _is_int(v) -> bool:
+def json_int(v) -> bool:
+    """Whether a parsed JSON value is an integer (true and false are not)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v) -> bool:
+def json_number(v) -> bool:
+    """Whether a parsed JSON value is a number (true and false are not)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 # What each field annotation of the config dataclasses admits from JSON (`from __future__` keeps them strings).
 _KINDS = {
-    "int": (_is_int, "an integer"),
-    "float": (_is_number, "a number"),
+    "int": (json_int, "an integer"),
+    "float": (json_number, "a number"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
-    "int | None": (lambda v: v is None or _is_int(v), "an integer or null"),
-    "float | None": (lambda v: v is None or _is_number(v), "a number or null"),
-    "int | list[int] | None": (lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))),
+    "int | None": (lambda v: v is None or json_int(v), "an integer or null"),
+    "float | None": (lambda v: v is None or json_number(v), "a number or null"),
+    "int | list[int] | None": (lambda v: v is None or json_int(v) or (isinstance(v, list) and all(map(json_int, v))),
                                "an integer, a list of integers or null"),
 }
 
@@ -184,12 +187,12 @@ class TextConfig:
         if "block_ff_dim" in d:
             d["intermediate_size"] = d["block_ff_dim"]
         n_layers = _require(d, "num_hidden_layers", where)
-        if not _is_int(n_layers) or n_layers < 1:
+        if not json_int(n_layers) or n_layers < 1:
             raise ConfigError(f"{where}.num_hidden_layers must be an integer >= 1, got {n_layers!r}")
         if d.get("layer_types") is None:
             idxs = d.get("full_attn_idxs")
             idxs = range(n_layers) if idxs is None else idxs
-            if not (isinstance(idxs, (list, range)) and all(map(_is_int, idxs))):
+            if not (isinstance(idxs, (list, range)) and all(map(json_int, idxs))):
                 raise ConfigError(f"{where}.full_attn_idxs must be a list of layer indices, got {idxs!r}")
             d["layer_types"] = ["full_attention" if i in idxs else "conv" for i in range(n_layers)]
         rope = need_object(d.get("rope_parameters"), f"{where}.rope_parameters", optional=True, error=ConfigError)
@@ -317,7 +320,7 @@ class Lfm2VlConfig:
         tie = d.get("tie_word_embeddings", d.get("tie_embedding",
                     text.get("tie_word_embeddings", text.get("tie_embedding", True))))
         vfl = d.get("vision_feature_layer", -1)
-        if not _is_int(vfl):
+        if not json_int(vfl):
             raise ConfigError(f"vision_feature_layer must be an integer, got {described(vfl)}")
         return _build(cls, dict(
             text_config=TextConfig.from_hf(text),

@@ -260,14 +260,12 @@ class Engine:
             return gen.run([rid])[rid].checked()
 
 
-def load_images(images: list, places: list | None = None) -> list:
+def load_images(images: list, places: list) -> list:
     """Decode every image up front, so that an error names the bad one by its place (normalize's places:
-    "messages[0].content[1]: ...", "image 2 of 3: ..."; without places, its position among several); load_image's
-    message names a file or URL itself."""
+    "image 2 of 3 (messages[0].content[1]): ...", "messages[0].content[0]: ..."; None: load_image's message, which
+    names a file or URL itself)."""
     from .processor.io import load_image
 
-    if places is None:
-        places = [f"image {k + 1} of {len(images)}" if len(images) > 1 else None for k in range(len(images))]
     out = []
     for im, place in zip(images, places):
         try:

@@ -195,7 +195,7 @@ def checkpoint(tiny_checkpoint, data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("edit,expect", [
-    (lambda m: [1, 2], "expected a JSON object, got an array"),
+    (lambda m: [1, 2], "expected a JSON object, got a list"),
     (lambda m: {**m, "options": None}, "options must be an object, got null"),
     (lambda m: {**m, "fingerprint": None}, "fingerprint must be an object, got null"),
     (lambda m: {k: v for k, v in m.items() if k != "order"}, "order is missing"),

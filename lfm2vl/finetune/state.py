@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import atomic
+from ..config import json_kind
+from ..files import atomic, jsontext
 
 FOLDER = "checkpoints"
 _STEP = re.compile(r"step-(\d+)")
@@ -118,13 +119,13 @@ def read_meta(folder: Path) -> dict:
     <field> ..." for the first one that is missing or of the wrong kind."""
     path = Path(folder) / "state.json"
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = jsontext.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise StateError(f"checkpoint {path} cannot be read ({e.strerror or e})") from None
-    except ValueError as e:  # not UTF-8, or not JSON
+    except ValueError as e:  # not UTF-8, not JSON, or nested too deep
         raise StateError(f"checkpoint {path} is damaged: not JSON ({e})") from None
     if not isinstance(meta, dict):
-        raise StateError(f"checkpoint {path} is damaged: expected a JSON object, got {_kind(meta)}")
+        raise StateError(f"checkpoint {path} is damaged: expected a JSON object, got {json_kind(meta)}")
     problems = _problems(meta, _META, "")
     for name, fields in _FIELDS.items():
         if not problems:
@@ -142,10 +143,6 @@ def _problems(obj: dict, fields: dict, prefix: str) -> list[str]:
         elif not valid(obj[name]):
             out.append(f"{prefix}{name} must be {expected}, got {json.dumps(obj[name])[:40]}")
     return out
-
-
-def _kind(v) -> str:
-    return {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(type(v), "a number")
 
 
 def check_fits(folder: Path, step: int, total: int, tensors: dict[str, torch.Tensor],

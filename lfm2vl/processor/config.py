@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lfm2vl.config import need_object, read_json
+from lfm2vl.config import json_number, need_object, read_json
 from lfm2vl.resolve import LoadError
 
 # What counts as a number in lfm2vl's options (sampling, request limits, image knobs): Python's and numpy's real
@@ -126,10 +126,6 @@ class ProcessorSettings:
     use_image_special_tokens: bool = True
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _pick(src: dict, where: str) -> dict:
     """The image fields of one source; a LoadError naming `where` for a mean, std or tolerance that is not numbers
     (the other fields are checked, with their values, by ImageOptions.validate)."""
@@ -139,11 +135,11 @@ def _pick(src: dict, where: str) -> dict:
         if k in out:
             v = out[k]
             v = v if isinstance(v, (list, tuple)) else [v] * 3
-            if not all(map(_is_number, v)):
+            if not all(map(json_number, v)):
                 raise LoadError(f"{where}: {k} must be a number or a list of 3 numbers, got {out[k]!r}")
             out[k] = tuple(float(x) for x in v)
     if "max_pixels_tolerance" in out:
-        if not _is_number(out["max_pixels_tolerance"]):
+        if not json_number(out["max_pixels_tolerance"]):
             raise LoadError(f"{where}: max_pixels_tolerance must be a number, got {out['max_pixels_tolerance']!r}")
         out["max_pixels_tolerance"] = float(out["max_pixels_tolerance"])
     return out

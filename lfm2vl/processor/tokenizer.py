@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from lfm2vl.config import described, read_json
+from lfm2vl.config import described, json_int, read_json
 from lfm2vl.processor.chat import TemplateCompileError, check_templates
 from lfm2vl.resolve import LoadError
 
@@ -21,10 +21,6 @@ TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_toke
 
 def _content(v):
     return v.get("content") if isinstance(v, dict) else v
-
-
-def _is_id(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class Tokenizer:
@@ -70,7 +66,8 @@ class Tokenizer:
         gen = read_json(gen_path)
         for k in ("eos_token_id", "pad_token_id"):
             v = gen.get(k)
-            if not (v is None or _is_id(v) or (k == "eos_token_id" and isinstance(v, list) and all(map(_is_id, v)))):
+            many = k == "eos_token_id" and isinstance(v, list) and all(map(json_int, v))
+            if not (v is None or json_int(v) or many):
                 what = "a token id or a list of token ids" if k == "eos_token_id" else "a token id"
                 raise LoadError(f"{gen_path}: {k} must be {what}, got {described(v)}")
         try:
