@@ -216,6 +216,17 @@ def test_damaged_state_json_is_named_with_its_field(checkpoint, edit, expect, tm
     assert code == 1 and err == f"lfm2vl finetune: error: checkpoint {folder}/state.json is damaged: {expect}\n"
 
 
+def test_state_json_nested_past_the_bound_is_one_line(checkpoint, tmp_path, capsys):
+    out, argv = checkpoint
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    folder = state.find(run)
+    (folder / "state.json").write_text("[" * 100_000 + "]" * 100_000)  # json.loads alone: a RecursionError
+    code, err = _run([str(run) if a == str(out) else a for a in argv], capsys)
+    assert code == 1 and err.startswith(f"lfm2vl finetune: error: checkpoint {folder}/state.json is damaged: not "
+                                        "JSON (nested too deeply (more than 100 levels") and err.count("\n") == 1
+
+
 def test_garbage_state_pt_is_one_line(checkpoint, tmp_path, capsys):
     out, argv = checkpoint
     run = tmp_path / "run"
